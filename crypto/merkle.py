@@ -1,0 +1,124 @@
+"""RFC 6962 (Certificate Transparency) SHA-256 Merkle trees over any number of leaves.
+
+Imported by the sans-I/O protocol core: no I/O, clock or randomness imports here.
+
+The RFC defines the tree recursively, splitting n leaves at the largest power of two
+below n. Pairing nodes level by level and carrying an unpaired last node up unchanged
+builds exactly that tree in O(n), which is what the functions below do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final
+
+HASH_SIZE: Final = 32
+
+# Distinct prefixes for leaves and inner nodes stop a second-preimage attack in which
+# an inner node is passed off as a leaf.
+_LEAF_PREFIX: Final = b"\x00"
+_NODE_PREFIX: Final = b"\x01"
+
+
+def leaf_hash(leaf: bytes) -> bytes:
+    return hashlib.sha256(_LEAF_PREFIX + leaf).digest()
+
+
+def _node_hash(left: bytes, right: bytes) -> bytes:
+    return hashlib.sha256(_NODE_PREFIX + left + right).digest()
+
+
+def _next_level(level: list[bytes]) -> list[bytes]:
+    paired = [_node_hash(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
+    if len(level) % 2 == 1:
+        paired.append(level[-1])
+    return paired
+
+
+def merkle_root(leaves: Sequence[bytes]) -> bytes:
+    if len(leaves) == 0:
+        return hashlib.sha256(b"").digest()
+    level = [leaf_hash(leaf) for leaf in leaves]
+    while len(level) > 1:
+        level = _next_level(level)
+    return level[0]
+
+
+@dataclass(frozen=True)
+class MerkleProof:
+    """Proof that leaf `index` is in a tree of `tree_size` leaves.
+
+    Not validated on construction: proofs arrive from peers, so verify_inclusion does
+    every check and answers False instead of raising.
+    """
+
+    index: int
+    tree_size: int
+    path: tuple[bytes, ...]  # sibling hashes, bottom-up
+
+
+def inclusion_proof(leaves: Sequence[bytes], index: int) -> MerkleProof:
+    if isinstance(index, bool) or not isinstance(index, int):
+        raise TypeError(f"index must be an int, not {type(index).__name__}")
+    # Negative indices are refused rather than counted from the end, as in a proof they
+    # would name a different leaf than the caller probably meant.
+    if not 0 <= index < len(leaves):
+        raise IndexError(f"leaf index {index} out of range for {len(leaves)} leaves")
+    path: list[bytes] = []
+    level = [leaf_hash(leaf) for leaf in leaves]
+    position = index
+    while len(level) > 1:
+        sibling = position ^ 1
+        # The last node of an odd level has no sibling: it moves up without a path entry.
+        if sibling < len(level):
+            path.append(level[sibling])
+        level = _next_level(level)
+        position //= 2
+    return MerkleProof(index=index, tree_size=len(leaves), path=tuple(path))
+
+
+def _is_hash(value: object) -> bool:
+    return isinstance(value, bytes) and len(value) == HASH_SIZE
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def verify_inclusion(root: bytes, leaf: bytes, proof: MerkleProof) -> bool:
+    """True if `proof` shows `leaf` at `proof.index` in the tree with `root`.
+
+    Never raises: any malformed argument gives False. Follows RFC 9162 section 2.1.3.2.
+    """
+    if not (_is_hash(root) and isinstance(leaf, bytes) and isinstance(proof, MerkleProof)):
+        return False
+    index, tree_size, path = proof.index, proof.tree_size, proof.path
+    if not (_is_count(index) and _is_count(tree_size) and index < tree_size):
+        return False
+    # A proof is never longer than the tree is tall; checking first also bounds the work.
+    if not isinstance(path, tuple) or len(path) > (tree_size - 1).bit_length():
+        return False
+    if not all(_is_hash(sibling) for sibling in path):
+        return False
+
+    position = index
+    last_position = tree_size - 1
+    computed = leaf_hash(leaf)
+    for sibling in path:
+        if last_position == 0:
+            return False  # path longer than this leaf's branch
+        if position % 2 == 1 or position == last_position:
+            computed = _node_hash(sibling, computed)
+            # Skip levels where this node was the unpaired last node and moved up alone.
+            while position % 2 == 0 and position != 0:
+                position >>= 1
+                last_position >>= 1
+        else:
+            computed = _node_hash(computed, sibling)
+        position >>= 1
+        last_position >>= 1
+    # last_position reaching 0 means the path covered every level up to the root.
+    return last_position == 0 and hmac.compare_digest(computed, root)

@@ -1,0 +1,136 @@
+"""The `pbft` command line: a thin shell around the simulator (and, later, the runtime).
+
+This is the one module of the pbft package that does I/O; the protocol core never
+imports it. Exit codes: 0 the scenario's expectations hold, 1 one does not,
+2 a bad scenario file or bad arguments, 3 an internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from typing import Any
+
+EXIT_OK = 0
+EXIT_VIOLATED = 1
+EXIT_USAGE = 2
+EXIT_INTERNAL = 3
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # argparse exits 2 too; keep its message format
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pbft", description="Byzantine fault-tolerant payment confirmation.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = commands.add_parser("run", help="run one scenario file in the deterministic simulator")
+    run.add_argument("scenario", help="path to a scenario TOML file")
+    run.add_argument("--seed", type=int, help="override the scenario's seed")
+    run.add_argument("--json", metavar="PATH", help="also write the summary as JSON ('-' = stdout)")
+    run.add_argument("--trace", metavar="PATH", help="write every event as JSON lines")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = _build_parser().parse_args(argv)
+    try:
+        if arguments.command == "run":
+            return _run(arguments)
+    except KeyboardInterrupt:
+        return EXIT_INTERNAL
+    except Exception:  # noqa: BLE001 - the last line of defence: report, exit 3
+        traceback.print_exc()
+        print(
+            "pbft: internal error (a bug: please report it with the scenario and seed)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
+    return EXIT_USAGE
+
+
+def _run(arguments: argparse.Namespace) -> int:
+    from sim.scenario import ScenarioError, load_scenario
+    from sim.simulator import run_scenario
+
+    try:
+        scenario = load_scenario(arguments.scenario)
+    except ScenarioError as error:
+        print(f"pbft: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    if arguments.seed is not None and not 0 <= arguments.seed < 2**63:
+        print(f"pbft: --seed: {arguments.seed} is not in 0..2**63-1", file=sys.stderr)
+        return EXIT_USAGE
+    started = time.perf_counter()
+    trace_file = open(arguments.trace, "w", encoding="utf-8") if arguments.trace else None  # noqa: SIM115
+    try:
+        result = run_scenario(scenario, arguments.seed, trace_file)
+    finally:
+        if trace_file is not None:
+            trace_file.close()
+    wall_s = time.perf_counter() - started
+    summary = result.summary()
+    summary["wall_s"] = round(wall_s, 3)
+    print(_format(summary))
+    if arguments.json:
+        text = json.dumps(summary, indent=2, sort_keys=False)
+        if arguments.json == "-":
+            print(text)
+        else:
+            with open(arguments.json, "w", encoding="utf-8") as handle:
+                handle.write(text + "\n")
+    return EXIT_OK if result.verdict == "ok" else EXIT_VIOLATED
+
+
+def _format(summary: dict[str, Any]) -> str:
+    payments = summary["payments"]
+    latency = summary["latency_ms"]
+    lines = [
+        f"scenario      {summary['scenario']}  ({summary['source']})",
+        f"seed          {summary['seed']}",
+        f"payments      submitted {payments['submitted']}  confirmed {payments['confirmed']}  "
+        f"rejected {payments['rejected']}  undecided {payments['undecided']}",
+    ]
+    if summary["rejections"]:
+        reasons = "  ".join(f"{reason} {count}" for reason, count in summary["rejections"].items())
+        lines.append(f"rejections    {reasons}")
+    lines.append(f"view changes  {summary['view_changes']}")
+    messages = summary["messages"]
+    dropped = sum(messages["dropped"].values())
+    lines.append(f"messages      sent {messages['sent']}  dropped {dropped}")
+    for reason, count in messages["dropped"].items():
+        lines.append(f"  dropped     {reason} {count}")
+
+    def show(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f}"
+
+    lines.append(
+        f"latency (ms)  p50 {show(latency['p50'])}  p95 {show(latency['p95'])}  "
+        f"p99 {show(latency['p99'])}   (simulated)"
+    )
+    for name, state in summary["checks"].items():
+        lines.append(f"check         {name:<13} {state}")
+        for detail in summary["check_details"].get(name, [])[:3]:
+            lines.append(f"                {detail}")
+    expect = summary["expect"]
+    lines.append(
+        f"expect        safety {'holds' if expect['safety'] else 'violated (negative control)'}"
+        f"  liveness {'required' if expect['liveness'] else 'not required'}"
+    )
+    for failure in summary["expectation_failures"]:
+        lines.append(f"UNMET         {failure}")
+    lines.append(f"trace hash    {summary['trace_hash']}  ({summary['trace_events']} events)")
+    lines.append(
+        f"simulated     {summary['simulated_ms'] / 1000:.2f} s   wall {summary['wall_s']:.2f} s"
+    )
+    lines.append(f"verdict       {summary['verdict']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""The client: builds signed payment requests and turns f + 1 matching replies into a receipt.
+
+Sans-I/O like the replica: `submit` and `handle` return actions. The client sends a
+request to the primary it believes in; if no decision comes within the timeout it
+sends it to every replica (backups relay it and start their timers, which is how
+a client forces a leader change), then keeps retransmitting with backoff.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from crypto.keys import KeyRing, SigningKey
+from crypto.signing import VerificationCache
+from pbft.config import ClusterConfig
+from pbft.events import Event, MessageReceived, Send, Tick
+from pbft.messages import Reply, Request
+from pbft.receipt import RECEIPT_VERSION, Receipt
+from pbft.signed import Opened, Rejected, open_envelope, seal
+
+MAX_BACKOFF_DOUBLINGS = 3
+
+
+class ClientError(ValueError):
+    """A local misuse of the client (for example a request id already in flight)."""
+
+
+@dataclass(frozen=True)
+class Decided:
+    """A payment's outcome is proven by f + 1 matching signed replies."""
+
+    client_id: int
+    request_id: int
+    outcome: str
+    reason: str
+    seq: int
+    receipt: Receipt
+
+
+ClientAction = Send | Decided
+
+
+@dataclass
+class _Outstanding:
+    request: Request
+    raw: bytes
+    digest: bytes
+    submitted_ms: int
+    next_retry_ms: int
+    attempts: int = 0
+    # (seq, outcome, reason) -> replica -> (view, raw reply)
+    replies: dict[tuple[int, str, str], dict[int, tuple[int, bytes]]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ClientStatistics:
+    client_id: int
+    outstanding: int
+    decided: int
+    retransmissions: int
+    drops: dict[str, int]
+
+
+class ClientCore:
+    def __init__(
+        self,
+        client_id: int,
+        config: ClusterConfig,
+        signing_key: SigningKey,
+        keyring: KeyRing,
+        *,
+        cache: VerificationCache | None = None,
+        max_outstanding: int = 4096,
+    ) -> None:
+        if keyring.get(("client", client_id)) != signing_key.verify_key:
+            raise ValueError(f"the key ring holds another key for client {client_id}")
+        self.client_id = client_id
+        self.config = config
+        self.key = signing_key
+        self.keyring = keyring
+        self.cache = cache if cache is not None else VerificationCache()
+        self.max_outstanding = max_outstanding
+        self.now_ms = 0
+        self.view = 0
+        self.outstanding: dict[int, _Outstanding] = {}
+        self.decided = 0
+        self.retransmissions = 0
+        self.drops: Counter[str] = Counter()
+
+    def submit(self, request_id: int, payer: str, payee: str, amount: int) -> list[ClientAction]:
+        if request_id in self.outstanding:
+            raise ClientError(f"request {request_id} is already in flight")
+        if len(self.outstanding) >= self.max_outstanding:
+            raise ClientError(f"{self.max_outstanding} requests already in flight")
+        request = Request(self.client_id, request_id, payer, payee, amount)
+        raw = seal(request, self.key)
+        opened = open_envelope(raw, self.keyring, self.cache, Request)
+        self.outstanding[request_id] = _Outstanding(
+            request,
+            raw,
+            opened.body_digest,
+            self.now_ms,
+            self.now_ms + self.config.client_timeout_ms,
+        )
+        return [Send(("replica", self.config.primary_of(self.view)), raw)]
+
+    def handle(self, event: Event) -> list[ClientAction]:
+        if isinstance(event, Tick):
+            return self._on_tick(event.now_ms)
+        if isinstance(event, MessageReceived):
+            try:
+                return self._on_reply(event.data)
+            except Rejected as rejection:
+                self.drops[rejection.reason] += 1
+                return []
+        raise TypeError(f"not an event: {event!r}")
+
+    def statistics(self) -> ClientStatistics:
+        return ClientStatistics(
+            self.client_id,
+            len(self.outstanding),
+            self.decided,
+            self.retransmissions,
+            dict(sorted(self.drops.items())),
+        )
+
+    def _on_tick(self, now_ms: int) -> list[ClientAction]:
+        self.now_ms = now_ms
+        actions: list[ClientAction] = []
+        for outstanding in self.outstanding.values():
+            if now_ms < outstanding.next_retry_ms:
+                continue
+            # No decision in time: tell every replica, so backups relay it and watch the primary.
+            outstanding.attempts += 1
+            self.retransmissions += 1
+            doublings = min(outstanding.attempts, MAX_BACKOFF_DOUBLINGS)
+            outstanding.next_retry_ms = now_ms + self.config.client_timeout_ms * 2**doublings
+            for replica in self.config.replica_ids():
+                actions.append(Send(("replica", replica), outstanding.raw))
+        return actions
+
+    def _on_reply(self, data: bytes) -> list[ClientAction]:
+        opened: Opened = open_envelope(data, self.keyring, self.cache, Reply)
+        reply = opened.message
+        if not isinstance(reply, Reply):
+            raise Rejected("unexpected_type")
+        if reply.client_id != self.client_id:
+            raise Rejected("not_for_us")
+        outstanding = self.outstanding.get(reply.request_id)
+        if outstanding is None:
+            raise Rejected("late_reply")
+        if reply.request_digest != outstanding.digest:
+            raise Rejected("reply_for_other_body")
+        decision = (reply.seq, reply.outcome, reply.reason)
+        for other, voters in outstanding.replies.items():
+            if other != decision and reply.replica in voters:
+                # A replica answering one request two ways is lying; keep the first word.
+                raise Rejected("conflicting_reply")
+        voters = outstanding.replies.setdefault(decision, {})
+        voters[reply.replica] = (reply.view, data)
+        if len(voters) < self.config.weak_quorum:
+            return []
+        del self.outstanding[reply.request_id]
+        self.decided += 1
+        chosen = sorted(voters.items())[: self.config.weak_quorum]
+        # At least one of f + 1 is correct, so the smallest view they report is real.
+        self.view = max(self.view, min(view for _, (view, _) in chosen))
+        receipt = Receipt(RECEIPT_VERSION, outstanding.raw, tuple(raw for _, (_, raw) in chosen))
+        seq, outcome, reason = decision
+        return [Decided(self.client_id, reply.request_id, outcome, reason, seq, receipt)]

@@ -1,0 +1,98 @@
+"""Cluster parameters shared by every replica and client of one cluster.
+
+All durations are in milliseconds of the driver's clock (virtual time in the
+simulator, monotonic time in the trio runtime); the core never reads a clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class ConfigError(ValueError):
+    """A cluster parameter is out of range; the message names the field."""
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    replica_count: int = 4
+    # Requests per batch; a batch is also flushed once its oldest request waited this long.
+    batch_size: int = 32
+    batch_timeout_ms: int = 5
+    # Every checkpoint_interval sequence numbers the replicas agree on a state digest.
+    checkpoint_interval: int = 16
+    # The watermark window: the primary may run this far ahead of the last stable checkpoint.
+    # Two checkpoint intervals, as in PBFT, so ordering never waits for a checkpoint to settle.
+    watermark_window: int = 0
+    view_change_timeout_ms: int = 300
+    heartbeat_interval_ms: int = 50
+    # Signed messages of a slot that has not moved for this long are sent again (lossy links).
+    retransmit_interval_ms: int = 60
+    # The view-change timeout doubles per failed view, up to this many doublings.
+    max_timeout_doublings: int = 6
+    # Limits that keep a replica's memory bounded whatever its peers and clients send.
+    pending_request_limit: int = 8192
+    fetch_batch_limit: int = 32
+    dedup_window: int = 4096
+    # Client side: send to the primary, then to everyone after this long without a decision.
+    client_timeout_ms: int = 400
+
+    def __post_init__(self) -> None:
+        if self.watermark_window == 0:
+            object.__setattr__(self, "watermark_window", 2 * self.checkpoint_interval)
+        _require(4 <= self.replica_count <= 256, "replica_count", "needs 4 <= n <= 256 (f >= 1)")
+        _require(1 <= self.batch_size <= 1024, "batch_size", "must be in 1..1024")
+        _require(0 <= self.batch_timeout_ms <= 60_000, "batch_timeout_ms", "must be in 0..60000")
+        _require(1 <= self.checkpoint_interval <= 4096, "checkpoint_interval", "must be in 1..4096")
+        _require(
+            self.checkpoint_interval <= self.watermark_window <= 8192
+            and self.watermark_window % self.checkpoint_interval == 0,
+            "watermark_window",
+            "must be a multiple of checkpoint_interval, at most 8192",
+        )
+        _require(
+            10 <= self.view_change_timeout_ms <= 600_000,
+            "view_change_timeout_ms",
+            "must be in 10..600000",
+        )
+        _require(
+            1 <= self.heartbeat_interval_ms < self.view_change_timeout_ms,
+            "heartbeat_interval_ms",
+            "must be at least 1 and below view_change_timeout_ms",
+        )
+        _require(
+            1 <= self.retransmit_interval_ms <= 600_000,
+            "retransmit_interval_ms",
+            "must be in 1..600000",
+        )
+        _require(0 <= self.max_timeout_doublings <= 16, "max_timeout_doublings", "0..16")
+        _require(1 <= self.pending_request_limit <= 1_000_000, "pending_request_limit", "1..1e6")
+        _require(1 <= self.fetch_batch_limit <= 1024, "fetch_batch_limit", "must be in 1..1024")
+        _require(1 <= self.dedup_window <= 1_000_000, "dedup_window", "must be in 1..1000000")
+        _require(10 <= self.client_timeout_ms <= 600_000, "client_timeout_ms", "10..600000")
+
+    @property
+    def fault_tolerance(self) -> int:
+        """f: how many replicas may be Byzantine at once."""
+        return (self.replica_count - 1) // 3
+
+    @property
+    def quorum(self) -> int:
+        """2f + 1: any two quorums share at least one correct replica."""
+        return 2 * self.fault_tolerance + 1
+
+    @property
+    def weak_quorum(self) -> int:
+        """f + 1: at least one of them is correct."""
+        return self.fault_tolerance + 1
+
+    def primary_of(self, view: int) -> int:
+        return view % self.replica_count
+
+    def replica_ids(self) -> range:
+        return range(self.replica_count)
+
+
+def _require(condition: bool, field: str, problem: str) -> None:
+    if not condition:
+        raise ConfigError(f"{field}: {problem}")

@@ -1,0 +1,91 @@
+"""What goes into the replica and client cores (events) and what comes out (actions).
+
+A driver (the simulator or the trio runtime) feeds events to `handle` and carries
+out the returned actions in order. Order matters for durability: a `Persist`
+always precedes the sends that depend on it, so a driver that performs the
+actions in order never speaks before it has written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from crypto.keys import Principal
+
+# --- events -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MessageReceived:
+    """Bytes from the network. The sender is whoever signed them, never the link they came on."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Tick:
+    """The driver's clock, in ms. The only notion of time the cores have."""
+
+    now_ms: int
+
+
+Event = MessageReceived | Tick
+
+# --- actions ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Send:
+    to: Principal
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Broadcast:
+    """Send to every replica but oneself."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Persist:
+    """Write `value` under `key` durably before carrying out any later action; None deletes."""
+
+    key: tuple[str | int, ...]
+    value: bytes | None
+
+
+@dataclass(frozen=True)
+class ExecutedRequest:
+    client_id: int
+    request_id: int
+    request_digest: bytes
+    payer: str
+    payee: str
+    amount: int
+    outcome: str
+    reason: str
+    # False when the ledger already held a decision for this request (a re-proposal).
+    fresh: bool
+
+
+@dataclass(frozen=True)
+class Executed:
+    """A committed batch was applied to the ledger (for observers: checkers, metrics, apps)."""
+
+    view: int
+    seq: int
+    entry_digest: bytes
+    requests: tuple[ExecutedRequest, ...]
+    ledger_digest: bytes
+
+
+@dataclass(frozen=True)
+class Note:
+    """A notable event for the trace and logs: view change, checkpoint, drop, evidence."""
+
+    kind: str
+    detail: str
+
+
+Action = Send | Broadcast | Persist | Executed | Note

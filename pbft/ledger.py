@@ -1,0 +1,485 @@
+"""The payment ledger: the deterministic state machine every replica executes.
+
+Part of the sans-I/O protocol core. Every replica must reach byte-identical state
+from the same ordered requests, so this module does no I/O, reads no clock or
+randomness, never uses floats for money and never iterates a set (str hash order
+differs between processes).
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import heapq
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeGuard
+
+import msgpack
+
+MAX_AMOUNT = 2**63 - 1
+# Identifiers and counters travel as msgpack unsigned integers.
+MAX_ID = 2**64 - 1
+# The sum of all balances is stored in snapshots as a msgpack unsigned integer.
+MAX_TOTAL = 2**64 - 1
+MAX_ACCOUNT_NAME_LENGTH = 64
+BODY_DIGEST_SIZE_BYTES = 32
+# Eviction floor of a client that has not forgotten anything yet (-1 in snapshots).
+NOTHING_EVICTED = -1
+SNAPSHOT_FORMAT_VERSION = 1
+# Snapshots arrive from other replicas during state transfer and are untrusted;
+# this bounds the memory a malicious snapshot can make us allocate.
+MAX_SNAPSHOT_SIZE_BYTES = 256 * 1024 * 1024
+# Longest msgpack str in a valid snapshot: an account name, up to 4 UTF-8 bytes per char.
+_MAX_SNAPSHOT_STR_SIZE_BYTES = 4 * MAX_ACCOUNT_NAME_LENGTH
+
+
+class Outcome(enum.StrEnum):
+    CONFIRMED = "confirmed"
+    REJECTED = "rejected"
+
+
+class Reason(enum.StrEnum):
+    """Why a payment was rejected; the value is the wire/JSON code."""
+
+    NONE = ""  # only with CONFIRMED
+    ID_REUSED = "id_reused"  # same (client, request id) seen with a different body
+    REQUEST_EXPIRED = "request_expired"  # older than the retained dedup window
+    INVALID_AMOUNT = "invalid_amount"  # amount <= 0, > MAX_AMOUNT, or payee overflow
+    SAME_ACCOUNT = "same_account"
+    UNKNOWN_ACCOUNT = "unknown_account"
+    UNAUTHORIZED = "unauthorized"  # the signing client does not own the payer account
+    INSUFFICIENT_FUNDS = "insufficient_funds"
+
+
+# Rejections answered without being stored: storing them would overwrite or
+# resurrect the decision the id really belongs to.
+_UNSTORED_REASONS = (Reason.ID_REUSED, Reason.REQUEST_EXPIRED)
+_OUTCOMES_BY_CODE: dict[str, Outcome] = {outcome.value: outcome for outcome in Outcome}
+_REASONS_BY_CODE: dict[str, Reason] = {reason.value: reason for reason in Reason}
+
+
+@dataclass(frozen=True)
+class Payment:
+    client_id: int
+    request_id: int
+    payer: str
+    payee: str
+    amount: int
+
+
+@dataclass(frozen=True)
+class Decision:
+    outcome: Outcome
+    reason: Reason
+    seq: int  # sequence number of the batch in which this request was first executed
+    body_digest: bytes  # digest of the payment body it was decided for
+
+
+@dataclass(frozen=True)
+class Account:
+    owner: int  # client id that may debit it
+    balance: int
+
+
+@dataclass(frozen=True)
+class ExecutionResult:
+    decision: Decision
+    fresh: bool  # False for a retransmission: the stored decision, nothing changed
+
+
+class LedgerSnapshotError(ValueError):
+    """Malformed snapshot bytes (untrusted input from state transfer)."""
+
+
+class LedgerInvariantError(RuntimeError):
+    """A local bug, e.g. money not conserved; the replica must stop, not continue."""
+
+
+@dataclass
+class _ClientRecord:
+    """The retained decisions of one client and what has been forgotten."""
+
+    decisions: dict[int, Decision] = field(default_factory=dict)
+    # Min-heap of the keys of `decisions`, so eviction of the smallest id is O(log n).
+    request_id_heap: list[int] = field(default_factory=list)
+    # Largest evicted request id; every retained id is above it. Request id 0 is
+    # valid, so "nothing evicted yet" needs its own value below every id.
+    eviction_floor: int = NOTHING_EVICTED
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    # bool is an int subclass, but True is not an amount or an identifier.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _require_identifier(value: object, name: str) -> None:
+    if not _is_int(value) or not 0 <= value <= MAX_ID:
+        raise ValueError(f"{name} must be an int in [0, {MAX_ID}], got {value!r}")
+
+
+def _validate_account_name(name: object) -> None:
+    if not isinstance(name, str) or not 0 < len(name) <= MAX_ACCOUNT_NAME_LENGTH:
+        raise ValueError(
+            f"account name must be a non-empty str of at most "
+            f"{MAX_ACCOUNT_NAME_LENGTH} chars, got {name!r}"
+        )
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        # Lone surrogates cannot be encoded into a snapshot.
+        raise ValueError(f"account name is not valid unicode: {name!r}") from None
+
+
+class Ledger:
+    """Balances plus per-client decisions, executed in the replicated order."""
+
+    def __init__(self, accounts: Mapping[str, Account], dedup_window: int = 4096) -> None:
+        if not _is_int(dedup_window) or not 1 <= dedup_window <= MAX_ID:
+            raise ValueError(f"dedup_window must be an int in [1, {MAX_ID}], got {dedup_window!r}")
+        for name in accounts:
+            _validate_account_name(name)
+        balances: dict[str, int] = {}
+        owners: dict[str, int] = {}
+        # Sorted so that internal order never depends on the caller's insertion order.
+        for name in sorted(accounts):
+            account = accounts[name]
+            if not isinstance(account, Account):
+                raise ValueError(f"account {name!r} must be an Account, got {account!r}")
+            _require_identifier(account.owner, f"owner of account {name!r}")
+            if not _is_int(account.balance) or not 0 <= account.balance <= MAX_AMOUNT:
+                raise ValueError(
+                    f"balance of account {name!r} must be an int in [0, {MAX_AMOUNT}], "
+                    f"got {account.balance!r}"
+                )
+            balances[name] = account.balance
+            owners[name] = account.owner
+        total = sum(balances.values())
+        if total > MAX_TOTAL:
+            raise ValueError(f"total balance {total} exceeds {MAX_TOTAL}")
+        self._balances = balances
+        self._owners = owners
+        self._dedup_window = dedup_window
+        self._initial_total = total
+        # Tracked incrementally so the conservation check after each payment is O(1).
+        self._total = total
+        self._executed_count = 0
+        self._clients: dict[int, _ClientRecord] = {}
+
+    # -- queries ---------------------------------------------------------------
+
+    @property
+    def initial_total(self) -> int:
+        return self._initial_total
+
+    @property
+    def executed_count(self) -> int:
+        return self._executed_count
+
+    @property
+    def dedup_window(self) -> int:
+        return self._dedup_window
+
+    def lookup(self, client_id: int, request_id: int) -> Decision | None:
+        record = self._clients.get(client_id)
+        if record is None:
+            return None
+        return record.decisions.get(request_id)
+
+    def eviction_floor(self, client_id: int) -> int | None:
+        """Largest request id of this client that has been forgotten, None if none."""
+        record = self._clients.get(client_id)
+        if record is None or record.eviction_floor == NOTHING_EVICTED:
+            return None
+        return record.eviction_floor
+
+    def balance(self, account: str) -> int | None:
+        if not isinstance(account, str):
+            return None
+        return self._balances.get(account)
+
+    def accounts(self) -> dict[str, Account]:
+        # _balances is kept in name order since construction; names are never added.
+        return {
+            name: Account(owner=self._owners[name], balance=balance)
+            for name, balance in self._balances.items()
+        }
+
+    def total_balance(self) -> int:
+        """The incrementally tracked sum of all balances, O(1)."""
+        return self._total
+
+    def recount_total(self) -> int:
+        """Sum of all balances recomputed from scratch, O(accounts); for tests and audits."""
+        return sum(self._balances.values())
+
+    # -- execution -------------------------------------------------------------
+
+    def execute(self, payment: Payment, body_digest: bytes, seq: int) -> ExecutionResult:
+        """Apply one ordered request; same inputs in the same order give the same state."""
+        # Precondition violations are caller bugs (identifiers are validated when the
+        # request is decoded); they cannot be stored, so they are not a rejection.
+        _require_identifier(payment.client_id, "client_id")
+        _require_identifier(payment.request_id, "request_id")
+        _require_identifier(seq, "seq")
+        if not isinstance(body_digest, bytes) or len(body_digest) != BODY_DIGEST_SIZE_BYTES:
+            raise ValueError(f"body_digest must be {BODY_DIGEST_SIZE_BYTES} bytes")
+
+        record = self._clients.get(payment.client_id)
+        if record is not None:
+            stored = record.decisions.get(payment.request_id)
+            if stored is not None:
+                if stored.body_digest == body_digest:
+                    return ExecutionResult(decision=stored, fresh=False)
+                return self._reject_unstored(Reason.ID_REUSED, body_digest, seq)
+            if payment.request_id <= record.eviction_floor:
+                return self._reject_unstored(Reason.REQUEST_EXPIRED, body_digest, seq)
+
+        reason = self._check(payment)
+        if reason is Reason.NONE:
+            self._transfer(payment.payer, payment.payee, payment.amount)
+            decision = Decision(Outcome.CONFIRMED, Reason.NONE, seq, body_digest)
+        else:
+            decision = Decision(Outcome.REJECTED, reason, seq, body_digest)
+        self._store(payment.client_id, payment.request_id, decision)
+        self._executed_count += 1
+        if self._total != self._initial_total:
+            raise LedgerInvariantError(
+                f"money not conserved: total {self._total} != initial {self._initial_total}"
+            )
+        return ExecutionResult(decision=decision, fresh=True)
+
+    def _reject_unstored(self, reason: Reason, body_digest: bytes, seq: int) -> ExecutionResult:
+        self._executed_count += 1
+        decision = Decision(Outcome.REJECTED, reason, seq, body_digest)
+        return ExecutionResult(decision=decision, fresh=True)
+
+    def _check(self, payment: Payment) -> Reason:
+        """The first failing rule, in a fixed order so a retry gets the same answer."""
+        amount = payment.amount
+        if not _is_int(amount) or not 0 < amount <= MAX_AMOUNT:
+            return Reason.INVALID_AMOUNT
+        payer, payee = payment.payer, payment.payee
+        if payer == payee:
+            return Reason.SAME_ACCOUNT
+        # isinstance first: an unhashable payer must not raise on dict lookup.
+        if not isinstance(payer, str) or payer not in self._balances:
+            return Reason.UNKNOWN_ACCOUNT
+        if not isinstance(payee, str) or payee not in self._balances:
+            return Reason.UNKNOWN_ACCOUNT
+        if self._owners[payer] != payment.client_id:
+            return Reason.UNAUTHORIZED
+        if self._balances[payer] < amount:
+            return Reason.INSUFFICIENT_FUNDS
+        if self._balances[payee] + amount > MAX_AMOUNT:
+            return Reason.INVALID_AMOUNT
+        return Reason.NONE
+
+    def _transfer(self, payer: str, payee: str, amount: int) -> None:
+        payer_balance = self._balances[payer] - amount
+        payee_balance = self._balances[payee] + amount
+        if payer_balance < 0 or payee_balance > MAX_AMOUNT:
+            raise LedgerInvariantError(f"transfer of {amount} from {payer!r} to {payee!r}")
+        self._balances[payer] = payer_balance
+        self._total -= amount
+        self._balances[payee] = payee_balance
+        self._total += amount
+
+    def _store(self, client_id: int, request_id: int, decision: Decision) -> None:
+        record = self._clients.get(client_id)
+        if record is None:
+            record = self._clients[client_id] = _ClientRecord()
+        record.decisions[request_id] = decision
+        heapq.heappush(record.request_id_heap, request_id)
+        # Add before evicting: if the new id is the smallest it is the one forgotten,
+        # which keeps every retained id above the floor.
+        if len(record.decisions) > self._dedup_window:
+            evicted = heapq.heappop(record.request_id_heap)
+            del record.decisions[evicted]
+            if evicted <= record.eviction_floor:
+                raise LedgerInvariantError(
+                    f"client {client_id}: evicted {evicted} <= floor {record.eviction_floor}"
+                )
+            record.eviction_floor = evicted
+
+    # -- snapshots -------------------------------------------------------------
+
+    def digest(self) -> bytes:
+        """Canonical hash of the whole state: equal states give equal digests."""
+        return hashlib.sha256(self.snapshot()).digest()
+
+    def snapshot(self) -> bytes:
+        """Canonical msgpack encoding; the same state always gives the same bytes.
+
+        Layout (arrays only, no maps, so there is no key order to get wrong):
+        [version, dedup_window, initial_total, executed_count,
+         [[name, owner, balance], ...] sorted by name,
+         [[client_id, eviction_floor,
+           [[request_id, outcome, reason, seq, body_digest], ...] sorted by request id],
+          ...] sorted by client id]
+        """
+        accounts = [
+            [name, self._owners[name], self._balances[name]] for name in sorted(self._balances)
+        ]
+        clients = []
+        for client_id in sorted(self._clients):
+            record = self._clients[client_id]
+            decisions = [
+                [
+                    request_id,
+                    decision.outcome.value,
+                    decision.reason.value,
+                    decision.seq,
+                    decision.body_digest,
+                ]
+                for request_id, decision in sorted(record.decisions.items())
+            ]
+            clients.append([client_id, record.eviction_floor, decisions])
+        state = [
+            SNAPSHOT_FORMAT_VERSION,
+            self._dedup_window,
+            self._initial_total,
+            self._executed_count,
+            accounts,
+            clients,
+        ]
+        return msgpack.packb(state, use_bin_type=True)
+
+    @classmethod
+    def restore(cls, snapshot: bytes) -> Ledger:
+        """Inverse of snapshot(); anything but a canonical valid snapshot raises
+        LedgerSnapshotError."""
+        if not isinstance(snapshot, bytes | bytearray | memoryview):
+            raise LedgerSnapshotError(f"snapshot must be bytes, got {type(snapshot).__name__}")
+        snapshot = bytes(snapshot)
+        if len(snapshot) > MAX_SNAPSHOT_SIZE_BYTES:
+            raise LedgerSnapshotError(f"snapshot of {len(snapshot)} bytes is too large")
+        try:
+            state = msgpack.unpackb(
+                snapshot,
+                raw=False,
+                use_list=True,
+                strict_map_key=True,
+                max_str_len=_MAX_SNAPSHOT_STR_SIZE_BYTES,
+                max_bin_len=BODY_DIGEST_SIZE_BYTES,
+                max_array_len=len(snapshot),
+                max_map_len=0,
+                max_ext_len=0,
+            )
+        # Broad on purpose: the decoder is a C extension fed untrusted bytes, and the
+        # contract is that nothing but LedgerSnapshotError escapes.
+        except Exception as error:
+            raise LedgerSnapshotError(f"undecodable snapshot: {error}") from error
+
+        ledger = cls._from_state(state)
+        # Rejects every non-canonical encoding (wider int formats, etc.) at once.
+        if ledger.snapshot() != snapshot:
+            raise LedgerSnapshotError("snapshot is not canonically encoded")
+        return ledger
+
+    @classmethod
+    def _from_state(cls, state: Any) -> Ledger:
+        fields = _snapshot_array(state, "state", length=6)
+        version, dedup_window, initial_total, executed_count, accounts, clients = fields
+        if version != SNAPSHOT_FORMAT_VERSION or not _is_int(version):
+            raise LedgerSnapshotError(f"unsupported snapshot version {version!r}")
+        dedup_window = _snapshot_int(dedup_window, "dedup_window", low=1, high=MAX_ID)
+        initial_total = _snapshot_int(initial_total, "initial_total", low=0, high=MAX_TOTAL)
+        executed_count = _snapshot_int(executed_count, "executed_count", low=0, high=MAX_ID)
+
+        account_map: dict[str, Account] = {}
+        previous_name: str | None = None
+        for entry in _snapshot_array(accounts, "accounts"):
+            name, owner, balance = _snapshot_array(entry, "account", length=3)
+            if not isinstance(name, str):
+                raise LedgerSnapshotError(f"account name must be str, got {name!r}")
+            # str comparison is code-point order, identical in every process.
+            if previous_name is not None and name <= previous_name:
+                raise LedgerSnapshotError(f"accounts unsorted or duplicated at {name!r}")
+            previous_name = name
+            owner = _snapshot_int(owner, f"owner of {name!r}", low=0, high=MAX_ID)
+            balance = _snapshot_int(balance, f"balance of {name!r}", low=0, high=MAX_AMOUNT)
+            account_map[name] = Account(owner=owner, balance=balance)
+        try:
+            ledger = cls(account_map, dedup_window=dedup_window)
+        except ValueError as error:
+            raise LedgerSnapshotError(str(error)) from error
+        if ledger._initial_total != initial_total:
+            raise LedgerSnapshotError(
+                f"balances sum to {ledger._initial_total}, initial_total says {initial_total}"
+            )
+
+        retained_count = 0
+        previous_client_id = -1
+        for entry in _snapshot_array(clients, "clients"):
+            client_id, floor, decisions = _snapshot_array(entry, "client", length=3)
+            client_id = _snapshot_int(client_id, "client_id", low=0, high=MAX_ID)
+            if client_id <= previous_client_id:
+                raise LedgerSnapshotError(f"clients unsorted or duplicated at {client_id}")
+            previous_client_id = client_id
+            record = _ClientRecord(
+                eviction_floor=_snapshot_int(
+                    floor, "eviction_floor", low=NOTHING_EVICTED, high=MAX_ID
+                )
+            )
+            previous_request_id = record.eviction_floor
+            for decision_entry in _snapshot_array(decisions, "decisions"):
+                request_id, decision = _snapshot_decision(decision_entry)
+                # Sorted, unique and above the floor, all in one comparison.
+                if request_id <= previous_request_id:
+                    raise LedgerSnapshotError(
+                        f"client {client_id}: request id {request_id} unsorted, duplicated "
+                        f"or not above the eviction floor {record.eviction_floor}"
+                    )
+                previous_request_id = request_id
+                record.decisions[request_id] = decision
+            count = len(record.decisions)
+            # A client exists only once it has a decision, and count never shrinks.
+            if count == 0 or count > dedup_window:
+                raise LedgerSnapshotError(f"client {client_id}: {count} retained decisions")
+            # Eviction only happens with a full window, which then stays full.
+            if record.eviction_floor != NOTHING_EVICTED and count != dedup_window:
+                raise LedgerSnapshotError(f"client {client_id}: floor set but window not full")
+            # Sorted ascending is already a valid min-heap.
+            record.request_id_heap = list(record.decisions)
+            retained_count += count
+            ledger._clients[client_id] = record
+        if executed_count < retained_count:
+            raise LedgerSnapshotError(
+                f"executed_count {executed_count} < {retained_count} retained decisions"
+            )
+        ledger._executed_count = executed_count
+        return ledger
+
+
+def _snapshot_array(value: object, what: str, length: int | None = None) -> list[Any]:
+    if not isinstance(value, list):
+        raise LedgerSnapshotError(f"{what} must be an array, got {type(value).__name__}")
+    if length is not None and len(value) != length:
+        raise LedgerSnapshotError(f"{what} must have {length} items, got {len(value)}")
+    return value
+
+
+def _snapshot_int(value: object, what: str, low: int, high: int) -> int:
+    if not _is_int(value) or not low <= value <= high:
+        raise LedgerSnapshotError(f"{what} must be an int in [{low}, {high}], got {value!r}")
+    return value
+
+
+def _snapshot_decision(entry: object) -> tuple[int, Decision]:
+    request_id, outcome_code, reason_code, seq, body_digest = _snapshot_array(
+        entry, "decision", length=5
+    )
+    request_id = _snapshot_int(request_id, "request_id", low=0, high=MAX_ID)
+    outcome = _OUTCOMES_BY_CODE.get(outcome_code) if isinstance(outcome_code, str) else None
+    reason = _REASONS_BY_CODE.get(reason_code) if isinstance(reason_code, str) else None
+    if outcome is None or reason is None:
+        raise LedgerSnapshotError(f"unknown outcome/reason {outcome_code!r}/{reason_code!r}")
+    if (outcome is Outcome.CONFIRMED) != (reason is Reason.NONE):
+        raise LedgerSnapshotError(f"outcome {outcome.value!r} with reason {reason.value!r}")
+    if reason in _UNSTORED_REASONS:
+        raise LedgerSnapshotError(f"reason {reason.value!r} is never stored")
+    seq = _snapshot_int(seq, "seq", low=0, high=MAX_ID)
+    if not isinstance(body_digest, bytes) or len(body_digest) != BODY_DIGEST_SIZE_BYTES:
+        raise LedgerSnapshotError(f"body_digest must be {BODY_DIGEST_SIZE_BYTES} bytes")
+    return request_id, Decision(outcome, reason, seq, body_digest)

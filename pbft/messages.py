@@ -1,0 +1,327 @@
+"""Every message of the protocol: frozen, validated, with a canonical msgpack codec.
+
+A message travels inside a signed `Envelope` (see pbft/signed.py). Messages that
+carry proofs (certificates, view changes) embed the other messages as the raw
+envelope bytes they arrived in, so every signature can be checked over the exact
+bytes its signer produced, never over a re-encoding.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import ClassVar
+
+from pbft.codec import MAX_FRAME_BYTES, Bytes, ListOf, Nested, Spec, Struct, Text, UInt
+from pbft.ledger import Outcome, Reason
+
+# Views and sequence numbers stay far below 2**64 so `+ 1` never leaves the wire range.
+MAX_VIEW = 2**62
+MAX_SEQ = 2**62
+MAX_REPLICAS = 256
+MAX_BATCH = 1024
+MAX_WINDOW = 8192
+
+HASH = Bytes(32, 32)
+SIGNATURE = Bytes(64, 64)
+ENVELOPE = Bytes(1, MAX_FRAME_BYTES)
+VIEW = UInt(MAX_VIEW)
+SEQ = UInt(MAX_SEQ)
+REPLICA = UInt(MAX_REPLICAS - 1)
+CLIENT = UInt(2**32 - 1)
+ACCOUNT = Text(64)
+
+
+class MessageType(enum.IntEnum):
+    REQUEST = 1
+    PRE_PREPARE = 2
+    PREPARE = 3
+    COMMIT = 4
+    REPLY = 5
+    HEARTBEAT = 6
+    SUSPECT = 7
+    CHECKPOINT = 8
+    VIEW_CHANGE = 9
+    NEW_VIEW = 10
+    FETCH = 11
+    CHECKPOINT_STATE = 12
+    COMMIT_CERTIFICATE = 13
+
+
+class Message(Struct):
+    """A message that is signed by one principal: a client or a replica."""
+
+    TYPE: ClassVar[MessageType]
+    # "client" or "replica": whose key signs it. The sender id is the field SENDER_FIELD.
+    SIGNER: ClassVar[str] = "replica"
+    SENDER_FIELD: ClassVar[str] = "replica"
+
+    @property
+    def sender(self) -> int:
+        return getattr(self, self.SENDER_FIELD)
+
+
+@dataclass(frozen=True)
+class Request(Message):
+    """A client's payment: move `amount` minor units from `payer` to `payee`."""
+
+    client_id: int
+    request_id: int
+    payer: str
+    payee: str
+    amount: int
+
+    TYPE = MessageType.REQUEST
+    SIGNER = "client"
+    SENDER_FIELD = "client_id"
+    SCHEMA: ClassVar[dict[str, Spec]] = {
+        "client_id": CLIENT,
+        "request_id": UInt(),
+        "payer": ACCOUNT,
+        "payee": ACCOUNT,
+        # Any integer on the wire: a zero or absurd amount is a payment the ledger rejects
+        # with a reason (invalid_amount), not a message we drop silently.
+        "amount": UInt(),
+    }
+
+
+@dataclass(frozen=True)
+class PrePrepare(Message):
+    """The primary's proposal: batch `requests` at `seq` in `view`, chained to `prev_hash`."""
+
+    view: int
+    seq: int
+    replica: int
+    prev_hash: bytes
+    batch_digest: bytes
+    requests: tuple[bytes, ...]
+
+    TYPE = MessageType.PRE_PREPARE
+    SCHEMA: ClassVar[dict[str, Spec]] = {
+        "view": VIEW,
+        "seq": SEQ,
+        "replica": REPLICA,
+        "prev_hash": HASH,
+        "batch_digest": HASH,
+        "requests": ListOf(ENVELOPE, MAX_BATCH),
+    }
+
+
+@dataclass(frozen=True)
+class Prepare(Message):
+    view: int
+    seq: int
+    replica: int
+    entry_digest: bytes
+
+    TYPE = MessageType.PREPARE
+    SCHEMA: ClassVar[dict[str, Spec]] = {
+        "view": VIEW,
+        "seq": SEQ,
+        "replica": REPLICA,
+        "entry_digest": HASH,
+    }
+
+
+@dataclass(frozen=True)
+class Commit(Message):
+    view: int
+    seq: int
+    replica: int
+    entry_digest: bytes
+
+    TYPE = MessageType.COMMIT
+    SCHEMA: ClassVar[dict[str, Spec]] = Prepare.SCHEMA
+
+
+@dataclass(frozen=True)
+class Reply(Message):
+    """A replica's signed word on a request's outcome; f + 1 matching ones make a receipt."""
+
+    view: int
+    seq: int
+    replica: int
+    client_id: int
+    request_id: int
+    request_digest: bytes
+    outcome: str
+    reason: str
+
+    TYPE = MessageType.REPLY
+    SCHEMA: ClassVar[dict[str, Spec]] = {
+        "view": VIEW,
+        "seq": SEQ,
+        "replica": REPLICA,
+        "client_id": CLIENT,
+        "request_id": UInt(),
+        "request_digest": HASH,
+        "outcome": Text(16, [outcome.value for outcome in Outcome]),
+        "reason": Text(32, [reason.value for reason in Reason]),
+    }
+
+
+@dataclass(frozen=True)
+class Heartbeat(Message):
+    """The primary is alive (Raft's empty AppendEntries); also tells how far it got."""
+
+    view: int
+    replica: int
+    last_proposed: int
+    last_executed: int
+
+    TYPE = MessageType.HEARTBEAT
+    SCHEMA: ClassVar[dict[str, Spec]] = {
+        "view": VIEW,
+        "replica": REPLICA,
+        "last_proposed": SEQ,
+        "last_executed": SEQ,
+    }
+
+
+@dataclass(frozen=True)
+class Suspect(Message):
+    """A replica's timer expired in `view`. f + 1 suspicions start a view change."""
+
+    view: int
+    replica: int
+
+    TYPE = MessageType.SUSPECT
+    SCHEMA: ClassVar[dict[str, Spec]] = {"view": VIEW, "replica": REPLICA}
+
+
+@dataclass(frozen=True)
+class Checkpoint(Message):
+    seq: int
+    replica: int
+    chain_hash: bytes
+    ledger_digest: bytes
+
+    TYPE = MessageType.CHECKPOINT
+    SCHEMA: ClassVar[dict[str, Spec]] = {
+        "seq": SEQ,
+        "replica": REPLICA,
+        "chain_hash": HASH,
+        "ledger_digest": HASH,
+    }
+
+
+@dataclass(frozen=True)
+class PreparedCertificate(Struct):
+    """A pre-prepare and 2f matching prepares from distinct backups, as received."""
+
+    pre_prepare: bytes
+    prepares: tuple[bytes, ...]
+
+    SCHEMA: ClassVar[dict[str, Spec]] = {
+        "pre_prepare": ENVELOPE,
+        "prepares": ListOf(ENVELOPE, MAX_REPLICAS),
+    }
+
+
+@dataclass(frozen=True)
+class ViewChange(Message):
+    """A replica's move to `new_view`: its stable checkpoint with proof, and what it prepared."""
+
+    new_view: int
+    replica: int
+    checkpoint_seq: int
+    checkpoint_chain_hash: bytes
+    checkpoint_ledger_digest: bytes
+    checkpoint_proof: tuple[bytes, ...]
+    prepared: tuple[PreparedCertificate, ...]
+
+    TYPE = MessageType.VIEW_CHANGE
+    SCHEMA: ClassVar[dict[str, Spec]] = {
+        "new_view": VIEW,
+        "replica": REPLICA,
+        "checkpoint_seq": SEQ,
+        "checkpoint_chain_hash": HASH,
+        "checkpoint_ledger_digest": HASH,
+        "checkpoint_proof": ListOf(ENVELOPE, MAX_REPLICAS),
+        "prepared": ListOf(Nested(PreparedCertificate), MAX_WINDOW),
+    }
+
+
+@dataclass(frozen=True)
+class NewView(Message):
+    """The new primary's proof (2f + 1 view changes) and its re-proposals for the window."""
+
+    view: int
+    replica: int
+    view_changes: tuple[bytes, ...]
+    pre_prepares: tuple[bytes, ...]
+
+    TYPE = MessageType.NEW_VIEW
+    SCHEMA: ClassVar[dict[str, Spec]] = {
+        "view": VIEW,
+        "replica": REPLICA,
+        "view_changes": ListOf(ENVELOPE, MAX_REPLICAS),
+        "pre_prepares": ListOf(ENVELOPE, MAX_WINDOW),
+    }
+
+
+@dataclass(frozen=True)
+class Fetch(Message):
+    """Catch-up: send me what was committed from `from_seq` on."""
+
+    replica: int
+    from_seq: int
+
+    TYPE = MessageType.FETCH
+    SCHEMA: ClassVar[dict[str, Spec]] = {"replica": REPLICA, "from_seq": SEQ}
+
+
+@dataclass(frozen=True)
+class CheckpointState(Message):
+    """Catch-up by state transfer: a stable checkpoint's ledger and its 2f + 1 proof."""
+
+    replica: int
+    seq: int
+    chain_hash: bytes
+    ledger_snapshot: bytes
+    proof: tuple[bytes, ...]
+
+    TYPE = MessageType.CHECKPOINT_STATE
+    SCHEMA: ClassVar[dict[str, Spec]] = {
+        "replica": REPLICA,
+        "seq": SEQ,
+        "chain_hash": HASH,
+        "ledger_snapshot": Bytes(1, MAX_FRAME_BYTES),
+        "proof": ListOf(ENVELOPE, MAX_REPLICAS),
+    }
+
+
+@dataclass(frozen=True)
+class CommitCertificate(Message):
+    """Catch-up by replay: a committed batch with 2f + 1 matching commits, as received."""
+
+    replica: int
+    pre_prepare: bytes
+    commits: tuple[bytes, ...]
+
+    TYPE = MessageType.COMMIT_CERTIFICATE
+    SCHEMA: ClassVar[dict[str, Spec]] = {
+        "replica": REPLICA,
+        "pre_prepare": ENVELOPE,
+        "commits": ListOf(ENVELOPE, MAX_REPLICAS),
+    }
+
+
+MESSAGE_CLASSES: dict[MessageType, type[Message]] = {
+    cls.TYPE: cls
+    for cls in (
+        Request,
+        PrePrepare,
+        Prepare,
+        Commit,
+        Reply,
+        Heartbeat,
+        Suspect,
+        Checkpoint,
+        ViewChange,
+        NewView,
+        Fetch,
+        CheckpointState,
+        CommitCertificate,
+    )
+}

@@ -1,0 +1,1174 @@
+"""The replica: one sans-I/O state machine for the whole protocol.
+
+`Replica.handle(event) -> list[Action]`. Events are bytes from the network and
+clock ticks; actions are sends, durable writes, executions and notes. The replica
+never reads a clock, touches a socket or draws a random number: the simulator and
+the trio runtime drive the same code.
+
+The protocol (n = 3f + 1, quorum 2f + 1, primary = view mod n):
+- Normal case (PBFT): the primary batches client requests into a PRE-PREPARE
+  chained to the previous entry's digest; backups PREPARE it; 2f matching prepares
+  make a replica prepared and it COMMITs; 2f + 1 matching commits make the entry
+  committed, and committed entries execute strictly in sequence order.
+- Chain rule: a backup prepares entry s only once entry s - 1 is prepared (or
+  committed, or the checkpoint) with the digest s names as its predecessor. So the
+  prepared entries always form one chain, which view change relies on.
+- Liveness (Raft): the primary sends heartbeats when idle. A backup whose timer
+  expires (no heartbeat, or work that does not complete) sends SUSPECT; f + 1
+  suspicions of the same view start a VIEW-CHANGE, so one cut-off replica cannot
+  unseat a working primary. f + 1 view changes for higher views make a replica join.
+- Checkpoints every K entries; 2f + 1 matching ones are stable and move the window.
+- Catch-up: a replica that sees the others ahead FETCHes commit certificates, or a
+  stable checkpoint's state with its proof, verifies them and applies them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from crypto.keys import KeyRing, SigningKey
+from crypto.signing import VerificationCache
+from pbft.certificates import CheckpointClaim, Proposal, Verifier
+from pbft.codec import DecodeError, pack, unpack
+from pbft.config import ClusterConfig
+from pbft.events import (
+    Action,
+    Broadcast,
+    Event,
+    Executed,
+    ExecutedRequest,
+    MessageReceived,
+    Note,
+    Persist,
+    Send,
+    Tick,
+)
+from pbft.ledger import Account, Ledger, LedgerSnapshotError, Payment
+from pbft.log import CommittedEntry, PreparedEntry, Slot
+from pbft.messages import (
+    Checkpoint,
+    CheckpointState,
+    Commit,
+    CommitCertificate,
+    Fetch,
+    Heartbeat,
+    Message,
+    NewView,
+    Prepare,
+    PreparedCertificate,
+    PrePrepare,
+    Reply,
+    Request,
+    Suspect,
+    ViewChange,
+)
+from pbft.signed import Opened, Rejected, seal
+from pbft.viewchange import NewViewPlan, VerifiedViewChange, plan_new_view, verify_view_change
+
+EVIDENCE_LIMIT = 64
+RETRANSMIT_SLOT_LIMIT = 8
+
+
+class ReplicaInvariantError(RuntimeError):
+    """A local bug: the replica's own state broke a rule it maintains. Never caused by peers."""
+
+
+@dataclass(frozen=True)
+class StableCheckpoint:
+    seq: int
+    chain_hash: bytes
+    ledger_digest: bytes
+    snapshot: bytes
+    proof: tuple[bytes, ...]
+
+
+@dataclass
+class PendingRequest:
+    opened: Opened
+    body_digest: bytes
+    arrived_ms: int
+
+
+@dataclass(frozen=True)
+class ReplicaStatistics:
+    replica_id: int
+    view: int
+    view_active: bool
+    last_executed: int
+    stable_checkpoint: int
+    view_changes_started: int
+    new_views_installed: int
+    messages_sent: int
+    pending_requests: int
+    drops: dict[str, int]
+    evidence: int
+    halted: str | None
+
+
+class Replica:
+    def __init__(
+        self,
+        replica_id: int,
+        config: ClusterConfig,
+        signing_key: SigningKey,
+        keyring: KeyRing,
+        genesis_accounts: Mapping[str, Account],
+        *,
+        records: Mapping[tuple[str | int, ...], bytes] | None = None,
+        cache: VerificationCache | None = None,
+    ) -> None:
+        if replica_id not in config.replica_ids():
+            raise ValueError(f"replica id {replica_id} not in 0..{config.replica_count - 1}")
+        if keyring.get(("replica", replica_id)) != signing_key.verify_key:
+            raise ValueError(f"the key ring holds another key for replica {replica_id}")
+        self.id = replica_id
+        self.config = config
+        self.key = signing_key
+        self.ledger = Ledger(genesis_accounts, config.dedup_window)
+        genesis_snapshot = self.ledger.snapshot()
+        genesis_digest = hashlib.sha256(genesis_snapshot).digest()
+        self.verifier = Verifier(config, keyring, genesis_digest, cache)
+        self.now_ms = 0
+        self.view = 0
+        self.view_active = True
+        self.last_executed = 0
+        self.chain_hash = self.verifier.genesis_chain_hash
+        self.stable = StableCheckpoint(0, self.chain_hash, genesis_digest, genesis_snapshot, ())
+        # The checkpoint a NEW-VIEW started from, when it is ahead of our own stable one.
+        self.view_anchor: CheckpointClaim | None = None
+        self.slots: dict[int, Slot] = {}
+        self.own_snapshots: dict[int, tuple[bytes, bytes, bytes]] = {}
+        self.checkpoint_votes: dict[int, dict[int, tuple[bytes, bytes, bytes]]] = {}
+        # Requests this replica knows of and has not executed, in arrival order.
+        self.pending: dict[tuple[int, int], PendingRequest] = {}
+        # Primary only: pending requests not yet proposed in this view, in arrival order.
+        self.proposal_queue: dict[tuple[int, int], None] = {}
+        self.next_seq = 1
+        # Failure detection.
+        self.last_primary_contact_ms = 0
+        self.last_primary_broadcast_ms = 0
+        self.progress_deadline_ms: int | None = None
+        self.last_suspect_ms: int | None = None
+        self.suspects: dict[int, int] = {}
+        self.failed_views = 0
+        # View change.
+        self.view_change_deadline_ms: int | None = None
+        self.view_changes: dict[int, dict[int, VerifiedViewChange]] = {}
+        self.latest_view_claims: dict[int, int] = {}
+        self.own_view_change: bytes | None = None
+        self.new_view_message: bytes | None = None
+        self.view_records: dict[tuple[str | int, ...], None] = {}
+        # Catch-up.
+        self.highest_seen_executed = 0
+        self.last_execution_ms = 0
+        self.last_fetch_ms: int | None = None
+        self.fetch_rotation = 0
+        self.fetch_served_ms: dict[int, int] = {}
+        self.last_retransmit_ms = 0
+        self.fresh_start = True
+        # Observability.
+        self.drops: Counter[str] = Counter()
+        self.evidence: list[tuple[str, int, bytes, bytes]] = []
+        self.messages_sent = 0
+        self.view_changes_started = 0
+        self.new_views_installed = 0
+        self.halted: str | None = None
+        self._out: list[Action] = []
+        if records:
+            self._recover(records)
+
+    # --- the driver's interface ---------------------------------------------------------
+
+    def handle(self, event: Event) -> list[Action]:
+        self._out = []
+        if self.halted is not None:
+            self.drops["halted"] += 1
+        elif isinstance(event, Tick):
+            self._on_tick(event.now_ms)
+        elif isinstance(event, MessageReceived):
+            self._on_bytes(event.data)
+        else:
+            raise TypeError(f"not an event: {event!r}")
+        out, self._out = self._out, []
+        return out
+
+    @property
+    def is_primary(self) -> bool:
+        return self.config.primary_of(self.view) == self.id
+
+    def statistics(self) -> ReplicaStatistics:
+        return ReplicaStatistics(
+            replica_id=self.id,
+            view=self.view,
+            view_active=self.view_active,
+            last_executed=self.last_executed,
+            stable_checkpoint=self.stable.seq,
+            view_changes_started=self.view_changes_started,
+            new_views_installed=self.new_views_installed,
+            messages_sent=self.messages_sent,
+            pending_requests=len(self.pending),
+            drops=dict(sorted(self.drops.items())),
+            evidence=len(self.evidence),
+            halted=self.halted,
+        )
+
+    # --- output helpers -----------------------------------------------------------------
+
+    def _broadcast(self, raw: bytes) -> None:
+        self.messages_sent += self.config.replica_count - 1
+        self._out.append(Broadcast(raw))
+
+    def _send(self, to: tuple[str, int], raw: bytes) -> None:
+        self.messages_sent += 1
+        self._out.append(Send(to, raw))
+
+    def _persist(self, key: tuple[str | int, ...], value: bytes | None) -> None:
+        self._out.append(Persist(key, value))
+
+    def _note(self, kind: str, detail: str) -> None:
+        self._out.append(Note(kind, detail))
+
+    def _drop(self, reason: str, detail: str = "") -> None:
+        self.drops[reason] += 1
+        self._note("drop", f"{reason} {detail}".strip())
+
+    def _evidence(self, kind: str, offender: int, first: bytes, second: bytes) -> None:
+        """Two conflicting signed messages from one replica: proof it is Byzantine."""
+        if len(self.evidence) < EVIDENCE_LIMIT:
+            self.evidence.append((kind, offender, first, second))
+        self._note("evidence", f"{kind} by replica {offender}")
+
+    def _vote(self, slot: Slot, kind: str, message: Prepare | Commit | PrePrepare) -> bytes:
+        """Sign a vote, after checking we never signed a different one at (kind, view, seq)."""
+        digest = (
+            message.entry_digest
+            if not isinstance(message, PrePrepare)
+            else hashlib.sha256(message.encode()).digest()
+        )
+        previous = slot.own_votes.get((kind, message.view))
+        if previous is not None and previous != digest:
+            raise ReplicaInvariantError(
+                f"replica {self.id} about to sign a second {kind} at "
+                f"view {message.view} seq {slot.seq}"
+            )
+        slot.own_votes[(kind, message.view)] = digest
+        raw = seal(message, self.key)
+        key = ("vote", kind, message.view, slot.seq)
+        slot.persisted_keys[key] = None
+        self._persist(key, raw)
+        return raw
+
+    # --- message intake -----------------------------------------------------------------
+
+    def _on_bytes(self, data: bytes) -> None:
+        try:
+            opened = self.verifier.open(data)
+            message = opened.message
+            if message.SIGNER == "replica" and message.sender == self.id:
+                raise Rejected("from_self")
+            handler = self._handlers.get(type(message))
+            if handler is None:
+                raise Rejected("unexpected_type", type(message).__name__)
+            handler(self, opened)
+        except Rejected as rejection:
+            self._drop(rejection.reason, rejection.detail)
+
+    def _on_request(self, opened: Opened) -> None:
+        request = opened.message
+        if not isinstance(request, Request):
+            raise Rejected("unexpected_type")
+        identity = (request.client_id, request.request_id)
+        digest = opened.body_digest
+        decision = self.ledger.lookup(request.client_id, request.request_id)
+        if decision is not None and decision.body_digest == digest:
+            # A retransmission of something already decided: answer from the ledger.
+            self._reply(
+                request, digest, decision.seq, decision.outcome.value, decision.reason.value
+            )
+            return
+        if identity in self.pending:
+            if not self.is_primary and self.view_active:
+                self._send(("replica", self.config.primary_of(self.view)), opened.raw)
+            return
+        if len(self.pending) >= self.config.pending_request_limit:
+            raise Rejected("request_queue_full")
+        self.pending[identity] = PendingRequest(opened, digest, self.now_ms)
+        if self.is_primary:
+            if self.view_active:
+                self.proposal_queue[identity] = None
+                self._maybe_propose()
+        elif self.view_active:
+            # The client gave up on the primary and told everyone: relay it and watch.
+            self._send(("replica", self.config.primary_of(self.view)), opened.raw)
+
+    def _check_view(self, view: int, sender: int) -> None:
+        if view != self.view or not self.view_active:
+            if view > self.view:
+                self._claim_view(sender, view)
+            raise Rejected("wrong_view", f"view {view}, ours {self.view}")
+
+    def _window_low(self) -> int:
+        anchor = self.view_anchor.seq if self.view_anchor is not None else 0
+        return max(self.stable.seq, anchor)
+
+    def _check_window(self, seq: int) -> None:
+        low = self._window_low()
+        if seq <= low:
+            raise Rejected("below_window", str(seq))
+        if seq > low + self.config.watermark_window:
+            # The others are this far ahead: we are behind and should catch up.
+            self.highest_seen_executed = max(
+                self.highest_seen_executed, seq - self.config.watermark_window
+            )
+            raise Rejected("above_window", str(seq))
+
+    def _slot(self, seq: int) -> Slot:
+        slot = self.slots.get(seq)
+        if slot is None:
+            slot = Slot(seq, last_progress_ms=self.now_ms)
+            self.slots[seq] = slot
+        return slot
+
+    def _on_pre_prepare(self, opened: Opened) -> None:
+        message = opened.message
+        if not isinstance(message, PrePrepare):
+            raise Rejected("unexpected_type")
+        self._check_view(message.view, message.replica)
+        self._check_window(message.seq)
+        proposal = self.verifier.proposal(opened.raw)
+        self.last_primary_contact_ms = self.now_ms
+        slot = self._slot(proposal.seq)
+        if slot.proposal is not None:
+            if slot.proposal.entry_digest != proposal.entry_digest:
+                self._evidence("pre_prepare", message.replica, slot.proposal.raw, opened.raw)
+                raise Rejected("conflicting_pre_prepare", f"seq {proposal.seq}")
+            return
+        if slot.committed is not None and slot.committed.proposal.entry_digest != (
+            proposal.entry_digest
+        ):
+            raise Rejected("conflicts_with_committed", f"seq {proposal.seq}")
+        own = slot.own_votes.get(("prepare", proposal.view))
+        if own is not None and own != proposal.entry_digest:
+            raise Rejected("conflicts_with_own_vote", f"seq {proposal.seq}")
+        predecessor = self._known_entry(proposal.seq - 1)
+        if predecessor is not None and predecessor != proposal.prev_hash:
+            raise Rejected("bad_chain", f"seq {proposal.seq}")
+        slot.proposal = proposal
+        self._advance(proposal.seq)
+
+    def _on_vote(self, opened: Opened) -> None:
+        vote = opened.message
+        if not isinstance(vote, Prepare | Commit):
+            raise Rejected("unexpected_type")
+        self._check_view(vote.view, vote.replica)
+        self._check_window(vote.seq)
+        is_prepare = isinstance(vote, Prepare)
+        if is_prepare and vote.replica == self.config.primary_of(vote.view):
+            raise Rejected("primary_prepare")
+        slot = self._slot(vote.seq)
+        votes = slot.prepares if is_prepare else slot.commits
+        existing = votes.get(vote.replica)
+        if existing is not None:
+            if existing[0] != vote.entry_digest:
+                kind = "prepare" if is_prepare else "commit"
+                self._evidence(kind, vote.replica, existing[1], opened.raw)
+                raise Rejected("conflicting_vote", f"seq {vote.seq}")
+            return
+        votes[vote.replica] = (vote.entry_digest, opened.raw)
+        self._advance(vote.seq)
+
+    def _on_heartbeat(self, opened: Opened) -> None:
+        heartbeat = opened.message
+        if not isinstance(heartbeat, Heartbeat):
+            raise Rejected("unexpected_type")
+        if heartbeat.replica != self.config.primary_of(heartbeat.view):
+            raise Rejected("not_primary", "heartbeat")
+        self._check_view(heartbeat.view, heartbeat.replica)
+        self.last_primary_contact_ms = self.now_ms
+        self.highest_seen_executed = max(self.highest_seen_executed, heartbeat.last_executed)
+
+    def _on_suspect(self, opened: Opened) -> None:
+        suspect = opened.message
+        if not isinstance(suspect, Suspect):
+            raise Rejected("unexpected_type")
+        if suspect.view != self.view or not self.view_active:
+            if suspect.view > self.view:
+                self._claim_view(suspect.replica, suspect.view)
+            return
+        self.suspects[suspect.replica] = self.now_ms
+        self._check_suspects()
+
+    # --- normal case --------------------------------------------------------------------
+
+    def _known_entry(self, seq: int) -> bytes | None:
+        """The entry digest at `seq`, where this replica knows it for certain."""
+        if seq == self.last_executed:
+            return self.chain_hash
+        if seq == self.stable.seq:
+            return self.stable.chain_hash
+        if self.view_anchor is not None and seq == self.view_anchor.seq:
+            return self.view_anchor.chain_hash
+        slot = self.slots.get(seq)
+        if slot is None:
+            return None
+        if slot.committed is not None:
+            return slot.committed.proposal.entry_digest
+        if slot.proposal is not None:
+            return slot.proposal.entry_digest
+        return None
+
+    def _predecessor_settled(self, slot: Slot) -> bool:
+        """The chain rule: prepare s only once s - 1 is settled with the digest s names."""
+        proposal = slot.proposal
+        if proposal is None:
+            return False
+        if slot.committed is not None:
+            return slot.committed.proposal.entry_digest == proposal.entry_digest
+        seq = slot.seq - 1
+        if seq == self.last_executed:
+            return self.chain_hash == proposal.prev_hash
+        if seq == self.stable.seq:
+            return self.stable.chain_hash == proposal.prev_hash
+        if self.view_anchor is not None and seq == self.view_anchor.seq:
+            return self.view_anchor.chain_hash == proposal.prev_hash
+        previous = self.slots.get(seq)
+        if previous is None:
+            return False
+        if previous.committed is not None:
+            return previous.committed.proposal.entry_digest == proposal.prev_hash
+        if previous.prepared_in_view and previous.proposal is not None:
+            return previous.proposal.entry_digest == proposal.prev_hash
+        return False
+
+    def _advance(self, seq: int) -> None:
+        """Move slot `seq` (and any successors it unblocks) through prepare and commit."""
+        while True:
+            slot = self.slots.get(seq)
+            if slot is None or not self._step_slot(slot):
+                break
+            seq += 1
+        self._execute_ready()
+
+    def _step_slot(self, slot: Slot) -> bool:
+        """One pass of the phase rules over a slot; True if it became prepared or committed."""
+        proposal = slot.proposal
+        if proposal is None or not self.view_active:
+            return False
+        changed = False
+        primary = self.config.primary_of(self.view)
+        f = self.config.fault_tolerance
+        if self.id != primary and slot.own_prepare is None and self._predecessor_settled(slot):
+            raw = self._vote(
+                slot, "prepare", Prepare(self.view, slot.seq, self.id, proposal.entry_digest)
+            )
+            slot.own_prepare = raw
+            slot.prepares[self.id] = (proposal.entry_digest, raw)
+            slot.last_progress_ms = self.now_ms
+            self._broadcast(raw)
+        ready_to_prepare = self.id == primary or slot.own_prepare is not None
+        if ready_to_prepare and not slot.prepared_in_view:
+            prepares = slot.matching(slot.prepares, proposal.entry_digest)
+            if len(prepares) >= 2 * f:
+                certificate = PreparedCertificate(proposal.raw, tuple(prepares))
+                slot.prepared_in_view = True
+                slot.best_prepared = PreparedEntry(self.view, proposal, certificate)
+                prepared_key = ("prepared", slot.seq)
+                slot.persisted_keys[prepared_key] = None
+                self._persist(prepared_key, pack([self.view, certificate.to_wire()]))
+                raw = self._vote(
+                    slot, "commit", Commit(self.view, slot.seq, self.id, proposal.entry_digest)
+                )
+                slot.own_commit = raw
+                slot.commits[self.id] = (proposal.entry_digest, raw)
+                slot.last_progress_ms = self.now_ms
+                self._broadcast(raw)
+                changed = True
+        if slot.prepared_in_view and slot.committed is None:
+            commits = slot.matching(slot.commits, proposal.entry_digest)
+            if len(commits) >= self.config.quorum:
+                self._commit(slot, CommittedEntry(proposal, tuple(commits)))
+                changed = True
+        return changed
+
+    def _commit(self, slot: Slot, entry: CommittedEntry) -> None:
+        slot.committed = entry
+        slot.last_progress_ms = self.now_ms
+        key = ("committed", slot.seq)
+        slot.persisted_keys[key] = None
+        self._persist(key, entry.encode())
+
+    def _maybe_propose(self) -> None:
+        if not (self.is_primary and self.view_active):
+            return
+        window_high = self._window_low() + self.config.watermark_window
+        while self.proposal_queue and self.next_seq <= window_high:
+            if len(self.proposal_queue) < self.config.batch_size:
+                oldest = self.pending[next(iter(self.proposal_queue))]
+                if self.now_ms - oldest.arrived_ms < self.config.batch_timeout_ms:
+                    return
+            batch: list[bytes] = []
+            while self.proposal_queue and len(batch) < self.config.batch_size:
+                identity = next(iter(self.proposal_queue))
+                del self.proposal_queue[identity]
+                pending = self.pending.get(identity)
+                if pending is not None:
+                    batch.append(pending.opened.raw)
+            if not batch:
+                return
+            self._propose(tuple(batch))
+
+    def _propose(self, requests: tuple[bytes, ...]) -> None:
+        from pbft.chain import batch_digest
+
+        seq = self.next_seq
+        prev_hash = self._known_entry(seq - 1)
+        if prev_hash is None:
+            raise ReplicaInvariantError(f"primary {self.id} lost the chain before seq {seq}")
+        pre_prepare = PrePrepare(
+            self.view, seq, self.id, prev_hash, batch_digest(requests), requests
+        )
+        slot = self._slot(seq)
+        raw = self._vote(slot, "pre_prepare", pre_prepare)
+        slot.proposal = self.verifier.proposal(raw)
+        self.next_seq = seq + 1
+        self.last_primary_broadcast_ms = self.now_ms
+        self._broadcast(raw)
+        self._advance(seq)
+
+    def _execute_ready(self) -> None:
+        while True:
+            slot = self.slots.get(self.last_executed + 1)
+            if slot is None or slot.committed is None:
+                return
+            proposal = slot.committed.proposal
+            if proposal.prev_hash != self.chain_hash:
+                # Only possible with more than f faulty replicas: refuse to run on a fork.
+                self._halt(f"chain fork at seq {slot.seq}")
+                return
+            self._execute(proposal)
+
+    def _execute(self, proposal: Proposal) -> None:
+        executed = []
+        for opened in proposal.requests:
+            request = opened.message
+            if not isinstance(request, Request):
+                raise ReplicaInvariantError("a verified proposal holds a non-request")
+            digest = opened.body_digest
+            payment = Payment(
+                request.client_id, request.request_id, request.payer, request.payee, request.amount
+            )
+            result = self.ledger.execute(payment, digest, proposal.seq)
+            decision = result.decision
+            identity = (request.client_id, request.request_id)
+            pending = self.pending.get(identity)
+            if pending is not None and (pending.body_digest == digest or result.fresh):
+                del self.pending[identity]
+                self.proposal_queue.pop(identity, None)
+            executed.append(
+                ExecutedRequest(
+                    request.client_id,
+                    request.request_id,
+                    digest,
+                    request.payer,
+                    request.payee,
+                    request.amount,
+                    decision.outcome.value,
+                    decision.reason.value if result.fresh or decision.body_digest == digest else "",
+                    result.fresh,
+                )
+            )
+            outcome, reason = decision.outcome.value, decision.reason.value
+            self._reply(request, digest, decision.seq, outcome, reason)
+        self.last_executed = proposal.seq
+        self.chain_hash = proposal.entry_digest
+        self.last_execution_ms = self.now_ms
+        self.progress_deadline_ms = None
+        self.failed_views = 0
+        self._out.append(
+            Executed(
+                proposal.view,
+                proposal.seq,
+                proposal.entry_digest,
+                tuple(executed),
+                self.ledger.digest(),
+            )
+        )
+        if proposal.seq % self.config.checkpoint_interval == 0:
+            self._take_checkpoint()
+
+    def _reply(self, request: Request, digest: bytes, seq: int, outcome: str, reason: str) -> None:
+        reply = Reply(
+            self.view, seq, self.id, request.client_id, request.request_id, digest, outcome, reason
+        )
+        self._send(("client", request.client_id), seal(reply, self.key))
+
+    # --- checkpoints --------------------------------------------------------------------
+
+    def _take_checkpoint(self) -> None:
+        snapshot = self.ledger.snapshot()
+        ledger_digest = hashlib.sha256(snapshot).digest()
+        seq = self.last_executed
+        self.own_snapshots[seq] = (self.chain_hash, ledger_digest, snapshot)
+        raw = seal(Checkpoint(seq, self.id, self.chain_hash, ledger_digest), self.key)
+        self.checkpoint_votes.setdefault(seq, {})[self.id] = (self.chain_hash, ledger_digest, raw)
+        self._broadcast(raw)
+        self._check_stable(seq)
+
+    def _on_checkpoint(self, opened: Opened) -> None:
+        checkpoint = opened.message
+        if not isinstance(checkpoint, Checkpoint):
+            raise Rejected("unexpected_type")
+        if checkpoint.seq % self.config.checkpoint_interval != 0 or checkpoint.seq == 0:
+            raise Rejected("bad_checkpoint", f"seq {checkpoint.seq}")
+        if checkpoint.seq <= self.stable.seq:
+            return
+        self.highest_seen_executed = max(self.highest_seen_executed, checkpoint.seq)
+        if checkpoint.seq > self.stable.seq + 2 * self.config.watermark_window:
+            # Far ahead: remember nothing (bounded memory) beyond the hint to catch up.
+            self._maybe_fetch()
+            return
+        votes = self.checkpoint_votes.setdefault(checkpoint.seq, {})
+        existing = votes.get(checkpoint.replica)
+        claim = (checkpoint.chain_hash, checkpoint.ledger_digest, opened.raw)
+        if existing is not None:
+            if existing[:2] != claim[:2]:
+                self._evidence("checkpoint", checkpoint.replica, existing[2], opened.raw)
+            return
+        votes[checkpoint.replica] = claim
+        self._check_stable(checkpoint.seq)
+
+    def _check_stable(self, seq: int) -> None:
+        votes = self.checkpoint_votes.get(seq, {})
+        groups: dict[tuple[bytes, bytes], list[bytes]] = {}
+        for _, (chain_hash, ledger_digest, raw) in sorted(votes.items()):
+            groups.setdefault((chain_hash, ledger_digest), []).append(raw)
+        for (chain_hash, ledger_digest), raws in groups.items():
+            if len(raws) < self.config.quorum:
+                continue
+            if seq > self.last_executed:
+                self._maybe_fetch()
+                return
+            own = self.own_snapshots.get(seq)
+            if own is None:
+                return
+            if own[:2] != (chain_hash, ledger_digest):
+                self._halt(f"state diverged from 2f + 1 replicas at checkpoint {seq}")
+                return
+            self._make_stable(StableCheckpoint(seq, chain_hash, ledger_digest, own[2], tuple(raws)))
+            return
+
+    def _make_stable(self, checkpoint: StableCheckpoint) -> None:
+        self.stable = checkpoint
+        self._persist(
+            ("checkpoint",),
+            pack(
+                [
+                    checkpoint.seq,
+                    checkpoint.chain_hash,
+                    checkpoint.ledger_digest,
+                    checkpoint.snapshot,
+                    list(checkpoint.proof),
+                ]
+            ),
+        )
+        for seq in [seq for seq in self.slots if seq <= checkpoint.seq]:
+            for key in self.slots.pop(seq).persisted_keys:
+                self._persist(key, None)
+        for table in (self.checkpoint_votes, self.own_snapshots):
+            for seq in [seq for seq in table if seq <= checkpoint.seq]:
+                del table[seq]
+        if self.view_anchor is not None and self.view_anchor.seq <= checkpoint.seq:
+            self.view_anchor = None
+        self._note("checkpoint_stable", f"seq {checkpoint.seq}")
+        self._maybe_propose()
+
+    # --- timers, suspicion and view change ----------------------------------------------
+
+    def _timeout_ms(self) -> int:
+        doublings = min(self.failed_views, self.config.max_timeout_doublings)
+        return self.config.view_change_timeout_ms * (2**doublings)
+
+    def _on_tick(self, now_ms: int) -> None:
+        if now_ms < self.now_ms:
+            raise ReplicaInvariantError(f"clock went back from {self.now_ms} to {now_ms}")
+        self.now_ms = now_ms
+        if self.fresh_start:
+            self.fresh_start = False
+            self.last_primary_contact_ms = now_ms
+            self.last_execution_ms = now_ms
+            self.last_fetch_ms = None
+            if self.last_executed > 0 or self.view > 0:
+                self._fetch()
+        if self.view_active:
+            if self.is_primary:
+                self._maybe_propose()
+                if now_ms - self.last_primary_broadcast_ms >= self.config.heartbeat_interval_ms:
+                    self.last_primary_broadcast_ms = now_ms
+                    heartbeat = Heartbeat(self.view, self.id, self.next_seq - 1, self.last_executed)
+                    self._broadcast(seal(heartbeat, self.key))
+            else:
+                self._watch_primary()
+        elif self.view_change_deadline_ms is not None and now_ms >= self.view_change_deadline_ms:
+            # The new primary did not install the view in time: try the next one.
+            self.failed_views += 1
+            self._start_view_change(self.view + 1)
+        self._retransmit()
+        self._maybe_fetch()
+
+    def _watch_primary(self) -> None:
+        timeout = self._timeout_ms()
+        if self.now_ms - self.last_primary_contact_ms >= timeout:
+            self._suspect("no heartbeat")
+            return
+        has_work = bool(self.pending) or any(
+            slot.proposal is not None and slot.committed is None
+            for seq, slot in self.slots.items()
+            if seq > self.last_executed
+        )
+        if not has_work:
+            self.progress_deadline_ms = None
+            return
+        if self.progress_deadline_ms is None:
+            self.progress_deadline_ms = self.now_ms + timeout
+        elif self.now_ms >= self.progress_deadline_ms:
+            self._suspect("work not completed")
+
+    def _suspect(self, reason: str) -> None:
+        timeout = self._timeout_ms()
+        if self.last_suspect_ms is not None and self.now_ms - self.last_suspect_ms < timeout:
+            return
+        self.last_suspect_ms = self.now_ms
+        self.suspects[self.id] = self.now_ms
+        self._note("suspect", f"view {self.view}: {reason}")
+        self._broadcast(seal(Suspect(self.view, self.id), self.key))
+        self._check_suspects()
+
+    def _check_suspects(self) -> None:
+        horizon = self.now_ms - 2 * self._timeout_ms()
+        self.suspects = {
+            replica: when for replica, when in self.suspects.items() if when >= horizon
+        }
+        if len(self.suspects) >= self.config.weak_quorum:
+            self._start_view_change(self.view + 1)
+
+    def _claim_view(self, sender: int, view: int) -> None:
+        """A peer showed it is in a later view; f + 1 such peers mean we fell behind."""
+        previous = self.latest_view_claims.get(sender, -1)
+        if view <= previous:
+            return
+        self.latest_view_claims[sender] = view
+        ahead = sorted(
+            (claimed for claimed in self.latest_view_claims.values() if claimed > self.view),
+            reverse=True,
+        )
+        weak = self.config.weak_quorum
+        if len(ahead) >= weak and ahead[weak - 1] > self.view:
+            # At least one correct replica is in a view >= this one: join it.
+            self._start_view_change(ahead[weak - 1])
+
+    def _start_view_change(self, new_view: int) -> None:
+        if new_view <= self.view and not (new_view == self.view and self.view_active):
+            return
+        if new_view < self.view:
+            return
+        if new_view == self.view and self.view_active:
+            return
+        self.view = new_view
+        self.view_active = False
+        self.view_changes_started += 1
+        self.view_change_deadline_ms = self.now_ms + self._timeout_ms()
+        self.suspects = {}
+        self.progress_deadline_ms = None
+        self.proposal_queue = {}
+        for slot in self.slots.values():
+            slot.reset_view()
+        prepared = [
+            slot.best_prepared.certificate
+            for seq, slot in sorted(self.slots.items())
+            if seq > self.stable.seq and slot.best_prepared is not None
+        ]
+        view_change = ViewChange(
+            new_view,
+            self.id,
+            self.stable.seq,
+            self.stable.chain_hash,
+            self.stable.ledger_digest,
+            self.stable.proof,
+            tuple(prepared),
+        )
+        raw = seal(view_change, self.key)
+        self.own_view_change = raw
+        self._record_view(("view",), pack([self.view, False]))
+        self._record_view(("vote", "view_change", new_view, 0), raw)
+        self._note("view_change", f"to view {new_view}")
+        self._broadcast(raw)
+        self._store_view_change(verify_view_change(raw, self.verifier))
+        self._maybe_send_new_view()
+
+    def _record_view(self, key: tuple[str | int, ...], value: bytes) -> None:
+        self.view_records[key] = None
+        self._persist(key, value)
+
+    def _store_view_change(self, change: VerifiedViewChange) -> None:
+        sender = change.message.replica
+        new_view = change.message.new_view
+        # One view change per sender: the latest. Bounded, whatever a peer sends.
+        for view, changes in list(self.view_changes.items()):
+            if sender in changes and view != new_view:
+                del changes[sender]
+                if not changes:
+                    del self.view_changes[view]
+        self.view_changes.setdefault(new_view, {})[sender] = change
+
+    def _on_view_change(self, opened: Opened) -> None:
+        message = opened.message
+        if not isinstance(message, ViewChange):
+            raise Rejected("unexpected_type")
+        if message.new_view < self.view or (message.new_view == self.view and self.view_active):
+            if message.new_view == self.view and self.new_view_message is not None:
+                # It missed the NEW-VIEW we installed: send it again.
+                self._send(("replica", message.replica), self.new_view_message)
+            return
+        change = verify_view_change(opened.raw, self.verifier)
+        self._store_view_change(change)
+        self._claim_view(message.replica, message.new_view)
+        self._maybe_send_new_view()
+
+    def _maybe_send_new_view(self) -> None:
+        if self.view_active or not self.is_primary:
+            return
+        changes = self.view_changes.get(self.view, {})
+        if self.id not in changes or len(changes) < self.config.quorum:
+            return
+        others = [change for replica, change in sorted(changes.items()) if replica != self.id]
+        chosen = [changes[self.id], *others[: self.config.quorum - 1]]
+        plan = plan_new_view(self.view, chosen)
+        pre_prepares = []
+        for entry in plan.entries:
+            pre_prepare = PrePrepare(
+                self.view, entry.seq, self.id, entry.prev_hash, entry.batch_digest, entry.requests
+            )
+            pre_prepares.append(self._vote(self._slot(entry.seq), "pre_prepare", pre_prepare))
+        new_view = NewView(
+            self.view,
+            self.id,
+            tuple(change.opened.raw for change in chosen),
+            tuple(pre_prepares),
+        )
+        raw = seal(new_view, self.key)
+        self._broadcast(raw)
+        proposals = [self.verifier.proposal(pre_prepare) for pre_prepare in pre_prepares]
+        self._install_view(plan, proposals, raw)
+
+    def _on_new_view(self, opened: Opened) -> None:
+        message = opened.message
+        if not isinstance(message, NewView):
+            raise Rejected("unexpected_type")
+        if message.view < self.view or (message.view == self.view and self.view_active):
+            return
+        if message.replica != self.config.primary_of(message.view):
+            raise Rejected("not_primary", "new-view")
+        changes: dict[int, VerifiedViewChange] = {}
+        for raw in message.view_changes:
+            change = verify_view_change(raw, self.verifier)
+            if change.message.new_view != message.view:
+                raise Rejected("bad_new_view", "a view change for another view")
+            if change.message.replica in changes:
+                raise Rejected("bad_new_view", "two view changes from one replica")
+            changes[change.message.replica] = change
+        if len(changes) < self.config.quorum:
+            raise Rejected("bad_new_view", f"{len(changes)} view changes, need 2f + 1")
+        plan = plan_new_view(message.view, list(changes.values()))
+        if len(message.pre_prepares) != len(plan.entries):
+            raise Rejected("bad_new_view", "re-proposals differ from the recomputed ones")
+        proposals = []
+        for raw, entry in zip(message.pre_prepares, plan.entries, strict=True):
+            proposal = self.verifier.proposal(raw)
+            if (proposal.view, proposal.seq, proposal.prev_hash, proposal.batch_digest) != (
+                message.view,
+                entry.seq,
+                entry.prev_hash,
+                entry.batch_digest,
+            ):
+                raise Rejected("bad_new_view", f"re-proposal for seq {entry.seq} differs")
+            proposals.append(proposal)
+        self._install_view(plan, proposals, opened.raw)
+
+    def _install_view(self, plan: NewViewPlan, proposals: list[Proposal], raw: bytes) -> None:
+        if plan.view != self.view:
+            self.view = plan.view
+        self.view_active = True
+        self.new_views_installed += 1
+        self.new_view_message = raw
+        self.own_view_change = None
+        for key in list(self.view_records):
+            if key[0] == "vote" and key[2] != plan.view:
+                self._persist(key, None)
+                del self.view_records[key]
+        self._record_view(("view",), pack([self.view, True]))
+        self._record_view(("vote", "new_view", self.view, 0), raw)
+        self.view_change_deadline_ms = None
+        self.suspects = {}
+        self.last_suspect_ms = None
+        self.progress_deadline_ms = None
+        self.last_primary_contact_ms = self.now_ms
+        self.last_primary_broadcast_ms = self.now_ms
+        for view in [view for view in self.view_changes if view <= self.view]:
+            del self.view_changes[view]
+        checkpoint = plan.checkpoint
+        self.view_anchor = checkpoint if checkpoint.seq > self.stable.seq else None
+        for slot in self.slots.values():
+            slot.reset_view()
+        proposed: dict[tuple[int, int], None] = {}
+        for proposal in proposals:
+            slot = self._slot(proposal.seq)
+            committed = slot.committed
+            if committed is not None and committed.proposal.entry_digest != proposal.entry_digest:
+                self._note("evidence", f"new view re-proposes seq {proposal.seq} differently")
+            slot.proposal = proposal
+            for request in proposal.requests:
+                message = request.message
+                if isinstance(message, Request):
+                    proposed[(message.client_id, message.request_id)] = None
+        last_planned = plan.entries[-1].seq if plan.entries else checkpoint.seq
+        self.next_seq = last_planned + 1
+        self.proposal_queue = {
+            identity: None for identity in self.pending if identity not in proposed
+        }
+        self._note("new_view", f"view {self.view} from checkpoint {checkpoint.seq}")
+        for proposal in proposals:
+            self._advance(proposal.seq)
+        if checkpoint.seq > self.last_executed:
+            self.highest_seen_executed = max(self.highest_seen_executed, checkpoint.seq)
+            self._fetch()
+        self._maybe_propose()
+
+    # --- retransmission and catch-up ----------------------------------------------------
+
+    def _retransmit(self) -> None:
+        interval = self.config.retransmit_interval_ms
+        if self.now_ms - self.last_retransmit_ms < interval:
+            return
+        self.last_retransmit_ms = self.now_ms
+        if not self.view_active:
+            if self.own_view_change is not None:
+                self._broadcast(self.own_view_change)
+            return
+        resent = 0
+        for seq in sorted(self.slots):
+            if resent >= RETRANSMIT_SLOT_LIMIT:
+                break
+            slot = self.slots[seq]
+            if seq <= self.last_executed or slot.proposal is None:
+                continue
+            if self.now_ms - slot.last_progress_ms < interval:
+                continue
+            resent += 1
+            if self.is_primary:
+                self._broadcast(slot.proposal.raw)
+            for raw in (slot.own_prepare, slot.own_commit):
+                if raw is not None:
+                    self._broadcast(raw)
+
+    def _maybe_fetch(self) -> None:
+        if self.highest_seen_executed <= self.last_executed:
+            return
+        interval = self.config.retransmit_interval_ms
+        if self.now_ms - self.last_execution_ms < interval:
+            return
+        if self.last_fetch_ms is not None and self.now_ms - self.last_fetch_ms < interval:
+            return
+        self._fetch()
+
+    def _fetch(self) -> None:
+        self.last_fetch_ms = self.now_ms
+        peers = [replica for replica in self.config.replica_ids() if replica != self.id]
+        target = peers[self.fetch_rotation % len(peers)]
+        self.fetch_rotation += 1
+        self._send(("replica", target), seal(Fetch(self.id, self.last_executed + 1), self.key))
+
+    def _on_fetch(self, opened: Opened) -> None:
+        fetch = opened.message
+        if not isinstance(fetch, Fetch):
+            raise Rejected("unexpected_type")
+        served = self.fetch_served_ms.get(fetch.replica)
+        if served is not None and self.now_ms - served < self.config.retransmit_interval_ms // 2:
+            raise Rejected("fetch_rate_limited")
+        self.fetch_served_ms[fetch.replica] = self.now_ms
+        if fetch.from_seq > self.last_executed:
+            return
+        to = ("replica", fetch.replica)
+        if fetch.from_seq <= self.stable.seq and self.stable.seq > 0:
+            state = CheckpointState(
+                self.id,
+                self.stable.seq,
+                self.stable.chain_hash,
+                self.stable.snapshot,
+                self.stable.proof,
+            )
+            self._send(to, seal(state, self.key))
+        budget = self.config.fetch_batch_limit
+        for seq in range(max(fetch.from_seq, self.stable.seq + 1), self.last_executed + 1):
+            if budget == 0:
+                break
+            slot = self.slots.get(seq)
+            if slot is None or slot.committed is None:
+                continue
+            certificate = CommitCertificate(
+                self.id, slot.committed.proposal.raw, slot.committed.commits
+            )
+            self._send(to, seal(certificate, self.key))
+            budget -= 1
+
+    def _on_checkpoint_state(self, opened: Opened) -> None:
+        state = opened.message
+        if not isinstance(state, CheckpointState):
+            raise Rejected("unexpected_type")
+        if state.seq <= self.last_executed:
+            return
+        ledger_digest = hashlib.sha256(state.ledger_snapshot).digest()
+        self.verifier.checkpoint_proof(state.seq, state.chain_hash, ledger_digest, state.proof)
+        try:
+            ledger = Ledger.restore(state.ledger_snapshot)
+        except LedgerSnapshotError as error:
+            raise Rejected("bad_snapshot", str(error)) from None
+        self.ledger = ledger
+        self.last_executed = state.seq
+        self.chain_hash = state.chain_hash
+        self.last_execution_ms = self.now_ms
+        self._forget_decided_requests()
+        self._note("state_transfer", f"to checkpoint {state.seq} from replica {state.replica}")
+        if state.seq > self.stable.seq:
+            self._make_stable(
+                StableCheckpoint(
+                    state.seq, state.chain_hash, ledger_digest, state.ledger_snapshot, state.proof
+                )
+            )
+        self._execute_ready()
+
+    def _forget_decided_requests(self) -> None:
+        for identity in list(self.pending):
+            decision = self.ledger.lookup(*identity)
+            if decision is not None and decision.body_digest == self.pending[identity].body_digest:
+                del self.pending[identity]
+                self.proposal_queue.pop(identity, None)
+
+    def _on_commit_certificate(self, opened: Opened) -> None:
+        message = opened.message
+        if not isinstance(message, CommitCertificate):
+            raise Rejected("unexpected_type")
+        proposal = self.verifier.commit_certificate(message.pre_prepare, message.commits)
+        if proposal.seq <= self.last_executed:
+            return
+        self._check_window(proposal.seq)
+        slot = self._slot(proposal.seq)
+        if slot.committed is not None:
+            return
+        self._commit(slot, CommittedEntry(proposal, message.commits))
+        self._execute_ready()
+        self._advance(proposal.seq + 1)
+
+    def _halt(self, reason: str) -> None:
+        """Stop for good: running on damaged or forked state would be worse than stopping."""
+        self.halted = reason
+        self._note("halt", reason)
+
+    # --- recovery from storage ----------------------------------------------------------
+
+    def _recover(self, records: Mapping[tuple[str | int, ...], bytes]) -> None:
+        """Rebuild from what was persisted; outputs are discarded (nothing is re-sent)."""
+        try:
+            self._recover_records(records)
+        except (DecodeError, Rejected, LedgerSnapshotError, ValueError, TypeError) as error:
+            raise ReplicaInvariantError(f"replica {self.id}: unreadable storage: {error}") from None
+        self._out = []
+
+    def _recover_records(self, records: Mapping[tuple[str | int, ...], bytes]) -> None:
+        checkpoint = records.get(("checkpoint",))
+        if checkpoint is not None:
+            seq, chain_hash, ledger_digest, snapshot, proof = unpack(checkpoint)
+            self.ledger = Ledger.restore(snapshot)
+            self.stable = StableCheckpoint(seq, chain_hash, ledger_digest, snapshot, tuple(proof))
+            self.last_executed = seq
+            self.chain_hash = chain_hash
+        view_record = records.get(("view",))
+        if view_record is not None:
+            self.view, self.view_active = unpack(view_record)
+            self.view_records[("view",)] = None
+        for key in sorted(records, key=_record_order):
+            value = records[key]
+            kind = key[0]
+            if kind == "committed":
+                pre_prepare, commits = unpack(value)
+                proposal = self.verifier.commit_certificate(pre_prepare, commits)
+                slot = self._slot(proposal.seq)
+                slot.committed = CommittedEntry(proposal, tuple(commits))
+                slot.persisted_keys[key] = None
+            elif kind == "prepared":
+                view, certificate_wire = unpack(value)
+                certificate = PreparedCertificate.from_wire(certificate_wire)
+                proposal = self.verifier.prepared_certificate(certificate)
+                slot = self._slot(proposal.seq)
+                slot.best_prepared = PreparedEntry(view, proposal, certificate)
+                slot.persisted_keys[key] = None
+            elif kind == "vote":
+                _, vote_kind, view, seq = key
+                if vote_kind in ("view_change", "new_view"):
+                    self.view_records[key] = None
+                    if vote_kind == "view_change" and view == self.view and not self.view_active:
+                        self.own_view_change = value
+                    if vote_kind == "new_view" and view == self.view:
+                        self.new_view_message = value
+                    continue
+                self._recover_vote(str(vote_kind), int(view), int(seq), key, value)
+        self._execute_ready()
+        if not self.view_active:
+            self.view_change_deadline_ms = self._timeout_ms()
+
+    def _recover_vote(
+        self, kind: str, view: int, seq: int, key: tuple[str | int, ...], raw: bytes
+    ) -> None:
+        slot = self._slot(seq)
+        slot.persisted_keys[key] = None
+        opened = self.verifier.open(raw)
+        message = opened.message
+        if isinstance(message, PrePrepare):
+            slot.own_votes[(kind, view)] = hashlib.sha256(message.encode()).digest()
+            if view == self.view and self.view_active:
+                slot.proposal = self.verifier.proposal(raw)
+                self.next_seq = max(self.next_seq, seq + 1)
+        elif isinstance(message, Prepare | Commit):
+            slot.own_votes[(kind, view)] = message.entry_digest
+
+    _handlers: dict[type[Message], object] = {}
+
+
+def _record_order(key: tuple[str | int, ...]) -> tuple[int, int]:
+    """Replay committed entries in sequence order, the rest after them."""
+    kind = key[0]
+    if kind == "committed":
+        return (0, int(key[1]))
+    if kind == "prepared":
+        return (1, int(key[1]))
+    if kind == "vote":
+        return (2, int(key[3]))
+    return (3, 0)
+
+
+Replica._handlers = {
+    Request: Replica._on_request,
+    PrePrepare: Replica._on_pre_prepare,
+    Prepare: Replica._on_vote,
+    Commit: Replica._on_vote,
+    Heartbeat: Replica._on_heartbeat,
+    Suspect: Replica._on_suspect,
+    Checkpoint: Replica._on_checkpoint,
+    ViewChange: Replica._on_view_change,
+    NewView: Replica._on_new_view,
+    Fetch: Replica._on_fetch,
+    CheckpointState: Replica._on_checkpoint_state,
+    CommitCertificate: Replica._on_commit_certificate,
+}

@@ -1,0 +1,165 @@
+"""The checkers run at the end of every simulation, over the correct replicas only.
+
+Each returns a `CheckResult`; a violated check lists (a bounded number of) concrete
+counterexamples, so a failing run says what went wrong, not just that it did.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from crypto.keys import KeyRing
+from pbft.client import Decided
+from pbft.events import ExecutedRequest
+from pbft.receipt import ReceiptError, verify_receipt
+
+DETAIL_LIMIT = 10
+UNSTORED_REASONS = ("id_reused", "request_expired")
+
+PaymentId = tuple[int, int]
+
+
+@dataclass
+class CheckResult:
+    name: str
+    ok: bool = True
+    details: list[str] = field(default_factory=list)
+
+    def fail(self, detail: str) -> None:
+        self.ok = False
+        if len(self.details) < DETAIL_LIMIT:
+            self.details.append(detail)
+
+
+@dataclass
+class Observations:
+    """What the simulator saw, per replica, for the checkers."""
+
+    correct: frozenset[int]
+    initial_total: int
+    # replica -> seq -> entry digest of the batch it executed there
+    executed_entries: dict[int, dict[int, bytes]] = field(default_factory=dict)
+    # replica -> payment -> every execution of it (seq, record)
+    executed_requests: dict[int, dict[PaymentId, list[tuple[int, ExecutedRequest]]]] = field(
+        default_factory=dict
+    )
+    # payment -> digest of the body the client signed
+    submitted: dict[PaymentId, bytes] = field(default_factory=dict)
+    decided: dict[PaymentId, Decided] = field(default_factory=dict)
+    # replica -> (tracked total, recounted total, smallest balance) at the end
+    final_ledgers: dict[int, tuple[int, int, int]] = field(default_factory=dict)
+
+
+def check_agreement(observed: Observations) -> CheckResult:
+    result = CheckResult("agreement")
+    by_seq: dict[int, dict[bytes, list[int]]] = {}
+    for replica in sorted(observed.correct):
+        for seq, digest in observed.executed_entries.get(replica, {}).items():
+            by_seq.setdefault(seq, {}).setdefault(digest, []).append(replica)
+    for seq in sorted(by_seq):
+        if len(by_seq[seq]) > 1:
+            sides = "; ".join(
+                f"{digest.hex()[:12]} at {replicas}" for digest, replicas in by_seq[seq].items()
+            )
+            result.fail(f"seq {seq}: different batches executed: {sides}")
+    outcomes: dict[PaymentId, dict[tuple[str, str, int], list[int]]] = {}
+    for replica in sorted(observed.correct):
+        for payment, executions in observed.executed_requests.get(replica, {}).items():
+            for seq, record in executions:
+                if record.fresh and record.reason not in UNSTORED_REASONS:
+                    key = (record.outcome, record.reason, seq)
+                    outcomes.setdefault(payment, {}).setdefault(key, []).append(replica)
+    for payment in sorted(outcomes):
+        if len(outcomes[payment]) > 1:
+            result.fail(f"payment {payment}: different outcomes {outcomes[payment]}")
+    return result
+
+
+def check_validity(observed: Observations) -> CheckResult:
+    """Only payments that clients signed and submitted are executed."""
+    result = CheckResult("validity")
+    for replica in sorted(observed.correct):
+        for payment, executions in observed.executed_requests.get(replica, {}).items():
+            for seq, record in executions:
+                if observed.submitted.get(payment) != record.request_digest:
+                    result.fail(f"replica {replica} seq {seq}: executed unsubmitted {payment}")
+    return result
+
+
+def check_integrity(observed: Observations) -> CheckResult:
+    """No payment takes effect twice at any correct replica."""
+    result = CheckResult("integrity")
+    for replica in sorted(observed.correct):
+        for payment, executions in observed.executed_requests.get(replica, {}).items():
+            effective = [
+                seq
+                for seq, record in executions
+                if record.fresh and record.reason not in UNSTORED_REASONS
+            ]
+            if len(effective) > 1:
+                result.fail(f"replica {replica}: payment {payment} executed at seqs {effective}")
+    return result
+
+
+def check_conservation(observed: Observations) -> CheckResult:
+    result = CheckResult("conservation")
+    for replica in sorted(observed.correct):
+        ledger = observed.final_ledgers.get(replica)
+        if ledger is None:
+            continue
+        tracked, recounted, smallest = ledger
+        if not tracked == recounted == observed.initial_total:
+            result.fail(
+                f"replica {replica}: total {recounted} (tracked {tracked}), "
+                f"expected {observed.initial_total}"
+            )
+        if smallest < 0:
+            result.fail(f"replica {replica}: a balance went negative ({smallest})")
+    return result
+
+
+def check_receipts(observed: Observations, keyring: KeyRing) -> CheckResult:
+    """Every receipt a client accepted verifies offline and matches the correct replicas."""
+    result = CheckResult("receipts")
+    for payment in sorted(observed.decided):
+        decided = observed.decided[payment]
+        try:
+            verified = verify_receipt(decided.receipt, keyring)
+        except ReceiptError as error:
+            result.fail(f"payment {payment}: receipt does not verify: {error}")
+            continue
+        claimed = (verified.outcome, verified.reason, verified.seq)
+        for replica in sorted(observed.correct):
+            for seq, record in observed.executed_requests.get(replica, {}).get(payment, []):
+                if not record.fresh or record.reason in UNSTORED_REASONS:
+                    continue
+                if (record.outcome, record.reason, seq) != claimed:
+                    result.fail(
+                        f"payment {payment}: receipt says {claimed}, replica {replica} "
+                        f"executed {(record.outcome, record.reason, seq)}"
+                    )
+    return result
+
+
+def check_liveness(observed: Observations) -> CheckResult:
+    result = CheckResult("liveness")
+    for payment in sorted(observed.submitted):
+        if payment not in observed.decided:
+            result.fail(f"payment {payment} undecided at the end")
+    return result
+
+
+def run_checks(observed: Observations, keyring: KeyRing) -> Mapping[str, CheckResult]:
+    results = [
+        check_agreement(observed),
+        check_validity(observed),
+        check_integrity(observed),
+        check_conservation(observed),
+        check_receipts(observed, keyring),
+        check_liveness(observed),
+    ]
+    return {result.name: result for result in results}
+
+
+SAFETY_CHECKS = ("agreement", "validity", "integrity", "conservation", "receipts")

@@ -1,0 +1,82 @@
+"""The simulated network: latency, loss, duplication and partitions, all drawn from one RNG.
+
+Time is integer microseconds so that the schedule, and hence the trace, is exactly
+reproducible. Clients sit outside the replicas' network: partitions cut links
+between replicas only.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from crypto.keys import Principal
+
+MAX_LATENCY_US = 600_000_000
+
+
+@dataclass(frozen=True)
+class Latency:
+    distribution: str  # "uniform" | "exponential"
+    min_ms: float
+    max_ms: float | None = None
+    mean_ms: float | None = None
+
+    def sample_us(self, rng: random.Random) -> int:
+        if self.distribution == "uniform":
+            high = self.max_ms if self.max_ms is not None else self.min_ms
+            value_ms = rng.uniform(self.min_ms, high)
+        elif self.distribution == "exponential":
+            mean = self.mean_ms if self.mean_ms is not None else 1.0
+            value_ms = self.min_ms + rng.expovariate(1.0 / mean)
+        else:
+            raise ValueError(f"unknown latency distribution {self.distribution!r}")
+        return min(MAX_LATENCY_US, max(1, int(value_ms * 1000)))
+
+
+class Network:
+    def __init__(self, rng: random.Random, latency: Latency, drop: float, duplicate: float) -> None:
+        if not (0.0 <= drop < 1.0 and 0.0 <= duplicate < 1.0):
+            raise ValueError("drop and duplicate are probabilities in [0, 1)")
+        self.rng = rng
+        self.latency = latency
+        self.drop = drop
+        self.duplicate = duplicate
+        # replica -> group number while a partition holds; None when the network is whole.
+        self.groups: dict[int, int] | None = None
+        self.sent = 0
+        self.delivered = 0
+        self.dropped: Counter[str] = Counter()
+
+    def partition(self, groups: Sequence[Iterable[int]], replica_count: int) -> None:
+        """Cut the replicas into groups; replicas listed nowhere form one more group."""
+        assignment: dict[int, int] = {}
+        for number, group in enumerate(groups):
+            for replica in group:
+                assignment[replica] = number
+        rest = len(groups)
+        for replica in range(replica_count):
+            assignment.setdefault(replica, rest)
+        self.groups = assignment
+
+    def heal(self) -> None:
+        self.groups = None
+
+    def route(self, source: Principal, destination: Principal) -> list[int]:
+        """Delays (us) of the copies that will arrive; empty when the message is lost."""
+        self.sent += 1
+        if (
+            self.groups is not None
+            and source[0] == "replica"
+            and destination[0] == "replica"
+            and self.groups[source[1]] != self.groups[destination[1]]
+        ):
+            self.dropped["partition"] += 1
+            return []
+        if self.drop and self.rng.random() < self.drop:
+            self.dropped["loss"] += 1
+            return []
+        copies = 2 if self.duplicate and self.rng.random() < self.duplicate else 1
+        return [self.latency.sample_us(self.rng) for _ in range(copies)]

@@ -1,0 +1,33 @@
+"""The simulation trace: one line per event, hashed as it goes.
+
+The trace hash is the run's fingerprint: the same scenario and seed must give the
+same hash on any machine and in any process (see tests/test_determinism.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import TextIO
+
+
+class Trace:
+    def __init__(self, sink: TextIO | None = None) -> None:
+        self._hash = hashlib.sha256()
+        self._sink = sink
+        self.events = 0
+
+    def record(self, time_us: int, kind: str, node: str, detail: str = "") -> None:
+        self.events += 1
+        line = f"{time_us} {kind} {node} {detail}\n"
+        self._hash.update(line.encode())
+        if self._sink is not None:
+            self._sink.write(
+                json.dumps(
+                    {"time_ms": time_us / 1000, "kind": kind, "node": node, "detail": detail}
+                )
+                + "\n"
+            )
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()

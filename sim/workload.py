@@ -1,0 +1,70 @@
+"""The payments a scenario submits: accounts, owners and a seeded stream of payments."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from pbft.ledger import Account
+
+
+@dataclass(frozen=True)
+class PlannedPayment:
+    at_us: int
+    client_id: int
+    request_id: int
+    payer: str
+    payee: str
+    amount: int
+
+
+def account_name(index: int) -> str:
+    return f"acct-{index:05d}"
+
+
+def genesis_accounts(accounts: int, clients: int, initial_balance: int) -> dict[str, Account]:
+    """Account i belongs to client i mod clients, so every client owns at least one account
+    when there are at least as many accounts as clients."""
+    return {
+        account_name(index): Account(owner=index % clients, balance=initial_balance)
+        for index in range(accounts)
+    }
+
+
+def plan_payments(
+    rng: random.Random,
+    *,
+    payments: int,
+    rate_per_s: float,
+    clients: int,
+    accounts: int,
+    initial_balance: int,
+    overdraw: float,
+    start_us: int = 0,
+) -> list[PlannedPayment]:
+    """A Poisson stream of payments. A payer is one of the submitting client's own accounts
+    (any account if it owns none, which the ledger rejects as unauthorized); an overdrawing
+    payment asks for more than all the money in the system, so it is surely rejected."""
+    owned: dict[int, list[str]] = {client: [] for client in range(clients)}
+    for index in range(accounts):
+        owned[index % clients].append(account_name(index))
+    all_accounts = [account_name(index) for index in range(accounts)]
+    total_supply = accounts * initial_balance
+    mean_gap_us = 1_000_000 / rate_per_s
+    next_request_id = dict.fromkeys(range(clients), 1)
+    planned = []
+    at_us = float(start_us)
+    for _ in range(payments):
+        at_us += rng.expovariate(1.0) * mean_gap_us
+        client = rng.randrange(clients)
+        payer = rng.choice(owned[client] or all_accounts)
+        payee = rng.choice([account for account in all_accounts if account != payer])
+        if rng.random() < overdraw:
+            amount = total_supply + 1 + rng.randrange(max(1, initial_balance))
+        else:
+            amount = 1 + rng.randrange(max(1, initial_balance // 10))
+        planned.append(
+            PlannedPayment(int(at_us), client, next_request_id[client], payer, payee, amount)
+        )
+        next_request_id[client] += 1
+    return planned
