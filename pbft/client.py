@@ -17,7 +17,7 @@ from pbft.config import ClusterConfig
 from pbft.events import Event, MessageReceived, Send, Tick
 from pbft.messages import Reply, Request
 from pbft.receipt import RECEIPT_VERSION, Receipt
-from pbft.signed import Opened, Rejected, open_envelope, seal
+from pbft.signed import Rejected, open_envelope, peek, seal, verify_signature
 
 MAX_BACKOFF_DOUBLINGS = 3
 
@@ -141,17 +141,18 @@ class ClientCore:
         return actions
 
     def _on_reply(self, data: bytes) -> list[ClientAction]:
-        opened: Opened = open_envelope(data, self.keyring, self.cache, Reply)
-        reply = opened.message
+        envelope, reply = peek(data, Reply)
         if not isinstance(reply, Reply):
             raise Rejected("unexpected_type")
         if reply.client_id != self.client_id:
             raise Rejected("not_for_us")
         outstanding = self.outstanding.get(reply.request_id)
         if outstanding is None:
+            # Already decided (or never ours): not worth a signature check.
             raise Rejected("late_reply")
         if reply.request_digest != outstanding.digest:
             raise Rejected("reply_for_other_body")
+        verify_signature(envelope, reply, self.keyring, self.cache)
         decision = (reply.seq, reply.outcome, reply.reason)
         for other, voters in outstanding.replies.items():
             if other != decision and reply.replica in voters:

@@ -77,7 +77,6 @@ class Executed:
     seq: int
     entry_digest: bytes
     requests: tuple[ExecutedRequest, ...]
-    ledger_digest: bytes
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,7 @@ from pbft.messages import (
     Suspect,
     ViewChange,
 )
-from pbft.signed import Opened, Rejected, seal
+from pbft.signed import Opened, Rejected, peek, seal, verify_signature
 from pbft.viewchange import NewViewPlan, VerifiedViewChange, plan_new_view, verify_view_change
 
 EVIDENCE_LIMIT = 64
@@ -265,16 +265,27 @@ class Replica:
 
     def _on_bytes(self, data: bytes) -> None:
         try:
-            opened = self.verifier.open(data)
-            message = opened.message
+            envelope, message = peek(data)
             if message.SIGNER == "replica" and message.sender == self.id:
                 raise Rejected("from_self")
             handler = self._handlers.get(type(message))
             if handler is None:
                 raise Rejected("unexpected_type", type(message).__name__)
-            handler(self, opened)
+            if self._is_stale(message):
+                # Late votes for what is already executed: not worth a signature check.
+                self.drops["stale"] += 1
+                return
+            verify_signature(envelope, message, self.verifier.keyring, self.verifier.cache)
+            handler(self, Opened(message, data, envelope.body))
         except Rejected as rejection:
             self._drop(rejection.reason, rejection.detail)
+
+    def _is_stale(self, message: Message) -> bool:
+        if isinstance(message, Prepare | Commit):
+            return message.seq <= self.last_executed or message.seq <= self.stable.seq
+        if isinstance(message, Checkpoint):
+            return message.seq <= self.stable.seq
+        return False
 
     def _on_request(self, opened: Opened) -> None:
         request = opened.message
@@ -593,7 +604,6 @@ class Replica:
                 proposal.seq,
                 proposal.entry_digest,
                 tuple(executed),
-                self.ledger.digest(),
             )
         )
         if proposal.seq % self.config.checkpoint_interval == 0:

@@ -75,12 +75,14 @@ def seal(message: Message, key: SigningKey) -> bytes:
     return Envelope(PROTOCOL_VERSION, int(message.TYPE), message.sender, body, signature).encode()
 
 
-def open_envelope(
-    raw: bytes,
-    keyring: KeyRing,
-    cache: VerificationCache,
-    expected: type[Message] | tuple[type[Message], ...] | None = None,
-) -> Opened:
+def peek(
+    raw: bytes, expected: type[Message] | tuple[type[Message], ...] | None = None
+) -> tuple[Envelope, Message]:
+    """Check the form of an envelope and its body, without the signature.
+
+    Cheap: receivers use it to drop what is stale or irrelevant before paying for a
+    signature check. Nothing read here may be trusted until `verify_signature` passes.
+    """
     try:
         envelope = Envelope.decode(raw)
     except DecodeError as error:
@@ -102,9 +104,28 @@ def open_envelope(
         raise Rejected(f"malformed_{error.reason}", error.detail) from None
     if message.sender != envelope.sender:
         raise Rejected("sender_mismatch", f"{message_type.name} body names another sender")
-    verify_key = keyring.get((cls.SIGNER, envelope.sender))
+    return envelope, message
+
+
+def verify_signature(
+    envelope: Envelope, message: Message, keyring: KeyRing, cache: VerificationCache
+) -> None:
+    verify_key = keyring.get((message.SIGNER, envelope.sender))
     if verify_key is None:
-        raise Rejected("unknown_sender", f"{cls.SIGNER} {envelope.sender}")
-    if not cache.verify(verify_key, _DOMAINS[message_type], envelope.body, envelope.signature):
-        raise Rejected("bad_signature", f"{message_type.name} from {cls.SIGNER} {envelope.sender}")
+        raise Rejected("unknown_sender", f"{message.SIGNER} {envelope.sender}")
+    if not cache.verify(verify_key, _DOMAINS[message.TYPE], envelope.body, envelope.signature):
+        raise Rejected(
+            "bad_signature", f"{message.TYPE.name} from {message.SIGNER} {envelope.sender}"
+        )
+
+
+def open_envelope(
+    raw: bytes,
+    keyring: KeyRing,
+    cache: VerificationCache,
+    expected: type[Message] | tuple[type[Message], ...] | None = None,
+) -> Opened:
+    """Check form and signature: the message is then known to come from its named sender."""
+    envelope, message = peek(raw, expected)
+    verify_signature(envelope, message, keyring, cache)
     return Opened(message, raw, envelope.body)

@@ -71,6 +71,7 @@ _EXPECT_KEYS: Final = ("safety", "liveness", "deadline_ms")
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _LONGEST_SHOWN_VALUE = 40
+_LONGEST_SHOWN_INTEGER_BITS = 128
 _LARGEST_FLOAT_INTEGER = int(sys.float_info.max)
 
 
@@ -219,7 +220,8 @@ def parse_scenario(text: str, source: str = "<string>") -> Scenario:
     """Parse and validate scenario TOML; ``source`` names it in error messages."""
     try:
         document = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as error:
+    except ValueError as error:
+        # TOMLDecodeError, or int() refusing an integer literal of more than 4300 digits.
         raise ScenarioError(source, "file", f"invalid TOML: {error}") from error
     except RecursionError as error:
         # tomllib recurses once per nesting level of arrays and inline tables.
@@ -249,10 +251,18 @@ def _describe(value: object) -> str:
         kind = "time"
     else:
         kind = type(value).__name__
+    return f"{kind} {_show(value)}"
+
+
+def _show(value: object) -> str:
+    """A short rendering of a value for an error message."""
+    # str() of an int beyond 4300 digits raises, and hex TOML integers can be that long.
+    if _is_integer(value) and value.bit_length() > _LONGEST_SHOWN_INTEGER_BITS:
+        return f"<{value.bit_length()}-bit integer>"
     shown = str(value).lower() if isinstance(value, bool) else repr(value)
     if len(shown) > _LONGEST_SHOWN_VALUE:
         shown = shown[: _LONGEST_SHOWN_VALUE - 3] + "..."
-    return f"{kind} {shown}"
+    return shown
 
 
 def _key_path(parent: str, key: str) -> str:
@@ -305,7 +315,7 @@ class _Reader:
             raise self.error(path, f"expected an integer, got {_describe(value)}")
         if value < low or (high is not None and value > high):
             bounds = f"in {low}..{high}" if high is not None else f"at least {low}"
-            raise self.error(path, f"must be {bounds}, got {value}")
+            raise self.error(path, f"must be {bounds}, got {_show(value)}")
         return value
 
     def number(self, value: object, path: str) -> float:
@@ -347,7 +357,7 @@ class _Reader:
         self.check(
             0 <= value < replicas,
             path,
-            f"replica {value} does not exist: cluster.replicas = {replicas}, ids are "
+            f"replica {_show(value)} does not exist: cluster.replicas = {replicas}, ids are "
             f"0..{replicas - 1}",
         )
         return value
@@ -538,7 +548,7 @@ class _Reader:
             self.check(
                 until_ms > at_ms,
                 f"{path}.until_ms",
-                f"must be after at_ms ({at_ms}), got {until_ms}",
+                f"must be after at_ms ({_show(at_ms)}), got {_show(until_ms)}",
             )
         return FaultSpec(
             at_ms=at_ms, action=action, replica=replica, until_ms=until_ms, groups=groups
