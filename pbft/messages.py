@@ -262,13 +262,15 @@ class NewView(Message):
 
 @dataclass(frozen=True)
 class Fetch(Message):
-    """Catch-up: send me what was committed from `from_seq` on."""
+    """Catch-up: send me what was committed from `from_seq` on, and your stable checkpoint
+    if it is newer than my `stable_seq`."""
 
     replica: int
     from_seq: int
+    stable_seq: int
 
     TYPE = MessageType.FETCH
-    SCHEMA: ClassVar[dict[str, Spec]] = {"replica": REPLICA, "from_seq": SEQ}
+    SCHEMA: ClassVar[dict[str, Spec]] = {"replica": REPLICA, "from_seq": SEQ, "stable_seq": SEQ}
 
 
 @dataclass(frozen=True)

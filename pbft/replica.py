@@ -534,6 +534,9 @@ class Replica:
     def _propose(self, requests: tuple[bytes, ...]) -> None:
         from pbft.chain import batch_digest
 
+        # A primary that restarted or caught up by state transfer may hold a stale
+        # next_seq: everything up to the window's low end is already decided.
+        self.next_seq = max(self.next_seq, self._window_low() + 1)
         seq = self.next_seq
         prev_hash = self._known_entry(seq - 1)
         if prev_hash is None:
@@ -597,7 +600,6 @@ class Replica:
         self.chain_hash = proposal.entry_digest
         self.last_execution_ms = self.now_ms
         self.progress_deadline_ms = None
-        self.failed_views = 0
         self._out.append(
             Executed(
                 proposal.view,
@@ -622,6 +624,11 @@ class Replica:
         ledger_digest = hashlib.sha256(snapshot).digest()
         seq = self.last_executed
         self.own_snapshots[seq] = (self.chain_hash, ledger_digest, snapshot)
+        # Bounded: snapshots too old to become stable any more are of no use.
+        for old in [
+            old for old in self.own_snapshots if old < seq - 2 * self.config.watermark_window
+        ]:
+            del self.own_snapshots[old]
         raw = seal(Checkpoint(seq, self.id, self.chain_hash, ledger_digest), self.key)
         self.checkpoint_votes.setdefault(seq, {})[self.id] = (self.chain_hash, ledger_digest, raw)
         self._broadcast(raw)
@@ -636,7 +643,8 @@ class Replica:
         if checkpoint.seq <= self.stable.seq:
             return
         self.highest_seen_executed = max(self.highest_seen_executed, checkpoint.seq)
-        if checkpoint.seq > self.stable.seq + 2 * self.config.watermark_window:
+        horizon = max(self.stable.seq, self.last_executed) + 2 * self.config.watermark_window
+        if checkpoint.seq > horizon:
             # Far ahead: remember nothing (bounded memory) beyond the hint to catch up.
             self._maybe_fetch()
             return
@@ -692,6 +700,8 @@ class Replica:
                 del table[seq]
         if self.view_anchor is not None and self.view_anchor.seq <= checkpoint.seq:
             self.view_anchor = None
+        # A checkpoint's worth of progress: the timeouts may come back down one step.
+        self.failed_views = max(0, self.failed_views - 1)
         self._note("checkpoint_stable", f"seq {checkpoint.seq}")
         self._maybe_propose()
 
@@ -723,7 +733,6 @@ class Replica:
                 self._watch_primary()
         elif self.view_change_deadline_ms is not None and now_ms >= self.view_change_deadline_ms:
             # The new primary did not install the view in time: try the next one.
-            self.failed_views += 1
             self._start_view_change(self.view + 1)
         self._retransmit()
         self._maybe_fetch()
@@ -757,11 +766,16 @@ class Replica:
         self._check_suspects()
 
     def _check_suspects(self) -> None:
-        horizon = self.now_ms - 2 * self._timeout_ms()
+        # Old suspicions fade, so transient hiccups far apart do not add up to a view change.
+        horizon = self.now_ms - 4 * self._timeout_ms()
         self.suspects = {
             replica: when for replica, when in self.suspects.items() if when >= horizon
         }
-        if len(self.suspects) >= self.config.weak_quorum:
+        # A replica already in a later view has given up on this one: that is suspicion too.
+        suspecting = dict.fromkeys(self.suspects) | {
+            replica: None for replica, view in self.latest_view_claims.items() if view > self.view
+        }
+        if len(suspecting) >= self.config.weak_quorum:
             self._start_view_change(self.view + 1)
 
     def _claim_view(self, sender: int, view: int) -> None:
@@ -778,6 +792,8 @@ class Replica:
         if len(ahead) >= weak and ahead[weak - 1] > self.view:
             # At least one correct replica is in a view >= this one: join it.
             self._start_view_change(ahead[weak - 1])
+        elif self.view_active:
+            self._check_suspects()
 
     def _start_view_change(self, new_view: int) -> None:
         if new_view <= self.view and not (new_view == self.view and self.view_active):
@@ -789,16 +805,21 @@ class Replica:
         self.view = new_view
         self.view_active = False
         self.view_changes_started += 1
-        self.view_change_deadline_ms = self.now_ms + self._timeout_ms()
+        # Each view given up on doubles the timeouts, so a slow network still gets a view
+        # that lasts long enough to make progress (PBFT's exponential backoff).
+        self.failed_views += 1
+        self.view_change_deadline_ms = None
         self.suspects = {}
         self.progress_deadline_ms = None
         self.proposal_queue = {}
         for slot in self.slots.values():
             slot.reset_view()
+        # Certificates must sit in the window of the checkpoint the view change cites.
+        window_high = self.stable.seq + self.config.watermark_window
         prepared = [
             slot.best_prepared.certificate
             for seq, slot in sorted(self.slots.items())
-            if seq > self.stable.seq and slot.best_prepared is not None
+            if self.stable.seq < seq <= window_high and slot.best_prepared is not None
         ]
         view_change = ViewChange(
             new_view,
@@ -815,8 +836,25 @@ class Replica:
         self._record_view(("vote", "view_change", new_view, 0), raw)
         self._note("view_change", f"to view {new_view}")
         self._broadcast(raw)
-        self._store_view_change(verify_view_change(raw, self.verifier))
+        try:
+            own = verify_view_change(raw, self.verifier)
+        except Rejected as rejection:
+            raise ReplicaInvariantError(f"own view change is invalid: {rejection}") from None
+        self._store_view_change(own)
+        self._arm_view_change_timer()
         self._maybe_send_new_view()
+
+    def _arm_view_change_timer(self) -> None:
+        """PBFT's rule: wait for the new view only once 2f + 1 replicas asked for it.
+
+        A replica alone (cut off, or slow) would otherwise climb views by itself and end
+        up where no quorum ever follows it; with this rule the correct replicas' views
+        stay within one of each other, and the f + 1 join rule pulls laggards up.
+        """
+        if self.view_active or self.view_change_deadline_ms is not None:
+            return
+        if len(self.view_changes.get(self.view, {})) >= self.config.quorum:
+            self.view_change_deadline_ms = self.now_ms + self._timeout_ms()
 
     def _record_view(self, key: tuple[str | int, ...], value: bytes) -> None:
         self.view_records[key] = None
@@ -845,6 +883,7 @@ class Replica:
         change = verify_view_change(opened.raw, self.verifier)
         self._store_view_change(change)
         self._claim_view(message.replica, message.new_view)
+        self._arm_view_change_timer()
         self._maybe_send_new_view()
 
     def _maybe_send_new_view(self) -> None:
@@ -869,6 +908,10 @@ class Replica:
             tuple(pre_prepares),
         )
         raw = seal(new_view, self.key)
+        # Durable before it leaves: after a crash we must re-send this NEW-VIEW, never sign
+        # a different one for the same view.
+        self._record_view(("view",), pack([self.view, True]))
+        self._record_view(("vote", "new_view", self.view, 0), raw)
         self._broadcast(raw)
         proposals = [self.verifier.proposal(pre_prepare) for pre_prepare in pre_prepares]
         self._install_view(plan, proposals, raw)
@@ -933,6 +976,8 @@ class Replica:
         for slot in self.slots.values():
             slot.reset_view()
         proposed: dict[tuple[int, int], None] = {}
+        # Re-proposals at or below our own stable checkpoint are decided already.
+        proposals = [proposal for proposal in proposals if proposal.seq > self.stable.seq]
         for proposal in proposals:
             slot = self._slot(proposal.seq)
             committed = slot.committed
@@ -984,10 +1029,16 @@ class Replica:
                     self._broadcast(raw)
 
     def _maybe_fetch(self) -> None:
-        if self.highest_seen_executed <= self.last_executed:
-            return
         interval = self.config.retransmit_interval_ms
-        if self.now_ms - self.last_execution_ms < interval:
+        behind_execution = (
+            self.highest_seen_executed > self.last_executed
+            and self.now_ms - self.last_execution_ms >= interval
+        )
+        # Executed far enough but never saw 2f + 1 checkpoints: the window cannot move.
+        behind_stability = (
+            self.highest_seen_executed >= self.stable.seq + self.config.watermark_window
+        )
+        if not (behind_execution or behind_stability):
             return
         if self.last_fetch_ms is not None and self.now_ms - self.last_fetch_ms < interval:
             return
@@ -998,7 +1049,8 @@ class Replica:
         peers = [replica for replica in self.config.replica_ids() if replica != self.id]
         target = peers[self.fetch_rotation % len(peers)]
         self.fetch_rotation += 1
-        self._send(("replica", target), seal(Fetch(self.id, self.last_executed + 1), self.key))
+        fetch = Fetch(self.id, self.last_executed + 1, self.stable.seq)
+        self._send(("replica", target), seal(fetch, self.key))
 
     def _on_fetch(self, opened: Opened) -> None:
         fetch = opened.message
@@ -1008,10 +1060,10 @@ class Replica:
         if served is not None and self.now_ms - served < self.config.retransmit_interval_ms // 2:
             raise Rejected("fetch_rate_limited")
         self.fetch_served_ms[fetch.replica] = self.now_ms
-        if fetch.from_seq > self.last_executed:
-            return
         to = ("replica", fetch.replica)
-        if fetch.from_seq <= self.stable.seq and self.stable.seq > 0:
+        if self.stable.seq > 0 and (
+            fetch.from_seq <= self.stable.seq or fetch.stable_seq < self.stable.seq
+        ):
             state = CheckpointState(
                 self.id,
                 self.stable.seq,
@@ -1037,10 +1089,22 @@ class Replica:
         state = opened.message
         if not isinstance(state, CheckpointState):
             raise Rejected("unexpected_type")
-        if state.seq <= self.last_executed:
+        if state.seq <= self.stable.seq:
             return
         ledger_digest = hashlib.sha256(state.ledger_snapshot).digest()
         self.verifier.checkpoint_proof(state.seq, state.chain_hash, ledger_digest, state.proof)
+        if state.seq <= self.last_executed:
+            # We ran past it already: the proof lets our own snapshot become stable.
+            own = self.own_snapshots.get(state.seq)
+            if own is None:
+                return
+            if own[:2] != (state.chain_hash, ledger_digest):
+                self._halt(f"state diverged from 2f + 1 replicas at checkpoint {state.seq}")
+                return
+            self._make_stable(
+                StableCheckpoint(state.seq, state.chain_hash, ledger_digest, own[2], state.proof)
+            )
+            return
         try:
             ledger = Ledger.restore(state.ledger_snapshot)
         except LedgerSnapshotError as error:
@@ -1135,8 +1199,8 @@ class Replica:
                     continue
                 self._recover_vote(str(vote_kind), int(view), int(seq), key, value)
         self._execute_ready()
-        if not self.view_active:
-            self.view_change_deadline_ms = self._timeout_ms()
+        if not self.view_active and self.own_view_change is not None:
+            self._store_view_change(verify_view_change(self.own_view_change, self.verifier))
 
     def _recover_vote(
         self, kind: str, view: int, seq: int, key: tuple[str | int, ...], raw: bytes
