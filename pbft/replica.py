@@ -274,6 +274,7 @@ class Replica:
             if self._is_stale(message):
                 # Late votes for what is already executed: not worth a signature check.
                 self.drops["stale"] += 1
+                self._help_laggard(message)
                 return
             verify_signature(envelope, message, self.verifier.keyring, self.verifier.cache)
             handler(self, Opened(message, data, envelope.body))
@@ -281,7 +282,7 @@ class Replica:
             self._drop(rejection.reason, rejection.detail)
 
     def _is_stale(self, message: Message) -> bool:
-        if isinstance(message, Prepare | Commit):
+        if isinstance(message, PrePrepare | Prepare | Commit):
             return message.seq <= self.last_executed or message.seq <= self.stable.seq
         if isinstance(message, Checkpoint):
             return message.seq <= self.stable.seq
@@ -1052,18 +1053,37 @@ class Replica:
         fetch = Fetch(self.id, self.last_executed + 1, self.stable.seq)
         self._send(("replica", target), seal(fetch, self.key))
 
+    def _help_laggard(self, message: Message) -> None:
+        """A peer still voting on an entry we executed a while ago is stuck there: send it
+        the commit certificates (or state) it lacks, as if it had asked. A vote that is
+        merely late (the entry committed moments ago) needs nothing."""
+        if not isinstance(message, PrePrepare | Prepare | Commit):
+            return
+        slot = self.slots.get(message.seq)
+        if slot is not None and (
+            self.now_ms - slot.last_progress_ms < self.config.retransmit_interval_ms
+        ):
+            return
+        self._serve_catch_up(message.replica, message.seq, message.seq - 1)
+
     def _on_fetch(self, opened: Opened) -> None:
         fetch = opened.message
         if not isinstance(fetch, Fetch):
             raise Rejected("unexpected_type")
-        served = self.fetch_served_ms.get(fetch.replica)
-        if served is not None and self.now_ms - served < self.config.retransmit_interval_ms // 2:
+        if not self._serve_catch_up(fetch.replica, fetch.from_seq, fetch.stable_seq):
             raise Rejected("fetch_rate_limited")
-        self.fetch_served_ms[fetch.replica] = self.now_ms
-        to = ("replica", fetch.replica)
-        if self.stable.seq > 0 and (
-            fetch.from_seq <= self.stable.seq or fetch.stable_seq < self.stable.seq
-        ):
+
+    def _serve_catch_up(self, requester: int, from_seq: int, stable_seq: int) -> bool:
+        """Send `requester` what it needs from `from_seq` on; rate-limited per requester
+        because it costs us signatures. Returns False when rate-limited."""
+        if requester == self.id or requester not in self.config.replica_ids():
+            return False
+        served = self.fetch_served_ms.get(requester)
+        if served is not None and self.now_ms - served < self.config.retransmit_interval_ms // 2:
+            return False
+        self.fetch_served_ms[requester] = self.now_ms
+        to = ("replica", requester)
+        if self.stable.seq > 0 and (from_seq <= self.stable.seq or stable_seq < self.stable.seq):
             state = CheckpointState(
                 self.id,
                 self.stable.seq,
@@ -1073,7 +1093,7 @@ class Replica:
             )
             self._send(to, seal(state, self.key))
         budget = self.config.fetch_batch_limit
-        for seq in range(max(fetch.from_seq, self.stable.seq + 1), self.last_executed + 1):
+        for seq in range(max(from_seq, self.stable.seq + 1), self.last_executed + 1):
             if budget == 0:
                 break
             slot = self.slots.get(seq)
@@ -1084,6 +1104,7 @@ class Replica:
             )
             self._send(to, seal(certificate, self.key))
             budget -= 1
+        return True
 
     def _on_checkpoint_state(self, opened: Opened) -> None:
         state = opened.message

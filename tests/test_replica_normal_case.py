@@ -104,7 +104,7 @@ def test_backup_does_not_prepare_pre_prepare_above_watermark_window(cluster: Clu
 def test_backup_does_not_prepare_pre_prepare_at_sequence_zero(cluster: Cluster) -> None:
     replica = cluster.replica(1)
     entry = cluster.pre_prepare(0, [cluster.request(1)])
-    _assert_not_prepared(replica, cluster.deliver(replica, entry.raw), "below_window")
+    _assert_not_prepared(replica, cluster.deliver(replica, entry.raw), "stale")
 
 
 def test_backup_does_not_prepare_pre_prepare_with_wrong_batch_digest(cluster: Cluster) -> None:
