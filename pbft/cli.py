@@ -109,6 +109,8 @@ def _format(summary: dict[str, Any]) -> str:
     def show(value: float | None) -> str:
         return "-" if value is None else f"{value:.1f}"
 
+    for offender, count in summary["evidence"].items():
+        lines.append(f"evidence      {offender}: {count} conflicting signed messages")
     lines.append(
         f"latency (ms)  p50 {show(latency['p50'])}  p95 {show(latency['p95'])}  "
         f"p99 {show(latency['p99'])}   (simulated)"

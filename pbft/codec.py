@@ -139,10 +139,11 @@ class Struct:
                 "missing_field" if len(value) < len(cls.SCHEMA) else "extra_field",
                 f"{label} has {len(value)} fields, expected {len(cls.SCHEMA)}",
             )
-        arguments = {}
+        # Checked field by field here, so build the instance without checking it twice.
+        instance = cls.__new__(cls)
         for (name, spec), item in zip(cls.SCHEMA.items(), value, strict=True):
-            arguments[name] = spec.check(item, f"{label}.{name}")
-        return cls(**arguments)
+            object.__setattr__(instance, name, spec.check(item, f"{label}.{name}"))
+        return instance
 
     def encode(self) -> bytes:
         return pack(self.to_wire())

@@ -327,8 +327,9 @@ class Ledger:
             decisions = [
                 [
                     request_id,
-                    decision.outcome.value,
-                    decision.reason.value,
+                    # StrEnum members are str: msgpack packs them as the code itself.
+                    decision.outcome,
+                    decision.reason,
                     decision.seq,
                     decision.body_digest,
                 ]

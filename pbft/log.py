@@ -9,6 +9,9 @@ from pbft.codec import pack
 from pbft.messages import PreparedCertificate
 
 
+ACCEPTED_VIEWS = 4
+
+
 @dataclass(frozen=True)
 class PreparedEntry:
     """This replica prepared `proposal` in `view`; kept across view changes for VIEW-CHANGE."""
@@ -48,7 +51,23 @@ class Slot:
     # signing a conflicting vote, also after a restart (restored from storage).
     own_votes: dict[tuple[str, int], bytes] = field(default_factory=dict)
     persisted_keys: dict[tuple[str | int, ...], None] = field(default_factory=dict)
+    # Pre-prepares accepted here in recent views, to catch a primary that showed others
+    # a different batch (seen later in a certificate). Bounded to ACCEPTED_VIEWS views.
+    accepted: dict[int, Proposal] = field(default_factory=dict)
     last_progress_ms: int = 0
+
+    def accept(self, proposal: Proposal) -> None:
+        self.proposal = proposal
+        self.accepted[proposal.view] = proposal
+        while len(self.accepted) > ACCEPTED_VIEWS:
+            del self.accepted[min(self.accepted)]
+
+    def conflicting(self, proposal: Proposal) -> Proposal | None:
+        """What this slot accepted in `proposal`'s view, if it differs: equivocation."""
+        seen = self.accepted.get(proposal.view)
+        if seen is not None and seen.entry_digest != proposal.entry_digest:
+            return seen
+        return None
 
     def reset_view(self) -> None:
         self.proposal = None

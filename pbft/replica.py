@@ -237,6 +237,8 @@ class Replica:
 
     def _evidence(self, kind: str, offender: int, first: bytes, second: bytes) -> None:
         """Two conflicting signed messages from one replica: proof it is Byzantine."""
+        if any(held[2:] == (first, second) for held in self.evidence):
+            return
         if len(self.evidence) < EVIDENCE_LIMIT:
             self.evidence.append((kind, offender, first, second))
         self._note("evidence", f"{kind} by replica {offender}")
@@ -276,6 +278,10 @@ class Replica:
                 self.drops["stale"] += 1
                 self._help_laggard(message)
                 return
+            if self._is_redundant(message):
+                # The slot already has the quorum this vote would add to.
+                self.drops["redundant_vote"] += 1
+                return
             verify_signature(envelope, message, self.verifier.keyring, self.verifier.cache)
             handler(self, Opened(message, data, envelope.body))
         except Rejected as rejection:
@@ -287,6 +293,16 @@ class Replica:
         if isinstance(message, Checkpoint):
             return message.seq <= self.stable.seq
         return False
+
+    def _is_redundant(self, message: Message) -> bool:
+        if not isinstance(message, Prepare | Commit) or message.view != self.view:
+            return False
+        slot = self.slots.get(message.seq)
+        if slot is None:
+            return False
+        if isinstance(message, Prepare):
+            return slot.prepared_in_view
+        return slot.committed is not None
 
     def _on_request(self, opened: Opened) -> None:
         request = opened.message
@@ -368,7 +384,7 @@ class Replica:
         predecessor = self._known_entry(proposal.seq - 1)
         if predecessor is not None and predecessor != proposal.prev_hash:
             raise Rejected("bad_chain", f"seq {proposal.seq}")
-        slot.proposal = proposal
+        slot.accept(proposal)
         self._advance(proposal.seq)
 
     def _on_vote(self, opened: Opened) -> None:
@@ -882,6 +898,8 @@ class Replica:
                 self._send(("replica", message.replica), self.new_view_message)
             return
         change = verify_view_change(opened.raw, self.verifier)
+        for proposal in change.prepared.values():
+            self._check_proposal_conflict(proposal)
         self._store_view_change(change)
         self._claim_view(message.replica, message.new_view)
         self._arm_view_change_timer()
@@ -984,7 +1002,7 @@ class Replica:
             committed = slot.committed
             if committed is not None and committed.proposal.entry_digest != proposal.entry_digest:
                 self._note("evidence", f"new view re-proposes seq {proposal.seq} differently")
-            slot.proposal = proposal
+            slot.accept(proposal)
             for request in proposal.requests:
                 message = request.message
                 if isinstance(message, Request):
@@ -1160,11 +1178,20 @@ class Replica:
             return
         self._check_window(proposal.seq)
         slot = self._slot(proposal.seq)
+        self._check_proposal_conflict(proposal)
         if slot.committed is not None:
             return
         self._commit(slot, CommittedEntry(proposal, message.commits))
         self._execute_ready()
         self._advance(proposal.seq + 1)
+
+    def _check_proposal_conflict(self, proposal: Proposal) -> None:
+        """A certified proposal that differs from the one its primary showed us."""
+        slot = self.slots.get(proposal.seq)
+        seen = slot.conflicting(proposal) if slot is not None else None
+        if seen is not None:
+            primary = self.config.primary_of(proposal.view)
+            self._evidence("pre_prepare", primary, seen.raw, proposal.raw)
 
     def _halt(self, reason: str) -> None:
         """Stop for good: running on damaged or forked state would be worse than stopping."""

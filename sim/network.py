@@ -46,11 +46,15 @@ class Network:
         self.duplicate = duplicate
         # replica -> group number while a partition holds; None when the network is whole.
         self.groups: dict[int, int] | None = None
+        # One-way: only messages from a lower-numbered group to a higher one are cut.
+        self.one_way = False
         self.sent = 0
         self.delivered = 0
         self.dropped: Counter[str] = Counter()
 
-    def partition(self, groups: Sequence[Iterable[int]], replica_count: int) -> None:
+    def partition(
+        self, groups: Sequence[Iterable[int]], replica_count: int, one_way: bool = False
+    ) -> None:
         """Cut the replicas into groups; replicas listed nowhere form one more group."""
         assignment: dict[int, int] = {}
         for number, group in enumerate(groups):
@@ -60,19 +64,25 @@ class Network:
         for replica in range(replica_count):
             assignment.setdefault(replica, rest)
         self.groups = assignment
+        self.one_way = one_way
 
     def heal(self) -> None:
         self.groups = None
+        self.one_way = False
+
+    def _cut(self, source: Principal, destination: Principal) -> bool:
+        if self.groups is None or source[0] != "replica" or destination[0] != "replica":
+            return False
+        source_group = self.groups[source[1]]
+        destination_group = self.groups[destination[1]]
+        if self.one_way:
+            return source_group < destination_group
+        return source_group != destination_group
 
     def route(self, source: Principal, destination: Principal) -> list[int]:
         """Delays (us) of the copies that will arrive; empty when the message is lost."""
         self.sent += 1
-        if (
-            self.groups is not None
-            and source[0] == "replica"
-            and destination[0] == "replica"
-            and self.groups[source[1]] != self.groups[destination[1]]
-        ):
+        if self._cut(source, destination):
             self.dropped["partition"] += 1
             return []
         if self.drop and self.rng.random() < self.drop:

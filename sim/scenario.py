@@ -65,7 +65,8 @@ _WORKLOAD_KEYS: Final = (
     "rate_per_s",
     "overdraw",
 )
-_FAULT_KEYS: Final = ("at_ms", "action", "replica", "until_ms", "groups")
+_FAULT_KEYS: Final = ("at_ms", "action", "replica", "until_ms", "groups", "direction")
+PARTITION_DIRECTIONS: Final = ("both", "one-way")
 _BYZANTINE_KEYS: Final = ("replica", "behavior")
 _EXPECT_KEYS: Final = ("safety", "liveness", "deadline_ms")
 
@@ -148,8 +149,10 @@ class FaultSpec:
 
     ``crash``/``restart`` take ``replica``. ``partition`` takes ``groups``: replicas in
     different groups cannot reach each other, and every replica not listed in any group forms
-    one more group of its own; with ``until_ms`` the partition heals at that time. ``heal``
-    removes every partition. A restart of a replica that is not crashed is a no-op.
+    one more group of its own; with ``until_ms`` the partition heals at that time.
+    ``direction = "one-way"`` cuts only messages from an earlier group to a later one (the
+    later groups still reach the earlier ones); the default ``"both"`` cuts both ways.
+    ``heal`` removes every partition. A restart of a replica that is not crashed is a no-op.
     """
 
     at_ms: int
@@ -157,6 +160,7 @@ class FaultSpec:
     replica: int | None = None
     until_ms: int | None = None
     groups: tuple[tuple[int, ...], ...] | None = None
+    direction: str = "both"
 
 
 @dataclass(frozen=True)
@@ -530,6 +534,7 @@ class _Reader:
             "replica": action in ("crash", "restart"),
             "groups": action == "partition",
             "until_ms": action == "partition",
+            "direction": action == "partition",
         }
         for key, allowed in takes.items():
             self.check(
@@ -550,8 +555,16 @@ class _Reader:
                 f"{path}.until_ms",
                 f"must be after at_ms ({_show(at_ms)}), got {_show(until_ms)}",
             )
+        direction = "both"
+        if "direction" in table:
+            direction = self.choice(table["direction"], f"{path}.direction", PARTITION_DIRECTIONS)
         return FaultSpec(
-            at_ms=at_ms, action=action, replica=replica, until_ms=until_ms, groups=groups
+            at_ms=at_ms,
+            action=action,
+            replica=replica,
+            until_ms=until_ms,
+            groups=groups,
+            direction=direction,
         )
 
     def groups(self, value: object, path: str, replicas: int) -> tuple[tuple[int, ...], ...]:

@@ -71,6 +71,8 @@ class SimulationResult:
     messages_dropped: dict[str, int]
     latency_ms: dict[str, float | None]
     expectation_failures: list[str]
+    # "replica N" -> how many pieces of equivocation evidence correct replicas hold against it
+    evidence: dict[str, int] = field(default_factory=dict)
 
     @property
     def verdict(self) -> str:
@@ -100,6 +102,7 @@ class SimulationResult:
             "view_changes": self.view_changes,
             "messages": {"sent": self.messages_sent, "dropped": self.messages_dropped},
             "latency_ms": self.latency_ms,
+            "evidence": self.evidence,
             "expect": {
                 "safety": self.scenario.expect.safety,
                 "liveness": self.scenario.expect.liveness,
@@ -317,8 +320,9 @@ class Simulation:
                 node.core = self._boot(node)
             detail = f"restart r{fault.replica}"
         elif fault.action == "partition" and fault.groups is not None:
-            self.network.partition(fault.groups, self.config.replica_count)
-            detail = f"partition {[list(group) for group in fault.groups]}"
+            one_way = fault.direction == "one-way"
+            self.network.partition(fault.groups, self.config.replica_count, one_way)
+            detail = f"partition {[list(group) for group in fault.groups]} {fault.direction}"
         elif fault.action == "heal":
             self.network.heal()
         self.trace.record(self.now_us, "fault", "network", detail)
@@ -421,6 +425,11 @@ class Simulation:
                 )
                 if node.replica_id in self.observed.correct:
                     views.append(node.core.view)
+        evidence: Counter[str] = Counter()
+        for node in self.replicas:
+            if node.core is not None and node.replica_id in self.observed.correct:
+                for _, offender, _, _ in node.core.evidence:
+                    evidence[f"replica {offender}"] += 1
         latencies_us = sorted(
             self.decided_at_us[identity] - self.submitted_at_us[identity]
             for identity in self.decided_at_us
@@ -457,6 +466,7 @@ class Simulation:
                 "p99": _percentile_ms(latencies_us, 99),
             },
             expectation_failures=failures,
+            evidence=dict(sorted(evidence.items())),
         )
 
 
