@@ -8,7 +8,6 @@ from pbft.certificates import Proposal
 from pbft.codec import pack
 from pbft.messages import PreparedCertificate
 
-
 ACCEPTED_VIEWS = 4
 
 
