@@ -9,13 +9,14 @@ differs between processes).
 from __future__ import annotations
 
 import enum
-import hashlib
 import heapq
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
 import msgpack
+
+from crypto.merkle import MerkleProof, inclusion_proof, merkle_root
 
 MAX_AMOUNT = 2**63 - 1
 # Identifiers and counters travel as msgpack unsigned integers.
@@ -305,8 +306,42 @@ class Ledger:
     # -- snapshots -------------------------------------------------------------
 
     def digest(self) -> bytes:
-        """Canonical hash of the whole state: equal states give equal digests."""
-        return hashlib.sha256(self.snapshot()).digest()
+        """Canonical hash of the whole state: equal states give equal digests.
+
+        A Merkle root over the state's leaves (a header, then one leaf per account, then one
+        per client), so a checkpoint's digest can later prove one account's balance with an
+        inclusion proof instead of the whole state.
+        """
+        return merkle_root(self._leaves())
+
+    def account_proof(self, account: str) -> tuple[bytes, MerkleProof] | None:
+        """The account's leaf and its inclusion proof against `digest()`."""
+        if account not in self._balances:
+            return None
+        leaves = self._leaves()
+        index = 1 + sorted(self._balances).index(account)
+        return leaves[index], inclusion_proof(leaves, index)
+
+    def _leaves(self) -> list[bytes]:
+        header = [
+            SNAPSHOT_FORMAT_VERSION,
+            self._dedup_window,
+            self._initial_total,
+            self._executed_count,
+        ]
+        leaves = [msgpack.packb(["header", *header], use_bin_type=True)]
+        for name in sorted(self._balances):
+            account = ["account", name, self._owners[name], self._balances[name]]
+            leaves.append(msgpack.packb(account, use_bin_type=True))
+        for client_id in sorted(self._clients):
+            record = self._clients[client_id]
+            decisions = [
+                [request_id, decision.outcome, decision.reason, decision.seq, decision.body_digest]
+                for request_id, decision in sorted(record.decisions.items())
+            ]
+            client = ["client", client_id, record.eviction_floor, decisions]
+            leaves.append(msgpack.packb(client, use_bin_type=True))
+        return leaves
 
     def snapshot(self) -> bytes:
         """Canonical msgpack encoding; the same state always gives the same bytes.

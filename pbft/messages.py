@@ -280,6 +280,7 @@ class CheckpointState(Message):
     replica: int
     seq: int
     chain_hash: bytes
+    ledger_digest: bytes
     ledger_snapshot: bytes
     proof: tuple[bytes, ...]
 
@@ -288,6 +289,7 @@ class CheckpointState(Message):
         "replica": REPLICA,
         "seq": SEQ,
         "chain_hash": HASH,
+        "ledger_digest": HASH,
         "ledger_snapshot": Bytes(1, MAX_FRAME_BYTES),
         "proof": ListOf(ENVELOPE, MAX_REPLICAS),
     }

@@ -129,7 +129,7 @@ class Replica:
         self.key = signing_key
         self.ledger = Ledger(genesis_accounts, config.dedup_window)
         genesis_snapshot = self.ledger.snapshot()
-        genesis_digest = hashlib.sha256(genesis_snapshot).digest()
+        genesis_digest = self.ledger.digest()
         self.verifier = Verifier(config, keyring, genesis_digest, cache)
         self.now_ms = 0
         self.view = 0
@@ -638,7 +638,7 @@ class Replica:
 
     def _take_checkpoint(self) -> None:
         snapshot = self.ledger.snapshot()
-        ledger_digest = hashlib.sha256(snapshot).digest()
+        ledger_digest = self.ledger.digest()
         seq = self.last_executed
         self.own_snapshots[seq] = (self.chain_hash, ledger_digest, snapshot)
         # Bounded: snapshots too old to become stable any more are of no use.
@@ -1106,6 +1106,7 @@ class Replica:
                 self.id,
                 self.stable.seq,
                 self.stable.chain_hash,
+                self.stable.ledger_digest,
                 self.stable.snapshot,
                 self.stable.proof,
             )
@@ -1130,7 +1131,8 @@ class Replica:
             raise Rejected("unexpected_type")
         if state.seq <= self.stable.seq:
             return
-        ledger_digest = hashlib.sha256(state.ledger_snapshot).digest()
+        # The proof first (a few signatures), the snapshot only if the proof holds.
+        ledger_digest = state.ledger_digest
         self.verifier.checkpoint_proof(state.seq, state.chain_hash, ledger_digest, state.proof)
         if state.seq <= self.last_executed:
             # We ran past it already: the proof lets our own snapshot become stable.
@@ -1148,6 +1150,8 @@ class Replica:
             ledger = Ledger.restore(state.ledger_snapshot)
         except LedgerSnapshotError as error:
             raise Rejected("bad_snapshot", str(error)) from None
+        if ledger.digest() != ledger_digest:
+            raise Rejected("bad_snapshot", "the snapshot is not the state the proof names")
         self.ledger = ledger
         self.last_executed = state.seq
         self.chain_hash = state.chain_hash

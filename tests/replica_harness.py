@@ -31,7 +31,7 @@ from pbft.events import (
     Send,
     Tick,
 )
-from pbft.ledger import Account, Ledger, Payment
+from pbft.ledger import Account, Ledger, LedgerSnapshotError, Payment
 from pbft.messages import (
     Checkpoint,
     CheckpointState,
@@ -105,7 +105,7 @@ class Cluster:
             self.keyring.add(("client", j), key.verify_key)
         self.accounts = dict(GENESIS_ACCOUNTS)
         self.genesis_snapshot = self.genesis_ledger().snapshot()
-        self.genesis_ledger_digest = hashlib.sha256(self.genesis_snapshot).digest()
+        self.genesis_ledger_digest = self.genesis_ledger().digest()
         self.genesis_chain_hash = genesis_hash(self.genesis_ledger_digest)
         self.cache = VerificationCache()
 
@@ -260,8 +260,15 @@ class Cluster:
         proof: Sequence[bytes],
         *,
         sender: int = 0,
+        ledger_digest: bytes | None = None,
     ) -> bytes:
-        message = CheckpointState(sender, seq, chain_hash, snapshot, tuple(proof))
+        """By default the message claims the digest of the snapshot it carries."""
+        if ledger_digest is None:
+            try:
+                ledger_digest = Ledger.restore(snapshot).digest()
+            except LedgerSnapshotError:
+                ledger_digest = hashlib.sha256(snapshot).digest()
+        message = CheckpointState(sender, seq, chain_hash, ledger_digest, snapshot, tuple(proof))
         return seal(message, self.replica_keys[sender])
 
     def fetch(self, replica: int, from_seq: int, stable_seq: int = 0) -> bytes:

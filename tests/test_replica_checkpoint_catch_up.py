@@ -3,8 +3,6 @@ persisted records, at one replica driven with hand-made signed messages."""
 
 from __future__ import annotations
 
-import hashlib
-
 import pytest
 from replica_harness import (
     Chain,
@@ -21,6 +19,7 @@ from replica_harness import (
 
 from pbft.codec import unpack
 from pbft.events import Send, Tick
+from pbft.ledger import Ledger
 from pbft.messages import (
     Checkpoint,
     CheckpointState,
@@ -102,7 +101,7 @@ def test_two_f_plus_one_matching_checkpoints_make_checkpoint_stable(cluster: Clu
     assert record.value is not None
     seq, chain_hash, digest, snapshot, proof = unpack(record.value)
     assert (seq, chain_hash, digest) == (4, chain[4].digest, ledger_digest)
-    assert hashlib.sha256(snapshot).digest() == ledger_digest
+    assert Ledger.restore(snapshot).digest() == ledger_digest
     signers = sorted(
         open_envelope(raw, cluster.keyring, cluster.cache, Checkpoint).message.replica
         for raw in proof
@@ -314,6 +313,25 @@ def test_checkpoint_state_with_snapshot_not_matching_proven_digest_is_rejected(
     assert replica.last_executed == 0
     assert replica.ledger.digest() == cluster.genesis_ledger_digest
     assert replica.drops["bad_checkpoint_proof"] == 1
+    assert notes(actions, "state_transfer") == []
+
+
+def test_checkpoint_state_whose_snapshot_is_not_the_proven_state_is_rejected(
+    cluster: Cluster,
+) -> None:
+    """The proof is valid for the digest the message names; the snapshot it carries is not
+    that state. Nothing of it may be applied."""
+    replica = cluster.replica(3)
+    chain = build_chain(cluster, 4)
+    model = cluster.model_ledger(chain[s] for s in range(1, 5))
+    proof = cluster.checkpoint_proof(4, chain[4].digest, model.digest(), [0, 1, 2])
+    message = cluster.checkpoint_state(
+        4, chain[4].digest, cluster.genesis_snapshot, proof, ledger_digest=model.digest()
+    )
+    actions = cluster.deliver(replica, message)
+    assert replica.last_executed == 0
+    assert replica.ledger.digest() == cluster.genesis_ledger_digest
+    assert replica.drops["bad_snapshot"] == 1
     assert notes(actions, "state_transfer") == []
 
 
