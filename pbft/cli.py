@@ -66,8 +66,18 @@ def _run(arguments: argparse.Namespace) -> int:
     if arguments.seed is not None and not 0 <= arguments.seed < 2**63:
         print(f"pbft: --seed: {arguments.seed} is not in 0..2**63-1", file=sys.stderr)
         return EXIT_USAGE
+    # Open the outputs before the run, so a bad path fails at once, as a usage error.
+    try:
+        trace_file = open(arguments.trace, "w", encoding="utf-8") if arguments.trace else None  # noqa: SIM115
+        json_file = (
+            open(arguments.json, "w", encoding="utf-8")  # noqa: SIM115
+            if arguments.json and arguments.json != "-"
+            else None
+        )
+    except OSError as error:
+        print(f"pbft: cannot write {error.filename}: {error.strerror}", file=sys.stderr)
+        return EXIT_USAGE
     started = time.perf_counter()
-    trace_file = open(arguments.trace, "w", encoding="utf-8") if arguments.trace else None  # noqa: SIM115
     try:
         result = run_scenario(scenario, arguments.seed, trace_file)
     finally:
@@ -79,11 +89,11 @@ def _run(arguments: argparse.Namespace) -> int:
     print(_format(summary))
     if arguments.json:
         text = json.dumps(summary, indent=2, sort_keys=False)
-        if arguments.json == "-":
+        if json_file is None:
             print(text)
         else:
-            with open(arguments.json, "w", encoding="utf-8") as handle:
-                handle.write(text + "\n")
+            with json_file:
+                json_file.write(text + "\n")
     return EXIT_OK if result.verdict == "ok" else EXIT_VIOLATED
 
 

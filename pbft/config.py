@@ -27,7 +27,7 @@ class ClusterConfig:
     view_change_timeout_ms: int = 300
     heartbeat_interval_ms: int = 50
     # Signed messages of a slot that has not moved for this long are sent again (lossy links).
-    retransmit_interval_ms: int = 60
+    retransmit_interval_ms: int = 40
     # The view-change timeout doubles per failed view, up to this many doublings.
     max_timeout_doublings: int = 6
     # Limits that keep a replica's memory bounded whatever its peers and clients send.

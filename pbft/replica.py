@@ -70,6 +70,7 @@ from pbft.viewchange import NewViewPlan, VerifiedViewChange, plan_new_view, veri
 
 EVIDENCE_LIMIT = 64
 RETRANSMIT_SLOT_LIMIT = 8
+FORWARD_ON_NEW_VIEW_LIMIT = 256
 
 
 class ReplicaInvariantError(RuntimeError):
@@ -149,7 +150,7 @@ class Replica:
         self.next_seq = 1
         # Failure detection.
         self.last_primary_contact_ms = 0
-        self.last_primary_broadcast_ms = 0
+        self.last_heartbeat_ms = 0
         self.progress_deadline_ms: int | None = None
         self.last_suspect_ms: int | None = None
         self.suspects: dict[int, int] = {}
@@ -565,7 +566,6 @@ class Replica:
         raw = self._vote(slot, "pre_prepare", pre_prepare)
         slot.proposal = self.verifier.proposal(raw)
         self.next_seq = seq + 1
-        self.last_primary_broadcast_ms = self.now_ms
         self._broadcast(raw)
         self._advance(seq)
 
@@ -742,8 +742,10 @@ class Replica:
         if self.view_active:
             if self.is_primary:
                 self._maybe_propose()
-                if now_ms - self.last_primary_broadcast_ms >= self.config.heartbeat_interval_ms:
-                    self.last_primary_broadcast_ms = now_ms
+                # Sent under load too (as Raft's leader does): it tells backups how far the
+                # primary got, which is how a backup that lost a message learns it is behind.
+                if now_ms - self.last_heartbeat_ms >= self.config.heartbeat_interval_ms:
+                    self.last_heartbeat_ms = now_ms
                     heartbeat = Heartbeat(self.view, self.id, self.next_seq - 1, self.last_executed)
                     self._broadcast(seal(heartbeat, self.key))
             else:
@@ -987,7 +989,7 @@ class Replica:
         self.last_suspect_ms = None
         self.progress_deadline_ms = None
         self.last_primary_contact_ms = self.now_ms
-        self.last_primary_broadcast_ms = self.now_ms
+        self.last_heartbeat_ms = self.now_ms
         for view in [view for view in self.view_changes if view <= self.view]:
             del self.view_changes[view]
         checkpoint = plan.checkpoint
@@ -1013,6 +1015,13 @@ class Replica:
             identity: None for identity in self.pending if identity not in proposed
         }
         self._note("new_view", f"view {self.view} from checkpoint {checkpoint.seq}")
+        if not self.is_primary:
+            # Hand the new primary what we were waiting for, rather than wait for clients
+            # to time out and send it again.
+            primary = ("replica", self.config.primary_of(self.view))
+            for identity in list(self.pending)[:FORWARD_ON_NEW_VIEW_LIMIT]:
+                if identity not in proposed:
+                    self._send(primary, self.pending[identity].opened.raw)
         for proposal in proposals:
             self._advance(proposal.seq)
         if checkpoint.seq > self.last_executed:
@@ -1023,13 +1032,14 @@ class Replica:
     # --- retransmission and catch-up ----------------------------------------------------
 
     def _retransmit(self) -> None:
+        """Send again what we signed for slots that have not moved for an interval, each slot
+        on its own clock, so one lost message costs one interval, not two."""
         interval = self.config.retransmit_interval_ms
-        if self.now_ms - self.last_retransmit_ms < interval:
-            return
-        self.last_retransmit_ms = self.now_ms
         if not self.view_active:
-            if self.own_view_change is not None:
-                self._broadcast(self.own_view_change)
+            if self.now_ms - self.last_retransmit_ms >= interval:
+                self.last_retransmit_ms = self.now_ms
+                if self.own_view_change is not None:
+                    self._broadcast(self.own_view_change)
             return
         resent = 0
         for seq in sorted(self.slots):
@@ -1041,6 +1051,7 @@ class Replica:
             if self.now_ms - slot.last_progress_ms < interval:
                 continue
             resent += 1
+            slot.last_progress_ms = self.now_ms
             if self.is_primary:
                 self._broadcast(slot.proposal.raw)
             for raw in (slot.own_prepare, slot.own_commit):

@@ -40,6 +40,8 @@ class Observations:
     initial_total: int
     # replica -> seq -> entry digest of the batch it executed there
     executed_entries: dict[int, dict[int, bytes]] = field(default_factory=dict)
+    # (replica, seq, first digest, later digest): one replica executed two batches at a seq
+    self_conflicts: list[tuple[int, int, bytes, bytes]] = field(default_factory=list)
     # replica -> payment -> every execution of it (seq, record)
     executed_requests: dict[int, dict[PaymentId, list[tuple[int, ExecutedRequest]]]] = field(
         default_factory=dict
@@ -53,6 +55,12 @@ class Observations:
 
 def check_agreement(observed: Observations) -> CheckResult:
     result = CheckResult("agreement")
+    for replica, seq, first, later in observed.self_conflicts:
+        if replica in observed.correct:
+            result.fail(
+                f"replica {replica} executed two batches at seq {seq}: "
+                f"{first.hex()[:12]} then {later.hex()[:12]}"
+            )
     by_seq: dict[int, dict[bytes, list[int]]] = {}
     for replica in sorted(observed.correct):
         for seq, digest in observed.executed_entries.get(replica, {}).items():

@@ -116,7 +116,7 @@ class ClusterSpec:
     view_change_timeout_ms: int = 300
     batch_timeout_ms: int = 5
     heartbeat_interval_ms: int = 50
-    retransmit_interval_ms: int = 60
+    retransmit_interval_ms: int = 40
     client_timeout_ms: int = 400
     # 0 means two checkpoint intervals, as in pbft.config.ClusterConfig.
     watermark_window: int = 0

@@ -368,7 +368,13 @@ class Simulation:
                 self.trace.record(self.now_us, action.kind, name, action.detail)
 
     def _record_execution(self, replica: int, executed: Executed) -> None:
-        self.observed.executed_entries.setdefault(replica, {})[executed.seq] = executed.entry_digest
+        entries = self.observed.executed_entries.setdefault(replica, {})
+        earlier = entries.get(executed.seq)
+        if earlier is not None and earlier != executed.entry_digest:
+            self.observed.self_conflicts.append(
+                (replica, executed.seq, earlier, executed.entry_digest)
+            )
+        entries[executed.seq] = executed.entry_digest
         requests = self.observed.executed_requests.setdefault(replica, {})
         for record in executed.requests:
             requests.setdefault((record.client_id, record.request_id), []).append(

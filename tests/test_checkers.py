@@ -133,6 +133,19 @@ def test_agreement_flags_different_entries_at_one_seq() -> None:
     assert ENTRY_B.hex()[:12] in result.details[0]
 
 
+def test_agreement_flags_one_replica_executing_two_batches_at_one_seq() -> None:
+    """Even if its last batch matches everyone else's, a replica that executed another
+    batch at the same seq first has diverged."""
+    observed = consistent_history()
+    observed.self_conflicts.append((1, SEQ, ENTRY_B, ENTRY_A))
+    result = check_agreement(observed)
+    assert not result.ok
+    assert "replica 1 executed two batches" in result.details[0]
+    byzantine_only = consistent_history(correct=frozenset({0, 2, 3}))
+    byzantine_only.self_conflicts.append((1, SEQ, ENTRY_B, ENTRY_A))
+    assert check_agreement(byzantine_only).ok
+
+
 def test_agreement_allows_replicas_to_have_executed_different_prefixes() -> None:
     observed = consistent_history()
     observed.executed_entries[0][SEQ + 1] = ENTRY_B

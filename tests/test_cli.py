@@ -261,3 +261,33 @@ def test_bad_arguments_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str
 def test_seed_out_of_range_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     error = _usage_error(["run", str(FAULT_FREE), "--seed", "-1"], capsys)
     assert "--seed" in error
+
+
+@pytest.mark.parametrize("option", ["--trace", "--json"])
+def test_unwritable_output_path_is_a_usage_error_not_an_internal_error(
+    option: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # An output path in a directory that does not exist is a bad argument (exit 2 with a
+    # message naming it), not "internal error (a bug ...)" with a traceback (exit 3).
+    scenario = _write(tmp_path, "small.toml", SMALL)
+    target = tmp_path / "no-such-directory" / "out.json"
+    status = main(["run", str(scenario), option, str(target)])
+    error = capsys.readouterr().err
+    assert status == EXIT_USAGE, error
+    assert str(target) in error
+    assert "internal error" not in error
+
+
+# --- an empty workload ----------------------------------------------------------------------
+
+
+def test_empty_workload_reports_no_latency(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    scenario = _write(tmp_path, "empty.toml", 'name = "empty"\n[workload]\npayments = 0\n')
+    assert main(["run", str(scenario), "--json", "-"]) == EXIT_OK
+    out = capsys.readouterr().out
+    summary = _json_after_summary(out)
+    assert summary["payments"] == {"submitted": 0, "confirmed": 0, "rejected": 0, "undecided": 0}
+    assert summary["latency_ms"] == {"p50": None, "p95": None, "p99": None}
+    assert re.search(r"^latency \(ms\) +p50 - +p95 - +p99 -", out, re.M)

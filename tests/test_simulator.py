@@ -201,7 +201,8 @@ F = 1
 @st.composite
 def fault_schedules(draw: st.DrawFn) -> str:
     """Scenario TOML: n = 4, a small workload, a lossy network, at most f = 1 faulty replica
-    (crashed and restarted, or Byzantine, or both for the same replica) and partitions."""
+    (crashed and restarted, or Byzantine, or both for the same replica) and partitions, both
+    ways or one-way, that heal."""
     seed = draw(st.integers(0, 2**32 - 1))
     payments = draw(st.integers(20, 40))
     rate = draw(st.integers(100, 300))
@@ -270,8 +271,11 @@ def fault_schedules(draw: st.DrawFn) -> str:
             f"until_ms = {until_ms}",
             'action = "partition"',
             f"groups = {groups}",
-            "",
         ]
+        direction = draw(st.sampled_from([None, "both", "one-way"]))
+        if direction is not None:
+            lines.append(f'direction = "{direction}"')
+        lines.append("")
     if byzantine is not None:
         behavior = draw(st.sampled_from(["equivocate", "silent"]))
         lines += ["[[byzantine]]", f"replica = {byzantine}", f'behavior = "{behavior}"', ""]
