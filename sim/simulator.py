@@ -39,6 +39,7 @@ from sim.trace import Trace
 from sim.workload import PlannedPayment, genesis_accounts, plan_payments
 
 TICK_US = 5_000
+SIGNATURE_CACHE_ENTRIES = 1 << 18
 MINIMUM_DRAIN_US = 30_000_000
 
 _DELIVER, _TICK, _SUBMIT, _FAULT, _HEAL = range(5)
@@ -136,6 +137,10 @@ class Simulation:
         self.rng = random.Random(self.seed)
         self.config = cluster_config(scenario)
         self.trace = Trace(trace_sink)
+        # One signature cache for every simulated node. Verification is a pure function of
+        # (key, domain, payload, signature), so sharing changes no node's decision, only how
+        # often the simulator pays for the same check; failures are never cached.
+        self.signature_cache = VerificationCache(max_entries=SIGNATURE_CACHE_ENTRIES)
         self.now_us = 0
         self._queue: list[tuple[int, int, int, Any, Any, Any]] = []
         self._order = 0
@@ -177,7 +182,7 @@ class Simulation:
             node.core = self._boot(node)
             self.replicas.append(node)
         self.clients = [
-            ClientCore(client, self.config, key, self.keyring, cache=VerificationCache())
+            ClientCore(client, self.config, key, self.keyring, cache=self.signature_cache)
             for client, key in enumerate(client_keys)
         ]
         self.observed = Observations(
@@ -208,7 +213,7 @@ class Simulation:
             self.keyring,
             self.accounts,
             records=dict(node.storage) if node.storage else None,
-            cache=VerificationCache(),
+            cache=self.signature_cache,
         )
 
     # --- the event loop -----------------------------------------------------------------
