@@ -607,7 +607,7 @@ class Replica:
                     request.payee,
                     request.amount,
                     decision.outcome.value,
-                    decision.reason.value if result.fresh or decision.body_digest == digest else "",
+                    decision.reason.value,
                     result.fresh,
                 )
             )

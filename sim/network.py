@@ -51,6 +51,7 @@ class Network:
         self.sent = 0
         self.delivered = 0
         self.dropped: Counter[str] = Counter()
+        self.last_drop_reason = ""
 
     def partition(
         self, groups: Sequence[Iterable[int]], replica_count: int, one_way: bool = False
@@ -84,9 +85,11 @@ class Network:
         self.sent += 1
         if self._cut(source, destination):
             self.dropped["partition"] += 1
+            self.last_drop_reason = "partition"
             return []
         if self.drop and self.rng.random() < self.drop:
             self.dropped["loss"] += 1
+            self.last_drop_reason = "loss"
             return []
         copies = 2 if self.duplicate and self.rng.random() < self.duplicate else 1
         return [self.latency.sample_us(self.rng) for _ in range(copies)]

@@ -280,6 +280,7 @@ class Simulation:
             node = self.replicas[index]
             if node.core is None:
                 self.network.dropped["destination_down"] += 1
+                self._trace_lost(source, destination, data, "destination_down")
                 return
             self._replica_actions(node, node.core.handle(MessageReceived(data)))
         else:
@@ -342,9 +343,22 @@ class Simulation:
                 payloads = behavior.outgoing(destination, data)
                 if not payloads:
                     self.withheld += 1
+                    self._trace_lost(source, destination, data, "byzantine_withheld")
         for payload in payloads:
-            for delay_us in self.network.route(source, destination):
+            delays_us = self.network.route(source, destination)
+            if not delays_us:
+                self._trace_lost(source, destination, payload, self.network.last_drop_reason)
+            for delay_us in delays_us:
                 self._schedule(self.now_us + delay_us, _DELIVER, source, destination, payload)
+
+    def _trace_lost(self, source: Principal, destination: Principal, data: bytes, why: str) -> None:
+        message_type = data[2] if len(data) > 2 else -1
+        self.trace.record(
+            self.now_us,
+            "lost",
+            _node_name(destination),
+            f"{_node_name(source)} {_type_name(message_type)} {why}",
+        )
 
     def _replica_actions(self, node: ReplicaNode, actions: list[Action]) -> None:
         source: Principal = ("replica", node.replica_id)
