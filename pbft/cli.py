@@ -34,6 +34,10 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, help="override the scenario's seed")
     run.add_argument("--json", metavar="PATH", help="also write the summary as JSON ('-' = stdout)")
     run.add_argument("--trace", metavar="PATH", help="write every event as JSON lines")
+    sweep = commands.add_parser("sweep", help="run one scenario under many seeds, in parallel")
+    sweep.add_argument("scenario", help="path to a scenario TOML file")
+    sweep.add_argument("--seeds", default="0..99", help="e.g. 0..999 or 1,5,10..20")
+    sweep.add_argument("--jobs", type=int, help="worker processes (default: one per core)")
     return parser
 
 
@@ -42,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if arguments.command == "run":
             return _run(arguments)
+        if arguments.command == "sweep":
+            return _sweep(arguments)
     except KeyboardInterrupt:
         return EXIT_INTERNAL
     except Exception:  # noqa: BLE001 - the last line of defence: report, exit 3
@@ -95,6 +101,30 @@ def _run(arguments: argparse.Namespace) -> int:
             with json_file:
                 json_file.write(text + "\n")
     return EXIT_OK if result.verdict == "ok" else EXIT_VIOLATED
+
+
+def _sweep(arguments: argparse.Namespace) -> int:
+    from sim.scenario import ScenarioError, load_scenario
+    from sim.sweep import ProgressBar, SeedRangeError, default_jobs, parse_seeds, report, sweep
+
+    try:
+        load_scenario(arguments.scenario)
+        seeds = parse_seeds(arguments.seeds)
+    except ScenarioError as error:
+        print(f"pbft: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except SeedRangeError as error:
+        print(f"pbft: --seeds: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    jobs = arguments.jobs if arguments.jobs is not None else default_jobs()
+    if not 1 <= jobs <= 256:
+        print(f"pbft: --jobs: {jobs} is not in 1..256", file=sys.stderr)
+        return EXIT_USAGE
+    outcomes = sweep(arguments.scenario, seeds, jobs, ProgressBar(sys.stderr))
+    report(arguments.scenario, outcomes)
+    if any(outcome.verdict == "error" for outcome in outcomes):
+        return EXIT_INTERNAL
+    return EXIT_OK if all(outcome.verdict == "ok" for outcome in outcomes) else EXIT_VIOLATED
 
 
 def _format(summary: dict[str, Any]) -> str:
