@@ -51,7 +51,7 @@ class Behavior:
         self.key = key
         self.adversary = adversary
 
-    def outgoing(self, destination: Principal, data: bytes) -> list[bytes]:
+    def outgoing(self, destination: Principal, data: bytes, now_ms: int) -> list[bytes]:
         """The messages actually sent to `destination` in place of `data`."""
         return [data]
 
@@ -61,7 +61,7 @@ class Silent(Behavior):
 
     name = "silent"
 
-    def outgoing(self, destination: Principal, data: bytes) -> list[bytes]:
+    def outgoing(self, destination: Principal, data: bytes, now_ms: int) -> list[bytes]:
         return []
 
 
@@ -71,7 +71,7 @@ class Equivocate(Behavior):
 
     name = "equivocate"
 
-    def outgoing(self, destination: Principal, data: bytes) -> list[bytes]:
+    def outgoing(self, destination: Principal, data: bytes, now_ms: int) -> list[bytes]:
         if destination[0] != "replica" or destination[1] not in self.adversary.fork_side:
             return [data]
         message = _decode(data)

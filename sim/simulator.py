@@ -340,7 +340,7 @@ class Simulation:
         if source[0] == "replica":
             behavior = self.replicas[source[1]].behavior
             if behavior is not None:
-                payloads = behavior.outgoing(destination, data)
+                payloads = behavior.outgoing(destination, data, self.now_us // 1000)
                 if not payloads:
                     self.withheld += 1
                     self._trace_lost(source, destination, data, "byzantine_withheld")
