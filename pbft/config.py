@@ -19,6 +19,10 @@ class ClusterConfig:
     # Requests per batch; a batch is also flushed once its oldest request waited this long.
     batch_size: int = 32
     batch_timeout_ms: int = 5
+    # The primary keeps at most this many proposed batches unexecuted. Entries prepare one
+    # after another (the chain rule), so more in flight only makes batches smaller; holding
+    # back lets requests gather into fuller batches under load.
+    max_inflight_batches: int = 4
     # Every checkpoint_interval sequence numbers the replicas agree on a state digest.
     checkpoint_interval: int = 16
     # The watermark window: the primary may run this far ahead of the last stable checkpoint.
@@ -43,6 +47,11 @@ class ClusterConfig:
         _require(4 <= self.replica_count <= 256, "replica_count", "needs 4 <= n <= 256 (f >= 1)")
         _require(1 <= self.batch_size <= 1024, "batch_size", "must be in 1..1024")
         _require(0 <= self.batch_timeout_ms <= 60_000, "batch_timeout_ms", "must be in 0..60000")
+        _require(
+            1 <= self.max_inflight_batches <= 8192,
+            "max_inflight_batches",
+            "must be in 1..8192",
+        )
         _require(1 <= self.checkpoint_interval <= 4096, "checkpoint_interval", "must be in 1..4096")
         _require(
             self.checkpoint_interval <= self.watermark_window <= 8192

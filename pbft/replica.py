@@ -533,7 +533,8 @@ class Replica:
         if not (self.is_primary and self.view_active):
             return
         window_high = self._window_low() + self.config.watermark_window
-        while self.proposal_queue and self.next_seq <= window_high:
+        inflight_high = self.last_executed + self.config.max_inflight_batches
+        while self.proposal_queue and self.next_seq <= min(window_high, inflight_high):
             if len(self.proposal_queue) < self.config.batch_size:
                 oldest = self.pending[next(iter(self.proposal_queue))]
                 if self.now_ms - oldest.arrived_ms < self.config.batch_timeout_ms:
@@ -570,16 +571,20 @@ class Replica:
         self._advance(seq)
 
     def _execute_ready(self) -> None:
+        executed_before = self.last_executed
         while True:
             slot = self.slots.get(self.last_executed + 1)
             if slot is None or slot.committed is None:
-                return
+                break
             proposal = slot.committed.proposal
             if proposal.prev_hash != self.chain_hash:
                 # Only possible with more than f faulty replicas: refuse to run on a fork.
                 self._halt(f"chain fork at seq {slot.seq}")
                 return
             self._execute(proposal)
+        if self.last_executed > executed_before:
+            # Room in the pipeline again: propose what gathered meanwhile.
+            self._maybe_propose()
 
     def _execute(self, proposal: Proposal) -> None:
         executed = []

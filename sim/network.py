@@ -36,6 +36,36 @@ class Latency:
         return min(MAX_LATENCY_US, max(1, int(value_ms * 1000)))
 
 
+@dataclass(frozen=True)
+class LinkRule:
+    """A network fault on the messages that match its filters, while it is installed."""
+
+    rule_id: int
+    action: str  # "delay" | "drop" | "duplicate" | "reorder"
+    sources: tuple[int | str, ...] | None = None  # replica ids and/or "clients"; None: any
+    destinations: tuple[int | str, ...] | None = None
+    messages: tuple[str, ...] | None = None  # message type names; None: any
+    probability: float = 1.0
+    add_ms: float = 0.0
+    latency: Latency | None = None
+    window_ms: float = 0.0
+
+    def matches(self, source: Principal, destination: Principal, message_type: str) -> bool:
+        return (
+            _endpoint_matches(self.sources, source)
+            and _endpoint_matches(self.destinations, destination)
+            and (self.messages is None or message_type in self.messages)
+        )
+
+
+def _endpoint_matches(endpoints: tuple[int | str, ...] | None, node: Principal) -> bool:
+    if endpoints is None:
+        return True
+    if node[0] == "client":
+        return "clients" in endpoints
+    return node[1] in endpoints
+
+
 class Network:
     def __init__(self, rng: random.Random, latency: Latency, drop: float, duplicate: float) -> None:
         if not (0.0 <= drop < 1.0 and 0.0 <= duplicate < 1.0):
@@ -52,6 +82,21 @@ class Network:
         self.delivered = 0
         self.dropped: Counter[str] = Counter()
         self.last_drop_reason = ""
+        # Installed link faults, in installation order (the order their dice are rolled).
+        self.rules: dict[int, LinkRule] = {}
+
+    def add_rule(self, rule: LinkRule) -> None:
+        self.rules[rule.rule_id] = rule
+
+    def remove_rule(self, rule_id: int) -> None:
+        self.rules.pop(rule_id, None)
+
+    def make_synchronous(self) -> None:
+        """The liveness phase: no partition, no fault, no loss, no duplication."""
+        self.heal()
+        self.rules.clear()
+        self.drop = 0.0
+        self.duplicate = 0.0
 
     def partition(
         self, groups: Sequence[Iterable[int]], replica_count: int, one_way: bool = False
@@ -80,7 +125,7 @@ class Network:
             return source_group < destination_group
         return source_group != destination_group
 
-    def route(self, source: Principal, destination: Principal) -> list[int]:
+    def route(self, source: Principal, destination: Principal, message_type: str = "") -> list[int]:
         """Delays (us) of the copies that will arrive; empty when the message is lost."""
         self.sent += 1
         if self._cut(source, destination):
@@ -92,4 +137,35 @@ class Network:
             self.last_drop_reason = "loss"
             return []
         copies = 2 if self.duplicate and self.rng.random() < self.duplicate else 1
-        return [self.latency.sample_us(self.rng) for _ in range(copies)]
+        delays = [self.latency.sample_us(self.rng) for _ in range(copies)]
+        if self.rules:
+            return self._apply_rules(source, destination, message_type, delays)
+        return delays
+
+    def _apply_rules(
+        self, source: Principal, destination: Principal, message_type: str, delays: list[int]
+    ) -> list[int]:
+        extra_us = 0
+        for rule in self.rules.values():
+            if not rule.matches(source, destination, message_type):
+                continue
+            if rule.action == "drop":
+                if self.rng.random() < rule.probability:
+                    self.dropped["fault_drop"] += 1
+                    self.last_drop_reason = "fault_drop"
+                    return []
+            elif rule.action == "duplicate":
+                if self.rng.random() < rule.probability:
+                    delays.append(self.latency.sample_us(self.rng))
+            elif rule.action == "delay":
+                if rule.latency is not None:
+                    extra_us += rule.latency.sample_us(self.rng)
+                else:
+                    extra_us += int(rule.add_ms * 1000)
+            elif rule.action == "reorder":
+                # Each copy is held back by its own random amount, so matching messages
+                # overtake one another.
+                delays = [
+                    delay + int(self.rng.uniform(0, rule.window_ms) * 1000) for delay in delays
+                ]
+        return [min(MAX_LATENCY_US, delay + extra_us) for delay in delays]

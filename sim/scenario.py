@@ -20,8 +20,64 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, TypeGuard
 
-BEHAVIORS: Final = ("equivocate", "silent")
-FAULT_ACTIONS: Final = ("crash", "restart", "partition", "heal")
+BEHAVIORS: Final = (
+    "equivocate",
+    "silent",
+    "slow",
+    "censor",
+    "invalid_batch",
+    "bad_sequence",
+    "bad_chain",
+    "double_vote",
+    "vote_without_proposal",
+    "withhold_votes",
+    "wrong_reply",
+    "replay",
+    "garbage",
+    "view_change_spam",
+)
+# The parameters a behaviour takes besides replica, behavior, at_ms and until_ms.
+BEHAVIOR_PARAMETERS: Final[dict[str, tuple[str, ...]]] = {
+    "slow": ("delay_ms",),
+    "censor": ("client",),
+    "invalid_batch": ("kind",),
+    "bad_sequence": ("kind",),
+}
+# The values of `kind`, the first one being the default.
+BEHAVIOR_KINDS: Final[dict[str, tuple[str, ...]]] = {
+    "invalid_batch": ("bad_signature", "unsent", "duplicate"),
+    "bad_sequence": ("skip", "reuse", "outside_window"),
+}
+FAULT_ACTIONS: Final = (
+    "crash",
+    "restart",
+    "partition",
+    "heal",
+    "delay",
+    "drop",
+    "duplicate",
+    "reorder",
+    "pause",
+    "resume",
+    "clock_skew",
+)
+# Network faults: they act on the messages that match their from/to/messages filters.
+LINK_FAULTS: Final = ("delay", "drop", "duplicate", "reorder")
+MESSAGE_TYPE_NAMES: Final = (
+    "REQUEST",
+    "PRE_PREPARE",
+    "PREPARE",
+    "COMMIT",
+    "REPLY",
+    "HEARTBEAT",
+    "SUSPECT",
+    "CHECKPOINT",
+    "VIEW_CHANGE",
+    "NEW_VIEW",
+    "FETCH",
+    "CHECKPOINT_STATE",
+    "COMMIT_CERTIFICATE",
+)
 LATENCY_DISTRIBUTIONS: Final = ("uniform", "exponential")
 
 MAX_NAME_LENGTH: Final = 100
@@ -42,6 +98,7 @@ _TOP_LEVEL_KEYS: Final = (
     "workload",
     "faults",
     "byzantine",
+    "liveness",
     "expect",
 )
 _CLUSTER_KEYS: Final = (
@@ -65,9 +122,42 @@ _WORKLOAD_KEYS: Final = (
     "rate_per_s",
     "overdraw",
 )
-_FAULT_KEYS: Final = ("at_ms", "action", "replica", "until_ms", "groups", "direction")
+_FAULT_KEYS: Final = (
+    "at_ms",
+    "action",
+    "replica",
+    "until_ms",
+    "groups",
+    "direction",
+    "wipe",
+    "from",
+    "to",
+    "messages",
+    "probability",
+    "add_ms",
+    "latency_ms",
+    "window_ms",
+    "factor",
+)
+_LIVENESS_KEYS: Final = ("heal_all_at_ms", "within_ms")
+# Which optional keys each fault action takes; anything else in its table is an error.
+_FAULT_ACTION_KEYS: Final = {
+    "crash": ("replica",),
+    "restart": ("replica", "wipe"),
+    "partition": ("groups", "until_ms", "direction"),
+    "heal": (),
+    "delay": ("from", "to", "messages", "until_ms", "add_ms", "latency_ms"),
+    "drop": ("from", "to", "messages", "until_ms", "probability"),
+    "duplicate": ("from", "to", "messages", "until_ms", "probability"),
+    "reorder": ("from", "to", "messages", "until_ms", "window_ms"),
+    "pause": ("replica", "until_ms"),
+    "resume": ("replica",),
+    "clock_skew": ("replica", "factor", "until_ms"),
+}
+MAX_CLOCK_SKEW_FACTOR: Final = 10.0
 PARTITION_DIRECTIONS: Final = ("both", "one-way")
-_BYZANTINE_KEYS: Final = ("replica", "behavior")
+_BYZANTINE_PARAMETER_KEYS: Final = ("delay_ms", "client", "kind")
+_BYZANTINE_KEYS: Final = ("replica", "behavior", "at_ms", "until_ms", *_BYZANTINE_PARAMETER_KEYS)
 _EXPECT_KEYS: Final = ("safety", "liveness", "deadline_ms")
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
@@ -161,12 +251,56 @@ class FaultSpec:
     until_ms: int | None = None
     groups: tuple[tuple[int, ...], ...] | None = None
     direction: str = "both"
+    # restart: come back with nothing persisted, to rejoin by catch-up alone.
+    wipe: bool = False
+    # Link faults: which messages they touch. None matches anything. Endpoints are replica
+    # ids or "clients"; message types are names such as "PREPARE".
+    sources: tuple[int | str, ...] | None = None
+    destinations: tuple[int | str, ...] | None = None
+    messages: tuple[str, ...] | None = None
+    # drop / duplicate: per matching message; reorder: always 1.
+    probability: float | None = None
+    # delay: a fixed extra delay, or an extra delay drawn from a distribution.
+    add_ms: float | None = None
+    latency: LatencySpec | None = None
+    # reorder: matching messages are held back by up to this long, so they overtake.
+    window_ms: float | None = None
+    # clock_skew: the replica's clock runs this many times as fast as real time.
+    factor: float | None = None
+
+
+@dataclass(frozen=True)
+class LivenessSpec:
+    """From heal_all_at_ms every fault stops and the network is synchronous; every payment
+    must then be decided within within_ms (of heal_all_at_ms, or of its submission if later)."""
+
+    heal_all_at_ms: int
+    within_ms: int
 
 
 @dataclass(frozen=True)
 class ByzantineSpec:
+    """One Byzantine replica: ``behavior`` rewrites its outgoing messages from ``at_ms`` until
+    ``until_ms`` (None: to the end); outside that window it behaves correctly.
+
+    Parameters, each for its behaviour only: ``delay_ms`` (slow; None means 0.8 x
+    cluster.view_change_timeout_ms), ``client`` (censor, required) and ``kind``
+    (invalid_batch, bad_sequence; see BEHAVIOR_KINDS).
+    """
+
     replica: int
     behavior: str
+    at_ms: int = 0
+    until_ms: int | None = None
+    delay_ms: int | None = None
+    client: int | None = None
+    kind: str | None = None
+
+    @property
+    def params(self) -> dict[str, int | str]:
+        """The behaviour's parameters that are set, by name."""
+        values = {"delay_ms": self.delay_ms, "client": self.client, "kind": self.kind}
+        return {name: value for name, value in values.items() if value is not None}
 
 
 @dataclass(frozen=True)
@@ -193,6 +327,7 @@ class Scenario:
     expect: ExpectSpec
     # The file path, or "<string>"; error messages start with it.
     source: str
+    liveness: LivenessSpec | None = None
 
     def with_seed(self, seed: int) -> Scenario:
         """The same scenario under another seed (e.g. from a command-line override)."""
@@ -389,9 +524,14 @@ class _Reader:
             for index, table in enumerate(fault_tables)
         ]
         byzantine = self.byzantine(
-            self.array_of_tables(document.get("byzantine", []), "byzantine"), cluster.replicas
+            self.array_of_tables(document.get("byzantine", []), "byzantine"),
+            cluster.replicas,
+            workload.clients,
         )
         expect = self.expect(self.table(document.get("expect", {}), "expect"))
+        liveness = None
+        if "liveness" in document:
+            liveness = self.liveness(self.table(document["liveness"], "liveness"))
         return Scenario(
             name=name,
             description=description,
@@ -404,6 +544,7 @@ class _Reader:
             byzantine=byzantine,
             expect=expect,
             source=self.source,
+            liveness=liveness,
         )
 
     def cluster(self, table: dict[str, Any]) -> ClusterSpec:
@@ -463,8 +604,7 @@ class _Reader:
         self.check(0 <= probability < 1, path, f"must be in [0, 1), got {probability}")
         return probability
 
-    def latency(self, table: dict[str, Any]) -> LatencySpec:
-        path = "network.latency_ms"
+    def latency(self, table: dict[str, Any], path: str = "network.latency_ms") -> LatencySpec:
         self.known_keys(table, _LATENCY_KEYS, path)
         distribution = self.choice(
             table.get("dist", "uniform"), f"{path}.dist", LATENCY_DISTRIBUTIONS
@@ -530,22 +670,16 @@ class _Reader:
         at_ms = self.integer(self.required(table, "at_ms", path), f"{path}.at_ms", 0, None)
         action = self.choice(self.required(table, "action", path), f"{path}.action", FAULT_ACTIONS)
         # Each action takes exactly its own fields; a stray one is most likely a mistake.
-        takes = {
-            "replica": action in ("crash", "restart"),
-            "groups": action == "partition",
-            "until_ms": action == "partition",
-            "direction": action == "partition",
-        }
-        for key, allowed in takes.items():
-            self.check(
-                allowed or key not in table, f"{path}.{key}", f"not used by action {action!r}"
-            )
+        takes = _FAULT_ACTION_KEYS[action]
+        for key in table:
+            if key not in ("at_ms", "action"):
+                self.check(key in takes, f"{path}.{key}", f"not used by action {action!r}")
         replica = None
-        if takes["replica"]:
+        if "replica" in takes:
             replica_value = self.required(table, "replica", path)
             replica = self.replica_id(replica_value, f"{path}.replica", replicas)
         groups = None
-        if takes["groups"]:
+        if "groups" in takes:
             groups = self.groups(self.required(table, "groups", path), f"{path}.groups", replicas)
         until_ms = None
         if "until_ms" in table:
@@ -558,6 +692,45 @@ class _Reader:
         direction = "both"
         if "direction" in table:
             direction = self.choice(table["direction"], f"{path}.direction", PARTITION_DIRECTIONS)
+        wipe = self.boolean(table.get("wipe", False), f"{path}.wipe")
+        sources = destinations = messages = None
+        if action in LINK_FAULTS:
+            sources = self.endpoints(table.get("from", "*"), f"{path}.from", replicas)
+            destinations = self.endpoints(table.get("to", "*"), f"{path}.to", replicas)
+            if "messages" in table:
+                messages = self.message_types(table["messages"], f"{path}.messages")
+        probability = add_ms = window_ms = factor = None
+        latency = None
+        if action in ("drop", "duplicate"):
+            probability = self.number(
+                self.required(table, "probability", path), f"{path}.probability"
+            )
+            self.check(
+                0 <= probability <= 1,
+                f"{path}.probability",
+                f"must be in [0, 1], got {probability}",
+            )
+        if action == "delay":
+            self.check(
+                ("add_ms" in table) != ("latency_ms" in table),
+                path,
+                "a delay takes exactly one of add_ms and latency_ms",
+            )
+            if "add_ms" in table:
+                add_ms = self.duration(table["add_ms"], f"{path}.add_ms")
+            else:
+                latency_path = f"{path}.latency_ms"
+                latency = self.latency(self.table(table["latency_ms"], latency_path), latency_path)
+        if action == "reorder":
+            window_ms = self.duration(table.get("window_ms", 20), f"{path}.window_ms")
+            self.check(window_ms > 0, f"{path}.window_ms", "must be greater than 0")
+        if action == "clock_skew":
+            factor = self.number(self.required(table, "factor", path), f"{path}.factor")
+            self.check(
+                1 / MAX_CLOCK_SKEW_FACTOR <= factor <= MAX_CLOCK_SKEW_FACTOR,
+                f"{path}.factor",
+                f"must be in {1 / MAX_CLOCK_SKEW_FACTOR}..{MAX_CLOCK_SKEW_FACTOR}, got {factor}",
+            )
         return FaultSpec(
             at_ms=at_ms,
             action=action,
@@ -565,7 +738,57 @@ class _Reader:
             until_ms=until_ms,
             groups=groups,
             direction=direction,
+            wipe=wipe,
+            sources=sources,
+            destinations=destinations,
+            messages=messages,
+            probability=probability,
+            add_ms=add_ms,
+            latency=latency,
+            window_ms=window_ms,
+            factor=factor,
         )
+
+    def endpoints(self, value: object, path: str, replicas: int) -> tuple[int | str, ...] | None:
+        """`"*"` (anything), `"clients"`, `"replicas"`, a replica id, or a list of those."""
+        items = value if isinstance(value, list) else [value]
+        self.check(bool(items), path, "must not be empty")
+        endpoints: dict[int | str, None] = {}
+        for index, item in enumerate(items):
+            item_path = f"{path}[{index}]" if isinstance(value, list) else path
+            if item == "*":
+                return None
+            if item == "clients":
+                endpoints["clients"] = None
+            elif item == "replicas":
+                endpoints.update(dict.fromkeys(range(replicas)))
+            elif _is_integer(item):
+                endpoints[self.replica_id(item, item_path, replicas)] = None
+            else:
+                raise self.error(
+                    item_path,
+                    f'expected a replica id, "clients", "replicas" or "*", got {_describe(item)}',
+                )
+        return tuple(endpoints)
+
+    def message_types(self, value: object, path: str) -> tuple[str, ...]:
+        self.check(isinstance(value, list) and bool(value), path, "expected a list of types")
+        if not isinstance(value, list):
+            return ()
+        return tuple(
+            self.choice(item, f"{path}[{index}]", MESSAGE_TYPE_NAMES)
+            for index, item in enumerate(value)
+        )
+
+    def liveness(self, table: dict[str, Any]) -> LivenessSpec:
+        self.known_keys(table, _LIVENESS_KEYS, "liveness")
+        heal_all_at_ms = self.integer(
+            self.required(table, "heal_all_at_ms", "liveness"), "liveness.heal_all_at_ms", 0, None
+        )
+        within_ms = self.integer(
+            self.required(table, "within_ms", "liveness"), "liveness.within_ms", 1, None
+        )
+        return LivenessSpec(heal_all_at_ms, within_ms)
 
     def groups(self, value: object, path: str, replicas: int) -> tuple[tuple[int, ...], ...]:
         if not isinstance(value, list):
@@ -593,7 +816,9 @@ class _Reader:
             groups.append(tuple(group))
         return tuple(groups)
 
-    def byzantine(self, tables: list[dict[str, Any]], replicas: int) -> tuple[ByzantineSpec, ...]:
+    def byzantine(
+        self, tables: list[dict[str, Any]], replicas: int, clients: int | None = None
+    ) -> tuple[ByzantineSpec, ...]:
         entries: list[ByzantineSpec] = []
         listed_at: dict[int, int] = {}
         for index, table in enumerate(tables):
@@ -611,7 +836,7 @@ class _Reader:
             behavior = self.choice(
                 self.required(table, "behavior", path), f"{path}.behavior", BEHAVIORS
             )
-            entries.append(ByzantineSpec(replica=replica, behavior=behavior))
+            entries.append(self.byzantine_entry(table, path, replica, behavior, clients))
         # With every replica Byzantine there is no correct replica left to check anything on.
         self.check(
             len(entries) <= replicas - 1,
@@ -619,6 +844,58 @@ class _Reader:
             f"at most {replicas - 1} entries (cluster.replicas - 1), got {len(entries)}",
         )
         return tuple(entries)
+
+    def byzantine_entry(
+        self, table: dict[str, Any], path: str, replica: int, behavior: str, clients: int | None
+    ) -> ByzantineSpec:
+        takes = BEHAVIOR_PARAMETERS.get(behavior, ())
+        for key in _BYZANTINE_PARAMETER_KEYS:
+            self.check(
+                key in takes or key not in table,
+                f"{path}.{key}",
+                f"not used by behavior {behavior!r}",
+            )
+        at_ms = self.integer(table.get("at_ms", 0), f"{path}.at_ms", 0, None)
+        until_ms = None
+        if "until_ms" in table:
+            until_ms = self.integer(table["until_ms"], f"{path}.until_ms", 0, None)
+            self.check(
+                until_ms > at_ms,
+                f"{path}.until_ms",
+                f"must be after at_ms ({_show(at_ms)}), got {_show(until_ms)}",
+            )
+        delay_ms = None
+        if "delay_ms" in table:
+            delay_ms = self.integer(table["delay_ms"], f"{path}.delay_ms", 0, MAX_DURATION_MS)
+        client = None
+        if "client" in takes:
+            client_path = f"{path}.client"
+            value = self.required(table, "client", path)
+            if not _is_integer(value):
+                raise self.error(
+                    client_path, f"expected a client id (integer), got {_describe(value)}"
+                )
+            if clients is not None:
+                self.check(
+                    0 <= value < clients,
+                    client_path,
+                    f"client {_show(value)} does not exist: workload.clients = {clients}, ids "
+                    f"are 0..{clients - 1}",
+                )
+            client = self.integer(value, client_path, 0, None)
+        kind = None
+        if behavior in BEHAVIOR_KINDS:
+            kinds = BEHAVIOR_KINDS[behavior]
+            kind = self.choice(table.get("kind", kinds[0]), f"{path}.kind", kinds)
+        return ByzantineSpec(
+            replica=replica,
+            behavior=behavior,
+            at_ms=at_ms,
+            until_ms=until_ms,
+            delay_ms=delay_ms,
+            client=client,
+            kind=kind,
+        )
 
     def expect(self, table: dict[str, Any]) -> ExpectSpec:
         self.known_keys(table, _EXPECT_KEYS, "expect")

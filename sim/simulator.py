@@ -29,12 +29,13 @@ from pbft.events import (
     Send,
     Tick,
 )
+from pbft.ledger import Ledger
 from pbft.messages import MessageType
 from pbft.replica import Replica
-from sim.byzantine import BEHAVIORS, Adversary, Behavior
+from sim.byzantine import Adversary, Behavior, build_behavior
 from sim.checkers import SAFETY_CHECKS, CheckResult, Observations, run_checks
-from sim.network import Latency, Network
-from sim.scenario import FaultSpec, Scenario
+from sim.network import Latency, LinkRule, Network
+from sim.scenario import LINK_FAULTS, FaultSpec, Scenario
 from sim.trace import Trace
 from sim.workload import PlannedPayment, genesis_accounts, plan_payments
 
@@ -42,7 +43,11 @@ TICK_US = 5_000
 SIGNATURE_CACHE_ENTRIES = 1 << 18
 MINIMUM_DRAIN_US = 30_000_000
 
-_DELIVER, _TICK, _SUBMIT, _FAULT, _HEAL = range(5)
+_DELIVER, _TICK, _SUBMIT, _FAULT, _HEAL, _END_RULE, _RESUME, _END_SKEW, _HEAL_ALL = range(9)
+# Messages a paused replica's host buffers for it (as a kernel's socket buffers would).
+PAUSED_INBOX_LIMIT = 100_000
+# Observations of a replica after a wiped restart are kept apart from its earlier life.
+INCARNATION_STRIDE = 1000
 
 
 @dataclass
@@ -53,6 +58,29 @@ class ReplicaNode:
     behavior: Behavior | None
     core: Replica | None = None
     retired_drops: Counter[str] = field(default_factory=Counter)
+    paused: bool = False
+    inbox: list[tuple[Principal, bytes]] = field(default_factory=list)
+    # The replica's clock: clock_anchor_ms at clock_anchor_us, running clock_factor times
+    # as fast as simulated time since then (clock skew).
+    clock_factor: float = 1.0
+    clock_anchor_us: int = 0
+    clock_anchor_ms: int = 0
+    incarnation: int = 0
+
+    def clock_ms(self, now_us: int) -> int:
+        elapsed_us = now_us - self.clock_anchor_us
+        if self.clock_factor == 1.0:
+            return self.clock_anchor_ms + elapsed_us // 1000
+        return self.clock_anchor_ms + int(elapsed_us * self.clock_factor / 1000)
+
+    def set_clock_factor(self, now_us: int, factor: float) -> None:
+        self.clock_anchor_ms = self.clock_ms(now_us)
+        self.clock_anchor_us = now_us
+        self.clock_factor = factor
+
+    @property
+    def observer_id(self) -> int:
+        return self.replica_id + INCARNATION_STRIDE * self.incarnation
 
 
 @dataclass
@@ -168,14 +196,26 @@ class Simulation:
         self.accounts = genesis_accounts(
             workload.accounts, workload.clients, workload.initial_balance
         )
-        byzantine = {entry.replica: entry.behavior for entry in scenario.byzantine}
+        byzantine = {entry.replica: entry for entry in scenario.byzantine}
         self.adversary = Adversary.for_cluster(self.config.replica_count, frozenset(byzantine))
+        # Every replica knows the genesis ledger; a Byzantine one may cite it (view changes).
+        genesis_ledger_digest = Ledger(self.accounts, self.config.dedup_window).digest()
         self.replicas: list[ReplicaNode] = []
         for replica, key in enumerate(replica_keys):
-            behavior_name = byzantine.get(replica)
+            entry = byzantine.get(replica)
             behavior = (
-                BEHAVIORS[behavior_name](replica, key, self.adversary)
-                if behavior_name is not None
+                build_behavior(
+                    entry.behavior,
+                    replica,
+                    key,
+                    self.adversary,
+                    config=self.config,
+                    params=entry.params,
+                    at_ms=entry.at_ms,
+                    until_ms=entry.until_ms,
+                    genesis_ledger_digest=genesis_ledger_digest,
+                )
+                if entry is not None
                 else None
             )
             node = ReplicaNode(replica, key, {}, behavior)
@@ -230,15 +270,27 @@ class Simulation:
             self._schedule(TICK_US * index // max(1, len(self.clients)), _TICK, ("client", index))
         for payment in self.payments:
             self._schedule(payment.at_us, _SUBMIT, payment)
-        for fault in self.scenario.faults:
-            self._schedule(fault.at_ms * 1000, _FAULT, fault)
-            if fault.action == "partition" and fault.until_ms is not None:
-                self._schedule(fault.until_ms * 1000, _HEAL)
+        for index, fault in enumerate(self.scenario.faults):
+            self._schedule(fault.at_ms * 1000, _FAULT, fault, index)
+        liveness = self.scenario.liveness
+        if liveness is not None:
+            self._schedule(liveness.heal_all_at_ms * 1000, _HEAL_ALL)
         last_submit_us = self.payments[-1].at_us if self.payments else 0
-        last_fault_us = max((fault.at_ms * 1000 for fault in self.scenario.faults), default=0)
+        last_fault_us = max(
+            (
+                max(fault.at_ms, fault.until_ms or 0) * 1000
+                for fault in self.scenario.faults
+                if liveness is None or fault.at_ms < liveness.heal_all_at_ms
+            ),
+            default=0,
+        )
         timeout_us = self.config.view_change_timeout_ms * 1000
         if self.scenario.expect.deadline_ms:
             deadline_us = self.scenario.expect.deadline_ms * 1000
+        elif liveness is not None:
+            deadline_us = (
+                max(last_submit_us, liveness.heal_all_at_ms * 1000) + liveness.within_ms * 1000
+            )
         else:
             deadline_us = max(last_submit_us, last_fault_us) + max(
                 MINIMUM_DRAIN_US, 40 * timeout_us
@@ -258,10 +310,20 @@ class Simulation:
             elif kind == _SUBMIT:
                 self._submit(a)
             elif kind == _FAULT:
-                self._fault(a)
+                self._fault(a, b)
             elif kind == _HEAL:
                 self.network.heal()
                 self.trace.record(self.now_us, "heal", "network")
+            elif kind == _END_RULE:
+                self.network.remove_rule(a)
+                self.trace.record(self.now_us, "fault_end", "network", f"rule {a}")
+            elif kind == _RESUME:
+                self._resume(self.replicas[a])
+            elif kind == _END_SKEW:
+                self.replicas[a].set_clock_factor(self.now_us, 1.0)
+                self.trace.record(self.now_us, "fault_end", f"r{a}", "clock_skew")
+            elif kind == _HEAL_ALL:
+                self._heal_all()
             if stop_us is None and len(self.decided_at_us) == total and at_us >= last_submit_us:
                 stop_us = max(at_us, last_fault_us) + settle_us
         return self._result()
@@ -282,6 +344,13 @@ class Simulation:
                 self.network.dropped["destination_down"] += 1
                 self._trace_lost(source, destination, data, "destination_down")
                 return
+            if node.paused:
+                if len(node.inbox) >= PAUSED_INBOX_LIMIT:
+                    self.network.dropped["destination_paused_overflow"] += 1
+                    self._trace_lost(source, destination, data, "destination_paused_overflow")
+                else:
+                    node.inbox.append((source, data))
+                return
             self._replica_actions(node, node.core.handle(MessageReceived(data)))
         else:
             self._client_actions(index, self.clients[index].handle(MessageReceived(data)))
@@ -291,7 +360,8 @@ class Simulation:
         now_ms = self.now_us // 1000
         if role == "replica":
             replica = self.replicas[index]
-            if replica.core is not None:
+            if replica.core is not None and not replica.paused:
+                now_ms = replica.clock_ms(self.now_us)
                 self._replica_actions(replica, replica.core.handle(Tick(now_ms)))
         else:
             self._client_actions(index, self.clients[index].handle(Tick(now_ms)))
@@ -311,27 +381,99 @@ class Simulation:
         )
         self._client_actions(payment.client_id, actions)
 
-    def _fault(self, fault: FaultSpec) -> None:
+    def _fault(self, fault: FaultSpec, index: int) -> None:
+        liveness = self.scenario.liveness
+        if liveness is not None and fault.at_ms >= liveness.heal_all_at_ms:
+            # The liveness phase has begun: no fault starts any more.
+            self.trace.record(self.now_us, "fault_skipped", "network", fault.action)
+            return
         detail = fault.action
-        if fault.action == "crash" and fault.replica is not None:
-            node = self.replicas[fault.replica]
-            if node.core is not None:
-                node.retired_drops.update(node.core.drops)
-                self.retired_view = max(self.retired_view, node.core.view)
-                node.core = None
-            detail = f"crash r{fault.replica}"
-        elif fault.action == "restart" and fault.replica is not None:
-            node = self.replicas[fault.replica]
+        node = self.replicas[fault.replica] if fault.replica is not None else None
+        if fault.action == "crash" and node is not None:
+            self._crash(node)
+            detail = f"crash r{node.replica_id}"
+        elif fault.action == "restart" and node is not None:
+            if fault.wipe:
+                # Lost disk: it comes back with nothing and must rejoin by catch-up alone.
+                self._crash(node)
+                node.storage.clear()
+                node.incarnation += 1
             if node.core is None:
                 node.core = self._boot(node)
-            detail = f"restart r{fault.replica}"
+            detail = f"restart r{node.replica_id}{' wiped' if fault.wipe else ''}"
         elif fault.action == "partition" and fault.groups is not None:
             one_way = fault.direction == "one-way"
             self.network.partition(fault.groups, self.config.replica_count, one_way)
             detail = f"partition {[list(group) for group in fault.groups]} {fault.direction}"
+            if fault.until_ms is not None:
+                self._schedule(fault.until_ms * 1000, _HEAL)
         elif fault.action == "heal":
             self.network.heal()
+        elif fault.action in LINK_FAULTS:
+            latency = fault.latency
+            rule = LinkRule(
+                rule_id=index,
+                action=fault.action,
+                sources=fault.sources,
+                destinations=fault.destinations,
+                messages=fault.messages,
+                probability=fault.probability if fault.probability is not None else 1.0,
+                add_ms=fault.add_ms or 0.0,
+                latency=(
+                    Latency(latency.distribution, latency.min_ms, latency.max_ms, latency.mean_ms)
+                    if latency is not None
+                    else None
+                ),
+                window_ms=fault.window_ms or 0.0,
+            )
+            self.network.add_rule(rule)
+            detail = f"{fault.action} rule {index}"
+            if fault.until_ms is not None:
+                self._schedule(fault.until_ms * 1000, _END_RULE, index)
+        elif fault.action == "pause" and node is not None:
+            node.paused = True
+            detail = f"pause r{node.replica_id}"
+            if fault.until_ms is not None:
+                self._schedule(fault.until_ms * 1000, _RESUME, node.replica_id)
+        elif fault.action == "resume" and node is not None:
+            self._resume(node)
+            return
+        elif fault.action == "clock_skew" and node is not None and fault.factor is not None:
+            node.set_clock_factor(self.now_us, fault.factor)
+            detail = f"clock_skew r{node.replica_id} x{fault.factor}"
+            if fault.until_ms is not None:
+                self._schedule(fault.until_ms * 1000, _END_SKEW, node.replica_id)
         self.trace.record(self.now_us, "fault", "network", detail)
+
+    def _crash(self, node: ReplicaNode) -> None:
+        if node.core is not None:
+            node.retired_drops.update(node.core.drops)
+            self.retired_view = max(self.retired_view, node.core.view)
+            node.core = None
+        # What its host had buffered dies with it.
+        node.inbox.clear()
+        node.paused = False
+
+    def _resume(self, node: ReplicaNode) -> None:
+        if not node.paused:
+            return
+        node.paused = False
+        self.trace.record(self.now_us, "resume", f"r{node.replica_id}", f"{len(node.inbox)}")
+        inbox, node.inbox = node.inbox, []
+        for _source, data in inbox:
+            if node.core is None or node.paused:
+                break
+            self._replica_actions(node, node.core.handle(MessageReceived(data)))
+
+    def _heal_all(self) -> None:
+        """The liveness phase: every fault stops and the network becomes synchronous."""
+        self.network.make_synchronous()
+        for node in self.replicas:
+            node.set_clock_factor(self.now_us, 1.0)
+            self._resume(node)
+            if node.core is None:
+                node.core = self._boot(node)
+        self.trace.record(self.now_us, "heal_all", "network")
 
     # --- carrying out actions -----------------------------------------------------------
 
@@ -345,7 +487,8 @@ class Simulation:
                     self.withheld += 1
                     self._trace_lost(source, destination, data, "byzantine_withheld")
         for payload in payloads:
-            delays_us = self.network.route(source, destination)
+            message_type = _type_name(payload[2] if len(payload) > 2 else -1)
+            delays_us = self.network.route(source, destination, message_type)
             if not delays_us:
                 self._trace_lost(source, destination, payload, self.network.last_drop_reason)
             for delay_us in delays_us:
@@ -376,7 +519,7 @@ class Simulation:
                     if replica != node.replica_id:
                         self._transmit(source, ("replica", replica), action.data)
             elif isinstance(action, Executed):
-                self._record_execution(node.replica_id, action)
+                self._record_execution(node.observer_id, action)
                 self.trace.record(
                     self.now_us,
                     "execute",
@@ -419,16 +562,36 @@ class Simulation:
     # --- the result ---------------------------------------------------------------------
 
     def _result(self) -> SimulationResult:
+        byzantine = {entry.replica: None for entry in self.scenario.byzantine}
+        # Every life of a correct replica is checked; a wiped restart starts a new one.
+        self.observed.correct = frozenset(
+            node.replica_id + INCARNATION_STRIDE * incarnation
+            for node in self.replicas
+            if node.replica_id not in byzantine
+            for incarnation in range(node.incarnation + 1)
+        )
         for node in self.replicas:
-            if node.core is not None and node.replica_id in self.observed.correct:
+            if node.core is not None and node.replica_id not in byzantine:
                 ledger = node.core.ledger
                 balances = [account.balance for account in ledger.accounts().values()]
-                self.observed.final_ledgers[node.replica_id] = (
+                self.observed.final_ledgers[node.observer_id] = (
                     ledger.total_balance(),
                     ledger.recount_total(),
                     min(balances, default=0),
                 )
         checks = dict(run_checks(self.observed, self.keyring))
+        liveness = self.scenario.liveness
+        if liveness is not None:
+            # After the heal, every payment must be decided within the bound.
+            heal_us = liveness.heal_all_at_ms * 1000
+            for identity in sorted(self.submitted_at_us):
+                limit_us = max(heal_us, self.submitted_at_us[identity]) + liveness.within_ms * 1000
+                decided_us = self.decided_at_us.get(identity)
+                if decided_us is not None and decided_us > limit_us:
+                    late_ms = (decided_us - limit_us) / 1000
+                    checks["liveness"].fail(
+                        f"payment {identity} decided {late_ms:.1f} ms after the liveness bound"
+                    )
         rejected: Counter[str] = Counter()
         confirmed = 0
         for decided in self.observed.decided.values():

@@ -380,12 +380,25 @@ def test_primary_does_not_propose_the_same_pending_request_twice(cluster: Cluste
     assert cluster.deliver(primary, request) == []
 
 
-def test_primary_does_not_propose_beyond_watermark_window(cluster: Cluster) -> None:
+def test_primary_does_not_propose_beyond_watermark_window() -> None:
+    cluster = Cluster(max_inflight_batches=64)
     primary = cluster.replica(0)
     window = cluster.config.watermark_window
     actions = cluster.deliver(primary, *(cluster.request(i) for i in range(window + 3)))
     assert [p.seq for p in broadcasts(actions, PrePrepare)] == list(range(1, window + 1))
     assert len(primary.proposal_queue) == 3
+
+
+def test_primary_keeps_at_most_max_inflight_batches_unexecuted(cluster: Cluster) -> None:
+    """Beyond the in-flight limit requests wait and gather into fuller batches."""
+    primary = cluster.replica(0)
+    limit = cluster.config.max_inflight_batches
+    total = cluster.config.batch_size * (limit + 2)
+    actions = cluster.deliver(primary, *(cluster.request(i) for i in range(total)))
+    proposals = broadcasts(actions, PrePrepare)
+    assert [p.seq for p in proposals] == list(range(1, limit + 1))
+    proposed = sum(len(p.requests) for p in proposals)
+    assert len(primary.proposal_queue) == total - proposed > 0
 
 
 def test_primary_sends_heartbeats_on_ticks_when_idle(cluster: Cluster) -> None:
