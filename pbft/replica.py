@@ -71,6 +71,7 @@ from pbft.viewchange import NewViewPlan, VerifiedViewChange, plan_new_view, veri
 EVIDENCE_LIMIT = 64
 RETRANSMIT_SLOT_LIMIT = 8
 FORWARD_ON_NEW_VIEW_LIMIT = 256
+CHECKPOINT_RETRANSMIT_LIMIT = 2
 
 
 class ReplicaInvariantError(RuntimeError):
@@ -1040,11 +1041,17 @@ class Replica:
         """Send again what we signed for slots that have not moved for an interval, each slot
         on its own clock, so one lost message costs one interval, not two."""
         interval = self.config.retransmit_interval_ms
+        if self.now_ms - self.last_retransmit_ms >= interval:
+            self.last_retransmit_ms = self.now_ms
+            # Checkpoints not yet stable: a lost CHECKPOINT would otherwise stall the window
+            # for good once the log fills up to the high watermark.
+            for seq in sorted(self.own_snapshots)[-CHECKPOINT_RETRANSMIT_LIMIT:]:
+                own = self.checkpoint_votes.get(seq, {}).get(self.id)
+                if seq > self.stable.seq and own is not None:
+                    self._broadcast(own[2])
+            if not self.view_active and self.own_view_change is not None:
+                self._broadcast(self.own_view_change)
         if not self.view_active:
-            if self.now_ms - self.last_retransmit_ms >= interval:
-                self.last_retransmit_ms = self.now_ms
-                if self.own_view_change is not None:
-                    self._broadcast(self.own_view_change)
             return
         resent = 0
         for seq in sorted(self.slots):
