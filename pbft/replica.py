@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from crypto.keys import KeyRing, SigningKey
 from crypto.signing import VerificationCache
-from pbft.certificates import CheckpointClaim, Proposal, Verifier
+from pbft.certificates import Proposal, Verifier
 from pbft.codec import DecodeError, pack, unpack
 from pbft.config import ClusterConfig
 from pbft.events import (
@@ -65,7 +65,7 @@ from pbft.messages import (
     Suspect,
     ViewChange,
 )
-from pbft.signed import Opened, Rejected, peek, seal, verify_signature
+from pbft.signed import Envelope, Opened, Rejected, peek, seal, verify_signature
 from pbft.viewchange import NewViewPlan, VerifiedViewChange, plan_new_view, verify_view_change
 
 EVIDENCE_LIMIT = 64
@@ -85,6 +85,20 @@ class StableCheckpoint:
     ledger_digest: bytes
     snapshot: bytes
     proof: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """A checkpoint proven by 2f + 1 signatures (from a NEW-VIEW) that is ahead of our own
+    stable checkpoint: the chain hash there is certain, but we do not hold that state."""
+
+    seq: int
+    chain_hash: bytes
+    ledger_digest: bytes
+    proof: tuple[bytes, ...]
+
+    def encode(self) -> bytes:
+        return pack([self.seq, self.chain_hash, self.ledger_digest, list(self.proof)])
 
 
 @dataclass
@@ -140,7 +154,7 @@ class Replica:
         self.chain_hash = self.verifier.genesis_chain_hash
         self.stable = StableCheckpoint(0, self.chain_hash, genesis_digest, genesis_snapshot, ())
         # The checkpoint a NEW-VIEW started from, when it is ahead of our own stable one.
-        self.view_anchor: CheckpointClaim | None = None
+        self.view_anchor: Anchor | None = None
         self.slots: dict[int, Slot] = {}
         self.own_snapshots: dict[int, tuple[bytes, bytes, bytes]] = {}
         self.checkpoint_votes: dict[int, dict[int, tuple[bytes, bytes, bytes]]] = {}
@@ -169,6 +183,7 @@ class Replica:
         self.last_fetch_ms: int | None = None
         self.fetch_rotation = 0
         self.fetch_served_ms: dict[int, int] = {}
+        self.help_served_ms: dict[int, int] = {}
         self.last_retransmit_ms = 0
         self.fresh_start = True
         # Observability.
@@ -278,7 +293,7 @@ class Replica:
             if self._is_stale(message):
                 # Late votes for what is already executed: not worth a signature check.
                 self.drops["stale"] += 1
-                self._help_laggard(message)
+                self._help_laggard(envelope, message)
                 return
             if self._is_redundant(message):
                 # The slot already has the quorum this vote would add to.
@@ -681,7 +696,27 @@ class Replica:
         votes[checkpoint.replica] = claim
         self._check_stable(checkpoint.seq)
 
+    def _set_anchor(self, anchor: Anchor) -> None:
+        if self.view_anchor is not None and self.view_anchor.seq >= anchor.seq:
+            return
+        self.view_anchor = anchor
+        # Durable: after a restart the chain rule needs the anchor's hash, and a view change
+        # must still cite it.
+        self._persist(("anchor",), anchor.encode())
+        self._check_stable(anchor.seq)
+
     def _check_stable(self, seq: int) -> None:
+        anchor = self.view_anchor
+        if anchor is not None and anchor.seq == seq and seq <= self.last_executed:
+            # The anchor's proof is as good as 2f + 1 CHECKPOINT messages of our own.
+            own = self.own_snapshots.get(seq)
+            if own is not None and own[:2] == (anchor.chain_hash, anchor.ledger_digest):
+                self._make_stable(
+                    StableCheckpoint(
+                        seq, anchor.chain_hash, anchor.ledger_digest, own[2], anchor.proof
+                    )
+                )
+                return
         votes = self.checkpoint_votes.get(seq, {})
         groups: dict[tuple[bytes, bytes], list[bytes]] = {}
         for _, (chain_hash, ledger_digest, raw) in sorted(votes.items()):
@@ -723,6 +758,7 @@ class Replica:
                 del table[seq]
         if self.view_anchor is not None and self.view_anchor.seq <= checkpoint.seq:
             self.view_anchor = None
+            self._persist(("anchor",), None)
         # A checkpoint's worth of progress: the timeouts may come back down one step.
         self.failed_views = max(0, self.failed_views - 1)
         self._note("checkpoint_stable", f"seq {checkpoint.seq}")
@@ -767,6 +803,13 @@ class Replica:
         if self.now_ms - self.last_primary_contact_ms >= timeout:
             self._suspect("no heartbeat")
             return
+        # PBFT's request timer: the oldest request we hold must be ordered in time, however
+        # busy the primary keeps itself with other clients' payments (no censorship).
+        if self.pending:
+            oldest = next(iter(self.pending.values()))
+            if self.now_ms - oldest.arrived_ms >= timeout:
+                self._suspect("request not ordered")
+                return
         has_work = bool(self.pending) or any(
             slot.proposal is not None and slot.committed is None
             for seq, slot in self.slots.items()
@@ -839,20 +882,23 @@ class Replica:
         self.proposal_queue = {}
         for slot in self.slots.values():
             slot.reset_view()
-        # Certificates must sit in the window of the checkpoint the view change cites.
-        window_high = self.stable.seq + self.config.watermark_window
+        # Cite the highest checkpoint we hold a proof for: our stable one, or the anchor a
+        # NEW-VIEW gave us. Entries prepared above the anchor may have committed; citing
+        # the lower checkpoint would leave them out of the window and lose them.
+        cited = self.view_anchor if self.view_anchor is not None else self.stable
+        window_high = cited.seq + self.config.watermark_window
         prepared = [
             slot.best_prepared.certificate
             for seq, slot in sorted(self.slots.items())
-            if self.stable.seq < seq <= window_high and slot.best_prepared is not None
+            if cited.seq < seq <= window_high and slot.best_prepared is not None
         ]
         view_change = ViewChange(
             new_view,
             self.id,
-            self.stable.seq,
-            self.stable.chain_hash,
-            self.stable.ledger_digest,
-            self.stable.proof,
+            cited.seq,
+            cited.chain_hash,
+            cited.ledger_digest,
+            cited.proof,
             tuple(prepared),
         )
         raw = seal(view_change, self.key)
@@ -999,7 +1045,15 @@ class Replica:
         for view in [view for view in self.view_changes if view <= self.view]:
             del self.view_changes[view]
         checkpoint = plan.checkpoint
-        self.view_anchor = checkpoint if checkpoint.seq > self.stable.seq else None
+        if checkpoint.seq > self.stable.seq:
+            self._set_anchor(
+                Anchor(
+                    checkpoint.seq,
+                    checkpoint.chain_hash,
+                    checkpoint.ledger_digest,
+                    plan.checkpoint_proof,
+                )
+            )
         for slot in self.slots.values():
             slot.reset_view()
         proposed: dict[tuple[int, int], None] = {}
@@ -1020,6 +1074,9 @@ class Replica:
         self.proposal_queue = {
             identity: None for identity in self.pending if identity not in proposed
         }
+        # A new primary gets a full timeout for every request it inherits.
+        for pending in self.pending.values():
+            pending.arrived_ms = self.now_ms
         self._note("new_view", f"view {self.view} from checkpoint {checkpoint.seq}")
         if not self.is_primary:
             # Hand the new primary what we were waiting for, rather than wait for clients
@@ -1094,18 +1151,24 @@ class Replica:
         fetch = Fetch(self.id, self.last_executed + 1, self.stable.seq)
         self._send(("replica", target), seal(fetch, self.key))
 
-    def _help_laggard(self, message: Message) -> None:
+    def _help_laggard(self, envelope: Envelope, message: Message) -> None:
         """A peer still voting on an entry we executed a while ago is stuck there: send it
         the commit certificates (or state) it lacks, as if it had asked. A vote that is
         merely late (the entry committed moments ago) needs nothing."""
         if not isinstance(message, PrePrepare | Prepare | Commit):
             return
+        interval = self.config.retransmit_interval_ms
         slot = self.slots.get(message.seq)
-        if slot is not None and (
-            self.now_ms - slot.last_progress_ms < self.config.retransmit_interval_ms
-        ):
+        if slot is not None and self.now_ms - slot.last_progress_ms < interval:
             return
-        self._serve_catch_up(message.replica, message.seq, message.seq - 1)
+        # Unsolicited help has its own budget, so it never eats into answers to FETCH.
+        helped = self.help_served_ms.get(message.replica)
+        if helped is not None and self.now_ms - helped < interval:
+            return
+        # Only now is the vote worth a signature check: a forged one must cost us nothing.
+        verify_signature(envelope, message, self.verifier.keyring, self.verifier.cache)
+        self.help_served_ms[message.replica] = self.now_ms
+        self._serve_catch_up(message.replica, message.seq, message.seq - 1, rate_limited=False)
 
     def _on_fetch(self, opened: Opened) -> None:
         fetch = opened.message
@@ -1114,15 +1177,19 @@ class Replica:
         if not self._serve_catch_up(fetch.replica, fetch.from_seq, fetch.stable_seq):
             raise Rejected("fetch_rate_limited")
 
-    def _serve_catch_up(self, requester: int, from_seq: int, stable_seq: int) -> bool:
+    def _serve_catch_up(
+        self, requester: int, from_seq: int, stable_seq: int, rate_limited: bool = True
+    ) -> bool:
         """Send `requester` what it needs from `from_seq` on; rate-limited per requester
         because it costs us signatures. Returns False when rate-limited."""
         if requester == self.id or requester not in self.config.replica_ids():
             return False
-        served = self.fetch_served_ms.get(requester)
-        if served is not None and self.now_ms - served < self.config.retransmit_interval_ms // 2:
-            return False
-        self.fetch_served_ms[requester] = self.now_ms
+        if rate_limited:
+            served = self.fetch_served_ms.get(requester)
+            interval = self.config.retransmit_interval_ms // 2
+            if served is not None and self.now_ms - served < interval:
+                return False
+            self.fetch_served_ms[requester] = self.now_ms
         to = ("replica", requester)
         if self.stable.seq > 0 and (from_seq <= self.stable.seq or stable_seq < self.stable.seq):
             state = CheckpointState(
@@ -1203,7 +1270,11 @@ class Replica:
         proposal = self.verifier.commit_certificate(message.pre_prepare, message.commits)
         if proposal.seq <= self.last_executed:
             return
-        self._check_window(proposal.seq)
+        # A commit certificate proves itself: it may fill the gap below an anchor too.
+        # Bounded all the same: at most a window ahead of what we executed or hold.
+        if proposal.seq > self.last_executed + self.config.watermark_window:
+            self.highest_seen_executed = max(self.highest_seen_executed, proposal.seq)
+            raise Rejected("above_window", str(proposal.seq))
         slot = self._slot(proposal.seq)
         self._check_proposal_conflict(proposal)
         if slot.committed is not None:
@@ -1243,6 +1314,12 @@ class Replica:
             self.stable = StableCheckpoint(seq, chain_hash, ledger_digest, snapshot, tuple(proof))
             self.last_executed = seq
             self.chain_hash = chain_hash
+        anchor_record = records.get(("anchor",))
+        if anchor_record is not None:
+            seq, chain_hash, ledger_digest, proof = unpack(anchor_record)
+            self.verifier.checkpoint_proof(seq, chain_hash, ledger_digest, proof)
+            if seq > self.stable.seq:
+                self.view_anchor = Anchor(seq, chain_hash, ledger_digest, tuple(proof))
         view_record = records.get(("view",))
         if view_record is not None:
             self.view, self.view_active = unpack(view_record)
