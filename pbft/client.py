@@ -16,7 +16,7 @@ from crypto.signing import VerificationCache
 from pbft.config import ClusterConfig
 from pbft.events import Event, MessageReceived, Send, Tick
 from pbft.messages import Reply, Request
-from pbft.receipt import RECEIPT_VERSION, Receipt
+from pbft.receipt import RECEIPT_VERSION, UNKNOWN_OUTCOME_REASON, Receipt
 from pbft.signed import Rejected, open_envelope, peek, seal, verify_signature
 
 MAX_BACKOFF_DOUBLINGS = 3
@@ -28,14 +28,20 @@ class ClientError(ValueError):
 
 @dataclass(frozen=True)
 class Decided:
-    """A payment's outcome is proven by f + 1 matching signed replies."""
+    """A payment's outcome is proven by f + 1 matching signed replies (the receipt).
+
+    One exception: outcome "unknown" (reason request_expired, no receipt) when f + 1
+    replicas say they no longer remember the request id, so its outcome cannot be proven
+    from the replies; the payment may well have been executed. The client prevents this
+    for its own requests by never running dedup_window requests ahead of an unanswered one.
+    """
 
     client_id: int
     request_id: int
     outcome: str
     reason: str
     seq: int
-    receipt: Receipt
+    receipt: Receipt | None
 
 
 ClientAction = Send | Decided
@@ -48,6 +54,7 @@ class _Outstanding:
     digest: bytes
     submitted_ms: int
     next_retry_ms: int
+    submission_index: int = 0
     attempts: int = 0
     # (seq, outcome, reason) -> replica -> (view, raw reply)
     replies: dict[tuple[int, str, str], dict[int, tuple[int, bytes]]] = field(default_factory=dict)
@@ -85,6 +92,7 @@ class ClientCore:
         self.view = 0
         self.outstanding: dict[int, _Outstanding] = {}
         self.decided = 0
+        self.submitted = 0
         self.retransmissions = 0
         self.drops: Counter[str] = Counter()
 
@@ -93,6 +101,16 @@ class ClientCore:
             raise ClientError(f"request {request_id} is already in flight")
         if len(self.outstanding) >= self.max_outstanding:
             raise ClientError(f"{self.max_outstanding} requests already in flight")
+        if self.outstanding:
+            # The replicas remember a client's last dedup_window decisions. Running that far
+            # ahead of an unanswered request could make them forget it before we learn its
+            # outcome; wait for it instead.
+            oldest = next(iter(self.outstanding.values()))
+            if self.submitted - oldest.submission_index >= self.config.dedup_window:
+                raise ClientError(
+                    f"request {oldest.request.request_id} is unanswered and "
+                    f"{self.config.dedup_window - 1} newer ones were sent since"
+                )
         request = Request(self.client_id, request_id, payer, payee, amount)
         raw = seal(request, self.key)
         opened = open_envelope(raw, self.keyring, self.cache, Request)
@@ -102,7 +120,9 @@ class ClientCore:
             opened.body_digest,
             self.now_ms,
             self.now_ms + self.config.client_timeout_ms,
+            submission_index=self.submitted,
         )
+        self.submitted += 1
         return [Send(("replica", self.config.primary_of(self.view)), raw)]
 
     def handle(self, event: Event) -> list[ClientAction]:
@@ -167,6 +187,8 @@ class ClientCore:
         chosen = sorted(voters.items())[: self.config.weak_quorum]
         # At least one of f + 1 is correct, so the smallest view they report is real.
         self.view = max(self.view, min(view for _, (view, _) in chosen))
-        receipt = Receipt(RECEIPT_VERSION, outstanding.raw, tuple(raw for _, (_, raw) in chosen))
         seq, outcome, reason = decision
+        if reason == UNKNOWN_OUTCOME_REASON:
+            return [Decided(self.client_id, reply.request_id, "unknown", reason, seq, None)]
+        receipt = Receipt(RECEIPT_VERSION, outstanding.raw, tuple(raw for _, (_, raw) in chosen))
         return [Decided(self.client_id, reply.request_id, outcome, reason, seq, receipt)]

@@ -18,6 +18,8 @@ import msgpack
 # with up to a window of prepared batches, so this bound is generous but finite.
 MAX_FRAME_BYTES = 16 * 1024 * 1024
 MAX_UINT64 = 2**64 - 1
+# A record in a replica's own storage: at most the largest ledger snapshot plus its proof.
+MAX_LOCAL_RECORD_BYTES = 320 * 1024 * 1024
 
 
 class DecodeError(ValueError):
@@ -160,11 +162,15 @@ def pack(value: Any) -> bytes:
     return msgpack.packb(value, use_bin_type=True)
 
 
-def unpack(data: bytes) -> Any:
-    """Parse untrusted msgpack with every size limit set; any parser failure is a DecodeError."""
+def unpack(data: bytes, limit_bytes: int = MAX_FRAME_BYTES) -> Any:
+    """Parse untrusted msgpack with every size limit set; any parser failure is a DecodeError.
+
+    `limit_bytes` is one frame for what comes off the network; a replica's own storage
+    records (a stable checkpoint with its whole ledger) may be larger.
+    """
     if type(data) is not bytes:
         raise DecodeError("wrong_type", "frame must be bytes")
-    if len(data) > MAX_FRAME_BYTES:
+    if len(data) > limit_bytes:
         raise DecodeError("oversize", f"frame of {len(data)} bytes")
     try:
         return msgpack.unpackb(
@@ -172,8 +178,8 @@ def unpack(data: bytes) -> Any:
             raw=False,
             use_list=True,
             strict_map_key=True,
-            max_str_len=MAX_FRAME_BYTES,
-            max_bin_len=MAX_FRAME_BYTES,
+            max_str_len=limit_bytes,
+            max_bin_len=limit_bytes,
             max_array_len=1 << 20,
             max_map_len=0,
             max_ext_len=0,

@@ -20,6 +20,8 @@ from pbft.messages import ENVELOPE, MAX_REPLICAS, Reply, Request
 from pbft.signed import Rejected, open_envelope
 
 RECEIPT_VERSION = 1
+# Replies with this reason mean "too old to tell": never a payment's outcome.
+UNKNOWN_OUTCOME_REASON = "request_expired"
 
 
 class ReceiptError(ValueError):
@@ -102,6 +104,9 @@ def verify_receipt(
     if agreed is None or len(replicas) < needed:
         raise ReceiptError(f"{len(replicas)} matching replies, need f + 1 = {needed}")
     seq, outcome, reason = agreed
+    if reason == UNKNOWN_OUTCOME_REASON:
+        # The cluster forgot this request id: the replies prove nothing about the payment.
+        raise ReceiptError("the replies say the request expired: they prove no outcome")
     return VerifiedReceipt(
         request.client_id,
         request.request_id,

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from crypto.keys import KeyRing, SigningKey
 from crypto.signing import VerificationCache
 from pbft.certificates import Proposal, Verifier
-from pbft.codec import DecodeError, pack, unpack
+from pbft.codec import MAX_LOCAL_RECORD_BYTES, DecodeError, pack, unpack
 from pbft.config import ClusterConfig
 from pbft.events import (
     Action,
@@ -174,6 +174,7 @@ class Replica:
         self.view_change_deadline_ms: int | None = None
         self.view_changes: dict[int, dict[int, VerifiedViewChange]] = {}
         self.latest_view_claims: dict[int, int] = {}
+        self.view_claim_ms: dict[int, int] = {}
         self.own_view_change: bytes | None = None
         self.new_view_message: bytes | None = None
         self.view_records: dict[tuple[str | int, ...], None] = {}
@@ -840,14 +841,20 @@ class Replica:
             replica: when for replica, when in self.suspects.items() if when >= horizon
         }
         # A replica already in a later view has given up on this one: that is suspicion too.
+        # Claims fade like suspicions: one absurd view number sent once must not count
+        # against every later primary forever.
         suspecting = dict.fromkeys(self.suspects) | {
-            replica: None for replica, view in self.latest_view_claims.items() if view > self.view
+            replica: None
+            for replica, view in self.latest_view_claims.items()
+            if view > self.view and self.view_claim_ms.get(replica, horizon - 1) >= horizon
         }
         if len(suspecting) >= self.config.weak_quorum:
             self._start_view_change(self.view + 1)
 
     def _claim_view(self, sender: int, view: int) -> None:
         """A peer showed it is in a later view; f + 1 such peers mean we fell behind."""
+        if view > self.view:
+            self.view_claim_ms[sender] = self.now_ms
         previous = self.latest_view_claims.get(sender, -1)
         if view <= previous:
             return
@@ -1192,15 +1199,22 @@ class Replica:
             self.fetch_served_ms[requester] = self.now_ms
         to = ("replica", requester)
         if self.stable.seq > 0 and (from_seq <= self.stable.seq or stable_seq < self.stable.seq):
-            state = CheckpointState(
-                self.id,
-                self.stable.seq,
-                self.stable.chain_hash,
-                self.stable.ledger_digest,
-                self.stable.snapshot,
-                self.stable.proof,
-            )
-            self._send(to, seal(state, self.key))
+            try:
+                state = CheckpointState(
+                    self.id,
+                    self.stable.seq,
+                    self.stable.chain_hash,
+                    self.stable.ledger_digest,
+                    self.stable.snapshot,
+                    self.stable.proof,
+                )
+            except DecodeError:
+                # The ledger outgrew one frame. State transfer in chunks (each proven against
+                # the Merkle-rooted ledger digest) is the way out; until then say so.
+                self.drops["state_too_large_to_send"] += 1
+                self._note("state_too_large", f"checkpoint {self.stable.seq} exceeds a frame")
+            else:
+                self._send(to, seal(state, self.key))
         budget = self.config.fetch_batch_limit
         for seq in range(max(from_seq, self.stable.seq + 1), self.last_executed + 1):
             if budget == 0:
@@ -1309,7 +1323,9 @@ class Replica:
     def _recover_records(self, records: Mapping[tuple[str | int, ...], bytes]) -> None:
         checkpoint = records.get(("checkpoint",))
         if checkpoint is not None:
-            seq, chain_hash, ledger_digest, snapshot, proof = unpack(checkpoint)
+            seq, chain_hash, ledger_digest, snapshot, proof = unpack(
+                checkpoint, MAX_LOCAL_RECORD_BYTES
+            )
             self.ledger = Ledger.restore(snapshot)
             self.stable = StableCheckpoint(seq, chain_hash, ledger_digest, snapshot, tuple(proof))
             self.last_executed = seq

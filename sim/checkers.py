@@ -132,6 +132,9 @@ def check_receipts(observed: Observations, keyring: KeyRing) -> CheckResult:
     result = CheckResult("receipts")
     for payment in sorted(observed.decided):
         decided = observed.decided[payment]
+        if decided.receipt is None:
+            # Outcome unknown (the cluster forgot the request id): nothing is claimed.
+            continue
         try:
             verified = verify_receipt(decided.receipt, keyring)
         except ReceiptError as error:
@@ -153,8 +156,11 @@ def check_receipts(observed: Observations, keyring: KeyRing) -> CheckResult:
 def check_liveness(observed: Observations) -> CheckResult:
     result = CheckResult("liveness")
     for payment in sorted(observed.submitted):
-        if payment not in observed.decided:
+        decided = observed.decided.get(payment)
+        if decided is None:
             result.fail(f"payment {payment} undecided at the end")
+        elif decided.receipt is None:
+            result.fail(f"payment {payment}: outcome unknown ({decided.reason})")
     return result
 
 

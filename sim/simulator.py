@@ -597,7 +597,7 @@ class Simulation:
         for decided in self.observed.decided.values():
             if decided.outcome == "confirmed":
                 confirmed += 1
-            else:
+            elif decided.receipt is not None:
                 rejected[decided.reason] += 1
         dropped: Counter[str] = Counter(self.network.dropped)
         if self.withheld:
@@ -643,7 +643,7 @@ class Simulation:
             submitted=len(self.payments),
             confirmed=confirmed,
             rejected=dict(rejected),
-            undecided=len(self.payments) - len(self.observed.decided),
+            undecided=len(self.payments) - confirmed - sum(rejected.values()),
             checks=checks,
             view_changes=max(views),
             messages_sent=self.network.sent,
