@@ -149,6 +149,12 @@ def _format(summary: dict[str, Any]) -> str:
     def show(value: float | None) -> str:
         return "-" if value is None else f"{value:.1f}"
 
+    replicas = summary["replicas"]
+    ends = "  ".join(
+        f"{name} {state['last_executed']}" for name, state in replicas["final"].items()
+    )
+    converged = "converged" if replicas["converged"] else "NOT converged"
+    lines.append(f"replicas      last executed: {ends}  ({converged})")
     for offender, count in summary["evidence"].items():
         lines.append(f"evidence      {offender}: {count} conflicting signed messages")
     lines.append(

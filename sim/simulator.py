@@ -102,6 +102,13 @@ class SimulationResult:
     expectation_failures: list[str]
     # "replica N" -> how many pieces of equivocation evidence correct replicas hold against it
     evidence: dict[str, int] = field(default_factory=dict)
+    # Where each correct replica that is up ended: "r0" -> (last executed, ledger digest hex)
+    final_states: dict[str, tuple[int, str]] = field(default_factory=dict)
+
+    @property
+    def converged(self) -> bool:
+        """Every correct replica that is up ended at the same sequence with the same state."""
+        return len(dict.fromkeys(self.final_states.values())) <= 1
 
     @property
     def verdict(self) -> str:
@@ -132,6 +139,13 @@ class SimulationResult:
             "messages": {"sent": self.messages_sent, "dropped": self.messages_dropped},
             "latency_ms": self.latency_ms,
             "evidence": self.evidence,
+            "replicas": {
+                "converged": self.converged,
+                "final": {
+                    name: {"last_executed": seq, "ledger_digest": digest[:16]}
+                    for name, (seq, digest) in self.final_states.items()
+                },
+            },
             "expect": {
                 "safety": self.scenario.expect.safety,
                 "liveness": self.scenario.expect.liveness,
@@ -630,9 +644,22 @@ class Simulation:
             failures.append(f"safety violated: {', '.join(broken)}")
         if not expect.safety and safety_ok:
             failures.append("expected a safety violation (negative control), none was found")
+        final_states = {
+            f"r{node.replica_id}": (node.core.last_executed, node.core.ledger.digest().hex())
+            for node in self.replicas
+            if node.core is not None and not node.paused and node.replica_id not in byzantine
+        }
+        if len(dict.fromkeys(final_states.values())) > 1:
+            # TigerBeetle's rule: after the run, the correct replicas that are up must have
+            # converged on one state; a replica left behind has not confirmed "together".
+            ends = ", ".join(f"{name} at {seq}" for name, (seq, _) in final_states.items())
+            checks["liveness"].fail(f"correct replicas did not converge: {ends}")
         if expect.liveness and not checks["liveness"].ok:
+            undecided = len(self.payments) - len(self.decided_at_us)
             failures.append(
-                f"liveness: {len(self.payments) - len(self.decided_at_us)} payments undecided"
+                f"liveness: {undecided} payments undecided"
+                if undecided
+                else f"liveness: {checks['liveness'].details[0]}"
             )
         return SimulationResult(
             scenario=self.scenario,
@@ -655,6 +682,7 @@ class Simulation:
             },
             expectation_failures=failures,
             evidence=dict(sorted(evidence.items())),
+            final_states=final_states,
         )
 
 
