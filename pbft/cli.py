@@ -34,6 +34,16 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, help="override the scenario's seed")
     run.add_argument("--json", metavar="PATH", help="also write the summary as JSON ('-' = stdout)")
     run.add_argument("--trace", metavar="PATH", help="write every event as JSON lines")
+    keygen = commands.add_parser(
+        "keygen", help="generate keys and DIR/cluster.toml for a local cluster"
+    )
+    keygen.add_argument("--replicas", type=int, default=4)
+    keygen.add_argument("--clients", type=int, default=2)
+    keygen.add_argument("--out", required=True, metavar="DIR")
+    keygen.add_argument("--host", default="127.0.0.1")
+    keygen.add_argument("--base-port", type=int, default=7000)
+    keygen.add_argument("--accounts-per-client", type=int, default=2)
+    keygen.add_argument("--initial-balance", type=int, default=100_000)
     sweep = commands.add_parser("sweep", help="run one scenario under many seeds, in parallel")
     sweep.add_argument("scenario", help="path to a scenario TOML file")
     sweep.add_argument("--seeds", default="0..99", help="e.g. 0..999 or 1,5,10..20")
@@ -48,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(arguments)
         if arguments.command == "sweep":
             return _sweep(arguments)
+        if arguments.command == "keygen":
+            return _keygen(arguments)
     except KeyboardInterrupt:
         return EXIT_INTERNAL
     except Exception:  # noqa: BLE001 - the last line of defence: report, exit 3
@@ -101,6 +113,29 @@ def _run(arguments: argparse.Namespace) -> int:
             with json_file:
                 json_file.write(text + "\n")
     return EXIT_OK if result.verdict == "ok" else EXIT_VIOLATED
+
+
+def _keygen(arguments: argparse.Namespace) -> int:
+    from runtime.cluster import write_cluster
+
+    if not 1 <= arguments.base_port <= 65535 - arguments.replicas:
+        print("pbft: --base-port: the replicas' ports must fit below 65536", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        path = write_cluster(
+            arguments.out,
+            replicas=arguments.replicas,
+            clients=arguments.clients,
+            host=arguments.host,
+            base_port=arguments.base_port,
+            accounts_per_client=arguments.accounts_per_client,
+            initial_balance=arguments.initial_balance,
+        )
+    except (ValueError, FileExistsError) as error:
+        print(f"pbft: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"wrote {path} and {arguments.replicas + arguments.clients} private keys (mode 0600)")
+    return EXIT_OK
 
 
 def _sweep(arguments: argparse.Namespace) -> int:

@@ -1,0 +1,296 @@
+"""Cluster files: who the replicas and clients are, where replicas listen, the genesis ledger.
+
+`DIR/cluster.toml` (written by `pbft keygen`, read by every other command):
+
+```toml
+f = 1                          # must equal (replicas - 1) // 3
+
+[protocol]                     # optional: pbft.config.ClusterConfig fields
+batch_size = 32
+
+[[replicas]]
+id = 0
+host = "127.0.0.1"
+port = 7000
+public_key = "<64 hex digits>"
+
+[[clients]]
+id = 0
+public_key = "<64 hex digits>"
+
+[[accounts]]
+name = "acct-00000"
+owner = 0                      # the client id that may debit it
+balance = 100000               # integer minor units
+```
+
+Private keys live beside it, one PEM file per principal (`replica-0.key`,
+`client-0.key`), mode 0600. Replica ids are 0..n-1 and client ids 0..m-1, each once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from crypto.keyfiles import KeyFileError, load_private_key, save_private_key
+from crypto.keys import KeyFormatError, KeyRing, SigningKey, VerifyKey
+from pbft.config import ClusterConfig, ConfigError
+from pbft.ledger import MAX_AMOUNT, Account
+
+CLUSTER_FILE_NAME = "cluster.toml"
+MAX_REPLICAS = 256
+MAX_CLIENTS = 100_000
+MAX_ACCOUNTS = 1_000_000
+_TOP_KEYS = ("f", "protocol", "replicas", "clients", "accounts")
+_REPLICA_KEYS = ("id", "host", "port", "public_key")
+_CLIENT_KEYS = ("id", "public_key")
+_ACCOUNT_KEYS = ("name", "owner", "balance")
+_PROTOCOL_KEYS = tuple(
+    field.name for field in dataclasses.fields(ClusterConfig) if field.name != "replica_count"
+)
+
+
+class ClusterFileError(ValueError):
+    """The cluster file cannot be used; the message names the file, the field and the problem."""
+
+    def __init__(self, path: str, field: str, problem: str) -> None:
+        super().__init__(f"{path}: {field}: {problem}")
+        self.path = path
+        self.field = field
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class ReplicaAddress:
+    replica_id: int
+    host: str
+    port: int
+    public_key: VerifyKey
+
+
+@dataclass(frozen=True)
+class Cluster:
+    path: Path
+    config: ClusterConfig
+    replicas: tuple[ReplicaAddress, ...]
+    client_keys: dict[int, VerifyKey]
+    accounts: dict[str, Account]
+
+    @property
+    def directory(self) -> Path:
+        return self.path.parent
+
+    def keyring(self) -> KeyRing:
+        ring = KeyRing()
+        for replica in self.replicas:
+            ring.add(("replica", replica.replica_id), replica.public_key)
+        for client_id, key in sorted(self.client_keys.items()):
+            ring.add(("client", client_id), key)
+        return ring
+
+    def replica(self, replica_id: int) -> ReplicaAddress:
+        for replica in self.replicas:
+            if replica.replica_id == replica_id:
+                return replica
+        raise ClusterFileError(str(self.path), "replicas", f"no replica with id {replica_id}")
+
+    def private_key_path(self, role: str, principal_id: int) -> Path:
+        return self.directory / f"{role}-{principal_id}.key"
+
+    def load_private_key(self, role: str, principal_id: int) -> SigningKey:
+        path = self.private_key_path(role, principal_id)
+        try:
+            key = load_private_key(path)
+        except KeyFileError as error:
+            raise ClusterFileError(str(path), "private key", str(error)) from None
+        expected = (
+            self.replica(principal_id).public_key
+            if role == "replica"
+            else self.client_keys.get(principal_id)
+        )
+        if expected is None:
+            raise ClusterFileError(str(self.path), "clients", f"no client with id {principal_id}")
+        if key.verify_key != expected:
+            raise ClusterFileError(
+                str(path), "private key", f"does not match {role} {principal_id}'s public key"
+            )
+        return key
+
+
+def load_cluster(path: str | os.PathLike[str]) -> Cluster:
+    source = os.fsdecode(path)
+    try:
+        with open(path, "rb") as handle:
+            document = tomllib.load(handle)
+    except OSError as error:
+        raise ClusterFileError(source, "file", f"cannot read: {error.strerror or error}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as error:
+        raise ClusterFileError(source, "file", f"invalid TOML: {error}") from None
+    return _parse(document, Path(source))
+
+
+def _parse(document: dict[str, Any], path: Path) -> Cluster:
+    source = str(path)
+
+    def fail(field: str, problem: str) -> ClusterFileError:
+        return ClusterFileError(source, field, problem)
+
+    def known(table: Any, allowed: tuple[str, ...], where: str) -> dict[str, Any]:
+        if not isinstance(table, dict):
+            raise fail(where or "file", "expected a table")
+        for key in table:
+            if key not in allowed:
+                raise fail(f"{where}.{key}" if where else key, "unknown field")
+        return table
+
+    def integer(value: Any, field: str, low: int, high: int) -> int:
+        if type(value) is not int or not low <= value <= high:
+            raise fail(field, f"expected an integer in {low}..{high}, got {value!r}")
+        return value
+
+    def text(value: Any, field: str, longest: int = 255) -> str:
+        if not isinstance(value, str) or not value or len(value) > longest:
+            raise fail(field, f"expected a non-empty string of at most {longest} characters")
+        return value
+
+    def public_key(value: Any, field: str) -> VerifyKey:
+        try:
+            return VerifyKey.from_hex(text(value, field))
+        except KeyFormatError as error:
+            raise fail(field, str(error)) from None
+
+    def array(key: str, most: int) -> list[Any]:
+        value = document.get(key, [])
+        if not isinstance(value, list) or len(value) > most:
+            raise fail(key, f"expected an array of at most {most} tables")
+        return value
+
+    known(document, _TOP_KEYS, "")
+    replicas = []
+    for index, table in enumerate(array("replicas", MAX_REPLICAS)):
+        where = f"replicas[{index}]"
+        known(table, _REPLICA_KEYS, where)
+        for key in _REPLICA_KEYS:
+            if key not in table:
+                raise fail(f"{where}.{key}", "missing")
+        replica_id = integer(table["id"], f"{where}.id", 0, MAX_REPLICAS - 1)
+        if replica_id != index:
+            raise fail(
+                f"{where}.id", f"replicas must be listed in id order 0..n-1, got {replica_id}"
+            )
+        replicas.append(
+            ReplicaAddress(
+                replica_id,
+                text(table["host"], f"{where}.host"),
+                integer(table["port"], f"{where}.port", 1, 65535),
+                public_key(table["public_key"], f"{where}.public_key"),
+            )
+        )
+    if len(replicas) < 4:
+        raise fail(
+            "replicas", f"needs at least 4 replicas (n = 3f + 1, f >= 1), got {len(replicas)}"
+        )
+    f = integer(document.get("f", (len(replicas) - 1) // 3), "f", 1, MAX_REPLICAS)
+    if f != (len(replicas) - 1) // 3:
+        raise fail("f", f"{len(replicas)} replicas tolerate f = {(len(replicas) - 1) // 3}")
+    client_keys: dict[int, VerifyKey] = {}
+    for index, table in enumerate(array("clients", MAX_CLIENTS)):
+        where = f"clients[{index}]"
+        known(table, _CLIENT_KEYS, where)
+        if "id" not in table or "public_key" not in table:
+            raise fail(where, "needs id and public_key")
+        client_id = integer(table["id"], f"{where}.id", 0, 2**32 - 1)
+        if client_id in client_keys:
+            raise fail(f"{where}.id", f"client {client_id} listed twice")
+        client_keys[client_id] = public_key(table["public_key"], f"{where}.public_key")
+    accounts: dict[str, Account] = {}
+    for index, table in enumerate(array("accounts", MAX_ACCOUNTS)):
+        where = f"accounts[{index}]"
+        known(table, _ACCOUNT_KEYS, where)
+        for key in _ACCOUNT_KEYS:
+            if key not in table:
+                raise fail(f"{where}.{key}", "missing")
+        name = text(table["name"], f"{where}.name", 64)
+        if name in accounts:
+            raise fail(f"{where}.name", f"account {name!r} listed twice")
+        owner = integer(table["owner"], f"{where}.owner", 0, 2**32 - 1)
+        if owner not in client_keys:
+            raise fail(f"{where}.owner", f"no client with id {owner}")
+        accounts[name] = Account(
+            owner, integer(table["balance"], f"{where}.balance", 0, MAX_AMOUNT)
+        )
+    protocol = known(document.get("protocol", {}), _PROTOCOL_KEYS, "protocol")
+    try:
+        config = ClusterConfig(replica_count=len(replicas), **protocol)
+    except (ConfigError, TypeError) as error:
+        raise fail("protocol", str(error)) from None
+    return Cluster(path, config, tuple(replicas), client_keys, accounts)
+
+
+def write_cluster(
+    directory: str | os.PathLike[str],
+    *,
+    replicas: int,
+    clients: int,
+    host: str = "127.0.0.1",
+    base_port: int = 7000,
+    accounts_per_client: int = 2,
+    initial_balance: int = 100_000,
+    protocol: dict[str, int] | None = None,
+) -> Path:
+    """Generate keys and write DIR/cluster.toml plus one private key file per principal.
+
+    Refuses to overwrite an existing cluster: keys are identities, not scratch files.
+    """
+    if replicas < 4 or replicas > MAX_REPLICAS:
+        raise ValueError(f"--replicas must be in 4..{MAX_REPLICAS}")
+    if not 1 <= clients <= MAX_CLIENTS:
+        raise ValueError(f"--clients must be in 1..{MAX_CLIENTS}")
+    if not 0 <= initial_balance <= MAX_AMOUNT:
+        raise ValueError("--initial-balance out of range")
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / CLUSTER_FILE_NAME
+    if path.exists():
+        raise FileExistsError(f"{path} exists: refusing to replace a cluster's identities")
+    lines = [f"f = {(replicas - 1) // 3}", ""]
+    if protocol:
+        lines.append("[protocol]")
+        lines += [f"{key} = {value}" for key, value in sorted(protocol.items())]
+        lines.append("")
+    for replica_id in range(replicas):
+        key = SigningKey.generate()
+        save_private_key(root / f"replica-{replica_id}.key", key)
+        lines += [
+            "[[replicas]]",
+            f"id = {replica_id}",
+            f'host = "{host}"',
+            f"port = {base_port + replica_id}",
+            f'public_key = "{key.verify_key.hex()}"',
+            "",
+        ]
+    for client_id in range(clients):
+        key = SigningKey.generate()
+        save_private_key(root / f"client-{client_id}.key", key)
+        lines += ["[[clients]]", f"id = {client_id}", f'public_key = "{key.verify_key.hex()}"', ""]
+    index = 0
+    for client_id in range(clients):
+        for _ in range(accounts_per_client):
+            lines += [
+                "[[accounts]]",
+                f'name = "acct-{index:05d}"',
+                f"owner = {client_id}",
+                f"balance = {initial_balance}",
+                "",
+            ]
+            index += 1
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text("\n".join(lines))
+    os.replace(temporary, path)
+    load_cluster(path)  # what we wrote must read back
+    return path

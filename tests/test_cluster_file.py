@@ -1,0 +1,74 @@
+"""Cluster files: keygen writes what load reads; every malformed field is named."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from pbft.cli import main
+from runtime.cluster import ClusterFileError, load_cluster, write_cluster
+
+
+def test_keygen_writes_a_cluster_that_loads_with_private_keys_mode_0600(tmp_path: Path) -> None:
+    assert main(["keygen", "--replicas", "4", "--clients", "2", "--out", str(tmp_path)]) == 0
+    cluster = load_cluster(tmp_path / "cluster.toml")
+    assert cluster.config.replica_count == 4 and cluster.config.fault_tolerance == 1
+    assert [replica.port for replica in cluster.replicas] == [7000, 7001, 7002, 7003]
+    assert sorted(cluster.client_keys) == [0, 1]
+    assert {account.owner for account in cluster.accounts.values()} == {0, 1}
+    for role, count in (("replica", 4), ("client", 2)):
+        for principal in range(count):
+            path = cluster.private_key_path(role, principal)
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+            key = cluster.load_private_key(role, principal)
+            assert cluster.keyring().get((role, principal)) == key.verify_key
+
+
+def test_keygen_never_overwrites_an_existing_cluster(tmp_path: Path) -> None:
+    write_cluster(tmp_path, replicas=4, clients=1)
+    before = (tmp_path / "cluster.toml").read_text()
+    assert main(["keygen", "--out", str(tmp_path)]) == 2
+    assert (tmp_path / "cluster.toml").read_text() == before
+
+
+def test_a_private_key_of_another_principal_is_refused(tmp_path: Path) -> None:
+    cluster = load_cluster(write_cluster(tmp_path, replicas=4, clients=1))
+    os.replace(tmp_path / "replica-2.key", tmp_path / "replica-1.key")
+    with pytest.raises(ClusterFileError, match="does not match replica 1"):
+        cluster.load_private_key("replica", 1)
+
+
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        (lambda text: text.replace("f = 1", "f = 2"), "f"),
+        (lambda text: text.replace("port = 7001", "port = 70001"), "replicas[1].port"),
+        (lambda text: text.replace("id = 2\n", "id = 3\n", 1), "replicas[2].id"),
+        (lambda text: text.replace('host = "127.0.0.1"', "hots = 1", 1), "replicas[0].hots"),
+        (lambda text: text.replace("owner = 0", "owner = 9", 1), "accounts[0].owner"),
+        (lambda text: text.replace("balance = 100000", "balance = -1", 1), "accounts[0].balance"),
+        (lambda text: text + "\n[protocol]\nbatch_size = 0\n", "protocol"),
+        (lambda text: text + "\n[protocol]\nbatch_sise = 4\n", "protocol.batch_sise"),
+        (
+            lambda text: text.replace('public_key = "', 'public_key = "zz', 1),
+            "replicas[0].public_key",
+        ),
+        (lambda text: text + "\n[[", "file"),
+    ],
+)
+def test_a_malformed_cluster_file_names_the_field(tmp_path: Path, edit, field: str) -> None:  # noqa: ANN001
+    path = write_cluster(tmp_path, replicas=4, clients=1)
+    path.write_text(edit(path.read_text()))
+    with pytest.raises(ClusterFileError) as caught:
+        load_cluster(path)
+    assert caught.value.field == field
+    assert str(path) in str(caught.value)
+
+
+def test_a_missing_cluster_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ClusterFileError) as caught:
+        load_cluster(tmp_path / "nope.toml")
+    assert caught.value.field == "file"
