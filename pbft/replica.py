@@ -432,6 +432,8 @@ class Replica:
             raise Rejected("unexpected_type")
         if heartbeat.replica != self.config.primary_of(heartbeat.view):
             raise Rejected("not_primary", "heartbeat")
+        # Even from a later view: how far the cluster got is what tells us to catch up.
+        self.highest_seen_executed = max(self.highest_seen_executed, heartbeat.last_executed)
         self._check_view(heartbeat.view, heartbeat.replica)
         self.last_primary_contact_ms = self.now_ms
         self.highest_seen_executed = max(self.highest_seen_executed, heartbeat.last_executed)

@@ -42,6 +42,7 @@ from sim.workload import PlannedPayment, genesis_accounts, plan_payments
 TICK_US = 5_000
 SIGNATURE_CACHE_ENTRIES = 1 << 18
 MINIMUM_DRAIN_US = 30_000_000
+CONVERGENCE_CHECK_US = 50_000
 
 _DELIVER, _TICK, _SUBMIT, _FAULT, _HEAL, _END_RULE, _RESUME, _END_SKEW, _HEAL_ALL = range(9)
 # Messages a paused replica's host buffers for it (as a kernel's socket buffers would).
@@ -311,6 +312,7 @@ class Simulation:
             )
         settle_us = 2 * timeout_us + 500_000
         stop_us: int | None = None
+        next_convergence_check_us = 0
         total = len(self.payments)
         while self._queue:
             at_us, _, kind, a, b, c = heapq.heappop(self._queue)
@@ -338,9 +340,28 @@ class Simulation:
                 self.trace.record(self.now_us, "fault_end", f"r{a}", "clock_skew")
             elif kind == _HEAL_ALL:
                 self._heal_all()
-            if stop_us is None and len(self.decided_at_us) == total and at_us >= last_submit_us:
-                stop_us = max(at_us, last_fault_us) + settle_us
+            if (
+                stop_us is None
+                and at_us >= next_convergence_check_us
+                and len(self.decided_at_us) == total
+                and at_us >= max(last_submit_us, last_fault_us)
+            ):
+                # Everything is decided and the faults are over: run on until the correct
+                # replicas converge (or the deadline), then a little longer.
+                next_convergence_check_us = at_us + CONVERGENCE_CHECK_US
+                if self._converged():
+                    stop_us = at_us + settle_us
         return self._result()
+
+    def _converged(self) -> bool:
+        ends = {
+            node.core.last_executed: None
+            for node in self.replicas
+            if node.core is not None
+            and not node.paused
+            and node.replica_id in self.observed.correct
+        }
+        return len(ends) <= 1
 
     def _deliver(self, source: Principal, destination: Principal, data: bytes) -> None:
         role, index = destination
