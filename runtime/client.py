@@ -1,0 +1,140 @@
+"""PaymentClient: pay through a real cluster and get a receipt anyone can verify offline.
+
+    async with PaymentClient(cluster, client_id=0) as client:
+        decided = await client.pay("acct-00000", "acct-00002", 250)
+        decided.outcome, decided.reason, decided.receipt
+
+The sans-I/O `ClientCore` decides (f + 1 matching signed replies) and says when to
+retransmit; this module only carries its messages and its clock. Retrying with the same
+request id is always safe: the cluster executes a request id at most once and answers a
+retransmission with the original decision.
+"""
+
+from __future__ import annotations
+
+import time
+from types import TracebackType
+
+import trio
+
+from crypto.keys import SigningKey
+from pbft.client import ClientCore, Decided
+from pbft.events import MessageReceived, Send, Tick
+from runtime.cluster import Cluster
+from runtime.transport import Transport, TransportConfig
+
+TICK_MS = 10
+
+
+class PaymentTimeout(TimeoutError):
+    """No decision within the deadline. The payment may still be decided later: retry with
+    the same request id to learn its outcome, never with a new one."""
+
+
+class PaymentClient:
+    def __init__(
+        self,
+        cluster: Cluster,
+        client_id: int,
+        key: SigningKey | None = None,
+        *,
+        timeout_s: float = 10.0,
+        transport_config: TransportConfig | None = None,
+    ) -> None:
+        self.cluster = cluster
+        self.client_id = client_id
+        self.key = key if key is not None else cluster.load_private_key("client", client_id)
+        self.timeout_s = timeout_s
+        self.keyring = cluster.keyring()
+        self.core = ClientCore(client_id, cluster.config, self.key, self.keyring)
+        self._transport = Transport(("client", client_id), self.key, self.keyring, transport_config)
+        self._waiting: dict[int, trio.Event] = {}
+        self._results: dict[int, Decided] = {}
+        self._nursery_manager: trio.Nursery | None = None
+        self._cancel = trio.CancelScope()
+        self._last_request_id = 0
+        self._started = 0.0
+
+    async def __aenter__(self) -> PaymentClient:
+        self._nursery_context = trio.open_nursery()
+        nursery = await self._nursery_context.__aenter__()
+        self._nursery_manager = nursery
+        await nursery.start(self._transport.run)
+        for replica in self.cluster.replicas:
+            self._transport.connect_to(("replica", replica.replica_id), replica.host, replica.port)
+        self._started = trio.current_time()
+        nursery.start_soon(self._clock)
+        nursery.start_soon(self._receive)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool | None:
+        if self._nursery_manager is not None:
+            self._nursery_manager.cancel_scope.cancel()
+        return await self._nursery_context.__aexit__(exc_type, exc, traceback)
+
+    def new_request_id(self) -> int:
+        """Increasing ids from the wall clock (microseconds), unique within this process."""
+        candidate = time.time_ns() // 1000
+        self._last_request_id = max(candidate, self._last_request_id + 1)
+        return self._last_request_id
+
+    async def wait_connected(self, count: int | None = None, timeout_s: float = 10.0) -> None:
+        """Wait until connections to `count` replicas (default: all) are open."""
+        wanted = len(self.cluster.replicas) if count is None else count
+        with trio.fail_after(timeout_s):
+            while (
+                sum(
+                    self._transport.is_connected(("replica", replica.replica_id))
+                    for replica in self.cluster.replicas
+                )
+                < wanted
+            ):
+                await trio.sleep(0.01)
+
+    async def pay(
+        self, payer: str, payee: str, amount: int, request_id: int | None = None
+    ) -> Decided:
+        request_id = self.new_request_id() if request_id is None else request_id
+        event = trio.Event()
+        self._waiting[request_id] = event
+        try:
+            self._carry_out(self.core.submit(request_id, payer, payee, amount))
+            with trio.move_on_after(self.timeout_s) as scope:
+                await event.wait()
+            if scope.cancelled_caught:
+                self.core.outstanding.pop(request_id, None)
+                raise PaymentTimeout(
+                    f"no decision for request {request_id} within {self.timeout_s} s; "
+                    f"retry with request_id={request_id}"
+                )
+            return self._results.pop(request_id)
+        finally:
+            self._waiting.pop(request_id, None)
+
+    def statistics(self) -> dict[str, object]:
+        return {"client": self.core.statistics(), "transport": self._transport.statistics()}
+
+    def _carry_out(self, actions: list[Send | Decided]) -> None:
+        for action in actions:
+            if isinstance(action, Send):
+                self._transport.send(action.to, action.data)
+            else:
+                self._results[action.request_id] = action
+                waiting = self._waiting.get(action.request_id)
+                if waiting is not None:
+                    waiting.set()
+
+    async def _clock(self) -> None:
+        while True:
+            await trio.sleep(TICK_MS / 1000)
+            now_ms = int((trio.current_time() - self._started) * 1000)
+            self._carry_out(self.core.handle(Tick(now_ms)))
+
+    async def _receive(self) -> None:
+        async for _principal, data in self._transport.inbound:
+            self._carry_out(self.core.handle(MessageReceived(data)))

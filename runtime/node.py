@@ -1,0 +1,194 @@
+"""A replica on trio: the sans-I/O core driven by real sockets, a real clock and a real disk.
+
+One task owns the core. The transport's inbound frames and the clock's ticks reach it
+through one bounded channel; it hands every event to `Replica.handle` and carries out
+the actions in order. Every `Persist` of an event is written and fsynced (one batch,
+in a worker thread) before any message of that event leaves: persist before you speak.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import trio
+
+from pbft.events import Broadcast, Executed, MessageReceived, Note, Persist, Send, Tick
+from pbft.replica import Replica
+from runtime.cluster import Cluster
+from runtime.storage import DurableStore
+from runtime.transport import Transport, TransportConfig
+
+EVENT_QUEUE_SIZE = 10_000
+# Drops that happen all the time in a healthy cluster (late votes) are summed, not logged.
+QUIET_DROPS = ("stale", "redundant_vote")
+NOTABLE_NOTES = (
+    "view_change",
+    "new_view",
+    "checkpoint_stable",
+    "state_transfer",
+    "suspect",
+    "evidence",
+    "halt",
+    "drop",
+    "state_too_large",
+)
+
+
+class ReplicaHalted(RuntimeError):
+    """The core stopped itself (for example, its state diverged from 2f + 1 replicas)."""
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    replica_id: int
+    view: int
+    last_executed: int
+    stable_checkpoint: int
+    ledger_digest: str
+
+
+class ReplicaNode:
+    def __init__(
+        self,
+        cluster: Cluster,
+        replica_id: int,
+        data_dir: Path,
+        *,
+        tick_ms: int = 5,
+        log: TextIO | None = None,
+        transport_config: TransportConfig | None = None,
+    ) -> None:
+        self.cluster = cluster
+        self.replica_id = replica_id
+        self.data_dir = Path(data_dir)
+        self.tick_ms = tick_ms
+        self.log_stream = log if log is not None else sys.stderr
+        self.transport_config = transport_config
+        self.core: Replica | None = None
+        self.store: DurableStore | None = None
+        self.events_handled = 0
+        self.quiet_drops = 0
+
+    def log(self, event: str, **fields: object) -> None:
+        record = {"time": round(time.time(), 6), "replica": self.replica_id, "event": event}
+        record.update(fields)
+        self.log_stream.write(json.dumps(record) + "\n")
+        self.log_stream.flush()
+
+    def status(self) -> NodeStatus | None:
+        core = self.core
+        if core is None:
+            return None
+        return NodeStatus(
+            self.replica_id,
+            core.view,
+            core.last_executed,
+            core.stable.seq,
+            core.ledger.digest().hex(),
+        )
+
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until cancelled. `task_status.started` reports the port it listens on."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        store = DurableStore.open(self.data_dir / f"replica-{self.replica_id}.log")
+        self.store = store
+        try:
+            key = self.cluster.load_private_key("replica", self.replica_id)
+            keyring = self.cluster.keyring()
+            records = store.records()
+            core = Replica(
+                self.replica_id,
+                self.cluster.config,
+                key,
+                keyring,
+                self.cluster.accounts,
+                records=records or None,
+            )
+            self.core = core
+            self.log(
+                "start",
+                recovered_records=len(records),
+                last_executed=core.last_executed,
+                view=core.view,
+                torn_tail=store.recovery_report.torn_tail is not None,
+            )
+            principal = ("replica", self.replica_id)
+            async with Transport(principal, key, keyring, self.transport_config) as transport:
+                address = self.cluster.replica(self.replica_id)
+                port = await transport.listen(address.host, address.port)
+                for peer in self.cluster.replicas:
+                    if peer.replica_id != self.replica_id:
+                        transport.connect_to(("replica", peer.replica_id), peer.host, peer.port)
+                self.log("listening", host=address.host, port=port)
+                task_status.started(port)
+                await self._drive(core, store, transport)
+        finally:
+            store.close()
+            self.log("stopped")
+
+    async def _drive(self, core: Replica, store: DurableStore, transport: Transport) -> None:
+        send_event, receive_event = trio.open_memory_channel[Tick | MessageReceived](
+            EVENT_QUEUE_SIZE
+        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._clock, send_event.clone())
+            nursery.start_soon(self._inbound, transport, send_event)
+            async for event in receive_event:
+                actions = core.handle(event)
+                self.events_handled += 1
+                persists = [
+                    (action.key, action.value) for action in actions if isinstance(action, Persist)
+                ]
+                if persists:
+                    # Durable before any message of this event leaves.
+                    await trio.to_thread.run_sync(store.apply, persists)
+                for action in actions:
+                    if isinstance(action, Send):
+                        transport.send(action.to, action.data)
+                    elif isinstance(action, Broadcast):
+                        for peer in self.cluster.replicas:
+                            if peer.replica_id != self.replica_id:
+                                transport.send(("replica", peer.replica_id), action.data)
+                    elif isinstance(action, Note):
+                        self._note(action)
+                    elif isinstance(action, Executed):
+                        pass
+                if core.halted is not None:
+                    self.log("halted", reason=core.halted)
+                    raise ReplicaHalted(core.halted)
+
+    def _note(self, note: Note) -> None:
+        if note.kind not in NOTABLE_NOTES:
+            return
+        if note.kind == "drop" and note.detail.split(" ", 1)[0] in QUIET_DROPS:
+            self.quiet_drops += 1
+            return
+        fields: dict[str, object] = {"detail": note.detail}
+        if note.kind == "checkpoint_stable" and self.core is not None:
+            fields["ledger_digest"] = self.core.stable.ledger_digest.hex()
+            fields["seq"] = self.core.stable.seq
+        self.log(note.kind, **fields)
+
+    async def _clock(self, send_event: trio.MemorySendChannel[Tick | MessageReceived]) -> None:
+        async with send_event:
+            started = trio.current_time()
+            while True:
+                await trio.sleep(self.tick_ms / 1000)
+                now_ms = int((trio.current_time() - started) * 1000)
+                try:
+                    send_event.send_nowait(Tick(now_ms))
+                except trio.WouldBlock:
+                    # Busy: a tick later is as good; time is read afresh each tick.
+                    pass
+
+    async def _inbound(
+        self, transport: Transport, send_event: trio.MemorySendChannel[Tick | MessageReceived]
+    ) -> None:
+        async with send_event:
+            async for _principal, data in transport.inbound:
+                await send_event.send(MessageReceived(data))
