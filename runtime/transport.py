@@ -1,0 +1,828 @@
+"""TCP transport for the trio runtime: authenticated, framed connections between principals.
+
+The protocol core hands the driver sealed envelopes as bytes and wants bytes back, tagged
+with who sent them. This module carries them: `Transport.send(principal, data)` queues a
+frame for a peer and returns at once; frames from peers come out of `Transport.inbound` as
+`(principal, bytes)`. The transport does not look inside frames: it only knows which
+authenticated connection a frame arrived on. The core must still `open_envelope` every
+frame (a replica can relay bytes signed by someone else, and the TCP stream itself is not
+encrypted or MACed, see "Limits" below).
+
+Framing: `runtime.framing` (u32 big-endian length + payload, at most MAX_FRAME_BYTES).
+
+Handshake (version 1)
+---------------------
+A connection is authenticated both ways before any data frame is accepted. All three
+messages are frames of at most HANDSHAKE_MAX_FRAME_BYTES; every integer is big-endian::
+
+    principal = role (u8: 0 replica, 1 client) | id (u64)                      -- 9 bytes
+
+    1. accepting side -> connecting side
+       HELLO  = b"H" | version (u8, = 1) | server nonce (32 random bytes) | server principal
+    2. connecting side -> accepting side
+       AUTH   = b"A" | client principal | client nonce (32 random bytes) | signature (64)
+                signature = sign(b"pbft/v1/handshake",
+                                 server nonce | server principal | client principal)
+    3. accepting side -> connecting side
+       ACCEPT = b"K" | signature (64)
+                signature = sign(b"pbft/v1/handshake-accept",
+                                 client nonce | client principal | server principal
+                                 | server nonce)
+
+(`sign(domain, payload)` is `crypto.keys.SigningKey.sign`: Ed25519 over the domain-separated
+signing input of crypto.signing.) The connecting side checks that HELLO names the principal
+it meant to reach *before* it signs anything (else a peer it dials could relay its AUTH to
+a third party); the accepting side checks AUTH against the KeyRing (unknown principal, bad
+signature: refused); the connecting side checks ACCEPT against the key of the principal it
+dialled. Fresh nonces on both sides make a recorded AUTH or ACCEPT useless on any other
+connection, and the two domains keep one side's signature from being reflected as the
+other's. Each step has a deadline (`handshake_timeout`), handshake frames have their own
+size limit, AUTH and ACCEPT must be exactly the length above, and a connecting side that
+sends anything after AUTH before it has ACCEPT is refused. A refused handshake just closes
+the connection (no reason is sent back) and is counted in `handshakes_failed[reason]`.
+
+Guarantees
+----------
+- `send` is a plain function: it never waits, whatever the peer does. Each peer has a
+  bounded FIFO (`peer_queue_size`); when it is full the oldest queued frame (or the new
+  one, `overflow="drop_newest"`) is dropped and counted as `drops["peer_queue_full"]`.
+  Frames queue while a peer is unreachable and go out, in order, once it is connected.
+- A frame is written at most once. A frame being written when its connection fails is
+  lost (`drops["connection_lost"]`), never retried (no duplicates from the transport).
+  A write that takes longer than `send_timeout` closes that connection.
+- Frames from one connection are delivered in order. With two live connections to one
+  peer (it dialled us and we dialled it), we send on the newest and read from both.
+- Nothing a peer sends can crash the transport or touch another connection: garbage or
+  oversized frames in the handshake fail it; an oversized length later closes the
+  connection; a frame not completed within `frame_timeout` of its first byte closes the
+  connection (slowloris); a step of the handshake not done within `handshake_timeout`
+  fails it. At most `max_pending_handshakes` connections may be unauthenticated at a time
+  (more are closed at once), and a principal has at most one inbound connection (a new
+  one replaces the old: this is also how a restarted peer gets back in).
+- `connect_to` redials forever with exponential backoff and jitter, bounded by
+  `backoff_max`; the backoff restarts after every successful handshake.
+- Structured concurrency: every task runs in the nursery of `run()` (or of
+  `async with transport:`); cancelling it closes every socket and listener and ends
+  `inbound` (the owner's `async for` loop finishes).
+
+Backpressure on input: `inbound` is bounded (`inbound_queue_size`); when the owner falls
+behind, readers wait, so TCP pushes back on the peers (nothing is dropped on input). The
+per-frame deadline is measured from the first byte read after the previous frame was
+delivered, so time spent waiting on our own owner never counts against a peer.
+
+Limits
+------
+The handshake authenticates the peer at the moment of connecting; the stream after it is
+plain TCP (no encryption, no MAC). An attacker on the network path can inject or hijack
+data after the handshake; what it can inject is still only bytes, which the core accepts
+only if they carry valid signatures. Authentication here decides who is accounted for
+(and replaced, and counted), not what a message proves. Dead peers that vanish without a
+FIN or RST are detected by TCP keepalive (enabled) or by a write timing out.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import random
+import secrets
+import socket
+import struct
+from collections import Counter
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Final, Literal
+
+import trio
+
+from crypto.keys import KeyRing, Principal, SigningKey, check_principal
+from runtime.framing import (
+    FRAME_HEADER_SIZE,
+    MAX_FRAME_BYTES,
+    FrameDecoder,
+    FramingError,
+    encode_frame,
+    frame_header,
+)
+
+__all__ = [
+    "HANDSHAKE_ACCEPT_DOMAIN",
+    "HANDSHAKE_DOMAIN",
+    "HANDSHAKE_MAX_FRAME_BYTES",
+    "HANDSHAKE_VERSION",
+    "NONCE_SIZE",
+    "Transport",
+    "TransportConfig",
+    "TransportStatistics",
+    "backoff_delay",
+    "decode_principal",
+    "encode_principal",
+]
+
+logger = logging.getLogger(__name__)
+
+HANDSHAKE_VERSION: Final = 1
+HANDSHAKE_DOMAIN: Final = b"pbft/v1/handshake"
+HANDSHAKE_ACCEPT_DOMAIN: Final = b"pbft/v1/handshake-accept"
+HANDSHAKE_MAX_FRAME_BYTES: Final = 1024
+NONCE_SIZE: Final = 32
+SIGNATURE_SIZE: Final = 64
+
+_PRINCIPAL: Final = struct.Struct(">BQ")
+PRINCIPAL_SIZE: Final = _PRINCIPAL.size  # 9
+_ROLE_CODES: Final = {"replica": 0, "client": 1}
+_ROLES_BY_CODE: Final = {code: role for role, code in _ROLE_CODES.items()}
+
+_HELLO: Final = b"H"
+_AUTH: Final = b"A"
+_ACCEPT: Final = b"K"
+_HELLO_SIZE: Final = 2 + NONCE_SIZE + PRINCIPAL_SIZE  # 43
+_AUTH_SIZE: Final = 1 + PRINCIPAL_SIZE + NONCE_SIZE + SIGNATURE_SIZE  # 106
+_ACCEPT_SIZE: Final = 1 + SIGNATURE_SIZE  # 65
+
+# Frames up to this size are written with one send_all (header and payload copied together);
+# bigger ones as two writes, so a 16 MiB payload is never copied just to prepend 4 bytes.
+_COALESCE_LIMIT: Final = 64 * 1024
+
+
+# --- configuration and statistics -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    """Limits and timeouts (seconds). The defaults suit a LAN cluster; tests shorten them."""
+
+    max_frame_bytes: int = MAX_FRAME_BYTES
+    handshake_max_frame_bytes: int = HANDSHAKE_MAX_FRAME_BYTES
+    handshake_timeout: float = 5.0  # per handshake step (each message sent or awaited)
+    frame_timeout: float = 10.0  # from a frame's first byte to its last
+    send_timeout: float = 10.0  # one frame's write; longer closes the connection
+    connect_timeout: float = 5.0  # TCP connect when dialling
+    peer_queue_size: int = 256  # frames queued per peer
+    overflow: Literal["drop_oldest", "drop_newest"] = "drop_oldest"
+    inbound_queue_size: int = 1024  # frames waiting for the owner, all peers together
+    max_pending_handshakes: int = 64  # unauthenticated inbound connections at a time
+    backoff_initial: float = 0.1  # first redial delay
+    backoff_max: float = 5.0  # no redial delay is longer
+    backoff_jitter: float = 0.5  # a delay is drawn from [(1 - jitter) * d, d]
+    receive_chunk_bytes: int = 64 * 1024
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_frame_bytes",
+            "handshake_max_frame_bytes",
+            "peer_queue_size",
+            "inbound_queue_size",
+            "max_pending_handshakes",
+            "receive_chunk_bytes",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.max_frame_bytes > 2**32 - 1:
+            raise ValueError("max_frame_bytes must fit the u32 length field")
+        if self.handshake_max_frame_bytes < _AUTH_SIZE:
+            raise ValueError(f"handshake_max_frame_bytes must be at least {_AUTH_SIZE}")
+        for name in (
+            "handshake_timeout",
+            "frame_timeout",
+            "send_timeout",
+            "connect_timeout",
+            "backoff_initial",
+            "backoff_max",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value!r}")
+        if self.backoff_initial > self.backoff_max:
+            raise ValueError("backoff_initial must not exceed backoff_max")
+        if not 0 <= self.backoff_jitter <= 1:
+            raise ValueError(f"backoff_jitter must be in 0..1, got {self.backoff_jitter!r}")
+        if self.overflow not in ("drop_oldest", "drop_newest"):
+            raise ValueError(f"overflow must be drop_oldest or drop_newest: {self.overflow!r}")
+
+
+@dataclass(frozen=True)
+class TransportStatistics:
+    """A snapshot. Frames and bytes count data frames only (payload bytes, not headers)."""
+
+    connections: int  # authenticated connections open now
+    connected_peers: int  # principals with at least one of them
+    connections_accepted: int  # TCP connections accepted, before any handshake
+    connections_dialed: int  # TCP connections we opened (connect succeeded)
+    dial_failures: int  # connect attempts that failed (refused, unreachable, timed out)
+    handshakes_ok: int
+    handshakes_failed: Mapping[str, int] = field(default_factory=dict)  # by reason
+    closes: Mapping[str, int] = field(default_factory=dict)  # authenticated, by reason
+    frames_in: int = 0
+    frames_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    drops: Mapping[str, int] = field(default_factory=dict)  # outgoing frames lost, by reason
+    queued: int = 0  # frames waiting in peer queues now
+
+
+# --- wire helpers -----------------------------------------------------------------------------
+
+
+def encode_principal(principal: Principal) -> bytes:
+    role, identifier = check_principal(principal)
+    if identifier > 2**64 - 1:
+        raise ValueError(f"principal id {identifier} does not fit 64 bits")
+    return _PRINCIPAL.pack(_ROLE_CODES[role], identifier)
+
+
+def decode_principal(raw: bytes) -> Principal:
+    """The principal in 9 wire bytes; ValueError for a wrong length or unknown role."""
+    if len(raw) != PRINCIPAL_SIZE:
+        raise ValueError(f"principal must be {PRINCIPAL_SIZE} bytes, got {len(raw)}")
+    code, identifier = _PRINCIPAL.unpack(raw)
+    role = _ROLES_BY_CODE.get(code)
+    if role is None:
+        raise ValueError(f"unknown role code {code}")
+    return (role, identifier)
+
+
+def backoff_delay(
+    attempt: int, initial: float, maximum: float, jitter: float, rng: random.Random
+) -> float:
+    """Delay before redial number `attempt` (0-based): initial * 2**attempt, capped at
+    `maximum`, minus up to `jitter` of itself at random (so peers restarted together do
+    not redial in lockstep). Always within [(1 - jitter) * initial, maximum]."""
+    ceiling = min(maximum, initial * 2.0 ** min(max(attempt, 0), 64))
+    return ceiling * (1.0 - jitter * rng.random())
+
+
+class _HandshakeFailed(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# --- connections and peers --------------------------------------------------------------------
+
+
+class _Connection:
+    """One authenticated connection. The reader task owns it; `kill` asks it to close."""
+
+    __slots__ = ("cancel_scope", "close_reason", "decoder", "direction", "principal", "stream")
+
+    def __init__(
+        self,
+        stream: trio.SocketStream,
+        principal: Principal,
+        direction: Literal["in", "out"],
+        decoder: FrameDecoder,
+    ) -> None:
+        self.stream = stream
+        self.principal = principal
+        self.direction = direction
+        self.decoder = decoder  # carries any bytes that arrived right behind the handshake
+        self.cancel_scope = trio.CancelScope()
+        self.close_reason: str | None = None
+
+    @property
+    def closing(self) -> bool:
+        return self.close_reason is not None
+
+    def kill(self, reason: str) -> None:
+        if self.close_reason is None:
+            self.close_reason = reason
+        self.cancel_scope.cancel()
+
+    async def send_frame(self, payload: bytes) -> None:
+        if len(payload) <= _COALESCE_LIMIT:
+            await self.stream.send_all(frame_header(len(payload)) + payload)
+        else:
+            await self.stream.send_all(frame_header(len(payload)))
+            await self.stream.send_all(payload)
+
+
+class _Peer:
+    """A principal we may send to: its queue, its live connections, its writer task."""
+
+    __slots__ = ("changed", "connections", "principal", "queue_receive", "queue_send")
+
+    def __init__(self, principal: Principal, queue_size: int) -> None:
+        self.principal = principal
+        self.queue_send, self.queue_receive = trio.open_memory_channel[bytes](queue_size)
+        self.connections: list[_Connection] = []  # oldest first
+        self.changed = trio.Event()
+
+    @property
+    def active(self) -> _Connection | None:
+        """The newest connection not being closed: the one we send on."""
+        for connection in reversed(self.connections):
+            if not connection.closing:
+                return connection
+        return None
+
+    def notify(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+
+# --- the transport ----------------------------------------------------------------------------
+
+
+class Transport:
+    """Authenticated, framed TCP links between this principal and its peers.
+
+    Use::
+
+        async with Transport(("replica", 0), key, keyring, config) as transport:
+            port = await transport.listen("127.0.0.1", 0)
+            transport.connect_to(("replica", 1), "127.0.0.1", 9001)
+            transport.send(("replica", 1), envelope_bytes)
+            async for principal, data in transport.inbound:
+                ...
+
+    or `await nursery.start(transport.run)` and cancel that nursery to stop. A Transport
+    runs once. `listen`, `connect_to`, `send` and `wait_connected` need it running.
+    """
+
+    def __init__(
+        self,
+        principal: Principal,
+        signing_key: SigningKey,
+        keyring: KeyRing,
+        config: TransportConfig | None = None,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.principal = check_principal(principal)
+        if not isinstance(signing_key, SigningKey):
+            raise TypeError("signing_key must be a SigningKey")
+        if not isinstance(keyring, KeyRing):
+            raise TypeError("keyring must be a KeyRing")
+        if keyring.get(self.principal) != signing_key.verify_key:
+            raise ValueError(f"the key ring does not hold this signing key for {self.principal}")
+        self.config = config if config is not None else TransportConfig()
+        self._key = signing_key
+        self._keyring = keyring
+        self._principal_bytes = encode_principal(self.principal)
+        self._rng = rng if rng is not None else random.Random(secrets.randbits(64))
+        self._inbound_send, self.inbound = trio.open_memory_channel[tuple[Principal, bytes]](
+            self.config.inbound_queue_size
+        )
+        self._nursery: trio.Nursery | None = None
+        self._started = False
+        self._peers: dict[Principal, _Peer] = {}
+        self._dialers: dict[Principal, trio.CancelScope] = {}
+        self._pending_handshakes = 0
+        self._context: AbstractAsyncContextManager[Transport] | None = None
+        self.listen_ports: list[int] = []
+        # counters
+        self._accepted = 0
+        self._dialed = 0
+        self._dial_failures = 0
+        self._handshakes_ok = 0
+        self._handshakes_failed: Counter[str] = Counter()
+        self._closes: Counter[str] = Counter()
+        self._drops: Counter[str] = Counter()
+        self._frames_in = self._frames_out = self._bytes_in = self._bytes_out = 0
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until cancelled; every listener, dialer, reader and writer is a child of this."""
+        if self._started:
+            raise RuntimeError("a Transport runs only once")
+        self._started = True
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            self._inbound_send.close()  # the owner's `async for` over inbound ends
+
+    @asynccontextmanager
+    async def _running(self) -> AsyncIterator[Transport]:
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.run)
+                try:
+                    yield self
+                finally:
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # The body's own exception comes back wrapped by the nursery; hand it back
+            # unwrapped, as if there were no nursery (the transport's tasks raise nothing).
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+
+    async def __aenter__(self) -> Transport:
+        if self._context is not None:
+            raise RuntimeError("a Transport runs only once")
+        self._context = self._running()
+        return await self._context.__aenter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool | None:
+        if self._context is None:
+            raise RuntimeError("__aexit__ without __aenter__")
+        return await self._context.__aexit__(exc_type, exc, traceback)
+
+    def _require_running(self) -> trio.Nursery:
+        if self._nursery is None:
+            raise RuntimeError("the Transport is not running (use `async with` or run())")
+        return self._nursery
+
+    # --- public API ------------------------------------------------------------------------------
+
+    async def listen(self, host: str, port: int) -> int:
+        """Accept connections on host:port (port 0: the OS picks); returns the bound port."""
+        nursery = self._require_running()
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        ports = [listener.socket.getsockname()[1] for listener in listeners]
+        await nursery.start(
+            functools.partial(
+                trio.serve_listeners, self._serve_inbound, listeners, handler_nursery=nursery
+            )
+        )
+        self.listen_ports.extend(ports)
+        return ports[0]
+
+    def connect_to(self, principal: Principal, host: str, port: int) -> None:
+        """Keep a connection to `principal` at host:port, redialling whenever it drops.
+
+        Calling it again for the same principal replaces the address (the old dialer and its
+        connection are closed). The peer must prove it is `principal` in the handshake.
+        """
+        nursery = self._require_running()
+        principal = check_principal(principal)
+        if principal == self.principal:
+            raise ValueError("a transport does not connect to itself")
+        if principal not in self._keyring:
+            raise ValueError(f"{principal} is not in the key ring")
+        old = self._dialers.pop(principal, None)
+        if old is not None:
+            old.cancel()
+        scope = trio.CancelScope()
+        self._dialers[principal] = scope
+        self._peer(principal)
+        nursery.start_soon(self._dial_loop, principal, host, port, scope)
+
+    def send(self, principal: Principal, data: bytes) -> bool:
+        """Queue `data` as one frame for `principal`; never waits. False if it was dropped."""
+        self._require_running()
+        if not isinstance(data, bytes):
+            raise TypeError(f"data must be bytes, not {type(data).__name__}")
+        if len(data) > self.config.max_frame_bytes:
+            self._drops["frame_too_large"] += 1
+            return False
+        if principal not in self._keyring or principal == self.principal:
+            self._drops["unknown_peer"] += 1
+            return False
+        peer = self._peer(principal)
+        try:
+            peer.queue_send.send_nowait(data)
+            return True
+        except trio.WouldBlock:
+            self._drops["peer_queue_full"] += 1
+            if self.config.overflow == "drop_newest":
+                return False
+        # drop_oldest: the queue is full, so no writer is waiting on it and it holds a frame.
+        peer.queue_receive.receive_nowait()
+        peer.queue_send.send_nowait(data)
+        return True
+
+    def is_connected(self, principal: Principal) -> bool:
+        peer = self._peers.get(principal) if principal in self._keyring else None
+        return peer is not None and peer.active is not None
+
+    async def wait_connected(self, principal: Principal) -> None:
+        """Return once an authenticated connection to `principal` is open."""
+        self._require_running()
+        if principal not in self._keyring:
+            raise ValueError(f"{principal} is not in the key ring")
+        peer = self._peer(principal)
+        while peer.active is None:
+            await peer.changed.wait()
+
+    def statistics(self) -> TransportStatistics:
+        live = [c for peer in self._peers.values() for c in peer.connections if not c.closing]
+        return TransportStatistics(
+            connections=len(live),
+            connected_peers=sum(1 for peer in self._peers.values() if peer.active is not None),
+            connections_accepted=self._accepted,
+            connections_dialed=self._dialed,
+            dial_failures=self._dial_failures,
+            handshakes_ok=self._handshakes_ok,
+            handshakes_failed=dict(sorted(self._handshakes_failed.items())),
+            closes=dict(sorted(self._closes.items())),
+            frames_in=self._frames_in,
+            frames_out=self._frames_out,
+            bytes_in=self._bytes_in,
+            bytes_out=self._bytes_out,
+            drops=dict(sorted(self._drops.items())),
+            queued=sum(
+                peer.queue_send.statistics().current_buffer_used for peer in self._peers.values()
+            ),
+        )
+
+    # --- peers and the writer -----------------------------------------------------------------
+
+    def _peer(self, principal: Principal) -> _Peer:
+        peer = self._peers.get(principal)
+        if peer is None:
+            peer = _Peer(principal, self.config.peer_queue_size)
+            self._peers[principal] = peer
+            self._require_running().start_soon(self._write_loop, peer)
+        return peer
+
+    async def _write_loop(self, peer: _Peer) -> None:
+        """Send the peer's queued frames, in order, on its newest live connection."""
+        pending: bytes | None = None
+        while True:
+            connection = peer.active
+            if connection is None:
+                await peer.changed.wait()
+                continue
+            if pending is None:
+                pending = await peer.queue_receive.receive()
+                continue  # the connection may have changed while we waited
+            try:
+                with trio.fail_after(self.config.send_timeout):
+                    await connection.send_frame(pending)
+            except trio.TooSlowError:
+                logger.debug("%s: write to %s timed out", self.principal, peer.principal)
+                connection.kill("send_timeout")
+                self._drops["connection_lost"] += 1
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                connection.kill("broken")
+                self._drops["connection_lost"] += 1
+            else:
+                self._frames_out += 1
+                self._bytes_out += len(pending)
+            pending = None
+
+    def _register(self, connection: _Connection) -> None:
+        peer = self._peer(connection.principal)
+        if connection.direction == "in":
+            for old in peer.connections:
+                if old.direction == "in":
+                    old.kill("replaced")
+        peer.connections.append(connection)
+        peer.notify()
+
+    def _unregister(self, connection: _Connection) -> None:
+        peer = self._peers[connection.principal]
+        peer.connections.remove(connection)
+        peer.notify()
+
+    # --- connections --------------------------------------------------------------------------
+
+    async def _serve_inbound(self, stream: trio.SocketStream) -> None:
+        self._accepted += 1
+        try:
+            if self._pending_handshakes >= self.config.max_pending_handshakes:
+                self._handshakes_failed["too_many_pending"] += 1
+                return
+            _keepalive(stream)
+            self._pending_handshakes += 1
+            try:
+                principal, decoder = await self._handshake_as_server(stream)
+            except _HandshakeFailed as failure:
+                self._handshakes_failed[failure.reason] += 1
+                logger.debug("%s: inbound handshake failed: %s", self.principal, failure.reason)
+                return
+            finally:
+                self._pending_handshakes -= 1
+            self._handshakes_ok += 1
+            await self._run_connection(_Connection(stream, principal, "in", decoder))
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _dial_loop(
+        self, principal: Principal, host: str, port: int, scope: trio.CancelScope
+    ) -> None:
+        config = self.config
+        with scope:
+            attempt = 0
+            while True:
+                stream: trio.SocketStream | None = None
+                try:
+                    with trio.move_on_after(config.connect_timeout):
+                        stream = await trio.open_tcp_stream(host, port)
+                except OSError as error:
+                    logger.debug("%s: dial %s failed: %s", self.principal, principal, error)
+                if stream is None:
+                    self._dial_failures += 1
+                else:
+                    self._dialed += 1
+                    try:
+                        _keepalive(stream)
+                        try:
+                            decoder = await self._handshake_as_client(stream, principal)
+                        except _HandshakeFailed as failure:
+                            self._handshakes_failed[failure.reason] += 1
+                            logger.debug(
+                                "%s: handshake with %s failed: %s",
+                                self.principal,
+                                principal,
+                                failure.reason,
+                            )
+                        else:
+                            self._handshakes_ok += 1
+                            attempt = 0
+                            await self._run_connection(
+                                _Connection(stream, principal, "out", decoder)
+                            )
+                    finally:
+                        await trio.aclose_forcefully(stream)
+                await trio.sleep(
+                    backoff_delay(
+                        attempt,
+                        config.backoff_initial,
+                        config.backoff_max,
+                        config.backoff_jitter,
+                        self._rng,
+                    )
+                )
+                attempt += 1
+
+    async def _run_connection(self, connection: _Connection) -> None:
+        """Register an authenticated connection, read it until it closes, unregister it."""
+        self._register(connection)
+        logger.debug(
+            "%s: connected to %s (%s)", self.principal, connection.principal, connection.direction
+        )
+        try:
+            with connection.cancel_scope:
+                reason = await self._read_frames(connection)
+                connection.kill(reason)
+        finally:
+            if connection.close_reason is None:  # cancelled from outside: shutdown, redial
+                connection.close_reason = "cancelled"
+            self._closes[connection.close_reason] += 1
+            self._unregister(connection)
+            logger.debug(
+                "%s: connection to %s closed: %s",
+                self.principal,
+                connection.principal,
+                connection.close_reason,
+            )
+
+    async def _read_frames(self, connection: _Connection) -> str:
+        """Deliver frames until the connection ends; return why it ended."""
+        decoder = connection.decoder
+        stream = connection.stream
+        frame_started: float | None = None
+        while True:
+            while True:
+                try:
+                    frame = decoder.next_frame()
+                except FramingError as error:
+                    return error.reason
+                if frame is None:
+                    break
+                self._frames_in += 1
+                self._bytes_in += len(frame)
+                try:
+                    await self._inbound_send.send((connection.principal, frame))
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self._drops["inbound_closed"] += 1
+                frame_started = None
+            if decoder.buffered == 0:
+                deadline = math.inf
+            else:
+                if frame_started is None:
+                    frame_started = trio.current_time()
+                deadline = frame_started + self.config.frame_timeout
+            with trio.move_on_at(deadline):
+                try:
+                    data = await stream.receive_some(self.config.receive_chunk_bytes)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return "broken"
+                if not data:
+                    return "eof_mid_frame" if decoder.buffered else "eof"
+                if frame_started is None:
+                    frame_started = trio.current_time()
+                decoder.append(data)
+                continue
+            return "frame_timeout"
+
+    # --- handshake ----------------------------------------------------------------------------
+
+    async def _handshake_as_server(
+        self, stream: trio.SocketStream
+    ) -> tuple[Principal, FrameDecoder]:
+        decoder = FrameDecoder(self.config.handshake_max_frame_bytes)
+        server_nonce = secrets.token_bytes(NONCE_SIZE)
+        await self._send_handshake(
+            stream,
+            _HELLO + bytes((HANDSHAKE_VERSION,)) + server_nonce + self._principal_bytes,
+        )
+        auth = await self._receive_handshake(stream, decoder)
+        if len(auth) != _AUTH_SIZE or auth[:1] != _AUTH:
+            raise _HandshakeFailed("malformed")
+        client_bytes = auth[1 : 1 + PRINCIPAL_SIZE]
+        client_nonce = auth[1 + PRINCIPAL_SIZE : 1 + PRINCIPAL_SIZE + NONCE_SIZE]
+        signature = auth[1 + PRINCIPAL_SIZE + NONCE_SIZE :]
+        try:
+            client = decode_principal(client_bytes)
+        except ValueError:
+            raise _HandshakeFailed("malformed") from None
+        key = self._keyring.get(client)
+        if key is None:
+            raise _HandshakeFailed("unknown_principal")
+        if not key.verify(
+            HANDSHAKE_DOMAIN, server_nonce + self._principal_bytes + client_bytes, signature
+        ):
+            raise _HandshakeFailed("bad_signature")
+        if decoder.buffered:
+            raise _HandshakeFailed("unexpected_data")  # data before our ACCEPT
+        accept_signature = self._key.sign(
+            HANDSHAKE_ACCEPT_DOMAIN,
+            client_nonce + client_bytes + self._principal_bytes + server_nonce,
+        )
+        await self._send_handshake(stream, _ACCEPT + accept_signature)
+        decoder.max_frame_bytes = self.config.max_frame_bytes
+        return client, decoder
+
+    async def _handshake_as_client(
+        self, stream: trio.SocketStream, expected: Principal
+    ) -> FrameDecoder:
+        decoder = FrameDecoder(self.config.handshake_max_frame_bytes)
+        hello = await self._receive_handshake(stream, decoder)
+        if len(hello) != _HELLO_SIZE or hello[:1] != _HELLO:
+            raise _HandshakeFailed("malformed")
+        if hello[1] != HANDSHAKE_VERSION:
+            raise _HandshakeFailed("bad_version")
+        server_nonce = hello[2 : 2 + NONCE_SIZE]
+        server_bytes = hello[2 + NONCE_SIZE :]
+        try:
+            server = decode_principal(server_bytes)
+        except ValueError:
+            raise _HandshakeFailed("malformed") from None
+        if server != expected:
+            # Checked before we sign: our AUTH names the server, but only the one we meant.
+            raise _HandshakeFailed("wrong_peer")
+        client_nonce = secrets.token_bytes(NONCE_SIZE)
+        signature = self._key.sign(
+            HANDSHAKE_DOMAIN, server_nonce + server_bytes + self._principal_bytes
+        )
+        await self._send_handshake(stream, _AUTH + self._principal_bytes + client_nonce + signature)
+        accept = await self._receive_handshake(stream, decoder)
+        if len(accept) != _ACCEPT_SIZE or accept[:1] != _ACCEPT:
+            raise _HandshakeFailed("malformed")
+        key = self._keyring.get(expected)
+        if key is None or not key.verify(
+            HANDSHAKE_ACCEPT_DOMAIN,
+            client_nonce + self._principal_bytes + server_bytes + server_nonce,
+            accept[1:],
+        ):
+            raise _HandshakeFailed("bad_signature")
+        decoder.max_frame_bytes = self.config.max_frame_bytes
+        return decoder
+
+    async def _send_handshake(self, stream: trio.SocketStream, message: bytes) -> None:
+        with trio.move_on_after(self.config.handshake_timeout):
+            try:
+                await stream.send_all(encode_frame(message))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                raise _HandshakeFailed("broken") from None
+            return
+        raise _HandshakeFailed("timeout")
+
+    async def _receive_handshake(self, stream: trio.SocketStream, decoder: FrameDecoder) -> bytes:
+        with trio.move_on_after(self.config.handshake_timeout):
+            while True:
+                try:
+                    frame = decoder.next_frame()
+                except FramingError:
+                    raise _HandshakeFailed("oversize_frame") from None
+                if frame is not None:
+                    return frame
+                try:
+                    # Never more than a handshake frame can need: bytes from a peer that is
+                    # not yet authenticated are not buffered beyond that.
+                    data = await stream.receive_some(
+                        self.config.handshake_max_frame_bytes + FRAME_HEADER_SIZE
+                    )
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    raise _HandshakeFailed("broken") from None
+                if not data:
+                    raise _HandshakeFailed("eof")
+                decoder.append(data)
+        raise _HandshakeFailed("timeout")
+
+
+def _keepalive(stream: trio.SocketStream) -> None:
+    try:
+        stream.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    except OSError:  # pragma: no cover - the socket died already; reading will tell
+        pass

@@ -1,0 +1,632 @@
+"""runtime.framing and runtime.transport: frames, the handshake, and hostile peers.
+
+Everything runs on 127.0.0.1 with OS-chosen ports and shortened timeouts. Hostile peers are
+raw trio streams speaking the handshake as documented in runtime/transport.py, written out
+here independently of the module (so a change of the wire format breaks these tests).
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+
+import pytest
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from crypto.keys import KeyRing, SigningKey
+from runtime.framing import MAX_FRAME_BYTES, FrameDecoder, FramingError, encode_frame
+from runtime.transport import Transport, TransportConfig, backoff_delay
+
+HOST = "127.0.0.1"
+TEST_DEADLINE = 10.0  # no single test may take longer
+
+KEYS = {
+    **{("replica", i): SigningKey.derive(4, f"replica/{i}") for i in range(4)},
+    **{("client", j): SigningKey.derive(4, f"client/{j}") for j in range(3)},
+}
+RING = KeyRing({principal: key.verify_key for principal, key in KEYS.items()})
+R0, R1, R2 = ("replica", 0), ("replica", 1), ("replica", 2)
+C0, C1 = ("client", 0), ("client", 1)
+
+FAST = TransportConfig(
+    handshake_timeout=1.0,
+    frame_timeout=0.5,
+    send_timeout=1.0,
+    connect_timeout=1.0,
+    backoff_initial=0.02,
+    backoff_max=0.2,
+)
+
+
+def make(principal: tuple[str, int], config: TransportConfig = FAST) -> Transport:
+    return Transport(principal, KEYS[principal], RING, config)
+
+
+def run(test: Callable[[], Awaitable[None]]) -> None:
+    async def bounded() -> None:
+        with trio.fail_after(TEST_DEADLINE):
+            await test()
+
+    trio.run(bounded)
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.01)
+
+
+async def receive(transport: Transport, timeout: float = 5.0) -> tuple[tuple[str, int], bytes]:
+    with trio.fail_after(timeout):
+        return await transport.inbound.receive()
+
+
+# --- the documented wire format, written out independently -----------------------------------
+
+ROLE_CODES = {"replica": 0, "client": 1}
+
+
+def wire_principal(principal: tuple[str, int]) -> bytes:
+    return struct.pack(">BQ", ROLE_CODES[principal[0]], principal[1])
+
+
+def frame(payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + payload
+
+
+async def read_exactly(stream: trio.SocketStream, count: int) -> bytes:
+    data = b""
+    while len(data) < count:
+        chunk = await stream.receive_some(count - len(data))
+        if not chunk:
+            raise EOFError(f"closed after {len(data)} of {count} bytes")
+        data += chunk
+    return data
+
+
+async def read_frame(stream: trio.SocketStream) -> bytes:
+    (length,) = struct.unpack(">I", await read_exactly(stream, 4))
+    return await read_exactly(stream, length)
+
+
+async def read_hello(stream: trio.SocketStream) -> tuple[bytes, bytes]:
+    """(server nonce, server principal bytes) from the accepting side's HELLO."""
+    hello = await read_frame(stream)
+    assert len(hello) == 43 and hello[:2] == b"H\x01", hello
+    return hello[2:34], hello[34:]
+
+
+def auth_message(
+    server_nonce: bytes,
+    server: bytes,
+    claimed: tuple[str, int],
+    key: SigningKey,
+    client_nonce: bytes = b"\x07" * 32,
+) -> bytes:
+    signature = key.sign(b"pbft/v1/handshake", server_nonce + server + wire_principal(claimed))
+    return b"A" + wire_principal(claimed) + client_nonce + signature
+
+
+async def raw_connect(
+    port: int, claimed: tuple[str, int], key: SigningKey | None = None
+) -> trio.SocketStream:
+    """A handshake done by hand, as `claimed`, signed with `key` (its own key by default).
+
+    Returns the stream after sending AUTH; the caller reads ACCEPT or sees the close.
+    """
+    stream = await trio.open_tcp_stream(HOST, port)
+    server_nonce, server = await read_hello(stream)
+    await stream.send_all(frame(auth_message(server_nonce, server, claimed, key or KEYS[claimed])))
+    return stream
+
+
+async def raw_authenticated(port: int, claimed: tuple[str, int]) -> trio.SocketStream:
+    client_nonce = b"\x42" * 32
+    stream = await trio.open_tcp_stream(HOST, port)
+    server_nonce, server = await read_hello(stream)
+    await stream.send_all(
+        frame(auth_message(server_nonce, server, claimed, KEYS[claimed], client_nonce))
+    )
+    accept = await read_frame(stream)
+    assert len(accept) == 65 and accept[:1] == b"K"
+    server_principal = (
+        "replica" if server[0] == 0 else "client",
+        struct.unpack(">Q", server[1:])[0],
+    )
+    assert KEYS[server_principal].verify_key.verify(
+        b"pbft/v1/handshake-accept",
+        client_nonce + wire_principal(claimed) + server + server_nonce,
+        accept[1:],
+    )
+    return stream
+
+
+async def closed_by_peer(stream: trio.SocketStream, timeout: float = 3.0) -> bool:
+    """True once the other side closes (EOF or reset); whatever it sent first is skipped."""
+    with trio.move_on_after(timeout):
+        try:
+            while await stream.receive_some(65536):
+                pass
+        except trio.BrokenResourceError:
+            pass
+        return True
+    return False
+
+
+# --- framing ---------------------------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    payloads=st.lists(st.binary(max_size=300), max_size=12),
+    cuts=st.lists(st.integers(min_value=0, max_value=4000), max_size=30),
+)
+def test_frame_decoder_reassembles_frames_from_any_chunking(
+    payloads: list[bytes], cuts: list[int]
+) -> None:
+    stream = b"".join(encode_frame(payload) for payload in payloads)
+    assert stream == b"".join(frame(payload) for payload in payloads)  # the documented form
+    bounds = sorted({0, len(stream), *(cut % (len(stream) + 1) for cut in cuts)})
+    decoder = FrameDecoder(max_frame_bytes=300)
+    received: list[bytes] = []
+    for start, end in zip(bounds, bounds[1:], strict=False):
+        received.extend(decoder.feed(stream[start:end]))
+        # Nothing is returned before it is complete, nothing is held back once it is.
+        complete = 0
+        offset = 0
+        for payload in payloads:
+            offset += 4 + len(payload)
+            if offset <= end:
+                complete += 1
+        assert len(received) == complete
+    assert received == payloads
+    assert decoder.buffered == 0
+
+
+def test_frame_decoder_rejects_an_oversized_length_before_its_payload() -> None:
+    decoder = FrameDecoder(max_frame_bytes=100)
+    assert decoder.feed(frame(b"x" * 100)) == [b"x" * 100]  # exactly the limit is fine
+    assert decoder.feed(b"\x00\x00") == []  # half a length: nothing to judge yet
+    with pytest.raises(FramingError) as caught:
+        decoder.feed(b"\x00\x65")  # 101, and no payload byte sent
+    assert caught.value.reason == "oversize_frame"
+    assert (caught.value.length, caught.value.maximum) == (101, 100)
+    assert decoder.failed
+    with pytest.raises(FramingError):  # the framing is lost for good
+        decoder.feed(frame(b"ok"))
+
+
+def test_frame_decoder_default_limit_is_max_frame_bytes() -> None:
+    decoder = FrameDecoder()
+    with pytest.raises(FramingError):
+        decoder.feed(struct.pack(">I", MAX_FRAME_BYTES + 1))
+    assert FrameDecoder().feed(struct.pack(">I", MAX_FRAME_BYTES)) == []  # waits for payload
+    with pytest.raises(ValueError):
+        encode_frame(b"x" * 11, max_frame_bytes=10)
+
+
+def test_frame_decoder_checks_each_frame_against_the_limit_in_force_when_parsed() -> None:
+    # A handshake frame followed at once by a large data frame: the small handshake limit
+    # applies to the first, the data limit to the second (it is not parsed early).
+    decoder = FrameDecoder(max_frame_bytes=8)
+    decoder.append(frame(b"hello") + frame(b"y" * 50))
+    assert decoder.next_frame() == b"hello"
+    decoder.max_frame_bytes = 1000
+    assert decoder.next_frame() == b"y" * 50
+    assert decoder.next_frame() is None
+
+
+@given(
+    attempt=st.integers(min_value=0, max_value=10_000),
+    initial=st.floats(min_value=0.001, max_value=1.0),
+    jitter=st.floats(min_value=0.0, max_value=1.0),
+    seed=st.integers(min_value=0, max_value=2**32),
+)
+def test_backoff_grows_and_stays_bounded(
+    attempt: int, initial: float, jitter: float, seed: int
+) -> None:
+    maximum = 5.0
+    delay = backoff_delay(attempt, initial, maximum, jitter, random.Random(seed))
+    ceiling = min(maximum, initial * 2 ** min(attempt, 64))
+    assert (1 - jitter) * ceiling - 1e-9 <= delay <= ceiling <= maximum
+
+
+# --- two transports ---------------------------------------------------------------------------
+
+
+def test_replica_and_client_authenticate_and_exchange_frames_both_ways() -> None:
+    async def main() -> None:
+        async with make(R0) as replica, make(C0) as client:
+            port = await replica.listen(HOST, 0)
+            assert port != 0
+            client.connect_to(R0, HOST, port)
+            await client.wait_connected(R0)
+            assert client.send(R0, b"request")
+            assert await receive(replica) == (C0, b"request")
+            big = bytes(range(256)) * 4096  # 1 MiB: many reads, written without coalescing
+            assert replica.send(C0, b"")
+            assert replica.send(C0, big)
+            assert replica.send(C0, b"reply")
+            assert await receive(client) == (R0, b"")
+            assert await receive(client) == (R0, big)
+            assert await receive(client) == (R0, b"reply")
+            for transport in (replica, client):
+                stats = transport.statistics()
+                assert stats.handshakes_ok == 1 and stats.handshakes_failed == {}
+                assert stats.connections == 1 and stats.connected_peers == 1
+            assert replica.statistics().frames_in == 1
+            assert client.statistics().frames_in == 3
+            assert client.statistics().bytes_in == len(big) + len(b"reply")
+            assert replica.statistics().frames_out == 3
+            assert replica.statistics().connections_accepted == 1
+            assert client.statistics().connections_dialed == 1
+
+    run(main)
+
+
+def test_two_replicas_dialling_each_other_exchange_frames() -> None:
+    async def main() -> None:
+        async with make(R0) as a, make(R1) as b:
+            port_a = await a.listen(HOST, 0)
+            port_b = await b.listen(HOST, 0)
+            a.connect_to(R1, HOST, port_b)
+            b.connect_to(R0, HOST, port_a)
+            await wait_until(lambda: a.statistics().connections == 2)
+            await wait_until(lambda: b.statistics().connections == 2)
+            for index in range(20):
+                a.send(R1, b"a%d" % index)
+                b.send(R0, b"b%d" % index)
+            got_b = [await receive(b) for _ in range(20)]
+            got_a = [await receive(a) for _ in range(20)]
+            assert got_b == [(R0, b"a%d" % index) for index in range(20)]
+            assert got_a == [(R1, b"b%d" % index) for index in range(20)]
+
+    run(main)
+
+
+# --- false identities ------------------------------------------------------------------------
+
+
+def test_false_identities_are_refused_and_counted() -> None:
+    async def main() -> None:
+        async with make(R0) as replica:
+            port = await replica.listen(HOST, 0)
+
+            # Claims replica 1, signs with replica 2's key.
+            stream = await raw_connect(port, R1, key=KEYS[R2])
+            assert await closed_by_peer(stream)
+            # A principal that is not in the key ring.
+            stranger = SigningKey.derive(4, "client/99")
+            stream = await raw_connect(port, ("client", 99), key=stranger)
+            assert await closed_by_peer(stream)
+            # A genuine AUTH recorded on one connection, replayed on another (new nonce).
+            first = await trio.open_tcp_stream(HOST, port)
+            nonce, server = await read_hello(first)
+            recorded = auth_message(nonce, server, C0, KEYS[C0])
+            second = await trio.open_tcp_stream(HOST, port)
+            await read_hello(second)
+            await second.send_all(frame(recorded))
+            assert await closed_by_peer(second)
+            await first.aclose()
+            # A role code that does not exist.
+            stream = await trio.open_tcp_stream(HOST, port)
+            await read_hello(stream)
+            await stream.send_all(frame(b"A" + b"\x07" + bytes(8) + bytes(32) + bytes(64)))
+            assert await closed_by_peer(stream)
+
+            await wait_until(lambda: sum(replica.statistics().handshakes_failed.values()) == 5)
+            stats = replica.statistics()
+            assert stats.handshakes_failed == {
+                "bad_signature": 2,
+                "eof": 1,  # `first`, closed without answering
+                "malformed": 1,
+                "unknown_principal": 1,
+            }
+            assert stats.handshakes_ok == 0 and stats.connections == 0
+            assert replica.inbound.statistics().current_buffer_used == 0
+
+            # The control: the same hand-written handshake with the right key is accepted.
+            genuine = await raw_authenticated(port, C0)
+            await genuine.send_all(frame(b"hello"))
+            assert await receive(replica) == (C0, b"hello")
+            assert replica.statistics().handshakes_ok == 1
+
+    run(main)
+
+
+def test_a_dialler_refuses_a_server_that_is_not_the_principal_it_dialled() -> None:
+    async def main() -> None:
+        async with make(R1) as impostor, make(C0) as client, trio.open_nursery() as nursery:
+            port = await impostor.listen(HOST, 0)
+            client.connect_to(R2, HOST, port)  # replica 1 answers: the HELLO names R1
+            await wait_until(
+                lambda: client.statistics().handshakes_failed.get("wrong_peer", 0) >= 2
+            )
+            assert impostor.statistics().handshakes_ok == 0  # we never signed anything for it
+
+            # A server that names the right principal but cannot sign as it.
+            listeners = await trio.open_tcp_listeners(0, host=HOST)
+            fake_port = listeners[0].socket.getsockname()[1]
+
+            async def fake_server(stream: trio.SocketStream) -> None:
+                async with stream:
+                    await stream.send_all(frame(b"H\x01" + bytes(32) + wire_principal(R0)))
+                    await read_frame(stream)
+                    await stream.send_all(frame(b"K" + KEYS[R1].sign(b"pbft/v1/x", b"x")))
+                    await closed_by_peer(stream)
+
+            await nursery.start(trio.serve_listeners, fake_server, listeners)
+            client.connect_to(R0, HOST, fake_port)
+            await wait_until(
+                lambda: client.statistics().handshakes_failed.get("bad_signature", 0) >= 1
+            )
+            assert not client.is_connected(R0)
+            assert client.statistics().handshakes_ok == 0
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+# --- hostile bytes ---------------------------------------------------------------------------
+
+
+def test_garbage_and_oversized_frames_close_only_their_own_connection() -> None:
+    async def main() -> None:
+        async with make(R0) as replica, make(C0) as client:
+            port = await replica.listen(HOST, 0)
+            client.connect_to(R0, HOST, port)
+            await client.wait_connected(R0)
+
+            # Garbage instead of AUTH: its first 4 bytes read as a 4 GiB length.
+            garbage = await trio.open_tcp_stream(HOST, port)
+            await read_hello(garbage)
+            await garbage.send_all(b"\xff" * 64)
+            assert await closed_by_peer(garbage)
+            # Garbage that frames correctly but is no AUTH.
+            junk = await trio.open_tcp_stream(HOST, port)
+            await read_hello(junk)
+            await junk.send_all(frame(b"GET / HTTP/1.1\r\n\r\n"))
+            assert await closed_by_peer(junk)
+            # An authenticated peer that sends a frame, then an oversized length.
+            peer = await raw_authenticated(port, C1)
+            await peer.send_all(frame(b"fine"))
+            assert await receive(replica) == (C1, b"fine")
+            await peer.send_all(struct.pack(">I", MAX_FRAME_BYTES + 1) + b"xyz")
+            assert await closed_by_peer(peer)
+
+            # The client's connection never noticed.
+            client.send(R0, b"still here")
+            assert await receive(replica) == (C0, b"still here")
+            replica.send(C0, b"and back")
+            assert await receive(client) == (R0, b"and back")
+            stats = replica.statistics()
+            assert stats.handshakes_failed == {"malformed": 1, "oversize_frame": 1}
+            assert stats.closes == {"oversize_frame": 1}
+            assert stats.connections == 1 and replica.is_connected(C0)
+            assert not replica.is_connected(C1)
+            assert client.statistics().closes == {}
+
+    run(main)
+
+
+def test_a_stalled_frame_is_dropped_after_the_frame_deadline() -> None:
+    config = TransportConfig(frame_timeout=0.3, handshake_timeout=0.3)
+
+    async def main() -> None:
+        async with make(R0, config) as replica:
+            port = await replica.listen(HOST, 0)
+            idle = await raw_authenticated(port, C0)  # idle between frames: allowed
+            stalled = await raw_authenticated(port, C1)
+            await stalled.send_all(struct.pack(">I", 100) + b"x" * 10)
+            started = trio.current_time()
+            assert await closed_by_peer(stalled)
+            assert 0.25 <= trio.current_time() - started < 2.0
+            # A trickle keeps bytes coming, but the frame is still not done in time.
+            trickle = await raw_authenticated(port, ("client", 2))
+            started = trio.current_time()
+            await trickle.send_all(struct.pack(">I", 100))
+            with trio.move_on_after(2.0):
+                try:
+                    for _ in range(100):
+                        await trio.sleep(0.05)
+                        await trickle.send_all(b"x")
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+            assert await closed_by_peer(trickle)
+            assert trio.current_time() - started < 1.5
+            # A handshake that never starts is dropped too.
+            silent = await trio.open_tcp_stream(HOST, port)
+            assert await closed_by_peer(silent)
+
+            stats = replica.statistics()
+            assert stats.closes == {"frame_timeout": 2}
+            assert stats.handshakes_failed == {"timeout": 1}
+            # The idle one outlived all those deadlines and still works.
+            await idle.send_all(frame(b"awake"))
+            assert await receive(replica) == (C0, b"awake")
+
+    run(main)
+
+
+def test_a_new_inbound_connection_of_a_principal_replaces_its_old_one() -> None:
+    async def main() -> None:
+        async with make(R0) as replica:
+            port = await replica.listen(HOST, 0)
+            old = await raw_authenticated(port, C1)
+            new = await raw_authenticated(port, C1)
+            assert await closed_by_peer(old)
+            await new.send_all(frame(b"new"))
+            assert await receive(replica) == (C1, b"new")
+            replica.send(C1, b"to the new one")
+            assert await read_frame(new) == b"to the new one"
+            assert replica.statistics().closes == {"replaced": 1}
+
+    run(main)
+
+
+def test_unauthenticated_connections_are_capped() -> None:
+    config = TransportConfig(max_pending_handshakes=2, handshake_timeout=2.0)
+
+    async def main() -> None:
+        async with make(R0, config) as replica:
+            port = await replica.listen(HOST, 0)
+            waiting = [await trio.open_tcp_stream(HOST, port) for _ in range(2)]
+            for stream in waiting:
+                await read_hello(stream)
+            extra = await trio.open_tcp_stream(HOST, port)
+            assert await closed_by_peer(extra, timeout=1.0)
+            assert replica.statistics().handshakes_failed == {"too_many_pending": 1}
+            for stream in waiting:
+                await stream.aclose()
+            genuine = await raw_authenticated(port, C0)  # slots free again
+            await genuine.send_all(frame(b"in"))
+            assert await receive(replica) == (C0, b"in")
+
+    run(main)
+
+
+# --- dead and slow peers, queues ---------------------------------------------------------------
+
+
+def unused_port() -> int:
+    """A port the OS just handed out and nobody listens on (connecting to it is refused)."""
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def test_a_dead_peer_does_not_block_a_live_one_and_is_reached_once_it_appears() -> None:
+    config = TransportConfig(
+        peer_queue_size=8, backoff_initial=0.02, backoff_max=0.1, connect_timeout=1.0
+    )
+
+    async def main() -> None:
+        dead_port = unused_port()
+        async with make(C0, config) as client, make(R0) as live:
+            live_port = await live.listen(HOST, 0)
+            client.connect_to(R1, HOST, dead_port)  # nothing listens there yet
+            client.connect_to(R0, HOST, live_port)
+            await client.wait_connected(R0)
+            for index in range(20):
+                client.send(R1, b"dead %d" % index)
+                if index % 4 == 0:
+                    client.send(R0, b"live %d" % index)
+            got = [await receive(live) for _ in range(5)]
+            assert got == [(C0, b"live %d" % index) for index in range(0, 20, 4)]
+            await wait_until(lambda: client.statistics().dial_failures >= 2)
+            stats = client.statistics()
+            assert stats.drops == {"peer_queue_full": 12}
+            assert stats.queued == 8
+            assert not client.is_connected(R1)
+
+            async with make(R1) as late:
+                assert await late.listen(HOST, dead_port) == dead_port
+                got = [await receive(late) for _ in range(8)]
+                assert got == [(C0, b"dead %d" % index) for index in range(12, 20)]
+                assert client.is_connected(R1)
+                assert client.statistics().queued == 0
+
+    run(main)
+
+
+@pytest.mark.parametrize("overflow", ["drop_oldest", "drop_newest"])
+def test_a_full_peer_queue_drops_and_counts(overflow: str) -> None:
+    config = TransportConfig(peer_queue_size=4, overflow=overflow)  # type: ignore[arg-type]
+
+    async def main() -> None:
+        async with make(R0, config) as replica:
+            accepted = [replica.send(C1, b"%d" % index) for index in range(10)]
+            stats = replica.statistics()
+            assert stats.drops == {"peer_queue_full": 6}
+            assert stats.queued == 4
+            kept = list(range(6, 10)) if overflow == "drop_oldest" else list(range(4))
+            if overflow == "drop_newest":
+                assert accepted == [True] * 4 + [False] * 6
+            else:
+                assert all(accepted)
+            # Other principals are unaffected, and strangers are refused outright.
+            assert replica.send(C0, b"other")
+            assert not replica.send(("client", 99), b"who?")
+            assert replica.statistics().drops == {"peer_queue_full": 6, "unknown_peer": 1}
+
+            port = await replica.listen(HOST, 0)
+            peer = await raw_authenticated(port, C1)
+            got = [await read_frame(peer) for _ in range(4)]
+            assert got == [b"%d" % index for index in kept]
+
+    run(main)
+
+
+def test_a_peer_that_stops_reading_never_blocks_send_and_is_cut_off() -> None:
+    config = TransportConfig(peer_queue_size=4, send_timeout=0.5)
+
+    async def main() -> None:
+        async with make(R0, config) as replica, make(C0) as client:
+            port = await replica.listen(HOST, 0)
+            client.connect_to(R0, HOST, port)
+            await client.wait_connected(R0)
+            await replica.wait_connected(C0)
+            sleeper = await raw_authenticated(port, C1)  # never reads again
+            chunk = b"z" * (1024 * 1024)
+            for index in range(40):
+                # 40 MiB for C1: far more than the socket buffers hold. send returns at once
+                # (it is not even a coroutine), and C0 keeps being served meanwhile.
+                replica.send(C1, chunk)
+                replica.send(C0, b"tick %d" % index)
+                assert await receive(client) == (R0, b"tick %d" % index)
+            await wait_until(lambda: replica.statistics().closes.get("send_timeout") == 1)
+            stats = replica.statistics()
+            assert stats.drops["peer_queue_full"] >= 20
+            assert stats.drops["connection_lost"] == 1
+            assert not replica.is_connected(C1) and replica.is_connected(C0)
+            await sleeper.aclose()
+
+    run(main)
+
+
+# --- lifecycle -------------------------------------------------------------------------------
+
+
+def test_leaving_the_transport_closes_every_socket_and_ends_inbound() -> None:
+    async def main() -> None:
+        replica = make(R0)
+        async with replica:
+            port = await replica.listen(HOST, 0)
+            peer = await raw_authenticated(port, C0)
+            await peer.send_all(frame(b"one"))
+            await wait_until(lambda: replica.statistics().frames_in == 1)
+        assert await closed_by_peer(peer, timeout=1.0)
+        with pytest.raises(OSError):
+            await trio.open_tcp_stream(HOST, port)
+        assert [item async for item in replica.inbound] == [(C0, b"one")]
+        assert replica.statistics().closes == {"cancelled": 1}
+        with pytest.raises(RuntimeError):
+            replica.send(C0, b"too late")
+        with pytest.raises(RuntimeError):
+            async with replica:
+                pass
+
+    run(main)
+
+
+def test_an_exception_in_the_owner_comes_out_unwrapped() -> None:
+    async def main() -> None:
+        with pytest.raises(KeyError):
+            async with make(R0) as replica:
+                await replica.listen(HOST, 0)
+                raise KeyError("the owner's own bug")
+
+    run(main)
+
+
+def test_construction_checks_the_key_against_the_ring() -> None:
+    with pytest.raises(ValueError):
+        Transport(R0, KEYS[R1], RING)
+    with pytest.raises(ValueError):
+        TransportConfig(peer_queue_size=0)
+    with pytest.raises(ValueError):
+        TransportConfig(backoff_initial=10.0, backoff_max=1.0)
