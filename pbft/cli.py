@@ -12,6 +12,7 @@ import json
 import sys
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
 EXIT_OK = 0
@@ -34,6 +35,9 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, help="override the scenario's seed")
     run.add_argument("--json", metavar="PATH", help="also write the summary as JSON ('-' = stdout)")
     run.add_argument("--trace", metavar="PATH", help="write every event as JSON lines")
+    from runtime.commands import add_runtime_commands
+
+    add_runtime_commands(commands)
     keygen = commands.add_parser(
         "keygen", help="generate keys and DIR/cluster.toml for a local cluster"
     )
@@ -48,6 +52,20 @@ def _build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("scenario", help="path to a scenario TOML file")
     sweep.add_argument("--seeds", default="0..99", help="e.g. 0..999 or 1,5,10..20")
     sweep.add_argument("--jobs", type=int, help="worker processes (default: one per core)")
+    fuzz = commands.add_parser(
+        "fuzz", help="run random scenarios within the fault bound; shrink the first failure"
+    )
+    fuzz.add_argument("--replicas", type=int, default=4, help="cluster size n (default 4)")
+    fuzz.add_argument(
+        "--budget", type=float, default=60.0, help="seconds to spend running cases (default 60)"
+    )
+    fuzz.add_argument(
+        "--seed", type=int, help="the first case seed (default: random); cases are S, S + 1, ..."
+    )
+    fuzz.add_argument(
+        "--out", default="reports/fuzz", help="where a shrunk failing scenario is written"
+    )
+    fuzz.add_argument("--jobs", type=int, help="worker processes (default: one per core)")
     return parser
 
 
@@ -58,8 +76,14 @@ def main(argv: list[str] | None = None) -> int:
             return _run(arguments)
         if arguments.command == "sweep":
             return _sweep(arguments)
+        if arguments.command == "fuzz":
+            return _fuzz(arguments)
         if arguments.command == "keygen":
             return _keygen(arguments)
+        from runtime.commands import RUNTIME_COMMANDS, run_runtime_command
+
+        if arguments.command in RUNTIME_COMMANDS:
+            return run_runtime_command(arguments)
     except KeyboardInterrupt:
         return EXIT_INTERNAL
     except Exception:  # noqa: BLE001 - the last line of defence: report, exit 3
@@ -160,6 +184,56 @@ def _sweep(arguments: argparse.Namespace) -> int:
     if any(outcome.verdict == "error" for outcome in outcomes):
         return EXIT_INTERNAL
     return EXIT_OK if all(outcome.verdict == "ok" for outcome in outcomes) else EXIT_VIOLATED
+
+
+def _fuzz(arguments: argparse.Namespace) -> int:
+    import random
+
+    from sim.fuzz import MAX_FUZZ_REPLICAS, ProgressLine, default_jobs, fuzz, summarize
+
+    if not 4 <= arguments.replicas <= MAX_FUZZ_REPLICAS:
+        print(
+            f"pbft: --replicas: {arguments.replicas} is not in 4..{MAX_FUZZ_REPLICAS}",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    if not 0 < arguments.budget <= 7 * 24 * 3600:
+        print(f"pbft: --budget: {arguments.budget} is not in (0, 604800] seconds", file=sys.stderr)
+        return EXIT_USAGE
+    seed = arguments.seed if arguments.seed is not None else random.SystemRandom().randrange(2**32)
+    if not 0 <= seed < 2**62:
+        print(f"pbft: --seed: {seed} is not in 0..2**62-1", file=sys.stderr)
+        return EXIT_USAGE
+    jobs = arguments.jobs if arguments.jobs is not None else default_jobs()
+    if not 1 <= jobs <= 256:
+        print(f"pbft: --jobs: {jobs} is not in 1..256", file=sys.stderr)
+        return EXIT_USAGE
+    # Fail at once on an output directory that cannot be made, as a usage error.
+    try:
+        Path(arguments.out).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        print(f"pbft: --out: cannot create {arguments.out}: {error.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    print(
+        f"pbft fuzz --seed {seed} --replicas {arguments.replicas}: "
+        f"{arguments.budget:g} s on {jobs} job(s)",
+        file=sys.stderr,
+    )
+    progress = ProgressLine(sys.stderr, arguments.budget)
+    report = fuzz(
+        seed,
+        arguments.replicas,
+        arguments.budget,
+        jobs,
+        arguments.out,
+        progress=progress,
+        log=sys.stderr,
+        on_failure=progress.finish,
+    )
+    if not report.failures:
+        progress.finish()
+    summarize(report)
+    return EXIT_VIOLATED if report.failures else EXIT_OK
 
 
 def _format(summary: dict[str, Any]) -> str:

@@ -1,0 +1,230 @@
+"""The real network: replica processes on 127.0.0.1, a PaymentClient, kill -9 and restart.
+
+Every server here is started by the test, on 127.0.0.1 only, and stopped by it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from pbft.receipt import verify_receipt
+from runtime.client import PaymentClient
+from runtime.cluster import Cluster, load_cluster, write_cluster
+from runtime.commands import free_ports
+
+REPLICAS = 4
+
+
+class LocalCluster:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        ports = free_ports(1)
+        self.path = write_cluster(
+            root, replicas=REPLICAS, clients=2, base_port=_consecutive_base(ports[0])
+        )
+        self.cluster: Cluster = load_cluster(self.path)
+        self.processes: dict[int, subprocess.Popen[bytes]] = {}
+
+    def log_path(self, replica: int) -> Path:
+        return self.root / f"replica-{replica}.log"
+
+    def start(self, replica: int) -> None:
+        log = open(self.log_path(replica), "ab")  # noqa: SIM115 - closed by the child's exit
+        self.processes[replica] = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pbft.cli",
+                "replica",
+                "--cluster",
+                str(self.path),
+                "--id",
+                str(replica),
+            ],
+            stdout=log,
+            stderr=log,
+        )
+        log.close()
+
+    def kill(self, replica: int) -> None:
+        process = self.processes.pop(replica)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=10)
+
+    def stop_all(self) -> None:
+        for process in self.processes.values():
+            process.send_signal(signal.SIGTERM)
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        self.processes.clear()
+
+    def events(self, replica: int) -> list[dict[str, object]]:
+        lines = self.log_path(replica).read_text().splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+    def checkpoints(self, replica: int) -> dict[int, str]:
+        return {
+            int(event["seq"]): str(event["ledger_digest"])
+            for event in self.events(replica)
+            if event["event"] == "checkpoint_stable"
+        }
+
+
+def _consecutive_base(candidate: int) -> int:
+    return candidate if candidate + REPLICAS < 65536 else 20000
+
+
+@pytest.fixture
+def local_cluster(tmp_path: Path) -> Iterator[LocalCluster]:
+    cluster = LocalCluster(tmp_path)
+    for replica in range(REPLICAS):
+        cluster.start(replica)
+    try:
+        yield cluster
+    finally:
+        cluster.stop_all()
+
+
+def _run(coroutine_function, *arguments):  # noqa: ANN001, ANN202 - a test helper
+    return trio.run(coroutine_function, *arguments)
+
+
+def test_four_replica_processes_confirm_and_reject_with_verifiable_receipts(
+    local_cluster: LocalCluster,
+) -> None:
+    async def scenario() -> list:
+        async with PaymentClient(local_cluster.cluster, 0) as client:
+            await client.wait_connected()
+            return [
+                await client.pay("acct-00000", "acct-00002", 500),
+                await client.pay("acct-00000", "acct-00002", 10**12),  # more than it holds
+                await client.pay("acct-00002", "acct-00000", 5),  # client 0 does not own it
+            ]
+
+    decided = _run(scenario)
+    keyring = local_cluster.cluster.keyring()
+    results = [(d.outcome, d.reason) for d in decided]
+    assert results == [
+        ("confirmed", ""),
+        ("rejected", "insufficient_funds"),
+        ("rejected", "unauthorized"),
+    ]
+    for decision in decided:
+        verified = verify_receipt(decision.receipt, keyring)
+        assert (verified.outcome, verified.reason) == (decision.outcome, decision.reason)
+
+
+def test_kill_9_of_the_primary_under_load_then_restart_converges(
+    local_cluster: LocalCluster,
+) -> None:
+    """Payments continue through a view change; the killed replica restarts from its
+    durable log, catches up, and reaches the same ledger digest as the others."""
+
+    async def scenario() -> tuple[int, int]:
+        confirmed = 0
+        async with PaymentClient(local_cluster.cluster, 0, timeout_s=20) as client:
+            await client.wait_connected()
+            for _ in range(30):
+                confirmed += (
+                    await client.pay("acct-00000", "acct-00002", 1)
+                ).outcome == "confirmed"
+            local_cluster.kill(0)  # the primary of view 0, mid-stream
+            for _ in range(40):
+                confirmed += (
+                    await client.pay("acct-00000", "acct-00002", 1)
+                ).outcome == "confirmed"
+            local_cluster.start(0)
+            for _ in range(60):
+                confirmed += (
+                    await client.pay("acct-00000", "acct-00002", 1)
+                ).outcome == "confirmed"
+            await trio.sleep(2)
+        return confirmed, 130
+
+    confirmed, total = _run(scenario)
+    assert confirmed == total
+    view_changes = [e for e in local_cluster.events(1) if e["event"] == "new_view"]
+    assert view_changes, "a view change must follow the primary's death"
+    restarted = local_cluster.events(0)
+    assert sum(1 for event in restarted if event["event"] == "start") == 2
+    # Every replica's digest at every checkpoint they share is the same.
+    common: dict[int, set[str]] = {}
+    for replica in range(REPLICAS):
+        for seq, digest in local_cluster.checkpoints(replica).items():
+            common.setdefault(seq, set()).add(digest)
+    assert common, "no checkpoint became stable"
+    assert all(len(digests) == 1 for digests in common.values())
+    latest = max(common)
+    assert all(latest in local_cluster.checkpoints(replica) for replica in range(REPLICAS)), (
+        "the restarted replica must reach the others' latest checkpoint"
+    )
+
+
+def test_torn_log_tail_recovers_and_corrupt_log_refuses_to_start(tmp_path: Path) -> None:
+    cluster = LocalCluster(tmp_path)
+    for replica in range(REPLICAS):
+        cluster.start(replica)
+    try:
+
+        async def pay_some() -> None:
+            async with PaymentClient(cluster.cluster, 0) as client:
+                await client.wait_connected()
+                for _ in range(20):
+                    await client.pay("acct-00000", "acct-00002", 1)
+
+        _run(pay_some)
+        cluster.kill(3)
+        log = tmp_path / "data-3" / "replica-3.log"
+        with open(log, "ab") as handle:
+            handle.write(b"\x00\x00\x01\x00partial")  # a record torn mid-write
+        cluster.start(3)
+        time.sleep(2.5)
+        assert cluster.processes[3].poll() is None, "a torn tail must not stop the replica"
+        starts = [e for e in cluster.events(3) if e["event"] == "start"]
+        assert starts[-1]["torn_tail"] is True
+        cluster.kill(3)
+        data = bytearray(log.read_bytes())
+        data[40] ^= 0xFF  # damage inside an early record
+        log.write_bytes(bytes(data))
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pbft.cli",
+                "replica",
+                "--cluster",
+                str(cluster.path),
+                "--id",
+                "3",
+            ],
+            capture_output=True,
+            timeout=30,
+        )
+        assert result.returncode == 3
+        assert b"refusing to start on damaged storage" in result.stderr
+        assert str(log).encode() in result.stderr
+    finally:
+        cluster.stop_all()
+
+
+def test_replicas_stop_cleanly_on_sigterm(local_cluster: LocalCluster) -> None:
+    time.sleep(1.0)
+    processes = dict(local_cluster.processes)
+    local_cluster.stop_all()
+    for replica, process in processes.items():
+        assert process.returncode == 0, replica
+        assert local_cluster.events(replica)[-1]["event"] == "stopped"
+    assert os.path.exists(local_cluster.root / "data-0" / "replica-0.log")
