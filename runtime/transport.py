@@ -37,9 +37,11 @@ signature: refused); the connecting side checks ACCEPT against the key of the pr
 dialled. Fresh nonces on both sides make a recorded AUTH or ACCEPT useless on any other
 connection, and the two domains keep one side's signature from being reflected as the
 other's. Each step has a deadline (`handshake_timeout`), handshake frames have their own
-size limit, AUTH and ACCEPT must be exactly the length above, and a connecting side that
-sends anything after AUTH before it has ACCEPT is refused. A refused handshake just closes
-the connection (no reason is sent back) and is counted in `handshakes_failed[reason]`.
+size limit, and every message must be exactly the length above. A refused handshake just
+closes the connection (no reason is sent back) and is counted in `handshakes_failed[reason]`.
+Frames a connecting side pipelines right behind its AUTH are read only once AUTH has been
+verified, under the data frame limit (the handshake limit applies to handshake frames only);
+our own connecting side sends nothing before it has checked ACCEPT.
 
 Guarantees
 ----------
@@ -413,11 +415,19 @@ class Transport:
                 finally:
                     nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
-            # The body's own exception comes back wrapped by the nursery; hand it back
-            # unwrapped, as if there were no nursery (the transport's tasks raise nothing).
-            if len(group.exceptions) == 1:
-                raise group.exceptions[0] from None
-            raise
+            # The nursery wraps whatever ends it (the owner's own exception, usually). A lone
+            # exception is handed back unwrapped, as if there were no nursery, with its own
+            # cause and context (re-raising it here would otherwise overwrite them).
+            if len(group.exceptions) != 1:
+                raise
+            error = group.exceptions[0]
+            cause, context = error.__cause__, error.__context__
+            suppress = error.__suppress_context__
+            try:
+                raise error  # its cause and context are restored below
+            finally:
+                error.__cause__, error.__context__ = cause, context
+                error.__suppress_context__ = suppress
 
     async def __aenter__(self) -> Transport:
         if self._context is not None:
@@ -447,11 +457,16 @@ class Transport:
         nursery = self._require_running()
         listeners = await trio.open_tcp_listeners(port, host=host)
         ports = [listener.socket.getsockname()[1] for listener in listeners]
-        await nursery.start(
-            functools.partial(
-                trio.serve_listeners, self._serve_inbound, listeners, handler_nursery=nursery
+        try:
+            await nursery.start(
+                functools.partial(
+                    trio.serve_listeners, self._serve_inbound, listeners, handler_nursery=nursery
+                )
             )
-        )
+        except BaseException:
+            for listener in listeners:
+                await trio.aclose_forcefully(listener)
+            raise
         self.listen_ports.extend(ports)
         return ports[0]
 
@@ -743,8 +758,6 @@ class Transport:
             HANDSHAKE_DOMAIN, server_nonce + self._principal_bytes + client_bytes, signature
         ):
             raise _HandshakeFailed("bad_signature")
-        if decoder.buffered:
-            raise _HandshakeFailed("unexpected_data")  # data before our ACCEPT
         accept_signature = self._key.sign(
             HANDSHAKE_ACCEPT_DOMAIN,
             client_nonce + client_bytes + self._principal_bytes + server_nonce,

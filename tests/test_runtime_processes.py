@@ -83,6 +83,13 @@ class LocalCluster:
         }
 
 
+def _events_or_none(local: LocalCluster, replica: int) -> list[dict[str, object]]:
+    try:
+        return local.events(replica)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+
+
 def _consecutive_base(candidate: int) -> int:
     return candidate if candidate + REPLICAS < 65536 else 20000
 
@@ -221,7 +228,14 @@ def test_torn_log_tail_recovers_and_corrupt_log_refuses_to_start(tmp_path: Path)
 
 
 def test_replicas_stop_cleanly_on_sigterm(local_cluster: LocalCluster) -> None:
-    time.sleep(1.0)
+    deadline = time.monotonic() + 30
+    for replica in range(REPLICAS):
+        # SIGTERM before the replica set up its signal handling would just kill it.
+        while not any(
+            event["event"] == "listening" for event in _events_or_none(local_cluster, replica)
+        ):
+            assert time.monotonic() < deadline, f"replica {replica} never started listening"
+            time.sleep(0.05)
     processes = dict(local_cluster.processes)
     local_cluster.stop_all()
     for replica, process in processes.items():

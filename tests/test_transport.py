@@ -46,10 +46,24 @@ def make(principal: tuple[str, int], config: TransportConfig = FAST) -> Transpor
     return Transport(principal, KEYS[principal], RING, config)
 
 
+# Raw test connections, closed when the test ends (so a leak reported by -W error is ours).
+_RAW_STREAMS: list[trio.SocketStream] = []
+
+
+async def open_raw(port: int) -> trio.SocketStream:
+    stream = await trio.open_tcp_stream(HOST, port)
+    _RAW_STREAMS.append(stream)
+    return stream
+
+
 def run(test: Callable[[], Awaitable[None]]) -> None:
     async def bounded() -> None:
-        with trio.fail_after(TEST_DEADLINE):
-            await test()
+        try:
+            with trio.fail_after(TEST_DEADLINE):
+                await test()
+        finally:
+            while _RAW_STREAMS:
+                await trio.aclose_forcefully(_RAW_STREAMS.pop())
 
     trio.run(bounded)
 
@@ -118,7 +132,7 @@ async def raw_connect(
 
     Returns the stream after sending AUTH; the caller reads ACCEPT or sees the close.
     """
-    stream = await trio.open_tcp_stream(HOST, port)
+    stream = await open_raw(port)
     server_nonce, server = await read_hello(stream)
     await stream.send_all(frame(auth_message(server_nonce, server, claimed, key or KEYS[claimed])))
     return stream
@@ -126,7 +140,7 @@ async def raw_connect(
 
 async def raw_authenticated(port: int, claimed: tuple[str, int]) -> trio.SocketStream:
     client_nonce = b"\x42" * 32
-    stream = await trio.open_tcp_stream(HOST, port)
+    stream = await open_raw(port)
     server_nonce, server = await read_hello(stream)
     await stream.send_all(
         frame(auth_message(server_nonce, server, claimed, KEYS[claimed], client_nonce))
@@ -304,16 +318,16 @@ def test_false_identities_are_refused_and_counted() -> None:
             stream = await raw_connect(port, ("client", 99), key=stranger)
             assert await closed_by_peer(stream)
             # A genuine AUTH recorded on one connection, replayed on another (new nonce).
-            first = await trio.open_tcp_stream(HOST, port)
+            first = await open_raw(port)
             nonce, server = await read_hello(first)
             recorded = auth_message(nonce, server, C0, KEYS[C0])
-            second = await trio.open_tcp_stream(HOST, port)
+            second = await open_raw(port)
             await read_hello(second)
             await second.send_all(frame(recorded))
             assert await closed_by_peer(second)
             await first.aclose()
             # A role code that does not exist.
-            stream = await trio.open_tcp_stream(HOST, port)
+            stream = await open_raw(port)
             await read_hello(stream)
             await stream.send_all(frame(b"A" + b"\x07" + bytes(8) + bytes(32) + bytes(64)))
             assert await closed_by_peer(stream)
@@ -334,6 +348,13 @@ def test_false_identities_are_refused_and_counted() -> None:
             await genuine.send_all(frame(b"hello"))
             assert await receive(replica) == (C0, b"hello")
             assert replica.statistics().handshakes_ok == 1
+            # A frame pipelined right behind AUTH is read after AUTH checks out.
+            eager = await open_raw(port)
+            nonce, server = await read_hello(eager)
+            early = b"e" * 5000  # above the handshake frame limit: data frames have their own
+            await eager.send_all(frame(auth_message(nonce, server, C1, KEYS[C1])) + frame(early))
+            assert await receive(replica) == (C1, early)
+            assert replica.statistics().handshakes_ok == 2
 
     run(main)
 
@@ -382,12 +403,12 @@ def test_garbage_and_oversized_frames_close_only_their_own_connection() -> None:
             await client.wait_connected(R0)
 
             # Garbage instead of AUTH: its first 4 bytes read as a 4 GiB length.
-            garbage = await trio.open_tcp_stream(HOST, port)
+            garbage = await open_raw(port)
             await read_hello(garbage)
             await garbage.send_all(b"\xff" * 64)
             assert await closed_by_peer(garbage)
             # Garbage that frames correctly but is no AUTH.
-            junk = await trio.open_tcp_stream(HOST, port)
+            junk = await open_raw(port)
             await read_hello(junk)
             await junk.send_all(frame(b"GET / HTTP/1.1\r\n\r\n"))
             assert await closed_by_peer(junk)
@@ -439,7 +460,7 @@ def test_a_stalled_frame_is_dropped_after_the_frame_deadline() -> None:
             assert await closed_by_peer(trickle)
             assert trio.current_time() - started < 1.5
             # A handshake that never starts is dropped too.
-            silent = await trio.open_tcp_stream(HOST, port)
+            silent = await open_raw(port)
             assert await closed_by_peer(silent)
 
             stats = replica.statistics()
@@ -474,10 +495,10 @@ def test_unauthenticated_connections_are_capped() -> None:
     async def main() -> None:
         async with make(R0, config) as replica:
             port = await replica.listen(HOST, 0)
-            waiting = [await trio.open_tcp_stream(HOST, port) for _ in range(2)]
+            waiting = [await open_raw(port) for _ in range(2)]
             for stream in waiting:
                 await read_hello(stream)
-            extra = await trio.open_tcp_stream(HOST, port)
+            extra = await open_raw(port)
             assert await closed_by_peer(extra, timeout=1.0)
             assert replica.statistics().handshakes_failed == {"too_many_pending": 1}
             for stream in waiting:
@@ -615,10 +636,12 @@ def test_leaving_the_transport_closes_every_socket_and_ends_inbound() -> None:
 
 def test_an_exception_in_the_owner_comes_out_unwrapped() -> None:
     async def main() -> None:
-        with pytest.raises(KeyError):
+        cause = ValueError("why")
+        with pytest.raises(KeyError) as caught:
             async with make(R0) as replica:
                 await replica.listen(HOST, 0)
-                raise KeyError("the owner's own bug")
+                raise KeyError("the owner's own bug") from cause
+        assert caught.value.__cause__ is cause
 
     run(main)
 
