@@ -15,9 +15,9 @@ from crypto.keys import KeyRing, SigningKey
 from crypto.signing import VerificationCache
 from pbft.config import ClusterConfig
 from pbft.events import Event, MessageReceived, Send, Tick
-from pbft.messages import Reply, Request
+from pbft.messages import BalanceQuery, BalanceReply, Reply, Request
 from pbft.receipt import RECEIPT_VERSION, UNKNOWN_OUTCOME_REASON, Receipt
-from pbft.signed import Rejected, open_envelope, peek, seal, verify_signature
+from pbft.signed import Envelope, Rejected, open_envelope, peek, seal, verify_signature
 
 MAX_BACKOFF_DOUBLINGS = 3
 
@@ -44,7 +44,20 @@ class Decided:
     receipt: Receipt | None
 
 
-ClientAction = Send | Decided
+@dataclass(frozen=True)
+class BalanceRead:
+    """f + 1 replicas agree on an account's balance: at least one correct replica held it
+    after executing up to the highest of `seqs`."""
+
+    query_id: int
+    account: str
+    exists: bool
+    balance: int
+    replicas: tuple[int, ...]
+    seq: int
+
+
+ClientAction = Send | Decided | BalanceRead
 
 
 @dataclass
@@ -91,6 +104,8 @@ class ClientCore:
         self.now_ms = 0
         self.view = 0
         self.outstanding: dict[int, _Outstanding] = {}
+        # query id -> (account, next retry ms, (exists, balance) -> replica -> seq)
+        self.queries: dict[int, tuple[str, int, dict[tuple[int, int], dict[int, int]]]] = {}
         self.decided = 0
         self.submitted = 0
         self.retransmissions = 0
@@ -125,6 +140,19 @@ class ClientCore:
         self.submitted += 1
         return [Send(("replica", self.config.primary_of(self.view)), raw)]
 
+    def query_balance(self, query_id: int, account: str) -> list[ClientAction]:
+        """Ask every replica; a BalanceRead follows once f + 1 of them agree."""
+        if query_id in self.queries:
+            raise ClientError(f"query {query_id} is already in flight")
+        if len(self.queries) >= self.max_outstanding:
+            raise ClientError(f"{self.max_outstanding} queries already in flight")
+        self.queries[query_id] = (account, self.now_ms + self.config.client_timeout_ms, {})
+        return self._ask_balance(query_id, account)
+
+    def _ask_balance(self, query_id: int, account: str) -> list[ClientAction]:
+        raw = seal(BalanceQuery(self.client_id, query_id, account), self.key)
+        return [Send(("replica", replica), raw) for replica in self.config.replica_ids()]
+
     def handle(self, event: Event) -> list[ClientAction]:
         if isinstance(event, Tick):
             return self._on_tick(event.now_ms)
@@ -148,6 +176,11 @@ class ClientCore:
     def _on_tick(self, now_ms: int) -> list[ClientAction]:
         self.now_ms = now_ms
         actions: list[ClientAction] = []
+        for query_id, (account, next_retry_ms, _answers) in list(self.queries.items()):
+            if now_ms >= next_retry_ms:
+                # Replicas answer from where they are; ask again until f + 1 agree.
+                self.queries[query_id] = (account, now_ms + self.config.client_timeout_ms, {})
+                actions += self._ask_balance(query_id, account)
         for outstanding in self.outstanding.values():
             if now_ms < outstanding.next_retry_ms:
                 continue
@@ -160,8 +193,37 @@ class ClientCore:
                 actions.append(Send(("replica", replica), outstanding.raw))
         return actions
 
+    def _on_balance_reply(self, envelope: Envelope, reply: BalanceReply) -> list[ClientAction]:
+        query = self.queries.get(reply.query_id)
+        if query is None or reply.client_id != self.client_id:
+            raise Rejected("late_reply")
+        account, _, answers = query
+        if reply.account != account:
+            raise Rejected("reply_for_other_body")
+        verify_signature(envelope, reply, self.keyring, self.cache)
+        for answer, voters in answers.items():
+            if answer != (reply.exists, reply.balance) and reply.replica in voters:
+                raise Rejected("conflicting_reply")
+        voters = answers.setdefault((reply.exists, reply.balance), {})
+        voters[reply.replica] = reply.seq
+        if len(voters) < self.config.weak_quorum:
+            return []
+        del self.queries[reply.query_id]
+        return [
+            BalanceRead(
+                reply.query_id,
+                account,
+                bool(reply.exists),
+                reply.balance,
+                tuple(sorted(voters)),
+                max(voters.values()),
+            )
+        ]
+
     def _on_reply(self, data: bytes) -> list[ClientAction]:
-        envelope, reply = peek(data, Reply)
+        envelope, reply = peek(data, (Reply, BalanceReply))
+        if isinstance(reply, BalanceReply):
+            return self._on_balance_reply(envelope, reply)
         if not isinstance(reply, Reply):
             raise Rejected("unexpected_type")
         if reply.client_id != self.client_id:

@@ -46,6 +46,8 @@ class MessageType(enum.IntEnum):
     FETCH = 11
     CHECKPOINT_STATE = 12
     COMMIT_CERTIFICATE = 13
+    BALANCE_QUERY = 14
+    BALANCE_REPLY = 15
 
 
 class Message(Struct):
@@ -311,6 +313,49 @@ class CommitCertificate(Message):
     }
 
 
+@dataclass(frozen=True)
+class BalanceQuery(Message):
+    """A client asks every replica for an account's balance (a read: not ordered)."""
+
+    client_id: int
+    query_id: int
+    account: str
+
+    TYPE = MessageType.BALANCE_QUERY
+    SIGNER = "client"
+    SENDER_FIELD = "client_id"
+    SCHEMA: ClassVar[dict[str, Spec]] = {
+        "client_id": CLIENT,
+        "query_id": UInt(),
+        "account": ACCOUNT,
+    }
+
+
+@dataclass(frozen=True)
+class BalanceReply(Message):
+    """One replica's signed answer: the balance after executing up to `seq`.
+    `exists` is 0 when there is no such account (then `balance` is 0)."""
+
+    replica: int
+    client_id: int
+    query_id: int
+    account: str
+    exists: int
+    balance: int
+    seq: int
+
+    TYPE = MessageType.BALANCE_REPLY
+    SCHEMA: ClassVar[dict[str, Spec]] = {
+        "replica": REPLICA,
+        "client_id": CLIENT,
+        "query_id": UInt(),
+        "account": ACCOUNT,
+        "exists": UInt(1),
+        "balance": UInt(),
+        "seq": SEQ,
+    }
+
+
 MESSAGE_CLASSES: dict[MessageType, type[Message]] = {
     cls.TYPE: cls
     for cls in (
@@ -327,5 +372,7 @@ MESSAGE_CLASSES: dict[MessageType, type[Message]] = {
         Fetch,
         CheckpointState,
         CommitCertificate,
+        BalanceQuery,
+        BalanceReply,
     )
 }

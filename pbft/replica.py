@@ -49,6 +49,8 @@ from pbft.events import (
 from pbft.ledger import Account, Ledger, LedgerSnapshotError, Payment
 from pbft.log import CommittedEntry, PreparedEntry, Slot
 from pbft.messages import (
+    BalanceQuery,
+    BalanceReply,
     Checkpoint,
     CheckpointState,
     Commit,
@@ -304,6 +306,22 @@ class Replica:
             handler(self, Opened(message, data, envelope.body))
         except Rejected as rejection:
             self._drop(rejection.reason, rejection.detail)
+
+    def _on_balance_query(self, opened: Opened) -> None:
+        query = opened.message
+        if not isinstance(query, BalanceQuery):
+            raise Rejected("unexpected_type")
+        balance = self.ledger.balance(query.account)
+        reply = BalanceReply(
+            self.id,
+            query.client_id,
+            query.query_id,
+            query.account,
+            int(balance is not None),
+            balance or 0,
+            self.last_executed,
+        )
+        self._send(("client", query.client_id), seal(reply, self.key))
 
     def _is_stale(self, message: Message) -> bool:
         if isinstance(message, PrePrepare | Prepare | Commit):
@@ -1415,4 +1433,5 @@ Replica._handlers = {
     Fetch: Replica._on_fetch,
     CheckpointState: Replica._on_checkpoint_state,
     CommitCertificate: Replica._on_commit_certificate,
+    BalanceQuery: Replica._on_balance_query,
 }

@@ -18,7 +18,7 @@ from types import TracebackType
 import trio
 
 from crypto.keys import SigningKey
-from pbft.client import ClientCore, Decided
+from pbft.client import BalanceRead, ClientCore, Decided
 from pbft.events import MessageReceived, Send, Tick
 from runtime.cluster import Cluster
 from runtime.transport import Transport, TransportConfig
@@ -50,6 +50,8 @@ class PaymentClient:
         self._transport = Transport(("client", client_id), self.key, self.keyring, transport_config)
         self._waiting: dict[int, trio.Event] = {}
         self._results: dict[int, Decided] = {}
+        self._waiting_reads: dict[int, trio.Event] = {}
+        self._reads: dict[int, BalanceRead] = {}
         self._nursery_manager: trio.Nursery | None = None
         self._cancel = trio.CancelScope()
         self._last_request_id = 0
@@ -116,13 +118,34 @@ class PaymentClient:
         finally:
             self._waiting.pop(request_id, None)
 
+    async def balance(self, account: str) -> BalanceRead:
+        """An account's balance as f + 1 replicas report it (a read, not ordered)."""
+        query_id = self.new_request_id()
+        event = trio.Event()
+        self._waiting_reads[query_id] = event
+        try:
+            self._carry_out(self.core.query_balance(query_id, account))
+            with trio.move_on_after(self.timeout_s) as scope:
+                await event.wait()
+            if scope.cancelled_caught:
+                self.core.queries.pop(query_id, None)
+                raise PaymentTimeout(f"no f + 1 matching balances for {account!r}")
+            return self._reads.pop(query_id)
+        finally:
+            self._waiting_reads.pop(query_id, None)
+
     def statistics(self) -> dict[str, object]:
         return {"client": self.core.statistics(), "transport": self._transport.statistics()}
 
-    def _carry_out(self, actions: list[Send | Decided]) -> None:
+    def _carry_out(self, actions: list[Send | Decided | BalanceRead]) -> None:
         for action in actions:
             if isinstance(action, Send):
                 self._transport.send(action.to, action.data)
+            elif isinstance(action, BalanceRead):
+                self._reads[action.query_id] = action
+                read_waiting = self._waiting_reads.get(action.query_id)
+                if read_waiting is not None:
+                    read_waiting.set()
             else:
                 self._results[action.request_id] = action
                 waiting = self._waiting.get(action.request_id)

@@ -20,7 +20,7 @@ from typing import Any
 
 import trio
 
-RUNTIME_COMMANDS = ("replica", "pay", "verify-receipt", "cluster")
+RUNTIME_COMMANDS = ("replica", "pay", "verify-receipt", "cluster", "balance")
 
 
 def add_runtime_commands(commands: Any) -> None:
@@ -37,6 +37,11 @@ def add_runtime_commands(commands: Any) -> None:
     pay.add_argument("--request-id", type=int, help="to retry a payment safely, reuse its id")
     pay.add_argument("--receipt", help="write the receipt to this file")
     pay.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    balance = commands.add_parser("balance", help="read a balance (f + 1 replicas agree)")
+    balance.add_argument("--cluster", required=True)
+    balance.add_argument("--account", required=True)
+    balance.add_argument("--client", type=int, default=0, help="the asking client's id")
+    balance.add_argument("--timeout", type=float, default=10.0)
     verify = commands.add_parser("verify-receipt", help="check a receipt offline")
     verify.add_argument("receipt", help="a receipt file written by pbft pay")
     verify.add_argument("--cluster", required=True)
@@ -58,6 +63,8 @@ def run_runtime_command(arguments: argparse.Namespace) -> int:
             return _pay(arguments)
         if arguments.command == "verify-receipt":
             return _verify(arguments)
+        if arguments.command == "balance":
+            return _balance(arguments)
         if arguments.command == "cluster":
             return _cluster_up(arguments)
     except ClusterFileError as error:
@@ -148,6 +155,37 @@ def _pay(arguments: argparse.Namespace) -> int:
     if arguments.receipt and decided.receipt is not None:
         Path(arguments.receipt).write_bytes(decided.receipt.encode())
     return 0 if decided.receipt is not None else 1
+
+
+def _balance(arguments: argparse.Namespace) -> int:
+    from runtime.client import PaymentClient, PaymentTimeout
+    from runtime.cluster import load_cluster
+
+    cluster = load_cluster(arguments.cluster)
+
+    async def main() -> Any:
+        async with PaymentClient(cluster, arguments.client, timeout_s=arguments.timeout) as client:
+            return await client.balance(arguments.account)
+
+    try:
+        read = trio.run(main)
+    except PaymentTimeout as error:
+        print(f"pbft: {error}", file=sys.stderr)
+        return 1
+    if not read.exists:
+        print(f"pbft: no account {arguments.account!r}", file=sys.stderr)
+        return 1
+    print(
+        json.dumps(
+            {
+                "account": read.account,
+                "balance": read.balance,
+                "as_of_seq": read.seq,
+                "replicas": list(read.replicas),
+            }
+        )
+    )
+    return 0
 
 
 def _verify(arguments: argparse.Namespace) -> int:

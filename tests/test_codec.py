@@ -33,6 +33,8 @@ from pbft.messages import (
     MAX_VIEW,
     MAX_WINDOW,
     MESSAGE_CLASSES,
+    BalanceQuery,
+    BalanceReply,
     Checkpoint,
     CheckpointState,
     Commit,
@@ -104,6 +106,8 @@ FACTORIES: dict[type[Struct], Callable[[], Struct]] = {
     CommitCertificate: lambda: CommitCertificate(
         0, _envelope_bytes(14), (_envelope_bytes(15), _envelope_bytes(16))
     ),
+    BalanceQuery: lambda: BalanceQuery(2, 77, "acct-00003"),
+    BalanceReply: lambda: BalanceReply(1, 2, 77, "acct-00003", 1, 12_345, 40),
     # Not messages, but Structs with the same codec: checked alongside.
     PreparedCertificate: lambda: PreparedCertificate(_envelope_bytes(17), (_envelope_bytes(18),)),
     Envelope: lambda: Envelope(1, 3, 1, b"\x94\x01\x02\x03", b"\x00" * 64),

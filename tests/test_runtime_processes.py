@@ -115,11 +115,17 @@ def test_four_replica_processes_confirm_and_reject_with_verifiable_receipts(
     async def scenario() -> list:
         async with PaymentClient(local_cluster.cluster, 0) as client:
             await client.wait_connected()
-            return [
+            decided = [
                 await client.pay("acct-00000", "acct-00002", 500),
                 await client.pay("acct-00000", "acct-00002", 10**12),  # more than it holds
                 await client.pay("acct-00002", "acct-00000", 5),  # client 0 does not own it
             ]
+            read = await client.balance("acct-00002")
+            assert (read.exists, read.balance) == (True, 100_500)
+            assert len(read.replicas) >= 2 and read.seq >= 1
+            missing = await client.balance("no-such-account")
+            assert not missing.exists
+            return decided
 
     decided = _run(scenario)
     keyring = local_cluster.cluster.keyring()
