@@ -327,3 +327,62 @@ def test_soak_kill_and_restart_a_random_replica_under_load_20_rounds(tmp_path: P
                 verified.seq,
             )
     assert max(core.last_executed for core in cores) - min(c.last_executed for c in cores) <= 2
+
+
+def test_hostile_connections_do_not_disturb_a_replica_process(local_cluster: LocalCluster) -> None:
+    """Garbage bytes, an oversized frame, a false identity and a frame that never finishes,
+    all sent to replica 0's port: each connection is dropped, and payments go on."""
+    import socket
+    import struct
+
+    from crypto.keys import SigningKey
+
+    address = local_cluster.cluster.replica(0)
+    deadline = time.monotonic() + 30
+    while not any(e["event"] == "listening" for e in _events_or_none(local_cluster, 0)):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+    def connect() -> socket.socket:
+        connection = socket.create_connection((address.host, address.port), timeout=5)
+        header = connection.recv(4)  # the replica speaks first: its HELLO frame
+        length = struct.unpack(">I", header)[0]
+        hello = b""
+        while len(hello) < length:
+            hello += connection.recv(length - len(hello))
+        assert hello[:1] == b"H"
+        return connection
+
+    def closed_by_peer(connection: socket.socket) -> bool:
+        connection.settimeout(15)
+        try:
+            return connection.recv(1) == b""
+        except (ConnectionResetError, TimeoutError):
+            return False
+
+    garbage = connect()
+    garbage.sendall(b"\xff" * 64)
+    oversized = connect()
+    oversized.sendall(struct.pack(">I", 2**31))
+    impostor = connect()
+    hello_nonce = b"\x00" * 32  # wrong nonce and a key nobody knows: a false identity
+    stranger = SigningKey.generate()
+    principal = bytes([0]) + (1).to_bytes(8, "big")  # claims to be replica 1
+    signature = stranger.sign(b"pbft/v1/handshake", hello_nonce + principal)
+    auth = b"A" + principal + b"\x01" * 32 + signature
+    impostor.sendall(struct.pack(">I", len(auth)) + auth)
+    stalled = connect()
+    stalled.sendall(struct.pack(">I", 100) + b"half")  # and never the rest
+    for connection in (garbage, oversized, impostor):
+        assert closed_by_peer(connection)
+        connection.close()
+
+    async def pay() -> str:
+        async with PaymentClient(local_cluster.cluster, 0) as client:
+            await client.wait_connected()
+            return (await client.pay("acct-00000", "acct-00002", 5)).outcome
+
+    assert _run(pay) == "confirmed"
+    assert closed_by_peer(stalled), "a frame that never finishes must be dropped"
+    stalled.close()
+    assert local_cluster.processes[0].poll() is None
