@@ -442,6 +442,13 @@ class Replica:
                 raise Rejected("conflicting_vote", f"seq {vote.seq}")
             return
         votes[vote.replica] = (vote.entry_digest, opened.raw)
+        if not is_prepare and slot.committed is None and (
+            len(slot.matching(slot.commits, vote.entry_digest)) >= self.config.weak_quorum
+        ):
+            # f + 1 commits: a correct replica prepared this entry, so the cluster is at
+            # least this far along. If we cannot commit it ourselves (we lost the proposal,
+            # or the primary hides it from us), catch-up will fetch its certificate.
+            self.highest_seen_executed = max(self.highest_seen_executed, vote.seq)
         self._advance(vote.seq)
 
     def _on_heartbeat(self, opened: Opened) -> None:

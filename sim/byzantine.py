@@ -1,10 +1,16 @@
-"""Byzantine replicas: wrappers that rewrite, withhold or duplicate a replica's outgoing messages.
+"""Byzantine replicas and clients: wrappers that rewrite, withhold or duplicate what an
+unmodified core sends.
 
 A Byzantine replica runs the unmodified core; its behaviour sits between the core
 and the network. It holds only its own signing key, so it can sign anything as
 itself and nothing as anyone else. Behaviours in one simulation share an
 `Adversary`, so several Byzantine replicas can collude (split the correct
-replicas the same way, vote for the same forked batches).
+replicas the same way, vote for the same forked batches). `twin` is the exception
+that rewrites nothing: the simulator runs a second copy of the replica with the same
+key and splits the network between the copies (`Twins`).
+
+A Byzantine client (`ClientBehavior`) wraps the actions of an unmodified client core
+the same way: it holds only its own key, so what it adds are requests it signed.
 
 Every behaviour is deterministic: it reads no clock but the `now_ms` it is given and
 draws no random numbers; what looks random (a made-up digest, garbage bytes) is a
@@ -25,23 +31,31 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import ClassVar, TypeVar
 
-from crypto.keys import Principal, SigningKey
+from crypto.keys import KeyRing, Principal, SigningKey
+from pbft.certificates import Verifier
 from pbft.chain import batch_digest, entry_digest, genesis_hash
+from pbft.client import ClientAction, Decided
 from pbft.codec import MAX_FRAME_BYTES, DecodeError
 from pbft.config import ClusterConfig
-from pbft.ledger import Outcome, Reason
+from pbft.events import Send
+from pbft.ledger import Account, Outcome, Reason
 from pbft.messages import (
     MESSAGE_CLASSES,
+    Checkpoint,
     CheckpointState,
     Commit,
     Message,
     MessageType,
+    NewView,
     Prepare,
+    PreparedCertificate,
     PrePrepare,
     Reply,
+    Request,
     ViewChange,
 )
-from pbft.signed import Envelope, seal
+from pbft.signed import Envelope, Rejected, seal
+from pbft.viewchange import plan_new_view, verify_view_change
 
 # Most entries a behaviour remembers in one table (rewritten proposals, digest maps):
 # enough for several watermark windows, never more whatever the run length.
@@ -122,6 +136,7 @@ class Behavior:
         at_ms: int = 0,
         until_ms: int | None = None,
         genesis_ledger_digest: bytes | None = None,
+        keyring: KeyRing | None = None,
     ) -> None:
         self.replica_id = replica_id
         self.key = key
@@ -134,6 +149,8 @@ class Behavior:
         self.at_ms = at_ms
         self.until_ms = until_ms
         self.genesis_ledger_digest = genesis_ledger_digest
+        # The cluster's public keys (everyone has them): to check what it builds as others would.
+        self.keyring = keyring
         self.setup()
 
     def setup(self) -> None:
@@ -671,6 +688,557 @@ class ViewChangeSpam(Behavior):
         return messages
 
 
+# --- view change, checkpoints and identity ------------------------------------------------
+
+
+class _RewriteOnce(Behavior):
+    """Rewrites every message of one type identically, whoever it goes to, remembering each
+    rewrite by the original's digest so retransmissions carry the same lie."""
+
+    TYPE: ClassVar[MessageType]
+
+    def setup(self) -> None:
+        # digest of an original message -> what was sent instead (bounded)
+        self.rewritten: dict[bytes, bytes] = {}
+        # how many distinct messages were rewritten (a rewrite may be a no-op)
+        self.lies = 0
+
+    def act(self, destination: Principal, data: bytes, now_ms: int) -> list[bytes]:
+        if _type_code(data) != self.TYPE:
+            return [data]
+        digest = hashlib.sha256(data).digest()
+        known = self.rewritten.get(digest)
+        if known is None:
+            message = _decode(data)
+            lie = self.lie(message) if message is not None else None
+            known = seal(lie, self.key) if lie is not None else data
+            if lie is not None:
+                self.lies += 1
+            _remember(self.rewritten, digest, known)
+        return [known]
+
+    def lie(self, message: Message) -> Message | None:
+        """What to send instead, signed as itself by the caller; None: the original."""
+        raise NotImplementedError
+
+
+def _pre_prepare_of(certificate: PreparedCertificate) -> PrePrepare | None:
+    message = _decode(certificate.pre_prepare)
+    return message if isinstance(message, PrePrepare) else None
+
+
+class LieInViewChange(_RewriteOnce):
+    """Lies in its own VIEW-CHANGE messages (signed as itself, so they verify). `kind`:
+    - "omit_prepared": claims it prepared nothing (drops its prepared certificates);
+    - "stale_checkpoint": cites the genesis instead of its stable checkpoint (keeping only the
+      certificates that fit the genesis window, or the view change would be refused at once);
+    - "forge_certificate": adds a prepared certificate it cannot have: a null batch at the
+      next free sequence number, its pre-prepare claiming the previous view's primary and its
+      2f prepares claiming that view's backups, every one signed with its own key. Valid
+      only where it was itself the signer it claims to be, so receivers must refuse the whole
+      view change (bad_signature or bad_certificate)."""
+
+    name = "lie_in_view_change"
+    TYPE = MessageType.VIEW_CHANGE
+    KINDS: ClassVar[tuple[str, ...]] = ("omit_prepared", "stale_checkpoint", "forge_certificate")
+
+    def setup(self) -> None:
+        super().setup()
+        self.kind = str(self.params.get("kind", self.KINDS[0]))
+        if self.kind not in self.KINDS:
+            raise ValueError(
+                f"lie_in_view_change kind must be one of {self.KINDS}, got {self.kind!r}"
+            )
+
+    def lie(self, message: Message) -> Message | None:
+        if not isinstance(message, ViewChange) or message.replica != self.replica_id:
+            return None
+        if self.kind == "omit_prepared":
+            return replace(message, prepared=()) if message.prepared else None
+        if self.kind == "stale_checkpoint":
+            digest = self.genesis_ledger_digest
+            if message.checkpoint_seq == 0 or digest is None:
+                return None
+            window = self.config.watermark_window
+            kept = tuple(
+                certificate
+                for certificate in message.prepared
+                if (pre_prepare := _pre_prepare_of(certificate)) is not None
+                and 0 < pre_prepare.seq <= window
+            )
+            return replace(
+                message,
+                checkpoint_seq=0,
+                checkpoint_chain_hash=genesis_hash(digest),
+                checkpoint_ledger_digest=digest,
+                checkpoint_proof=(),
+                prepared=kept,
+            )
+        return replace(message, prepared=self._with_forged_certificate(message))
+
+    def _with_forged_certificate(self, message: ViewChange) -> tuple[PreparedCertificate, ...]:
+        certificates = list(message.prepared)
+        seqs = [
+            pre_prepare.seq
+            for certificate in certificates
+            if (pre_prepare := _pre_prepare_of(certificate)) is not None
+        ]
+        high = message.checkpoint_seq + self.config.watermark_window
+        seq = max(seqs, default=message.checkpoint_seq) + 1
+        if seq > high:
+            # The window is full: the forged certificate replaces the last real one.
+            seq = high
+            certificates = [
+                certificate
+                for certificate, real_seq in zip(certificates, seqs, strict=True)
+                if real_seq != seq
+            ]
+        view = max(0, message.new_view - 1)
+        primary = self.config.primary_of(view)
+        prev_hash = _made_up(b"forged-certificate", message.new_view, seq)
+        pre_prepare = PrePrepare(view, seq, primary, prev_hash, batch_digest(()), ())
+        digest = entry_digest(seq, prev_hash, pre_prepare.batch_digest)
+        backups = [replica for replica in self.replica_ids if replica != primary]
+        prepares = tuple(
+            seal(Prepare(view, seq, backup, digest), self.key)
+            for backup in backups[: 2 * self.config.fault_tolerance]
+        )
+        forged = PreparedCertificate(seal(pre_prepare, self.key), prepares)
+        return (*certificates, forged)
+
+
+class BadNewView(Behavior):
+    """As the new primary, sends a NEW-VIEW that is not the one the view changes call for,
+    re-signed as itself. `kind`:
+    - "omit_prepared": the first re-proposal of a prepared batch becomes a null batch;
+    - "invent": the first null re-proposal gets a real batch (requests it saw earlier), or,
+      with no null entry, one more entry with such a batch is appended;
+    - "few_view_changes": it cites only 2f view changes instead of 2f + 1;
+    - "split": the backups on the Adversary's fork side get another NEW-VIEW, equally
+      valid: its own view change replaced by a second one that claims nothing prepared, and
+      the re-proposals recomputed from that set (identical to the first when its own view
+      change added nothing the others lacked). Needs the cluster's public keys.
+    Later entries and votes are sent as the core wrote them (chained on its own NEW-VIEW)."""
+
+    name = "bad_new_view"
+    KINDS: ClassVar[tuple[str, ...]] = ("omit_prepared", "invent", "few_view_changes", "split")
+    # Request envelopes it remembers (from requests it relayed and pre-prepares it sent).
+    REQUESTS = 64
+
+    def setup(self) -> None:
+        self.kind = str(self.params.get("kind", self.KINDS[0]))
+        if self.kind not in self.KINDS:
+            raise ValueError(f"bad_new_view kind must be one of {self.KINDS}, got {self.kind!r}")
+        self.requests: deque[bytes] = deque(maxlen=self.REQUESTS)
+        # (digest of the original NEW-VIEW, side) -> what was sent instead
+        self.rewritten: dict[tuple[bytes, int], bytes] = {}
+        self.lies = 0
+        # split: how many second NEW-VIEWs re-proposed something else than the first
+        self.split_plans_differ = 0
+        self.verifier: Verifier | None = None
+        if self.keyring is not None and self.genesis_ledger_digest is not None:
+            self.verifier = Verifier(self.config, self.keyring, self.genesis_ledger_digest)
+
+    def act(self, destination: Principal, data: bytes, now_ms: int) -> list[bytes]:
+        code = _type_code(data)
+        if code == MessageType.REQUEST:
+            self._learn((data,))
+            return [data]
+        if code == MessageType.PRE_PREPARE:
+            message = _decode(data)
+            if isinstance(message, PrePrepare):
+                self._learn(message.requests)
+            return [data]
+        if code != MessageType.NEW_VIEW:
+            return [data]
+        side = 0
+        if self.kind == "split":
+            if destination[0] != "replica" or destination[1] not in self.adversary.fork_side:
+                return [data]
+            side = 1
+        key = (hashlib.sha256(data).digest(), side)
+        known = self.rewritten.get(key)
+        if known is None:
+            message = _decode(data)
+            lie = self.lie(message) if isinstance(message, NewView) else None
+            known = seal(lie, self.key) if lie is not None else data
+            if lie is not None:
+                self.lies += 1
+            _remember(self.rewritten, key, known)
+        return [known]
+
+    def _learn(self, requests: Sequence[bytes]) -> None:
+        for raw in requests:
+            if raw not in self.requests:
+                self.requests.append(raw)
+
+    def lie(self, message: NewView) -> NewView | None:
+        if message.replica != self.replica_id:
+            return None
+        if self.kind == "few_view_changes":
+            kept = message.view_changes[: self.config.quorum - 1]
+            return replace(message, view_changes=kept)
+        if self.kind == "split":
+            return self._second_new_view(message)
+        low_hash, proposals = self._planned(message)
+        if low_hash is None:
+            return None
+        entries = [(proposal.seq, proposal.requests) for proposal in proposals]
+        if self.kind == "omit_prepared":
+            index = next((i for i, (_, requests) in enumerate(entries) if requests), None)
+            if index is None:
+                return None
+            entries[index] = (entries[index][0], ())
+        else:  # invent
+            invented = self._invented_batch()
+            index = next((i for i, (_, requests) in enumerate(entries) if not requests), None)
+            if index is not None and invented:
+                entries[index] = (entries[index][0], invented)
+            else:
+                low_seq = self._low_seq(message)
+                last = entries[-1][0] if entries else low_seq
+                entries.append((last + 1, invented))
+        return replace(message, pre_prepares=self._chain(message.view, low_hash, entries))
+
+    def _invented_batch(self) -> tuple[bytes, ...]:
+        chosen: dict[tuple[int, int], bytes] = {}
+        for raw in self.requests:
+            request = _decode(raw)
+            if isinstance(request, Request):
+                chosen.setdefault((request.client_id, request.request_id), raw)
+            if len(chosen) >= self.config.batch_size:
+                break
+        return tuple(chosen.values())
+
+    def _view_changes(self, message: NewView) -> list[ViewChange]:
+        changes = [_decode(raw) for raw in message.view_changes]
+        return [change for change in changes if isinstance(change, ViewChange)]
+
+    def _low_seq(self, message: NewView) -> int:
+        return max((change.checkpoint_seq for change in self._view_changes(message)), default=0)
+
+    def _planned(self, message: NewView) -> tuple[bytes | None, list[PrePrepare]]:
+        """The chain hash the re-proposals start from, and the re-proposals."""
+        changes = sorted(self._view_changes(message), key=lambda change: change.replica)
+        if not changes:
+            return None, []
+        anchor = max(changes, key=lambda change: change.checkpoint_seq)
+        proposals = [_decode(raw) for raw in message.pre_prepares]
+        return anchor.checkpoint_chain_hash, [
+            proposal for proposal in proposals if isinstance(proposal, PrePrepare)
+        ]
+
+    def _chain(
+        self, view: int, prev_hash: bytes, entries: list[tuple[int, tuple[bytes, ...]]]
+    ) -> tuple[bytes, ...]:
+        out = []
+        for seq, requests in entries:
+            digest = batch_digest(requests)
+            proposal = PrePrepare(view, seq, self.replica_id, prev_hash, digest, requests)
+            out.append(seal(proposal, self.key))
+            prev_hash = entry_digest(seq, prev_hash, digest)
+        return tuple(out)
+
+    def _claim_less(self, change: ViewChange) -> ViewChange:
+        """Its own view change without its prepared certificates, or, if it had none, citing
+        the genesis: either way a different, valid view change for the same view."""
+        digest = self.genesis_ledger_digest
+        if change.prepared or change.checkpoint_seq == 0 or digest is None:
+            return replace(change, prepared=())
+        return replace(
+            change,
+            checkpoint_seq=0,
+            checkpoint_chain_hash=genesis_hash(digest),
+            checkpoint_ledger_digest=digest,
+            checkpoint_proof=(),
+        )
+
+    def _second_new_view(self, message: NewView) -> NewView | None:
+        verifier = self.verifier
+        if verifier is None:
+            return None
+        raws = []
+        for raw in message.view_changes:
+            change = _decode(raw)
+            if isinstance(change, ViewChange) and change.replica == self.replica_id:
+                # A second view change of its own for the same view: valid, claims less.
+                raw = seal(self._claim_less(change), self.key)
+            raws.append(raw)
+        try:
+            changes = [verify_view_change(raw, verifier) for raw in raws]
+        except Rejected:
+            return None
+        plan = plan_new_view(message.view, changes)
+        entries = [(entry.seq, entry.requests) for entry in plan.entries]
+        pre_prepares = self._chain(message.view, plan.checkpoint.chain_hash, entries)
+        if pre_prepares != message.pre_prepares:
+            self.split_plans_differ += 1
+        return replace(message, view_changes=tuple(raws), pre_prepares=pre_prepares)
+
+
+class BadCheckpoint(_RewriteOnce):
+    """Every CHECKPOINT it sends names a wrong ledger digest (its chain hash is right): a vote
+    for a state no correct replica has, which must never count towards a stable checkpoint."""
+
+    name = "bad_checkpoint"
+    TYPE = MessageType.CHECKPOINT
+
+    def lie(self, message: Message) -> Message | None:
+        if not isinstance(message, Checkpoint):
+            return None
+        wrong = _made_up(b"bad-checkpoint", message.ledger_digest)
+        return replace(message, ledger_digest=wrong)
+
+
+class Forge(Behavior):
+    """Along with each message it signs, sends a copy that claims another replica sent it
+    (the sender field changed, in turn to each replica but itself and the destination),
+    signed with its own key, since it holds no other. Receivers must drop every copy,
+    at the latest at the signature check (bad_signature)."""
+
+    name = "forge"
+
+    def setup(self) -> None:
+        self.counter = 0
+
+    def act(self, destination: Principal, data: bytes, now_ms: int) -> list[bytes]:
+        message = _decode(data)
+        if message is None or message.SIGNER != "replica" or message.sender != self.replica_id:
+            return [data]
+        victims = [
+            replica
+            for replica in self.replica_ids
+            if replica != self.replica_id and destination != ("replica", replica)
+        ]
+        if not victims:
+            return [data]
+        victim = victims[self.counter % len(victims)]
+        self.counter += 1
+        forged = replace(message, **{message.SENDER_FIELD: victim})
+        return [data, seal(forged, self.key)]
+
+
+class Twin(Behavior):
+    """Twins: a second copy of the replica runs with the same key, and each copy sees only
+    part of the network (see `Twins`). The copies run the unmodified core and send what it
+    writes; the simulator does the splitting, so this wrapper changes nothing."""
+
+    name = "twin"
+
+
+@dataclass(frozen=True)
+class Twins:
+    """Who talks with which copy of a twinned replica.
+
+    `groups[r] = (A, B)`: copy 0 of replica r talks only with the replicas in A, copy 1
+    only with those in B. A message from another replica s to r reaches the copy whose
+    group holds s (none if neither does). Two twinned replicas pair up by copy: copy 0
+    with copy 0, copy 1 with copy 1 (colluders, each pair one side of the split).
+    Clients reach both copies and hear from both."""
+
+    groups: Mapping[int, tuple[frozenset[int], frozenset[int]]]
+
+    COPIES: ClassVar[tuple[int, int]] = (0, 1)
+
+    def receivers(self, source: Principal, copy: int, destination: Principal) -> tuple[int, ...]:
+        """The copies of `destination` that a message from `source`'s copy `copy` reaches."""
+        if destination[0] != "replica":
+            return (0,)
+        target = self.groups.get(destination[1])
+        if source[0] != "replica":
+            return self.COPIES if target is not None else (0,)
+        origin = self.groups.get(source[1])
+        if origin is not None and target is not None:
+            return (copy,)
+        if origin is not None:
+            return (0,) if destination[1] in origin[copy] else ()
+        if target is not None:
+            return tuple(side for side in self.COPIES if source[1] in target[side])
+        return (0,)
+
+
+# --- Byzantine clients ---------------------------------------------------------------------
+
+
+class ClientBehavior:
+    """A Byzantine client: rewrites the actions of an unmodified client core (its sends, and
+    its decisions, which it may react to). It holds only its own key: anything new it sends
+    is a Request sealed by itself. Deterministic and bounded like the replica behaviours."""
+
+    name = "correct"
+    # Request ids the client core never uses (the workload numbers from 1 up).
+    OWN_ID_BASE = 1 << 40
+
+    def __init__(
+        self,
+        client_id: int,
+        key: SigningKey,
+        *,
+        config: ClusterConfig,
+        accounts: Mapping[str, Account],
+        params: Mapping[str, int | str] | None = None,
+        at_ms: int = 0,
+        until_ms: int | None = None,
+    ) -> None:
+        self.client_id = client_id
+        self.key = key
+        self.config = config
+        self.accounts = dict(accounts)
+        self.params = dict(params or {})
+        self.at_ms = at_ms
+        self.until_ms = until_ms
+        # request id -> the request the core first sent under it (the submitted body)
+        self.originals: dict[int, Request] = {}
+        # (request id, digest) of every extra request it sent, for tests and reports
+        self.extra: dict[tuple[int, bytes], None] = {}
+        self.setup()
+
+    def setup(self) -> None:
+        """Per-behaviour state and parameters."""
+
+    def active(self, now_ms: int) -> bool:
+        return now_ms >= self.at_ms and (self.until_ms is None or now_ms < self.until_ms)
+
+    def actions(self, actions: Sequence[ClientAction], now_ms: int) -> list[ClientAction]:
+        out: list[ClientAction] = []
+        for action in actions:
+            out.append(action)
+            if isinstance(action, Decided):
+                if self.active(now_ms):
+                    out.extend(self.on_decided(action))
+                continue
+            request = _decode(action.data)
+            if not isinstance(request, Request) or request.request_id in self.originals:
+                continue
+            _remember(self.originals, request.request_id, request)
+            if self.active(now_ms):
+                out.extend(self.on_new_request(action, request))
+        return out
+
+    def on_new_request(self, send: Send, request: Request) -> list[ClientAction]:
+        """Called when the core first sends a request."""
+        return []
+
+    def on_decided(self, decided: Decided) -> list[ClientAction]:
+        """Called when the core has a decision (a receipt) for one of its requests."""
+        return []
+
+    def sealed(self, request: Request) -> bytes:
+        raw = seal(request, self.key)
+        _remember(self.extra, (request.request_id, hashlib.sha256(request.encode()).digest()), None)
+        return raw
+
+    def to_replicas(self, raw: bytes, replicas: Sequence[int] | None = None) -> list[ClientAction]:
+        targets = self.config.replica_ids() if replicas is None else replicas
+        return [Send(("replica", replica), raw) for replica in targets]
+
+
+class ReuseRequestId(ClientBehavior):
+    """Sends other payments under the id of one it submitted, a different one to each half
+    of the replicas (same payer, another payee or amount), signed as itself. `kind`:
+    - "after_decision": once the original is decided. Every correct replica must refuse
+      both as id_reused (never execute them); the original's receipt stands;
+    - "concurrent": at the moment the original goes out (to the primary), the others go to
+      the backups, which relay them: the bodies race. The others ask for more than all the
+      money there is, so whichever body is ordered first, nothing but the original can be
+      confirmed; if another body wins, the original is refused as id_reused."""
+
+    name = "reuse_request_id"
+    KINDS: ClassVar[tuple[str, ...]] = ("after_decision", "concurrent")
+
+    def setup(self) -> None:
+        self.kind = str(self.params.get("kind", self.KINDS[0]))
+        if self.kind not in self.KINDS:
+            raise ValueError(
+                f"reuse_request_id kind must be one of {self.KINDS}, got {self.kind!r}"
+            )
+        self.total = sum(account.balance for account in self.accounts.values())
+
+    def _others(self, original: Request, concurrent: bool) -> list[Request]:
+        names = sorted(self.accounts)
+        others = []
+        for index in range(2):
+            payees = [name for name in names if name not in (original.payer, original.payee)]
+            payee = payees[index % len(payees)] if payees else original.payee
+            amount = self.total + 1 + index if concurrent else original.amount + 1 + index
+            others.append(replace(original, payee=payee, amount=amount))
+        return others
+
+    def _halves(self, replicas: Sequence[int]) -> tuple[list[int], list[int]]:
+        middle = (len(replicas) + 1) // 2
+        return list(replicas[:middle]), list(replicas[middle:])
+
+    def on_new_request(self, send: Send, request: Request) -> list[ClientAction]:
+        if self.kind != "concurrent":
+            return []
+        backups = [replica for replica in self.config.replica_ids() if send.to[1] != replica]
+        first, second = self._halves(backups)
+        out: list[ClientAction] = []
+        for other, half in zip(self._others(request, True), (first, second), strict=True):
+            out.extend(self.to_replicas(self.sealed(other), half))
+        return out
+
+    def on_decided(self, decided: Decided) -> list[ClientAction]:
+        original = self.originals.get(decided.request_id)
+        if self.kind != "after_decision" or original is None:
+            return []
+        first, second = self._halves(list(self.config.replica_ids()))
+        out: list[ClientAction] = []
+        for other, half in zip(self._others(original, False), (first, second), strict=True):
+            out.extend(self.to_replicas(self.sealed(other), half))
+        return out
+
+
+class ClientReplay(ClientBehavior):
+    """With each new request, sends every replica one of its own earlier requests again,
+    byte for byte, in turn from the last 32 it sent. Replicas must answer from what they
+    decided (or order it and find it decided): nothing takes effect twice."""
+
+    name = "replay"
+    REMEMBERED = 32
+
+    def setup(self) -> None:
+        self.sent: deque[bytes] = deque(maxlen=self.REMEMBERED)
+        self.replayed = 0
+
+    def on_new_request(self, send: Send, request: Request) -> list[ClientAction]:
+        out: list[ClientAction] = []
+        if self.sent:
+            old = self.sent[self.replayed % len(self.sent)]
+            self.replayed += 1
+            out = self.to_replicas(old)
+        self.sent.append(send.data)
+        return out
+
+
+class Steal(ClientBehavior):
+    """With each new request, also sends every replica a payment out of an account it does
+    not own (in turn, each other client's accounts) into one of its own (or any other),
+    under a request id of its own that the workload never uses, signed as itself. Each must
+    be refused as unauthorized by every correct replica."""
+
+    name = "steal"
+
+    def setup(self) -> None:
+        names = sorted(self.accounts)
+        self.victims = [name for name in names if self.accounts[name].owner != self.client_id]
+        self.own = [name for name in names if self.accounts[name].owner == self.client_id]
+        self.stolen = 0
+
+    def on_new_request(self, send: Send, request: Request) -> list[ClientAction]:
+        if not self.victims:
+            return []
+        payer = self.victims[self.stolen % len(self.victims)]
+        payees = [name for name in self.own or sorted(self.accounts) if name != payer]
+        if not payees:
+            return []
+        payee = payees[self.stolen % len(payees)]
+        amount = 1 + self.stolen % 10
+        theft = Request(self.client_id, self.OWN_ID_BASE + self.stolen, payer, payee, amount)
+        self.stolen += 1
+        return self.to_replicas(self.sealed(theft))
+
+
 BEHAVIORS: dict[str, type[Behavior]] = {
     behavior.name: behavior
     for behavior in (
@@ -688,7 +1256,16 @@ BEHAVIORS: dict[str, type[Behavior]] = {
         Replay,
         Garbage,
         ViewChangeSpam,
+        LieInViewChange,
+        BadNewView,
+        BadCheckpoint,
+        Forge,
+        Twin,
     )
+}
+
+CLIENT_BEHAVIORS: dict[str, type[ClientBehavior]] = {
+    behavior.name: behavior for behavior in (ReuseRequestId, ClientReplay, Steal)
 }
 
 
@@ -703,6 +1280,7 @@ def build_behavior(
     at_ms: int = 0,
     until_ms: int | None = None,
     genesis_ledger_digest: bytes | None = None,
+    keyring: KeyRing | None = None,
 ) -> Behavior:
     """The behaviour of one [[byzantine]] entry of a scenario."""
     factory: Callable[..., Behavior] = BEHAVIORS[behavior]
@@ -716,4 +1294,29 @@ def build_behavior(
         at_ms=at_ms,
         until_ms=until_ms,
         genesis_ledger_digest=genesis_ledger_digest,
+        keyring=keyring,
+    )
+
+
+def build_client_behavior(
+    behavior: str,
+    client_id: int,
+    key: SigningKey,
+    *,
+    config: ClusterConfig,
+    accounts: Mapping[str, Account],
+    params: Mapping[str, int | str] | None = None,
+    at_ms: int = 0,
+    until_ms: int | None = None,
+) -> ClientBehavior:
+    """The behaviour of one [[byzantine]] entry of a scenario that names a client."""
+    factory: Callable[..., ClientBehavior] = CLIENT_BEHAVIORS[behavior]
+    return factory(
+        client_id,
+        key,
+        config=config,
+        accounts=accounts,
+        params=params,
+        at_ms=at_ms,
+        until_ms=until_ms,
     )

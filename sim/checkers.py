@@ -51,6 +51,10 @@ class Observations:
     decided: dict[PaymentId, Decided] = field(default_factory=dict)
     # replica -> (tracked total, recounted total, smallest balance) at the end
     final_ledgers: dict[int, tuple[int, int, int]] = field(default_factory=dict)
+    # Byzantine clients: they sign requests besides the ones they submitted (another body
+    # under a submitted id, a payment out of someone else's account). Signed by them, those
+    # may be ordered, but must never be confirmed; `submitted` holds only the submitted ones.
+    byzantine_clients: frozenset[int] = frozenset()
 
 
 def check_agreement(observed: Observations) -> CheckResult:
@@ -85,13 +89,22 @@ def check_agreement(observed: Observations) -> CheckResult:
 
 
 def check_validity(observed: Observations) -> CheckResult:
-    """Only payments that clients signed and submitted are executed."""
+    """Only payments that clients signed and submitted are executed. A Byzantine client's
+    other requests (signed by it, never submitted) may be ordered, but only to be rejected."""
     result = CheckResult("validity")
     for replica in sorted(observed.correct):
         for payment, executions in observed.executed_requests.get(replica, {}).items():
             for seq, record in executions:
-                if observed.submitted.get(payment) != record.request_digest:
-                    result.fail(f"replica {replica} seq {seq}: executed unsubmitted {payment}")
+                if observed.submitted.get(payment) == record.request_digest:
+                    continue
+                if payment[0] in observed.byzantine_clients:
+                    if record.outcome != "rejected":
+                        result.fail(
+                            f"replica {replica} seq {seq}: {record.outcome} a request "
+                            f"Byzantine client {payment[0]} never submitted: {payment}"
+                        )
+                    continue
+                result.fail(f"replica {replica} seq {seq}: executed unsubmitted {payment}")
     return result
 
 
@@ -141,9 +154,14 @@ def check_receipts(observed: Observations, keyring: KeyRing) -> CheckResult:
             result.fail(f"payment {payment}: receipt does not verify: {error}")
             continue
         claimed = (verified.outcome, verified.reason, verified.seq)
+        submitted = observed.submitted.get(payment)
         for replica in sorted(observed.correct):
             for seq, record in observed.executed_requests.get(replica, {}).get(payment, []):
                 if not record.fresh or record.reason in UNSTORED_REASONS:
+                    continue
+                if payment[0] in observed.byzantine_clients and record.request_digest != submitted:
+                    # Another body the Byzantine client sent under this id: the receipt is
+                    # for the submitted body only (validity checks the other one).
                     continue
                 if (record.outcome, record.reason, seq) != claimed:
                     result.fail(

@@ -35,6 +35,11 @@ BEHAVIORS: Final = (
     "replay",
     "garbage",
     "view_change_spam",
+    "lie_in_view_change",
+    "bad_new_view",
+    "bad_checkpoint",
+    "forge",
+    "twin",
 )
 # The parameters a behaviour takes besides replica, behavior, at_ms and until_ms.
 BEHAVIOR_PARAMETERS: Final[dict[str, tuple[str, ...]]] = {
@@ -42,11 +47,25 @@ BEHAVIOR_PARAMETERS: Final[dict[str, tuple[str, ...]]] = {
     "censor": ("client",),
     "invalid_batch": ("kind",),
     "bad_sequence": ("kind",),
+    "lie_in_view_change": ("kind",),
+    "bad_new_view": ("kind",),
+    "twin": ("groups",),
 }
 # The values of `kind`, the first one being the default.
 BEHAVIOR_KINDS: Final[dict[str, tuple[str, ...]]] = {
     "invalid_batch": ("bad_signature", "unsent", "duplicate"),
     "bad_sequence": ("skip", "reuse", "outside_window"),
+    "lie_in_view_change": ("omit_prepared", "stale_checkpoint", "forge_certificate"),
+    "bad_new_view": ("omit_prepared", "invent", "few_view_changes", "split"),
+}
+# Behaviours of a Byzantine client: a [[byzantine]] entry with `client = N` and no `replica`.
+CLIENT_BEHAVIORS: Final = ("reuse_request_id", "replay", "steal")
+# The parameters a client behaviour takes besides client, behavior, at_ms and until_ms.
+CLIENT_BEHAVIOR_PARAMETERS: Final[dict[str, tuple[str, ...]]] = {
+    "reuse_request_id": ("kind",),
+}
+CLIENT_BEHAVIOR_KINDS: Final[dict[str, tuple[str, ...]]] = {
+    "reuse_request_id": ("after_decision", "concurrent"),
 }
 FAULT_ACTIONS: Final = (
     "crash",
@@ -77,6 +96,8 @@ MESSAGE_TYPE_NAMES: Final = (
     "FETCH",
     "CHECKPOINT_STATE",
     "COMMIT_CERTIFICATE",
+    "BALANCE_QUERY",
+    "BALANCE_REPLY",
 )
 LATENCY_DISTRIBUTIONS: Final = ("uniform", "exponential")
 
@@ -156,7 +177,7 @@ _FAULT_ACTION_KEYS: Final = {
 }
 MAX_CLOCK_SKEW_FACTOR: Final = 10.0
 PARTITION_DIRECTIONS: Final = ("both", "one-way")
-_BYZANTINE_PARAMETER_KEYS: Final = ("delay_ms", "client", "kind")
+_BYZANTINE_PARAMETER_KEYS: Final = ("delay_ms", "client", "kind", "groups")
 _BYZANTINE_KEYS: Final = ("replica", "behavior", "at_ms", "until_ms", *_BYZANTINE_PARAMETER_KEYS)
 _EXPECT_KEYS: Final = ("safety", "liveness", "deadline_ms")
 
@@ -284,22 +305,33 @@ class ByzantineSpec:
     ``until_ms`` (None: to the end); outside that window it behaves correctly.
 
     Parameters, each for its behaviour only: ``delay_ms`` (slow; None means 0.8 x
-    cluster.view_change_timeout_ms), ``client`` (censor, required) and ``kind``
-    (invalid_batch, bad_sequence; see BEHAVIOR_KINDS).
+    cluster.view_change_timeout_ms), ``client`` (censor, required), ``kind``
+    (invalid_batch, bad_sequence, lie_in_view_change, bad_new_view; see BEHAVIOR_KINDS) and
+    ``groups`` (twin, required: the two parts of the network its two copies talk with).
+
+    With ``replica`` None the entry is a Byzantine client: ``client`` is then the client's id
+    and ``behavior`` one of CLIENT_BEHAVIORS (``kind``: see CLIENT_BEHAVIOR_KINDS).
     """
 
-    replica: int
+    replica: int | None
     behavior: str
     at_ms: int = 0
     until_ms: int | None = None
     delay_ms: int | None = None
     client: int | None = None
     kind: str | None = None
+    groups: tuple[tuple[int, ...], ...] | None = None
+
+    @property
+    def is_client(self) -> bool:
+        """A Byzantine client rather than a Byzantine replica."""
+        return self.replica is None
 
     @property
     def params(self) -> dict[str, int | str]:
-        """The behaviour's parameters that are set, by name."""
-        values = {"delay_ms": self.delay_ms, "client": self.client, "kind": self.kind}
+        """The behaviour's parameters that are set, by name (groups apart: not a scalar)."""
+        client = None if self.is_client else self.client
+        values = {"delay_ms": self.delay_ms, "client": client, "kind": self.kind}
         return {name: value for name, value in values.items() if value is not None}
 
 
@@ -821,9 +853,28 @@ class _Reader:
     ) -> tuple[ByzantineSpec, ...]:
         entries: list[ByzantineSpec] = []
         listed_at: dict[int, int] = {}
+        clients_listed_at: dict[int, int] = {}
+        ordered: list[ByzantineSpec] = []
         for index, table in enumerate(tables):
             path = f"byzantine[{index}]"
             self.known_keys(table, _BYZANTINE_KEYS, path)
+            if "client" in table:
+                takes_client = [
+                    name for name, takes in BEHAVIOR_PARAMETERS.items() if "client" in takes
+                ]
+                if "replica" not in table:
+                    ordered.append(
+                        self.byzantine_client(table, path, clients, clients_listed_at, index)
+                    )
+                    continue
+                if table.get("behavior") not in takes_client:
+                    raise self.error(
+                        f"{path}.client",
+                        "both replica and client given: an entry is one Byzantine replica "
+                        "(replica = N) or one Byzantine client (client = N); only behavior "
+                        f"{' or '.join(repr(name) for name in takes_client)} takes client as "
+                        "its parameter",
+                    )
             replica = self.replica_id(
                 self.required(table, "replica", path), f"{path}.replica", replicas
             )
@@ -836,25 +887,80 @@ class _Reader:
             behavior = self.choice(
                 self.required(table, "behavior", path), f"{path}.behavior", BEHAVIORS
             )
-            entries.append(self.byzantine_entry(table, path, replica, behavior, clients))
+            entries.append(self.byzantine_entry(table, path, replica, behavior, clients, replicas))
+            ordered.append(entries[-1])
         # With every replica Byzantine there is no correct replica left to check anything on.
         self.check(
             len(entries) <= replicas - 1,
             "byzantine",
-            f"at most {replicas - 1} entries (cluster.replicas - 1), got {len(entries)}",
+            f"at most {replicas - 1} replica entries (cluster.replicas - 1), got {len(entries)}",
         )
-        return tuple(entries)
+        # Twin copies pair up by side with the copies of another twin, never by group.
+        twins = frozenset(entry.replica for entry in entries if entry.behavior == "twin")
+        for index, entry in enumerate(ordered):
+            for group_index, group in enumerate(entry.groups or ()):
+                for member_index, member in enumerate(group):
+                    if member in twins:
+                        raise self.error(
+                            f"byzantine[{index}].groups[{group_index}][{member_index}]",
+                            f"replica {member} is a twin too: the copies of two twins pair up "
+                            "by side (first with first, second with second); list only the "
+                            "other replicas",
+                        )
+        # In the file's order, replicas and clients alike.
+        return tuple(ordered)
 
-    def byzantine_entry(
-        self, table: dict[str, Any], path: str, replica: int, behavior: str, clients: int | None
+    def byzantine_client(
+        self,
+        table: dict[str, Any],
+        path: str,
+        clients: int | None,
+        listed_at: dict[int, int],
+        index: int,
     ) -> ByzantineSpec:
-        takes = BEHAVIOR_PARAMETERS.get(behavior, ())
+        """A [[byzantine]] entry naming a client (client = N) instead of a replica."""
+        client_path = f"{path}.client"
+        value = table["client"]
+        if not _is_integer(value):
+            raise self.error(client_path, f"expected a client id (integer), got {_describe(value)}")
+        if clients is not None:
+            self.check(
+                0 <= value < clients,
+                client_path,
+                f"client {_show(value)} does not exist: workload.clients = {clients}, ids "
+                f"are 0..{clients - 1}",
+            )
+        client = self.integer(value, client_path, 0, None)
+        if client in listed_at:
+            raise self.error(
+                client_path, f"client {client} is already listed in byzantine[{listed_at[client]}]"
+            )
+        listed_at[client] = index
+        behavior = self.choice(
+            self.required(table, "behavior", path), f"{path}.behavior", CLIENT_BEHAVIORS
+        )
+        takes = CLIENT_BEHAVIOR_PARAMETERS.get(behavior, ())
         for key in _BYZANTINE_PARAMETER_KEYS:
             self.check(
-                key in takes or key not in table,
+                key == "client" or key in takes or key not in table,
                 f"{path}.{key}",
-                f"not used by behavior {behavior!r}",
+                f"not used by client behavior {behavior!r}",
             )
+        at_ms, until_ms = self.window(table, path)
+        kind = None
+        if behavior in CLIENT_BEHAVIOR_KINDS:
+            kinds = CLIENT_BEHAVIOR_KINDS[behavior]
+            kind = self.choice(table.get("kind", kinds[0]), f"{path}.kind", kinds)
+        return ByzantineSpec(
+            replica=None,
+            behavior=behavior,
+            at_ms=at_ms,
+            until_ms=until_ms,
+            client=client,
+            kind=kind,
+        )
+
+    def window(self, table: dict[str, Any], path: str) -> tuple[int, int | None]:
         at_ms = self.integer(table.get("at_ms", 0), f"{path}.at_ms", 0, None)
         until_ms = None
         if "until_ms" in table:
@@ -864,6 +970,45 @@ class _Reader:
                 f"{path}.until_ms",
                 f"must be after at_ms ({_show(at_ms)}), got {_show(until_ms)}",
             )
+        return at_ms, until_ms
+
+    def byzantine_entry(
+        self,
+        table: dict[str, Any],
+        path: str,
+        replica: int,
+        behavior: str,
+        clients: int | None,
+        replicas: int,
+    ) -> ByzantineSpec:
+        takes = BEHAVIOR_PARAMETERS.get(behavior, ())
+        for key in _BYZANTINE_PARAMETER_KEYS:
+            self.check(
+                key in takes or key not in table,
+                f"{path}.{key}",
+                f"not used by behavior {behavior!r}",
+            )
+        if behavior == "twin":
+            # Both copies run from the start to the end: a twin has no window.
+            for key in ("at_ms", "until_ms"):
+                self.check(key not in table, f"{path}.{key}", "not used by behavior 'twin'")
+        at_ms, until_ms = self.window(table, path)
+        groups = None
+        if "groups" in takes:
+            groups_path = f"{path}.groups"
+            groups = self.groups(self.required(table, "groups", path), groups_path, replicas)
+            self.check(
+                len(groups) == 2,
+                groups_path,
+                f"a twin has two copies: exactly 2 groups, got {len(groups)}",
+            )
+            for group_index, group in enumerate(groups):
+                for member_index, member in enumerate(group):
+                    self.check(
+                        member != replica,
+                        f"{groups_path}[{group_index}][{member_index}]",
+                        f"replica {replica} is the twin itself",
+                    )
         delay_ms = None
         if "delay_ms" in table:
             delay_ms = self.integer(table["delay_ms"], f"{path}.delay_ms", 0, MAX_DURATION_MS)
@@ -895,6 +1040,7 @@ class _Reader:
             delay_ms=delay_ms,
             client=client,
             kind=kind,
+            groups=groups,
         )
 
     def expect(self, table: dict[str, Any]) -> ExpectSpec:

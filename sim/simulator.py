@@ -32,7 +32,14 @@ from pbft.events import (
 from pbft.ledger import Ledger
 from pbft.messages import MessageType
 from pbft.replica import Replica
-from sim.byzantine import Adversary, Behavior, build_behavior
+from sim.byzantine import (
+    Adversary,
+    Behavior,
+    ClientBehavior,
+    Twins,
+    build_behavior,
+    build_client_behavior,
+)
 from sim.checkers import SAFETY_CHECKS, CheckResult, Observations, run_checks
 from sim.network import Latency, LinkRule, Network
 from sim.scenario import LINK_FAULTS, FaultSpec, Scenario
@@ -45,6 +52,8 @@ MINIMUM_DRAIN_US = 30_000_000
 CONVERGENCE_CHECK_US = 50_000
 
 _DELIVER, _TICK, _SUBMIT, _FAULT, _HEAL, _END_RULE, _RESUME, _END_SKEW, _HEAL_ALL = range(9)
+# Delivery to the second copy of a twinned replica (Twins).
+_DELIVER_TWIN = 9
 # Messages a paused replica's host buffers for it (as a kernel's socket buffers would).
 PAUSED_INBOX_LIMIT = 100_000
 # Observations of a replica after a wiped restart are kept apart from its earlier life.
@@ -67,6 +76,12 @@ class ReplicaNode:
     clock_anchor_us: int = 0
     clock_anchor_ms: int = 0
     incarnation: int = 0
+    # 0, or 1 for the second copy of a twinned replica (same id, same key, own state).
+    copy: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"r{self.replica_id}" + ("'" if self.copy else "")
 
     def clock_ms(self, now_us: int) -> int:
         elapsed_us = now_us - self.clock_anchor_us
@@ -211,11 +226,16 @@ class Simulation:
         self.accounts = genesis_accounts(
             workload.accounts, workload.clients, workload.initial_balance
         )
-        byzantine = {entry.replica: entry for entry in scenario.byzantine}
+        byzantine = {
+            entry.replica: entry for entry in scenario.byzantine if entry.replica is not None
+        }
         self.adversary = Adversary.for_cluster(self.config.replica_count, frozenset(byzantine))
         # Every replica knows the genesis ledger; a Byzantine one may cite it (view changes).
         genesis_ledger_digest = Ledger(self.accounts, self.config.dedup_window).digest()
         self.replicas: list[ReplicaNode] = []
+        # Twins: a second copy of a replica (same key) in another part of the network.
+        self.twin_nodes: dict[int, ReplicaNode] = {}
+        twin_groups: dict[int, tuple[frozenset[int], frozenset[int]]] = {}
         for replica, key in enumerate(replica_keys):
             entry = byzantine.get(replica)
             behavior = (
@@ -229,22 +249,47 @@ class Simulation:
                     at_ms=entry.at_ms,
                     until_ms=entry.until_ms,
                     genesis_ledger_digest=genesis_ledger_digest,
+                    keyring=self.keyring,
                 )
-                if entry is not None
+                if entry is not None and entry.behavior != "twin"
                 else None
             )
             node = ReplicaNode(replica, key, {}, behavior)
             node.core = self._boot(node)
             self.replicas.append(node)
+            if entry is not None and entry.behavior == "twin" and entry.groups is not None:
+                first, second = entry.groups
+                twin_groups[replica] = (frozenset(first), frozenset(second))
+        for replica in twin_groups:
+            twin = ReplicaNode(replica, replica_keys[replica], {}, None, copy=1)
+            twin.core = self._boot(twin)
+            self.twin_nodes[replica] = twin
+        self.twins = Twins(twin_groups) if twin_groups else None
         self.clients = [
             ClientCore(client, self.config, key, self.keyring, cache=self.signature_cache)
             for client, key in enumerate(client_keys)
         ]
+        # Byzantine clients: the same client core, its actions rewritten.
+        self.client_behaviors: dict[int, ClientBehavior] = {
+            entry.client: build_client_behavior(
+                entry.behavior,
+                entry.client,
+                client_keys[entry.client],
+                config=self.config,
+                accounts=self.accounts,
+                params=entry.params,
+                at_ms=entry.at_ms,
+                until_ms=entry.until_ms,
+            )
+            for entry in scenario.byzantine
+            if entry.is_client and entry.client is not None
+        }
         self.observed = Observations(
             correct=frozenset(
                 replica for replica in self.config.replica_ids() if replica not in byzantine
             ),
             initial_total=sum(account.balance for account in self.accounts.values()),
+            byzantine_clients=frozenset(self.client_behaviors),
         )
         self.decided_at_us: dict[tuple[int, int], int] = {}
         self.submitted_at_us: dict[tuple[int, int], int] = {}
@@ -321,6 +366,8 @@ class Simulation:
             self.now_us = at_us
             if kind == _DELIVER:
                 self._deliver(a, b, c)
+            elif kind == _DELIVER_TWIN:
+                self._deliver(a, b, c, copy=1)
             elif kind == _TICK:
                 self._tick(a)
             elif kind == _SUBMIT:
@@ -335,8 +382,12 @@ class Simulation:
                 self.trace.record(self.now_us, "fault_end", "network", f"rule {a}")
             elif kind == _RESUME:
                 self._resume(self.replicas[a])
+                if a in self.twin_nodes:
+                    self._resume(self.twin_nodes[a])
             elif kind == _END_SKEW:
                 self.replicas[a].set_clock_factor(self.now_us, 1.0)
+                if a in self.twin_nodes:
+                    self.twin_nodes[a].set_clock_factor(self.now_us, 1.0)
                 self.trace.record(self.now_us, "fault_end", f"r{a}", "clock_skew")
             elif kind == _HEAL_ALL:
                 self._heal_all()
@@ -363,18 +414,20 @@ class Simulation:
         }
         return len(ends) <= 1
 
-    def _deliver(self, source: Principal, destination: Principal, data: bytes) -> None:
+    def _deliver(
+        self, source: Principal, destination: Principal, data: bytes, copy: int = 0
+    ) -> None:
         role, index = destination
         message_type = data[2] if len(data) > 2 else -1
         self.trace.record(
             self.now_us,
             "deliver",
-            _node_name(destination),
+            _node_name(destination) + ("'" if copy else ""),
             f"{_node_name(source)} {_type_name(message_type)} "
             f"{hashlib.sha256(data).hexdigest()[:16]}",
         )
         if role == "replica":
-            node = self.replicas[index]
+            node = self.replicas[index] if copy == 0 else self.twin_nodes[index]
             if node.core is None:
                 self.network.dropped["destination_down"] += 1
                 self._trace_lost(source, destination, data, "destination_down")
@@ -398,6 +451,10 @@ class Simulation:
             if replica.core is not None and not replica.paused:
                 now_ms = replica.clock_ms(self.now_us)
                 self._replica_actions(replica, replica.core.handle(Tick(now_ms)))
+            twin = self.twin_nodes.get(index)
+            if twin is not None and twin.core is not None and not twin.paused:
+                now_ms = twin.clock_ms(self.now_us)
+                self._replica_actions(twin, twin.core.handle(Tick(now_ms)))
         else:
             self._client_actions(index, self.clients[index].handle(Tick(now_ms)))
         self._schedule(self.now_us + TICK_US, _TICK, node)
@@ -422,6 +479,9 @@ class Simulation:
             # The liveness phase has begun: no fault starts any more.
             self.trace.record(self.now_us, "fault_skipped", "network", fault.action)
             return
+        twin = self.twin_nodes.get(fault.replica) if fault.replica is not None else None
+        if twin is not None:
+            self._twin_fault(twin, fault)
         detail = fault.action
         node = self.replicas[fault.replica] if fault.replica is not None else None
         if fault.action == "crash" and node is not None:
@@ -480,6 +540,24 @@ class Simulation:
                 self._schedule(fault.until_ms * 1000, _END_SKEW, node.replica_id)
         self.trace.record(self.now_us, "fault", "network", detail)
 
+    def _twin_fault(self, twin: ReplicaNode, fault: FaultSpec) -> None:
+        """A fault that names a twinned replica strikes its second copy as well."""
+        if fault.action == "crash":
+            self._crash(twin)
+        elif fault.action == "restart":
+            if fault.wipe:
+                self._crash(twin)
+                twin.storage.clear()
+                twin.incarnation += 1
+            if twin.core is None:
+                twin.core = self._boot(twin)
+        elif fault.action == "pause":
+            twin.paused = True
+        elif fault.action == "resume":
+            self._resume(twin)
+        elif fault.action == "clock_skew" and fault.factor is not None:
+            twin.set_clock_factor(self.now_us, fault.factor)
+
     def _crash(self, node: ReplicaNode) -> None:
         if node.core is not None:
             node.retired_drops.update(node.core.drops)
@@ -493,7 +571,7 @@ class Simulation:
         if not node.paused:
             return
         node.paused = False
-        self.trace.record(self.now_us, "resume", f"r{node.replica_id}", f"{len(node.inbox)}")
+        self.trace.record(self.now_us, "resume", node.name, f"{len(node.inbox)}")
         inbox, node.inbox = node.inbox, []
         for _source, data in inbox:
             if node.core is None or node.paused:
@@ -503,7 +581,7 @@ class Simulation:
     def _heal_all(self) -> None:
         """The liveness phase: every fault stops and the network becomes synchronous."""
         self.network.make_synchronous()
-        for node in self.replicas:
+        for node in [*self.replicas, *self.twin_nodes.values()]:
             node.set_clock_factor(self.now_us, 1.0)
             self._resume(node)
             if node.core is None:
@@ -512,7 +590,9 @@ class Simulation:
 
     # --- carrying out actions -----------------------------------------------------------
 
-    def _transmit(self, source: Principal, destination: Principal, data: bytes) -> None:
+    def _transmit(
+        self, source: Principal, destination: Principal, data: bytes, copy: int = 0
+    ) -> None:
         payloads = [data]
         if source[0] == "replica":
             behavior = self.replicas[source[1]].behavior
@@ -521,13 +601,29 @@ class Simulation:
                 if not payloads:
                     self.withheld += 1
                     self._trace_lost(source, destination, data, "byzantine_withheld")
+        receivers = (0,) if self.twins is None else self.twins.receivers(source, copy, destination)
+        if not receivers:
+            # A copy of a twin and a replica on the other side of its split.
+            self.network.dropped["twin_split"] += len(payloads)
+            for payload in payloads:
+                self._trace_lost(source, destination, payload, "twin_split")
+            return
         for payload in payloads:
             message_type = _type_name(payload[2] if len(payload) > 2 else -1)
-            delays_us = self.network.route(source, destination, message_type)
-            if not delays_us:
-                self._trace_lost(source, destination, payload, self.network.last_drop_reason)
-            for delay_us in delays_us:
-                self._schedule(self.now_us + delay_us, _DELIVER, source, destination, payload)
+            for receiver in receivers:
+                delays_us = self.network.route(source, destination, message_type)
+                if not delays_us:
+                    self._trace_lost(source, destination, payload, self.network.last_drop_reason)
+                kind = _DELIVER if receiver == 0 else _DELIVER_TWIN
+                for delay_us in delays_us:
+                    self._schedule(self.now_us + delay_us, kind, source, destination, payload)
+
+    def _transmit_from(self, node: ReplicaNode, destination: Principal, data: bytes) -> None:
+        source: Principal = ("replica", node.replica_id)
+        if node.copy:
+            self._transmit(source, destination, data, copy=node.copy)
+        else:
+            self._transmit(source, destination, data)
 
     def _trace_lost(self, source: Principal, destination: Principal, data: bytes, why: str) -> None:
         message_type = data[2] if len(data) > 2 else -1
@@ -539,8 +635,7 @@ class Simulation:
         )
 
     def _replica_actions(self, node: ReplicaNode, actions: list[Action]) -> None:
-        source: Principal = ("replica", node.replica_id)
-        name = f"r{node.replica_id}"
+        name = node.name
         for action in actions:
             if isinstance(action, Persist):
                 if action.value is None:
@@ -548,11 +643,11 @@ class Simulation:
                 else:
                     node.storage[action.key] = action.value
             elif isinstance(action, Send):
-                self._transmit(source, action.to, action.data)
+                self._transmit_from(node, action.to, action.data)
             elif isinstance(action, Broadcast):
                 for replica in self.config.replica_ids():
                     if replica != node.replica_id:
-                        self._transmit(source, ("replica", replica), action.data)
+                        self._transmit_from(node, ("replica", replica), action.data)
             elif isinstance(action, Executed):
                 self._record_execution(node.observer_id, action)
                 self.trace.record(
@@ -580,6 +675,9 @@ class Simulation:
 
     def _client_actions(self, client: int, actions: list[Send | Decided]) -> None:
         source: Principal = ("client", client)
+        behavior = self.client_behaviors.get(client)
+        if behavior is not None:
+            actions = behavior.actions(actions, self.now_us // 1000)
         for action in actions:
             if isinstance(action, Send):
                 self._transmit(source, action.to, action.data)
@@ -597,7 +695,9 @@ class Simulation:
     # --- the result ---------------------------------------------------------------------
 
     def _result(self) -> SimulationResult:
-        byzantine = {entry.replica: None for entry in self.scenario.byzantine}
+        byzantine = {
+            entry.replica: None for entry in self.scenario.byzantine if entry.replica is not None
+        }
         # Every life of a correct replica is checked; a wiped restart starts a new one.
         self.observed.correct = frozenset(
             node.replica_id + INCARNATION_STRIDE * incarnation
@@ -638,7 +738,7 @@ class Simulation:
         if self.withheld:
             dropped["byzantine_withheld"] += self.withheld
         views = [self.retired_view]
-        for node in self.replicas:
+        for node in [*self.replicas, *self.twin_nodes.values()]:
             dropped.update(
                 {f"replica:{reason}": count for reason, count in node.retired_drops.items()}
             )
