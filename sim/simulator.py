@@ -30,8 +30,9 @@ from pbft.events import (
     Tick,
 )
 from pbft.ledger import Ledger
-from pbft.messages import MessageType
+from pbft.messages import MessageType, Reply, Request
 from pbft.replica import Replica
+from pbft.signed import Rejected, peek
 from sim.byzantine import (
     Adversary,
     Behavior,
@@ -425,6 +426,7 @@ class Simulation:
             _node_name(destination) + ("'" if copy else ""),
             f"{_node_name(source)} {_type_name(message_type)} "
             f"{hashlib.sha256(data).hexdigest()[:16]}",
+            _message_fields(source, data) if self.trace.writing else None,
         )
         if role == "replica":
             node = self.replicas[index] if copy == 0 else self.twin_nodes[index]
@@ -470,6 +472,7 @@ class Simulation:
             "submit",
             f"c{payment.client_id}",
             f"{payment.request_id} {payment.payer}>{payment.payee} {payment.amount}",
+            {"payment": f"{payment.client_id}:{payment.request_id}"},
         )
         self._client_actions(payment.client_id, actions)
 
@@ -632,6 +635,7 @@ class Simulation:
             "lost",
             _node_name(destination),
             f"{_node_name(source)} {_type_name(message_type)} {why}",
+            _message_fields(source, data) if self.trace.writing else None,
         )
 
     def _replica_actions(self, node: ReplicaNode, actions: list[Action]) -> None:
@@ -655,6 +659,15 @@ class Simulation:
                     "execute",
                     name,
                     f"{action.seq} {action.entry_digest.hex()[:16]} {len(action.requests)}",
+                    {
+                        "seq": action.seq,
+                        "payments": [
+                            f"{record.client_id}:{record.request_id}:{record.outcome}"
+                            for record in action.requests
+                        ],
+                    }
+                    if self.trace.writing
+                    else None,
                 )
             elif isinstance(action, Note):
                 self.trace.record(self.now_us, action.kind, name, action.detail)
@@ -690,6 +703,7 @@ class Simulation:
                     "decided",
                     f"c{client}",
                     f"{action.request_id} {action.outcome} {action.reason} seq {action.seq}",
+                    {"payment": f"{action.client_id}:{action.request_id}", "seq": action.seq},
                 )
 
     # --- the result ---------------------------------------------------------------------
@@ -813,6 +827,23 @@ def _percentile_ms(sorted_us: list[int], percent: int) -> float | None:
         return None
     rank = max(1, -(-percent * len(sorted_us) // 100))
     return sorted_us[rank - 1] / 1000
+
+
+def _message_fields(source: Principal, data: bytes) -> dict[str, object]:
+    """For the trace file: who sent what, and which payment it is about, where it says."""
+    fields: dict[str, object] = {"from": _node_name(source)}
+    try:
+        _, message = peek(data)
+    except Rejected:
+        fields["message_type"] = "MALFORMED"
+        return fields
+    fields["message_type"] = message.TYPE.name
+    if isinstance(message, Request | Reply):
+        fields["payment"] = f"{message.client_id}:{message.request_id}"
+    for name in ("view", "seq"):
+        if hasattr(message, name):
+            fields[name] = getattr(message, name)
+    return fields
 
 
 def _node_name(node: Principal) -> str:

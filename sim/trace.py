@@ -17,17 +17,34 @@ class Trace:
         self._sink = sink
         self.events = 0
 
-    def record(self, time_us: int, kind: str, node: str, detail: str = "") -> None:
+    @property
+    def writing(self) -> bool:
+        """True when events go to a file: worth computing the fields only the file shows."""
+        return self._sink is not None
+
+    def record(
+        self,
+        time_us: int,
+        kind: str,
+        node: str,
+        detail: str = "",
+        fields: dict[str, object] | None = None,
+    ) -> None:
+        """`fields` (message type, payment ids, ...) go to the JSON lines only; the hash
+        covers the line, so writing a trace file never changes the trace hash."""
         self.events += 1
         line = f"{time_us} {kind} {node} {detail}\n"
         self._hash.update(line.encode())
         if self._sink is not None:
-            self._sink.write(
-                json.dumps(
-                    {"time_ms": time_us / 1000, "kind": kind, "node": node, "detail": detail}
-                )
-                + "\n"
-            )
+            event: dict[str, object] = {
+                "time_ms": time_us / 1000,
+                "kind": kind,
+                "node": node,
+                "detail": detail,
+            }
+            if fields:
+                event.update(fields)
+            self._sink.write(json.dumps(event) + "\n")
 
     def hexdigest(self) -> str:
         return self._hash.hexdigest()
