@@ -179,7 +179,7 @@ def test_trace_sink_gets_one_json_object_per_event() -> None:
     for line in lines:
         event = json.loads(line)
         assert isinstance(event, dict)
-        assert set(event) == {"time_ms", "kind", "node", "detail"}
+        assert {"time_ms", "kind", "node", "detail"} <= set(event)
         assert isinstance(event["time_ms"], int | float)
         assert isinstance(event["kind"], str) and event["kind"]
         assert isinstance(event["node"], str) and event["node"]
