@@ -66,6 +66,12 @@ def _build_parser() -> argparse.ArgumentParser:
         "--out", default="reports/fuzz", help="where a shrunk failing scenario is written"
     )
     fuzz.add_argument("--jobs", type=int, help="worker processes (default: one per core)")
+    fuzz.add_argument(
+        "--shrink-runs",
+        type=int,
+        default=200,
+        help="most runs spent shrinking a failure (default 200)",
+    )
     return parser
 
 
@@ -208,6 +214,9 @@ def _fuzz(arguments: argparse.Namespace) -> int:
     if not 1 <= jobs <= 256:
         print(f"pbft: --jobs: {jobs} is not in 1..256", file=sys.stderr)
         return EXIT_USAGE
+    if not 0 <= arguments.shrink_runs <= 100_000:
+        print(f"pbft: --shrink-runs: {arguments.shrink_runs} is not in 0..100000", file=sys.stderr)
+        return EXIT_USAGE
     # Fail at once on an output directory that cannot be made, as a usage error.
     try:
         Path(arguments.out).mkdir(parents=True, exist_ok=True)
@@ -229,6 +238,7 @@ def _fuzz(arguments: argparse.Namespace) -> int:
         progress=progress,
         log=sys.stderr,
         on_failure=progress.finish,
+        shrink_runs=arguments.shrink_runs,
     )
     if not report.failures:
         progress.finish()
