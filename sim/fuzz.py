@@ -50,13 +50,15 @@ MAX_FUZZ_REPLICAS = 64
 # A time that is later than any run: intervals that never end.
 FOREVER_MS = 10**12
 # Parameters the generator knows how to draw; a behaviour needing another one is skipped.
-_KNOWN_BEHAVIOR_PARAMETERS = frozenset({"delay_ms", "client", "kind"})
+_KNOWN_BEHAVIOR_PARAMETERS = ("delay_ms", "client", "kind")
 # Every behaviour the simulator implements and a scenario file may name.
 FUZZ_BEHAVIORS: tuple[str, ...] = tuple(
     name
     for name in byzantine_module.BEHAVIORS
     if name in SCENARIO_BEHAVIORS
-    and set(BEHAVIOR_PARAMETERS.get(name, ())) <= _KNOWN_BEHAVIOR_PARAMETERS
+    and all(
+        parameter in _KNOWN_BEHAVIOR_PARAMETERS for parameter in BEHAVIOR_PARAMETERS.get(name, ())
+    )
 )
 # Byzantine clients, where the simulator has them (a client entry: `client = N`).
 _CLIENT_BEHAVIOR_PARAMETERS: dict[str, tuple[str, ...]] = getattr(
@@ -69,7 +71,7 @@ CLIENT_FUZZ_BEHAVIORS: tuple[str, ...] = tuple(
     name
     for name in getattr(scenario_module, "CLIENT_BEHAVIORS", ())
     if name in getattr(byzantine_module, "CLIENT_BEHAVIORS", {})
-    and set(_CLIENT_BEHAVIOR_PARAMETERS.get(name, ())) <= {"kind"}
+    and all(parameter == "kind" for parameter in _CLIENT_BEHAVIOR_PARAMETERS.get(name, ()))
 )
 # Kinds of fault a case may switch on (swarm testing: each case enables a random subset).
 NODE_FAULT_KINDS = ("crash", "crash_restart", "crash_wipe", "wipe", "pause")
@@ -83,9 +85,7 @@ NETWORK_FAULT_KINDS = (
 )
 
 # Every fault action the generator writes (see sim.scenario.FAULT_ACTIONS).
-GENERATED_FAULT_ACTIONS = frozenset(
-    {"crash", "restart", "pause", "resume", "heal", *NETWORK_FAULT_KINDS}
-)
+GENERATED_FAULT_ACTIONS = ("crash", "restart", "pause", "resume", "heal", *NETWORK_FAULT_KINDS)
 
 
 class FuzzError(RuntimeError):
@@ -194,9 +194,10 @@ def faulty_over_time(scenario: Scenario) -> list[tuple[int, frozenset[int]]]:
     if heal_ms is not None:
         events.append((heal_ms, 1, len(events), "heal_all", None, False))
     events.sort(key=lambda event: event[:3])
-    crashed: set[int] = set()
-    paused: set[int] = set()
-    wiped: set[int] = set()
+    # Dicts as ordered sets: the simulator's packages build no hash-ordered sets.
+    crashed: dict[int, None] = {}
+    paused: dict[int, None] = {}
+    wiped: dict[int, None] = {}
     timeline = [(0, byzantine)]
     for at_ms, _, _, action, replica, wipe in events:
         if action == "heal_all":
@@ -205,20 +206,22 @@ def faulty_over_time(scenario: Scenario) -> list[tuple[int, frozenset[int]]]:
         elif replica is None:
             continue
         elif action == "crash":
-            crashed.add(replica)
-            paused.discard(replica)
+            crashed[replica] = None
+            paused.pop(replica, None)
         elif action == "restart":
             if wipe:
-                wiped.add(replica)
-                paused.discard(replica)
-            crashed.discard(replica)
+                wiped[replica] = None
+                paused.pop(replica, None)
+            crashed.pop(replica, None)
         elif action == "pause":
-            paused.add(replica)
+            paused[replica] = None
         elif action == "resume":
-            paused.discard(replica)
+            paused.pop(replica, None)
         else:
             continue
-        timeline.append((at_ms, byzantine | crashed | paused | wiped))
+        timeline.append(
+            (at_ms, byzantine | frozenset(crashed) | frozenset(paused) | frozenset(wiped))
+        )
     return timeline
 
 
@@ -244,8 +247,8 @@ class _Intervals:
                 return False
         points = [start] + [s for _, s, _, _ in self.spans if start <= s <= end]
         for point in points:
-            faulty = {replica}
-            faulty.update(r for r, s, e, _ in self.spans if s <= point <= e)
+            faulty = {replica: None}
+            faulty.update((r, None) for r, s, e, _ in self.spans if s <= point <= e)
             if len(faulty) > self.bound:
                 return False
         return True

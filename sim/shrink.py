@@ -106,7 +106,7 @@ def shrink(
     bound = max(current_scenario.fault_tolerance, max_faulty(current_scenario))
     current: Document = tomllib.loads(text)
     current_text = to_toml(current)
-    tried = {current_text}
+    tried = {current_text: None}
     steps: list[str] = []
     pool = ProcessPoolExecutor(max_workers=jobs) if jobs > 1 else None
 
@@ -136,7 +136,7 @@ def shrink(
                     candidate_text = to_toml(candidate)
                     if candidate_text in tried:
                         continue
-                    tried.add(candidate_text)
+                    tried[candidate_text] = None
                     if acceptable(candidate_text):
                         batch.append((description, candidate_text, candidate))
                 if not batch:

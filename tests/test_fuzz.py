@@ -106,9 +106,9 @@ def test_the_swarm_covers_every_fault_action_and_behaviour() -> None:
             if entry.replica is not None:
                 behaviors.add(entry.behavior)
                 timed |= entry.at_ms > 0 or entry.until_ms is not None
-    assert actions == GENERATED_FAULT_ACTIONS
+    assert actions == set(GENERATED_FAULT_ACTIONS)
     # A new kind of fault in scenario files that the fuzzer never writes fails here.
-    assert set(FAULT_ACTIONS) == GENERATED_FAULT_ACTIONS
+    assert set(FAULT_ACTIONS) == set(GENERATED_FAULT_ACTIONS)
     assert behaviors == set(FUZZ_BEHAVIORS)
     assert one_way and timed
 
