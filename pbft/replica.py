@@ -74,6 +74,7 @@ EVIDENCE_LIMIT = 64
 RETRANSMIT_SLOT_LIMIT = 8
 FORWARD_ON_NEW_VIEW_LIMIT = 256
 CHECKPOINT_RETRANSMIT_LIMIT = 2
+OWN_VIEW_CHANGES_KEPT = 4
 
 
 class ReplicaInvariantError(RuntimeError):
@@ -172,12 +173,15 @@ class Replica:
         self.last_suspect_ms: int | None = None
         self.suspects: dict[int, int] = {}
         self.failed_views = 0
+        self.last_backoff_change_ms = 0
         # View change.
         self.view_change_deadline_ms: int | None = None
         self.view_changes: dict[int, dict[int, VerifiedViewChange]] = {}
         self.latest_view_claims: dict[int, int] = {}
         self.view_claim_ms: dict[int, int] = {}
         self.own_view_change: bytes | None = None
+        # Our view changes for the last few views, to hand to replicas stuck in them.
+        self.own_view_changes: dict[int, bytes] = {}
         self.new_view_message: bytes | None = None
         self.view_records: dict[tuple[str | int, ...], None] = {}
         # Catch-up.
@@ -442,8 +446,10 @@ class Replica:
                 raise Rejected("conflicting_vote", f"seq {vote.seq}")
             return
         votes[vote.replica] = (vote.entry_digest, opened.raw)
-        if not is_prepare and slot.committed is None and (
-            len(slot.matching(slot.commits, vote.entry_digest)) >= self.config.weak_quorum
+        if (
+            not is_prepare
+            and slot.committed is None
+            and (len(slot.matching(slot.commits, vote.entry_digest)) >= self.config.weak_quorum)
         ):
             # f + 1 commits: a correct replica prepared this entry, so the cluster is at
             # least this far along. If we cannot commit it ourselves (we lost the proposal,
@@ -459,6 +465,18 @@ class Replica:
             raise Rejected("not_primary", "heartbeat")
         # Even from a later view: how far the cluster got is what tells us to catch up.
         self.highest_seen_executed = max(self.highest_seen_executed, heartbeat.last_executed)
+        if heartbeat.last_executed < self.last_executed and heartbeat.view <= self.view:
+            # The primary itself is behind (it restarted, or lost its disk): with no load
+            # nothing else would ever tell it. Send it what it lacks, on the help budget.
+            helped = self.help_served_ms.get(heartbeat.replica)
+            if helped is None or self.now_ms - helped >= self.config.retransmit_interval_ms:
+                self.help_served_ms[heartbeat.replica] = self.now_ms
+                self._serve_catch_up(
+                    heartbeat.replica,
+                    heartbeat.last_executed + 1,
+                    heartbeat.last_executed,
+                    rate_limited=False,
+                )
         self._check_view(heartbeat.view, heartbeat.replica)
         self.last_primary_contact_ms = self.now_ms
         self.highest_seen_executed = max(self.highest_seen_executed, heartbeat.last_executed)
@@ -787,8 +805,11 @@ class Replica:
         if self.view_anchor is not None and self.view_anchor.seq <= checkpoint.seq:
             self.view_anchor = None
             self._persist(("anchor",), None)
-        # A checkpoint's worth of progress: the timeouts may come back down one step.
-        self.failed_views = max(0, self.failed_views - 1)
+        # Progress: the timeouts may come back down one step, but at most once per timeout
+        # period, or frequent checkpoints would undo the backoff before it can help.
+        if self.failed_views and self.now_ms - self.last_backoff_change_ms >= self._timeout_ms():
+            self.failed_views -= 1
+            self.last_backoff_change_ms = self.now_ms
         self._note("checkpoint_stable", f"seq {checkpoint.seq}")
         self._maybe_propose()
 
@@ -910,6 +931,7 @@ class Replica:
         # Each view given up on doubles the timeouts, so a slow network still gets a view
         # that lasts long enough to make progress (PBFT's exponential backoff).
         self.failed_views += 1
+        self.last_backoff_change_ms = self.now_ms
         self.view_change_deadline_ms = None
         self.suspects = {}
         self.progress_deadline_ms = None
@@ -937,6 +959,11 @@ class Replica:
         )
         raw = seal(view_change, self.key)
         self.own_view_change = raw
+        self.own_view_changes[new_view] = raw
+        for old in [
+            old for old in self.own_view_changes if old <= new_view - OWN_VIEW_CHANGES_KEPT
+        ]:
+            del self.own_view_changes[old]
         self._record_view(("view",), pack([self.view, False]))
         self._record_view(("vote", "view_change", new_view, 0), raw)
         self._note("view_change", f"to view {new_view}")
@@ -981,9 +1008,15 @@ class Replica:
         if not isinstance(message, ViewChange):
             raise Rejected("unexpected_type")
         if message.new_view < self.view or (message.new_view == self.view and self.view_active):
-            if message.new_view == self.view and self.new_view_message is not None:
-                # It missed the NEW-VIEW we installed: send it again.
-                self._send(("replica", message.replica), self.new_view_message)
+            to = ("replica", message.replica)
+            if self.view_active and self.new_view_message is not None:
+                # It missed the NEW-VIEW we installed (or is still trying an older view):
+                # the NEW-VIEW proves itself, it can install it directly.
+                self._send(to, self.new_view_message)
+            elif message.new_view in self.own_view_changes:
+                # It is stuck short of 2f + 1 view changes for a view we already left: our
+                # own, lost on the way, lets it arm its timer and follow us.
+                self._send(to, self.own_view_changes[message.new_view])
             return
         change = verify_view_change(opened.raw, self.verifier)
         for proposal in change.prepared.values():

@@ -174,6 +174,9 @@ def check_receipts(observed: Observations, keyring: KeyRing) -> CheckResult:
 def check_liveness(observed: Observations) -> CheckResult:
     result = CheckResult("liveness")
     for payment in sorted(observed.submitted):
+        if payment[0] in observed.byzantine_clients:
+            # Only correct clients are promised a decision.
+            continue
         decided = observed.decided.get(payment)
         if decided is None:
             result.fail(f"payment {payment} undecided at the end")
