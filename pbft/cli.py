@@ -168,9 +168,20 @@ def _keygen(arguments: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _jobs(arguments: argparse.Namespace) -> int | None:
+    """--jobs for sweep and fuzz: default one worker per core; None (after saying why) if bad."""
+    from sim.sweep import default_jobs
+
+    jobs = arguments.jobs if arguments.jobs is not None else default_jobs()
+    if not 1 <= jobs <= 256:
+        print(f"pbft: --jobs: {jobs} is not in 1..256", file=sys.stderr)
+        return None
+    return jobs
+
+
 def _sweep(arguments: argparse.Namespace) -> int:
     from sim.scenario import ScenarioError, load_scenario
-    from sim.sweep import ProgressBar, SeedRangeError, default_jobs, parse_seeds, report, sweep
+    from sim.sweep import ProgressBar, SeedRangeError, parse_seeds, report, sweep
 
     try:
         load_scenario(arguments.scenario)
@@ -181,9 +192,8 @@ def _sweep(arguments: argparse.Namespace) -> int:
     except SeedRangeError as error:
         print(f"pbft: --seeds: {error}", file=sys.stderr)
         return EXIT_USAGE
-    jobs = arguments.jobs if arguments.jobs is not None else default_jobs()
-    if not 1 <= jobs <= 256:
-        print(f"pbft: --jobs: {jobs} is not in 1..256", file=sys.stderr)
+    jobs = _jobs(arguments)
+    if jobs is None:
         return EXIT_USAGE
     outcomes = sweep(arguments.scenario, seeds, jobs, ProgressBar(sys.stderr))
     report(arguments.scenario, outcomes)
@@ -195,7 +205,7 @@ def _sweep(arguments: argparse.Namespace) -> int:
 def _fuzz(arguments: argparse.Namespace) -> int:
     import random
 
-    from sim.fuzz import MAX_FUZZ_REPLICAS, ProgressLine, default_jobs, fuzz, summarize
+    from sim.fuzz import MAX_FUZZ_REPLICAS, ProgressLine, fuzz, summarize
 
     if not 4 <= arguments.replicas <= MAX_FUZZ_REPLICAS:
         print(
@@ -210,9 +220,8 @@ def _fuzz(arguments: argparse.Namespace) -> int:
     if not 0 <= seed < 2**62:
         print(f"pbft: --seed: {seed} is not in 0..2**62-1", file=sys.stderr)
         return EXIT_USAGE
-    jobs = arguments.jobs if arguments.jobs is not None else default_jobs()
-    if not 1 <= jobs <= 256:
-        print(f"pbft: --jobs: {jobs} is not in 1..256", file=sys.stderr)
+    jobs = _jobs(arguments)
+    if jobs is None:
         return EXIT_USAGE
     if not 0 <= arguments.shrink_runs <= 100_000:
         print(f"pbft: --shrink-runs: {arguments.shrink_runs} is not in 0..100000", file=sys.stderr)

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from crypto.keys import KeyRing, SigningKey
 from crypto.signing import VerificationCache
 from pbft.certificates import Proposal, Verifier
+from pbft.chain import batch_digest
 from pbft.codec import MAX_LOCAL_RECORD_BYTES, DecodeError, pack, unpack
 from pbft.config import ClusterConfig
 from pbft.events import (
@@ -613,8 +614,6 @@ class Replica:
             self._propose(tuple(batch))
 
     def _propose(self, requests: tuple[bytes, ...]) -> None:
-        from pbft.chain import batch_digest
-
         # A primary that restarted or caught up by state transfer may hold a stale
         # next_seq: everything up to the window's low end is already decided.
         self.next_seq = max(self.next_seq, self._window_low() + 1)
@@ -919,11 +918,7 @@ class Replica:
             self._check_suspects()
 
     def _start_view_change(self, new_view: int) -> None:
-        if new_view <= self.view and not (new_view == self.view and self.view_active):
-            return
-        if new_view < self.view:
-            return
-        if new_view == self.view and self.view_active:
+        if new_view <= self.view:
             return
         self.view = new_view
         self.view_active = False

@@ -23,7 +23,7 @@ import trio
 
 from runtime.client import PaymentClient
 from runtime.cluster import load_cluster, write_cluster
-from runtime.commands import free_ports
+from runtime.commands import free_ports, replica_command
 
 
 def _percentile(values: list[float], percent: float) -> float:
@@ -92,8 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     processes = []
     for replica in range(arguments.replicas):
         log = open(root / f"replica-{replica}.log", "ab")  # noqa: SIM115
-        command = [sys.executable, "-m", "pbft.cli", "replica", "--cluster", str(path)]
-        processes.append(subprocess.Popen([*command, "--id", str(replica)], stdout=log, stderr=log))
+        processes.append(subprocess.Popen(replica_command(path, replica), stdout=log, stderr=log))
         log.close()
     try:
         time.sleep(1.5)

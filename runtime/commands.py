@@ -207,6 +207,20 @@ def _verify(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def replica_command(cluster_path: Path, replica_id: int) -> list[str]:
+    """The command line that runs one replica of a cluster file as its own process."""
+    return [
+        sys.executable,
+        "-m",
+        "pbft.cli",
+        "replica",
+        "--cluster",
+        str(cluster_path),
+        "--id",
+        str(replica_id),
+    ]
+
+
 def free_ports(count: int) -> list[int]:
     """Ports the OS just handed out on 127.0.0.1 (closed again, so normally still free)."""
     sockets = []
@@ -238,16 +252,7 @@ def _cluster_up(arguments: argparse.Namespace) -> int:
     for replica in cluster.replicas:
         log_path = root / f"replica-{replica.replica_id}.log"
         log = open(log_path, "ab")  # noqa: SIM115 - the child writes to it until it stops
-        command = [
-            sys.executable,
-            "-m",
-            "pbft.cli",
-            "replica",
-            "--cluster",
-            str(path),
-            "--id",
-            str(replica.replica_id),
-        ]
+        command = replica_command(path, replica.replica_id)
         processes.append(
             (subprocess.Popen(command, stdout=log, stderr=log), log, replica, log_path)
         )

@@ -17,7 +17,7 @@ from typing import TextIO
 
 import trio
 
-from pbft.events import Broadcast, Executed, MessageReceived, Note, Persist, Send, Tick
+from pbft.events import Broadcast, MessageReceived, Note, Persist, Send, Tick
 from pbft.replica import Replica
 from runtime.cluster import Cluster
 from runtime.storage import DurableStore
@@ -156,8 +156,6 @@ class ReplicaNode:
                                 transport.send(("replica", peer.replica_id), action.data)
                     elif isinstance(action, Note):
                         self._note(action)
-                    elif isinstance(action, Executed):
-                        pass
                 if core.halted is not None:
                     self.log("halted", reason=core.halted)
                     raise ReplicaHalted(core.halted)

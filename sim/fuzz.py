@@ -671,10 +671,6 @@ def _shrink_and_write(
     report.reproduced = evaluate(load_scenario(path)).signature == failure.signature
 
 
-def default_jobs() -> int:
-    return max(1, os.cpu_count() or 1)
-
-
 class ProgressLine:
     """One line on stderr, redrawn in place: `fuzz: 120 runs  0 failing  31/60 s`."""
 

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ import trio
 from pbft.receipt import verify_receipt
 from runtime.client import PaymentClient
 from runtime.cluster import Cluster, load_cluster, write_cluster
-from runtime.commands import free_ports
+from runtime.commands import free_ports, replica_command
 
 REPLICAS = 4
 
@@ -41,16 +40,7 @@ class LocalCluster:
     def start(self, replica: int) -> None:
         log = open(self.log_path(replica), "ab")  # noqa: SIM115 - closed by the child's exit
         self.processes[replica] = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "pbft.cli",
-                "replica",
-                "--cluster",
-                str(self.path),
-                "--id",
-                str(replica),
-            ],
+            replica_command(self.path, replica),
             stdout=log,
             stderr=log,
         )
@@ -213,16 +203,7 @@ def test_torn_log_tail_recovers_and_corrupt_log_refuses_to_start(tmp_path: Path)
         data[40] ^= 0xFF  # damage inside an early record
         log.write_bytes(bytes(data))
         result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pbft.cli",
-                "replica",
-                "--cluster",
-                str(cluster.path),
-                "--id",
-                "3",
-            ],
+            replica_command(cluster.path, 3),
             capture_output=True,
             timeout=30,
         )
