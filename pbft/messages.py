@@ -264,15 +264,21 @@ class NewView(Message):
 
 @dataclass(frozen=True)
 class Fetch(Message):
-    """Catch-up: send me what was committed from `from_seq` on, and your stable checkpoint
-    if it is newer than my `stable_seq`."""
+    """Catch-up: send me what was committed from `from_seq` on, your stable checkpoint if it
+    is newer than my `stable_seq`, and your NEW-VIEW if your view is later than my `view`."""
 
     replica: int
     from_seq: int
     stable_seq: int
+    view: int
 
     TYPE = MessageType.FETCH
-    SCHEMA: ClassVar[dict[str, Spec]] = {"replica": REPLICA, "from_seq": SEQ, "stable_seq": SEQ}
+    SCHEMA: ClassVar[dict[str, Spec]] = {
+        "replica": REPLICA,
+        "from_seq": SEQ,
+        "stable_seq": SEQ,
+        "view": VIEW,
+    }
 
 
 @dataclass(frozen=True)

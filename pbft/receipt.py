@@ -16,6 +16,7 @@ from typing import ClassVar
 from crypto.keys import KeyRing
 from crypto.signing import VerificationCache
 from pbft.codec import DecodeError, ListOf, Spec, Struct, UInt
+from pbft.config import fault_tolerance_of
 from pbft.messages import ENVELOPE, MAX_REPLICAS, Reply, Request
 from pbft.signed import Rejected, open_envelope
 
@@ -69,7 +70,7 @@ def verify_receipt(
     replica_count = len(keyring.replica_ids())
     if replica_count < 4:
         raise ReceiptError("the key ring holds fewer than 4 replicas")
-    needed = (replica_count - 1) // 3 + 1
+    needed = fault_tolerance_of(replica_count) + 1
     try:
         request_opened = open_envelope(receipt.request, keyring, cache, Request)
     except Rejected as error:

@@ -99,7 +99,7 @@ FACTORIES: dict[type[Struct], Callable[[], Struct]] = {
         ),
     ),
     NewView: lambda: NewView(6, 2, (_envelope_bytes(10),) * 3, (_envelope_bytes(11),)),
-    Fetch: lambda: Fetch(3, 65, 64),
+    Fetch: lambda: Fetch(3, 65, 64, 2),
     CheckpointState: lambda: CheckpointState(
         1, 64, _h(7), _h(8), b"snapshot", (_envelope_bytes(12), _envelope_bytes(13))
     ),
