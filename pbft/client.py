@@ -46,8 +46,10 @@ class Decided:
 
 @dataclass(frozen=True)
 class BalanceRead:
-    """f + 1 replicas agree on an account's balance: at least one correct replica held it
-    after executing up to the highest of `seqs`."""
+    """f + 1 replicas agree on an account's balance, and at least one correct replica held
+    it after executing `seq` or more entries: `seq` is the (f + 1)-th highest sequence
+    number the agreeing replicas claim, so f liars cannot inflate it (a read reflects
+    every payment decided at or below `seq`)."""
 
     query_id: int
     account: str
@@ -209,6 +211,9 @@ class ClientCore:
         if len(voters) < self.config.weak_quorum:
             return []
         del self.queries[reply.query_id]
+        # At most f of the voters lie, so at least one of the f + 1 highest claims is a
+        # correct replica's: the (f + 1)-th highest is a sequence number it reached.
+        seq = sorted(voters.values(), reverse=True)[self.config.weak_quorum - 1]
         return [
             BalanceRead(
                 reply.query_id,
@@ -216,7 +221,7 @@ class ClientCore:
                 bool(reply.exists),
                 reply.balance,
                 tuple(sorted(voters)),
-                max(voters.values()),
+                seq,
             )
         ]
 

@@ -1,4 +1,5 @@
-"""Balance reads: every replica answers from its ledger; f + 1 matching answers decide."""
+"""Balance reads: every replica answers from its ledger; f + 1 matching answers decide, and
+the reported sequence number is one f liars cannot inflate."""
 
 from __future__ import annotations
 
@@ -40,3 +41,21 @@ def test_balance_read_needs_f_plus_one_matching_replies() -> None:
     assert (read.balance, read.replicas, read.exists) == (100, (1, 2), True)
     assert client.handle(MessageReceived(reply(3, 100))) == []  # already decided
     assert client.statistics().drops["late_reply"] == 1
+
+
+def test_a_byzantine_replica_cannot_inflate_the_reported_seq() -> None:
+    """Replica 3 reports the right balance but claims to have executed far ahead. The read
+    may only claim what f + 1 replies prove: the (f + 1)-th highest seq, here 7."""
+    cluster = Cluster()
+    client = ClientCore(0, cluster.config, cluster.client_keys[0], cluster.keyring)
+    client.query_balance(9, "alice")
+
+    def reply(replica: int, seq: int) -> bytes:
+        return seal(
+            BalanceReply(replica, 0, 9, "alice", 1, 100, seq), cluster.replica_keys[replica]
+        )
+
+    assert client.handle(MessageReceived(reply(3, 10**9))) == []
+    (read,) = client.handle(MessageReceived(reply(1, 7)))
+    assert isinstance(read, BalanceRead)
+    assert (read.balance, read.replicas, read.seq) == (100, (1, 3), 7)
