@@ -47,6 +47,7 @@ from pbft.events import (
     Send,
     Tick,
 )
+from pbft.genesis import compute_cluster_id
 from pbft.ledger import Account, Ledger, LedgerSnapshotError, Payment
 from pbft.log import CommittedEntry, PreparedEntry, Slot
 from pbft.messages import (
@@ -148,6 +149,8 @@ class Replica:
         self.config = config
         self.key = signing_key
         self.ledger = Ledger(genesis_accounts, config.dedup_window)
+        # Named in every reply we sign, so clients and receipts cannot mix clusters up.
+        self.cluster_id = compute_cluster_id(config, keyring, genesis_accounts)
         genesis_snapshot = self.ledger.snapshot()
         genesis_digest = self.ledger.digest()
         self.verifier = Verifier(config, keyring, genesis_digest, cache)
@@ -332,6 +335,7 @@ class Replica:
             int(balance is not None),
             balance or 0,
             self.last_executed,
+            self.cluster_id,
         )
         self._send(("client", query.client_id), seal(reply, self.key))
 
@@ -721,7 +725,15 @@ class Replica:
 
     def _reply(self, request: Request, digest: bytes, seq: int, outcome: str, reason: str) -> None:
         reply = Reply(
-            self.view, seq, self.id, request.client_id, request.request_id, digest, outcome, reason
+            self.view,
+            seq,
+            self.id,
+            request.client_id,
+            request.request_id,
+            digest,
+            outcome,
+            reason,
+            self.cluster_id,
         )
         self._send(("client", request.client_id), seal(reply, self.key))
 

@@ -528,7 +528,9 @@ class WithholdVotes(Behavior):
 
 class WrongReply(Behavior):
     """Every REPLY it sends a client carries the opposite outcome (confirmed becomes
-    rejected for insufficient_funds; any rejection becomes confirmed), signed as itself."""
+    rejected for insufficient_funds; any rejection becomes confirmed), signed as itself.
+    It keeps the cluster id its core put in: a reply naming another cluster would only be
+    dropped by the client, so this is the stronger lie."""
 
     name = "wrong_reply"
 

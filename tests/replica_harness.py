@@ -31,6 +31,7 @@ from pbft.events import (
     Send,
     Tick,
 )
+from pbft.genesis import compute_cluster_id
 from pbft.ledger import Account, Ledger, LedgerSnapshotError, Payment
 from pbft.messages import (
     Checkpoint,
@@ -104,6 +105,7 @@ class Cluster:
         for j, key in enumerate(self.client_keys):
             self.keyring.add(("client", j), key.verify_key)
         self.accounts = dict(GENESIS_ACCOUNTS)
+        self.cluster_id = compute_cluster_id(self.config, self.keyring, self.accounts)
         self.genesis_snapshot = self.genesis_ledger().snapshot()
         self.genesis_ledger_digest = self.genesis_ledger().digest()
         self.genesis_chain_hash = genesis_hash(self.genesis_ledger_digest)
@@ -124,7 +126,13 @@ class Cluster:
         )
 
     def client(self, client_id: int) -> ClientCore:
-        return ClientCore(client_id, self.config, self.client_keys[client_id], self.keyring)
+        return ClientCore(
+            client_id,
+            self.config,
+            self.client_keys[client_id],
+            self.keyring,
+            cluster_id=self.cluster_id,
+        )
 
     def primary(self, view: int) -> int:
         return self.config.primary_of(view)
