@@ -5,10 +5,11 @@ clock ticks; actions are sends, durable writes, executions and notes. The replic
 never reads a clock, touches a socket or draws a random number: the simulator and
 the trio runtime drive the same code.
 
-The protocol (n = 3f + 1, quorum 2f + 1, primary = view mod n):
+The protocol (any n >= 4, f = (n - 1) // 3, quorum q = ceil((n + f + 1) / 2) from
+pbft/config.py, which is 2f + 1 when n = 3f + 1; primary = view mod n):
 - Normal case (PBFT): the primary batches client requests into a PRE-PREPARE
-  chained to the previous entry's digest; backups PREPARE it; 2f matching prepares
-  make a replica prepared and it COMMITs; 2f + 1 matching commits make the entry
+  chained to the previous entry's digest; backups PREPARE it; q - 1 matching prepares
+  make a replica prepared and it COMMITs; q matching commits make the entry
   committed, and committed entries execute strictly in sequence order.
 - Chain rule: a backup prepares entry s only once entry s - 1 is prepared (or
   committed, or the checkpoint) with the digest s names as its predecessor. So the
@@ -17,7 +18,7 @@ The protocol (n = 3f + 1, quorum 2f + 1, primary = view mod n):
   expires (no heartbeat, or work that does not complete) sends SUSPECT; f + 1
   suspicions of the same view start a VIEW-CHANGE, so one cut-off replica cannot
   unseat a working primary. f + 1 view changes for higher views make a replica join.
-- Checkpoints every K entries; 2f + 1 matching ones are stable and move the window.
+- Checkpoints every K entries; a quorum of matching ones are stable and move the window.
 - Catch-up: a replica that sees the others ahead FETCHes commit certificates, or a
   stable checkpoint's state with its proof, verifies them and applies them.
 """
