@@ -823,8 +823,9 @@ class BadNewView(Behavior):
       change added nothing the others lacked). Needs the cluster's public keys;
     - "refork": the NEW-VIEW itself is honest, but with every HEARTBEAT afterwards the
       primary offers each backup a different batch (the last request dropped) at every
-      sequence number that NEW-VIEW assigned, chained like the original. A correct replica
-      holds the NEW-VIEW's assignment (also after a restart) and refuses them all.
+      sequence number that NEW-VIEW assigned, chained like the original, and its COMMITs
+      there vote for the fork. A correct replica holds the NEW-VIEW's assignment (also
+      after a restart) and refuses them all.
     Later entries and votes are sent as the core wrote them (chained on its own NEW-VIEW)."""
 
     name = "bad_new_view"
@@ -897,6 +898,7 @@ class BadNewView(Behavior):
             ):
                 self.refork_view = message.view
                 self.reforks = []
+                self.refork_digests: dict[int, bytes] = {}
                 for raw in message.pre_prepares:
                     original = _decode(raw)
                     if not isinstance(original, PrePrepare) or not original.requests:
@@ -906,7 +908,16 @@ class BadNewView(Behavior):
                         original, batch_digest=batch_digest(requests), requests=requests
                     )
                     self.reforks.append(seal(forked, self.key))
+                    self.refork_digests[forked.seq] = entry_digest(
+                        forked.seq, forked.prev_hash, forked.batch_digest
+                    )
             return [data]
+        if code == MessageType.COMMIT and destination[0] == "replica":
+            vote = _decode(data)
+            if isinstance(vote, Commit) and vote.view == self.refork_view:
+                forked_digest = self.refork_digests.get(vote.seq)
+                if forked_digest is not None:
+                    return [seal(replace(vote, entry_digest=forked_digest), self.key)]
         if code == MessageType.HEARTBEAT and destination[0] == "replica":
             message = _decode(data)
             if isinstance(message, Heartbeat) and message.view == self.refork_view:
