@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,11 @@ from typing import Any
 import trio
 
 RUNTIME_COMMANDS = ("replica", "pay", "verify-receipt", "cluster", "balance")
+EXIT_OK = 0
+EXIT_NO = 1  # pay: rejected; balance: no such account
+EXIT_USAGE = 2
+EXIT_INTERNAL = 3
+EXIT_NO_DECISION = 4  # no decision within the timeout: retry with the same request id
 
 
 def add_runtime_commands(commands: Any) -> None:
@@ -48,9 +54,24 @@ def add_runtime_commands(commands: Any) -> None:
     cluster = commands.add_parser("cluster", help="local clusters")
     actions = cluster.add_subparsers(dest="cluster_command", required=True)
     up = actions.add_parser("up", help="start a local cluster on free 127.0.0.1 ports")
-    up.add_argument("--replicas", type=int, default=4)
-    up.add_argument("--clients", type=int, default=2)
+    up.add_argument(
+        "--replicas", type=int, help="for a new cluster (default 4); must match an existing one"
+    )
+    up.add_argument(
+        "--clients", type=int, help="for a new cluster (default 2); must match an existing one"
+    )
     up.add_argument("--dir", required=True, help="keys, cluster.toml, data and logs go here")
+    up.add_argument(
+        "--restart",
+        action="store_true",
+        help="restart a replica that dies, from its log, after a growing backoff",
+    )
+    up.add_argument(
+        "--max-restarts",
+        type=int,
+        default=5,
+        help="give up on a replica after this many quick deaths in a row (default 5)",
+    )
 
 
 def run_runtime_command(arguments: argparse.Namespace) -> int:
@@ -123,25 +144,45 @@ async def _cancel_on_signal(scope: trio.CancelScope, node: Any) -> None:
 
 
 def _pay(arguments: argparse.Namespace) -> int:
+    from pbft.client import ClientError
     from runtime.client import PaymentClient, PaymentTimeout
     from runtime.cluster import load_cluster
 
     cluster = load_cluster(arguments.cluster)
-    if arguments.amount < 0 or arguments.amount >= 2**64:
-        print("pbft: --amount must be a non-negative integer below 2**64", file=sys.stderr)
-        return 2
+    problem = (
+        _check_timeout(arguments.timeout)
+        or _check_uint64("--amount", arguments.amount)
+        or _check_uint64("--request-id", arguments.request_id)
+        or _check_account("--from", arguments.payer)
+        or _check_account("--to", arguments.payee)
+        or _check_client(cluster, arguments.client)
+        or _check_output_file("--receipt", arguments.receipt)
+    )
+    if problem:
+        print(f"pbft: {problem}", file=sys.stderr)
+        return EXIT_USAGE
 
     async def main() -> Any:
         async with PaymentClient(cluster, arguments.client, timeout_s=arguments.timeout) as client:
-            return await client.pay(
-                arguments.payer, arguments.payee, arguments.amount, arguments.request_id
-            )
+            request_id = arguments.request_id
+            if request_id is None:
+                request_id = client.new_request_id()
+            # Said before sending: whatever happens next, the user can retry with it.
+            print(f"pbft: request id {request_id}", file=sys.stderr, flush=True)
+            return await client.pay(arguments.payer, arguments.payee, arguments.amount, request_id)
 
     try:
         decided = trio.run(main)
     except PaymentTimeout as error:
+        print(
+            f"pbft: no decision within {arguments.timeout:g} s; the payment may still go "
+            f"through: retry with --request-id {error.request_id} (never with a new id)",
+            file=sys.stderr,
+        )
+        return EXIT_NO_DECISION
+    except ClientError as error:
         print(f"pbft: {error}", file=sys.stderr)
-        return 1
+        return EXIT_USAGE
     print(
         json.dumps(
             {
@@ -150,18 +191,47 @@ def _pay(arguments: argparse.Namespace) -> int:
                 "reason": decided.reason,
                 "seq": decided.seq,
             }
-        )
+        ),
+        flush=True,
     )
     if arguments.receipt and decided.receipt is not None:
-        Path(arguments.receipt).write_bytes(decided.receipt.encode())
-    return 0 if decided.receipt is not None else 1
+        try:
+            _write_atomically(Path(arguments.receipt), decided.receipt.encode())
+        except OSError as error:
+            print(
+                f"pbft: --receipt: cannot write {arguments.receipt}: {error.strerror}; the "
+                f"payment was decided: pay again with --request-id {decided.request_id} "
+                "to get its receipt",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+    if decided.outcome == "confirmed":
+        return EXIT_OK
+    if decided.outcome == "rejected":
+        print(f"pbft: payment rejected: {decided.reason}", file=sys.stderr)
+        return EXIT_NO
+    print(
+        f"pbft: the outcome of request {decided.request_id} is unknown: the replicas no "
+        f"longer remember it ({decided.reason})",
+        file=sys.stderr,
+    )
+    return EXIT_NO_DECISION
 
 
 def _balance(arguments: argparse.Namespace) -> int:
+    from pbft.client import ClientError
     from runtime.client import PaymentClient, PaymentTimeout
     from runtime.cluster import load_cluster
 
     cluster = load_cluster(arguments.cluster)
+    problem = (
+        _check_timeout(arguments.timeout)
+        or _check_account("--account", arguments.account)
+        or _check_client(cluster, arguments.client)
+    )
+    if problem:
+        print(f"pbft: {problem}", file=sys.stderr)
+        return EXIT_USAGE
 
     async def main() -> Any:
         async with PaymentClient(cluster, arguments.client, timeout_s=arguments.timeout) as client:
@@ -170,11 +240,14 @@ def _balance(arguments: argparse.Namespace) -> int:
     try:
         read = trio.run(main)
     except PaymentTimeout as error:
+        print(f"pbft: {error} within {arguments.timeout:g} s", file=sys.stderr)
+        return EXIT_NO_DECISION
+    except ClientError as error:
         print(f"pbft: {error}", file=sys.stderr)
-        return 1
+        return EXIT_USAGE
     if not read.exists:
         print(f"pbft: no account {arguments.account!r}", file=sys.stderr)
-        return 1
+        return EXIT_NO
     print(
         json.dumps(
             {
@@ -185,7 +258,69 @@ def _balance(arguments: argparse.Namespace) -> int:
             }
         )
     )
-    return 0
+    return EXIT_OK
+
+
+def _check_timeout(timeout: float) -> str | None:
+    from runtime.client import MAX_TIMEOUT_S
+
+    if not math.isfinite(timeout) or not 0 < timeout <= MAX_TIMEOUT_S:
+        return f"--timeout: {timeout:g} is not in (0, {MAX_TIMEOUT_S:g}] seconds"
+    return None
+
+
+def _check_uint64(option: str, value: int | None) -> str | None:
+    if value is not None and not 0 <= value < 2**64:
+        return f"{option}: {value} is not in 0..2**64-1"
+    return None
+
+
+def _check_account(option: str, name: str) -> str | None:
+    from pbft.ledger import MAX_ACCOUNT_NAME_LENGTH
+
+    if not 0 < len(name) <= MAX_ACCOUNT_NAME_LENGTH:
+        return (
+            f"{option}: an account name has 1..{MAX_ACCOUNT_NAME_LENGTH} characters, "
+            f"this one {len(name)}"
+        )
+    return None
+
+
+def _check_client(cluster: Any, client_id: int) -> str | None:
+    if client_id not in cluster.client_keys:
+        known = sorted(cluster.client_keys)
+        listed = ", ".join(str(client) for client in known[:10])
+        more = ", ..." if len(known) > 10 else ""
+        return (
+            f"--client: client {client_id} is unknown to the cluster {cluster.path} "
+            f"(its clients: {listed}{more})"
+        )
+    return None
+
+
+def _check_output_file(option: str, name: str | None) -> str | None:
+    """A file we will write after the fact: fail now, before anything is sent."""
+    if name is None:
+        return None
+    path = Path(name)
+    parent = path.parent
+    if not name or path.is_dir():
+        return f"{option}: {name} is a directory, not a file"
+    if not parent.is_dir():
+        return f"{option}: the directory {parent} does not exist"
+    writable = os.access(parent, os.W_OK | os.X_OK)
+    if not writable or (path.exists() and not os.access(path, os.W_OK)):
+        return f"{option}: {name} is not writable"
+    return None
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_bytes(data)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def _verify(arguments: argparse.Namespace) -> int:
@@ -235,58 +370,129 @@ def free_ports(count: int) -> list[int]:
 
 
 def _cluster_up(arguments: argparse.Namespace) -> int:
-    from runtime.cluster import CLUSTER_FILE_NAME, load_cluster, write_cluster
+    import fcntl
+
+    from runtime.cluster import (
+        CLUSTER_FILE_NAME,
+        MAX_CLIENTS,
+        MAX_REPLICAS,
+        load_cluster,
+        write_cluster,
+    )
+    from runtime.supervisor import Supervisor
 
     root = Path(arguments.dir)
     path = root / CLUSTER_FILE_NAME
-    if not path.exists():
-        ports = free_ports(arguments.replicas)
-        if ports != list(range(ports[0], ports[0] + len(ports))):
-            # write_cluster numbers ports consecutively: find a free consecutive run.
-            ports = _consecutive_free_ports(arguments.replicas)
-        write_cluster(
-            root, replicas=arguments.replicas, clients=arguments.clients, base_port=ports[0]
+    problem = None
+    if arguments.replicas is not None and not 4 <= arguments.replicas <= MAX_REPLICAS:
+        problem = (
+            f"--replicas: {arguments.replicas} is not in 4..{MAX_REPLICAS} "
+            "(n = 3f + 1 replicas tolerate f faulty ones; the least is 4, for f = 1)"
         )
-    cluster = load_cluster(path)
-    processes = []
-    for replica in cluster.replicas:
-        log_path = root / f"replica-{replica.replica_id}.log"
-        log = open(log_path, "ab")  # noqa: SIM115 - the child writes to it until it stops
-        command = replica_command(path, replica.replica_id)
-        processes.append(
-            (subprocess.Popen(command, stdout=log, stderr=log), log, replica, log_path)
+    elif arguments.clients is not None and not 1 <= arguments.clients <= MAX_CLIENTS:
+        problem = f"--clients: {arguments.clients} is not in 1..{MAX_CLIENTS}"
+    elif not 0 <= arguments.max_restarts <= 1000:
+        problem = f"--max-restarts: {arguments.max_restarts} is not in 0..1000"
+    elif root.exists() and not root.is_dir():
+        problem = f"--dir: {root} is not a directory"
+    if problem:
+        print(f"pbft: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    if path.exists():
+        cluster = load_cluster(path)
+        mismatch = [
+            f"--{option} {wanted}"
+            for option, wanted, held in (
+                ("replicas", arguments.replicas, len(cluster.replicas)),
+                ("clients", arguments.clients, len(cluster.client_keys)),
+            )
+            if wanted is not None and wanted != held
+        ]
+        if mismatch:
+            print(
+                f"pbft: {path} holds a cluster of {len(cluster.replicas)} replicas and "
+                f"{len(cluster.client_keys)} clients, not {' '.join(mismatch)}: omit them to "
+                "start it, or choose another --dir for a new cluster",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+    else:
+        replicas = 4 if arguments.replicas is None else arguments.replicas
+        try:
+            ports = free_ports(replicas)
+            if ports != list(range(ports[0], ports[0] + len(ports))):
+                # write_cluster numbers ports consecutively: find a free consecutive run.
+                ports = _consecutive_free_ports(replicas)
+            write_cluster(
+                root,
+                replicas=replicas,
+                clients=2 if arguments.clients is None else arguments.clients,
+                base_port=ports[0],
+            )
+        except (OSError, ValueError) as error:
+            print(f"pbft: cannot create a cluster in {root}: {error}", file=sys.stderr)
+            return EXIT_USAGE
+        cluster = load_cluster(path)
+    # One supervisor per cluster directory: a second would fight the first for the ports.
+    try:
+        lock = open(root / "cluster-up.lock", "w")  # noqa: SIM115 - held until we return
+    except OSError as error:
+        print(f"pbft: cannot write in {root}: {error.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            print(f"pbft: another `pbft cluster up` is running on {root}", file=sys.stderr)
+            return EXIT_USAGE
+        return _supervise(
+            Supervisor(
+                {
+                    replica.replica_id: replica_command(path, replica.replica_id)
+                    for replica in cluster.replicas
+                },
+                root,
+                restart=arguments.restart,
+                max_restarts=arguments.max_restarts,
+            ),
+            cluster,
+            path,
         )
-        print(
-            f"replica {replica.replica_id}: {replica.host}:{replica.port}  log {log_path}",
-            flush=True,
-        )
-    print(f"cluster file {path}; Ctrl-C stops every replica", flush=True)
+
+
+def _supervise(supervisor: Any, cluster: Any, path: Path) -> int:
+    stopping: list[int] = []
 
     def stop(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
+        stopping.append(signum)
 
     # Also when started in the background, where a shell leaves SIGINT ignored.
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while all(process.poll() is None for process, *_ in processes):
-            time.sleep(0.2)
-        for process, _, replica, _ in processes:
-            if process.poll() is not None:
-                print(f"replica {replica.replica_id} exited with {process.returncode}")
-    except KeyboardInterrupt:
-        pass
+        supervisor.start_all()
+        for replica in cluster.replicas:
+            print(
+                f"replica {replica.replica_id}: {replica.host}:{replica.port}  "
+                f"pid {supervisor.pid(replica.replica_id)}  "
+                f"log {path.parent / f'replica-{replica.replica_id}.log'}",
+                flush=True,
+            )
+        restarting = "restarts a replica that dies" if supervisor.restart else "does not restart"
+        print(
+            f"cluster file {path}; f = {cluster.config.fault_tolerance}; this supervisor {restarting}; "
+            "Ctrl-C stops every replica",
+            flush=True,
+        )
+        while not stopping:
+            if not supervisor.poll():
+                print("pbft: every replica has stopped", file=sys.stderr)
+                return EXIT_NO
+            time.sleep(0.1)
     finally:
-        for process, _log, _, _ in processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process, log, _, _ in processes:
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-            log.close()
-    return 0
+        supervisor.stop_all()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return EXIT_OK
 
 
 def _consecutive_free_ports(count: int) -> list[int]:
