@@ -33,7 +33,11 @@ def _build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run one scenario file in the deterministic simulator")
     run.add_argument("scenario", help="path to a scenario TOML file")
     run.add_argument("--seed", type=int, help="override the scenario's seed")
-    run.add_argument("--json", metavar="PATH", help="also write the summary as JSON ('-' = stdout)")
+    run.add_argument(
+        "--json",
+        metavar="PATH",
+        help="also write the summary as JSON; '-' = stdout, and then the text goes to stderr",
+    )
     run.add_argument("--trace", metavar="PATH", help="write every event as JSON lines")
     from runtime.commands import add_runtime_commands
 
@@ -134,7 +138,9 @@ def _run(arguments: argparse.Namespace) -> int:
     wall_s = time.perf_counter() - started
     summary = result.summary()
     summary["wall_s"] = round(wall_s, 3)
-    print(_format(summary))
+    summary["fault_bound"] = _fault_bound(scenario)
+    # With `--json -` stdout carries the JSON document alone, so it can be piped.
+    print(_format(summary), file=sys.stderr if arguments.json == "-" else sys.stdout)
     if arguments.json:
         text = json.dumps(summary, indent=2, sort_keys=False)
         if json_file is None:
@@ -145,11 +151,40 @@ def _run(arguments: argparse.Namespace) -> int:
     return EXIT_OK if result.verdict == "ok" else EXIT_VIOLATED
 
 
-def _keygen(arguments: argparse.Namespace) -> int:
-    from runtime.cluster import write_cluster
+def _fault_bound(scenario: Any) -> dict[str, Any]:
+    """f for the cluster size against the most replicas the scenario makes faulty at once."""
+    from sim.fuzz import max_faulty
 
-    if not 1 <= arguments.base_port <= 65535 - arguments.replicas:
-        print("pbft: --base-port: the replicas' ports must fit below 65536", file=sys.stderr)
+    faulty = max_faulty(scenario)
+    return {
+        "replicas": scenario.cluster.replicas,
+        "f": scenario.fault_tolerance,
+        "max_faulty_at_once": faulty,
+        "exceeded": faulty > scenario.fault_tolerance,
+    }
+
+
+def _keygen(arguments: argparse.Namespace) -> int:
+    from runtime.cluster import MAX_ACCOUNTS, MAX_CLIENTS, MAX_REPLICAS, write_cluster
+
+    problem = None
+    if not 4 <= arguments.replicas <= MAX_REPLICAS:
+        problem = f"--replicas: {arguments.replicas} is not in 4..{MAX_REPLICAS}"
+    elif not 1 <= arguments.clients <= MAX_CLIENTS:
+        problem = f"--clients: {arguments.clients} is not in 1..{MAX_CLIENTS}"
+    elif not 0 <= arguments.accounts_per_client <= MAX_ACCOUNTS // arguments.clients:
+        problem = (
+            f"--accounts-per-client: {arguments.accounts_per_client} is not in "
+            f"0..{MAX_ACCOUNTS // arguments.clients} (at most {MAX_ACCOUNTS} accounts in all)"
+        )
+    elif not 1 <= arguments.base_port <= 65536 - arguments.replicas:
+        problem = f"--base-port: {arguments.base_port}: the replicas' ports must be in 1..65535"
+    elif not arguments.host or len(arguments.host) > 255:
+        problem = "--host: expected a host name or address of 1..255 characters"
+    elif Path(arguments.out).exists() and not Path(arguments.out).is_dir():
+        problem = f"--out: {arguments.out} exists and is not a directory"
+    if problem:
+        print(f"pbft: {problem}", file=sys.stderr)
         return EXIT_USAGE
     try:
         path = write_cluster(
@@ -163,6 +198,9 @@ def _keygen(arguments: argparse.Namespace) -> int:
         )
     except (ValueError, FileExistsError) as error:
         print(f"pbft: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as error:
+        print(f"pbft: --out: cannot write in {arguments.out}: {error.strerror}", file=sys.stderr)
         return EXIT_USAGE
     print(f"wrote {path} and {arguments.replicas + arguments.clients} private keys (mode 0600)")
     return EXIT_OK
@@ -267,6 +305,13 @@ def _format(summary: dict[str, Any]) -> str:
     if summary["rejections"]:
         reasons = "  ".join(f"{reason} {count}" for reason, count in summary["rejections"].items())
         lines.append(f"rejections    {reasons}")
+    bound = summary["fault_bound"]
+    if bound["exceeded"]:
+        lines.append(
+            f"faults        up to {bound['max_faulty_at_once']} replicas faulty at once, "
+            f"more than f = {bound['f']} for n = {bound['replicas']}: beyond what the "
+            "protocol is built to survive"
+        )
     lines.append(f"view changes  {summary['view_changes']}")
     messages = summary["messages"]
     dropped = sum(messages["dropped"].values())

@@ -102,6 +102,10 @@ def _replica(arguments: argparse.Namespace) -> int:
     cluster = load_cluster(arguments.cluster)
     cluster.replica(arguments.id)  # a clear error for an unknown id
     data = Path(arguments.data) if arguments.data else cluster.directory / f"data-{arguments.id}"
+    if data.exists() and not data.is_dir():
+        print(f"pbft: --data: {data} is not a directory", file=sys.stderr)
+        return EXIT_USAGE
+    cluster.load_private_key("replica", arguments.id)  # a clear error for a missing key
     node = ReplicaNode(cluster, arguments.id, data)
 
     async def main() -> None:
@@ -112,7 +116,13 @@ def _replica(arguments: argparse.Namespace) -> int:
     try:
         trio.run(main)
     except BaseException as raised:  # noqa: BLE001 - unwrapped below, re-raised if unknown
-        error = _leaf(raised, (StorageCorruptError, ReplicaHalted))
+        error = _leaf(raised, (StorageCorruptError, ReplicaHalted, OSError))
+        if isinstance(error, OSError):
+            # The disk or the port, not a bug: say which and stop.
+            where = f" ({error.filename})" if error.filename else ""
+            reason = error.strerror or str(error)
+            print(f"pbft: replica {arguments.id}: {reason}{where}", file=sys.stderr)
+            return EXIT_USAGE
         if isinstance(error, StorageCorruptError):
             print(f"pbft: refusing to start on damaged storage: {error}", file=sys.stderr)
             return 3
@@ -302,9 +312,11 @@ def _check_output_file(option: str, name: str | None) -> str | None:
     """A file we will write after the fact: fail now, before anything is sent."""
     if name is None:
         return None
+    if not name:
+        return f"{option}: an empty file name"
     path = Path(name)
     parent = path.parent
-    if not name or path.is_dir():
+    if path.is_dir():
         return f"{option}: {name} is a directory, not a file"
     if not parent.is_dir():
         return f"{option}: the directory {parent} does not exist"
@@ -429,8 +441,12 @@ def _cluster_up(arguments: argparse.Namespace) -> int:
                 clients=2 if arguments.clients is None else arguments.clients,
                 base_port=ports[0],
             )
-        except (OSError, ValueError) as error:
+        except ValueError as error:
             print(f"pbft: cannot create a cluster in {root}: {error}", file=sys.stderr)
+            return EXIT_USAGE
+        except OSError as error:
+            reason = error.strerror or str(error)
+            print(f"pbft: cannot create a cluster in {root}: {reason}", file=sys.stderr)
             return EXIT_USAGE
         cluster = load_cluster(path)
     # One supervisor per cluster directory: a second would fight the first for the ports.
@@ -479,8 +495,8 @@ def _supervise(supervisor: Any, cluster: Any, path: Path) -> int:
             )
         restarting = "restarts a replica that dies" if supervisor.restart else "does not restart"
         print(
-            f"cluster file {path}; f = {cluster.config.fault_tolerance}; this supervisor {restarting}; "
-            "Ctrl-C stops every replica",
+            f"cluster file {path}; f = {cluster.config.fault_tolerance}; "
+            f"this supervisor {restarting}; Ctrl-C stops every replica",
             flush=True,
         )
         while not stopping:
