@@ -46,7 +46,12 @@ class PaymentClient:
         *,
         timeout_s: float = 10.0,
         transport_config: TransportConfig | None = None,
+        view: int | None = None,
     ) -> None:
+        """`view`: the view to assume (for example one remembered from an earlier session);
+        None (the default) learns it from the replicas' signed replies: a fresh client's
+        first request goes to every replica, so it does not wait out a timeout on the
+        primary of view 0 after the cluster has moved on."""
         if type(client_id) is not int or client_id not in cluster.client_keys:
             known = ", ".join(str(client) for client in sorted(cluster.client_keys)[:10])
             raise ClusterFileError(
@@ -61,9 +66,7 @@ class PaymentClient:
         self.key = key if key is not None else cluster.load_private_key("client", client_id)
         self.timeout_s = float(timeout_s)
         self.keyring = cluster.keyring()
-        # view=None: learn the view from the replicas' replies, so a fresh client does not
-        # wait out a timeout on a primary the cluster has already replaced.
-        self.core = ClientCore(client_id, cluster.config, self.key, self.keyring, view=None)
+        self.core = ClientCore(client_id, cluster.config, self.key, self.keyring, view=view)
         self._transport = Transport(("client", client_id), self.key, self.keyring, transport_config)
         self._waiting: dict[int, trio.Event] = {}
         self._results: dict[int, Decided] = {}

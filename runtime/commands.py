@@ -434,7 +434,7 @@ def _cluster_up(arguments: argparse.Namespace) -> int:
             ports = free_ports(replicas)
             if ports != list(range(ports[0], ports[0] + len(ports))):
                 # write_cluster numbers ports consecutively: find a free consecutive run.
-                ports = _consecutive_free_ports(replicas)
+                ports = consecutive_free_ports(replicas)
             write_cluster(
                 root,
                 replicas=replicas,
@@ -511,7 +511,7 @@ def _supervise(supervisor: Any, cluster: Any, path: Path) -> int:
     return EXIT_OK
 
 
-def _consecutive_free_ports(count: int) -> list[int]:
+def consecutive_free_ports(count: int) -> list[int]:
     for _ in range(50):
         base = free_ports(1)[0]
         if base + count >= 65536:
