@@ -1,8 +1,10 @@
-"""The `pbft` command line: a thin shell around the simulator (and, later, the runtime).
+"""The `pbft` command line: a thin shell around the simulator and the runtime.
 
 This is the one module of the pbft package that does I/O; the protocol core never
 imports it. Exit codes: 0 the scenario's expectations hold, 1 one does not,
-2 a bad scenario file or bad arguments, 3 an internal error.
+2 a bad scenario file or bad arguments (one line, never a traceback), 3 an internal error
+(a bug), 130 interrupted (Ctrl-C). The runtime commands add theirs (runtime.commands:
+4 for no decision within the timeout); each command's --help lists its own.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ EXIT_OK = 0
 EXIT_VIOLATED = 1
 EXIT_USAGE = 2
 EXIT_INTERNAL = 3
+EXIT_INTERRUPTED = 130  # the shell's convention for SIGINT
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,7 +33,14 @@ class _Parser(argparse.ArgumentParser):
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pbft", description="Byzantine fault-tolerant payment confirmation.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    run = commands.add_parser("run", help="run one scenario file in the deterministic simulator")
+    formatter = argparse.RawDescriptionHelpFormatter
+    run = commands.add_parser(
+        "run",
+        help="run one scenario file in the deterministic simulator",
+        epilog="exit codes:\n  0  the scenario's expectations hold\n  1  one does not\n"
+        "  2  a bad scenario file or bad arguments\n  3  an internal error (a bug)",
+        formatter_class=formatter,
+    )
     run.add_argument("scenario", help="path to a scenario TOML file")
     run.add_argument("--seed", type=int, help="override the scenario's seed")
     run.add_argument(
@@ -43,7 +53,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
     add_runtime_commands(commands)
     keygen = commands.add_parser(
-        "keygen", help="generate keys and DIR/cluster.toml for a local cluster"
+        "keygen",
+        help="generate keys and DIR/cluster.toml for a local cluster",
+        epilog="exit codes:\n  0  written\n  2  bad arguments, or DIR already holds a cluster",
+        formatter_class=formatter,
     )
     keygen.add_argument("--replicas", type=int, default=4)
     keygen.add_argument("--clients", type=int, default=2)
@@ -52,12 +65,22 @@ def _build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("--base-port", type=int, default=7000)
     keygen.add_argument("--accounts-per-client", type=int, default=2)
     keygen.add_argument("--initial-balance", type=int, default=100_000)
-    sweep = commands.add_parser("sweep", help="run one scenario under many seeds, in parallel")
+    sweep = commands.add_parser(
+        "sweep",
+        help="run one scenario under many seeds, in parallel",
+        epilog="exit codes:\n  0  every seed ok\n  1  some seed violated an expectation\n"
+        "  2  a bad scenario file or bad arguments\n  3  some seed hit an internal error",
+        formatter_class=formatter,
+    )
     sweep.add_argument("scenario", help="path to a scenario TOML file")
     sweep.add_argument("--seeds", default="0..99", help="e.g. 0..999 or 1,5,10..20")
     sweep.add_argument("--jobs", type=int, help="worker processes (default: one per core)")
     fuzz = commands.add_parser(
-        "fuzz", help="run random scenarios within the fault bound; shrink the first failure"
+        "fuzz",
+        help="run random scenarios within the fault bound; shrink the first failure",
+        epilog="exit codes:\n  0  no failure within the budget\n  1  a failure (written, shrunk)\n"
+        "  2  bad arguments\n  3  an internal error (a bug)",
+        formatter_class=formatter,
     )
     fuzz.add_argument("--replicas", type=int, default=4, help="cluster size n (default 4)")
     fuzz.add_argument(
@@ -95,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         if arguments.command in RUNTIME_COMMANDS:
             return run_runtime_command(arguments)
     except KeyboardInterrupt:
-        return EXIT_INTERNAL
+        print("pbft: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception:  # noqa: BLE001 - the last line of defence: report, exit 3
         traceback.print_exc()
         print(

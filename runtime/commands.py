@@ -1,9 +1,10 @@
 """The `pbft` commands that run the real network: replica, pay, verify-receipt, cluster up.
 
 Thin shells: the work is in runtime.node (ReplicaNode), runtime.client (PaymentClient)
-and pbft.receipt (verify_receipt). Exit codes as for every `pbft` command: 0 ok,
-1 the answer is no (a rejected payment is still 0: it was decided), 2 bad arguments or
-files, 3 an internal error.
+and pbft.receipt (verify_receipt). Exit codes: 0 ok, 1 the answer is no (pay: rejected;
+balance: no such account), 2 bad arguments or files (always one line, checked before
+anything is sent), 3 an internal error (a bug), 4 no decision within the timeout (pay
+prints the request id to retry with). Each command's --help lists its own.
 """
 
 from __future__ import annotations
@@ -29,12 +30,52 @@ EXIT_INTERNAL = 3
 EXIT_NO_DECISION = 4  # no decision within the timeout: retry with the same request id
 
 
+PAY_EXIT_CODES = """exit codes:
+  0  confirmed (the JSON line on stdout; the receipt in --receipt)
+  1  rejected: the reason is printed (a receipt proves the rejection too)
+  2  bad arguments or files, found before anything is sent
+  3  an internal error (a bug)
+  4  no decision within --timeout: retry with the printed --request-id, never a new one
+     (also: the replicas no longer remember that request id's outcome)"""
+BALANCE_EXIT_CODES = """exit codes:
+  0  f + 1 replicas agree on the balance (JSON on stdout)
+  1  no such account
+  2  bad arguments or files
+  3  an internal error (a bug)
+  4  no f + 1 matching answers within --timeout"""
+REPLICA_EXIT_CODES = """exit codes:
+  0  stopped by SIGINT or SIGTERM
+  2  bad arguments, cluster file, key, data directory, or the port is taken
+  3  refused damaged storage, halted (its state diverged), or an internal error"""
+UP_EXIT_CODES = """A replica that dies is reported on stderr (its id, exit status or signal,
+last log line); the others keep running. With --restart it is started again from its log
+after 0.5 s, 1 s, 2 s, ... (at most 30 s); after --max-restarts quick deaths in a row it
+is left down. SIGINT or SIGTERM stops every replica.
+
+exit codes:
+  0  stopped by SIGINT or SIGTERM
+  1  every replica has stopped and none is to be restarted
+  2  bad arguments, or --replicas/--clients differ from the cluster in --dir
+  3  an internal error (a bug)"""
+
+
 def add_runtime_commands(commands: Any) -> None:
-    replica = commands.add_parser("replica", help="run one replica of a cluster (trio, TCP)")
+    formatter = argparse.RawDescriptionHelpFormatter
+    replica = commands.add_parser(
+        "replica",
+        help="run one replica of a cluster (trio, TCP)",
+        epilog=REPLICA_EXIT_CODES,
+        formatter_class=formatter,
+    )
     replica.add_argument("--cluster", required=True, help="DIR/cluster.toml")
     replica.add_argument("--id", type=int, required=True, help="the replica's id")
     replica.add_argument("--data", help="data directory (default: DIR/data-ID)")
-    pay = commands.add_parser("pay", help="make one payment and keep its receipt")
+    pay = commands.add_parser(
+        "pay",
+        help="make one payment and keep its receipt",
+        epilog=PAY_EXIT_CODES,
+        formatter_class=formatter,
+    )
     pay.add_argument("--cluster", required=True)
     pay.add_argument("--client", type=int, required=True, help="the paying client's id")
     pay.add_argument("--from", dest="payer", required=True, help="payer account")
@@ -43,7 +84,12 @@ def add_runtime_commands(commands: Any) -> None:
     pay.add_argument("--request-id", type=int, help="to retry a payment safely, reuse its id")
     pay.add_argument("--receipt", help="write the receipt to this file")
     pay.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
-    balance = commands.add_parser("balance", help="read a balance (f + 1 replicas agree)")
+    balance = commands.add_parser(
+        "balance",
+        help="read a balance (f + 1 replicas agree)",
+        epilog=BALANCE_EXIT_CODES,
+        formatter_class=formatter,
+    )
     balance.add_argument("--cluster", required=True)
     balance.add_argument("--account", required=True)
     balance.add_argument("--client", type=int, default=0, help="the asking client's id")
@@ -53,7 +99,12 @@ def add_runtime_commands(commands: Any) -> None:
     verify.add_argument("--cluster", required=True)
     cluster = commands.add_parser("cluster", help="local clusters")
     actions = cluster.add_subparsers(dest="cluster_command", required=True)
-    up = actions.add_parser("up", help="start a local cluster on free 127.0.0.1 ports")
+    up = actions.add_parser(
+        "up",
+        help="start and supervise a local cluster on free 127.0.0.1 ports",
+        epilog=UP_EXIT_CODES,
+        formatter_class=formatter,
+    )
     up.add_argument(
         "--replicas", type=int, help="for a new cluster (default 4); must match an existing one"
     )
