@@ -103,6 +103,19 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # also while importing the runtime, which takes a while
+        print("pbft: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BaseExceptionGroup as group:  # Ctrl-C inside a trio task arrives in a group
+        if group.split(KeyboardInterrupt)[1] is not None:
+            raise
+        print("pbft: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: list[str] | None) -> int:
     arguments = _build_parser().parse_args(argv)
     try:
         if arguments.command == "run":
@@ -117,9 +130,6 @@ def main(argv: list[str] | None = None) -> int:
 
         if arguments.command in RUNTIME_COMMANDS:
             return run_runtime_command(arguments)
-    except KeyboardInterrupt:
-        print("pbft: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
     except Exception:  # noqa: BLE001 - the last line of defence: report, exit 3
         traceback.print_exc()
         print(

@@ -161,13 +161,18 @@ def _replica(arguments: argparse.Namespace) -> int:
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_cancel_on_signal, nursery.cancel_scope, node)
+            # Listening for signals before the store's recovery, which blocks: a Ctrl-C
+            # then waits for it and stops cleanly.
+            await nursery.start(_cancel_on_signal, nursery.cancel_scope, node)
             await node.run()
 
     try:
         trio.run(main)
     except BaseException as raised:  # noqa: BLE001 - unwrapped below, re-raised if unknown
-        error = _leaf(raised, (StorageCorruptError, ReplicaHalted, OSError))
+        error = _leaf(raised, (StorageCorruptError, ReplicaHalted, OSError, KeyboardInterrupt))
+        if isinstance(error, KeyboardInterrupt):
+            print(f"pbft: replica {arguments.id} interrupted", file=sys.stderr)
+            return 130
         if isinstance(error, OSError):
             # The disk or the port, not a bug: say which and stop.
             where = f" ({error.filename})" if error.filename else ""
@@ -196,12 +201,23 @@ def _leaf(raised: BaseException, kinds: tuple[type[BaseException], ...]) -> Base
     return None
 
 
-async def _cancel_on_signal(scope: trio.CancelScope, node: Any) -> None:
+async def _cancel_on_signal(
+    scope: trio.CancelScope,
+    node: Any,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    # The receiver restores these on exit and hands them any signal still pending: ignored,
+    # so a second signal (Ctrl-C reaches `cluster up` and its replicas, and it then sends
+    # SIGTERM) cannot cut the clean stop short. SIGKILL still works.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
         async for signum in signals:
             node.log("signal", signal=signal.Signals(signum).name)
-            scope.cancel()
-            return
+            break
+    scope.cancel()
 
 
 def _pay(arguments: argparse.Namespace) -> int:
@@ -223,6 +239,8 @@ def _pay(arguments: argparse.Namespace) -> int:
         print(f"pbft: {problem}", file=sys.stderr)
         return EXIT_USAGE
 
+    sent: list[int] = []
+
     async def main() -> Any:
         async with PaymentClient(cluster, arguments.client, timeout_s=arguments.timeout) as client:
             request_id = arguments.request_id
@@ -230,6 +248,7 @@ def _pay(arguments: argparse.Namespace) -> int:
                 request_id = client.new_request_id()
             # Said before sending: whatever happens next, the user can retry with it.
             print(f"pbft: request id {request_id}", file=sys.stderr, flush=True)
+            sent.append(request_id)
             return await client.pay(arguments.payer, arguments.payee, arguments.amount, request_id)
 
     try:
@@ -244,6 +263,15 @@ def _pay(arguments: argparse.Namespace) -> int:
     except ClientError as error:
         print(f"pbft: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except BaseException as raised:
+        if sent and _leaf(raised, (KeyboardInterrupt,)) is not None:
+            print(
+                f"pbft: interrupted; the payment may still go through: retry with "
+                f"--request-id {sent[0]} to learn its outcome",
+                file=sys.stderr,
+            )
+            return 130
+        raise
     print(
         json.dumps(
             {
@@ -557,6 +585,7 @@ def _supervise(supervisor: Any, cluster: Any, path: Path) -> int:
             time.sleep(0.1)
     finally:
         supervisor.stop_all()
+        print("pbft: every replica stopped", file=sys.stderr)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     return EXIT_OK

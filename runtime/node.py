@@ -215,6 +215,9 @@ class ReplicaNode:
                 if persists:
                     # Durable before any message of this event leaves.
                     await trio.to_thread.run_sync(store.apply, persists)
+                    # The thread ignores cancellation: if we are stopping, the transport may
+                    # be gone already, so stop here rather than send into it.
+                    await trio.lowlevel.checkpoint_if_cancelled()
                 for action in actions:
                     if isinstance(action, Send):
                         transport.send(action.to, action.data)

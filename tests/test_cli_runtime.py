@@ -294,3 +294,38 @@ def test_a_replica_node_writes_one_line_for_a_storm_of_identical_drops(
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert len(lines) == 2
     assert (lines[1]["reason"], lines[1]["repeated"]) == ("wrong_view", 999)
+
+
+def test_ctrl_c_during_a_payment_exits_130_with_the_request_id_to_retry(
+    cluster_file: Path, tmp_path: Path
+) -> None:
+    import signal
+    import subprocess
+
+    error_path = tmp_path / "pay.err"
+    with open(error_path, "wb") as error_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pbft.cli", *_pay(cluster_file, "--timeout", "60")],
+            stdout=subprocess.DEVNULL,
+            stderr=error_file,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # noqa: PLW1509
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while "request id" not in error_path.read_text():
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 130
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    error = error_path.read_text()
+    assert "Traceback" not in error
+    sent = re.search(r"request id (\d+)", error)
+    assert sent is not None
+    assert (
+        f"interrupted; the payment may still go through: retry with --request-id {sent.group(1)}"
+        in error
+    )

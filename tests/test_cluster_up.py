@@ -31,7 +31,7 @@ WAIT_S = 60.0
 class Up:
     """A `pbft cluster up` process, its output files and its replicas' pids."""
 
-    def __init__(self, root: Path, *options: str) -> None:
+    def __init__(self, root: Path, *options: str, new_session: bool = False) -> None:
         self.root = root
         self.out_path = root.parent / f"{root.name}-up.out"
         self.err_path = root.parent / f"{root.name}-up.err"
@@ -40,6 +40,7 @@ class Up:
                 [sys.executable, "-m", "pbft.cli", "cluster", "up", "--dir", str(root), *options],
                 stdout=out,
                 stderr=err,
+                start_new_session=new_session,  # its own process group, as at a terminal
             )
         self.wait_for(lambda: "Ctrl-C stops every replica" in self.out(), "the cluster to start")
         self.pids = {
@@ -187,3 +188,27 @@ def test_without_restart_the_survivors_serve_a_fresh_client_learns_the_view_and_
     assert up.process.poll() is None  # the supervisor still runs the other two
     assert up.stop() == 0
     assert not _alive(up.pids[2]) and not _alive(up.pids[3])
+
+
+def test_ctrl_c_stops_the_supervisor_and_every_replica_cleanly(tmp_path: Path) -> None:
+    """Ctrl-C reaches the whole process group: the replicas stop themselves (and ignore the
+    supervisor's SIGTERM that follows), each logs `stopped`, nothing prints a traceback."""
+    up = Up(tmp_path / "cluster", "--restart", new_session=True)
+    try:
+        for replica in range(4):
+            up.wait_for(
+                lambda replica=replica: any(e["event"] == "listening" for e in up.events(replica)),
+                f"replica {replica} to listen",
+            )
+        assert up.pay().returncode == 0
+        os.killpg(up.process.pid, signal.SIGINT)
+        assert up.process.wait(timeout=30) == 0
+    finally:
+        up.stop()
+    assert "every replica stopped" in up.err()
+    assert "Traceback" not in up.err()
+    for replica, pid in up.pids.items():
+        assert not _alive(pid)
+        log = (up.root / f"replica-{replica}.log").read_text()
+        assert "Traceback" not in log and "internal error" not in log
+        assert up.events(replica)[-1]["event"] == "stopped"
