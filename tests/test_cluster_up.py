@@ -212,3 +212,19 @@ def test_ctrl_c_stops_the_supervisor_and_every_replica_cleanly(tmp_path: Path) -
         log = (up.root / f"replica-{replica}.log").read_text()
         assert "Traceback" not in log and "internal error" not in log
         assert up.events(replica)[-1]["event"] == "stopped"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_no_replica_outlives_a_supervisor_killed_with_sigkill(tmp_path: Path) -> None:
+    up = Up(tmp_path / "cluster")
+    try:
+        up.process.send_signal(signal.SIGKILL)
+        up.process.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while any(_alive(pid) for pid in up.pids.values()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(_alive(pid) for pid in up.pids.values())
+    finally:
+        for pid in up.pids.values():
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
