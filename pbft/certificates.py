@@ -111,7 +111,7 @@ class Verifier:
         )
 
     def prepared_certificate(self, certificate: PreparedCertificate) -> Proposal:
-        """A pre-prepare plus 2f prepares for its entry from distinct backups of that view."""
+        """A pre-prepare plus quorum - 1 prepares for its entry from distinct backups."""
         proposal = self.proposal(certificate.pre_prepare)
         primary = self.config.primary_of(proposal.view)
         voters = self._votes(
@@ -119,22 +119,23 @@ class Verifier:
         )
         if primary in voters:
             raise Rejected("bad_certificate", "the primary does not prepare its own proposal")
-        if len(voters) < 2 * self.config.fault_tolerance:
-            raise Rejected("bad_certificate", f"{len(voters)} prepares, need 2f")
+        if len(voters) < self.config.prepare_quorum:
+            need = self.config.prepare_quorum
+            raise Rejected("bad_certificate", f"{len(voters)} prepares, need {need}")
         return proposal
 
     def commit_certificate(self, pre_prepare_raw: bytes, commits: Sequence[bytes]) -> Proposal:
-        """A pre-prepare plus 2f + 1 commits for its entry from distinct replicas."""
+        """A pre-prepare plus a quorum of commits for its entry from distinct replicas."""
         proposal = self.proposal(pre_prepare_raw)
         voters = self._votes(commits, Commit, proposal.view, proposal.seq, proposal.entry_digest)
         if len(voters) < self.config.quorum:
-            raise Rejected("bad_certificate", f"{len(voters)} commits, need 2f + 1")
+            raise Rejected("bad_certificate", f"{len(voters)} commits, need {self.config.quorum}")
         return proposal
 
     def checkpoint_proof(
         self, seq: int, chain_hash: bytes, ledger_digest: bytes, proof: Sequence[bytes]
     ) -> CheckpointClaim:
-        """2f + 1 distinct replicas signed this checkpoint; sequence 0 is the genesis."""
+        """A quorum of distinct replicas signed this checkpoint; sequence 0 is the genesis."""
         claim = CheckpointClaim(seq, chain_hash, ledger_digest)
         if seq == 0:
             if (chain_hash, ledger_digest) != (
@@ -159,7 +160,8 @@ class Verifier:
                 raise Rejected("bad_checkpoint_proof", "a checkpoint in the proof differs")
             signers[checkpoint.replica] = None
         if len(signers) < self.config.quorum:
-            raise Rejected("bad_checkpoint_proof", f"{len(signers)} signers, need 2f + 1")
+            need = self.config.quorum
+            raise Rejected("bad_checkpoint_proof", f"{len(signers)} signers, need {need}")
         return claim
 
     def _votes(

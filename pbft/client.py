@@ -16,6 +16,7 @@ from crypto.signing import VerificationCache
 from pbft.codec import MAX_UINT64
 from pbft.config import ClusterConfig
 from pbft.events import Event, MessageReceived, Send, Tick
+from pbft.genesis import CLUSTER_ID_BYTES
 from pbft.ledger import MAX_ACCOUNT_NAME_LENGTH
 from pbft.messages import BalanceQuery, BalanceReply, Reply, Request
 from pbft.receipt import RECEIPT_VERSION, UNKNOWN_OUTCOME_REASON, Receipt
@@ -65,8 +66,10 @@ class Decided:
 
 @dataclass(frozen=True)
 class BalanceRead:
-    """f + 1 replicas agree on an account's balance: at least one correct replica held it
-    after executing up to the highest of `seqs`."""
+    """f + 1 replicas agree on an account's balance, and at least one correct replica held
+    it after executing `seq` or more entries: `seq` is the (f + 1)-th highest sequence
+    number the agreeing replicas claim, so f liars cannot inflate it (a read reflects
+    every payment decided at or below `seq`)."""
 
     query_id: int
     account: str
@@ -110,6 +113,7 @@ class ClientCore:
         keyring: KeyRing,
         *,
         cache: VerificationCache | None = None,
+        cluster_id: bytes,
         max_outstanding: int = 4096,
         view: int | None = 0,
     ) -> None:
@@ -119,7 +123,11 @@ class ClientCore:
         of view 0 after the cluster has moved on."""
         if keyring.get(("client", client_id)) != signing_key.verify_key:
             raise ValueError(f"the key ring holds another key for client {client_id}")
+        if len(cluster_id) != CLUSTER_ID_BYTES:
+            raise ValueError(f"a cluster id is {CLUSTER_ID_BYTES} bytes, got {len(cluster_id)}")
         self.client_id = client_id
+        # pbft.genesis.compute_cluster_id: replies naming another cluster are dropped.
+        self.cluster_id = cluster_id
         self.config = config
         self.key = signing_key
         self.keyring = keyring
@@ -236,6 +244,8 @@ class ClientCore:
         account, _, answers = query
         if reply.account != account:
             raise Rejected("reply_for_other_body")
+        if reply.cluster_id != self.cluster_id:
+            raise Rejected("other_cluster")
         verify_signature(envelope, reply, self.keyring, self.cache)
         for answer, voters in answers.items():
             if answer != (reply.exists, reply.balance) and reply.replica in voters:
@@ -245,6 +255,9 @@ class ClientCore:
         if len(voters) < self.config.weak_quorum:
             return []
         del self.queries[reply.query_id]
+        # At most f of the voters lie, so at least one of the f + 1 highest claims is a
+        # correct replica's: the (f + 1)-th highest is a sequence number it reached.
+        seq = sorted(voters.values(), reverse=True)[self.config.weak_quorum - 1]
         return [
             BalanceRead(
                 reply.query_id,
@@ -252,7 +265,7 @@ class ClientCore:
                 bool(reply.exists),
                 reply.balance,
                 tuple(sorted(voters)),
-                max(voters.values()),
+                seq,
             )
         ]
 
@@ -270,6 +283,8 @@ class ClientCore:
             raise Rejected("late_reply")
         if reply.request_digest != outstanding.digest:
             raise Rejected("reply_for_other_body")
+        if reply.cluster_id != self.cluster_id:
+            raise Rejected("other_cluster")
         verify_signature(envelope, reply, self.keyring, self.cache)
         if self.learn_view:
             self._claim_view(reply.replica, reply.view)
@@ -291,7 +306,12 @@ class ClientCore:
         seq, outcome, reason = decision
         if reason == UNKNOWN_OUTCOME_REASON:
             return [Decided(self.client_id, reply.request_id, "unknown", reason, seq, None)]
-        receipt = Receipt(RECEIPT_VERSION, outstanding.raw, tuple(raw for _, (_, raw) in chosen))
+        receipt = Receipt(
+            RECEIPT_VERSION,
+            self.cluster_id,
+            outstanding.raw,
+            tuple(raw for _, (_, raw) in chosen),
+        )
         return [Decided(self.client_id, reply.request_id, outcome, reason, seq, receipt)]
 
     def _claim_view(self, replica: int, view: int) -> None:

@@ -80,19 +80,34 @@ class ClusterConfig:
         _require(1 <= self.dedup_window <= 1_000_000, "dedup_window", "must be in 1..1000000")
         _require(10 <= self.client_timeout_ms <= 600_000, "client_timeout_ms", "10..600000")
 
+    # Every threshold the protocol uses comes from the four properties below, and they hold
+    # for any n >= 4, not only n = 3f + 1. Two quorums of q = ceil((n + f + 1) / 2) replicas
+    # overlap in 2q - n >= f + 1 replicas, so in at least one correct replica; and q <= n - f,
+    # so the correct replicas alone can always form one. For n = 3f + 1, q = 2f + 1 as in
+    # PBFT; for n = 5 (f = 1) q = 4, where 2f + 1 = 3 would let two quorums of 3 meet only
+    # in the one Byzantine replica.
+
     @property
     def fault_tolerance(self) -> int:
         """f: how many replicas may be Byzantine at once."""
-        return (self.replica_count - 1) // 3
+        return fault_tolerance_of(self.replica_count)
 
     @property
     def quorum(self) -> int:
-        """2f + 1: any two quorums share at least one correct replica."""
-        return 2 * self.fault_tolerance + 1
+        """ceil((n + f + 1) / 2): any two quorums share at least one correct replica.
+
+        Certificates (commit, checkpoint), the view changes a NEW-VIEW cites, and the view
+        changes that arm the view-change timer all take this many distinct replicas."""
+        return quorum_size(self.replica_count)
+
+    @property
+    def prepare_quorum(self) -> int:
+        """Prepares (from backups) that, with the primary's pre-prepare, make a quorum."""
+        return self.quorum - 1
 
     @property
     def weak_quorum(self) -> int:
-        """f + 1: at least one of them is correct."""
+        """f + 1: at least one of them is correct (receipts, catch-up hints, suspicion)."""
         return self.fault_tolerance + 1
 
     def primary_of(self, view: int) -> int:
@@ -100,6 +115,17 @@ class ClusterConfig:
 
     def replica_ids(self) -> range:
         return range(self.replica_count)
+
+
+def fault_tolerance_of(replica_count: int) -> int:
+    """f for a cluster of n replicas: the most Byzantine replicas n can tolerate."""
+    return (replica_count - 1) // 3
+
+
+def quorum_size(replica_count: int) -> int:
+    """ceil((n + f + 1) / 2) for a cluster of n replicas (see ClusterConfig.quorum)."""
+    f = fault_tolerance_of(replica_count)
+    return (replica_count + f + 2) // 2
 
 
 def _require(condition: bool, field: str, problem: str) -> None:

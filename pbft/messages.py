@@ -138,7 +138,8 @@ class Commit(Message):
 
 @dataclass(frozen=True)
 class Reply(Message):
-    """A replica's signed word on a request's outcome; f + 1 matching ones make a receipt."""
+    """A replica's signed word on a request's outcome; f + 1 matching ones make a receipt.
+    `cluster_id` (pbft/genesis.py) is under the signature: the word is bound to one cluster."""
 
     view: int
     seq: int
@@ -148,6 +149,7 @@ class Reply(Message):
     request_digest: bytes
     outcome: str
     reason: str
+    cluster_id: bytes
 
     TYPE = MessageType.REPLY
     SCHEMA: ClassVar[dict[str, Spec]] = {
@@ -159,6 +161,7 @@ class Reply(Message):
         "request_digest": HASH,
         "outcome": Text(16, [outcome.value for outcome in Outcome]),
         "reason": Text(32, [reason.value for reason in Reason]),
+        "cluster_id": HASH,
     }
 
 
@@ -264,15 +267,21 @@ class NewView(Message):
 
 @dataclass(frozen=True)
 class Fetch(Message):
-    """Catch-up: send me what was committed from `from_seq` on, and your stable checkpoint
-    if it is newer than my `stable_seq`."""
+    """Catch-up: send me what was committed from `from_seq` on, your stable checkpoint if it
+    is newer than my `stable_seq`, and your NEW-VIEW if your view is later than my `view`."""
 
     replica: int
     from_seq: int
     stable_seq: int
+    view: int
 
     TYPE = MessageType.FETCH
-    SCHEMA: ClassVar[dict[str, Spec]] = {"replica": REPLICA, "from_seq": SEQ, "stable_seq": SEQ}
+    SCHEMA: ClassVar[dict[str, Spec]] = {
+        "replica": REPLICA,
+        "from_seq": SEQ,
+        "stable_seq": SEQ,
+        "view": VIEW,
+    }
 
 
 @dataclass(frozen=True)
@@ -333,8 +342,8 @@ class BalanceQuery(Message):
 
 @dataclass(frozen=True)
 class BalanceReply(Message):
-    """One replica's signed answer: the balance after executing up to `seq`.
-    `exists` is 0 when there is no such account (then `balance` is 0)."""
+    """One replica's signed answer: the balance after executing up to `seq`, in the
+    cluster `cluster_id`. `exists` is 0 when there is no such account (then `balance` is 0)."""
 
     replica: int
     client_id: int
@@ -343,6 +352,7 @@ class BalanceReply(Message):
     exists: int
     balance: int
     seq: int
+    cluster_id: bytes
 
     TYPE = MessageType.BALANCE_REPLY
     SCHEMA: ClassVar[dict[str, Spec]] = {
@@ -353,6 +363,7 @@ class BalanceReply(Message):
         "exists": UInt(1),
         "balance": UInt(),
         "seq": SEQ,
+        "cluster_id": HASH,
     }
 
 

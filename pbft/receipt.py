@@ -3,8 +3,10 @@
 A receipt is the client-signed request plus f + 1 replies from distinct replicas
 that agree on the request digest, the sequence number, the outcome and the
 reason. At most f replicas lie, so f + 1 matching replies include a correct one.
-Anyone holding the cluster's public keys can check a receipt with
-`verify_receipt`, with no network and no trust in whoever hands it over.
+Every reply names the cluster id (pbft/genesis.py) under its signature, and so does
+the receipt: anyone holding the cluster's public keys and genesis (cluster.toml) can
+check a receipt with `verify_receipt`, with no network and no trust in whoever hands
+it over, and a receipt from another cluster (even one sharing keys) is refused.
 """
 
 from __future__ import annotations
@@ -15,27 +17,49 @@ from typing import ClassVar
 
 from crypto.keys import KeyRing
 from crypto.signing import VerificationCache
-from pbft.codec import DecodeError, ListOf, Spec, Struct, UInt
-from pbft.messages import ENVELOPE, MAX_REPLICAS, Reply, Request
-from pbft.signed import Rejected, open_envelope
+from pbft.codec import DecodeError, ListOf, Spec, Struct, UInt, unpack
+from pbft.config import fault_tolerance_of
+from pbft.genesis import CLUSTER_ID_BYTES
+from pbft.messages import ENVELOPE, HASH, MAX_REPLICAS, Message, Reply, Request
+from pbft.signed import Envelope, Rejected, peek, verify_signature
 
-RECEIPT_VERSION = 1
+# Version 2: receipts and replies carry the cluster id. Version 1 receipts cannot be
+# checked against a cluster, so they are not accepted.
+RECEIPT_VERSION = 2
+# Far above any real receipt (a request and at most MAX_REPLICAS replies of a few
+# hundred bytes each); anything larger is not a receipt.
+MAX_RECEIPT_BYTES = 1024 * 1024
 # Replies with this reason mean "too old to tell": never a payment's outcome.
 UNKNOWN_OUTCOME_REASON = "request_expired"
 
 
 class ReceiptError(ValueError):
-    """The receipt does not prove what it claims; the message says why."""
+    """The receipt does not prove what it claims; the message says why in one line.
+
+    `reason` is a short code: other_cluster, unknown_key, outcome_mismatch, too_few,
+    other_request, duplicate_replica, malformed_part, expired, bad_keyring.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class UnreadableReceipt(ReceiptError):
+    """The input is not a receipt this verifier can read (garbage, empty, another version):
+    nothing was checked, so it is neither valid nor invalid."""
 
 
 @dataclass(frozen=True)
 class Receipt(Struct):
     version: int
+    cluster_id: bytes
     request: bytes
     replies: tuple[bytes, ...]
 
     SCHEMA: ClassVar[dict[str, Spec]] = {
         "version": UInt(255),
+        "cluster_id": HASH,
         "request": ENVELOPE,
         "replies": ListOf(ENVELOPE, MAX_REPLICAS),
     }
@@ -52,61 +76,110 @@ class VerifiedReceipt:
     reason: str
     seq: int
     replicas: tuple[int, ...]
+    cluster_id: bytes
+
+
+def short_id(cluster_id: bytes) -> str:
+    """The first 16 hex digits: enough to tell clusters apart in a message."""
+    return cluster_id.hex()[:16]
+
+
+def decode_receipt(data: bytes) -> Receipt:
+    """Bytes from a file or a peer to a Receipt, or UnreadableReceipt saying why not."""
+    if len(data) == 0:
+        raise UnreadableReceipt("unreadable", "not a receipt: the data is empty")
+    if len(data) > MAX_RECEIPT_BYTES:
+        raise UnreadableReceipt(
+            "unreadable", f"not a receipt: {len(data)} bytes, more than any receipt"
+        )
+    try:
+        fields = unpack(data)
+    except DecodeError as error:
+        raise UnreadableReceipt("unreadable", f"not a receipt: {error}") from None
+    if type(fields) is list and fields and type(fields[0]) is int:
+        _check_version(fields[0])
+    try:
+        return Receipt.decode(data)
+    except DecodeError as error:
+        raise UnreadableReceipt("unreadable", f"not a receipt: {error}") from None
+
+
+def _check_version(version: int) -> None:
+    if version != RECEIPT_VERSION:
+        raise UnreadableReceipt(
+            "unknown_version",
+            f"unknown receipt version {version} (this verifier reads version {RECEIPT_VERSION})",
+        )
 
 
 def verify_receipt(
-    receipt: Receipt | bytes, keyring: KeyRing, cache: VerificationCache | None = None
+    receipt: Receipt | bytes,
+    keyring: KeyRing,
+    cluster_id: bytes,
+    cache: VerificationCache | None = None,
 ) -> VerifiedReceipt:
-    """Check a receipt against the cluster's public keys alone."""
+    """Check a receipt against one cluster's public keys and id (pbft.genesis) alone."""
+    if len(cluster_id) != CLUSTER_ID_BYTES:
+        raise ValueError(f"a cluster id is {CLUSTER_ID_BYTES} bytes, got {len(cluster_id)}")
     cache = cache if cache is not None else VerificationCache(max_entries=1024)
     if isinstance(receipt, bytes):
-        try:
-            receipt = Receipt.decode(receipt)
-        except DecodeError as error:
-            raise ReceiptError(f"malformed receipt: {error}") from None
-    if receipt.version != RECEIPT_VERSION:
-        raise ReceiptError(f"unknown receipt version {receipt.version}")
+        receipt = decode_receipt(receipt)
+    _check_version(receipt.version)
+    # Before any signature: the most useful thing to say about a receipt from elsewhere.
+    if receipt.cluster_id != cluster_id:
+        raise ReceiptError(
+            "other_cluster",
+            f"from another cluster: the receipt names cluster {short_id(receipt.cluster_id)}, "
+            f"this cluster is {short_id(cluster_id)}",
+        )
     replica_count = len(keyring.replica_ids())
     if replica_count < 4:
-        raise ReceiptError("the key ring holds fewer than 4 replicas")
-    needed = (replica_count - 1) // 3 + 1
-    try:
-        request_opened = open_envelope(receipt.request, keyring, cache, Request)
-    except Rejected as error:
-        raise ReceiptError(f"request: {error}") from None
-    request = request_opened.message
+        raise ReceiptError("bad_keyring", "the key ring holds fewer than 4 replicas")
+    needed = fault_tolerance_of(replica_count) + 1
+    envelope, request = _open("request", receipt.request, Request, keyring, cache)
     if not isinstance(request, Request):
-        raise ReceiptError("request: not a payment request")
-    digest = hashlib.sha256(request_opened.body).digest()
+        raise ReceiptError("malformed_part", "request: not a payment request")
+    digest = hashlib.sha256(envelope.body).digest()
     agreed: tuple[int, str, str] | None = None
+    first_replica = -1
     replicas: dict[int, None] = {}
     for index, raw in enumerate(receipt.replies):
-        try:
-            reply = open_envelope(raw, keyring, cache, Reply).message
-        except Rejected as error:
-            raise ReceiptError(f"reply {index}: {error}") from None
+        envelope, reply = _open(f"reply {index}", raw, Reply, keyring, cache, cluster_id)
         if not isinstance(reply, Reply):
-            raise ReceiptError(f"reply {index}: not a reply")
+            raise ReceiptError("malformed_part", f"reply {index}: not a reply")
         if (reply.client_id, reply.request_id, reply.request_digest) != (
             request.client_id,
             request.request_id,
             digest,
         ):
-            raise ReceiptError(f"reply {index} answers another request")
+            raise ReceiptError(
+                "other_request",
+                f"reply {index} (replica {reply.replica}) answers another request",
+            )
         decision = (reply.seq, reply.outcome, reply.reason)
         if agreed is None:
-            agreed = decision
+            agreed, first_replica = decision, reply.replica
         elif decision != agreed:
-            raise ReceiptError(f"reply {index} disagrees with the others")
+            raise ReceiptError(
+                "outcome_mismatch",
+                f"the signed replies disagree: replica {first_replica} says "
+                f"{_describe(agreed)}, replica {reply.replica} says {_describe(decision)}",
+            )
         if reply.replica in replicas:
-            raise ReceiptError(f"replica {reply.replica} counted twice")
+            raise ReceiptError(
+                "duplicate_replica", f"replica {reply.replica} signs twice (counted once)"
+            )
         replicas[reply.replica] = None
     if agreed is None or len(replicas) < needed:
-        raise ReceiptError(f"{len(replicas)} matching replies, need f + 1 = {needed}")
+        raise ReceiptError(
+            "too_few",
+            f"too few signatures: {len(replicas)} replica(s) sign this outcome, "
+            f"need f + 1 = {needed}",
+        )
     seq, outcome, reason = agreed
     if reason == UNKNOWN_OUTCOME_REASON:
         # The cluster forgot this request id: the replies prove nothing about the payment.
-        raise ReceiptError("the replies say the request expired: they prove no outcome")
+        raise ReceiptError("expired", "the replies say the request expired: they prove no outcome")
     return VerifiedReceipt(
         request.client_id,
         request.request_id,
@@ -117,4 +190,41 @@ def verify_receipt(
         reason,
         seq,
         tuple(replicas),
+        cluster_id,
     )
+
+
+def _describe(decision: tuple[int, str, str]) -> str:
+    seq, outcome, reason = decision
+    return f"{outcome} ({reason}) at seq {seq}" if reason else f"{outcome} at seq {seq}"
+
+
+def _open(
+    label: str,
+    raw: bytes,
+    expected: type[Message],
+    keyring: KeyRing,
+    cache: VerificationCache,
+    cluster_id: bytes | None = None,
+) -> tuple[Envelope, Message]:
+    """Form, then (for replies) the cluster named under the signature, then the signature."""
+    try:
+        envelope, message = peek(raw, expected)
+    except Rejected as error:
+        raise ReceiptError("malformed_part", f"{label}: malformed ({error})") from None
+    if cluster_id is not None and isinstance(message, Reply) and message.cluster_id != cluster_id:
+        raise ReceiptError(
+            "other_cluster",
+            f"{label} (replica {message.replica}) is from another cluster "
+            f"({short_id(message.cluster_id)}, this cluster is {short_id(cluster_id)})",
+        )
+    try:
+        verify_signature(envelope, message, keyring, cache)
+    except Rejected as error:
+        who = f"{message.SIGNER} {envelope.sender}"
+        if error.reason == "unknown_sender":
+            problem = f"signed by {who}, who is not in this cluster"
+        else:
+            problem = f"signed by unknown keys: not {who}'s key in this cluster"
+        raise ReceiptError("unknown_key", f"{label}: {problem}") from None
+    return envelope, message

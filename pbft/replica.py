@@ -5,10 +5,11 @@ clock ticks; actions are sends, durable writes, executions and notes. The replic
 never reads a clock, touches a socket or draws a random number: the simulator and
 the trio runtime drive the same code.
 
-The protocol (n = 3f + 1, quorum 2f + 1, primary = view mod n):
+The protocol (any n >= 4, f = (n - 1) // 3, quorum q = ceil((n + f + 1) / 2) from
+pbft/config.py, which is 2f + 1 when n = 3f + 1; primary = view mod n):
 - Normal case (PBFT): the primary batches client requests into a PRE-PREPARE
-  chained to the previous entry's digest; backups PREPARE it; 2f matching prepares
-  make a replica prepared and it COMMITs; 2f + 1 matching commits make the entry
+  chained to the previous entry's digest; backups PREPARE it; q - 1 matching prepares
+  make a replica prepared and it COMMITs; q matching commits make the entry
   committed, and committed entries execute strictly in sequence order.
 - Chain rule: a backup prepares entry s only once entry s - 1 is prepared (or
   committed, or the checkpoint) with the digest s names as its predecessor. So the
@@ -17,7 +18,7 @@ The protocol (n = 3f + 1, quorum 2f + 1, primary = view mod n):
   expires (no heartbeat, or work that does not complete) sends SUSPECT; f + 1
   suspicions of the same view start a VIEW-CHANGE, so one cut-off replica cannot
   unseat a working primary. f + 1 view changes for higher views make a replica join.
-- Checkpoints every K entries; 2f + 1 matching ones are stable and move the window.
+- Checkpoints every K entries; a quorum of matching ones are stable and move the window.
 - Catch-up: a replica that sees the others ahead FETCHes commit certificates, or a
   stable checkpoint's state with its proof, verifies them and applies them.
 """
@@ -47,6 +48,7 @@ from pbft.events import (
     Send,
     Tick,
 )
+from pbft.genesis import compute_cluster_id
 from pbft.ledger import Account, Ledger, LedgerSnapshotError, Payment
 from pbft.log import CommittedEntry, PreparedEntry, Slot
 from pbft.messages import (
@@ -148,6 +150,8 @@ class Replica:
         self.config = config
         self.key = signing_key
         self.ledger = Ledger(genesis_accounts, config.dedup_window)
+        # Named in every reply we sign, so clients and receipts cannot mix clusters up.
+        self.cluster_id = compute_cluster_id(config, keyring, genesis_accounts)
         genesis_snapshot = self.ledger.snapshot()
         genesis_digest = self.ledger.digest()
         self.verifier = Verifier(config, keyring, genesis_digest, cache)
@@ -184,9 +188,16 @@ class Replica:
         # Our view changes for the last few views, to hand to replicas stuck in them.
         self.own_view_changes: dict[int, bytes] = {}
         self.new_view_message: bytes | None = None
+        # The highest sequence number the current view's NEW-VIEW assigned. In this view a
+        # proposal at or below it is accepted only as that assignment (also after a restart:
+        # recovery re-installs the plan), never as a fresh PRE-PREPARE from the primary.
+        self.new_view_planned_high = 0
         self.view_records: dict[tuple[str | int, ...], None] = {}
         # Catch-up.
         self.highest_seen_executed = 0
+        # How far each replica's heartbeats said it executed. One voice proves nothing (a
+        # Byzantine replica may claim anything), so only the (f + 1)-th highest counts.
+        self.heartbeat_claims: dict[int, int] = {}
         self.last_execution_ms = 0
         self.last_fetch_ms: int | None = None
         self.fetch_rotation = 0
@@ -325,6 +336,7 @@ class Replica:
             int(balance is not None),
             balance or 0,
             self.last_executed,
+            self.cluster_id,
         )
         self._send(("client", query.client_id), seal(reply, self.key))
 
@@ -415,6 +427,9 @@ class Replica:
                 self._evidence("pre_prepare", message.replica, slot.proposal.raw, opened.raw)
                 raise Rejected("conflicting_pre_prepare", f"seq {proposal.seq}")
             return
+        if proposal.seq <= self.new_view_planned_high:
+            # The NEW-VIEW filled this sequence number; only its assignment may stand here.
+            raise Rejected("not_the_new_view_pre_prepare", f"seq {proposal.seq}")
         if slot.committed is not None and slot.committed.proposal.entry_digest != (
             proposal.entry_digest
         ):
@@ -464,8 +479,16 @@ class Replica:
             raise Rejected("unexpected_type")
         if heartbeat.replica != self.config.primary_of(heartbeat.view):
             raise Rejected("not_primary", "heartbeat")
-        # Even from a later view: how far the cluster got is what tells us to catch up.
-        self.highest_seen_executed = max(self.highest_seen_executed, heartbeat.last_executed)
+        # Even from a later view: how far the cluster got is what tells us to catch up. One
+        # heartbeat is a hint (ask its sender, who must then prove it with certificates);
+        # only f + 1 replicas' claims move highest_seen_executed.
+        self._claim_executed(heartbeat.replica, heartbeat.last_executed)
+        if heartbeat.view > self.view or (heartbeat.view == self.view and not self.view_active):
+            # A primary of a later view: we missed its NEW-VIEW (we restarted, or were cut
+            # off while the cluster went idle). Ask it; a FETCH names our view.
+            self._fetch_from(heartbeat.replica)
+        elif heartbeat.last_executed > self.last_executed:
+            self._fetch_from(heartbeat.replica)
         if heartbeat.last_executed < self.last_executed and heartbeat.view <= self.view:
             # The primary itself is behind (it restarted, or lost its disk): with no load
             # nothing else would ever tell it. Send it what it lacks, on the help budget.
@@ -480,7 +503,15 @@ class Replica:
                 )
         self._check_view(heartbeat.view, heartbeat.replica)
         self.last_primary_contact_ms = self.now_ms
-        self.highest_seen_executed = max(self.highest_seen_executed, heartbeat.last_executed)
+
+    def _claim_executed(self, replica: int, last_executed: int) -> None:
+        if last_executed <= self.heartbeat_claims.get(replica, -1):
+            return
+        self.heartbeat_claims[replica] = last_executed
+        claims = sorted(self.heartbeat_claims.values(), reverse=True)
+        weak = self.config.weak_quorum
+        if len(claims) >= weak:
+            self.highest_seen_executed = max(self.highest_seen_executed, claims[weak - 1])
 
     def _on_suspect(self, opened: Opened) -> None:
         suspect = opened.message
@@ -551,7 +582,6 @@ class Replica:
             return False
         changed = False
         primary = self.config.primary_of(self.view)
-        f = self.config.fault_tolerance
         if self.id != primary and slot.own_prepare is None and self._predecessor_settled(slot):
             raw = self._vote(
                 slot, "prepare", Prepare(self.view, slot.seq, self.id, proposal.entry_digest)
@@ -563,7 +593,7 @@ class Replica:
         ready_to_prepare = self.id == primary or slot.own_prepare is not None
         if ready_to_prepare and not slot.prepared_in_view:
             prepares = slot.matching(slot.prepares, proposal.entry_digest)
-            if len(prepares) >= 2 * f:
+            if len(prepares) >= self.config.prepare_quorum:
                 certificate = PreparedCertificate(proposal.raw, tuple(prepares))
                 slot.prepared_in_view = True
                 slot.best_prepared = PreparedEntry(self.view, proposal, certificate)
@@ -696,7 +726,15 @@ class Replica:
 
     def _reply(self, request: Request, digest: bytes, seq: int, outcome: str, reason: str) -> None:
         reply = Reply(
-            self.view, seq, self.id, request.client_id, request.request_id, digest, outcome, reason
+            self.view,
+            seq,
+            self.id,
+            request.client_id,
+            request.request_id,
+            digest,
+            outcome,
+            reason,
+            self.cluster_id,
         )
         self._send(("client", request.client_id), seal(reply, self.key))
 
@@ -931,6 +969,7 @@ class Replica:
         self.suspects = {}
         self.progress_deadline_ms = None
         self.proposal_queue = {}
+        self.new_view_planned_high = 0
         for slot in self.slots.values():
             slot.reset_view()
         # Cite the highest checkpoint we hold a proof for: our stable one, or the anchor a
@@ -1057,6 +1096,12 @@ class Replica:
             raise Rejected("unexpected_type")
         if message.view < self.view or (message.view == self.view and self.view_active):
             return
+        plan, proposals = self._verify_new_view(message)
+        self._install_view(plan, proposals, opened.raw)
+
+    def _verify_new_view(self, message: NewView) -> tuple[NewViewPlan, list[Proposal]]:
+        """Check a NEW-VIEW as PBFT asks: recompute its plan from the view changes it cites
+        and require its re-proposals to be exactly that plan."""
         if message.replica != self.config.primary_of(message.view):
             raise Rejected("not_primary", "new-view")
         changes: dict[int, VerifiedViewChange] = {}
@@ -1083,7 +1128,7 @@ class Replica:
             ):
                 raise Rejected("bad_new_view", f"re-proposal for seq {entry.seq} differs")
             proposals.append(proposal)
-        self._install_view(plan, proposals, opened.raw)
+        return plan, proposals
 
     def _install_view(self, plan: NewViewPlan, proposals: list[Proposal], raw: bytes) -> None:
         if plan.view != self.view:
@@ -1133,6 +1178,7 @@ class Replica:
                     proposed[(message.client_id, message.request_id)] = None
         last_planned = plan.entries[-1].seq if plan.entries else checkpoint.seq
         self.next_seq = last_planned + 1
+        self.new_view_planned_high = last_planned
         self.proposal_queue = {
             identity: None for identity in self.pending if identity not in proposed
         }
@@ -1206,11 +1252,21 @@ class Replica:
         self._fetch()
 
     def _fetch(self) -> None:
-        self.last_fetch_ms = self.now_ms
         peers = [replica for replica in self.config.replica_ids() if replica != self.id]
         target = peers[self.fetch_rotation % len(peers)]
         self.fetch_rotation += 1
-        fetch = Fetch(self.id, self.last_executed + 1, self.stable.seq)
+        self._send_fetch(target)
+
+    def _fetch_from(self, target: int) -> None:
+        """A FETCH to one peer that hinted we are behind, on the usual fetch interval."""
+        interval = self.config.retransmit_interval_ms
+        if self.last_fetch_ms is not None and self.now_ms - self.last_fetch_ms < interval:
+            return
+        self._send_fetch(target)
+
+    def _send_fetch(self, target: int) -> None:
+        self.last_fetch_ms = self.now_ms
+        fetch = Fetch(self.id, self.last_executed + 1, self.stable.seq, self.view)
         self._send(("replica", target), seal(fetch, self.key))
 
     def _help_laggard(self, envelope: Envelope, message: Message) -> None:
@@ -1238,6 +1294,9 @@ class Replica:
             raise Rejected("unexpected_type")
         if not self._serve_catch_up(fetch.replica, fetch.from_seq, fetch.stable_seq):
             raise Rejected("fetch_rate_limited")
+        if fetch.view < self.view and self.view_active and self.new_view_message is not None:
+            # It missed the view we are in: the NEW-VIEW proves itself, it can install it.
+            self._send(("replica", fetch.replica), self.new_view_message)
 
     def _serve_catch_up(
         self, requester: int, from_seq: int, stable_seq: int, rate_limited: bool = True
@@ -1421,9 +1480,34 @@ class Replica:
                         self.new_view_message = value
                     continue
                 self._recover_vote(str(vote_kind), int(view), int(seq), key, value)
+        if self.view_active and self.new_view_message is not None:
+            self._recover_new_view(self.new_view_message)
         self._execute_ready()
         if not self.view_active and self.own_view_change is not None:
             self._store_view_change(verify_view_change(self.own_view_change, self.verifier))
+
+    def _recover_new_view(self, raw: bytes) -> None:
+        """Re-install the active view's NEW-VIEW plan into the slots, verified again as if it
+        came from the network. Without it a restarted backup would take a fresh PRE-PREPARE
+        from the primary at a sequence number the NEW-VIEW assigned (a fork)."""
+        message = self.verifier.open(raw, NewView).message
+        if not isinstance(message, NewView) or message.view != self.view:
+            raise Rejected("bad_new_view", "the recorded NEW-VIEW is not for the current view")
+        plan, proposals = self._verify_new_view(message)
+        for proposal in proposals:
+            if proposal.seq <= self.stable.seq:
+                continue
+            slot = self._slot(proposal.seq)
+            if slot.proposal is None:
+                slot.accept(proposal)
+            elif slot.proposal.entry_digest != proposal.entry_digest:
+                raise ReplicaInvariantError(
+                    f"replica {self.id}: own pre-prepare at seq {proposal.seq} differs from "
+                    f"the NEW-VIEW of view {self.view}"
+                )
+        last_planned = plan.entries[-1].seq if plan.entries else plan.checkpoint.seq
+        self.new_view_planned_high = last_planned
+        self.next_seq = max(self.next_seq, last_planned + 1)
 
     def _recover_vote(
         self, kind: str, view: int, seq: int, key: tuple[str | int, ...], raw: bytes

@@ -66,7 +66,14 @@ class PaymentClient:
         self.key = key if key is not None else cluster.load_private_key("client", client_id)
         self.timeout_s = float(timeout_s)
         self.keyring = cluster.keyring()
-        self.core = ClientCore(client_id, cluster.config, self.key, self.keyring, view=view)
+        self.core = ClientCore(
+            client_id,
+            cluster.config,
+            self.key,
+            self.keyring,
+            cluster_id=cluster.cluster_id,
+            view=view,
+        )
         self._transport = Transport(("client", client_id), self.key, self.keyring, transport_config)
         self._waiting: dict[int, trio.Event] = {}
         self._results: dict[int, Decided] = {}

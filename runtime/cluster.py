@@ -40,6 +40,7 @@ from typing import Any
 from crypto.keyfiles import KeyFileError, load_private_key, save_private_key
 from crypto.keys import KeyFormatError, KeyRing, SigningKey, VerifyKey
 from pbft.config import ClusterConfig, ConfigError
+from pbft.genesis import compute_cluster_id
 from pbft.ledger import MAX_AMOUNT, Account
 
 CLUSTER_FILE_NAME = "cluster.toml"
@@ -92,6 +93,11 @@ class Cluster:
         for client_id, key in sorted(self.client_keys.items()):
             ring.add(("client", client_id), key)
         return ring
+
+    @property
+    def cluster_id(self) -> bytes:
+        """The genesis hash every reply and receipt of this cluster names (pbft/genesis.py)."""
+        return compute_cluster_id(self.config, self.keyring(), self.accounts)
 
     def replica(self, replica_id: int) -> ReplicaAddress:
         for replica in self.replicas:

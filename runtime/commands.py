@@ -415,21 +415,33 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 
 def _verify(arguments: argparse.Namespace) -> int:
-    from pbft.receipt import ReceiptError, verify_receipt
+    """Exit 0 valid, 1 invalid (one line saying why), 2 when the input is not a receipt."""
+    from pbft.receipt import MAX_RECEIPT_BYTES, ReceiptError, UnreadableReceipt, verify_receipt
     from runtime.cluster import load_cluster
 
     cluster = load_cluster(arguments.cluster)
+    path = Path(arguments.receipt)
     try:
-        data = Path(arguments.receipt).read_bytes()
+        # is_file first: a directory or a FIFO is not a receipt (and a FIFO could block).
+        if not path.is_file():
+            problem = "no such file" if not path.exists() else "not a regular file"
+            print(f"pbft: {arguments.receipt}: {problem}", file=sys.stderr)
+            return 2
+        with path.open("rb") as handle:
+            data = handle.read(MAX_RECEIPT_BYTES + 1)
     except OSError as error:
         print(f"pbft: cannot read {arguments.receipt}: {error.strerror}", file=sys.stderr)
         return 2
     try:
-        verified = verify_receipt(data, cluster.keyring())
+        verified = verify_receipt(data, cluster.keyring(), cluster.cluster_id)
+    except UnreadableReceipt as error:
+        print(f"pbft: {arguments.receipt}: {error}", file=sys.stderr)
+        return 2
     except ReceiptError as error:
         print(f"invalid receipt: {error}")
         return 1
-    print(json.dumps({"valid": True, **verified.__dict__}, default=list))
+    fields = {**verified.__dict__, "cluster_id": verified.cluster_id.hex()}
+    print(json.dumps({"valid": True, **fields}, default=list))
     return 0
 
 

@@ -44,6 +44,7 @@ from pbft.messages import (
     Checkpoint,
     CheckpointState,
     Commit,
+    Heartbeat,
     Message,
     MessageType,
     NewView,
@@ -527,7 +528,9 @@ class WithholdVotes(Behavior):
 
 class WrongReply(Behavior):
     """Every REPLY it sends a client carries the opposite outcome (confirmed becomes
-    rejected for insufficient_funds; any rejection becomes confirmed), signed as itself."""
+    rejected for insufficient_funds; any rejection becomes confirmed), signed as itself.
+    It keeps the cluster id its core put in: a reply naming another cluster would only be
+    dropped by the client, so this is the stronger lie."""
 
     name = "wrong_reply"
 
@@ -801,7 +804,7 @@ class LieInViewChange(_RewriteOnce):
         backups = [replica for replica in self.replica_ids if replica != primary]
         prepares = tuple(
             seal(Prepare(view, seq, backup, digest), self.key)
-            for backup in backups[: 2 * self.config.fault_tolerance]
+            for backup in backups[: self.config.prepare_quorum]
         )
         forged = PreparedCertificate(seal(pre_prepare, self.key), prepares)
         return (*certificates, forged)
@@ -817,11 +820,23 @@ class BadNewView(Behavior):
     - "split": the backups on the Adversary's fork side get another NEW-VIEW, equally
       valid: its own view change replaced by a second one that claims nothing prepared, and
       the re-proposals recomputed from that set (identical to the first when its own view
-      change added nothing the others lacked). Needs the cluster's public keys.
+      change added nothing the others lacked). Needs the cluster's public keys;
+    - "refork": the NEW-VIEW itself is honest, but with every HEARTBEAT afterwards the
+      primary offers each backup a different batch (the last request dropped) at every
+      sequence number that NEW-VIEW assigned, chained like the original. A correct replica
+      holds the NEW-VIEW's assignment (also after a restart) and refuses them all.
     Later entries and votes are sent as the core wrote them (chained on its own NEW-VIEW)."""
 
     name = "bad_new_view"
-    KINDS: ClassVar[tuple[str, ...]] = ("omit_prepared", "invent", "few_view_changes", "split")
+    KINDS: ClassVar[tuple[str, ...]] = (
+        "omit_prepared",
+        "invent",
+        "few_view_changes",
+        "split",
+        "refork",
+    )
+    # refork: at most this many forked PRE-PREPAREs ride along with one heartbeat.
+    REFORKS_PER_HEARTBEAT = 8
     # Request envelopes it remembers (from requests it relayed and pre-prepares it sent).
     REQUESTS = 64
 
@@ -835,6 +850,9 @@ class BadNewView(Behavior):
         self.lies = 0
         # split: how many second NEW-VIEWs re-proposed something else than the first
         self.split_plans_differ = 0
+        # refork: the forked re-proposals of the latest NEW-VIEW this replica sent.
+        self.reforks: list[bytes] = []
+        self.refork_view = -1
         self.verifier: Verifier | None = None
         if self.keyring is not None and self.genesis_ledger_digest is not None:
             self.verifier = Verifier(self.config, self.keyring, self.genesis_ledger_digest)
@@ -849,6 +867,8 @@ class BadNewView(Behavior):
             if isinstance(message, PrePrepare):
                 self._learn(message.requests)
             return [data]
+        if self.kind == "refork":
+            return self._refork(destination, code, data)
         if code != MessageType.NEW_VIEW:
             return [data]
         side = 0
@@ -866,6 +886,32 @@ class BadNewView(Behavior):
                 self.lies += 1
             _remember(self.rewritten, key, known)
         return [known]
+
+    def _refork(self, destination: Principal, code: int | None, data: bytes) -> list[bytes]:
+        if code == MessageType.NEW_VIEW:
+            message = _decode(data)
+            if (
+                isinstance(message, NewView)
+                and message.replica == self.replica_id
+                and message.view > self.refork_view
+            ):
+                self.refork_view = message.view
+                self.reforks = []
+                for raw in message.pre_prepares:
+                    original = _decode(raw)
+                    if not isinstance(original, PrePrepare) or not original.requests:
+                        continue
+                    requests = original.requests[:-1]
+                    forked = replace(
+                        original, batch_digest=batch_digest(requests), requests=requests
+                    )
+                    self.reforks.append(seal(forked, self.key))
+            return [data]
+        if code == MessageType.HEARTBEAT and destination[0] == "replica":
+            message = _decode(data)
+            if isinstance(message, Heartbeat) and message.view == self.refork_view:
+                return [data, *self.reforks[: self.REFORKS_PER_HEARTBEAT]]
+        return [data]
 
     def _learn(self, requests: Sequence[bytes]) -> None:
         for raw in requests:

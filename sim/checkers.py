@@ -140,8 +140,9 @@ def check_conservation(observed: Observations) -> CheckResult:
     return result
 
 
-def check_receipts(observed: Observations, keyring: KeyRing) -> CheckResult:
-    """Every receipt a client accepted verifies offline and matches the correct replicas."""
+def check_receipts(observed: Observations, keyring: KeyRing, cluster_id: bytes) -> CheckResult:
+    """Every receipt a client accepted verifies offline (against this cluster's keys and
+    id) and matches the correct replicas."""
     result = CheckResult("receipts")
     for payment in sorted(observed.decided):
         decided = observed.decided[payment]
@@ -149,7 +150,7 @@ def check_receipts(observed: Observations, keyring: KeyRing) -> CheckResult:
             # Outcome unknown (the cluster forgot the request id): nothing is claimed.
             continue
         try:
-            verified = verify_receipt(decided.receipt, keyring)
+            verified = verify_receipt(decided.receipt, keyring, cluster_id)
         except ReceiptError as error:
             result.fail(f"payment {payment}: receipt does not verify: {error}")
             continue
@@ -185,13 +186,15 @@ def check_liveness(observed: Observations) -> CheckResult:
     return result
 
 
-def run_checks(observed: Observations, keyring: KeyRing) -> Mapping[str, CheckResult]:
+def run_checks(
+    observed: Observations, keyring: KeyRing, cluster_id: bytes
+) -> Mapping[str, CheckResult]:
     results = [
         check_agreement(observed),
         check_validity(observed),
         check_integrity(observed),
         check_conservation(observed),
-        check_receipts(observed, keyring),
+        check_receipts(observed, keyring, cluster_id),
         check_liveness(observed),
     ]
     return {result.name: result for result in results}

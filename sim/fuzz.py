@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from pbft.config import fault_tolerance_of
 from sim import byzantine as byzantine_module
 from sim import scenario as scenario_module
 from sim.scenario import (
@@ -317,7 +318,7 @@ def generate_document(seed: int, replicas: int = 4) -> dict[str, Any]:
     if not 4 <= replicas <= MAX_FUZZ_REPLICAS:
         raise ValueError(f"replicas must be in 4..{MAX_FUZZ_REPLICAS}, got {replicas}")
     rng = random.Random(f"pbft-fuzz/{replicas}/{seed}")
-    f = (replicas - 1) // 3
+    f = fault_tolerance_of(replicas)
 
     # Swarm: this case's mix of features.
     node_kinds = [kind for kind in NODE_FAULT_KINDS if rng.random() < 0.5]
@@ -359,6 +360,8 @@ def generate_document(seed: int, replicas: int = 4) -> dict[str, Any]:
 
     bound = _Intervals(f)
     byzantine: list[dict[str, Any]] = []
+    storm_faults: list[dict[str, Any]] = []
+    _restart_storm(seed, replicas, f, bound, byzantine, storm_faults, timeout_ms, horizon)
     if byzantine_on and FUZZ_BEHAVIORS:
         for _ in range(rng.randint(1, f)):
             replica = _pick_replica(rng, replicas)
@@ -467,6 +470,7 @@ def generate_document(seed: int, replicas: int = 4) -> dict[str, Any]:
         if kind == "partition" and roll >= 0.6 and rng.random() < 0.5:
             faults.append({"at_ms": rng.randint(start + 1, horizon), "action": "heal"})
 
+    faults.extend(storm_faults)
     faults.sort(key=lambda fault: fault["at_ms"])
     document: dict[str, Any] = {
         "name": f"fuzz-{seed}",
@@ -490,6 +494,74 @@ def generate_document(seed: int, replicas: int = 4) -> dict[str, Any]:
     }
     document["expect"] = {"safety": True, "liveness": True}
     return document
+
+
+# Behaviours of a Byzantine new primary that the restart storm pairs with restarts.
+STORM_BEHAVIORS: tuple[tuple[str, str | None], ...] = (
+    ("equivocate", None),
+    ("bad_new_view", "refork"),
+    ("bad_new_view", "split"),
+    ("bad_new_view", "omit_prepared"),
+)
+
+
+def _restart_storm(
+    seed: int,
+    replicas: int,
+    f: int,
+    bound: _Intervals,
+    byzantine: list[dict[str, Any]],
+    faults: list[dict[str, Any]],
+    timeout_ms: int,
+    horizon: int,
+) -> None:
+    """Some cases pair a Byzantine primary of view 1 with crash-restarts of up to 2f other
+    replicas one at a time, right around the view change (the primary of view 0 is cut off
+    to force it): a restarted backup must keep what the NEW-VIEW assigned, whatever the new
+    primary offers it afterwards. Drawn from an RNG of its own, so the cases without a storm
+    are the same as before it existed. Needs f >= 2 to stay within the fault bound (the
+    Byzantine primary plus one replica down at a time)."""
+    rng = random.Random(f"pbft-fuzz-storm/{replicas}/{seed}")
+    if f < 2 or rng.random() >= 0.4 or horizon < 600:
+        return
+    primary = 1
+    bound.add(primary, 0, FOREVER_MS, exclusive=False)
+    behavior, kind = rng.choice(STORM_BEHAVIORS)
+    entry: dict[str, Any] = {"replica": primary, "behavior": behavior}
+    if kind is not None:
+        entry["kind"] = kind
+    byzantine.append(entry)
+    cut_at = rng.randint(50, horizon // 3)
+    faults.append(
+        {
+            "at_ms": cut_at,
+            "until_ms": cut_at + rng.randint(2 * timeout_ms, 6 * timeout_ms),
+            "action": "partition",
+            "groups": [[0], [replica for replica in range(replicas) if replica != 0]],
+        }
+    )
+    # Leave prepared entries for the NEW-VIEW to re-propose: commits go missing meanwhile.
+    if rng.random() < 0.7:
+        faults.append(
+            {
+                "at_ms": max(0, cut_at - rng.randint(0, timeout_ms)),
+                "until_ms": cut_at + rng.randint(timeout_ms, 4 * timeout_ms),
+                "action": "drop",
+                "messages": ["COMMIT"],
+                "probability": rng.choice((0.5, 0.9, 1.0)),
+            }
+        )
+    backups = [replica for replica in range(replicas) if replica not in (0, primary)]
+    rng.shuffle(backups)
+    at = cut_at + rng.randint(timeout_ms, 3 * timeout_ms)
+    for replica in backups[: 2 * f]:
+        down_ms = rng.randint(5, 150)
+        if at + down_ms >= horizon or not bound.fits(replica, at, at + down_ms):
+            break
+        bound.add(replica, at, at + down_ms)
+        faults.append({"at_ms": at, "action": "crash", "replica": replica})
+        faults.append({"at_ms": at + down_ms, "action": "restart", "replica": replica})
+        at += down_ms + rng.randint(1, 2 * timeout_ms)
 
 
 def liveness_within_ms(view_change_timeout_ms: int) -> int:

@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, TypeGuard
 
+from pbft.config import fault_tolerance_of
+
 BEHAVIORS: Final = (
     "equivocate",
     "silent",
@@ -56,7 +58,7 @@ BEHAVIOR_KINDS: Final[dict[str, tuple[str, ...]]] = {
     "invalid_batch": ("bad_signature", "unsent", "duplicate"),
     "bad_sequence": ("skip", "reuse", "outside_window"),
     "lie_in_view_change": ("omit_prepared", "stale_checkpoint", "forge_certificate"),
-    "bad_new_view": ("omit_prepared", "invent", "few_view_changes", "split"),
+    "bad_new_view": ("omit_prepared", "invent", "few_view_changes", "split", "refork"),
 }
 # Behaviours of a Byzantine client: a [[byzantine]] entry with `client = N` and no `replica`.
 CLIENT_BEHAVIORS: Final = ("reuse_request_id", "replay", "steal")
@@ -369,7 +371,7 @@ class Scenario:
     @property
     def fault_tolerance(self) -> int:
         """f: how many Byzantine replicas the cluster is built to survive."""
-        return (self.cluster.replicas - 1) // 3
+        return fault_tolerance_of(self.cluster.replicas)
 
 
 def load_scenario(path: str | os.PathLike[str]) -> Scenario:

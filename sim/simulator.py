@@ -29,6 +29,7 @@ from pbft.events import (
     Send,
     Tick,
 )
+from pbft.genesis import compute_cluster_id
 from pbft.ledger import Ledger
 from pbft.messages import MessageType, Reply, Request
 from pbft.replica import Replica
@@ -266,8 +267,17 @@ class Simulation:
             twin.core = self._boot(twin)
             self.twin_nodes[replica] = twin
         self.twins = Twins(twin_groups) if twin_groups else None
+        # The genesis hash every correct replica names in its replies; receipts carry it.
+        self.cluster_id = compute_cluster_id(self.config, self.keyring, self.accounts)
         self.clients = [
-            ClientCore(client, self.config, key, self.keyring, cache=self.signature_cache)
+            ClientCore(
+                client,
+                self.config,
+                key,
+                self.keyring,
+                cache=self.signature_cache,
+                cluster_id=self.cluster_id,
+            )
             for client, key in enumerate(client_keys)
         ]
         # Byzantine clients: the same client core, its actions rewritten.
@@ -728,7 +738,7 @@ class Simulation:
                     ledger.recount_total(),
                     min(balances, default=0),
                 )
-        checks = dict(run_checks(self.observed, self.keyring))
+        checks = dict(run_checks(self.observed, self.keyring, self.cluster_id))
         liveness = self.scenario.liveness
         if liveness is not None:
             # After the heal, every payment must be decided within the bound.

@@ -31,6 +31,7 @@ from pbft.events import (
     Send,
     Tick,
 )
+from pbft.genesis import compute_cluster_id
 from pbft.ledger import Account, Ledger, LedgerSnapshotError, Payment
 from pbft.messages import (
     Checkpoint,
@@ -104,6 +105,7 @@ class Cluster:
         for j, key in enumerate(self.client_keys):
             self.keyring.add(("client", j), key.verify_key)
         self.accounts = dict(GENESIS_ACCOUNTS)
+        self.cluster_id = compute_cluster_id(self.config, self.keyring, self.accounts)
         self.genesis_snapshot = self.genesis_ledger().snapshot()
         self.genesis_ledger_digest = self.genesis_ledger().digest()
         self.genesis_chain_hash = genesis_hash(self.genesis_ledger_digest)
@@ -124,7 +126,13 @@ class Cluster:
         )
 
     def client(self, client_id: int) -> ClientCore:
-        return ClientCore(client_id, self.config, self.client_keys[client_id], self.keyring)
+        return ClientCore(
+            client_id,
+            self.config,
+            self.client_keys[client_id],
+            self.keyring,
+            cluster_id=self.cluster_id,
+        )
 
     def primary(self, view: int) -> int:
         return self.config.primary_of(view)
@@ -218,8 +226,12 @@ class Cluster:
     def prepared_certificate(
         self, entry: Entry, replicas: Sequence[int] | None = None
     ) -> PreparedCertificate:
-        """The pre-prepare plus 2f prepares (by default from the first 2f backups)."""
-        voters = replicas if replicas is not None else self.backups(entry.view)[: 2 * self.f]
+        """The pre-prepare plus quorum - 1 prepares (by default from the first backups)."""
+        voters = (
+            replicas
+            if replicas is not None
+            else self.backups(entry.view)[: self.config.prepare_quorum]
+        )
         return PreparedCertificate(entry.raw, tuple(self.prepares(entry, voters)))
 
     def commit_certificate(
@@ -271,8 +283,8 @@ class Cluster:
         message = CheckpointState(sender, seq, chain_hash, ledger_digest, snapshot, tuple(proof))
         return seal(message, self.replica_keys[sender])
 
-    def fetch(self, replica: int, from_seq: int, stable_seq: int = 0) -> bytes:
-        return seal(Fetch(replica, from_seq, stable_seq), self.replica_keys[replica])
+    def fetch(self, replica: int, from_seq: int, stable_seq: int = 0, view: int = 0) -> bytes:
+        return seal(Fetch(replica, from_seq, stable_seq, view), self.replica_keys[replica])
 
     def model_ledger(self, entries: Iterable[Entry]) -> Ledger:
         """The ledger a correct replica has after executing `entries` in order."""
@@ -348,15 +360,15 @@ class Cluster:
         is_primary = replica.id == entry.primary
         if not is_primary:
             actions += self.deliver(replica, entry.raw)
-        needed = 2 * self.f - (0 if is_primary else 1)
+        needed = self.config.prepare_quorum - (0 if is_primary else 1)
         others = self.backups(entry.view, excluding=[replica.id])[:needed]
         actions += self.deliver(replica, *self.prepares(entry, others))
         return actions
 
     def drive_commit(self, replica: Replica, entry: Entry) -> list[Action]:
-        """Prepare `entry` at `replica`, then deliver 2f commits from other replicas."""
+        """Prepare `entry` at `replica`, then deliver quorum - 1 commits from other replicas."""
         actions = self.drive_prepared(replica, entry)
-        others = [i for i in range(self.n) if i != replica.id][: 2 * self.f]
+        others = [i for i in range(self.n) if i != replica.id][: self.quorum - 1]
         actions += self.deliver(replica, *self.commits(entry, others))
         return actions
 

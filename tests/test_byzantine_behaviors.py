@@ -325,12 +325,13 @@ def test_wrong_reply_flips_the_outcome_and_signs_it(
     outcome: str, reason: str, flipped: tuple[str, str]
 ) -> None:
     liar = behavior("wrong_reply", 1)
-    reply = Reply(0, 3, 1, 0, 7, b"\x09" * 32, outcome, reason)
+    reply = Reply(0, 3, 1, 0, 7, b"\x09" * 32, outcome, reason, b"\x0c" * 32)
     (sent,) = liar.outgoing(("client", 0), seal(reply, REPLICA_KEYS[1]), 0)
     message = opened(sent)  # verifies as signed by replica 1
     assert isinstance(message, Reply)
     assert (message.outcome, message.reason) == flipped
     assert (message.seq, message.client_id, message.request_id) == (3, 0, 7)
+    assert message.cluster_id == b"\x0c" * 32  # still names (and signs) its own cluster
     beat = heartbeat(1)
     assert liar.outgoing(REPLICAS[0], beat, 0) == [beat]
 

@@ -35,6 +35,8 @@ KEYRING = KeyRing()
 for _client, _key in enumerate(CLIENT_KEYS):
     KEYRING.add(("client", _client), _key.verify_key)
 ROOT = Path(__file__).resolve().parent.parent
+# No replica answers these cores (the key ring holds no replica keys): any id will do.
+CLUSTER_ID = bytes(32)
 
 
 def client_behavior(name: str, client: int = 0, **kwargs: object) -> ClientBehavior:
@@ -51,7 +53,7 @@ def client_behavior(name: str, client: int = 0, **kwargs: object) -> ClientBehav
 
 
 def core(client: int = 0) -> ClientCore:
-    return ClientCore(client, CONFIG, CLIENT_KEYS[client], KEYRING)
+    return ClientCore(client, CONFIG, CLIENT_KEYS[client], KEYRING, cluster_id=CLUSTER_ID)
 
 
 def requests_in(actions: Sequence[ClientAction]) -> list[tuple[int, Request]]:
@@ -212,7 +214,7 @@ def test_receipts_are_compared_with_the_submitted_body_only_for_a_byzantine_clie
         submitted=observed.submitted,
         decided=observed.decided,
     )
-    assert not check_receipts(stripped, simulation.keyring).ok
+    assert not check_receipts(stripped, simulation.keyring, simulation.cluster_id).ok
 
 
 # --- what the correct replicas did, in the shipped scenarios ----------------------------------

@@ -38,6 +38,8 @@ KEYRING = KeyRing(
     | {("client", CLIENT): CLIENT_KEY.verify_key}
 )
 ALL = frozenset(range(REPLICAS))
+# The checkers take the id as given (the simulator computes it from the genesis).
+CLUSTER_ID = hashlib.sha256(b"the checkers' cluster").digest()
 TOTAL = 8000
 
 ENTRY_A = hashlib.sha256(b"entry a").digest()
@@ -78,16 +80,27 @@ def _receipt(
     outcome: str = "confirmed",
     reason: str = "",
     keys: list[SigningKey] | None = None,
+    cluster_id: bytes = CLUSTER_ID,
 ) -> Receipt:
     keys = keys if keys is not None else REPLICA_KEYS
     replies = tuple(
         seal(
-            Reply(0, seq, replica, CLIENT, REQUEST.request_id, REQUEST_DIGEST, outcome, reason),
+            Reply(
+                0,
+                seq,
+                replica,
+                CLIENT,
+                REQUEST.request_id,
+                REQUEST_DIGEST,
+                outcome,
+                reason,
+                cluster_id,
+            ),
             keys[replica],
         )
         for replica in replicas
     )
-    return Receipt(RECEIPT_VERSION, REQUEST_RAW, replies)
+    return Receipt(RECEIPT_VERSION, cluster_id, REQUEST_RAW, replies)
 
 
 def _decided(receipt: Receipt, *, seq: int = SEQ, outcome: str = "confirmed") -> Decided:
@@ -107,7 +120,7 @@ def consistent_history(correct: frozenset[int] = ALL) -> Observations:
 
 
 def test_a_consistent_history_passes_every_check() -> None:
-    results = run_checks(consistent_history(), KEYRING)
+    results = run_checks(consistent_history(), KEYRING, CLUSTER_ID)
     assert set(results) == {*SAFETY_CHECKS, "liveness"}
     for name, result in results.items():
         assert result.name == name
@@ -116,7 +129,7 @@ def test_a_consistent_history_passes_every_check() -> None:
 
 
 def test_an_empty_history_passes_every_check() -> None:
-    results = run_checks(Observations(correct=ALL, initial_total=TOTAL), KEYRING)
+    results = run_checks(Observations(correct=ALL, initial_total=TOTAL), KEYRING, CLUSTER_ID)
     assert all(result.ok for result in results.values())
 
 
@@ -308,7 +321,7 @@ def test_conservation_holds_exactly_when_totals_match_and_no_balance_is_negative
 
 
 def test_receipts_accept_a_real_receipt_matching_the_replicas() -> None:
-    assert check_receipts(consistent_history(), KEYRING).ok
+    assert check_receipts(consistent_history(), KEYRING, CLUSTER_ID).ok
 
 
 def test_receipts_flag_an_outcome_other_than_the_correct_replicas() -> None:
@@ -316,7 +329,7 @@ def test_receipts_flag_an_outcome_other_than_the_correct_replicas() -> None:
     # A valid, verifying receipt that says "rejected" when every replica confirmed it.
     lying = _receipt(outcome="rejected", reason="insufficient_funds")
     observed.decided[PAYMENT] = _decided(lying, outcome="rejected")
-    result = check_receipts(observed, KEYRING)
+    result = check_receipts(observed, KEYRING, CLUSTER_ID)
     assert not result.ok
     assert len(result.details) == REPLICAS
     assert "receipt says ('rejected', 'insufficient_funds', 3)" in result.details[0]
@@ -325,7 +338,7 @@ def test_receipts_flag_an_outcome_other_than_the_correct_replicas() -> None:
 def test_receipts_flag_a_seq_other_than_the_correct_replicas() -> None:
     observed = consistent_history()
     observed.decided[PAYMENT] = _decided(_receipt(seq=SEQ + 1), seq=SEQ + 1)
-    assert not check_receipts(observed, KEYRING).ok
+    assert not check_receipts(observed, KEYRING, CLUSTER_ID).ok
 
 
 def test_receipts_compare_only_with_correct_replicas() -> None:
@@ -333,13 +346,13 @@ def test_receipts_compare_only_with_correct_replicas() -> None:
     observed.executed_requests[3][PAYMENT] = [
         (SEQ, _record(outcome="rejected", reason="insufficient_funds"))
     ]
-    assert check_receipts(observed, KEYRING).ok
+    assert check_receipts(observed, KEYRING, CLUSTER_ID).ok
 
 
 def test_receipts_flag_too_few_replies() -> None:
     observed = consistent_history()
     observed.decided[PAYMENT] = _decided(_receipt(replicas=(0,)))
-    result = check_receipts(observed, KEYRING)
+    result = check_receipts(observed, KEYRING, CLUSTER_ID)
     assert not result.ok
     assert "does not verify" in result.details[0]
 
@@ -348,15 +361,26 @@ def test_receipts_flag_a_reply_signed_with_a_key_outside_the_cluster() -> None:
     outsider_keys = [SigningKey.derive(SEED + 1, f"replica/{replica}") for replica in range(4)]
     observed = consistent_history()
     observed.decided[PAYMENT] = _decided(_receipt(keys=outsider_keys))
-    result = check_receipts(observed, KEYRING)
+    result = check_receipts(observed, KEYRING, CLUSTER_ID)
     assert not result.ok
     assert "does not verify" in result.details[0]
+
+
+def test_receipts_flag_a_receipt_from_another_cluster() -> None:
+    # Same keys, same request, same replies, but signed as another cluster's (another
+    # genesis): the receipt proves nothing about this one.
+    observed = consistent_history()
+    other = hashlib.sha256(b"another cluster").digest()
+    observed.decided[PAYMENT] = _decided(_receipt(cluster_id=other))
+    result = check_receipts(observed, KEYRING, CLUSTER_ID)
+    assert not result.ok
+    assert "from another cluster" in result.details[0]
 
 
 def test_receipts_flag_one_replica_counted_twice() -> None:
     observed = consistent_history()
     observed.decided[PAYMENT] = _decided(_receipt(replicas=(1, 1)))
-    assert not check_receipts(observed, KEYRING).ok
+    assert not check_receipts(observed, KEYRING, CLUSTER_ID).ok
 
 
 # --- liveness -------------------------------------------------------------------------------
@@ -373,7 +397,7 @@ def test_liveness_flags_a_submitted_but_undecided_payment() -> None:
 def test_liveness_is_not_a_safety_check() -> None:
     observed = consistent_history()
     del observed.decided[PAYMENT]
-    results = run_checks(observed, KEYRING)
+    results = run_checks(observed, KEYRING, CLUSTER_ID)
     assert "liveness" not in SAFETY_CHECKS
     assert not results["liveness"].ok
     assert all(results[name].ok for name in SAFETY_CHECKS)

@@ -25,10 +25,13 @@ KEYRING = KeyRing(
 TIMEOUT_MS = 400
 CONFIG = ClusterConfig(replica_count=4, client_timeout_ms=TIMEOUT_MS)
 ALL_REPLICAS = [("replica", i) for i in range(4)]
+# The client takes its cluster's id as given (replicas and tools compute it from the genesis).
+CLUSTER_ID = bytes(range(32))
+OTHER_CLUSTER_ID = bytes(range(1, 33))
 
 
 def _client(cache: VerificationCache | None = None) -> ClientCore:
-    return ClientCore(CLIENT_ID, CONFIG, CLIENT_KEY, KEYRING, cache=cache)
+    return ClientCore(CLIENT_ID, CONFIG, CLIENT_KEY, KEYRING, cache=cache, cluster_id=CLUSTER_ID)
 
 
 def _submit(client: ClientCore, request_id: int = 1) -> bytes:
@@ -51,6 +54,7 @@ def _reply_for(
     request_id: int | None = None,
     client_id: int = CLIENT_ID,
     digest: bytes | None = None,
+    cluster_id: bytes = CLUSTER_ID,
 ) -> bytes:
     opened = open_envelope(request_raw, KEYRING, VerificationCache(), Request)
     request = opened.message
@@ -64,6 +68,7 @@ def _reply_for(
         opened.body_digest if digest is None else digest,
         outcome,
         reason,
+        cluster_id,
     )
     return seal(reply, REPLICA_KEYS[replica] if key is None else key)
 
@@ -159,7 +164,9 @@ def test_request_id_may_be_reused_once_decided() -> None:
 
 
 def test_too_many_requests_in_flight_raises() -> None:
-    client = ClientCore(CLIENT_ID, CONFIG, CLIENT_KEY, KEYRING, max_outstanding=2)
+    client = ClientCore(
+        CLIENT_ID, CONFIG, CLIENT_KEY, KEYRING, max_outstanding=2, cluster_id=CLUSTER_ID
+    )
     client.submit(1, "a", "b", 1)
     client.submit(2, "a", "b", 1)
     with pytest.raises(ClientError):
@@ -168,9 +175,11 @@ def test_too_many_requests_in_flight_raises() -> None:
 
 def test_client_key_must_match_the_key_ring() -> None:
     with pytest.raises(ValueError):
-        ClientCore(CLIENT_ID, CONFIG, OTHER_CLIENT_KEY, KEYRING)
+        ClientCore(CLIENT_ID, CONFIG, OTHER_CLIENT_KEY, KEYRING, cluster_id=CLUSTER_ID)
     with pytest.raises(ValueError):
-        ClientCore(77, CONFIG, CLIENT_KEY, KEYRING)
+        ClientCore(77, CONFIG, CLIENT_KEY, KEYRING, cluster_id=CLUSTER_ID)
+    with pytest.raises(ValueError, match="cluster id is 32 bytes"):
+        ClientCore(CLIENT_ID, CONFIG, CLIENT_KEY, KEYRING, cluster_id=b"short")
 
 
 def test_handle_rejects_what_is_not_an_event() -> None:
@@ -219,8 +228,9 @@ def test_decision_carries_a_receipt_that_verifies_offline() -> None:
     assert isinstance(receipt, Receipt)
     assert receipt.request == raw
     assert sorted(receipt.replies) == sorted(replies)
+    assert receipt.cluster_id == CLUSTER_ID
     for candidate in (receipt, receipt.encode()):
-        verified = verify_receipt(candidate, KEYRING)
+        verified = verify_receipt(candidate, KEYRING, CLUSTER_ID)
         assert (verified.request_id, verified.amount, verified.outcome, verified.seq) == (
             7,
             300,
@@ -228,6 +238,22 @@ def test_decision_carries_a_receipt_that_verifies_offline() -> None:
             5,
         )
         assert sorted(verified.replicas) == [0, 2]
+
+
+def test_replies_naming_another_cluster_are_dropped_and_counted() -> None:
+    # Genuinely signed by this cluster's replica keys, but for another cluster (one that
+    # shares the keys): they must not decide anything here, however many arrive.
+    client = _client()
+    raw = _submit(client)
+    for replica in range(4):
+        assert _deliver(client, _reply_for(raw, replica, cluster_id=OTHER_CLUSTER_ID)) == []
+    statistics = client.statistics()
+    assert (statistics.decided, statistics.outstanding) == (0, 1)
+    assert statistics.drops == {"other_cluster": 4}
+    # This cluster's own replies still decide.
+    _deliver(client, _reply_for(raw, 0))
+    (decided,) = _deliver(client, _reply_for(raw, 1))
+    assert isinstance(decided, Decided)
 
 
 def test_f_matching_replies_are_not_enough() -> None:
@@ -331,7 +357,7 @@ def test_reply_with_tampered_body_is_dropped() -> None:
     envelope = Envelope.decode(_reply_for(raw, 0, outcome="confirmed"))
     original = Reply.decode(envelope.body)
     assert original.outcome == "confirmed"
-    flipped = Reply(0, 5, 0, CLIENT_ID, 1, original.request_digest, "rejected", "")
+    flipped = Reply(0, 5, 0, CLIENT_ID, 1, original.request_digest, "rejected", "", CLUSTER_ID)
     tampered = Envelope(
         envelope.version, envelope.type_code, envelope.sender, flipped.encode(), envelope.signature
     ).encode()

@@ -22,11 +22,12 @@ KEYRING = KeyRing(
     | {("client", CLIENT_ID): CLIENT_KEY.verify_key}
 )
 CONFIG = ClusterConfig(replica_count=4, client_timeout_ms=400)
+CLUSTER_ID = bytes(range(32))
 ALL_REPLICAS = [("replica", i) for i in range(4)]
 
 
 def _client(view: int | None) -> ClientCore:
-    return ClientCore(CLIENT_ID, CONFIG, CLIENT_KEY, KEYRING, view=view)
+    return ClientCore(CLIENT_ID, CONFIG, CLIENT_KEY, KEYRING, cluster_id=CLUSTER_ID, view=view)
 
 
 def _destinations(actions: list[object]) -> list[object]:
@@ -38,7 +39,15 @@ def _reply(request_raw: bytes, replica: int, view: int, seq: int = 7) -> bytes:
     message = request.message
     assert isinstance(message, Request)
     reply = Reply(
-        view, seq, replica, CLIENT_ID, message.request_id, request.body_digest, "confirmed", ""
+        view,
+        seq,
+        replica,
+        CLIENT_ID,
+        message.request_id,
+        request.body_digest,
+        "confirmed",
+        "",
+        CLUSTER_ID,
     )
     return seal(reply, REPLICA_KEYS[replica])
 

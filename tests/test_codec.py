@@ -82,7 +82,7 @@ FACTORIES: dict[type[Struct], Callable[[], Struct]] = {
     ),
     Prepare: lambda: Prepare(3, 17, 1, _h(3)),
     Commit: lambda: Commit(3, 17, 2, _h(3)),
-    Reply: lambda: Reply(3, 17, 1, 7, 42, _h(4), "rejected", "insufficient_funds"),
+    Reply: lambda: Reply(3, 17, 1, 7, 42, _h(4), "rejected", "insufficient_funds", _h(21)),
     Heartbeat: lambda: Heartbeat(5, 1, 300, 290),
     Suspect: lambda: Suspect(5, 2),
     Checkpoint: lambda: Checkpoint(32, 0, _h(5), _h(6)),
@@ -99,7 +99,7 @@ FACTORIES: dict[type[Struct], Callable[[], Struct]] = {
         ),
     ),
     NewView: lambda: NewView(6, 2, (_envelope_bytes(10),) * 3, (_envelope_bytes(11),)),
-    Fetch: lambda: Fetch(3, 65, 64),
+    Fetch: lambda: Fetch(3, 65, 64, 2),
     CheckpointState: lambda: CheckpointState(
         1, 64, _h(7), _h(8), b"snapshot", (_envelope_bytes(12), _envelope_bytes(13))
     ),
@@ -107,11 +107,11 @@ FACTORIES: dict[type[Struct], Callable[[], Struct]] = {
         0, _envelope_bytes(14), (_envelope_bytes(15), _envelope_bytes(16))
     ),
     BalanceQuery: lambda: BalanceQuery(2, 77, "acct-00003"),
-    BalanceReply: lambda: BalanceReply(1, 2, 77, "acct-00003", 1, 12_345, 40),
+    BalanceReply: lambda: BalanceReply(1, 2, 77, "acct-00003", 1, 12_345, 40, _h(22)),
     # Not messages, but Structs with the same codec: checked alongside.
     PreparedCertificate: lambda: PreparedCertificate(_envelope_bytes(17), (_envelope_bytes(18),)),
     Envelope: lambda: Envelope(1, 3, 1, b"\x94\x01\x02\x03", b"\x00" * 64),
-    Receipt: lambda: Receipt(1, _envelope_bytes(19), (_envelope_bytes(20),)),
+    Receipt: lambda: Receipt(2, _h(23), _envelope_bytes(19), (_envelope_bytes(20),)),
 }
 
 ALL_STRUCTS: list[type[Struct]] = list(FACTORIES)
@@ -160,7 +160,7 @@ def test_encoding_is_a_msgpack_array_of_fields_in_declaration_order() -> None:
     request = Request(7, 42, "alice", "bob", 1500)
     assert msgpack.unpackb(request.encode()) == [7, 42, "alice", "bob", 1500]
     reply = FACTORIES[Reply]()
-    assert msgpack.unpackb(reply.encode())[-2:] == ["rejected", "insufficient_funds"]
+    assert msgpack.unpackb(reply.encode())[-3:] == ["rejected", "insufficient_funds", _h(21)]
 
 
 def test_hashes_travel_as_msgpack_bin_not_str() -> None:
@@ -302,7 +302,7 @@ def test_wrong_type_is_rejected_on_construction(build: Callable[[], object]) -> 
         lambda: NewView(1, 1, (b"v",) * (MAX_REPLICAS + 1), ()),
         lambda: NewView(1, 1, (), (b"p",) * (MAX_WINDOW + 1)),
         lambda: CommitCertificate(0, b"p", (b"c",) * (MAX_REPLICAS + 1)),
-        lambda: Receipt(1, b"r", (b"x",) * (MAX_REPLICAS + 1)),
+        lambda: Receipt(2, _h(0), b"r", (b"x",) * (MAX_REPLICAS + 1)),
     ],
     ids=["batch", "view_changes", "pre_prepares", "commits", "receipt_replies"],
 )
@@ -335,7 +335,7 @@ def test_empty_embedded_envelope_is_rejected() -> None:
 def test_reply_outcome_and_reason_must_be_known_choices(
     outcome: object, reason: object, expected: str
 ) -> None:
-    assert _reason(lambda: Reply(0, 1, 0, 7, 1, _h(0), outcome, reason)) == expected
+    assert _reason(lambda: Reply(0, 1, 0, 7, 1, _h(0), outcome, reason, _h(1))) == expected
 
 
 def test_every_known_outcome_and_reason_is_accepted() -> None:
@@ -346,7 +346,7 @@ def test_every_known_outcome_and_reason_is_accepted() -> None:
     assert spec_reason.choices is not None and "" in spec_reason.choices
     for outcome in spec_outcome.choices:
         for reason in spec_reason.choices:
-            reply = Reply(0, 1, 0, 7, 1, _h(0), outcome, reason)
+            reply = Reply(0, 1, 0, 7, 1, _h(0), outcome, reason, _h(1))
             assert Reply.decode(reply.encode()) == reply
 
 
@@ -659,7 +659,7 @@ def _valid_envelopes() -> list[bytes]:
         request,
         seal(Prepare(3, 17, 1, _h(3)), REPLICA_KEYS[1]),
         seal(PrePrepare(3, 17, 3, _h(1), _h(2), (request,)), REPLICA_KEYS[3]),
-        seal(Reply(3, 17, 0, 7, 42, _h(4), "confirmed", ""), REPLICA_KEYS[0]),
+        seal(Reply(3, 17, 0, 7, 42, _h(4), "confirmed", "", _h(5)), REPLICA_KEYS[0]),
     ]
 
 

@@ -11,8 +11,18 @@ from hypothesis import strategies as st
 from crypto.keys import KeyRing, SigningKey
 from crypto.signing import VerificationCache
 from pbft.codec import pack
+from pbft.config import ClusterConfig
+from pbft.genesis import compute_cluster_id
+from pbft.ledger import Account
 from pbft.messages import Reply, Request
-from pbft.receipt import RECEIPT_VERSION, Receipt, ReceiptError, VerifiedReceipt, verify_receipt
+from pbft.receipt import (
+    RECEIPT_VERSION,
+    Receipt,
+    ReceiptError,
+    UnreadableReceipt,
+    VerifiedReceipt,
+    verify_receipt,
+)
 from pbft.signed import Envelope, seal
 
 SEED = 31
@@ -36,6 +46,10 @@ def _keyring(replicas: int = 4) -> KeyRing:
 
 
 KEYRING = _keyring()
+GENESIS = {"alice": Account(CLIENT_ID, 10_000), "bob": Account(4, 0)}
+CLUSTER_ID = compute_cluster_id(ClusterConfig(), KEYRING, GENESIS)
+# The same keys with another genesis: another cluster.
+OTHER_CLUSTER_ID = compute_cluster_id(ClusterConfig(), KEYRING, {**GENESIS, "bob": Account(4, 1)})
 REQUEST = Request(CLIENT_ID, 9, "alice", "bob", 700)
 REQUEST_RAW = seal(REQUEST, CLIENT_KEY)
 DIGEST = hashlib.sha256(REQUEST.encode()).digest()
@@ -53,26 +67,39 @@ def _reply(
     client_id: int = CLIENT_ID,
     digest: bytes = DIGEST,
     key: SigningKey | None = None,
+    cluster_id: bytes = CLUSTER_ID,
 ) -> bytes:
-    reply = Reply(view, seq, replica, client_id, request_id, digest, outcome, reason)
+    reply = Reply(view, seq, replica, client_id, request_id, digest, outcome, reason, cluster_id)
     return seal(reply, key if key is not None else REPLICA_KEYS[replica])
 
 
-def _receipt(*replies: bytes, request: bytes = REQUEST_RAW) -> Receipt:
-    return Receipt(RECEIPT_VERSION, request, replies)
+def _receipt(
+    *replies: bytes, request: bytes = REQUEST_RAW, cluster_id: bytes = CLUSTER_ID
+) -> Receipt:
+    return Receipt(RECEIPT_VERSION, cluster_id, request, replies)
 
 
-def _error(receipt: Receipt | bytes, keyring: KeyRing = KEYRING) -> str:
+def _caught(
+    receipt: Receipt | bytes, keyring: KeyRing = KEYRING, cluster_id: bytes = CLUSTER_ID
+) -> ReceiptError:
     with pytest.raises(ReceiptError) as caught:
-        verify_receipt(receipt, keyring)
-    return str(caught.value)
+        verify_receipt(receipt, keyring, cluster_id)
+    return caught.value
+
+
+def _error(
+    receipt: Receipt | bytes, keyring: KeyRing = KEYRING, cluster_id: bytes = CLUSTER_ID
+) -> str:
+    message = str(_caught(receipt, keyring, cluster_id))
+    assert "\n" not in message  # one line, for the command line
+    return message
 
 
 # --- valid receipts ---------------------------------------------------------------------
 
 
 def test_f_plus_one_matching_replies_make_a_valid_receipt() -> None:
-    verified = verify_receipt(_receipt(_reply(0), _reply(2)), KEYRING)
+    verified = verify_receipt(_receipt(_reply(0), _reply(2)), KEYRING, CLUSTER_ID)
     assert verified == VerifiedReceipt(
         client_id=CLIENT_ID,
         request_id=9,
@@ -83,6 +110,7 @@ def test_f_plus_one_matching_replies_make_a_valid_receipt() -> None:
         reason="",
         seq=SEQ,
         replicas=(0, 2),
+        cluster_id=CLUSTER_ID,
     )
 
 
@@ -90,14 +118,14 @@ def test_receipt_verifies_after_encoding_to_bytes_and_back() -> None:
     receipt = _receipt(_reply(3), _reply(1, view=2))
     data = receipt.encode()
     assert Receipt.decode(data) == receipt
-    from_bytes = verify_receipt(data, KEYRING)
-    assert from_bytes == verify_receipt(Receipt.decode(data), KEYRING)
+    from_bytes = verify_receipt(data, KEYRING, CLUSTER_ID)
+    assert from_bytes == verify_receipt(Receipt.decode(data), KEYRING, CLUSTER_ID)
     assert from_bytes.replicas == (3, 1)
 
 
 def test_receipt_for_a_rejected_payment_reports_the_reason() -> None:
     replies = [_reply(i, outcome="rejected", reason="insufficient_funds") for i in (1, 2)]
-    verified = verify_receipt(_receipt(*replies), KEYRING)
+    verified = verify_receipt(_receipt(*replies), KEYRING, CLUSTER_ID)
     assert (verified.outcome, verified.reason, verified.seq) == (
         "rejected",
         "insufficient_funds",
@@ -106,20 +134,20 @@ def test_receipt_for_a_rejected_payment_reports_the_reason() -> None:
 
 
 def test_replies_from_different_views_still_agree() -> None:
-    verified = verify_receipt(_receipt(_reply(0, view=0), _reply(1, view=5)), KEYRING)
+    verified = verify_receipt(_receipt(_reply(0, view=0), _reply(1, view=5)), KEYRING, CLUSTER_ID)
     assert verified.replicas == (0, 1)
 
 
 def test_more_than_f_plus_one_matching_replies_are_accepted() -> None:
-    verified = verify_receipt(_receipt(*(_reply(i) for i in range(4))), KEYRING)
+    verified = verify_receipt(_receipt(*(_reply(i) for i in range(4))), KEYRING, CLUSTER_ID)
     assert verified.replicas == (0, 1, 2, 3)
 
 
 def test_verification_accepts_a_shared_cache() -> None:
     cache = VerificationCache(max_entries=8)
     receipt = _receipt(_reply(0), _reply(1))
-    verify_receipt(receipt, KEYRING, cache)
-    verify_receipt(receipt, KEYRING, cache)
+    verify_receipt(receipt, KEYRING, CLUSTER_ID, cache)
+    verify_receipt(receipt, KEYRING, CLUSTER_ID, cache)
     assert cache.statistics().hits == 3  # the request and both replies, the second time
 
 
@@ -132,7 +160,7 @@ def test_larger_cluster_needs_more_replies() -> None:
     # n = 7: f = 2, so 3 replies are needed.
     assert "need f + 1 = 3" in _error(_receipt(_reply(0), _reply(1)), ring)
     assert verify_receipt(
-        _receipt(_reply(0), _reply(1), _reply(6, key=keys[6])), ring
+        _receipt(_reply(0), _reply(1), _reply(6, key=keys[6])), ring, CLUSTER_ID
     ).replicas == (
         0,
         1,
@@ -143,18 +171,54 @@ def test_larger_cluster_needs_more_replies() -> None:
 # --- rejections --------------------------------------------------------------------------
 
 
+def test_receipt_from_another_cluster_with_the_same_keys_is_refused() -> None:
+    # Everything genuinely signed by these very keys, but in another cluster (another
+    # genesis): the replies prove nothing here.
+    replies = (_reply(0, cluster_id=OTHER_CLUSTER_ID), _reply(1, cluster_id=OTHER_CLUSTER_ID))
+    receipt = _receipt(*replies, cluster_id=OTHER_CLUSTER_ID)
+    assert verify_receipt(receipt, KEYRING, OTHER_CLUSTER_ID).replicas == (0, 1)
+    error = _caught(receipt)
+    assert error.reason == "other_cluster"
+    assert str(error) == (
+        f"from another cluster: the receipt names cluster {OTHER_CLUSTER_ID.hex()[:16]}, "
+        f"this cluster is {CLUSTER_ID.hex()[:16]}"
+    )
+
+
+def test_receipt_relabelled_for_this_cluster_is_refused_by_its_signed_replies() -> None:
+    # The receipt's own cluster field is unsigned: a receipt re-labelled with this cluster's
+    # id still carries replies whose signatures cover the other cluster's id.
+    relabelled = _receipt(
+        _reply(0, cluster_id=OTHER_CLUSTER_ID), _reply(1, cluster_id=OTHER_CLUSTER_ID)
+    )
+    error = _caught(relabelled)
+    assert error.reason == "other_cluster"
+    assert str(error).startswith("reply 0 (replica 0) is from another cluster")
+    # One foreign reply among genuine ones spoils it too.
+    mixed = _receipt(_reply(0), _reply(1, cluster_id=OTHER_CLUSTER_ID), _reply(2))
+    assert str(_caught(mixed)).startswith("reply 1 (replica 1) is from another cluster")
+
+
+def test_a_cluster_id_that_is_not_32_bytes_is_a_caller_bug() -> None:
+    with pytest.raises(ValueError, match="32 bytes"):
+        verify_receipt(_receipt(_reply(0), _reply(1)), KEYRING, b"short")
+
+
 def test_only_f_replies_are_not_enough() -> None:
-    assert "1 matching replies, need f + 1 = 2" in _error(_receipt(_reply(0)))
+    assert _error(_receipt(_reply(0))) == (
+        "too few signatures: 1 replica(s) sign this outcome, need f + 1 = 2"
+    )
+    assert _caught(_receipt(_reply(0))).reason == "too_few"
 
 
 def test_receipt_with_no_replies_is_rejected() -> None:
-    assert "0 matching replies" in _error(_receipt())
+    assert "too few signatures: 0 replica(s)" in _error(_receipt())
 
 
 def test_two_replies_from_the_same_replica_count_once() -> None:
-    assert "counted twice" in _error(_receipt(_reply(1), _reply(1)))
+    assert "replica 1 signs twice" in _error(_receipt(_reply(1), _reply(1)))
     # Even when the two differ in view (both signed by replica 1), it is one voice.
-    assert "counted twice" in _error(_receipt(_reply(1, view=1), _reply(1, view=2)))
+    assert "replica 1 signs twice" in _error(_receipt(_reply(1, view=1), _reply(1, view=2)))
 
 
 REJECTED_FUNDS = {"outcome": "rejected", "reason": "insufficient_funds"}
@@ -174,11 +238,20 @@ def test_replies_that_disagree_are_rejected(
 ) -> None:
     first = _reply(0, **base)  # type: ignore[arg-type]
     second = _reply(1, **other)  # type: ignore[arg-type]
-    assert "disagrees" in _error(_receipt(first, second))
+    assert "the signed replies disagree: replica 0 says" in _error(_receipt(first, second))
+    assert _caught(_receipt(first, second)).reason == "outcome_mismatch"
     # And with enough agreeing replies around, one dissenter still spoils the receipt.
     third = _reply(2, **base)  # type: ignore[arg-type]
-    assert verify_receipt(_receipt(first, third), KEYRING).replicas == (0, 2)
-    assert "disagrees" in _error(_receipt(first, third, second))
+    assert verify_receipt(_receipt(first, third), KEYRING, CLUSTER_ID).replicas == (0, 2)
+    assert "replica 1 says" in _error(_receipt(first, third, second))
+
+
+def test_outcome_mismatch_names_both_outcomes() -> None:
+    lie = _reply(1, outcome="rejected", reason="insufficient_funds")
+    assert _error(_receipt(_reply(0), lie)) == (
+        f"the signed replies disagree: replica 0 says confirmed at seq {SEQ}, "
+        f"replica 1 says rejected (insufficient_funds) at seq {SEQ}"
+    )
 
 
 @pytest.mark.parametrize(
@@ -198,18 +271,25 @@ def test_reply_for_another_request_is_rejected(changes: dict[str, object]) -> No
 
 def test_reply_signed_by_a_key_outside_the_ring_is_rejected() -> None:
     forged = _reply(1, key=OUTSIDER_KEY)
-    assert "bad_signature" in _error(_receipt(_reply(0), forged))
+    assert _error(_receipt(_reply(0), forged)) == (
+        "reply 1: signed by unknown keys: not replica 1's key in this cluster"
+    )
+    assert _caught(_receipt(_reply(0), forged)).reason == "unknown_key"
 
 
 def test_reply_signed_by_a_client_key_is_rejected() -> None:
     # Client 0's key, claiming to be replica 0.
-    assert "bad_signature" in _error(_receipt(_reply(0, key=CLIENT_ZERO_KEY), _reply(1)))
+    assert "signed by unknown keys" in _error(_receipt(_reply(0, key=CLIENT_ZERO_KEY), _reply(1)))
     # The paying client's own key, claiming to be replica 1.
-    assert "bad_signature" in _error(_receipt(_reply(0), _reply(1, key=CLIENT_KEY)))
+    assert "signed by unknown keys" in _error(_receipt(_reply(0), _reply(1, key=CLIENT_KEY)))
 
 
 def test_reply_from_a_replica_missing_from_the_ring_is_rejected() -> None:
-    assert "unknown_sender" in _error(_receipt(_reply(0), _reply(1)), _keyring_without(1))
+    error = _caught(_receipt(_reply(0), _reply(1)), _keyring_without(1))
+    assert (str(error), error.reason) == (
+        "reply 1: signed by replica 1, who is not in this cluster",
+        "unknown_key",
+    )
 
 
 def _keyring_without(replica: int) -> KeyRing:
@@ -222,7 +302,7 @@ def _keyring_without(replica: int) -> KeyRing:
 
 
 def test_request_in_the_reply_slot_is_rejected() -> None:
-    assert "unexpected_type" in _error(_receipt(_reply(0), REQUEST_RAW))
+    assert "reply 1: malformed (unexpected_type" in _error(_receipt(_reply(0), REQUEST_RAW))
 
 
 def test_reply_in_the_request_slot_is_rejected() -> None:
@@ -238,7 +318,7 @@ def test_tampered_request_is_rejected() -> None:
         envelope.version, envelope.type_code, envelope.sender, richer.encode(), envelope.signature
     ).encode()
     error = _error(_receipt(_reply(0), _reply(1), request=tampered))
-    assert error.startswith("request:") and "bad_signature" in error
+    assert error == "request: signed by unknown keys: not client 3's key in this cluster"
 
 
 def test_request_re_signed_by_its_client_with_another_body_is_rejected() -> None:
@@ -249,7 +329,9 @@ def test_request_re_signed_by_its_client_with_another_body_is_rejected() -> None
 
 def test_request_signed_by_another_client_is_rejected() -> None:
     stolen = seal(REQUEST, OTHER_CLIENT_KEY)
-    assert "bad_signature" in _error(_receipt(_reply(0), _reply(1), request=stolen))
+    assert "request: signed by unknown keys" in _error(
+        _receipt(_reply(0), _reply(1), request=stolen)
+    )
 
 
 def test_request_with_a_flipped_byte_is_rejected() -> None:
@@ -258,13 +340,16 @@ def test_request_with_a_flipped_byte_is_rejected() -> None:
         flipped = bytearray(REQUEST_RAW)
         flipped[index] ^= 0x01
         with pytest.raises(ReceiptError):
-            verify_receipt(_receipt(*receipt_replies, request=bytes(flipped)), KEYRING)
+            verify_receipt(_receipt(*receipt_replies, request=bytes(flipped)), KEYRING, CLUSTER_ID)
 
 
 def test_unknown_receipt_version_is_rejected() -> None:
-    receipt = Receipt(RECEIPT_VERSION + 1, REQUEST_RAW, (_reply(0), _reply(1)))
-    assert "unknown receipt version" in _error(receipt)
-    assert "unknown receipt version" in _error(receipt.encode())
+    receipt = Receipt(RECEIPT_VERSION + 1, CLUSTER_ID, REQUEST_RAW, (_reply(0), _reply(1)))
+    assert "unknown receipt version 3" in _error(receipt)
+    assert isinstance(_caught(receipt.encode()), UnreadableReceipt)
+    # A version 1 receipt (before cluster ids) has one field fewer: the version says why.
+    old = pack([1, REQUEST_RAW, [_reply(0), _reply(1)]])
+    assert _error(old) == "unknown receipt version 1 (this verifier reads version 2)"
 
 
 @pytest.mark.parametrize("replicas", [0, 1, 3])
@@ -273,19 +358,21 @@ def test_key_ring_with_fewer_than_four_replicas_is_rejected(replicas: int) -> No
     assert "fewer than 4 replicas" in _error(_receipt(*replies), _keyring(replicas))
 
 
-def test_malformed_receipt_bytes_are_rejected() -> None:
+def test_malformed_receipt_bytes_are_not_a_receipt() -> None:
     data = _receipt(_reply(0), _reply(1)).encode()
-    assert "malformed receipt" in _error(data + b"\x00")
-    assert "malformed receipt" in _error(data[:-1])
-    assert "malformed receipt" in _error(pack([RECEIPT_VERSION, REQUEST_RAW]))
-    assert "malformed receipt" in _error(b"")
+    for garbage in (data + b"\x00", data[:-1], pack([RECEIPT_VERSION, REQUEST_RAW]), b"\xc1"):
+        error = _caught(garbage)
+        assert isinstance(error, UnreadableReceipt)
+        assert str(error).startswith("not a receipt: ")
+    assert _error(b"") == "not a receipt: the data is empty"
+    assert "more than any receipt" in _error(b"\x00" * (1024 * 1024 + 1))
 
 
 @settings(max_examples=200, database=None, deadline=None)
 @given(st.binary(max_size=300))
 def test_garbage_bytes_give_only_receipt_error(data: bytes) -> None:
     with pytest.raises(ReceiptError):
-        verify_receipt(data, KEYRING)
+        verify_receipt(data, KEYRING, CLUSTER_ID)
 
 
 @settings(max_examples=100, database=None, deadline=None)
@@ -299,9 +386,9 @@ def test_garbage_bytes_give_only_receipt_error(data: bytes) -> None:
 def test_receipts_with_garbage_envelopes_give_only_receipt_error(
     request: bytes, replies: list[bytes]
 ) -> None:
-    receipt = Receipt(RECEIPT_VERSION, request, tuple(replies))
+    receipt = Receipt(RECEIPT_VERSION, CLUSTER_ID, request, tuple(replies))
     try:
-        verified = verify_receipt(receipt.encode(), KEYRING)
+        verified = verify_receipt(receipt.encode(), KEYRING, CLUSTER_ID)
     except ReceiptError:
         return
     # Only the genuine request with both genuine, distinct replies can pass.
@@ -319,4 +406,4 @@ def test_receipt_with_a_flipped_byte_never_verifies(position: int, mask: int) ->
     data = bytearray(_receipt(_reply(0), _reply(1)).encode())
     data[position % len(data)] ^= mask
     with pytest.raises(ReceiptError):
-        verify_receipt(bytes(data), KEYRING)
+        verify_receipt(bytes(data), KEYRING, CLUSTER_ID)

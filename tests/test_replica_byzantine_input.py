@@ -117,7 +117,7 @@ def test_message_claiming_to_be_from_the_replica_itself_is_dropped(cluster: Clus
 
 def test_reply_sent_to_replica_is_dropped(cluster: Cluster) -> None:
     replica = cluster.replica(1)
-    reply = Reply(0, 1, 2, 0, 1, b"\x00" * 32, "confirmed", "")
+    reply = Reply(0, 1, 2, 0, 1, b"\x00" * 32, "confirmed", "", cluster.cluster_id)
     cluster.deliver(replica, seal(reply, cluster.replica_keys[2]))
     assert replica.drops["unexpected_type"] == 1
 

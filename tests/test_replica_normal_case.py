@@ -561,7 +561,7 @@ def test_golden_five_payments_are_decided_with_valid_receipts(cluster: Cluster) 
     assert sorted(decided) == sorted((p[0], p[1]) for p in payments)
     for client, request_id, payer, payee, amount in payments:
         decision = decided[(client, request_id)]
-        verified = verify_receipt(decision.receipt.encode(), cluster.keyring)
+        verified = verify_receipt(decision.receipt.encode(), cluster.keyring, cluster.cluster_id)
         assert (verified.client_id, verified.request_id) == (client, request_id)
         assert (verified.payer, verified.payee, verified.amount) == (payer, payee, amount)
         assert (verified.outcome, verified.reason, verified.seq) == (

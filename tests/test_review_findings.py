@@ -324,9 +324,11 @@ def test_receipt_never_says_rejected_for_a_payment_that_was_confirmed() -> None:
             assert reply.reason == "request_expired"
             replies.append(raw)
     assert len(replies) >= cluster.f + 1
-    forged_receipt = Receipt(RECEIPT_VERSION, request_raw, tuple(replies[: cluster.f + 1]))
-    with pytest.raises(ReceiptError):
-        verify_receipt(forged_receipt, cluster.keyring)
+    forged_receipt = Receipt(
+        RECEIPT_VERSION, cluster.cluster_id, request_raw, tuple(replies[: cluster.f + 1])
+    )
+    with pytest.raises(ReceiptError, match="request expired"):
+        verify_receipt(forged_receipt, cluster.keyring, cluster.cluster_id)
 
 
 # --- finding: a ledger snapshot larger than one frame -------------------------------------------

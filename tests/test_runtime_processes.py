@@ -126,7 +126,7 @@ def test_four_replica_processes_confirm_and_reject_with_verifiable_receipts(
         ("rejected", "unauthorized"),
     ]
     for decision in decided:
-        verified = verify_receipt(decision.receipt, keyring)
+        verified = verify_receipt(decision.receipt, keyring, local_cluster.cluster.cluster_id)
         assert (verified.outcome, verified.reason) == (decision.outcome, decision.reason)
 
 
@@ -295,7 +295,7 @@ def test_soak_kill_and_restart_a_random_replica_under_load_20_rounds(tmp_path: P
     for core in cores:
         assert core.ledger.total_balance() == core.ledger.recount_total() == total
     for decided in receipts:
-        verified = verify_receipt(decided.receipt, keyring)
+        verified = verify_receipt(decided.receipt, keyring, local.cluster.cluster_id)
         for core in cores:
             # A replica rebuilt from its log may stand just behind the others' last batch.
             decision = core.ledger.lookup(verified.client_id, verified.request_id)

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
+from pbft.config import fault_tolerance_of
 from sim.checkers import SAFETY_CHECKS
 from sim.scenario import load_scenario, parse_scenario
 from sim.simulator import SimulationResult, run_scenario
@@ -196,15 +197,14 @@ def test_trace_sink_gets_one_json_object_per_event() -> None:
 
 # --- safety under random fault schedules ----------------------------------------------------
 
-REPLICAS = 4
-F = 1
-
 
 @st.composite
-def fault_schedules(draw: st.DrawFn) -> str:
-    """Scenario TOML: n = 4, a small workload, a lossy network, at most f = 1 faulty replica
-    (crashed and restarted, or Byzantine, or both for the same replica) and partitions, both
-    ways or one-way, that heal."""
+def fault_schedules(draw: st.DrawFn, replicas: int) -> str:
+    """Scenario TOML: n replicas (every n in 4..10 is tested, not only n = 3f + 1: the
+    quorum must hold for every size), a small workload, a lossy network, at most f faulty
+    replicas (crashed and restarted, or Byzantine: equivocating, silent or twinned) and
+    partitions, both ways or one-way, that heal."""
+    f = fault_tolerance_of(replicas)
     seed = draw(st.integers(0, 2**32 - 1))
     payments = draw(st.integers(20, 40))
     rate = draw(st.integers(100, 300))
@@ -217,7 +217,7 @@ def fault_schedules(draw: st.DrawFn) -> str:
         f"seed = {seed}",
         "",
         "[cluster]",
-        f"replicas = {REPLICAS}",
+        f"replicas = {replicas}",
         f"checkpoint_interval = {draw(st.sampled_from([4, 8, 16]))}",
         "view_change_timeout_ms = 200",
         "",
@@ -231,14 +231,13 @@ def fault_schedules(draw: st.DrawFn) -> str:
         f"rate_per_s = {rate}",
         "",
     ]
-    byzantine = draw(st.none() | st.integers(0, REPLICAS - 1))
-    if byzantine is None:
-        crashable = draw(st.none() | st.integers(0, REPLICAS - 1))
-    else:
-        # Crashing another replica too would make two faulty at once: more than f.
-        crashable = draw(st.none() | st.just(byzantine))
-    if crashable is not None:
-        for _ in range(draw(st.integers(1, 2))):
+    # At most f faulty replicas in all: the Byzantine ones and the crashed ones together.
+    faulty = draw(st.lists(st.integers(0, replicas - 1), min_size=0, max_size=f, unique=True))
+    byzantine = [replica for replica in faulty if draw(st.booleans())]
+    for crashable in faulty:
+        if crashable in byzantine and not draw(st.booleans()):
+            continue
+        for _ in range(draw(st.integers(0, 2))):
             crash_at = draw(st.integers(0, 800))
             restart_at = crash_at + draw(st.integers(1, 1200))
             lines += [
@@ -254,14 +253,14 @@ def fault_schedules(draw: st.DrawFn) -> str:
                 "",
             ]
     for _ in range(draw(st.integers(0, 2))):
-        labels = draw(st.lists(st.integers(0, 3), min_size=REPLICAS, max_size=REPLICAS))
+        labels = draw(st.lists(st.integers(0, 3), min_size=replicas, max_size=replicas))
         groups = [
-            [replica for replica in range(REPLICAS) if labels[replica] == label]
+            [replica for replica in range(replicas) if labels[replica] == label]
             for label in sorted(set(labels))
         ]
         if len(groups) < 2:
-            alone = draw(st.integers(0, REPLICAS - 1))
-            groups = [[alone], [replica for replica in range(REPLICAS) if replica != alone]]
+            alone = draw(st.integers(0, replicas - 1))
+            groups = [[alone], [replica for replica in range(replicas) if replica != alone]]
         if len(groups) > 2 and draw(st.booleans()):
             # Replicas listed in no group form one more group of their own.
             groups = groups[:-1]
@@ -278,27 +277,41 @@ def fault_schedules(draw: st.DrawFn) -> str:
         if direction is not None:
             lines.append(f'direction = "{direction}"')
         lines.append("")
-    if byzantine is not None:
-        behavior = draw(st.sampled_from(["equivocate", "silent"]))
-        lines += ["[[byzantine]]", f"replica = {byzantine}", f'behavior = "{behavior}"', ""]
+    correct = [replica for replica in range(replicas) if replica not in byzantine]
+    for replica in byzantine:
+        behavior = draw(st.sampled_from(["equivocate", "silent", "twin"]))
+        lines += ["[[byzantine]]", f"replica = {replica}", f'behavior = "{behavior}"']
+        if behavior == "twin":
+            # The two copies each talk with one part of the correct replicas.
+            cut = draw(st.integers(1, len(correct) - 1))
+            lines.append(f"groups = {[correct[:cut], correct[cut:]]}")
+        lines.append("")
     lines += ["[expect]", "safety = true", "liveness = false", ""]
     return "\n".join(lines)
 
 
-@settings(
-    max_examples=20,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow],
-)
-@given(text=fault_schedules())
-def test_at_most_f_faults_never_break_safety(text: str) -> None:
+@pytest.mark.parametrize("replicas", range(4, 11))
+def test_at_most_f_faults_never_break_safety(replicas: int) -> None:
+    @settings(
+        max_examples=12,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+    @given(text=fault_schedules(replicas))
+    def check(text: str) -> None:
+        _check_safety(text)
+
+    check()
+
+
+def _check_safety(text: str) -> None:
     note(f"scenario (save as a .toml file and replay with `pbft run`):\n{text}")
     scenario = parse_scenario(text, "<random-faults>")
     faulty = {entry.replica for entry in scenario.byzantine} | {
         fault.replica for fault in scenario.faults if fault.action == "crash"
     }
-    assert len(faulty) <= scenario.fault_tolerance == F
+    assert len(faulty) <= scenario.fault_tolerance
     result = run_scenario(scenario)
     summary = result.summary()
     note(f"check details: {summary['check_details']}")

@@ -1,0 +1,64 @@
+"""The cluster id: a SHA-256 hash of one cluster's genesis, named in every signed answer.
+
+Two clusters can share replica keys (a test cluster re-created with other accounts, a
+staging copy of production), so a signature alone does not say which cluster spoke.
+Replies and balance replies carry the id inside the signed body, and receipts carry it
+too: a receipt or a read from one cluster is never taken for another's.
+
+The genesis is what every replica must agree on before the first request: the replica
+public keys in id order (so n and f), the genesis accounts and the protocol parameters.
+Host names, ports and client keys are deliberately left out: moving a replica or adding
+a client is not a new cluster. Changing a protocol parameter is. Everything here is in
+cluster.toml, so anyone holding that file can recompute the id offline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Mapping
+
+from crypto.keys import KeyRing
+from pbft.codec import pack
+from pbft.config import ClusterConfig
+from pbft.ledger import Account
+
+CLUSTER_ID_BYTES = 32
+# Domain separation: this hash can never coincide with a digest the protocol computes
+# for another purpose (entries, batches, ledger states) over the same bytes.
+_DOMAIN = b"pbft/v1/cluster-id\0"
+
+
+class GenesisError(ValueError):
+    """The key ring does not hold a key for every replica the configuration names."""
+
+
+def compute_cluster_id(
+    config: ClusterConfig, keyring: KeyRing, accounts: Mapping[str, Account]
+) -> bytes:
+    """SHA-256 over a canonical msgpack encoding of the genesis, domain separated."""
+    replica_keys = []
+    for replica in config.replica_ids():
+        key = keyring.get(("replica", replica))
+        if key is None:
+            raise GenesisError(f"the key ring holds no key for replica {replica}")
+        replica_keys.append(key.public_bytes())
+    # Sorted, so the id does not depend on the order accounts were listed or inserted in.
+    account_rows = [
+        [name, accounts[name].owner, accounts[name].balance] for name in sorted(accounts)
+    ]
+    # Effective values (watermark_window 0 means "the default"), keyed by field name.
+    parameters = [
+        [field.name, getattr(config, field.name)]
+        for field in sorted(dataclasses.fields(config), key=lambda field: field.name)
+    ]
+    encoded = pack(
+        [
+            config.replica_count,
+            config.fault_tolerance,
+            replica_keys,
+            account_rows,
+            parameters,
+        ]
+    )
+    return hashlib.sha256(_DOMAIN + encoded).digest()
