@@ -121,7 +121,8 @@ def test_kill_9_of_a_replica_is_reported_the_others_keep_serving_and_restart_bri
     paid = up.pay("--receipt", str(receipt))
     assert paid.returncode == 0, paid.stderr
     assert json.loads(paid.stdout)["outcome"] == "confirmed"
-    verify_receipt(receipt.read_bytes(), load_cluster(up.cluster_path).keyring())
+    cluster = load_cluster(up.cluster_path)
+    verify_receipt(receipt.read_bytes(), cluster.keyring(), cluster.cluster_id)
 
     victim = up.pids[2]
     os.kill(victim, signal.SIGKILL)
