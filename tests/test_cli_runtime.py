@@ -329,3 +329,35 @@ def test_ctrl_c_during_a_payment_exits_130_with_the_request_id_to_retry(
         f"interrupted; the payment may still go through: retry with --request-id {sent.group(1)}"
         in error
     )
+
+
+def test_a_replica_that_ran_long_enough_earns_its_backoff_back(tmp_path: Path) -> None:
+    """Deaths far apart (each after `stable_s` of running) restart at the first backoff and
+    never exhaust the bound; only deaths in a row within `stable_s` of starting count."""
+    now = [0.0]
+    report = io.StringIO()
+    supervisor = Supervisor(
+        {0: [sys.executable, "-c", "import sys; sys.exit(1)"]},
+        tmp_path,
+        restart=True,
+        max_restarts=2,
+        backoff_s=0.5,
+        stable_s=30.0,
+        report=report,
+        clock=lambda: now[0],
+    )
+    supervisor.start_all()
+    try:
+        for _ in range(5):
+            process = supervisor.children[0].process
+            assert process is not None
+            process.wait(timeout=30)
+            now[0] += 31.0  # it "ran" 31 s before dying
+            supervisor.poll()  # reports the death, schedules the restart 0.5 s on
+            now[0] += 0.5
+            supervisor.poll()  # restarts it
+        assert not supervisor.children[0].given_up
+        assert supervisor.children[0].restarts == 5
+    finally:
+        supervisor.stop_all()
+    assert report.getvalue().count("restarting it from its log in 0.5 s (attempt 1 of 2)") == 5
