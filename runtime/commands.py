@@ -10,6 +10,7 @@ prints the request id to retry with). Each command's --help lists its own.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -176,6 +177,9 @@ def _replica(arguments: argparse.Namespace) -> int:
         if isinstance(error, OSError):
             # The disk or the port, not a bug: say which and stop.
             where = f" ({error.filename})" if error.filename else ""
+            if error.errno == errno.EADDRINUSE:
+                address = cluster.replica(arguments.id)
+                where = f" ({address.host}:{address.port}: another process listens there)"
             reason = error.strerror or str(error)
             print(f"pbft: replica {arguments.id}: {reason}{where}", file=sys.stderr)
             return EXIT_USAGE

@@ -361,3 +361,29 @@ def test_a_replica_that_ran_long_enough_earns_its_backoff_back(tmp_path: Path) -
     finally:
         supervisor.stop_all()
     assert report.getvalue().count("restarting it from its log in 0.5 s (attempt 1 of 2)") == 5
+
+
+def test_a_replica_whose_port_is_taken_says_so_in_one_line_and_exits_2(
+    cluster_file: Path,
+) -> None:
+    import socket
+    import subprocess
+
+    address = load_cluster(cluster_file).replica(1)
+    with socket.socket() as taken:
+        taken.bind((address.host, address.port))
+        taken.listen()
+        completed = subprocess.run(
+            [sys.executable, "-m", "pbft.cli", "replica", "--cluster", str(cluster_file)]
+            + ["--id", "1", "--data", str(cluster_file.parent / "data-port-test")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert completed.returncode == EXIT_USAGE
+    lines = [line for line in completed.stderr.splitlines() if not line.startswith("{")]
+    assert lines == [
+        f"pbft: replica 1: Address already in use ({address.host}:{address.port}: "
+        "another process listens there)"
+    ]
