@@ -483,14 +483,16 @@ ATTACKS = (
 )
 
 
-async def _prepare(name: str, ctx: Context) -> Callable[[float], Awaitable[None]]:
+async def _prepare(name: str, ctx: Context, seconds: float) -> Callable[[float], Awaitable[None]]:
     """Everything done before the attack window (signing, building bombs)."""
     if name == "handshake_flood":
         return lambda seconds: handshake_flood(ctx, seconds)
     if name == "decode_bomb":
         return lambda seconds: decode_bomb(ctx, seconds)
     if name == "client_flood":
-        requests = signed_requests(ctx, CLIENT_FLOOD_REQUESTS, time.time_ns() // 1000)
+        # Distinct ids for the whole attack at the rate a socket takes them (then it cycles).
+        count = int(min(CLIENT_FLOOD_REQUESTS, max(1000, 2000 * seconds)))
+        requests = signed_requests(ctx, count, time.time_ns() // 1000)
         return lambda seconds: client_flood(ctx, seconds, requests)
     if name == "replay":
         (decided,) = signed_requests(ctx, 1, time.time_ns() // 1000)
@@ -502,7 +504,7 @@ async def _prepare(name: str, ctx: Context) -> Callable[[float], Awaitable[None]
 
 
 async def _main(name: str, ctx: Context, seconds: float) -> dict[str, object]:
-    attack = await _prepare(name, ctx)
+    attack = await _prepare(name, ctx, seconds)
     print("ready", flush=True)
     await trio.to_thread.run_sync(sys.stdin.readline)
     started = time.monotonic()

@@ -33,6 +33,7 @@ import trio
 from runtime.adversary import ATTACKS
 from runtime.attack_harness import (
     ATTACKER_CLIENT,
+    GRACE_S,
     HONEST_CLIENT,
     PAYMENT_TIMEOUT_S,
     LocalCluster,
@@ -99,9 +100,19 @@ def _failures(baseline: Phase, attacked: Phase) -> list[str]:
     return why
 
 
-async def _run_attack(
-    name: str, local: LocalCluster, client: PaymentClient, arguments: argparse.Namespace
+async def run_attack(
+    name: str,
+    local: LocalCluster,
+    client: PaymentClient,
+    seconds: float,
+    concurrency: int,
+    *,
+    baseline_seconds: float | None = None,
+    grace_s: float = GRACE_S,
 ) -> Result:
+    """A baseline phase (`baseline_seconds`, default `seconds`), then the attack phase (an
+    attacker process) for `seconds`, while `client` pays `concurrency` payments at a time.
+    Payments in flight when a phase ends may finish within `grace_s`."""
     n = len(local.cluster.replicas)
     primary = local.cluster.config.primary_of(local.current_view())
     # The replica key the attacker holds: a backup's (the highest id that is not primary).
@@ -118,7 +129,7 @@ async def _run_attack(
         "--cluster",
         str(local.path),
         "--seconds",
-        str(arguments.seconds),
+        str(seconds),
         "--client",
         str(ATTACKER_CLIENT),
         "--replica",
@@ -137,9 +148,10 @@ async def _run_attack(
                 if not chunk:
                     raise RuntimeError(f"attacker {name} exited before it was ready")
                 output += chunk
-        baseline = await measure(local, client, arguments.seconds, arguments.concurrency)
+        base_s = seconds if baseline_seconds is None else baseline_seconds
+        baseline = await measure(local, client, base_s, concurrency, grace_s)
         await process.stdin.send_all(b"go\n")
-        attacked = await measure(local, client, arguments.seconds, arguments.concurrency)
+        attacked = await measure(local, client, seconds, concurrency, grace_s)
         with trio.fail_after(60):
             while True:
                 chunk = await process.stdout.receive_some()
@@ -178,7 +190,7 @@ async def _run_one(local: LocalCluster, name: str, arguments: argparse.Namespace
         async with client:
             await client.wait_connected(timeout_s=30)
             await measure(local, client, WARMUP_S, arguments.concurrency)
-            return await _run_attack(name, local, client, arguments)
+            return await run_attack(name, local, client, arguments.seconds, arguments.concurrency)
     finally:
         local.stop_all()
 

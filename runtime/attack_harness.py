@@ -59,7 +59,13 @@ def cpu_seconds(pid: int) -> float:
 class LocalCluster:
     """n replica processes on free 127.0.0.1 ports in `root`, logs in replica-I.log."""
 
-    def __init__(self, root: Path, replicas: int, accounts_per_client: int) -> None:
+    def __init__(
+        self,
+        root: Path,
+        replicas: int,
+        accounts_per_client: int,
+        protocol: dict[str, int] | None = None,
+    ) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         base = free_ports(1)[0]
@@ -69,6 +75,7 @@ class LocalCluster:
             clients=2,
             base_port=base if base + replicas < 65536 else 20000,
             accounts_per_client=accounts_per_client,
+            protocol=protocol,
         )
         self.cluster: Cluster = load_cluster(self.path)
         self.processes: dict[int, subprocess.Popen[bytes]] = {}
@@ -162,7 +169,7 @@ class Phase:
     seconds: float
     latencies_ms: list[float] = field(default_factory=list)
     timeouts: int = 0
-    unfinished: int = 0  # still undecided GRACE_S after the window (counted at their age)
+    unfinished: int = 0  # still undecided a grace time after the window (counted at their age)
     view_changes: int = 0
     new_views: int = 0
     halts: int = 0
@@ -204,7 +211,11 @@ def _round(value: float | None) -> float | None:
 
 
 async def measure(
-    local: LocalCluster, client: PaymentClient, seconds: float, concurrency: int
+    local: LocalCluster,
+    client: PaymentClient,
+    seconds: float,
+    concurrency: int,
+    grace_s: float = GRACE_S,
 ) -> Phase:
     """The honest client pays in a closed loop (`concurrency` payments at a time) for
     `seconds`, while the replicas' RSS is sampled; then view changes are read from the logs."""
@@ -242,7 +253,7 @@ async def measure(
                 workers.start_soon(worker, index)
             await trio.sleep_until(deadline)
             phase.cpu_s = sum(cpu_seconds(pid) - cpu_before[r] for r, pid in pids.items())
-            with trio.move_on_after(GRACE_S):
+            with trio.move_on_after(grace_s):
                 while in_flight:
                     await trio.sleep(0.01)
             now = trio.current_time()

@@ -1,0 +1,76 @@
+"""The standing adversary, short: every attack of runtime.attack for about 2 s against one
+4-replica cluster of real processes on 127.0.0.1, while an honest client pays.
+
+Asserted: the attacker really attacked (it sent its frames or connections), no replica
+process died or halted, and the cluster still confirms an honest payment afterwards. No
+view change is asserted only where the protocol already guarantees it: connections that
+never authenticate never reach the core, and replays of a decided request are answered
+from the kept reply under a per-client rate limit. The cluster runs with a view-change
+timeout long enough that the load of a shared test machine alone does not trigger one.
+No latency is asserted (figures come from `python -m runtime.attack`, not from tests).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from runtime.adversary import ATTACKS
+from runtime.attack import Result, print_table, run_attack
+from runtime.attack_harness import HONEST_CLIENT, LocalCluster
+from runtime.client import PaymentClient
+
+SECONDS = 2.0
+NO_VIEW_CHANGE = ("handshake_flood", "replay")
+PROTOCOL = {"view_change_timeout_ms": 2000}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    local = LocalCluster(
+        Path(tmp_path_factory.mktemp("attack")), 4, accounts_per_client=4, protocol=PROTOCOL
+    )
+    local.start_all()
+    try:
+        yield local
+    finally:
+        local.stop_all()
+
+
+def _attack(local: LocalCluster, name: str) -> tuple[Result, str]:
+    async def scenario() -> tuple[Result, str]:
+        await local.wait_listening()
+        async with PaymentClient(local.cluster, HONEST_CLIENT, timeout_s=30) as client:
+            await client.wait_connected(timeout_s=30)
+            result = await run_attack(
+                name, local, client, SECONDS, 2, baseline_seconds=0.5, grace_s=2.0
+            )
+            owned = sorted(a for a, acct in local.cluster.accounts.items() if acct.owner == 0)
+            after = await client.pay(owned[0], owned[1], 1)
+            return result, after.outcome
+
+    return trio.run(scenario)
+
+
+@pytest.mark.parametrize("name", ATTACKS)
+def test_attack_leaves_every_replica_up_and_answering(
+    cluster: LocalCluster, name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result, outcome = _attack(cluster, name)
+    with capsys.disabled():
+        print()
+        print_table([result], sys.stdout)
+    assert result.attacker_exit == 0, result.attacker
+    assert sum(result.attacker["sent"].values()) > 0, result.attacker
+    assert cluster.dead() == {}
+    assert result.attacked.dead == {} and result.attacked.halts == 0
+    assert outcome == "confirmed"
+    if name in NO_VIEW_CHANGE:
+        assert result.attacked.view_changes == 0, result.as_json()
+    if name == "catchup_amplification":
+        # What the replicas sent back per byte the attacker sent: printed, not bounded.
+        assert result.attacker["fetch_stable_0_bytes_in"] > 0
