@@ -60,7 +60,7 @@ from pbft.config import ClusterConfig
 from pbft.events import Broadcast, MessageReceived, Send, Tick
 from pbft.ledger import Account
 from pbft.messages import MESSAGE_CLASSES, Message, MessageType
-from pbft.replica import Replica
+from pbft.replica import EVIDENCE_LIMIT, Replica
 from pbft.signed import PROTOCOL_VERSION, Envelope, domain_of, peek, seal
 from runtime.framing import FrameDecoder, FramingError, encode_frame
 from runtime.transport import (
@@ -134,10 +134,13 @@ class FuzzReport:
     corpus: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
     rss_start: int = 0
-    rss_warm: int = 0
+    rss_warm: int = 0  # after the first tenth of the inputs
+    rss_samples: list[tuple[int, int]] = field(default_factory=list)  # (inputs done, RSS)
     rss_end: int = 0
     rss_peak: int = 0
     replica_state: dict[str, int] = field(default_factory=dict)
+    replica_limits: dict[str, int] = field(default_factory=dict)
+    cpu_seconds: float = 0.0
     outcome_digest: str = ""
 
 
@@ -593,14 +596,15 @@ async def _run_fuzz(
     weights = list(CATEGORIES.values())
     outcomes = hashlib.sha256()
     now_ms = 0
-    warm_at = max(1, inputs // 10)
+    samples_at = {inputs * tenth // 10 for tenth in range(1, 10)}
     saved_secrets = transport_module.secrets
     transport_module.secrets = SeededSecrets(rng)  # type: ignore[assignment]
     started = time.perf_counter()
+    cpu_started = time.process_time()
     try:
         for index in range(inputs):
-            if index == warm_at:
-                report.rss_warm = rss_bytes()
+            if index in samples_at:
+                report.rss_samples.append((index, rss_bytes()))
             if progress is not None and index % 10_000 == 0:
                 progress(index, inputs)
             category = rng.choices(names, weights)[0]
@@ -645,9 +649,10 @@ async def _run_fuzz(
     finally:
         transport_module.secrets = saved_secrets
     report.seconds = time.perf_counter() - started
-    if not report.rss_warm:
-        report.rss_warm = rss_bytes()
+    report.cpu_seconds = time.process_time() - cpu_started
     report.rss_end = rss_bytes()
+    report.rss_samples.append((inputs, report.rss_end))
+    report.rss_warm = report.rss_samples[0][1]
     report.rss_peak = max(peak_rss_bytes(), report.rss_end)
     report.outcome_digest = outcomes.hexdigest()[:16]
     report.replica_state = {
@@ -660,6 +665,11 @@ async def _run_fuzz(
         "checkpoint_vote_seqs": len(target.checkpoint_votes),
         "evidence": len(target.evidence),
         "signature_cache": target.verifier.cache.statistics().entries,
+    }
+    report.replica_limits = {
+        "pending_requests": CONFIG.pending_request_limit,
+        "evidence": EVIDENCE_LIMIT,
+        "signature_cache": target.verifier.cache.statistics().max_entries,
     }
     return report
 
@@ -701,8 +711,8 @@ def _mib(value: int) -> str:
 def print_report(report: FuzzReport) -> None:
     total = sum(report.tried.values())
     print(
-        f"inputs       {total} (seed {report.seed}) in {report.seconds:.1f} s: "
-        f"{total / max(report.seconds, 1e-9):,.0f} inputs/s"
+        f"inputs       {total} (seed {report.seed}) in {report.seconds:.1f} s "
+        f"({report.cpu_seconds:.1f} s CPU): {total / max(report.seconds, 1e-9):,.0f} inputs/s"
     )
     corpus = ", ".join(f"{name} {count}" for name, count in sorted(report.corpus.items()))
     print(f"corpus       {sum(report.corpus.values())} frames: {corpus}")
@@ -724,12 +734,16 @@ def print_report(report: FuzzReport) -> None:
         print(f"  {reason:<34} {count:>9}")
     print("frame decoder  " + ", ".join(f"{k} {v}" for k, v in sorted(report.decoder.items())))
     print("handshakes     " + ", ".join(f"{k} {v}" for k, v in sorted(report.handshakes.items())))
-    state = ", ".join(f"{k} {v}" for k, v in report.replica_state.items())
+    state = ", ".join(
+        f"{k} {v}" + (f" (limit {report.replica_limits[k]})" if k in report.replica_limits else "")
+        for k, v in report.replica_state.items()
+    )
     print(f"replica at end  {state}")
     print(
-        f"memory (RSS)  start {_mib(report.rss_start)}, after 10% of inputs "
-        f"{_mib(report.rss_warm)}, end {_mib(report.rss_end)}, peak {_mib(report.rss_peak)}"
+        f"memory (RSS)  start {_mib(report.rss_start)}, end {_mib(report.rss_end)}, peak "
+        f"{_mib(report.rss_peak)}; by inputs done:"
     )
+    print("  " + ", ".join(f"{done} {_mib(rss)}" for done, rss in report.rss_samples))
     print(f"outcome digest {report.outcome_digest}")
 
 

@@ -147,6 +147,9 @@ class ReplicaNode:
                 if persists:
                     # Durable before any message of this event leaves.
                     await trio.to_thread.run_sync(store.apply, persists)
+                    # The write cannot be cancelled; if we were stopped meanwhile, the
+                    # transport is gone: stop here rather than send into it.
+                    await trio.lowlevel.checkpoint_if_cancelled()
                 for action in actions:
                     if isinstance(action, Send):
                         transport.send(action.to, action.data)

@@ -52,7 +52,7 @@ from runtime.commands import _consecutive_free_ports, replica_command
 from runtime.storage import DurableStore
 
 PROTOCOL = {"view_change_timeout_ms": 500}
-STARTUP_TIMEOUT_S = 20.0
+STARTUP_TIMEOUT_S = 60.0  # generous: a shared machine can stall for many seconds
 VIEW_PATTERN = re.compile(r"view (\d+)")
 
 
@@ -92,8 +92,10 @@ class SoakResult:
     digests_agree: bool = True
     replica_positions: dict[int, int] = field(default_factory=dict)
     unexpected_exits: list[str] = field(default_factory=list)
+    aborted: str = ""
     failures: list[str] = field(default_factory=list)
     wall_s: float = 0.0
+    load_s: float = 0.0  # from the first payment to the end of the faults
     receipts: list[Decided] = field(default_factory=list, repr=False)
 
     @property
@@ -273,10 +275,12 @@ async def _soak(
             if decided is not None:
                 receipts.append(decided)
 
-    async def wait_listening(replica: int, count: int) -> None:
-        with trio.fail_after(STARTUP_TIMEOUT_S):
+    async def wait_listening(replica: int, count: int) -> bool:
+        with trio.move_on_after(STARTUP_TIMEOUT_S):
             while processes.listening_count(replica) < count:
                 await trio.sleep(0.05)
+            return True
+        return False
 
     async with trio.open_nursery() as nursery:
         clients = []
@@ -284,6 +288,7 @@ async def _soak(
             client = PaymentClient(cluster, client_id, timeout_s=settings.payment_timeout_s)
             await nursery.start(_serve, client)
             clients.append(client)
+        load_started = trio.current_time()
         for client in clients:
             for task in range(settings.tasks_per_client):
                 nursery.start_soon(worker, client, task)
@@ -306,8 +311,13 @@ async def _soak(
             await trio.sleep(rng.uniform(*settings.down_s))
             for victim in victims:
                 processes.start(victim)
-            for victim in victims:
-                await wait_listening(victim, processes.starts[victim])
+            late = [v for v in victims if not await wait_listening(v, processes.starts[v])]
+            if late:
+                result.aborted = (
+                    f"round {round_number}: replica {late[0]} did not listen within "
+                    f"{STARTUP_TIMEOUT_S:.0f} s of its restart"
+                )
+                break
             await trio.sleep(rng.uniform(*settings.settle_s))
             result.rounds = round_number
             if progress is not None:
@@ -321,6 +331,7 @@ async def _soak(
         # No more faults: the payments still out must now be decided, and the replicas
         # restarted last get time to catch up before they are stopped.
         load_running = False
+        result.load_s = trio.current_time() - load_started
         tracker.give_up_at = trio.current_time() + 4 * settings.payment_timeout_s
         await trio.sleep(settings.final_settle_s)
         while tracker.outstanding > 0 and trio.current_time() < tracker.give_up_at + 1:
@@ -432,6 +443,8 @@ def run_soak(settings: SoakSettings, root: Path, progress: TextIO | None = None)
     result.unexpected_exits = processes.unexpected
     check_ledgers(cluster, root, receipts, result)
     result.wall_s = time.monotonic() - started
+    if result.aborted:
+        result.failures.append(result.aborted)
     if result.undecided:
         result.failures.append(f"{result.undecided} payments never decided")
     if result.lost_receipts:
@@ -462,6 +475,8 @@ def print_result(settings: SoakSettings, result: SoakResult, root: Path) -> None
         f"undecided {result.undecided}, retried {result.retries} times (same request id)"
     )
     print(f"outcomes         confirmed {result.confirmed}, rejected {result.rejected}")
+    rate = result.decided / result.load_s if result.load_s else 0.0
+    print(f"throughput       {rate:.1f} decided/s over {result.load_s:.1f} s of faults and load")
     print(f"receipts checked {result.receipts_checked} against {settings.replicas} durable ledgers")
     print(f"lost receipts    {result.lost_receipts}")
     print(
