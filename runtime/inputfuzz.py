@@ -135,7 +135,8 @@ class FuzzReport:
     seconds: float = 0.0
     rss_start: int = 0
     rss_warm: int = 0  # after the first tenth of the inputs
-    rss_samples: list[tuple[int, int]] = field(default_factory=list)  # (inputs done, RSS)
+    # (inputs done, RSS, entries in the target's signature cache)
+    rss_samples: list[tuple[int, int, int]] = field(default_factory=list)
     rss_end: int = 0
     rss_peak: int = 0
     replica_state: dict[str, int] = field(default_factory=dict)
@@ -604,7 +605,8 @@ async def _run_fuzz(
     try:
         for index in range(inputs):
             if index in samples_at:
-                report.rss_samples.append((index, rss_bytes()))
+                cached = target.verifier.cache.statistics().entries
+                report.rss_samples.append((index, rss_bytes(), cached))
             if progress is not None and index % 10_000 == 0:
                 progress(index, inputs)
             category = rng.choices(names, weights)[0]
@@ -638,6 +640,10 @@ async def _run_fuzz(
                 else:
                     outcome = await _handshake(handshake_as_client(generator, client))
                     report.handshakes[f"client {outcome}"] += 1
+                if category.startswith("handshake"):
+                    # The scripted streams never block, so without this trio would never
+                    # get to prune the handshakes' expired deadlines, and they pile up.
+                    await trio.lowlevel.checkpoint()
             except Exception as error:  # noqa: BLE001 - every escape is the finding we count
                 outcome = "CRASH"
                 report.crash_count += 1
@@ -651,7 +657,7 @@ async def _run_fuzz(
     report.seconds = time.perf_counter() - started
     report.cpu_seconds = time.process_time() - cpu_started
     report.rss_end = rss_bytes()
-    report.rss_samples.append((inputs, report.rss_end))
+    report.rss_samples.append((inputs, report.rss_end, target.verifier.cache.statistics().entries))
     report.rss_warm = report.rss_samples[0][1]
     report.rss_peak = max(peak_rss_bytes(), report.rss_end)
     report.outcome_digest = outcomes.hexdigest()[:16]
@@ -743,7 +749,8 @@ def print_report(report: FuzzReport) -> None:
         f"memory (RSS)  start {_mib(report.rss_start)}, end {_mib(report.rss_end)}, peak "
         f"{_mib(report.rss_peak)}; by inputs done:"
     )
-    print("  " + ", ".join(f"{done} {_mib(rss)}" for done, rss in report.rss_samples))
+    for done, rss, cached in report.rss_samples:
+        print(f"  {done:>9} inputs  {_mib(rss):>10}  signature cache {cached} entries")
     print(f"outcome digest {report.outcome_digest}")
 
 

@@ -5,10 +5,10 @@
 Starts `replicas` replica processes on 127.0.0.1 (free ports, a temporary directory unless
 --dir). Every client runs two tasks that pay without pause from accounts it owns; a
 payment that times out is retried with the same request id, never a new one, so it is
-executed at most once. Meanwhile each round SIGKILLs 1 to f random replicas (in about
-a third of the rounds the current primary, view mod n, is one of them; the view is read
-from the replicas' logs), waits, restarts them from their durable logs, waits for them to
-listen and lets them catch up a little. After the last round the load stops, every
+executed at most once. Meanwhile each round SIGKILLs 1 to f random replicas (a third of
+the rounds pick the current primary, view mod n, on purpose and others hit it by chance;
+the view is read from the replicas' logs), waits, restarts them from their durable logs,
+waits for them to listen and lets them catch up a little. After the last round the load stops, every
 replica is stopped with SIGTERM, and each one's durable log is read back
 (`runtime.storage`) into a replica core. Checks:
 
