@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 import trio
 
 from crypto.keys import Principal, SigningKey
-from pbft.messages import Fetch, Prepare, Request
-from pbft.signed import seal
+from pbft.messages import Fetch, MessageType, Prepare, Request
+from pbft.signed import Rejected, peek, seal
 from runtime.cluster import Cluster, load_cluster
-from runtime.framing import FrameDecoder, encode_frame
+from runtime.framing import FRAME_HEADER_SIZE, FrameDecoder, FramingError, encode_frame
 from runtime.transport import (
     HANDSHAKE_DOMAIN,
     HANDSHAKE_MAX_FRAME_BYTES,
@@ -60,6 +60,7 @@ class Counters:
     sent: Counter[str] = field(default_factory=Counter)
     bytes_out: int = 0  # attacker -> replicas
     bytes_in: int = 0  # replicas -> attacker (on its authenticated connections)
+    received: Counter[str] = field(default_factory=Counter)  # bytes_in by message type
     errors: Counter[str] = field(default_factory=Counter)
     extra: dict[str, object] = field(default_factory=dict)
 
@@ -69,6 +70,7 @@ class Counters:
             "sent": dict(self.sent),
             "bytes_out": self.bytes_out,
             "bytes_in": self.bytes_in,
+            "received": dict(self.received),
             "errors": dict(self.errors),
             **self.extra,
         }
@@ -139,15 +141,30 @@ async def authenticate(
 
 
 async def _drain(stream: trio.SocketStream, counters: Counters) -> None:
-    """Read (and count) whatever the replica sends back, so it is never blocked on us."""
+    """Read (and count) whatever the replica sends back, so it is never blocked on us.
+    Frames are told apart by type: catch-up answers (a CHECKPOINT-STATE or COMMIT-
+    CERTIFICATE) are what an amplification attack asks for; the rest (heartbeats, votes
+    for the replica whose key we hold) would go to that replica anyway."""
+    decoder = FrameDecoder()
     try:
         while True:
             data = await stream.receive_some(1 << 20)
             if not data:
                 return
             counters.bytes_in += len(data)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
+            decoder.append(data)
+            while (frame := decoder.next_frame()) is not None:
+                counters.received[_frame_type(frame)] += FRAME_HEADER_SIZE + len(frame)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, FramingError):
         return
+
+
+def _frame_type(frame: bytes) -> str:
+    try:
+        envelope, _ = peek(frame)
+        return MessageType(envelope.type_code).name.lower()
+    except (Rejected, ValueError):
+        return "unreadable"
 
 
 async def _flood_connection(
@@ -440,15 +457,24 @@ async def replay(ctx: Context, seconds: float, decided: bytes) -> None:
 async def catchup_amplification(ctx: Context, seconds: float) -> None:
     """Holding replica `ctx.replica_id`'s key: first half, replay one old signed PREPARE
     (seq 1, long executed) to every other replica, which takes the sender for a laggard and
-    sends it catch-up; second half, replay one FETCH(from_seq=1, stable_seq=0). Bytes in
-    and out are counted per half: the amplification is what the replicas sent back per
-    byte the attacker sent."""
+    sends it catch-up; second half, replay one FETCH(from_seq=1, stable_seq=0). Bytes are
+    counted per half: the amplification is the catch-up answers the replicas sent back
+    (CHECKPOINT-STATE, COMMIT-CERTIFICATE frames) per byte the attacker sent."""
     me: Principal = ("replica", ctx.replica_id)
     prepare = encode_frame(seal(Prepare(0, 1, ctx.replica_id, b"\x01" * 32), ctx.replica_key))
     fetch = encode_frame(seal(Fetch(ctx.replica_id, 1, 0, 0), ctx.replica_key))
     counters = ctx.counters
-    for label, frame in (("old_prepare", prepare), ("fetch_stable_0", fetch)):
-        before_out, before_in = counters.bytes_out, counters.bytes_in
+    catch_up = ("checkpoint_state", "commit_certificate")
+    # Paced at the replicas' per-requester limits (a faster attacker only gets more of its
+    # frames dropped, which lowers its ratio): unsolicited help once per retransmit
+    # interval, a FETCH answered once per half interval.
+    interval_s = ctx.cluster.config.retransmit_interval_ms / 1000
+    for label, frame, pause_s in (
+        ("old_prepare", prepare, interval_s),
+        ("fetch_stable_0", fetch, interval_s / 2),
+    ):
+        before_out = counters.bytes_out
+        before_in = sum(counters.received[kind] for kind in catch_up)
         deadline = trio.current_time() + seconds / 2
         async with trio.open_nursery() as nursery:
             for replica in ctx.targets:
@@ -463,10 +489,10 @@ async def catchup_amplification(ctx: Context, seconds: float) -> None:
                     lambda frame=frame: frame,
                     label,
                     deadline,
-                    0.001,
+                    pause_s,
                 )
         sent = counters.bytes_out - before_out
-        received = counters.bytes_in - before_in
+        received = sum(counters.received[kind] for kind in catch_up) - before_in
         counters.extra[f"{label}_bytes_out"] = sent
         counters.extra[f"{label}_bytes_in"] = received
         counters.extra[f"{label}_amplification"] = round(received / sent, 1) if sent else None

@@ -2,14 +2,15 @@
 
     python -m runtime.attack [--seconds 10] [--only NAME] [--json PATH|-]
 
-Starts n replica processes on 127.0.0.1 (a temporary directory, free ports). For each
-attack (runtime/adversary.py): a baseline phase (the honest client alone, closed loop,
+For each attack (runtime/adversary.py) a fresh cluster of n replica processes on 127.0.0.1
+(a temporary directory, free ports): a baseline phase (the honest client alone, closed loop,
 `--concurrency` payments at a time) for `--seconds`, then the same load for `--seconds`
 while an attacker process attacks. Prints, per attack, the honest p50/p99 in both phases,
 view changes during the attack (the replicas' JSON log lines), the replicas' largest RSS
 and their CPU seconds (/proc), what the attacker sent, and PASS/FAIL against the target:
 during an attack the honest p99 stays within 3x of its baseline, no view change happens,
-and every replica stays up. Exits 1 if any attack fails (after the whole table).
+and every replica stays up. Exits 1 if any attack fails (after the whole table), 3 if a
+cluster did not come up.
 
 The attacker of catchup_amplification holds a backup's replica key: that replica's own
 process is stopped for the attack's baseline and attack phases (the attacker is that
@@ -36,6 +37,7 @@ from runtime.attack_harness import (
     GRACE_S,
     HONEST_CLIENT,
     PAYMENT_TIMEOUT_S,
+    ClusterStartError,
     LocalCluster,
     Phase,
     measure,
@@ -83,6 +85,7 @@ class Result:
 WARMUP_S = 2.0
 SETTLE_S = 1.0
 RESTART_SETTLE_S = 3.0
+START_ATTEMPTS = 3
 
 
 def _failures(baseline: Phase, attacked: Phase) -> list[str]:
@@ -195,6 +198,23 @@ async def _run_one(local: LocalCluster, name: str, arguments: argparse.Namespace
         local.stop_all()
 
 
+def _with_fresh_cluster(
+    root: Path, name: str, arguments: argparse.Namespace, text: TextIO
+) -> Result:
+    """Run one attack on a cluster of its own; a cluster that does not come up (ports taken
+    by other work on the machine meanwhile) is tried again on new ports, twice at most."""
+    for attempt in range(START_ATTEMPTS):
+        local = LocalCluster(
+            root / f"{name}-{attempt}", arguments.replicas, arguments.accounts_per_client
+        )
+        try:
+            return trio.run(_run_one, local, name, arguments)
+        except (ClusterStartError, trio.TooSlowError) as error:
+            problem = str(error) or "no connection to every replica within 30 s"
+            print(f"  {name}: the cluster did not come up: {problem}", file=text, flush=True)
+    raise ClusterStartError(f"{name}: no cluster came up in {START_ATTEMPTS} attempts")
+
+
 def _attacker_summary(result: Result) -> str:
     attacker = result.attacker
     if not attacker:
@@ -221,7 +241,7 @@ def print_table(results: list[Result], stream: TextIO) -> None:
     print(
         f"{'attack':<22} {'base p50':>8} {'base p99':>8} {'att p50':>8} {'att p99':>8} "
         f"{'p99 x':>6} {'paid b/a':>11} {'vc b/a':>6} {'RSS MiB b/a':>13} {'CPU s b/a':>11}"
-        "  verdict",
+        f" {'load b/a':>9}  verdict",
         file=stream,
     )
     for result in results:
@@ -231,11 +251,12 @@ def print_table(results: list[Result], stream: TextIO) -> None:
         rss = f"{base.rss_max_kib / 1024:.0f}/{att.rss_max_kib / 1024:.0f}"
         cpu = f"{base.cpu_s:.1f}/{att.cpu_s:.1f}"
         vc = f"{base.view_changes}/{att.view_changes}"
+        load = f"{base.load_average:.1f}/{att.load_average:.1f}"
         why = f" ({'; '.join(result.why)})" if result.why else ""
         print(
             f"{result.attack:<22} {_ms(base.p50):>8} {_ms(base.p99):>8} {_ms(att.p50):>8} "
             f"{_ms(att.p99):>8} {_ms(ratio):>6} {paid:>11} {vc:>6} {rss:>13} "
-            f"{cpu:>11}  {result.verdict}{why}",
+            f"{cpu:>11} {load:>9}  {result.verdict}{why}",
             file=stream,
         )
     print("", file=stream)
@@ -279,9 +300,11 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     try:
         for name in names:
-            local = LocalCluster(root / name, arguments.replicas, arguments.accounts_per_client)
-            results.append(trio.run(_run_one, local, name, arguments))
+            results.append(_with_fresh_cluster(root, name, arguments, text))
             print(f"  {name}: {results[-1].verdict}", file=text, flush=True)
+    except ClusterStartError as error:
+        print(f"python -m runtime.attack: {error}", file=sys.stderr)
+        return 3
     finally:
         if not arguments.keep:
             shutil.rmtree(root, ignore_errors=True)

@@ -56,6 +56,10 @@ def cpu_seconds(pid: int) -> float:
         return 0.0
 
 
+class ClusterStartError(RuntimeError):
+    """The local cluster did not come up."""
+
+
 class LocalCluster:
     """n replica processes on free 127.0.0.1 ports in `root`, logs in replica-I.log."""
 
@@ -151,8 +155,15 @@ class LocalCluster:
         return view
 
     async def wait_listening(self, timeout_s: float = 30.0) -> None:
-        with trio.fail_after(timeout_s):
+        """Return once every replica logged `listening`; ClusterStartError if one exits
+        first (a port taken by someone else since free_ports chose it) or none in time."""
+        with trio.move_on_after(timeout_s):
             while True:
+                for replica, code in self.dead().items():
+                    raise ClusterStartError(
+                        f"replica {replica} exited with status {code} before listening "
+                        f"(see {self.log_path(replica)})"
+                    )
                 listening = sum(
                     any(record.get("event") == "listening" for record in self.events(replica))
                     for replica in self.processes
@@ -160,6 +171,7 @@ class LocalCluster:
                 if listening == len(self.processes):
                     return
                 await trio.sleep(0.1)
+        raise ClusterStartError(f"the replicas did not all listen within {timeout_s:g} s")
 
 
 @dataclass
@@ -176,6 +188,7 @@ class Phase:
     rss_max_kib: int = 0
     cpu_s: float = 0.0
     dead: dict[int, int] = field(default_factory=dict)
+    load_average: float = 0.0  # the machine's 1-minute load average when the phase ended
 
     @property
     def payments(self) -> int:
@@ -203,6 +216,7 @@ class Phase:
             "rss_max_mib": round(self.rss_max_kib / 1024, 1),
             "cpu_s": round(self.cpu_s, 2),
             "dead_replicas": {str(k): v for k, v in self.dead.items()},
+            "load_average": round(self.load_average, 2),
         }
 
 
@@ -268,4 +282,5 @@ async def measure(
     phase.new_views = local.count_events("new_view", wall_start, wall_end)
     phase.halts = local.count_events("halted", wall_start, wall_end)
     phase.dead = local.dead()
+    phase.load_average = os.getloadavg()[0]
     return phase
