@@ -3,11 +3,12 @@
 
 Asserted: the attacker really attacked (it sent its frames or connections), no replica
 process died or halted, and the cluster still confirms an honest payment afterwards. No
-view change is asserted only where the protocol already guarantees it: connections that
-never authenticate never reach the core, and replays of a decided request are answered
-from the kept reply under a per-client rate limit. The cluster runs with a view-change
-timeout long enough that the load of a shared test machine alone does not trigger one.
-No latency is asserted (figures come from `python -m runtime.attack`, not from tests).
+view change is asserted only where the design already guarantees it: connections that
+never authenticate never reach the core (and at most max_pending_handshakes of them are
+held). Every other attack reaches the core, whose cost per frame can delay heartbeats on a
+busy machine (replays at thousands a second did, in `python -m runtime.attack`). The
+cluster runs with a view-change timeout long enough that the load of a shared test machine
+alone does not trigger one. No latency is asserted (figures come from the benchmark).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from runtime.attack_harness import HONEST_CLIENT, LocalCluster
 from runtime.client import PaymentClient
 
 SECONDS = 2.0
-NO_VIEW_CHANGE = ("handshake_flood", "replay")
+NO_VIEW_CHANGE = ("handshake_flood",)
 PROTOCOL = {"view_change_timeout_ms": 2000}
 
 
