@@ -19,7 +19,7 @@ import trio
 
 from runtime.client import PaymentClient, PaymentTimeout
 from runtime.cluster import Cluster, load_cluster, write_cluster
-from runtime.commands import free_ports, replica_command
+from runtime.commands import consecutive_free_ports, replica_command
 
 HONEST_CLIENT = 0
 ATTACKER_CLIENT = 1
@@ -72,12 +72,11 @@ class LocalCluster:
     ) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
-        base = free_ports(1)[0]
         self.path = write_cluster(
             root,
             replicas=replicas,
             clients=2,
-            base_port=base if base + replicas < 65536 else 20000,
+            base_port=consecutive_free_ports(replicas)[0],
             accounts_per_client=accounts_per_client,
             protocol=protocol,
         )
