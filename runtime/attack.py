@@ -5,7 +5,7 @@
 For each attack (runtime/adversary.py) a fresh cluster of n replica processes on 127.0.0.1
 (a temporary directory, free ports): a baseline phase (the honest client alone, closed loop,
 `--concurrency` payments at a time) for `--seconds`, then the same load for `--seconds`
-while an attacker process attacks. Prints, per attack, the honest p50/p99 in both phases,
+while an attacker process attacks, then `--seconds` more with the attacker gone. Prints, per attack, the honest p50/p99 in both phases,
 view changes during the attack (the replicas' JSON log lines), the replicas' largest RSS
 and their CPU seconds (/proc), what the attacker sent, and PASS/FAIL against the target:
 during an attack the honest p99 stays within 3x of its baseline, no view change happens,
@@ -56,6 +56,7 @@ class Result:
     attacker_exit: int | None
     byzantine_replica: int | None
     why: list[str]
+    after: Phase | None = None  # the attacker gone: does the cluster come back?
 
     @property
     def verdict(self) -> str:
@@ -75,6 +76,7 @@ class Result:
             "why": self.why,
             "baseline": self.baseline.as_json(),
             "attacked": self.attacked.as_json(),
+            "after": None if self.after is None else self.after.as_json(),
             "p99_ratio": None if ratio is None else round(ratio, 2),
             "byzantine_replica": self.byzantine_replica,
             "attacker": self.attacker,
@@ -112,10 +114,12 @@ async def run_attack(
     *,
     baseline_seconds: float | None = None,
     grace_s: float = GRACE_S,
+    after_seconds: float = 0.0,
 ) -> Result:
     """A baseline phase (`baseline_seconds`, default `seconds`), then the attack phase (an
-    attacker process) for `seconds`, while `client` pays `concurrency` payments at a time.
-    Payments in flight when a phase ends may finish within `grace_s`."""
+    attacker process) for `seconds`, then, if `after_seconds`, an aftermath phase without
+    the attacker, while `client` pays `concurrency` payments at a time. Payments in flight
+    when a phase ends may finish within `grace_s`."""
     n = len(local.cluster.replicas)
     primary = local.cluster.config.primary_of(local.current_view())
     # The replica key the attacker holds: a backup's (the highest id that is not primary).
@@ -145,12 +149,18 @@ async def run_attack(
         raise RuntimeError("no pipes to the attacker process")
     output = bytearray()
     try:
-        with trio.fail_after(120):
+        with trio.move_on_after(120):
             while b"ready\n" not in output:
                 chunk = await process.stdout.receive_some()
                 if not chunk:
-                    raise RuntimeError(f"attacker {name} exited before it was ready")
+                    break
                 output += chunk
+        if b"ready\n" not in output:
+            process.kill()
+            await process.wait()
+            nothing = Phase(0.0)
+            why = [f"the attacker failed before attacking (exit {process.returncode})"]
+            return Result(name, nothing, nothing, {}, process.returncode, None, why)
         base_s = seconds if baseline_seconds is None else baseline_seconds
         baseline = await measure(local, client, base_s, concurrency, grace_s)
         await process.stdin.send_all(b"go\n")
@@ -169,6 +179,9 @@ async def run_attack(
     if stopped:
         local.start(byzantine)
         await trio.sleep(RESTART_SETTLE_S)
+    after = (
+        await measure(local, client, after_seconds, concurrency, grace_s) if after_seconds else None
+    )
     await trio.sleep(SETTLE_S)
     lines = output.decode(errors="replace").splitlines()
     attacker: dict[str, Any] = {}
@@ -182,6 +195,7 @@ async def run_attack(
         process.returncode,
         byzantine if stopped else None,
         _failures(baseline, attacked),
+        after,
     )
 
 
@@ -193,7 +207,14 @@ async def _run_one(local: LocalCluster, name: str, arguments: argparse.Namespace
         async with client:
             await client.wait_connected(timeout_s=30)
             await measure(local, client, WARMUP_S, arguments.concurrency)
-            return await run_attack(name, local, client, arguments.seconds, arguments.concurrency)
+            return await run_attack(
+                name,
+                local,
+                client,
+                arguments.seconds,
+                arguments.concurrency,
+                after_seconds=arguments.seconds,
+            )
     finally:
         local.stop_all()
 
@@ -262,6 +283,17 @@ def print_table(results: list[Result], stream: TextIO) -> None:
     print("", file=stream)
     for result in results:
         print(f"{result.attack:<22} {_attacker_summary(result)}", file=stream)
+    afterwards = [result for result in results if result.after is not None]
+    if afterwards:
+        print("\nthe next phase, the attacker gone:", file=stream)
+    for result in afterwards:
+        after = result.after
+        if after is not None:
+            print(
+                f"{result.attack:<22} p50 {_ms(after.p50)} ms, p99 {_ms(after.p99)} ms, "
+                f"{after.payments} paid, {after.view_changes} view changes",
+                file=stream,
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
