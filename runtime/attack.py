@@ -5,9 +5,11 @@
 For each attack (runtime/adversary.py) a fresh cluster of n replica processes on 127.0.0.1
 (a temporary directory, free ports): a baseline phase (the honest client alone, closed loop,
 `--concurrency` payments at a time) for `--seconds`, then the same load for `--seconds`
-while an attacker process attacks, then `--seconds` more with the attacker gone. Prints, per attack, the honest p50/p99 in both phases,
-view changes during the attack (the replicas' JSON log lines), the replicas' largest RSS
-and their CPU seconds (/proc), what the attacker sent, and PASS/FAIL against the target:
+while an attacker process attacks, then `--seconds` more with the attacker gone. Prints,
+per attack, the honest p50/p99 in both phases, view changes during the attack (the
+replicas' JSON log lines), the replicas' largest RSS and their CPU seconds (/proc), how many
+fresh clients (a new connection and one payment each second) paid, what the attacker
+sent, and PASS/FAIL against the target:
 during an attack the honest p99 stays within 3x of its baseline, no view change happens,
 and every replica stays up. Exits 1 if any attack fails (after the whole table), 3 if a
 cluster did not come up.
@@ -262,7 +264,7 @@ def print_table(results: list[Result], stream: TextIO) -> None:
     print(
         f"{'attack':<22} {'base p50':>8} {'base p99':>8} {'att p50':>8} {'att p99':>8} "
         f"{'p99 x':>6} {'paid b/a':>11} {'vc b/a':>6} {'RSS MiB b/a':>13} {'CPU s b/a':>11}"
-        f" {'load b/a':>9}  verdict",
+        f" {'fresh b/a':>11} {'load b/a':>9}  verdict",
         file=stream,
     )
     for result in results:
@@ -273,11 +275,12 @@ def print_table(results: list[Result], stream: TextIO) -> None:
         cpu = f"{base.cpu_s:.1f}/{att.cpu_s:.1f}"
         vc = f"{base.view_changes}/{att.view_changes}"
         load = f"{base.load_average:.1f}/{att.load_average:.1f}"
+        fresh = f"{base.fresh_ok}/{base.fresh_tried} {att.fresh_ok}/{att.fresh_tried}"
         why = f" ({'; '.join(result.why)})" if result.why else ""
         print(
             f"{result.attack:<22} {_ms(base.p50):>8} {_ms(base.p99):>8} {_ms(att.p50):>8} "
             f"{_ms(att.p99):>8} {_ms(ratio):>6} {paid:>11} {vc:>6} {rss:>13} "
-            f"{cpu:>11} {load:>9}  {result.verdict}{why}",
+            f"{cpu:>11} {fresh:>11} {load:>9}  {result.verdict}{why}",
             file=stream,
         )
     print("", file=stream)
@@ -291,7 +294,8 @@ def print_table(results: list[Result], stream: TextIO) -> None:
         if after is not None:
             print(
                 f"{result.attack:<22} p50 {_ms(after.p50)} ms, p99 {_ms(after.p99)} ms, "
-                f"{after.payments} paid, {after.view_changes} view changes",
+                f"{after.payments} paid, {after.view_changes} view changes, "
+                f"fresh clients {after.fresh_ok}/{after.fresh_tried}",
                 file=stream,
             )
 

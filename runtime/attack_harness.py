@@ -23,6 +23,9 @@ from runtime.commands import consecutive_free_ports, replica_command
 
 HONEST_CLIENT = 0
 ATTACKER_CLIENT = 1
+FRESH_CLIENT = 2  # a new connection and one payment every PROBE_INTERVAL_S
+PROBE_INTERVAL_S = 1.0
+PROBE_TIMEOUT_S = 5.0
 PAYMENT_TIMEOUT_S = 30.0
 GRACE_S = 5.0  # payments in flight when a phase ends may finish within this long
 SAMPLE_INTERVAL_S = 0.1
@@ -75,7 +78,7 @@ class LocalCluster:
         self.path = write_cluster(
             root,
             replicas=replicas,
-            clients=2,
+            clients=3,
             base_port=consecutive_free_ports(replicas)[0],
             accounts_per_client=accounts_per_client,
             protocol=protocol,
@@ -188,6 +191,9 @@ class Phase:
     cpu_s: float = 0.0
     dead: dict[int, int] = field(default_factory=dict)
     load_average: float = 0.0  # the machine's 1-minute load average when the phase ended
+    # Fresh clients: each connects anew and pays once, within PROBE_TIMEOUT_S or not at all.
+    fresh_tried: int = 0
+    fresh_ok: int = 0
 
     @property
     def payments(self) -> int:
@@ -216,6 +222,8 @@ class Phase:
             "cpu_s": round(self.cpu_s, 2),
             "dead_replicas": {str(k): v for k, v in self.dead.items()},
             "load_average": round(self.load_average, 2),
+            "fresh_clients_tried": self.fresh_tried,
+            "fresh_clients_paid": self.fresh_ok,
         }
 
 
@@ -259,8 +267,28 @@ async def measure(
             phase.rss_max_kib = max(phase.rss_max_kib, rss)
             await trio.sleep(SAMPLE_INTERVAL_S)
 
+    async def fresh_client() -> None:
+        # Counted once it paid or ran out of time, not when the phase cuts it short.
+        with trio.move_on_after(PROBE_TIMEOUT_S):
+            async with PaymentClient(
+                local.cluster, FRESH_CLIENT, timeout_s=2 * PROBE_TIMEOUT_S
+            ) as new:
+                await new.wait_connected(timeout_s=2 * PROBE_TIMEOUT_S)
+                await new.pay(fresh_owned[0], fresh_owned[-1], 1)
+                phase.fresh_ok += 1
+        phase.fresh_tried += 1
+
+    async def probe() -> None:
+        # One at a time: two connections of one client would replace each other.
+        while trio.current_time() < deadline:
+            started = trio.current_time()
+            await fresh_client()
+            await trio.sleep_until(started + PROBE_INTERVAL_S)
+
+    fresh_owned = sorted(n for n, a in local.cluster.accounts.items() if a.owner == FRESH_CLIENT)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(sample)
+        nursery.start_soon(probe)
         async with trio.open_nursery() as workers:
             for index in range(concurrency):
                 workers.start_soon(worker, index)
