@@ -3,8 +3,9 @@
     python -m runtime.adversary NAME --cluster FILE --seconds N --client ID --replica ID
 
 The attacker prepares what it needs (signed messages, the bombs), prints `ready` and
-waits for one line on stdin; then it attacks every replica but `--replica` (the key it
-holds as a Byzantine replica) for `--seconds` and prints one JSON object of counters.
+waits for one line on stdin; then it attacks every replica (but `--replica`, whose key it
+holds as a Byzantine replica, in catchup_amplification) for `--seconds` and prints one
+JSON object of counters.
 It runs as its own process, below normal priority, so that on a shared machine it is
 its work on the replicas that is measured, not its competition with the honest client
 for a core (a real attacker brings its own CPU).
@@ -49,6 +50,7 @@ HANDSHAKE_HOLD_S = 6.0  # a silent connection is kept at most this long (past th
 MAX_SILENT_PER_REPLICA = 600  # open silent sockets per replica (file descriptors)
 BAD_AUTH_WORKERS = 8  # concurrent bad-AUTH loops per replica
 BOMB_BYTES = 16 * 1024 * 1024 - 64  # just under the frame limit (envelope overhead aside)
+SMALL_BOMB_BYTES = 64 * 1024 - 64
 CLIENT_FLOOD_REQUESTS = 20_000  # distinct signed requests prepared in advance
 IO_TIMEOUT_S = 5.0
 
@@ -79,15 +81,19 @@ class Counters:
 class Context:
     """The cluster, the keys the attacker holds, and its counters."""
 
-    def __init__(self, cluster: Cluster, client_id: int, replica_id: int) -> None:
+    def __init__(
+        self, cluster: Cluster, client_id: int, replica_id: int, *, spare_own_replica: bool
+    ) -> None:
         self.cluster = cluster
         self.client_id = client_id
         self.client_key = cluster.load_private_key("client", client_id)
         self.replica_id = replica_id
         self.replica_key = cluster.load_private_key("replica", replica_id)
         self.counters = Counters()
-        # The replicas attacked: all but the one whose key the attacker holds.
-        self.targets = [r for r in cluster.replicas if r.replica_id != replica_id]
+        # The replicas attacked: all, or all but the one whose key the attacker holds.
+        self.targets = [
+            r for r in cluster.replicas if not (spare_own_replica and r.replica_id == replica_id)
+        ]
 
 
 # --- raw connections --------------------------------------------------------------------------
@@ -298,56 +304,73 @@ async def handshake_flood(ctx: Context, seconds: float) -> None:
 
 def decode_bombs() -> list[tuple[str, bytes]]:
     """Frames a client connection may carry, each at most the frame limit, that are valid
-    msgpack but cost the parser as much as possible before any check can refuse them."""
+    msgpack but cost the parser as much as possible before any check can refuse them.
+    Each comes at two sizes: the transport's frame limit (16 MiB) and 64 KiB (the limit a
+    replica may set for client connections), so the attack fits either."""
     bombs = []
-    # Deeply nested empty arrays: [[[[...]]]].
-    bombs.append(("nested_arrays", b"\x91" * (BOMB_BYTES - 1) + b"\x90"))
-    # Wide and nested: an array of 2**20 arrays of 15 empty arrays (16 Mi Python lists).
-    wide = b"\x9f" + b"\x90" * 15
-    count = min(BOMB_BYTES // len(wide), 1 << 20)
-    bombs.append(("wide_arrays", b"\xdd" + count.to_bytes(4, "big") + wide * count))
-    # A huge map up to the frame limit: small int keys, nil values.
-    entries = (BOMB_BYTES - 5) // 2
-    bombs.append(("huge_map", b"\xdf" + entries.to_bytes(4, "big") + b"\x01\xc0" * entries))
-    # A map announcing 2**32 - 1 entries, and an array of 2**20 nils: the envelope's size.
+    for suffix, size in (("", BOMB_BYTES), ("_64k", SMALL_BOMB_BYTES)):
+        # Deeply nested empty arrays: [[[[...]]]].
+        bombs.append((f"nested_arrays{suffix}", b"\x91" * (size - 1) + b"\x90"))
+        # Wide and nested: an array of arrays of 15 empty arrays (16 Mi Python lists at
+        # 16 MiB).
+        wide = b"\x9f" + b"\x90" * 15
+        count = min((size - 5) // len(wide), 1 << 20)
+        bombs.append((f"wide_arrays{suffix}", b"\xdd" + count.to_bytes(4, "big") + wide * count))
+        # A huge map up to the size: small int keys, nil values.
+        entries = (size - 5) // 2
+        bombs.append(
+            (f"huge_map{suffix}", b"\xdf" + entries.to_bytes(4, "big") + b"\x01\xc0" * entries)
+        )
+    # A map announcing 2**32 - 1 entries, and an array of 2**20 nils.
     bombs.append(("announced_map", b"\xdf\xff\xff\xff\xff" + b"\x00" * 1024))
     bombs.append(("nil_array", b"\xdd" + (1 << 20).to_bytes(4, "big") + b"\xc0" * (1 << 20)))
     return [(name, encode_frame(payload)) for name, payload in bombs]
 
 
 async def decode_bomb(ctx: Context, seconds: float) -> None:
-    """From a real client connection to every replica, send the bombs round robin."""
+    """From a real client connection to every replica, send the bombs round robin. A
+    replica that closes the connection on a bomb over 64 KiB (a client frame limit) gets
+    only the 64 KiB ones from then on, so the attack keeps the connection busy either way."""
     deadline = trio.current_time() + seconds
     bombs = decode_bombs()
+    small = [(name, frame) for name, frame in bombs if len(frame) <= SMALL_BOMB_BYTES + 4]
     me: Principal = ("client", ctx.client_id)
+    counters = ctx.counters
 
-    def frames_for(replica_id: int) -> Callable[[], bytes]:
+    async def bomb(host: str, port: int, server: Principal) -> None:
         index = 0
-
-        def next_bomb() -> bytes:
-            nonlocal index
-            name, frame = bombs[index % len(bombs)]
-            index += 1
-            ctx.counters.sent[f"bomb_{name}"] += 1
-            return frame
-
-        return next_bomb
+        big_refused = False
+        while trio.current_time() < deadline:
+            try:
+                stream = await authenticate(host, port, me, ctx.client_key, server)
+            except (OSError, HandshakeRefused, trio.TooSlowError, trio.BrokenResourceError):
+                counters.errors["bombs_handshake_failed"] += 1
+                await trio.sleep(0.05)
+                continue
+            counters.sent["handshakes_ok"] += 1
+            name, frame = "", b""
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_drain, stream, counters)
+                    with trio.move_on_at(deadline):
+                        while True:
+                            choices = small if big_refused else bombs
+                            name, frame = choices[index % len(choices)]
+                            index += 1
+                            await stream.send_all(frame)
+                            counters.sent[f"bomb_{name}"] += 1
+                            counters.bytes_out += len(frame)
+                    nursery.cancel_scope.cancel()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                counters.errors[f"closed_on_{name}"] += 1
+                if len(frame) > SMALL_BOMB_BYTES + 4:
+                    big_refused = True
+            finally:
+                await trio.aclose_forcefully(stream)
 
     async with trio.open_nursery() as nursery:
         for replica in ctx.targets:
-            server: Principal = ("replica", replica.replica_id)
-            nursery.start_soon(
-                _flood_connection,
-                ctx,
-                replica.host,
-                replica.port,
-                me,
-                ctx.client_key,
-                server,
-                frames_for(replica.replica_id),
-                "bombs",
-                deadline,
-            )
+            nursery.start_soon(bomb, replica.host, replica.port, ("replica", replica.replica_id))
 
 
 # --- 3. client_flood --------------------------------------------------------------------------
@@ -549,7 +572,12 @@ def main(argv: list[str] | None = None) -> int:
     os.nice(ATTACKER_NICE)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    ctx = Context(load_cluster(arguments.cluster), arguments.client, arguments.replica)
+    ctx = Context(
+        load_cluster(arguments.cluster),
+        arguments.client,
+        arguments.replica,
+        spare_own_replica=arguments.attack == "catchup_amplification",
+    )
     result = trio.run(_main, arguments.attack, ctx, arguments.seconds)
     print(json.dumps(result), flush=True)
     return 0
