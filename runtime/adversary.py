@@ -210,7 +210,7 @@ async def _flood_connection(
                         else:
                             await trio.lowlevel.checkpoint()
                 nursery.cancel_scope.cancel()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             counters.errors[f"{label}_connection_closed"] += 1
         finally:
             await trio.aclose_forcefully(stream)
@@ -361,7 +361,7 @@ async def decode_bomb(ctx: Context, seconds: float) -> None:
                             counters.sent[f"bomb_{name}"] += 1
                             counters.bytes_out += len(frame)
                     nursery.cancel_scope.cancel()
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 counters.errors[f"closed_on_{name}"] += 1
                 if len(frame) > SMALL_BOMB_BYTES + 4:
                     big_refused = True

@@ -92,8 +92,11 @@ RESTART_SETTLE_S = 3.0
 START_ATTEMPTS = 3
 
 
-def _failures(baseline: Phase, attacked: Phase) -> list[str]:
+def _failures(baseline: Phase, attacked: Phase, attacker_exit: int | None) -> list[str]:
     why = []
+    if attacker_exit != 0:
+        # No verdict on an attack that did not run to its end.
+        why.append(f"the attacker failed (exit {attacker_exit})")
     if attacked.p99 is None or len(attacked.latencies_ms) == attacked.unfinished:
         why.append("no honest payment completed")
     elif baseline.p99 is not None and attacked.p99 > P99_FACTOR * baseline.p99:
@@ -196,7 +199,7 @@ async def run_attack(
         attacker,
         process.returncode,
         byzantine if stopped else None,
-        _failures(baseline, attacked),
+        _failures(baseline, attacked, process.returncode),
         after,
     )
 
