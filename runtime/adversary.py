@@ -103,6 +103,13 @@ class HandshakeRefused(Exception):
     pass
 
 
+SOURCE_ADDRESS: str | None = None  # the attacker's own address (--source), None: any
+
+
+async def _connect(host: str, port: int) -> trio.SocketStream:
+    return await trio.open_tcp_stream(host, port, local_address=SOURCE_ADDRESS)
+
+
 async def _read_frame(
     stream: trio.SocketStream, decoder: FrameDecoder, counters: Counters | None = None
 ) -> bytes:
@@ -122,7 +129,7 @@ async def authenticate(
     host: str, port: int, me: Principal, key: SigningKey, server: Principal
 ) -> trio.SocketStream:
     """The connecting side of the transport's handshake (runtime/transport.py), by hand."""
-    stream = await trio.open_tcp_stream(host, port)
+    stream = await _connect(host, port)
     try:
         with trio.fail_after(IO_TIMEOUT_S):
             decoder = FrameDecoder(HANDSHAKE_MAX_FRAME_BYTES)
@@ -232,7 +239,7 @@ async def handshake_flood(ctx: Context, seconds: float) -> None:
         async def hold() -> None:
             nonlocal open_now
             try:
-                stream = await trio.open_tcp_stream(host, port)
+                stream = await _connect(host, port)
             except OSError:
                 counters.errors["connect_failed"] += 1
                 return
@@ -265,7 +272,7 @@ async def handshake_flood(ctx: Context, seconds: float) -> None:
         forged_principal = encode_principal(("client", ctx.client_id))
         while trio.current_time() < deadline:
             try:
-                stream = await trio.open_tcp_stream(host, port)
+                stream = await _connect(host, port)
             except OSError:
                 counters.errors["connect_failed"] += 1
                 await trio.sleep(0.01)
@@ -568,7 +575,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, required=True)
     parser.add_argument("--client", type=int, required=True, help="the attacker's client key")
     parser.add_argument("--replica", type=int, required=True, help="the replica key it holds")
+    parser.add_argument("--source", help="connect from this local address (e.g. 127.0.0.2)")
     arguments = parser.parse_args(argv)
+    global SOURCE_ADDRESS
+    SOURCE_ADDRESS = arguments.source
     os.nice(ATTACKER_NICE)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

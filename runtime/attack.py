@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -90,6 +91,9 @@ WARMUP_S = 2.0
 SETTLE_S = 1.0
 RESTART_SETTLE_S = 3.0
 START_ATTEMPTS = 3
+# The attacker's connections come from another loopback address than the honest clients'
+# (its own host); --attacker-address 127.0.0.1 makes it share theirs (as behind one NAT).
+ATTACKER_ADDRESS = "127.0.0.2"
 
 
 def _failures(baseline: Phase, attacked: Phase, attacker_exit: int | None) -> list[str]:
@@ -120,11 +124,12 @@ async def run_attack(
     baseline_seconds: float | None = None,
     grace_s: float = GRACE_S,
     after_seconds: float = 0.0,
+    source: str = ATTACKER_ADDRESS,
 ) -> Result:
     """A baseline phase (`baseline_seconds`, default `seconds`), then the attack phase (an
     attacker process) for `seconds`, then, if `after_seconds`, an aftermath phase without
     the attacker, while `client` pays `concurrency` payments at a time. Payments in flight
-    when a phase ends may finish within `grace_s`."""
+    when a phase ends may finish within `grace_s`. The attacker connects from `source`."""
     n = len(local.cluster.replicas)
     primary = local.cluster.config.primary_of(local.current_view())
     # The replica key the attacker holds: a backup's (the highest id that is not primary).
@@ -146,6 +151,8 @@ async def run_attack(
         str(ATTACKER_CLIENT),
         "--replica",
         str(byzantine),
+        "--source",
+        source,
     ]
     process = await trio.lowlevel.open_process(
         command, stdin=subprocess.PIPE, stdout=subprocess.PIPE
@@ -219,6 +226,7 @@ async def _run_one(local: LocalCluster, name: str, arguments: argparse.Namespace
                 arguments.seconds,
                 arguments.concurrency,
                 after_seconds=arguments.seconds,
+                source=arguments.attacker_address,
             )
     finally:
         local.stop_all()
@@ -313,6 +321,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replicas", type=int, default=4)
     parser.add_argument("--concurrency", type=int, default=4, help="honest payments at a time")
     parser.add_argument("--accounts-per-client", type=int, default=100)
+    parser.add_argument(
+        "--attacker-address",
+        default=ATTACKER_ADDRESS,
+        help=f"the attacker's source address (default {ATTACKER_ADDRESS}; the honest "
+        "clients connect from 127.0.0.1)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the cluster directory")
     arguments = parser.parse_args(argv)
     if not 0.5 <= arguments.seconds <= 3600:
@@ -325,6 +339,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--accounts-per-client must be in 1..100000")
     if arguments.json not in (None, "-") and not Path(arguments.json).parent.is_dir():
         parser.error(f"--json: no directory {str(Path(arguments.json).parent)!r}")
+    try:
+        with socket.socket() as probe:
+            probe.bind((arguments.attacker_address, 0))
+    except (OSError, UnicodeError) as error:
+        parser.error(f"--attacker-address {arguments.attacker_address!r}: {error}")
     names = [arguments.only] if arguments.only else list(ATTACKS)
     to_stdout = arguments.json == "-"
     text = sys.stderr if to_stdout else sys.stdout
