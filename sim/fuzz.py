@@ -757,24 +757,6 @@ def _shrink_and_write(
     report.reproduced = evaluate(load_scenario(path)).signature == failure.signature
 
 
-class ProgressLine:
-    """One line on stderr, redrawn in place: `fuzz: 120 runs  0 failing  31/60 s`."""
-
-    def __init__(self, stream: TextIO, budget_s: float) -> None:
-        self.stream = stream
-        self.budget_s = budget_s
-
-    def __call__(self, runs: int, failures: int, elapsed_s: float) -> None:
-        self.stream.write(
-            f"\rfuzz: {runs} runs  {failures} failing  {elapsed_s:.0f}/{self.budget_s:.0f} s"
-        )
-        self.stream.flush()
-
-    def finish(self) -> None:
-        self.stream.write("\n")
-        self.stream.flush()
-
-
 def summarize(report: FuzzReport, stream: TextIO | None = None) -> None:
     stream = stream if stream is not None else sys.stdout
     last = report.first_seed + max(0, report.runs - 1)
