@@ -26,11 +26,11 @@ from pbft.codec import MAX_FRAME_BYTES, pack
 from pbft.events import Event, MessageReceived, Send
 from pbft.ledger import Ledger, Payment
 from pbft.messages import (
-    CheckpointState,
     Commit,
     MessageType,
     Prepare,
     Reply,
+    StateChunk,
     Suspect,
     ViewChange,
 )
@@ -499,7 +499,7 @@ def test_new_view_checkpoint_proof_makes_own_matching_snapshot_stable() -> None:
     actions = cluster.tick(replica, 10_000)
     actions += cluster.deliver(replica, cluster.fetch(3, 1, 0))
     states = [
-        a for a in actions if isinstance(a, Send) and isinstance(decode(a.data), CheckpointState)
+        a for a in actions if isinstance(a, Send) and isinstance(decode(a.data), StateChunk)
     ]
     assert replica.stable.seq == 4 and states, "checkpoint 4 stays unstable; nothing to serve"
 
