@@ -46,8 +46,8 @@ class ClusterConfig:
     state_chunk_bytes: int = 1024 * 1024
     # Catch-up service (commit certificates, state chunks) per requesting replica: a token
     # bucket of bytes, so a replica that keeps asking cannot make us stream without end.
-    catch_up_bytes_per_second: int = 16 * 1024 * 1024
-    catch_up_burst_bytes: int = 4 * 1024 * 1024
+    catch_up_bytes_per_second: int = 8 * 1024 * 1024
+    catch_up_burst_bytes: int = 2 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if self.watermark_window == 0:

@@ -72,6 +72,7 @@ from pbft.messages import (
 )
 from pbft.signed import Envelope, Opened, Rejected, peek, seal, verify_signature
 from pbft.statetransfer import (
+    OFFER_BYTES,
     ByteBudget,
     ChunkRejected,
     ChunkServer,
@@ -1261,7 +1262,7 @@ class Replica:
             return
         if self.stable.seq > 0 and (from_seq <= self.stable.seq or stable_seq < self.stable.seq):
             # Certificates above the checkpoint are of no use to it until the state is in.
-            if not self._send_state_chunk(requester, 0):
+            if not self._send_state_chunk(requester, 0, OFFER_BYTES):
                 return
         to = ("replica", requester)
         budget = self.config.fetch_batch_limit
@@ -1282,7 +1283,7 @@ class Replica:
             self._send(to, raw)
             budget -= 1
 
-    def _send_state_chunk(self, requester: int, start: int) -> bool:
+    def _send_state_chunk(self, requester: int, start: int, byte_limit: int = 0) -> bool:
         """Send the chunk of our stable checkpoint from leaf `start`; True if that was the
         rest of the state (so what follows the checkpoint is of use to the requester)."""
         if not self.catch_up_budget.may_send(requester, self.now_ms):
@@ -1290,7 +1291,9 @@ class Replica:
             return False
         stable = self.stable
         try:
-            data = self.chunk_server.chunk(stable.seq, stable.snapshot, start, MAX_FRAME_BYTES)
+            data = self.chunk_server.chunk(
+                stable.seq, stable.snapshot, start, MAX_FRAME_BYTES, byte_limit
+            )
             if data is None:
                 raise Rejected("bad_state_request", f"no leaf {start}")
             raw = seal(

@@ -28,6 +28,10 @@ from pbft.messages import MAX_CHUNK_LEVEL, MAX_LEAF_COUNT, StateChunk
 
 # Bytes a chunk message adds around its leaves: the proof, the path, msgpack framing.
 CHUNK_OVERHEAD_BYTES = 64 * 1024
+# The first chunk, sent unasked-for in answer to a FETCH (or to a stale vote), is at most
+# this much: it is what a FETCH storm costs us, and a small ledger still fits in it whole.
+# The receiver then asks for the rest; chunks grow back to full size as the start aligns.
+OFFER_BYTES = 64 * 1024
 
 
 class ChunkRejected(Exception):
@@ -114,10 +118,14 @@ class ChunkServer:
             served = self._served = _ServedCheckpoint(seq, leaves, roots)
         return served
 
-    def chunk(self, seq: int, snapshot: bytes, start: int, frame_bytes: int) -> ChunkData | None:
+    def chunk(
+        self, seq: int, snapshot: bytes, start: int, frame_bytes: int, byte_limit: int = 0
+    ) -> ChunkData | None:
         """The chunk of checkpoint `seq` (whose snapshot is given) that begins at leaf
-        `start`, or None when there is no such leaf. Raises StateTooLarge when one leaf
-        alone exceeds a frame."""
+        `start`, at most `byte_limit` (if set, else chunk_bytes) of leaves unless one leaf
+        alone is more, or None when there is no such leaf. Raises StateTooLarge when one
+        leaf alone exceeds a frame."""
+        limit = min(byte_limit or self.chunk_bytes, self.chunk_bytes)
         served = self._checkpoint(seq, snapshot)
         count = len(served.leaves)
         if not 0 <= start < count:
@@ -131,7 +139,7 @@ class ChunkServer:
         level = self.block_level
         while level > 0 and (
             offset % (1 << level) != 0
-            or sum(map(len, block_leaves[offset : offset + (1 << level)])) > self.chunk_bytes
+            or sum(map(len, block_leaves[offset : offset + (1 << level)])) > limit
         ):
             level -= 1
         leaves = block_leaves[offset : offset + (1 << level)]

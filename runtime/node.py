@@ -25,7 +25,7 @@ from runtime.transport import Transport, TransportConfig
 
 EVENT_QUEUE_SIZE = 10_000
 # Drops that happen all the time in a healthy cluster (late votes) are summed, not logged.
-QUIET_DROPS = ("stale", "redundant_vote")
+QUIET_DROPS = ("stale", "redundant_vote", "state_chunk_unexpected")
 NOTABLE_NOTES = (
     "view_change",
     "new_view",

@@ -23,7 +23,7 @@ from pbft.ledger import (
 from pbft.messages import StateChunk, StateRequest
 from pbft.replica import STATE_TRANSFER_TIMEOUT_INTERVALS, Replica, StableCheckpoint
 from pbft.signed import seal
-from pbft.statetransfer import chunk_proves
+from pbft.statetransfer import OFFER_BYTES, chunk_proves
 
 # --- the proofs -----------------------------------------------------------------------------
 
@@ -370,3 +370,19 @@ def test_unsolicited_help_is_paid_from_the_same_budget() -> None:
     actions = cluster.deliver(server, vote)
     assert send_raws(actions, ("replica", 3)) == []
     assert server.drops["catch_up_budget_exceeded"] == refused + 1
+
+
+def test_the_chunk_answering_a_fetch_is_small_and_the_next_ones_grow_back() -> None:
+    """A FETCH is answered unasked-for, so its chunk is capped at OFFER_BYTES; the chunks
+    the lagging replica asks for then grow as their start aligns with bigger blocks."""
+    cluster = Cluster(state_chunk_leaves=4096)  # and the default 1 MiB state_chunk_bytes
+    ledger = _busy_ledger(accounts=20_000)
+    server = _server(cluster, 1, ledger)
+    lagging = cluster.replica(3)
+    cluster.tick(lagging, 1000)
+    first = send_raws(cluster.deliver(server, cluster.fetch(3, 1)), ("replica", 3))
+    assert sum(map(len, decode(first[0]).leaves)) <= OFFER_BYTES
+    chunks = _pump(cluster, lagging, {1: server}, first)
+    sizes = [len(chunk.leaves) for chunk in chunks]
+    assert sizes[0] <= sizes[1] < sizes[2] == max(sizes) == 4096
+    assert lagging.ledger.digest() == ledger.digest()
