@@ -48,6 +48,12 @@ def _build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("--base-port", type=int, default=7000)
     keygen.add_argument("--accounts-per-client", type=int, default=2)
     keygen.add_argument("--initial-balance", type=int, default=100_000)
+    keygen.add_argument(
+        "--generated-accounts",
+        type=int,
+        metavar="N",
+        help="a [genesis] of N accounts by rule instead of --accounts-per-client listed ones",
+    )
     sweep = commands.add_parser("sweep", help="run one scenario under many seeds, in parallel")
     sweep.add_argument("scenario", help="path to a scenario TOML file")
     sweep.add_argument("--seeds", default="0..99", help="e.g. 0..999 or 1,5,10..20")
@@ -160,6 +166,7 @@ def _keygen(arguments: argparse.Namespace) -> int:
             base_port=arguments.base_port,
             accounts_per_client=arguments.accounts_per_client,
             initial_balance=arguments.initial_balance,
+            generated_accounts=arguments.generated_accounts,
         )
     except (ValueError, FileExistsError) as error:
         print(f"pbft: {error}", file=sys.stderr)

@@ -52,7 +52,13 @@ from typing import Any
 from crypto.keyfiles import KeyFileError, load_private_key, save_private_key
 from crypto.keys import KeyFormatError, KeyRing, SigningKey, VerifyKey
 from pbft.config import ClusterConfig, ConfigError
-from pbft.ledger import MAX_ACCOUNT_NAME_LENGTH, MAX_AMOUNT, Account, GeneratedAccounts
+from pbft.ledger import (
+    MAX_ACCOUNT_NAME_LENGTH,
+    MAX_AMOUNT,
+    MAX_TOTAL,
+    Account,
+    GeneratedAccounts,
+)
 
 CLUSTER_FILE_NAME = "cluster.toml"
 MAX_REPLICAS = 256
@@ -296,6 +302,11 @@ def write_cluster(
         raise ValueError(f"--clients must be in 1..{MAX_CLIENTS}")
     if not 0 <= initial_balance <= MAX_AMOUNT:
         raise ValueError("--initial-balance out of range")
+    if generated_accounts is not None:
+        if not 1 <= generated_accounts <= MAX_GENERATED_ACCOUNTS:
+            raise ValueError(f"--generated-accounts must be in 1..{MAX_GENERATED_ACCOUNTS}")
+        if generated_accounts * initial_balance > MAX_TOTAL:
+            raise ValueError("--generated-accounts x --initial-balance exceeds the money limit")
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     path = root / CLUSTER_FILE_NAME

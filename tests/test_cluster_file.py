@@ -118,3 +118,12 @@ def test_accounts_and_a_generated_genesis_together_are_refused(tmp_path: Path) -
     with pytest.raises(ClusterFileError) as caught:
         load_cluster(path)
     assert caught.value.field == "genesis"
+
+
+def test_keygen_writes_a_generated_genesis_and_refuses_a_bad_count(tmp_path: Path) -> None:
+    out = tmp_path / "a"
+    assert main(["keygen", "--out", str(out), "--generated-accounts", "5000"]) == 0
+    assert len(load_cluster(out / "cluster.toml").accounts) == 5000
+    bad = tmp_path / "b"
+    assert main(["keygen", "--out", str(bad), "--generated-accounts", "0"]) == 2
+    assert not (bad / "cluster.toml").exists()
