@@ -19,7 +19,9 @@ The protocol (n = 3f + 1, quorum 2f + 1, primary = view mod n):
   unseat a working primary. f + 1 view changes for higher views make a replica join.
 - Checkpoints every K entries; 2f + 1 matching ones are stable and move the window.
 - Catch-up: a replica that sees the others ahead FETCHes commit certificates, or a
-  stable checkpoint's state with its proof, verifies them and applies them.
+  stable checkpoint's state with its proof, verifies them and applies them. The state
+  comes in chunks, each proven against the checkpoint's ledger digest (pbft/statetransfer.py);
+  what a replica sends to each catching-up peer is paid from a byte budget.
 """
 
 from __future__ import annotations

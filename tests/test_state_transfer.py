@@ -24,6 +24,7 @@ from pbft.messages import StateChunk, StateRequest
 from pbft.replica import STATE_TRANSFER_TIMEOUT_INTERVALS, Replica, StableCheckpoint
 from pbft.signed import seal
 from pbft.statetransfer import OFFER_BYTES, chunk_proves
+from sim import transfer_bench
 
 # --- the proofs -----------------------------------------------------------------------------
 
@@ -386,3 +387,10 @@ def test_the_chunk_answering_a_fetch_is_small_and_the_next_ones_grow_back() -> N
     sizes = [len(chunk.leaves) for chunk in chunks]
     assert sizes[0] <= sizes[1] < sizes[2] == max(sizes) == 4096
     assert lagging.ledger.digest() == ledger.digest()
+
+
+def test_the_transfer_benchmark_runs_on_a_small_ledger(capsys: pytest.CaptureFixture[str]) -> None:
+    assert transfer_bench.main(["--accounts", "3000", "--chunk-leaves", "256"]) == 0
+    printed = capsys.readouterr().out
+    assert "chunked transfer" in printed and "baseline" in printed
+    assert transfer_bench.main(["--chunk-leaves", "3"]) == 2
