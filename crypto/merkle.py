@@ -27,12 +27,13 @@ def leaf_hash(leaf: bytes) -> bytes:
     return hashlib.sha256(_LEAF_PREFIX + leaf).digest()
 
 
-def _node_hash(left: bytes, right: bytes) -> bytes:
+def node_hash(left: bytes, right: bytes) -> bytes:
+    """The inner node above two subtrees' roots."""
     return hashlib.sha256(_NODE_PREFIX + left + right).digest()
 
 
 def _next_level(level: list[bytes]) -> list[bytes]:
-    paired = [_node_hash(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
+    paired = [node_hash(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
     if len(level) % 2 == 1:
         paired.append(level[-1])
     return paired
@@ -155,13 +156,13 @@ def verify_node(
         if last_position == 0:
             return False  # path longer than this node's branch
         if position % 2 == 1 or position == last_position:
-            computed = _node_hash(sibling, computed)
+            computed = node_hash(sibling, computed)
             # Skip levels where this node was the unpaired last node and moved up alone.
             while position % 2 == 0 and position != 0:
                 position >>= 1
                 last_position >>= 1
         else:
-            computed = _node_hash(computed, sibling)
+            computed = node_hash(computed, sibling)
         position >>= 1
         last_position >>= 1
     # last_position reaching 0 means the path covered every level up to the root.

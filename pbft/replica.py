@@ -89,7 +89,7 @@ FORWARD_ON_NEW_VIEW_LIMIT = 256
 CHECKPOINT_RETRANSMIT_LIMIT = 2
 OWN_VIEW_CHANGES_KEPT = 4
 # A state transfer that got no chunk for this many retransmit intervals asks another replica.
-STATE_TRANSFER_TIMEOUT_INTERVALS = 8
+STATE_TRANSFER_TIMEOUT_INTERVALS = 25
 
 
 class ReplicaInvariantError(RuntimeError):

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from crypto.merkle import leaf_hash, level_up, merkle_root, node_path, verify_node
+from crypto.merkle import leaf_hash, level_up, merkle_root, node_hash, node_path, verify_node
 from pbft.ledger import Ledger, LedgerBuilder, LedgerSnapshotError, SnapshotLeaves
 from pbft.messages import MAX_CHUNK_LEVEL, MAX_LEAF_COUNT, StateChunk
 
@@ -160,13 +160,36 @@ def chunk_proves(
 ) -> bool:
     """True if `leaves` are the aligned block of 2**level leaves (or the short last one)
     at `start` of the tree of `leaf_count` leaves whose root is `ledger_digest`."""
+    return _proven_block_root(ledger_digest, leaf_count, start, level, leaves, path) is not None
+
+
+def _proven_block_root(
+    ledger_digest: bytes,
+    leaf_count: int,
+    start: int,
+    level: int,
+    leaves: Sequence[bytes],
+    path: Sequence[bytes],
+) -> bytes | None:
     if not 0 <= level <= MAX_CHUNK_LEVEL or not 0 <= start < leaf_count <= MAX_LEAF_COUNT:
-        return False
+        return None
     size = 1 << level
     if start % size != 0 or len(leaves) != min(size, leaf_count - start):
-        return False
+        return None
+    root = merkle_root(leaves)
     level_size = (leaf_count + size - 1) // size
-    return verify_node(ledger_digest, merkle_root(leaves), start >> level, level_size, path)
+    if not verify_node(ledger_digest, root, start >> level, level_size, path):
+        return None
+    return root
+
+
+def _fold(subtrees: list[tuple[int, bytes]]) -> bytes:
+    """The RFC 6962 root of leaves given as perfect subtrees of decreasing size, left to
+    right, the last of which may be short (the tree's right edge)."""
+    root = subtrees[-1][1]
+    for _, left in reversed(subtrees[:-1]):
+        root = node_hash(left, root)
+    return root
 
 
 @dataclass
@@ -185,7 +208,10 @@ class IncomingTransfer:
     # this is that replica's word until the whole state gives the digest.
     count_source: int | None = None
     builder: LedgerBuilder = field(default_factory=LedgerBuilder)
-    # Replicas shown to have lied in this transfer: not asked again.
+    # The roots of the leaves taken so far, as perfect subtrees of decreasing size (a
+    # compact range, O(log n)): at the end they must fold to the ledger digest.
+    subtrees: list[tuple[int, bytes]] = field(default_factory=list)
+    # Replicas shown to have lied in this transfer: not asked again, not listened to.
     distrusted: set[int] = field(default_factory=set)
 
     @property
@@ -212,6 +238,7 @@ class IncomingTransfer:
 
     def _restart(self) -> None:
         self.builder = LedgerBuilder()
+        self.subtrees = []
         self.leaf_count = None
         self.count_source = None
 
@@ -222,12 +249,14 @@ class IncomingTransfer:
         lied (the liars are now distrusted and the transfer may have restarted), anything
         else is a late or unasked-for copy.
         """
-        if chunk.replica != self.source or chunk.start != self.next_leaf:
+        # From any replica not shown to lie: a chunk proves itself, and the one we asked may
+        # be slow rather than gone (then both answer; the later copy is dropped here).
+        if chunk.replica in self.distrusted or chunk.start != self.next_leaf:
             raise ChunkRejected("state_chunk_unexpected", f"leaf {chunk.start}")
-        proven = chunk_proves(
+        block_root = _proven_block_root(
             self.ledger_digest, chunk.leaf_count, chunk.start, chunk.level, chunk.leaves, chunk.path
         )
-        if not proven:
+        if block_root is None:
             self.distrusted.add(chunk.replica)
             raise ChunkRejected("bad_state_chunk", f"leaves from {chunk.start} disproven")
         if self.leaf_count is not None and chunk.leaf_count != self.leaf_count:
@@ -246,15 +275,24 @@ class IncomingTransfer:
             self.leaf_count = chunk.leaf_count
             self.count_source = chunk.replica
         self.last_progress_ms = now_ms
+        self.subtrees.append((chunk.level, block_root))
+        # A whole aligned block joins an equal one to its left (a short one is the last).
+        while (
+            len(chunk.leaves) == 1 << chunk.level
+            and len(self.subtrees) >= 2
+            and self.subtrees[-2][0] == self.subtrees[-1][0]
+        ):
+            (level, left), (_, right) = self.subtrees[-2:]
+            self.subtrees[-2:] = [(level + 1, node_hash(left, right))]
         if self.next_leaf < chunk.leaf_count:
             return None
         liar = self.count_source
         try:
+            # Every chunk was proven, but the leaf count was only a word: the leaves taken
+            # must make exactly the tree of the digest before they replace our state.
+            if _fold(self.subtrees) != self.ledger_digest:
+                raise LedgerSnapshotError("the leaves make another tree than the digest's")
             ledger = self.builder.finish()
-            # Every chunk was proven, the leaf count was only a word: the whole state must
-            # give the digest before it replaces ours.
-            if ledger.digest() != self.ledger_digest:
-                raise LedgerSnapshotError("the rebuilt state has another digest")
         except LedgerSnapshotError as error:
             if liar is not None:
                 self.distrusted.add(liar)
