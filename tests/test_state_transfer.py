@@ -9,7 +9,7 @@ import msgpack
 import pytest
 from replica_harness import Cluster, decode, send_raws, sends
 
-from crypto.merkle import leaf_hash, level_up, merkle_root, node_path
+from crypto.merkle import leaf_hash, level_up, merkle_root, node_hash, node_path
 from pbft.codec import MAX_FRAME_BYTES
 from pbft.ledger import (
     Account,
@@ -23,7 +23,7 @@ from pbft.ledger import (
 from pbft.messages import StateChunk, StateRequest
 from pbft.replica import STATE_TRANSFER_TIMEOUT_INTERVALS, Replica, StableCheckpoint
 from pbft.signed import seal
-from pbft.statetransfer import OFFER_BYTES, chunk_proves
+from pbft.statetransfer import OFFER_BYTES, ChunkRejected, IncomingTransfer, chunk_proves
 from sim import transfer_bench
 
 # --- the proofs -----------------------------------------------------------------------------
@@ -394,3 +394,40 @@ def test_the_transfer_benchmark_runs_on_a_small_ledger(capsys: pytest.CaptureFix
     printed = capsys.readouterr().out
     assert "chunked transfer" in printed and "baseline" in printed
     assert transfer_bench.main(["--chunk-leaves", "3"]) == 2
+
+
+def test_a_lied_leaf_count_that_proves_is_caught_and_the_transfer_starts_over() -> None:
+    """A proof binds a chunk's place only up to the tree's size: leaf 0 of a 3-leaf tree
+    has the same path shape in a 4-leaf one. A liar may so get a wrong count adopted; the
+    first honest chunk then conflicts with it, both senders are set aside, and the transfer
+    starts over with a third replica."""
+    ledger = Ledger({"a": Account(0, 5), "b": Account(1, 7)})
+    leaves = ledger._leaves()
+    assert len(leaves) == 3
+    digest = ledger.digest()
+    hashes = [leaf_hash(leaf) for leaf in leaves]
+
+    def chunk(sender: int, count: int, start: int, path: list[bytes]) -> StateChunk:
+        return StateChunk(
+            sender, 8, CHAIN_HASH, digest, (), count, start, 0, (leaves[start],), tuple(path)
+        )
+
+    transfer = IncomingTransfer(8, CHAIN_HASH, digest, (), source=2, last_progress_ms=0)
+    # The liar (replica 2) says 4 leaves; its paths verify for leaves 0 and 1 all the same.
+    assert transfer.add(chunk(2, 4, 0, [hashes[1], hashes[2]]), 10) is None
+    assert transfer.add(chunk(2, 4, 1, [hashes[0], hashes[2]]), 20) is None
+    assert transfer.leaf_count == 4
+    # Replica 1's leaf 2, in the real 3-leaf tree: proven, and in conflict.
+    honest_path = [node_hash(hashes[0], hashes[1])]
+    with pytest.raises(ChunkRejected) as caught:
+        transfer.add(chunk(1, 3, 2, honest_path), 30)
+    assert caught.value.reason == "state_chunk_conflict"
+    assert transfer.distrusted == {1, 2} and transfer.next_leaf == 0
+    assert transfer.next_source([0, 1, 2]) == 0
+    # Neither is listened to any more in this transfer; replica 0 completes it.
+    with pytest.raises(ChunkRejected):
+        transfer.add(chunk(2, 4, 0, [hashes[1], hashes[2]]), 40)
+    assert transfer.add(chunk(0, 3, 0, [hashes[1], hashes[2]]), 50) is None
+    assert transfer.add(chunk(0, 3, 1, [hashes[0], hashes[2]]), 60) is None
+    rebuilt = transfer.add(chunk(0, 3, 2, honest_path), 70)
+    assert rebuilt is not None and rebuilt.snapshot() == ledger.snapshot()
