@@ -14,7 +14,8 @@ the receiver asks for the next leaf it lacks, of whichever replica it trusts nex
 
 Memory: the server keeps its snapshot (which it holds anyway), one offset per leaf and
 one hash per block, and builds one chunk at a time; the receiver keeps the ledger tables
-it is rebuilding plus the one chunk in hand.
+it is rebuilding, O(log n) subtree roots, and the one chunk in hand (besides the ledger it
+runs on until the new one is complete).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class ByteBudget:
 
     A peer may be sent something while its bucket is above zero, and the bucket pays the
     whole message, going into debt: so one message larger than the burst still goes out,
-    and over time a peer gets at most `bytes_per_second` plus one burst.
+    and over time a peer gets at most `bytes_per_second`, plus one burst and one message.
     """
 
     def __init__(self, bytes_per_second: int, burst_bytes: int) -> None:
