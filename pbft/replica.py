@@ -1396,18 +1396,22 @@ class Replica:
         self._send(("replica", target), seal(request, self.key))
 
     def _resume_transfer(self) -> bool:
-        """True while a state transfer makes progress (FETCH then waits). One that stalled
-        (a lost chunk, a slow or silent replica) asks the next replica for the same leaf."""
+        """True while a state transfer is under way: FETCH then waits (a replica asked for a
+        chunk of a checkpoint it has moved past answers with its newer one). One that
+        stalled (a lost chunk, a slow or silent replica) asks the next replica for the same
+        leaf, waiting twice as long each time in a row, so a loaded cluster is not made
+        to answer the same request over and over."""
         incoming = self.incoming
         if incoming is None:
             return False
+        doublings = min(incoming.stalls, self.config.max_timeout_doublings)
         timeout = STATE_TRANSFER_TIMEOUT_INTERVALS * self.config.retransmit_interval_ms
-        if self.now_ms - incoming.last_progress_ms < timeout:
+        if self.now_ms - incoming.last_progress_ms < timeout * 2**doublings:
             return True
+        incoming.stalls += 1
         incoming.last_progress_ms = self.now_ms
         self._request_state(incoming, incoming.next_source(self._peers()))
-        # Stalled: a FETCH may also turn up a newer checkpoint to move to.
-        return False
+        return True
 
     def _on_checkpoint_state(self, opened: Opened) -> None:
         state = opened.message

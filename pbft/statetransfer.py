@@ -104,6 +104,9 @@ class ChunkServer:
         self.block_level = chunk_leaves.bit_length() - 1
         self.chunk_bytes = chunk_bytes
         self._served: _ServedCheckpoint | None = None
+        # The last chunk built: the same first chunk answers every FETCH, and a request
+        # repeated after a timeout asks for the same chunk again.
+        self._last: tuple[tuple[int, int, int], ChunkData] | None = None
 
     def _checkpoint(self, seq: int, snapshot: bytes) -> _ServedCheckpoint:
         served = self._served
@@ -127,6 +130,9 @@ class ChunkServer:
         alone is more, or None when there is no such leaf. Raises StateTooLarge when one
         leaf alone exceeds a frame."""
         limit = min(byte_limit or self.chunk_bytes, self.chunk_bytes)
+        key = (seq, start, byte_limit)
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]
         served = self._checkpoint(seq, snapshot)
         count = len(served.leaves)
         if not 0 <= start < count:
@@ -148,7 +154,9 @@ class ChunkServer:
             raise StateTooLarge(f"leaf {start} alone exceeds a frame")
         nodes = level_up([leaf_hash(leaf) for leaf in block_leaves], level)
         path = node_path(nodes, offset >> level) + node_path(served.block_roots, block)
-        return ChunkData(count, start, level, tuple(leaves), tuple(path))
+        data = ChunkData(count, start, level, tuple(leaves), tuple(path))
+        self._last = (key, data)
+        return data
 
 
 def chunk_proves(
@@ -205,6 +213,8 @@ class IncomingTransfer:
     source: int
     last_progress_ms: int
     leaf_count: int | None = None
+    # Timeouts in a row without a chunk taken.
+    stalls: int = 0
     # Who told us leaf_count. A proof binds a chunk's place only up to the tree's size, so
     # this is that replica's word until the whole state gives the digest.
     count_source: int | None = None
@@ -276,6 +286,7 @@ class IncomingTransfer:
             self.leaf_count = chunk.leaf_count
             self.count_source = chunk.replica
         self.last_progress_ms = now_ms
+        self.stalls = 0
         self.subtrees.append((chunk.level, block_root))
         # A whole aligned block joins an equal one to its left (a short one is the last).
         while (

@@ -20,7 +20,7 @@ from pbft.ledger import (
     Payment,
     SnapshotLeaves,
 )
-from pbft.messages import StateChunk, StateRequest
+from pbft.messages import Fetch, StateChunk, StateRequest
 from pbft.replica import STATE_TRANSFER_TIMEOUT_INTERVALS, Replica, StableCheckpoint
 from pbft.signed import seal
 from pbft.statetransfer import OFFER_BYTES, ChunkRejected, IncomingTransfer, chunk_proves
@@ -310,8 +310,17 @@ def test_transfer_resumes_from_another_replica_after_a_lost_chunk() -> None:
     assert sends(cluster.tick(lagging, 1000 + timeout - 1), kind=StateRequest) == []
     # ...then the same leaf is asked of the next replica, and no FETCH starts over.
     actions = cluster.tick(lagging, 1000 + timeout)
-    (again,) = sends(actions, ("replica", 2), StateRequest)
-    assert (again.seq, again.start) == (request.seq, request.start)
+    (lost_again,) = sends(actions, ("replica", 2), StateRequest)
+    assert (lost_again.seq, lost_again.start) == (request.seq, request.start)
+    assert sends(actions, kind=Fetch) == []
+    # That answer is lost too: the next wait is twice as long, then replica 0 is asked.
+    assert sends(cluster.tick(lagging, 1000 + 3 * timeout - 1), kind=StateRequest) == []
+    (to_zero,) = sends(cluster.tick(lagging, 1000 + 3 * timeout), kind=StateRequest)
+    assert to_zero.start == request.start and lagging.incoming is not None
+    assert lagging.incoming.source == 0
+    # Replica 2's answer to the earlier request arrives late after all: it is taken (a
+    # chunk proves itself), and the transfer goes on with replica 2.
+    again = lost_again
     reply = send_raws(
         cluster.deliver(servers[2], seal(again, cluster.replica_keys[3])), ("replica", 3)
     )
