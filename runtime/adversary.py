@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import trio
 
 from crypto.keys import Principal, SigningKey
-from pbft.messages import Fetch, MessageType, Prepare, Request
+from pbft.messages import Fetch, MessageType, Prepare, Request, StateRequest
 from pbft.signed import Rejected, peek, seal
 from runtime.cluster import Cluster, load_cluster
 from runtime.framing import FRAME_HEADER_SIZE, FrameDecoder, FramingError, encode_frame
@@ -485,16 +485,20 @@ async def replay(ctx: Context, seconds: float, decided: bytes) -> None:
 
 
 async def catchup_amplification(ctx: Context, seconds: float) -> None:
-    """Holding replica `ctx.replica_id`'s key: first half, replay one old signed PREPARE
-    (seq 1, long executed) to every other replica, which takes the sender for a laggard and
-    sends it catch-up; second half, replay one FETCH(from_seq=1, stable_seq=0). Bytes are
-    counted per half: the amplification is the catch-up answers the replicas sent back
-    (CHECKPOINT-STATE, COMMIT-CERTIFICATE frames) per byte the attacker sent."""
+    """Holding replica `ctx.replica_id`'s key, a third of the time each, to every other
+    replica: replay one old signed PREPARE (seq 1, long executed: the replica takes the
+    sender for a laggard and sends it catch-up), one FETCH(from_seq=1, stable_seq=0), and
+    one STATE_REQUEST(seq=0, start=0) (the first chunk of the current checkpoint). Bytes are
+    counted per third: the amplification is the catch-up answers the replicas sent back
+    (CHECKPOINT-STATE, STATE-CHUNK, COMMIT-CERTIFICATE, NEW-VIEW frames) per byte the
+    attacker sent."""
     me: Principal = ("replica", ctx.replica_id)
     prepare = encode_frame(seal(Prepare(0, 1, ctx.replica_id, b"\x01" * 32), ctx.replica_key))
     fetch = encode_frame(seal(Fetch(ctx.replica_id, 1, 0, 0), ctx.replica_key))
+    # Chunked state transfer: the first chunk of whatever checkpoint the replica holds.
+    state_request = encode_frame(seal(StateRequest(ctx.replica_id, 0, 0), ctx.replica_key))
     counters = ctx.counters
-    catch_up = ("checkpoint_state", "commit_certificate")
+    catch_up = ("checkpoint_state", "commit_certificate", "state_chunk", "new_view")
     # Paced at the replicas' per-requester limits (a faster attacker only gets more of its
     # frames dropped, which lowers its ratio): unsolicited help once per retransmit
     # interval, a FETCH answered once per half interval.
@@ -502,10 +506,11 @@ async def catchup_amplification(ctx: Context, seconds: float) -> None:
     for label, frame, pause_s in (
         ("old_prepare", prepare, interval_s),
         ("fetch_stable_0", fetch, interval_s / 2),
+        ("state_request_0", state_request, interval_s / 2),
     ):
         before_out = counters.bytes_out
         before_in = sum(counters.received[kind] for kind in catch_up)
-        deadline = trio.current_time() + seconds / 2
+        deadline = trio.current_time() + seconds / 3
         async with trio.open_nursery() as nursery:
             for replica in ctx.targets:
                 nursery.start_soon(

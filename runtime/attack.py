@@ -258,7 +258,7 @@ def _attacker_summary(result: Result) -> str:
     parts = [f"{key} {value / seconds:.0f}/s" for key, value in sorted(sent.items())]
     parts.append(f"{int(attacker['bytes_out']) / 2**20:.1f} MiB sent")
     if result.attack == "catchup_amplification":
-        for label in ("old_prepare", "fetch_stable_0"):
+        for label in ("old_prepare", "fetch_stable_0", "state_request_0"):
             parts.append(
                 f"{label}: {attacker.get(label + '_bytes_out')} B in -> "
                 f"{attacker.get(label + '_bytes_in')} B out = "
