@@ -38,6 +38,22 @@ def domain_of(message_type: MessageType) -> bytes:
 
 _DOMAINS = {message_type: domain_of(message_type) for message_type in MessageType}
 
+# The most bytes an envelope adds around its body: array marker, version, type, sender
+# (uint32), the body's bin32 header and the 64-byte signature with its bin8 header.
+ENVELOPE_OVERHEAD = 1 + 2 + 2 + 5 + 5 + 2 + 64
+
+
+def body_limit(cls: type[Message]) -> int:
+    """The longest body a message of this class can have: its schema's bound, at most a frame.
+
+    A REQUEST is a few hundred bytes, so 16 MiB claiming to be one is dropped on its length
+    alone, before a single byte of it is parsed.
+    """
+    return min(MAX_FRAME_BYTES, cls.max_bytes())
+
+
+BODY_LIMITS: dict[int, int] = {int(t): body_limit(cls) for t, cls in MESSAGE_CLASSES.items()}
+
 
 @dataclass(frozen=True)
 class Envelope(Struct):
@@ -82,7 +98,15 @@ def peek(
 
     Cheap: receivers use it to drop what is stale or irrelevant before paying for a
     signature check. Nothing read here may be trusted until `verify_signature` passes.
+    Its cost is bounded whatever the bytes: the type code sits at a fixed offset of a
+    canonical envelope (95 01 <type> ...), so a frame longer than its type allows is
+    dropped unparsed, and decoding builds at most the objects the schema can hold
+    (`Struct.decode_budget`).
     """
+    if type(raw) is bytes and len(raw) > 2 and raw[0] == 0x95 and raw[2] <= 0x7F:
+        limit = BODY_LIMITS.get(raw[2])
+        if limit is not None and len(raw) > limit + ENVELOPE_OVERHEAD:
+            raise Rejected("oversize", f"{len(raw)} bytes for type {raw[2]}")
     try:
         envelope = Envelope.decode(raw)
     except DecodeError as error:
@@ -94,6 +118,8 @@ def peek(
     except ValueError:
         raise Rejected("unknown_type", str(envelope.type_code)) from None
     cls = MESSAGE_CLASSES[message_type]
+    if len(envelope.body) > BODY_LIMITS[envelope.type_code]:
+        raise Rejected("oversize", f"{len(envelope.body)} bytes for {message_type.name}")
     if expected is not None and not (
         cls is expected if isinstance(expected, type) else cls in expected
     ):
