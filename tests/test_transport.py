@@ -261,13 +261,15 @@ def test_replica_and_client_authenticate_and_exchange_frames_both_ways() -> None
             await client.wait_connected(R0)
             assert client.send(R0, b"request")
             assert await receive(replica) == (C0, b"request")
-            big = bytes(range(256)) * 4096  # 1 MiB: many reads, written without coalescing
+            big = bytes(range(256)) * 256  # 64 KiB: the most a client connection carries
             assert replica.send(C0, b"")
             assert replica.send(C0, big)
+            assert not replica.send(C0, big + b"x")  # refused before it is queued
             assert replica.send(C0, b"reply")
             assert await receive(client) == (R0, b"")
             assert await receive(client) == (R0, big)
             assert await receive(client) == (R0, b"reply")
+            assert replica.statistics().drops == {"frame_too_large": 1}
             for transport in (replica, client):
                 stats = transport.statistics()
                 assert stats.handshakes_ok == 1 and stats.handshakes_failed == {}
@@ -298,6 +300,10 @@ def test_two_replicas_dialling_each_other_exchange_frames() -> None:
             got_a = [await receive(a) for _ in range(20)]
             assert got_b == [(R0, b"a%d" % index) for index in range(20)]
             assert got_a == [(R1, b"b%d" % index) for index in range(20)]
+            # Replicas keep the large frame limit (state transfer, NEW-VIEW).
+            big = bytes(range(256)) * 4096  # 1 MiB: many reads, written without coalescing
+            assert a.send(R1, big)
+            assert await receive(b) == (R0, big)
 
     run(main)
 
@@ -490,7 +496,7 @@ def test_a_new_inbound_connection_of_a_principal_replaces_its_old_one() -> None:
 
 
 def test_unauthenticated_connections_are_capped() -> None:
-    config = TransportConfig(max_pending_handshakes=2, handshake_timeout=2.0)
+    config = TransportConfig(max_pending_handshakes=2, reserved_handshakes=0, handshake_timeout=2.0)
 
     async def main() -> None:
         async with make(R0, config) as replica:
@@ -591,19 +597,19 @@ def test_a_peer_that_stops_reading_never_blocks_send_and_is_cut_off() -> None:
             client.connect_to(R0, HOST, port)
             await client.wait_connected(R0)
             await replica.wait_connected(C0)
-            sleeper = await raw_authenticated(port, C1)  # never reads again
-            chunk = b"z" * (1024 * 1024)
+            sleeper = await raw_authenticated(port, R1)  # never reads again
+            chunk = b"z" * (1024 * 1024)  # a replica's frames may be this large, a client's not
             for index in range(40):
-                # 40 MiB for C1: far more than the socket buffers hold. send returns at once
+                # 40 MiB for R1: far more than the socket buffers hold. send returns at once
                 # (it is not even a coroutine), and C0 keeps being served meanwhile.
-                replica.send(C1, chunk)
+                replica.send(R1, chunk)
                 replica.send(C0, b"tick %d" % index)
                 assert await receive(client) == (R0, b"tick %d" % index)
             await wait_until(lambda: replica.statistics().closes.get("send_timeout") == 1)
             stats = replica.statistics()
             assert stats.drops["peer_queue_full"] >= 20
             assert stats.drops["connection_lost"] == 1
-            assert not replica.is_connected(C1) and replica.is_connected(C0)
+            assert not replica.is_connected(R1) and replica.is_connected(C0)
             await sleeper.aclose()
 
     run(main)
