@@ -36,19 +36,43 @@ a third party); the accepting side checks AUTH against the KeyRing (unknown prin
 signature: refused); the connecting side checks ACCEPT against the key of the principal it
 dialled. Fresh nonces on both sides make a recorded AUTH or ACCEPT useless on any other
 connection, and the two domains keep one side's signature from being reflected as the
-other's. Each step has a deadline (`handshake_timeout`), handshake frames have their own
-size limit, and every message must be exactly the length above. A refused handshake just
+other's. The whole handshake has one deadline (`handshake_timeout`), handshake frames have
+their own size limit, and every message must be exactly the length above. A refused handshake just
 closes the connection (no reason is sent back) and is counted in `handshakes_failed[reason]`.
 Frames a connecting side pipelines right behind its AUTH are read only once AUTH has been
 verified, under the data frame limit (the handshake limit applies to handshake frames only);
-our own connecting side sends nothing before it has checked ACCEPT.
+our own connecting side sends nothing before it has checked ACCEPT. After the handshake a
+connection to or from a client carries frames of at most `client_max_frame_bytes` (64 KiB:
+a client's messages are a few hundred bytes), one between replicas `max_frame_bytes`.
+
+Admission
+---------
+Anyone can open a TCP connection, so what an unauthenticated one may cost is bounded:
+
+- Slots: at most `max_pending_handshakes` connections in their handshake at a time, and
+  `max_pending_per_address` of them from one IP address, so one host cannot take them all.
+  Beyond those, `reserved_handshakes` more slots in which only a replica of the key ring may
+  finish (a client's AUTH there is refused before its signature is checked). When they are
+  full too, a newcomer evicts a reserved connection that has not sent its AUTH yet (the
+  oldest from the address holding most of them). A replica sends AUTH one round trip after
+  HELLO, so strangers who connect and stay silent, at any rate, cannot keep it out; a
+  connection that finds nothing to evict is closed at once (`too_many_pending`).
+- Time: the whole handshake must be done within `handshake_timeout`.
+- CPU: the Ed25519 check of an AUTH is the only expensive step. It is done only for an
+  AUTH of the exact length naming a principal of the key ring allowed in its slot, and
+  at most `verify_rate_per_address` times a second per address and `verify_rate_total`
+  times a second in all (token buckets; beyond them the handshake fails `rate_limited`).
 
 Guarantees
 ----------
 - `send` is a plain function: it never waits, whatever the peer does. Each peer has a
-  bounded FIFO (`peer_queue_size`); when it is full the oldest queued frame (or the new
-  one, `overflow="drop_newest"`) is dropped and counted as `drops["peer_queue_full"]`.
+  FIFO bounded in frames (`peer_queue_size`) and in bytes (`peer_queue_bytes`, or
+  `client_queue_bytes` for a client); when it is full the oldest queued frames (or the new
+  one, `overflow="drop_newest"`) are dropped and counted as `drops["peer_queue_full"]`.
   Frames queue while a peer is unreachable and go out, in order, once it is connected.
+- Per-peer state does not outlive a peer we do not dial (a client): once it has had no
+  connection for `idle_peer_timeout`, its entry, queue and writer task are freed (queued
+  frames are counted as `drops["peer_gone"]`). Peers we dial keep theirs.
 - A frame is written at most once. A frame being written when its connection fails is
   lost (`drops["connection_lost"]`), never retried (no duplicates from the transport).
   A write that takes longer than `send_timeout` closes that connection.
@@ -57,17 +81,18 @@ Guarantees
 - Nothing a peer sends can crash the transport or touch another connection: garbage or
   oversized frames in the handshake fail it; an oversized length later closes the
   connection; a frame not completed within `frame_timeout` of its first byte closes the
-  connection (slowloris); a step of the handshake not done within `handshake_timeout`
-  fails it. At most `max_pending_handshakes` connections may be unauthenticated at a time
-  (more are closed at once), and a principal has at most one inbound connection (a new
-  one replaces the old: this is also how a restarted peer gets back in).
+  connection (slowloris); a handshake not done within `handshake_timeout` fails it.
+  Unauthenticated connections are limited as described under "Admission", and a
+  principal has at most one inbound connection (a new one replaces the old: this is also
+  how a restarted peer gets back in).
 - `connect_to` redials forever with exponential backoff and jitter, bounded by
   `backoff_max`; the backoff restarts after every successful handshake.
 - Structured concurrency: every task runs in the nursery of `run()` (or of
   `async with transport:`); cancelling it closes every socket and listener and ends
   `inbound` (the owner's `async for` loop finishes).
 
-Backpressure on input: `inbound` is bounded (`inbound_queue_size`); when the owner falls
+Backpressure on input: `inbound` is bounded in frames (`inbound_queue_size`) and in bytes
+(`inbound_queue_bytes`, all peers together; one frame always fits); when the owner falls
 behind, readers wait, so TCP pushes back on the peers (nothing is dropped on input). The
 per-frame deadline is measured from the first byte read after the previous frame was
 delivered, so time spent waiting on our own owner never counts against a peer.
