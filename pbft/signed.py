@@ -53,6 +53,22 @@ def body_limit(cls: type[Message]) -> int:
 
 
 BODY_LIMITS: dict[int, int] = {int(t): body_limit(cls) for t, cls in MESSAGE_CLASSES.items()}
+_CLIENT_TYPES = frozenset(int(t) for t, cls in MESSAGE_CLASSES.items() if cls.SIGNER == "client")
+
+
+def type_code_of(raw: bytes) -> int | None:
+    """The type code of a canonical envelope (95 01 <type> ...), read without parsing it;
+    None if `raw` cannot be one (`peek` would reject it anyway)."""
+    if type(raw) is bytes and len(raw) > 2 and raw[0] == 0x95 and raw[2] <= 0x7F:
+        return raw[2]
+    return None
+
+
+def client_may_send(raw: bytes) -> bool:
+    """Whether a frame from a client's connection is of a type a client signs (REQUEST,
+    BALANCE_QUERY). Anything else could only be relayed; dropping it unparsed keeps a client
+    key from making us decode frames of the replica types, which are allowed to be large."""
+    return type_code_of(raw) in _CLIENT_TYPES
 
 
 @dataclass(frozen=True)
@@ -103,10 +119,11 @@ def peek(
     dropped unparsed, and decoding builds at most the objects the schema can hold
     (`Struct.decode_budget`).
     """
-    if type(raw) is bytes and len(raw) > 2 and raw[0] == 0x95 and raw[2] <= 0x7F:
-        limit = BODY_LIMITS.get(raw[2])
+    code = type_code_of(raw)
+    if code is not None:
+        limit = BODY_LIMITS.get(code)
         if limit is not None and len(raw) > limit + ENVELOPE_OVERHEAD:
-            raise Rejected("oversize", f"{len(raw)} bytes for type {raw[2]}")
+            raise Rejected("oversize", f"{len(raw)} bytes for type {code}")
     try:
         envelope = Envelope.decode(raw)
     except DecodeError as error:
