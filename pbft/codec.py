@@ -9,6 +9,7 @@ and digests over encoded bytes are stable.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any, ClassVar, TypeVar
 
@@ -266,6 +267,10 @@ _CONTAINER: dict[int, tuple[int, int]] = {  # marker -> (length bytes, objects p
 }  # fmt: skip
 
 
+# Objects of one byte: fixints, nil, booleans, and the empty fixstr, fixarray and fixmap.
+_ONE_BYTE_RUN = re.compile(rb"[\x00-\x7f\x80\x90\xa0\xc0\xc2\xc3\xe0-\xff]+")
+
+
 def count_items(data: bytes, max_items: int, max_depth: int = MAX_DECODE_DEPTH) -> int:
     """Count the objects of the first msgpack value in `data` without building any.
 
@@ -283,6 +288,16 @@ def count_items(data: bytes, max_items: int, max_depth: int = MAX_DECODE_DEPTH) 
     while pending:
         if pending[-1] == 0:
             pending.pop()
+            continue
+        # A run of one-byte objects (what bombs are made of) is counted in one step.
+        run = _ONE_BYTE_RUN.match(data, position)
+        if run is not None and run.end() - position > 1:
+            taken = min(run.end() - position, pending[-1])
+            count += taken
+            if count > max_items:
+                raise DecodeError("oversize", f"more than {max_items} objects")
+            position += taken
+            pending[-1] -= taken
             continue
         pending[-1] -= 1
         if position >= size:

@@ -53,7 +53,7 @@ def body_limit(cls: type[Message]) -> int:
 
 
 BODY_LIMITS: dict[int, int] = {int(t): body_limit(cls) for t, cls in MESSAGE_CLASSES.items()}
-_CLIENT_TYPES = frozenset(int(t) for t, cls in MESSAGE_CLASSES.items() if cls.SIGNER == "client")
+_CLIENT_TYPES = tuple(int(t) for t, cls in MESSAGE_CLASSES.items() if cls.SIGNER == "client")
 
 
 def type_code_of(raw: bytes) -> int | None:

@@ -199,7 +199,7 @@ class TransportConfig:
     overflow: Literal["drop_oldest", "drop_newest"] = "drop_oldest"
     inbound_queue_size: int = 1024  # frames waiting for the owner, all peers together
     inbound_queue_bytes: int = 64 * 1024 * 1024  # their payload bytes, all peers together
-    max_pending_handshakes: int = 64  # unauthenticated inbound connections at a time
+    max_pending_handshakes: int = 256  # unauthenticated inbound connections at a time
     max_pending_per_address: int = 8  # of those, from one IP address
     # Handshakes beyond both caps, open to replicas only: a flood of strangers cannot keep
     # a replica of the cluster out (see "Admission" in the module docstring).
