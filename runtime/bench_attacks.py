@@ -35,6 +35,7 @@ from runtime.transport import Transport, TransportConfig
 MIB = 1024 * 1024
 HOST = "127.0.0.1"
 STRANGER = "127.0.0.2"
+DIAL_PATIENCE = 10.0  # seconds a client or replica keeps trying before we call it locked out
 
 
 def nested_arrays(size: int) -> bytes:
@@ -129,7 +130,6 @@ async def flood_run(
     ring = KeyRing({principal: key.verify_key for principal, key in keys.items()})
     results: dict[str, str] = {}
     streams: list[trio.SocketStream] = []
-    quick = TransportConfig(handshake_timeout=5.0, backoff_initial=0.05, backoff_max=0.2)
     async with (
         Transport(("replica", 0), keys[("replica", 0)], ring, config) as replica,
         trio.open_nursery() as nursery,
@@ -146,16 +146,22 @@ async def flood_run(
 
         nursery.start_soon(flood)
         await trio.sleep(seconds)
-        for principal in (("client", 0), ("replica", 1)):
+
+        async def dial(principal: tuple[str, int]) -> None:
             started = trio.current_time()
-            async with Transport(principal, keys[principal], ring, quick) as dialer:
+            # Default redial backoff (up to 5 s), as PaymentClient and ReplicaNode use.
+            async with Transport(principal, keys[principal], ring) as dialer:
                 dialer.connect_to(("replica", 0), HOST, port)
-                with trio.move_on_after(5.0):
+                with trio.move_on_after(DIAL_PATIENCE):
                     await dialer.wait_connected(("replica", 0))
                     results[principal[0]] = f"in after {trio.current_time() - started:.2f} s"
                 if principal[0] not in results:
                     failed = dict(dialer.statistics().handshakes_failed)
-                    results[principal[0]] = f"locked out for 5 s ({failed})"
+                    results[principal[0]] = f"locked out for {DIAL_PATIENCE:g} s ({failed})"
+
+        async with trio.open_nursery() as dialers:
+            dialers.start_soon(dial, ("client", 0))
+            dialers.start_soon(dial, ("replica", 1))
         stats = replica.statistics()
         results["server"] = (
             f"pending {stats.pending_handshakes}, refused "
@@ -169,8 +175,8 @@ async def flood_run(
 
 
 def bench_flood(rate: float, seconds: float) -> None:
-    print(f"\nconnect flood: {rate:g} silent connects/s for {seconds:g} s, then a client dials")
-    print("and a replica dials (each given 5 s)")
+    print(f"\nconnect flood: {rate:g} silent connects/s; after {seconds:g} s a client and a")
+    print(f"replica dial (default redial backoff, {DIAL_PATIENCE:g} s each) while it goes on")
     for flood_from in (STRANGER, HOST):
         for label, config in (("old admission", OLD_ADMISSION), ("new admission", NEW_ADMISSION)):
             results = trio.run(flood_run, config, flood_from, rate, seconds)
