@@ -43,7 +43,8 @@ Frames a connecting side pipelines right behind its AUTH are read only once AUTH
 verified, under the data frame limit (the handshake limit applies to handshake frames only);
 our own connecting side sends nothing before it has checked ACCEPT. After the handshake a
 connection to or from a client carries frames of at most `client_max_frame_bytes` (64 KiB:
-a client's messages are a few hundred bytes), one between replicas `max_frame_bytes`.
+a client's messages and the replies to them are a few hundred bytes), one between replicas
+`max_frame_bytes`.
 
 Admission
 ---------
@@ -271,9 +272,10 @@ class TransportConfig:
         if self.overflow not in ("drop_oldest", "drop_newest"):
             raise ValueError(f"overflow must be drop_oldest or drop_newest: {self.overflow!r}")
 
-    def frame_limit(self, principal: Principal) -> int:
-        """The largest data frame to or from `principal` (clients get the small limit)."""
-        if principal[0] == "client":
+    def frame_limit(self, principal: Principal, peer: Principal) -> int:
+        """The largest data frame between `principal` and `peer`: the small client limit
+        when either is a client (requests one way, replies the other), else the large one."""
+        if principal[0] == "client" or peer[0] == "client":
             return min(self.client_max_frame_bytes, self.max_frame_bytes)
         return self.max_frame_bytes
 
@@ -707,7 +709,7 @@ class Transport:
         if principal not in self._keyring or principal == self.principal:
             self._drops["unknown_peer"] += 1
             return False
-        if len(data) > self.config.frame_limit(principal):
+        if len(data) > self.config.frame_limit(self.principal, principal):
             self._drops["frame_too_large"] += 1
             return False
         peer = self._peer(principal)
@@ -1079,7 +1081,7 @@ class Transport:
             client_nonce + client_bytes + self._principal_bytes + server_nonce,
         )
         await self._send_handshake(stream, _ACCEPT + accept_signature)
-        decoder.max_frame_bytes = self.config.frame_limit(client)
+        decoder.max_frame_bytes = self.config.frame_limit(self.principal, client)
         return client, decoder
 
     async def _handshake_as_client(
@@ -1120,7 +1122,7 @@ class Transport:
             accept[1:],
         ):
             raise _HandshakeFailed("bad_signature")
-        decoder.max_frame_bytes = self.config.frame_limit(expected)
+        decoder.max_frame_bytes = self.config.frame_limit(self.principal, expected)
         return decoder
 
     async def _send_handshake(self, stream: trio.SocketStream, message: bytes) -> None:
