@@ -14,16 +14,20 @@ import struct
 import time
 import tracemalloc
 from collections.abc import Callable
+from pathlib import Path
 
 import msgpack
 import pytest
+import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from replica_harness import Cluster, notes
 
 from pbft.codec import MAX_DECODE_ITEMS, MAX_FRAME_BYTES, DecodeError, count_items, unpack
+from pbft.events import MessageReceived
 from pbft.messages import MESSAGE_CLASSES, MessageType, Request
 from pbft.signed import BODY_LIMITS, ENVELOPE_OVERHEAD, Rejected, client_may_send, peek, seal
+from runtime.node import ReplicaNode
 
 MIB = 1024 * 1024
 SIZE = MAX_FRAME_BYTES - 1024  # room for an envelope around it
@@ -202,3 +206,33 @@ def test_only_the_client_types_pass_from_a_client_connection() -> None:
     assert not client_may_send(envelope_around(nested_arrays(64 * 1024), 9))
     assert not client_may_send(b"")
     assert not client_may_send(nested_arrays(64 * 1024))
+
+
+def test_a_replica_node_passes_only_client_types_from_client_connections(tmp_path: Path) -> None:
+    cluster = Cluster()
+    request = cluster.request(1)
+    prepare = cluster.prepare(1, cluster.chain().append())
+    bomb = envelope_around(nested_arrays(64 * 1024 - 200), int(MessageType.VIEW_CHANGE))
+    frames = [
+        (("client", 0), bomb),  # a client key, a replica type: dropped on one byte
+        (("client", 0), prepare),  # even a genuine replica message, relayed by a client
+        (("client", 0), request),
+        (("replica", 1), prepare),  # replicas may send every type
+    ]
+
+    class FakeTransport:
+        def __init__(self) -> None:
+            self.inbound = self._frames()
+
+        async def _frames(self):  # type: ignore[no-untyped-def]
+            for item in frames:
+                yield item
+
+    async def main() -> list[bytes]:
+        node = ReplicaNode(None, 0, tmp_path)  # type: ignore[arg-type]
+        send, receive = trio.open_memory_channel[MessageReceived](10)
+        await node._inbound(FakeTransport(), send)  # type: ignore[arg-type]
+        assert node.client_frames_refused == 2
+        return [event.data async for event in receive]
+
+    assert trio.run(main) == [request, prepare]
