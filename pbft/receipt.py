@@ -29,6 +29,8 @@ RECEIPT_VERSION = 2
 # Far above any real receipt (a request and at most MAX_REPLICAS replies of a few
 # hundred bytes each); anything larger is not a receipt.
 MAX_RECEIPT_BYTES = 1024 * 1024
+# A request and at most MAX_REPLICAS replies, each a handful of msgpack objects.
+MAX_RECEIPT_ITEMS = 16 * (MAX_REPLICAS + 2)
 # Replies with this reason mean "too old to tell": never a payment's outcome.
 UNKNOWN_OUTCOME_REASON = "request_expired"
 
@@ -93,7 +95,8 @@ def decode_receipt(data: bytes) -> Receipt:
             "unreadable", f"not a receipt: {len(data)} bytes, more than any receipt"
         )
     try:
-        fields = unpack(data)
+        # A receipt file is untrusted input too: bounded work, however it is nested.
+        fields = unpack(data, MAX_RECEIPT_BYTES, max_items=MAX_RECEIPT_ITEMS)
     except DecodeError as error:
         raise UnreadableReceipt("unreadable", f"not a receipt: {error}") from None
     if type(fields) is list and fields and type(fields[0]) is int:

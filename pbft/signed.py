@@ -38,6 +38,38 @@ def domain_of(message_type: MessageType) -> bytes:
 
 _DOMAINS = {message_type: domain_of(message_type) for message_type in MessageType}
 
+# The most bytes an envelope adds around its body: array marker, version, type, sender
+# (uint32), the body's bin32 header and the 64-byte signature with its bin8 header.
+ENVELOPE_OVERHEAD = 1 + 2 + 2 + 5 + 5 + 2 + 64
+
+
+def body_limit(cls: type[Message]) -> int:
+    """The longest body a message of this class can have: its schema's bound, at most a frame.
+
+    A REQUEST is a few hundred bytes, so 16 MiB claiming to be one is dropped on its length
+    alone, before a single byte of it is parsed.
+    """
+    return min(MAX_FRAME_BYTES, cls.max_bytes())
+
+
+BODY_LIMITS: dict[int, int] = {int(t): body_limit(cls) for t, cls in MESSAGE_CLASSES.items()}
+_CLIENT_TYPES = tuple(int(t) for t, cls in MESSAGE_CLASSES.items() if cls.SIGNER == "client")
+
+
+def type_code_of(raw: bytes) -> int | None:
+    """The type code of a canonical envelope (95 01 <type> ...), read without parsing it;
+    None if `raw` cannot be one (`peek` would reject it anyway)."""
+    if type(raw) is bytes and len(raw) > 2 and raw[0] == 0x95 and raw[2] <= 0x7F:
+        return raw[2]
+    return None
+
+
+def client_may_send(raw: bytes) -> bool:
+    """Whether a frame from a client's connection is of a type a client signs (REQUEST,
+    BALANCE_QUERY). Anything else could only be relayed; dropping it unparsed keeps a client
+    key from making us decode frames of the replica types, which are allowed to be large."""
+    return type_code_of(raw) in _CLIENT_TYPES
+
 
 @dataclass(frozen=True)
 class Envelope(Struct):
@@ -82,7 +114,16 @@ def peek(
 
     Cheap: receivers use it to drop what is stale or irrelevant before paying for a
     signature check. Nothing read here may be trusted until `verify_signature` passes.
+    Its cost is bounded whatever the bytes: the type code sits at a fixed offset of a
+    canonical envelope (95 01 <type> ...), so a frame longer than its type allows is
+    dropped unparsed, and decoding builds at most the objects the schema can hold
+    (`Struct.decode_budget`).
     """
+    code = type_code_of(raw)
+    if code is not None:
+        limit = BODY_LIMITS.get(code)
+        if limit is not None and len(raw) > limit + ENVELOPE_OVERHEAD:
+            raise Rejected("oversize", f"{len(raw)} bytes for type {code}")
     try:
         envelope = Envelope.decode(raw)
     except DecodeError as error:
@@ -94,6 +135,8 @@ def peek(
     except ValueError:
         raise Rejected("unknown_type", str(envelope.type_code)) from None
     cls = MESSAGE_CLASSES[message_type]
+    if len(envelope.body) > BODY_LIMITS[envelope.type_code]:
+        raise Rejected("oversize", f"{len(envelope.body)} bytes for {message_type.name}")
     if expected is not None and not (
         cls is expected if isinstance(expected, type) else cls in expected
     ):

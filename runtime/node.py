@@ -19,6 +19,7 @@ import trio
 
 from pbft.events import Broadcast, MessageReceived, Note, Persist, Send, Tick
 from pbft.replica import Replica
+from pbft.signed import client_may_send
 from runtime.cluster import Cluster
 from runtime.storage import DurableStore
 from runtime.transport import Transport, TransportConfig
@@ -140,6 +141,7 @@ class ReplicaNode:
         self.events_handled = 0
         self.quiet_drops = 0
         self.log_summary = LogSummarizer()
+        self.client_frames_refused = 0
 
     def log(self, event: str, **fields: object) -> None:
         record = {"time": round(time.time(), 6), "replica": self.replica_id, "event": event}
@@ -268,5 +270,8 @@ class ReplicaNode:
         self, transport: Transport, send_event: trio.MemorySendChannel[Tick | MessageReceived]
     ) -> None:
         async with send_event:
-            async for _principal, data in transport.inbound:
+            async for principal, data in transport.inbound:
+                if principal[0] == "client" and not client_may_send(data):
+                    self.client_frames_refused += 1  # unparsed: see client_may_send
+                    continue
                 await send_event.send(MessageReceived(data))

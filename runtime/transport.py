@@ -36,19 +36,44 @@ a third party); the accepting side checks AUTH against the KeyRing (unknown prin
 signature: refused); the connecting side checks ACCEPT against the key of the principal it
 dialled. Fresh nonces on both sides make a recorded AUTH or ACCEPT useless on any other
 connection, and the two domains keep one side's signature from being reflected as the
-other's. Each step has a deadline (`handshake_timeout`), handshake frames have their own
-size limit, and every message must be exactly the length above. A refused handshake just
+other's. The whole handshake has one deadline (`handshake_timeout`), handshake frames have
+their own size limit, and every message must be exactly the length above. A refused handshake just
 closes the connection (no reason is sent back) and is counted in `handshakes_failed[reason]`.
 Frames a connecting side pipelines right behind its AUTH are read only once AUTH has been
 verified, under the data frame limit (the handshake limit applies to handshake frames only);
-our own connecting side sends nothing before it has checked ACCEPT.
+our own connecting side sends nothing before it has checked ACCEPT. After the handshake a
+connection to or from a client carries frames of at most `client_max_frame_bytes` (64 KiB:
+a client's messages and the replies to them are a few hundred bytes), one between replicas
+`max_frame_bytes`.
+
+Admission
+---------
+Anyone can open a TCP connection, so what an unauthenticated one may cost is bounded:
+
+- Slots: at most `max_pending_handshakes` connections in their handshake at a time, and
+  `max_pending_per_address` of them from one IP address, so one host cannot take them all.
+  Beyond those, `reserved_handshakes` more slots in which only a replica of the key ring may
+  finish (a client's AUTH there is refused before its signature is checked). When they are
+  full too, a newcomer evicts a reserved connection that has not sent its AUTH yet (the
+  oldest from the address holding most of them). A replica sends AUTH one round trip after
+  HELLO, so strangers who connect and stay silent, at any rate, cannot keep it out; a
+  connection that finds nothing to evict is closed at once (`too_many_pending`).
+- Time: the whole handshake must be done within `handshake_timeout`.
+- CPU: the Ed25519 check of an AUTH is the only expensive step. It is done only for an
+  AUTH of the exact length naming a principal of the key ring allowed in its slot, and
+  at most `verify_rate_per_address` times a second per address and `verify_rate_total`
+  times a second in all (token buckets; beyond them the handshake fails `rate_limited`).
 
 Guarantees
 ----------
 - `send` is a plain function: it never waits, whatever the peer does. Each peer has a
-  bounded FIFO (`peer_queue_size`); when it is full the oldest queued frame (or the new
-  one, `overflow="drop_newest"`) is dropped and counted as `drops["peer_queue_full"]`.
+  FIFO bounded in frames (`peer_queue_size`) and in bytes (`peer_queue_bytes`, or
+  `client_queue_bytes` for a client); when it is full the oldest queued frames (or the new
+  one, `overflow="drop_newest"`) are dropped and counted as `drops["peer_queue_full"]`.
   Frames queue while a peer is unreachable and go out, in order, once it is connected.
+- Per-peer state does not outlive a peer we do not dial (a client): once it has had no
+  connection for `idle_peer_timeout`, its entry, queue and writer task are freed (queued
+  frames are counted as `drops["peer_gone"]`). Peers we dial keep theirs.
 - A frame is written at most once. A frame being written when its connection fails is
   lost (`drops["connection_lost"]`), never retried (no duplicates from the transport).
   A write that takes longer than `send_timeout` closes that connection.
@@ -57,17 +82,18 @@ Guarantees
 - Nothing a peer sends can crash the transport or touch another connection: garbage or
   oversized frames in the handshake fail it; an oversized length later closes the
   connection; a frame not completed within `frame_timeout` of its first byte closes the
-  connection (slowloris); a step of the handshake not done within `handshake_timeout`
-  fails it. At most `max_pending_handshakes` connections may be unauthenticated at a time
-  (more are closed at once), and a principal has at most one inbound connection (a new
-  one replaces the old: this is also how a restarted peer gets back in).
+  connection (slowloris); a handshake not done within `handshake_timeout` fails it.
+  Unauthenticated connections are limited as described under "Admission", and a
+  principal has at most one inbound connection (a new one replaces the old: this is also
+  how a restarted peer gets back in).
 - `connect_to` redials forever with exponential backoff and jitter, bounded by
   `backoff_max`; the backoff restarts after every successful handshake.
 - Structured concurrency: every task runs in the nursery of `run()` (or of
   `async with transport:`); cancelling it closes every socket and listener and ends
   `inbound` (the owner's `async for` loop finishes).
 
-Backpressure on input: `inbound` is bounded (`inbound_queue_size`); when the owner falls
+Backpressure on input: `inbound` is bounded in frames (`inbound_queue_size`) and in bytes
+(`inbound_queue_bytes`, all peers together; one frame always fits); when the owner falls
 behind, readers wait, so TCP pushes back on the peers (nothing is dropped on input). The
 per-frame deadline is measured from the first byte read after the previous frame was
 delivered, so time spent waiting on our own owner never counts against a peer.
@@ -91,7 +117,7 @@ import random
 import secrets
 import socket
 import struct
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
@@ -112,6 +138,7 @@ from runtime.framing import (
 
 __all__ = [
     "HANDSHAKE_ACCEPT_DOMAIN",
+    "InboundQueue",
     "HANDSHAKE_DOMAIN",
     "HANDSHAKE_MAX_FRAME_BYTES",
     "HANDSHAKE_VERSION",
@@ -158,15 +185,32 @@ class TransportConfig:
     """Limits and timeouts (seconds). The defaults suit a LAN cluster; tests shorten them."""
 
     max_frame_bytes: int = MAX_FRAME_BYTES
+    # A client only ever sends REQUESTs and BALANCE_QUERYs (a few hundred bytes each). 64 KiB
+    # leaves a hundredfold margin, is one receive chunk, and bounds what decoding one client
+    # frame can cost (at most 64 Ki msgpack objects) and what a client connection buffers.
+    client_max_frame_bytes: int = 64 * 1024
     handshake_max_frame_bytes: int = HANDSHAKE_MAX_FRAME_BYTES
-    handshake_timeout: float = 5.0  # per handshake step (each message sent or awaited)
+    handshake_timeout: float = 3.0  # a whole handshake, every message sent and awaited
     frame_timeout: float = 10.0  # from a frame's first byte to its last
     send_timeout: float = 10.0  # one frame's write; longer closes the connection
     connect_timeout: float = 5.0  # TCP connect when dialling
     peer_queue_size: int = 256  # frames queued per peer
+    peer_queue_bytes: int = 64 * 1024 * 1024  # payload bytes queued per replica peer
+    client_queue_bytes: int = 1024 * 1024  # payload bytes queued per client peer
     overflow: Literal["drop_oldest", "drop_newest"] = "drop_oldest"
     inbound_queue_size: int = 1024  # frames waiting for the owner, all peers together
-    max_pending_handshakes: int = 64  # unauthenticated inbound connections at a time
+    inbound_queue_bytes: int = 64 * 1024 * 1024  # their payload bytes, all peers together
+    max_pending_handshakes: int = 256  # unauthenticated inbound connections at a time
+    max_pending_per_address: int = 8  # of those, from one IP address
+    # Handshakes beyond both caps, open to replicas only: a flood of strangers cannot keep
+    # a replica of the cluster out (see "Admission" in the module docstring).
+    reserved_handshakes: int = 8
+    verify_rate_per_address: float = 20.0  # AUTH signatures checked per second per address
+    verify_burst_per_address: int = 20
+    verify_rate_total: float = 500.0  # ... and from all addresses together
+    verify_burst_total: int = 200
+    idle_peer_timeout: float = 5.0  # a peer we do not dial is forgotten this long after
+    # its last connection closed (its queue, its writer task)
     backoff_initial: float = 0.1  # first redial delay
     backoff_max: float = 5.0  # no redial delay is longer
     backoff_jitter: float = 0.5  # a delay is drawn from [(1 - jitter) * d, d]
@@ -175,30 +219,50 @@ class TransportConfig:
     def __post_init__(self) -> None:
         for name in (
             "max_frame_bytes",
+            "client_max_frame_bytes",
             "handshake_max_frame_bytes",
             "peer_queue_size",
+            "peer_queue_bytes",
+            "client_queue_bytes",
             "inbound_queue_size",
+            "inbound_queue_bytes",
             "max_pending_handshakes",
+            "max_pending_per_address",
+            "verify_burst_per_address",
+            "verify_burst_total",
             "receive_chunk_bytes",
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        value = self.reserved_handshakes
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"reserved_handshakes must be an int >= 0, got {value!r}")
         if self.max_frame_bytes > 2**32 - 1:
             raise ValueError("max_frame_bytes must fit the u32 length field")
         if self.handshake_max_frame_bytes < _AUTH_SIZE:
             raise ValueError(f"handshake_max_frame_bytes must be at least {_AUTH_SIZE}")
+        for name, frame_limit in (
+            ("peer_queue_bytes", self.max_frame_bytes),
+            ("client_queue_bytes", min(self.client_max_frame_bytes, self.max_frame_bytes)),
+            ("inbound_queue_bytes", self.max_frame_bytes),
+        ):
+            if getattr(self, name) < frame_limit:
+                raise ValueError(f"{name} must hold at least one frame ({frame_limit} bytes)")
         for name in (
             "handshake_timeout",
             "frame_timeout",
             "send_timeout",
             "connect_timeout",
+            "verify_rate_per_address",
+            "verify_rate_total",
+            "idle_peer_timeout",
             "backoff_initial",
             "backoff_max",
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
             if not math.isfinite(value):
                 raise ValueError(f"{name} must be finite, got {value!r}")
         if self.backoff_initial > self.backoff_max:
@@ -207,6 +271,16 @@ class TransportConfig:
             raise ValueError(f"backoff_jitter must be in 0..1, got {self.backoff_jitter!r}")
         if self.overflow not in ("drop_oldest", "drop_newest"):
             raise ValueError(f"overflow must be drop_oldest or drop_newest: {self.overflow!r}")
+
+    def frame_limit(self, principal: Principal, peer: Principal) -> int:
+        """The largest data frame between `principal` and `peer`: the small client limit
+        when either is a client (requests one way, replies the other), else the large one."""
+        if principal[0] == "client" or peer[0] == "client":
+            return min(self.client_max_frame_bytes, self.max_frame_bytes)
+        return self.max_frame_bytes
+
+    def queue_bytes(self, principal: Principal) -> int:
+        return self.client_queue_bytes if principal[0] == "client" else self.peer_queue_bytes
 
 
 @dataclass(frozen=True)
@@ -227,6 +301,13 @@ class TransportStatistics:
     bytes_out: int = 0
     drops: Mapping[str, int] = field(default_factory=dict)  # outgoing frames lost, by reason
     queued: int = 0  # frames waiting in peer queues now
+    queued_bytes: int = 0  # their payload bytes
+    inbound_queued: int = 0  # frames waiting for the owner now
+    inbound_bytes: int = 0  # their payload bytes
+    peers: int = 0  # principals with transport state (queue, writer task) now
+    pending_handshakes: int = 0  # inbound connections in their handshake now
+    handshake_verifications: int = 0  # AUTH signatures checked (each costs an Ed25519 verify)
+    tasks: int = 0  # tasks in the transport's nursery now
 
 
 # --- wire helpers -----------------------------------------------------------------------------
@@ -308,13 +389,26 @@ class _Connection:
 class _Peer:
     """A principal we may send to: its queue, its live connections, its writer task."""
 
-    __slots__ = ("changed", "connections", "principal", "queue_receive", "queue_send")
+    __slots__ = (
+        "changed",
+        "connections",
+        "idle_since",
+        "max_bytes",
+        "max_frames",
+        "principal",
+        "queue",
+        "queued_bytes",
+    )
 
-    def __init__(self, principal: Principal, queue_size: int) -> None:
+    def __init__(self, principal: Principal, max_frames: int, max_bytes: int, now: float) -> None:
         self.principal = principal
-        self.queue_send, self.queue_receive = trio.open_memory_channel[bytes](queue_size)
+        self.queue: deque[bytes] = deque()
+        self.queued_bytes = 0
+        self.max_frames = max_frames
+        self.max_bytes = max_bytes
         self.connections: list[_Connection] = []  # oldest first
         self.changed = trio.Event()
+        self.idle_since: float | None = now  # when it last had no connection at all
 
     @property
     def active(self) -> _Connection | None:
@@ -327,6 +421,116 @@ class _Peer:
     def notify(self) -> None:
         self.changed.set()
         self.changed = trio.Event()
+
+    def pop(self) -> bytes:
+        frame = self.queue.popleft()
+        self.queued_bytes -= len(frame)
+        return frame
+
+
+class InboundQueue:
+    """What `Transport.inbound` is: frames for the owner, bounded in frames and in bytes.
+
+    Readers wait while it is full (TCP then pushes back on the peer), so nothing is dropped
+    on input. One frame is always let in when the queue is empty, whatever its size.
+    Iterate it with `async for`, or call `receive()`; both end when the transport stops.
+    """
+
+    def __init__(self, max_frames: int, max_bytes: int) -> None:
+        self._send, self._receive = trio.open_memory_channel[tuple[Principal, bytes]](max_frames)
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._space = trio.Event()
+
+    async def put(self, item: tuple[Principal, bytes]) -> None:
+        size = len(item[1])
+        while self.bytes and self.bytes + size > self.max_bytes:
+            await self._space.wait()
+        self.bytes += size
+        try:
+            await self._send.send(item)
+        except BaseException:
+            self._release(size)
+            raise
+
+    def _release(self, size: int) -> None:
+        self.bytes -= size
+        self._space.set()
+        self._space = trio.Event()
+
+    async def receive(self) -> tuple[Principal, bytes]:
+        item = await self._receive.receive()
+        self._release(len(item[1]))
+        return item
+
+    def receive_nowait(self) -> tuple[Principal, bytes]:
+        item = self._receive.receive_nowait()
+        self._release(len(item[1]))
+        return item
+
+    def __aiter__(self) -> InboundQueue:
+        return self
+
+    async def __anext__(self) -> tuple[Principal, bytes]:
+        try:
+            return await self.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+
+    def statistics(self) -> trio.MemoryChannelStatistics:
+        return self._receive.statistics()
+
+    def close(self) -> None:
+        """No more frames: the owner's `async for` ends once it has read what is queued."""
+        self._send.close()
+
+
+class _TokenBuckets:
+    """Token buckets by key (an IP address): `take` is True while the key has a token left.
+
+    Full buckets carry no information, so they are dropped once there are many: memory is
+    bounded by the keys active within one refill period, not by every address ever seen.
+    """
+
+    PRUNE_AT = 4096
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
+
+    def take(self, key: str, now: float) -> bool:
+        tokens, at = self._buckets.get(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - at) * self.rate)
+        if tokens < 1.0:
+            self._buckets[key] = (tokens, now)
+            return False
+        self._buckets[key] = (tokens - 1.0, now)
+        if len(self._buckets) > self.PRUNE_AT:
+            self._prune(now)
+        return True
+
+    def _prune(self, now: float) -> None:
+        full_after = self.burst / self.rate
+        for key, (_, at) in list(self._buckets.items()):
+            if now - at >= full_after:
+                del self._buckets[key]
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
+class _Pending:
+    """An inbound connection in its handshake: which pool it holds a slot in."""
+
+    __slots__ = ("address", "cancel_scope", "evicted", "heard", "reserved")
+
+    def __init__(self, address: str, reserved: bool) -> None:
+        self.address = address
+        self.reserved = reserved
+        self.heard = False  # its AUTH has arrived: it is no longer evicted for a newcomer
+        self.evicted = False
+        self.cancel_scope = trio.CancelScope()
 
 
 # --- the transport ----------------------------------------------------------------------------
@@ -369,14 +573,21 @@ class Transport:
         self._keyring = keyring
         self._principal_bytes = encode_principal(self.principal)
         self._rng = rng if rng is not None else random.Random(secrets.randbits(64))
-        self._inbound_send, self.inbound = trio.open_memory_channel[tuple[Principal, bytes]](
-            self.config.inbound_queue_size
-        )
+        self.inbound = InboundQueue(self.config.inbound_queue_size, self.config.inbound_queue_bytes)
         self._nursery: trio.Nursery | None = None
         self._started = False
         self._peers: dict[Principal, _Peer] = {}
         self._dialers: dict[Principal, trio.CancelScope] = {}
-        self._pending_handshakes = 0
+        self._pending_general = 0  # slots held in the general pool
+        self._pending_by_address: Counter[str] = Counter()  # general pool, by address
+        self._reserved: list[_Pending] = []  # the replicas' pool, oldest first
+        self._verify_by_address = _TokenBuckets(
+            self.config.verify_rate_per_address, self.config.verify_burst_per_address
+        )
+        self._verify_total = _TokenBuckets(
+            self.config.verify_rate_total, self.config.verify_burst_total
+        )
+        self._verifications = 0
         self._context: AbstractAsyncContextManager[Transport] | None = None
         self.listen_ports: list[int] = []
         # counters
@@ -403,7 +614,7 @@ class Transport:
                 await trio.sleep_forever()
         finally:
             self._nursery = None
-            self._inbound_send.close()  # the owner's `async for` over inbound ends
+            self.inbound.close()  # the owner's `async for` over inbound ends
 
     @asynccontextmanager
     async def _running(self) -> AsyncIterator[Transport]:
@@ -495,23 +706,22 @@ class Transport:
         self._require_running()
         if not isinstance(data, bytes):
             raise TypeError(f"data must be bytes, not {type(data).__name__}")
-        if len(data) > self.config.max_frame_bytes:
-            self._drops["frame_too_large"] += 1
-            return False
         if principal not in self._keyring or principal == self.principal:
             self._drops["unknown_peer"] += 1
             return False
+        if len(data) > self.config.frame_limit(self.principal, principal):
+            self._drops["frame_too_large"] += 1
+            return False
         peer = self._peer(principal)
-        try:
-            peer.queue_send.send_nowait(data)
-            return True
-        except trio.WouldBlock:
+        size = len(data)
+        while len(peer.queue) >= peer.max_frames or peer.queued_bytes + size > peer.max_bytes:
             self._drops["peer_queue_full"] += 1
             if self.config.overflow == "drop_newest":
                 return False
-        # drop_oldest: the queue is full, so no writer is waiting on it and it holds a frame.
-        peer.queue_receive.receive_nowait()
-        peer.queue_send.send_nowait(data)
+            peer.pop()
+        peer.queue.append(data)
+        peer.queued_bytes += size
+        peer.notify()
         return True
 
     def is_connected(self, principal: Principal) -> bool:
@@ -523,12 +733,13 @@ class Transport:
         self._require_running()
         if principal not in self._keyring:
             raise ValueError(f"{principal} is not in the key ring")
-        peer = self._peer(principal)
-        while peer.active is None:
+        # Looked up afresh after every change: an idle peer's entry may be forgotten.
+        while (peer := self._peer(principal)).active is None:
             await peer.changed.wait()
 
     def statistics(self) -> TransportStatistics:
         live = [c for peer in self._peers.values() for c in peer.connections if not c.closing]
+        nursery = self._nursery
         return TransportStatistics(
             connections=len(live),
             connected_peers=sum(1 for peer in self._peers.values() if peer.active is not None),
@@ -543,9 +754,14 @@ class Transport:
             bytes_in=self._bytes_in,
             bytes_out=self._bytes_out,
             drops=dict(sorted(self._drops.items())),
-            queued=sum(
-                peer.queue_send.statistics().current_buffer_used for peer in self._peers.values()
-            ),
+            queued=sum(len(peer.queue) for peer in self._peers.values()),
+            queued_bytes=sum(peer.queued_bytes for peer in self._peers.values()),
+            inbound_queued=self.inbound.statistics().current_buffer_used,
+            inbound_bytes=self.inbound.bytes,
+            peers=len(self._peers),
+            pending_handshakes=self._pending_general + len(self._reserved),
+            handshake_verifications=self._verifications,
+            tasks=len(nursery.child_tasks) if nursery is not None else 0,
         )
 
     # --- peers and the writer -----------------------------------------------------------------
@@ -553,25 +769,42 @@ class Transport:
     def _peer(self, principal: Principal) -> _Peer:
         peer = self._peers.get(principal)
         if peer is None:
-            peer = _Peer(principal, self.config.peer_queue_size)
+            peer = _Peer(
+                principal,
+                self.config.peer_queue_size,
+                self.config.queue_bytes(principal),
+                trio.current_time(),
+            )
             self._peers[principal] = peer
             self._require_running().start_soon(self._write_loop, peer)
         return peer
 
     async def _write_loop(self, peer: _Peer) -> None:
-        """Send the peer's queued frames, in order, on its newest live connection."""
-        pending: bytes | None = None
+        """Send the peer's queued frames, in order, on its newest live connection.
+
+        A peer we do not dial (a client, usually) is forgotten once it has had no connection
+        for `idle_peer_timeout`: its entry, queue and this task go, so clients that come and
+        go leave nothing behind. It comes back the next time it connects or is sent to.
+        """
         while True:
             connection = peer.active
-            if connection is None:
+            if connection is None or not peer.queue:
+                if connection is None and peer.idle_since is not None:
+                    if peer.principal not in self._dialers:
+                        deadline = peer.idle_since + self.config.idle_peer_timeout
+                        with trio.move_on_at(deadline):
+                            await peer.changed.wait()
+                            continue
+                        if not peer.connections and peer.principal not in self._dialers:
+                            self._forget(peer)
+                            return
+                        continue
                 await peer.changed.wait()
                 continue
-            if pending is None:
-                pending = await peer.queue_receive.receive()
-                continue  # the connection may have changed while we waited
+            frame = peer.pop()
             try:
                 with trio.fail_after(self.config.send_timeout):
-                    await connection.send_frame(pending)
+                    await connection.send_frame(frame)
             except trio.TooSlowError:
                 logger.debug("%s: write to %s timed out", self.principal, peer.principal)
                 connection.kill("send_timeout")
@@ -581,8 +814,16 @@ class Transport:
                 self._drops["connection_lost"] += 1
             else:
                 self._frames_out += 1
-                self._bytes_out += len(pending)
-            pending = None
+                self._bytes_out += len(frame)
+
+    def _forget(self, peer: _Peer) -> None:
+        if self._peers.get(peer.principal) is peer:
+            del self._peers[peer.principal]
+        if peer.queue:
+            self._drops["peer_gone"] += len(peer.queue)
+            peer.queue.clear()
+            peer.queued_bytes = 0
+        peer.notify()  # a `wait_connected` on it looks the principal up again
 
     def _register(self, connection: _Connection) -> None:
         peer = self._peer(connection.principal)
@@ -591,11 +832,14 @@ class Transport:
                 if old.direction == "in":
                     old.kill("replaced")
         peer.connections.append(connection)
+        peer.idle_since = None
         peer.notify()
 
     def _unregister(self, connection: _Connection) -> None:
         peer = self._peers[connection.principal]
         peer.connections.remove(connection)
+        if not peer.connections:
+            peer.idle_since = trio.current_time()
         peer.notify()
 
     # --- connections --------------------------------------------------------------------------
@@ -603,23 +847,82 @@ class Transport:
     async def _serve_inbound(self, stream: trio.SocketStream) -> None:
         self._accepted += 1
         try:
-            if self._pending_handshakes >= self.config.max_pending_handshakes:
+            slot = self._admit(_address_of(stream))
+            if slot is None:
                 self._handshakes_failed["too_many_pending"] += 1
                 return
             _keepalive(stream)
-            self._pending_handshakes += 1
+            result: tuple[Principal, FrameDecoder] | None = None
             try:
-                principal, decoder = await self._handshake_as_server(stream)
+                with slot.cancel_scope:
+                    result = await self._handshake_as_server(stream, slot)
             except _HandshakeFailed as failure:
                 self._handshakes_failed[failure.reason] += 1
                 logger.debug("%s: inbound handshake failed: %s", self.principal, failure.reason)
                 return
             finally:
-                self._pending_handshakes -= 1
+                self._release(slot)
+            if result is None:  # evicted for a newcomer (only ever in the reserved pool)
+                self._handshakes_failed["evicted"] += 1
+                return
+            principal, decoder = result
             self._handshakes_ok += 1
             await self._run_connection(_Connection(stream, principal, "in", decoder))
         finally:
             await trio.aclose_forcefully(stream)
+
+    def _admit(self, address: str) -> _Pending | None:
+        """A handshake slot for a new inbound connection from `address`, or None (refused).
+
+        The general pool is capped in total and per address. Beyond it, the reserved pool
+        takes anyone but lets only replicas finish (checked on AUTH, before any signature);
+        when it is full too, a newcomer evicts a connection that has not sent its AUTH yet,
+        the oldest of the address holding most reserved slots. A replica needs one round
+        trip from HELLO to AUTH, so strangers who open connections and say nothing cannot
+        hold a slot against it.
+        """
+        config = self.config
+        if (
+            self._pending_general < config.max_pending_handshakes
+            and self._pending_by_address[address] < config.max_pending_per_address
+        ):
+            self._pending_general += 1
+            self._pending_by_address[address] += 1
+            return _Pending(address, reserved=False)
+        if config.reserved_handshakes == 0:
+            return None
+        if len(self._reserved) >= config.reserved_handshakes:
+            silent = [slot for slot in self._reserved if not slot.heard]
+            if not silent:
+                return None
+            per_address = Counter(slot.address for slot in silent)
+            busiest = max(per_address.values())
+            victim = next(slot for slot in silent if per_address[slot.address] == busiest)
+            victim.evicted = True
+            victim.cancel_scope.cancel()
+            self._reserved.remove(victim)
+        slot = _Pending(address, reserved=True)
+        self._reserved.append(slot)
+        return slot
+
+    def _release(self, slot: _Pending) -> None:
+        if slot.reserved:
+            if not slot.evicted:
+                self._reserved.remove(slot)
+            return
+        self._pending_general -= 1
+        self._pending_by_address[slot.address] -= 1
+        if self._pending_by_address[slot.address] <= 0:
+            del self._pending_by_address[slot.address]  # no entry per address ever seen
+
+    def _may_verify(self, address: str) -> bool:
+        """Rate limits on AUTH signature checks: a flood of well-formed AUTH frames costs at
+        most `verify_rate_total` Ed25519 verifications a second, and one address at most
+        `verify_rate_per_address` of them."""
+        now = trio.current_time()
+        if not self._verify_by_address.take(address, now):
+            return False
+        return self._verify_total.take("", now)
 
     async def _dial_loop(
         self, principal: Principal, host: str, port: int, scope: trio.CancelScope
@@ -707,7 +1010,7 @@ class Transport:
                 self._frames_in += 1
                 self._bytes_in += len(frame)
                 try:
-                    await self._inbound_send.send((connection.principal, frame))
+                    await self.inbound.put((connection.principal, frame))
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     self._drops["inbound_closed"] += 1
                 frame_started = None
@@ -733,7 +1036,14 @@ class Transport:
     # --- handshake ----------------------------------------------------------------------------
 
     async def _handshake_as_server(
-        self, stream: trio.SocketStream
+        self, stream: trio.SocketStream, slot: _Pending
+    ) -> tuple[Principal, FrameDecoder]:
+        with trio.move_on_after(self.config.handshake_timeout):
+            return await self._server_steps(stream, slot)
+        raise _HandshakeFailed("timeout")
+
+    async def _server_steps(
+        self, stream: trio.SocketStream, slot: _Pending
     ) -> tuple[Principal, FrameDecoder]:
         decoder = FrameDecoder(self.config.handshake_max_frame_bytes)
         server_nonce = secrets.token_bytes(NONCE_SIZE)
@@ -742,6 +1052,9 @@ class Transport:
             _HELLO + bytes((HANDSHAKE_VERSION,)) + server_nonce + self._principal_bytes,
         )
         auth = await self._receive_handshake(stream, decoder)
+        slot.heard = True
+        # Cheap checks first: a signature is verified only for a well-formed AUTH naming a
+        # principal of the key ring that may use this slot, and within the rate limits.
         if len(auth) != _AUTH_SIZE or auth[:1] != _AUTH:
             raise _HandshakeFailed("malformed")
         client_bytes = auth[1 : 1 + PRINCIPAL_SIZE]
@@ -754,6 +1067,11 @@ class Transport:
         key = self._keyring.get(client)
         if key is None:
             raise _HandshakeFailed("unknown_principal")
+        if slot.reserved and client[0] != "replica":
+            raise _HandshakeFailed("reserved_for_replicas")
+        if not self._may_verify(slot.address):
+            raise _HandshakeFailed("rate_limited")
+        self._verifications += 1
         if not key.verify(
             HANDSHAKE_DOMAIN, server_nonce + self._principal_bytes + client_bytes, signature
         ):
@@ -763,12 +1081,17 @@ class Transport:
             client_nonce + client_bytes + self._principal_bytes + server_nonce,
         )
         await self._send_handshake(stream, _ACCEPT + accept_signature)
-        decoder.max_frame_bytes = self.config.max_frame_bytes
+        decoder.max_frame_bytes = self.config.frame_limit(self.principal, client)
         return client, decoder
 
     async def _handshake_as_client(
         self, stream: trio.SocketStream, expected: Principal
     ) -> FrameDecoder:
+        with trio.move_on_after(self.config.handshake_timeout):
+            return await self._client_steps(stream, expected)
+        raise _HandshakeFailed("timeout")
+
+    async def _client_steps(self, stream: trio.SocketStream, expected: Principal) -> FrameDecoder:
         decoder = FrameDecoder(self.config.handshake_max_frame_bytes)
         hello = await self._receive_handshake(stream, decoder)
         if len(hello) != _HELLO_SIZE or hello[:1] != _HELLO:
@@ -799,39 +1122,42 @@ class Transport:
             accept[1:],
         ):
             raise _HandshakeFailed("bad_signature")
-        decoder.max_frame_bytes = self.config.max_frame_bytes
+        decoder.max_frame_bytes = self.config.frame_limit(self.principal, expected)
         return decoder
 
     async def _send_handshake(self, stream: trio.SocketStream, message: bytes) -> None:
-        with trio.move_on_after(self.config.handshake_timeout):
-            try:
-                await stream.send_all(encode_frame(message))
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                raise _HandshakeFailed("broken") from None
-            return
-        raise _HandshakeFailed("timeout")
+        try:
+            await stream.send_all(encode_frame(message))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise _HandshakeFailed("broken") from None
 
     async def _receive_handshake(self, stream: trio.SocketStream, decoder: FrameDecoder) -> bytes:
-        with trio.move_on_after(self.config.handshake_timeout):
-            while True:
-                try:
-                    frame = decoder.next_frame()
-                except FramingError:
-                    raise _HandshakeFailed("oversize_frame") from None
-                if frame is not None:
-                    return frame
-                try:
-                    # Never more than a handshake frame can need: bytes from a peer that is
-                    # not yet authenticated are not buffered beyond that.
-                    data = await stream.receive_some(
-                        self.config.handshake_max_frame_bytes + FRAME_HEADER_SIZE
-                    )
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    raise _HandshakeFailed("broken") from None
-                if not data:
-                    raise _HandshakeFailed("eof")
-                decoder.append(data)
-        raise _HandshakeFailed("timeout")
+        while True:
+            try:
+                frame = decoder.next_frame()
+            except FramingError:
+                raise _HandshakeFailed("oversize_frame") from None
+            if frame is not None:
+                return frame
+            try:
+                # Never more than a handshake frame can need: bytes from a peer that is
+                # not yet authenticated are not buffered beyond that.
+                data = await stream.receive_some(
+                    self.config.handshake_max_frame_bytes + FRAME_HEADER_SIZE
+                )
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                raise _HandshakeFailed("broken") from None
+            if not data:
+                raise _HandshakeFailed("eof")
+            decoder.append(data)
+
+
+def _address_of(stream: trio.SocketStream) -> str:
+    """The peer's IP address: the unit of the per-address limits."""
+    try:
+        return str(stream.socket.getpeername()[0])
+    except (OSError, IndexError):  # pragma: no cover - already gone; the handshake will fail
+        return "?"
 
 
 def _keepalive(stream: trio.SocketStream) -> None:

@@ -22,6 +22,8 @@ from runtime.cluster import Cluster, load_cluster, write_cluster
 from runtime.commands import free_ports, replica_command
 
 REPLICAS = 4
+# Replica processes start slowly on a loaded 2-core machine: generous, and only an upper bound.
+STARTUP_S = 60.0
 
 
 class LocalCluster:
@@ -104,7 +106,7 @@ def test_four_replica_processes_confirm_and_reject_with_verifiable_receipts(
 ) -> None:
     async def scenario() -> list:
         async with PaymentClient(local_cluster.cluster, 0) as client:
-            await client.wait_connected()
+            await client.wait_connected(timeout_s=STARTUP_S)
             decided = [
                 await client.pay("acct-00000", "acct-00002", 500),
                 await client.pay("acct-00000", "acct-00002", 10**12),  # more than it holds
@@ -139,7 +141,7 @@ def test_kill_9_of_the_primary_under_load_then_restart_converges(
     async def scenario() -> tuple[int, int]:
         confirmed = 0
         async with PaymentClient(local_cluster.cluster, 0, timeout_s=20) as client:
-            await client.wait_connected()
+            await client.wait_connected(timeout_s=STARTUP_S)
             for _ in range(30):
                 confirmed += (
                     await client.pay("acct-00000", "acct-00002", 1)
@@ -184,7 +186,7 @@ def test_torn_log_tail_recovers_and_corrupt_log_refuses_to_start(tmp_path: Path)
 
         async def pay_some() -> None:
             async with PaymentClient(cluster.cluster, 0) as client:
-                await client.wait_connected()
+                await client.wait_connected(timeout_s=STARTUP_S)
                 for _ in range(20):
                     await client.pay("acct-00000", "acct-00002", 1)
 
@@ -271,8 +273,8 @@ def test_soak_kill_and_restart_a_random_replica_under_load_20_rounds(tmp_path: P
             PaymentClient(local.cluster, 0, timeout_s=30) as first,
             PaymentClient(local.cluster, 1, timeout_s=30) as second,
         ):
-            await first.wait_connected()
-            await second.wait_connected()
+            await first.wait_connected(timeout_s=STARTUP_S)
+            await second.wait_connected(timeout_s=STARTUP_S)
             for _round in range(20):
                 victim = rng.randrange(REPLICAS)
                 local.kill(victim)
@@ -360,7 +362,7 @@ def test_hostile_connections_do_not_disturb_a_replica_process(local_cluster: Loc
 
     async def pay() -> str:
         async with PaymentClient(local_cluster.cluster, 0) as client:
-            await client.wait_connected()
+            await client.wait_connected(timeout_s=STARTUP_S)
             return (await client.pay("acct-00000", "acct-00002", 5)).outcome
 
     assert _run(pay) == "confirmed"

@@ -251,6 +251,10 @@ def test_unexpected_type_is_rejected_before_the_body_is_decoded() -> None:
 def test_body_that_does_not_match_its_type_schema_is_rejected() -> None:
     raw = seal(_prepare(), REPLICA_KEYS[1])
     as_suspect = _reenvelope(raw, type_code=int(MessageType.SUSPECT))
+    # A PREPARE body is longer than any SUSPECT can be: dropped on its length, unparsed.
+    assert _rejection(as_suspect) == "oversize"
+    three_fields = b"\x93\x00\x01\x02"  # short enough for a SUSPECT, one field too many
+    as_suspect = _reenvelope(raw, type_code=int(MessageType.SUSPECT), body=three_fields)
     assert _rejection(as_suspect) == "malformed_extra_field"
 
 

@@ -63,9 +63,20 @@ def run(test: Callable[[], Awaitable[None]]) -> None:
                 await test()
         finally:
             while _RAW_STREAMS:
-                await trio.aclose_forcefully(_RAW_STREAMS.pop())
+                await close_with_reset(_RAW_STREAMS.pop())
 
     trio.run(bounded)
+
+
+async def close_with_reset(stream: trio.SocketStream) -> None:
+    """Close with an RST: no TIME_WAIT left behind. The flood and churn tests open thousands
+    of connections; left in TIME_WAIT they crowd the ephemeral ports, and a later test that
+    picks "free" ports for replica processes (runtime.commands.free_ports) loses races."""
+    try:
+        stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    await trio.aclose_forcefully(stream)
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -261,13 +272,18 @@ def test_replica_and_client_authenticate_and_exchange_frames_both_ways() -> None
             await client.wait_connected(R0)
             assert client.send(R0, b"request")
             assert await receive(replica) == (C0, b"request")
-            big = bytes(range(256)) * 4096  # 1 MiB: many reads, written without coalescing
+            big = bytes(range(256)) * 256  # 64 KiB: the most a client connection carries
             assert replica.send(C0, b"")
             assert replica.send(C0, big)
+            assert not replica.send(C0, big + b"x")  # refused before it is queued
             assert replica.send(C0, b"reply")
             assert await receive(client) == (R0, b"")
             assert await receive(client) == (R0, big)
             assert await receive(client) == (R0, b"reply")
+            assert replica.statistics().drops == {"frame_too_large": 1}
+            # The client side holds the same limit, both ways (it reads with it too).
+            assert not client.send(R0, big + b"x")
+            assert client.statistics().drops == {"frame_too_large": 1}
             for transport in (replica, client):
                 stats = transport.statistics()
                 assert stats.handshakes_ok == 1 and stats.handshakes_failed == {}
@@ -298,6 +314,10 @@ def test_two_replicas_dialling_each_other_exchange_frames() -> None:
             got_a = [await receive(a) for _ in range(20)]
             assert got_b == [(R0, b"a%d" % index) for index in range(20)]
             assert got_a == [(R1, b"b%d" % index) for index in range(20)]
+            # Replicas keep the large frame limit (state transfer, NEW-VIEW).
+            big = bytes(range(256)) * 4096  # 1 MiB: many reads, written without coalescing
+            assert a.send(R1, big)
+            assert await receive(b) == (R0, big)
 
     run(main)
 
@@ -490,7 +510,7 @@ def test_a_new_inbound_connection_of_a_principal_replaces_its_old_one() -> None:
 
 
 def test_unauthenticated_connections_are_capped() -> None:
-    config = TransportConfig(max_pending_handshakes=2, handshake_timeout=2.0)
+    config = TransportConfig(max_pending_handshakes=2, reserved_handshakes=0, handshake_timeout=2.0)
 
     async def main() -> None:
         async with make(R0, config) as replica:
@@ -591,19 +611,19 @@ def test_a_peer_that_stops_reading_never_blocks_send_and_is_cut_off() -> None:
             client.connect_to(R0, HOST, port)
             await client.wait_connected(R0)
             await replica.wait_connected(C0)
-            sleeper = await raw_authenticated(port, C1)  # never reads again
-            chunk = b"z" * (1024 * 1024)
+            sleeper = await raw_authenticated(port, R1)  # never reads again
+            chunk = b"z" * (1024 * 1024)  # a replica's frames may be this large, a client's not
             for index in range(40):
-                # 40 MiB for C1: far more than the socket buffers hold. send returns at once
+                # 40 MiB for R1: far more than the socket buffers hold. send returns at once
                 # (it is not even a coroutine), and C0 keeps being served meanwhile.
-                replica.send(C1, chunk)
+                replica.send(R1, chunk)
                 replica.send(C0, b"tick %d" % index)
                 assert await receive(client) == (R0, b"tick %d" % index)
             await wait_until(lambda: replica.statistics().closes.get("send_timeout") == 1)
             stats = replica.statistics()
             assert stats.drops["peer_queue_full"] >= 20
             assert stats.drops["connection_lost"] == 1
-            assert not replica.is_connected(C1) and replica.is_connected(C0)
+            assert not replica.is_connected(R1) and replica.is_connected(C0)
             await sleeper.aclose()
 
     run(main)
@@ -653,3 +673,260 @@ def test_construction_checks_the_key_against_the_ring() -> None:
         TransportConfig(peer_queue_size=0)
     with pytest.raises(ValueError):
         TransportConfig(backoff_initial=10.0, backoff_max=1.0)
+
+
+# --- issue 8: strangers, floods and churn -------------------------------------------------------
+
+STRANGER = "127.0.0.2"  # also loopback on Linux: a second address for per-address limits
+
+
+async def open_raw_from(port: int, local_address: str) -> trio.SocketStream:
+    stream = await trio.open_tcp_stream(HOST, port, local_address=local_address)
+    _RAW_STREAMS.append(stream)
+    return stream
+
+
+def test_silent_strangers_cannot_keep_a_replica_out() -> None:
+    # 127.0.0.1 is every address here, so the per-address cap does not help: the general pool
+    # fills up, and only the reserved pool (and its eviction of silent connections) lets the
+    # replica in while the flood goes on.
+    config = TransportConfig(
+        max_pending_handshakes=8,
+        max_pending_per_address=8,
+        reserved_handshakes=4,
+        handshake_timeout=5.0,
+        backoff_initial=0.02,
+        backoff_max=0.1,
+    )
+
+    async def main() -> None:
+        async with make(R0, config) as replica, trio.open_nursery() as nursery:
+            port = await replica.listen(HOST, 0)
+            flooded = trio.Event()
+
+            async def flood() -> None:
+                for index in range(400):  # ~100 connects a second, each held silently
+                    try:
+                        await open_raw(port)
+                    except OSError:
+                        pass
+                    if index == 20:
+                        flooded.set()
+                    await trio.sleep(0.01)
+
+            nursery.start_soon(flood)
+            await flooded.wait()
+            await wait_until(lambda: replica.statistics().pending_handshakes == 12)  # all taken
+
+            async with make(R1, FAST) as peer:
+                peer.connect_to(R0, HOST, port)
+                with trio.fail_after(5.0):
+                    await peer.wait_connected(R0)
+                peer.send(R0, b"in despite the flood")
+                assert await receive(replica) == (R1, b"in despite the flood")
+                # A client cannot use the replicas' slots: refused before any signature check.
+                verified = replica.statistics().handshake_verifications
+                for _ in range(5):  # (a try can be evicted by the flood before its AUTH)
+                    stream = await raw_connect(port, C0)
+                    assert await closed_by_peer(stream)
+                    if replica.statistics().handshakes_failed.get("reserved_for_replicas"):
+                        break
+                stats = replica.statistics()
+                assert stats.handshakes_failed["reserved_for_replicas"] >= 1
+                assert stats.handshake_verifications == verified
+                assert stats.pending_handshakes <= 12
+                assert stats.handshakes_failed.get("evicted", 0) >= 1
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_strangers_from_one_address_cannot_lock_out_another() -> None:
+    config = TransportConfig(max_pending_per_address=4, reserved_handshakes=0)
+
+    async def main() -> None:
+        async with make(R0, config) as replica, make(C0, FAST) as client:
+            port = await replica.listen(HOST, 0)
+            for _ in range(30):  # far more than one address may hold
+                await open_raw_from(port, STRANGER)
+            await wait_until(lambda: replica.statistics().connections_accepted == 30)
+            stats = replica.statistics()
+            assert stats.pending_handshakes == 4
+            assert stats.handshakes_failed == {"too_many_pending": 26}
+            client.connect_to(R0, HOST, port)
+            with trio.fail_after(3.0):
+                await client.wait_connected(R0)
+            client.send(R0, b"pay")
+            assert await receive(replica) == (C0, b"pay")
+
+    run(main)
+
+
+def test_a_flood_of_auth_frames_costs_a_bounded_number_of_signature_checks() -> None:
+    rate, burst = 20.0, 10
+    config = TransportConfig(verify_rate_per_address=rate, verify_burst_per_address=burst)
+
+    async def main() -> None:
+        async with make(R0, config) as replica, make(C1, FAST) as client:
+            port = await replica.listen(HOST, 0)
+            started = trio.current_time()
+            # AUTHs that fail the cheap checks never reach a signature check at all.
+            for claimed, key in ((("client", 99), SigningKey.derive(4, "client/99")),):
+                stream = await open_raw_from(port, STRANGER)
+                nonce, server = await read_hello(stream)
+                await stream.send_all(frame(auth_message(nonce, server, claimed, key)))
+                assert await closed_by_peer(stream)
+            assert replica.statistics().handshake_verifications == 0
+            # Well-formed AUTHs for a real principal with a wrong signature, as fast as the
+            # stranger can: only the token bucket's worth is checked.
+            for _ in range(100):
+                stream = await open_raw_from(port, STRANGER)
+                nonce, server = await read_hello(stream)
+                await stream.send_all(frame(auth_message(nonce, server, C0, KEYS[C1])))
+                assert await closed_by_peer(stream)
+                await stream.aclose()
+            elapsed = trio.current_time() - started
+            stats = replica.statistics()
+            checked = stats.handshake_verifications
+            assert checked <= burst + rate * elapsed + 1
+            assert stats.handshakes_failed["bad_signature"] == checked
+            assert stats.handshakes_failed["rate_limited"] == 100 - checked
+            # Another address is not affected.
+            client.connect_to(R0, HOST, port)
+            with trio.fail_after(3.0):
+                await client.wait_connected(R0)
+
+    run(main)
+
+
+def test_a_client_connection_refuses_frames_over_the_client_limit() -> None:
+    async def main() -> None:
+        async with make(R0) as replica:
+            port = await replica.listen(HOST, 0)
+            assert replica.config.client_max_frame_bytes == 64 * 1024
+            client = await raw_authenticated(port, C0)
+            await client.send_all(frame(b"c" * (64 * 1024)))  # exactly the limit
+            assert await receive(replica) == (C0, b"c" * (64 * 1024))
+            # A 16 MiB decode bomb is refused on its 4 length bytes, never buffered.
+            await client.send_all(struct.pack(">I", 16 * 1024 * 1024) + b"\x90" * 1000)
+            assert await closed_by_peer(client)
+            assert replica.statistics().closes == {"oversize_frame": 1}
+            # A replica's connection keeps the large limit.
+            peer = await raw_authenticated(port, R1)
+            await peer.send_all(frame(b"r" * (1024 * 1024)))
+            assert await receive(replica) == (R1, b"r" * (1024 * 1024))
+
+    run(main)
+
+
+def test_peer_queues_are_bounded_in_bytes() -> None:
+    config = TransportConfig(
+        max_frame_bytes=4096,
+        client_max_frame_bytes=1000,
+        peer_queue_size=100,
+        peer_queue_bytes=5000,
+        client_queue_bytes=2500,
+    )
+
+    async def main() -> None:
+        async with make(R0, config) as replica:
+            for index in range(10):
+                replica.send(C1, bytes([index]) * 1000)
+                replica.send(R1, bytes([index]) * 4000)
+            stats = replica.statistics()
+            assert stats.queued == 2 + 1 and stats.queued_bytes == 2000 + 4000
+            assert stats.drops == {"peer_queue_full": 8 + 9}
+            port = await replica.listen(HOST, 0)
+            peer = await raw_authenticated(port, C1)
+            assert [await read_frame(peer) for _ in range(2)] == [b"\x08" * 1000, b"\x09" * 1000]
+
+    run(main)
+
+
+def test_the_inbound_queue_is_bounded_in_bytes() -> None:
+    config = TransportConfig(
+        max_frame_bytes=1000, client_max_frame_bytes=1000, inbound_queue_bytes=1000
+    )
+
+    async def main() -> None:
+        async with make(R0, config) as replica:
+            port = await replica.listen(HOST, 0)
+            peer = await raw_authenticated(port, C0)
+            frames = [bytes([index]) * 400 for index in range(10)]
+            await peer.send_all(b"".join(frame(payload) for payload in frames))
+            await wait_until(lambda: replica.statistics().inbound_queued == 2)
+            await trio.sleep(0.1)  # the owner does not read: nothing more gets in
+            stats = replica.statistics()
+            assert (stats.inbound_queued, stats.inbound_bytes) == (2, 800)
+            assert [await receive(replica) for _ in range(10)] == [(C0, p) for p in frames]
+            assert replica.statistics().inbound_bytes == 0
+
+    run(main)
+
+
+def test_clients_that_come_and_go_leave_no_transport_state_behind() -> None:
+    count = 1000
+    client_keys = {("client", j): SigningKey.derive(4, f"churn/{j}") for j in range(count)}
+    ring = KeyRing(
+        {
+            R0: KEYS[R0].verify_key,
+            **{principal: key.verify_key for principal, key in client_keys.items()},
+        }
+    )
+    config = TransportConfig(
+        idle_peer_timeout=0.05,
+        verify_rate_per_address=1e6,
+        verify_burst_per_address=10_000,
+        verify_rate_total=1e6,
+        verify_burst_total=10_000,
+    )
+
+    async def handshake(port: int, principal: tuple[str, int]) -> trio.SocketStream:
+        stream = await trio.open_tcp_stream(HOST, port)
+        nonce, server = await read_hello(stream)
+        await stream.send_all(frame(auth_message(nonce, server, principal, client_keys[principal])))
+        accept = await read_frame(stream)
+        assert accept[:1] == b"K"
+        return stream
+
+    async def main() -> None:
+        replica = Transport(R0, KEYS[R0], ring, config)
+        async with replica:
+            port = await replica.listen(HOST, 0)
+            baseline = replica.statistics()
+            for j in range(count):
+                principal = ("client", j)
+                stream = await handshake(port, principal)
+                try:
+                    await stream.send_all(frame(b"request %d" % j))
+                    assert await receive(replica) == (principal, b"request %d" % j)
+                    replica.send(principal, b"reply %d" % j)
+                    assert await read_frame(stream) == b"reply %d" % j
+                finally:
+                    await close_with_reset(stream)
+                if j == 99:
+                    await wait_until(lambda: replica.statistics().peers == 0)
+                    after_100 = replica.statistics()
+            # The last ones may still be in their grace period: wait it out.
+            await wait_until(lambda: replica.statistics().peers == 0)
+            await wait_until(lambda: replica.statistics().tasks == baseline.tasks)
+            stats = replica.statistics()
+            assert stats.handshakes_ok == count and stats.frames_in == count
+            assert stats.frames_out == count
+            # Closed with a reset: read as an EOF or a broken connection, by timing.
+            assert sum(stats.closes.values()) == count
+            assert set(stats.closes) <= {"eof", "broken"}
+            assert (stats.connections, stats.queued, stats.queued_bytes) == (0, 0, 0)
+            assert (stats.inbound_queued, stats.inbound_bytes, stats.pending_handshakes) == (
+                0,
+                0,
+                0,
+            )
+            assert stats.tasks == baseline.tasks == after_100.tasks
+            assert stats.drops == {}
+
+    async def bounded() -> None:
+        with trio.fail_after(120):
+            await main()
+
+    trio.run(bounded)
