@@ -3,7 +3,7 @@
 Thin shells: the work is in runtime.node (ReplicaNode), runtime.client (PaymentClient)
 and pbft.receipt (verify_receipt). Exit codes as for every `pbft` command: 0 ok,
 1 the answer is no (a rejected payment is still 0: it was decided), 2 bad arguments or
-files, 3 an internal error.
+files, 3 an internal error; `pbft replica` adds 4 to 7 (REPLICA_EXIT_CODES).
 """
 
 from __future__ import annotations
@@ -22,9 +22,31 @@ import trio
 
 RUNTIME_COMMANDS = ("replica", "pay", "verify-receipt", "cluster", "balance")
 
+# `pbft replica` exit codes: one per way it stops, so a supervisor can tell them apart.
+EXIT_REPLICA_LOCKED = 4
+EXIT_STORAGE_FAILED = 5
+EXIT_STORAGE_CORRUPT = 6
+EXIT_REPLICA_HALTED = 7
+REPLICA_EXIT_CODES = """exit codes:
+  0  stopped by SIGINT or SIGTERM
+  2  bad arguments or files: the cluster file, the replica id, the private key (missing,
+     not this replica's, readable by group or others), a data directory it cannot create
+  3  internal error (a bug)
+  4  this replica's log is locked: another process runs it already
+  5  storage failed: opening, writing or fsyncing the log (see the OS error); restart
+     once the disk is fixed, the log is read back and checked on start
+  6  refused to start on a damaged log (the message names the file and byte offset)
+  7  halted: its state diverged from the cluster's (for example a chain fork)
+"""
+
 
 def add_runtime_commands(commands: Any) -> None:
-    replica = commands.add_parser("replica", help="run one replica of a cluster (trio, TCP)")
+    replica = commands.add_parser(
+        "replica",
+        help="run one replica of a cluster (trio, TCP)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=REPLICA_EXIT_CODES,
+    )
     replica.add_argument("--cluster", required=True, help="DIR/cluster.toml")
     replica.add_argument("--id", type=int, required=True, help="the replica's id")
     replica.add_argument("--data", help="data directory (default: DIR/data-ID)")
@@ -74,12 +96,14 @@ def run_runtime_command(arguments: argparse.Namespace) -> int:
 
 
 def _replica(arguments: argparse.Namespace) -> int:
-    from runtime.cluster import load_cluster
-    from runtime.node import ReplicaHalted, ReplicaNode
-    from runtime.storage import StorageCorruptError
+    from runtime.cluster import ClusterFileError, load_cluster
+    from runtime.node import DataDirError, ReplicaHalted, ReplicaNode
+    from runtime.storage import StorageCorruptError, StorageFailedError, StorageLockedError
 
     cluster = load_cluster(arguments.cluster)
     cluster.replica(arguments.id)  # a clear error for an unknown id
+    # The key before anything is created, and outside trio, so its error is one line.
+    cluster.load_private_key("replica", arguments.id)
     data = Path(arguments.data) if arguments.data else cluster.directory / f"data-{arguments.id}"
     node = ReplicaNode(cluster, arguments.id, data)
 
@@ -91,13 +115,30 @@ def _replica(arguments: argparse.Namespace) -> int:
     try:
         trio.run(main)
     except BaseException as raised:  # noqa: BLE001 - unwrapped below, re-raised if unknown
-        error = _leaf(raised, (StorageCorruptError, ReplicaHalted))
+        kinds = (
+            ClusterFileError,
+            DataDirError,
+            StorageLockedError,
+            StorageFailedError,
+            StorageCorruptError,
+            ReplicaHalted,
+        )
+        error = _leaf(raised, kinds)
+        if isinstance(error, ClusterFileError | DataDirError):
+            print(f"pbft: {error}", file=sys.stderr)
+            return 2
+        if isinstance(error, StorageLockedError):
+            print(f"pbft: replica {arguments.id} is already running: {error}", file=sys.stderr)
+            return EXIT_REPLICA_LOCKED
+        if isinstance(error, StorageFailedError):
+            print(f"pbft: replica {arguments.id}: storage failed: {error}", file=sys.stderr)
+            return EXIT_STORAGE_FAILED
         if isinstance(error, StorageCorruptError):
             print(f"pbft: refusing to start on damaged storage: {error}", file=sys.stderr)
-            return 3
+            return EXIT_STORAGE_CORRUPT
         if isinstance(error, ReplicaHalted):
             print(f"pbft: replica {arguments.id} halted: {error}", file=sys.stderr)
-            return 3
+            return EXIT_REPLICA_HALTED
         raise
     return 0
 

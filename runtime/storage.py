@@ -244,7 +244,8 @@ class StorageLockedError(StorageError):
 
 
 class StorageFailedError(StorageError):
-    """A write, fsync or compaction step failed; the store must be reopened (restart)."""
+    """Opening, a write, an fsync or a compaction step failed (an OSError, kept as the
+    cause); the store must be reopened (restart)."""
 
 
 @dataclass(frozen=True)
@@ -649,14 +650,22 @@ class DurableStore:
     ) -> DurableStore:
         """Open (or create) the log at `path` and rebuild its state; see the module doc."""
         absolute = os.path.abspath(os.fspath(path))
+        try:
+            lock = _acquire_lock(absolute)
+        except OSError as error:
+            raise StorageFailedError(
+                f"{absolute}: cannot open the lock file: {error.strerror or error}"
+            ) from error
         store = cls(
-            absolute,
-            _acquire_lock(absolute),
-            compact_ratio=compact_ratio,
-            compact_min_bytes=compact_min_bytes,
+            absolute, lock, compact_ratio=compact_ratio, compact_min_bytes=compact_min_bytes
         )
         try:
             store._recover()
+        except OSError as error:
+            store.close()
+            raise StorageFailedError(
+                f"{absolute}: cannot open the log: {error.strerror or error}"
+            ) from error
         except BaseException:
             store.close()
             raise
