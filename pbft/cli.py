@@ -1,8 +1,10 @@
-"""The `pbft` command line: a thin shell around the simulator (and, later, the runtime).
+"""The `pbft` command line: a thin shell around the simulator and the runtime.
 
 This is the one module of the pbft package that does I/O; the protocol core never
 imports it. Exit codes: 0 the scenario's expectations hold, 1 one does not,
-2 a bad scenario file or bad arguments, 3 an internal error.
+2 a bad scenario file or bad arguments (one line, never a traceback), 3 an internal error
+(a bug), 130 interrupted (Ctrl-C). The runtime commands add theirs (runtime.commands:
+4 for no decision within the timeout); each command's --help lists its own.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ EXIT_OK = 0
 EXIT_VIOLATED = 1
 EXIT_USAGE = 2
 EXIT_INTERNAL = 3
+EXIT_INTERRUPTED = 130  # the shell's convention for SIGINT
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,16 +33,30 @@ class _Parser(argparse.ArgumentParser):
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pbft", description="Byzantine fault-tolerant payment confirmation.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    run = commands.add_parser("run", help="run one scenario file in the deterministic simulator")
+    formatter = argparse.RawDescriptionHelpFormatter
+    run = commands.add_parser(
+        "run",
+        help="run one scenario file in the deterministic simulator",
+        epilog="exit codes:\n  0  the scenario's expectations hold\n  1  one does not\n"
+        "  2  a bad scenario file or bad arguments\n  3  an internal error (a bug)",
+        formatter_class=formatter,
+    )
     run.add_argument("scenario", help="path to a scenario TOML file")
     run.add_argument("--seed", type=int, help="override the scenario's seed")
-    run.add_argument("--json", metavar="PATH", help="also write the summary as JSON ('-' = stdout)")
+    run.add_argument(
+        "--json",
+        metavar="PATH",
+        help="also write the summary as JSON; '-' = stdout, and then the text goes to stderr",
+    )
     run.add_argument("--trace", metavar="PATH", help="write every event as JSON lines")
     from runtime.commands import add_runtime_commands
 
     add_runtime_commands(commands)
     keygen = commands.add_parser(
-        "keygen", help="generate keys and DIR/cluster.toml for a local cluster"
+        "keygen",
+        help="generate keys and DIR/cluster.toml for a local cluster",
+        epilog="exit codes:\n  0  written\n  2  bad arguments, or DIR already holds a cluster",
+        formatter_class=formatter,
     )
     keygen.add_argument("--replicas", type=int, default=4)
     keygen.add_argument("--clients", type=int, default=2)
@@ -48,12 +65,22 @@ def _build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("--base-port", type=int, default=7000)
     keygen.add_argument("--accounts-per-client", type=int, default=2)
     keygen.add_argument("--initial-balance", type=int, default=100_000)
-    sweep = commands.add_parser("sweep", help="run one scenario under many seeds, in parallel")
+    sweep = commands.add_parser(
+        "sweep",
+        help="run one scenario under many seeds, in parallel",
+        epilog="exit codes:\n  0  every seed ok\n  1  some seed violated an expectation\n"
+        "  2  a bad scenario file or bad arguments\n  3  some seed hit an internal error",
+        formatter_class=formatter,
+    )
     sweep.add_argument("scenario", help="path to a scenario TOML file")
     sweep.add_argument("--seeds", default="0..99", help="e.g. 0..999 or 1,5,10..20")
     sweep.add_argument("--jobs", type=int, help="worker processes (default: one per core)")
     fuzz = commands.add_parser(
-        "fuzz", help="run random scenarios within the fault bound; shrink the first failure"
+        "fuzz",
+        help="run random scenarios within the fault bound; shrink the first failure",
+        epilog="exit codes:\n  0  no failure within the budget\n  1  a failure (written, shrunk)\n"
+        "  2  bad arguments\n  3  an internal error (a bug)",
+        formatter_class=formatter,
     )
     fuzz.add_argument("--replicas", type=int, default=4, help="cluster size n (default 4)")
     fuzz.add_argument(
@@ -76,6 +103,19 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # also while importing the runtime, which takes a while
+        print("pbft: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BaseExceptionGroup as group:  # Ctrl-C inside a trio task arrives in a group
+        if group.split(KeyboardInterrupt)[1] is not None:
+            raise
+        print("pbft: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: list[str] | None) -> int:
     arguments = _build_parser().parse_args(argv)
     try:
         if arguments.command == "run":
@@ -90,8 +130,6 @@ def main(argv: list[str] | None = None) -> int:
 
         if arguments.command in RUNTIME_COMMANDS:
             return run_runtime_command(arguments)
-    except KeyboardInterrupt:
-        return EXIT_INTERNAL
     except Exception:  # noqa: BLE001 - the last line of defence: report, exit 3
         traceback.print_exc()
         print(
@@ -134,7 +172,9 @@ def _run(arguments: argparse.Namespace) -> int:
     wall_s = time.perf_counter() - started
     summary = result.summary()
     summary["wall_s"] = round(wall_s, 3)
-    print(_format(summary))
+    summary["fault_bound"] = _fault_bound(scenario)
+    # With `--json -` stdout carries the JSON document alone, so it can be piped.
+    print(_format(summary), file=sys.stderr if arguments.json == "-" else sys.stdout)
     if arguments.json:
         text = json.dumps(summary, indent=2, sort_keys=False)
         if json_file is None:
@@ -145,11 +185,40 @@ def _run(arguments: argparse.Namespace) -> int:
     return EXIT_OK if result.verdict == "ok" else EXIT_VIOLATED
 
 
-def _keygen(arguments: argparse.Namespace) -> int:
-    from runtime.cluster import write_cluster
+def _fault_bound(scenario: Any) -> dict[str, Any]:
+    """f for the cluster size against the most replicas the scenario makes faulty at once."""
+    from sim.fuzz import max_faulty
 
-    if not 1 <= arguments.base_port <= 65535 - arguments.replicas:
-        print("pbft: --base-port: the replicas' ports must fit below 65536", file=sys.stderr)
+    faulty = max_faulty(scenario)
+    return {
+        "replicas": scenario.cluster.replicas,
+        "f": scenario.fault_tolerance,
+        "max_faulty_at_once": faulty,
+        "exceeded": faulty > scenario.fault_tolerance,
+    }
+
+
+def _keygen(arguments: argparse.Namespace) -> int:
+    from runtime.cluster import MAX_ACCOUNTS, MAX_CLIENTS, MAX_REPLICAS, write_cluster
+
+    problem = None
+    if not 4 <= arguments.replicas <= MAX_REPLICAS:
+        problem = f"--replicas: {arguments.replicas} is not in 4..{MAX_REPLICAS}"
+    elif not 1 <= arguments.clients <= MAX_CLIENTS:
+        problem = f"--clients: {arguments.clients} is not in 1..{MAX_CLIENTS}"
+    elif not 0 <= arguments.accounts_per_client <= MAX_ACCOUNTS // arguments.clients:
+        problem = (
+            f"--accounts-per-client: {arguments.accounts_per_client} is not in "
+            f"0..{MAX_ACCOUNTS // arguments.clients} (at most {MAX_ACCOUNTS} accounts in all)"
+        )
+    elif not 1 <= arguments.base_port <= 65536 - arguments.replicas:
+        problem = f"--base-port: {arguments.base_port}: the replicas' ports must be in 1..65535"
+    elif not arguments.host or len(arguments.host) > 255:
+        problem = "--host: expected a host name or address of 1..255 characters"
+    elif Path(arguments.out).exists() and not Path(arguments.out).is_dir():
+        problem = f"--out: {arguments.out} exists and is not a directory"
+    if problem:
+        print(f"pbft: {problem}", file=sys.stderr)
         return EXIT_USAGE
     try:
         path = write_cluster(
@@ -163,6 +232,9 @@ def _keygen(arguments: argparse.Namespace) -> int:
         )
     except (ValueError, FileExistsError) as error:
         print(f"pbft: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as error:
+        print(f"pbft: --out: cannot write in {arguments.out}: {error.strerror}", file=sys.stderr)
         return EXIT_USAGE
     print(f"wrote {path} and {arguments.replicas + arguments.clients} private keys (mode 0600)")
     return EXIT_OK
@@ -267,6 +339,13 @@ def _format(summary: dict[str, Any]) -> str:
     if summary["rejections"]:
         reasons = "  ".join(f"{reason} {count}" for reason, count in summary["rejections"].items())
         lines.append(f"rejections    {reasons}")
+    bound = summary["fault_bound"]
+    if bound["exceeded"]:
+        lines.append(
+            f"faults        up to {bound['max_faulty_at_once']} replicas faulty at once, "
+            f"more than f = {bound['f']} for n = {bound['replicas']}: beyond what the "
+            "protocol is built to survive"
+        )
     lines.append(f"view changes  {summary['view_changes']}")
     messages = summary["messages"]
     dropped = sum(messages["dropped"].values())

@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 
 from crypto.keys import KeyRing, SigningKey
 from crypto.signing import VerificationCache
+from pbft.codec import MAX_UINT64
 from pbft.config import ClusterConfig
 from pbft.events import Event, MessageReceived, Send, Tick
 from pbft.genesis import CLUSTER_ID_BYTES
+from pbft.ledger import MAX_ACCOUNT_NAME_LENGTH
 from pbft.messages import BalanceQuery, BalanceReply, Reply, Request
 from pbft.receipt import RECEIPT_VERSION, UNKNOWN_OUTCOME_REASON, Receipt
 from pbft.signed import Envelope, Rejected, open_envelope, peek, seal, verify_signature
@@ -24,7 +26,24 @@ MAX_BACKOFF_DOUBLINGS = 3
 
 
 class ClientError(ValueError):
-    """A local misuse of the client (for example a request id already in flight)."""
+    """A local misuse of the client (for example a request id already in flight, or a
+    request id, account name or amount that cannot be put on the wire)."""
+
+
+def check_account_name(name: object, what: str = "account") -> str:
+    """The wire's limit on account names; the message says what is wrong, not the name."""
+    if not isinstance(name, str) or not 0 < len(name) <= MAX_ACCOUNT_NAME_LENGTH:
+        length = len(name) if isinstance(name, str) else type(name).__name__
+        raise ClientError(
+            f"{what} name must be 1..{MAX_ACCOUNT_NAME_LENGTH} characters, got {length}"
+        )
+    return name
+
+
+def check_uint64(value: object, what: str) -> int:
+    if type(value) is not int or not 0 <= value <= MAX_UINT64:
+        raise ClientError(f"{what} must be an integer in 0..2**64-1, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -96,7 +115,12 @@ class ClientCore:
         cache: VerificationCache | None = None,
         cluster_id: bytes,
         max_outstanding: int = 4096,
+        view: int | None = 0,
     ) -> None:
+        """`view`: the view to assume at first; None means learn it from the replicas. Then
+        requests go to every replica (a backup relays to its primary) until f + 1 signed
+        replies claim a view, so a fresh client does not wait out a timeout on the primary
+        of view 0 after the cluster has moved on."""
         if keyring.get(("client", client_id)) != signing_key.verify_key:
             raise ValueError(f"the key ring holds another key for client {client_id}")
         if len(cluster_id) != CLUSTER_ID_BYTES:
@@ -110,7 +134,11 @@ class ClientCore:
         self.cache = cache if cache is not None else VerificationCache()
         self.max_outstanding = max_outstanding
         self.now_ms = 0
-        self.view = 0
+        self.view = 0 if view is None else view
+        self.learn_view = view is None
+        self.view_known = view is not None
+        # replica -> the highest view it has claimed in a signed reply (learn_view only)
+        self.view_claims: dict[int, int] = {}
         self.outstanding: dict[int, _Outstanding] = {}
         # query id -> (account, next retry ms, (exists, balance) -> replica -> seq)
         self.queries: dict[int, tuple[str, int, dict[tuple[int, int], dict[int, int]]]] = {}
@@ -120,6 +148,10 @@ class ClientCore:
         self.drops: Counter[str] = Counter()
 
     def submit(self, request_id: int, payer: str, payee: str, amount: int) -> list[ClientAction]:
+        check_uint64(request_id, "request id")
+        check_account_name(payer, "payer account")
+        check_account_name(payee, "payee account")
+        check_uint64(amount, "amount")
         if request_id in self.outstanding:
             raise ClientError(f"request {request_id} is already in flight")
         if len(self.outstanding) >= self.max_outstanding:
@@ -146,10 +178,14 @@ class ClientCore:
             submission_index=self.submitted,
         )
         self.submitted += 1
+        if not self.view_known:
+            return [Send(("replica", replica), raw) for replica in self.config.replica_ids()]
         return [Send(("replica", self.config.primary_of(self.view)), raw)]
 
     def query_balance(self, query_id: int, account: str) -> list[ClientAction]:
         """Ask every replica; a BalanceRead follows once f + 1 of them agree."""
+        check_uint64(query_id, "query id")
+        check_account_name(account)
         if query_id in self.queries:
             raise ClientError(f"query {query_id} is already in flight")
         if len(self.queries) >= self.max_outstanding:
@@ -250,6 +286,8 @@ class ClientCore:
         if reply.cluster_id != self.cluster_id:
             raise Rejected("other_cluster")
         verify_signature(envelope, reply, self.keyring, self.cache)
+        if self.learn_view:
+            self._claim_view(reply.replica, reply.view)
         decision = (reply.seq, reply.outcome, reply.reason)
         for other, voters in outstanding.replies.items():
             if other != decision and reply.replica in voters:
@@ -264,6 +302,7 @@ class ClientCore:
         chosen = sorted(voters.items())[: self.config.weak_quorum]
         # At least one of f + 1 is correct, so the smallest view they report is real.
         self.view = max(self.view, min(view for _, (view, _) in chosen))
+        self.view_known = True
         seq, outcome, reason = decision
         if reason == UNKNOWN_OUTCOME_REASON:
             return [Decided(self.client_id, reply.request_id, "unknown", reason, seq, None)]
@@ -274,3 +313,14 @@ class ClientCore:
             tuple(raw for _, (_, raw) in chosen),
         )
         return [Decided(self.client_id, reply.request_id, outcome, reason, seq, receipt)]
+
+    def _claim_view(self, replica: int, view: int) -> None:
+        """Some correct replica is in view v or later once f + 1 replicas claim views >= v."""
+        if view <= self.view_claims.get(replica, -1):
+            return
+        self.view_claims[replica] = view
+        if len(self.view_claims) < self.config.weak_quorum:
+            return
+        learned = sorted(self.view_claims.values(), reverse=True)[self.config.weak_quorum - 1]
+        self.view = max(self.view, learned)
+        self.view_known = True

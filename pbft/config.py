@@ -36,6 +36,13 @@ class ClusterConfig:
     max_timeout_doublings: int = 6
     # Limits that keep a replica's memory bounded whatever its peers and clients send.
     pending_request_limit: int = 8192
+    # One client's share of the pending table: a client flooding signed requests fills its
+    # own quota, not everyone's (and the primary orders what it holds well within a timeout).
+    client_pending_limit: int = 128
+    # Replays of decided requests and relays of pending ones, per client: an honest client
+    # retransmits once per timeout, far below this.
+    client_replay_rate_per_s: int = 50
+    client_replay_burst: int = 100
     fetch_batch_limit: int = 32
     dedup_window: int = 4096
     # Client side: send to the primary, then to everyone after this long without a decision.
@@ -76,6 +83,17 @@ class ClusterConfig:
         )
         _require(0 <= self.max_timeout_doublings <= 16, "max_timeout_doublings", "0..16")
         _require(1 <= self.pending_request_limit <= 1_000_000, "pending_request_limit", "1..1e6")
+        _require(
+            1 <= self.client_pending_limit <= self.pending_request_limit,
+            "client_pending_limit",
+            "must be in 1..pending_request_limit",
+        )
+        _require(
+            1 <= self.client_replay_rate_per_s <= 1_000_000,
+            "client_replay_rate_per_s",
+            "must be in 1..1000000",
+        )
+        _require(1 <= self.client_replay_burst <= 1_000_000, "client_replay_burst", "1..1e6")
         _require(1 <= self.fetch_batch_limit <= 1024, "fetch_batch_limit", "must be in 1..1024")
         _require(1 <= self.dedup_window <= 1_000_000, "dedup_window", "must be in 1..1000000")
         _require(10 <= self.client_timeout_ms <= 600_000, "client_timeout_ms", "10..600000")

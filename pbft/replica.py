@@ -70,6 +70,7 @@ from pbft.messages import (
     Suspect,
     ViewChange,
 )
+from pbft.replies import ClientBudget, SignedReplies
 from pbft.signed import Envelope, Opened, Rejected, peek, seal, verify_signature
 from pbft.viewchange import NewViewPlan, VerifiedViewChange, plan_new_view, verify_view_change
 
@@ -78,6 +79,8 @@ RETRANSMIT_SLOT_LIMIT = 8
 FORWARD_ON_NEW_VIEW_LIMIT = 256
 CHECKPOINT_RETRANSMIT_LIMIT = 2
 OWN_VIEW_CHANGES_KEPT = 4
+# Replies the ledger does not store a decision for: never kept for retransmissions.
+UNSTORED_REASON_CODES = ("id_reused", "request_expired")
 
 
 class ReplicaInvariantError(RuntimeError):
@@ -169,6 +172,12 @@ class Replica:
         self.checkpoint_votes: dict[int, dict[int, tuple[bytes, bytes, bytes]]] = {}
         # Requests this replica knows of and has not executed, in arrival order.
         self.pending: dict[tuple[int, int], PendingRequest] = {}
+        # How many of `pending` each client holds (its quota: client_pending_limit).
+        self.pending_per_client: Counter[int] = Counter()
+        self.signed_replies = SignedReplies()
+        self.client_budget = ClientBudget(
+            config.client_replay_rate_per_s, config.client_replay_burst
+        )
         # Primary only: pending requests not yet proposed in this view, in arrival order.
         self.proposal_queue: dict[tuple[int, int], None] = {}
         self.next_seq = 1
@@ -379,18 +388,30 @@ class Replica:
         digest = opened.body_digest
         decision = self.ledger.lookup(request.client_id, request.request_id)
         if decision is not None and decision.body_digest == digest:
-            # A retransmission of something already decided: answer from the ledger.
+            # A retransmission of something already decided: answer with the reply we
+            # signed then (a replay costs no signature), within the client's budget.
+            if not self.client_budget.allow(request.client_id, self.now_ms):
+                raise Rejected("replay_rate_limited", f"client {request.client_id}")
+            signed = self.signed_replies.get(request.client_id, request.request_id, digest)
+            if signed is not None:
+                self._send(("client", request.client_id), signed)
+                return
             self._reply(
                 request, digest, decision.seq, decision.outcome.value, decision.reason.value
             )
             return
         if identity in self.pending:
             if not self.is_primary and self.view_active:
+                if not self.client_budget.allow(request.client_id, self.now_ms):
+                    raise Rejected("relay_rate_limited", f"client {request.client_id}")
                 self._send(("replica", self.config.primary_of(self.view)), opened.raw)
             return
         if len(self.pending) >= self.config.pending_request_limit:
             raise Rejected("request_queue_full")
+        if self.pending_per_client[request.client_id] >= self.config.client_pending_limit:
+            raise Rejected("client_quota_full", f"client {request.client_id}")
         self.pending[identity] = PendingRequest(opened, digest, self.now_ms)
+        self.pending_per_client[request.client_id] += 1
         if self.is_primary:
             if self.view_active:
                 self.proposal_queue[identity] = None
@@ -706,8 +727,7 @@ class Replica:
             identity = (request.client_id, request.request_id)
             pending = self.pending.get(identity)
             if pending is not None and (pending.body_digest == digest or result.fresh):
-                del self.pending[identity]
-                self.proposal_queue.pop(identity, None)
+                self._unpend(identity)
             executed.append(
                 ExecutedRequest(
                     request.client_id,
@@ -738,6 +758,14 @@ class Replica:
         if proposal.seq % self.config.checkpoint_interval == 0:
             self._take_checkpoint()
 
+    def _unpend(self, identity: tuple[int, int]) -> None:
+        del self.pending[identity]
+        self.proposal_queue.pop(identity, None)
+        client_id = identity[0]
+        self.pending_per_client[client_id] -= 1
+        if self.pending_per_client[client_id] <= 0:
+            del self.pending_per_client[client_id]
+
     def _reply(self, request: Request, digest: bytes, seq: int, outcome: str, reason: str) -> None:
         reply = Reply(
             self.view,
@@ -750,7 +778,11 @@ class Replica:
             reason,
             self.cluster_id,
         )
-        self._send(("client", request.client_id), seal(reply, self.key))
+        raw = seal(reply, self.key)
+        if reason not in UNSTORED_REASON_CODES:
+            # Decided for good: the same signed reply answers every retransmission.
+            self.signed_replies.put(request.client_id, request.request_id, digest, raw)
+        self._send(("client", request.client_id), raw)
 
     # --- checkpoints --------------------------------------------------------------------
 
@@ -1406,8 +1438,7 @@ class Replica:
         for identity in list(self.pending):
             decision = self.ledger.lookup(*identity)
             if decision is not None and decision.body_digest == self.pending[identity].body_digest:
-                del self.pending[identity]
-                self.proposal_queue.pop(identity, None)
+                self._unpend(identity)
 
     def _on_commit_certificate(self, opened: Opened) -> None:
         message = opened.message

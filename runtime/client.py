@@ -12,6 +12,7 @@ retransmission with the original decision.
 
 from __future__ import annotations
 
+import math
 import time
 from types import TracebackType
 
@@ -20,15 +21,20 @@ import trio
 from crypto.keys import SigningKey
 from pbft.client import BalanceRead, ClientCore, Decided
 from pbft.events import MessageReceived, Send, Tick
-from runtime.cluster import Cluster
+from runtime.cluster import Cluster, ClusterFileError
 from runtime.transport import Transport, TransportConfig
 
 TICK_MS = 10
+MAX_TIMEOUT_S = 24 * 3600.0
 
 
 class PaymentTimeout(TimeoutError):
     """No decision within the deadline. The payment may still be decided later: retry with
     the same request id to learn its outcome, never with a new one."""
+
+    def __init__(self, message: str, request_id: int | None = None) -> None:
+        super().__init__(message)
+        self.request_id = request_id
 
 
 class PaymentClient:
@@ -40,14 +46,33 @@ class PaymentClient:
         *,
         timeout_s: float = 10.0,
         transport_config: TransportConfig | None = None,
+        view: int | None = None,
     ) -> None:
+        """`view`: the view to assume (for example one remembered from an earlier session);
+        None (the default) learns it from the replicas' signed replies: a fresh client's
+        first request goes to every replica, so it does not wait out a timeout on the
+        primary of view 0 after the cluster has moved on."""
+        if type(client_id) is not int or client_id not in cluster.client_keys:
+            known = ", ".join(str(client) for client in sorted(cluster.client_keys)[:10])
+            raise ClusterFileError(
+                str(cluster.path), "clients", f"no client {client_id!r} in this cluster ({known})"
+            )
+        if not (isinstance(timeout_s, int | float) and math.isfinite(timeout_s)) or not (
+            0 < timeout_s <= MAX_TIMEOUT_S
+        ):
+            raise ValueError(f"timeout must be in (0, {MAX_TIMEOUT_S:g}] seconds, got {timeout_s}")
         self.cluster = cluster
         self.client_id = client_id
         self.key = key if key is not None else cluster.load_private_key("client", client_id)
-        self.timeout_s = timeout_s
+        self.timeout_s = float(timeout_s)
         self.keyring = cluster.keyring()
         self.core = ClientCore(
-            client_id, cluster.config, self.key, self.keyring, cluster_id=cluster.cluster_id
+            client_id,
+            cluster.config,
+            self.key,
+            self.keyring,
+            cluster_id=cluster.cluster_id,
+            view=view,
         )
         self._transport = Transport(("client", client_id), self.key, self.keyring, transport_config)
         self._waiting: dict[int, trio.Event] = {}
@@ -79,7 +104,14 @@ class PaymentClient:
     ) -> bool | None:
         if self._nursery_manager is not None:
             self._nursery_manager.cancel_scope.cancel()
-        return await self._nursery_context.__aexit__(exc_type, exc, traceback)
+        try:
+            return await self._nursery_context.__aexit__(exc_type, exc, traceback)
+        except BaseExceptionGroup as group:
+            # The nursery wraps what the body raised; a caller catches PaymentTimeout (or
+            # its own exception) as itself. A background task's failure stays a group.
+            if exc is not None and _only(group, exc):
+                raise exc from None
+            raise
 
     def new_request_id(self) -> int:
         """Increasing ids from the wall clock (microseconds), unique within this process."""
@@ -114,7 +146,8 @@ class PaymentClient:
                 self.core.outstanding.pop(request_id, None)
                 raise PaymentTimeout(
                     f"no decision for request {request_id} within {self.timeout_s} s; "
-                    f"retry with request_id={request_id}"
+                    f"retry with request_id={request_id}",
+                    request_id,
                 )
             return self._results.pop(request_id)
         finally:
@@ -163,3 +196,14 @@ class PaymentClient:
     async def _receive(self) -> None:
         async for _principal, data in self._transport.inbound:
             self._carry_out(self.core.handle(MessageReceived(data)))
+
+
+def _only(group: BaseExceptionGroup[BaseException], wanted: BaseException) -> bool:
+    """Whether every leaf of `group` is `wanted` (the body's exception, perhaps nested)."""
+    for inner in group.exceptions:
+        if isinstance(inner, BaseExceptionGroup):
+            if not _only(inner, wanted):
+                return False
+        elif inner is not wanted:
+            return False
+    return True

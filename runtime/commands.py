@@ -1,18 +1,22 @@
 """The `pbft` commands that run the real network: replica, pay, verify-receipt, cluster up.
 
 Thin shells: the work is in runtime.node (ReplicaNode), runtime.client (PaymentClient)
-and pbft.receipt (verify_receipt). Exit codes as for every `pbft` command: 0 ok,
-1 the answer is no (a rejected payment is still 0: it was decided), 2 bad arguments or
-files, 3 an internal error; `pbft replica` adds 4 to 7 (REPLICA_EXIT_CODES).
+and pbft.receipt (verify_receipt). Exit codes: 0 ok, 1 the answer is no (pay: rejected;
+balance: no such account), 2 bad arguments or files (always one line, checked before
+anything is sent), 3 an internal error (a bug), 4 no decision within the timeout (pay
+prints the request id to retry with); `pbft replica` has its own 4 to 7
+(REPLICA_EXIT_CODES). Each command's --help lists its own.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
+import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,6 +25,36 @@ from typing import Any
 import trio
 
 RUNTIME_COMMANDS = ("replica", "pay", "verify-receipt", "cluster", "balance")
+EXIT_OK = 0
+EXIT_NO = 1  # pay: rejected; balance: no such account
+EXIT_USAGE = 2
+EXIT_INTERNAL = 3
+EXIT_NO_DECISION = 4  # no decision within the timeout: retry with the same request id
+
+
+PAY_EXIT_CODES = """exit codes:
+  0  confirmed (the JSON line on stdout; the receipt in --receipt)
+  1  rejected: the reason is printed (a receipt proves the rejection too)
+  2  bad arguments or files, found before anything is sent
+  3  an internal error (a bug)
+  4  no decision within --timeout: retry with the printed --request-id, never a new one
+     (also: the replicas no longer remember that request id's outcome)"""
+BALANCE_EXIT_CODES = """exit codes:
+  0  f + 1 replicas agree on the balance (JSON on stdout)
+  1  no such account
+  2  bad arguments or files
+  3  an internal error (a bug)
+  4  no f + 1 matching answers within --timeout"""
+UP_EXIT_CODES = """A replica that dies is reported on stderr (its id, exit status or signal,
+last log line); the others keep running. With --restart it is started again from its log
+after 0.5 s, 1 s, 2 s, ... (at most 30 s); after --max-restarts quick deaths in a row it
+is left down. SIGINT or SIGTERM stops every replica.
+
+exit codes:
+  0  stopped by SIGINT or SIGTERM
+  1  every replica has stopped and none is to be restarted
+  2  bad arguments, or --replicas/--clients differ from the cluster in --dir
+  3  an internal error (a bug)"""
 
 # `pbft replica` exit codes: one per way it stops, so a supervisor can tell them apart.
 EXIT_REPLICA_LOCKED = 4
@@ -30,7 +64,8 @@ EXIT_REPLICA_HALTED = 7
 REPLICA_EXIT_CODES = """exit codes:
   0  stopped by SIGINT or SIGTERM
   2  bad arguments or files: the cluster file, the replica id, the private key (missing,
-     not this replica's, readable by group or others), a data directory it cannot create
+     not this replica's, readable by group or others), a data directory it cannot
+     create, or the port is taken
   3  internal error (a bug)
   4  this replica's log is locked: another process runs it already
   5  storage failed: opening, writing or fsyncing the log (see the OS error); restart
@@ -41,16 +76,22 @@ REPLICA_EXIT_CODES = """exit codes:
 
 
 def add_runtime_commands(commands: Any) -> None:
+    formatter = argparse.RawDescriptionHelpFormatter
     replica = commands.add_parser(
         "replica",
         help="run one replica of a cluster (trio, TCP)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=REPLICA_EXIT_CODES,
+        formatter_class=formatter,
     )
     replica.add_argument("--cluster", required=True, help="DIR/cluster.toml")
     replica.add_argument("--id", type=int, required=True, help="the replica's id")
     replica.add_argument("--data", help="data directory (default: DIR/data-ID)")
-    pay = commands.add_parser("pay", help="make one payment and keep its receipt")
+    pay = commands.add_parser(
+        "pay",
+        help="make one payment and keep its receipt",
+        epilog=PAY_EXIT_CODES,
+        formatter_class=formatter,
+    )
     pay.add_argument("--cluster", required=True)
     pay.add_argument("--client", type=int, required=True, help="the paying client's id")
     pay.add_argument("--from", dest="payer", required=True, help="payer account")
@@ -59,7 +100,12 @@ def add_runtime_commands(commands: Any) -> None:
     pay.add_argument("--request-id", type=int, help="to retry a payment safely, reuse its id")
     pay.add_argument("--receipt", help="write the receipt to this file")
     pay.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
-    balance = commands.add_parser("balance", help="read a balance (f + 1 replicas agree)")
+    balance = commands.add_parser(
+        "balance",
+        help="read a balance (f + 1 replicas agree)",
+        epilog=BALANCE_EXIT_CODES,
+        formatter_class=formatter,
+    )
     balance.add_argument("--cluster", required=True)
     balance.add_argument("--account", required=True)
     balance.add_argument("--client", type=int, default=0, help="the asking client's id")
@@ -69,10 +115,30 @@ def add_runtime_commands(commands: Any) -> None:
     verify.add_argument("--cluster", required=True)
     cluster = commands.add_parser("cluster", help="local clusters")
     actions = cluster.add_subparsers(dest="cluster_command", required=True)
-    up = actions.add_parser("up", help="start a local cluster on free 127.0.0.1 ports")
-    up.add_argument("--replicas", type=int, default=4)
-    up.add_argument("--clients", type=int, default=2)
+    up = actions.add_parser(
+        "up",
+        help="start and supervise a local cluster on free 127.0.0.1 ports",
+        epilog=UP_EXIT_CODES,
+        formatter_class=formatter,
+    )
+    up.add_argument(
+        "--replicas", type=int, help="for a new cluster (default 4); must match an existing one"
+    )
+    up.add_argument(
+        "--clients", type=int, help="for a new cluster (default 2); must match an existing one"
+    )
     up.add_argument("--dir", required=True, help="keys, cluster.toml, data and logs go here")
+    up.add_argument(
+        "--restart",
+        action="store_true",
+        help="restart a replica that dies, from its log, after a growing backoff",
+    )
+    up.add_argument(
+        "--max-restarts",
+        type=int,
+        default=5,
+        help="give up on a replica after this many quick deaths in a row (default 5)",
+    )
 
 
 def run_runtime_command(arguments: argparse.Namespace) -> int:
@@ -105,11 +171,16 @@ def _replica(arguments: argparse.Namespace) -> int:
     # The key before anything is created, and outside trio, so its error is one line.
     cluster.load_private_key("replica", arguments.id)
     data = Path(arguments.data) if arguments.data else cluster.directory / f"data-{arguments.id}"
+    if data.exists() and not data.is_dir():
+        print(f"pbft: --data: {data} is not a directory", file=sys.stderr)
+        return EXIT_USAGE
     node = ReplicaNode(cluster, arguments.id, data)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_cancel_on_signal, nursery.cancel_scope, node)
+            # Listening for signals before the store's recovery, which blocks: a Ctrl-C
+            # then waits for it and stops cleanly.
+            await nursery.start(_cancel_on_signal, nursery.cancel_scope, node)
             await node.run()
 
     try:
@@ -122,17 +193,31 @@ def _replica(arguments: argparse.Namespace) -> int:
             StorageFailedError,
             StorageCorruptError,
             ReplicaHalted,
+            OSError,
+            KeyboardInterrupt,
         )
         error = _leaf(raised, kinds)
+        if isinstance(error, KeyboardInterrupt):
+            print(f"pbft: replica {arguments.id} interrupted", file=sys.stderr)
+            return 130
         if isinstance(error, ClusterFileError | DataDirError):
             print(f"pbft: {error}", file=sys.stderr)
-            return 2
+            return EXIT_USAGE
         if isinstance(error, StorageLockedError):
             print(f"pbft: replica {arguments.id} is already running: {error}", file=sys.stderr)
             return EXIT_REPLICA_LOCKED
         if isinstance(error, StorageFailedError):
             print(f"pbft: replica {arguments.id}: storage failed: {error}", file=sys.stderr)
             return EXIT_STORAGE_FAILED
+        if isinstance(error, OSError):
+            # The port (or another OS refusal), not a bug: say which and stop.
+            where = f" ({error.filename})" if error.filename else ""
+            if error.errno == errno.EADDRINUSE:
+                address = cluster.replica(arguments.id)
+                where = f" ({address.host}:{address.port}: another process listens there)"
+            reason = error.strerror or str(error)
+            print(f"pbft: replica {arguments.id}: {reason}{where}", file=sys.stderr)
+            return EXIT_USAGE
         if isinstance(error, StorageCorruptError):
             print(f"pbft: refusing to start on damaged storage: {error}", file=sys.stderr)
             return EXIT_STORAGE_CORRUPT
@@ -155,34 +240,77 @@ def _leaf(raised: BaseException, kinds: tuple[type[BaseException], ...]) -> Base
     return None
 
 
-async def _cancel_on_signal(scope: trio.CancelScope, node: Any) -> None:
+async def _cancel_on_signal(
+    scope: trio.CancelScope,
+    node: Any,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    # The receiver restores these on exit and hands them any signal still pending: ignored,
+    # so a second signal (Ctrl-C reaches `cluster up` and its replicas, and it then sends
+    # SIGTERM) cannot cut the clean stop short. SIGKILL still works.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
         async for signum in signals:
             node.log("signal", signal=signal.Signals(signum).name)
-            scope.cancel()
-            return
+            break
+    scope.cancel()
 
 
 def _pay(arguments: argparse.Namespace) -> int:
+    from pbft.client import ClientError
     from runtime.client import PaymentClient, PaymentTimeout
     from runtime.cluster import load_cluster
 
     cluster = load_cluster(arguments.cluster)
-    if arguments.amount < 0 or arguments.amount >= 2**64:
-        print("pbft: --amount must be a non-negative integer below 2**64", file=sys.stderr)
-        return 2
+    problem = (
+        _check_timeout(arguments.timeout)
+        or _check_uint64("--amount", arguments.amount)
+        or _check_uint64("--request-id", arguments.request_id)
+        or _check_account("--from", arguments.payer)
+        or _check_account("--to", arguments.payee)
+        or _check_client(cluster, arguments.client)
+        or _check_output_file("--receipt", arguments.receipt)
+    )
+    if problem:
+        print(f"pbft: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+
+    sent: list[int] = []
 
     async def main() -> Any:
         async with PaymentClient(cluster, arguments.client, timeout_s=arguments.timeout) as client:
-            return await client.pay(
-                arguments.payer, arguments.payee, arguments.amount, arguments.request_id
-            )
+            request_id = arguments.request_id
+            if request_id is None:
+                request_id = client.new_request_id()
+            # Said before sending: whatever happens next, the user can retry with it.
+            print(f"pbft: request id {request_id}", file=sys.stderr, flush=True)
+            sent.append(request_id)
+            return await client.pay(arguments.payer, arguments.payee, arguments.amount, request_id)
 
     try:
         decided = trio.run(main)
     except PaymentTimeout as error:
+        print(
+            f"pbft: no decision within {arguments.timeout:g} s; the payment may still go "
+            f"through: retry with --request-id {error.request_id} (never with a new id)",
+            file=sys.stderr,
+        )
+        return EXIT_NO_DECISION
+    except ClientError as error:
         print(f"pbft: {error}", file=sys.stderr)
-        return 1
+        return EXIT_USAGE
+    except BaseException as raised:
+        if sent and _leaf(raised, (KeyboardInterrupt,)) is not None:
+            print(
+                f"pbft: interrupted; the payment may still go through: retry with "
+                f"--request-id {sent[0]} to learn its outcome",
+                file=sys.stderr,
+            )
+            return 130
+        raise
     print(
         json.dumps(
             {
@@ -191,18 +319,47 @@ def _pay(arguments: argparse.Namespace) -> int:
                 "reason": decided.reason,
                 "seq": decided.seq,
             }
-        )
+        ),
+        flush=True,
     )
     if arguments.receipt and decided.receipt is not None:
-        Path(arguments.receipt).write_bytes(decided.receipt.encode())
-    return 0 if decided.receipt is not None else 1
+        try:
+            _write_atomically(Path(arguments.receipt), decided.receipt.encode())
+        except OSError as error:
+            print(
+                f"pbft: --receipt: cannot write {arguments.receipt}: {error.strerror}; the "
+                f"payment was decided: pay again with --request-id {decided.request_id} "
+                "to get its receipt",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+    if decided.outcome == "confirmed":
+        return EXIT_OK
+    if decided.outcome == "rejected":
+        print(f"pbft: payment rejected: {decided.reason}", file=sys.stderr)
+        return EXIT_NO
+    print(
+        f"pbft: the outcome of request {decided.request_id} is unknown: the replicas no "
+        f"longer remember it ({decided.reason})",
+        file=sys.stderr,
+    )
+    return EXIT_NO_DECISION
 
 
 def _balance(arguments: argparse.Namespace) -> int:
+    from pbft.client import ClientError
     from runtime.client import PaymentClient, PaymentTimeout
     from runtime.cluster import load_cluster
 
     cluster = load_cluster(arguments.cluster)
+    problem = (
+        _check_timeout(arguments.timeout)
+        or _check_account("--account", arguments.account)
+        or _check_client(cluster, arguments.client)
+    )
+    if problem:
+        print(f"pbft: {problem}", file=sys.stderr)
+        return EXIT_USAGE
 
     async def main() -> Any:
         async with PaymentClient(cluster, arguments.client, timeout_s=arguments.timeout) as client:
@@ -211,11 +368,14 @@ def _balance(arguments: argparse.Namespace) -> int:
     try:
         read = trio.run(main)
     except PaymentTimeout as error:
+        print(f"pbft: {error} within {arguments.timeout:g} s", file=sys.stderr)
+        return EXIT_NO_DECISION
+    except ClientError as error:
         print(f"pbft: {error}", file=sys.stderr)
-        return 1
+        return EXIT_USAGE
     if not read.exists:
         print(f"pbft: no account {arguments.account!r}", file=sys.stderr)
-        return 1
+        return EXIT_NO
     print(
         json.dumps(
             {
@@ -226,7 +386,71 @@ def _balance(arguments: argparse.Namespace) -> int:
             }
         )
     )
-    return 0
+    return EXIT_OK
+
+
+def _check_timeout(timeout: float) -> str | None:
+    from runtime.client import MAX_TIMEOUT_S
+
+    if not math.isfinite(timeout) or not 0 < timeout <= MAX_TIMEOUT_S:
+        return f"--timeout: {timeout:g} is not in (0, {MAX_TIMEOUT_S:g}] seconds"
+    return None
+
+
+def _check_uint64(option: str, value: int | None) -> str | None:
+    if value is not None and not 0 <= value < 2**64:
+        return f"{option}: {value} is not in 0..2**64-1"
+    return None
+
+
+def _check_account(option: str, name: str) -> str | None:
+    from pbft.ledger import MAX_ACCOUNT_NAME_LENGTH
+
+    if not 0 < len(name) <= MAX_ACCOUNT_NAME_LENGTH:
+        return (
+            f"{option}: an account name has 1..{MAX_ACCOUNT_NAME_LENGTH} characters, "
+            f"this one {len(name)}"
+        )
+    return None
+
+
+def _check_client(cluster: Any, client_id: int) -> str | None:
+    if client_id not in cluster.client_keys:
+        known = sorted(cluster.client_keys)
+        listed = ", ".join(str(client) for client in known[:10])
+        more = ", ..." if len(known) > 10 else ""
+        return (
+            f"--client: client {client_id} is unknown to the cluster {cluster.path} "
+            f"(its clients: {listed}{more})"
+        )
+    return None
+
+
+def _check_output_file(option: str, name: str | None) -> str | None:
+    """A file we will write after the fact: fail now, before anything is sent."""
+    if name is None:
+        return None
+    if not name:
+        return f"{option}: an empty file name"
+    path = Path(name)
+    parent = path.parent
+    if path.is_dir():
+        return f"{option}: {name} is a directory, not a file"
+    if not parent.is_dir():
+        return f"{option}: the directory {parent} does not exist"
+    writable = os.access(parent, os.W_OK | os.X_OK)
+    if not writable or (path.exists() and not os.access(path, os.W_OK)):
+        return f"{option}: {name} is not writable"
+    return None
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_bytes(data)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def _verify(arguments: argparse.Namespace) -> int:
@@ -288,61 +512,137 @@ def free_ports(count: int) -> list[int]:
 
 
 def _cluster_up(arguments: argparse.Namespace) -> int:
-    from runtime.cluster import CLUSTER_FILE_NAME, load_cluster, write_cluster
+    import fcntl
+
+    from runtime.cluster import (
+        CLUSTER_FILE_NAME,
+        MAX_CLIENTS,
+        MAX_REPLICAS,
+        load_cluster,
+        write_cluster,
+    )
+    from runtime.supervisor import Supervisor
 
     root = Path(arguments.dir)
     path = root / CLUSTER_FILE_NAME
-    if not path.exists():
-        ports = free_ports(arguments.replicas)
-        if ports != list(range(ports[0], ports[0] + len(ports))):
-            # write_cluster numbers ports consecutively: find a free consecutive run.
-            ports = _consecutive_free_ports(arguments.replicas)
-        write_cluster(
-            root, replicas=arguments.replicas, clients=arguments.clients, base_port=ports[0]
+    problem = None
+    if arguments.replicas is not None and not 4 <= arguments.replicas <= MAX_REPLICAS:
+        problem = (
+            f"--replicas: {arguments.replicas} is not in 4..{MAX_REPLICAS} "
+            "(n = 3f + 1 replicas tolerate f faulty ones; the least is 4, for f = 1)"
         )
-    cluster = load_cluster(path)
-    processes = []
-    for replica in cluster.replicas:
-        log_path = root / f"replica-{replica.replica_id}.log"
-        log = open(log_path, "ab")  # noqa: SIM115 - the child writes to it until it stops
-        command = replica_command(path, replica.replica_id)
-        processes.append(
-            (subprocess.Popen(command, stdout=log, stderr=log), log, replica, log_path)
+    elif arguments.clients is not None and not 1 <= arguments.clients <= MAX_CLIENTS:
+        problem = f"--clients: {arguments.clients} is not in 1..{MAX_CLIENTS}"
+    elif not 0 <= arguments.max_restarts <= 1000:
+        problem = f"--max-restarts: {arguments.max_restarts} is not in 0..1000"
+    elif root.exists() and not root.is_dir():
+        problem = f"--dir: {root} is not a directory"
+    if problem:
+        print(f"pbft: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    if path.exists():
+        cluster = load_cluster(path)
+        mismatch = [
+            f"--{option} {wanted}"
+            for option, wanted, held in (
+                ("replicas", arguments.replicas, len(cluster.replicas)),
+                ("clients", arguments.clients, len(cluster.client_keys)),
+            )
+            if wanted is not None and wanted != held
+        ]
+        if mismatch:
+            print(
+                f"pbft: {path} holds a cluster of {len(cluster.replicas)} replicas and "
+                f"{len(cluster.client_keys)} clients, not {' '.join(mismatch)}: omit them to "
+                "start it, or choose another --dir for a new cluster",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+    else:
+        replicas = 4 if arguments.replicas is None else arguments.replicas
+        try:
+            ports = free_ports(replicas)
+            if ports != list(range(ports[0], ports[0] + len(ports))):
+                # write_cluster numbers ports consecutively: find a free consecutive run.
+                ports = consecutive_free_ports(replicas)
+            write_cluster(
+                root,
+                replicas=replicas,
+                clients=2 if arguments.clients is None else arguments.clients,
+                base_port=ports[0],
+            )
+        except ValueError as error:
+            print(f"pbft: cannot create a cluster in {root}: {error}", file=sys.stderr)
+            return EXIT_USAGE
+        except OSError as error:
+            reason = error.strerror or str(error)
+            print(f"pbft: cannot create a cluster in {root}: {reason}", file=sys.stderr)
+            return EXIT_USAGE
+        cluster = load_cluster(path)
+    # One supervisor per cluster directory: a second would fight the first for the ports.
+    try:
+        lock = open(root / "cluster-up.lock", "w")  # noqa: SIM115 - held until we return
+    except OSError as error:
+        print(f"pbft: cannot write in {root}: {error.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            print(f"pbft: another `pbft cluster up` is running on {root}", file=sys.stderr)
+            return EXIT_USAGE
+        return _supervise(
+            Supervisor(
+                {
+                    replica.replica_id: replica_command(path, replica.replica_id)
+                    for replica in cluster.replicas
+                },
+                root,
+                restart=arguments.restart,
+                max_restarts=arguments.max_restarts,
+            ),
+            cluster,
+            path,
         )
-        print(
-            f"replica {replica.replica_id}: {replica.host}:{replica.port}  log {log_path}",
-            flush=True,
-        )
-    print(f"cluster file {path}; Ctrl-C stops every replica", flush=True)
+
+
+def _supervise(supervisor: Any, cluster: Any, path: Path) -> int:
+    stopping: list[int] = []
 
     def stop(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
+        stopping.append(signum)
 
     # Also when started in the background, where a shell leaves SIGINT ignored.
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while all(process.poll() is None for process, *_ in processes):
-            time.sleep(0.2)
-        for process, _, replica, _ in processes:
-            if process.poll() is not None:
-                print(f"replica {replica.replica_id} exited with {process.returncode}")
-    except KeyboardInterrupt:
-        pass
+        supervisor.start_all()
+        for replica in cluster.replicas:
+            print(
+                f"replica {replica.replica_id}: {replica.host}:{replica.port}  "
+                f"pid {supervisor.pid(replica.replica_id)}  "
+                f"log {path.parent / f'replica-{replica.replica_id}.log'}",
+                flush=True,
+            )
+        restarting = "restarts a replica that dies" if supervisor.restart else "does not restart"
+        print(
+            f"cluster file {path}; f = {cluster.config.fault_tolerance}; "
+            f"this supervisor {restarting}; Ctrl-C stops every replica",
+            flush=True,
+        )
+        while not stopping:
+            if not supervisor.poll():
+                print("pbft: every replica has stopped", file=sys.stderr)
+                return EXIT_NO
+            time.sleep(0.1)
     finally:
-        for process, _log, _, _ in processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process, log, _, _ in processes:
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-            log.close()
-    return 0
+        supervisor.stop_all()
+        print("pbft: every replica stopped", file=sys.stderr)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return EXIT_OK
 
 
-def _consecutive_free_ports(count: int) -> list[int]:
+def consecutive_free_ports(count: int) -> list[int]:
     for _ in range(50):
         base = free_ports(1)[0]
         if base + count >= 65536:

@@ -26,6 +26,10 @@ from runtime.transport import Transport, TransportConfig
 
 EVENT_QUEUE_SIZE = 10_000
 DATA_DIR_MODE = 0o700
+# Identical notes (a peer in another view can cause `drop wrong_view` hundreds of times a
+# second) are logged once, then summed: one line per kind and reason per interval.
+LOG_SUMMARY_INTERVAL_S = 1.0
+LOG_SUMMARY_KEYS = 1024
 # Drops that happen all the time in a healthy cluster (late votes) are summed, not logged.
 QUIET_DROPS = ("stale", "redundant_vote")
 NOTABLE_NOTES = (
@@ -43,6 +47,68 @@ NOTABLE_NOTES = (
 
 class DataDirError(RuntimeError):
     """The data directory cannot be created or is not a directory; the message names it."""
+
+
+@dataclass
+class _Window:
+    start: float
+    suppressed: int = 0  # identical notes since the logged one
+    detail: str = ""  # the last of them
+
+
+class LogSummarizer:
+    """Log the first of a run of identical notes at once; sum the rest per interval.
+
+    A note's identity is its kind and, for drops, the reason (the first word of its
+    detail); for other kinds the whole detail. `note` and `flush` return the records to
+    write, so the rule is testable without a clock or a stream.
+    """
+
+    def __init__(self, interval_s: float = LOG_SUMMARY_INTERVAL_S) -> None:
+        self.interval_s = interval_s
+        self.windows: dict[tuple[str, str], _Window] = {}
+
+    @staticmethod
+    def key(kind: str, detail: str) -> tuple[str, str]:
+        return (kind, detail.split(" ", 1)[0] if kind == "drop" else detail)
+
+    def note(self, kind: str, detail: str, now: float) -> list[dict[str, object]]:
+        """The records to log for this note: itself, or nothing if it is being summed."""
+        key = self.key(kind, detail)
+        window = self.windows.get(key)
+        if window is not None and now < window.start + self.interval_s:
+            window.suppressed += 1
+            window.detail = detail
+            return []
+        records = self._close(key) if window is not None else []
+        if len(self.windows) >= LOG_SUMMARY_KEYS:
+            records += self.flush(now, everything=True)
+        self.windows[key] = _Window(now)
+        records.append({"event": kind, "detail": detail})
+        return records
+
+    def flush(self, now: float, *, everything: bool = False) -> list[dict[str, object]]:
+        """Summaries of the windows that have ended (all of them if `everything`)."""
+        records: list[dict[str, object]] = []
+        for key, window in list(self.windows.items()):
+            if everything or now >= window.start + self.interval_s:
+                records += self._close(key)
+        return records
+
+    def _close(self, key: tuple[str, str]) -> list[dict[str, object]]:
+        window = self.windows.pop(key)
+        if not window.suppressed:
+            return []
+        kind, reason = key
+        record: dict[str, object] = {
+            "event": kind,
+            "detail": window.detail,
+            "repeated": window.suppressed,
+            "over_s": self.interval_s,
+        }
+        if kind == "drop":
+            record["reason"] = reason
+        return [record]
 
 
 class ReplicaHalted(RuntimeError):
@@ -79,6 +145,7 @@ class ReplicaNode:
         self.store: DurableStore | None = None
         self.events_handled = 0
         self.quiet_drops = 0
+        self.log_summary = LogSummarizer()
 
     def log(self, event: str, **fields: object) -> None:
         record = {"time": round(time.time(), 6), "replica": self.replica_id, "event": event}
@@ -140,6 +207,7 @@ class ReplicaNode:
                 await self._drive(core, store, transport)
         finally:
             store.close()
+            self._log_records(self.log_summary.flush(time.monotonic(), everything=True))
             self.log("stopped")
 
     def _prepare_data_dir(self) -> None:
@@ -179,6 +247,9 @@ class ReplicaNode:
                 if persists:
                     # Durable before any message of this event leaves.
                     await trio.to_thread.run_sync(store.apply, persists)
+                    # The thread ignores cancellation: if we are stopping, the transport may
+                    # be gone already, so stop here rather than send into it.
+                    await trio.lowlevel.checkpoint_if_cancelled()
                 for action in actions:
                     if isinstance(action, Send):
                         transport.send(action.to, action.data)
@@ -198,11 +269,18 @@ class ReplicaNode:
         if note.kind == "drop" and note.detail.split(" ", 1)[0] in QUIET_DROPS:
             self.quiet_drops += 1
             return
-        fields: dict[str, object] = {"detail": note.detail}
-        if note.kind == "checkpoint_stable" and self.core is not None:
-            fields["ledger_digest"] = self.core.stable.ledger_digest.hex()
-            fields["seq"] = self.core.stable.seq
-        self.log(note.kind, **fields)
+        records = self.log_summary.note(note.kind, note.detail, time.monotonic())
+        for record in records:
+            if record["event"] == "checkpoint_stable" and self.core is not None:
+                if "repeated" not in record:
+                    record["ledger_digest"] = self.core.stable.ledger_digest.hex()
+                    record["seq"] = self.core.stable.seq
+        self._log_records(records)
+
+    def _log_records(self, records: list[dict[str, object]]) -> None:
+        for record in records:
+            fields = dict(record)
+            self.log(str(fields.pop("event")), **fields)
 
     async def _clock(self, send_event: trio.MemorySendChannel[Tick | MessageReceived]) -> None:
         async with send_event:
@@ -210,6 +288,8 @@ class ReplicaNode:
             while True:
                 await trio.sleep(self.tick_ms / 1000)
                 now_ms = int((trio.current_time() - started) * 1000)
+                if self.log_summary.windows:
+                    self._log_records(self.log_summary.flush(time.monotonic()))
                 try:
                     send_event.send_nowait(Tick(now_ms))
                 except trio.WouldBlock:

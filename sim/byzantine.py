@@ -852,8 +852,9 @@ class BadNewView(Behavior):
         # split: how many second NEW-VIEWs re-proposed something else than the first
         self.split_plans_differ = 0
         # refork: the forked re-proposals of the latest NEW-VIEW this replica sent.
-        self.reforks: list[bytes] = []
+        self.reforks: list[tuple[int, bytes]] = []
         self.refork_view = -1
+        self.refork_turn = 0
         self.verifier: Verifier | None = None
         if self.keyring is not None and self.genesis_ledger_digest is not None:
             self.verifier = Verifier(self.config, self.keyring, self.genesis_ledger_digest)
@@ -907,7 +908,7 @@ class BadNewView(Behavior):
                     forked = replace(
                         original, batch_digest=batch_digest(requests), requests=requests
                     )
-                    self.reforks.append(seal(forked, self.key))
+                    self.reforks.append((forked.seq, seal(forked, self.key)))
                     self.refork_digests[forked.seq] = entry_digest(
                         forked.seq, forked.prev_hash, forked.batch_digest
                     )
@@ -921,7 +922,14 @@ class BadNewView(Behavior):
         if code == MessageType.HEARTBEAT and destination[0] == "replica":
             message = _decode(data)
             if isinstance(message, Heartbeat) and message.view == self.refork_view:
-                return [data, *self.reforks[: self.REFORKS_PER_HEARTBEAT]]
+                # The forks past what is executed, a few per heartbeat, taking turns.
+                open_forks = [raw for seq, raw in self.reforks if seq > message.last_executed]
+                if not open_forks:
+                    return [data]
+                start = self.refork_turn % len(open_forks)
+                self.refork_turn += 1
+                chosen = (open_forks[start:] + open_forks[:start])[: self.REFORKS_PER_HEARTBEAT]
+                return [data, *chosen]
         return [data]
 
     def _learn(self, requests: Sequence[bytes]) -> None:

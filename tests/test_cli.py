@@ -1,5 +1,6 @@
 """Tests for the `pbft` command line: `pbft run FILE [--seed N] [--json PATH|-] [--trace PATH]`
-and its exit codes (0 ok, 1 expectation unmet, 2 bad scenario or arguments)."""
+and its exit codes (0 ok, 1 expectation unmet, 2 bad scenario or arguments), and the
+other commands' answers to obviously wrong arguments (one line, exit 2, no traceback)."""
 
 from __future__ import annotations
 
@@ -57,10 +58,9 @@ def _write(directory: Path, name: str, text: str) -> Path:
     return path
 
 
-def _json_after_summary(stdout: str) -> dict[str, Any]:
-    """`--json -` prints the text summary, then the JSON document starting at a `{` line."""
-    start = stdout.index("\n{\n") + 1
-    document = json.loads(stdout[start:])
+def _json_document(stdout: str) -> dict[str, Any]:
+    """`--json -` writes the JSON document alone to stdout (the text summary to stderr)."""
+    document = json.loads(stdout)
     assert isinstance(document, dict)
     return document
 
@@ -98,8 +98,9 @@ def test_run_fault_free_exits_0_and_prints_the_summary(capsys: pytest.CaptureFix
 
 def test_json_to_stdout(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", str(FAULT_FREE), "--json", "-"]) == EXIT_OK
-    out = capsys.readouterr().out
-    summary = _json_after_summary(out)
+    captured = capsys.readouterr()
+    out = captured.err
+    summary = _json_document(captured.out)
     _assert_summary_shape(summary)
     assert summary["scenario"] == "fault-free"
     assert summary["seed"] == 1
@@ -123,7 +124,7 @@ def test_json_to_a_file_matches_json_to_stdout(
     _assert_summary_shape(from_file)
     assert from_file["scenario"] == "small"
     assert main(["run", str(scenario), "--json", "-"]) == EXIT_OK
-    from_stdout = _json_after_summary(capsys.readouterr().out)
+    from_stdout = _json_document(capsys.readouterr().out)
     from_file.pop("wall_s", None)
     from_stdout.pop("wall_s", None)
     assert from_file == from_stdout
@@ -134,10 +135,11 @@ def test_seed_option_overrides_the_scenario_seed(
 ) -> None:
     scenario = _write(tmp_path, "small.toml", SMALL)
     assert main(["run", str(scenario), "--json", "-"]) == EXIT_OK
-    default = _json_after_summary(capsys.readouterr().out)
+    default = _json_document(capsys.readouterr().out)
     assert main(["run", str(scenario), "--seed", "7", "--json", "-"]) == EXIT_OK
-    out = capsys.readouterr().out
-    seeded = _json_after_summary(out)
+    captured = capsys.readouterr()
+    out = captured.err
+    seeded = _json_document(captured.out)
     assert default["seed"] == 4
     assert seeded["seed"] == 7
     assert re.search(r"^seed +7$", out, re.M)
@@ -148,7 +150,7 @@ def test_trace_option_writes_json_lines(tmp_path: Path, capsys: pytest.CaptureFi
     scenario = _write(tmp_path, "small.toml", SMALL)
     trace = tmp_path / "trace.jsonl"
     assert main(["run", str(scenario), "--trace", str(trace), "--json", "-"]) == EXIT_OK
-    summary = _json_after_summary(capsys.readouterr().out)
+    summary = _json_document(capsys.readouterr().out)
     lines = trace.read_text(encoding="utf-8").splitlines()
     assert len(lines) == summary["trace_events"] > 0
     for line in lines:
@@ -167,7 +169,7 @@ def test_console_script_runs_the_cli(tmp_path: Path) -> None:
         check=False,
     )
     assert completed.returncode == EXIT_OK, completed.stderr
-    summary = _json_after_summary(completed.stdout)
+    summary = _json_document(completed.stdout)
     _assert_summary_shape(summary)
     assert summary["verdict"] == "ok"
     missing = subprocess.run(
@@ -187,8 +189,9 @@ def test_console_script_runs_the_cli(tmp_path: Path) -> None:
 def test_unmet_expectation_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     scenario = _write(tmp_path, "unmet.toml", UNMET)
     assert main(["run", str(scenario), "--json", "-"]) == EXIT_VIOLATED
-    out = capsys.readouterr().out
-    summary = _json_after_summary(out)
+    captured = capsys.readouterr()
+    out = captured.err
+    summary = _json_document(captured.out)
     assert summary["verdict"] == "violated"
     assert all(state == "ok" for state in summary["checks"].values())
     assert summary["expectation_failures"]
@@ -286,8 +289,115 @@ def test_empty_workload_reports_no_latency(
 ) -> None:
     scenario = _write(tmp_path, "empty.toml", 'name = "empty"\n[workload]\npayments = 0\n')
     assert main(["run", str(scenario), "--json", "-"]) == EXIT_OK
-    out = capsys.readouterr().out
-    summary = _json_after_summary(out)
+    captured = capsys.readouterr()
+    out = captured.err
+    summary = _json_document(captured.out)
     assert summary["payments"] == {"submitted": 0, "confirmed": 0, "rejected": 0, "undecided": 0}
     assert summary["latency_ms"] == {"p50": None, "p95": None, "p99": None}
     assert re.search(r"^latency \(ms\) +p50 - +p95 - +p99 -", out, re.M)
+
+
+def test_json_to_stdout_pipes_into_json_tool(tmp_path: Path) -> None:
+    """`pbft run X --json - | python -m json.tool` works: stdout is the document alone."""
+    scenario = _write(tmp_path, "small.toml", SMALL)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "pbft.cli", "run", str(scenario), "--json", "-"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    tool = subprocess.run(
+        [sys.executable, "-m", "json.tool"],
+        stdin=run.stdout,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.stdout is not None and run.stderr is not None
+    run.stdout.close()
+    summary_text = run.stderr.read().decode()
+    run.stderr.close()
+    assert run.wait(timeout=60) == EXIT_OK
+    assert tool.returncode == 0, tool.stderr
+    assert json.loads(tool.stdout)["scenario"] == "small"
+    assert re.search(r"^verdict +ok$", summary_text, re.M)
+
+
+OVER_THE_BOUND = """
+name = "two-crashed"
+seed = 3
+
+[workload]
+payments = 10
+rate_per_s = 100
+
+[[faults]]
+at_ms = 0
+action = "crash"
+replica = 1
+
+[[faults]]
+at_ms = 0
+action = "crash"
+replica = 2
+
+[expect]
+liveness = false
+"""
+
+
+def test_faults_beyond_f_are_named_in_the_summary(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    scenario = _write(tmp_path, "over.toml", OVER_THE_BOUND)
+    main(["run", str(scenario), "--json", "-"])
+    captured = capsys.readouterr()
+    summary = _json_document(captured.out)
+    assert summary["fault_bound"] == {
+        "replicas": 4,
+        "f": 1,
+        "max_faulty_at_once": 2,
+        "exceeded": True,
+    }
+    assert re.search(
+        r"^faults +up to 2 replicas faulty at once, more than f = 1", captured.err, re.M
+    )
+    assert main(["run", str(FAULT_FREE)]) == EXIT_OK
+    within = capsys.readouterr().out
+    assert "faults " not in within
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["keygen", "--out", "{tmp}/a", "--replicas", "3"], "--replicas: 3 is not in 4..256"),
+        (["keygen", "--out", "{tmp}/a", "--clients", "0"], "--clients: 0 is not in"),
+        (["keygen", "--out", "{tmp}/a", "--accounts-per-client", "-1"], "--accounts-per-client"),
+        (["keygen", "--out", "{tmp}/a", "--accounts-per-client", "100000000"], "1000000"),
+        (["keygen", "--out", "{tmp}/a", "--base-port", "-1"], "--base-port"),
+        (["keygen", "--out", "{tmp}/a", "--host", ""], "--host"),
+        (["keygen", "--out", "{tmp}/file"], "is not a directory"),
+        (["keygen", "--out", "{tmp}/file/below"], "--out: cannot write in"),
+        (["replica", "--cluster", "{tmp}/none.toml", "--id", "0"], "cannot read"),
+        (["replica", "--cluster", "{tmp}", "--id", "0"], "cannot read"),
+        (["sweep", "{tmp}", "--seeds", "0..3"], "cannot read"),
+        (["sweep", str(FAULT_FREE), "--seeds", "5..3"], "empty"),
+        (["sweep", str(FAULT_FREE), "--jobs", "0"], "--jobs: 0"),
+        (["fuzz", "--replicas", "3"], "--replicas: 3"),
+        (["fuzz", "--budget", "-1"], "--budget"),
+        (["fuzz", "--budget", "nan"], "--budget"),
+        (["fuzz", "--seed", "-1"], "--seed"),
+        (["fuzz", "--out", "{tmp}/file", "--budget", "1"], "--out: cannot create"),
+        (["run", "{tmp}"], "cannot read"),
+        (["run", str(FAULT_FREE), "--trace", "{tmp}"], "cannot write"),
+    ],
+)
+def test_wrong_arguments_get_one_line_and_exit_2(
+    argv: list[str], says: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    filled = [argument.replace("{tmp}", str(tmp_path)) for argument in argv]
+    assert main(filled) == EXIT_USAGE
+    error = capsys.readouterr().err
+    assert says in error
+    assert "Traceback" not in error and "internal error" not in error

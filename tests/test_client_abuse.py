@@ -1,0 +1,85 @@
+"""Misbehaving clients cannot make replicas work for free (issue 8, points 3 and 4).
+
+- A replayed decided request is answered with the reply signed when it was decided (no new
+  signature), and replays beyond a client's budget are dropped and counted.
+- One client's flood of distinct signed requests fills its own quota of the pending table,
+  not everyone's: another client's payment still gets in.
+"""
+
+from __future__ import annotations
+
+from replica_harness import Cluster, send_raws
+
+from pbft.replies import ClientBudget, SignedReplies
+
+
+def _decide_one(cluster: Cluster):  # type: ignore[no-untyped-def]
+    """Replica 1 (a backup) executes client 0's request 1; returns (replica, request raw)."""
+    replica = cluster.replica(1)
+    cluster.tick(replica, 1)
+    request = cluster.request(1)
+    entry = cluster.pre_prepare(1, [request])
+    cluster.drive_commit(replica, entry)
+    assert replica.last_executed == 1
+    return replica, request
+
+
+def test_a_replayed_request_gets_the_reply_signed_when_it_was_decided() -> None:
+    cluster = Cluster()
+    replica, request = _decide_one(cluster)
+    first = send_raws(cluster.deliver(replica, request), ("client", 0))
+    again = send_raws(cluster.deliver(replica, request), ("client", 0))
+    assert len(first) == 1 and first == again
+    assert replica.signed_replies.hits >= 2
+
+
+def test_replays_beyond_the_budget_are_dropped_and_counted() -> None:
+    cluster = Cluster(client_replay_rate_per_s=10, client_replay_burst=5)
+    replica, request = _decide_one(cluster)
+    answered = 0
+    for _ in range(50):
+        answered += len(send_raws(cluster.deliver(replica, request), ("client", 0)))
+    assert answered == 5
+    assert replica.drops["replay_rate_limited"] == 45
+    # The budget refills with time: an honest retransmission a second later is answered.
+    cluster.tick(replica, 1001)
+    assert send_raws(cluster.deliver(replica, request), ("client", 0))
+
+
+def test_one_client_fills_its_own_quota_not_the_pending_table() -> None:
+    cluster = Cluster(client_pending_limit=8)
+    replica = cluster.replica(1)  # a backup: pending requests wait for the primary
+    cluster.tick(replica, 1)
+    flood = [cluster.request(request_id, amount=1) for request_id in range(1, 200)]
+    cluster.deliver(replica, *flood)
+    assert replica.pending_per_client[0] == 8
+    assert replica.drops["client_quota_full"] == 199 - 8
+    # Another client's payment still gets in.
+    cluster.deliver(replica, cluster.request(1, client=1))
+    assert (1, 1) in replica.pending
+    assert replica.pending_per_client[1] == 1
+
+
+def test_quota_frees_as_requests_execute() -> None:
+    cluster = Cluster(client_pending_limit=2)
+    replica = cluster.replica(1)
+    cluster.tick(replica, 1)
+    first, second, third = (cluster.request(i) for i in (1, 2, 3))
+    cluster.deliver(replica, first, second, third)
+    assert replica.drops["client_quota_full"] == 1
+    cluster.drive_commit(replica, cluster.pre_prepare(1, [first]))
+    assert replica.pending_per_client[0] == 1
+    cluster.deliver(replica, third)
+    assert replica.pending_per_client[0] == 2
+
+
+def test_signed_replies_and_budgets_are_bounded() -> None:
+    replies = SignedReplies(limit=3)
+    for request_id in range(10):
+        replies.put(0, request_id, b"d", bytes([request_id]))
+    assert len(replies) == 3
+    assert replies.get(0, 9, b"d") == bytes([9])
+    assert replies.get(0, 0, b"d") is None
+    budget = ClientBudget(rate_per_s=1, burst=2)
+    assert [budget.allow(7, 0) for _ in range(3)] == [True, True, False]
+    assert budget.allow(7, 1000)
