@@ -252,8 +252,9 @@ def _jobs(arguments: argparse.Namespace) -> int | None:
 
 
 def _sweep(arguments: argparse.Namespace) -> int:
+    from sim.progress import TerminalProgress
     from sim.scenario import ScenarioError, load_scenario
-    from sim.sweep import ProgressBar, SeedRangeError, parse_seeds, report, sweep
+    from sim.sweep import SeedRangeError, parse_seeds, report, sweep
 
     try:
         load_scenario(arguments.scenario)
@@ -267,7 +268,8 @@ def _sweep(arguments: argparse.Namespace) -> int:
     jobs = _jobs(arguments)
     if jobs is None:
         return EXIT_USAGE
-    outcomes = sweep(arguments.scenario, seeds, jobs, ProgressBar(sys.stderr))
+    with TerminalProgress("sweep", len(seeds)) as progress:
+        outcomes = sweep(arguments.scenario, seeds, jobs, progress.sweep_step)
     report(arguments.scenario, outcomes)
     if any(outcome.verdict == "error" for outcome in outcomes):
         return EXIT_INTERNAL
@@ -277,7 +279,8 @@ def _sweep(arguments: argparse.Namespace) -> int:
 def _fuzz(arguments: argparse.Namespace) -> int:
     import random
 
-    from sim.fuzz import MAX_FUZZ_REPLICAS, ProgressLine, fuzz, summarize
+    from sim.fuzz import MAX_FUZZ_REPLICAS, fuzz, summarize
+    from sim.progress import TerminalProgress
 
     if not 4 <= arguments.replicas <= MAX_FUZZ_REPLICAS:
         print(
@@ -309,20 +312,19 @@ def _fuzz(arguments: argparse.Namespace) -> int:
         f"{arguments.budget:g} s on {jobs} job(s)",
         file=sys.stderr,
     )
-    progress = ProgressLine(sys.stderr, arguments.budget)
-    report = fuzz(
-        seed,
-        arguments.replicas,
-        arguments.budget,
-        jobs,
-        arguments.out,
-        progress=progress,
-        log=sys.stderr,
-        on_failure=progress.finish,
-        shrink_runs=arguments.shrink_runs,
-    )
-    if not report.failures:
-        progress.finish()
+    with TerminalProgress("fuzz", arguments.budget) as progress:
+        report = fuzz(
+            seed,
+            arguments.replicas,
+            arguments.budget,
+            jobs,
+            arguments.out,
+            progress=progress.fuzz_step,
+            log=sys.stderr,
+            # Shrinking logs its own lines: the bar stops first.
+            on_failure=progress.stop,
+            shrink_runs=arguments.shrink_runs,
+        )
     summarize(report)
     return EXIT_VIOLATED if report.failures else EXIT_OK
 

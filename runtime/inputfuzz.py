@@ -58,6 +58,7 @@ from pbft.client import ClientCore
 from pbft.codec import MAX_FRAME_BYTES, Bytes, ListOf, Nested, Spec, Struct, Text, UInt, pack
 from pbft.config import ClusterConfig
 from pbft.events import Broadcast, MessageReceived, Send, Tick
+from pbft.genesis import compute_cluster_id
 from pbft.ledger import Account
 from pbft.messages import MESSAGE_CLASSES, Message, MessageType
 from pbft.replica import EVIDENCE_LIMIT, Replica
@@ -168,7 +169,11 @@ class Keys:
 def build_corpus(keys: Keys) -> list[bytes]:
     """Every distinct frame a short, eventful history of a 4-replica cluster sends."""
     replicas = [keys.replica(i) for i in range(REPLICAS)]
-    clients = [ClientCore(j, CONFIG, keys.clients[j], keys.keyring) for j in range(CLIENTS)]
+    cluster_id = compute_cluster_id(CONFIG, keys.keyring, keys.accounts)
+    clients = [
+        ClientCore(j, CONFIG, keys.clients[j], keys.keyring, cluster_id=cluster_id)
+        for j in range(CLIENTS)
+    ]
     queue: list[tuple[tuple[str, int], bytes]] = []
     seen: dict[bytes, None] = {}
     down: list[int] = []

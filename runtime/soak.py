@@ -48,7 +48,7 @@ from pbft.receipt import ReceiptError, verify_receipt
 from pbft.replica import Replica
 from runtime.client import PaymentClient, PaymentTimeout
 from runtime.cluster import Cluster, load_cluster, write_cluster
-from runtime.commands import _consecutive_free_ports, replica_command
+from runtime.commands import consecutive_free_ports, replica_command
 from runtime.storage import DurableStore
 
 PROTOCOL = {"view_change_timeout_ms": 500}
@@ -386,7 +386,7 @@ def check_ledgers(
             result.bad_receipts += 1
             continue
         try:
-            verified = verify_receipt(decided.receipt, keyring)
+            verified = verify_receipt(decided.receipt, keyring, cluster.cluster_id)
         except ReceiptError:
             result.bad_receipts += 1
             continue
@@ -419,7 +419,7 @@ def check_ledgers(
 def run_soak(settings: SoakSettings, root: Path, progress: TextIO | None = None) -> SoakResult:
     started = time.monotonic()
     result = SoakResult()
-    ports = _consecutive_free_ports(settings.replicas)
+    ports = consecutive_free_ports(settings.replicas)
     cluster_path = write_cluster(
         root,
         replicas=settings.replicas,

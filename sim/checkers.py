@@ -55,6 +55,11 @@ class Observations:
     # under a submitted id, a payment out of someone else's account). Signed by them, those
     # may be ordered, but must never be confirmed; `submitted` holds only the submitted ones.
     byzantine_clients: frozenset[int] = frozenset()
+    # replica life -> view -> seq -> entry digest its installed NEW-VIEW assigned there
+    new_view_plans: dict[int, dict[int, dict[int, bytes]]] = field(default_factory=dict)
+    # (replica life, view, seq, assigned digest, prepared digest): a PREPARE in a view at a
+    # sequence number that view's NEW-VIEW assigned, for another entry
+    new_view_breaches: list[tuple[int, int, int, bytes, bytes]] = field(default_factory=list)
 
 
 def check_agreement(observed: Observations) -> CheckResult:
@@ -186,6 +191,22 @@ def check_liveness(observed: Observations) -> CheckResult:
     return result
 
 
+def check_new_view_kept(observed: Observations) -> CheckResult:
+    """PBFT's view-change rule, checked where it is broken rather than where it ends in a
+    fork: in view v a correct replica prepares, at a sequence number v's NEW-VIEW assigned,
+    only that assignment (also after a restart). A breach needs a Byzantine primary to
+    offer another batch and a quorum to follow it before it splits executions; this check
+    sees it at the first PREPARE."""
+    result = CheckResult("new_view_kept")
+    for replica, view, seq, assigned, prepared in observed.new_view_breaches:
+        if replica in observed.correct:
+            result.fail(
+                f"replica {replica} prepared {prepared.hex()[:12]} at seq {seq} in view {view}, "
+                f"where its NEW-VIEW assigned {assigned.hex()[:12]}"
+            )
+    return result
+
+
 def run_checks(
     observed: Observations, keyring: KeyRing, cluster_id: bytes
 ) -> Mapping[str, CheckResult]:
@@ -195,9 +216,17 @@ def run_checks(
         check_integrity(observed),
         check_conservation(observed),
         check_receipts(observed, keyring, cluster_id),
+        check_new_view_kept(observed),
         check_liveness(observed),
     ]
     return {result.name: result for result in results}
 
 
-SAFETY_CHECKS = ("agreement", "validity", "integrity", "conservation", "receipts")
+SAFETY_CHECKS = (
+    "agreement",
+    "validity",
+    "integrity",
+    "conservation",
+    "receipts",
+    "new_view_kept",
+)

@@ -531,37 +531,51 @@ def _restart_storm(
     if kind is not None:
         entry["kind"] = kind
     byzantine.append(entry)
-    cut_at = rng.randint(50, horizon // 3)
+    cut_at = rng.randint(150, max(150, horizon // 3))
+    others = [replica for replica in range(replicas) if replica != 0]
     faults.append(
         {
             "at_ms": cut_at,
             "until_ms": cut_at + rng.randint(2 * timeout_ms, 6 * timeout_ms),
             "action": "partition",
-            "groups": [[0], [replica for replica in range(replicas) if replica != 0]],
+            "groups": [[0], others],
         }
     )
-    # Leave prepared entries for the NEW-VIEW to re-propose: commits go missing meanwhile.
-    if rng.random() < 0.7:
+    # Entries the others prepare but only replica 0 commits (it executes them, then is cut
+    # off): the NEW-VIEW of view 1 must re-propose them, and must keep them.
+    faults.append(
+        {
+            "at_ms": max(0, cut_at - rng.randint(50, 300)),
+            "until_ms": cut_at + rng.randint(timeout_ms, 4 * timeout_ms),
+            "action": "drop",
+            "to": others,
+            "messages": ["COMMIT", "CHECKPOINT_STATE", "COMMIT_CERTIFICATE"],
+            "probability": rng.choice((0.9, 1.0)),
+        }
+    )
+    # Slow prepares keep the re-proposed entries open for a while after the NEW-VIEW.
+    if rng.random() < 0.8:
         faults.append(
             {
-                "at_ms": max(0, cut_at - rng.randint(0, timeout_ms)),
-                "until_ms": cut_at + rng.randint(timeout_ms, 4 * timeout_ms),
+                "at_ms": cut_at,
+                "until_ms": cut_at + rng.randint(2 * timeout_ms, 6 * timeout_ms),
                 "action": "drop",
-                "messages": ["COMMIT"],
-                "probability": rng.choice((0.5, 0.9, 1.0)),
+                "messages": ["PREPARE"],
+                "probability": rng.choice((0.5, 0.7, 0.9)),
             }
         )
     backups = [replica for replica in range(replicas) if replica not in (0, primary)]
     rng.shuffle(backups)
-    at = cut_at + rng.randint(timeout_ms, 3 * timeout_ms)
-    for replica in backups[: 2 * f]:
-        down_ms = rng.randint(5, 150)
-        if at + down_ms >= horizon or not bound.fits(replica, at, at + down_ms):
-            break
-        bound.add(replica, at, at + down_ms)
-        faults.append({"at_ms": at, "action": "crash", "replica": replica})
-        faults.append({"at_ms": at + down_ms, "action": "restart", "replica": replica})
-        at += down_ms + rng.randint(1, 2 * timeout_ms)
+    at = cut_at + rng.randint(timeout_ms // 2, 2 * timeout_ms)
+    for _ in range(rng.randint(1, 2)):
+        for replica in backups[: 2 * f]:
+            down_ms = rng.randint(5, 40)
+            if at + down_ms >= horizon or not bound.fits(replica, at, at + down_ms):
+                return
+            bound.add(replica, at, at + down_ms)
+            faults.append({"at_ms": at, "action": "crash", "replica": replica})
+            faults.append({"at_ms": at + down_ms, "action": "restart", "replica": replica})
+            at += down_ms + rng.randint(5, 60)
 
 
 def liveness_within_ms(view_change_timeout_ms: int) -> int:
@@ -741,24 +755,6 @@ def _shrink_and_write(
     path.write_text(header + report.shrunk_text, encoding="utf-8")
     report.path = path
     report.reproduced = evaluate(load_scenario(path)).signature == failure.signature
-
-
-class ProgressLine:
-    """One line on stderr, redrawn in place: `fuzz: 120 runs  0 failing  31/60 s`."""
-
-    def __init__(self, stream: TextIO, budget_s: float) -> None:
-        self.stream = stream
-        self.budget_s = budget_s
-
-    def __call__(self, runs: int, failures: int, elapsed_s: float) -> None:
-        self.stream.write(
-            f"\rfuzz: {runs} runs  {failures} failing  {elapsed_s:.0f}/{self.budget_s:.0f} s"
-        )
-        self.stream.flush()
-
-    def finish(self) -> None:
-        self.stream.write("\n")
-        self.stream.flush()
 
 
 def summarize(report: FuzzReport, stream: TextIO | None = None) -> None:

@@ -17,6 +17,7 @@ from typing import Any, TextIO
 
 from crypto.keys import KeyRing, Principal, SigningKey
 from crypto.signing import VerificationCache
+from pbft.chain import entry_digest
 from pbft.client import ClientCore, Decided
 from pbft.config import ClusterConfig
 from pbft.events import (
@@ -31,7 +32,7 @@ from pbft.events import (
 )
 from pbft.genesis import compute_cluster_id
 from pbft.ledger import Ledger
-from pbft.messages import MessageType, Reply, Request
+from pbft.messages import MessageType, NewView, Prepare, PrePrepare, Reply, Request
 from pbft.replica import Replica
 from pbft.signed import Rejected, peek
 from sim.byzantine import (
@@ -60,6 +61,8 @@ _DELIVER_TWIN = 9
 PAUSED_INBOX_LIMIT = 100_000
 # Observations of a replica after a wiped restart are kept apart from its earlier life.
 INCARNATION_STRIDE = 1000
+# Views whose NEW-VIEW plan is kept per replica life for check_new_view_kept.
+NEW_VIEW_PLANS_KEPT = 8
 
 
 @dataclass
@@ -659,6 +662,8 @@ class Simulation:
             elif isinstance(action, Send):
                 self._transmit_from(node, action.to, action.data)
             elif isinstance(action, Broadcast):
+                if len(action.data) > 2 and action.data[2] == MessageType.PREPARE:
+                    self._check_prepare_against_new_view(node, action.data)
                 for replica in self.config.replica_ids():
                     if replica != node.replica_id:
                         self._transmit_from(node, ("replica", replica), action.data)
@@ -680,7 +685,42 @@ class Simulation:
                     else None,
                 )
             elif isinstance(action, Note):
+                if action.kind == "new_view":
+                    self._record_new_view_plan(node)
                 self.trace.record(self.now_us, action.kind, name, action.detail)
+
+    def _record_new_view_plan(self, node: ReplicaNode) -> None:
+        """What the NEW-VIEW this replica just installed assigned (for check_new_view_kept)."""
+        if node.core is None or node.core.new_view_message is None:
+            return
+        message = peek(node.core.new_view_message)[1]
+        if not isinstance(message, NewView):
+            return
+        plan: dict[int, bytes] = {}
+        for raw in message.pre_prepares:
+            proposal = peek(raw)[1]
+            if isinstance(proposal, PrePrepare):
+                plan[proposal.seq] = entry_digest(
+                    proposal.seq, proposal.prev_hash, proposal.batch_digest
+                )
+        plans = self.observed.new_view_plans.setdefault(node.observer_id, {})
+        plans[message.view] = plan
+        # Bounded: only recent views can still see PREPAREs.
+        for view in [view for view in plans if view < message.view - NEW_VIEW_PLANS_KEPT]:
+            del plans[view]
+
+    def _check_prepare_against_new_view(self, node: ReplicaNode, data: bytes) -> None:
+        plans = self.observed.new_view_plans.get(node.observer_id)
+        if not plans:
+            return
+        prepare = peek(data)[1]
+        if not isinstance(prepare, Prepare):
+            return
+        assigned = plans.get(prepare.view, {}).get(prepare.seq)
+        if assigned is not None and assigned != prepare.entry_digest:
+            self.observed.new_view_breaches.append(
+                (node.observer_id, prepare.view, prepare.seq, assigned, prepare.entry_digest)
+            )
 
     def _record_execution(self, replica: int, executed: Executed) -> None:
         entries = self.observed.executed_entries.setdefault(replica, {})

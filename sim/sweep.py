@@ -134,27 +134,6 @@ def default_jobs() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-class ProgressBar:
-    """One line on stderr, redrawn in place: `[#####.....] 512/1000  violated 2`."""
-
-    WIDTH = 30
-
-    def __init__(self, stream: TextIO) -> None:
-        self.stream = stream
-        self.started = time.perf_counter()
-
-    def __call__(self, done: int, total: int, failures: int) -> None:
-        filled = self.WIDTH * done // max(1, total)
-        elapsed = time.perf_counter() - self.started
-        self.stream.write(
-            f"\r[{'#' * filled}{'.' * (self.WIDTH - filled)}] {done}/{total}"
-            f"  failing {failures}  {elapsed:.0f} s"
-        )
-        if done == total:
-            self.stream.write("\n")
-        self.stream.flush()
-
-
 def report(path: str, outcomes: Sequence[SeedOutcome], stream: TextIO | None = None) -> None:
     stream = stream if stream is not None else sys.stdout
     counts: dict[str, int] = {"ok": 0, "violated": 0, "error": 0}

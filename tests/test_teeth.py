@@ -496,3 +496,37 @@ def test_fuzzer_finds_shrinks_and_writes_an_injected_bug(
     assert evaluate(shrunk).signature == signature
     monkeypatch.undo()
     assert not any(part.startswith("safety:") for part in evaluate(shrunk).signature)
+
+
+# --- a NEW-VIEW forgotten on restart (issue 7, section 2) -----------------------------------
+
+
+def forget_new_view_on_recovery(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Recovery keeps the NEW-VIEW only as a message, as the replica once did: its plan is
+    not re-installed into the slots, so a restarted backup takes a fresh PRE-PREPARE from the
+    primary at a sequence number the NEW-VIEW assigned."""
+    monkeypatch.setattr(Replica, "_recover_new_view", lambda self, raw: None)
+
+
+def test_new_view_forgotten_on_restart_is_found() -> None:
+    """Measured: the shipped scenario restart-storm-new-view (n = 7, within the fault bound)
+    finds it at seed 0 (check new_view_kept: a restarted backup prepares the Byzantine
+    primary's fork at a sequence number its NEW-VIEW assigned); safe without the bug."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        text = (
+            Path(__file__).parent.parent / "scenarios" / "restart-storm-new-view.toml"
+        ).read_text()
+        assert_bug_is_found(monkeypatch, forget_new_view_on_recovery, text, 6, "new_view_kept")
+
+
+def test_fuzzer_finds_a_new_view_forgotten_on_restart(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fuzzer's own cases at n = 7: restart storms (a Byzantine primary of view 1, up to
+    2f one-at-a-time restarts) find the bug. Measured: case seed 33 (the 34th case, the 15th
+    with a storm; 24 s). Without the bug, case seeds 0..254 at n = 7 all pass."""
+    forget_new_view_on_recovery(monkeypatch)
+    for seed in range(45):
+        signature = run_case(seed, 7).signature
+        if any(part.startswith(("safety:", "exception:")) for part in signature):
+            assert "safety:new_view_kept" in signature or "safety:agreement" in signature
+            return
+    pytest.fail("the fuzzer's first 45 cases at n = 7 missed a NEW-VIEW forgotten on restart")
