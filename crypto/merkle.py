@@ -27,12 +27,13 @@ def leaf_hash(leaf: bytes) -> bytes:
     return hashlib.sha256(_LEAF_PREFIX + leaf).digest()
 
 
-def _node_hash(left: bytes, right: bytes) -> bytes:
+def node_hash(left: bytes, right: bytes) -> bytes:
+    """The inner node above two subtrees' roots."""
     return hashlib.sha256(_NODE_PREFIX + left + right).digest()
 
 
 def _next_level(level: list[bytes]) -> list[bytes]:
-    paired = [_node_hash(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
+    paired = [node_hash(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
     if len(level) % 2 == 1:
         paired.append(level[-1])
     return paired
@@ -93,31 +94,75 @@ def verify_inclusion(root: bytes, leaf: bytes, proof: MerkleProof) -> bool:
 
     Never raises: any malformed argument gives False. Follows RFC 9162 section 2.1.3.2.
     """
-    if not (_is_hash(root) and isinstance(leaf, bytes) and isinstance(proof, MerkleProof)):
+    if not isinstance(leaf, bytes) or not isinstance(proof, MerkleProof):
         return False
-    index, tree_size, path = proof.index, proof.tree_size, proof.path
-    if not (_is_count(index) and _is_count(tree_size) and index < tree_size):
+    return verify_node(root, leaf_hash(leaf), proof.index, proof.tree_size, proof.path)
+
+
+def level_up(nodes: Sequence[bytes], levels: int) -> list[bytes]:
+    """The nodes `levels` levels above `nodes` (hashes of one level of an RFC 6962 tree).
+
+    Level h of a tree over n leaves holds the roots of the aligned blocks of 2**h leaves
+    (the last block may be short), so this is how a block's root is found from its part.
+    """
+    level = list(nodes)
+    for _ in range(levels):
+        if len(level) <= 1:
+            break
+        level = _next_level(level)
+    return level
+
+
+def node_path(nodes: Sequence[bytes], index: int) -> list[bytes]:
+    """Audit path, bottom-up, from `nodes[index]` to the root of the tree above `nodes`."""
+    if not 0 <= index < len(nodes):
+        raise IndexError(f"node index {index} out of range for {len(nodes)} nodes")
+    path: list[bytes] = []
+    level = list(nodes)
+    position = index
+    while len(level) > 1:
+        sibling = position ^ 1
+        if sibling < len(level):
+            path.append(level[sibling])
+        level = _next_level(level)
+        position //= 2
+    return path
+
+
+def verify_node(
+    root: bytes, node: bytes, index: int, level_size: int, path: Sequence[bytes]
+) -> bool:
+    """True if `path` shows `node` at `index` of a tree level holding `level_size` nodes
+    under `root`. A leaf is the case node = leaf_hash(leaf), level_size = tree size; a
+    block of 2**h aligned leaves is node = merkle_root(block), level_size = ceil(n / 2**h).
+
+    Never raises: any malformed argument gives False.
+    """
+    if not (_is_hash(root) and _is_hash(node)):
         return False
+    if not (_is_count(index) and _is_count(level_size) and index < level_size):
+        return False
+    path = tuple(path) if isinstance(path, list | tuple) else path
     # A proof is never longer than the tree is tall; checking first also bounds the work.
-    if not isinstance(path, tuple) or len(path) > (tree_size - 1).bit_length():
+    if not isinstance(path, tuple) or len(path) > (level_size - 1).bit_length():
         return False
     if not all(_is_hash(sibling) for sibling in path):
         return False
 
     position = index
-    last_position = tree_size - 1
-    computed = leaf_hash(leaf)
+    last_position = level_size - 1
+    computed = node
     for sibling in path:
         if last_position == 0:
-            return False  # path longer than this leaf's branch
+            return False  # path longer than this node's branch
         if position % 2 == 1 or position == last_position:
-            computed = _node_hash(sibling, computed)
+            computed = node_hash(sibling, computed)
             # Skip levels where this node was the unpaired last node and moved up alone.
             while position % 2 == 0 and position != 0:
                 position >>= 1
                 last_position >>= 1
         else:
-            computed = _node_hash(computed, sibling)
+            computed = node_hash(computed, sibling)
         position >>= 1
         last_position >>= 1
     # last_position reaching 0 means the path covered every level up to the root.

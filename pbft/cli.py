@@ -65,6 +65,12 @@ def _build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("--base-port", type=int, default=7000)
     keygen.add_argument("--accounts-per-client", type=int, default=2)
     keygen.add_argument("--initial-balance", type=int, default=100_000)
+    keygen.add_argument(
+        "--generated-accounts",
+        type=int,
+        metavar="N",
+        help="a [genesis] of N accounts by rule instead of --accounts-per-client listed ones",
+    )
     sweep = commands.add_parser(
         "sweep",
         help="run one scenario under many seeds, in parallel",
@@ -229,6 +235,7 @@ def _keygen(arguments: argparse.Namespace) -> int:
             base_port=arguments.base_port,
             accounts_per_client=arguments.accounts_per_client,
             initial_balance=arguments.initial_balance,
+            generated_accounts=arguments.generated_accounts,
         )
     except (ValueError, FileExistsError) as error:
         print(f"pbft: {error}", file=sys.stderr)

@@ -47,6 +47,14 @@ class ClusterConfig:
     dedup_window: int = 4096
     # Client side: send to the primary, then to everyone after this long without a decision.
     client_timeout_ms: int = 400
+    # State transfer: a chunk is at most this many ledger leaves (a power of two), cut to
+    # halves while it is more than state_chunk_bytes.
+    state_chunk_leaves: int = 16384
+    state_chunk_bytes: int = 1024 * 1024
+    # Catch-up service (commit certificates, state chunks) per requesting replica: a token
+    # bucket of bytes, so a replica that keeps asking cannot make us stream without end.
+    catch_up_bytes_per_second: int = 8 * 1024 * 1024
+    catch_up_burst_bytes: int = 2 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if self.watermark_window == 0:
@@ -97,6 +105,27 @@ class ClusterConfig:
         _require(1 <= self.fetch_batch_limit <= 1024, "fetch_batch_limit", "must be in 1..1024")
         _require(1 <= self.dedup_window <= 1_000_000, "dedup_window", "must be in 1..1000000")
         _require(10 <= self.client_timeout_ms <= 600_000, "client_timeout_ms", "10..600000")
+        _require(
+            1 <= self.state_chunk_leaves <= 65536
+            and self.state_chunk_leaves & (self.state_chunk_leaves - 1) == 0,
+            "state_chunk_leaves",
+            "must be a power of two in 1..65536",
+        )
+        _require(
+            1024 <= self.state_chunk_bytes <= 8 * 1024 * 1024,
+            "state_chunk_bytes",
+            "must be in 1024..8388608",
+        )
+        _require(
+            1024 <= self.catch_up_bytes_per_second <= 2**30,
+            "catch_up_bytes_per_second",
+            "must be in 1024..2**30",
+        )
+        _require(
+            1024 <= self.catch_up_burst_bytes <= 2**30,
+            "catch_up_burst_bytes",
+            "must be in 1024..2**30",
+        )
 
     # Every threshold the protocol uses comes from the four properties below, and they hold
     # for any n >= 4, not only n = 3f + 1. Two quorums of q = ceil((n + f + 1) / 2) replicas

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import enum
 import heapq
-from collections.abc import Mapping
+from array import array
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
@@ -33,6 +34,9 @@ SNAPSHOT_FORMAT_VERSION = 1
 MAX_SNAPSHOT_SIZE_BYTES = 256 * 1024 * 1024
 # Longest msgpack str in a valid snapshot: an account name, up to 4 UTF-8 bytes per char.
 _MAX_SNAPSHOT_STR_SIZE_BYTES = 4 * MAX_ACCOUNT_NAME_LENGTH
+MAX_GENERATED_ACCOUNTS = 10_000_000
+# Every leaf of the digest's Merkle tree is a msgpack array tagged with its kind.
+_LEAF_TAGS = {"header": 5, "account": 4, "client": 4}
 
 
 class Outcome(enum.StrEnum):
@@ -132,12 +136,88 @@ def _validate_account_name(name: object) -> None:
         raise ValueError(f"account name is not valid unicode: {name!r}") from None
 
 
+class GeneratedAccounts(Mapping[str, Account]):
+    """A genesis of `count` accounts described by a rule rather than listed one by one.
+
+    Account i is named prefix + i zero-padded to the width of count - 1 (so name order is
+    index order), holds `balance` and is owned by owners[i % len(owners)]. The same rule
+    gives the same ledger in every process; the Ledger builds it without an Account object
+    per entry, which keeps a million-account genesis quick.
+    """
+
+    def __init__(self, count: int, balance: int, prefix: str, owners: Sequence[int]) -> None:
+        if not _is_int(count) or not 1 <= count <= MAX_GENERATED_ACCOUNTS:
+            raise ValueError(f"generated account count must be in 1..{MAX_GENERATED_ACCOUNTS}")
+        if not _is_int(balance) or not 0 <= balance <= MAX_AMOUNT:
+            raise ValueError(f"generated balance must be an int in [0, {MAX_AMOUNT}]")
+        if balance * count > MAX_TOTAL:
+            raise ValueError(f"total balance {balance * count} exceeds {MAX_TOTAL}")
+        if not isinstance(prefix, str):
+            raise ValueError(f"generated account prefix must be a str, got {prefix!r}")
+        if not owners:
+            raise ValueError("generated accounts need at least one owner")
+        for owner in owners:
+            _require_identifier(owner, "owner of generated accounts")
+        self.count = count
+        self.balance = balance
+        self.prefix = prefix
+        self.owners = tuple(owners)
+        self._width = len(str(count - 1))
+        # The longest name is the only one that can be too long or badly encoded.
+        _validate_account_name(self.name(count - 1))
+
+    def name(self, index: int) -> str:
+        return f"{self.prefix}{index:0{self._width}d}"
+
+    def names(self) -> list[str]:
+        prefix, width = self.prefix, self._width
+        return [f"{prefix}{index:0{width}d}" for index in range(self.count)]
+
+    def owner(self, index: int) -> int:
+        return self.owners[index % len(self.owners)]
+
+    def _index(self, name: object) -> int | None:
+        if not isinstance(name, str) or not name.startswith(self.prefix):
+            return None
+        digits = name[len(self.prefix) :]
+        if len(digits) != self._width or not digits.isascii() or not digits.isdigit():
+            return None
+        index = int(digits)
+        return index if index < self.count else None
+
+    def __getitem__(self, name: str) -> Account:
+        index = self._index(name)
+        if index is None:
+            raise KeyError(name)
+        return Account(owner=self.owner(index), balance=self.balance)
+
+    def __contains__(self, name: object) -> bool:
+        return self._index(name) is not None
+
+    def __iter__(self) -> Iterator[str]:
+        return (self.name(index) for index in range(self.count))
+
+    def __len__(self) -> int:
+        return self.count
+
+
 class Ledger:
     """Balances plus per-client decisions, executed in the replicated order."""
 
     def __init__(self, accounts: Mapping[str, Account], dedup_window: int = 4096) -> None:
         if not _is_int(dedup_window) or not 1 <= dedup_window <= MAX_ID:
             raise ValueError(f"dedup_window must be an int in [1, {MAX_ID}], got {dedup_window!r}")
+        if isinstance(accounts, GeneratedAccounts):
+            # Validated once as a rule; names come out already in sorted order.
+            names = accounts.names()
+            owners = accounts.owners
+            self._assemble(
+                dict.fromkeys(names, accounts.balance),
+                {name: owners[index % len(owners)] for index, name in enumerate(names)},
+                dedup_window,
+                accounts.balance * accounts.count,
+            )
+            return
         for name in accounts:
             _validate_account_name(name)
         balances: dict[str, int] = {}
@@ -158,6 +238,12 @@ class Ledger:
         total = sum(balances.values())
         if total > MAX_TOTAL:
             raise ValueError(f"total balance {total} exceeds {MAX_TOTAL}")
+        self._assemble(balances, owners, dedup_window, total)
+
+    def _assemble(
+        self, balances: dict[str, int], owners: dict[str, int], dedup_window: int, total: int
+    ) -> None:
+        """Take over already validated tables, `balances` in name order."""
         self._balances = balances
         self._owners = owners
         self._dedup_window = dedup_window
@@ -322,6 +408,10 @@ class Ledger:
         index = 1 + sorted(self._balances).index(account)
         return leaves[index], inclusion_proof(leaves, index)
 
+    def leaf_count(self) -> int:
+        """Leaves of the digest's Merkle tree: the header, the accounts, the clients."""
+        return 1 + len(self._balances) + len(self._clients)
+
     def _leaves(self) -> list[bytes]:
         header = [
             SNAPSHOT_FORMAT_VERSION,
@@ -448,37 +538,11 @@ class Ledger:
         retained_count = 0
         previous_client_id = -1
         for entry in _snapshot_array(clients, "clients"):
-            client_id, floor, decisions = _snapshot_array(entry, "client", length=3)
-            client_id = _snapshot_int(client_id, "client_id", low=0, high=MAX_ID)
+            client_id, record = _snapshot_client(entry, dedup_window)
             if client_id <= previous_client_id:
                 raise LedgerSnapshotError(f"clients unsorted or duplicated at {client_id}")
             previous_client_id = client_id
-            record = _ClientRecord(
-                eviction_floor=_snapshot_int(
-                    floor, "eviction_floor", low=NOTHING_EVICTED, high=MAX_ID
-                )
-            )
-            previous_request_id = record.eviction_floor
-            for decision_entry in _snapshot_array(decisions, "decisions"):
-                request_id, decision = _snapshot_decision(decision_entry)
-                # Sorted, unique and above the floor, all in one comparison.
-                if request_id <= previous_request_id:
-                    raise LedgerSnapshotError(
-                        f"client {client_id}: request id {request_id} unsorted, duplicated "
-                        f"or not above the eviction floor {record.eviction_floor}"
-                    )
-                previous_request_id = request_id
-                record.decisions[request_id] = decision
-            count = len(record.decisions)
-            # A client exists only once it has a decision, and count never shrinks.
-            if count == 0 or count > dedup_window:
-                raise LedgerSnapshotError(f"client {client_id}: {count} retained decisions")
-            # Eviction only happens with a full window, which then stays full.
-            if record.eviction_floor != NOTHING_EVICTED and count != dedup_window:
-                raise LedgerSnapshotError(f"client {client_id}: floor set but window not full")
-            # Sorted ascending is already a valid min-heap.
-            record.request_id_heap = list(record.decisions)
-            retained_count += count
+            retained_count += len(record.decisions)
             ledger._clients[client_id] = record
         if executed_count < retained_count:
             raise LedgerSnapshotError(
@@ -502,6 +566,35 @@ def _snapshot_int(value: object, what: str, low: int, high: int) -> int:
     return value
 
 
+def _snapshot_client(entry: object, dedup_window: int) -> tuple[int, _ClientRecord]:
+    client_id, floor, decisions = _snapshot_array(entry, "client", length=3)
+    client_id = _snapshot_int(client_id, "client_id", low=0, high=MAX_ID)
+    record = _ClientRecord(
+        eviction_floor=_snapshot_int(floor, "eviction_floor", low=NOTHING_EVICTED, high=MAX_ID)
+    )
+    previous_request_id = record.eviction_floor
+    for decision_entry in _snapshot_array(decisions, "decisions"):
+        request_id, decision = _snapshot_decision(decision_entry)
+        # Sorted, unique and above the floor, all in one comparison.
+        if request_id <= previous_request_id:
+            raise LedgerSnapshotError(
+                f"client {client_id}: request id {request_id} unsorted, duplicated "
+                f"or not above the eviction floor {record.eviction_floor}"
+            )
+        previous_request_id = request_id
+        record.decisions[request_id] = decision
+    count = len(record.decisions)
+    # A client exists only once it has a decision, and count never shrinks.
+    if count == 0 or count > dedup_window:
+        raise LedgerSnapshotError(f"client {client_id}: {count} retained decisions")
+    # Eviction only happens with a full window, which then stays full.
+    if record.eviction_floor != NOTHING_EVICTED and count != dedup_window:
+        raise LedgerSnapshotError(f"client {client_id}: floor set but window not full")
+    # Sorted ascending is already a valid min-heap.
+    record.request_id_heap = list(record.decisions)
+    return client_id, record
+
+
 def _snapshot_decision(entry: object) -> tuple[int, Decision]:
     request_id, outcome_code, reason_code, seq, body_digest = _snapshot_array(
         entry, "decision", length=5
@@ -519,3 +612,183 @@ def _snapshot_decision(entry: object) -> tuple[int, Decision]:
     if not isinstance(body_digest, bytes) or len(body_digest) != BODY_DIGEST_SIZE_BYTES:
         raise LedgerSnapshotError(f"body_digest must be {BODY_DIGEST_SIZE_BYTES} bytes")
     return request_id, Decision(outcome, reason, seq, body_digest)
+
+
+# -- state transfer: the digest's leaves, one range at a time -------------------------------
+
+
+_ACCOUNT_LEAF_PREFIX = msgpack.packb("account", use_bin_type=True)
+_CLIENT_LEAF_PREFIX = msgpack.packb("client", use_bin_type=True)
+# msgpack fixarray headers: a snapshot entry has 3 items, its leaf 4 (the tag in front).
+_FIXARRAY_3 = 0x93
+_FIXARRAY_4 = b"\x94"
+
+
+class SnapshotLeaves:
+    """The digest's leaves of one of our own snapshots, cut out of its bytes on demand.
+
+    State transfer serves a checkpoint's leaves a range at a time; holding them all as
+    separate objects would cost several times the snapshot. This keeps the snapshot and one
+    offset per entry: an account entry [name, owner, balance] becomes the leaf
+    ["account", name, owner, balance] by swapping its array header for a longer one and the
+    tag. Only for snapshots we produced ourselves (trusted, canonical).
+    """
+
+    def __init__(self, snapshot: bytes) -> None:
+        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(len(snapshot), 1), use_list=True)
+        unpacker.feed(snapshot)
+        if unpacker.read_array_header() != 6:
+            raise LedgerSnapshotError("not a snapshot")
+        header = [unpacker.unpack() for _ in range(4)]
+        self._header = msgpack.packb(["header", *header], use_bin_type=True)
+        self._snapshot = snapshot
+        self._offsets = array("Q")
+        self._account_count = unpacker.read_array_header()
+        for _ in range(self._account_count):
+            self._offsets.append(unpacker.tell())
+            unpacker.skip()
+        account_end = unpacker.tell()
+        client_count = unpacker.read_array_header()
+        # The clients' array header sits between the last account and the first client.
+        self._client_start = unpacker.tell()
+        for _ in range(client_count):
+            self._offsets.append(unpacker.tell())
+            unpacker.skip()
+        self._offsets.append(unpacker.tell())
+        self._account_end = account_end
+
+    def __len__(self) -> int:
+        return len(self._offsets)  # the header, the entries (one end offset less)
+
+    def leaf(self, index: int) -> bytes:
+        if index == 0:
+            return self._header
+        if not 0 < index < len(self._offsets):
+            raise IndexError(f"leaf {index} out of range for {len(self)} leaves")
+        entry = index - 1
+        start = self._offsets[entry]
+        if entry < self._account_count:
+            end = self._offsets[entry + 1] if entry + 1 < self._account_count else self._account_end
+            tag = _ACCOUNT_LEAF_PREFIX
+        else:
+            end = self._offsets[entry + 1]
+            tag = _CLIENT_LEAF_PREFIX
+        body = self._snapshot[start:end]
+        if body[0] != _FIXARRAY_3:
+            raise LedgerSnapshotError(f"snapshot entry {entry} is not a 3-item array")
+        return _FIXARRAY_4 + tag + body[1:]
+
+    def leaves(self, start: int, stop: int) -> list[bytes]:
+        return [self.leaf(index) for index in range(start, stop)]
+
+
+class LedgerBuilder:
+    """Rebuilds a ledger from its digest's leaves, fed in order a range at a time.
+
+    The leaves come from peers during state transfer (each range proven against the digest
+    first, but checked here all the same): anything that is not the canonical leaf a valid
+    ledger would have at that place raises LedgerSnapshotError. Holds only the tables being
+    built, never the leaves.
+    """
+
+    def __init__(self) -> None:
+        self.next_index = 0
+        self._header: tuple[int, int, int] | None = None  # dedup_window, initial_total, count
+        self._balances: dict[str, int] = {}
+        self._owners: dict[str, int] = {}
+        self._total = 0
+        self._previous_name: str | None = None
+        self._clients: dict[int, _ClientRecord] = {}
+        self._previous_client_id = -1
+        self._retained = 0
+
+    def add(self, leaf: bytes) -> None:
+        if not isinstance(leaf, bytes) or len(leaf) > MAX_SNAPSHOT_SIZE_BYTES:
+            raise LedgerSnapshotError("a leaf must be bytes within the snapshot size limit")
+        try:
+            fields = msgpack.unpackb(
+                leaf,
+                raw=False,
+                use_list=True,
+                strict_map_key=True,
+                max_str_len=_MAX_SNAPSHOT_STR_SIZE_BYTES,
+                max_bin_len=BODY_DIGEST_SIZE_BYTES,
+                max_array_len=len(leaf),
+                max_map_len=0,
+                max_ext_len=0,
+            )
+        except Exception as error:  # the C decoder's failures on hostile bytes vary
+            raise LedgerSnapshotError(f"undecodable leaf {self.next_index}: {error}") from error
+        if not isinstance(fields, list) or not fields or _LEAF_TAGS.get(fields[0]) != len(fields):
+            raise LedgerSnapshotError(f"leaf {self.next_index} is not a tagged leaf")
+        if msgpack.packb(fields, use_bin_type=True) != leaf:
+            raise LedgerSnapshotError(f"leaf {self.next_index} is not canonically encoded")
+        tag = fields[0]
+        if (tag == "header") != (self.next_index == 0):
+            raise LedgerSnapshotError(f"leaf {self.next_index}: {tag} out of place")
+        if tag == "header":
+            self._add_header(fields[1:])
+        elif tag == "account":
+            self._add_account(fields[1:])
+        else:
+            self._add_client(fields[1:])
+        self.next_index += 1
+
+    def _add_header(self, fields: list[Any]) -> None:
+        version, dedup_window, initial_total, executed_count = fields
+        if version != SNAPSHOT_FORMAT_VERSION or not _is_int(version):
+            raise LedgerSnapshotError(f"unsupported snapshot version {version!r}")
+        self._header = (
+            _snapshot_int(dedup_window, "dedup_window", low=1, high=MAX_ID),
+            _snapshot_int(initial_total, "initial_total", low=0, high=MAX_TOTAL),
+            _snapshot_int(executed_count, "executed_count", low=0, high=MAX_ID),
+        )
+
+    def _add_account(self, fields: list[Any]) -> None:
+        name, owner, balance = fields
+        if self._clients or self._previous_client_id >= 0:
+            raise LedgerSnapshotError(f"account {name!r} after the clients")
+        if not isinstance(name, str):
+            raise LedgerSnapshotError(f"account name must be str, got {name!r}")
+        try:
+            _validate_account_name(name)
+        except ValueError as error:
+            raise LedgerSnapshotError(str(error)) from None
+        if self._previous_name is not None and name <= self._previous_name:
+            raise LedgerSnapshotError(f"accounts unsorted or duplicated at {name!r}")
+        self._previous_name = name
+        self._owners[name] = _snapshot_int(owner, f"owner of {name!r}", low=0, high=MAX_ID)
+        balance = _snapshot_int(balance, f"balance of {name!r}", low=0, high=MAX_AMOUNT)
+        self._total += balance
+        if self._total > MAX_TOTAL:
+            raise LedgerSnapshotError(f"balances sum beyond {MAX_TOTAL}")
+        self._balances[name] = balance
+
+    def _add_client(self, fields: list[Any]) -> None:
+        if self._header is None:
+            raise LedgerSnapshotError("client leaf before the header")
+        client_id, record = _snapshot_client(fields, self._header[0])
+        if client_id <= self._previous_client_id:
+            raise LedgerSnapshotError(f"clients unsorted or duplicated at {client_id}")
+        self._previous_client_id = client_id
+        self._retained += len(record.decisions)
+        self._clients[client_id] = record
+
+    def finish(self) -> Ledger:
+        """The ledger the leaves describe, once all of them have been added."""
+        if self._header is None:
+            raise LedgerSnapshotError("no header leaf")
+        dedup_window, initial_total, executed_count = self._header
+        if self._total != initial_total:
+            raise LedgerSnapshotError(
+                f"balances sum to {self._total}, initial_total says {initial_total}"
+            )
+        if executed_count < self._retained:
+            raise LedgerSnapshotError(
+                f"executed_count {executed_count} < {self._retained} retained decisions"
+            )
+        ledger = Ledger.__new__(Ledger)
+        ledger._assemble(self._balances, self._owners, dedup_window, initial_total)
+        ledger._clients = self._clients
+        ledger._executed_count = executed_count
+        return ledger

@@ -21,6 +21,10 @@ MAX_SEQ = 2**62
 MAX_REPLICAS = 256
 MAX_BATCH = 1024
 MAX_WINDOW = 8192
+# State transfer: a chunk is an aligned block of at most 2**MAX_CHUNK_LEVEL ledger leaves.
+MAX_CHUNK_LEVEL = 16
+MAX_LEAF_COUNT = 2**40
+MAX_PATH = 64
 
 HASH = Bytes(32, 32)
 SIGNATURE = Bytes(64, 64)
@@ -48,6 +52,8 @@ class MessageType(enum.IntEnum):
     COMMIT_CERTIFICATE = 13
     BALANCE_QUERY = 14
     BALANCE_REPLY = 15
+    STATE_CHUNK = 16
+    STATE_REQUEST = 17
 
 
 class Message(Struct):
@@ -286,7 +292,9 @@ class Fetch(Message):
 
 @dataclass(frozen=True)
 class CheckpointState(Message):
-    """Catch-up by state transfer: a stable checkpoint's ledger and its 2f + 1 proof."""
+    """Catch-up by state transfer in one message: a stable checkpoint's whole ledger and
+    its 2f + 1 proof. Still accepted; correct replicas now send StateChunks, as a ledger
+    soon outgrows one frame."""
 
     replica: int
     seq: int
@@ -303,6 +311,56 @@ class CheckpointState(Message):
         "ledger_digest": HASH,
         "ledger_snapshot": Bytes(1, MAX_FRAME_BYTES),
         "proof": ListOf(ENVELOPE, MAX_REPLICAS),
+    }
+
+
+@dataclass(frozen=True)
+class StateChunk(Message):
+    """Catch-up by state transfer, a chunk at a time: the aligned block of 2**level ledger
+    leaves from `start` (fewer at the end) of a stable checkpoint of `leaf_count` leaves,
+    with the audit path of the block's root to the checkpoint's ledger digest, and the
+    checkpoint's 2f + 1 proof so that the chunk stands on its own."""
+
+    replica: int
+    seq: int
+    chain_hash: bytes
+    ledger_digest: bytes
+    proof: tuple[bytes, ...]
+    leaf_count: int
+    start: int
+    level: int
+    leaves: tuple[bytes, ...]
+    path: tuple[bytes, ...]
+
+    TYPE = MessageType.STATE_CHUNK
+    SCHEMA: ClassVar[dict[str, Spec]] = {
+        "replica": REPLICA,
+        "seq": SEQ,
+        "chain_hash": HASH,
+        "ledger_digest": HASH,
+        "proof": ListOf(ENVELOPE, MAX_REPLICAS),
+        "leaf_count": UInt(MAX_LEAF_COUNT),
+        "start": UInt(MAX_LEAF_COUNT),
+        "level": UInt(MAX_CHUNK_LEVEL),
+        "leaves": ListOf(Bytes(1, MAX_FRAME_BYTES), 2**MAX_CHUNK_LEVEL),
+        "path": ListOf(HASH, MAX_PATH),
+    }
+
+
+@dataclass(frozen=True)
+class StateRequest(Message):
+    """Send me the chunk of your stable checkpoint `seq` that begins at leaf `start` (or
+    the first chunk of your stable checkpoint if it is newer)."""
+
+    replica: int
+    seq: int
+    start: int
+
+    TYPE = MessageType.STATE_REQUEST
+    SCHEMA: ClassVar[dict[str, Spec]] = {
+        "replica": REPLICA,
+        "seq": SEQ,
+        "start": UInt(MAX_LEAF_COUNT),
     }
 
 
@@ -385,5 +443,7 @@ MESSAGE_CLASSES: dict[MessageType, type[Message]] = {
         CommitCertificate,
         BalanceQuery,
         BalanceReply,
+        StateChunk,
+        StateRequest,
     )
 }

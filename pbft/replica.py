@@ -20,7 +20,9 @@ pbft/config.py, which is 2f + 1 when n = 3f + 1; primary = view mod n):
   unseat a working primary. f + 1 view changes for higher views make a replica join.
 - Checkpoints every K entries; a quorum of matching ones are stable and move the window.
 - Catch-up: a replica that sees the others ahead FETCHes commit certificates, or a
-  stable checkpoint's state with its proof, verifies them and applies them.
+  stable checkpoint's state with its proof, verifies them and applies them. The state
+  comes in chunks, each proven against the checkpoint's ledger digest (pbft/statetransfer.py);
+  what a replica sends to each catching-up peer is paid from a byte budget.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from crypto.keys import KeyRing, SigningKey
 from crypto.signing import VerificationCache
 from pbft.certificates import Proposal, Verifier
 from pbft.chain import batch_digest
-from pbft.codec import MAX_LOCAL_RECORD_BYTES, DecodeError, pack, unpack
+from pbft.codec import MAX_FRAME_BYTES, MAX_LOCAL_RECORD_BYTES, DecodeError, pack, unpack
 from pbft.config import ClusterConfig
 from pbft.events import (
     Action,
@@ -67,11 +69,21 @@ from pbft.messages import (
     PrePrepare,
     Reply,
     Request,
+    StateChunk,
+    StateRequest,
     Suspect,
     ViewChange,
 )
 from pbft.replies import ClientBudget, SignedReplies
 from pbft.signed import Envelope, Opened, Rejected, peek, seal, verify_signature
+from pbft.statetransfer import (
+    OFFER_BYTES,
+    ByteBudget,
+    ChunkRejected,
+    ChunkServer,
+    IncomingTransfer,
+    StateTooLarge,
+)
 from pbft.viewchange import NewViewPlan, VerifiedViewChange, plan_new_view, verify_view_change
 
 EVIDENCE_LIMIT = 64
@@ -81,6 +93,8 @@ CHECKPOINT_RETRANSMIT_LIMIT = 2
 OWN_VIEW_CHANGES_KEPT = 4
 # Replies the ledger does not store a decision for: never kept for retransmissions.
 UNSTORED_REASON_CODES = ("id_reused", "request_expired")
+# A state transfer that got no chunk for this many retransmit intervals asks another replica.
+STATE_TRANSFER_TIMEOUT_INTERVALS = 25
 
 
 class ReplicaInvariantError(RuntimeError):
@@ -211,8 +225,13 @@ class Replica:
         self.last_execution_ms = 0
         self.last_fetch_ms: int | None = None
         self.fetch_rotation = 0
-        self.fetch_served_ms: dict[int, int] = {}
         self.help_served_ms: dict[int, int] = {}
+        # Every byte of catch-up service (asked for or not) is paid from the requester's bucket.
+        self.catch_up_budget = ByteBudget(
+            config.catch_up_bytes_per_second, config.catch_up_burst_bytes
+        )
+        self.chunk_server = ChunkServer(config.state_chunk_leaves, config.state_chunk_bytes)
+        self.incoming: IncomingTransfer | None = None
         self.last_retransmit_ms = 0
         self.fresh_start = True
         # Observability.
@@ -522,7 +541,8 @@ class Replica:
             # A primary of a later view: we missed its NEW-VIEW (we restarted, or were cut
             # off while the cluster went idle). Ask it; a FETCH names our view.
             self._fetch_from(heartbeat.replica)
-        elif heartbeat.last_executed > self.last_executed:
+        elif heartbeat.last_executed > self.last_executed and self.incoming is None:
+            # (A state transfer under way fetches for itself.)
             self._fetch_from(heartbeat.replica)
         if heartbeat.last_executed < self.last_executed and heartbeat.view <= self.view:
             # The primary itself is behind (it restarted, or lost its disk): with no load
@@ -531,10 +551,7 @@ class Replica:
             if helped is None or self.now_ms - helped >= self.config.retransmit_interval_ms:
                 self.help_served_ms[heartbeat.replica] = self.now_ms
                 self._serve_catch_up(
-                    heartbeat.replica,
-                    heartbeat.last_executed + 1,
-                    heartbeat.last_executed,
-                    rate_limited=False,
+                    heartbeat.replica, heartbeat.last_executed + 1, heartbeat.last_executed
                 )
         self._check_view(heartbeat.view, heartbeat.replica)
         self.last_primary_contact_ms = self.now_ms
@@ -1286,6 +1303,8 @@ class Replica:
                     self._broadcast(raw)
 
     def _maybe_fetch(self) -> None:
+        if self._resume_transfer():
+            return
         interval = self.config.retransmit_interval_ms
         behind_execution = (
             self.highest_seen_executed > self.last_executed
@@ -1336,49 +1355,33 @@ class Replica:
         # Only now is the vote worth a signature check: a forged one must cost us nothing.
         verify_signature(envelope, message, self.verifier.keyring, self.verifier.cache)
         self.help_served_ms[message.replica] = self.now_ms
-        self._serve_catch_up(message.replica, message.seq, message.seq - 1, rate_limited=False)
+        self._serve_catch_up(message.replica, message.seq, message.seq - 1)
 
     def _on_fetch(self, opened: Opened) -> None:
         fetch = opened.message
         if not isinstance(fetch, Fetch):
             raise Rejected("unexpected_type")
-        if not self._serve_catch_up(fetch.replica, fetch.from_seq, fetch.stable_seq):
-            raise Rejected("fetch_rate_limited")
+        self._serve_catch_up(fetch.replica, fetch.from_seq, fetch.stable_seq)
         if fetch.view < self.view and self.view_active and self.new_view_message is not None:
             # It missed the view we are in: the NEW-VIEW proves itself, it can install it.
-            self._send(("replica", fetch.replica), self.new_view_message)
-
-    def _serve_catch_up(
-        self, requester: int, from_seq: int, stable_seq: int, rate_limited: bool = True
-    ) -> bool:
-        """Send `requester` what it needs from `from_seq` on; rate-limited per requester
-        because it costs us signatures. Returns False when rate-limited."""
-        if requester == self.id or requester not in self.config.replica_ids():
-            return False
-        if rate_limited:
-            served = self.fetch_served_ms.get(requester)
-            interval = self.config.retransmit_interval_ms // 2
-            if served is not None and self.now_ms - served < interval:
-                return False
-            self.fetch_served_ms[requester] = self.now_ms
-        to = ("replica", requester)
-        if self.stable.seq > 0 and (from_seq <= self.stable.seq or stable_seq < self.stable.seq):
-            try:
-                state = CheckpointState(
-                    self.id,
-                    self.stable.seq,
-                    self.stable.chain_hash,
-                    self.stable.ledger_digest,
-                    self.stable.snapshot,
-                    self.stable.proof,
-                )
-            except DecodeError:
-                # The ledger outgrew one frame. State transfer in chunks (each proven against
-                # the Merkle-rooted ledger digest) is the way out; until then say so.
-                self.drops["state_too_large_to_send"] += 1
-                self._note("state_too_large", f"checkpoint {self.stable.seq} exceeds a frame")
+            # Paid from the same byte budget as the rest of what catching up costs us.
+            if self.catch_up_budget.may_send(fetch.replica, self.now_ms):
+                self.catch_up_budget.charge(fetch.replica, len(self.new_view_message), self.now_ms)
+                self._send(("replica", fetch.replica), self.new_view_message)
             else:
-                self._send(to, seal(state, self.key))
+                self._drop("catch_up_budget_exceeded", f"replica {fetch.replica}")
+
+    def _serve_catch_up(self, requester: int, from_seq: int, stable_seq: int) -> None:
+        """Send `requester` what it needs from `from_seq` on: the first chunk of our stable
+        checkpoint if it lacks that state, else commit certificates; within its byte budget,
+        as a peer that keeps asking must not make us stream without end."""
+        if requester == self.id or requester not in self.config.replica_ids():
+            return
+        if self.stable.seq > 0 and (from_seq <= self.stable.seq or stable_seq < self.stable.seq):
+            # Certificates above the checkpoint are of no use to it until the state is in.
+            if not self._send_state_chunk(requester, 0, OFFER_BYTES):
+                return
+        to = ("replica", requester)
         budget = self.config.fetch_batch_limit
         for seq in range(max(from_seq, self.stable.seq + 1), self.last_executed + 1):
             if budget == 0:
@@ -1386,11 +1389,143 @@ class Replica:
             slot = self.slots.get(seq)
             if slot is None or slot.committed is None:
                 continue
+            if not self.catch_up_budget.may_send(requester, self.now_ms):
+                self._drop("catch_up_budget_exceeded", f"replica {requester}")
+                return
             certificate = CommitCertificate(
                 self.id, slot.committed.proposal.raw, slot.committed.commits
             )
-            self._send(to, seal(certificate, self.key))
+            raw = seal(certificate, self.key)
+            self.catch_up_budget.charge(requester, len(raw), self.now_ms)
+            self._send(to, raw)
             budget -= 1
+
+    def _send_state_chunk(self, requester: int, start: int, byte_limit: int = 0) -> bool:
+        """Send the chunk of our stable checkpoint from leaf `start`; True if that was the
+        rest of the state (so what follows the checkpoint is of use to the requester)."""
+        if not self.catch_up_budget.may_send(requester, self.now_ms):
+            self._drop("catch_up_budget_exceeded", f"replica {requester}")
+            return False
+        stable = self.stable
+        try:
+            data = self.chunk_server.chunk(
+                stable.seq, stable.snapshot, start, MAX_FRAME_BYTES, byte_limit
+            )
+            if data is None:
+                raise Rejected("bad_state_request", f"no leaf {start}")
+            raw = seal(
+                StateChunk(
+                    self.id,
+                    stable.seq,
+                    stable.chain_hash,
+                    stable.ledger_digest,
+                    stable.proof,
+                    data.leaf_count,
+                    data.start,
+                    data.level,
+                    data.leaves,
+                    data.path,
+                ),
+                self.key,
+            )
+            if len(raw) > MAX_FRAME_BYTES:
+                raise StateTooLarge(f"chunk at leaf {start} is {len(raw)} bytes")
+        except (StateTooLarge, DecodeError) as error:
+            # One ledger leaf (a client's dedup table) larger than a frame.
+            self.drops["state_too_large_to_send"] += 1
+            self._note("state_too_large", f"checkpoint {stable.seq}: {error}")
+            return False
+        self.catch_up_budget.charge(requester, len(raw), self.now_ms)
+        self._send(("replica", requester), raw)
+        return data.start + len(data.leaves) == data.leaf_count
+
+    def _on_state_request(self, opened: Opened) -> None:
+        request = opened.message
+        if not isinstance(request, StateRequest):
+            raise Rejected("unexpected_type")
+        if request.replica == self.id or self.stable.seq == 0 or request.seq > self.stable.seq:
+            raise Rejected("state_request_ahead", f"checkpoint {request.seq}")
+        # Asked for an older checkpoint than ours: we no longer hold it, start it on ours.
+        start = request.start if request.seq == self.stable.seq else 0
+        self._send_state_chunk(request.replica, start)
+
+    def _on_state_chunk(self, opened: Opened) -> None:
+        chunk = opened.message
+        if not isinstance(chunk, StateChunk):
+            raise Rejected("unexpected_type")
+        if chunk.seq <= self.stable.seq:
+            return
+        incoming = self.incoming
+        known = incoming is not None and incoming.same_checkpoint(chunk)
+        if not known:
+            if incoming is not None and chunk.seq <= incoming.seq:
+                raise Rejected("state_chunk_unexpected", f"checkpoint {chunk.seq}")
+            # The proof first (a few signatures), the leaves only if the proof holds.
+            self.verifier.checkpoint_proof(
+                chunk.seq, chunk.chain_hash, chunk.ledger_digest, chunk.proof
+            )
+        if chunk.seq <= self.last_executed:
+            self.incoming = None
+            self._adopt_checkpoint_proof(
+                chunk.seq, chunk.chain_hash, chunk.ledger_digest, chunk.proof
+            )
+            return
+        if incoming is None or not known:
+            if chunk.start != 0:
+                raise Rejected("state_chunk_unexpected", f"leaf {chunk.start} first")
+            incoming = self.incoming = IncomingTransfer(
+                chunk.seq,
+                chunk.chain_hash,
+                chunk.ledger_digest,
+                chunk.proof,
+                source=chunk.replica,
+                last_progress_ms=self.now_ms,
+            )
+        try:
+            ledger = incoming.add(chunk, self.now_ms)
+        except ChunkRejected as rejection:
+            if rejection.reason != "state_chunk_unexpected":
+                # Someone lied: go on (or start over) with a replica not shown to lie.
+                self._request_state(incoming, incoming.next_source(self._peers()))
+            raise Rejected(rejection.reason, rejection.detail) from None
+        if ledger is None:
+            self._request_state(incoming, chunk.replica)
+            return
+        self.incoming = None
+        self._install_state(
+            chunk.seq,
+            chunk.chain_hash,
+            chunk.ledger_digest,
+            ledger,
+            ledger.snapshot(),
+            chunk.proof,
+            chunk.replica,
+        )
+
+    def _peers(self) -> list[int]:
+        return [replica for replica in self.config.replica_ids() if replica != self.id]
+
+    def _request_state(self, incoming: IncomingTransfer, target: int) -> None:
+        incoming.source = target
+        request = StateRequest(self.id, incoming.seq, incoming.next_leaf)
+        self._send(("replica", target), seal(request, self.key))
+
+    def _resume_transfer(self) -> bool:
+        """True while a state transfer is under way: FETCH then waits (a replica asked for a
+        chunk of a checkpoint it has moved past answers with its newer one). One that
+        stalled (a lost chunk, a slow or silent replica) asks the next replica for the same
+        leaf, waiting twice as long each time in a row, so a loaded cluster is not made
+        to answer the same request over and over."""
+        incoming = self.incoming
+        if incoming is None:
+            return False
+        doublings = min(incoming.stalls, self.config.max_timeout_doublings)
+        timeout = STATE_TRANSFER_TIMEOUT_INTERVALS * self.config.retransmit_interval_ms
+        if self.now_ms - incoming.last_progress_ms < timeout * 2**doublings:
+            return True
+        incoming.stalls += 1
+        incoming.last_progress_ms = self.now_ms
+        self._request_state(incoming, incoming.next_source(self._peers()))
         return True
 
     def _on_checkpoint_state(self, opened: Opened) -> None:
@@ -1403,16 +1538,7 @@ class Replica:
         ledger_digest = state.ledger_digest
         self.verifier.checkpoint_proof(state.seq, state.chain_hash, ledger_digest, state.proof)
         if state.seq <= self.last_executed:
-            # We ran past it already: the proof lets our own snapshot become stable.
-            own = self.own_snapshots.get(state.seq)
-            if own is None:
-                return
-            if own[:2] != (state.chain_hash, ledger_digest):
-                self._halt(f"state diverged from 2f + 1 replicas at checkpoint {state.seq}")
-                return
-            self._make_stable(
-                StableCheckpoint(state.seq, state.chain_hash, ledger_digest, own[2], state.proof)
-            )
+            self._adopt_checkpoint_proof(state.seq, state.chain_hash, ledger_digest, state.proof)
             return
         try:
             ledger = Ledger.restore(state.ledger_snapshot)
@@ -1420,18 +1546,50 @@ class Replica:
             raise Rejected("bad_snapshot", str(error)) from None
         if ledger.digest() != ledger_digest:
             raise Rejected("bad_snapshot", "the snapshot is not the state the proof names")
+        self._install_state(
+            state.seq,
+            state.chain_hash,
+            ledger_digest,
+            ledger,
+            state.ledger_snapshot,
+            state.proof,
+            state.replica,
+        )
+
+    def _adopt_checkpoint_proof(
+        self, seq: int, chain_hash: bytes, ledger_digest: bytes, proof: tuple[bytes, ...]
+    ) -> None:
+        """We ran past a proven checkpoint already: the proof lets our own snapshot there
+        become stable."""
+        own = self.own_snapshots.get(seq)
+        if own is None:
+            return
+        if own[:2] != (chain_hash, ledger_digest):
+            self._halt(f"state diverged from 2f + 1 replicas at checkpoint {seq}")
+            return
+        self._make_stable(StableCheckpoint(seq, chain_hash, ledger_digest, own[2], proof))
+
+    def _install_state(
+        self,
+        seq: int,
+        chain_hash: bytes,
+        ledger_digest: bytes,
+        ledger: Ledger,
+        snapshot: bytes,
+        proof: tuple[bytes, ...],
+        source: int,
+    ) -> None:
+        """Replace our state with a proven checkpoint's (verified against its digest)."""
         self.ledger = ledger
-        self.last_executed = state.seq
-        self.chain_hash = state.chain_hash
+        self.last_executed = seq
+        self.chain_hash = chain_hash
         self.last_execution_ms = self.now_ms
+        if self.incoming is not None and self.incoming.seq <= seq:
+            self.incoming = None
         self._forget_decided_requests()
-        self._note("state_transfer", f"to checkpoint {state.seq} from replica {state.replica}")
-        if state.seq > self.stable.seq:
-            self._make_stable(
-                StableCheckpoint(
-                    state.seq, state.chain_hash, ledger_digest, state.ledger_snapshot, state.proof
-                )
-            )
+        self._note("state_transfer", f"to checkpoint {seq} from replica {source}")
+        if seq > self.stable.seq:
+            self._make_stable(StableCheckpoint(seq, chain_hash, ledger_digest, snapshot, proof))
         self._execute_ready()
 
     def _forget_decided_requests(self) -> None:
@@ -1600,6 +1758,8 @@ Replica._handlers = {
     NewView: Replica._on_new_view,
     Fetch: Replica._on_fetch,
     CheckpointState: Replica._on_checkpoint_state,
+    StateChunk: Replica._on_state_chunk,
+    StateRequest: Replica._on_state_request,
     CommitCertificate: Replica._on_commit_certificate,
     BalanceQuery: Replica._on_balance_query,
 }

@@ -24,6 +24,17 @@ owner = 0                      # the client id that may debit it
 balance = 100000               # integer minor units
 ```
 
+Instead of `[[accounts]]`, a large genesis is described by a rule (pbft.ledger.GeneratedAccounts):
+
+```toml
+[genesis]
+generated_accounts = 1000000   # acct-000000 .. acct-999999
+balance = 1000                 # each
+prefix = "acct-"               # optional, this is the default
+```
+
+Account i is owned by the i-th client in id order, round-robin.
+
 Private keys live beside it, one PEM file per principal (`replica-0.key`,
 `client-0.key`), mode 0600. Replica ids are 0..n-1 and client ids 0..m-1, each once.
 """
@@ -33,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,13 +53,21 @@ from crypto.keyfiles import KeyFileError, load_private_key, save_private_key
 from crypto.keys import KeyFormatError, KeyRing, SigningKey, VerifyKey
 from pbft.config import ClusterConfig, ConfigError
 from pbft.genesis import compute_cluster_id
-from pbft.ledger import MAX_AMOUNT, Account
+from pbft.ledger import (
+    MAX_ACCOUNT_NAME_LENGTH,
+    MAX_AMOUNT,
+    MAX_TOTAL,
+    Account,
+    GeneratedAccounts,
+)
 
 CLUSTER_FILE_NAME = "cluster.toml"
 MAX_REPLICAS = 256
 MAX_CLIENTS = 100_000
 MAX_ACCOUNTS = 1_000_000
-_TOP_KEYS = ("f", "protocol", "replicas", "clients", "accounts")
+MAX_GENERATED_ACCOUNTS = 10_000_000
+_TOP_KEYS = ("f", "protocol", "replicas", "clients", "accounts", "genesis")
+_GENESIS_KEYS = ("generated_accounts", "balance", "prefix")
 _REPLICA_KEYS = ("id", "host", "port", "public_key")
 _CLIENT_KEYS = ("id", "public_key")
 _ACCOUNT_KEYS = ("name", "owner", "balance")
@@ -80,7 +100,7 @@ class Cluster:
     config: ClusterConfig
     replicas: tuple[ReplicaAddress, ...]
     client_keys: dict[int, VerifyKey]
-    accounts: dict[str, Account]
+    accounts: Mapping[str, Account]
 
     @property
     def directory(self) -> Path:
@@ -184,6 +204,27 @@ def _parse(document: dict[str, Any], path: Path) -> Cluster:
             raise fail(key, f"expected an array of at most {most} tables")
         return value
 
+    def generated(table: dict[str, Any]) -> Mapping[str, Account]:
+        for key in ("generated_accounts", "balance"):
+            if key not in table:
+                raise fail(f"genesis.{key}", "missing")
+        count = integer(
+            table["generated_accounts"], "genesis.generated_accounts", 1, MAX_GENERATED_ACCOUNTS
+        )
+        balance = integer(table["balance"], "genesis.balance", 0, MAX_AMOUNT)
+        prefix = table.get("prefix", "acct-")
+        if (
+            not isinstance(prefix, str)
+            or len(prefix) + len(str(count - 1)) > MAX_ACCOUNT_NAME_LENGTH
+        ):
+            raise fail("genesis.prefix", "expected a string; names must stay within 64 chars")
+        if not client_keys:
+            raise fail("genesis", "generated accounts need at least one client to own them")
+        try:
+            return GeneratedAccounts(count, balance, prefix, sorted(client_keys))
+        except ValueError as error:
+            raise fail("genesis", str(error)) from None
+
     known(document, _TOP_KEYS, "")
     replicas = []
     for index, table in enumerate(array("replicas", MAX_REPLICAS)):
@@ -238,6 +279,10 @@ def _parse(document: dict[str, Any], path: Path) -> Cluster:
         accounts[name] = Account(
             owner, integer(table["balance"], f"{where}.balance", 0, MAX_AMOUNT)
         )
+    if "genesis" in document:
+        if accounts:
+            raise fail("genesis", "give [[accounts]] or [genesis], not both")
+        accounts = generated(known(document["genesis"], _GENESIS_KEYS, "genesis"))
     protocol = known(document.get("protocol", {}), _PROTOCOL_KEYS, "protocol")
     try:
         config = ClusterConfig(replica_count=len(replicas), **protocol)
@@ -256,8 +301,12 @@ def write_cluster(
     accounts_per_client: int = 2,
     initial_balance: int = 100_000,
     protocol: dict[str, int] | None = None,
+    generated_accounts: int | None = None,
 ) -> Path:
     """Generate keys and write DIR/cluster.toml plus one private key file per principal.
+
+    With `generated_accounts`, the genesis is that many accounts of `initial_balance` by
+    rule ([genesis]) instead of `accounts_per_client` listed ones.
 
     Refuses to overwrite an existing cluster: keys are identities, not scratch files.
     """
@@ -267,6 +316,11 @@ def write_cluster(
         raise ValueError(f"--clients must be in 1..{MAX_CLIENTS}")
     if not 0 <= initial_balance <= MAX_AMOUNT:
         raise ValueError("--initial-balance out of range")
+    if generated_accounts is not None:
+        if not 1 <= generated_accounts <= MAX_GENERATED_ACCOUNTS:
+            raise ValueError(f"--generated-accounts must be in 1..{MAX_GENERATED_ACCOUNTS}")
+        if generated_accounts * initial_balance > MAX_TOTAL:
+            raise ValueError("--generated-accounts x --initial-balance exceeds the money limit")
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     path = root / CLUSTER_FILE_NAME
@@ -292,6 +346,14 @@ def write_cluster(
         key = SigningKey.generate()
         save_private_key(root / f"client-{client_id}.key", key)
         lines += ["[[clients]]", f"id = {client_id}", f'public_key = "{key.verify_key.hex()}"', ""]
+    if generated_accounts is not None:
+        lines += [
+            "[genesis]",
+            f"generated_accounts = {generated_accounts}",
+            f"balance = {initial_balance}",
+            "",
+        ]
+        accounts_per_client = 0
     index = 0
     for client_id in range(clients):
         for _ in range(accounts_per_client):

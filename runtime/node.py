@@ -31,7 +31,7 @@ DATA_DIR_MODE = 0o700
 LOG_SUMMARY_INTERVAL_S = 1.0
 LOG_SUMMARY_KEYS = 1024
 # Drops that happen all the time in a healthy cluster (late votes) are summed, not logged.
-QUIET_DROPS = ("stale", "redundant_vote")
+QUIET_DROPS = ("stale", "redundant_vote", "state_chunk_unexpected")
 NOTABLE_NOTES = (
     "view_change",
     "new_view",

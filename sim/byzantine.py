@@ -53,6 +53,7 @@ from pbft.messages import (
     PrePrepare,
     Reply,
     Request,
+    StateChunk,
     ViewChange,
 )
 from pbft.signed import Envelope, Rejected, seal
@@ -671,7 +672,7 @@ class ViewChangeSpam(Behavior):
                 message.checkpoint_ledger_digest,
                 message.checkpoint_proof,
             )
-        elif isinstance(message, CheckpointState):
+        elif isinstance(message, CheckpointState | StateChunk):
             claim = (message.seq, message.chain_hash, message.ledger_digest, message.proof)
         if claim is not None and (self.checkpoint is None or claim[0] > self.checkpoint[0]):
             self.checkpoint = claim

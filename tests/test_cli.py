@@ -17,7 +17,15 @@ from pbft.cli import EXIT_OK, EXIT_USAGE, EXIT_VIOLATED, main
 
 ROOT = Path(__file__).resolve().parent.parent
 FAULT_FREE = ROOT / "scenarios" / "fault-free.toml"
-CHECK_NAMES = ("agreement", "validity", "integrity", "conservation", "receipts", "liveness")
+CHECK_NAMES = (
+    "agreement",
+    "validity",
+    "integrity",
+    "conservation",
+    "receipts",
+    "new_view_kept",
+    "liveness",
+)
 SUMMARY_KEYS = {
     "scenario",
     "seed",

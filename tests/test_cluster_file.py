@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from pbft.cli import main
+from pbft.ledger import Account, Ledger
 from runtime.cluster import ClusterFileError, load_cluster, write_cluster
 
 
@@ -72,3 +73,57 @@ def test_a_missing_cluster_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ClusterFileError) as caught:
         load_cluster(tmp_path / "nope.toml")
     assert caught.value.field == "file"
+
+
+def test_a_generated_genesis_loads_as_a_rule_with_the_same_ledger_every_time(
+    tmp_path: Path,
+) -> None:
+    path = write_cluster(tmp_path, replicas=4, clients=3, generated_accounts=1000)
+    assert "[[accounts]]" not in path.read_text()
+    cluster = load_cluster(path)
+    assert len(cluster.accounts) == 1000
+    assert cluster.accounts["acct-000"] == Account(owner=0, balance=100_000)
+    assert cluster.accounts["acct-998"] == Account(owner=2, balance=100_000)
+    assert "acct-1000" not in cluster.accounts
+    listed = dict(cluster.accounts)
+    assert Ledger(cluster.accounts).digest() == Ledger(listed).digest()
+    assert Ledger(load_cluster(path).accounts).digest() == Ledger(listed).digest()
+
+
+@pytest.mark.parametrize(
+    ("genesis", "field"),
+    [
+        ("generated_accounts = 0\nbalance = 1", "genesis.generated_accounts"),
+        ("generated_accounts = 10\nbalance = -5", "genesis.balance"),
+        ("balance = 5", "genesis.generated_accounts"),
+        ("generated_accounts = 10", "genesis.balance"),
+        ('generated_accounts = 10\nbalance = 1\nprefix = "' + "p" * 64 + '"', "genesis.prefix"),
+        ("generated_accounts = 10\nbalance = 1\ncount = 4", "genesis.count"),
+        ("generated_accounts = 10\nbalance = 2305843009213693952", "genesis"),
+    ],
+)
+def test_a_malformed_genesis_names_the_field(tmp_path: Path, genesis: str, field: str) -> None:
+    path = write_cluster(tmp_path, replicas=4, clients=1, generated_accounts=10)
+    text = path.read_text()
+    # [genesis] is the last table write_cluster writes.
+    path.write_text(text[: text.index("[genesis]")] + "[genesis]\n" + genesis + "\n")
+    with pytest.raises(ClusterFileError) as caught:
+        load_cluster(path)
+    assert caught.value.field == field
+
+
+def test_accounts_and_a_generated_genesis_together_are_refused(tmp_path: Path) -> None:
+    path = write_cluster(tmp_path, replicas=4, clients=1)
+    path.write_text(path.read_text() + "\n[genesis]\ngenerated_accounts = 5\nbalance = 1\n")
+    with pytest.raises(ClusterFileError) as caught:
+        load_cluster(path)
+    assert caught.value.field == "genesis"
+
+
+def test_keygen_writes_a_generated_genesis_and_refuses_a_bad_count(tmp_path: Path) -> None:
+    out = tmp_path / "a"
+    assert main(["keygen", "--out", str(out), "--generated-accounts", "5000"]) == 0
+    assert len(load_cluster(out / "cluster.toml").accounts) == 5000
+    bad = tmp_path / "b"
+    assert main(["keygen", "--out", str(bad), "--generated-accounts", "0"]) == 2
+    assert not (bad / "cluster.toml").exists()

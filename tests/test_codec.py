@@ -49,6 +49,8 @@ from pbft.messages import (
     PrePrepare,
     Reply,
     Request,
+    StateChunk,
+    StateRequest,
     Suspect,
     ViewChange,
 )
@@ -106,6 +108,19 @@ FACTORIES: dict[type[Struct], Callable[[], Struct]] = {
     CommitCertificate: lambda: CommitCertificate(
         0, _envelope_bytes(14), (_envelope_bytes(15), _envelope_bytes(16))
     ),
+    StateChunk: lambda: StateChunk(
+        1,
+        64,
+        _h(7),
+        _h(8),
+        (_envelope_bytes(12), _envelope_bytes(13)),
+        1_000_001,
+        16384,
+        14,
+        (b"\x94\xa7account", b"leaf"),
+        (_h(9), _h(10)),
+    ),
+    StateRequest: lambda: StateRequest(3, 64, 16384),
     BalanceQuery: lambda: BalanceQuery(2, 77, "acct-00003"),
     BalanceReply: lambda: BalanceReply(1, 2, 77, "acct-00003", 1, 12_345, 40, _h(22)),
     # Not messages, but Structs with the same codec: checked alongside.

@@ -27,6 +27,7 @@ from pbft.messages import (
     Fetch,
     Prepare,
     PrePrepare,
+    StateChunk,
 )
 from pbft.replica import Replica
 from pbft.signed import open_envelope, seal
@@ -370,7 +371,7 @@ def test_fetch_ahead_of_replica_gets_nothing(cluster: Cluster) -> None:
     assert cluster.deliver(replica, cluster.fetch(3, 1)) == []
 
 
-def test_replica_answers_fetch_from_below_stable_checkpoint_with_checkpoint_state(
+def test_replica_answers_fetch_from_below_stable_checkpoint_with_state_chunk(
     cluster: Cluster,
 ) -> None:
     replica = cluster.replica(1)
@@ -381,12 +382,14 @@ def test_replica_answers_fetch_from_below_stable_checkpoint_with_checkpoint_stat
 
     actions = cluster.deliver(replica, cluster.fetch(3, 1))
 
-    (state,) = sends(actions, ("replica", 3), CheckpointState)
+    (state,) = sends(actions, ("replica", 3), StateChunk)
     assert (state.replica, state.seq, state.chain_hash) == (1, 4, chain[4].digest)
+    # The whole (small) state in one chunk, so the certificates after it are of use.
+    assert (state.start, len(state.leaves)) == (0, state.leaf_count)
     certificates = sends(actions, ("replica", 3), CommitCertificate)
     assert len(certificates) == 2
     # The state comes first, then the certificates after it.
-    assert isinstance(sends(actions, ("replica", 3))[0], CheckpointState)
+    assert isinstance(sends(actions, ("replica", 3))[0], StateChunk)
     # A lagging replica that applies everything ends in the same state.
     lagging = cluster.replica(3)
     cluster.deliver(lagging, *send_raws(actions, ("replica", 3)))
@@ -394,16 +397,29 @@ def test_replica_answers_fetch_from_below_stable_checkpoint_with_checkpoint_stat
     assert lagging.ledger.digest() == replica.ledger.digest()
 
 
-def test_fetch_is_rate_limited_per_requester(cluster: Cluster) -> None:
+def test_fetch_is_limited_by_a_byte_budget_per_requester() -> None:
+    cluster = Cluster(catch_up_bytes_per_second=1024, catch_up_burst_bytes=1024)
     replica = cluster.replica(1)
     chain = build_chain(cluster, 1)
     execute_through(cluster, replica, chain, 1)
     cluster.tick(replica, 100)
-    assert len(sends(cluster.deliver(replica, cluster.fetch(3, 1)))) == 1
-    assert sends(cluster.deliver(replica, cluster.fetch(3, 1))) == []
-    assert replica.drops["fetch_rate_limited"] == 1
-    # Another requester is served at once.
+    sizes = []
+    for _ in range(10):  # a FETCH storm within one millisecond
+        sizes += map(len, send_raws(cluster.deliver(replica, cluster.fetch(3, 1))))
+    served = sum(sizes)
+    # Served while the bucket was above zero; the last message went out whole, into debt.
+    assert len(sizes) == 2 and served - sizes[-1] < 1024 <= served
+    assert replica.drops["catch_up_budget_exceeded"] == 8
+    refused = replica.drops["catch_up_budget_exceeded"]
+    # Another requester has its own bucket.
     assert len(sends(cluster.deliver(replica, cluster.fetch(2, 1)))) == 1
+    # The debt is paid back at 1024 bytes a second, then replica 3 is served again.
+    debt = served - 1024
+    cluster.tick(replica, 100 + 1000 * debt // 1024 - 1)
+    assert sends(cluster.deliver(replica, cluster.fetch(3, 1))) == []
+    assert replica.drops["catch_up_budget_exceeded"] == refused + 1
+    cluster.tick(replica, 100 + 1000 * debt // 1024 + 2)
+    assert len(sends(cluster.deliver(replica, cluster.fetch(3, 1)))) == 1
 
 
 # --- restart ------------------------------------------------------------------------------

@@ -26,11 +26,11 @@ from pbft.codec import MAX_FRAME_BYTES, pack
 from pbft.events import Event, MessageReceived, Send
 from pbft.ledger import Ledger, Payment
 from pbft.messages import (
-    CheckpointState,
     Commit,
     MessageType,
     Prepare,
     Reply,
+    StateChunk,
     Suspect,
     ViewChange,
 )
@@ -375,7 +375,11 @@ def test_serving_a_large_stable_checkpoint_does_not_crash_the_replica() -> None:
     replica.chain_hash = chain_hash
     replica.stable = StableCheckpoint(4, chain_hash, ledger.digest(), snapshot, proof)
 
-    cluster.deliver(replica, cluster.fetch(1, 1, 0))  # raises DecodeError (oversize)
+    actions = cluster.deliver(replica, cluster.fetch(1, 1, 0))  # raised DecodeError (oversize)
+    # Now it goes in chunks: the first one, well within a frame.
+    (chunk,) = [decode(a.data) for a in actions if isinstance(a, Send)]
+    assert isinstance(chunk, StateChunk) and (chunk.start, chunk.seq) == (0, 4)
+    assert 0 < len(chunk.leaves) < chunk.leaf_count and replica.drops == {}
 
 
 # --- regression checks (pass today) -------------------------------------------------------------
@@ -500,9 +504,7 @@ def test_new_view_checkpoint_proof_makes_own_matching_snapshot_stable() -> None:
     assert replica.view == 1 and replica.view_active
     actions = cluster.tick(replica, 10_000)
     actions += cluster.deliver(replica, cluster.fetch(3, 1, 0))
-    states = [
-        a for a in actions if isinstance(a, Send) and isinstance(decode(a.data), CheckpointState)
-    ]
+    states = [a for a in actions if isinstance(a, Send) and isinstance(decode(a.data), StateChunk)]
     assert replica.stable.seq == 4 and states, "checkpoint 4 stays unstable; nothing to serve"
 
 
