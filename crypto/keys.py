@@ -41,6 +41,60 @@ class KeyFormatError(ValueError):
     """Key material (bytes, hex, key ring data) is malformed."""
 
 
+class DuplicateKeyError(KeyFormatError):
+    """Two principals have the same public key."""
+
+
+# Edwards25519 (RFC 8032, 5.1): -x^2 + y^2 = 1 + d x^2 y^2 over GF(p).
+_P: Final = 2**255 - 19
+_D: Final = -121665 * pow(121666, _P - 2, _P) % _P
+_SQRT_M1: Final = pow(2, (_P - 1) // 4, _P)
+
+
+def _times_eight_is_identity(x: int, y: int) -> bool:
+    # Three doublings in projective coordinates (a = -1, "dbl-2008-bbjlp"): complete for
+    # points on the curve, as d is not a square, and free of inversions.
+    big_x, big_y, big_z = x, y, 1
+    for _ in range(3):
+        b = (big_x + big_y) ** 2 % _P
+        c = big_x * big_x % _P
+        d = big_y * big_y % _P
+        f = (d - c) % _P
+        j = (f - 2 * big_z * big_z) % _P
+        big_x, big_y, big_z = (b - c - d) * j % _P, f * (-c - d) % _P, f * j % _P
+    return big_x == 0 and big_y == big_z
+
+
+def public_key_problem(raw: bytes) -> str | None:
+    """Why 32 bytes are not an acceptable Ed25519 public key, or None if they are.
+
+    OpenSSL loads any 32 bytes. A small-order point (the identity among them) makes a
+    key under which one fixed signature verifies for every message, or a handful do; a
+    non-canonical encoding gives one point two names (two principals, one key). So we
+    decode the point as RFC 8032 5.1.3 does, strictly, and refuse when 8 * point is the
+    identity.
+    """
+    encoded = int.from_bytes(raw, "little")
+    sign = encoded >> 255
+    y = encoded & ((1 << 255) - 1)
+    if y >= _P:
+        return "non-canonical encoding (y is not reduced mod p)"
+    u = (y * y - 1) % _P
+    v = (_D * y * y + 1) % _P
+    x = u * pow(v, 3, _P) * pow(u * pow(v, 7, _P), (_P - 5) // 8, _P) % _P
+    if v * x * x % _P != u:
+        x = x * _SQRT_M1 % _P
+        if v * x * x % _P != u:
+            return "not a point on the curve"
+    if x == 0 and sign:
+        return "non-canonical encoding (x is 0 but its sign bit is set)"
+    if x & 1 != sign:
+        x = _P - x
+    if _times_eight_is_identity(x, y):
+        return "a small-order point (a signature under it proves nothing)"
+    return None
+
+
 class VerifyKey:
     """An Ed25519 public key; equal and hashable by its 32 public bytes."""
 
@@ -49,8 +103,12 @@ class VerifyKey:
     def __init__(self, public_key: Ed25519PublicKey) -> None:
         if not isinstance(public_key, Ed25519PublicKey):
             raise TypeError("public_key must be an Ed25519PublicKey")
+        raw = public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+        problem = public_key_problem(raw)
+        if problem is not None:
+            raise KeyFormatError(f"unacceptable Ed25519 public key {raw.hex()}: {problem}")
         self._public_key = public_key
-        self._raw = public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+        self._raw = raw
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> VerifyKey:
@@ -201,22 +259,31 @@ def _parse_identifier(role: str, text: object) -> int:
 class KeyRing:
     """The cluster's public keys, by principal."""
 
-    __slots__ = ("_keys",)
+    __slots__ = ("_keys", "_owners")
 
     def __init__(self, keys: Mapping[Principal, VerifyKey] | None = None) -> None:
         self._keys: dict[Principal, VerifyKey] = {}
+        self._owners: dict[VerifyKey, Principal] = {}
         for principal, key in (keys or {}).items():
             self.add(principal, key)
 
     def add(self, principal: Principal, key: VerifyKey) -> None:
-        """Add a key; re-adding the same key is a no-op, a different one is an error."""
+        """Add a key; re-adding the same key is a no-op, a different one is an error, and so
+        is a key another principal holds (one private key must not sign as two)."""
         principal = check_principal(principal)
         if not isinstance(key, VerifyKey):
             raise TypeError(f"key must be a VerifyKey, not {type(key).__name__}")
         existing = self._keys.get(principal)
         if existing is not None and existing != key:
             raise ValueError(f"{principal[0]} {principal[1]} already has a different key")
+        owner = self._owners.get(key)
+        if owner is not None and owner != principal:
+            raise DuplicateKeyError(
+                f"{owner[0]} {owner[1]} and {principal[0]} {principal[1]} have the same "
+                f"public key {key.hex()}"
+            )
         self._keys[principal] = key
+        self._owners[key] = principal
 
     def get(self, principal: Principal) -> VerifyKey | None:
         # Principals often come straight off the wire; an unhashable one is just unknown.

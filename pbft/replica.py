@@ -158,6 +158,7 @@ class Replica:
         *,
         records: Mapping[tuple[str | int, ...], bytes] | None = None,
         cache: VerificationCache | None = None,
+        lost_votes: bool = False,
     ) -> None:
         if replica_id not in config.replica_ids():
             raise ValueError(f"replica id {replica_id} not in 0..{config.replica_count - 1}")
@@ -241,8 +242,19 @@ class Replica:
         self.new_views_installed = 0
         self.halted: str | None = None
         self._out: list[Action] = []
+        self.silent_through_view: int | None = None
         if records:
             self._recover(records)
+        # `lost_votes`: storage repaired a torn last batch, whose votes may have been sent
+        # (a disk that lied about the fsync, a file cut at its last boundary). Signing
+        # again in that view could contradict them, so sign no PRE-PREPARE, PREPARE, COMMIT
+        # or NEW-VIEW until we install a NEW-VIEW another replica made for a later view.
+        # Not just "a later view": one lost event can both enter view w and, as w's
+        # primary, sign its NEW-VIEW and PRE-PREPAREs; a backup's votes in w come from a
+        # later event than the one that entered w, so w is then the recovered view.
+        # Meanwhile we follow by catch-up (commit certificates, checkpoints).
+        if lost_votes:
+            self.silent_through_view = self.view
 
     # --- the driver's interface ---------------------------------------------------------
 
@@ -314,6 +326,8 @@ class Replica:
             if not isinstance(message, PrePrepare)
             else hashlib.sha256(message.encode()).digest()
         )
+        if self.silent_through_view is not None:
+            raise ReplicaInvariantError(f"replica {self.id} may have lost its votes; not signing")
         previous = slot.own_votes.get((kind, message.view))
         if previous is not None and previous != digest:
             raise ReplicaInvariantError(
@@ -616,7 +630,7 @@ class Replica:
     def _step_slot(self, slot: Slot) -> bool:
         """One pass of the phase rules over a slot; True if it became prepared or committed."""
         proposal = slot.proposal
-        if proposal is None or not self.view_active:
+        if proposal is None or not self.view_active or self.silent_through_view is not None:
             return False
         changed = False
         primary = self.config.primary_of(self.view)
@@ -661,7 +675,7 @@ class Replica:
         self._persist(key, entry.encode())
 
     def _maybe_propose(self) -> None:
-        if not (self.is_primary and self.view_active):
+        if not (self.is_primary and self.view_active) or self.silent_through_view is not None:
             return
         window_high = self._window_low() + self.config.watermark_window
         inflight_high = self.last_executed + self.config.max_inflight_batches
@@ -1110,7 +1124,7 @@ class Replica:
         self._maybe_send_new_view()
 
     def _maybe_send_new_view(self) -> None:
-        if self.view_active or not self.is_primary:
+        if self.view_active or not self.is_primary or self.silent_through_view is not None:
             return
         changes = self.view_changes.get(self.view, {})
         if self.id not in changes or len(changes) < self.config.quorum:
@@ -1182,6 +1196,10 @@ class Replica:
     def _install_view(self, plan: NewViewPlan, proposals: list[Proposal], raw: bytes) -> None:
         if plan.view != self.view:
             self.view = plan.view
+        silent = self.silent_through_view
+        if silent is not None and plan.view > silent and not self.is_primary:
+            self.silent_through_view = None
+            self._note("voting", f"resumes in view {plan.view} after lost votes")
         self.view_active = True
         self.new_views_installed += 1
         self.new_view_message = raw

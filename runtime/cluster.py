@@ -184,11 +184,19 @@ def _parse(document: dict[str, Any], path: Path) -> Cluster:
             raise fail(field, f"expected a non-empty string of at most {longest} characters")
         return value
 
+    # Each public key names one principal: a key shared by a replica and a client would let
+    # one private key sign as both (its client requests would pass as the replica's).
+    key_fields: dict[VerifyKey, str] = {}
+
     def public_key(value: Any, field: str) -> VerifyKey:
         try:
-            return VerifyKey.from_hex(text(value, field))
+            key = VerifyKey.from_hex(text(value, field))
         except KeyFormatError as error:
             raise fail(field, str(error)) from None
+        other = key_fields.setdefault(key, field)
+        if other != field:
+            raise fail(field, f"the same public key as {other}; every principal needs its own")
+        return key
 
     def array(key: str, most: int) -> list[Any]:
         value = document.get(key, [])

@@ -4,7 +4,8 @@ Thin shells: the work is in runtime.node (ReplicaNode), runtime.client (PaymentC
 and pbft.receipt (verify_receipt). Exit codes: 0 ok, 1 the answer is no (pay: rejected;
 balance: no such account), 2 bad arguments or files (always one line, checked before
 anything is sent), 3 an internal error (a bug), 4 no decision within the timeout (pay
-prints the request id to retry with). Each command's --help lists its own.
+prints the request id to retry with); `pbft replica` has its own 4 to 7
+(REPLICA_EXIT_CODES). Each command's --help lists its own.
 """
 
 from __future__ import annotations
@@ -44,10 +45,6 @@ BALANCE_EXIT_CODES = """exit codes:
   2  bad arguments or files
   3  an internal error (a bug)
   4  no f + 1 matching answers within --timeout"""
-REPLICA_EXIT_CODES = """exit codes:
-  0  stopped by SIGINT or SIGTERM
-  2  bad arguments, cluster file, key, data directory, or the port is taken
-  3  refused damaged storage, halted (its state diverged), or an internal error"""
 UP_EXIT_CODES = """A replica that dies is reported on stderr (its id, exit status or signal,
 last log line); the others keep running. With --restart it is started again from its log
 after 0.5 s, 1 s, 2 s, ... (at most 30 s); after --max-restarts quick deaths in a row it
@@ -58,6 +55,24 @@ exit codes:
   1  every replica has stopped and none is to be restarted
   2  bad arguments, or --replicas/--clients differ from the cluster in --dir
   3  an internal error (a bug)"""
+
+# `pbft replica` exit codes: one per way it stops, so a supervisor can tell them apart.
+EXIT_REPLICA_LOCKED = 4
+EXIT_STORAGE_FAILED = 5
+EXIT_STORAGE_CORRUPT = 6
+EXIT_REPLICA_HALTED = 7
+REPLICA_EXIT_CODES = """exit codes:
+  0  stopped by SIGINT or SIGTERM
+  2  bad arguments or files: the cluster file, the replica id, the private key (missing,
+     not this replica's, readable by group or others), a data directory it cannot
+     create, or the port is taken
+  3  internal error (a bug)
+  4  this replica's log is locked: another process runs it already
+  5  storage failed: opening, writing or fsyncing the log (see the OS error); restart
+     once the disk is fixed, the log is read back and checked on start
+  6  refused to start on a damaged log (the message names the file and byte offset)
+  7  halted: its state diverged from the cluster's (for example a chain fork)
+"""
 
 
 def add_runtime_commands(commands: Any) -> None:
@@ -147,17 +162,18 @@ def run_runtime_command(arguments: argparse.Namespace) -> int:
 
 
 def _replica(arguments: argparse.Namespace) -> int:
-    from runtime.cluster import load_cluster
-    from runtime.node import ReplicaHalted, ReplicaNode
-    from runtime.storage import StorageCorruptError
+    from runtime.cluster import ClusterFileError, load_cluster
+    from runtime.node import DataDirError, ReplicaHalted, ReplicaNode
+    from runtime.storage import StorageCorruptError, StorageFailedError, StorageLockedError
 
     cluster = load_cluster(arguments.cluster)
     cluster.replica(arguments.id)  # a clear error for an unknown id
+    # The key before anything is created, and outside trio, so its error is one line.
+    cluster.load_private_key("replica", arguments.id)
     data = Path(arguments.data) if arguments.data else cluster.directory / f"data-{arguments.id}"
     if data.exists() and not data.is_dir():
         print(f"pbft: --data: {data} is not a directory", file=sys.stderr)
         return EXIT_USAGE
-    cluster.load_private_key("replica", arguments.id)  # a clear error for a missing key
     node = ReplicaNode(cluster, arguments.id, data)
 
     async def main() -> None:
@@ -170,12 +186,31 @@ def _replica(arguments: argparse.Namespace) -> int:
     try:
         trio.run(main)
     except BaseException as raised:  # noqa: BLE001 - unwrapped below, re-raised if unknown
-        error = _leaf(raised, (StorageCorruptError, ReplicaHalted, OSError, KeyboardInterrupt))
+        kinds = (
+            ClusterFileError,
+            DataDirError,
+            StorageLockedError,
+            StorageFailedError,
+            StorageCorruptError,
+            ReplicaHalted,
+            OSError,
+            KeyboardInterrupt,
+        )
+        error = _leaf(raised, kinds)
         if isinstance(error, KeyboardInterrupt):
             print(f"pbft: replica {arguments.id} interrupted", file=sys.stderr)
             return 130
+        if isinstance(error, ClusterFileError | DataDirError):
+            print(f"pbft: {error}", file=sys.stderr)
+            return EXIT_USAGE
+        if isinstance(error, StorageLockedError):
+            print(f"pbft: replica {arguments.id} is already running: {error}", file=sys.stderr)
+            return EXIT_REPLICA_LOCKED
+        if isinstance(error, StorageFailedError):
+            print(f"pbft: replica {arguments.id}: storage failed: {error}", file=sys.stderr)
+            return EXIT_STORAGE_FAILED
         if isinstance(error, OSError):
-            # The disk or the port, not a bug: say which and stop.
+            # The port (or another OS refusal), not a bug: say which and stop.
             where = f" ({error.filename})" if error.filename else ""
             if error.errno == errno.EADDRINUSE:
                 address = cluster.replica(arguments.id)
@@ -185,10 +220,10 @@ def _replica(arguments: argparse.Namespace) -> int:
             return EXIT_USAGE
         if isinstance(error, StorageCorruptError):
             print(f"pbft: refusing to start on damaged storage: {error}", file=sys.stderr)
-            return 3
+            return EXIT_STORAGE_CORRUPT
         if isinstance(error, ReplicaHalted):
             print(f"pbft: replica {arguments.id} halted: {error}", file=sys.stderr)
-            return 3
+            return EXIT_REPLICA_HALTED
         raise
     return 0
 

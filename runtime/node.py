@@ -9,6 +9,7 @@ in a worker thread) before any message of that event leaves: persist before you 
 from __future__ import annotations
 
 import json
+import stat
 import sys
 import time
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from runtime.storage import DurableStore
 from runtime.transport import Transport, TransportConfig
 
 EVENT_QUEUE_SIZE = 10_000
+DATA_DIR_MODE = 0o700
 # Identical notes (a peer in another view can cause `drop wrong_view` hundreds of times a
 # second) are logged once, then summed: one line per kind and reason per interval.
 LOG_SUMMARY_INTERVAL_S = 1.0
@@ -42,6 +44,10 @@ NOTABLE_NOTES = (
     "drop",
     "state_too_large",
 )
+
+
+class DataDirError(RuntimeError):
+    """The data directory cannot be created or is not a directory; the message names it."""
 
 
 @dataclass
@@ -163,13 +169,15 @@ class ReplicaNode:
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled. `task_status.started` reports the port it listens on."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        # The key first: a wrong or exposed key must not leave a data directory behind.
+        key = self.cluster.load_private_key("replica", self.replica_id)
+        keyring = self.cluster.keyring()
+        self._prepare_data_dir()
         store = DurableStore.open(self.data_dir / f"replica-{self.replica_id}.log")
         self.store = store
         try:
-            key = self.cluster.load_private_key("replica", self.replica_id)
-            keyring = self.cluster.keyring()
             records = store.records()
+            repaired = store.recovery_report.repaired
             core = Replica(
                 self.replica_id,
                 self.cluster.config,
@@ -177,6 +185,7 @@ class ReplicaNode:
                 keyring,
                 self.cluster.accounts,
                 records=records or None,
+                lost_votes=repaired,
             )
             self.core = core
             self.log(
@@ -185,6 +194,8 @@ class ReplicaNode:
                 last_executed=core.last_executed,
                 view=core.view,
                 torn_tail=store.recovery_report.torn_tail is not None,
+                # Its last batch may have been sent: no votes in this view (pbft/replica.py).
+                silent_through_view=core.silent_through_view,
             )
             principal = ("replica", self.replica_id)
             async with Transport(principal, key, keyring, self.transport_config) as transport:
@@ -200,6 +211,27 @@ class ReplicaNode:
             store.close()
             self._log_records(self.log_summary.flush(time.monotonic(), everything=True))
             self.log("stopped")
+
+    def _prepare_data_dir(self) -> None:
+        """Create the data directory owner-only (0700): the log holds balances and votes.
+
+        An existing one open to group or others is restricted, with a warning, rather than
+        refused: the data is this replica's own, and refusing would turn an upgrade from a
+        release that made it 0755 into an outage. The log itself gets the same treatment
+        in runtime/storage.py.
+        """
+        try:
+            self.data_dir.mkdir(mode=DATA_DIR_MODE, parents=True, exist_ok=True)
+            mode = stat.S_IMODE(self.data_dir.stat().st_mode)
+            if not self.data_dir.is_dir():
+                raise DataDirError(f"data directory {self.data_dir} is not a directory")
+            if mode & 0o077:
+                self.data_dir.chmod(mode & 0o700)
+                self.log("data_dir_restricted", path=str(self.data_dir), was=f"{mode:#o}")
+        except OSError as error:
+            raise DataDirError(
+                f"cannot prepare data directory {self.data_dir}: {error.strerror or error}"
+            ) from None
 
     async def _drive(self, core: Replica, store: DurableStore, transport: Transport) -> None:
         send_event, receive_event = trio.open_memory_channel[Tick | MessageReceived](

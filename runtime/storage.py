@@ -20,12 +20,15 @@ Why a hand-written log and not sqlite
   journal mode and its settings, and the journal/WAL files are more state to reason about.
 - A format small enough to document here completely and to test byte by byte.
 
-On-disk format (version 1)
+On-disk format (version 2)
 --------------------------
 All integers are big-endian. The file is a header followed by records::
 
     header  = magic (8 bytes: 89 50 42 46 54 4B 56 0A, i.e. b"\\x89PBFTKV\\n")
-              | format version (u32, = 1)                                  -- 12 bytes
+              | format version (u32, = 2)                                  -- 12 bytes
+              | batch count (u64) | committed length (u64)
+              | counter checksum (u32: zlib.crc32 of the header's first 28 bytes)
+                                                                           -- 32 bytes
     record  = length (u32: byte length of payload, 1 .. MAX_RECORD_BYTES)
               | checksum (u32)
               | payload (length bytes)
@@ -39,16 +42,43 @@ Every payload therefore starts with the byte 0x93 (a fixarray of 3). The checksu
 `zlib.crc32` (CRC-32/ISO-HDLC, the zip/PNG polynomial; not CRC-32C, which the standard
 library lacks) of the payload, *chained*: `checksum = zlib.crc32(payload, previous)`,
 where `previous` is the previous record's checksum and, for the first record,
-`zlib.crc32(header)`. A record is thus only valid in the one position it was written
-in: a record copied, moved or replayed from elsewhere (even from an older file of the
-same store) fails its checksum. CRC-32 detects accidental damage; it is no defence
-against someone who can write the file.
+`zlib.crc32` of the header's first 12 bytes (magic and version). A record is thus
+only valid in the one position it was written in: a record copied, moved or replayed
+from elsewhere (even from an older file of the same store) fails its checksum. CRC-32
+detects accidental damage; it is no defence against someone who can write the file.
 
 A *batch* is the records of one `apply` call followed by one COMMIT record. Only
 committed batches are part of the state: a batch is atomic, either all of its records
 take effect on reopen or none do (what the replica needs: all of one `handle()` call's
 persists, or none). A compacted file is one batch: a PUT per live key, then COMMIT; a
-store with no keys is the header alone.
+store with no keys is the header alone (count 0, length 32).
+
+Only the last batch may be lost
+-------------------------------
+Each batch is fsynced before the next is written, so a crash can tear only the last one;
+losing more means the file was damaged after the fact (truncated, zeroed), and a replica
+rebuilt from it would have forgotten votes it sent. The chained checksums cannot see that
+on their own: a log cut exactly at a batch boundary is a valid, shorter log. So the header
+counts the committed batches and the byte length they end at. `apply` rewrites these 20
+bytes in place (one `pwrite` into the first sector, which the disk writes whole) after
+appending the batch, and the one fsync makes both durable. A crash before that fsync
+completes may leave either write without the other, so on open, with B complete batches
+ending at byte E and the header counting H ending at L:
+
+- B = H and E = L: the counter is current; anything after E is the torn, uncounted
+  batch the crash interrupted (the rules below).
+- B = H - 1: the counter landed, the batch did not (or not entirely): repaired like a
+  torn tail, also when nothing of it is left (the file ends at E). Data past L must be
+  zeros. This is also what a file cut at exactly its last boundary after the fsync looks
+  like, so a repaired store says so (`recovery_report.repaired`) and the replica treats
+  its last batch of votes as possibly sent (pbft/replica.py, `lost_votes`).
+- B = H + 1, the last batch starting at L, nothing after it: the batch landed, the counter
+  did not. Nothing is lost; the counter is rewritten (`header_rewritten`).
+- Anything else is `StorageCorruptError` naming the file, E and both counts: a log cut
+  in the middle or at the end of an earlier batch, zeros over more than the last batch,
+  a counter that fails its checksum. A counter in the header rather than a side file
+  keeps one fsync per batch; in the COMMIT records it would not help, since a cut log's
+  last COMMIT is as self-consistent as any.
 
 Reading the log (`DurableStore.open`)
 -------------------------------------
@@ -64,9 +94,10 @@ first record that does not check out (the *bad record*) decides what happens:
   stored checksum starts anywhere after its header; otherwise its length field was
   damaged in the middle of the log and valid records follow, which is corruption.
   Complete records after the last COMMIT (an incomplete batch) are a torn tail too.
-  A torn tail is discarded: the file is truncated to the end of the last COMMIT and
-  fsynced, and `store.recovery_report` says what was dropped (offset, bytes, records,
-  why); a warning is logged.
+  A torn tail is discarded: the file is truncated to the end of the last COMMIT, the
+  header's counter is set to the batches kept, both in one fsync, and
+  `store.recovery_report` says what was dropped (offset, bytes, records, why); a warning
+  is logged.
 - Corruption, `StorageCorruptError` (names the file, the byte offset and the problem):
   a bad header (too short, even empty, wrong magic, unknown version; a new log is
   created complete, by a rename, so no crash leaves a short header); a length above
@@ -86,8 +117,9 @@ times the live data (or COMPACT_MIN_BYTES).
 Writing (`DurableStore.apply`)
 ------------------------------
 Keys and values are checked first (nothing is written for an invalid batch). Then the
-batch's records and its COMMIT are written with one `write`, then one `flush` and one
-`os.fsync`, and only then is the in-memory dict updated. An empty batch writes nothing.
+batch's records and its COMMIT are written with one `write`, then one `flush`, the
+header's counter with one `pwrite`, one `os.fsync`, and only then is the in-memory dict
+updated. An empty batch writes nothing.
 If the write or the fsync fails, the file's contents are unknown (after a failed fsync
 Linux may drop the dirty pages and report success next time), so the store is poisoned:
 every later call raises `StorageFailedError`. The driver should treat any exception from
@@ -106,6 +138,11 @@ directory is fsynced). A failed automatic compaction
 before the replace is logged and the old log kept; a failure after the replace poisons
 the store (our handle may point at the replaced file).
 
+Files are private: the log, `<log>.compact` and `<log>.lock` are created mode 0600 (they
+hold balances and votes); an existing log readable by group or others is changed to
+owner-only on open, with a warning (fixing beats refusing: the data is the replica's
+own, and refusing would turn an upgrade into an outage).
+
 Also: one process at a time. `open` takes an exclusive `flock` on `<log>.lock` (left in
 place; deleting lock files races) and raises `StorageLockedError` if it is held. The
 store is not thread-safe: one caller at a time (the trio driver calls it through
@@ -122,6 +159,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import stat
 import struct
 import zlib
 from collections.abc import Iterable
@@ -156,9 +194,12 @@ logger = logging.getLogger(__name__)
 Key = tuple[str | int, ...]
 
 MAGIC = b"\x89PBFTKV\n"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _HEADER = struct.Struct(">8sI")
-HEADER_SIZE = _HEADER.size  # 12
+_FIXED_HEADER_SIZE = _HEADER.size  # 12: magic and version, never rewritten
+_COUNTERS = struct.Struct(">QQ")  # batch count, committed length
+_COUNTERS_CHECKED = struct.Struct(">QQI")  # ... and crc32 of the first 28 header bytes
+HEADER_SIZE = _FIXED_HEADER_SIZE + _COUNTERS_CHECKED.size  # 32
 _RECORD_HEADER = struct.Struct(">II")
 RECORD_HEADER_SIZE = _RECORD_HEADER.size  # 8
 _PAYLOAD_FIRST_BYTE = b"\x93"  # msgpack fixarray of 3
@@ -177,6 +218,8 @@ MAX_RECORD_BYTES = MAX_VALUE_BYTES + 8 * 1024
 
 COMPACT_RATIO = 4
 COMPACT_MIN_BYTES = 1024 * 1024
+
+FILE_MODE = 0o600  # the log, its lock and compaction files
 
 
 # --- errors and reports -----------------------------------------------------------------
@@ -201,7 +244,8 @@ class StorageLockedError(StorageError):
 
 
 class StorageFailedError(StorageError):
-    """A write, fsync or compaction step failed; the store must be reopened (restart)."""
+    """Opening, a write, an fsync or a compaction step failed (an OSError, kept as the
+    cause); the store must be reopened (restart)."""
 
 
 @dataclass(frozen=True)
@@ -225,10 +269,16 @@ class RecoveryReport:
     batches_replayed: int
     records_replayed: int
     torn_tail: TornTail | None
+    header_rewritten: bool = False  # the last batch landed, its counter update did not
+
+    @property
+    def repaired(self) -> bool:
+        """Something was discarded: the replica may have lost votes of its last batch."""
+        return self.torn_tail is not None
 
     @property
     def clean(self) -> bool:
-        return self.torn_tail is None and not self.removed_temp_file
+        return self.torn_tail is None and not self.removed_temp_file and not self.header_rewritten
 
 
 @dataclass(frozen=True)
@@ -287,8 +337,18 @@ def _encode_record(op: int, key: list[Any], value: bytes | None, chain: int) -> 
     return _RECORD_HEADER.pack(len(payload), checksum) + payload, checksum
 
 
-def _header() -> bytes:
+def _fixed_header() -> bytes:
     return _HEADER.pack(MAGIC, FORMAT_VERSION)
+
+
+def _counters(batches: int, committed_end: int) -> bytes:
+    """Header bytes 12..32: the batch count and committed length, with their checksum."""
+    counted = _COUNTERS.pack(batches, committed_end)
+    return counted + struct.pack(">I", zlib.crc32(counted, zlib.crc32(_fixed_header())))
+
+
+def _header(batches: int, committed_end: int) -> bytes:
+    return _fixed_header() + _counters(batches, committed_end)
 
 
 def _commit_record_size(count: int) -> int:
@@ -340,6 +400,7 @@ class _Scan:
     batches: int
     records: int
     torn: TornTail | None
+    header_behind: bool  # the counter in the header missed the last batch; rewritten
 
 
 def _chained_record_after(data: bytes, bad_offset: int, chain: int) -> int | None:
@@ -373,13 +434,16 @@ def _scan(path: str, data: bytes) -> _Scan:
         raise corrupt(0, f"bad magic {magic!r}, expected {MAGIC!r}: not a store log")
     if version != FORMAT_VERSION:
         raise corrupt(len(MAGIC), f"unsupported format version {version}")
+    header_batches, header_end, header_crc = _COUNTERS_CHECKED.unpack_from(data, _FIXED_HEADER_SIZE)
+    if zlib.crc32(data[_FIXED_HEADER_SIZE : HEADER_SIZE - 4], zlib.crc32(data[:12])) != header_crc:
+        raise corrupt(_FIXED_HEADER_SIZE, "the header's batch counter fails its checksum")
 
     state: dict[Key, bytes] = {}
     record_sizes: dict[Key, int] = {}
     pending: list[tuple[int, Key, bytes | None, int]] = []
-    chain = zlib.crc32(data[:HEADER_SIZE])
+    chain = zlib.crc32(data[:_FIXED_HEADER_SIZE])
     committed_chain = chain
-    position = committed_end = HEADER_SIZE
+    position = committed_end = last_batch_start = HEADER_SIZE
     batches = records = 0
     bad: tuple[int, str] | None = None
 
@@ -436,6 +500,7 @@ def _scan(path: str, data: bytes) -> _Scan:
             records += len(pending)
             batches += 1
             pending = []
+            last_batch_start = committed_end
             committed_end = end
             committed_chain = stored
         else:
@@ -458,7 +523,55 @@ def _scan(path: str, data: bytes) -> _Scan:
             bytes_discarded=size - committed_end,
             records_discarded=len(pending),
         )
-    return _Scan(state, record_sizes, committed_chain, committed_end, batches, records, torn)
+
+    # The header's counter says how many batches the log held when it was last fsynced;
+    # only the batch being written at the crash may differ (see "Only the last batch").
+    counted = f"the header counts {header_batches} committed batches ending at byte {header_end}"
+    header_behind = False
+    if batches == header_batches:
+        if committed_end != header_end:
+            raise corrupt(committed_end, f"{counted}, but the batches end at byte {committed_end}")
+    elif batches == header_batches - 1:
+        # The last counted batch did not (entirely) land: torn, or cut off whole.
+        beyond = size - header_end
+        if not committed_end < header_end or (beyond > 0 and data.count(0, header_end) != beyond):
+            raise corrupt(
+                committed_end,
+                f"{counted}, the log holds {batches} ending at byte {committed_end} and data "
+                f"runs on past byte {header_end}: not a torn last batch",
+            )
+        lost = f"the last batch (bytes {committed_end}..{header_end} per the header) is missing"
+        torn = TornTail(
+            offset=committed_end,
+            bad_record_offset=None if torn is None else torn.bad_record_offset,
+            reason=lost if torn is None else f"{torn.reason}; {lost}",
+            bytes_discarded=size - committed_end,
+            records_discarded=0 if torn is None else torn.records_discarded,
+        )
+    elif batches == header_batches + 1 and last_batch_start == header_end and torn is None:
+        # The last batch landed but the counter update did not: nothing is lost.
+        header_behind = True
+    else:
+        missing = header_batches - batches
+        what = (
+            f"{missing} batches are missing, more than the one a crash can tear"
+            if missing > 0
+            else "the log holds more than the one batch a crash can leave uncounted"
+        )
+        raise corrupt(
+            committed_end,
+            f"{counted}, the log holds {batches} ending at byte {committed_end}: {what}",
+        )
+    return _Scan(
+        state,
+        record_sizes,
+        committed_chain,
+        committed_end,
+        batches,
+        records,
+        torn,
+        header_behind,
+    )
 
 
 # --- file helpers -------------------------------------------------------------------------
@@ -468,9 +581,24 @@ def _temp_path(path: str) -> str:
     return path + ".compact"
 
 
+def _private_opener(path: str, flags: int) -> int:
+    # The log holds balances and votes: readable by the replica's user alone.
+    return os.open(path, flags, FILE_MODE)
+
+
+def _restrict(path: str) -> None:
+    """Take group and other permissions away from an existing file, with a warning."""
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    if mode & 0o077:
+        os.chmod(path, mode & 0o700)
+        logger.warning(
+            "%s was mode %#o, readable by others; changed it to %#o", path, mode, mode & 0o700
+        )
+
+
 def _acquire_lock(path: str) -> int:
     lock_path = path + ".lock"
-    descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -504,6 +632,7 @@ class DurableStore:
         self._live_record_bytes = 0
         self._chain = 0
         self._file_size = 0
+        self._batches = 0  # committed batches in the file, as its header counts them
         self._failed: str | None = None
         self._records_written = 0
         self._bytes_written = 0
@@ -521,14 +650,22 @@ class DurableStore:
     ) -> DurableStore:
         """Open (or create) the log at `path` and rebuild its state; see the module doc."""
         absolute = os.path.abspath(os.fspath(path))
+        try:
+            lock = _acquire_lock(absolute)
+        except OSError as error:
+            raise StorageFailedError(
+                f"{absolute}: cannot open the lock file: {error.strerror or error}"
+            ) from error
         store = cls(
-            absolute,
-            _acquire_lock(absolute),
-            compact_ratio=compact_ratio,
-            compact_min_bytes=compact_min_bytes,
+            absolute, lock, compact_ratio=compact_ratio, compact_min_bytes=compact_min_bytes
         )
         try:
             store._recover()
+        except OSError as error:
+            store.close()
+            raise StorageFailedError(
+                f"{absolute}: cannot open the log: {error.strerror or error}"
+            ) from error
         except BaseException:
             store.close()
             raise
@@ -582,6 +719,9 @@ class DurableStore:
         try:
             file.write(blob)
             file.flush()
+            # Same fsync: a crash leaves the counter and the batch each landed or not.
+            counters = _counters(self._batches + 1, self._file_size + len(blob))
+            os.pwrite(file.fileno(), counters, _FIXED_HEADER_SIZE)
             self._fsync(file.fileno())
         except BaseException as error:
             self._poison(f"apply failed: {error!r}")
@@ -591,6 +731,7 @@ class DurableStore:
                 ) from error
             raise
         self._chain = chain
+        self._batches += 1
         self._file_size += len(blob)
         self._bytes_written += len(blob)
         self._records_written += len(batch)
@@ -638,6 +779,7 @@ class DurableStore:
             with contextlib.suppress(OSError):
                 old.close()
         self._chain = chain
+        self._batches = 1 if self._state else 0
         self._file_size = size
         self._bytes_written += size
         self._compactions += 1
@@ -678,6 +820,7 @@ class DurableStore:
             os.replace(temp, self._path)
             self._fsync_directory()
             created = True
+        _restrict(self._path)
         file = open(self._path, "r+b")
         self._file = file
         data = file.read()
@@ -692,6 +835,10 @@ class DurableStore:
                 scan.torn.reason,
             )
             file.truncate(scan.end)
+        if scan.torn is not None or scan.header_behind:
+            # A crash before the fsync may leave the file truncated and the counter
+            # unchanged: the next open sees the same one-batch difference and repeats this.
+            os.pwrite(file.fileno(), _counters(scan.batches, scan.end), _FIXED_HEADER_SIZE)
             file.flush()
             self._fsync(file.fileno())
         file.seek(scan.end)
@@ -700,6 +847,7 @@ class DurableStore:
         self._live_record_bytes = sum(scan.record_sizes.values())
         self._chain = scan.chain
         self._file_size = scan.end
+        self._batches = scan.batches
         self.recovery_report = RecoveryReport(
             path=self._path,
             created=created,
@@ -709,15 +857,16 @@ class DurableStore:
             batches_replayed=scan.batches,
             records_replayed=scan.records,
             torn_tail=scan.torn,
+            header_rewritten=scan.header_behind,
         )
 
     def _write_snapshot(self, temp: str) -> tuple[int, int]:
         """Write the live state as a complete log to `temp` and fsync it: (size, chain)."""
-        header = _header()
-        chain = zlib.crc32(header)
-        size = len(header)
-        with open(temp, "wb") as out:
-            out.write(header)
+        chain = zlib.crc32(_fixed_header())
+        size = HEADER_SIZE
+        batches = 1 if self._state else 0
+        with open(temp, "wb", opener=_private_opener) as out:
+            out.write(_header(0, HEADER_SIZE))  # the counter is filled in below
             for key, value in self._state.items():
                 record, chain = _encode_record(OP_PUT, list(key), value, chain)
                 out.write(record)
@@ -727,6 +876,7 @@ class DurableStore:
                 out.write(record)
                 size += len(record)
             out.flush()
+            os.pwrite(out.fileno(), _counters(batches, size), _FIXED_HEADER_SIZE)
             self._fsync(out.fileno())
         return size, chain
 

@@ -209,7 +209,7 @@ def test_torn_log_tail_recovers_and_corrupt_log_refuses_to_start(tmp_path: Path)
             capture_output=True,
             timeout=30,
         )
-        assert result.returncode == 3
+        assert result.returncode == 6  # EXIT_STORAGE_CORRUPT
         assert b"refusing to start on damaged storage" in result.stderr
         assert str(log).encode() in result.stderr
     finally:

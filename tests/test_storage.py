@@ -37,8 +37,14 @@ Batch = list[tuple[Key, bytes | None]]
 
 # --- the documented format, written out independently of the module -----------------------
 
-DOC_HEADER = b"\x89PBFTKV\n" + struct.pack(">I", 1)
+DOC_FIXED = b"\x89PBFTKV\n" + struct.pack(">I", 2)
+DOC_HEADER_SIZE = 32
 PUT, DELETE, COMMIT = 1, 2, 3
+
+
+def doc_header(batches: int, committed_end: int) -> bytes:
+    counters = struct.pack(">QQ", batches, committed_end)
+    return DOC_FIXED + counters + struct.pack(">I", zlib.crc32(DOC_FIXED + counters))
 
 
 def doc_record(op: int, key: list[object], value: bytes | None, chain: int) -> tuple[bytes, int]:
@@ -49,8 +55,8 @@ def doc_record(op: int, key: list[object], value: bytes | None, chain: int) -> t
 
 def doc_log(batches: list[Batch]) -> bytes:
     """The bytes the documentation says a fresh store holds after applying `batches`."""
-    out = bytearray(DOC_HEADER)
-    chain = zlib.crc32(DOC_HEADER)
+    out = bytearray(bytes(DOC_HEADER_SIZE))
+    chain = zlib.crc32(DOC_FIXED)
     for batch in batches:
         for key, value in batch:
             record, chain = doc_record(
@@ -59,13 +65,14 @@ def doc_log(batches: list[Batch]) -> bytes:
             out += record
         record, chain = doc_record(COMMIT, [len(batch)], None, chain)
         out += record
+    out[:DOC_HEADER_SIZE] = doc_header(len(batches), len(out))
     return bytes(out)
 
 
 def record_spans(data: bytes) -> list[tuple[int, int]]:
     """(offset, end) of every complete record, by the length fields alone."""
     spans = []
-    position = len(DOC_HEADER)
+    position = DOC_HEADER_SIZE
     while position + 8 <= len(data):
         (length,) = struct.unpack_from(">I", data, position)
         end = position + 8 + length
@@ -116,6 +123,11 @@ def reopen(path: Path) -> tuple[dict[Key, bytes], DurableStore]:
     return records, store
 
 
+def repaired_to(data: bytes, sizes: list[int], batches: int) -> bytes:
+    """The log cut back to its first `batches` batches, the header counting them."""
+    return doc_header(batches, sizes[batches]) + data[DOC_HEADER_SIZE : sizes[batches]]
+
+
 def flip(path: Path, offset: int) -> None:
     data = bytearray(path.read_bytes())
     data[offset] ^= 0x40
@@ -158,7 +170,7 @@ def test_new_store_is_the_header_alone(log: Path) -> None:
     with DurableStore.open(log) as store:
         assert store.records() == {}
         assert store.recovery_report.created
-    assert log.read_bytes() == DOC_HEADER
+    assert log.read_bytes() == doc_header(0, DOC_HEADER_SIZE)
 
 
 def test_get_returns_the_value_or_none(log: Path) -> None:
@@ -222,7 +234,7 @@ def test_empty_batch_writes_and_fsyncs_nothing(log: Path, monkeypatch: pytest.Mo
         monkeypatch.setattr(os, "fsync", calls.append)
         store.apply([])
         assert calls == []
-    assert log.read_bytes() == DOC_HEADER
+    assert log.read_bytes() == doc_header(0, DOC_HEADER_SIZE)
 
 
 def test_failed_fsync_poisons_the_store(log: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -263,11 +275,15 @@ def test_every_cut_inside_the_last_batch_recovers_the_earlier_batches(log: Path)
         assert log.stat().st_size == boundary, f"cut at {cut}: file not truncated"
         with DurableStore.open(log) as store:
             assert store.recovery_report.clean, f"cut at {cut}: second open not clean"
-    # Cutting exactly at a batch boundary loses nothing and is clean.
+    # Cut exactly at the boundary, the whole last batch is gone: still the one batch a
+    # crash can lose (its data did not land, its counter did), so repaired and reported.
     log.write_bytes(data[:boundary])
     with DurableStore.open(log) as store:
         assert store.records() == states[-2]
-        assert store.recovery_report.clean
+        torn = store.recovery_report.torn_tail
+        assert torn is not None and "missing" in torn.reason
+        assert store.recovery_report.repaired
+    assert log.read_bytes() == repaired_to(data, sizes, len(sizes) - 2)
 
 
 def test_torn_tail_report_names_offset_and_records_discarded(
@@ -332,7 +348,7 @@ def test_zero_filled_tail_is_a_torn_tail(log: Path, landed: str) -> None:
         assert store.records() == states[-2]
         torn = store.recovery_report.torn_tail
         assert torn is not None and "all zero" in torn.reason
-    assert log.read_bytes() == data[: sizes[-2]]
+    assert log.read_bytes() == repaired_to(data, sizes, len(sizes) - 2)
 
 
 def test_zero_bytes_after_a_bad_record_in_the_middle_do_not_hide_later_data(log: Path) -> None:
@@ -391,9 +407,9 @@ def test_record_length_above_the_limit_is_corruption_even_at_the_end(log: Path) 
     ("content", "problem"),
     [
         (b"", "header is 0 bytes"),
-        (DOC_HEADER[:5], "header is 5 bytes"),
-        (b"SQLite format 3\x00", "bad magic"),
-        (b"\x89PBFTKV\n" + struct.pack(">I", 2), "unsupported format version 2"),
+        (DOC_FIXED[:5], "header is 5 bytes"),
+        (b"SQLite format 3\x00" + bytes(16), "bad magic"),
+        (b"\x89PBFTKV\n" + struct.pack(">I", 1) + bytes(20), "unsupported format version 1"),
     ],
 )
 def test_bad_header_is_corruption(log: Path, content: bytes, problem: str) -> None:
@@ -426,7 +442,7 @@ def test_an_earlier_batch_replayed_at_the_end_is_corruption_not_a_rollback(log: 
     first_batch = data[sizes[0] : sizes[1]]
     offset, end = record_spans(data)[0]
     (stored,) = struct.unpack_from(">I", data, offset + 4)
-    assert stored == zlib.crc32(data[offset + 8 : end], zlib.crc32(DOC_HEADER))
+    assert stored == zlib.crc32(data[offset + 8 : end], zlib.crc32(DOC_FIXED))
     log.write_bytes(data + first_batch)
     with pytest.raises(StorageCorruptError, match="checksum mismatch") as caught:
         DurableStore.open(log)
@@ -454,14 +470,16 @@ def test_records_swapped_in_the_middle_are_corruption(log: Path) -> None:
 
 
 def test_commit_count_not_matching_its_batch_is_corruption(log: Path) -> None:
-    chain = zlib.crc32(DOC_HEADER)
+    chain = zlib.crc32(DOC_FIXED)
     put_a, chain = doc_record(PUT, ["a"], b"1", chain)
     put_b, chain = doc_record(PUT, ["b"], b"2", chain)
     commit, chain = doc_record(COMMIT, [1], None, chain)
-    log.write_bytes(DOC_HEADER + put_a + put_b + commit)
+    log.write_bytes(
+        doc_header(1, DOC_HEADER_SIZE + len(put_a + put_b + commit)) + put_a + put_b + commit
+    )
     with pytest.raises(StorageCorruptError, match="COMMIT counts 1 records") as caught:
         DurableStore.open(log)
-    assert caught.value.offset == len(DOC_HEADER) + len(put_a) + len(put_b)
+    assert caught.value.offset == DOC_HEADER_SIZE + len(put_a) + len(put_b)
 
 
 @pytest.mark.parametrize(
@@ -481,14 +499,14 @@ def test_checksum_valid_but_malformed_record_is_corruption_even_at_the_end(
     log: Path, op: int, key: list[object], value: object
 ) -> None:
     # A valid checksum means the bytes are what was written: no torn write explains it.
-    chain = zlib.crc32(DOC_HEADER)
+    chain = zlib.crc32(DOC_FIXED)
     good, chain = doc_record(PUT, ["ok"], b"1", chain)
     commit, chain = doc_record(COMMIT, [1], None, chain)
     bad, _ = doc_record(op, key, value, chain)  # type: ignore[arg-type]
-    log.write_bytes(DOC_HEADER + good + commit + bad)
+    log.write_bytes(doc_header(1, DOC_HEADER_SIZE + len(good + commit)) + good + commit + bad)
     with pytest.raises(StorageCorruptError, match="malformed") as caught:
         DurableStore.open(log)
-    assert caught.value.offset == len(DOC_HEADER) + len(good) + len(commit)
+    assert caught.value.offset == DOC_HEADER_SIZE + len(good) + len(commit)
 
 
 # --- compaction ---------------------------------------------------------------------------------
@@ -596,7 +614,7 @@ def test_compaction_fsyncs_the_new_file_before_replace_and_the_directory_after(
         real_fsync(descriptor)
 
     def recording_replace(source: str, destination: str) -> None:
-        assert Path(source).read_bytes()[:12] == DOC_HEADER
+        assert Path(source).read_bytes()[:12] == DOC_FIXED
         events.append("replace")
         real_replace(source, destination)
 
@@ -682,7 +700,7 @@ def test_statistics_count_records_bytes_fsyncs_and_compactions(log: Path) -> Non
             store.apply(batch)
         stats = store.statistics()
         assert stats.records_written == sum(len(batch) for batch in BATCHES)
-        assert stats.bytes_written - opened.bytes_written == len(doc_log(BATCHES)) - 12
+        assert stats.bytes_written - opened.bytes_written == len(doc_log(BATCHES)) - DOC_HEADER_SIZE
         assert stats.fsyncs - opened.fsyncs == len(BATCHES)
         assert stats.compactions == 0
         assert stats.live_keys == len(model_after(BATCHES))
@@ -742,13 +760,20 @@ def test_any_truncation_recovers_exactly_a_prefix_of_whole_batches(
         log = Path(directory) / "replica.log"
         sizes, states = build(log, batches)
         content = log.read_bytes()
-        cut = data.draw(st.integers(len(DOC_HEADER), len(content)), label="cut")
+        cut = data.draw(st.integers(DOC_HEADER_SIZE, len(content)), label="cut")
         log.write_bytes(content[:cut])
+        # An empty batch writes nothing: the distinct sizes are the batch boundaries.
+        boundaries = sorted(set(sizes))
+        if len(boundaries) >= 2 and cut < boundaries[-2]:
+            # More than the last batch is gone: refused, never a shorter history.
+            with pytest.raises(StorageCorruptError, match="batches are missing"):
+                reopen(log)
+            return
         kept = max(index for index, size in enumerate(sizes) if size <= cut)
         records, store = reopen(log)
         assert records == states[kept]  # all of a batch or none of it
         assert log.stat().st_size == sizes[kept]
-        assert (store.recovery_report.torn_tail is None) == (cut == sizes[kept])
+        assert store.recovery_report.repaired == (cut != len(content))
 
 
 @PROPERTY_SETTINGS
@@ -771,3 +796,130 @@ def test_a_flipped_byte_gives_an_error_or_a_prefix_never_other_state(
         # Only damage inside the last batch may be taken for a torn write.
         assert offset >= last_batch_start
         assert records == states[sizes.index(last_batch_start)]
+
+
+# --- only the last batch may be lost (issue 8, point 6) -------------------------------------
+
+TEN_BATCHES: list[Batch] = [
+    [(("vote", "prepare", 0, index), b"p%d" % index), (("view",), b"%d" % index)]
+    for index in range(1, 11)
+]
+
+
+def test_a_log_cut_at_an_earlier_batch_boundary_is_refused_naming_file_and_offset(
+    log: Path,
+) -> None:
+    # Cut at the end of batch 4 of 10: a valid, shorter log by its checksums alone. Six
+    # fsynced batches of votes are gone; no crash does that.
+    sizes, _ = build(log, TEN_BATCHES)
+    log.write_bytes(log.read_bytes()[: sizes[4]])
+    with pytest.raises(StorageCorruptError, match="6 batches are missing") as caught:
+        DurableStore.open(log)
+    assert caught.value.offset == sizes[4]
+    assert caught.value.path == str(log)
+    assert "counts 10 committed batches" in str(caught.value)
+
+
+def test_a_log_cut_inside_an_earlier_batch_is_refused(log: Path) -> None:
+    sizes, _ = build(log, TEN_BATCHES)
+    log.write_bytes(log.read_bytes()[: sizes[4] + 5])
+    with pytest.raises(StorageCorruptError, match="6 batches are missing") as caught:
+        DurableStore.open(log)
+    assert caught.value.offset == sizes[4]
+
+
+def test_zeros_over_several_last_batches_are_refused_not_taken_for_a_torn_tail(
+    log: Path,
+) -> None:
+    # Batches 8 to 10 read as zeros: before the counter this was "an ordinary torn tail".
+    sizes, _ = build(log, TEN_BATCHES)
+    data = log.read_bytes()
+    log.write_bytes(data[: sizes[7]] + bytes(len(data) - sizes[7]))
+    with pytest.raises(StorageCorruptError, match="3 batches are missing") as caught:
+        DurableStore.open(log)
+    assert caught.value.offset == sizes[7]
+    assert log.read_bytes()[sizes[7] :] == bytes(len(data) - sizes[7])  # nothing repaired
+
+
+def test_a_torn_last_batch_is_repaired_and_reported(log: Path) -> None:
+    sizes, states = build(log, TEN_BATCHES)
+    data = log.read_bytes()
+    log.write_bytes(data[: sizes[9] + 7] + bytes(len(data) - sizes[9] - 7))
+    with DurableStore.open(log) as store:
+        report = store.recovery_report
+        assert report.repaired and not report.clean
+        assert report.torn_tail is not None and report.torn_tail.offset == sizes[9]
+        assert store.records() == states[9]
+    assert log.read_bytes() == repaired_to(data, sizes, 9)
+    with DurableStore.open(log) as store:
+        assert store.recovery_report.clean and not store.recovery_report.repaired
+
+
+def test_a_last_batch_whose_counter_update_did_not_land_is_kept(log: Path) -> None:
+    # The crash hit between the append and the fsync, and only the append reached the disk.
+    sizes, states = build(log, TEN_BATCHES)
+    data = log.read_bytes()
+    log.write_bytes(doc_header(9, sizes[9]) + data[DOC_HEADER_SIZE:])
+    with DurableStore.open(log) as store:
+        report = store.recovery_report
+        assert store.records() == states[10]
+        assert report.header_rewritten and not report.repaired and not report.clean
+    assert log.read_bytes() == data
+
+
+def test_a_counter_two_batches_behind_is_refused(log: Path) -> None:
+    sizes, _ = build(log, TEN_BATCHES)
+    data = log.read_bytes()
+    log.write_bytes(doc_header(8, sizes[8]) + data[DOC_HEADER_SIZE:])
+    with pytest.raises(StorageCorruptError, match="more than the one batch"):
+        DurableStore.open(log)
+
+
+def test_data_past_the_counted_end_is_refused(log: Path) -> None:
+    # The counter says the lost batch ended at L; records beyond it are not a torn write.
+    sizes, _ = build(log, TEN_BATCHES)
+    data = log.read_bytes()
+    log.write_bytes(data[: sizes[9]] + bytes(len(data) - sizes[9]) + b"\x01")
+    with pytest.raises(StorageCorruptError):
+        DurableStore.open(log)
+
+
+def test_a_damaged_counter_is_refused(log: Path) -> None:
+    build(log, TEN_BATCHES)
+    flip(log, 19)
+    with pytest.raises(StorageCorruptError, match="counter fails its checksum") as caught:
+        DurableStore.open(log)
+    assert caught.value.offset == 12
+
+
+def test_compaction_resets_the_counter_to_one_batch(log: Path) -> None:
+    build(log, TEN_BATCHES)
+    with DurableStore.open(log) as store:
+        store.compact()
+        store.apply([(("view",), b"after")])
+        size = log.stat().st_size
+    assert log.read_bytes()[:DOC_HEADER_SIZE] == doc_header(2, size)
+    with DurableStore.open(log) as store:
+        assert store.recovery_report.clean
+
+
+# --- permissions -----------------------------------------------------------------------------
+
+
+def test_log_lock_and_compaction_files_are_private(log: Path) -> None:
+    with DurableStore.open(log) as store:
+        store.apply([(("view",), b"1")])
+        store.compact()
+        assert stat.S_IMODE(log.stat().st_mode) == 0o600
+        assert stat.S_IMODE(Path(str(log) + ".lock").stat().st_mode) == 0o600
+
+
+def test_an_existing_log_readable_by_others_is_made_private_with_a_warning(
+    log: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    build(log, BATCHES)
+    log.chmod(0o644)
+    with caplog.at_level(logging.WARNING, logger="runtime.storage"):
+        DurableStore.open(log).close()
+    assert stat.S_IMODE(log.stat().st_mode) == 0o600
+    assert "readable by others" in caplog.text
