@@ -103,7 +103,9 @@ def _failures(baseline: Phase, attacked: Phase, attacker_exit: int | None) -> li
         why.append(f"the attacker failed (exit {attacker_exit})")
     if attacked.p99 is None or len(attacked.latencies_ms) == attacked.unfinished:
         why.append("no honest payment completed")
-    elif baseline.p99 is not None and attacked.p99 > P99_FACTOR * baseline.p99:
+    elif baseline.p99 is None or len(baseline.latencies_ms) == baseline.unfinished:
+        why.append("no honest payment completed in the baseline: nothing to compare with")
+    elif attacked.p99 > P99_FACTOR * baseline.p99:
         why.append(f"p99 {attacked.p99 / baseline.p99:.1f}x baseline")
     if attacked.view_changes:
         why.append(f"{attacked.view_changes} view changes")
