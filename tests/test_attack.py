@@ -21,8 +21,8 @@ import pytest
 import trio
 
 from runtime.adversary import ATTACKS
-from runtime.attack import Result, print_table, run_attack
-from runtime.attack_harness import HONEST_CLIENT, LocalCluster
+from runtime.attack import Result, _failures, print_table, run_attack
+from runtime.attack_harness import HONEST_CLIENT, LocalCluster, Phase
 from runtime.client import PaymentClient
 
 SECONDS = 2.0
@@ -75,3 +75,24 @@ def test_attack_leaves_every_replica_up_and_answering(
     if name == "catchup_amplification":
         # What the replicas sent back per byte the attacker sent: printed, not bounded.
         assert result.attacker["fetch_stable_0_bytes_in"] > 0
+
+
+def test_verdict_holds_the_attack_to_the_target() -> None:
+    baseline = Phase(1.0, latencies_ms=[10.0, 20.0])
+    assert _failures(baseline, Phase(1.0, latencies_ms=[30.0, 60.0]), 0) == []
+    assert _failures(baseline, Phase(1.0, latencies_ms=[30.0, 61.0]), 0) == ["p99 3.0x baseline"]
+    assert _failures(baseline, Phase(1.0, latencies_ms=[10.0], view_changes=1), 0) == [
+        "1 view changes"
+    ]
+    assert _failures(baseline, Phase(1.0, latencies_ms=[10.0], dead={2: -9}), 0) == [
+        "replica(s) died: 2 (-9)"
+    ]
+    assert _failures(baseline, Phase(1.0, latencies_ms=[10.0]), 1) == [
+        "the attacker failed (exit 1)"
+    ]
+    # Payments still undecided at the end count at their age, but none decided is a FAIL.
+    stalled = Phase(1.0, latencies_ms=[5000.0], unfinished=1)
+    assert _failures(baseline, stalled, 0) == ["no honest payment completed"]
+    assert _failures(Phase(1.0), Phase(1.0, latencies_ms=[10.0]), 0) == [
+        "no honest payment completed in the baseline: nothing to compare with"
+    ]
