@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ import trio
 from pbft.receipt import verify_receipt
 from runtime.client import PaymentClient
 from runtime.cluster import Cluster, load_cluster, write_cluster
-from runtime.commands import free_ports, replica_command
+from runtime.commands import consecutive_free_ports, replica_command
 
 REPLICAS = 4
 # Replica processes start slowly on a loaded 2-core machine: generous, and only an upper bound.
@@ -29,9 +30,9 @@ STARTUP_S = 60.0
 class LocalCluster:
     def __init__(self, root: Path) -> None:
         self.root = root
-        ports = free_ports(1)
+        # Every port of the cluster, not only the first, was free a moment ago.
         self.path = write_cluster(
-            root, replicas=REPLICAS, clients=2, base_port=_consecutive_base(ports[0])
+            root, replicas=REPLICAS, clients=2, base_port=consecutive_free_ports(REPLICAS)[0]
         )
         self.cluster: Cluster = load_cluster(self.path)
         self.processes: dict[int, subprocess.Popen[bytes]] = {}
@@ -53,7 +54,18 @@ class LocalCluster:
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=10)
 
+    def report_exited(self) -> None:
+        """On stderr (pytest shows it for a failing test): each replica that exited by
+        itself, with the end of its log, so a failure in CI says why."""
+        for replica, process in sorted(self.processes.items()):
+            if process.poll() is not None:
+                tail = self.log_path(replica).read_text(errors="replace").splitlines()[-5:]
+                print(f"replica {replica} exited with {process.returncode}:", file=sys.stderr)
+                for line in tail:
+                    print(f"  {line}", file=sys.stderr)
+
     def stop_all(self) -> None:
+        self.report_exited()
         for process in self.processes.values():
             process.send_signal(signal.SIGTERM)
         for process in self.processes.values():
@@ -80,10 +92,6 @@ def _events_or_none(local: LocalCluster, replica: int) -> list[dict[str, object]
         return local.events(replica)
     except (FileNotFoundError, json.JSONDecodeError):
         return []
-
-
-def _consecutive_base(candidate: int) -> int:
-    return candidate if candidate + REPLICAS < 65536 else 20000
 
 
 @pytest.fixture
