@@ -1365,11 +1365,20 @@ class Replica:
         if fetch.view < self.view and self.view_active and self.new_view_message is not None:
             # It missed the view we are in: the NEW-VIEW proves itself, it can install it.
             # Paid from the same byte budget as the rest of what catching up costs us.
-            if self.catch_up_budget.may_send(fetch.replica, self.now_ms):
-                self.catch_up_budget.charge(fetch.replica, len(self.new_view_message), self.now_ms)
-                self._send(("replica", fetch.replica), self.new_view_message)
-            else:
-                self._drop("catch_up_budget_exceeded", f"replica {fetch.replica}")
+            if self._catch_up_allowed(fetch.replica):
+                self._send_catch_up(fetch.replica, self.new_view_message)
+
+    def _catch_up_allowed(self, requester: int) -> bool:
+        """Whether `requester` has byte budget left; checked before we build (and sign)
+        anything for it, so a peer past its budget costs us nothing but this."""
+        if self.catch_up_budget.may_send(requester, self.now_ms):
+            return True
+        self._drop("catch_up_budget_exceeded", f"replica {requester}")
+        return False
+
+    def _send_catch_up(self, requester: int, raw: bytes) -> None:
+        self.catch_up_budget.charge(requester, len(raw), self.now_ms)
+        self._send(("replica", requester), raw)
 
     def _serve_catch_up(self, requester: int, from_seq: int, stable_seq: int) -> None:
         """Send `requester` what it needs from `from_seq` on: the first chunk of our stable
@@ -1381,7 +1390,6 @@ class Replica:
             # Certificates above the checkpoint are of no use to it until the state is in.
             if not self._send_state_chunk(requester, 0, OFFER_BYTES):
                 return
-        to = ("replica", requester)
         budget = self.config.fetch_batch_limit
         for seq in range(max(from_seq, self.stable.seq + 1), self.last_executed + 1):
             if budget == 0:
@@ -1389,22 +1397,18 @@ class Replica:
             slot = self.slots.get(seq)
             if slot is None or slot.committed is None:
                 continue
-            if not self.catch_up_budget.may_send(requester, self.now_ms):
-                self._drop("catch_up_budget_exceeded", f"replica {requester}")
+            if not self._catch_up_allowed(requester):
                 return
             certificate = CommitCertificate(
                 self.id, slot.committed.proposal.raw, slot.committed.commits
             )
-            raw = seal(certificate, self.key)
-            self.catch_up_budget.charge(requester, len(raw), self.now_ms)
-            self._send(to, raw)
+            self._send_catch_up(requester, seal(certificate, self.key))
             budget -= 1
 
     def _send_state_chunk(self, requester: int, start: int, byte_limit: int = 0) -> bool:
         """Send the chunk of our stable checkpoint from leaf `start`; True if that was the
         rest of the state (so what follows the checkpoint is of use to the requester)."""
-        if not self.catch_up_budget.may_send(requester, self.now_ms):
-            self._drop("catch_up_budget_exceeded", f"replica {requester}")
+        if not self._catch_up_allowed(requester):
             return False
         stable = self.stable
         try:
@@ -1435,8 +1439,7 @@ class Replica:
             self.drops["state_too_large_to_send"] += 1
             self._note("state_too_large", f"checkpoint {stable.seq}: {error}")
             return False
-        self.catch_up_budget.charge(requester, len(raw), self.now_ms)
-        self._send(("replica", requester), raw)
+        self._send_catch_up(requester, raw)
         return data.start + len(data.leaves) == data.leaf_count
 
     def _on_state_request(self, opened: Opened) -> None:
