@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 from crypto.keys import KeyRing, SigningKey
 from crypto.signing import VerificationCache
+from pbft.budget import TokenBuckets
 from pbft.certificates import Proposal, Verifier
 from pbft.chain import batch_digest
 from pbft.codec import MAX_FRAME_BYTES, MAX_LOCAL_RECORD_BYTES, DecodeError, pack, unpack
@@ -74,11 +75,10 @@ from pbft.messages import (
     Suspect,
     ViewChange,
 )
-from pbft.replies import ClientBudget, SignedReplies
+from pbft.replies import SignedReplies
 from pbft.signed import Envelope, Opened, Rejected, peek, seal, verify_signature
 from pbft.statetransfer import (
     OFFER_BYTES,
-    ByteBudget,
     ChunkRejected,
     ChunkServer,
     IncomingTransfer,
@@ -189,7 +189,7 @@ class Replica:
         # How many of `pending` each client holds (its quota: client_pending_limit).
         self.pending_per_client: Counter[int] = Counter()
         self.signed_replies = SignedReplies()
-        self.client_budget = ClientBudget(
+        self.client_budget = TokenBuckets(
             config.client_replay_rate_per_s, config.client_replay_burst
         )
         # Primary only: pending requests not yet proposed in this view, in arrival order.
@@ -227,7 +227,7 @@ class Replica:
         self.fetch_rotation = 0
         self.help_served_ms: dict[int, int] = {}
         # Every byte of catch-up service (asked for or not) is paid from the requester's bucket.
-        self.catch_up_budget = ByteBudget(
+        self.catch_up_budget = TokenBuckets(
             config.catch_up_bytes_per_second, config.catch_up_burst_bytes
         )
         self.chunk_server = ChunkServer(config.state_chunk_leaves, config.state_chunk_bytes)
@@ -1371,13 +1371,13 @@ class Replica:
     def _catch_up_allowed(self, requester: int) -> bool:
         """Whether `requester` has byte budget left; checked before we build (and sign)
         anything for it, so a peer past its budget costs us nothing but this."""
-        if self.catch_up_budget.may_send(requester, self.now_ms):
+        if self.catch_up_budget.may_spend(requester, self.now_ms):
             return True
         self._drop("catch_up_budget_exceeded", f"replica {requester}")
         return False
 
     def _send_catch_up(self, requester: int, raw: bytes) -> None:
-        self.catch_up_budget.charge(requester, len(raw), self.now_ms)
+        self.catch_up_budget.spend(requester, len(raw), self.now_ms)
         self._send(("replica", requester), raw)
 
     def _serve_catch_up(self, requester: int, from_seq: int, stable_seq: int) -> None:

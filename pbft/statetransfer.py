@@ -48,35 +48,6 @@ class StateTooLarge(Exception):
     """One leaf of our own state does not fit a frame: that state cannot be sent."""
 
 
-class ByteBudget:
-    """A token bucket of bytes per peer: what catch-up service may send to each requester.
-
-    A peer may be sent something while its bucket is above zero, and the bucket pays the
-    whole message, going into debt: so one message larger than the burst still goes out,
-    and over time a peer gets at most `bytes_per_second`, plus one burst and one message.
-    """
-
-    def __init__(self, bytes_per_second: int, burst_bytes: int) -> None:
-        self.bytes_per_second = bytes_per_second
-        self.burst_bytes = burst_bytes
-        # peer -> (tokens, when last refilled). Bounded by the number of replicas.
-        self._buckets: dict[int, tuple[int, int]] = {}
-
-    def tokens(self, peer: int, now_ms: int) -> int:
-        tokens, last_ms = self._buckets.get(peer, (self.burst_bytes, now_ms))
-        refill = max(0, now_ms - last_ms) * self.bytes_per_second // 1000
-        tokens = min(self.burst_bytes, tokens + refill)
-        self._buckets[peer] = (tokens, now_ms)
-        return tokens
-
-    def may_send(self, peer: int, now_ms: int) -> bool:
-        return self.tokens(peer, now_ms) > 0
-
-    def charge(self, peer: int, size: int, now_ms: int) -> None:
-        tokens = self.tokens(peer, now_ms)
-        self._buckets[peer] = (tokens - size, now_ms)
-
-
 @dataclass(frozen=True)
 class ChunkData:
     """One chunk of a checkpoint's leaves, before it is put into a StateChunk."""

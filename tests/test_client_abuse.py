@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from replica_harness import Cluster, send_raws
 
-from pbft.replies import ClientBudget, SignedReplies
+from pbft.budget import TokenBuckets
+from pbft.replies import SignedReplies
 
 
 def _decide_one(cluster: Cluster):  # type: ignore[no-untyped-def]
@@ -80,6 +81,15 @@ def test_signed_replies_and_budgets_are_bounded() -> None:
     assert len(replies) == 3
     assert replies.get(0, 9, b"d") == bytes([9])
     assert replies.get(0, 0, b"d") is None
-    budget = ClientBudget(rate_per_s=1, burst=2)
+    budget = TokenBuckets(rate_per_s=1, burst=2)
     assert [budget.allow(7, 0) for _ in range(3)] == [True, True, False]
     assert budget.allow(7, 1000)
+
+
+def test_a_slow_bucket_refills_however_often_it_is_looked_at() -> None:
+    """Tokens are fractional: looking every millisecond at a bucket of 1 token a second
+    must not lose the refill to rounding."""
+    budget = TokenBuckets(rate_per_s=1, burst=1)
+    assert budget.allow(3, 0)
+    refilled_at = next(now for now in range(1, 2000) if budget.allow(3, now))
+    assert refilled_at == 1000
