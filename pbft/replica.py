@@ -31,6 +31,7 @@ import hashlib
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
+from itertools import islice
 
 from crypto.keys import KeyRing, SigningKey
 from crypto.signing import VerificationCache
@@ -188,6 +189,11 @@ class Replica:
         self.pending: dict[tuple[int, int], PendingRequest] = {}
         # How many of `pending` each client holds (its quota: client_pending_limit).
         self.pending_per_client: Counter[int] = Counter()
+        # Clients that overflowed their quota here: more outstanding requests than a correct
+        # client ever has. Liveness is promised to correct clients only, so their backlog
+        # arms no request timer (it must not depose a correct primary). Cleared once the
+        # client has nothing pending here any more.
+        self.over_quota_clients: dict[int, None] = {}
         self.signed_replies = SignedReplies()
         self.client_budget = TokenBuckets(
             config.client_replay_rate_per_s, config.client_replay_burst
@@ -428,6 +434,7 @@ class Replica:
         if len(self.pending) >= self.config.pending_request_limit:
             raise Rejected("request_queue_full")
         if self.pending_per_client[request.client_id] >= self.config.client_pending_limit:
+            self.over_quota_clients[request.client_id] = None
             raise Rejected("client_quota_full", f"client {request.client_id}")
         self.pending[identity] = PendingRequest(opened, digest, self.now_ms)
         self.pending_per_client[request.client_id] += 1
@@ -685,8 +692,7 @@ class Replica:
                 if self.now_ms - oldest.arrived_ms < self.config.batch_timeout_ms:
                     return
             batch: list[bytes] = []
-            while self.proposal_queue and len(batch) < self.config.batch_size:
-                identity = next(iter(self.proposal_queue))
+            for identity in self._next_batch():
                 del self.proposal_queue[identity]
                 pending = self.pending.get(identity)
                 if pending is not None:
@@ -694,6 +700,24 @@ class Replica:
             if not batch:
                 return
             self._propose(tuple(batch))
+
+    def _next_batch(self) -> list[tuple[int, int]]:
+        """The next batch_size requests to propose, in arrival order, but correct clients'
+        first: a client over its quota must not make everyone else's requests wait behind
+        its backlog (long enough, it would look like censorship to the backups)."""
+        size = self.config.batch_size
+        if not self.over_quota_clients:
+            return list(islice(self.proposal_queue, size))
+        first: list[tuple[int, int]] = []
+        later: list[tuple[int, int]] = []
+        for identity in self.proposal_queue:
+            if identity[0] not in self.over_quota_clients:
+                first.append(identity)
+                if len(first) == size:
+                    break
+            elif len(later) < size:
+                later.append(identity)
+        return (first + later)[:size]
 
     def _propose(self, requests: tuple[bytes, ...]) -> None:
         # A primary that restarted or caught up by state transfer may hold a stale
@@ -782,6 +806,7 @@ class Replica:
         self.pending_per_client[client_id] -= 1
         if self.pending_per_client[client_id] <= 0:
             del self.pending_per_client[client_id]
+            self.over_quota_clients.pop(client_id, None)
 
     def _reply(self, request: Request, digest: bytes, seq: int, outcome: str, reason: str) -> None:
         reply = Reply(
@@ -953,13 +978,13 @@ class Replica:
             self._suspect("no heartbeat")
             return
         # PBFT's request timer: the oldest request we hold must be ordered in time, however
-        # busy the primary keeps itself with other clients' payments (no censorship).
-        if self.pending:
-            oldest = next(iter(self.pending.values()))
-            if self.now_ms - oldest.arrived_ms >= timeout:
-                self._suspect("request not ordered")
-                return
-        has_work = bool(self.pending) or any(
+        # busy the primary keeps itself with other clients' payments (no censorship). Only
+        # correct clients' requests count (see over_quota_clients).
+        oldest = self._oldest_timed_request()
+        if oldest is not None and self.now_ms - oldest.arrived_ms >= timeout:
+            self._suspect("request not ordered")
+            return
+        has_work = oldest is not None or any(
             slot.proposal is not None and slot.committed is None
             for seq, slot in self.slots.items()
             if seq > self.last_executed
@@ -971,6 +996,15 @@ class Replica:
             self.progress_deadline_ms = self.now_ms + timeout
         elif self.now_ms >= self.progress_deadline_ms:
             self._suspect("work not completed")
+
+    def _oldest_timed_request(self) -> PendingRequest | None:
+        if not self.over_quota_clients:
+            return next(iter(self.pending.values()), None)
+        # Bounded: at most client_pending_limit entries per over-quota client are skipped.
+        for (client_id, _), pending in self.pending.items():
+            if client_id not in self.over_quota_clients:
+                return pending
+        return None
 
     def _suspect(self, reason: str) -> None:
         timeout = self._timeout_ms()

@@ -93,3 +93,70 @@ def test_a_slow_bucket_refills_however_often_it_is_looked_at() -> None:
     assert budget.allow(3, 0)
     refilled_at = next(now for now in range(1, 2000) if budget.allow(3, now))
     assert refilled_at == 1000
+
+
+def _idle_until(cluster: Cluster, replica, until_ms: int) -> list:  # type: ignore[no-untyped-def]
+    """Tick the backup with the primary's heartbeats (so it never misses the primary) and
+    return every Suspect it broadcast."""
+    from replica_harness import broadcasts
+
+    from pbft.messages import Suspect
+
+    suspects = []
+    for now in range(10, until_ms, 10):
+        actions = cluster.tick(replica, now)
+        actions += cluster.deliver(replica, cluster.heartbeat(0))
+        suspects += broadcasts(actions, Suspect)
+    return suspects
+
+
+def test_a_flooding_clients_backlog_does_not_depose_a_correct_primary() -> None:
+    """A client over its quota broke the client contract: its unordered requests arm no
+    request timer at a backup (they made correct replicas change view in the attack)."""
+    cluster = Cluster(client_pending_limit=4)
+    replica = cluster.replica(1)
+    cluster.tick(replica, 1)
+    cluster.deliver(replica, *(cluster.request(i, amount=1) for i in range(1, 20)))
+    assert 0 in replica.over_quota_clients
+    assert _idle_until(cluster, replica, 3 * cluster.config.view_change_timeout_ms) == []
+
+
+def test_a_correct_clients_unordered_request_still_deposes_a_censoring_primary() -> None:
+    cluster = Cluster(client_pending_limit=4)
+    replica = cluster.replica(1)
+    cluster.tick(replica, 1)
+    cluster.deliver(replica, *(cluster.request(i, amount=1) for i in range(1, 20)))
+    cluster.deliver(replica, cluster.request(1, client=1))  # a correct client, never ordered
+    suspects = _idle_until(cluster, replica, 3 * cluster.config.view_change_timeout_ms)
+    assert suspects and suspects[0].replica == 1
+
+
+def test_the_over_quota_mark_goes_when_the_clients_backlog_is_gone() -> None:
+    cluster = Cluster(client_pending_limit=1)
+    replica = cluster.replica(1)
+    cluster.tick(replica, 1)
+    first, second = cluster.request(1), cluster.request(2)
+    cluster.deliver(replica, first, second)
+    assert 0 in replica.over_quota_clients
+    cluster.drive_commit(replica, cluster.pre_prepare(1, [first]))
+    assert 0 not in replica.over_quota_clients
+
+
+def test_the_primary_orders_correct_clients_before_a_flooding_clients_backlog() -> None:
+    from replica_harness import broadcasts
+
+    from pbft.messages import PrePrepare, Request
+    from pbft.signed import peek
+
+    # Nothing is proposed before the batch timeout: all of it waits in one queue.
+    cluster = Cluster(client_pending_limit=4, batch_size=8, batch_timeout_ms=50)
+    primary = cluster.replica(0)
+    cluster.tick(primary, 1)
+    cluster.deliver(primary, *(cluster.request(i, amount=1) for i in range(1, 20)))
+    assert 0 in primary.over_quota_clients
+    cluster.deliver(primary, cluster.request(1, client=1))
+    proposals = broadcasts(cluster.tick(primary, 100), PrePrepare)
+    assert proposals, "the primary proposed nothing"
+    first = [peek(raw)[1] for raw in proposals[0].requests]
+    assert isinstance(first[0], Request)
+    assert (first[0].client_id, first[0].request_id) == (1, 1)
