@@ -1277,7 +1277,7 @@ class Replica:
                 message = request.message
                 if isinstance(message, Request):
                     proposed[(message.client_id, message.request_id)] = None
-        last_planned = plan.entries[-1].seq if plan.entries else checkpoint.seq
+        last_planned = plan.last_seq
         self.next_seq = last_planned + 1
         self.new_view_planned_high = last_planned
         self.proposal_queue = {
@@ -1749,7 +1749,7 @@ class Replica:
                     f"replica {self.id}: own pre-prepare at seq {proposal.seq} differs from "
                     f"the NEW-VIEW of view {self.view}"
                 )
-        last_planned = plan.entries[-1].seq if plan.entries else plan.checkpoint.seq
+        last_planned = plan.last_seq
         self.new_view_planned_high = last_planned
         self.next_seq = max(self.next_seq, last_planned + 1)
 

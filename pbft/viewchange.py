@@ -50,6 +50,11 @@ class NewViewPlan:
     checkpoint_proof: tuple[bytes, ...]
     entries: tuple[PlannedEntry, ...]
 
+    @property
+    def last_seq(self) -> int:
+        """The highest sequence number this plan assigns (the checkpoint's when none)."""
+        return self.entries[-1].seq if self.entries else self.checkpoint.seq
+
 
 def verify_view_change(raw: bytes, verifier: Verifier) -> VerifiedViewChange:
     opened = verifier.open(raw, ViewChange)

@@ -397,6 +397,30 @@ def signed_requests(ctx: Context, count: int, first_id: int) -> list[bytes]:
     ]
 
 
+async def _flood_every_replica(
+    ctx: Context,
+    me: Principal,
+    frames_for_one: Callable[[], Callable[[], bytes]],
+    label: str,
+    deadline: float,
+) -> None:
+    """One client connection per target replica, each writing `frames_for_one()`'s frames."""
+    async with trio.open_nursery() as nursery:
+        for replica in ctx.targets:
+            nursery.start_soon(
+                _flood_connection,
+                ctx,
+                replica.host,
+                replica.port,
+                me,
+                ctx.client_key,
+                ("replica", replica.replica_id),
+                frames_for_one(),
+                label,
+                deadline,
+            )
+
+
 async def client_flood(ctx: Context, seconds: float, requests: list[bytes]) -> None:
     """One client key, distinct signed payments (new request ids), as fast as the sockets
     take them, to every replica (the same request to each, like a client that gave up on
@@ -415,20 +439,7 @@ async def client_flood(ctx: Context, seconds: float, requests: list[bytes]) -> N
 
         return next_request
 
-    async with trio.open_nursery() as nursery:
-        for replica in ctx.targets:
-            nursery.start_soon(
-                _flood_connection,
-                ctx,
-                replica.host,
-                replica.port,
-                me,
-                ctx.client_key,
-                ("replica", replica.replica_id),
-                cycling(),
-                "requests",
-                deadline,
-            )
+    await _flood_every_replica(ctx, me, cycling, "requests", deadline)
 
 
 # --- 4. replay --------------------------------------------------------------------------------
@@ -465,20 +476,7 @@ async def replay(ctx: Context, seconds: float, decided: bytes) -> None:
     """One decided request, replayed as fast as the sockets take it, to every replica."""
     deadline = trio.current_time() + seconds
     me: Principal = ("client", ctx.client_id)
-    async with trio.open_nursery() as nursery:
-        for replica in ctx.targets:
-            nursery.start_soon(
-                _flood_connection,
-                ctx,
-                replica.host,
-                replica.port,
-                me,
-                ctx.client_key,
-                ("replica", replica.replica_id),
-                lambda: decided,
-                "replays",
-                deadline,
-            )
+    await _flood_every_replica(ctx, me, lambda: lambda: decided, "replays", deadline)
 
 
 # --- 5. catchup_amplification -----------------------------------------------------------------
