@@ -91,6 +91,9 @@ EVIDENCE_LIMIT = 64
 RETRANSMIT_SLOT_LIMIT = 8
 FORWARD_ON_NEW_VIEW_LIMIT = 256
 CHECKPOINT_RETRANSMIT_LIMIT = 2
+# Unsolicited help to a replica stuck on an executed entry: one certificate, enough to
+# show it is behind (it then FETCHes, on its byte budget); see _help_laggard.
+HELP_CERTIFICATE_LIMIT = 1
 OWN_VIEW_CHANGES_KEPT = 4
 # Replies the ledger does not store a decision for: never kept for retransmissions.
 UNSTORED_REASON_CODES = ("id_reused", "request_expired")
@@ -1373,11 +1376,20 @@ class Replica:
         self._send(("replica", target), seal(fetch, self.key))
 
     def _help_laggard(self, envelope: Envelope, message: Message) -> None:
-        """A peer still voting on an entry we executed a while ago is stuck there: send it
-        the commit certificates (or state) it lacks, as if it had asked. A vote that is
-        merely late (the entry committed moments ago) needs nothing."""
+        """A peer voting, in the view we are in, on an entry we executed a while ago is
+        stuck there: send it, as if it had asked, what gets it moving, and no more.
+
+        Unsolicited help is small, since whoever replays a replica's old vote makes us
+        answer that replica: one commit certificate (the voted seq's), or, when the seq is
+        at or below our stable checkpoint (it lacks that state), one signed CHECKPOINT as
+        the hint to ask for it. Either makes it FETCH, and what a FETCH is answered with is
+        paid from its byte budget. A vote of another view is no sign of being stuck in
+        ours (a replica in an older view catches up through the NEW-VIEW), and a vote that
+        is merely late (the entry committed moments ago) needs nothing."""
         if not isinstance(message, PrePrepare | Prepare | Commit):
             return
+        if message.view != self.view or not self.view_active:
+            return  # (counted as stale by the caller)
         interval = self.config.retransmit_interval_ms
         slot = self.slots.get(message.seq)
         if slot is not None and self.now_ms - slot.last_progress_ms < interval:
@@ -1389,7 +1401,22 @@ class Replica:
         # Only now is the vote worth a signature check: a forged one must cost us nothing.
         verify_signature(envelope, message, self.verifier.keyring, self.verifier.cache)
         self.help_served_ms[message.replica] = self.now_ms
-        self._serve_catch_up(message.replica, message.seq, message.seq - 1)
+        requester = message.replica
+        if message.seq <= self.stable.seq:
+            hint = self._stable_checkpoint_vote()
+            if hint is not None and self._catch_up_allowed(requester):
+                self._send_catch_up(requester, hint)
+            return
+        self._send_certificates(requester, message.seq, HELP_CERTIFICATE_LIMIT)
+
+    def _stable_checkpoint_vote(self) -> bytes | None:
+        """A signed CHECKPOINT for our stable checkpoint (ours if we hold it): already
+        signed, so the hint costs no signature."""
+        votes = self.checkpoint_votes.get(self.stable.seq, {})
+        own = votes.get(self.id)
+        if own is not None:
+            return own[2]
+        return self.stable.proof[0] if self.stable.proof else None
 
     def _on_fetch(self, opened: Opened) -> None:
         fetch = opened.message
@@ -1424,7 +1451,11 @@ class Replica:
             # Certificates above the checkpoint are of no use to it until the state is in.
             if not self._send_state_chunk(requester, 0, OFFER_BYTES):
                 return
-        budget = self.config.fetch_batch_limit
+        self._send_certificates(requester, from_seq, self.config.fetch_batch_limit)
+
+    def _send_certificates(self, requester: int, from_seq: int, limit: int) -> None:
+        """At most `limit` commit certificates from `from_seq` on, within the byte budget."""
+        budget = limit
         for seq in range(max(from_seq, self.stable.seq + 1), self.last_executed + 1):
             if budget == 0:
                 break

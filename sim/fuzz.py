@@ -47,6 +47,12 @@ from sim.scenario import (
 )
 from sim.scenario import BEHAVIORS as SCENARIO_BEHAVIORS
 
+# The message types a generated link fault may filter on: the first fifteen of pbft's
+# MessageType. The state-transfer messages (STATE_CHUNK, STATE_REQUEST) are left out for
+# now, because a longer list reshuffles every generated case and so every case seed that
+# tests/test_teeth.py measured; add them with a fresh measurement (a scenario may name them).
+FUZZ_MESSAGE_TYPES: tuple[str, ...] = MESSAGE_TYPE_NAMES[:15]
+
 MAX_FUZZ_REPLICAS = 64
 # A time that is later than any run: intervals that never end.
 FOREVER_MS = 10**12
@@ -451,8 +457,8 @@ def generate_document(seed: int, replicas: int = 4) -> dict[str, Any]:
                     fault[key] = endpoints
             if rng.random() < 0.5:
                 fault["messages"] = sorted(
-                    rng.sample(MESSAGE_TYPE_NAMES, rng.randint(1, 3)),
-                    key=MESSAGE_TYPE_NAMES.index,
+                    rng.sample(FUZZ_MESSAGE_TYPES, rng.randint(1, 3)),
+                    key=FUZZ_MESSAGE_TYPES.index,
                 )
             if kind == "delay":
                 if rng.random() < 0.5:

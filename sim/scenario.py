@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Final, TypeGuard
 
 from pbft.config import fault_tolerance_of
+from pbft.messages import MessageType
 
 BEHAVIORS: Final = (
     "equivocate",
@@ -84,23 +85,8 @@ FAULT_ACTIONS: Final = (
 )
 # Network faults: they act on the messages that match their from/to/messages filters.
 LINK_FAULTS: Final = ("delay", "drop", "duplicate", "reorder")
-MESSAGE_TYPE_NAMES: Final = (
-    "REQUEST",
-    "PRE_PREPARE",
-    "PREPARE",
-    "COMMIT",
-    "REPLY",
-    "HEARTBEAT",
-    "SUSPECT",
-    "CHECKPOINT",
-    "VIEW_CHANGE",
-    "NEW_VIEW",
-    "FETCH",
-    "CHECKPOINT_STATE",
-    "COMMIT_CERTIFICATE",
-    "BALANCE_QUERY",
-    "BALANCE_REPLY",
-)
+# Every message type, by the name pbft.messages gives it (one source).
+MESSAGE_TYPE_NAMES: Final = tuple(message_type.name for message_type in MessageType)
 LATENCY_DISTRIBUTIONS: Final = ("uniform", "exponential")
 
 MAX_NAME_LENGTH: Final = 100

@@ -756,3 +756,29 @@ def test_the_toml_writer_used_by_the_property_test_round_trips() -> None:
     document = document_of(FULL_EXAMPLE)
 
     assert document_of(toml_document(document)) == document
+
+
+def test_a_fault_may_name_every_message_type_the_protocol_has() -> None:
+    """The names come from pbft.messages.MessageType itself, so the state-transfer messages
+    (once missing from a hand-kept list) can be dropped, delayed or reordered too."""
+    from pbft.messages import MessageType
+
+    names = ", ".join(f'"{message_type.name}"' for message_type in MessageType)
+    scenario = parse_scenario(
+        f"""
+name = "every-type"
+[cluster]
+replicas = 4
+[workload]
+payments = 1
+[[faults]]
+at_ms = 0
+action = "drop"
+messages = [{names}]
+probability = 1.0
+""",
+        "<test>",
+    )
+    (fault,) = scenario.faults
+    assert "STATE_CHUNK" in fault.messages and "STATE_REQUEST" in fault.messages
+    assert len(fault.messages) == len(MessageType)

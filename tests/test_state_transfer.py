@@ -20,7 +20,7 @@ from pbft.ledger import (
     Payment,
     SnapshotLeaves,
 )
-from pbft.messages import Fetch, StateChunk, StateRequest
+from pbft.messages import Checkpoint, CommitCertificate, Fetch, StateChunk, StateRequest
 from pbft.replica import STATE_TRANSFER_TIMEOUT_INTERVALS, Replica, StableCheckpoint
 from pbft.signed import seal
 from pbft.statetransfer import OFFER_BYTES, ChunkRejected, IncomingTransfer, chunk_proves
@@ -440,3 +440,69 @@ def test_a_lied_leaf_count_that_proves_is_caught_and_the_transfer_starts_over() 
     assert transfer.add(chunk(0, 3, 1, [hashes[0], hashes[2]]), 60) is None
     rebuilt = transfer.add(chunk(0, 3, 2, honest_path), 70)
     assert rebuilt is not None and rebuilt.snapshot() == ledger.snapshot()
+
+
+# --- unsolicited help (issue 8, point 5) -----------------------------------------------------
+
+
+def test_a_stale_vote_of_another_view_gets_no_help() -> None:
+    """Only a vote of the view we are in shows its sender stuck in our view: an old vote
+    (here of view 1, replayed to a replica in view 0, or the converse after a view change)
+    is dropped as stale and answered with nothing."""
+    cluster = _transfer_cluster()
+    server = _server(cluster, 1, _busy_ledger())
+    cluster.tick(server, 1100)
+    other_view = cluster.prepare_vote(1, 1, 3, b"\x00" * 32)
+    assert send_raws(cluster.deliver(server, other_view)) == []
+    current = cluster.prepare_vote(0, 1, 3, b"\x00" * 32)
+    assert send_raws(cluster.deliver(server, current), ("replica", 3))
+
+
+def test_help_below_the_stable_checkpoint_is_one_signed_checkpoint_that_makes_it_fetch() -> None:
+    """A replica voting at a seq our stable checkpoint covers lacks that state: it gets one
+    CHECKPOINT (a few hundred bytes, already signed), not state, and asks for the state
+    itself; the answer to that FETCH is paid from its byte budget."""
+    cluster = _transfer_cluster()
+    server = _server(cluster, 1, _busy_ledger())
+    lagging = cluster.replica(3)
+    cluster.tick(lagging, 1000)
+    cluster.tick(server, 1100)
+    (hint,) = send_raws(cluster.deliver(server, cluster.prepare_vote(0, 1, 3, b"\x00" * 32)))
+    assert isinstance(decode(hint), Checkpoint) and len(hint) < 512
+    cluster.deliver(lagging, hint)
+    assert lagging.highest_seen_executed == SEQ
+    asked = [decode(raw) for raw in send_raws(cluster.tick(lagging, 1000 + 10_000))]
+    assert [type(message) for message in asked] == [Fetch]
+
+
+def test_replaying_an_old_vote_costs_the_replica_about_what_it_costs_the_replayer() -> None:
+    """A replayed old vote, as fast as help is given (once per retransmit interval), used
+    to get a 64 KiB state chunk each time (the attack measured 397x the bytes sent). Now
+    each gets one CHECKPOINT: the bytes out are within a small factor of the bytes in."""
+    cluster = _transfer_cluster(state_chunk_leaves=4096, state_chunk_bytes=1024 * 1024)
+    server = _server(cluster, 1, _busy_ledger(accounts=20_000))
+    vote = cluster.prepare_vote(0, 1, 3, b"\x00" * 32)
+    bytes_in = bytes_out = 0
+    interval = cluster.config.retransmit_interval_ms
+    for step in range(100):
+        cluster.tick(server, 2000 + step * interval)
+        bytes_in += len(vote)
+        bytes_out += sum(map(len, send_raws(cluster.deliver(server, vote))))
+    assert 0 < bytes_out <= 3 * bytes_in
+
+
+def test_help_above_the_stable_checkpoint_is_one_commit_certificate() -> None:
+    """A replica stuck on an executed seq above our stable checkpoint gets that seq's
+    certificate only: it executes it and learns it is behind; the rest it FETCHes."""
+    cluster = Cluster()
+    server = cluster.replica(1)
+    chain = cluster.chain()
+    for seq in range(1, 4):
+        chain.append([cluster.request(seq, seq)])
+        cluster.drive_commit(server, chain[seq])
+    assert server.last_executed == 3 and server.stable.seq == 0
+    cluster.tick(server, 10_000)
+    vote = cluster.prepare_vote(0, 2, 3, chain[2].digest)
+    sent = send_raws(cluster.deliver(server, vote), ("replica", 3))
+    assert [type(decode(raw)) for raw in sent] == [CommitCertificate]
+    assert decode(decode(sent[0]).pre_prepare).seq == 2
