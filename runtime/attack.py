@@ -40,12 +40,11 @@ from runtime.attack_harness import (
     GRACE_S,
     HONEST_CLIENT,
     PAYMENT_TIMEOUT_S,
-    ClusterStartError,
-    LocalCluster,
     Phase,
     measure,
 )
 from runtime.client import PaymentClient
+from runtime.localcluster import ClusterStartError, LocalCluster
 
 P99_FACTOR = 3.0
 
@@ -240,8 +239,11 @@ def _with_fresh_cluster(
     """Run one attack on a cluster of its own; a cluster that does not come up (ports taken
     by other work on the machine meanwhile) is tried again on new ports, twice at most."""
     for attempt in range(START_ATTEMPTS):
-        local = LocalCluster(
-            root / f"{name}-{attempt}", arguments.replicas, arguments.accounts_per_client
+        local = LocalCluster.create(
+            root / f"{name}-{attempt}",
+            replicas=arguments.replicas,
+            clients=3,
+            accounts_per_client=arguments.accounts_per_client,
         )
         try:
             return trio.run(_run_one, local, name, arguments)

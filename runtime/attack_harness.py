@@ -1,25 +1,19 @@
-"""What `python -m runtime.attack` measures with: a local cluster of replica processes, the
-honest client's closed loop, and the replicas' view changes, RSS and CPU from outside.
-
-Everything here reads the replicas as an operator would: their JSON log lines (stderr,
-kept in one file per replica) and /proc/PID (Linux).
+"""What `python -m runtime.attack` measures with: the honest client's closed loop against a
+local cluster of replica processes (runtime/localcluster.py), and the replicas' view
+changes, RSS and CPU read from outside, as an operator would (their JSON log lines and
+/proc/PID, Linux).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import subprocess
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import trio
 
 from runtime.client import PaymentClient, PaymentTimeout
-from runtime.cluster import Cluster, load_cluster, write_cluster
-from runtime.commands import consecutive_free_ports, replica_command
+from runtime.localcluster import LocalCluster, cpu_seconds, rss_kib
 
 HONEST_CLIENT = 0
 ATTACKER_CLIENT = 1
@@ -29,151 +23,12 @@ PROBE_TIMEOUT_S = 5.0
 PAYMENT_TIMEOUT_S = 30.0
 GRACE_S = 5.0  # payments in flight when a phase ends may finish within this long
 SAMPLE_INTERVAL_S = 0.1
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-_PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 
 def percentile(values: list[float], percent: float) -> float:
     ordered = sorted(values)
     rank = max(1, -(-int(percent * len(ordered)) // 100))
     return ordered[min(len(ordered), rank) - 1]
-
-
-def rss_kib(pid: int) -> int:
-    """Resident set size now (VmRSS), 0 if the process is gone."""
-    try:
-        with open(f"/proc/{pid}/statm") as handle:
-            return int(handle.read().split()[1]) * _PAGE_KIB
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time the process used so far (/proc/PID/stat, fields 14, 15)."""
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            # The command name (field 2) may hold spaces; fields after its ')' are plain.
-            fields = handle.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
-    except (OSError, ValueError, IndexError):
-        return 0.0
-
-
-class ClusterStartError(RuntimeError):
-    """The local cluster did not come up."""
-
-
-class LocalCluster:
-    """n replica processes on free 127.0.0.1 ports in `root`, logs in replica-I.log."""
-
-    def __init__(
-        self,
-        root: Path,
-        replicas: int,
-        accounts_per_client: int,
-        protocol: dict[str, int] | None = None,
-    ) -> None:
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-        self.path = write_cluster(
-            root,
-            replicas=replicas,
-            clients=3,
-            base_port=consecutive_free_ports(replicas)[0],
-            accounts_per_client=accounts_per_client,
-            protocol=protocol,
-        )
-        self.cluster: Cluster = load_cluster(self.path)
-        self.processes: dict[int, subprocess.Popen[bytes]] = {}
-
-    def log_path(self, replica: int) -> Path:
-        return self.root / f"replica-{replica}.log"
-
-    def start(self, replica: int) -> None:
-        with open(self.log_path(replica), "ab") as log:
-            self.processes[replica] = subprocess.Popen(
-                replica_command(self.path, replica), stdout=log, stderr=log
-            )
-
-    def start_all(self) -> None:
-        for replica in range(len(self.cluster.replicas)):
-            self.start(replica)
-
-    def stop(self, replica: int) -> None:
-        process = self.processes.pop(replica)
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-    def stop_all(self) -> None:
-        for replica in list(self.processes):
-            self.stop(replica)
-
-    def dead(self) -> dict[int, int]:
-        """Replicas whose process has exited: id -> exit status."""
-        return {
-            replica: code
-            for replica, process in self.processes.items()
-            if (code := process.poll()) is not None
-        }
-
-    def events(self, replica: int) -> list[dict[str, object]]:
-        try:
-            lines = self.log_path(replica).read_text(errors="replace").splitlines()
-        except FileNotFoundError:
-            return []
-        records = []
-        for line in lines:
-            if line.startswith("{"):
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
-        return records
-
-    def count_events(self, kind: str, start: float, end: float) -> int:
-        """Log records of `kind` (summed lines count their repeats) within [start, end]."""
-        total = 0
-        for replica in range(len(self.cluster.replicas)):
-            for record in self.events(replica):
-                stamp = record.get("time")
-                if record.get("event") == kind and isinstance(stamp, int | float):
-                    if start <= stamp <= end:
-                        repeated = record.get("repeated", 0)
-                        total += 1 + (repeated if isinstance(repeated, int) else 0)
-        return total
-
-    def current_view(self) -> int:
-        view = 0
-        for replica in range(len(self.cluster.replicas)):
-            for record in self.events(replica):
-                if record.get("event") == "new_view":
-                    words = str(record.get("detail", "")).split()
-                    if len(words) >= 2 and words[0] == "view" and words[1].isdigit():
-                        view = max(view, int(words[1]))
-        return view
-
-    async def wait_listening(self, timeout_s: float = 30.0) -> None:
-        """Return once every replica logged `listening`; ClusterStartError if one exits
-        first (a port taken by someone else since free_ports chose it) or none in time."""
-        with trio.move_on_after(timeout_s):
-            while True:
-                for replica, code in self.dead().items():
-                    raise ClusterStartError(
-                        f"replica {replica} exited with status {code} before listening "
-                        f"(see {self.log_path(replica)})"
-                    )
-                listening = sum(
-                    any(record.get("event") == "listening" for record in self.events(replica))
-                    for replica in self.processes
-                )
-                if listening == len(self.processes):
-                    return
-                await trio.sleep(0.1)
-        raise ClusterStartError(f"the replicas did not all listen within {timeout_s:g} s")
 
 
 @dataclass
@@ -310,6 +165,6 @@ async def measure(
     phase.view_changes = local.count_events("view_change", wall_start, wall_end)
     phase.new_views = local.count_events("new_view", wall_start, wall_end)
     phase.halts = local.count_events("halted", wall_start, wall_end)
-    phase.dead = local.dead()
+    phase.dead = local.exited()
     phase.load_average = os.getloadavg()[0]
     return phase

@@ -28,32 +28,25 @@ bad arguments. Progress goes to stderr only when stderr is a terminal.
 from __future__ import annotations
 
 import argparse
-import json
 import random
-import re
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 import trio
 
 from pbft.client import Decided
 from pbft.receipt import ReceiptError, verify_receipt
-from pbft.replica import Replica
 from runtime.client import PaymentClient, PaymentTimeout
-from runtime.cluster import Cluster, load_cluster, write_cluster
-from runtime.commands import consecutive_free_ports, replica_command
-from runtime.storage import DurableStore
+from runtime.cluster import Cluster
+from runtime.localcluster import LocalCluster
 
 PROTOCOL = {"view_change_timeout_ms": 500}
 STARTUP_TIMEOUT_S = 60.0  # generous: a shared machine can stall for many seconds
-VIEW_PATTERN = re.compile(r"view (\d+)")
 
 
 @dataclass
@@ -101,86 +94,6 @@ class SoakResult:
     @property
     def ok(self) -> bool:
         return not self.failures
-
-
-class Processes:
-    """The replica processes of one cluster file, each logging to DIR/replica-I.log."""
-
-    def __init__(self, root: Path, cluster_path: Path, count: int) -> None:
-        self.root = root
-        self.cluster_path = cluster_path
-        self.count = count
-        self.running: dict[int, subprocess.Popen[bytes]] = {}
-        self.starts: dict[int, int] = {}
-        self.unexpected: list[str] = []
-
-    def log_path(self, replica: int) -> Path:
-        return self.root / f"replica-{replica}.log"
-
-    def start(self, replica: int) -> None:
-        with open(self.log_path(replica), "ab") as log:
-            self.running[replica] = subprocess.Popen(
-                replica_command(self.cluster_path, replica), stdout=log, stderr=log
-            )
-        self.starts[replica] = self.starts.get(replica, 0) + 1
-
-    def kill(self, replica: int) -> None:
-        process = self.running.pop(replica)
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=10)
-
-    def check_alive(self) -> None:
-        for replica, process in list(self.running.items()):
-            if process.poll() is not None:
-                self.unexpected.append(f"replica {replica} exited with {process.returncode}")
-                del self.running[replica]
-
-    def stop_all(self) -> None:
-        for process in self.running.values():
-            process.send_signal(signal.SIGTERM)
-        for replica, process in self.running.items():
-            try:
-                code = process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
-                self.unexpected.append(f"replica {replica} ignored SIGTERM")
-                continue
-            if code != 0:
-                self.unexpected.append(f"replica {replica} stopped with {code}")
-        self.running.clear()
-
-    def events(self, replica: int) -> list[dict[str, Any]]:
-        try:
-            lines = self.log_path(replica).read_text(errors="replace").splitlines()
-        except FileNotFoundError:
-            return []
-        events = []
-        for line in lines:
-            if line.startswith("{"):
-                try:
-                    events.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue  # a line cut short by SIGKILL
-        return events
-
-    def listening_count(self, replica: int) -> int:
-        return sum(1 for event in self.events(replica) if event.get("event") == "listening")
-
-    def views(self) -> list[int]:
-        """Every view any replica logged installing (NEW-VIEW), in log order per replica."""
-        views = []
-        for replica in range(self.count):
-            for event in self.events(replica):
-                if event.get("event") == "new_view":
-                    match = VIEW_PATTERN.search(str(event.get("detail", "")))
-                    if match:
-                        views.append(int(match.group(1)))
-        return views
-
-    def current_view(self) -> int:
-        views = self.views()
-        return max(views) if views else 0
 
 
 class LoadTracker:
@@ -249,7 +162,7 @@ async def _pay_until_decided(
 async def _soak(
     settings: SoakSettings,
     cluster: Cluster,
-    processes: Processes,
+    local: LocalCluster,
     result: SoakResult,
     receipts: list[Decided],
     progress: TextIO | None,
@@ -277,7 +190,7 @@ async def _soak(
 
     async def wait_listening(replica: int, count: int) -> bool:
         with trio.move_on_after(STARTUP_TIMEOUT_S):
-            while processes.listening_count(replica) < count:
+            while local.listening_count(replica) < count:
                 await trio.sleep(0.05)
             return True
         return False
@@ -294,8 +207,8 @@ async def _soak(
                 nursery.start_soon(worker, client, task)
         for round_number in range(1, settings.rounds + 1):
             tracker.round = round_number
-            processes.check_alive()
-            primary = processes.current_view() % settings.replicas
+            _note_exits(local, result)
+            primary = local.current_view() % settings.replicas
             count = rng.randint(1, fault_bound)
             if rng.random() < 1 / 3:
                 victims = [primary] + rng.sample(
@@ -304,14 +217,14 @@ async def _soak(
             else:
                 victims = rng.sample(range(settings.replicas), count)
             for victim in victims:
-                if victim in processes.running:
-                    processes.kill(victim)
+                if victim in local.processes:
+                    local.kill(victim)
                     result.kills += 1
                     result.primary_kills += victim == primary
             await trio.sleep(rng.uniform(*settings.down_s))
             for victim in victims:
-                processes.start(victim)
-            late = [v for v in victims if not await wait_listening(v, processes.starts[v])]
+                local.start(victim)
+            late = [v for v in victims if not await wait_listening(v, local.starts[v])]
             if late:
                 result.aborted = (
                     f"round {round_number}: replica {late[0]} did not listen within "
@@ -323,7 +236,7 @@ async def _soak(
             if progress is not None:
                 print(
                     f"\rround {round_number}/{settings.rounds}  decided {result.decided}"
-                    f"  view {processes.current_view()}",
+                    f"  view {local.current_view()}",
                     end="",
                     file=progress,
                     flush=True,
@@ -353,25 +266,10 @@ async def _serve(
         await trio.sleep_forever()
 
 
-def rebuilt_replica(cluster: Cluster, root: Path, replica: int) -> Replica:
-    """A replica core rebuilt from what the (stopped) process made durable."""
-    with DurableStore.open(root / f"data-{replica}" / f"replica-{replica}.log") as store:
-        records = store.records()
-    return Replica(
-        replica,
-        cluster.config,
-        cluster.load_private_key("replica", replica),
-        cluster.keyring(),
-        cluster.accounts,
-        records=records or None,
-    )
-
-
-def check_ledgers(
-    cluster: Cluster, root: Path, receipts: list[Decided], result: SoakResult
-) -> None:
+def check_ledgers(local: LocalCluster, receipts: list[Decided], result: SoakResult) -> None:
+    cluster = local.cluster
     keyring = cluster.keyring()
-    cores = [rebuilt_replica(cluster, root, r.replica_id) for r in cluster.replicas]
+    cores = [local.rebuilt_replica(replica) for replica in local.replica_ids]
     total = sum(account.balance for account in cluster.accounts.values())
     for core in cores:
         result.replica_positions[core.id] = core.last_executed
@@ -416,32 +314,30 @@ def check_ledgers(
             result.lost_receipts += 1
 
 
+def _note_exits(local: LocalCluster, result: SoakResult) -> None:
+    """Replicas that exited by themselves (never expected in a soak): each a failure."""
+    for replica, code in local.reap().items():
+        result.unexpected_exits.append(f"replica {replica} exited with {code}")
+
+
 def run_soak(settings: SoakSettings, root: Path, progress: TextIO | None = None) -> SoakResult:
     started = time.monotonic()
     result = SoakResult()
-    ports = consecutive_free_ports(settings.replicas)
-    cluster_path = write_cluster(
-        root,
-        replicas=settings.replicas,
-        clients=settings.clients,
-        base_port=ports[0],
-        protocol=PROTOCOL,
+    local = LocalCluster.create(
+        root, replicas=settings.replicas, clients=settings.clients, protocol=PROTOCOL
     )
-    cluster = load_cluster(cluster_path)
-    processes = Processes(root, cluster_path, settings.replicas)
+    cluster = local.cluster
     receipts = result.receipts
     try:
-        for replica in range(settings.replicas):
-            processes.start(replica)
-        trio.run(_soak, settings, cluster, processes, result, receipts, progress)
-        processes.check_alive()
+        local.start_all()
+        trio.run(_soak, settings, cluster, local, result, receipts, progress)
+        _note_exits(local, result)
     finally:
-        processes.stop_all()
-    views = processes.views()
+        result.unexpected_exits += local.stop_all()
+    views = local.views()
     result.final_view = max(views, default=0)
     result.views_installed = len(set(views))
-    result.unexpected_exits = processes.unexpected
-    check_ledgers(cluster, root, receipts, result)
+    check_ledgers(local, receipts, result)
     result.wall_s = time.monotonic() - started
     if result.aborted:
         result.failures.append(result.aborted)

@@ -22,8 +22,9 @@ import trio
 
 from runtime.adversary import ATTACKS
 from runtime.attack import Result, _failures, print_table, run_attack
-from runtime.attack_harness import HONEST_CLIENT, LocalCluster, Phase
+from runtime.attack_harness import HONEST_CLIENT, Phase
 from runtime.client import PaymentClient
+from runtime.localcluster import LocalCluster
 
 SECONDS = 2.0
 NO_VIEW_CHANGE = ("handshake_flood",)
@@ -32,8 +33,12 @@ PROTOCOL = {"view_change_timeout_ms": 2000}
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    local = LocalCluster(
-        Path(tmp_path_factory.mktemp("attack")), 4, accounts_per_client=4, protocol=PROTOCOL
+    local = LocalCluster.create(
+        Path(tmp_path_factory.mktemp("attack")),
+        replicas=4,
+        clients=3,
+        accounts_per_client=4,
+        protocol=PROTOCOL,
     )
     local.start_all()
     try:
@@ -67,7 +72,7 @@ def test_attack_leaves_every_replica_up_and_answering(
         print_table([result], sys.stdout)
     assert result.attacker_exit == 0, result.attacker
     assert sum(result.attacker["sent"].values()) > 0, result.attacker
-    assert cluster.dead() == {}
+    assert cluster.exited() == {}
     assert result.attacked.dead == {} and result.attacked.halts == 0
     assert outcome == "confirmed"
     if name in NO_VIEW_CHANGE:

@@ -15,6 +15,7 @@ import pytest
 from pbft.events import MessageReceived
 from pbft.replica import Replica
 from runtime import inputfuzz
+from runtime.localcluster import LocalCluster
 from runtime.soak import SoakResult, SoakSettings, check_ledgers, run_soak
 
 
@@ -85,8 +86,8 @@ def test_soak_3_rounds_of_kill_9_no_lost_receipts(tmp_path: Path) -> None:
     for replica in (0, 1):
         shutil.rmtree(tmp_path / f"data-{replica}")
         (tmp_path / f"data-{replica}").mkdir()
-    from runtime.cluster import load_cluster
 
     recheck = SoakResult()
-    check_ledgers(load_cluster(tmp_path / "cluster.toml"), tmp_path, result.receipts, recheck)
+    local = LocalCluster(tmp_path, tmp_path / "cluster.toml")
+    check_ledgers(local, result.receipts, recheck)
     assert recheck.lost_receipts == recheck.receipts_checked == result.decided

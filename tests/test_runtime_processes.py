@@ -5,9 +5,7 @@ Every server here is started by the test, on 127.0.0.1 only, and stopped by it.
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,90 +17,34 @@ import trio
 
 from pbft.receipt import verify_receipt
 from runtime.client import PaymentClient
-from runtime.cluster import Cluster, load_cluster, write_cluster
-from runtime.commands import consecutive_free_ports, replica_command
+from runtime.commands import replica_command
+from runtime.localcluster import LocalCluster
 
 REPLICAS = 4
 # Replica processes start slowly on a loaded 2-core machine: generous, and only an upper bound.
 STARTUP_S = 60.0
 
 
-class LocalCluster:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        # Every port of the cluster, not only the first, was free a moment ago.
-        self.path = write_cluster(
-            root, replicas=REPLICAS, clients=2, base_port=consecutive_free_ports(REPLICAS)[0]
-        )
-        self.cluster: Cluster = load_cluster(self.path)
-        self.processes: dict[int, subprocess.Popen[bytes]] = {}
-
-    def log_path(self, replica: int) -> Path:
-        return self.root / f"replica-{replica}.log"
-
-    def start(self, replica: int) -> None:
-        log = open(self.log_path(replica), "ab")  # noqa: SIM115 - closed by the child's exit
-        self.processes[replica] = subprocess.Popen(
-            replica_command(self.path, replica),
-            stdout=log,
-            stderr=log,
-        )
-        log.close()
-
-    def kill(self, replica: int) -> None:
-        process = self.processes.pop(replica)
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=10)
-
-    def report_exited(self) -> None:
-        """On stderr (pytest shows it for a failing test): each replica that exited by
-        itself, with the end of its log, so a failure in CI says why."""
-        for replica, process in sorted(self.processes.items()):
-            if process.poll() is not None:
-                tail = self.log_path(replica).read_text(errors="replace").splitlines()[-5:]
-                print(f"replica {replica} exited with {process.returncode}:", file=sys.stderr)
-                for line in tail:
-                    print(f"  {line}", file=sys.stderr)
-
-    def stop_all(self) -> None:
-        self.report_exited()
-        for process in self.processes.values():
-            process.send_signal(signal.SIGTERM)
-        for process in self.processes.values():
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        self.processes.clear()
-
-    def events(self, replica: int) -> list[dict[str, object]]:
-        lines = self.log_path(replica).read_text().splitlines()
-        return [json.loads(line) for line in lines if line.startswith("{")]
-
-    def checkpoints(self, replica: int) -> dict[int, str]:
-        return {
-            int(event["seq"]): str(event["ledger_digest"])
-            for event in self.events(replica)
-            if event["event"] == "checkpoint_stable"
-        }
+def _local(root: Path) -> LocalCluster:
+    return LocalCluster.create(root, replicas=REPLICAS, clients=2)
 
 
-def _events_or_none(local: LocalCluster, replica: int) -> list[dict[str, object]]:
-    try:
-        return local.events(replica)
-    except (FileNotFoundError, json.JSONDecodeError):
-        return []
+def _stop(local: LocalCluster) -> None:
+    """Stop every replica; on stderr (pytest shows it for a failing test), each that had
+    exited by itself, with the end of its log, so a failure in CI says why."""
+    for replica, code in sorted(local.exited().items()):
+        print(local.exit_report(replica, code), file=sys.stderr)
+    local.stop_all()
 
 
 @pytest.fixture
 def local_cluster(tmp_path: Path) -> Iterator[LocalCluster]:
-    cluster = LocalCluster(tmp_path)
-    for replica in range(REPLICAS):
-        cluster.start(replica)
+    cluster = _local(tmp_path)
+    cluster.start_all()
     try:
         yield cluster
     finally:
-        cluster.stop_all()
+        _stop(cluster)
 
 
 def _run(coroutine_function, *arguments):  # noqa: ANN001, ANN202 - a test helper
@@ -187,9 +129,8 @@ def test_kill_9_of_the_primary_under_load_then_restart_converges(
 
 
 def test_torn_log_tail_recovers_and_corrupt_log_refuses_to_start(tmp_path: Path) -> None:
-    cluster = LocalCluster(tmp_path)
-    for replica in range(REPLICAS):
-        cluster.start(replica)
+    cluster = _local(tmp_path)
+    cluster.start_all()
     try:
 
         async def pay_some() -> None:
@@ -221,42 +162,22 @@ def test_torn_log_tail_recovers_and_corrupt_log_refuses_to_start(tmp_path: Path)
         assert b"refusing to start on damaged storage" in result.stderr
         assert str(log).encode() in result.stderr
     finally:
-        cluster.stop_all()
+        _stop(cluster)
 
 
 def test_replicas_stop_cleanly_on_sigterm(local_cluster: LocalCluster) -> None:
     deadline = time.monotonic() + 30
     for replica in range(REPLICAS):
         # SIGTERM before the replica set up its signal handling would just kill it.
-        while not any(
-            event["event"] == "listening" for event in _events_or_none(local_cluster, replica)
-        ):
+        while not any(event["event"] == "listening" for event in local_cluster.events(replica)):
             assert time.monotonic() < deadline, f"replica {replica} never started listening"
             time.sleep(0.05)
     processes = dict(local_cluster.processes)
-    local_cluster.stop_all()
+    assert local_cluster.stop_all() == []
     for replica, process in processes.items():
         assert process.returncode == 0, replica
         assert local_cluster.events(replica)[-1]["event"] == "stopped"
     assert os.path.exists(local_cluster.root / "data-0" / "replica-0.log")
-
-
-def _rebuilt_replica(local: LocalCluster, replica: int):  # noqa: ANN202 - a test helper
-    """A replica core rebuilt from what the process made durable (the process is stopped)."""
-    from pbft.replica import Replica
-    from runtime.storage import DurableStore
-
-    cluster = local.cluster
-    with DurableStore.open(local.root / f"data-{replica}" / f"replica-{replica}.log") as store:
-        records = store.records()
-    return Replica(
-        replica,
-        cluster.config,
-        cluster.load_private_key("replica", replica),
-        cluster.keyring(),
-        cluster.accounts,
-        records=records or None,
-    )
 
 
 @pytest.mark.slow
@@ -266,9 +187,8 @@ def test_soak_kill_and_restart_a_random_replica_under_load_20_rounds(tmp_path: P
     durable ledger with the same outcome, and the money is conserved."""
     import random
 
-    local = LocalCluster(tmp_path)
-    for replica in range(REPLICAS):
-        local.start(replica)
+    local = _local(tmp_path)
+    local.start_all()
     rng = random.Random(20)
     receipts: list = []
 
@@ -297,10 +217,10 @@ def test_soak_kill_and_restart_a_random_replica_under_load_20_rounds(tmp_path: P
     try:
         _run(soak)
     finally:
-        local.stop_all()
+        _stop(local)
     keyring = local.cluster.keyring()
     assert len(receipts) == 20 * 12
-    cores = [_rebuilt_replica(local, replica) for replica in range(REPLICAS)]
+    cores = [local.rebuilt_replica(replica) for replica in range(REPLICAS)]
     total = sum(account.balance for account in local.cluster.accounts.values())
     for core in cores:
         assert core.ledger.total_balance() == core.ledger.recount_total() == total
@@ -330,7 +250,7 @@ def test_hostile_connections_do_not_disturb_a_replica_process(local_cluster: Loc
 
     address = local_cluster.cluster.replica(0)
     deadline = time.monotonic() + 30
-    while not any(e["event"] == "listening" for e in _events_or_none(local_cluster, 0)):
+    while not any(e["event"] == "listening" for e in local_cluster.events(0)):
         assert time.monotonic() < deadline
         time.sleep(0.05)
 

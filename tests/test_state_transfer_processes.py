@@ -8,11 +8,7 @@ replica that did not need a transfer (run with -s to see them).
 
 from __future__ import annotations
 
-import json
 import shutil
-import signal
-import socket
-import subprocess
 import time
 from pathlib import Path
 
@@ -20,8 +16,7 @@ import pytest
 import trio
 
 from runtime.client import PaymentClient
-from runtime.cluster import load_cluster, write_cluster
-from runtime.commands import replica_command
+from runtime.localcluster import LocalCluster, peak_rss_kib
 
 REPLICAS = 4
 ACCOUNTS = 1_000_000
@@ -29,56 +24,12 @@ ACCOUNTS = 1_000_000
 CATCH_UP_DEADLINE_S = 600
 
 
-def _events(path: Path) -> list[dict[str, object]]:
-    try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        return []
-    events = []
-    for line in lines:
-        if line.startswith("{"):
-            try:
-                events.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass  # a line being written
-    return events
-
-
-def _ports_outside_the_ephemeral_range(count: int) -> int:
-    """The first of `count` consecutive free ports below Linux's ephemeral range: replica 3
-    is down for a while, and a port the OS hands out for outgoing connections (or to
-    free_ports) could be taken in the meantime, and its restart then fails to listen."""
-    for base in range(21000, 32000 - count, 97):
-        sockets = []
-        try:
-            for port in range(base, base + count):
-                handle = socket.socket()
-                sockets.append(handle)
-                handle.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        finally:
-            for handle in sockets:
-                handle.close()
-        return base
-    raise AssertionError("no free ports in 21000..32000")
-
-
-def _peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 @pytest.mark.slow
 def test_wiped_replica_of_a_million_account_ledger_catches_up_over_tcp(tmp_path: Path) -> None:
-    base = _ports_outside_the_ephemeral_range(REPLICAS)
-    path = write_cluster(
+    local = LocalCluster.create(
         tmp_path,
         replicas=REPLICAS,
         clients=2,
-        base_port=base,
         initial_balance=1000,
         generated_accounts=ACCOUNTS,
         # A checkpoint of a million accounts takes the replicas seconds of CPU: long timeouts
@@ -90,24 +41,8 @@ def test_wiped_replica_of_a_million_account_ledger_catches_up_over_tcp(tmp_path:
             "heartbeat_interval_ms": 200,
         },
     )
-    cluster = load_cluster(path)
-    processes: dict[int, subprocess.Popen[bytes]] = {}
-
-    def log(replica: int) -> Path:
-        return tmp_path / f"replica-{replica}.log"
-
-    def start(replica: int) -> None:
-        with open(log(replica), "ab") as handle:
-            processes[replica] = subprocess.Popen(
-                replica_command(path, replica), stdout=handle, stderr=handle
-            )
-
-    def checkpoints(replica: int) -> dict[int, str]:
-        return {
-            int(event["seq"]): str(event["ledger_digest"])
-            for event in _events(log(replica))
-            if event["event"] == "checkpoint_stable"
-        }
+    cluster = local.cluster
+    checkpoints = local.checkpoints
 
     async def pay(count: int, replicas_up: int) -> None:
         async with PaymentClient(cluster, 0, timeout_s=120) as client:
@@ -118,11 +53,10 @@ def test_wiped_replica_of_a_million_account_ledger_catches_up_over_tcp(tmp_path:
                 assert decided.outcome == "confirmed"
 
     try:
-        for replica in range(REPLICAS):
-            start(replica)
+        local.start_all()
         trio.run(pay, 4, 4)
         # Replica 3 loses everything: killed, its data directory gone.
-        processes.pop(3).send_signal(signal.SIGKILL)
+        local.kill(3)
         shutil.rmtree(tmp_path / "data-3", ignore_errors=True)
         trio.run(pay, 4, 3)
         deadline = time.monotonic() + CATCH_UP_DEADLINE_S
@@ -131,16 +65,16 @@ def test_wiped_replica_of_a_million_account_ledger_catches_up_over_tcp(tmp_path:
             time.sleep(0.2)
 
         started = time.monotonic()
-        start(3)
+        local.start(3)
         while 8 not in checkpoints(3):
             assert time.monotonic() < deadline, "the wiped replica never caught up"
-            assert processes[3].poll() is None, log(3).read_text()[-2000:]
+            assert 3 not in local.exited(), local.exit_report(3, local.exited()[3])
             time.sleep(0.1)
         caught_up_s = time.monotonic() - started
-        peak_wiped = _peak_rss_mib(processes[3].pid)
-        peak_server = _peak_rss_mib(processes[1].pid)
+        peak_wiped = peak_rss_kib(local.pid(3)) / 1024
+        peak_server = peak_rss_kib(local.pid(1)) / 1024
 
-        events = _events(log(3))
+        events = local.events(3)
         transfers = [e for e in events if e["event"] == "state_transfer"]
         assert transfers, "caught up without a state transfer?"
         assert checkpoints(3)[8] == checkpoints(0)[8] == checkpoints(1)[8]
@@ -154,11 +88,4 @@ def test_wiped_replica_of_a_million_account_ledger_catches_up_over_tcp(tmp_path:
             f"{peak_server:.0f} MiB; {len(starts)} start"
         )
     finally:
-        for process in processes.values():
-            process.send_signal(signal.SIGTERM)
-        for process in processes.values():
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
+        local.stop_all()
