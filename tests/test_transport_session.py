@@ -477,3 +477,32 @@ def test_keys_of_a_hand_made_session_match_the_transport() -> None:
             await wait_until(lambda: server.statistics().handshakes_failed == {"bad_key": 1})
 
     run(main)
+
+
+def test_a_connection_out_of_nonces_is_closed_and_redialled_never_wrapped() -> None:
+    async def main() -> None:
+        async with make(R0) as server, make(C0) as client:
+            port = await server.listen(HOST, 0)
+            client.connect_to(R0, HOST, port)
+            await client.wait_connected(R0)
+            await wait_until(lambda: server.is_connected(C0))
+            # Both ends of the client -> server direction, one frame before the limit
+            # (reached through the internals: 2**64 frames cannot be sent in a test).
+            outbound = client._peers[R0].active  # noqa: SLF001
+            inbound = server._peers[C0].active  # noqa: SLF001
+            assert outbound is not None and inbound is not None
+            outbound.sealer.counter = 2**64 - 1
+            inbound.decoder._cipher.counter = 2**64 - 1  # noqa: SLF001
+            client.send(R0, b"the last nonce")
+            assert await receive(server) == (C0, b"the last nonce")
+            client.send(R0, b"one too many")  # lost with its connection, never sealed
+            await wait_until(lambda: client.statistics().closes.get("session_exhausted") == 1)
+            assert client.statistics().drops == {"connection_lost": 1}
+            await wait_until(lambda: client.statistics().handshakes_ok == 2)
+            await client.wait_connected(R0)
+            await wait_until(lambda: server.statistics().handshakes_ok == 2)
+            client.send(R0, b"new keys, counter 0")
+            assert await receive(server) == (C0, b"new keys, counter 0")
+            assert server.statistics().closes.get("session_auth_failed") is None
+
+    run(main)
