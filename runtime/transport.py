@@ -64,8 +64,9 @@ key of its direction::
 
 Each side keeps one counter per direction, so a nonce is never used twice under a key and
 the receiver knows which nonce the next frame must have: a frame altered, injected,
-dropped, reordered or replayed (from this connection or another: other keys) fails to
-open. Such a frame is never delivered; it closes the connection, counted in
+reordered or replayed (from this connection or another: other keys) fails to open, and
+so does the one after a frame dropped on the path. Such a frame is never delivered; it
+closes the connection, counted in
 `closes["session_auth_failed"]`. A counter never wraps: at 2**64 frames the connection is
 closed (`session_exhausted`) and redialled, with new keys. The size limits below are
 plaintext limits; a sealed frame is 16 bytes (the tag) longer, and the decoder's limit is
