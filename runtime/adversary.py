@@ -29,19 +29,28 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import trio
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from crypto.keys import Principal, SigningKey
 from pbft.messages import Fetch, MessageType, Prepare, Request, StateRequest
 from pbft.signed import Rejected, peek, seal
 from runtime.cluster import Cluster, load_cluster
-from runtime.framing import FRAME_HEADER_SIZE, FrameDecoder, FramingError, encode_frame
+from runtime.framing import FRAME_HEADER_SIZE, MAX_FRAME_BYTES, FrameDecoder, encode_frame
 from runtime.transport import (
+    EPHEMERAL_SIZE,
     HANDSHAKE_DOMAIN,
     HANDSHAKE_MAX_FRAME_BYTES,
     HANDSHAKE_VERSION,
     NONCE_SIZE,
+    SESSION_TAG_SIZE,
+    SessionCipher,
+    SessionError,
+    SessionReader,
     decode_principal,
     encode_principal,
+    ephemeral_key,
+    session_keys,
+    transcript_hash,
 )
 
 ATTACKER_NICE = 10
@@ -57,7 +66,7 @@ IO_TIMEOUT_S = 5.0
 
 @dataclass
 class Counters:
-    """What the attacker did; bytes are frame payloads plus headers, as put on TCP."""
+    """What the attacker did; bytes are frames (sealed, with headers) as put on TCP."""
 
     sent: Counter[str] = field(default_factory=Counter)
     bytes_out: int = 0  # attacker -> replicas
@@ -111,7 +120,9 @@ async def _connect(host: str, port: int) -> trio.SocketStream:
 
 
 async def _read_frame(
-    stream: trio.SocketStream, decoder: FrameDecoder, counters: Counters | None = None
+    stream: trio.SocketStream,
+    decoder: FrameDecoder | SessionReader,
+    counters: Counters | None = None,
 ) -> bytes:
     while True:
         frame = decoder.next_frame()
@@ -125,50 +136,72 @@ async def _read_frame(
         decoder.append(data)
 
 
+class Link:
+    """An authenticated connection to a replica: the stream and its session (every frame
+    after the handshake is sealed, see runtime/transport.py)."""
+
+    def __init__(
+        self, stream: trio.SocketStream, sealer: SessionCipher, reader: SessionReader
+    ) -> None:
+        self.stream = stream
+        self.sealer = sealer
+        self.reader = reader
+
+    def seal(self, payload: bytes) -> bytes:
+        """The frame carrying `payload` on this connection (each uses up a nonce)."""
+        return self.sealer.seal_frame(payload)
+
+
 async def authenticate(
     host: str, port: int, me: Principal, key: SigningKey, server: Principal
-) -> trio.SocketStream:
+) -> Link:
     """The connecting side of the transport's handshake (runtime/transport.py), by hand."""
     stream = await _connect(host, port)
     try:
         with trio.fail_after(IO_TIMEOUT_S):
             decoder = FrameDecoder(HANDSHAKE_MAX_FRAME_BYTES)
             hello = await _read_frame(stream, decoder)
-            if hello[:1] != b"H" or hello[1] != HANDSHAKE_VERSION:
+            if hello[:1] != b"H" or len(hello) < 2 or hello[1] != HANDSHAKE_VERSION:
                 raise HandshakeRefused("bad hello")
-            server_nonce = hello[2 : 2 + NONCE_SIZE]
-            server_bytes = hello[2 + NONCE_SIZE :]
+            server_bytes = hello[2 + NONCE_SIZE : -EPHEMERAL_SIZE]
             if decode_principal(server_bytes) != server:
                 raise HandshakeRefused("wrong server")
-            mine = encode_principal(me)
-            signature = key.sign(HANDSHAKE_DOMAIN, server_nonce + server_bytes + mine)
-            client_nonce = secrets.token_bytes(NONCE_SIZE)
-            await stream.send_all(encode_frame(b"A" + mine + client_nonce + signature))
+            ephemeral, ephemeral_public = ephemeral_key(secrets.token_bytes(32))
+            unsigned = (
+                b"A" + encode_principal(me) + secrets.token_bytes(NONCE_SIZE) + ephemeral_public
+            )
+            transcript = transcript_hash(hello, unsigned)
+            await stream.send_all(encode_frame(unsigned + key.sign(HANDSHAKE_DOMAIN, transcript)))
             accept = await _read_frame(stream, decoder)
-            if accept[:1] != b"K":
+            if accept[:1] != b"K":  # (its signature is the replica's business to get right)
                 raise HandshakeRefused("no accept")
+            shared = ephemeral.exchange(X25519PublicKey.from_public_bytes(hello[-EPHEMERAL_SIZE:]))
+            outbound, inbound = session_keys(shared, transcript)
     except BaseException:
         await trio.aclose_forcefully(stream)
         raise
-    return stream
+    # Replies from a replica are read with a replica's limit (a client's is smaller).
+    reader = SessionReader(decoder, SessionCipher(inbound), MAX_FRAME_BYTES)
+    return Link(stream, SessionCipher(outbound), reader)
 
 
-async def _drain(stream: trio.SocketStream, counters: Counters) -> None:
+async def _drain(link: Link, counters: Counters) -> None:
     """Read (and count) whatever the replica sends back, so it is never blocked on us.
     Frames are told apart by type: catch-up answers (a CHECKPOINT-STATE or COMMIT-
     CERTIFICATE) are what an amplification attack asks for; the rest (heartbeats, votes
-    for the replica whose key we hold) would go to that replica anyway."""
-    decoder = FrameDecoder()
+    for the replica whose key we hold) would go to that replica anyway. Counted as they
+    went over the wire (sealed)."""
     try:
         while True:
-            data = await stream.receive_some(1 << 20)
+            data = await link.stream.receive_some(1 << 20)
             if not data:
                 return
             counters.bytes_in += len(data)
-            decoder.append(data)
-            while (frame := decoder.next_frame()) is not None:
-                counters.received[_frame_type(frame)] += FRAME_HEADER_SIZE + len(frame)
-    except (trio.BrokenResourceError, trio.ClosedResourceError, FramingError):
+            link.reader.append(data)
+            while (frame := link.reader.next_frame()) is not None:
+                wire_size = FRAME_HEADER_SIZE + len(frame) + SESSION_TAG_SIZE
+                counters.received[_frame_type(frame)] += wire_size
+    except (trio.BrokenResourceError, trio.ClosedResourceError, SessionError):
         return
 
 
@@ -192,12 +225,12 @@ async def _flood_connection(
     deadline: float,
     pause_s: float = 0.0,
 ) -> None:
-    """Keep one authenticated connection and write `frames()` as fast as it takes them,
-    reconnecting whenever the replica closes it, until the deadline."""
+    """Keep one authenticated connection and write `frames()` (payloads, sealed here) as
+    fast as it takes them, reconnecting whenever the replica closes it, until the deadline."""
     counters = ctx.counters
     while trio.current_time() < deadline:
         try:
-            stream = await authenticate(host, port, me, key, server)
+            link = await authenticate(host, port, me, key, server)
         except (OSError, HandshakeRefused, trio.TooSlowError, trio.BrokenResourceError):
             counters.errors[f"{label}_handshake_failed"] += 1
             await trio.sleep(0.05)
@@ -205,11 +238,11 @@ async def _flood_connection(
         counters.sent["handshakes_ok"] += 1
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_drain, stream, counters)
+                nursery.start_soon(_drain, link, counters)
                 with trio.move_on_at(deadline):
                     while True:
-                        frame = frames()
-                        await stream.send_all(frame)
+                        frame = link.seal(frames())
+                        await link.stream.send_all(frame)
                         counters.sent[label] += 1
                         counters.bytes_out += len(frame)
                         if pause_s:
@@ -220,7 +253,7 @@ async def _flood_connection(
         except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             counters.errors[f"{label}_connection_closed"] += 1
         finally:
-            await trio.aclose_forcefully(stream)
+            await trio.aclose_forcefully(link.stream)
 
 
 # --- 1. handshake_flood -----------------------------------------------------------------------
@@ -229,7 +262,7 @@ async def _flood_connection(
 async def handshake_flood(ctx: Context, seconds: float) -> None:
     """Per replica: HANDSHAKE_CONNECTS_PER_S plain TCP connects a second that never say a
     word, plus BAD_AUTH_WORKERS loops that read HELLO and answer with a well-formed AUTH
-    naming a real client but carrying a random signature."""
+    naming a real client but carrying a random ephemeral key and signature."""
     deadline = trio.current_time() + seconds
     counters = ctx.counters
 
@@ -285,6 +318,7 @@ async def handshake_flood(ctx: Context, seconds: float) -> None:
                         b"A"
                         + forged_principal
                         + secrets.token_bytes(NONCE_SIZE)
+                        + secrets.token_bytes(EPHEMERAL_SIZE)
                         + secrets.token_bytes(64)
                     )
                     frame = encode_frame(auth)
@@ -331,7 +365,7 @@ def decode_bombs() -> list[tuple[str, bytes]]:
     # A map announcing 2**32 - 1 entries, and an array of 2**20 nils.
     bombs.append(("announced_map", b"\xdf\xff\xff\xff\xff" + b"\x00" * 1024))
     bombs.append(("nil_array", b"\xdd" + (1 << 20).to_bytes(4, "big") + b"\xc0" * (1 << 20)))
-    return [(name, encode_frame(payload)) for name, payload in bombs]
+    return bombs  # payloads: sealed per connection
 
 
 async def decode_bomb(ctx: Context, seconds: float) -> None:
@@ -340,7 +374,7 @@ async def decode_bomb(ctx: Context, seconds: float) -> None:
     only the 64 KiB ones from then on, so the attack keeps the connection busy either way."""
     deadline = trio.current_time() + seconds
     bombs = decode_bombs()
-    small = [(name, frame) for name, frame in bombs if len(frame) <= SMALL_BOMB_BYTES + 4]
+    small = [(name, payload) for name, payload in bombs if len(payload) <= SMALL_BOMB_BYTES]
     me: Principal = ("client", ctx.client_id)
     counters = ctx.counters
 
@@ -349,31 +383,32 @@ async def decode_bomb(ctx: Context, seconds: float) -> None:
         big_refused = False
         while trio.current_time() < deadline:
             try:
-                stream = await authenticate(host, port, me, ctx.client_key, server)
+                link = await authenticate(host, port, me, ctx.client_key, server)
             except (OSError, HandshakeRefused, trio.TooSlowError, trio.BrokenResourceError):
                 counters.errors["bombs_handshake_failed"] += 1
                 await trio.sleep(0.05)
                 continue
             counters.sent["handshakes_ok"] += 1
-            name, frame = "", b""
+            name, payload = "", b""
             try:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(_drain, stream, counters)
+                    nursery.start_soon(_drain, link, counters)
                     with trio.move_on_at(deadline):
                         while True:
                             choices = small if big_refused else bombs
-                            name, frame = choices[index % len(choices)]
+                            name, payload = choices[index % len(choices)]
                             index += 1
-                            await stream.send_all(frame)
+                            frame = link.seal(payload)
+                            await link.stream.send_all(frame)
                             counters.sent[f"bomb_{name}"] += 1
                             counters.bytes_out += len(frame)
                     nursery.cancel_scope.cancel()
             except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 counters.errors[f"closed_on_{name}"] += 1
-                if len(frame) > SMALL_BOMB_BYTES + 4:
+                if len(payload) > SMALL_BOMB_BYTES:
                     big_refused = True
             finally:
-                await trio.aclose_forcefully(stream)
+                await trio.aclose_forcefully(link.stream)
 
     async with trio.open_nursery() as nursery:
         for replica in ctx.targets:
@@ -392,7 +427,7 @@ def _own_accounts(ctx: Context) -> tuple[str, str]:
 def signed_requests(ctx: Context, count: int, first_id: int) -> list[bytes]:
     payer, payee = _own_accounts(ctx)
     return [
-        encode_frame(seal(Request(ctx.client_id, first_id + i, payer, payee, 1), ctx.client_key))
+        seal(Request(ctx.client_id, first_id + i, payer, payee, 1), ctx.client_key)
         for i in range(count)
     ]
 
@@ -445,7 +480,7 @@ async def client_flood(ctx: Context, seconds: float, requests: list[bytes]) -> N
 # --- 4. replay --------------------------------------------------------------------------------
 
 
-async def _decide_once(ctx: Context, frame: bytes) -> None:
+async def _decide_once(ctx: Context, payload: bytes) -> None:
     """Send one request to every replica and wait until f + 1 replies came back."""
     async with trio.open_nursery() as nursery:
         replies = 0
@@ -453,17 +488,17 @@ async def _decide_once(ctx: Context, frame: bytes) -> None:
 
         async def one(replica_id: int, host: str, port: int) -> None:
             nonlocal replies
-            stream = await authenticate(
+            link = await authenticate(
                 host, port, ("client", ctx.client_id), ctx.client_key, ("replica", replica_id)
             )
             try:
-                await stream.send_all(frame)
-                await _read_frame(stream, FrameDecoder())
+                await link.stream.send_all(link.seal(payload))
+                await _read_frame(link.stream, link.reader)
                 replies += 1
                 if replies >= ctx.cluster.config.weak_quorum:
                     done.set()
             finally:
-                await trio.aclose_forcefully(stream)
+                await trio.aclose_forcefully(link.stream)
 
         for replica in ctx.targets:
             nursery.start_soon(one, replica.replica_id, replica.host, replica.port)
@@ -491,10 +526,10 @@ async def catchup_amplification(ctx: Context, seconds: float) -> None:
     (CHECKPOINT-STATE, STATE-CHUNK, COMMIT-CERTIFICATE, NEW-VIEW frames) per byte the
     attacker sent."""
     me: Principal = ("replica", ctx.replica_id)
-    prepare = encode_frame(seal(Prepare(0, 1, ctx.replica_id, b"\x01" * 32), ctx.replica_key))
-    fetch = encode_frame(seal(Fetch(ctx.replica_id, 1, 0, 0), ctx.replica_key))
+    prepare = seal(Prepare(0, 1, ctx.replica_id, b"\x01" * 32), ctx.replica_key)
+    fetch = seal(Fetch(ctx.replica_id, 1, 0, 0), ctx.replica_key)
     # Chunked state transfer: the first chunk of whatever checkpoint the replica holds.
-    state_request = encode_frame(seal(StateRequest(ctx.replica_id, 0, 0), ctx.replica_key))
+    state_request = seal(StateRequest(ctx.replica_id, 0, 0), ctx.replica_key)
     counters = ctx.counters
     catch_up = ("checkpoint_state", "commit_certificate", "state_chunk", "new_view")
     # Paced at the replicas' per-requester limits (a faster attacker only gets more of its

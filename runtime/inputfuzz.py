@@ -65,12 +65,16 @@ from pbft.replica import EVIDENCE_LIMIT, Replica
 from pbft.signed import PROTOCOL_VERSION, Envelope, domain_of, peek, seal
 from runtime.framing import FrameDecoder, FramingError, encode_frame
 from runtime.transport import (
+    EPHEMERAL_SIZE,
     HANDSHAKE_ACCEPT_DOMAIN,
     HANDSHAKE_DOMAIN,
+    SIGNATURE_SIZE,
     Transport,
     _Pending,
     decode_principal,
     encode_principal,
+    ephemeral_key,
+    transcript_hash,
 )
 
 REPLICAS = 4
@@ -520,15 +524,15 @@ async def handshake_as_server(generator: Generator, server: Transport) -> str:
         if len(sent) != 1:
             return None
         hello = data[4:]
-        nonce, server_bytes = hello[2:34], hello[34:]
-        signature = key.sign(HANDSHAKE_DOMAIN, nonce + server_bytes + client_bytes)
-        auth = b"A" + client_bytes + rng.randbytes(32) + signature
-        return _framed_or_raw(generator, auth)
+        _, ephemeral_public = ephemeral_key(rng.randbytes(EPHEMERAL_SIZE))
+        unsigned = b"A" + client_bytes + rng.randbytes(32) + ephemeral_public
+        signature = key.sign(HANDSHAKE_DOMAIN, transcript_hash(hello, unsigned))
+        return _framed_or_raw(generator, unsigned + signature)
 
     # A slot of the stranger pool, from an address of its own (so the per-address
     # signature rate limit does not throttle the run).
     slot = _Pending(f"fuzz-{rng.getrandbits(32)}", reserved=False)
-    principal, _decoder = await server._handshake_as_server(ScriptedStream(rng, respond), slot)  # type: ignore[arg-type]  # noqa: SLF001
+    principal, _session = await server._handshake_as_server(ScriptedStream(rng, respond), slot)  # type: ignore[arg-type]  # noqa: SLF001
     if principal != (client_role, client_id):
         raise AssertionError(f"handshake accepted {principal}, the AUTH named another")
     return "ok"
@@ -540,16 +544,15 @@ async def handshake_as_client(generator: Generator, client: Transport) -> str:
     server_id = rng.randrange(REPLICAS)
     server_bytes = encode_principal(("replica", server_id))
     server_nonce = rng.randbytes(32)
-    hello = b"H" + bytes([rng.choice([1, 1, 1, 0, 2])]) + server_nonce + server_bytes
+    _, ephemeral_public = ephemeral_key(rng.randbytes(EPHEMERAL_SIZE))
+    version = rng.choice([2, 2, 2, 0, 1, 3])
+    hello = b"H" + bytes([version]) + server_nonce + server_bytes + ephemeral_public
 
     def respond(data: bytes) -> bytes | None:
         auth = data[4:]
-        client_bytes = auth[1:10]
-        client_nonce = auth[10:42]
-        signature = keys.replicas[server_id].sign(
-            HANDSHAKE_ACCEPT_DOMAIN, client_nonce + client_bytes + server_bytes + server_nonce
-        )
-        decode_principal(client_bytes)
+        decode_principal(auth[1:10])
+        transcript = transcript_hash(hello, auth[:-SIGNATURE_SIZE])
+        signature = keys.replicas[server_id].sign(HANDSHAKE_ACCEPT_DOMAIN, transcript)
         return _framed_or_raw(generator, b"K" + signature)
 
     stream = ScriptedStream(rng, respond)

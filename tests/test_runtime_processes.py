@@ -276,11 +276,11 @@ def test_hostile_connections_do_not_disturb_a_replica_process(local_cluster: Loc
     oversized = connect()
     oversized.sendall(struct.pack(">I", 2**31))
     impostor = connect()
-    hello_nonce = b"\x00" * 32  # wrong nonce and a key nobody knows: a false identity
+    transcript = b"\x00" * 32  # a wrong transcript and a key nobody knows: a false identity
     stranger = SigningKey.generate()
     principal = bytes([0]) + (1).to_bytes(8, "big")  # claims to be replica 1
-    signature = stranger.sign(b"pbft/v1/handshake", hello_nonce + principal)
-    auth = b"A" + principal + b"\x01" * 32 + signature
+    signature = stranger.sign(b"pbft/v2/handshake", transcript)
+    auth = b"A" + principal + b"\x01" * 32 + b"\x09" * 32 + signature  # nonce, ephemeral
     impostor.sendall(struct.pack(">I", len(auth)) + auth)
     stalled = connect()
     stalled.sendall(struct.pack(">I", 100) + b"half")  # and never the rest

@@ -2,7 +2,8 @@
 
 Everything runs on 127.0.0.1 with OS-chosen ports and shortened timeouts. Hostile peers are
 raw trio streams speaking the handshake as documented in runtime/transport.py, written out
-here independently of the module (so a change of the wire format breaks these tests).
+independently of the module in tests/wire_session.py (so a change of the wire format breaks
+these tests).
 """
 
 from __future__ import annotations
@@ -14,8 +15,20 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from wire_session import (
+    SERVER_DOMAIN,
+    Auth,
+    Hello,
+    RawPeer,
+    frame,
+    make_hello,
+    principal_of,
+    read_frame,
+    read_hello,
+)
 
 from crypto.keys import KeyRing, SigningKey
 from runtime.framing import MAX_FRAME_BYTES, FrameDecoder, FramingError, encode_frame
@@ -90,50 +103,16 @@ async def receive(transport: Transport, timeout: float = 5.0) -> tuple[tuple[str
         return await transport.inbound.receive()
 
 
-# --- the documented wire format, written out independently -----------------------------------
-
-ROLE_CODES = {"replica": 0, "client": 1}
-
-
-def wire_principal(principal: tuple[str, int]) -> bytes:
-    return struct.pack(">BQ", ROLE_CODES[principal[0]], principal[1])
-
-
-def frame(payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + payload
-
-
-async def read_exactly(stream: trio.SocketStream, count: int) -> bytes:
-    data = b""
-    while len(data) < count:
-        chunk = await stream.receive_some(count - len(data))
-        if not chunk:
-            raise EOFError(f"closed after {len(data)} of {count} bytes")
-        data += chunk
-    return data
-
-
-async def read_frame(stream: trio.SocketStream) -> bytes:
-    (length,) = struct.unpack(">I", await read_exactly(stream, 4))
-    return await read_exactly(stream, length)
-
-
-async def read_hello(stream: trio.SocketStream) -> tuple[bytes, bytes]:
-    """(server nonce, server principal bytes) from the accepting side's HELLO."""
-    hello = await read_frame(stream)
-    assert len(hello) == 43 and hello[:2] == b"H\x01", hello
-    return hello[2:34], hello[34:]
+# --- the documented wire format, written out independently (tests/wire_session.py) ----------
 
 
 def auth_message(
-    server_nonce: bytes,
-    server: bytes,
+    hello: Hello,
     claimed: tuple[str, int],
     key: SigningKey,
     client_nonce: bytes = b"\x07" * 32,
 ) -> bytes:
-    signature = key.sign(b"pbft/v1/handshake", server_nonce + server + wire_principal(claimed))
-    return b"A" + wire_principal(claimed) + client_nonce + signature
+    return Auth(hello, claimed, key, client_nonce).raw
 
 
 async def raw_connect(
@@ -144,30 +123,26 @@ async def raw_connect(
     Returns the stream after sending AUTH; the caller reads ACCEPT or sees the close.
     """
     stream = await open_raw(port)
-    server_nonce, server = await read_hello(stream)
-    await stream.send_all(frame(auth_message(server_nonce, server, claimed, key or KEYS[claimed])))
+    hello = await read_hello(stream)
+    await stream.send_all(frame(auth_message(hello, claimed, key or KEYS[claimed])))
     return stream
 
 
-async def raw_authenticated(port: int, claimed: tuple[str, int]) -> trio.SocketStream:
-    client_nonce = b"\x42" * 32
+async def raw_authenticated(
+    port: int, claimed: tuple[str, int], keys: dict[tuple[str, int], SigningKey] | None = None
+) -> RawPeer:
+    """A whole handshake done by hand; the peer then sends and reads sealed frames."""
+    keys = keys or KEYS
     stream = await open_raw(port)
-    server_nonce, server = await read_hello(stream)
-    await stream.send_all(
-        frame(auth_message(server_nonce, server, claimed, KEYS[claimed], client_nonce))
-    )
+    hello = await read_hello(stream)
+    auth = Auth(hello, claimed, keys[claimed], b"\x42" * 32)
+    await stream.send_all(frame(auth.raw))
     accept = await read_frame(stream)
     assert len(accept) == 65 and accept[:1] == b"K"
-    server_principal = (
-        "replica" if server[0] == 0 else "client",
-        struct.unpack(">Q", server[1:])[0],
+    assert keys[principal_of(hello.server)].verify_key.verify(
+        SERVER_DOMAIN, auth.transcript, accept[1:]
     )
-    assert KEYS[server_principal].verify_key.verify(
-        b"pbft/v1/handshake-accept",
-        client_nonce + wire_principal(claimed) + server + server_nonce,
-        accept[1:],
-    )
-    return stream
+    return RawPeer(stream, auth)
 
 
 async def closed_by_peer(stream: trio.SocketStream, timeout: float = 3.0) -> bool:
@@ -339,8 +314,7 @@ def test_false_identities_are_refused_and_counted() -> None:
             assert await closed_by_peer(stream)
             # A genuine AUTH recorded on one connection, replayed on another (new nonce).
             first = await open_raw(port)
-            nonce, server = await read_hello(first)
-            recorded = auth_message(nonce, server, C0, KEYS[C0])
+            recorded = auth_message(await read_hello(first), C0, KEYS[C0])
             second = await open_raw(port)
             await read_hello(second)
             await second.send_all(frame(recorded))
@@ -349,7 +323,9 @@ def test_false_identities_are_refused_and_counted() -> None:
             # A role code that does not exist.
             stream = await open_raw(port)
             await read_hello(stream)
-            await stream.send_all(frame(b"A" + b"\x07" + bytes(8) + bytes(32) + bytes(64)))
+            await stream.send_all(
+                frame(b"A" + b"\x07" + bytes(8) + bytes(32) + bytes(32) + bytes(64))
+            )
             assert await closed_by_peer(stream)
 
             await wait_until(lambda: sum(replica.statistics().handshakes_failed.values()) == 5)
@@ -365,14 +341,14 @@ def test_false_identities_are_refused_and_counted() -> None:
 
             # The control: the same hand-written handshake with the right key is accepted.
             genuine = await raw_authenticated(port, C0)
-            await genuine.send_all(frame(b"hello"))
+            await genuine.send(b"hello")
             assert await receive(replica) == (C0, b"hello")
             assert replica.statistics().handshakes_ok == 1
             # A frame pipelined right behind AUTH is read after AUTH checks out.
             eager = await open_raw(port)
-            nonce, server = await read_hello(eager)
+            auth = Auth(await read_hello(eager), C1, KEYS[C1])
             early = b"e" * 5000  # above the handshake frame limit: data frames have their own
-            await eager.send_all(frame(auth_message(nonce, server, C1, KEYS[C1])) + frame(early))
+            await eager.send_all(frame(auth.raw) + auth.sealer.seal(early))
             assert await receive(replica) == (C1, early)
             assert replica.statistics().handshakes_ok == 2
 
@@ -395,9 +371,10 @@ def test_a_dialler_refuses_a_server_that_is_not_the_principal_it_dialled() -> No
 
             async def fake_server(stream: trio.SocketStream) -> None:
                 async with stream:
-                    await stream.send_all(frame(b"H\x01" + bytes(32) + wire_principal(R0)))
+                    hello = make_hello(R0, X25519PrivateKey.generate())
+                    await stream.send_all(frame(hello))
                     await read_frame(stream)
-                    await stream.send_all(frame(b"K" + KEYS[R1].sign(b"pbft/v1/x", b"x")))
+                    await stream.send_all(frame(b"K" + KEYS[R1].sign(b"pbft/v2/x", b"x")))
                     await closed_by_peer(stream)
 
             await nursery.start(trio.serve_listeners, fake_server, listeners)
@@ -434,10 +411,11 @@ def test_garbage_and_oversized_frames_close_only_their_own_connection() -> None:
             assert await closed_by_peer(junk)
             # An authenticated peer that sends a frame, then an oversized length.
             peer = await raw_authenticated(port, C1)
-            await peer.send_all(frame(b"fine"))
+            await peer.send(b"fine")
             assert await receive(replica) == (C1, b"fine")
-            await peer.send_all(struct.pack(">I", MAX_FRAME_BYTES + 1) + b"xyz")
-            assert await closed_by_peer(peer)
+            # (A replica's limit, sealed: 16 bytes of tag over the plaintext limit.)
+            await peer.stream.send_all(struct.pack(">I", MAX_FRAME_BYTES + 16 + 1) + b"xyz")
+            assert await closed_by_peer(peer.stream)
 
             # The client's connection never noticed.
             client.send(R0, b"still here")
@@ -462,22 +440,22 @@ def test_a_stalled_frame_is_dropped_after_the_frame_deadline() -> None:
             port = await replica.listen(HOST, 0)
             idle = await raw_authenticated(port, C0)  # idle between frames: allowed
             stalled = await raw_authenticated(port, C1)
-            await stalled.send_all(struct.pack(">I", 100) + b"x" * 10)
+            await stalled.stream.send_all(struct.pack(">I", 100) + b"x" * 10)
             started = trio.current_time()
-            assert await closed_by_peer(stalled)
+            assert await closed_by_peer(stalled.stream)
             assert 0.25 <= trio.current_time() - started < 2.0
             # A trickle keeps bytes coming, but the frame is still not done in time.
             trickle = await raw_authenticated(port, ("client", 2))
             started = trio.current_time()
-            await trickle.send_all(struct.pack(">I", 100))
+            await trickle.stream.send_all(struct.pack(">I", 100))
             with trio.move_on_after(2.0):
                 try:
                     for _ in range(100):
                         await trio.sleep(0.05)
-                        await trickle.send_all(b"x")
+                        await trickle.stream.send_all(b"x")
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass
-            assert await closed_by_peer(trickle)
+            assert await closed_by_peer(trickle.stream)
             assert trio.current_time() - started < 1.5
             # A handshake that never starts is dropped too.
             silent = await open_raw(port)
@@ -487,7 +465,7 @@ def test_a_stalled_frame_is_dropped_after_the_frame_deadline() -> None:
             assert stats.closes == {"frame_timeout": 2}
             assert stats.handshakes_failed == {"timeout": 1}
             # The idle one outlived all those deadlines and still works.
-            await idle.send_all(frame(b"awake"))
+            await idle.send(b"awake")
             assert await receive(replica) == (C0, b"awake")
 
     run(main)
@@ -499,11 +477,11 @@ def test_a_new_inbound_connection_of_a_principal_replaces_its_old_one() -> None:
             port = await replica.listen(HOST, 0)
             old = await raw_authenticated(port, C1)
             new = await raw_authenticated(port, C1)
-            assert await closed_by_peer(old)
-            await new.send_all(frame(b"new"))
+            assert await closed_by_peer(old.stream)
+            await new.send(b"new")
             assert await receive(replica) == (C1, b"new")
             replica.send(C1, b"to the new one")
-            assert await read_frame(new) == b"to the new one"
+            assert await new.receive() == b"to the new one"
             assert replica.statistics().closes == {"replaced": 1}
 
     run(main)
@@ -524,7 +502,7 @@ def test_unauthenticated_connections_are_capped() -> None:
             for stream in waiting:
                 await stream.aclose()
             genuine = await raw_authenticated(port, C0)  # slots free again
-            await genuine.send_all(frame(b"in"))
+            await genuine.send(b"in")
             assert await receive(replica) == (C0, b"in")
 
     run(main)
@@ -596,7 +574,7 @@ def test_a_full_peer_queue_drops_and_counts(overflow: str) -> None:
 
             port = await replica.listen(HOST, 0)
             peer = await raw_authenticated(port, C1)
-            got = [await read_frame(peer) for _ in range(4)]
+            got = [await peer.receive() for _ in range(4)]
             assert got == [b"%d" % index for index in kept]
 
     run(main)
@@ -624,7 +602,7 @@ def test_a_peer_that_stops_reading_never_blocks_send_and_is_cut_off() -> None:
             assert stats.drops["peer_queue_full"] >= 20
             assert stats.drops["connection_lost"] == 1
             assert not replica.is_connected(R1) and replica.is_connected(C0)
-            await sleeper.aclose()
+            await sleeper.stream.aclose()
 
     run(main)
 
@@ -638,9 +616,9 @@ def test_leaving_the_transport_closes_every_socket_and_ends_inbound() -> None:
         async with replica:
             port = await replica.listen(HOST, 0)
             peer = await raw_authenticated(port, C0)
-            await peer.send_all(frame(b"one"))
+            await peer.send(b"one")
             await wait_until(lambda: replica.statistics().frames_in == 1)
-        assert await closed_by_peer(peer, timeout=1.0)
+        assert await closed_by_peer(peer.stream, timeout=1.0)
         with pytest.raises(OSError):
             await trio.open_tcp_stream(HOST, port)
         assert [item async for item in replica.inbound] == [(C0, b"one")]
@@ -773,16 +751,16 @@ def test_a_flood_of_auth_frames_costs_a_bounded_number_of_signature_checks() -> 
             # AUTHs that fail the cheap checks never reach a signature check at all.
             for claimed, key in ((("client", 99), SigningKey.derive(4, "client/99")),):
                 stream = await open_raw_from(port, STRANGER)
-                nonce, server = await read_hello(stream)
-                await stream.send_all(frame(auth_message(nonce, server, claimed, key)))
+                hello = await read_hello(stream)
+                await stream.send_all(frame(auth_message(hello, claimed, key)))
                 assert await closed_by_peer(stream)
             assert replica.statistics().handshake_verifications == 0
             # Well-formed AUTHs for a real principal with a wrong signature, as fast as the
             # stranger can: only the token bucket's worth is checked.
             for _ in range(100):
                 stream = await open_raw_from(port, STRANGER)
-                nonce, server = await read_hello(stream)
-                await stream.send_all(frame(auth_message(nonce, server, C0, KEYS[C1])))
+                hello = await read_hello(stream)
+                await stream.send_all(frame(auth_message(hello, C0, KEYS[C1])))
                 assert await closed_by_peer(stream)
                 await stream.aclose()
             elapsed = trio.current_time() - started
@@ -805,15 +783,15 @@ def test_a_client_connection_refuses_frames_over_the_client_limit() -> None:
             port = await replica.listen(HOST, 0)
             assert replica.config.client_max_frame_bytes == 64 * 1024
             client = await raw_authenticated(port, C0)
-            await client.send_all(frame(b"c" * (64 * 1024)))  # exactly the limit
+            await client.send(b"c" * (64 * 1024))  # exactly the limit (sealed: 16 bytes more)
             assert await receive(replica) == (C0, b"c" * (64 * 1024))
             # A 16 MiB decode bomb is refused on its 4 length bytes, never buffered.
-            await client.send_all(struct.pack(">I", 16 * 1024 * 1024) + b"\x90" * 1000)
-            assert await closed_by_peer(client)
+            await client.stream.send_all(struct.pack(">I", 16 * 1024 * 1024) + b"\x90" * 1000)
+            assert await closed_by_peer(client.stream)
             assert replica.statistics().closes == {"oversize_frame": 1}
             # A replica's connection keeps the large limit.
             peer = await raw_authenticated(port, R1)
-            await peer.send_all(frame(b"r" * (1024 * 1024)))
+            await peer.send(b"r" * (1024 * 1024))
             assert await receive(replica) == (R1, b"r" * (1024 * 1024))
 
     run(main)
@@ -838,7 +816,7 @@ def test_peer_queues_are_bounded_in_bytes() -> None:
             assert stats.drops == {"peer_queue_full": 8 + 9}
             port = await replica.listen(HOST, 0)
             peer = await raw_authenticated(port, C1)
-            assert [await read_frame(peer) for _ in range(2)] == [b"\x08" * 1000, b"\x09" * 1000]
+            assert [await peer.receive() for _ in range(2)] == [b"\x08" * 1000, b"\x09" * 1000]
 
     run(main)
 
@@ -853,7 +831,7 @@ def test_the_inbound_queue_is_bounded_in_bytes() -> None:
             port = await replica.listen(HOST, 0)
             peer = await raw_authenticated(port, C0)
             frames = [bytes([index]) * 400 for index in range(10)]
-            await peer.send_all(b"".join(frame(payload) for payload in frames))
+            await peer.stream.send_all(b"".join(peer.sealer.seal(payload) for payload in frames))
             await wait_until(lambda: replica.statistics().inbound_queued == 2)
             await trio.sleep(0.1)  # the owner does not read: nothing more gets in
             stats = replica.statistics()
@@ -881,13 +859,13 @@ def test_clients_that_come_and_go_leave_no_transport_state_behind() -> None:
         verify_burst_total=10_000,
     )
 
-    async def handshake(port: int, principal: tuple[str, int]) -> trio.SocketStream:
+    async def handshake(port: int, principal: tuple[str, int]) -> RawPeer:
         stream = await trio.open_tcp_stream(HOST, port)
-        nonce, server = await read_hello(stream)
-        await stream.send_all(frame(auth_message(nonce, server, principal, client_keys[principal])))
+        auth = Auth(await read_hello(stream), principal, client_keys[principal])
+        await stream.send_all(frame(auth.raw))
         accept = await read_frame(stream)
         assert accept[:1] == b"K"
-        return stream
+        return RawPeer(stream, auth)
 
     async def main() -> None:
         replica = Transport(R0, KEYS[R0], ring, config)
@@ -896,14 +874,14 @@ def test_clients_that_come_and_go_leave_no_transport_state_behind() -> None:
             baseline = replica.statistics()
             for j in range(count):
                 principal = ("client", j)
-                stream = await handshake(port, principal)
+                peer = await handshake(port, principal)
                 try:
-                    await stream.send_all(frame(b"request %d" % j))
+                    await peer.send(b"request %d" % j)
                     assert await receive(replica) == (principal, b"request %d" % j)
                     replica.send(principal, b"reply %d" % j)
-                    assert await read_frame(stream) == b"reply %d" % j
+                    assert await peer.receive() == b"reply %d" % j
                 finally:
-                    await close_with_reset(stream)
+                    await close_with_reset(peer.stream)
                 if j == 99:
                     await wait_until(lambda: replica.statistics().peers == 0)
                     after_100 = replica.statistics()
