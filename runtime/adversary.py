@@ -523,15 +523,17 @@ async def catchup_amplification(ctx: Context, seconds: float) -> None:
     sender for a laggard and sends it catch-up), one FETCH(from_seq=1, stable_seq=0), and
     one STATE_REQUEST(seq=0, start=0) (the first chunk of the current checkpoint). Bytes are
     counted per third: the amplification is the catch-up answers the replicas sent back
-    (CHECKPOINT-STATE, STATE-CHUNK, COMMIT-CERTIFICATE, NEW-VIEW frames) per byte the
-    attacker sent."""
+    (CHECKPOINT, CHECKPOINT-STATE, STATE-CHUNK, COMMIT-CERTIFICATE, NEW-VIEW frames) per byte
+    the attacker sent."""
     me: Principal = ("replica", ctx.replica_id)
     prepare = seal(Prepare(0, 1, ctx.replica_id, b"\x01" * 32), ctx.replica_key)
     fetch = seal(Fetch(ctx.replica_id, 1, 0, 0), ctx.replica_key)
     # Chunked state transfer: the first chunk of whatever checkpoint the replica holds.
     state_request = seal(StateRequest(ctx.replica_id, 0, 0), ctx.replica_key)
     counters = ctx.counters
-    catch_up = ("checkpoint_state", "commit_certificate", "state_chunk", "new_view")
+    # CHECKPOINT too: unsolicited help below a stable checkpoint is one (the replicas'
+    # ordinary checkpoint broadcasts to this replica are then counted as well: an upper bound).
+    catch_up = ("checkpoint", "checkpoint_state", "commit_certificate", "state_chunk", "new_view")
     # Paced at the replicas' per-requester limits (a faster attacker only gets more of its
     # frames dropped, which lowers its ratio): unsolicited help once per retransmit
     # interval, a FETCH answered once per half interval.
