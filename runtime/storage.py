@@ -132,7 +132,8 @@ first record that does not check out (the *bad record*) decides what happens:
   huge one); a bad record followed by anything but zero bytes (so a crash whose pages
   landed out of order, a later one but not an earlier one, is refused too: the safe
   side); a checksum-valid record whose payload is malformed (not msgpack, bad op, bad
-  key, wrong value type) or a COMMIT whose count does not match its batch. The store
+  key, wrong value type), a COMMIT whose count does not match its batch, or PART records
+  not directly followed by their key's PUT. The store
   never returns damaged state.
 - Consequence of chaining: a record copied to the very end of the file is
   indistinguishable from a torn write (a bad checksum on the final record), so it is
