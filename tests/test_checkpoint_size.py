@@ -51,6 +51,7 @@ def _brim_full_ledger(dedup_window: int, clients: int) -> tuple[Mapping[str, Acc
         "b" * 31: Account(owner=1, balance=MAX_AMOUNT // 2 + 1),
         "d" * 64: Account(owner=1, balance=0),
         "é" * 64: Account(owner=2**32 - 1, balance=0),  # 128 UTF-8 bytes
+        "\U0001f600" * 64: Account(owner=2**32 - 1, balance=0),  # 256 bytes: a str16 header
     }
     for client in range(clients):
         accounts["c" * 32 + str(client)] = Account(owner=MAX_ID - client, balance=0)
