@@ -912,6 +912,7 @@ class Replica:
 
     def _make_stable(self, checkpoint: StableCheckpoint) -> None:
         self.stable = checkpoint
+        # pbft/checkpoint_size.py bounds this record from the configuration: keep them in step.
         self._persist(
             ("checkpoint",),
             pack(

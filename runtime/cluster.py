@@ -51,6 +51,7 @@ from typing import Any
 
 from crypto.keyfiles import KeyFileError, load_private_key, save_private_key
 from crypto.keys import KeyFormatError, KeyRing, SigningKey, VerifyKey
+from pbft.checkpoint_size import checkpoint_size_problem
 from pbft.config import ClusterConfig, ConfigError
 from pbft.genesis import compute_cluster_id
 from pbft.ledger import (
@@ -60,6 +61,7 @@ from pbft.ledger import (
     Account,
     GeneratedAccounts,
 )
+from runtime.storage import MAX_VALUE_BYTES
 
 CLUSTER_FILE_NAME = "cluster.toml"
 MAX_REPLICAS = 256
@@ -288,6 +290,11 @@ def _parse(document: dict[str, Any], path: Path) -> Cluster:
         config = ClusterConfig(replica_count=len(replicas), **protocol)
     except (ConfigError, TypeError) as error:
         raise fail("protocol", str(error)) from None
+    # Here, so that `pbft replica` and `pbft cluster up` refuse before anything starts: a
+    # checkpoint a replica cannot store would stop every replica at once (issue 8, point 7).
+    problem = checkpoint_size_problem(config, accounts, len(client_keys), MAX_VALUE_BYTES)
+    if problem is not None:
+        raise fail("checkpoint size", problem)
     return Cluster(path, config, tuple(replicas), client_keys, accounts)
 
 
@@ -321,6 +328,22 @@ def write_cluster(
             raise ValueError(f"--generated-accounts must be in 1..{MAX_GENERATED_ACCOUNTS}")
         if generated_accounts * initial_balance > MAX_TOTAL:
             raise ValueError("--generated-accounts x --initial-balance exceeds the money limit")
+    # Before any key is made: a cluster whose checkpoint cannot be stored is never written.
+    try:
+        config = ClusterConfig(replica_count=replicas, **(protocol or {}))
+    except (ConfigError, TypeError) as error:
+        raise ValueError(f"protocol: {error}") from None
+    genesis: Mapping[str, Account] = (
+        GeneratedAccounts(generated_accounts, initial_balance, "acct-", range(clients))
+        if generated_accounts is not None
+        else {
+            f"acct-{index:05d}": Account(0, initial_balance)
+            for index in range(clients * accounts_per_client)
+        }
+    )
+    problem = checkpoint_size_problem(config, genesis, clients, MAX_VALUE_BYTES)
+    if problem is not None:
+        raise ValueError(problem)
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     path = root / CLUSTER_FILE_NAME

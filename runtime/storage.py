@@ -20,12 +20,12 @@ Why a hand-written log and not sqlite
   journal mode and its settings, and the journal/WAL files are more state to reason about.
 - A format small enough to document here completely and to test byte by byte.
 
-On-disk format (version 2)
+On-disk format (version 3)
 --------------------------
 All integers are big-endian. The file is a header followed by records::
 
     header  = magic (8 bytes: 89 50 42 46 54 4B 56 0A, i.e. b"\\x89PBFTKV\\n")
-              | format version (u32, = 2)                                  -- 12 bytes
+              | format version (u32, = 3)                                  -- 12 bytes
               | batch count (u64) | committed length (u64)
               | counter checksum (u32: zlib.crc32 of the header's first 28 bytes)
                                                                            -- 32 bytes
@@ -37,12 +37,39 @@ All integers are big-endian. The file is a header followed by records::
               op 2 DELETE: key = array of str|uint,                   value = nil
               op 3 COMMIT: key = [n] (n = number of PUT/DELETE records in the batch),
                            value = nil
+              op 4 PART:   key = array of str|uint, value = bin (1 .. MAX_CHUNK_BYTES bytes):
+                           a leading piece of the value of the PUT that completes it
+
+Large values are stored in chunks. A value longer than the store's chunk size C
+(CHUNK_BYTES, 4 MiB, unless `open(chunk_bytes=...)` says less) is written as PART
+records of C bytes each, then the PUT of the same key carrying the rest (1 .. C bytes);
+the value is the PARTs' bytes followed by the PUT's, at most MAX_VALUE_BYTES in all. A
+key's PARTs come directly before its PUT, in the same batch, nothing between them: a PART
+followed by anything else, or by the PUT of another key, is corruption (no writer makes
+one); PARTs left open at the end of the file are part of the torn, uncommitted batch.
+So chunking changes nothing about atomicity: the COMMIT and the header's counter decide
+whether a batch took effect, however many records its values took. The COMMIT counts the
+PUT/DELETE records only (a chunked value counts once), as in version 2. A reader accepts
+any chunk size up to MAX_CHUNK_BYTES, so logs written with another chunk size read back.
+
+Why chunks of 4 MiB: a record is the unit the checksum and the length check cover, and
+the record limit is what tells a damaged length field from a torn write (see below) and
+bounds the checksum work of looking past a bad record; 4 MiB keeps both small while the
+per-record overhead (8 bytes of header, about 20 of msgpack and key) stays below 0.001%.
+The writer encodes and writes one record at a time, so storing a value costs one chunk of
+memory beyond the value, not a second copy of it.
+
+Version 2 (no PART records, records up to 64 MiB) is read and migrated on open: the log
+is compacted into a version 3 file at once (the rename makes the switch atomic; a crash
+before it leaves the version 2 log, migrated on the next open). Other versions are
+refused as corruption ("unsupported format version").
 
 Every payload therefore starts with the byte 0x93 (a fixarray of 3). The checksum is
 `zlib.crc32` (CRC-32/ISO-HDLC, the zip/PNG polynomial; not CRC-32C, which the standard
 library lacks) of the payload, *chained*: `checksum = zlib.crc32(payload, previous)`,
 where `previous` is the previous record's checksum and, for the first record,
-`zlib.crc32` of the header's first 12 bytes (magic and version). A record is thus
+`zlib.crc32` of the header's first 12 bytes (magic and version). PART records are records
+like the others: each has its own checksum in the chain. A record is thus
 only valid in the one position it was written in: a record copied, moved or replayed
 from elsewhere (even from an older file of the same store) fails its checksum. CRC-32
 detects accidental damage; it is no defence against someone who can write the file.
@@ -105,7 +132,8 @@ first record that does not check out (the *bad record*) decides what happens:
   huge one); a bad record followed by anything but zero bytes (so a crash whose pages
   landed out of order, a later one but not an earlier one, is refused too: the safe
   side); a checksum-valid record whose payload is malformed (not msgpack, bad op, bad
-  key, wrong value type) or a COMMIT whose count does not match its batch. The store
+  key, wrong value type), a COMMIT whose count does not match its batch, or PART records
+  not directly followed by their key's PUT. The store
   never returns damaged state.
 - Consequence of chaining: a record copied to the very end of the file is
   indistinguishable from a torn write (a bad checksum on the final record), so it is
@@ -117,9 +145,11 @@ times the live data (or COMPACT_MIN_BYTES).
 Writing (`DurableStore.apply`)
 ------------------------------
 Keys and values are checked first (nothing is written for an invalid batch). Then the
-batch's records and its COMMIT are written with one `write`, then one `flush`, the
-header's counter with one `pwrite`, one `os.fsync`, and only then is the in-memory dict
-updated. An empty batch writes nothing.
+batch's records and its COMMIT are written in order (one buffered `write` per record, so a
+large value is never copied whole; how the writes are split does not matter, a crash can
+tear the batch anywhere and the COMMIT and counter rules above apply), then one `flush`,
+the header's counter with one `pwrite`, one `os.fsync`, and only then is the in-memory
+dict updated. An empty batch writes nothing.
 If the write or the fsync fails, the file's contents are unknown (after a failed fsync
 Linux may drop the dirty pages and report success next time), so the store is poisoned:
 every later call raises `StorageFailedError`. The driver should treat any exception from
@@ -130,7 +160,8 @@ Compaction
 When the file is larger than `compact_ratio` (4) times the live data and larger than
 `compact_min_bytes` (1 MiB), `apply` compacts after its batch is durable; `compact()`
 does it on demand. Steps: write header + one PUT per live key + COMMIT to
-`<log>.compact` in the same directory, fsync it, `os.replace` it over the log, fsync the
+`<log>.compact` in the same directory (large values in chunks, as `apply` writes
+them), fsync it, `os.replace` it over the log, fsync the
 directory, then continue appending to the new file. A crash before the replace leaves
 the old log intact and a stray `<log>.compact`, which `open` deletes; a crash after it
 leaves the old or the new log, each complete (the rename is atomic, and durable once the
@@ -150,7 +181,8 @@ store is not thread-safe: one caller at a time (the trio driver calls it through
 
 Limits: a key is a tuple of 1 to MAX_KEY_PARTS parts, each a str of at most
 MAX_KEY_PART_BYTES UTF-8 bytes or an int in 0 .. 2**64 - 1 (not a bool); a value is
-bytes of at most MAX_VALUE_BYTES (64 MiB); a payload is at most MAX_RECORD_BYTES.
+bytes of at most MAX_VALUE_BYTES (1 GiB, why: at the constant); a payload is at most
+MAX_RECORD_BYTES (a chunk and its key).
 """
 
 from __future__ import annotations
@@ -162,7 +194,7 @@ import os
 import stat
 import struct
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import IO, Any
@@ -171,9 +203,11 @@ import msgpack
 
 __all__ = [
     "COMPACT_MIN_BYTES",
+    "CHUNK_BYTES",
     "COMPACT_RATIO",
     "FORMAT_VERSION",
     "MAGIC",
+    "MAX_CHUNK_BYTES",
     "MAX_KEY_PARTS",
     "MAX_KEY_PART_BYTES",
     "MAX_RECORD_BYTES",
@@ -194,7 +228,8 @@ logger = logging.getLogger(__name__)
 Key = tuple[str | int, ...]
 
 MAGIC = b"\x89PBFTKV\n"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+_LEGACY_VERSION = 2  # no PART records, values in one record: read, then migrated on open
 _HEADER = struct.Struct(">8sI")
 _FIXED_HEADER_SIZE = _HEADER.size  # 12: magic and version, never rewritten
 _COUNTERS = struct.Struct(">QQ")  # batch count, committed length
@@ -207,14 +242,28 @@ _PAYLOAD_FIRST_BYTE = b"\x93"  # msgpack fixarray of 3
 OP_PUT = 1
 OP_DELETE = 2
 OP_COMMIT = 3
+OP_PART = 4
+_OPS = (OP_PUT, OP_DELETE, OP_COMMIT, OP_PART)
 
 MAX_KEY_PARTS = 16
 MAX_KEY_PART_BYTES = 256
 MAX_UINT64 = 2**64 - 1
-MAX_VALUE_BYTES = 64 * 1024 * 1024
-# A PUT payload: array and op (2) + key (at most 3 + 16 * (3 + 256)) + bin32 header (5)
-# + the value; 8 KiB covers the key with room to spare.
-MAX_RECORD_BYTES = MAX_VALUE_BYTES + 8 * 1024
+# Values longer than this are written as PART records of this size and a final PUT (see
+# "Large values" in the module doc: small enough for the record checks, overhead < 0.001%).
+CHUNK_BYTES = 4 * 1024 * 1024
+MAX_CHUNK_BYTES = CHUNK_BYTES  # the largest piece a reader accepts in one record
+# The largest value: the largest the replica persists is its stable checkpoint, at most
+# pbft.codec.MAX_LOCAL_RECORD_BYTES (320 MiB: a 256 MiB ledger snapshot and its proof;
+# tests/test_storage.py checks the store takes it). 1 GiB (256 chunks) leaves the core's
+# limits room to grow without a store change, and no more than that, because open() holds
+# the whole log in memory and compaction lets the log reach COMPACT_RATIO times the live
+# data: a value of V bytes can cost about 5 V of memory at start-up.
+MAX_VALUE_BYTES = 256 * CHUNK_BYTES
+# A PUT or PART payload: array and op (2) + key (at most 3 + 16 * (3 + 256)) + bin32
+# header (5) + a chunk; 8 KiB covers the key with room to spare.
+MAX_RECORD_BYTES = MAX_CHUNK_BYTES + 8 * 1024
+# Version 2 kept a value (up to 64 MiB then) in one record.
+_LEGACY_MAX_RECORD_BYTES = 64 * 1024 * 1024 + 8 * 1024
 
 COMPACT_RATIO = 4
 COMPACT_MIN_BYTES = 1024 * 1024
@@ -270,6 +319,7 @@ class RecoveryReport:
     records_replayed: int
     torn_tail: TornTail | None
     header_rewritten: bool = False  # the last batch landed, its counter update did not
+    migrated_from_version: int | None = None  # an older format, rewritten as FORMAT_VERSION
 
     @property
     def repaired(self) -> bool:
@@ -328,13 +378,54 @@ def _check_value(value: object) -> bytes | None:
     return value
 
 
-def _encode_record(op: int, key: list[Any], value: bytes | None, chain: int) -> tuple[bytes, int]:
+def _check_chunk_bytes(chunk_bytes: object) -> int:
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int):
+        raise TypeError(f"chunk_bytes must be an int, got {type(chunk_bytes).__name__}")
+    if not 1 <= chunk_bytes <= MAX_CHUNK_BYTES:
+        raise ValueError(f"chunk_bytes must be in 1..{MAX_CHUNK_BYTES}, got {chunk_bytes}")
+    return chunk_bytes
+
+
+def _encode_record(
+    op: int, key: list[Any], value: bytes | memoryview | None, chain: int
+) -> tuple[bytes, int]:
     """(the record's bytes, its checksum) for a record following checksum `chain`."""
     payload = msgpack.packb([op, key, value], use_bin_type=True)
-    if len(payload) > MAX_RECORD_BYTES:  # unreachable with checked keys and values
+    if len(payload) > MAX_RECORD_BYTES:  # unreachable with checked keys and chunk sizes
         raise ValueError(f"record payload of {len(payload)} bytes exceeds {MAX_RECORD_BYTES}")
     checksum = zlib.crc32(payload, chain)
     return _RECORD_HEADER.pack(len(payload), checksum) + payload, checksum
+
+
+def _value_records(
+    key: Key, value: bytes | None, chain: int, chunk_bytes: int
+) -> Iterator[tuple[bytes, int]]:
+    """The records of one write, each with its checksum: a DELETE, or a PUT preceded by a
+    PART per full chunk when the value is longer than `chunk_bytes` (generated one at a
+    time, so a large value is never copied whole)."""
+    parts = list(key)
+    if value is None:
+        yield _encode_record(OP_DELETE, parts, None, chain)
+        return
+    view = memoryview(value)
+    start = 0
+    while len(value) - start > chunk_bytes:
+        record, chain = _encode_record(OP_PART, parts, view[start : start + chunk_bytes], chain)
+        yield record, chain
+        start += chunk_bytes
+    yield _encode_record(OP_PUT, parts, view[start:], chain)
+
+
+def _write_value(
+    out: IO[bytes], key: Key, value: bytes | None, chain: int, chunk_bytes: int
+) -> tuple[int, int]:
+    """Write one write's records (`_value_records`) to `out`: (bytes written, new chain)."""
+    written = 0
+    for record, checksum in _value_records(key, value, chain, chunk_bytes):
+        out.write(record)
+        written += len(record)
+        chain = checksum
+    return written, chain
 
 
 def _fixed_header() -> bytes:
@@ -359,7 +450,7 @@ class _Malformed(Exception):
     pass
 
 
-def _decode_payload(payload: bytes) -> tuple[int, Any, bytes | None]:
+def _decode_payload(payload: bytes, version: int) -> tuple[int, Any, bytes | None]:
     try:
         decoded = msgpack.unpackb(payload, raw=False, use_list=True, strict_map_key=True)
     except Exception as error:  # msgpack raises several types for bad input
@@ -367,7 +458,8 @@ def _decode_payload(payload: bytes) -> tuple[int, Any, bytes | None]:
     if not isinstance(decoded, list) or len(decoded) != 3:
         raise _Malformed("payload is not a msgpack array of 3 [op, key, value]")
     op, key, value = decoded
-    if isinstance(op, bool) or op not in (OP_PUT, OP_DELETE, OP_COMMIT):
+    ops = (OP_PUT, OP_DELETE, OP_COMMIT) if version == _LEGACY_VERSION else _OPS
+    if isinstance(op, bool) or op not in ops:
         raise _Malformed(f"unknown op {op!r}")
     if not isinstance(key, list):
         raise _Malformed(f"key is {type(key).__name__}, not an array")
@@ -383,6 +475,8 @@ def _decode_payload(payload: bytes) -> tuple[int, Any, bytes | None]:
         raise _Malformed(f"invalid key: {error}") from None
     if op == OP_PUT and not isinstance(value, bytes):
         raise _Malformed(f"PUT value is {type(value).__name__}, not bin")
+    if op == OP_PART and (not isinstance(value, bytes) or not value):
+        raise _Malformed("PART value is not a non-empty bin")
     if op == OP_DELETE and value is not None:
         raise _Malformed("DELETE with a value")
     return op, checked, value
@@ -394,16 +488,17 @@ def _decode_payload(payload: bytes) -> tuple[int, Any, bytes | None]:
 @dataclass
 class _Scan:
     state: dict[Key, bytes]
-    record_sizes: dict[Key, int]  # size of each live key's PUT record, for compaction
+    record_sizes: dict[Key, int]  # bytes of each live key's PUT (and PART) records
     chain: int  # checksum of the last committed record
     end: int  # end of the last committed batch
     batches: int
     records: int
     torn: TornTail | None
     header_behind: bool  # the counter in the header missed the last batch; rewritten
+    version: int  # the file's format version (_LEGACY_VERSION is migrated on open)
 
 
-def _chained_record_after(data: bytes, bad_offset: int, chain: int) -> int | None:
+def _chained_record_after(data: bytes, bad_offset: int, chain: int, limit: int) -> int | None:
     """Offset of a checksum-valid record chained from `chain` after the bad record's header."""
     view = memoryview(data)
     start = bad_offset + RECORD_HEADER_SIZE  # a following record's header starts here or later
@@ -412,7 +507,7 @@ def _chained_record_after(data: bytes, bad_offset: int, chain: int) -> int | Non
         offset = found - RECORD_HEADER_SIZE
         length, checksum = _RECORD_HEADER.unpack_from(data, offset)
         if (
-            0 < length <= MAX_RECORD_BYTES
+            0 < length <= limit
             and found + length <= len(data)
             and zlib.crc32(view[found : found + length], chain) == checksum
         ):
@@ -432,8 +527,13 @@ def _scan(path: str, data: bytes) -> _Scan:
     magic, version = _HEADER.unpack_from(data, 0)
     if magic != MAGIC:
         raise corrupt(0, f"bad magic {magic!r}, expected {MAGIC!r}: not a store log")
-    if version != FORMAT_VERSION:
-        raise corrupt(len(MAGIC), f"unsupported format version {version}")
+    if version not in (FORMAT_VERSION, _LEGACY_VERSION):
+        raise corrupt(
+            len(MAGIC),
+            f"unsupported format version {version} (this store reads versions "
+            f"{_LEGACY_VERSION} and {FORMAT_VERSION})",
+        )
+    limit = MAX_RECORD_BYTES if version == FORMAT_VERSION else _LEGACY_MAX_RECORD_BYTES
     header_batches, header_end, header_crc = _COUNTERS_CHECKED.unpack_from(data, _FIXED_HEADER_SIZE)
     if zlib.crc32(data[_FIXED_HEADER_SIZE : HEADER_SIZE - 4], zlib.crc32(data[:12])) != header_crc:
         raise corrupt(_FIXED_HEADER_SIZE, "the header's batch counter fails its checksum")
@@ -441,6 +541,11 @@ def _scan(path: str, data: bytes) -> _Scan:
     state: dict[Key, bytes] = {}
     record_sizes: dict[Key, int] = {}
     pending: list[tuple[int, Key, bytes | None, int]] = []
+    pending_records = 0  # of the uncommitted batch, PARTs included
+    # The PARTs read so far of a chunked value: its key, pieces, total length, record bytes.
+    part_key: Key | None = None
+    part_pieces: list[bytes] = []
+    part_length = part_record_bytes = 0
     chain = zlib.crc32(data[:_FIXED_HEADER_SIZE])
     committed_chain = chain
     position = committed_end = last_batch_start = HEADER_SIZE
@@ -453,8 +558,8 @@ def _scan(path: str, data: bytes) -> _Scan:
             bad = (position, f"short record header: {remaining} of {RECORD_HEADER_SIZE} bytes")
             break
         length, stored = _RECORD_HEADER.unpack_from(data, position)
-        if length > MAX_RECORD_BYTES:
-            raise corrupt(position, f"record length {length} exceeds {MAX_RECORD_BYTES} bytes")
+        if length > limit:
+            raise corrupt(position, f"record length {length} exceeds {limit} bytes")
         end = position + RECORD_HEADER_SIZE + length
         problem = None
         if length == 0:
@@ -470,7 +575,7 @@ def _scan(path: str, data: bytes) -> _Scan:
                     f"{problem}, followed by {size - end} more bytes that are not all zero: "
                     "not a torn write",
                 )
-            follower = _chained_record_after(data, position, stored)
+            follower = _chained_record_after(data, position, stored, limit)
             if follower is not None:
                 raise corrupt(
                     position,
@@ -482,10 +587,28 @@ def _scan(path: str, data: bytes) -> _Scan:
             bad = (position, problem)
             break
         try:
-            op, key, value = _decode_payload(data[position + RECORD_HEADER_SIZE : end])
+            op, key, value = _decode_payload(data[position + RECORD_HEADER_SIZE : end], version)
         except _Malformed as error:
             raise corrupt(position, f"checksum-valid record is malformed: {error}") from None
-        if op == OP_COMMIT:
+        if part_key is not None and op != OP_PART and (op != OP_PUT or key != part_key):
+            raise corrupt(
+                position, f"the PART records of key {part_key!r} are not followed by its PUT"
+            )
+        if op == OP_PART:
+            if part_key is not None and key != part_key:
+                raise corrupt(
+                    position, f"a PART of key {key!r} interrupts the value of {part_key!r}"
+                )
+            if not isinstance(value, bytes):  # _decode_payload let no other PART through
+                raise corrupt(position, "PART without a value")
+            part_key = key
+            part_pieces.append(value)
+            part_length += len(value)
+            part_record_bytes += end - position
+            if part_length > MAX_VALUE_BYTES:
+                raise corrupt(position, f"the value of key {key!r} exceeds {MAX_VALUE_BYTES} bytes")
+            pending_records += 1
+        elif op == OP_COMMIT:
             if key != len(pending):
                 raise corrupt(
                     position, f"COMMIT counts {key} records, its batch has {len(pending)}"
@@ -500,28 +623,42 @@ def _scan(path: str, data: bytes) -> _Scan:
             records += len(pending)
             batches += 1
             pending = []
+            pending_records = 0
             last_batch_start = committed_end
             committed_end = end
             committed_chain = stored
         else:
-            pending.append((position, key, value, end - position))
+            size_of_value = end - position
+            if part_key is not None:
+                if not isinstance(value, bytes):  # only the key's PUT may follow its PARTs
+                    raise corrupt(position, f"the PART records of key {key!r} end in a DELETE")
+                if part_length + len(value) > MAX_VALUE_BYTES:
+                    raise corrupt(
+                        position, f"the value of key {key!r} exceeds {MAX_VALUE_BYTES} bytes"
+                    )
+                part_pieces.append(value)
+                value = b"".join(part_pieces)
+                size_of_value += part_record_bytes
+                part_key, part_pieces, part_length, part_record_bytes = None, [], 0, 0
+            pending.append((position, key, value, size_of_value))
+            pending_records += 1
         chain = stored
         position = end
 
     torn = None
-    if bad is not None or pending:
+    if bad is not None or pending_records:
         if bad is None:
-            reason = f"incomplete batch: {len(pending)} records without a COMMIT"
+            reason = f"incomplete batch: {pending_records} records without a COMMIT"
         else:
             reason = bad[1]
-            if pending:
-                reason += f" (after {len(pending)} records of the same, uncommitted batch)"
+            if pending_records:
+                reason += f" (after {pending_records} records of the same, uncommitted batch)"
         torn = TornTail(
             offset=committed_end,
             bad_record_offset=None if bad is None else bad[0],
             reason=reason,
             bytes_discarded=size - committed_end,
-            records_discarded=len(pending),
+            records_discarded=pending_records,
         )
 
     # The header's counter says how many batches the log held when it was last fsynced;
@@ -571,6 +708,7 @@ def _scan(path: str, data: bytes) -> _Scan:
         records,
         torn,
         header_behind,
+        version,
     )
 
 
@@ -619,10 +757,17 @@ class DurableStore:
     """A dict of `Key -> bytes` whose every `apply` is durable before it returns."""
 
     def __init__(
-        self, path: str, lock: int, *, compact_ratio: float, compact_min_bytes: int
+        self,
+        path: str,
+        lock: int,
+        *,
+        compact_ratio: float,
+        compact_min_bytes: int,
+        chunk_bytes: int = CHUNK_BYTES,
     ) -> None:
         # Use DurableStore.open(); this only sets the fields.
         self._path = path
+        self._chunk_bytes = chunk_bytes
         self._lock: int | None = lock
         self._file: IO[bytes] | None = None
         self._compact_ratio = compact_ratio
@@ -647,8 +792,14 @@ class DurableStore:
         *,
         compact_ratio: float = COMPACT_RATIO,
         compact_min_bytes: int = COMPACT_MIN_BYTES,
+        chunk_bytes: int = CHUNK_BYTES,
     ) -> DurableStore:
-        """Open (or create) the log at `path` and rebuild its state; see the module doc."""
+        """Open (or create) the log at `path` and rebuild its state; see the module doc.
+
+        `chunk_bytes` is the size of the pieces this store cuts large values into when it
+        writes (1 .. MAX_CHUNK_BYTES; the default suits everyone, tests use small ones).
+        """
+        _check_chunk_bytes(chunk_bytes)
         absolute = os.path.abspath(os.fspath(path))
         try:
             lock = _acquire_lock(absolute)
@@ -657,7 +808,11 @@ class DurableStore:
                 f"{absolute}: cannot open the lock file: {error.strerror or error}"
             ) from error
         store = cls(
-            absolute, lock, compact_ratio=compact_ratio, compact_min_bytes=compact_min_bytes
+            absolute,
+            lock,
+            compact_ratio=compact_ratio,
+            compact_min_bytes=compact_min_bytes,
+            chunk_bytes=chunk_bytes,
         )
         try:
             store._recover()
@@ -704,23 +859,22 @@ class DurableStore:
         batch = [(_check_key(key), _check_value(value)) for key, value in records]
         if not batch:
             return
-        chunks: list[bytes] = []
         sizes: list[int] = []
         chain = self._chain
-        for key, value in batch:
-            op = OP_DELETE if value is None else OP_PUT
-            record, chain = _encode_record(op, list(key), value, chain)
-            chunks.append(record)
-            sizes.append(len(record))
-        commit, chain = _encode_record(OP_COMMIT, [len(batch)], None, chain)
-        chunks.append(commit)
-        blob = b"".join(chunks)
+        written = 0
         file = self._require_file()
         try:
-            file.write(blob)
+            # One record at a time: a chunked value is never copied whole.
+            for key, value in batch:
+                size, chain = _write_value(file, key, value, chain, self._chunk_bytes)
+                sizes.append(size)
+                written += size
+            commit, chain = _encode_record(OP_COMMIT, [len(batch)], None, chain)
+            file.write(commit)
+            written += len(commit)
             file.flush()
             # Same fsync: a crash leaves the counter and the batch each landed or not.
-            counters = _counters(self._batches + 1, self._file_size + len(blob))
+            counters = _counters(self._batches + 1, self._file_size + written)
             os.pwrite(file.fileno(), counters, _FIXED_HEADER_SIZE)
             self._fsync(file.fileno())
         except BaseException as error:
@@ -732,8 +886,8 @@ class DurableStore:
             raise
         self._chain = chain
         self._batches += 1
-        self._file_size += len(blob)
-        self._bytes_written += len(blob)
+        self._file_size += written
+        self._bytes_written += written
         self._records_written += len(batch)
         for (key, value), size in zip(batch, sizes, strict=True):
             self._live_record_bytes -= self._record_sizes.pop(key, 0)
@@ -756,7 +910,7 @@ class DurableStore:
         self._check_usable()
         temp = _temp_path(self._path)
         try:
-            size, chain = self._write_snapshot(temp)
+            size, chain, record_sizes = self._write_snapshot(temp)
             os.replace(temp, self._path)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -781,6 +935,9 @@ class DurableStore:
         self._chain = chain
         self._batches = 1 if self._state else 0
         self._file_size = size
+        # The same unless the log was written with another chunk size (or migrated).
+        self._record_sizes = record_sizes
+        self._live_record_bytes = sum(record_sizes.values())
         self._bytes_written += size
         self._compactions += 1
 
@@ -825,6 +982,8 @@ class DurableStore:
         self._file = file
         data = file.read()
         scan = _scan(self._path, data)
+        file_size_before = len(data)
+        migrate = scan.version != FORMAT_VERSION
         if scan.torn is not None:
             logger.warning(
                 "%s: discarded a torn tail at byte %d (%d bytes, %d records): %s",
@@ -834,8 +993,10 @@ class DurableStore:
                 scan.torn.records_discarded,
                 scan.torn.reason,
             )
+        # An old-format log is repaired by the migration's compaction below instead: its
+        # header must not be rewritten with this version's counter checksum.
+        if (scan.torn is not None or scan.header_behind) and not migrate:
             file.truncate(scan.end)
-        if scan.torn is not None or scan.header_behind:
             # A crash before the fsync may leave the file truncated and the counter
             # unchanged: the next open sees the same one-batch difference and repeats this.
             os.pwrite(file.fileno(), _counters(scan.batches, scan.end), _FIXED_HEADER_SIZE)
@@ -848,29 +1009,42 @@ class DurableStore:
         self._chain = scan.chain
         self._file_size = scan.end
         self._batches = scan.batches
+        del data  # the state holds what it needs; the compaction below may want the memory
+        if migrate:
+            # Crash-safe like any compaction: until the rename, the old log is the log.
+            self.compact()
+            logger.warning(
+                "%s: migrated from format version %d to %d",
+                self._path,
+                scan.version,
+                FORMAT_VERSION,
+            )
         self.recovery_report = RecoveryReport(
             path=self._path,
             created=created,
             removed_temp_file=removed_temp,
-            file_size_before=len(data),
-            file_size_after=scan.end,
+            file_size_before=file_size_before,
+            file_size_after=self._file_size,
             batches_replayed=scan.batches,
             records_replayed=scan.records,
             torn_tail=scan.torn,
             header_rewritten=scan.header_behind,
+            migrated_from_version=scan.version if migrate else None,
         )
 
-    def _write_snapshot(self, temp: str) -> tuple[int, int]:
-        """Write the live state as a complete log to `temp` and fsync it: (size, chain)."""
+    def _write_snapshot(self, temp: str) -> tuple[int, int, dict[Key, int]]:
+        """Write the live state as a complete log to `temp` and fsync it: (size, chain, the
+        record bytes of each key)."""
         chain = zlib.crc32(_fixed_header())
         size = HEADER_SIZE
         batches = 1 if self._state else 0
+        record_sizes: dict[Key, int] = {}
         with open(temp, "wb", opener=_private_opener) as out:
             out.write(_header(0, HEADER_SIZE))  # the counter is filled in below
             for key, value in self._state.items():
-                record, chain = _encode_record(OP_PUT, list(key), value, chain)
-                out.write(record)
-                size += len(record)
+                written, chain = _write_value(out, key, value, chain, self._chunk_bytes)
+                record_sizes[key] = written
+                size += written
             if self._state:
                 record, chain = _encode_record(OP_COMMIT, [len(self._state)], None, chain)
                 out.write(record)
@@ -878,7 +1052,7 @@ class DurableStore:
             out.flush()
             os.pwrite(out.fileno(), _counters(batches, size), _FIXED_HEADER_SIZE)
             self._fsync(out.fileno())
-        return size, chain
+        return size, chain, record_sizes
 
     def _maybe_compact(self) -> None:
         if self._file_size <= self._compact_min_bytes:

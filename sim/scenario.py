@@ -20,8 +20,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, TypeGuard
 
-from pbft.config import fault_tolerance_of
+from pbft.checkpoint_size import checkpoint_size_problem
+from pbft.config import ClusterConfig, ConfigError, fault_tolerance_of
 from pbft.messages import MessageType
+from sim.workload import genesis_accounts
 
 BEHAVIORS: Final = (
     "equivocate",
@@ -506,6 +508,20 @@ class _Reader:
             raise self.error(path, f"must be one of {', '.join(choices)}, got {text!r}")
         return text
 
+    def storable(self, replicas: int, workload: WorkloadSpec) -> None:
+        """Refuse what a real cluster file would (pbft/checkpoint_size.py): clients whose
+        full dedup windows make a checkpoint no replica could store or restore."""
+        try:
+            config = ClusterConfig(replica_count=replicas)  # the simulator's dedup_window
+        except ConfigError:
+            return  # the cluster's own checks say what is wrong
+        accounts = genesis_accounts(workload.accounts, workload.clients, workload.initial_balance)
+        problem = checkpoint_size_problem(
+            config, accounts, workload.clients, remedy="use fewer clients or accounts"
+        )
+        if problem is not None:
+            raise self.error("workload.clients", problem)
+
     def check(self, condition: bool, path: str, problem: str) -> None:
         if not condition:
             raise self.error(path, problem)
@@ -538,6 +554,7 @@ class _Reader:
         cluster = self.cluster(self.table(document.get("cluster", {}), "cluster"))
         network = self.network(self.table(document.get("network", {}), "network"))
         workload = self.workload(self.table(document.get("workload", {}), "workload"))
+        self.storable(cluster.replicas, workload)
         fault_tables = self.array_of_tables(document.get("faults", []), "faults")
         faults = [
             self.fault(table, f"faults[{index}]", cluster.replicas)

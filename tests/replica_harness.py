@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,7 +91,7 @@ class Entry:
 class Cluster:
     """Configuration, keys and signed-message builders for a 4-replica test cluster."""
 
-    def __init__(self, **overrides: int) -> None:
+    def __init__(self, *, accounts: Mapping[str, Account] | None = None, **overrides: int) -> None:
         settings = {**DEFAULT_SETTINGS, **overrides}
         self.config = ClusterConfig(**settings)
         self.n = self.config.replica_count
@@ -104,10 +104,13 @@ class Cluster:
             self.keyring.add(("replica", i), key.verify_key)
         for j, key in enumerate(self.client_keys):
             self.keyring.add(("client", j), key.verify_key)
-        self.accounts = dict(GENESIS_ACCOUNTS)
+        self.accounts: Mapping[str, Account] = (
+            dict(GENESIS_ACCOUNTS) if accounts is None else accounts
+        )
         self.cluster_id = compute_cluster_id(self.config, self.keyring, self.accounts)
-        self.genesis_snapshot = self.genesis_ledger().snapshot()
-        self.genesis_ledger_digest = self.genesis_ledger().digest()
+        genesis = self.genesis_ledger()
+        self.genesis_snapshot = genesis.snapshot()
+        self.genesis_ledger_digest = genesis.digest()
         self.genesis_chain_hash = genesis_hash(self.genesis_ledger_digest)
         self.cache = VerificationCache()
 
