@@ -45,8 +45,9 @@ make a recorded handshake useless on any other connection (a replayed AUTH fails
 the new HELLO; replaying both halves gets no key: the ephemeral secrets are gone).
 The connecting side checks that HELLO names the principal it meant to reach *before* it
 signs anything (else a peer it dials could relay its AUTH to a third party); the
-accepting side checks AUTH against the KeyRing (unknown principal, bad signature:
-refused); the connecting side checks ACCEPT against the key of the principal it dialled.
+accepting side checks AUTH against the KeyRing (its own principal, an unknown principal,
+a bad signature: refused); the connecting side checks ACCEPT against the key of the
+principal it dialled.
 A HELLO or an AUTH of another version (version 1: a 43-byte HELLO with version byte 1, a
 106-byte AUTH) is refused as `version`, never served in the clear. The whole handshake
 has one deadline (`handshake_timeout`), handshake frames have their own size limit, and
@@ -70,8 +71,9 @@ closes the connection, counted in
 `closes["session_auth_failed"]`. A counter never wraps: at 2**64 frames the connection is
 closed (`session_exhausted`) and redialled, with new keys. The size limits below are
 plaintext limits; a sealed frame is 16 bytes (the tag) longer, and the decoder's limit is
-the plaintext limit plus 16. The ephemeral secrets are dropped once the keys are derived,
-so a key stolen later does not open recorded traffic (forward secrecy).
+the plaintext limit plus 16 (at most 2**31 - 1, the most ChaCha20Poly1305 takes at
+once). The ephemeral secrets are dropped once the keys are derived, so a key stolen later
+does not open recorded traffic (forward secrecy).
 
 Why this and not TLS or Noise: the principals are raw Ed25519 keys from the cluster file.
 Python's `ssl` only authenticates through X.509 certificates, so TLS 1.3 would need a CA
@@ -229,6 +231,7 @@ EPHEMERAL_SIZE: Final = 32  # an X25519 public key
 SIGNATURE_SIZE: Final = 64
 SESSION_TAG_SIZE: Final = 16  # Poly1305
 _COUNTER_LIMIT: Final = 2**64  # a direction's frames; its nonce counter never reaches it
+_AEAD_MAX_BYTES: Final = 2**31 - 1  # the most `cryptography`'s ChaCha20Poly1305 takes at once
 
 _PRINCIPAL: Final = struct.Struct(">BQ")
 PRINCIPAL_SIZE: Final = _PRINCIPAL.size  # 9
@@ -309,8 +312,12 @@ class TransportConfig:
         value = self.reserved_handshakes
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"reserved_handshakes must be an int >= 0, got {value!r}")
-        if self.max_frame_bytes > 2**32 - 1 - SESSION_TAG_SIZE:
-            raise ValueError("max_frame_bytes (plus the session tag) must fit the u32 length")
+        if self.max_frame_bytes > _AEAD_MAX_BYTES - SESSION_TAG_SIZE:
+            # ChaCha20Poly1305 raises OverflowError beyond it: a send would crash the writer
+            # and a peer's frame the reader. (It also keeps the length within the u32.)
+            raise ValueError(
+                f"max_frame_bytes (plus the session tag) must be at most {_AEAD_MAX_BYTES}"
+            )
         if self.handshake_max_frame_bytes < _AUTH_SIZE:
             raise ValueError(f"handshake_max_frame_bytes must be at least {_AUTH_SIZE}")
         for name, frame_limit in (
@@ -1296,6 +1303,11 @@ class Transport:
             client = decode_principal(client_bytes)
         except ValueError:
             raise _HandshakeFailed("malformed") from None
+        if client == self.principal:
+            # Never a peer: we never sign a transcript whose HELLO names ourselves, so this
+            # is a stolen key or a second process under our identity. Accepted, it would
+            # be a connection to ourselves whose frames are delivered as our own.
+            raise _HandshakeFailed("self")
         key = self._keyring.get(client)
         if key is None:
             raise _HandshakeFailed("unknown_principal")

@@ -1,0 +1,277 @@
+"""Adversarial review of the version-2 handshake (issue 8 point 9): the attacks tried.
+
+Each test attacks two or three real Transports on 127.0.0.1 through hand-made peers or a
+relaying man in the middle; the wire format comes from tests/wire_session.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import pytest
+import trio
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from wire_session import (
+    CLIENT_DOMAIN,
+    SERVER_DOMAIN,
+    Auth,
+    Hello,
+    frame,
+    public_bytes,
+    read_frame,
+    read_hello,
+    transcript,
+    wire_principal,
+)
+
+from crypto.keys import KeyRing, SigningKey
+from runtime.transport import Transport, TransportConfig
+
+HOST = "127.0.0.1"
+KEYS = {
+    **{("replica", i): SigningKey.derive(4, f"replica/{i}") for i in range(3)},
+    **{("client", j): SigningKey.derive(4, f"client/{j}") for j in range(2)},
+}
+RING = KeyRing({principal: key.verify_key for principal, key in KEYS.items()})
+R0, R1, R2, C0 = ("replica", 0), ("replica", 1), ("replica", 2), ("client", 0)
+FAST = TransportConfig(
+    handshake_timeout=1.0,
+    frame_timeout=0.5,
+    send_timeout=1.0,
+    connect_timeout=1.0,
+    backoff_initial=0.02,
+    backoff_max=0.1,
+)
+P = 2**255 - 19
+# X25519 public keys of small order (and non-canonical encodings of them): every one gives
+# an all-zero shared secret whatever our secret is (the list of Bernstein's Curve25519 page).
+SMALL_ORDER = [
+    0,
+    1,
+    325606250916557431795983626356110631294008115727848805560023387167927233504,
+    39382357235489614581723060781553021112529911719440698176882885853963445705823,
+    P - 1,
+    P,
+    P + 1,
+]
+
+
+def make(principal: tuple[str, int], config: TransportConfig = FAST) -> Transport:
+    return Transport(principal, KEYS[principal], RING, config)
+
+
+def run(test: Callable[[], Awaitable[None]], deadline: float = 15.0) -> None:
+    async def bounded() -> None:
+        with trio.fail_after(deadline):
+            await test()
+
+    trio.run(bounded)
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.01)
+
+
+async def closed_by_peer(stream: trio.SocketStream, timeout: float = 3.0) -> bool:
+    with trio.fail_after(timeout):
+        try:
+            while await stream.receive_some(4096):
+                pass
+        except trio.BrokenResourceError:
+            pass
+    return True
+
+
+# --- reflection: the same principal at both ends ------------------------------------------------
+
+
+def test_an_auth_naming_the_server_itself_is_refused_before_its_signature_is_checked() -> None:
+    """A connection claiming to come from the listener's own principal (a relayed or stolen
+    signature, or a second process running under the same identity) is never a peer: it
+    would be registered as a connection to ourselves and its frames delivered as our own."""
+
+    async def main() -> None:
+        async with make(R0) as server:
+            port = await server.listen(HOST, 0)
+            stream = await trio.open_tcp_stream(HOST, port)
+            async with stream:
+                hello = await read_hello(stream)
+                auth = Auth(hello, R0, KEYS[R0])  # even with the real key
+                await stream.send_all(frame(auth.raw) + auth.sealer.seal(b"from myself"))
+                assert await closed_by_peer(stream)
+            await wait_until(lambda: server.statistics().handshakes_failed == {"self": 1})
+            stats = server.statistics()
+            assert stats.handshakes_ok == 0 and stats.connections == 0
+            assert stats.handshake_verifications == 0
+            assert not server.is_connected(R0)
+            assert server.inbound.statistics().current_buffer_used == 0
+
+    run(main)
+
+
+def test_a_dial_reflected_back_to_the_dialler_is_refused_before_it_signs() -> None:
+    """A man in the middle turns a replica's dial to replica 1 back to the replica's own
+    listener: the HELLO names the dialler itself, so nothing is signed or sent."""
+
+    async def main() -> None:
+        async with make(R0) as replica, trio.open_nursery() as nursery:
+            own_port = await replica.listen(HOST, 0)
+            relayed: list[bytes] = []
+
+            async def reflector(dialler: trio.SocketStream) -> None:
+                async with dialler:
+                    back = await trio.open_tcp_stream(HOST, own_port)
+                    async with back:
+                        hello = await read_frame(back)
+                        await dialler.send_all(frame(hello))
+                        with trio.move_on_after(0.5):
+                            while data := await dialler.receive_some(4096):
+                                relayed.append(data)
+
+            listeners = await nursery.start(trio.serve_tcp, reflector, 0)
+            replica.connect_to(R1, HOST, listeners[0].socket.getsockname()[1])
+            await wait_until(
+                lambda: replica.statistics().handshakes_failed.get("wrong_peer", 0) >= 2
+            )
+            assert relayed == []  # no AUTH: nothing signed for a transcript naming itself
+            assert replica.statistics().handshakes_ok == 0
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+# --- identity misbinding (unknown key share) ----------------------------------------------------
+
+
+def test_a_man_in_the_middle_with_its_own_key_cannot_misbind_identities() -> None:
+    """Replica 2 (a Byzantine principal of the ring, so it holds a real key) sits between
+    client 0 and replica 0. It re-signs the client's AUTH under its own name (keeping the
+    client's ephemeral key and nonce), hoping replica 0 takes the client's session as its
+    own while the client believes it reached replica 0. The ACCEPT replica 0 signs names
+    replica 2, so the client refuses it; replica 0's session has keys replica 2 cannot
+    derive, so nothing the client sends is ever credited to replica 2."""
+
+    async def main() -> None:
+        async with make(R0) as server, make(C0) as client, trio.open_nursery() as nursery:
+            server_port = await server.listen(HOST, 0)
+
+            async def misbinder(dialler: trio.SocketStream) -> None:
+                async with dialler:
+                    upstream = await trio.open_tcp_stream(HOST, server_port)
+                    async with upstream:
+                        hello = await read_frame(upstream)
+                        await dialler.send_all(frame(hello))
+                        auth = await read_frame(dialler)
+                        # Same nonce and ephemeral, our principal, our signature.
+                        unsigned = b"A" + wire_principal(R2) + auth[10:42] + auth[42:74]
+                        digest = transcript(hello, unsigned)
+                        signed = unsigned + KEYS[R2].sign(CLIENT_DOMAIN, digest)
+                        await upstream.send_all(frame(signed))
+                        accept = await read_frame(upstream)
+                        await dialler.send_all(frame(accept))
+                        with trio.move_on_after(0.5):  # relay whatever the client sends
+                            while data := await dialler.receive_some(4096):
+                                await upstream.send_all(data)
+
+            listeners = await nursery.start(trio.serve_tcp, misbinder, 0)
+            client.connect_to(R0, HOST, listeners[0].socket.getsockname()[1])
+            client.send(R0, b"pay 5 to acct-00002")
+            await wait_until(
+                lambda: client.statistics().handshakes_failed.get("bad_signature", 0) >= 2
+            )
+            assert client.statistics().handshakes_ok == 0
+            assert not client.is_connected(R0)
+            # Replica 0 did accept replica 2's AUTH (its signature is genuine) but never got
+            # a frame on that session: the client sent nothing, and could not have sealed
+            # anything under keys bound to a transcript naming replica 2.
+            assert server.statistics().handshakes_ok >= 1
+            assert server.statistics().frames_in == 0
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+# --- small-order ephemeral keys -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("point", SMALL_ORDER, ids=lambda u: f"u={u:#x}"[:16])
+def test_a_dialler_refuses_a_small_order_ephemeral_from_a_correctly_signing_server(
+    point: int,
+) -> None:
+    """The server side is tested in test_transport_session (the zero point). Here the
+    listener is genuine (it signs a correct ACCEPT) but its ephemeral key has small order:
+    the dialler counts `bad_key`, derives no key and sends nothing more."""
+
+    async def main() -> None:
+        async with make(C0) as client, trio.open_nursery() as nursery:
+            after_accept: list[bytes] = []
+
+            async def server(stream: trio.SocketStream) -> None:
+                async with stream:
+                    hello = Hello(
+                        b"H\x02" + b"\x09" * 32 + wire_principal(R0) + point.to_bytes(32, "little")
+                    )
+                    await stream.send_all(frame(hello.raw))
+                    auth = await read_frame(stream)
+                    digest = transcript(hello.raw, auth[:-64])
+                    await stream.send_all(frame(b"K" + KEYS[R0].sign(SERVER_DOMAIN, digest)))
+                    with trio.move_on_after(0.5):
+                        while data := await stream.receive_some(4096):
+                            after_accept.append(data)
+
+            listeners = await nursery.start(trio.serve_tcp, server, 0)
+            client.connect_to(R0, HOST, listeners[0].socket.getsockname()[1])
+            client.send(R0, b"pay 5")
+            await wait_until(lambda: client.statistics().handshakes_failed.get("bad_key", 0) >= 1)
+            stats = client.statistics()
+            assert stats.handshakes_ok == 0 and stats.frames_out == 0
+            assert set(stats.handshakes_failed) == {"bad_key"}
+            assert after_accept == []
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_genuine_server_ephemeral_is_not_refused_by_the_same_hand_made_server() -> None:
+    """The control for the test above: the same listener with a proper ephemeral key."""
+
+    async def main() -> None:
+        async with make(C0) as client, trio.open_nursery() as nursery:
+
+            async def server(stream: trio.SocketStream) -> None:
+                async with stream:
+                    ephemeral = X25519PrivateKey.generate()
+                    raw = b"H\x02" + b"\x09" * 32 + wire_principal(R0) + public_bytes(ephemeral)
+                    await stream.send_all(frame(raw))
+                    auth = await read_frame(stream)
+                    digest = transcript(raw, auth[:-64])
+                    await stream.send_all(frame(b"K" + KEYS[R0].sign(SERVER_DOMAIN, digest)))
+                    await trio.sleep(1.0)
+
+            listeners = await nursery.start(trio.serve_tcp, server, 0)
+            client.connect_to(R0, HOST, listeners[0].socket.getsockname()[1])
+            await wait_until(lambda: client.statistics().handshakes_ok == 1)
+            assert client.statistics().handshakes_failed == {}
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+# --- limits ------------------------------------------------------------------------------------
+
+
+def test_a_frame_limit_the_aead_cannot_seal_is_refused_by_the_config() -> None:
+    """`cryptography`'s ChaCha20Poly1305 raises OverflowError (not InvalidTag) for data over
+    2**31 - 1 bytes, so a larger limit would let a send crash the writer task and a peer's
+    frame crash the reader: the limit plus the tag must stay below it."""
+    big = 2**31
+    room = {"peer_queue_bytes": big, "inbound_queue_bytes": big}
+    TransportConfig(max_frame_bytes=2**31 - 1 - 16, **room)  # the largest that fits
+    with pytest.raises(ValueError, match="max_frame_bytes"):
+        TransportConfig(max_frame_bytes=2**31 - 16, **room)
+    with pytest.raises(ValueError, match="max_frame_bytes"):
+        TransportConfig(
+            max_frame_bytes=2**32 - 1 - 16, peer_queue_bytes=2**32, inbound_queue_bytes=2**32
+        )
