@@ -10,13 +10,16 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from test_transport_session import Proxy
 from wire_session import (
     CLIENT_DOMAIN,
     SERVER_DOMAIN,
     Auth,
+    Cipher,
     Hello,
     frame,
+    keys,
     public_bytes,
     read_frame,
     read_hello,
@@ -275,3 +278,90 @@ def test_a_frame_limit_the_aead_cannot_seal_is_refused_by_the_config() -> None:
         TransportConfig(
             max_frame_bytes=2**32 - 1 - 16, peer_queue_bytes=2**32, inbound_queue_bytes=2**32
         )
+
+
+# --- what the signatures cover -----------------------------------------------------------------
+
+# (message, offset in it, the side that notices, its reason). HELLO = H | version | nonce
+# (2..33) | server (34..42) | ephemeral (43..74); AUTH = A | client (1..9) | nonce (10..41) |
+# ephemeral (42..73) | signature; ACCEPT = K | signature.
+FIELDS = [
+    ("hello", 1, "dialler", "version"),
+    ("hello", 10, "listener", "bad_signature"),  # server nonce: the AUTH signs another
+    ("hello", 42, "dialler", "wrong_peer"),  # server id: replica 0 -> 1
+    ("hello", 50, "listener", "bad_signature"),  # server ephemeral
+    ("auth", 9, "listener", "bad_signature"),  # client id: client 0 -> 1, in the ring too
+    ("auth", 20, "listener", "bad_signature"),  # client nonce
+    ("auth", 50, "listener", "bad_signature"),  # client ephemeral
+    ("auth", 100, "listener", "bad_signature"),  # the signature itself
+    ("accept", 10, "dialler", "bad_signature"),
+]
+
+
+@pytest.mark.parametrize(("message", "offset", "side", "reason"), FIELDS)
+def test_a_man_in_the_middle_changing_any_handshake_field_gets_no_session(
+    message: str, offset: int, side: str, reason: str
+) -> None:
+    where = {"hello": ("s2c", 0), "auth": ("c2s", 0), "accept": ("s2c", 1)}[message]
+
+    def flip(number: int, direction: str, index: int, whole: bytes) -> list[bytes]:
+        if (direction, index) == where:
+            changed = bytearray(whole)
+            changed[4 + offset] ^= 0x01
+            return [bytes(changed)]
+        return [whole]
+
+    async def main() -> None:
+        proxy = Proxy(flip)
+        async with make(R0) as server, make(C0) as client, trio.open_nursery() as nursery:
+            proxy.target = await server.listen(HOST, 0)
+            await proxy.start(nursery)
+            client.connect_to(R0, HOST, proxy.port)
+            client.send(R0, b"pay 5")
+            noticer = client if side == "dialler" else server
+            await wait_until(lambda: noticer.statistics().handshakes_failed.get(reason, 0) >= 2)
+            assert client.statistics().handshakes_ok == 0
+            assert not client.is_connected(R0)
+            if message != "accept":  # a changed ACCEPT is only noticed by the dialler
+                assert server.statistics().handshakes_ok == 0
+            assert server.statistics().frames_in == 0
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+# --- fresh keys on every connection -------------------------------------------------------------
+
+
+def test_a_dialler_reusing_its_nonce_and_ephemeral_still_gets_new_keys() -> None:
+    """The listener's fresh nonce and ephemeral alone make every session's keys new: a
+    (lazy or hostile) dialler that repeats its own half cannot make frame 0 of one
+    connection open as frame 0 of the next (same counter, so the same nonce)."""
+
+    async def main() -> None:
+        async with make(R0) as server:
+            port = await server.listen(HOST, 0)
+            ephemeral = X25519PrivateKey.generate()
+            sealed: list[bytes] = []
+            for _ in range(2):
+                stream = await trio.open_tcp_stream(HOST, port)
+                async with stream:
+                    hello = await read_hello(stream)
+                    unsigned = b"A" + wire_principal(C0) + b"\x07" * 32 + public_bytes(ephemeral)
+                    digest = transcript(hello.raw, unsigned)
+                    await stream.send_all(frame(unsigned + KEYS[C0].sign(CLIENT_DOMAIN, digest)))
+                    await read_frame(stream)  # ACCEPT
+                    if not sealed:
+                        peer = X25519PublicKey.from_public_bytes(hello.ephemeral)
+                        outbound, _ = keys(ephemeral.exchange(peer), digest)
+                        sealed.append(Cipher(outbound).seal(b"pay 1"))
+                        await stream.send_all(sealed[0])
+                        with trio.fail_after(3.0):
+                            assert await server.inbound.receive() == (C0, b"pay 1")
+                    else:
+                        await stream.send_all(sealed[0])  # frame 0 of the first session
+                        assert await closed_by_peer(stream)
+            await wait_until(lambda: server.statistics().closes.get("session_auth_failed", 0) == 1)
+            assert server.statistics().frames_in == 1
+
+    run(main)
