@@ -77,12 +77,16 @@ does not open recorded traffic (forward secrecy).
 
 Why this and not TLS or Noise: the principals are raw Ed25519 keys from the cluster file.
 Python's `ssl` only authenticates through X.509 certificates, so TLS 1.3 would need a CA
-(or self-signed certificates pinned by hand) per cluster, and it offers no keying-material
-exporter for TLS 1.3 to bind an application signature to the channel instead. The Python
-Noise libraries (noiseprotocol, dissononce) are unmaintained since 2019-2020. The handshake
-above is the SIGMA pattern (signed ephemeral Diffie-Hellman, identities and nonces under
-the signatures), built from the primitives `cryptography` already provides for our
-signatures: X25519, HKDF-SHA256, ChaCha20-Poly1305.
+(or self-signed certificates pinned by hand) per cluster, and it offers no way to bind an
+application signature to the channel instead: no keying-material exporter (RFC 8446
+7.5), and its one channel binding, tls-unique, is undefined for TLS 1.3. The Python Noise
+libraries (noiseprotocol, dissononce) have had no release since 2020 and 2019. The
+handshake above is signed ephemeral Diffie-Hellman as in ISO/IEC 9798-3: each side signs
+both ephemerals, both nonces and the peer's identity (all in the transcript). Krawczyk's
+SIGMA paper analyses this as the "ISO protocol"; SIGMA proper signs only the ephemerals
+and MACs its own identity under a derived key instead. It is built from the primitives
+`cryptography` already provides for our signatures: X25519, HKDF-SHA256,
+ChaCha20-Poly1305.
 
 Frames a connecting side pipelines right behind its AUTH are read only once AUTH has been
 verified, under the data frame limit (the handshake limit applies to handshake frames only);
