@@ -116,8 +116,13 @@ Anyone can open a TCP connection, so what an unauthenticated one may cost is bou
   AUTH of the exact length naming a principal of the key ring allowed in its slot, and
   at most `verify_rate_per_address` times a second per address and `verify_rate_total`
   times a second in all (token buckets; beyond them the handshake fails `rate_limited`).
-  The X25519 exchange follows only a signature that verified, so it is bounded by the
-  same buckets (at most one per `handshake_verifications`). After the handshake, opening
+  That shared budget is the strangers' to spend too, from as many addresses as they have,
+  so an AUTH naming a replica from the address it is known at (the IP address we dial it
+  at, or where it last authenticated from) draws on a bucket of that replica's own
+  instead (`verify_rate_per_address`): a flood cannot keep a replica out, and costs at
+  most that many more checks a second per replica of the ring. The X25519 exchange
+  follows only a signature that verified, so it is bounded by the same buckets (at most
+  one per `handshake_verifications`). After the handshake, opening
   a frame costs about 1 us plus 0.5 ms per MiB (ChaCha20-Poly1305), paid by the sender too.
 
 Guarantees
@@ -169,6 +174,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import ipaddress
 import logging
 import math
 import random
@@ -822,6 +828,13 @@ class Transport:
             self.config.verify_rate_total, self.config.verify_burst_total
         )
         self._verifications = 0
+        # Where each replica last authenticated from (or the address we dial it at), and a
+        # budget per replica for AUTHs naming it from exactly there: strangers spending the
+        # shared budget cannot keep a replica out that comes back from its own address.
+        self._replica_addresses: dict[Principal, str] = {}
+        self._verify_known = _TokenBuckets(
+            self.config.verify_rate_per_address, self.config.verify_burst_per_address
+        )
         self._context: AbstractAsyncContextManager[Transport] | None = None
         self.listen_ports: list[int] = []
         # counters
@@ -927,6 +940,11 @@ class Transport:
             raise ValueError("a transport does not connect to itself")
         if principal not in self._keyring:
             raise ValueError(f"{principal} is not in the key ring")
+        if principal[0] == "replica":
+            try:  # a replica normally dials us from the address we dial it at
+                self._replica_addresses[principal] = str(ipaddress.ip_address(host))
+            except ValueError:  # a host name: learnt from its first handshake instead
+                pass
         old = self._dialers.pop(principal, None)
         if old is not None:
             old.cancel()
@@ -1101,6 +1119,8 @@ class Transport:
                 return
             principal, session = result
             self._handshakes_ok += 1
+            if principal[0] == "replica":
+                self._replica_addresses[principal] = slot.address
             await self._run_connection(_Connection(stream, principal, "in", session))
         finally:
             await trio.aclose_forcefully(stream)
@@ -1149,11 +1169,15 @@ class Transport:
         if self._pending_by_address[slot.address] <= 0:
             del self._pending_by_address[slot.address]  # no entry per address ever seen
 
-    def _may_verify(self, address: str) -> bool:
+    def _may_verify(self, address: str, claimed: Principal) -> bool:
         """Rate limits on AUTH signature checks: a flood of well-formed AUTH frames costs at
         most `verify_rate_total` Ed25519 verifications a second, and one address at most
-        `verify_rate_per_address` of them."""
+        `verify_rate_per_address` of them. An AUTH naming a replica, from the address that
+        replica is known at, has a bucket of its own (`verify_rate_per_address` per replica:
+        bounded by the key ring's replicas), so a flood cannot lock a replica out."""
         now = trio.current_time()
+        if self._replica_addresses.get(claimed) == address:
+            return self._verify_known.take(f"{claimed[0]}/{claimed[1]}", now)
         if not self._verify_by_address.take(address, now):
             return False
         return self._verify_total.take("", now)
@@ -1317,7 +1341,7 @@ class Transport:
             raise _HandshakeFailed("unknown_principal")
         if slot.reserved and client[0] != "replica":
             raise _HandshakeFailed("reserved_for_replicas")
-        if not self._may_verify(slot.address):
+        if not self._may_verify(slot.address, client):
             raise _HandshakeFailed("rate_limited")
         self._verifications += 1
         transcript = transcript_hash(hello, auth[:-SIGNATURE_SIZE])

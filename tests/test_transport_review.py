@@ -365,3 +365,101 @@ def test_a_dialler_reusing_its_nonce_and_ephemeral_still_gets_new_keys() -> None
             assert server.statistics().frames_in == 1
 
     run(main)
+
+
+# --- the verification budget -------------------------------------------------------------------
+
+STRANGER = "127.0.0.2"  # also loopback on Linux
+# A small total budget, and a per-address one so large that one stranger address stands
+# for the many addresses a real flood would come from.
+FLOODED = TransportConfig(
+    handshake_timeout=1.0,
+    verify_rate_total=1.0,
+    verify_burst_total=1,
+    verify_rate_per_address=1000.0,
+    verify_burst_per_address=1000,
+)
+
+
+async def forge_auths(port: int, until: float, sent: list[int]) -> None:
+    """Well-formed AUTHs naming replica 1 with a wrong signature, from the stranger's
+    address, as fast as one connection at a time allows: each takes a token of the total
+    verification budget when it can."""
+    while trio.current_time() < until:
+        try:
+            stream = await trio.open_tcp_stream(HOST, port, local_address=STRANGER)
+        except OSError:
+            continue
+        async with stream:
+            try:
+                hello = await read_hello(stream)
+                await stream.send_all(frame(Auth(hello, R1, KEYS[C0]).raw))
+                await closed_by_peer(stream)
+            except (EOFError, trio.BrokenResourceError):
+                pass
+        sent[0] += 1
+
+
+def test_forged_auths_from_strangers_do_not_lock_a_known_replica_out() -> None:
+    """The total verification budget (`verify_rate_total`) is shared by everyone: strangers
+    at enough addresses (here one address with a generous per-address budget stands for
+    many) spend every token on AUTHs naming a replica with a wrong signature, and the real
+    replica, redialling after its connection dropped, found the budget empty every time
+    (`rate_limited`) for as long as the flood lasted. A replica that has authenticated from
+    an address before now has a budget of its own for AUTHs from that address; forged
+    AUTHs naming it from anywhere else still share the total."""
+    config = FLOODED
+
+    async def main() -> None:
+        async with make(R0, config) as server, trio.open_nursery() as nursery:
+            port = await server.listen(HOST, 0)
+            started = trio.current_time()
+            async with make(R1) as first_life:  # replica 1 connects once, then restarts
+                first_life.connect_to(R0, HOST, port)
+                await first_life.wait_connected(R0)
+            sent = [0]
+            until = trio.current_time() + 4.0
+            for _ in range(4):
+                nursery.start_soon(forge_auths, port, until, sent)
+            await trio.sleep(0.3)  # the budget is spent
+            async with make(R1) as second_life:
+                second_life.connect_to(R0, HOST, port)
+                with trio.fail_after(2.5):
+                    await second_life.wait_connected(R0)
+            stats = server.statistics()
+            assert sent[0] > 20  # the flood was on all along
+            assert stats.handshakes_failed.get("rate_limited", 0) > 0
+            # The strangers got the total budget's worth of checks, no more; replica 1 one
+            # check for each of its two lives.
+            budget = 1 + 1.0 * (trio.current_time() - started)
+            assert stats.handshake_verifications <= budget + 2
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_replica_we_dial_by_address_is_not_locked_out_even_the_first_time() -> None:
+    """A listener that has never seen replica 1 but dials it at 127.0.0.1 (as every replica
+    dials every other) already knows the address its AUTHs come from."""
+    config = FLOODED
+
+    async def main() -> None:
+        async with make(R0, config) as server, trio.open_nursery() as nursery:
+            port = await server.listen(HOST, 0)
+            dead = trio.socket.socket()
+            await dead.bind((HOST, 0))  # bound, never listening: our dials fail
+            server.connect_to(R1, HOST, dead.getsockname()[1])
+            sent = [0]
+            until = trio.current_time() + 4.0
+            for _ in range(4):
+                nursery.start_soon(forge_auths, port, until, sent)
+            await trio.sleep(0.3)
+            async with make(R1) as replica:
+                replica.connect_to(R0, HOST, port)
+                with trio.fail_after(2.5):
+                    await replica.wait_connected(R0)
+            assert server.statistics().handshakes_failed.get("rate_limited", 0) > 0
+            dead.close()
+            nursery.cancel_scope.cancel()
+
+    run(main)
