@@ -45,8 +45,9 @@ make a recorded handshake useless on any other connection (a replayed AUTH fails
 the new HELLO; replaying both halves gets no key: the ephemeral secrets are gone).
 The connecting side checks that HELLO names the principal it meant to reach *before* it
 signs anything (else a peer it dials could relay its AUTH to a third party); the
-accepting side checks AUTH against the KeyRing (unknown principal, bad signature:
-refused); the connecting side checks ACCEPT against the key of the principal it dialled.
+accepting side checks AUTH against the KeyRing (its own principal, an unknown principal,
+a bad signature: refused); the connecting side checks ACCEPT against the key of the
+principal it dialled.
 A HELLO or an AUTH of another version (version 1: a 43-byte HELLO with version byte 1, a
 106-byte AUTH) is refused as `version`, never served in the clear. The whole handshake
 has one deadline (`handshake_timeout`), handshake frames have their own size limit, and
@@ -70,17 +71,22 @@ closes the connection, counted in
 `closes["session_auth_failed"]`. A counter never wraps: at 2**64 frames the connection is
 closed (`session_exhausted`) and redialled, with new keys. The size limits below are
 plaintext limits; a sealed frame is 16 bytes (the tag) longer, and the decoder's limit is
-the plaintext limit plus 16. The ephemeral secrets are dropped once the keys are derived,
-so a key stolen later does not open recorded traffic (forward secrecy).
+the plaintext limit plus 16 (at most 2**31 - 1, the most ChaCha20Poly1305 takes at
+once). The ephemeral secrets are dropped once the keys are derived, so a key stolen later
+does not open recorded traffic (forward secrecy).
 
 Why this and not TLS or Noise: the principals are raw Ed25519 keys from the cluster file.
 Python's `ssl` only authenticates through X.509 certificates, so TLS 1.3 would need a CA
-(or self-signed certificates pinned by hand) per cluster, and it offers no keying-material
-exporter for TLS 1.3 to bind an application signature to the channel instead. The Python
-Noise libraries (noiseprotocol, dissononce) are unmaintained since 2019-2020. The handshake
-above is the SIGMA pattern (signed ephemeral Diffie-Hellman, identities and nonces under
-the signatures), built from the primitives `cryptography` already provides for our
-signatures: X25519, HKDF-SHA256, ChaCha20-Poly1305.
+(or self-signed certificates pinned by hand) per cluster, and it offers no way to bind an
+application signature to the channel instead: no keying-material exporter (RFC 8446
+7.5), and its one channel binding, tls-unique, is undefined for TLS 1.3. The Python Noise
+libraries (noiseprotocol, dissononce) have had no release since 2020 and 2019. The
+handshake above is signed ephemeral Diffie-Hellman as in ISO/IEC 9798-3: each side signs
+both ephemerals, both nonces and the peer's identity (all in the transcript). Krawczyk's
+SIGMA paper analyses this as the "ISO protocol"; SIGMA proper signs only the ephemerals
+and MACs its own identity under a derived key instead. It is built from the primitives
+`cryptography` already provides for our signatures: X25519, HKDF-SHA256,
+ChaCha20-Poly1305.
 
 Frames a connecting side pipelines right behind its AUTH are read only once AUTH has been
 verified, under the data frame limit (the handshake limit applies to handshake frames only);
@@ -110,8 +116,13 @@ Anyone can open a TCP connection, so what an unauthenticated one may cost is bou
   AUTH of the exact length naming a principal of the key ring allowed in its slot, and
   at most `verify_rate_per_address` times a second per address and `verify_rate_total`
   times a second in all (token buckets; beyond them the handshake fails `rate_limited`).
-  The X25519 exchange follows only a signature that verified, so it is bounded by the
-  same buckets (at most one per `handshake_verifications`). After the handshake, opening
+  That shared budget is the strangers' to spend too, from as many addresses as they have,
+  so an AUTH naming a replica from the address it is known at (the IP address we dial it
+  at, or where it last authenticated from) draws on a bucket of that replica's own
+  instead (`verify_rate_per_address`): a flood cannot keep a replica out, and costs at
+  most that many more checks a second per replica of the ring. The X25519 exchange
+  follows only a signature that verified, so it is bounded by the same buckets (at most
+  one per `handshake_verifications`). After the handshake, opening
   a frame costs about 1 us plus 0.5 ms per MiB (ChaCha20-Poly1305), paid by the sender too.
 
 Guarantees
@@ -163,6 +174,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import ipaddress
 import logging
 import math
 import random
@@ -229,6 +241,7 @@ EPHEMERAL_SIZE: Final = 32  # an X25519 public key
 SIGNATURE_SIZE: Final = 64
 SESSION_TAG_SIZE: Final = 16  # Poly1305
 _COUNTER_LIMIT: Final = 2**64  # a direction's frames; its nonce counter never reaches it
+_AEAD_MAX_BYTES: Final = 2**31 - 1  # the most `cryptography`'s ChaCha20Poly1305 takes at once
 
 _PRINCIPAL: Final = struct.Struct(">BQ")
 PRINCIPAL_SIZE: Final = _PRINCIPAL.size  # 9
@@ -309,8 +322,12 @@ class TransportConfig:
         value = self.reserved_handshakes
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"reserved_handshakes must be an int >= 0, got {value!r}")
-        if self.max_frame_bytes > 2**32 - 1 - SESSION_TAG_SIZE:
-            raise ValueError("max_frame_bytes (plus the session tag) must fit the u32 length")
+        if self.max_frame_bytes > _AEAD_MAX_BYTES - SESSION_TAG_SIZE:
+            # ChaCha20Poly1305 raises OverflowError beyond it: a send would crash the writer
+            # and a peer's frame the reader. (It also keeps the length within the u32.)
+            raise ValueError(
+                f"max_frame_bytes (plus the session tag) must be at most {_AEAD_MAX_BYTES}"
+            )
         if self.handshake_max_frame_bytes < _AUTH_SIZE:
             raise ValueError(f"handshake_max_frame_bytes must be at least {_AUTH_SIZE}")
         for name, frame_limit in (
@@ -811,6 +828,13 @@ class Transport:
             self.config.verify_rate_total, self.config.verify_burst_total
         )
         self._verifications = 0
+        # Where each replica last authenticated from (or the address we dial it at), and a
+        # budget per replica for AUTHs naming it from exactly there: strangers spending the
+        # shared budget cannot keep a replica out that comes back from its own address.
+        self._replica_addresses: dict[Principal, str] = {}
+        self._verify_known = _TokenBuckets(
+            self.config.verify_rate_per_address, self.config.verify_burst_per_address
+        )
         self._context: AbstractAsyncContextManager[Transport] | None = None
         self.listen_ports: list[int] = []
         # counters
@@ -916,6 +940,11 @@ class Transport:
             raise ValueError("a transport does not connect to itself")
         if principal not in self._keyring:
             raise ValueError(f"{principal} is not in the key ring")
+        if principal[0] == "replica":
+            try:  # a replica normally dials us from the address we dial it at
+                self._replica_addresses[principal] = str(ipaddress.ip_address(host))
+            except ValueError:  # a host name: learnt from its first handshake instead
+                pass
         old = self._dialers.pop(principal, None)
         if old is not None:
             old.cancel()
@@ -1090,6 +1119,8 @@ class Transport:
                 return
             principal, session = result
             self._handshakes_ok += 1
+            if principal[0] == "replica":
+                self._replica_addresses[principal] = slot.address
             await self._run_connection(_Connection(stream, principal, "in", session))
         finally:
             await trio.aclose_forcefully(stream)
@@ -1138,11 +1169,15 @@ class Transport:
         if self._pending_by_address[slot.address] <= 0:
             del self._pending_by_address[slot.address]  # no entry per address ever seen
 
-    def _may_verify(self, address: str) -> bool:
+    def _may_verify(self, address: str, claimed: Principal) -> bool:
         """Rate limits on AUTH signature checks: a flood of well-formed AUTH frames costs at
         most `verify_rate_total` Ed25519 verifications a second, and one address at most
-        `verify_rate_per_address` of them."""
+        `verify_rate_per_address` of them. An AUTH naming a replica, from the address that
+        replica is known at, has a bucket of its own (`verify_rate_per_address` per replica:
+        bounded by the key ring's replicas), so a flood cannot lock a replica out."""
         now = trio.current_time()
+        if self._replica_addresses.get(claimed) == address:
+            return self._verify_known.take(f"{claimed[0]}/{claimed[1]}", now)
         if not self._verify_by_address.take(address, now):
             return False
         return self._verify_total.take("", now)
@@ -1296,12 +1331,17 @@ class Transport:
             client = decode_principal(client_bytes)
         except ValueError:
             raise _HandshakeFailed("malformed") from None
+        if client == self.principal:
+            # Never a peer: we never sign a transcript whose HELLO names ourselves, so this
+            # is a stolen key or a second process under our identity. Accepted, it would
+            # be a connection to ourselves whose frames are delivered as our own.
+            raise _HandshakeFailed("self")
         key = self._keyring.get(client)
         if key is None:
             raise _HandshakeFailed("unknown_principal")
         if slot.reserved and client[0] != "replica":
             raise _HandshakeFailed("reserved_for_replicas")
-        if not self._may_verify(slot.address):
+        if not self._may_verify(slot.address, client):
             raise _HandshakeFailed("rate_limited")
         self._verifications += 1
         transcript = transcript_hash(hello, auth[:-SIGNATURE_SIZE])
