@@ -366,10 +366,27 @@ class Replica:
                 # The slot already has the quorum this vote would add to.
                 self.drops["redundant_vote"] += 1
                 return
+            if isinstance(message, Request) and self._refused_for_quota(message):
+                # A flood from a client over its quota costs a parse, not a signature check.
+                raise Rejected("client_quota_full", f"client {message.client_id}")
             verify_signature(envelope, message, self.verifier.keyring, self.verifier.cache)
             handler(self, Opened(message, data, envelope.body))
         except Rejected as rejection:
             self._drop(rejection.reason, rejection.detail)
+
+    def _refused_for_quota(self, request: Request) -> bool:
+        """Whether `_on_request` would refuse this request for its client's quota, decided
+        before its signature is checked. Only for a client already marked over its quota
+        (by a request whose signature was checked: a forgery naming a correct client cannot
+        get it marked), and only a new request: a pending or decided one takes its usual
+        path (a relay, a kept reply)."""
+        client_id = request.client_id
+        return (
+            client_id in self.over_quota_clients
+            and self.pending_per_client[client_id] >= self.config.client_pending_limit
+            and (client_id, request.request_id) not in self.pending
+            and self.ledger.lookup(client_id, request.request_id) is None
+        )
 
     def _on_balance_query(self, opened: Opened) -> None:
         query = opened.message

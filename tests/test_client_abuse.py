@@ -61,6 +61,35 @@ def test_one_client_fills_its_own_quota_not_the_pending_table() -> None:
     assert replica.pending_per_client[1] == 1
 
 
+def test_a_client_over_its_quota_costs_no_signature_check_for_new_requests() -> None:
+    cluster = Cluster(client_pending_limit=8)
+    replica = cluster.replica(1)
+    cluster.tick(replica, 1)
+    cluster.deliver(replica, *(cluster.request(i, amount=1) for i in range(1, 10)))
+    assert 0 in replica.over_quota_clients  # the 9th, checked, marked the client
+    checked = replica.verifier.cache.statistics().misses
+    cluster.deliver(replica, *(cluster.request(i, amount=1) for i in range(10, 1000)))
+    assert replica.verifier.cache.statistics().misses == checked
+    assert replica.drops["client_quota_full"] == 1 + 990
+    # A request it already has pending still takes its usual path (checked, relayed).
+    relayed = cluster.deliver(replica, cluster.request(1, amount=1))
+    assert send_raws(relayed, ("replica", 0))
+
+
+def test_forged_requests_cannot_mark_a_correct_client_over_its_quota() -> None:
+    from crypto.keys import SigningKey
+
+    cluster = Cluster(client_pending_limit=2)
+    replica = cluster.replica(1)
+    cluster.tick(replica, 1)
+    cluster.deliver(replica, cluster.request(1, client=1), cluster.request(2, client=1))
+    forger = SigningKey.derive(99, "forger")
+    forged = [cluster.request(i, client=1, key=forger) for i in range(3, 50)]
+    cluster.deliver(replica, *forged)
+    assert 1 not in replica.over_quota_clients
+    assert replica.drops["bad_signature"] == len(forged)
+
+
 def test_quota_frees_as_requests_execute() -> None:
     cluster = Cluster(client_pending_limit=2)
     replica = cluster.replica(1)
