@@ -96,6 +96,9 @@ OWN_VIEW_CHANGES_KEPT = 4
 UNSTORED_REASON_CODES = ("id_reused", "request_expired")
 # A state transfer that got no chunk for this many retransmit intervals asks another replica.
 STATE_TRANSFER_TIMEOUT_INTERVALS = 25
+# A request may wait this many view-change timeouts while the primary keeps executing
+# (one timeout while it does not): see _watch_primary.
+REQUEST_TIMEOUTS_UNDER_LOAD = 4
 
 
 class ReplicaInvariantError(RuntimeError):
@@ -996,11 +999,18 @@ class Replica:
             return
         # PBFT's request timer: the oldest request we hold must be ordered in time, however
         # busy the primary keeps itself with other clients' payments (no censorship). Only
-        # correct clients' requests count (see over_quota_clients).
+        # correct clients' requests count (see over_quota_clients). One timeout while
+        # nothing executes; while the primary keeps executing, a few: under load a request
+        # legitimately waits behind batches in flight and a backlog (a client sending its
+        # quota at once, a flood being ordered), and a correct primary must not be deposed
+        # for that. Censorship is still caught, REQUEST_TIMEOUTS_UNDER_LOAD times later.
         oldest = self._oldest_timed_request()
-        if oldest is not None and self.now_ms - oldest.arrived_ms >= timeout:
-            self._suspect("request not ordered")
-            return
+        if oldest is not None:
+            age = self.now_ms - oldest.arrived_ms
+            executing = self.now_ms - self.last_execution_ms < timeout
+            if age >= (REQUEST_TIMEOUTS_UNDER_LOAD * timeout if executing else timeout):
+                self._suspect("request not ordered")
+                return
         has_work = oldest is not None or any(
             slot.proposal is not None and slot.committed is None
             for seq, slot in self.slots.items()
