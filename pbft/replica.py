@@ -99,6 +99,8 @@ STATE_TRANSFER_TIMEOUT_INTERVALS = 25
 # A request may wait this many view-change timeouts while the primary keeps executing
 # (one timeout while it does not): see _watch_primary.
 REQUEST_TIMEOUTS_UNDER_LOAD = 4
+# Of each batch, at most this fraction goes to clients over their quota (see _next_batch).
+OVER_QUOTA_BATCH_SHARE = 4
 
 
 class ReplicaInvariantError(RuntimeError):
@@ -724,18 +726,23 @@ class Replica:
     def _next_batch(self) -> list[tuple[int, int]]:
         """The next batch_size requests to propose, in arrival order, but correct clients'
         first: a client over its quota must not make everyone else's requests wait behind
-        its backlog (long enough, it would look like censorship to the backups)."""
+        its backlog (long enough, it would look like censorship to the backups). Its
+        backlog also gets at most 1/OVER_QUOTA_BATCH_SHARE of a batch: every request
+        ordered costs each replica a signature check, an execution and a signed reply, so
+        full batches of it would slow the batches in flight that correct clients' requests
+        wait behind."""
         size = self.config.batch_size
         if not self.over_quota_clients:
             return list(islice(self.proposal_queue, size))
         first: list[tuple[int, int]] = []
         later: list[tuple[int, int]] = []
+        later_limit = max(1, size // OVER_QUOTA_BATCH_SHARE)
         for identity in self.proposal_queue:
             if identity[0] not in self.over_quota_clients:
                 first.append(identity)
                 if len(first) == size:
                     break
-            elif len(later) < size:
+            elif len(later) < later_limit:
                 later.append(identity)
         return (first + later)[:size]
 

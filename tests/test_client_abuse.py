@@ -189,6 +189,8 @@ def test_the_primary_orders_correct_clients_before_a_flooding_clients_backlog() 
     first = [peek(raw)[1] for raw in proposals[0].requests]
     assert isinstance(first[0], Request)
     assert (first[0].client_id, first[0].request_id) == (1, 1)
+    # The flooding client's backlog gets at most a quarter of the batch (8 // 4).
+    assert [message.client_id for message in first] == [1, 0, 0]  # type: ignore[attr-defined]
 
 
 def test_a_request_behind_a_backlog_gets_more_time_while_the_primary_executes() -> None:
