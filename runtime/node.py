@@ -20,6 +20,7 @@ from typing import TextIO
 
 import trio
 
+from crypto.keys import Principal
 from pbft.events import Broadcast, MessageReceived, Note, Persist, Send, Tick
 from pbft.replica import Replica
 from pbft.signed import client_may_send
@@ -280,7 +281,7 @@ class ReplicaNode:
                 if self.log_summary.windows:
                     self._log_records(self.log_summary.flush(time.monotonic()))
                 return Tick(int((now - self._clock_started) * 1000))
-            item: tuple[tuple[str, int], bytes] | None = None
+            item: tuple[Principal, bytes] | None = None
             with trio.move_on_at(self._next_tick):
                 try:
                     item = await inbound.receive()

@@ -4,8 +4,10 @@ one peer only, and what closing does."""
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 import trio
@@ -282,3 +284,28 @@ def test_bad_limits_are_refused(arguments: dict[str, int]) -> None:
     }
     with pytest.raises(ValueError):
         InboundScheduler(**settings)  # type: ignore[arg-type]
+
+
+def test_ticks_reach_the_core_on_time_however_many_frames_wait(tmp_path: Path) -> None:
+    """The node's owner loop takes a due tick before the next frame: with the scheduler
+    never empty and every event taking 1 ms to handle, a tick comes every tick_ms."""
+    from pbft.events import Tick
+    from runtime.node import ReplicaNode
+
+    async def main() -> None:
+        inbound = scheduler()
+        await fill(inbound, R1, [b"vote"] * 1000)  # a replica frame reaches the core as is
+        await fill(inbound, R2, [b"vote"] * 1000)
+        node = ReplicaNode(None, 0, tmp_path, tick_ms=5)  # type: ignore[arg-type]
+        tick_times = []
+        for _ in range(1000):
+            event = await node._next_event(inbound)
+            if isinstance(event, Tick):
+                tick_times.append(trio.current_time())
+            await trio.sleep(0.001)  # handling it
+        gaps = [b - a for a, b in itertools.pairwise(tick_times)]
+        assert len(tick_times) >= 1000 // 6
+        assert max(gaps) <= 0.005 + 0.001 + 1e-9
+        assert inbound.statistics().queued > 0  # frames waited all along
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
