@@ -23,6 +23,15 @@ when it is ready for it, so the choice is made as late as possible. The order:
    common case, while a bigger frame waits a visit per quantum of its cost. A client that
    floods gets its share of the core, the same as one that sends one request, and no more.
 
+3. A client's frames are also paced: at most `client_rate` small frames a second (a frame
+   counts its cost in quanta, so a 64 KiB frame counts two), after a burst of
+   `client_burst`. Deficit round robin alone is work-conserving: a flood gets every cycle
+   nobody else wants, and a replica sharing its machine (or a payment network's operator
+   paying for CPU) pays for all of them. Correct clients send far less (at most
+   client_pending_limit requests outstanding, one frame each; the benchmark's clients send
+   about 130 a second each), so pacing never touches them. A paced reader simply waits
+   before it queues, so TCP pushes back on the flood, as for a full queue.
+
 Every queue is bounded in frames and bytes. When a peer's queue is full its reader waits
 (`put` blocks), so it stops reading that connection and TCP pushes back on the sender:
 nothing a correct peer sent is dropped because another peer floods (every wait is
@@ -58,6 +67,8 @@ DEFAULT_FRAME_COST: Final = 64 * 1024
 # A visit's credit, beyond the fixed cost: a frame up to this size is served in one visit.
 QUANTUM_FRAME_BYTES: Final = 1024
 DEFAULT_REPLICA_BURST: Final = 32
+DEFAULT_CLIENT_RATE: Final = 400.0  # small frames a second, per client
+DEFAULT_CLIENT_BURST: Final = 400
 
 REPLICA: Final = "replica"
 CLIENT: Final = "client"
@@ -73,6 +84,7 @@ class InboundStatistics:
     readers_blocked: int  # readers waiting for room in their peer's queue now
     served: Mapping[str, int] = field(default_factory=dict)  # frames handed to the owner
     backpressure: Mapping[str, int] = field(default_factory=dict)  # times a reader waited
+    paced: int = 0  # times a client's reader waited for its pace (see client_rate)
     picks: int = 0  # frames handed to the owner in all
 
 
@@ -87,6 +99,31 @@ class _PeerQueue:
         self.bytes = 0
         self.deficit = 0
         self.space: trio.Event | None = None  # set when room frees up, if a reader waits
+
+
+class _Pace:
+    """Token buckets by client, in quanta: `delay` is how long a frame must wait before it
+    may be queued (0: at once). Tokens may go negative (the frame has reserved them), so
+    two readers of one principal cannot both pass on the same token. Full buckets carry no
+    information and are dropped once there are many: memory follows the active clients."""
+
+    PRUNE_AT = 4096
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self._buckets: dict[Principal, tuple[float, float]] = {}  # tokens, at
+
+    def delay(self, principal: Principal, units: float, now: float) -> float:
+        tokens, at = self._buckets.get(principal, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - at) * self.rate) - units
+        self._buckets[principal] = (tokens, now)
+        if len(self._buckets) > self.PRUNE_AT:
+            full_after = self.burst / self.rate
+            for key, (_, seen) in list(self._buckets.items()):
+                if now - seen >= full_after:
+                    del self._buckets[key]
+        return 0.0 if tokens >= 0 else -tokens / self.rate
 
 
 class _Round:
@@ -143,21 +180,34 @@ class InboundScheduler:
         client_bytes: int,
         frame_cost: int = DEFAULT_FRAME_COST,
         replica_burst: int = DEFAULT_REPLICA_BURST,
+        client_rate: float = DEFAULT_CLIENT_RATE,
+        client_burst: int = DEFAULT_CLIENT_BURST,
     ) -> None:
         for name, value in (
             ("max_frames", max_frames),
             ("replica_bytes", replica_bytes),
             ("client_bytes", client_bytes),
             ("replica_burst", replica_burst),
+            ("client_burst", client_burst),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if isinstance(frame_cost, bool) or not isinstance(frame_cost, int) or frame_cost < 0:
             raise ValueError(f"frame_cost must be an int >= 0, got {frame_cost!r}")
+        if (
+            isinstance(client_rate, bool)
+            or not isinstance(client_rate, int | float)
+            or not 0 < client_rate < float("inf")
+        ):
+            raise ValueError(f"client_rate must be a positive number, got {client_rate!r}")
         self.max_frames = max_frames
         self.max_bytes = {REPLICA: replica_bytes, CLIENT: client_bytes}
         self.replica_burst = replica_burst
         quantum = frame_cost + QUANTUM_FRAME_BYTES
+        self._frame_cost = frame_cost
+        self._quantum = quantum
+        self._pace = _Pace(float(client_rate), client_burst)
+        self._paced = 0
         self._rounds = {REPLICA: _Round(frame_cost, quantum), CLIENT: _Round(frame_cost, quantum)}
         self._queues: dict[Principal, _PeerQueue] = {}
         self._replica_streak = 0  # replica frames served in a row while a client waited
@@ -187,13 +237,22 @@ class InboundScheduler:
         )
 
     async def put(self, principal: Principal, frame: bytes) -> None:
-        """Queue `frame` from `principal`, waiting while its queue is full.
+        """Queue `frame` from `principal`, waiting while its queue is full (and, for a
+        client, until its pace allows it).
 
         Raises trio.ClosedResourceError once the scheduler is closed (also while waiting).
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         if self._closed:
             raise trio.ClosedResourceError("the inbound scheduler is closed")
+        if principal[0] != REPLICA:
+            units = (self._frame_cost + len(frame)) / self._quantum
+            delay = self._pace.delay(principal, units, trio.current_time())
+            if delay > 0:
+                self._paced += 1
+                await trio.sleep(delay)
+                if self._closed:
+                    raise trio.ClosedResourceError("the inbound scheduler is closed")
         if self.has_room(principal, len(frame)):
             self._enqueue(principal, frame)
             # Queued: a cancellation now must not make the caller think it was not.
@@ -312,5 +371,6 @@ class InboundScheduler:
             readers_blocked=self._blocked,
             served=dict(sorted(self._served.items())),
             backpressure=dict(sorted(self._backpressure.items())),
+            paced=self._paced,
             picks=self.picks,
         )

@@ -98,7 +98,8 @@ one queue per principal, bounded in frames (`inbound_queue_size`) and in bytes
 fits). The owner takes replicas' frames first, then clients' in deficit round robin, so one
 peer's flood gets its share of the owner and no more. When a peer's queue is full, the
 readers of its connections wait, so TCP pushes back on that peer alone (nothing is dropped
-on input; counted as `inbound_backpressure`). The per-frame deadline is measured from the
+on input; counted as `inbound_backpressure`); a client's readers also wait beyond
+`client_inbound_rate` frames a second. The per-frame deadline is measured from the
 first byte read after the previous frame was delivered, so time spent waiting on our own
 owner never counts against a peer.
 
@@ -208,6 +209,10 @@ class TransportConfig:
     # of a few hundred bytes outstanding. Bounds the memory of all clients' queues together
     # to this times the clients in the key ring.
     client_inbound_bytes: int = 256 * 1024
+    # A client's frames are paced beyond this many a second (after a burst): a flood costs
+    # a replica at most this much, correct clients send far less (runtime/inbound.py).
+    client_inbound_rate: float = 400.0
+    client_inbound_burst: int = 400
     max_pending_handshakes: int = 256  # unauthenticated inbound connections at a time
     max_pending_per_address: int = 8  # of those, from one IP address
     # Handshakes beyond both caps, open to replicas only: a flood of strangers cannot keep
@@ -235,6 +240,7 @@ class TransportConfig:
             "inbound_queue_size",
             "inbound_queue_bytes",
             "client_inbound_bytes",
+            "client_inbound_burst",
             "max_pending_handshakes",
             "max_pending_per_address",
             "verify_burst_per_address",
@@ -266,6 +272,7 @@ class TransportConfig:
             "connect_timeout",
             "verify_rate_per_address",
             "verify_rate_total",
+            "client_inbound_rate",
             "idle_peer_timeout",
             "backoff_initial",
             "backoff_max",
@@ -533,6 +540,8 @@ class Transport:
             max_frames=self.config.inbound_queue_size,
             replica_bytes=self.config.inbound_queue_bytes,
             client_bytes=self.config.client_inbound_bytes,
+            client_rate=self.config.client_inbound_rate,
+            client_burst=self.config.client_inbound_burst,
         )
         self._nursery: trio.Nursery | None = None
         self._started = False

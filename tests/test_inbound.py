@@ -26,12 +26,14 @@ def scheduler(
     replica_bytes: int = 64 * 1024 * 1024,
     client_bytes: int = 64 * 1024 * 1024,
     replica_burst: int = 32,
+    client_rate: float = 1e9,  # no pacing but where a test is about it
 ) -> InboundScheduler:
     return InboundScheduler(
         max_frames=max_frames,
         replica_bytes=replica_bytes,
         client_bytes=client_bytes,
         replica_burst=replica_burst,
+        client_rate=client_rate,
     )
 
 
@@ -265,6 +267,34 @@ def test_the_owner_waits_for_a_frame_and_a_cancelled_wait_loses_nothing() -> Non
     run(main)
 
 
+def test_a_clients_frames_are_paced_beyond_its_burst_and_a_replicas_are_not() -> None:
+    async def main() -> None:
+        inbound = InboundScheduler(
+            max_frames=10_000,
+            replica_bytes=2**26,
+            client_bytes=2**26,
+            client_rate=100.0,
+            client_burst=10,
+        )
+        start = trio.current_time()
+        await fill(inbound, R0, [b"v"] * 100)
+        assert trio.current_time() == start
+        await fill(inbound, ATTACKER, [b"r"] * 10)  # the burst: at once
+        assert trio.current_time() == start
+        await fill(inbound, ATTACKER, [b"r"] * 50)  # then about 100 a second
+        assert 0.45 <= trio.current_time() - start <= 0.55
+        assert inbound.statistics().paced == 50
+        await fill(inbound, HONEST, [b"p"] * 10)  # another client's burst is its own
+        assert trio.current_time() - start <= 0.55
+        # A frame of 64 KiB costs about two small ones.
+        now = trio.current_time()
+        await fill(inbound, THIRD, [b"z" * CLIENT_LIMIT] * 25)
+        assert 0.35 <= trio.current_time() - now <= 0.45
+        assert inbound.statistics().queued == 100 + 60 + 10 + 25  # nothing dropped
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
 @pytest.mark.parametrize(
     "arguments",
     [
@@ -272,6 +302,9 @@ def test_the_owner_waits_for_a_frame_and_a_cancelled_wait_loses_nothing() -> Non
         {"client_bytes": -1},
         {"replica_burst": 0},
         {"frame_cost": -1},
+        {"client_rate": 0},
+        {"client_rate": float("inf")},
+        {"client_burst": 0},
         {"max_frames": True},
     ],
 )
