@@ -99,6 +99,11 @@ OWN_VIEW_CHANGES_KEPT = 4
 UNSTORED_REASON_CODES = ("id_reused", "request_expired")
 # A state transfer that got no chunk for this many retransmit intervals asks another replica.
 STATE_TRANSFER_TIMEOUT_INTERVALS = 25
+# A request may wait this many view-change timeouts while the primary keeps executing
+# (one timeout while it does not): see _watch_primary.
+REQUEST_TIMEOUTS_UNDER_LOAD = 4
+# Of each batch, at most this fraction goes to clients over their quota (see _next_batch).
+OVER_QUOTA_BATCH_SHARE = 4
 
 
 class ReplicaInvariantError(RuntimeError):
@@ -369,10 +374,27 @@ class Replica:
                 # The slot already has the quorum this vote would add to.
                 self.drops["redundant_vote"] += 1
                 return
+            if isinstance(message, Request) and self._refused_for_quota(message):
+                # A flood from a client over its quota costs a parse, not a signature check.
+                raise Rejected("client_quota_full", f"client {message.client_id}")
             verify_signature(envelope, message, self.verifier.keyring, self.verifier.cache)
             handler(self, Opened(message, data, envelope.body))
         except Rejected as rejection:
             self._drop(rejection.reason, rejection.detail)
+
+    def _refused_for_quota(self, request: Request) -> bool:
+        """Whether `_on_request` would refuse this request for its client's quota, decided
+        before its signature is checked. Only for a client already marked over its quota
+        (by a request whose signature was checked: a forgery naming a correct client cannot
+        get it marked), and only a new request: a pending or decided one takes its usual
+        path (a relay, a kept reply)."""
+        client_id = request.client_id
+        return (
+            client_id in self.over_quota_clients
+            and self.pending_per_client[client_id] >= self.config.client_pending_limit
+            and (client_id, request.request_id) not in self.pending
+            and self.ledger.lookup(client_id, request.request_id) is None
+        )
 
     def _on_balance_query(self, opened: Opened) -> None:
         query = opened.message
@@ -707,18 +729,23 @@ class Replica:
     def _next_batch(self) -> list[tuple[int, int]]:
         """The next batch_size requests to propose, in arrival order, but correct clients'
         first: a client over its quota must not make everyone else's requests wait behind
-        its backlog (long enough, it would look like censorship to the backups)."""
+        its backlog (long enough, it would look like censorship to the backups). Its
+        backlog also gets at most 1/OVER_QUOTA_BATCH_SHARE of a batch: every request
+        ordered costs each replica a signature check, an execution and a signed reply, so
+        full batches of it would slow the batches in flight that correct clients' requests
+        wait behind."""
         size = self.config.batch_size
         if not self.over_quota_clients:
             return list(islice(self.proposal_queue, size))
         first: list[tuple[int, int]] = []
         later: list[tuple[int, int]] = []
+        later_limit = max(1, size // OVER_QUOTA_BATCH_SHARE)
         for identity in self.proposal_queue:
             if identity[0] not in self.over_quota_clients:
                 first.append(identity)
                 if len(first) == size:
                     break
-            elif len(later) < size:
+            elif len(later) < later_limit:
                 later.append(identity)
         return (first + later)[:size]
 
@@ -983,11 +1010,18 @@ class Replica:
             return
         # PBFT's request timer: the oldest request we hold must be ordered in time, however
         # busy the primary keeps itself with other clients' payments (no censorship). Only
-        # correct clients' requests count (see over_quota_clients).
+        # correct clients' requests count (see over_quota_clients). One timeout while
+        # nothing executes; while the primary keeps executing, a few: under load a request
+        # legitimately waits behind batches in flight and a backlog (a client sending its
+        # quota at once, a flood being ordered), and a correct primary must not be deposed
+        # for that. Censorship is still caught, REQUEST_TIMEOUTS_UNDER_LOAD times later.
         oldest = self._oldest_timed_request()
-        if oldest is not None and self.now_ms - oldest.arrived_ms >= timeout:
-            self._suspect("request not ordered")
-            return
+        if oldest is not None:
+            age = self.now_ms - oldest.arrived_ms
+            executing = self.now_ms - self.last_execution_ms < timeout
+            if age >= (REQUEST_TIMEOUTS_UNDER_LOAD * timeout if executing else timeout):
+                self._suspect("request not ordered")
+                return
         has_work = oldest is not None or any(
             slot.proposal is not None and slot.committed is None
             for seq, slot in self.slots.items()

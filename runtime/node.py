@@ -1,9 +1,11 @@
 """A replica on trio: the sans-I/O core driven by real sockets, a real clock and a real disk.
 
-One task owns the core. The transport's inbound frames and the clock's ticks reach it
-through one bounded channel; it hands every event to `Replica.handle` and carries out
-the actions in order. Every `Persist` of an event is written and fsynced (one batch,
-in a worker thread) before any message of that event leaves: persist before you speak.
+One task owns the core. It takes the next event when it is ready for one: a tick when one
+is due (every `tick_ms`, however busy the peers keep it), else the next frame the
+transport's inbound scheduler picks (replicas first, then clients in fair turns, see
+runtime/inbound.py); it hands the event to `Replica.handle` and carries out the actions in
+order. Every `Persist` of an event is written and fsynced (one batch, in a worker thread)
+before any message of that event leaves: persist before you speak.
 """
 
 from __future__ import annotations
@@ -18,14 +20,15 @@ from typing import TextIO
 
 import trio
 
+from crypto.keys import Principal
 from pbft.events import Broadcast, MessageReceived, Note, Persist, Send, Tick
 from pbft.replica import Replica
 from pbft.signed import client_may_send
 from runtime.cluster import Cluster
+from runtime.inbound import InboundScheduler
 from runtime.storage import DurableStore
 from runtime.transport import Transport, TransportConfig
 
-EVENT_QUEUE_SIZE = 10_000
 DATA_DIR_MODE = 0o700
 # Identical notes (a peer in another view can cause `drop wrong_view` hundreds of times a
 # second) are logged once, then summed: one line per kind and reason per interval.
@@ -148,6 +151,9 @@ class ReplicaNode:
         self.quiet_drops = 0
         self.log_summary = LogSummarizer()
         self.client_frames_refused = 0
+        self.ticks = 0
+        self._clock_started: float | None = None
+        self._next_tick = 0.0
 
     def log(self, event: str, **fields: object) -> None:
         record = {"time": round(time.time(), 6), "replica": self.replica_id, "event": event}
@@ -234,36 +240,60 @@ class ReplicaNode:
             ) from None
 
     async def _drive(self, core: Replica, store: DurableStore, transport: Transport) -> None:
-        send_event, receive_event = trio.open_memory_channel[Tick | MessageReceived](
-            EVENT_QUEUE_SIZE
-        )
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._clock, send_event.clone())
-            nursery.start_soon(self._inbound, transport, send_event)
-            async for event in receive_event:
-                actions = core.handle(event)
-                self.events_handled += 1
-                persists = [
-                    (action.key, action.value) for action in actions if isinstance(action, Persist)
-                ]
-                if persists:
-                    # Durable before any message of this event leaves.
-                    await trio.to_thread.run_sync(store.apply, persists)
-                    # The thread ignores cancellation: if we are stopping, the transport may
-                    # be gone already, so stop here rather than send into it.
-                    await trio.lowlevel.checkpoint_if_cancelled()
-                for action in actions:
-                    if isinstance(action, Send):
-                        transport.send(action.to, action.data)
-                    elif isinstance(action, Broadcast):
-                        for peer in self.cluster.replicas:
-                            if peer.replica_id != self.replica_id:
-                                transport.send(("replica", peer.replica_id), action.data)
-                    elif isinstance(action, Note):
-                        self._note(action)
-                if core.halted is not None:
-                    self.log("halted", reason=core.halted)
-                    raise ReplicaHalted(core.halted)
+        while (event := await self._next_event(transport.inbound)) is not None:
+            actions = core.handle(event)
+            self.events_handled += 1
+            persists = [
+                (action.key, action.value) for action in actions if isinstance(action, Persist)
+            ]
+            if persists:
+                # Durable before any message of this event leaves.
+                await trio.to_thread.run_sync(store.apply, persists)
+                # The thread ignores cancellation: if we are stopping, the transport may
+                # be gone already, so stop here rather than send into it.
+                await trio.lowlevel.checkpoint_if_cancelled()
+            for action in actions:
+                if isinstance(action, Send):
+                    transport.send(action.to, action.data)
+                elif isinstance(action, Broadcast):
+                    for peer in self.cluster.replicas:
+                        if peer.replica_id != self.replica_id:
+                            transport.send(("replica", peer.replica_id), action.data)
+                elif isinstance(action, Note):
+                    self._note(action)
+            if core.halted is not None:
+                self.log("halted", reason=core.halted)
+                raise ReplicaHalted(core.halted)
+
+    async def _next_event(self, inbound: InboundScheduler) -> Tick | MessageReceived | None:
+        """The next event for the core, chosen now (not when it arrived): a tick if one is
+        due, else the scheduler's next frame, waiting for whichever comes first. None once
+        the transport has stopped. Ticks come every `tick_ms` whatever the load, so
+        heartbeats, batching and timers run on time under a flood."""
+        if self._clock_started is None:
+            self._clock_started = trio.current_time()
+            self._next_tick = self._clock_started + self.tick_ms / 1000
+        while True:
+            now = trio.current_time()
+            if now >= self._next_tick:
+                self._next_tick = now + self.tick_ms / 1000
+                self.ticks += 1
+                if self.log_summary.windows:
+                    self._log_records(self.log_summary.flush(time.monotonic()))
+                return Tick(int((now - self._clock_started) * 1000))
+            item: tuple[Principal, bytes] | None = None
+            with trio.move_on_at(self._next_tick):
+                try:
+                    item = await inbound.receive()
+                except trio.EndOfChannel:
+                    return None
+            if item is None:
+                continue  # a tick is due
+            principal, data = item
+            if principal[0] == "client" and not client_may_send(data):
+                self.client_frames_refused += 1  # unparsed: see client_may_send
+                continue
+            return MessageReceived(data)
 
     def _note(self, note: Note) -> None:
         if note.kind not in NOTABLE_NOTES:
@@ -283,27 +313,3 @@ class ReplicaNode:
         for record in records:
             fields = dict(record)
             self.log(str(fields.pop("event")), **fields)
-
-    async def _clock(self, send_event: trio.MemorySendChannel[Tick | MessageReceived]) -> None:
-        async with send_event:
-            started = trio.current_time()
-            while True:
-                await trio.sleep(self.tick_ms / 1000)
-                now_ms = int((trio.current_time() - started) * 1000)
-                if self.log_summary.windows:
-                    self._log_records(self.log_summary.flush(time.monotonic()))
-                try:
-                    send_event.send_nowait(Tick(now_ms))
-                except trio.WouldBlock:
-                    # Busy: a tick later is as good; time is read afresh each tick.
-                    pass
-
-    async def _inbound(
-        self, transport: Transport, send_event: trio.MemorySendChannel[Tick | MessageReceived]
-    ) -> None:
-        async with send_event:
-            async for principal, data in transport.inbound:
-                if principal[0] == "client" and not client_may_send(data):
-                    self.client_frames_refused += 1  # unparsed: see client_may_send
-                    continue
-                await send_event.send(MessageReceived(data))

@@ -154,11 +154,16 @@ Guarantees
   `async with transport:`); cancelling it closes every socket and listener and ends
   `inbound` (the owner's `async for` loop finishes).
 
-Backpressure on input: `inbound` is bounded in frames (`inbound_queue_size`) and in bytes
-(`inbound_queue_bytes`, all peers together; one frame always fits); when the owner falls
-behind, readers wait, so TCP pushes back on the peers (nothing is dropped on input). The
-per-frame deadline is measured from the first byte read after the previous frame was
-delivered, so time spent waiting on our own owner never counts against a peer.
+Inbound scheduling and backpressure: `inbound` is a `runtime.inbound.InboundScheduler`,
+one queue per principal, bounded in frames (`inbound_queue_size`) and in bytes
+(`inbound_queue_bytes` for a replica, `client_inbound_bytes` for a client; one frame always
+fits). The owner takes replicas' frames first, then clients' in deficit round robin, so one
+peer's flood gets its share of the owner and no more. When a peer's queue is full, the
+readers of its connections wait, so TCP pushes back on that peer alone (nothing is dropped
+on input; counted as `inbound_backpressure`); a client's readers also wait beyond
+`client_inbound_rate` frames a second. The per-frame deadline is measured from the
+first byte read after the previous frame was delivered, so time spent waiting on our own
+owner never counts against a peer.
 
 Limits
 ------
@@ -205,11 +210,11 @@ from runtime.framing import (
     encode_frame,
     frame_header,
 )
+from runtime.inbound import InboundScheduler
 
 __all__ = [
     "EPHEMERAL_SIZE",
     "HANDSHAKE_ACCEPT_DOMAIN",
-    "InboundQueue",
     "HANDSHAKE_DOMAIN",
     "HANDSHAKE_MAX_FRAME_BYTES",
     "HANDSHAKE_VERSION",
@@ -282,8 +287,16 @@ class TransportConfig:
     peer_queue_bytes: int = 64 * 1024 * 1024  # payload bytes queued per replica peer
     client_queue_bytes: int = 1024 * 1024  # payload bytes queued per client peer
     overflow: Literal["drop_oldest", "drop_newest"] = "drop_oldest"
-    inbound_queue_size: int = 1024  # frames waiting for the owner, all peers together
-    inbound_queue_bytes: int = 64 * 1024 * 1024  # their payload bytes, all peers together
+    inbound_queue_size: int = 1024  # frames waiting for the owner, per peer
+    inbound_queue_bytes: int = 64 * 1024 * 1024  # their payload bytes, per replica peer
+    # ... per client peer: a correct client has at most client_pending_limit (128) requests
+    # of a few hundred bytes outstanding. Bounds the memory of all clients' queues together
+    # to this times the clients in the key ring.
+    client_inbound_bytes: int = 256 * 1024
+    # A client's frames are paced beyond this many a second (after a burst): a flood costs
+    # a replica at most this much, correct clients send far less (runtime/inbound.py).
+    client_inbound_rate: float = 400.0
+    client_inbound_burst: int = 400
     max_pending_handshakes: int = 256  # unauthenticated inbound connections at a time
     max_pending_per_address: int = 8  # of those, from one IP address
     # Handshakes beyond both caps, open to replicas only: a flood of strangers cannot keep
@@ -310,6 +323,8 @@ class TransportConfig:
             "client_queue_bytes",
             "inbound_queue_size",
             "inbound_queue_bytes",
+            "client_inbound_bytes",
+            "client_inbound_burst",
             "max_pending_handshakes",
             "max_pending_per_address",
             "verify_burst_per_address",
@@ -334,6 +349,7 @@ class TransportConfig:
             ("peer_queue_bytes", self.max_frame_bytes),
             ("client_queue_bytes", min(self.client_max_frame_bytes, self.max_frame_bytes)),
             ("inbound_queue_bytes", self.max_frame_bytes),
+            ("client_inbound_bytes", min(self.client_max_frame_bytes, self.max_frame_bytes)),
         ):
             if getattr(self, name) < frame_limit:
                 raise ValueError(f"{name} must hold at least one frame ({frame_limit} bytes)")
@@ -344,6 +360,7 @@ class TransportConfig:
             "connect_timeout",
             "verify_rate_per_address",
             "verify_rate_total",
+            "client_inbound_rate",
             "idle_peer_timeout",
             "backoff_initial",
             "backoff_max",
@@ -393,6 +410,9 @@ class TransportStatistics:
     queued_bytes: int = 0  # their payload bytes
     inbound_queued: int = 0  # frames waiting for the owner now
     inbound_bytes: int = 0  # their payload bytes
+    # Times a reader stopped reading its connection because its peer's inbound queue was
+    # full (TCP backpressure), by class of peer (replica, client).
+    inbound_backpressure: Mapping[str, int] = field(default_factory=dict)
     peers: int = 0  # principals with transport state (queue, writer task) now
     pending_handshakes: int = 0  # inbound connections in their handshake now
     handshake_verifications: int = 0  # AUTH signatures checked (each costs an Ed25519 verify)
@@ -668,63 +688,6 @@ class _Peer:
         return frame
 
 
-class InboundQueue:
-    """What `Transport.inbound` is: frames for the owner, bounded in frames and in bytes.
-
-    Readers wait while it is full (TCP then pushes back on the peer), so nothing is dropped
-    on input. One frame is always let in when the queue is empty, whatever its size.
-    Iterate it with `async for`, or call `receive()`; both end when the transport stops.
-    """
-
-    def __init__(self, max_frames: int, max_bytes: int) -> None:
-        self._send, self._receive = trio.open_memory_channel[tuple[Principal, bytes]](max_frames)
-        self.max_bytes = max_bytes
-        self.bytes = 0
-        self._space = trio.Event()
-
-    async def put(self, item: tuple[Principal, bytes]) -> None:
-        size = len(item[1])
-        while self.bytes and self.bytes + size > self.max_bytes:
-            await self._space.wait()
-        self.bytes += size
-        try:
-            await self._send.send(item)
-        except BaseException:
-            self._release(size)
-            raise
-
-    def _release(self, size: int) -> None:
-        self.bytes -= size
-        self._space.set()
-        self._space = trio.Event()
-
-    async def receive(self) -> tuple[Principal, bytes]:
-        item = await self._receive.receive()
-        self._release(len(item[1]))
-        return item
-
-    def receive_nowait(self) -> tuple[Principal, bytes]:
-        item = self._receive.receive_nowait()
-        self._release(len(item[1]))
-        return item
-
-    def __aiter__(self) -> InboundQueue:
-        return self
-
-    async def __anext__(self) -> tuple[Principal, bytes]:
-        try:
-            return await self.receive()
-        except trio.EndOfChannel:
-            raise StopAsyncIteration from None
-
-    def statistics(self) -> trio.MemoryChannelStatistics:
-        return self._receive.statistics()
-
-    def close(self) -> None:
-        """No more frames: the owner's `async for` ends once it has read what is queued."""
-        self._send.close()
-
-
 class _TokenBuckets:
     """Token buckets by key (an IP address): `take` is True while the key has a token left.
 
@@ -813,7 +776,13 @@ class Transport:
         self._keyring = keyring
         self._principal_bytes = encode_principal(self.principal)
         self._rng = rng if rng is not None else random.Random(secrets.randbits(64))
-        self.inbound = InboundQueue(self.config.inbound_queue_size, self.config.inbound_queue_bytes)
+        self.inbound = InboundScheduler(
+            max_frames=self.config.inbound_queue_size,
+            replica_bytes=self.config.inbound_queue_bytes,
+            client_bytes=self.config.client_inbound_bytes,
+            client_rate=self.config.client_inbound_rate,
+            client_burst=self.config.client_inbound_burst,
+        )
         self._nursery: trio.Nursery | None = None
         self._started = False
         self._peers: dict[Principal, _Peer] = {}
@@ -992,6 +961,7 @@ class Transport:
     def statistics(self) -> TransportStatistics:
         live = [c for peer in self._peers.values() for c in peer.connections if not c.closing]
         nursery = self._nursery
+        inbound = self.inbound.statistics()
         return TransportStatistics(
             connections=len(live),
             connected_peers=sum(1 for peer in self._peers.values() if peer.active is not None),
@@ -1008,8 +978,9 @@ class Transport:
             drops=dict(sorted(self._drops.items())),
             queued=sum(len(peer.queue) for peer in self._peers.values()),
             queued_bytes=sum(peer.queued_bytes for peer in self._peers.values()),
-            inbound_queued=self.inbound.statistics().current_buffer_used,
-            inbound_bytes=self.inbound.bytes,
+            inbound_queued=inbound.queued,
+            inbound_bytes=inbound.queued_bytes,
+            inbound_backpressure=inbound.backpressure,
             peers=len(self._peers),
             pending_handshakes=self._pending_general + len(self._reserved),
             handshake_verifications=self._verifications,
@@ -1268,8 +1239,8 @@ class Transport:
                 self._frames_in += 1
                 self._bytes_in += len(frame)
                 try:
-                    await self.inbound.put((connection.principal, frame))
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    await self.inbound.put(connection.principal, frame)
+                except trio.ClosedResourceError:
                     self._drops["inbound_closed"] += 1
                 frame_started = None
             if decoder.buffered == 0:

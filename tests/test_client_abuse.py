@@ -61,6 +61,35 @@ def test_one_client_fills_its_own_quota_not_the_pending_table() -> None:
     assert replica.pending_per_client[1] == 1
 
 
+def test_a_client_over_its_quota_costs_no_signature_check_for_new_requests() -> None:
+    cluster = Cluster(client_pending_limit=8)
+    replica = cluster.replica(1)
+    cluster.tick(replica, 1)
+    cluster.deliver(replica, *(cluster.request(i, amount=1) for i in range(1, 10)))
+    assert 0 in replica.over_quota_clients  # the 9th, checked, marked the client
+    checked = replica.verifier.cache.statistics().misses
+    cluster.deliver(replica, *(cluster.request(i, amount=1) for i in range(10, 1000)))
+    assert replica.verifier.cache.statistics().misses == checked
+    assert replica.drops["client_quota_full"] == 1 + 990
+    # A request it already has pending still takes its usual path (checked, relayed).
+    relayed = cluster.deliver(replica, cluster.request(1, amount=1))
+    assert send_raws(relayed, ("replica", 0))
+
+
+def test_forged_requests_cannot_mark_a_correct_client_over_its_quota() -> None:
+    from crypto.keys import SigningKey
+
+    cluster = Cluster(client_pending_limit=2)
+    replica = cluster.replica(1)
+    cluster.tick(replica, 1)
+    cluster.deliver(replica, cluster.request(1, client=1), cluster.request(2, client=1))
+    forger = SigningKey.derive(99, "forger")
+    forged = [cluster.request(i, client=1, key=forger) for i in range(3, 50)]
+    cluster.deliver(replica, *forged)
+    assert 1 not in replica.over_quota_clients
+    assert replica.drops["bad_signature"] == len(forged)
+
+
 def test_quota_frees_as_requests_execute() -> None:
     cluster = Cluster(client_pending_limit=2)
     replica = cluster.replica(1)
@@ -160,3 +189,39 @@ def test_the_primary_orders_correct_clients_before_a_flooding_clients_backlog() 
     first = [peek(raw)[1] for raw in proposals[0].requests]
     assert isinstance(first[0], Request)
     assert (first[0].client_id, first[0].request_id) == (1, 1)
+    # The flooding client's backlog gets at most a quarter of the batch (8 // 4).
+    assert [message.client_id for message in first] == [1, 0, 0]  # type: ignore[attr-defined]
+
+
+def test_a_request_behind_a_backlog_gets_more_time_while_the_primary_executes() -> None:
+    """Under load a correct client's request waits behind batches in flight: while the
+    primary keeps executing, it has REQUEST_TIMEOUTS_UNDER_LOAD timeouts (the attack's
+    view changes came from requests a busy, correct primary ordered after 300-700 ms),
+    and a request never ordered still deposes the primary then."""
+    from replica_harness import broadcasts
+
+    from pbft.messages import Suspect
+    from pbft.replica import REQUEST_TIMEOUTS_UNDER_LOAD
+
+    cluster = Cluster(checkpoint_interval=64, watermark_window=128)  # no checkpoint needed
+    replica = cluster.replica(1)
+    cluster.tick(replica, 1)
+    cluster.deliver(replica, cluster.request(1, client=1))  # never ordered
+    timeout = cluster.config.view_change_timeout_ms
+    prev_hash = None
+    seq = 0
+    suspected_at = None
+    for now in range(10, (REQUEST_TIMEOUTS_UNDER_LOAD + 1) * timeout, 10):
+        actions = cluster.tick(replica, now)
+        actions += cluster.deliver(replica, cluster.heartbeat(0))
+        if now % 50 == 0:  # the primary orders other payments all along
+            seq += 1
+            entry = cluster.pre_prepare(seq, [cluster.request(100 + seq)], prev_hash=prev_hash)
+            actions += cluster.drive_commit(replica, entry)
+            prev_hash = entry.digest
+        if broadcasts(actions, Suspect) and suspected_at is None:
+            suspected_at = now
+    assert replica.last_executed == seq
+    assert suspected_at is not None
+    assert REQUEST_TIMEOUTS_UNDER_LOAD * timeout <= suspected_at
+    assert suspected_at < REQUEST_TIMEOUTS_UNDER_LOAD * timeout + 50

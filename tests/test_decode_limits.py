@@ -27,6 +27,7 @@ from pbft.codec import MAX_DECODE_ITEMS, MAX_FRAME_BYTES, DecodeError, count_ite
 from pbft.events import MessageReceived
 from pbft.messages import MESSAGE_CLASSES, MessageType, Request
 from pbft.signed import BODY_LIMITS, ENVELOPE_OVERHEAD, Rejected, client_may_send, peek, seal
+from runtime.inbound import InboundScheduler
 from runtime.node import ReplicaNode
 
 MIB = 1024 * 1024
@@ -220,19 +221,17 @@ def test_a_replica_node_passes_only_client_types_from_client_connections(tmp_pat
         (("replica", 1), prepare),  # replicas may send every type
     ]
 
-    class FakeTransport:
-        def __init__(self) -> None:
-            self.inbound = self._frames()
-
-        async def _frames(self):  # type: ignore[no-untyped-def]
-            for item in frames:
-                yield item
-
     async def main() -> list[bytes]:
+        inbound = InboundScheduler(max_frames=10, replica_bytes=2**20, client_bytes=2**20)
+        for principal, frame in frames:
+            await inbound.put(principal, frame)
+        inbound.close()
         node = ReplicaNode(None, 0, tmp_path)  # type: ignore[arg-type]
-        send, receive = trio.open_memory_channel[MessageReceived](10)
-        await node._inbound(FakeTransport(), send)  # type: ignore[arg-type]
+        passed = []
+        while (event := await node._next_event(inbound)) is not None:
+            if isinstance(event, MessageReceived):  # ticks come too
+                passed.append(event.data)
         assert node.client_frames_refused == 2
-        return [event.data async for event in receive]
+        return passed
 
-    assert trio.run(main) == [request, prepare]
+    assert trio.run(main) == [prepare, request]  # the replica's frame first

@@ -337,7 +337,7 @@ def test_false_identities_are_refused_and_counted() -> None:
                 "unknown_principal": 1,
             }
             assert stats.handshakes_ok == 0 and stats.connections == 0
-            assert replica.inbound.statistics().current_buffer_used == 0
+            assert replica.inbound.statistics().queued == 0
 
             # The control: the same hand-written handshake with the right key is accepted.
             genuine = await raw_authenticated(port, C0)
@@ -823,7 +823,10 @@ def test_peer_queues_are_bounded_in_bytes() -> None:
 
 def test_the_inbound_queue_is_bounded_in_bytes() -> None:
     config = TransportConfig(
-        max_frame_bytes=1000, client_max_frame_bytes=1000, inbound_queue_bytes=1000
+        max_frame_bytes=1000,
+        client_max_frame_bytes=1000,
+        inbound_queue_bytes=1000,
+        client_inbound_bytes=1000,
     )
 
     async def main() -> None:
@@ -836,6 +839,7 @@ def test_the_inbound_queue_is_bounded_in_bytes() -> None:
             await trio.sleep(0.1)  # the owner does not read: nothing more gets in
             stats = replica.statistics()
             assert (stats.inbound_queued, stats.inbound_bytes) == (2, 800)
+            assert stats.inbound_backpressure == {"client": 1}  # its reader stopped
             assert [await receive(replica) for _ in range(10)] == [(C0, p) for p in frames]
             assert replica.statistics().inbound_bytes == 0
 
