@@ -21,7 +21,6 @@ from runtime.adversary import authenticate
 from runtime.client import PaymentClient
 from runtime.cluster import Cluster, load_cluster, write_cluster
 from runtime.commands import consecutive_free_ports
-from runtime.framing import encode_frame
 from runtime.inbound import DEFAULT_REPLICA_BURST, InboundScheduler
 from runtime.node import ReplicaNode
 from runtime.transport import TransportConfig
@@ -72,14 +71,13 @@ def recorder(monkeypatch: pytest.MonkeyPatch) -> Iterator[Recorder]:
     yield record
 
 
-def _flood_frames(cluster: Cluster) -> bytes:
+def _flood_payloads(cluster: Cluster) -> list[bytes]:
     key = cluster.load_private_key("client", FLOODER[1])
     owned = sorted(name for name, a in cluster.accounts.items() if a.owner == FLOODER[1])
     other = sorted(name for name, a in cluster.accounts.items() if a.owner != FLOODER[1])
-    return b"".join(
-        encode_frame(seal(Request(FLOODER[1], 1 + i, owned[0], other[0], 1), key))
-        for i in range(FLOOD_REQUESTS)
-    )
+    return [
+        seal(Request(FLOODER[1], 1 + i, owned[0], other[0], 1), key) for i in range(FLOOD_REQUESTS)
+    ]
 
 
 def test_a_flooding_client_does_not_delay_another_clients_requests(
@@ -87,20 +85,22 @@ def test_a_flooding_client_does_not_delay_another_clients_requests(
 ) -> None:
     base = consecutive_free_ports(4)[0]
     cluster = load_cluster(write_cluster(tmp_path, replicas=4, clients=2, base_port=base))
-    flood = _flood_frames(cluster)
+    flood = _flood_payloads(cluster)
     owned = sorted(name for name, a in cluster.accounts.items() if a.owner == HONEST[1])
     primary = cluster.replica(0)
     outcomes: list[str] = []
 
     async def flooder(done: trio.Event) -> None:
         key = cluster.load_private_key("client", FLOODER[1])
-        stream = await authenticate(primary.host, primary.port, FLOODER, key, ("replica", 0))
+        link = await authenticate(primary.host, primary.port, FLOODER, key, ("replica", 0))
         try:
             with trio.move_on_at(trio.current_time() + 60):
                 while not done.is_set():
-                    await stream.send_all(flood)  # blocks once the primary stops reading
+                    # Sealed anew each round (a session frame opens once); send_all blocks
+                    # once the primary stops reading.
+                    await link.stream.send_all(b"".join(link.seal(p) for p in flood))
         finally:
-            await trio.aclose_forcefully(stream)
+            await trio.aclose_forcefully(link.stream)
 
     async def scenario() -> None:
         logs = [open(tmp_path / f"replica-{r}.log", "w") for r in range(4)]  # noqa: SIM115

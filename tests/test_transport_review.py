@@ -109,7 +109,7 @@ def test_an_auth_naming_the_server_itself_is_refused_before_its_signature_is_che
             assert stats.handshakes_ok == 0 and stats.connections == 0
             assert stats.handshake_verifications == 0
             assert not server.is_connected(R0)
-            assert server.inbound.statistics().current_buffer_used == 0
+            assert server.inbound.statistics().queued == 0
 
     run(main)
 
