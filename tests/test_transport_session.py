@@ -356,7 +356,9 @@ def test_payloads_do_not_appear_in_plaintext_on_the_wire() -> None:
             assert await receive(peer) == (R0, reply)
             wire = bytes(proxy.wire)
             assert len(wire) > len(request) + len(big) + len(reply)  # it all went through
-            for secret in (b"acct-00001", b"123456789", b"987654321", b"PAY", b"BALANCE"):
+            # Seven bytes or more: a shorter string turns up in 800 KB of ciphertext by chance
+            # (b"PAY" about one run in twenty).
+            for secret in (b"acct-00001", b"123456789", b"987654321", b"PAY acct", b"BALANCE"):
                 assert secret not in wire
             nursery.cancel_scope.cancel()
 
