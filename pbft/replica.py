@@ -104,6 +104,10 @@ STATE_TRANSFER_TIMEOUT_INTERVALS = 25
 REQUEST_TIMEOUTS_UNDER_LOAD = 4
 # Of each batch, at most this fraction goes to clients over their quota (see _next_batch).
 OVER_QUOTA_BATCH_SHARE = 4
+# Of the batches in flight, at most this fraction may hold nothing but requests of clients
+# over their quota, so that a correct client's request finds the pipeline open (see
+# _maybe_propose).
+OVER_QUOTA_PIPELINE_SHARE = 2
 
 
 class ReplicaInvariantError(RuntimeError):
@@ -716,8 +720,16 @@ class Replica:
                 oldest = self.pending[next(iter(self.proposal_queue))]
                 if self.now_ms - oldest.arrived_ms < self.config.batch_timeout_ms:
                     return
+            identities = self._next_batch()
+            if self._backlog_only(identities):
+                # Only over-quota clients' requests: they may fill part of the pipeline,
+                # never all of it, or a correct client's request arriving now would wait
+                # for batches of theirs to drain (the flood's latency, not its own).
+                reserve = max(1, self.config.max_inflight_batches // OVER_QUOTA_PIPELINE_SHARE)
+                if self.next_seq > self.last_executed + reserve:
+                    return
             batch: list[bytes] = []
-            for identity in self._next_batch():
+            for identity in identities:
                 del self.proposal_queue[identity]
                 pending = self.pending.get(identity)
                 if pending is not None:
@@ -725,6 +737,11 @@ class Replica:
             if not batch:
                 return
             self._propose(tuple(batch))
+
+    def _backlog_only(self, identities: list[tuple[int, int]]) -> bool:
+        return bool(self.over_quota_clients) and all(
+            client_id in self.over_quota_clients for client_id, _ in identities
+        )
 
     def _next_batch(self) -> list[tuple[int, int]]:
         """The next batch_size requests to propose, in arrival order, but correct clients'

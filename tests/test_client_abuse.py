@@ -225,3 +225,31 @@ def test_a_request_behind_a_backlog_gets_more_time_while_the_primary_executes() 
     assert suspected_at is not None
     assert REQUEST_TIMEOUTS_UNDER_LOAD * timeout <= suspected_at
     assert suspected_at < REQUEST_TIMEOUTS_UNDER_LOAD * timeout + 50
+
+
+def test_a_flooding_clients_backlog_leaves_room_in_the_pipeline_for_a_correct_client() -> None:
+    """Batches of nothing but an over-quota client's requests fill at most half of the
+    batches in flight: a correct client's request arriving while the backlog is being
+    ordered is proposed at once, not after the flood's batches drain."""
+    from replica_harness import broadcasts
+
+    from pbft.messages import PrePrepare
+    from pbft.signed import peek
+
+    # Nothing is proposed before the batch timeout (the backlog never fills a batch), so
+    # it is there all at once; its share of a batch is 80 // 4 = 20 requests.
+    cluster = Cluster(
+        client_pending_limit=64, batch_size=80, batch_timeout_ms=50, max_inflight_batches=4
+    )
+    primary = cluster.replica(0)
+    cluster.tick(primary, 1)
+    cluster.deliver(primary, *(cluster.request(i, amount=1) for i in range(1, 70)))
+    assert 0 in primary.over_quota_clients
+    flood = broadcasts(cluster.tick(primary, 100), PrePrepare)
+    assert len(flood) == 2  # of 4 in flight; its backlog of 64 would fill all 4
+    assert primary.last_executed == 0
+    # Proposed on arrival (the batch's oldest request, the backlog's, is past the timeout).
+    proposed = broadcasts(cluster.deliver(primary, cluster.request(1, client=1)), PrePrepare)
+    assert len(proposed) == 1
+    clients = [peek(raw)[1].client_id for raw in proposed[0].requests]  # type: ignore[attr-defined]
+    assert clients[0] == 1
