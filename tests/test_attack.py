@@ -27,7 +27,9 @@ from runtime.client import PaymentClient
 from runtime.localcluster import LocalCluster
 
 SECONDS = 2.0
-NO_VIEW_CHANGE = ("handshake_flood",)
+# Every attack: since fair inbound scheduling none made a view change in runtime.attack's
+# 10 s runs; here the attack is 2 s and the view-change timeout longer (a looser bound).
+NO_VIEW_CHANGE = ATTACKS
 PROTOCOL = {"view_change_timeout_ms": 2000}
 
 
@@ -78,8 +80,13 @@ def test_attack_leaves_every_replica_up_and_answering(
     if name in NO_VIEW_CHANGE:
         assert result.attacked.view_changes == 0, result.as_json()
     if name == "catchup_amplification":
-        # What the replicas sent back per byte the attacker sent: printed, not bounded.
+        # What the replicas sent back per byte the attacker sent. Asked-for catch-up (FETCH,
+        # STATE_REQUEST) is bounded by each requester's byte budget, not by a ratio;
+        # unsolicited help (an old vote replayed) is one CHECKPOINT or certificate at most,
+        # about what the vote cost (1.5x measured; the ordinary CHECKPOINT broadcasts to
+        # this replica count too).
         assert result.attacker["fetch_stable_0_bytes_in"] > 0
+        assert (result.attacker.get("old_prepare_amplification") or 0) <= 10
 
 
 def test_verdict_holds_the_attack_to_the_target() -> None:
