@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import pytest
 from replica_harness import Cluster, send_raws
 
 from pbft.budget import TokenBuckets
@@ -253,3 +254,29 @@ def test_a_flooding_clients_backlog_leaves_room_in_the_pipeline_for_a_correct_cl
     assert len(proposed) == 1
     clients = [peek(raw)[1].client_id for raw in proposed[0].requests]  # type: ignore[attr-defined]
     assert clients[0] == 1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known hole (issue 8): quotas are per replica, so a client can be over its quota "
+    "at the primary only; the backups then time requests the primary refused",
+)
+def test_a_client_over_its_quota_only_at_the_primary_does_not_depose_it() -> None:
+    """A Byzantine client fills its quota at the primary with some requests and sends other
+    ones to a backup, where it is under its quota: the backup relays them, the primary
+    refuses them (client_quota_full), and the backup's request timer runs for requests a
+    correct primary will never order. Each round of this costs a view change."""
+    cluster = Cluster(client_pending_limit=4)
+    primary = cluster.replica(0)
+    backup = cluster.replica(1)
+    cluster.tick(primary, 1)
+    cluster.tick(backup, 1)
+    cluster.deliver(primary, *(cluster.request(i, amount=1) for i in range(1, 5)))
+    relayed = send_raws(
+        cluster.deliver(backup, *(cluster.request(i, amount=1) for i in range(5, 9))),
+        ("replica", 0),
+    )
+    assert len(relayed) == 4 and 0 not in backup.over_quota_clients
+    cluster.deliver(primary, *relayed)
+    assert primary.drops["client_quota_full"] == 4
+    assert _idle_until(cluster, backup, 3 * cluster.config.view_change_timeout_ms) == []
