@@ -8,6 +8,12 @@ The sans-I/O `ClientCore` decides (f + 1 matching signed replies) and says when 
 retransmit; this module only carries its messages and its clock. Retrying with the same
 request id is always safe: the cluster executes a request id at most once and answers a
 retransmission with the original decision.
+
+A client keeps at most the cluster's `client_pending_limit` payments in flight; more
+`pay` calls wait for one to be decided. That is the client's side of the replicas' quota:
+a client with more undecided requests is taken for a flooder (its requests beyond the
+quota are refused, and the ones it has arm no request timer, so a censoring primary
+would not be deposed for them).
 """
 
 from __future__ import annotations
@@ -72,8 +78,10 @@ class PaymentClient:
             self.key,
             self.keyring,
             cluster_id=cluster.cluster_id,
+            max_outstanding=cluster.config.client_pending_limit,
             view=view,
         )
+        self._in_flight = trio.Semaphore(cluster.config.client_pending_limit)
         self._transport = Transport(("client", client_id), self.key, self.keyring, transport_config)
         self._waiting: dict[int, trio.Event] = {}
         self._results: dict[int, Decided] = {}
@@ -135,6 +143,12 @@ class PaymentClient:
     async def pay(
         self, payer: str, payee: str, amount: int, request_id: int | None = None
     ) -> Decided:
+        """Submit a payment and wait for its decision (at most `timeout_s` once it is
+        sent; before that, for a free slot if `client_pending_limit` are in flight)."""
+        async with self._in_flight:
+            return await self._pay(payer, payee, amount, request_id)
+
+    async def _pay(self, payer: str, payee: str, amount: int, request_id: int | None) -> Decided:
         request_id = self.new_request_id() if request_id is None else request_id
         event = trio.Event()
         self._waiting[request_id] = event

@@ -280,3 +280,47 @@ def test_a_client_over_its_quota_only_at_the_primary_does_not_depose_it() -> Non
     cluster.deliver(primary, *relayed)
     assert primary.drops["client_quota_full"] == 4
     assert _idle_until(cluster, backup, 3 * cluster.config.view_change_timeout_ms) == []
+
+
+def test_a_payment_client_keeps_at_most_its_quota_in_flight(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The client's side of the quota: beyond client_pending_limit payments in flight, a
+    PaymentClient's further `pay` calls wait for a slot instead of sending requests the
+    replicas would refuse (and would not time for it). No replica runs here: nothing is
+    decided, so the first two time out and the waiting ones then get their turn."""
+    import trio
+
+    from runtime.client import PaymentClient, PaymentTimeout
+    from runtime.cluster import load_cluster, write_cluster
+    from runtime.commands import consecutive_free_ports
+
+    path = write_cluster(
+        tmp_path,
+        replicas=4,
+        clients=1,
+        base_port=consecutive_free_ports(4)[0],
+        protocol={"client_pending_limit": 2},
+    )
+    cluster = load_cluster(path)
+    in_flight: list[int] = []
+    timed_out: list[int] = []
+
+    async def main() -> None:
+        async with PaymentClient(cluster, 0, timeout_s=0.5) as client:
+
+            async def pay(index: int) -> None:
+                try:
+                    await client.pay("acct-00000", "acct-00001", 1)
+                except PaymentTimeout:
+                    timed_out.append(index)
+
+            async with trio.open_nursery() as nursery:
+                for index in range(5):
+                    nursery.start_soon(pay, index)
+                await trio.sleep(0.2)
+                in_flight.append(len(client.core.outstanding))
+                await trio.sleep(0.5)  # the first two timed out: two more went out
+                in_flight.append(len(client.core.outstanding))
+
+    trio.run(main)
+    assert in_flight == [2, 2]
+    assert len(timed_out) == 5
