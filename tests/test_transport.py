@@ -11,13 +11,30 @@ from __future__ import annotations
 import random
 import socket
 import struct
-from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from transport_harness import (
+    C0,
+    C1,
+    FAST,
+    HOST,
+    KEYS,
+    R0,
+    R1,
+    R2,
+    RING,
+    close_with_reset,
+    closed_by_peer,
+    make,
+    open_raw,
+    receive,
+    run,
+    wait_until,
+)
 from wire_session import (
     SERVER_DOMAIN,
     Auth,
@@ -33,75 +50,6 @@ from wire_session import (
 from crypto.keys import KeyRing, SigningKey
 from runtime.framing import MAX_FRAME_BYTES, FrameDecoder, FramingError, encode_frame
 from runtime.transport import Transport, TransportConfig, backoff_delay
-
-HOST = "127.0.0.1"
-TEST_DEADLINE = 10.0  # no single test may take longer
-
-KEYS = {
-    **{("replica", i): SigningKey.derive(4, f"replica/{i}") for i in range(4)},
-    **{("client", j): SigningKey.derive(4, f"client/{j}") for j in range(3)},
-}
-RING = KeyRing({principal: key.verify_key for principal, key in KEYS.items()})
-R0, R1, R2 = ("replica", 0), ("replica", 1), ("replica", 2)
-C0, C1 = ("client", 0), ("client", 1)
-
-FAST = TransportConfig(
-    handshake_timeout=1.0,
-    frame_timeout=0.5,
-    send_timeout=1.0,
-    connect_timeout=1.0,
-    backoff_initial=0.02,
-    backoff_max=0.2,
-)
-
-
-def make(principal: tuple[str, int], config: TransportConfig = FAST) -> Transport:
-    return Transport(principal, KEYS[principal], RING, config)
-
-
-# Raw test connections, closed when the test ends (so a leak reported by -W error is ours).
-_RAW_STREAMS: list[trio.SocketStream] = []
-
-
-async def open_raw(port: int) -> trio.SocketStream:
-    stream = await trio.open_tcp_stream(HOST, port)
-    _RAW_STREAMS.append(stream)
-    return stream
-
-
-def run(test: Callable[[], Awaitable[None]]) -> None:
-    async def bounded() -> None:
-        try:
-            with trio.fail_after(TEST_DEADLINE):
-                await test()
-        finally:
-            while _RAW_STREAMS:
-                await close_with_reset(_RAW_STREAMS.pop())
-
-    trio.run(bounded)
-
-
-async def close_with_reset(stream: trio.SocketStream) -> None:
-    """Close with an RST: no TIME_WAIT left behind. The flood and churn tests open thousands
-    of connections; left in TIME_WAIT they crowd the ephemeral ports, and a later test that
-    picks "free" ports for replica processes (runtime.commands.free_ports) loses races."""
-    try:
-        stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
-    await trio.aclose_forcefully(stream)
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.01)
-
-
-async def receive(transport: Transport, timeout: float = 5.0) -> tuple[tuple[str, int], bytes]:
-    with trio.fail_after(timeout):
-        return await transport.inbound.receive()
-
 
 # --- the documented wire format, written out independently (tests/wire_session.py) ----------
 
@@ -143,18 +91,6 @@ async def raw_authenticated(
         SERVER_DOMAIN, auth.transcript, accept[1:]
     )
     return RawPeer(stream, auth)
-
-
-async def closed_by_peer(stream: trio.SocketStream, timeout: float = 3.0) -> bool:
-    """True once the other side closes (EOF or reset); whatever it sent first is skipped."""
-    with trio.move_on_after(timeout):
-        try:
-            while await stream.receive_some(65536):
-                pass
-        except trio.BrokenResourceError:
-            pass
-        return True
-    return False
 
 
 # --- framing ---------------------------------------------------------------------------------
@@ -659,9 +595,7 @@ STRANGER = "127.0.0.2"  # also loopback on Linux: a second address for per-addre
 
 
 async def open_raw_from(port: int, local_address: str) -> trio.SocketStream:
-    stream = await trio.open_tcp_stream(HOST, port, local_address=local_address)
-    _RAW_STREAMS.append(stream)
-    return stream
+    return await open_raw(port, local_address)
 
 
 def test_silent_strangers_cannot_keep_a_replica_out() -> None:

@@ -6,12 +6,22 @@ relaying man in the middle; the wire format comes from tests/wire_session.py.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-
 import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from test_transport_session import Proxy
+from transport_harness import (
+    C0,
+    HOST,
+    KEYS,
+    R0,
+    R1,
+    R2,
+    closed_by_peer,
+    make,
+    run,
+    wait_until,
+)
 from wire_session import (
     CLIENT_DOMAIN,
     SERVER_DOMAIN,
@@ -27,24 +37,8 @@ from wire_session import (
     wire_principal,
 )
 
-from crypto.keys import KeyRing, SigningKey
-from runtime.transport import Transport, TransportConfig
+from runtime.transport import TransportConfig
 
-HOST = "127.0.0.1"
-KEYS = {
-    **{("replica", i): SigningKey.derive(4, f"replica/{i}") for i in range(3)},
-    **{("client", j): SigningKey.derive(4, f"client/{j}") for j in range(2)},
-}
-RING = KeyRing({principal: key.verify_key for principal, key in KEYS.items()})
-R0, R1, R2, C0 = ("replica", 0), ("replica", 1), ("replica", 2), ("client", 0)
-FAST = TransportConfig(
-    handshake_timeout=1.0,
-    frame_timeout=0.5,
-    send_timeout=1.0,
-    connect_timeout=1.0,
-    backoff_initial=0.02,
-    backoff_max=0.1,
-)
 P = 2**255 - 19
 # X25519 public keys of small order (and non-canonical encodings of them): every one gives
 # an all-zero shared secret whatever our secret is (the list of Bernstein's Curve25519 page).
@@ -57,34 +51,6 @@ SMALL_ORDER = [
     P,
     P + 1,
 ]
-
-
-def make(principal: tuple[str, int], config: TransportConfig = FAST) -> Transport:
-    return Transport(principal, KEYS[principal], RING, config)
-
-
-def run(test: Callable[[], Awaitable[None]], deadline: float = 15.0) -> None:
-    async def bounded() -> None:
-        with trio.fail_after(deadline):
-            await test()
-
-    trio.run(bounded)
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.01)
-
-
-async def closed_by_peer(stream: trio.SocketStream, timeout: float = 3.0) -> bool:
-    with trio.fail_after(timeout):
-        try:
-            while await stream.receive_some(4096):
-                pass
-        except trio.BrokenResourceError:
-            pass
-    return True
 
 
 # --- reflection: the same principal at both ends ------------------------------------------------

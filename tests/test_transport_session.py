@@ -8,13 +8,25 @@ format is written out independently in tests/wire_session.py.
 from __future__ import annotations
 
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import pytest
 import trio
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from transport_harness import (
+    C0,
+    HOST,
+    KEYS,
+    R0,
+    R1,
+    make,
+    nothing_more,
+    receive,
+    run,
+    wait_until,
+)
 from wire_session import (
     Auth,
     Cipher,
@@ -26,7 +38,6 @@ from wire_session import (
     wire_principal,
 )
 
-from crypto.keys import KeyRing, SigningKey
 from pbft.messages import Prepare, Request
 from pbft.signed import seal
 from runtime.framing import FrameDecoder, FramingError
@@ -35,52 +46,10 @@ from runtime.transport import (
     SessionError,
     SessionReader,
     Transport,
-    TransportConfig,
     session_keys,
 )
 
-HOST = "127.0.0.1"
-KEYS = {
-    **{("replica", i): SigningKey.derive(4, f"replica/{i}") for i in range(2)},
-    **{("client", j): SigningKey.derive(4, f"client/{j}") for j in range(2)},
-}
-RING = KeyRing({principal: key.verify_key for principal, key in KEYS.items()})
-R0, R1, C0 = ("replica", 0), ("replica", 1), ("client", 0)
-FAST = TransportConfig(
-    handshake_timeout=1.0,
-    frame_timeout=0.5,
-    send_timeout=1.0,
-    connect_timeout=1.0,
-    backoff_initial=0.02,
-    backoff_max=0.1,
-)
 KEY_A, KEY_B = b"\x01" * 32, b"\x02" * 32
-
-
-def run(test: Callable[[], Awaitable[None]], deadline: float = 10.0) -> None:
-    async def bounded() -> None:
-        with trio.fail_after(deadline):
-            await test()
-
-    trio.run(bounded)
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.01)
-
-
-async def receive(transport: Transport, timeout: float = 5.0) -> tuple[tuple[str, int], bytes]:
-    with trio.fail_after(timeout):
-        return await transport.inbound.receive()
-
-
-async def nothing_more(transport: Transport, wait: float = 0.2) -> bool:
-    with trio.move_on_after(wait):
-        await transport.inbound.receive()
-        return False
-    return True
 
 
 # --- the session cipher alone ------------------------------------------------------------------
@@ -168,10 +137,6 @@ def test_the_reader_applies_the_plaintext_limit_plus_the_tag() -> None:
 # --- a man in the middle -----------------------------------------------------------------------
 
 Tamper = Callable[[int, str, int, bytes], list[bytes]]
-
-
-def make(principal: tuple[str, int], config: TransportConfig = FAST) -> Transport:
-    return Transport(principal, KEYS[principal], RING, config)
 
 
 class Proxy:
