@@ -135,10 +135,7 @@ class FrameDecoder:
     def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         """`append(data)`, then every frame now complete, in order (maybe none)."""
         self.append(data)
-        frames = []
-        while (frame := self.next_frame()) is not None:
-            frames.append(frame)
-        return frames
+        return list(iter(self.next_frame, None))
 
     def _compact(self) -> None:
         # Once per incomplete read, not once per frame: a burst of small frames is not

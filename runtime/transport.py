@@ -576,10 +576,7 @@ class SessionReader:
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         self.append(data)
-        frames = []
-        while (frame := self.next_frame()) is not None:
-            frames.append(frame)
-        return frames
+        return list(iter(self.next_frame, None))
 
 
 class _Session:
