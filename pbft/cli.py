@@ -205,11 +205,12 @@ def _fault_bound(scenario: Any) -> dict[str, Any]:
 
 
 def _keygen(arguments: argparse.Namespace) -> int:
-    from runtime.cluster import MAX_ACCOUNTS, MAX_CLIENTS, MAX_REPLICAS, write_cluster
+    from pbft.config import MAX_REPLICAS, MIN_REPLICAS
+    from runtime.cluster import MAX_ACCOUNTS, MAX_CLIENTS, write_cluster
 
     problem = None
-    if not 4 <= arguments.replicas <= MAX_REPLICAS:
-        problem = f"--replicas: {arguments.replicas} is not in 4..{MAX_REPLICAS}"
+    if not MIN_REPLICAS <= arguments.replicas <= MAX_REPLICAS:
+        problem = f"--replicas: {arguments.replicas} is not in {MIN_REPLICAS}..{MAX_REPLICAS}"
     elif not 1 <= arguments.clients <= MAX_CLIENTS:
         problem = f"--clients: {arguments.clients} is not in 1..{MAX_CLIENTS}"
     elif not 0 <= arguments.accounts_per_client <= MAX_ACCOUNTS // arguments.clients:

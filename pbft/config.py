@@ -13,6 +13,16 @@ class ConfigError(ValueError):
     """A cluster parameter is out of range; the message names the field."""
 
 
+# The limits of a cluster, in one place: the wire format (pbft/messages.py), cluster files
+# (runtime/cluster.py), scenarios (sim/scenario.py) and the command line take them from here.
+MIN_REPLICAS = 4  # f >= 1
+MAX_REPLICAS = 256
+MAX_BATCH_SIZE = 1024
+MAX_BATCH_TIMEOUT_MS = 60_000
+MAX_CHECKPOINT_INTERVAL = 4096
+MAX_WATERMARK_WINDOW = 8192
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     replica_count: int = 4
@@ -59,20 +69,34 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         if self.watermark_window == 0:
             object.__setattr__(self, "watermark_window", 2 * self.checkpoint_interval)
-        _require(4 <= self.replica_count <= 256, "replica_count", "needs 4 <= n <= 256 (f >= 1)")
-        _require(1 <= self.batch_size <= 1024, "batch_size", "must be in 1..1024")
-        _require(0 <= self.batch_timeout_ms <= 60_000, "batch_timeout_ms", "must be in 0..60000")
+        _require(
+            MIN_REPLICAS <= self.replica_count <= MAX_REPLICAS,
+            "replica_count",
+            f"needs {MIN_REPLICAS} <= n <= {MAX_REPLICAS} (f >= 1)",
+        )
+        _require(
+            1 <= self.batch_size <= MAX_BATCH_SIZE, "batch_size", f"must be in 1..{MAX_BATCH_SIZE}"
+        )
+        _require(
+            0 <= self.batch_timeout_ms <= MAX_BATCH_TIMEOUT_MS,
+            "batch_timeout_ms",
+            f"must be in 0..{MAX_BATCH_TIMEOUT_MS}",
+        )
         _require(
             1 <= self.max_inflight_batches <= 8192,
             "max_inflight_batches",
             "must be in 1..8192",
         )
-        _require(1 <= self.checkpoint_interval <= 4096, "checkpoint_interval", "must be in 1..4096")
         _require(
-            self.checkpoint_interval <= self.watermark_window <= 8192
+            1 <= self.checkpoint_interval <= MAX_CHECKPOINT_INTERVAL,
+            "checkpoint_interval",
+            f"must be in 1..{MAX_CHECKPOINT_INTERVAL}",
+        )
+        _require(
+            self.checkpoint_interval <= self.watermark_window <= MAX_WATERMARK_WINDOW
             and self.watermark_window % self.checkpoint_interval == 0,
             "watermark_window",
-            "must be a multiple of checkpoint_interval, at most 8192",
+            f"must be a multiple of checkpoint_interval, at most {MAX_WATERMARK_WINDOW}",
         )
         _require(
             10 <= self.view_change_timeout_ms <= 600_000,

@@ -13,13 +13,12 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from pbft.codec import MAX_FRAME_BYTES, Bytes, ListOf, Nested, Spec, Struct, Text, UInt
+from pbft.config import MAX_BATCH_SIZE, MAX_REPLICAS
 from pbft.ledger import Outcome, Reason
 
 # Views and sequence numbers stay far below 2**64 so `+ 1` never leaves the wire range.
 MAX_VIEW = 2**62
 MAX_SEQ = 2**62
-MAX_REPLICAS = 256
-MAX_BATCH = 1024
 MAX_WINDOW = 8192
 # State transfer: a chunk is an aligned block of at most 2**MAX_CHUNK_LEVEL ledger leaves.
 MAX_CHUNK_LEVEL = 16
@@ -111,7 +110,7 @@ class PrePrepare(Message):
         "replica": REPLICA,
         "prev_hash": HASH,
         "batch_digest": HASH,
-        "requests": ListOf(ENVELOPE, MAX_BATCH),
+        "requests": ListOf(ENVELOPE, MAX_BATCH_SIZE),
     }
 
 

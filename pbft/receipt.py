@@ -18,9 +18,9 @@ from typing import ClassVar
 from crypto.keys import KeyRing
 from crypto.signing import VerificationCache
 from pbft.codec import DecodeError, ListOf, Spec, Struct, UInt, unpack
-from pbft.config import fault_tolerance_of
+from pbft.config import MAX_REPLICAS, fault_tolerance_of
 from pbft.genesis import CLUSTER_ID_BYTES
-from pbft.messages import ENVELOPE, HASH, MAX_REPLICAS, Message, Reply, Request
+from pbft.messages import ENVELOPE, HASH, Message, Reply, Request
 from pbft.signed import Envelope, Rejected, peek, verify_signature
 
 # Version 2: receipts and replies carry the cluster id. Version 1 receipts cannot be

@@ -52,7 +52,7 @@ from typing import Any
 from crypto.keyfiles import KeyFileError, load_private_key, save_private_key
 from crypto.keys import KeyFormatError, KeyRing, SigningKey, VerifyKey
 from pbft.checkpoint_size import checkpoint_size_problem
-from pbft.config import ClusterConfig, ConfigError
+from pbft.config import MAX_REPLICAS, MIN_REPLICAS, ClusterConfig, ConfigError
 from pbft.genesis import compute_cluster_id
 from pbft.ledger import (
     MAX_ACCOUNT_NAME_LENGTH,
@@ -64,7 +64,6 @@ from pbft.ledger import (
 from runtime.storage import MAX_VALUE_BYTES
 
 CLUSTER_FILE_NAME = "cluster.toml"
-MAX_REPLICAS = 256
 MAX_CLIENTS = 100_000
 MAX_ACCOUNTS = 1_000_000
 MAX_GENERATED_ACCOUNTS = 10_000_000
@@ -317,8 +316,8 @@ def write_cluster(
 
     Refuses to overwrite an existing cluster: keys are identities, not scratch files.
     """
-    if replicas < 4 or replicas > MAX_REPLICAS:
-        raise ValueError(f"--replicas must be in 4..{MAX_REPLICAS}")
+    if not MIN_REPLICAS <= replicas <= MAX_REPLICAS:
+        raise ValueError(f"--replicas must be in {MIN_REPLICAS}..{MAX_REPLICAS}")
     if not 1 <= clients <= MAX_CLIENTS:
         raise ValueError(f"--clients must be in 1..{MAX_CLIENTS}")
     if not 0 <= initial_balance <= MAX_AMOUNT:

@@ -514,21 +514,16 @@ def free_ports(count: int) -> list[int]:
 def _cluster_up(arguments: argparse.Namespace) -> int:
     import fcntl
 
-    from runtime.cluster import (
-        CLUSTER_FILE_NAME,
-        MAX_CLIENTS,
-        MAX_REPLICAS,
-        load_cluster,
-        write_cluster,
-    )
+    from pbft.config import MAX_REPLICAS, MIN_REPLICAS
+    from runtime.cluster import CLUSTER_FILE_NAME, MAX_CLIENTS, load_cluster, write_cluster
     from runtime.supervisor import Supervisor
 
     root = Path(arguments.dir)
     path = root / CLUSTER_FILE_NAME
     problem = None
-    if arguments.replicas is not None and not 4 <= arguments.replicas <= MAX_REPLICAS:
+    if arguments.replicas is not None and not MIN_REPLICAS <= arguments.replicas <= MAX_REPLICAS:
         problem = (
-            f"--replicas: {arguments.replicas} is not in 4..{MAX_REPLICAS} "
+            f"--replicas: {arguments.replicas} is not in {MIN_REPLICAS}..{MAX_REPLICAS} "
             "(n = 3f + 1 replicas tolerate f faulty ones; the least is 4, for f = 1)"
         )
     elif arguments.clients is not None and not 1 <= arguments.clients <= MAX_CLIENTS:

@@ -21,7 +21,17 @@ from dataclasses import dataclass
 from typing import Any, Final, TypeGuard
 
 from pbft.checkpoint_size import checkpoint_size_problem
-from pbft.config import ClusterConfig, ConfigError, fault_tolerance_of
+from pbft.config import (
+    MAX_BATCH_SIZE,
+    MAX_BATCH_TIMEOUT_MS,
+    MAX_CHECKPOINT_INTERVAL,
+    MAX_REPLICAS,
+    MAX_WATERMARK_WINDOW,
+    MIN_REPLICAS,
+    ClusterConfig,
+    ConfigError,
+    fault_tolerance_of,
+)
 from pbft.messages import MessageType
 from sim.workload import genesis_accounts
 
@@ -93,9 +103,6 @@ LATENCY_DISTRIBUTIONS: Final = ("uniform", "exponential")
 
 MAX_NAME_LENGTH: Final = 100
 MAX_SEED: Final = 2**63 - 1
-# Mirrors pbft.config.ClusterConfig, so a scenario that loads always yields a valid cluster.
-MAX_REPLICAS: Final = 256
-MAX_WATERMARK_WINDOW: Final = 8192
 MAX_DURATION_MS: Final = 600_000
 # Mirrors pbft.ledger.MAX_TOTAL: the genesis ledger must be able to hold every account's balance.
 MAX_TOTAL_BALANCE: Final = 2**64 - 1
@@ -592,8 +599,8 @@ class _Reader:
             return self.integer(table.get(key, getattr(defaults, key)), f"cluster.{key}", low, high)
 
         # f = (n - 1) // 3 must be at least 1, or there is nothing Byzantine to tolerate.
-        replicas = integer("replicas", 4, MAX_REPLICAS)
-        checkpoint_interval = integer("checkpoint_interval", 1, 4096)
+        replicas = integer("replicas", MIN_REPLICAS, MAX_REPLICAS)
+        checkpoint_interval = integer("checkpoint_interval", 1, MAX_CHECKPOINT_INTERVAL)
         view_change_timeout_ms = integer("view_change_timeout_ms", 10, MAX_DURATION_MS)
         heartbeat_interval_ms = integer("heartbeat_interval_ms", 1, None)
         # A primary that beats less often than backups time out would be deposed while healthy.
@@ -612,10 +619,10 @@ class _Reader:
         )
         return ClusterSpec(
             replicas=replicas,
-            batch_size=integer("batch_size", 1, 1024),
+            batch_size=integer("batch_size", 1, MAX_BATCH_SIZE),
             checkpoint_interval=checkpoint_interval,
             view_change_timeout_ms=view_change_timeout_ms,
-            batch_timeout_ms=integer("batch_timeout_ms", 0, 60_000),
+            batch_timeout_ms=integer("batch_timeout_ms", 0, MAX_BATCH_TIMEOUT_MS),
             heartbeat_interval_ms=heartbeat_interval_ms,
             retransmit_interval_ms=integer("retransmit_interval_ms", 1, MAX_DURATION_MS),
             client_timeout_ms=integer("client_timeout_ms", 10, MAX_DURATION_MS),

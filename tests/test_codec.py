@@ -26,9 +26,8 @@ from pbft.codec import (
     pack,
     unpack,
 )
+from pbft.config import MAX_BATCH_SIZE, MAX_REPLICAS
 from pbft.messages import (
-    MAX_BATCH,
-    MAX_REPLICAS,
     MAX_SEQ,
     MAX_VIEW,
     MAX_WINDOW,
@@ -313,7 +312,7 @@ def test_wrong_type_is_rejected_on_construction(build: Callable[[], object]) -> 
 @pytest.mark.parametrize(
     "build",
     [
-        lambda: PrePrepare(0, 0, 0, _h(0), _h(0), (b"r",) * (MAX_BATCH + 1)),
+        lambda: PrePrepare(0, 0, 0, _h(0), _h(0), (b"r",) * (MAX_BATCH_SIZE + 1)),
         lambda: NewView(1, 1, (b"v",) * (MAX_REPLICAS + 1), ()),
         lambda: NewView(1, 1, (), (b"p",) * (MAX_WINDOW + 1)),
         lambda: CommitCertificate(0, b"p", (b"c",) * (MAX_REPLICAS + 1)),
@@ -326,7 +325,7 @@ def test_oversize_list_is_rejected_on_construction(build: Callable[[], object]) 
 
 
 def test_lists_at_their_limit_are_accepted() -> None:
-    pre_prepare = PrePrepare(0, 0, 0, _h(0), _h(0), (b"r",) * MAX_BATCH)
+    pre_prepare = PrePrepare(0, 0, 0, _h(0), _h(0), (b"r",) * MAX_BATCH_SIZE)
     assert PrePrepare.decode(pre_prepare.encode()) == pre_prepare
 
 
