@@ -122,9 +122,15 @@ def _view_of(message: Message | None) -> int | None:
 
 
 class Behavior:
-    """Correct behaviour; subclasses override `act` (inside the window) and maybe `idle`."""
+    """Correct behaviour; subclasses override `act` (inside the window) and maybe `idle`.
+
+    A subclass names itself (`name`), the parameters a scenario entry may give it besides
+    replica, behavior, at_ms and until_ms (`PARAMETERS`), and, if it takes `kind`, its
+    kinds, the first one the default (`KINDS`). The scenario loader (sim/scenario.py) and
+    the fuzzer read them from the registry below: this is their one source."""
 
     name = "correct"
+    PARAMETERS: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -247,6 +253,7 @@ class Slow(Behavior):
     (and not queued twice), so retransmitting does not get around the delay."""
 
     name = "slow"
+    PARAMETERS: ClassVar[tuple[str, ...]] = ("delay_ms",)
 
     def setup(self) -> None:
         delay = self.params.get("delay_ms")
@@ -360,6 +367,7 @@ class Censor(_ProposalRewriter):
     every replica, the backups relay it and watch, and their timers depose the primary."""
 
     name = "censor"
+    PARAMETERS: ClassVar[tuple[str, ...]] = ("client",)
 
     def setup(self) -> None:
         super().setup()
@@ -396,6 +404,7 @@ class InvalidBatch(_ProposalRewriter):
     timers depose the primary."""
 
     name = "invalid_batch"
+    PARAMETERS: ClassVar[tuple[str, ...]] = ("kind",)
     KINDS: ClassVar[tuple[str, ...]] = ("bad_signature", "unsent", "duplicate")
     # How many earlier request envelopes "unsent" keeps to replay.
     REPLAYABLE = 64
@@ -444,6 +453,7 @@ class BadSequence(_ProposalRewriter):
     The proposals are re-signed (and re-chained onto the renumbered entries)."""
 
     name = "bad_sequence"
+    PARAMETERS: ClassVar[tuple[str, ...]] = ("kind",)
     KINDS: ClassVar[tuple[str, ...]] = ("skip", "reuse", "outside_window")
 
     def setup(self) -> None:
@@ -743,6 +753,7 @@ class LieInViewChange(_RewriteOnce):
       view change (bad_signature or bad_certificate)."""
 
     name = "lie_in_view_change"
+    PARAMETERS: ClassVar[tuple[str, ...]] = ("kind",)
     TYPE = MessageType.VIEW_CHANGE
     KINDS: ClassVar[tuple[str, ...]] = ("omit_prepared", "stale_checkpoint", "forge_certificate")
 
@@ -830,6 +841,7 @@ class BadNewView(Behavior):
     Later entries and votes are sent as the core wrote them (chained on its own NEW-VIEW)."""
 
     name = "bad_new_view"
+    PARAMETERS: ClassVar[tuple[str, ...]] = ("kind",)
     KINDS: ClassVar[tuple[str, ...]] = (
         "omit_prepared",
         "invent",
@@ -1090,6 +1102,7 @@ class Twin(Behavior):
     writes; the simulator does the splitting, so this wrapper changes nothing."""
 
     name = "twin"
+    PARAMETERS: ClassVar[tuple[str, ...]] = ("groups",)
 
 
 @dataclass(frozen=True)
@@ -1132,6 +1145,7 @@ class ClientBehavior:
     is a Request sealed by itself. Deterministic and bounded like the replica behaviours."""
 
     name = "correct"
+    PARAMETERS: ClassVar[tuple[str, ...]] = ()  # as Behavior's
     # Request ids the client core never uses (the workload numbers from 1 up).
     OWN_ID_BASE = 1 << 40
 
@@ -1210,6 +1224,7 @@ class ReuseRequestId(ClientBehavior):
       confirmed; if another body wins, the original is refused as id_reused."""
 
     name = "reuse_request_id"
+    PARAMETERS: ClassVar[tuple[str, ...]] = ("kind",)
     KINDS: ClassVar[tuple[str, ...]] = ("after_decision", "concurrent")
 
     def setup(self) -> None:

@@ -33,54 +33,26 @@ from pbft.config import (
     fault_tolerance_of,
 )
 from pbft.messages import MessageType
+from sim import byzantine
 from sim.workload import genesis_accounts
 
-BEHAVIORS: Final = (
-    "equivocate",
-    "silent",
-    "slow",
-    "censor",
-    "invalid_batch",
-    "bad_sequence",
-    "bad_chain",
-    "double_vote",
-    "vote_without_proposal",
-    "withhold_votes",
-    "wrong_reply",
-    "replay",
-    "garbage",
-    "view_change_spam",
-    "lie_in_view_change",
-    "bad_new_view",
-    "bad_checkpoint",
-    "forge",
-    "twin",
-)
-# The parameters a behaviour takes besides replica, behavior, at_ms and until_ms.
+# Byzantine behaviours, their parameters (besides replica or client, behavior, at_ms and
+# until_ms) and the values of `kind` (the first the default), as sim/byzantine.py's
+# registry declares them.
+BEHAVIORS: Final = tuple(byzantine.BEHAVIORS)
 BEHAVIOR_PARAMETERS: Final[dict[str, tuple[str, ...]]] = {
-    "slow": ("delay_ms",),
-    "censor": ("client",),
-    "invalid_batch": ("kind",),
-    "bad_sequence": ("kind",),
-    "lie_in_view_change": ("kind",),
-    "bad_new_view": ("kind",),
-    "twin": ("groups",),
+    name: cls.PARAMETERS for name, cls in byzantine.BEHAVIORS.items() if cls.PARAMETERS
 }
-# The values of `kind`, the first one being the default.
 BEHAVIOR_KINDS: Final[dict[str, tuple[str, ...]]] = {
-    "invalid_batch": ("bad_signature", "unsent", "duplicate"),
-    "bad_sequence": ("skip", "reuse", "outside_window"),
-    "lie_in_view_change": ("omit_prepared", "stale_checkpoint", "forge_certificate"),
-    "bad_new_view": ("omit_prepared", "invent", "few_view_changes", "split", "refork"),
+    name: cls.KINDS for name, cls in byzantine.BEHAVIORS.items() if "kind" in cls.PARAMETERS
 }
 # Behaviours of a Byzantine client: a [[byzantine]] entry with `client = N` and no `replica`.
-CLIENT_BEHAVIORS: Final = ("reuse_request_id", "replay", "steal")
-# The parameters a client behaviour takes besides client, behavior, at_ms and until_ms.
+CLIENT_BEHAVIORS: Final = tuple(byzantine.CLIENT_BEHAVIORS)
 CLIENT_BEHAVIOR_PARAMETERS: Final[dict[str, tuple[str, ...]]] = {
-    "reuse_request_id": ("kind",),
+    name: cls.PARAMETERS for name, cls in byzantine.CLIENT_BEHAVIORS.items() if cls.PARAMETERS
 }
 CLIENT_BEHAVIOR_KINDS: Final[dict[str, tuple[str, ...]]] = {
-    "reuse_request_id": ("after_decision", "concurrent"),
+    name: cls.KINDS for name, cls in byzantine.CLIENT_BEHAVIORS.items() if "kind" in cls.PARAMETERS
 }
 FAULT_ACTIONS: Final = (
     "crash",
