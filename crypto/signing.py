@@ -8,11 +8,17 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    # Only for annotations: keys.py imports this module, so a runtime import would be a cycle.
-    from crypto.keys import VerifyKey
+
+class VerifyingKey(Protocol):
+    """What the cache needs of a public key (crypto.keys.VerifyKey is one). A protocol, not
+    an import: keys.py imports this module, and the package's imports run one way."""
+
+    def public_bytes(self) -> bytes: ...
+
+    def verify(self, domain: bytes, payload: bytes, signature: bytes) -> bool: ...
+
 
 SIGNATURE_SIZE = 64
 MAX_DOMAIN_SIZE = 255
@@ -81,7 +87,7 @@ class VerificationCache:
         self._failures = 0
         self._evictions = 0
 
-    def verify(self, key: VerifyKey, domain: bytes, payload: bytes, signature: bytes) -> bool:
+    def verify(self, key: VerifyingKey, domain: bytes, payload: bytes, signature: bytes) -> bool:
         _check_domain(domain)
         if not isinstance(payload, bytes):
             raise TypeError(f"payload must be bytes, not {type(payload).__name__}")

@@ -193,7 +193,7 @@ def _run(arguments: argparse.Namespace) -> int:
 
 def _fault_bound(scenario: Any) -> dict[str, Any]:
     """f for the cluster size against the most replicas the scenario makes faulty at once."""
-    from sim.fuzz import max_faulty
+    from sim.faultbound import max_faulty
 
     faulty = max_faulty(scenario)
     return {

@@ -22,14 +22,12 @@ seed>.toml, which `pbft run` replays.
 
 from __future__ import annotations
 
-import math
 import os
 import random
-import re
 import sys
 import time
 import tomllib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +36,7 @@ from typing import Any, TextIO
 from pbft.config import fault_tolerance_of
 from sim import byzantine as byzantine_module
 from sim import scenario as scenario_module
+from sim.faultbound import max_faulty
 from sim.scenario import (
     BEHAVIOR_KINDS,
     BEHAVIOR_PARAMETERS,
@@ -46,6 +45,7 @@ from sim.scenario import (
     parse_scenario,
 )
 from sim.scenario import BEHAVIORS as SCENARIO_BEHAVIORS
+from sim.scenario_toml import to_toml
 
 # The message types a generated link fault may filter on: the first fifteen of pbft's
 # MessageType. The state-transfer messages (STATE_CHUNK, STATE_REQUEST) are left out for
@@ -97,144 +97,6 @@ GENERATED_FAULT_ACTIONS = ("crash", "restart", "pause", "resume", "heal", *NETWO
 
 class FuzzError(RuntimeError):
     """The fuzzer itself is wrong (e.g. it generated a scenario that does not parse)."""
-
-
-# --- TOML -------------------------------------------------------------------------------
-
-_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
-_ESCAPES = {
-    '"': '\\"',
-    "\\": "\\\\",
-    "\b": "\\b",
-    "\t": "\\t",
-    "\n": "\\n",
-    "\f": "\\f",
-    "\r": "\\r",
-}
-
-
-def _toml_string(text: str) -> str:
-    out = []
-    for char in text:
-        if char in _ESCAPES:
-            out.append(_ESCAPES[char])
-        elif ord(char) < 0x20 or ord(char) == 0x7F:
-            out.append(f"\\u{ord(char):04x}")
-        else:
-            out.append(char)
-    return '"' + "".join(out) + '"'
-
-
-def _toml_key(key: str) -> str:
-    return key if _BARE_KEY.fullmatch(key) else _toml_string(key)
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise FuzzError(f"cannot write {value!r} to a scenario file")
-        return repr(value)
-    if isinstance(value, str):
-        return _toml_string(value)
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
-    if isinstance(value, Mapping):
-        items = ", ".join(f"{_toml_key(key)} = {_toml_value(item)}" for key, item in value.items())
-        return "{ " + items + " }" if items else "{}"
-    raise FuzzError(f"cannot write a {type(value).__name__} to a scenario file")
-
-
-def _is_table_array(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(v, Mapping) for v in value)
-
-
-def to_toml(document: Mapping[str, Any]) -> str:
-    """A scenario document (plain dicts and lists, as tomllib returns them) as TOML text.
-
-    Top-level values first, then each table ([cluster], ...) and array of tables
-    ([[faults]], ...) in the document's order. Values inside tables are written inline."""
-    lines: list[str] = []
-    for key, value in document.items():
-        if not isinstance(value, Mapping) and not _is_table_array(value):
-            lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
-    for key, value in document.items():
-        if isinstance(value, Mapping):
-            lines.append("")
-            lines.append(f"[{_toml_key(key)}]")
-            lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items())
-        elif _is_table_array(value):
-            for table in value:
-                lines.append("")
-                lines.append(f"[[{_toml_key(key)}]]")
-                lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items())
-    return "\n".join(lines) + "\n"
-
-
-# --- the fault bound --------------------------------------------------------------------
-
-
-def faulty_over_time(scenario: Scenario) -> list[tuple[int, frozenset[int]]]:
-    """The faulty replicas after each replica fault takes effect, as (time ms, replicas).
-
-    Byzantine replicas are faulty for the whole run. A crashed replica is faulty until it
-    restarts, a paused one until it resumes (by a `resume` fault or its until_ms), and
-    both until the liveness phase (which restarts and resumes everything). A wiped restart
-    makes a replica faulty for the rest of the run. Faults the simulator skips (from the
-    liveness phase on) are skipped here too. Simultaneous events are taken in the order
-    that counts the most faults at once: a fault before a derived end (until_ms)."""
-    byzantine = frozenset(
-        entry.replica for entry in scenario.byzantine if entry.replica is not None
-    )
-    heal_ms = scenario.liveness.heal_all_at_ms if scenario.liveness is not None else None
-    # (time, phase, order, action, replica, wipe); phase 0: faults as listed, 1: derived ends
-    events: list[tuple[int, int, int, str, int | None, bool]] = []
-    for order, fault in enumerate(scenario.faults):
-        if heal_ms is not None and fault.at_ms >= heal_ms:
-            continue
-        events.append((fault.at_ms, 0, order, fault.action, fault.replica, fault.wipe))
-        if fault.action == "pause" and fault.until_ms is not None:
-            events.append((fault.until_ms, 1, order, "resume", fault.replica, False))
-    if heal_ms is not None:
-        events.append((heal_ms, 1, len(events), "heal_all", None, False))
-    events.sort(key=lambda event: event[:3])
-    # Dicts as ordered sets: the simulator's packages build no hash-ordered sets.
-    crashed: dict[int, None] = {}
-    paused: dict[int, None] = {}
-    wiped: dict[int, None] = {}
-    timeline = [(0, byzantine)]
-    for at_ms, _, _, action, replica, wipe in events:
-        if action == "heal_all":
-            crashed.clear()
-            paused.clear()
-        elif replica is None:
-            continue
-        elif action == "crash":
-            crashed[replica] = None
-            paused.pop(replica, None)
-        elif action == "restart":
-            if wipe:
-                wiped[replica] = None
-                paused.pop(replica, None)
-            crashed.pop(replica, None)
-        elif action == "pause":
-            paused[replica] = None
-        elif action == "resume":
-            paused.pop(replica, None)
-        else:
-            continue
-        timeline.append(
-            (at_ms, byzantine | frozenset(crashed) | frozenset(paused) | frozenset(wiped))
-        )
-    return timeline
-
-
-def max_faulty(scenario: Scenario) -> int:
-    """The most replicas faulty at any one time (see `faulty_over_time`)."""
-    return max(len(replicas) for _, replicas in faulty_over_time(scenario))
 
 
 # --- the generator ----------------------------------------------------------------------

@@ -26,7 +26,9 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from sim.checkers import SAFETY_CHECKS
+from sim.faultbound import max_faulty
 from sim.scenario import Scenario, ScenarioError, WorkloadSpec, parse_scenario
+from sim.scenario_toml import to_toml
 from sim.simulator import run_scenario
 
 Document = dict[str, Any]
@@ -94,7 +96,6 @@ def shrink(
     None: run it once to find out). `valid` may refuse candidates besides the fault bound.
     With jobs > 1, candidates are tried `jobs` at a time and the first one in order that
     still fails is kept: the result is the one a single process finds, only sooner."""
-    from sim.fuzz import max_faulty, to_toml
 
     current_scenario = parse_scenario(text, "<shrink input>")
     runs = 0

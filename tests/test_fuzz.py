@@ -12,18 +12,17 @@ from pathlib import Path
 import pytest
 
 from pbft.cli import EXIT_OK, EXIT_USAGE, EXIT_VIOLATED, main
+from sim.faultbound import faulty_over_time, max_faulty
 from sim.fuzz import (
     FUZZ_BEHAVIORS,
     GENERATED_FAULT_ACTIONS,
-    faulty_over_time,
     fuzz,
     generate,
     generate_document,
-    max_faulty,
     run_case,
-    to_toml,
 )
 from sim.scenario import FAULT_ACTIONS, load_scenario, parse_scenario
+from sim.scenario_toml import to_toml
 from sim.shrink import _candidates, evaluate, shrink
 
 ROOT = Path(__file__).resolve().parent.parent
