@@ -438,8 +438,11 @@ async def _flood_every_replica(
     frames_for_one: Callable[[], Callable[[], bytes]],
     label: str,
     deadline: float,
+    pause_s: float = 0.0,
 ) -> None:
-    """One client connection per target replica, each writing `frames_for_one()`'s frames."""
+    """One connection as `me` (with its key: the client's or the replica's) per target
+    replica, each writing `frames_for_one()`'s frames, `pause_s` apart."""
+    key = ctx.client_key if me[0] == "client" else ctx.replica_key
     async with trio.open_nursery() as nursery:
         for replica in ctx.targets:
             nursery.start_soon(
@@ -448,11 +451,12 @@ async def _flood_every_replica(
                 replica.host,
                 replica.port,
                 me,
-                ctx.client_key,
+                key,
                 ("replica", replica.replica_id),
                 frames_for_one(),
                 label,
                 deadline,
+                pause_s,
             )
 
 
@@ -546,21 +550,9 @@ async def catchup_amplification(ctx: Context, seconds: float) -> None:
         before_out = counters.bytes_out
         before_in = sum(counters.received[kind] for kind in catch_up)
         deadline = trio.current_time() + seconds / 3
-        async with trio.open_nursery() as nursery:
-            for replica in ctx.targets:
-                nursery.start_soon(
-                    _flood_connection,
-                    ctx,
-                    replica.host,
-                    replica.port,
-                    me,
-                    ctx.replica_key,
-                    ("replica", replica.replica_id),
-                    lambda frame=frame: frame,
-                    label,
-                    deadline,
-                    pause_s,
-                )
+        await _flood_every_replica(
+            ctx, me, lambda frame=frame: lambda: frame, label, deadline, pause_s
+        )
         sent = counters.bytes_out - before_out
         received = sum(counters.received[kind] for kind in catch_up) - before_in
         counters.extra[f"{label}_bytes_out"] = sent
