@@ -85,6 +85,7 @@ from pbft.statetransfer import (
     IncomingTransfer,
     StateTooLarge,
 )
+from pbft.timeout import Timeout
 from pbft.viewchange import NewViewPlan, VerifiedViewChange, plan_new_view, verify_view_change
 
 EVIDENCE_LIMIT = 64
@@ -213,16 +214,28 @@ class Replica:
         # Primary only: pending requests not yet proposed in this view, in arrival order.
         self.proposal_queue: dict[tuple[int, int], None] = {}
         self.next_seq = 1
-        # Failure detection.
-        self.last_primary_contact_ms = 0
-        self.last_heartbeat_ms = 0
-        self.progress_deadline_ms: int | None = None
-        self.last_suspect_ms: int | None = None
+        # Timeouts, each ticked by _on_tick (the firing ones) or asked by the code it
+        # rate-limits. The view timeouts back off together: see _set_failed_views.
+        view_timeout_ms = config.view_change_timeout_ms
+        interval_ms = config.retransmit_interval_ms
+        # Primary: heartbeats, sent when it runs out.
+        self.heartbeat_timeout = Timeout("heartbeat", config.heartbeat_interval_ms, started_ms=0)
+        # Backup: no word from the primary (a PRE-PREPARE, a heartbeat) for this long.
+        self.primary_timeout = Timeout("primary", view_timeout_ms, started_ms=0)
+        # Backup: work it saw proposed (or requests it holds) not executed in time.
+        self.progress_timeout = Timeout("progress", view_timeout_ms)
+        # Between view changes: the new primary did not install its view in time.
+        self.view_change_timeout = Timeout("view_change", view_timeout_ms)
+        # Send again what is not yet stable or installed (checkpoints, our VIEW-CHANGE).
+        self.retransmit_timeout = Timeout("retransmit", interval_ms, started_ms=0)
+        # Rate limits: one SUSPECT per view timeout, one FETCH per interval, and the
+        # backoff comes down one step at most once per view timeout.
+        self.suspect_timeout = Timeout("suspect", view_timeout_ms)
+        self.fetch_timeout = Timeout("fetch", interval_ms)
+        self.backoff_decay_timeout = Timeout("backoff_decay", view_timeout_ms, started_ms=0)
         self.suspects: dict[int, int] = {}
         self.failed_views = 0
-        self.last_backoff_change_ms = 0
         # View change.
-        self.view_change_deadline_ms: int | None = None
         self.view_changes: dict[int, dict[int, VerifiedViewChange]] = {}
         self.latest_view_claims: dict[int, int] = {}
         self.view_claim_ms: dict[int, int] = {}
@@ -241,7 +254,6 @@ class Replica:
         # Byzantine replica may claim anything), so only the (f + 1)-th highest counts.
         self.heartbeat_claims: dict[int, int] = {}
         self.last_execution_ms = 0
-        self.last_fetch_ms: int | None = None
         self.fetch_rotation = 0
         self.help_served_ms: dict[int, int] = {}
         # Every byte of catch-up service (asked for or not) is paid from the requester's bucket.
@@ -250,7 +262,6 @@ class Replica:
         )
         self.chunk_server = ChunkServer(config.state_chunk_leaves, config.state_chunk_bytes)
         self.incoming: IncomingTransfer | None = None
-        self.last_retransmit_ms = 0
         self.fresh_start = True
         # Observability.
         self.drops: Counter[str] = Counter()
@@ -510,7 +521,7 @@ class Replica:
         self._check_view(message.view, message.replica)
         self._check_window(message.seq)
         proposal = self.verifier.proposal(opened.raw)
-        self.last_primary_contact_ms = self.now_ms
+        self.primary_timeout.start(self.now_ms)
         slot = self._slot(proposal.seq)
         if slot.proposal is not None:
             if slot.proposal.entry_digest != proposal.entry_digest:
@@ -590,7 +601,7 @@ class Replica:
                     heartbeat.replica, heartbeat.last_executed + 1, heartbeat.last_executed
                 )
         self._check_view(heartbeat.view, heartbeat.replica)
-        self.last_primary_contact_ms = self.now_ms
+        self.primary_timeout.start(self.now_ms)
 
     def _claim_executed(self, replica: int, last_executed: int) -> None:
         if last_executed <= self.heartbeat_claims.get(replica, -1):
@@ -834,7 +845,7 @@ class Replica:
         self.last_executed = proposal.seq
         self.chain_hash = proposal.entry_digest
         self.last_execution_ms = self.now_ms
-        self.progress_deadline_ms = None
+        self.progress_timeout.stop()
         self._out.append(
             Executed(
                 proposal.view,
@@ -980,9 +991,9 @@ class Replica:
             self._persist(("anchor",), None)
         # Progress: the timeouts may come back down one step, but at most once per timeout
         # period, or frequent checkpoints would undo the backoff before it can help.
-        if self.failed_views and self.now_ms - self.last_backoff_change_ms >= self._timeout_ms():
-            self.failed_views -= 1
-            self.last_backoff_change_ms = self.now_ms
+        if self.failed_views and self.backoff_decay_timeout.fired(self.now_ms):
+            self._set_failed_views(self.failed_views - 1)
+            self.backoff_decay_timeout.start(self.now_ms)
         self._note("checkpoint_stable", f"seq {checkpoint.seq}")
         self._maybe_propose()
 
@@ -992,65 +1003,106 @@ class Replica:
         doublings = min(self.failed_views, self.config.max_timeout_doublings)
         return self.config.view_change_timeout_ms * (2**doublings)
 
+    def _set_failed_views(self, failed_views: int) -> None:
+        """Each view given up on doubles the view timeouts (up to a limit); progress brings
+        them back down. The timeouts measured against the current backoff take it at once;
+        the deadlines (progress, view change) take it when they are next started."""
+        self.failed_views = failed_views
+        doublings = min(failed_views, self.config.max_timeout_doublings)
+        for timeout in (self.primary_timeout, self.suspect_timeout, self.backoff_decay_timeout):
+            timeout.backoff(doublings)
+
+    def _start_deadline(self, timeout: Timeout) -> None:
+        """Start a deadline at the current backoff, fixed until it is started again."""
+        timeout.backoff(min(self.failed_views, self.config.max_timeout_doublings))
+        timeout.start(self.now_ms)
+
     def _on_tick(self, now_ms: int) -> None:
+        """Tick each named timeout; the ones that fired call on_<name>_timeout."""
         if now_ms < self.now_ms:
             raise ReplicaInvariantError(f"clock went back from {self.now_ms} to {now_ms}")
         self.now_ms = now_ms
         if self.fresh_start:
-            self.fresh_start = False
-            self.last_primary_contact_ms = now_ms
-            self.last_execution_ms = now_ms
-            self.last_fetch_ms = None
-            if self.last_executed > 0 or self.view > 0:
-                self._fetch()
+            self._on_start()
         if self.view_active:
             if self.is_primary:
                 self._maybe_propose()
-                # Sent under load too (as Raft's leader does): it tells backups how far the
-                # primary got, which is how a backup that lost a message learns it is behind.
-                if now_ms - self.last_heartbeat_ms >= self.config.heartbeat_interval_ms:
-                    self.last_heartbeat_ms = now_ms
-                    heartbeat = Heartbeat(self.view, self.id, self.next_seq - 1, self.last_executed)
-                    self._broadcast(seal(heartbeat, self.key))
+                if self.heartbeat_timeout.fired(now_ms):
+                    self._on_heartbeat_timeout()
+            elif self.primary_timeout.fired(now_ms):
+                self._on_primary_timeout()
+            elif self._request_timer_fired():
+                self._on_request_timeout()
             else:
-                self._watch_primary()
-        elif self.view_change_deadline_ms is not None and now_ms >= self.view_change_deadline_ms:
-            # The new primary did not install the view in time: try the next one.
-            self._start_view_change(self.view + 1)
-        self._retransmit()
+                self._watch_progress()
+        elif self.view_change_timeout.fired(now_ms):
+            self._on_view_change_timeout()
+        if self.retransmit_timeout.fired(now_ms):
+            self._on_retransmit_timeout()
+        if self.view_active:
+            self._retransmit_slots()
         self._maybe_fetch()
 
-    def _watch_primary(self) -> None:
-        timeout = self._timeout_ms()
-        if self.now_ms - self.last_primary_contact_ms >= timeout:
-            self._suspect("no heartbeat")
-            return
-        # PBFT's request timer: the oldest request we hold must be ordered in time, however
-        # busy the primary keeps itself with other clients' payments (no censorship). Only
-        # correct clients' requests count (see over_quota_clients). One timeout while
-        # nothing executes; while the primary keeps executing, a few: under load a request
-        # legitimately waits behind batches in flight and a backlog (a client sending its
-        # quota at once, a flood being ordered), and a correct primary must not be deposed
-        # for that. Censorship is still caught, REQUEST_TIMEOUTS_UNDER_LOAD times later.
+    def _on_start(self) -> None:
+        """The first tick after construction (or recovery): time starts now."""
+        self.fresh_start = False
+        self.primary_timeout.start(self.now_ms)
+        self.last_execution_ms = self.now_ms
+        self.fetch_timeout.stop()
+        if self.last_executed > 0 or self.view > 0:
+            self._fetch()
+
+    def _on_heartbeat_timeout(self) -> None:
+        # Sent under load too (as Raft's leader does): it tells backups how far the
+        # primary got, which is how a backup that lost a message learns it is behind.
+        self.heartbeat_timeout.start(self.now_ms)
+        heartbeat = Heartbeat(self.view, self.id, self.next_seq - 1, self.last_executed)
+        self._broadcast(seal(heartbeat, self.key))
+
+    def _on_primary_timeout(self) -> None:
+        self._suspect("no heartbeat")
+
+    def _request_timer_fired(self) -> bool:
+        """PBFT's request timer: the oldest request we hold must be ordered in time, however
+        busy the primary keeps itself with other clients' payments (no censorship). Only
+        correct clients' requests count (see over_quota_clients). One timeout while
+        nothing executes; while the primary keeps executing, a few: under load a request
+        legitimately waits behind batches in flight and a backlog (a client sending its
+        quota at once, a flood being ordered), and a correct primary must not be deposed
+        for that. Censorship is still caught, REQUEST_TIMEOUTS_UNDER_LOAD times later.
+        Measured from each request's arrival, so it is not a `Timeout` of its own."""
         oldest = self._oldest_timed_request()
-        if oldest is not None:
-            age = self.now_ms - oldest.arrived_ms
-            executing = self.now_ms - self.last_execution_ms < timeout
-            if age >= (REQUEST_TIMEOUTS_UNDER_LOAD * timeout if executing else timeout):
-                self._suspect("request not ordered")
-                return
-        has_work = oldest is not None or any(
+        if oldest is None:
+            return False
+        timeout = self._timeout_ms()
+        age = self.now_ms - oldest.arrived_ms
+        executing = self.now_ms - self.last_execution_ms < timeout
+        return age >= (REQUEST_TIMEOUTS_UNDER_LOAD * timeout if executing else timeout)
+
+    def _on_request_timeout(self) -> None:
+        self._suspect("request not ordered")
+
+    def _watch_progress(self) -> None:
+        """Run the progress timeout while there is work (requests held, entries proposed
+        and not committed), stop it when there is none."""
+        has_work = self._oldest_timed_request() is not None or any(
             slot.proposal is not None and slot.committed is None
             for seq, slot in self.slots.items()
             if seq > self.last_executed
         )
         if not has_work:
-            self.progress_deadline_ms = None
-            return
-        if self.progress_deadline_ms is None:
-            self.progress_deadline_ms = self.now_ms + timeout
-        elif self.now_ms >= self.progress_deadline_ms:
-            self._suspect("work not completed")
+            self.progress_timeout.stop()
+        elif not self.progress_timeout.running:
+            self._start_deadline(self.progress_timeout)
+        elif self.progress_timeout.fired(self.now_ms):
+            self._on_progress_timeout()
+
+    def _on_progress_timeout(self) -> None:
+        self._suspect("work not completed")
+
+    def _on_view_change_timeout(self) -> None:
+        # The new primary did not install the view in time: try the next one.
+        self._start_view_change(self.view + 1)
 
     def _oldest_timed_request(self) -> PendingRequest | None:
         if not self.over_quota_clients:
@@ -1062,10 +1114,9 @@ class Replica:
         return None
 
     def _suspect(self, reason: str) -> None:
-        timeout = self._timeout_ms()
-        if self.last_suspect_ms is not None and self.now_ms - self.last_suspect_ms < timeout:
+        if not self.suspect_timeout.quiet(self.now_ms):
             return
-        self.last_suspect_ms = self.now_ms
+        self.suspect_timeout.start(self.now_ms)
         self.suspects[self.id] = self.now_ms
         self._note("suspect", f"view {self.view}: {reason}")
         self._broadcast(seal(Suspect(self.view, self.id), self.key))
@@ -1115,11 +1166,11 @@ class Replica:
         self.view_changes_started += 1
         # Each view given up on doubles the timeouts, so a slow network still gets a view
         # that lasts long enough to make progress (PBFT's exponential backoff).
-        self.failed_views += 1
-        self.last_backoff_change_ms = self.now_ms
-        self.view_change_deadline_ms = None
+        self._set_failed_views(self.failed_views + 1)
+        self.backoff_decay_timeout.start(self.now_ms)
+        self.view_change_timeout.stop()
         self.suspects = {}
-        self.progress_deadline_ms = None
+        self.progress_timeout.stop()
         self.proposal_queue = {}
         self.new_view_planned_high = 0
         for slot in self.slots.values():
@@ -1169,10 +1220,10 @@ class Replica:
         up where no quorum ever follows it; with this rule the correct replicas' views
         stay within one of each other, and the f + 1 join rule pulls laggards up.
         """
-        if self.view_active or self.view_change_deadline_ms is not None:
+        if self.view_active or self.view_change_timeout.running:
             return
         if len(self.view_changes.get(self.view, {})) >= self.config.quorum:
-            self.view_change_deadline_ms = self.now_ms + self._timeout_ms()
+            self._start_deadline(self.view_change_timeout)
 
     def _record_view(self, key: tuple[str | int, ...], value: bytes) -> None:
         self.view_records[key] = None
@@ -1299,12 +1350,12 @@ class Replica:
                 del self.view_records[key]
         self._record_view(("view",), pack([self.view, True]))
         self._record_view(("vote", "new_view", self.view, 0), raw)
-        self.view_change_deadline_ms = None
+        self.view_change_timeout.stop()
         self.suspects = {}
-        self.last_suspect_ms = None
-        self.progress_deadline_ms = None
-        self.last_primary_contact_ms = self.now_ms
-        self.last_heartbeat_ms = self.now_ms
+        self.suspect_timeout.stop()
+        self.progress_timeout.stop()
+        self.primary_timeout.start(self.now_ms)
+        self.heartbeat_timeout.start(self.now_ms)
         for view in [view for view in self.view_changes if view <= self.view]:
             del self.view_changes[view]
         checkpoint = plan.checkpoint
@@ -1358,22 +1409,22 @@ class Replica:
 
     # --- retransmission and catch-up ----------------------------------------------------
 
-    def _retransmit(self) -> None:
+    def _on_retransmit_timeout(self) -> None:
+        """Send again what is not yet stable or installed, once an interval."""
+        self.retransmit_timeout.start(self.now_ms)
+        # Checkpoints not yet stable: a lost CHECKPOINT would otherwise stall the window
+        # for good once the log fills up to the high watermark.
+        for seq in sorted(self.own_snapshots)[-CHECKPOINT_RETRANSMIT_LIMIT:]:
+            own = self.checkpoint_votes.get(seq, {}).get(self.id)
+            if seq > self.stable.seq and own is not None:
+                self._broadcast(own[2])
+        if not self.view_active and self.own_view_change is not None:
+            self._broadcast(self.own_view_change)
+
+    def _retransmit_slots(self) -> None:
         """Send again what we signed for slots that have not moved for an interval, each slot
         on its own clock, so one lost message costs one interval, not two."""
         interval = self.config.retransmit_interval_ms
-        if self.now_ms - self.last_retransmit_ms >= interval:
-            self.last_retransmit_ms = self.now_ms
-            # Checkpoints not yet stable: a lost CHECKPOINT would otherwise stall the window
-            # for good once the log fills up to the high watermark.
-            for seq in sorted(self.own_snapshots)[-CHECKPOINT_RETRANSMIT_LIMIT:]:
-                own = self.checkpoint_votes.get(seq, {}).get(self.id)
-                if seq > self.stable.seq and own is not None:
-                    self._broadcast(own[2])
-            if not self.view_active and self.own_view_change is not None:
-                self._broadcast(self.own_view_change)
-        if not self.view_active:
-            return
         resent = 0
         for seq in sorted(self.slots):
             if resent >= RETRANSMIT_SLOT_LIMIT:
@@ -1405,7 +1456,7 @@ class Replica:
         )
         if not (behind_execution or behind_stability):
             return
-        if self.last_fetch_ms is not None and self.now_ms - self.last_fetch_ms < interval:
+        if not self.fetch_timeout.quiet(self.now_ms):
             return
         self._fetch()
 
@@ -1417,13 +1468,12 @@ class Replica:
 
     def _fetch_from(self, target: int) -> None:
         """A FETCH to one peer that hinted we are behind, on the usual fetch interval."""
-        interval = self.config.retransmit_interval_ms
-        if self.last_fetch_ms is not None and self.now_ms - self.last_fetch_ms < interval:
+        if not self.fetch_timeout.quiet(self.now_ms):
             return
         self._send_fetch(target)
 
     def _send_fetch(self, target: int) -> None:
-        self.last_fetch_ms = self.now_ms
+        self.fetch_timeout.start(self.now_ms)
         fetch = Fetch(self.id, self.last_executed + 1, self.stable.seq, self.view)
         self._send(("replica", target), seal(fetch, self.key))
 
