@@ -85,6 +85,7 @@ from pbft.statetransfer import (
     IncomingTransfer,
     StateTooLarge,
 )
+from pbft.status import ViewStatus
 from pbft.timeout import Timeout
 from pbft.viewchange import NewViewPlan, VerifiedViewChange, plan_new_view, verify_view_change
 
@@ -149,7 +150,7 @@ class PendingRequest:
 class ReplicaStatistics:
     replica_id: int
     view: int
-    view_active: bool
+    status: ViewStatus
     last_executed: int
     stable_checkpoint: int
     view_changes_started: int
@@ -189,7 +190,7 @@ class Replica:
         self.verifier = Verifier(config, keyring, genesis_digest, cache)
         self.now_ms = 0
         self.view = 0
-        self.view_active = True
+        self.status = ViewStatus.NORMAL
         self.last_executed = 0
         self.chain_hash = self.verifier.genesis_chain_hash
         self.stable = StableCheckpoint(0, self.chain_hash, genesis_digest, genesis_snapshot, ())
@@ -308,7 +309,7 @@ class Replica:
         return ReplicaStatistics(
             replica_id=self.id,
             view=self.view,
-            view_active=self.view_active,
+            status=self.status,
             last_executed=self.last_executed,
             stable_checkpoint=self.stable.seq,
             view_changes_started=self.view_changes_started,
@@ -466,7 +467,7 @@ class Replica:
             )
             return
         if identity in self.pending:
-            if not self.is_primary and self.view_active:
+            if not self.is_primary and self.status is ViewStatus.NORMAL:
                 if not self.client_budget.allow(request.client_id, self.now_ms):
                     raise Rejected("relay_rate_limited", f"client {request.client_id}")
                 self._send(("replica", self.config.primary_of(self.view)), opened.raw)
@@ -479,15 +480,15 @@ class Replica:
         self.pending[identity] = PendingRequest(opened, digest, self.now_ms)
         self.pending_per_client[request.client_id] += 1
         if self.is_primary:
-            if self.view_active:
+            if self.status is ViewStatus.NORMAL:
                 self.proposal_queue[identity] = None
                 self._maybe_propose()
-        elif self.view_active:
+        elif self.status is ViewStatus.NORMAL:
             # The client gave up on the primary and told everyone: relay it and watch.
             self._send(("replica", self.config.primary_of(self.view)), opened.raw)
 
     def _check_view(self, view: int, sender: int) -> None:
-        if view != self.view or not self.view_active:
+        if view != self.view or self.status is ViewStatus.VIEW_CHANGE:
             if view > self.view:
                 self._claim_view(sender, view)
             raise Rejected("wrong_view", f"view {view}, ours {self.view}")
@@ -584,7 +585,9 @@ class Replica:
         # heartbeat is a hint (ask its sender, who must then prove it with certificates);
         # only f + 1 replicas' claims move highest_seen_executed.
         self._claim_executed(heartbeat.replica, heartbeat.last_executed)
-        if heartbeat.view > self.view or (heartbeat.view == self.view and not self.view_active):
+        if heartbeat.view > self.view or (
+            heartbeat.view == self.view and self.status is ViewStatus.VIEW_CHANGE
+        ):
             # A primary of a later view: we missed its NEW-VIEW (we restarted, or were cut
             # off while the cluster went idle). Ask it; a FETCH names our view.
             self._fetch_from(heartbeat.replica)
@@ -616,7 +619,7 @@ class Replica:
         suspect = opened.message
         if not isinstance(suspect, Suspect):
             raise Rejected("unexpected_type")
-        if suspect.view != self.view or not self.view_active:
+        if suspect.view != self.view or self.status is ViewStatus.VIEW_CHANGE:
             if suspect.view > self.view:
                 self._claim_view(suspect.replica, suspect.view)
             return
@@ -677,7 +680,11 @@ class Replica:
     def _step_slot(self, slot: Slot) -> bool:
         """One pass of the phase rules over a slot; True if it became prepared or committed."""
         proposal = slot.proposal
-        if proposal is None or not self.view_active or self.silent_through_view is not None:
+        if (
+            proposal is None
+            or self.status is ViewStatus.VIEW_CHANGE
+            or self.silent_through_view is not None
+        ):
             return False
         changed = False
         primary = self.config.primary_of(self.view)
@@ -722,7 +729,10 @@ class Replica:
         self._persist(key, entry.encode())
 
     def _maybe_propose(self) -> None:
-        if not (self.is_primary and self.view_active) or self.silent_through_view is not None:
+        if (
+            not (self.is_primary and self.status is ViewStatus.NORMAL)
+            or self.silent_through_view is not None
+        ):
             return
         window_high = self._window_low() + self.config.watermark_window
         inflight_high = self.last_executed + self.config.max_inflight_batches
@@ -1024,7 +1034,7 @@ class Replica:
         self.now_ms = now_ms
         if self.fresh_start:
             self._on_start()
-        if self.view_active:
+        if self.status is ViewStatus.NORMAL:
             if self.is_primary:
                 self._maybe_propose()
                 if self.heartbeat_timeout.fired(now_ms):
@@ -1039,7 +1049,7 @@ class Replica:
             self._on_view_change_timeout()
         if self.retransmit_timeout.fired(now_ms):
             self._on_retransmit_timeout()
-        if self.view_active:
+        if self.status is ViewStatus.NORMAL:
             self._retransmit_slots()
         self._maybe_fetch()
 
@@ -1155,14 +1165,14 @@ class Replica:
         if len(ahead) >= weak and ahead[weak - 1] > self.view:
             # At least one correct replica is in a view >= this one: join it.
             self._start_view_change(ahead[weak - 1])
-        elif self.view_active:
+        elif self.status is ViewStatus.NORMAL:
             self._check_suspects()
 
     def _start_view_change(self, new_view: int) -> None:
         if new_view <= self.view:
             return
         self.view = new_view
-        self.view_active = False
+        self.status = ViewStatus.VIEW_CHANGE
         self.view_changes_started += 1
         # Each view given up on doubles the timeouts, so a slow network still gets a view
         # that lasts long enough to make progress (PBFT's exponential backoff).
@@ -1220,7 +1230,7 @@ class Replica:
         up where no quorum ever follows it; with this rule the correct replicas' views
         stay within one of each other, and the f + 1 join rule pulls laggards up.
         """
-        if self.view_active or self.view_change_timeout.running:
+        if self.status is ViewStatus.NORMAL or self.view_change_timeout.running:
             return
         if len(self.view_changes.get(self.view, {})) >= self.config.quorum:
             self._start_deadline(self.view_change_timeout)
@@ -1244,9 +1254,11 @@ class Replica:
         message = opened.message
         if not isinstance(message, ViewChange):
             raise Rejected("unexpected_type")
-        if message.new_view < self.view or (message.new_view == self.view and self.view_active):
+        if message.new_view < self.view or (
+            message.new_view == self.view and self.status is ViewStatus.NORMAL
+        ):
             to = ("replica", message.replica)
-            if self.view_active and self.new_view_message is not None:
+            if self.status is ViewStatus.NORMAL and self.new_view_message is not None:
                 # It missed the NEW-VIEW we installed (or is still trying an older view):
                 # the NEW-VIEW proves itself, it can install it directly.
                 self._send(to, self.new_view_message)
@@ -1264,7 +1276,11 @@ class Replica:
         self._maybe_send_new_view()
 
     def _maybe_send_new_view(self) -> None:
-        if self.view_active or not self.is_primary or self.silent_through_view is not None:
+        if (
+            self.status is ViewStatus.NORMAL
+            or not self.is_primary
+            or self.silent_through_view is not None
+        ):
             return
         changes = self.view_changes.get(self.view, {})
         if self.id not in changes or len(changes) < self.config.quorum:
@@ -1297,7 +1313,9 @@ class Replica:
         message = opened.message
         if not isinstance(message, NewView):
             raise Rejected("unexpected_type")
-        if message.view < self.view or (message.view == self.view and self.view_active):
+        if message.view < self.view or (
+            message.view == self.view and self.status is ViewStatus.NORMAL
+        ):
             return
         plan, proposals = self._verify_new_view(message)
         self._install_view(plan, proposals, opened.raw)
@@ -1340,7 +1358,7 @@ class Replica:
         if silent is not None and plan.view > silent and not self.is_primary:
             self.silent_through_view = None
             self._note("voting", f"resumes in view {plan.view} after lost votes")
-        self.view_active = True
+        self.status = ViewStatus.NORMAL
         self.new_views_installed += 1
         self.new_view_message = raw
         self.own_view_change = None
@@ -1418,7 +1436,7 @@ class Replica:
             own = self.checkpoint_votes.get(seq, {}).get(self.id)
             if seq > self.stable.seq and own is not None:
                 self._broadcast(own[2])
-        if not self.view_active and self.own_view_change is not None:
+        if self.status is ViewStatus.VIEW_CHANGE and self.own_view_change is not None:
             self._broadcast(self.own_view_change)
 
     def _retransmit_slots(self) -> None:
@@ -1490,7 +1508,7 @@ class Replica:
         is merely late (the entry committed moments ago) needs nothing."""
         if not isinstance(message, PrePrepare | Prepare | Commit):
             return
-        if message.view != self.view or not self.view_active:
+        if message.view != self.view or self.status is ViewStatus.VIEW_CHANGE:
             return  # (counted as stale by the caller)
         interval = self.config.retransmit_interval_ms
         slot = self.slots.get(message.seq)
@@ -1525,7 +1543,11 @@ class Replica:
         if not isinstance(fetch, Fetch):
             raise Rejected("unexpected_type")
         self._serve_catch_up(fetch.replica, fetch.from_seq, fetch.stable_seq)
-        if fetch.view < self.view and self.view_active and self.new_view_message is not None:
+        if (
+            fetch.view < self.view
+            and self.status is ViewStatus.NORMAL
+            and self.new_view_message is not None
+        ):
             # It missed the view we are in: the NEW-VIEW proves itself, it can install it.
             # Paid from the same byte budget as the rest of what catching up costs us.
             if self._catch_up_allowed(fetch.replica):
@@ -1829,7 +1851,8 @@ class Replica:
                 self.view_anchor = Anchor(seq, chain_hash, ledger_digest, tuple(proof))
         view_record = records.get(("view",))
         if view_record is not None:
-            self.view, self.view_active = unpack(view_record)
+            self.view, active = unpack(view_record)
+            self.status = ViewStatus.NORMAL if active else ViewStatus.VIEW_CHANGE
             self.view_records[("view",)] = None
         for key in sorted(records, key=_record_order):
             value = records[key]
@@ -1851,16 +1874,20 @@ class Replica:
                 _, vote_kind, view, seq = key
                 if vote_kind in ("view_change", "new_view"):
                     self.view_records[key] = None
-                    if vote_kind == "view_change" and view == self.view and not self.view_active:
+                    if (
+                        vote_kind == "view_change"
+                        and view == self.view
+                        and self.status is ViewStatus.VIEW_CHANGE
+                    ):
                         self.own_view_change = value
                     if vote_kind == "new_view" and view == self.view:
                         self.new_view_message = value
                     continue
                 self._recover_vote(str(vote_kind), int(view), int(seq), key, value)
-        if self.view_active and self.new_view_message is not None:
+        if self.status is ViewStatus.NORMAL and self.new_view_message is not None:
             self._recover_new_view(self.new_view_message)
         self._execute_ready()
-        if not self.view_active and self.own_view_change is not None:
+        if self.status is ViewStatus.VIEW_CHANGE and self.own_view_change is not None:
             self._store_view_change(verify_view_change(self.own_view_change, self.verifier))
 
     def _recover_new_view(self, raw: bytes) -> None:
@@ -1895,7 +1922,7 @@ class Replica:
         message = opened.message
         if isinstance(message, PrePrepare):
             slot.own_votes[(kind, view)] = hashlib.sha256(message.encode()).digest()
-            if view == self.view and self.view_active:
+            if view == self.view and self.status is ViewStatus.NORMAL:
                 slot.proposal = self.verifier.proposal(raw)
                 self.next_seq = max(self.next_seq, seq + 1)
         elif isinstance(message, Prepare | Commit):

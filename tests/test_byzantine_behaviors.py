@@ -31,6 +31,7 @@ from pbft.messages import (
 )
 from pbft.replica import Replica
 from pbft.signed import Rejected, open_envelope, seal
+from pbft.status import ViewStatus
 from pbft.viewchange import verify_view_change
 from sim import byzantine
 from sim.byzantine import (
@@ -661,7 +662,7 @@ def in_view_change(cluster: Cluster, replica_id: int, new_view: int = 1) -> Repl
     replica = cluster.replica(replica_id)
     others = [other for other in range(cluster.n) if other != replica_id][: cluster.f + 1]
     cluster.deliver(replica, *(cluster.suspect(new_view - 1, other) for other in others))
-    assert (replica.view, replica.view_active) == (new_view, False)
+    assert (replica.view, replica.status) == (new_view, ViewStatus.VIEW_CHANGE)
     return replica
 
 
@@ -767,7 +768,7 @@ def test_the_honest_new_view_is_installed(cluster: Cluster) -> None:
     _, raw = honest_new_view(cluster, cluster.prepared_certificate(entry))
     backup = in_view_change(cluster, 2)
     cluster.deliver(backup, raw)
-    assert (backup.view, backup.view_active) == (1, True)
+    assert (backup.view, backup.status) == (1, ViewStatus.NORMAL)
 
 
 @pytest.mark.parametrize(
@@ -803,7 +804,7 @@ def test_bad_new_view_is_refused_by_every_backup(cluster: Cluster, kind: str, de
         actions = cluster.deliver(backup, sent)
         assert backup.drops["bad_new_view"] == 1
         assert any(note.detail == f"bad_new_view {detail}" for note in notes(actions, "drop"))
-        assert not backup.view_active
+        assert backup.status is ViewStatus.VIEW_CHANGE
 
 
 def test_bad_new_view_invent_appends_an_entry_when_no_entry_is_null(cluster: Cluster) -> None:
@@ -842,7 +843,7 @@ def test_bad_new_view_split_sends_two_valid_new_views(cluster: Cluster) -> None:
     for backup_id, new_view in ((0, raw), (2, second), (3, second)):
         backup = in_view_change(cluster, backup_id)
         cluster.deliver(backup, new_view)
-        assert (backup.view, backup.view_active) == (1, True), backup_id
+        assert (backup.view, backup.status) == (1, ViewStatus.NORMAL), backup_id
 
 
 def test_bad_checkpoint_signs_a_wrong_ledger_digest(cluster: Cluster) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from replica_harness import Cluster, broadcast_raws, decode, send_raws
 
 from pbft.messages import Fetch, NewView
+from pbft.status import ViewStatus
 
 
 def test_one_heartbeat_cannot_inflate_how_far_the_cluster_got() -> None:
@@ -41,7 +42,7 @@ def test_replica_behind_an_idle_cluster_learns_the_view_from_heartbeats() -> Non
     changes = [cluster.view_change(1, replica) for replica in (0, 2, 3)]
     actions = cluster.deliver(primary, *changes)
     (new_view,) = broadcast_raws(actions, NewView)
-    assert (primary.view, primary.view_active) == (1, True)
+    assert (primary.view, primary.status) == (1, ViewStatus.NORMAL)
 
     # Replica 3 never saw any of it: it is still in view 0, and the cluster is idle.
     laggard = cluster.replica(3)
@@ -56,7 +57,7 @@ def test_replica_behind_an_idle_cluster_learns_the_view_from_heartbeats() -> Non
     answer = send_raws(cluster.deliver(primary, *fetches), ("replica", 3))
     assert new_view in answer
     cluster.deliver(laggard, *answer)
-    assert (laggard.view, laggard.view_active) == (1, True)
+    assert (laggard.view, laggard.status) == (1, ViewStatus.NORMAL)
     # From now on the primary's heartbeats are in its view: no more wrong_view drops.
     cluster.deliver(laggard, *broadcast_raws(cluster.tick(primary, 600)))
     assert laggard.drops.get("wrong_view", 0) == 1

@@ -18,6 +18,7 @@ from replica_harness import (
 )
 
 from pbft.messages import Prepare
+from pbft.status import ViewStatus
 
 
 def _new_view_with_two_reproposals(cluster: Cluster):  # type: ignore[no-untyped-def]
@@ -50,7 +51,7 @@ def test_restarted_backup_refuses_a_fork_at_a_sequence_the_new_view_assigned() -
 
     # It restarts from its durable records, still in view 1 (active).
     restarted = cluster.replica(2, records=records)
-    assert (restarted.view, restarted.view_active) == (1, True)
+    assert (restarted.view, restarted.status) == (1, ViewStatus.NORMAL)
     cluster.tick(restarted, 10)
 
     # The Byzantine primary of view 1 now sends another batch at seq 2, chained correctly.

@@ -24,6 +24,7 @@ from pbft.events import Broadcast, Executed, Send
 from pbft.messages import Commit, Heartbeat, Prepare, PrePrepare, Reply
 from pbft.receipt import verify_receipt
 from pbft.signed import open_envelope
+from pbft.status import ViewStatus
 
 
 @pytest.fixture
@@ -91,7 +92,7 @@ def test_backup_does_not_prepare_pre_prepare_for_another_view(cluster: Cluster) 
     # View 1's primary (replica 1) proposes while replica 2 is still in view 0.
     entry = cluster.pre_prepare(1, [cluster.request(1)], view=1)
     _assert_not_prepared(replica, cluster.deliver(replica, entry.raw), "wrong_view")
-    assert replica.view == 0 and replica.view_active
+    assert replica.view == 0 and replica.status is ViewStatus.NORMAL
 
 
 def test_backup_does_not_prepare_pre_prepare_above_watermark_window(cluster: Cluster) -> None:

@@ -29,6 +29,7 @@ from pbft.messages import (
     ViewChange,
 )
 from pbft.replica import Replica
+from pbft.status import ViewStatus
 from pbft.viewchange import verify_view_change
 
 TIMEOUT = 300
@@ -63,11 +64,11 @@ def test_backup_without_heartbeat_suspects_primary_but_does_not_change_view_alon
     assert (suspect.view, suspect.replica) == (0, 1)
     assert notes(actions, "suspect")
     assert view_changes(actions) == []
-    assert (replica.view, replica.view_active) == (0, True)
+    assert (replica.view, replica.status) == (0, ViewStatus.NORMAL)
     # It does not repeat the suspicion before another timeout has passed.
     assert broadcasts(cluster.tick(replica, TIMEOUT + 100), Suspect) == []
     assert view_changes(cluster.tick(replica, 2 * TIMEOUT)) == []
-    assert (replica.view, replica.view_active) == (0, True)
+    assert (replica.view, replica.status) == (0, ViewStatus.NORMAL)
 
 
 def test_heartbeats_from_primary_keep_backup_from_suspecting(cluster: Cluster) -> None:
@@ -106,7 +107,7 @@ def test_one_other_suspect_alone_does_not_start_view_change(cluster: Cluster) ->
     cluster.tick(replica, 0)
     actions = cluster.deliver(replica, cluster.suspect(0, 3))
     assert view_changes(actions) == []
-    assert (replica.view, replica.view_active) == (0, True)
+    assert (replica.view, replica.status) == (0, ViewStatus.NORMAL)
 
 
 def test_f_plus_one_suspects_start_view_change_with_prepared_certificates(
@@ -134,7 +135,7 @@ def test_f_plus_one_suspects_start_view_change_with_prepared_certificates(
     assert voters == [1, 2]
     verified = verify_view_change(broadcast_raws(actions, ViewChange)[0], replica.verifier)
     assert verified.prepared[1].entry_digest == entry.digest
-    assert (replica.view, replica.view_active) == (1, False)
+    assert (replica.view, replica.status) == (1, ViewStatus.VIEW_CHANGE)
     assert replica.statistics().view_changes_started == 1
     # The view change is durable before it is sent.
     assert first_index(actions, is_persist_of(("vote", "view_change", 1, 0))) < first_index(
@@ -152,7 +153,7 @@ def test_old_suspicions_fade_and_do_not_add_up(cluster: Cluster) -> None:
     actions = cluster.tick(replica, 10 * TIMEOUT)
     assert broadcasts(actions, Suspect)
     assert view_changes(actions) == []
-    assert replica.view_active
+    assert replica.status is ViewStatus.NORMAL
 
 
 def test_suspect_for_an_older_view_does_not_count(cluster: Cluster) -> None:
@@ -160,22 +161,22 @@ def test_suspect_for_an_older_view_does_not_count(cluster: Cluster) -> None:
     cluster.tick(replica, 0)
     changes = [cluster.view_change(1, i) for i in (0, 1, 3)]
     cluster.deliver(replica, cluster.new_view(1, changes, []))
-    assert (replica.view, replica.view_active) == (1, True)
+    assert (replica.view, replica.status) == (1, ViewStatus.NORMAL)
     cluster.deliver(replica, cluster.suspect(0, 3))
     actions = cluster.tick(replica, TIMEOUT)
     assert broadcasts(actions, Suspect)
     assert view_changes(actions) == []
-    assert (replica.view, replica.view_active) == (1, True)
+    assert (replica.view, replica.status) == (1, ViewStatus.NORMAL)
 
 
 def test_replica_already_in_later_view_counts_as_suspicion(cluster: Cluster) -> None:
     replica = cluster.replica(2)
     cluster.tick(replica, 0)
     cluster.deliver(replica, cluster.view_change(1, 3))  # 3 has given up on view 0
-    assert replica.view_active
+    assert replica.status is ViewStatus.NORMAL
     actions = cluster.tick(replica, TIMEOUT)
     assert {(v.new_view, v.replica) for v in view_changes(actions)} == {(1, 2)}
-    assert (replica.view, replica.view_active) == (1, False)
+    assert (replica.view, replica.status) == (1, ViewStatus.VIEW_CHANGE)
 
 
 def test_replica_in_view_change_does_not_prepare_new_view_proposals_before_new_view(
@@ -183,7 +184,7 @@ def test_replica_in_view_change_does_not_prepare_new_view_proposals_before_new_v
 ) -> None:
     replica = cluster.replica(2)
     cluster.deliver(replica, cluster.suspect(0, 0), cluster.suspect(0, 3))
-    assert (replica.view, replica.view_active) == (1, False)
+    assert (replica.view, replica.status) == (1, ViewStatus.VIEW_CHANGE)
     entry = cluster.pre_prepare(1, [cluster.request(1)], view=1)
     assert broadcasts(cluster.deliver(replica, entry.raw), Prepare) == []
     assert replica.drops["wrong_view"] == 1
@@ -207,7 +208,7 @@ def test_new_primary_with_quorum_of_view_changes_reproposes_prepared_batches_and
     from_3 = cluster.view_change(1, 3, [cluster.prepared_certificate(first)])
 
     assert broadcasts(cluster.deliver(replica, from_2), ViewChange) == []
-    assert replica.view_active  # one view change alone does not move it
+    assert replica.status is ViewStatus.NORMAL  # one view change alone does not move it
     actions = cluster.deliver(replica, from_3)
 
     # It joined view 1 (f + 1 view changes), sent its own, then the NEW-VIEW.
@@ -244,7 +245,7 @@ def test_new_primary_with_quorum_of_view_changes_reproposes_prepared_batches_and
         assert first_index(actions, is_persist_of(("vote", "pre_prepare", 1, seq))) < (
             first_index(actions, is_broadcast_of(NewView))
         )
-    assert (replica.view, replica.view_active, replica.next_seq) == (1, True, 4)
+    assert (replica.view, replica.status, replica.next_seq) == (1, ViewStatus.NORMAL, 4)
     assert replica.statistics().new_views_installed == 1
     assert notes(actions, "new_view")
 
@@ -274,13 +275,13 @@ def test_new_primary_reproposes_unbroken_prepared_chain_with_same_digests(
 def test_new_primary_waits_for_two_f_plus_one_view_changes(cluster: Cluster) -> None:
     replica = cluster.replica(1)
     cluster.deliver(replica, cluster.suspect(0, 0), cluster.suspect(0, 3))
-    assert (replica.view, replica.view_active) == (1, False)  # own view change only
+    assert (replica.view, replica.status) == (1, ViewStatus.VIEW_CHANGE)  # own view change only
     actions = cluster.deliver(replica, cluster.view_change(1, 3))
     assert broadcasts(actions, NewView) == []
     actions = cluster.deliver(replica, cluster.view_change(1, 0))
     (new_view,) = broadcasts(actions, NewView)
     assert new_view.pre_prepares == ()
-    assert replica.view_active
+    assert replica.status is ViewStatus.NORMAL
 
 
 def test_new_primary_proposes_pending_requests_after_new_view(cluster: Cluster) -> None:
@@ -352,7 +353,7 @@ def test_replica_restarted_during_view_change_resumes_it(cluster: Cluster) -> No
 
     restarted = cluster.replica(2, records=records)
 
-    assert (restarted.view, restarted.view_active) == (1, False)
+    assert (restarted.view, restarted.status) == (1, ViewStatus.VIEW_CHANGE)
     interval = cluster.config.retransmit_interval_ms
     assert broadcast_raws(cluster.tick(restarted, interval), ViewChange) == [own]
     # It still refuses view 0's proposals, and installs view 1 when the NEW-VIEW comes.
@@ -360,7 +361,7 @@ def test_replica_restarted_during_view_change_resumes_it(cluster: Cluster) -> No
     changes = [own, cluster.view_change(1, 1), cluster.view_change(1, 3)]
     again = cluster.pre_prepare(1, entry.requests, view=1)
     actions = cluster.deliver(restarted, cluster.new_view(1, changes, [again.raw]))
-    assert (restarted.view, restarted.view_active) == (1, True)
+    assert (restarted.view, restarted.status) == (1, ViewStatus.NORMAL)
     assert [(p.view, p.seq) for p in broadcasts(actions, Prepare)] == [(1, 1)]
 
 
@@ -391,7 +392,7 @@ def test_backup_accepts_correct_new_view_and_prepares_reproposals(cluster: Clust
 
     actions = cluster.deliver(replica, new_view)
 
-    assert (replica.view, replica.view_active) == (1, True)
+    assert (replica.view, replica.status) == (1, ViewStatus.NORMAL)
     assert replica.statistics().new_views_installed == 1
     # Chain rule: seq 1 now; seq 2 once seq 1 is prepared in view 1.
     assert [(p.view, p.seq, p.entry_digest) for p in broadcasts(actions, Prepare)] == [
@@ -412,14 +413,14 @@ def test_backup_accepts_new_view_built_by_real_new_primary(cluster: Cluster) -> 
     (new_view,) = broadcast_raws(cluster.deliver(primary, changes[0], changes[2]), NewView)
     backup = cluster.replica(2)
     actions = cluster.deliver(backup, new_view)
-    assert backup.view_active and backup.view == 1
+    assert backup.status is ViewStatus.NORMAL and backup.view == 1
     assert [p.entry_digest for p in broadcasts(actions, Prepare)] == [first.digest]
 
 
 def _assert_rejected(replica: Replica, actions: list, reason: str = "bad_new_view") -> None:
     assert replica.drops[reason] == 1
     assert broadcasts(actions, Prepare) == []
-    assert (replica.view, replica.view_active) == (0, True)
+    assert (replica.view, replica.status) == (0, ViewStatus.NORMAL)
     assert replica.statistics().new_views_installed == 0
 
 
@@ -513,13 +514,13 @@ def test_f_plus_one_view_changes_for_higher_view_make_replica_join(cluster: Clus
     replica = cluster.replica(3)
     actions = cluster.deliver(replica, cluster.view_change(2, 0))
     assert view_changes(actions) == []
-    assert (replica.view, replica.view_active) == (0, True)
+    assert (replica.view, replica.status) == (0, ViewStatus.NORMAL)
 
     actions = cluster.deliver(replica, cluster.view_change(2, 1))
 
     # f + 1 replicas are in view 2, so a correct one is: join view 2 (not view 1).
     assert [(v.new_view, v.replica) for v in view_changes(actions)] == [(2, 3)]
-    assert (replica.view, replica.view_active) == (2, False)
+    assert (replica.view, replica.status) == (2, ViewStatus.VIEW_CHANGE)
 
 
 def test_replica_that_joined_wrong_view_is_not_stuck_there(cluster: Cluster) -> None:
@@ -564,7 +565,7 @@ def test_view_change_timer_starts_only_with_two_f_plus_one_view_changes(
     replica = cluster.replica(2)
     cluster.tick(replica, 0)
     cluster.deliver(replica, cluster.suspect(0, 0), cluster.suspect(0, 3))
-    assert (replica.view, replica.view_active) == (1, False)
+    assert (replica.view, replica.status) == (1, ViewStatus.VIEW_CHANGE)
     # With only f + 1 in view 1, it waits there without climbing further.
     cluster.deliver(replica, cluster.view_change(1, 3))
     for now in range(10, 100 * TIMEOUT, 100):
@@ -574,7 +575,7 @@ def test_view_change_timer_starts_only_with_two_f_plus_one_view_changes(
     cluster.deliver(replica, cluster.view_change(1, 0))
     waited = time_until_view_change(cluster, replica, 100 * TIMEOUT, 2)
     assert TIMEOUT <= waited
-    assert (replica.view, replica.view_active) == (2, False)
+    assert (replica.view, replica.status) == (2, ViewStatus.VIEW_CHANGE)
 
 
 def test_view_change_timeout_doubles_when_new_primary_fails(cluster: Cluster) -> None:
@@ -590,7 +591,7 @@ def test_view_change_timeout_doubles_when_new_primary_fails(cluster: Cluster) ->
         others = [i for i in (1, 2, 3) if i != cluster.primary(view)]
         cluster.deliver(replica, *(cluster.view_change(view, i) for i in others))
         waited = time_until_view_change(cluster, replica, now, view + 1)
-        assert (replica.view, replica.view_active) == (view + 1, False)
+        assert (replica.view, replica.status) == (view + 1, ViewStatus.VIEW_CHANGE)
         waits.append(waited)
         now += waited
     assert waits[0] >= TIMEOUT
@@ -619,7 +620,7 @@ def test_new_view_from_checkpoint_ahead_makes_replica_fetch(cluster: Cluster) ->
 
     actions = cluster.deliver(replica, cluster.new_view(1, changes, []))
 
-    assert replica.view_active and replica.view == 1
+    assert replica.status is ViewStatus.NORMAL and replica.view == 1
     (fetch,) = sends(actions, kind=Fetch)
     assert fetch.from_seq == 1
     # Proposals right after the anchor are in its window and chain onto it.
@@ -649,7 +650,7 @@ def test_golden_crashed_primary_is_replaced_and_payments_complete(cluster: Clust
     ]
     live = [network.replicas[i] for i in (1, 2, 3)]
     assert {r.view for r in live} == {1}
-    assert all(r.view_active for r in live)
+    assert all(r.status is ViewStatus.NORMAL for r in live)
     assert len({r.ledger.digest() for r in live}) == 1
     assert live[0].ledger.balance("bob") == 530
 
@@ -678,4 +679,4 @@ def test_golden_healed_replica_joins_view_change_and_cluster_recovers(cluster: C
 
     assert [(d.request_id, d.outcome) for d in network.decided] == [(1, "confirmed")]
     live = [network.replicas[i] for i in (0, 2, 3)]
-    assert {(r.view, r.view_active) for r in live} == {(2, True)}
+    assert {(r.view, r.status) for r in live} == {(2, ViewStatus.NORMAL)}

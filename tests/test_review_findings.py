@@ -36,6 +36,7 @@ from pbft.messages import (
 )
 from pbft.receipt import RECEIPT_VERSION, Receipt, ReceiptError, verify_receipt
 from pbft.replica import Replica, StableCheckpoint
+from pbft.status import ViewStatus
 from sim.scenario import parse_scenario
 from sim.simulator import Simulation
 
@@ -67,7 +68,7 @@ def _install_view_1_with_anchor_ahead(cluster: Cluster, replica: Replica) -> Cha
         cluster.view_change(1, 2),
     ]
     cluster.deliver(replica, cluster.new_view(1, changes, []))
-    assert (replica.view, replica.view_active) == (1, True)
+    assert (replica.view, replica.status) == (1, ViewStatus.NORMAL)
     assert replica.stable.seq == 0 and replica.view_anchor is not None
     return chain
 
@@ -160,7 +161,7 @@ def test_entry_committed_in_view_1_is_not_replaced_in_view_2_when_anchor_ahead()
     reported = {decode(certificate.pre_prepare).seq for certificate in own.prepared}
     assert 9 in reported
     cluster.deliver(replica, cluster.new_view(2, changes, [view_2[s].raw for s in range(5, 9)]))
-    assert (replica.view, replica.view_active) == (2, False)
+    assert (replica.view, replica.status) == (2, ViewStatus.VIEW_CHANGE)
     assert replica.drops["bad_new_view"] == 1
     # Whatever comes next, replica 3 never signs a COMMIT for another batch at seq 9.
     batch_b = cluster.pre_prepare(9, [cluster.request(999)], view=2, prev_hash=previous)
@@ -425,7 +426,7 @@ def test_new_view_reproposals_at_or_below_own_stable_checkpoint_are_skipped() ->
         for seq in range(1, 7)
     ]
     actions = cluster.deliver(replica, cluster.new_view(1, changes, [e.raw for e in reproposals]))
-    assert (replica.view, replica.view_active, replica.halted) == (1, True, None)
+    assert (replica.view, replica.status, replica.halted) == (1, ViewStatus.NORMAL, None)
     assert sorted(replica.slots) == [5, 6]
     assert [(p.view, p.seq) for p in broadcasts(actions, Prepare)] == [(1, 5)]
     actions = cluster.deliver(replica, cluster.prepare(0, reproposals[4]))
@@ -501,7 +502,7 @@ def test_new_view_checkpoint_proof_makes_own_matching_snapshot_stable() -> None:
         cluster.view_change(1, 3),
     ]
     cluster.deliver(replica, cluster.new_view(1, changes, []))
-    assert replica.view == 1 and replica.view_active
+    assert replica.view == 1 and replica.status is ViewStatus.NORMAL
     actions = cluster.tick(replica, 10_000)
     actions += cluster.deliver(replica, cluster.fetch(3, 1, 0))
     states = [a for a in actions if isinstance(a, Send) and isinstance(decode(a.data), StateChunk)]
@@ -532,7 +533,7 @@ def test_restarted_replica_keeps_the_new_view_anchor() -> None:
     assert replica.view_anchor is not None
 
     restarted = cluster.replica(3, records=records)
-    assert (restarted.view, restarted.view_active) == (1, True)
+    assert (restarted.view, restarted.status) == (1, ViewStatus.NORMAL)
     entry = chain.append([cluster.request(5)], view=1)
     # Control: the replica that did not restart prepares seq 5 at once.
     assert [p.seq for p in broadcasts(cluster.deliver(replica, entry.raw), Prepare)] == [5]
