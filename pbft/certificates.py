@@ -15,6 +15,7 @@ from crypto.keys import KeyRing
 from crypto.signing import VerificationCache
 from pbft.chain import batch_digest, entry_digest, genesis_hash
 from pbft.config import ClusterConfig
+from pbft.drops import DropReason
 from pbft.messages import (
     Checkpoint,
     Commit,
@@ -74,15 +75,15 @@ class Verifier:
         opened = self.open(raw, PrePrepare)
         pre_prepare = opened.message
         if not isinstance(pre_prepare, PrePrepare):  # narrowing for the type checker
-            raise Rejected("unexpected_type")
+            raise Rejected(DropReason.UNEXPECTED_TYPE)
         if pre_prepare.replica != self.config.primary_of(pre_prepare.view):
-            raise Rejected("not_primary", f"pre-prepare for view {pre_prepare.view}")
+            raise Rejected(DropReason.NOT_PRIMARY, f"pre-prepare for view {pre_prepare.view}")
         if pre_prepare.seq == 0:
-            raise Rejected("out_of_range", "sequence 0 is the genesis")
+            raise Rejected(DropReason.OUT_OF_RANGE, "sequence 0 is the genesis")
         if len(pre_prepare.requests) > self.config.batch_size:
-            raise Rejected("batch_too_large", str(len(pre_prepare.requests)))
+            raise Rejected(DropReason.BATCH_TOO_LARGE, str(len(pre_prepare.requests)))
         if batch_digest(pre_prepare.requests) != pre_prepare.batch_digest:
-            raise Rejected("bad_batch_digest")
+            raise Rejected(DropReason.BAD_BATCH_DIGEST)
         requests = []
         seen: dict[tuple[int, int], None] = {}
         for request_raw in pre_prepare.requests:
@@ -92,10 +93,12 @@ class Verifier:
                 raise Rejected(f"batch_request_{error.reason}", error.detail) from None
             message = request.message
             if not isinstance(message, Request):
-                raise Rejected("unexpected_type")
+                raise Rejected(DropReason.UNEXPECTED_TYPE)
             identity = (message.client_id, message.request_id)
             if identity in seen:
-                raise Rejected("batch_duplicate_request", f"client {identity[0]} id {identity[1]}")
+                raise Rejected(
+                    DropReason.BATCH_DUPLICATE_REQUEST, f"client {identity[0]} id {identity[1]}"
+                )
             seen[identity] = None
             requests.append(request)
         return Proposal(
@@ -118,10 +121,12 @@ class Verifier:
             certificate.prepares, Prepare, proposal.view, proposal.seq, proposal.entry_digest
         )
         if primary in voters:
-            raise Rejected("bad_certificate", "the primary does not prepare its own proposal")
+            raise Rejected(
+                DropReason.BAD_CERTIFICATE, "the primary does not prepare its own proposal"
+            )
         if len(voters) < self.config.prepare_quorum:
             need = self.config.prepare_quorum
-            raise Rejected("bad_certificate", f"{len(voters)} prepares, need {need}")
+            raise Rejected(DropReason.BAD_CERTIFICATE, f"{len(voters)} prepares, need {need}")
         return proposal
 
     def commit_certificate(self, pre_prepare_raw: bytes, commits: Sequence[bytes]) -> Proposal:
@@ -129,7 +134,9 @@ class Verifier:
         proposal = self.proposal(pre_prepare_raw)
         voters = self._votes(commits, Commit, proposal.view, proposal.seq, proposal.entry_digest)
         if len(voters) < self.config.quorum:
-            raise Rejected("bad_certificate", f"{len(voters)} commits, need {self.config.quorum}")
+            raise Rejected(
+                DropReason.BAD_CERTIFICATE, f"{len(voters)} commits, need {self.config.quorum}"
+            )
         return proposal
 
     def checkpoint_proof(
@@ -142,26 +149,26 @@ class Verifier:
                 self.genesis_chain_hash,
                 self.genesis_ledger_digest,
             ):
-                raise Rejected("bad_checkpoint_proof", "not the genesis state")
+                raise Rejected(DropReason.BAD_CHECKPOINT_PROOF, "not the genesis state")
             return claim
         if seq % self.config.checkpoint_interval != 0:
-            raise Rejected("bad_checkpoint_proof", f"{seq} is not a checkpoint sequence")
+            raise Rejected(DropReason.BAD_CHECKPOINT_PROOF, f"{seq} is not a checkpoint sequence")
         signers: dict[int, None] = {}
         for raw in proof:
             opened = self.open(raw, Checkpoint)
             checkpoint = opened.message
             if not isinstance(checkpoint, Checkpoint):
-                raise Rejected("unexpected_type")
+                raise Rejected(DropReason.UNEXPECTED_TYPE)
             if (checkpoint.seq, checkpoint.chain_hash, checkpoint.ledger_digest) != (
                 seq,
                 chain_hash,
                 ledger_digest,
             ):
-                raise Rejected("bad_checkpoint_proof", "a checkpoint in the proof differs")
+                raise Rejected(DropReason.BAD_CHECKPOINT_PROOF, "a checkpoint in the proof differs")
             signers[checkpoint.replica] = None
         if len(signers) < self.config.quorum:
             need = self.config.quorum
-            raise Rejected("bad_checkpoint_proof", f"{len(signers)} signers, need {need}")
+            raise Rejected(DropReason.BAD_CHECKPOINT_PROOF, f"{len(signers)} signers, need {need}")
         return claim
 
     def _votes(
@@ -176,10 +183,10 @@ class Verifier:
         for raw in raws:
             vote = self.open(raw, kind).message
             if not isinstance(vote, kind):
-                raise Rejected("unexpected_type")
+                raise Rejected(DropReason.UNEXPECTED_TYPE)
             if (vote.view, vote.seq, vote.entry_digest) != (view, seq, digest):
-                raise Rejected("bad_certificate", f"a {kind.__name__} does not match")
+                raise Rejected(DropReason.BAD_CERTIFICATE, f"a {kind.__name__} does not match")
             if vote.replica in voters:
-                raise Rejected("bad_certificate", f"replica {vote.replica} votes twice")
+                raise Rejected(DropReason.BAD_CERTIFICATE, f"replica {vote.replica} votes twice")
             voters[vote.replica] = None
         return voters

@@ -15,6 +15,7 @@ from crypto.keys import KeyRing, SigningKey
 from crypto.signing import VerificationCache
 from pbft.codec import MAX_UINT64
 from pbft.config import ClusterConfig
+from pbft.drops import DropReason
 from pbft.events import Event, MessageReceived, Send, Tick
 from pbft.genesis import CLUSTER_ID_BYTES
 from pbft.ledger import MAX_ACCOUNT_NAME_LENGTH
@@ -204,7 +205,7 @@ class ClientCore:
             try:
                 return self._on_reply(event.data)
             except Rejected as rejection:
-                self.drops[rejection.reason] += 1
+                self.drops[str(rejection.reason)] += 1
                 return []
         raise TypeError(f"not an event: {event!r}")
 
@@ -240,16 +241,16 @@ class ClientCore:
     def _on_balance_reply(self, envelope: Envelope, reply: BalanceReply) -> list[ClientAction]:
         query = self.queries.get(reply.query_id)
         if query is None or reply.client_id != self.client_id:
-            raise Rejected("late_reply")
+            raise Rejected(DropReason.LATE_REPLY)
         account, _, answers = query
         if reply.account != account:
-            raise Rejected("reply_for_other_body")
+            raise Rejected(DropReason.REPLY_FOR_OTHER_BODY)
         if reply.cluster_id != self.cluster_id:
-            raise Rejected("other_cluster")
+            raise Rejected(DropReason.OTHER_CLUSTER)
         verify_signature(envelope, reply, self.keyring, self.cache)
         for answer, voters in answers.items():
             if answer != (reply.exists, reply.balance) and reply.replica in voters:
-                raise Rejected("conflicting_reply")
+                raise Rejected(DropReason.CONFLICTING_REPLY)
         voters = answers.setdefault((reply.exists, reply.balance), {})
         voters[reply.replica] = reply.seq
         if len(voters) < self.config.weak_quorum:
@@ -274,17 +275,17 @@ class ClientCore:
         if isinstance(reply, BalanceReply):
             return self._on_balance_reply(envelope, reply)
         if not isinstance(reply, Reply):
-            raise Rejected("unexpected_type")
+            raise Rejected(DropReason.UNEXPECTED_TYPE)
         if reply.client_id != self.client_id:
-            raise Rejected("not_for_us")
+            raise Rejected(DropReason.NOT_FOR_US)
         outstanding = self.outstanding.get(reply.request_id)
         if outstanding is None:
             # Already decided (or never ours): not worth a signature check.
-            raise Rejected("late_reply")
+            raise Rejected(DropReason.LATE_REPLY)
         if reply.request_digest != outstanding.digest:
-            raise Rejected("reply_for_other_body")
+            raise Rejected(DropReason.REPLY_FOR_OTHER_BODY)
         if reply.cluster_id != self.cluster_id:
-            raise Rejected("other_cluster")
+            raise Rejected(DropReason.OTHER_CLUSTER)
         verify_signature(envelope, reply, self.keyring, self.cache)
         if self.learn_view:
             self._claim_view(reply.replica, reply.view)
@@ -292,7 +293,7 @@ class ClientCore:
         for other, voters in outstanding.replies.items():
             if other != decision and reply.replica in voters:
                 # A replica answering one request two ways is lying; keep the first word.
-                raise Rejected("conflicting_reply")
+                raise Rejected(DropReason.CONFLICTING_REPLY)
         voters = outstanding.replies.setdefault(decision, {})
         voters[reply.replica] = (reply.view, data)
         if len(voters) < self.config.weak_quorum:

@@ -9,6 +9,7 @@ actions in order never speaks before it has written.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
 from crypto.keys import Principal
 
@@ -79,12 +80,32 @@ class Executed:
     requests: tuple[ExecutedRequest, ...]
 
 
+class NoteKind(StrEnum):
+    """What a `Note` is about. A StrEnum: each kind is still the string traces and logs show."""
+
+    DROP = "drop"
+    EVIDENCE = "evidence"
+    SUSPECT = "suspect"
+    VIEW_CHANGE = "view_change"
+    NEW_VIEW = "new_view"
+    VOTING = "voting"
+    CHECKPOINT_STABLE = "checkpoint_stable"
+    STATE_TRANSFER = "state_transfer"
+    STATE_TOO_LARGE = "state_too_large"
+    HALT = "halt"
+
+
 @dataclass(frozen=True)
 class Note:
-    """A notable event for the trace and logs: view change, checkpoint, drop, evidence."""
+    """A notable event for the trace and logs: view change, checkpoint, drop, evidence.
+
+    `detail` is for people (for a drop it starts with the reason); `reason` is the drop
+    reason alone (a pbft.drops.DropReason), for counters and filters, empty for other
+    kinds. Drivers read it, never parse `detail`."""
 
     kind: str
     detail: str
+    reason: str = ""
 
 
 Action = Send | Broadcast | Persist | Executed | Note

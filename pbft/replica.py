@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from itertools import islice
 
 from crypto.keys import KeyRing, SigningKey
@@ -40,6 +41,7 @@ from pbft.certificates import Proposal, Verifier
 from pbft.chain import batch_digest
 from pbft.codec import MAX_FRAME_BYTES, MAX_LOCAL_RECORD_BYTES, DecodeError, pack, unpack
 from pbft.config import ClusterConfig
+from pbft.drops import DropReason
 from pbft.events import (
     Action,
     Broadcast,
@@ -48,6 +50,7 @@ from pbft.events import (
     ExecutedRequest,
     MessageReceived,
     Note,
+    NoteKind,
     Persist,
     Send,
     Tick,
@@ -291,7 +294,7 @@ class Replica:
     def handle(self, event: Event) -> list[Action]:
         self._out = []
         if self.halted is not None:
-            self.drops["halted"] += 1
+            self._count_drop(DropReason.HALTED)
         elif isinstance(event, Tick):
             self._on_tick(event.now_ms)
         elif isinstance(event, MessageReceived):
@@ -334,12 +337,16 @@ class Replica:
     def _persist(self, key: tuple[str | int, ...], value: bytes | None) -> None:
         self._out.append(Persist(key, value))
 
-    def _note(self, kind: str, detail: str) -> None:
+    def _note(self, kind: NoteKind, detail: str) -> None:
         self._out.append(Note(kind, detail))
 
+    def _count_drop(self, reason: str) -> None:
+        # Keyed by the plain string, so counters print and compare as they always did.
+        self.drops[str(reason)] += 1
+
     def _drop(self, reason: str, detail: str = "") -> None:
-        self.drops[reason] += 1
-        self._note("drop", f"{reason} {detail}".strip())
+        self._count_drop(reason)
+        self._out.append(Note(NoteKind.DROP, f"{reason} {detail}".strip(), reason))
 
     def _evidence(self, kind: str, offender: int, first: bytes, second: bytes) -> None:
         """Two conflicting signed messages from one replica: proof it is Byzantine."""
@@ -347,7 +354,7 @@ class Replica:
             return
         if len(self.evidence) < EVIDENCE_LIMIT:
             self.evidence.append((kind, offender, first, second))
-        self._note("evidence", f"{kind} by replica {offender}")
+        self._note(NoteKind.EVIDENCE, f"{kind} by replica {offender}")
 
     def _vote(self, slot: Slot, kind: str, message: Prepare | Commit | PrePrepare) -> bytes:
         """Sign a vote, after checking we never signed a different one at (kind, view, seq)."""
@@ -377,26 +384,61 @@ class Replica:
         try:
             envelope, message = peek(data)
             if message.SIGNER == "replica" and message.sender == self.id:
-                raise Rejected("from_self")
-            handler = self._handlers.get(type(message))
-            if handler is None:
-                raise Rejected("unexpected_type", type(message).__name__)
+                raise Rejected(DropReason.FROM_SELF)
+            handler = self._route(message)
             if self._is_stale(message):
                 # Late votes for what is already executed: not worth a signature check.
-                self.drops["stale"] += 1
+                self._count_drop(DropReason.STALE)
                 self._help_laggard(envelope, message)
                 return
             if self._is_redundant(message):
                 # The slot already has the quorum this vote would add to.
-                self.drops["redundant_vote"] += 1
+                self._count_drop(DropReason.REDUNDANT_VOTE)
                 return
             if isinstance(message, Request) and self._refused_for_quota(message):
                 # A flood from a client over its quota costs a parse, not a signature check.
-                raise Rejected("client_quota_full", f"client {message.client_id}")
+                raise Rejected(DropReason.CLIENT_QUOTA_FULL, f"client {message.client_id}")
             verify_signature(envelope, message, self.verifier.keyring, self.verifier.cache)
-            handler(self, Opened(message, data, envelope.body))
+            handler(Opened(message, data, envelope.body))
         except Rejected as rejection:
             self._drop(rejection.reason, rejection.detail)
+
+    def _route(self, message: Message) -> Callable[[Opened], None]:
+        """Which handler takes a message, by its class: every message the replica accepts
+        from the network is named here (and the handler's signature says what it gets).
+        Called before the signature check; the handler runs only once it passed."""
+        match message:
+            case Request():
+                return partial(self._on_request, message)
+            case PrePrepare():
+                return partial(self._on_pre_prepare, message)
+            case Prepare() | Commit():
+                return partial(self._on_vote, message)
+            case Heartbeat():
+                return partial(self._on_heartbeat, message)
+            case Suspect():
+                return partial(self._on_suspect, message)
+            case Checkpoint():
+                return partial(self._on_checkpoint, message)
+            case ViewChange():
+                return partial(self._on_view_change, message)
+            case NewView():
+                return partial(self._on_new_view, message)
+            case Fetch():
+                return partial(self._on_fetch, message)
+            case CheckpointState():
+                return partial(self._on_checkpoint_state, message)
+            case StateChunk():
+                return partial(self._on_state_chunk, message)
+            case StateRequest():
+                return partial(self._on_state_request, message)
+            case CommitCertificate():
+                return partial(self._on_commit_certificate, message)
+            case BalanceQuery():
+                return partial(self._on_balance_query, message)
+            case _:
+                # Replies and balance replies are for clients; a replica never takes them.
+                raise Rejected(DropReason.UNEXPECTED_TYPE, type(message).__name__)
 
     def _refused_for_quota(self, request: Request) -> bool:
         """Whether `_on_request` would refuse this request for its client's quota, decided
@@ -412,10 +454,7 @@ class Replica:
             and self.ledger.lookup(client_id, request.request_id) is None
         )
 
-    def _on_balance_query(self, opened: Opened) -> None:
-        query = opened.message
-        if not isinstance(query, BalanceQuery):
-            raise Rejected("unexpected_type")
+    def _on_balance_query(self, query: BalanceQuery, opened: Opened) -> None:
         balance = self.ledger.balance(query.account)
         reply = BalanceReply(
             self.id,
@@ -446,10 +485,7 @@ class Replica:
             return slot.prepared_in_view
         return slot.committed is not None
 
-    def _on_request(self, opened: Opened) -> None:
-        request = opened.message
-        if not isinstance(request, Request):
-            raise Rejected("unexpected_type")
+    def _on_request(self, request: Request, opened: Opened) -> None:
         identity = (request.client_id, request.request_id)
         digest = opened.body_digest
         decision = self.ledger.lookup(request.client_id, request.request_id)
@@ -457,7 +493,7 @@ class Replica:
             # A retransmission of something already decided: answer with the reply we
             # signed then (a replay costs no signature), within the client's budget.
             if not self.client_budget.allow(request.client_id, self.now_ms):
-                raise Rejected("replay_rate_limited", f"client {request.client_id}")
+                raise Rejected(DropReason.REPLAY_RATE_LIMITED, f"client {request.client_id}")
             signed = self.signed_replies.get(request.client_id, request.request_id, digest)
             if signed is not None:
                 self._send(("client", request.client_id), signed)
@@ -469,14 +505,14 @@ class Replica:
         if identity in self.pending:
             if not self.is_primary and self.status is ViewStatus.NORMAL:
                 if not self.client_budget.allow(request.client_id, self.now_ms):
-                    raise Rejected("relay_rate_limited", f"client {request.client_id}")
+                    raise Rejected(DropReason.RELAY_RATE_LIMITED, f"client {request.client_id}")
                 self._send(("replica", self.config.primary_of(self.view)), opened.raw)
             return
         if len(self.pending) >= self.config.pending_request_limit:
-            raise Rejected("request_queue_full")
+            raise Rejected(DropReason.REQUEST_QUEUE_FULL)
         if self.pending_per_client[request.client_id] >= self.config.client_pending_limit:
             self.over_quota_clients[request.client_id] = None
-            raise Rejected("client_quota_full", f"client {request.client_id}")
+            raise Rejected(DropReason.CLIENT_QUOTA_FULL, f"client {request.client_id}")
         self.pending[identity] = PendingRequest(opened, digest, self.now_ms)
         self.pending_per_client[request.client_id] += 1
         if self.is_primary:
@@ -491,7 +527,7 @@ class Replica:
         if view != self.view or self.status is ViewStatus.VIEW_CHANGE:
             if view > self.view:
                 self._claim_view(sender, view)
-            raise Rejected("wrong_view", f"view {view}, ours {self.view}")
+            raise Rejected(DropReason.WRONG_VIEW, f"view {view}, ours {self.view}")
 
     def _window_low(self) -> int:
         anchor = self.view_anchor.seq if self.view_anchor is not None else 0
@@ -500,13 +536,13 @@ class Replica:
     def _check_window(self, seq: int) -> None:
         low = self._window_low()
         if seq <= low:
-            raise Rejected("below_window", str(seq))
+            raise Rejected(DropReason.BELOW_WINDOW, str(seq))
         if seq > low + self.config.watermark_window:
             # The others are this far ahead: we are behind and should catch up.
             self.highest_seen_executed = max(
                 self.highest_seen_executed, seq - self.config.watermark_window
             )
-            raise Rejected("above_window", str(seq))
+            raise Rejected(DropReason.ABOVE_WINDOW, str(seq))
 
     def _slot(self, seq: int) -> Slot:
         slot = self.slots.get(seq)
@@ -515,10 +551,7 @@ class Replica:
             self.slots[seq] = slot
         return slot
 
-    def _on_pre_prepare(self, opened: Opened) -> None:
-        message = opened.message
-        if not isinstance(message, PrePrepare):
-            raise Rejected("unexpected_type")
+    def _on_pre_prepare(self, message: PrePrepare, opened: Opened) -> None:
         self._check_view(message.view, message.replica)
         self._check_window(message.seq)
         proposal = self.verifier.proposal(opened.raw)
@@ -527,33 +560,30 @@ class Replica:
         if slot.proposal is not None:
             if slot.proposal.entry_digest != proposal.entry_digest:
                 self._evidence("pre_prepare", message.replica, slot.proposal.raw, opened.raw)
-                raise Rejected("conflicting_pre_prepare", f"seq {proposal.seq}")
+                raise Rejected(DropReason.CONFLICTING_PRE_PREPARE, f"seq {proposal.seq}")
             return
         if proposal.seq <= self.new_view_planned_high:
             # The NEW-VIEW filled this sequence number; only its assignment may stand here.
-            raise Rejected("not_the_new_view_pre_prepare", f"seq {proposal.seq}")
+            raise Rejected(DropReason.NOT_THE_NEW_VIEW_PRE_PREPARE, f"seq {proposal.seq}")
         if slot.committed is not None and slot.committed.proposal.entry_digest != (
             proposal.entry_digest
         ):
-            raise Rejected("conflicts_with_committed", f"seq {proposal.seq}")
+            raise Rejected(DropReason.CONFLICTS_WITH_COMMITTED, f"seq {proposal.seq}")
         own = slot.own_votes.get(("prepare", proposal.view))
         if own is not None and own != proposal.entry_digest:
-            raise Rejected("conflicts_with_own_vote", f"seq {proposal.seq}")
+            raise Rejected(DropReason.CONFLICTS_WITH_OWN_VOTE, f"seq {proposal.seq}")
         predecessor = self._known_entry(proposal.seq - 1)
         if predecessor is not None and predecessor != proposal.prev_hash:
-            raise Rejected("bad_chain", f"seq {proposal.seq}")
+            raise Rejected(DropReason.BAD_CHAIN, f"seq {proposal.seq}")
         slot.accept(proposal)
         self._advance(proposal.seq)
 
-    def _on_vote(self, opened: Opened) -> None:
-        vote = opened.message
-        if not isinstance(vote, Prepare | Commit):
-            raise Rejected("unexpected_type")
+    def _on_vote(self, vote: Prepare | Commit, opened: Opened) -> None:
         self._check_view(vote.view, vote.replica)
         self._check_window(vote.seq)
         is_prepare = isinstance(vote, Prepare)
         if is_prepare and vote.replica == self.config.primary_of(vote.view):
-            raise Rejected("primary_prepare")
+            raise Rejected(DropReason.PRIMARY_PREPARE)
         slot = self._slot(vote.seq)
         votes = slot.prepares if is_prepare else slot.commits
         existing = votes.get(vote.replica)
@@ -561,7 +591,7 @@ class Replica:
             if existing[0] != vote.entry_digest:
                 kind = "prepare" if is_prepare else "commit"
                 self._evidence(kind, vote.replica, existing[1], opened.raw)
-                raise Rejected("conflicting_vote", f"seq {vote.seq}")
+                raise Rejected(DropReason.CONFLICTING_VOTE, f"seq {vote.seq}")
             return
         votes[vote.replica] = (vote.entry_digest, opened.raw)
         if (
@@ -575,12 +605,9 @@ class Replica:
             self.highest_seen_executed = max(self.highest_seen_executed, vote.seq)
         self._advance(vote.seq)
 
-    def _on_heartbeat(self, opened: Opened) -> None:
-        heartbeat = opened.message
-        if not isinstance(heartbeat, Heartbeat):
-            raise Rejected("unexpected_type")
+    def _on_heartbeat(self, heartbeat: Heartbeat, opened: Opened) -> None:
         if heartbeat.replica != self.config.primary_of(heartbeat.view):
-            raise Rejected("not_primary", "heartbeat")
+            raise Rejected(DropReason.NOT_PRIMARY, "heartbeat")
         # Even from a later view: how far the cluster got is what tells us to catch up. One
         # heartbeat is a hint (ask its sender, who must then prove it with certificates);
         # only f + 1 replicas' claims move highest_seen_executed.
@@ -615,10 +642,7 @@ class Replica:
         if len(claims) >= weak:
             self.highest_seen_executed = max(self.highest_seen_executed, claims[weak - 1])
 
-    def _on_suspect(self, opened: Opened) -> None:
-        suspect = opened.message
-        if not isinstance(suspect, Suspect):
-            raise Rejected("unexpected_type")
+    def _on_suspect(self, suspect: Suspect, opened: Opened) -> None:
         if suspect.view != self.view or self.status is ViewStatus.VIEW_CHANGE:
             if suspect.view > self.view:
                 self._claim_view(suspect.replica, suspect.view)
@@ -911,12 +935,9 @@ class Replica:
         self._broadcast(raw)
         self._check_stable(seq)
 
-    def _on_checkpoint(self, opened: Opened) -> None:
-        checkpoint = opened.message
-        if not isinstance(checkpoint, Checkpoint):
-            raise Rejected("unexpected_type")
+    def _on_checkpoint(self, checkpoint: Checkpoint, opened: Opened) -> None:
         if checkpoint.seq % self.config.checkpoint_interval != 0 or checkpoint.seq == 0:
-            raise Rejected("bad_checkpoint", f"seq {checkpoint.seq}")
+            raise Rejected(DropReason.BAD_CHECKPOINT, f"seq {checkpoint.seq}")
         if checkpoint.seq <= self.stable.seq:
             return
         self.highest_seen_executed = max(self.highest_seen_executed, checkpoint.seq)
@@ -1004,7 +1025,7 @@ class Replica:
         if self.failed_views and self.backoff_decay_timeout.fired(self.now_ms):
             self._set_failed_views(self.failed_views - 1)
             self.backoff_decay_timeout.start(self.now_ms)
-        self._note("checkpoint_stable", f"seq {checkpoint.seq}")
+        self._note(NoteKind.CHECKPOINT_STABLE, f"seq {checkpoint.seq}")
         self._maybe_propose()
 
     # --- timers, suspicion and view change ----------------------------------------------
@@ -1128,7 +1149,7 @@ class Replica:
             return
         self.suspect_timeout.start(self.now_ms)
         self.suspects[self.id] = self.now_ms
-        self._note("suspect", f"view {self.view}: {reason}")
+        self._note(NoteKind.SUSPECT, f"view {self.view}: {reason}")
         self._broadcast(seal(Suspect(self.view, self.id), self.key))
         self._check_suspects()
 
@@ -1213,7 +1234,7 @@ class Replica:
             del self.own_view_changes[old]
         self._record_view(("view",), pack([self.view, False]))
         self._record_view(("vote", "view_change", new_view, 0), raw)
-        self._note("view_change", f"to view {new_view}")
+        self._note(NoteKind.VIEW_CHANGE, f"to view {new_view}")
         self._broadcast(raw)
         try:
             own = verify_view_change(raw, self.verifier)
@@ -1250,10 +1271,7 @@ class Replica:
                     del self.view_changes[view]
         self.view_changes.setdefault(new_view, {})[sender] = change
 
-    def _on_view_change(self, opened: Opened) -> None:
-        message = opened.message
-        if not isinstance(message, ViewChange):
-            raise Rejected("unexpected_type")
+    def _on_view_change(self, message: ViewChange, opened: Opened) -> None:
         if message.new_view < self.view or (
             message.new_view == self.view and self.status is ViewStatus.NORMAL
         ):
@@ -1309,10 +1327,7 @@ class Replica:
         proposals = [self.verifier.proposal(pre_prepare) for pre_prepare in pre_prepares]
         self._install_view(plan, proposals, raw)
 
-    def _on_new_view(self, opened: Opened) -> None:
-        message = opened.message
-        if not isinstance(message, NewView):
-            raise Rejected("unexpected_type")
+    def _on_new_view(self, message: NewView, opened: Opened) -> None:
         if message.view < self.view or (
             message.view == self.view and self.status is ViewStatus.NORMAL
         ):
@@ -1324,20 +1339,20 @@ class Replica:
         """Check a NEW-VIEW as PBFT asks: recompute its plan from the view changes it cites
         and require its re-proposals to be exactly that plan."""
         if message.replica != self.config.primary_of(message.view):
-            raise Rejected("not_primary", "new-view")
+            raise Rejected(DropReason.NOT_PRIMARY, "new-view")
         changes: dict[int, VerifiedViewChange] = {}
         for raw in message.view_changes:
             change = verify_view_change(raw, self.verifier)
             if change.message.new_view != message.view:
-                raise Rejected("bad_new_view", "a view change for another view")
+                raise Rejected(DropReason.BAD_NEW_VIEW, "a view change for another view")
             if change.message.replica in changes:
-                raise Rejected("bad_new_view", "two view changes from one replica")
+                raise Rejected(DropReason.BAD_NEW_VIEW, "two view changes from one replica")
             changes[change.message.replica] = change
         if len(changes) < self.config.quorum:
-            raise Rejected("bad_new_view", f"{len(changes)} view changes, need 2f + 1")
+            raise Rejected(DropReason.BAD_NEW_VIEW, f"{len(changes)} view changes, need 2f + 1")
         plan = plan_new_view(message.view, list(changes.values()))
         if len(message.pre_prepares) != len(plan.entries):
-            raise Rejected("bad_new_view", "re-proposals differ from the recomputed ones")
+            raise Rejected(DropReason.BAD_NEW_VIEW, "re-proposals differ from the recomputed ones")
         proposals = []
         for raw, entry in zip(message.pre_prepares, plan.entries, strict=True):
             proposal = self.verifier.proposal(raw)
@@ -1347,7 +1362,7 @@ class Replica:
                 entry.prev_hash,
                 entry.batch_digest,
             ):
-                raise Rejected("bad_new_view", f"re-proposal for seq {entry.seq} differs")
+                raise Rejected(DropReason.BAD_NEW_VIEW, f"re-proposal for seq {entry.seq} differs")
             proposals.append(proposal)
         return plan, proposals
 
@@ -1357,7 +1372,7 @@ class Replica:
         silent = self.silent_through_view
         if silent is not None and plan.view > silent and not self.is_primary:
             self.silent_through_view = None
-            self._note("voting", f"resumes in view {plan.view} after lost votes")
+            self._note(NoteKind.VOTING, f"resumes in view {plan.view} after lost votes")
         self.status = ViewStatus.NORMAL
         self.new_views_installed += 1
         self.new_view_message = raw
@@ -1395,7 +1410,9 @@ class Replica:
             slot = self._slot(proposal.seq)
             committed = slot.committed
             if committed is not None and committed.proposal.entry_digest != proposal.entry_digest:
-                self._note("evidence", f"new view re-proposes seq {proposal.seq} differently")
+                self._note(
+                    NoteKind.EVIDENCE, f"new view re-proposes seq {proposal.seq} differently"
+                )
             slot.accept(proposal)
             for request in proposal.requests:
                 message = request.message
@@ -1410,7 +1427,7 @@ class Replica:
         # A new primary gets a full timeout for every request it inherits.
         for pending in self.pending.values():
             pending.arrived_ms = self.now_ms
-        self._note("new_view", f"view {self.view} from checkpoint {checkpoint.seq}")
+        self._note(NoteKind.NEW_VIEW, f"view {self.view} from checkpoint {checkpoint.seq}")
         if not self.is_primary:
             # Hand the new primary what we were waiting for, rather than wait for clients
             # to time out and send it again.
@@ -1538,10 +1555,7 @@ class Replica:
             return own[2]
         return self.stable.proof[0] if self.stable.proof else None
 
-    def _on_fetch(self, opened: Opened) -> None:
-        fetch = opened.message
-        if not isinstance(fetch, Fetch):
-            raise Rejected("unexpected_type")
+    def _on_fetch(self, fetch: Fetch, opened: Opened) -> None:
         self._serve_catch_up(fetch.replica, fetch.from_seq, fetch.stable_seq)
         if (
             fetch.view < self.view
@@ -1558,7 +1572,7 @@ class Replica:
         anything for it, so a peer past its budget costs us nothing but this."""
         if self.catch_up_budget.may_spend(requester, self.now_ms):
             return True
-        self._drop("catch_up_budget_exceeded", f"replica {requester}")
+        self._drop(DropReason.CATCH_UP_BUDGET_EXCEEDED, f"replica {requester}")
         return False
 
     def _send_catch_up(self, requester: int, raw: bytes) -> None:
@@ -1605,7 +1619,7 @@ class Replica:
                 stable.seq, stable.snapshot, start, MAX_FRAME_BYTES, byte_limit
             )
             if data is None:
-                raise Rejected("bad_state_request", f"no leaf {start}")
+                raise Rejected(DropReason.BAD_STATE_REQUEST, f"no leaf {start}")
             raw = seal(
                 StateChunk(
                     self.id,
@@ -1625,33 +1639,27 @@ class Replica:
                 raise StateTooLarge(f"chunk at leaf {start} is {len(raw)} bytes")
         except (StateTooLarge, DecodeError) as error:
             # One ledger leaf (a client's dedup table) larger than a frame.
-            self.drops["state_too_large_to_send"] += 1
-            self._note("state_too_large", f"checkpoint {stable.seq}: {error}")
+            self._count_drop(DropReason.STATE_TOO_LARGE_TO_SEND)
+            self._note(NoteKind.STATE_TOO_LARGE, f"checkpoint {stable.seq}: {error}")
             return False
         self._send_catch_up(requester, raw)
         return data.start + len(data.leaves) == data.leaf_count
 
-    def _on_state_request(self, opened: Opened) -> None:
-        request = opened.message
-        if not isinstance(request, StateRequest):
-            raise Rejected("unexpected_type")
+    def _on_state_request(self, request: StateRequest, opened: Opened) -> None:
         if request.replica == self.id or self.stable.seq == 0 or request.seq > self.stable.seq:
-            raise Rejected("state_request_ahead", f"checkpoint {request.seq}")
+            raise Rejected(DropReason.STATE_REQUEST_AHEAD, f"checkpoint {request.seq}")
         # Asked for an older checkpoint than ours: we no longer hold it, start it on ours.
         start = request.start if request.seq == self.stable.seq else 0
         self._send_state_chunk(request.replica, start)
 
-    def _on_state_chunk(self, opened: Opened) -> None:
-        chunk = opened.message
-        if not isinstance(chunk, StateChunk):
-            raise Rejected("unexpected_type")
+    def _on_state_chunk(self, chunk: StateChunk, opened: Opened) -> None:
         if chunk.seq <= self.stable.seq:
             return
         incoming = self.incoming
         known = incoming is not None and incoming.same_checkpoint(chunk)
         if not known:
             if incoming is not None and chunk.seq <= incoming.seq:
-                raise Rejected("state_chunk_unexpected", f"checkpoint {chunk.seq}")
+                raise Rejected(DropReason.STATE_CHUNK_UNEXPECTED, f"checkpoint {chunk.seq}")
             # The proof first (a few signatures), the leaves only if the proof holds.
             self.verifier.checkpoint_proof(
                 chunk.seq, chunk.chain_hash, chunk.ledger_digest, chunk.proof
@@ -1664,7 +1672,7 @@ class Replica:
             return
         if incoming is None or not known:
             if chunk.start != 0:
-                raise Rejected("state_chunk_unexpected", f"leaf {chunk.start} first")
+                raise Rejected(DropReason.STATE_CHUNK_UNEXPECTED, f"leaf {chunk.start} first")
             incoming = self.incoming = IncomingTransfer(
                 chunk.seq,
                 chunk.chain_hash,
@@ -1720,10 +1728,7 @@ class Replica:
         self._request_state(incoming, incoming.next_source(self._peers()))
         return True
 
-    def _on_checkpoint_state(self, opened: Opened) -> None:
-        state = opened.message
-        if not isinstance(state, CheckpointState):
-            raise Rejected("unexpected_type")
+    def _on_checkpoint_state(self, state: CheckpointState, opened: Opened) -> None:
         if state.seq <= self.stable.seq:
             return
         # The proof first (a few signatures), the snapshot only if the proof holds.
@@ -1735,9 +1740,9 @@ class Replica:
         try:
             ledger = Ledger.restore(state.ledger_snapshot)
         except LedgerSnapshotError as error:
-            raise Rejected("bad_snapshot", str(error)) from None
+            raise Rejected(DropReason.BAD_SNAPSHOT, str(error)) from None
         if ledger.digest() != ledger_digest:
-            raise Rejected("bad_snapshot", "the snapshot is not the state the proof names")
+            raise Rejected(DropReason.BAD_SNAPSHOT, "the snapshot is not the state the proof names")
         self._install_state(
             state.seq,
             state.chain_hash,
@@ -1779,7 +1784,7 @@ class Replica:
         if self.incoming is not None and self.incoming.seq <= seq:
             self.incoming = None
         self._forget_decided_requests()
-        self._note("state_transfer", f"to checkpoint {seq} from replica {source}")
+        self._note(NoteKind.STATE_TRANSFER, f"to checkpoint {seq} from replica {source}")
         if seq > self.stable.seq:
             self._make_stable(StableCheckpoint(seq, chain_hash, ledger_digest, snapshot, proof))
         self._execute_ready()
@@ -1790,10 +1795,7 @@ class Replica:
             if decision is not None and decision.body_digest == self.pending[identity].body_digest:
                 self._unpend(identity)
 
-    def _on_commit_certificate(self, opened: Opened) -> None:
-        message = opened.message
-        if not isinstance(message, CommitCertificate):
-            raise Rejected("unexpected_type")
+    def _on_commit_certificate(self, message: CommitCertificate, opened: Opened) -> None:
         proposal = self.verifier.commit_certificate(message.pre_prepare, message.commits)
         if proposal.seq <= self.last_executed:
             return
@@ -1801,7 +1803,7 @@ class Replica:
         # Bounded all the same: at most a window ahead of what we executed or hold.
         if proposal.seq > self.last_executed + self.config.watermark_window:
             self.highest_seen_executed = max(self.highest_seen_executed, proposal.seq)
-            raise Rejected("above_window", str(proposal.seq))
+            raise Rejected(DropReason.ABOVE_WINDOW, str(proposal.seq))
         slot = self._slot(proposal.seq)
         self._check_proposal_conflict(proposal)
         if slot.committed is not None:
@@ -1821,7 +1823,7 @@ class Replica:
     def _halt(self, reason: str) -> None:
         """Stop for good: running on damaged or forked state would be worse than stopping."""
         self.halted = reason
-        self._note("halt", reason)
+        self._note(NoteKind.HALT, reason)
 
     # --- recovery from storage ----------------------------------------------------------
 
@@ -1896,7 +1898,9 @@ class Replica:
         from the primary at a sequence number the NEW-VIEW assigned (a fork)."""
         message = self.verifier.open(raw, NewView).message
         if not isinstance(message, NewView) or message.view != self.view:
-            raise Rejected("bad_new_view", "the recorded NEW-VIEW is not for the current view")
+            raise Rejected(
+                DropReason.BAD_NEW_VIEW, "the recorded NEW-VIEW is not for the current view"
+            )
         plan, proposals = self._verify_new_view(message)
         for proposal in proposals:
             if proposal.seq <= self.stable.seq:
@@ -1928,8 +1932,6 @@ class Replica:
         elif isinstance(message, Prepare | Commit):
             slot.own_votes[(kind, view)] = message.entry_digest
 
-    _handlers: dict[type[Message], object] = {}
-
 
 def _record_order(key: tuple[str | int, ...]) -> tuple[int, int]:
     """Replay committed entries in sequence order, the rest after them."""
@@ -1941,22 +1943,3 @@ def _record_order(key: tuple[str | int, ...]) -> tuple[int, int]:
     if kind == "vote":
         return (2, int(key[3]))
     return (3, 0)
-
-
-Replica._handlers = {
-    Request: Replica._on_request,
-    PrePrepare: Replica._on_pre_prepare,
-    Prepare: Replica._on_vote,
-    Commit: Replica._on_vote,
-    Heartbeat: Replica._on_heartbeat,
-    Suspect: Replica._on_suspect,
-    Checkpoint: Replica._on_checkpoint,
-    ViewChange: Replica._on_view_change,
-    NewView: Replica._on_new_view,
-    Fetch: Replica._on_fetch,
-    CheckpointState: Replica._on_checkpoint_state,
-    StateChunk: Replica._on_state_chunk,
-    StateRequest: Replica._on_state_request,
-    CommitCertificate: Replica._on_commit_certificate,
-    BalanceQuery: Replica._on_balance_query,
-}

@@ -17,6 +17,7 @@ from typing import ClassVar
 from crypto.keys import KeyRing, SigningKey
 from crypto.signing import VerificationCache
 from pbft.codec import MAX_FRAME_BYTES, Bytes, DecodeError, Spec, Struct, UInt
+from pbft.drops import DropReason
 from pbft.messages import MESSAGE_CLASSES, Message, MessageType
 
 PROTOCOL_VERSION = 1
@@ -123,30 +124,30 @@ def peek(
     if code is not None:
         limit = BODY_LIMITS.get(code)
         if limit is not None and len(raw) > limit + ENVELOPE_OVERHEAD:
-            raise Rejected("oversize", f"{len(raw)} bytes for type {code}")
+            raise Rejected(DropReason.OVERSIZE, f"{len(raw)} bytes for type {code}")
     try:
         envelope = Envelope.decode(raw)
     except DecodeError as error:
         raise Rejected(f"malformed_{error.reason}", error.detail) from None
     if envelope.version != PROTOCOL_VERSION:
-        raise Rejected("unknown_version", str(envelope.version))
+        raise Rejected(DropReason.UNKNOWN_VERSION, str(envelope.version))
     try:
         message_type = MessageType(envelope.type_code)
     except ValueError:
-        raise Rejected("unknown_type", str(envelope.type_code)) from None
+        raise Rejected(DropReason.UNKNOWN_TYPE, str(envelope.type_code)) from None
     cls = MESSAGE_CLASSES[message_type]
     if len(envelope.body) > BODY_LIMITS[envelope.type_code]:
-        raise Rejected("oversize", f"{len(envelope.body)} bytes for {message_type.name}")
+        raise Rejected(DropReason.OVERSIZE, f"{len(envelope.body)} bytes for {message_type.name}")
     if expected is not None and not (
         cls is expected if isinstance(expected, type) else cls in expected
     ):
-        raise Rejected("unexpected_type", message_type.name)
+        raise Rejected(DropReason.UNEXPECTED_TYPE, message_type.name)
     try:
         message = cls.decode(envelope.body)
     except DecodeError as error:
         raise Rejected(f"malformed_{error.reason}", error.detail) from None
     if message.sender != envelope.sender:
-        raise Rejected("sender_mismatch", f"{message_type.name} body names another sender")
+        raise Rejected(DropReason.SENDER_MISMATCH, f"{message_type.name} body names another sender")
     return envelope, message
 
 
@@ -155,10 +156,10 @@ def verify_signature(
 ) -> None:
     verify_key = keyring.get((message.SIGNER, envelope.sender))
     if verify_key is None:
-        raise Rejected("unknown_sender", f"{message.SIGNER} {envelope.sender}")
+        raise Rejected(DropReason.UNKNOWN_SENDER, f"{message.SIGNER} {envelope.sender}")
     if not cache.verify(verify_key, _DOMAINS[message.TYPE], envelope.body, envelope.signature):
         raise Rejected(
-            "bad_signature", f"{message.TYPE.name} from {message.SIGNER} {envelope.sender}"
+            DropReason.BAD_SIGNATURE, f"{message.TYPE.name} from {message.SIGNER} {envelope.sender}"
         )
 
 

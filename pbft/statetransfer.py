@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from crypto.merkle import leaf_hash, level_up, merkle_root, node_hash, node_path, verify_node
+from pbft.drops import DropReason
 from pbft.ledger import Ledger, LedgerBuilder, LedgerSnapshotError, SnapshotLeaves
 from pbft.messages import MAX_CHUNK_LEVEL, MAX_LEAF_COUNT, StateChunk
 
@@ -234,25 +235,25 @@ class IncomingTransfer:
         # From any replica not shown to lie: a chunk proves itself, and the one we asked may
         # be slow rather than gone (then both answer; the later copy is dropped here).
         if chunk.replica in self.distrusted or chunk.start != self.next_leaf:
-            raise ChunkRejected("state_chunk_unexpected", f"leaf {chunk.start}")
+            raise ChunkRejected(DropReason.STATE_CHUNK_UNEXPECTED, f"leaf {chunk.start}")
         block_root = _proven_block_root(
             self.ledger_digest, chunk.leaf_count, chunk.start, chunk.level, chunk.leaves, chunk.path
         )
         if block_root is None:
             self.distrusted.add(chunk.replica)
-            raise ChunkRejected("bad_state_chunk", f"leaves from {chunk.start} disproven")
+            raise ChunkRejected(DropReason.BAD_STATE_CHUNK, f"leaves from {chunk.start} disproven")
         if self.leaf_count is not None and chunk.leaf_count != self.leaf_count:
             # Both proven, two sizes: one of the two senders lied. Blame both, start over.
             self.distrusted.update((chunk.replica, self.count_source or chunk.replica))
             self._restart()
-            raise ChunkRejected("state_chunk_conflict", f"{chunk.leaf_count} leaves")
+            raise ChunkRejected(DropReason.STATE_CHUNK_CONFLICT, f"{chunk.leaf_count} leaves")
         try:
             for leaf in chunk.leaves:
                 self.builder.add(leaf)
         except LedgerSnapshotError as error:
             # Proven yet invalid: 2f + 1 replicas signed a broken state. Start over.
             self._restart()
-            raise ChunkRejected("bad_state_chunk", str(error)) from None
+            raise ChunkRejected(DropReason.BAD_STATE_CHUNK, str(error)) from None
         if self.leaf_count is None:
             self.leaf_count = chunk.leaf_count
             self.count_source = chunk.replica
@@ -280,5 +281,5 @@ class IncomingTransfer:
             if liar is not None:
                 self.distrusted.add(liar)
             self._restart()
-            raise ChunkRejected("bad_state_chunk", str(error)) from None
+            raise ChunkRejected(DropReason.BAD_STATE_CHUNK, str(error)) from None
         return ledger

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from pbft.certificates import CheckpointClaim, Proposal, Verifier
 from pbft.chain import batch_digest, entry_digest
+from pbft.drops import DropReason
 from pbft.messages import ViewChange
 from pbft.signed import Opened, Rejected
 
@@ -60,7 +61,7 @@ def verify_view_change(raw: bytes, verifier: Verifier) -> VerifiedViewChange:
     opened = verifier.open(raw, ViewChange)
     message = opened.message
     if not isinstance(message, ViewChange):
-        raise Rejected("unexpected_type")
+        raise Rejected(DropReason.UNEXPECTED_TYPE)
     config = verifier.config
     checkpoint = verifier.checkpoint_proof(
         message.checkpoint_seq,
@@ -72,11 +73,13 @@ def verify_view_change(raw: bytes, verifier: Verifier) -> VerifiedViewChange:
     for certificate in message.prepared:
         proposal = verifier.prepared_certificate(certificate)
         if proposal.view >= message.new_view:
-            raise Rejected("bad_view_change", "a prepared certificate from a future view")
+            raise Rejected(DropReason.BAD_VIEW_CHANGE, "a prepared certificate from a future view")
         if not checkpoint.seq < proposal.seq <= checkpoint.seq + config.watermark_window:
-            raise Rejected("bad_view_change", f"prepared seq {proposal.seq} outside the window")
+            raise Rejected(
+                DropReason.BAD_VIEW_CHANGE, f"prepared seq {proposal.seq} outside the window"
+            )
         if proposal.seq in prepared:
-            raise Rejected("bad_view_change", f"two certificates for seq {proposal.seq}")
+            raise Rejected(DropReason.BAD_VIEW_CHANGE, f"two certificates for seq {proposal.seq}")
         prepared[proposal.seq] = proposal
     return VerifiedViewChange(opened, message, checkpoint, prepared)
 

@@ -63,9 +63,9 @@ class _Window:
 class LogSummarizer:
     """Log the first of a run of identical notes at once; sum the rest per interval.
 
-    A note's identity is its kind and, for drops, the reason (the first word of its
-    detail); for other kinds the whole detail. `note` and `flush` return the records to
-    write, so the rule is testable without a clock or a stream.
+    A note's identity is its kind and, for drops, its reason; for other kinds the whole
+    detail. `note` and `flush` return the records to write, so the rule is testable
+    without a clock or a stream.
     """
 
     def __init__(self, interval_s: float = LOG_SUMMARY_INTERVAL_S) -> None:
@@ -73,12 +73,13 @@ class LogSummarizer:
         self.windows: dict[tuple[str, str], _Window] = {}
 
     @staticmethod
-    def key(kind: str, detail: str) -> tuple[str, str]:
-        return (kind, detail.split(" ", 1)[0] if kind == "drop" else detail)
+    def key(note: Note) -> tuple[str, str]:
+        return (str(note.kind), str(note.reason) if note.kind == "drop" else note.detail)
 
-    def note(self, kind: str, detail: str, now: float) -> list[dict[str, object]]:
+    def note(self, note: Note, now: float) -> list[dict[str, object]]:
         """The records to log for this note: itself, or nothing if it is being summed."""
-        key = self.key(kind, detail)
+        kind, detail = str(note.kind), note.detail
+        key = self.key(note)
         window = self.windows.get(key)
         if window is not None and now < window.start + self.interval_s:
             window.suppressed += 1
@@ -298,10 +299,10 @@ class ReplicaNode:
     def _note(self, note: Note) -> None:
         if note.kind not in NOTABLE_NOTES:
             return
-        if note.kind == "drop" and note.detail.split(" ", 1)[0] in QUIET_DROPS:
+        if note.kind == "drop" and note.reason in QUIET_DROPS:
             self.quiet_drops += 1
             return
-        records = self.log_summary.note(note.kind, note.detail, time.monotonic())
+        records = self.log_summary.note(note, time.monotonic())
         for record in records:
             if record["event"] == "checkpoint_stable" and self.core is not None:
                 if "repeated" not in record:

@@ -251,13 +251,12 @@ def test_describe_exit() -> None:
 
 def test_identical_notes_are_logged_once_then_summed_per_interval() -> None:
     summary = LogSummarizer(interval_s=1.0)
-    logged = summary.note("drop", "wrong_view view 0, ours 1", now=100.0)
+    logged = summary.note(Note("drop", "wrong_view view 0, ours 1", "wrong_view"), now=100.0)
     assert logged == [{"event": "drop", "detail": "wrong_view view 0, ours 1"}]
     for step in range(500):
-        assert (
-            summary.note("drop", f"wrong_view view {step}, ours 1", now=100.0 + step / 1000) == []
-        )
-    other = summary.note("drop", "bad_signature from 3", now=100.5)
+        note = Note("drop", f"wrong_view view {step}, ours 1", "wrong_view")
+        assert summary.note(note, now=100.0 + step / 1000) == []
+    other = summary.note(Note("drop", "bad_signature from 3", "bad_signature"), now=100.5)
     assert [record["detail"] for record in other] == ["bad_signature from 3"]
     assert summary.flush(now=100.9) == []  # the interval has not ended
     records = summary.flush(now=101.0)
@@ -272,13 +271,13 @@ def test_identical_notes_are_logged_once_then_summed_per_interval() -> None:
     ]
     # bad_signature came once: nothing to sum; a new interval logs the first one again.
     assert summary.flush(now=200.0) == []
-    assert summary.note("drop", "wrong_view again", now=200.0) == [
+    assert summary.note(Note("drop", "wrong_view again", "wrong_view"), now=200.0) == [
         {"event": "drop", "detail": "wrong_view again"}
     ]
     # Other kinds are summed only when their whole detail repeats.
-    assert summary.note("suspect", "view 1: request timeout", now=200.0)
-    assert summary.note("suspect", "view 1: request timeout", now=200.1) == []
-    assert summary.note("suspect", "view 2: request timeout", now=200.2)
+    assert summary.note(Note("suspect", "view 1: request timeout"), now=200.0)
+    assert summary.note(Note("suspect", "view 1: request timeout"), now=200.1) == []
+    assert summary.note(Note("suspect", "view 2: request timeout"), now=200.2)
 
 
 def test_a_replica_node_writes_one_line_for_a_storm_of_identical_drops(
@@ -287,7 +286,7 @@ def test_a_replica_node_writes_one_line_for_a_storm_of_identical_drops(
     stream = io.StringIO()
     node = ReplicaNode(load_cluster(cluster_file), 1, tmp_path, log=stream)
     for view in range(1000):
-        node._note(Note("drop", f"wrong_view view {view}, ours 1001"))
+        node._note(Note("drop", f"wrong_view view {view}, ours 1001", "wrong_view"))
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert len(lines) == 1 and lines[0]["event"] == "drop"
     node._log_records(node.log_summary.flush(time.monotonic() + 2))

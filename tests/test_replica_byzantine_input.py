@@ -9,7 +9,8 @@ from replica_harness import Cluster, broadcasts, executed, notes
 
 from crypto.keys import SigningKey
 from pbft.codec import pack
-from pbft.events import MessageReceived, Tick
+from pbft.drops import DropReason
+from pbft.events import MessageReceived, Note, NoteKind, Tick
 from pbft.messages import Commit, Prepare, PrePrepare, Reply
 from pbft.replica import EVIDENCE_LIMIT
 from pbft.signed import PROTOCOL_VERSION, Envelope, seal
@@ -120,6 +121,17 @@ def test_reply_sent_to_replica_is_dropped(cluster: Cluster) -> None:
     reply = Reply(0, 1, 2, 0, 1, b"\x00" * 32, "confirmed", "", cluster.cluster_id)
     cluster.deliver(replica, seal(reply, cluster.replica_keys[2]))
     assert replica.drops["unexpected_type"] == 1
+
+
+def test_a_drop_note_carries_its_reason_in_a_field_of_its_own(cluster: Cluster) -> None:
+    replica = cluster.replica(1)
+    reply = Reply(0, 1, 2, 0, 1, b"\x00" * 32, "confirmed", "", cluster.cluster_id)
+    actions = cluster.deliver(replica, seal(reply, cluster.replica_keys[2]))
+    drops = [action for action in actions if isinstance(action, Note)]
+    assert drops == [Note(NoteKind.DROP, "unexpected_type Reply", DropReason.UNEXPECTED_TYPE)]
+    # StrEnums: the same strings as before in traces, counters and logs.
+    assert (drops[0].kind, drops[0].reason) == ("drop", "unexpected_type")
+    assert all(type(reason) is str for reason in replica.drops)
 
 
 def test_prepare_from_the_primary_is_dropped(cluster: Cluster) -> None:
