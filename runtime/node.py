@@ -293,7 +293,7 @@ class ReplicaNode:
             if principal[0] == "client" and not client_may_send(data):
                 self.client_frames_refused += 1  # unparsed: see client_may_send
                 continue
-            return MessageReceived(data)
+            return MessageReceived(data, principal)
 
     def _note(self, note: Note) -> None:
         if note.kind not in NOTABLE_NOTES:
