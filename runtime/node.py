@@ -144,7 +144,9 @@ class ReplicaNode:
         self.data_dir = Path(data_dir)
         self.tick_ms = tick_ms
         self.log_stream = log if log is not None else sys.stderr
-        self.transport_config = transport_config
+        self.transport_config = (
+            transport_config if transport_config is not None else cluster.transport_config()
+        )
         self.core: Replica | None = None
         self.store: DurableStore | None = None
         self.events_handled = 0
