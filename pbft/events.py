@@ -18,9 +18,15 @@ from crypto.keys import Principal
 
 @dataclass(frozen=True)
 class MessageReceived:
-    """Bytes from the network. The sender is whoever signed them, never the link they came on."""
+    """Bytes from the network. The sender is whoever signed them, never the link they came on.
+
+    `link` is the authenticated peer that delivered them, when the driver knows it. It
+    never stands in for a signature; it only says whose budget the message is charged to:
+    a client's request relayed by a backup is charged to that backup, not to the client
+    (see `Replica._admit_request`)."""
 
     data: bytes
+    link: Principal | None = None
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from functools import partial
 from itertools import islice
 
-from crypto.keys import KeyRing, SigningKey
+from crypto.keys import KeyRing, Principal, SigningKey
 from crypto.signing import VerificationCache
 from pbft.budget import TokenBuckets
 from pbft.certificates import Proposal, Verifier
@@ -147,6 +147,9 @@ class PendingRequest:
     opened: Opened
     body_digest: bytes
     arrived_ms: int
+    # The replica this request is charged to, when the primary admitted it on that
+    # replica's relay beyond its client's quota or the table's; None: charged to its client.
+    relayer: int | None = None
 
 
 @dataclass(frozen=True)
@@ -211,6 +214,15 @@ class Replica:
         # arms no request timer (it must not depose a correct primary). Cleared once the
         # client has nothing pending here any more.
         self.over_quota_clients: dict[int, None] = {}
+        # Primary only: requests admitted on a backup's relay although their client was at
+        # its quota here (or the table full), charged to that backup instead, per (backup,
+        # client) and per backup. A backup times every request it relays, so a correct
+        # primary must take what a correct backup relays, or a client that sends some
+        # requests to the primary and others to the backups gets the primary deposed. Each
+        # backup's share is bounded like a client's: client_pending_limit per client and
+        # pending_request_limit in all.
+        self.relayed_per_client: Counter[tuple[int, int]] = Counter()
+        self.relayed_per_replica: Counter[int] = Counter()
         self.signed_replies = SignedReplies()
         self.client_budget = TokenBuckets(
             config.client_replay_rate_per_s, config.client_replay_burst
@@ -298,7 +310,7 @@ class Replica:
         elif isinstance(event, Tick):
             self._on_tick(event.now_ms)
         elif isinstance(event, MessageReceived):
-            self._on_bytes(event.data)
+            self._on_bytes(event.data, event.link)
         else:
             raise TypeError(f"not an event: {event!r}")
         out, self._out = self._out, []
@@ -380,7 +392,7 @@ class Replica:
 
     # --- message intake -----------------------------------------------------------------
 
-    def _on_bytes(self, data: bytes) -> None:
+    def _on_bytes(self, data: bytes, link: Principal | None) -> None:
         try:
             envelope, message = peek(data)
             if message.SIGNER == "replica" and message.sender == self.id:
@@ -395,11 +407,11 @@ class Replica:
                 # The slot already has the quorum this vote would add to.
                 self._count_drop(DropReason.REDUNDANT_VOTE)
                 return
-            if isinstance(message, Request) and self._refused_for_quota(message):
+            if isinstance(message, Request) and self._refused_for_quota(message, link):
                 # A flood from a client over its quota costs a parse, not a signature check.
                 raise Rejected(DropReason.CLIENT_QUOTA_FULL, f"client {message.client_id}")
             verify_signature(envelope, message, self.verifier.keyring, self.verifier.cache)
-            handler(Opened(message, data, envelope.body))
+            handler(Opened(message, data, envelope.body, link))
         except Rejected as rejection:
             self._drop(rejection.reason, rejection.detail)
 
@@ -440,19 +452,35 @@ class Replica:
                 # Replies and balance replies are for clients; a replica never takes them.
                 raise Rejected(DropReason.UNEXPECTED_TYPE, type(message).__name__)
 
-    def _refused_for_quota(self, request: Request) -> bool:
+    def _refused_for_quota(self, request: Request, link: Principal | None) -> bool:
         """Whether `_on_request` would refuse this request for its client's quota, decided
         before its signature is checked. Only for a client already marked over its quota
         (by a request whose signature was checked: a forgery naming a correct client cannot
-        get it marked), and only a new request: a pending or decided one takes its usual
-        path (a relay, a kept reply)."""
+        get it marked), only a new request (a pending or decided one takes its usual path:
+        a relay, a kept reply), and not one a backup relays within its share."""
         client_id = request.client_id
         return (
             client_id in self.over_quota_clients
             and self.pending_per_client[client_id] >= self.config.client_pending_limit
             and (client_id, request.request_id) not in self.pending
             and self.ledger.lookup(client_id, request.request_id) is None
+            and self._relay_share(client_id, link) is None
         )
+
+    def _relay_share(self, client_id: int, link: Principal | None) -> int | None:
+        """The backup a request of this client that arrived on `link` may be charged to:
+        at the primary only, for a request a backup relayed, within that backup's share
+        (see relayed_per_client). None: the request is charged to its client."""
+        if link is None or link[0] != "replica" or not self.is_primary:
+            return None
+        relayer = link[1]
+        if relayer == self.id or not 0 <= relayer < self.config.replica_count:
+            return None
+        if self.relayed_per_client[(relayer, client_id)] >= self.config.client_pending_limit:
+            return None
+        if self.relayed_per_replica[relayer] >= self.config.pending_request_limit:
+            return None
+        return relayer
 
     def _on_balance_query(self, query: BalanceQuery, opened: Opened) -> None:
         balance = self.ledger.balance(query.account)
@@ -508,13 +536,25 @@ class Replica:
                     raise Rejected(DropReason.RELAY_RATE_LIMITED, f"client {request.client_id}")
                 self._send(("replica", self.config.primary_of(self.view)), opened.raw)
             return
-        if len(self.pending) >= self.config.pending_request_limit:
-            raise Rejected(DropReason.REQUEST_QUEUE_FULL)
-        if self.pending_per_client[request.client_id] >= self.config.client_pending_limit:
-            self.over_quota_clients[request.client_id] = None
-            raise Rejected(DropReason.CLIENT_QUOTA_FULL, f"client {request.client_id}")
-        self.pending[identity] = PendingRequest(opened, digest, self.now_ms)
-        self.pending_per_client[request.client_id] += 1
+        client_id = request.client_id
+        relayer = None
+        charged_to_clients = len(self.pending) - self.relayed_per_replica.total()
+        if (
+            charged_to_clients >= self.config.pending_request_limit
+            or self.pending_per_client[client_id] >= self.config.client_pending_limit
+        ):
+            relayer = self._relay_share(client_id, opened.link)
+            if relayer is None:
+                if charged_to_clients >= self.config.pending_request_limit:
+                    raise Rejected(DropReason.REQUEST_QUEUE_FULL)
+                self.over_quota_clients[client_id] = None
+                raise Rejected(DropReason.CLIENT_QUOTA_FULL, f"client {client_id}")
+        self.pending[identity] = PendingRequest(opened, digest, self.now_ms, relayer)
+        if relayer is None:
+            self.pending_per_client[client_id] += 1
+        else:
+            self.relayed_per_client[(relayer, client_id)] += 1
+            self.relayed_per_replica[relayer] += 1
         if self.is_primary:
             if self.status is ViewStatus.NORMAL:
                 self.proposal_queue[identity] = None
@@ -783,10 +823,16 @@ class Replica:
                 return
             self._propose(tuple(batch))
 
+    def _is_backlog(self, identity: tuple[int, int]) -> bool:
+        """A request of a client over its quota here, charged to that client: its backlog.
+        One a backup relayed within its share is not: that backup times it."""
+        if identity[0] not in self.over_quota_clients:
+            return False
+        pending = self.pending.get(identity)
+        return pending is None or pending.relayer is None
+
     def _backlog_only(self, identities: list[tuple[int, int]]) -> bool:
-        return bool(self.over_quota_clients) and all(
-            client_id in self.over_quota_clients for client_id, _ in identities
-        )
+        return bool(self.over_quota_clients) and all(map(self._is_backlog, identities))
 
     def _next_batch(self) -> list[tuple[int, int]]:
         """The next batch_size requests to propose, in arrival order, but correct clients'
@@ -803,7 +849,7 @@ class Replica:
         later: list[tuple[int, int]] = []
         later_limit = max(1, size // OVER_QUOTA_BATCH_SHARE)
         for identity in self.proposal_queue:
-            if identity[0] not in self.over_quota_clients:
+            if not self._is_backlog(identity):
                 first.append(identity)
                 if len(first) == size:
                     break
@@ -892,9 +938,17 @@ class Replica:
             self._take_checkpoint()
 
     def _unpend(self, identity: tuple[int, int]) -> None:
-        del self.pending[identity]
+        pending = self.pending.pop(identity)
         self.proposal_queue.pop(identity, None)
         client_id = identity[0]
+        if pending.relayer is not None:
+            self.relayed_per_client[(pending.relayer, client_id)] -= 1
+            if self.relayed_per_client[(pending.relayer, client_id)] <= 0:
+                del self.relayed_per_client[(pending.relayer, client_id)]
+            self.relayed_per_replica[pending.relayer] -= 1
+            if self.relayed_per_replica[pending.relayer] <= 0:
+                del self.relayed_per_replica[pending.relayer]
+            return
         self.pending_per_client[client_id] -= 1
         if self.pending_per_client[client_id] <= 0:
             del self.pending_per_client[client_id]
@@ -1136,11 +1190,14 @@ class Replica:
         self._start_view_change(self.view + 1)
 
     def _oldest_timed_request(self) -> PendingRequest | None:
-        if not self.over_quota_clients:
+        if not self.over_quota_clients and not self.relayed_per_replica:
             return next(iter(self.pending.values()), None)
-        # Bounded: at most client_pending_limit entries per over-quota client are skipped.
+        # Requests charged to a relaying backup are left out too: this replica took them
+        # as primary, beyond what it may relay to the next one (the backup that relayed
+        # them times them). Bounded: at most client_pending_limit entries per over-quota
+        # client, and pending_request_limit per relaying backup, are skipped.
         for (client_id, _), pending in self.pending.items():
-            if client_id not in self.over_quota_clients:
+            if client_id not in self.over_quota_clients and pending.relayer is None:
                 return pending
         return None
 

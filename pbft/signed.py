@@ -14,7 +14,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import ClassVar
 
-from crypto.keys import KeyRing, SigningKey
+from crypto.keys import KeyRing, Principal, SigningKey
 from crypto.signing import VerificationCache
 from pbft.codec import MAX_FRAME_BYTES, Bytes, DecodeError, Spec, Struct, UInt
 from pbft.drops import DropReason
@@ -91,11 +91,13 @@ class Envelope(Struct):
 
 @dataclass(frozen=True)
 class Opened:
-    """A verified message together with the exact bytes it arrived in."""
+    """A verified message together with the exact bytes it arrived in, and the peer that
+    delivered them when the driver says (see `MessageReceived.link`)."""
 
     message: Message
     raw: bytes
     body: bytes
+    link: Principal | None = None
 
     @property
     def body_digest(self) -> bytes:

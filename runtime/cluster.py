@@ -8,6 +8,10 @@ f = 1                          # must equal (replicas - 1) // 3
 [protocol]                     # optional: pbft.config.ClusterConfig fields
 batch_size = 32
 
+[transport]                    # optional: how much one client may send each replica
+client_frames_per_s = 400      # beyond a burst, a client's frames wait (runtime/inbound.py)
+client_frame_burst = 400
+
 [[replicas]]
 id = 0
 host = "127.0.0.1"
@@ -62,12 +66,17 @@ from pbft.ledger import (
     GeneratedAccounts,
 )
 from runtime.storage import MAX_VALUE_BYTES
+from runtime.transport import TransportConfig
 
 CLUSTER_FILE_NAME = "cluster.toml"
 MAX_CLIENTS = 100_000
 MAX_ACCOUNTS = 1_000_000
 MAX_GENERATED_ACCOUNTS = 10_000_000
-_TOP_KEYS = ("f", "protocol", "replicas", "clients", "accounts", "genesis")
+_TOP_KEYS = ("f", "protocol", "transport", "replicas", "clients", "accounts", "genesis")
+_TRANSPORT_KEYS = ("client_frames_per_s", "client_frame_burst")
+# A ceiling that still bounds what one client can cost a replica (about a core's worth of
+# signature checks): a pace above it is a typo, not a policy.
+MAX_CLIENT_FRAMES_PER_S = 100_000
 _GENESIS_KEYS = ("generated_accounts", "balance", "prefix")
 _REPLICA_KEYS = ("id", "host", "port", "public_key")
 _CLIENT_KEYS = ("id", "public_key")
@@ -102,6 +111,16 @@ class Cluster:
     replicas: tuple[ReplicaAddress, ...]
     client_keys: dict[int, VerifyKey]
     accounts: Mapping[str, Account]
+    # [transport]: one client's pace at each replica (TransportConfig.client_inbound_*).
+    client_frames_per_s: int = int(TransportConfig.client_inbound_rate)
+    client_frame_burst: int = TransportConfig.client_inbound_burst
+
+    def transport_config(self) -> TransportConfig:
+        """The transport limits a replica of this cluster runs with."""
+        return TransportConfig(
+            client_inbound_rate=float(self.client_frames_per_s),
+            client_inbound_burst=self.client_frame_burst,
+        )
 
     @property
     def directory(self) -> Path:
@@ -294,7 +313,20 @@ def _parse(document: dict[str, Any], path: Path) -> Cluster:
     problem = checkpoint_size_problem(config, accounts, len(client_keys), MAX_VALUE_BYTES)
     if problem is not None:
         raise fail("checkpoint size", problem)
-    return Cluster(path, config, tuple(replicas), client_keys, accounts)
+    transport = known(document.get("transport", {}), _TRANSPORT_KEYS, "transport")
+    pace = integer(
+        transport.get("client_frames_per_s", Cluster.client_frames_per_s),
+        "transport.client_frames_per_s",
+        1,
+        MAX_CLIENT_FRAMES_PER_S,
+    )
+    burst = integer(
+        transport.get("client_frame_burst", Cluster.client_frame_burst),
+        "transport.client_frame_burst",
+        1,
+        MAX_CLIENT_FRAMES_PER_S,
+    )
+    return Cluster(path, config, tuple(replicas), client_keys, accounts, pace, burst)
 
 
 def write_cluster(

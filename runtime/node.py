@@ -145,7 +145,9 @@ class ReplicaNode:
         self.data_dir = Path(data_dir)
         self.tick_ms = tick_ms
         self.log_stream = log if log is not None else sys.stderr
-        self.transport_config = transport_config
+        self.transport_config = (
+            transport_config if transport_config is not None else cluster.transport_config()
+        )
         self.core: Replica | None = None
         self.store: DurableStore | None = None
         self.events_handled = 0
@@ -294,7 +296,7 @@ class ReplicaNode:
             if principal[0] == "client" and not client_may_send(data):
                 self.client_frames_refused += 1  # unparsed: see client_may_send
                 continue
-            return MessageReceived(data)
+            return MessageReceived(data, principal)
 
     def _note(self, note: Note) -> None:
         if note.kind not in NOTABLE_NOTES:

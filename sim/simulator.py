@@ -454,7 +454,7 @@ class Simulation:
                 else:
                     node.inbox.append((source, data))
                 return
-            self._replica_actions(node, node.core.handle(MessageReceived(data)))
+            self._replica_actions(node, node.core.handle(MessageReceived(data, source)))
         else:
             self._client_actions(index, self.clients[index].handle(MessageReceived(data)))
 
@@ -589,10 +589,10 @@ class Simulation:
         node.paused = False
         self.trace.record(self.now_us, "resume", node.name, f"{len(node.inbox)}")
         inbox, node.inbox = node.inbox, []
-        for _source, data in inbox:
+        for source, data in inbox:
             if node.core is None or node.paused:
                 break
-            self._replica_actions(node, node.core.handle(MessageReceived(data)))
+            self._replica_actions(node, node.core.handle(MessageReceived(data, source)))
 
     def _heal_all(self) -> None:
         """The liveness phase: every fault stops and the network becomes synchronous."""

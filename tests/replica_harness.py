@@ -345,11 +345,12 @@ class Cluster:
     # --- driving one replica ----------------------------------------------------------
 
     @staticmethod
-    def deliver(replica: Replica, *raws: bytes) -> list[Action]:
-        """Hand each message to the replica in turn; all actions, in order."""
+    def deliver(replica: Replica, *raws: bytes, link: Principal | None = None) -> list[Action]:
+        """Hand each message to the replica in turn (as delivered by `link`, if given); all
+        actions, in order."""
         actions: list[Action] = []
         for raw in raws:
-            actions.extend(replica.handle(MessageReceived(raw)))
+            actions.extend(replica.handle(MessageReceived(raw, link)))
         return actions
 
     @staticmethod

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import pytest
 from replica_harness import Cluster, send_raws
 
 from pbft.budget import TokenBuckets
@@ -256,30 +255,100 @@ def test_a_flooding_clients_backlog_leaves_room_in_the_pipeline_for_a_correct_cl
     assert clients[0] == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known hole (issue 8): quotas are per replica, so a client can be over its quota "
-    "at the primary only; the backups then time requests the primary refused",
-)
+def _run_network(  # type: ignore[no-untyped-def]
+    cluster: Cluster, replicas: list, until_ms: int, inject: dict
+) -> list:
+    """Run `replicas` together on a lossless in-memory network that delivers every message
+    with its link, ticking each every 10 ms; `inject` maps a replica id to client requests
+    it receives first. Returns every Suspect broadcast."""
+    from collections import deque
+
+    from replica_harness import decode
+
+    from pbft.events import Broadcast, Send
+    from pbft.messages import Suspect
+
+    queue: deque = deque()
+    suspects: list = []
+
+    def carry(sender: int, actions: list) -> None:
+        for action in actions:
+            if isinstance(action, Broadcast):
+                if isinstance(decode(action.data), Suspect):
+                    suspects.append(decode(action.data))
+                queue.extend((r, sender, action.data) for r in range(len(replicas)) if r != sender)
+            elif isinstance(action, Send) and action.to[0] == "replica":
+                queue.append((action.to[1], sender, action.data))
+
+    for replica in replicas:
+        carry(replica.id, cluster.tick(replica, 1))
+    for replica_id, raws in inject.items():
+        carry(replica_id, cluster.deliver(replicas[replica_id], *raws, link=("client", 0)))
+    for now in range(10, until_ms, 10):
+        while queue:
+            to, sender, raw = queue.popleft()
+            carry(to, cluster.deliver(replicas[to], raw, link=("replica", sender)))
+        for replica in replicas:
+            carry(replica.id, cluster.tick(replica, now))
+    return suspects
+
+
 def test_a_client_over_its_quota_only_at_the_primary_does_not_depose_it() -> None:
     """A Byzantine client fills its quota at the primary with some requests and sends other
-    ones to a backup, where it is under its quota: the backup relays them, the primary
-    refuses them (client_quota_full), and the backup's request timer runs for requests a
-    correct primary will never order. Each round of this costs a view change."""
+    ones to a backup, where it is under its quota. The backup relays them and times them,
+    so the primary takes them on the backup's share (not the client's) and orders them
+    ahead of the client's backlog: before, it refused them (client_quota_full) and the
+    backups' request timers deposed a correct primary, a view change per round."""
+    cluster = Cluster(client_pending_limit=4)
+    replicas = [cluster.replica(i) for i in range(cluster.config.replica_count)]
+    at_primary = [cluster.request(i, amount=1) for i in range(1, 9)]
+    at_backup = [cluster.request(i, amount=1) for i in range(9, 13)]
+    suspects = _run_network(
+        cluster, replicas, 3 * cluster.config.view_change_timeout_ms, {0: at_primary, 1: at_backup}
+    )
+    assert suspects == []
+    primary = replicas[0]
+    assert primary.drops["client_quota_full"] == 4  # its own excess at the primary
+    assert primary.view == 0 and primary.relayed_per_replica == {}
+    for replica in replicas:
+        assert all(replica.ledger.lookup(0, i) is not None for i in range(9, 13))
+        assert all(replica.ledger.lookup(0, i) is not None for i in range(1, 5))
+
+
+def test_clients_filling_the_primarys_table_do_not_get_it_deposed() -> None:
+    """Colluding clients fill the primary's pending table (each within its quota) and
+    nobody else's; a correct client's request reaches a backup, which relays and times it.
+    The primary takes it on the backup's share: before, it refused it (request_queue_full)
+    and the backup's request timer deposed it."""
+    cluster = Cluster(pending_request_limit=8, client_pending_limit=4)
+    replicas = [cluster.replica(i) for i in range(cluster.config.replica_count)]
+    flood = [cluster.request(i, amount=1, client=c) for c in (0, 1) for i in range(1, 5)]
+    correct = cluster.request(1, amount=1, client=2, payer="bob", payee="alice")
+    suspects = _run_network(
+        cluster, replicas, 3 * cluster.config.view_change_timeout_ms, {0: flood, 1: [correct]}
+    )
+    assert suspects == []
+    assert replicas[0].drops["request_queue_full"] == 0
+    for replica in replicas:
+        assert replica.ledger.lookup(2, 1) is not None
+
+
+def test_a_backups_relays_are_charged_to_its_own_bounded_share() -> None:
+    """The primary takes relays beyond the client's quota only up to client_pending_limit
+    per (backup, client): a Byzantine backup relaying a client's flood gets no more room
+    than the client itself, and a client over its quota still gets nothing more sent
+    directly."""
     cluster = Cluster(client_pending_limit=4)
     primary = cluster.replica(0)
-    backup = cluster.replica(1)
     cluster.tick(primary, 1)
-    cluster.tick(backup, 1)
-    cluster.deliver(primary, *(cluster.request(i, amount=1) for i in range(1, 5)))
-    relayed = send_raws(
-        cluster.deliver(backup, *(cluster.request(i, amount=1) for i in range(5, 9))),
-        ("replica", 0),
-    )
-    assert len(relayed) == 4 and 0 not in backup.over_quota_clients
-    cluster.deliver(primary, *relayed)
+    cluster.deliver(primary, *(cluster.request(i) for i in range(1, 5)), link=("client", 0))
+    cluster.deliver(primary, *(cluster.request(i) for i in range(5, 11)), link=("replica", 2))
+    assert primary.relayed_per_client == {(2, 0): 4}
+    assert primary.drops["client_quota_full"] == 2
+    cluster.deliver(primary, cluster.request(11), link=("client", 0))
+    cluster.deliver(primary, cluster.request(12), link=None)
     assert primary.drops["client_quota_full"] == 4
-    assert _idle_until(cluster, backup, 3 * cluster.config.view_change_timeout_ms) == []
+    assert len(primary.pending) == 8
 
 
 def test_a_payment_client_keeps_at_most_its_quota_in_flight(tmp_path) -> None:  # type: ignore[no-untyped-def]

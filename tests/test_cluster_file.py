@@ -54,6 +54,15 @@ def test_a_private_key_of_another_principal_is_refused(tmp_path: Path) -> None:
         (lambda text: text + "\n[protocol]\nbatch_size = 0\n", "protocol"),
         (lambda text: text + "\n[protocol]\nbatch_sise = 4\n", "protocol.batch_sise"),
         (
+            lambda text: text + "\n[transport]\nclient_frames_per_s = 0\n",
+            "transport.client_frames_per_s",
+        ),
+        (
+            lambda text: text + "\n[transport]\nclient_frame_burst = 1.5\n",
+            "transport.client_frame_burst",
+        ),
+        (lambda text: text + "\n[transport]\npace = 4\n", "transport.pace"),
+        (
             lambda text: text.replace('public_key = "', 'public_key = "zz', 1),
             "replicas[0].public_key",
         ),
@@ -67,6 +76,25 @@ def test_a_malformed_cluster_file_names_the_field(tmp_path: Path, edit, field: s
         load_cluster(path)
     assert caught.value.field == field
     assert str(path) in str(caught.value)
+
+
+def test_a_clients_pace_comes_from_the_cluster_file(tmp_path: Path) -> None:
+    """[transport] sets how many frames a second one client may send each replica (a busy
+    gateway needs more than the default); without it, the transport's default holds."""
+    from runtime.node import ReplicaNode
+    from runtime.transport import TransportConfig
+
+    path = write_cluster(tmp_path, replicas=4, clients=1)
+    default = load_cluster(path)
+    assert default.transport_config().client_inbound_rate == TransportConfig.client_inbound_rate
+    path.write_text(
+        path.read_text() + "\n[transport]\nclient_frames_per_s = 5000\nclient_frame_burst = 64\n"
+    )
+    cluster = load_cluster(path)
+    node = ReplicaNode(cluster, 0, tmp_path / "data")
+    assert node.transport_config.client_inbound_rate == 5000
+    assert node.transport_config.client_inbound_burst == 64
+    assert cluster.cluster_id == default.cluster_id  # a local policy, not the cluster's identity
 
 
 def test_a_missing_cluster_file_is_a_clear_error(tmp_path: Path) -> None:
