@@ -57,11 +57,12 @@ from crypto.keys import KeyRing, SigningKey
 from pbft.client import ClientCore
 from pbft.codec import MAX_FRAME_BYTES, Bytes, ListOf, Nested, Spec, Struct, Text, UInt, pack
 from pbft.config import ClusterConfig
+from pbft.context import EVIDENCE_LIMIT
 from pbft.events import Broadcast, MessageReceived, Send, Tick
 from pbft.genesis import compute_cluster_id
 from pbft.ledger import Account
 from pbft.messages import MESSAGE_CLASSES, Message, MessageType
-from pbft.replica import EVIDENCE_LIMIT, Replica
+from pbft.replica import Replica
 from pbft.signed import PROTOCOL_VERSION, Envelope, domain_of, peek, seal
 from runtime.framing import FrameDecoder, FramingError, encode_frame
 from runtime.transport import (
@@ -676,11 +677,11 @@ async def _run_fuzz(
     report.replica_state = {
         "view": target.view,
         "last_executed": target.last_executed,
-        "pending_requests": len(target.pending),
-        "slots": len(target.slots),
-        "view_change_views": len(target.view_changes),
-        "view_claims": len(target.latest_view_claims),
-        "checkpoint_vote_seqs": len(target.checkpoint_votes),
+        "pending_requests": len(target.requests.pending),
+        "slots": len(target.ordering.slots),
+        "view_change_views": len(target.viewchanges.view_changes),
+        "view_claims": len(target.viewchanges.latest_view_claims),
+        "checkpoint_vote_seqs": len(target.checkpoints.checkpoint_votes),
         "evidence": len(target.evidence),
         "signature_cache": target.verifier.cache.statistics().entries,
     }

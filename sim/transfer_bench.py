@@ -20,10 +20,11 @@ import time
 
 from crypto.keys import KeyRing, SigningKey
 from pbft.config import ClusterConfig
+from pbft.context import StableCheckpoint
 from pbft.events import MessageReceived, Send, Tick
 from pbft.ledger import GeneratedAccounts, Ledger, Payment
 from pbft.messages import Checkpoint, Fetch, StateRequest
-from pbft.replica import Replica, StableCheckpoint
+from pbft.replica import Replica
 from pbft.signed import peek, seal
 
 SEED = 7
@@ -59,9 +60,9 @@ def run(account_count: int, chunk_leaves: int) -> None:
     digest = ledger.digest()
     snapshot = ledger.snapshot()
     proof = tuple(seal(Checkpoint(SEQ, i, CHAIN_HASH, digest), keys[i]) for i in (0, 1, 2))
-    server.last_executed = SEQ
-    server.chain_hash = CHAIN_HASH
-    server.stable = StableCheckpoint(SEQ, CHAIN_HASH, digest, snapshot, proof)
+    server.ordering.last_executed = SEQ
+    server.ordering.chain_hash = CHAIN_HASH
+    server.checkpoints.stable = StableCheckpoint(SEQ, CHAIN_HASH, digest, snapshot, proof)
     for replica in (server, lagging):
         replica.handle(Tick(1000))
     print(f"snapshot {len(snapshot) / 2**20:.1f} MiB, {ledger.leaf_count():,} leaves")

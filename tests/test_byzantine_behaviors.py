@@ -884,7 +884,7 @@ def test_forge_adds_a_copy_claiming_another_sender_that_no_receiver_accepts(
     real, forged = forger.outgoing(("replica", 1), prepare, 0)
     cluster.deliver(backup, entry.raw, forged, real)
     assert backup.drops["bad_signature"] == 1
-    assert backup.slots[1].prepares.keys() == {1, 2}  # its own and the real one
+    assert backup.ordering.slots[1].prepares.keys() == {1, 2}  # its own and the real one
     # Requests it relays are the clients' words: not forged.
     request_raw = cluster.request(3)
     assert forger.outgoing(("replica", 0), request_raw, 0) == [request_raw]

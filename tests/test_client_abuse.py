@@ -31,7 +31,7 @@ def test_a_replayed_request_gets_the_reply_signed_when_it_was_decided() -> None:
     first = send_raws(cluster.deliver(replica, request), ("client", 0))
     again = send_raws(cluster.deliver(replica, request), ("client", 0))
     assert len(first) == 1 and first == again
-    assert replica.signed_replies.hits >= 2
+    assert replica.ordering.signed_replies.hits >= 2
 
 
 def test_replays_beyond_the_budget_are_dropped_and_counted() -> None:
@@ -53,12 +53,12 @@ def test_one_client_fills_its_own_quota_not_the_pending_table() -> None:
     cluster.tick(replica, 1)
     flood = [cluster.request(request_id, amount=1) for request_id in range(1, 200)]
     cluster.deliver(replica, *flood)
-    assert replica.pending_per_client[0] == 8
+    assert replica.requests.pending_per_client[0] == 8
     assert replica.drops["client_quota_full"] == 199 - 8
     # Another client's payment still gets in.
     cluster.deliver(replica, cluster.request(1, client=1))
-    assert (1, 1) in replica.pending
-    assert replica.pending_per_client[1] == 1
+    assert (1, 1) in replica.requests.pending
+    assert replica.requests.pending_per_client[1] == 1
 
 
 def test_a_client_over_its_quota_costs_no_signature_check_for_new_requests() -> None:
@@ -66,7 +66,7 @@ def test_a_client_over_its_quota_costs_no_signature_check_for_new_requests() -> 
     replica = cluster.replica(1)
     cluster.tick(replica, 1)
     cluster.deliver(replica, *(cluster.request(i, amount=1) for i in range(1, 10)))
-    assert 0 in replica.over_quota_clients  # the 9th, checked, marked the client
+    assert 0 in replica.requests.over_quota_clients  # the 9th, checked, marked the client
     checked = replica.verifier.cache.statistics().misses
     cluster.deliver(replica, *(cluster.request(i, amount=1) for i in range(10, 1000)))
     assert replica.verifier.cache.statistics().misses == checked
@@ -86,7 +86,7 @@ def test_forged_requests_cannot_mark_a_correct_client_over_its_quota() -> None:
     forger = SigningKey.derive(99, "forger")
     forged = [cluster.request(i, client=1, key=forger) for i in range(3, 50)]
     cluster.deliver(replica, *forged)
-    assert 1 not in replica.over_quota_clients
+    assert 1 not in replica.requests.over_quota_clients
     assert replica.drops["bad_signature"] == len(forged)
 
 
@@ -98,9 +98,9 @@ def test_quota_frees_as_requests_execute() -> None:
     cluster.deliver(replica, first, second, third)
     assert replica.drops["client_quota_full"] == 1
     cluster.drive_commit(replica, cluster.pre_prepare(1, [first]))
-    assert replica.pending_per_client[0] == 1
+    assert replica.requests.pending_per_client[0] == 1
     cluster.deliver(replica, third)
-    assert replica.pending_per_client[0] == 2
+    assert replica.requests.pending_per_client[0] == 2
 
 
 def test_signed_replies_and_budgets_are_bounded() -> None:
@@ -146,7 +146,7 @@ def test_a_flooding_clients_backlog_does_not_depose_a_correct_primary() -> None:
     replica = cluster.replica(1)
     cluster.tick(replica, 1)
     cluster.deliver(replica, *(cluster.request(i, amount=1) for i in range(1, 20)))
-    assert 0 in replica.over_quota_clients
+    assert 0 in replica.requests.over_quota_clients
     assert _idle_until(cluster, replica, 3 * cluster.config.view_change_timeout_ms) == []
 
 
@@ -166,9 +166,9 @@ def test_the_over_quota_mark_goes_when_the_clients_backlog_is_gone() -> None:
     cluster.tick(replica, 1)
     first, second = cluster.request(1), cluster.request(2)
     cluster.deliver(replica, first, second)
-    assert 0 in replica.over_quota_clients
+    assert 0 in replica.requests.over_quota_clients
     cluster.drive_commit(replica, cluster.pre_prepare(1, [first]))
-    assert 0 not in replica.over_quota_clients
+    assert 0 not in replica.requests.over_quota_clients
 
 
 def test_the_primary_orders_correct_clients_before_a_flooding_clients_backlog() -> None:
@@ -182,7 +182,7 @@ def test_the_primary_orders_correct_clients_before_a_flooding_clients_backlog() 
     primary = cluster.replica(0)
     cluster.tick(primary, 1)
     cluster.deliver(primary, *(cluster.request(i, amount=1) for i in range(1, 20)))
-    assert 0 in primary.over_quota_clients
+    assert 0 in primary.requests.over_quota_clients
     cluster.deliver(primary, cluster.request(1, client=1))
     proposals = broadcasts(cluster.tick(primary, 100), PrePrepare)
     assert proposals, "the primary proposed nothing"
@@ -201,7 +201,7 @@ def test_a_request_behind_a_backlog_gets_more_time_while_the_primary_executes() 
     from replica_harness import broadcasts
 
     from pbft.messages import Suspect
-    from pbft.replica import REQUEST_TIMEOUTS_UNDER_LOAD
+    from pbft.viewchanges import REQUEST_TIMEOUTS_UNDER_LOAD
 
     cluster = Cluster(checkpoint_interval=64, watermark_window=128)  # no checkpoint needed
     replica = cluster.replica(1)
@@ -244,7 +244,7 @@ def test_a_flooding_clients_backlog_leaves_room_in_the_pipeline_for_a_correct_cl
     primary = cluster.replica(0)
     cluster.tick(primary, 1)
     cluster.deliver(primary, *(cluster.request(i, amount=1) for i in range(1, 70)))
-    assert 0 in primary.over_quota_clients
+    assert 0 in primary.requests.over_quota_clients
     flood = broadcasts(cluster.tick(primary, 100), PrePrepare)
     assert len(flood) == 2  # of 4 in flight; its backlog of 64 would fill all 4
     assert primary.last_executed == 0
@@ -309,7 +309,7 @@ def test_a_client_over_its_quota_only_at_the_primary_does_not_depose_it() -> Non
     assert suspects == []
     primary = replicas[0]
     assert primary.drops["client_quota_full"] == 4  # its own excess at the primary
-    assert primary.view == 0 and primary.relayed_per_replica == {}
+    assert primary.view == 0 and primary.requests.relayed_per_replica == {}
     for replica in replicas:
         assert all(replica.ledger.lookup(0, i) is not None for i in range(9, 13))
         assert all(replica.ledger.lookup(0, i) is not None for i in range(1, 5))
@@ -343,12 +343,12 @@ def test_a_backups_relays_are_charged_to_its_own_bounded_share() -> None:
     cluster.tick(primary, 1)
     cluster.deliver(primary, *(cluster.request(i) for i in range(1, 5)), link=("client", 0))
     cluster.deliver(primary, *(cluster.request(i) for i in range(5, 11)), link=("replica", 2))
-    assert primary.relayed_per_client == {(2, 0): 4}
+    assert primary.requests.relayed_per_client == {(2, 0): 4}
     assert primary.drops["client_quota_full"] == 2
     cluster.deliver(primary, cluster.request(11), link=("client", 0))
     cluster.deliver(primary, cluster.request(12), link=None)
     assert primary.drops["client_quota_full"] == 4
-    assert len(primary.pending) == 8
+    assert len(primary.requests.pending) == 8
 
 
 def test_a_payment_client_keeps_at_most_its_quota_in_flight(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -20,7 +20,7 @@ def test_one_heartbeat_cannot_inflate_how_far_the_cluster_got() -> None:
     replica = cluster.replica(2)
     cluster.tick(replica, 1)
     actions = cluster.deliver(replica, cluster.heartbeat(0, last_executed=1_000_000))
-    assert replica.highest_seen_executed == 0
+    assert replica.catchup.highest_seen_executed == 0
     # The hint is followed up: one FETCH to the claimant, which must prove it.
     fetches = [decode(raw) for raw in send_raws(actions, ("replica", 0), Fetch)]
     assert [(f.replica, f.from_seq, f.view) for f in fetches] == [(2, 1, 0)]
@@ -33,7 +33,7 @@ def test_f_plus_one_claims_count_as_the_lowest_of_them() -> None:
     cluster.deliver(replica, cluster.heartbeat(0, last_executed=900))
     # Replica 1 leads view 1: its heartbeat is a second voice (f + 1 = 2).
     cluster.deliver(replica, cluster.heartbeat(1, last_executed=40))
-    assert replica.highest_seen_executed == 40
+    assert replica.catchup.highest_seen_executed == 40
 
 
 def test_replica_behind_an_idle_cluster_learns_the_view_from_heartbeats() -> None:

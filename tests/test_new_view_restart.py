@@ -76,12 +76,12 @@ def test_restarted_backup_reinstalls_the_new_view_plan_into_its_slots() -> None:
     records = apply_persists({}, cluster.deliver(backup, new_view))
     restarted = cluster.replica(3, records=records)
     for entry in reproposed:
-        slot = restarted.slots[entry.seq]
+        slot = restarted.ordering.slots[entry.seq]
         assert slot.proposal is not None
         assert slot.proposal.entry_digest == entry.digest
         assert slot.proposal.view == 1
     # A proposal at a planned seq with no slot left (say, pruned) is still refused.
-    assert restarted.new_view_planned_high == 2
+    assert restarted.ordering.new_view_planned_high == 2
 
 
 def test_restart_with_a_tampered_new_view_record_refuses_to_start() -> None:

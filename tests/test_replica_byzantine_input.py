@@ -9,10 +9,10 @@ from replica_harness import Cluster, broadcasts, executed, notes
 
 from crypto.keys import SigningKey
 from pbft.codec import pack
+from pbft.context import EVIDENCE_LIMIT
 from pbft.drops import DropReason
 from pbft.events import MessageReceived, Note, NoteKind, Tick
 from pbft.messages import Commit, Prepare, PrePrepare, Reply
-from pbft.replica import EVIDENCE_LIMIT
 from pbft.signed import PROTOCOL_VERSION, Envelope, seal
 
 
@@ -72,7 +72,7 @@ def test_message_signed_with_wrong_key_is_dropped(cluster: Cluster) -> None:
     actions = cluster.deliver(replica, forged)
     assert broadcasts(actions, Commit) == []
     assert replica.drops["bad_signature"] == 1
-    assert 2 not in replica.slots[1].prepares
+    assert 2 not in replica.ordering.slots[1].prepares
 
 
 def test_pre_prepare_signed_with_wrong_key_is_dropped(cluster: Cluster) -> None:
@@ -141,7 +141,7 @@ def test_prepare_from_the_primary_is_dropped(cluster: Cluster) -> None:
     actions = cluster.deliver(replica, cluster.prepare(0, entry))
     assert broadcasts(actions, Commit) == []
     assert replica.drops["primary_prepare"] == 1
-    assert 0 not in replica.slots[1].prepares
+    assert 0 not in replica.ordering.slots[1].prepares
 
 
 def test_conflicting_prepares_from_one_replica_are_kept_as_evidence(cluster: Cluster) -> None:
@@ -183,8 +183,8 @@ def test_conflicting_pre_prepares_from_the_primary_are_kept_as_evidence(
     assert broadcasts(actions, Prepare) == []
     assert replica.evidence == [("pre_prepare", 0, first.raw, second.raw)]
     assert replica.drops["conflicting_pre_prepare"] == 1
-    assert replica.slots[1].proposal is not None
-    assert replica.slots[1].proposal.entry_digest == first.digest
+    assert replica.ordering.slots[1].proposal is not None
+    assert replica.ordering.slots[1].proposal.entry_digest == first.digest
 
 
 def test_evidence_is_bounded(cluster: Cluster) -> None:

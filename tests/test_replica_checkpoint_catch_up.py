@@ -109,7 +109,7 @@ def test_two_f_plus_one_matching_checkpoints_make_checkpoint_stable(cluster: Clu
     )
     assert signers == [0, 1, 2]
     # Slots up to the checkpoint are discarded, with their records; seq 5 stays.
-    assert sorted(replica.slots) == [5]
+    assert sorted(replica.ordering.slots) == [5]
     deleted = {p.key for p in persists(actions) if p.value is None}
     for s in range(1, 5):
         assert {("committed", s), ("prepared", s), ("vote", "prepare", 0, s)} <= deleted
@@ -288,7 +288,7 @@ def test_checkpoint_state_with_valid_proof_moves_replica_forward(cluster: Cluste
 
     assert replica.last_executed == 4
     assert replica.ledger.digest() == model.digest()
-    assert replica.chain_hash == chain[4].digest
+    assert replica.ordering.chain_hash == chain[4].digest
     assert replica.statistics().stable_checkpoint == 4
     assert ("checkpoint",) in persisted_keys(actions)
     assert notes(actions, "state_transfer")
@@ -433,7 +433,7 @@ def test_replica_rebuilt_from_persisted_records_has_same_state(cluster: Cluster)
     restarted = cluster.replica(1, records=records)
 
     assert restarted.last_executed == 3
-    assert restarted.chain_hash == chain[3].digest
+    assert restarted.ordering.chain_hash == chain[3].digest
     assert restarted.ledger.digest() == replica.ledger.digest()
     assert restarted.ledger.snapshot() == replica.ledger.snapshot()
 
@@ -452,7 +452,7 @@ def test_replica_rebuilt_after_stable_checkpoint_has_same_state(cluster: Cluster
 
     assert (restarted.last_executed, restarted.statistics().stable_checkpoint) == (6, 4)
     assert restarted.ledger.digest() == replica.ledger.digest()
-    assert restarted.chain_hash == replica.chain_hash
+    assert restarted.ordering.chain_hash == replica.ordering.chain_hash
 
 
 def test_restarted_replica_refuses_to_prepare_conflicting_pre_prepare(cluster: Cluster) -> None:

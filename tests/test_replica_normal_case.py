@@ -387,7 +387,7 @@ def test_primary_does_not_propose_beyond_watermark_window() -> None:
     window = cluster.config.watermark_window
     actions = cluster.deliver(primary, *(cluster.request(i) for i in range(window + 3)))
     assert [p.seq for p in broadcasts(actions, PrePrepare)] == list(range(1, window + 1))
-    assert len(primary.proposal_queue) == 3
+    assert len(primary.requests.proposal_queue) == 3
 
 
 def test_primary_keeps_at_most_max_inflight_batches_unexecuted(cluster: Cluster) -> None:
@@ -399,7 +399,7 @@ def test_primary_keeps_at_most_max_inflight_batches_unexecuted(cluster: Cluster)
     proposals = broadcasts(actions, PrePrepare)
     assert [p.seq for p in proposals] == list(range(1, limit + 1))
     proposed = sum(len(p.requests) for p in proposals)
-    assert len(primary.proposal_queue) == total - proposed > 0
+    assert len(primary.requests.proposal_queue) == total - proposed > 0
 
 
 def test_primary_sends_heartbeats_on_ticks_when_idle(cluster: Cluster) -> None:
@@ -475,7 +475,7 @@ def test_retransmitted_request_after_execution_gets_stored_reply_and_is_not_repr
     )
     assert reply.seq == 1
     assert primary.next_seq == 2
-    assert primary.pending == {}
+    assert primary.requests.pending == {}
     assert primary.ledger.balance("alice") == 975
 
 

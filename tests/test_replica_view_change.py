@@ -504,7 +504,7 @@ def test_backup_rejects_view_change_with_forged_prepared_certificate(cluster: Cl
     weak = cluster.prepared_certificate(entry, [1])
     cluster.deliver(replica, cluster.view_change(1, 3, [weak]))
     assert replica.drops["bad_certificate"] == 1
-    assert replica.view_changes == {}
+    assert replica.viewchanges.view_changes == {}
 
 
 # --- joining and timeouts -------------------------------------------------------------------

@@ -23,6 +23,7 @@ from replica_harness import (
 from crypto.keys import Principal
 from pbft.client import ClientError, Decided
 from pbft.codec import MAX_FRAME_BYTES, pack
+from pbft.context import StableCheckpoint
 from pbft.events import Event, MessageReceived, Send
 from pbft.ledger import Ledger, Payment
 from pbft.messages import (
@@ -35,7 +36,7 @@ from pbft.messages import (
     ViewChange,
 )
 from pbft.receipt import RECEIPT_VERSION, Receipt, ReceiptError, verify_receipt
-from pbft.replica import Replica, StableCheckpoint
+from pbft.replica import Replica
 from pbft.status import ViewStatus
 from sim.scenario import parse_scenario
 from sim.simulator import Simulation
@@ -69,7 +70,7 @@ def _install_view_1_with_anchor_ahead(cluster: Cluster, replica: Replica) -> Cha
     ]
     cluster.deliver(replica, cluster.new_view(1, changes, []))
     assert (replica.view, replica.status) == (1, ViewStatus.NORMAL)
-    assert replica.stable.seq == 0 and replica.view_anchor is not None
+    assert replica.stable.seq == 0 and replica.checkpoints.view_anchor is not None
     return chain
 
 
@@ -90,7 +91,7 @@ def test_view_change_reports_every_entry_prepared_above_the_anchor() -> None:
     for seq in range(5, 13):
         entry = chain.append([cluster.request(100 + seq)], view=1)
         cluster.drive_prepared(replica, entry)
-    assert all(replica.slots[seq].best_prepared is not None for seq in range(5, 13))
+    assert all(replica.ordering.slots[seq].best_prepared is not None for seq in range(5, 13))
 
     actions = cluster.deliver(replica, cluster.suspect(1, 0), cluster.suspect(1, 2))
 
@@ -371,10 +372,10 @@ def test_serving_a_large_stable_checkpoint_does_not_crash_the_replica() -> None:
     cluster, ledger, chain_hash, proof = _large_checkpoint()
     replica = cluster.replica(0)
     snapshot = ledger.snapshot()
-    replica.ledger = ledger
-    replica.last_executed = 4
-    replica.chain_hash = chain_hash
-    replica.stable = StableCheckpoint(4, chain_hash, ledger.digest(), snapshot, proof)
+    replica.ordering.ledger = ledger
+    replica.ordering.last_executed = 4
+    replica.ordering.chain_hash = chain_hash
+    replica.checkpoints.stable = StableCheckpoint(4, chain_hash, ledger.digest(), snapshot, proof)
 
     actions = cluster.deliver(replica, cluster.fetch(1, 1, 0))  # raised DecodeError (oversize)
     # Now it goes in chunks: the first one, well within a frame.
@@ -403,7 +404,10 @@ def test_chain_rule_successor_accepted_early_is_never_prepared_on_another_predec
     assert replica.last_executed == 1
     prepared = [(p.seq, p.entry_digest) for p in broadcasts(actions, Prepare)]
     assert prepared == [(1, real.digest)]
-    assert not replica.slots[2].prepared_in_view and replica.slots[2].committed is None
+    assert (
+        not replica.ordering.slots[2].prepared_in_view
+        and replica.ordering.slots[2].committed is None
+    )
 
 
 def test_new_view_reproposals_at_or_below_own_stable_checkpoint_are_skipped() -> None:
@@ -427,7 +431,7 @@ def test_new_view_reproposals_at_or_below_own_stable_checkpoint_are_skipped() ->
     ]
     actions = cluster.deliver(replica, cluster.new_view(1, changes, [e.raw for e in reproposals]))
     assert (replica.view, replica.status, replica.halted) == (1, ViewStatus.NORMAL, None)
-    assert sorted(replica.slots) == [5, 6]
+    assert sorted(replica.ordering.slots) == [5, 6]
     assert [(p.view, p.seq) for p in broadcasts(actions, Prepare)] == [(1, 5)]
     actions = cluster.deliver(replica, cluster.prepare(0, reproposals[4]))
     assert [(p.view, p.seq) for p in broadcasts(actions, Prepare)] == [(1, 6)]
@@ -447,7 +451,7 @@ def test_backup_suspects_a_primary_that_never_proposes_a_pending_request() -> No
     cluster.tick(replica, 0)
     censored = cluster.request(1, client=1)
     cluster.deliver(replica, censored)
-    assert (1, 1) in replica.pending
+    assert (1, 1) in replica.requests.pending
     chain = cluster.chain()
     suspected = []
     for step in range(1, 61):  # 3 s = 10 timeouts
@@ -458,11 +462,11 @@ def test_backup_suspects_a_primary_that_never_proposes_a_pending_request() -> No
             cluster.drive_commit(replica, entry)
             cluster.deliver(replica, cluster.heartbeat(0, last_executed=entry.seq))
             if entry.seq % cluster.config.checkpoint_interval == 0:
-                state = (replica.chain_hash, replica.ledger.digest())
+                state = (replica.ordering.chain_hash, replica.ledger.digest())
                 cluster.deliver(
                     replica, *(cluster.checkpoint(entry.seq, i, *state) for i in (0, 1))
                 )
-    assert replica.last_executed == 30 and (1, 1) in replica.pending
+    assert replica.last_executed == 30 and (1, 1) in replica.requests.pending
     assert suspected, "client 1's payment waited 3 s (10 timeouts) and nobody suspected"
 
 
@@ -530,7 +534,7 @@ def test_restarted_replica_keeps_the_new_view_anchor() -> None:
         cluster.view_change(1, 2),
     ]
     records = apply_persists({}, cluster.deliver(replica, cluster.new_view(1, changes, [])))
-    assert replica.view_anchor is not None
+    assert replica.checkpoints.view_anchor is not None
 
     restarted = cluster.replica(3, records=records)
     assert (restarted.view, restarted.status) == (1, ViewStatus.NORMAL)

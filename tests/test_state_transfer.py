@@ -10,7 +10,9 @@ import pytest
 from replica_harness import Cluster, decode, send_raws, sends
 
 from crypto.merkle import leaf_hash, level_up, merkle_root, node_hash, node_path
+from pbft.catchup import STATE_TRANSFER_TIMEOUT_INTERVALS
 from pbft.codec import MAX_FRAME_BYTES
+from pbft.context import StableCheckpoint
 from pbft.ledger import (
     Account,
     GeneratedAccounts,
@@ -21,7 +23,7 @@ from pbft.ledger import (
     SnapshotLeaves,
 )
 from pbft.messages import Checkpoint, CommitCertificate, Fetch, StateChunk, StateRequest
-from pbft.replica import STATE_TRANSFER_TIMEOUT_INTERVALS, Replica, StableCheckpoint
+from pbft.replica import Replica
 from pbft.signed import seal
 from pbft.statetransfer import OFFER_BYTES, ChunkRejected, IncomingTransfer, chunk_proves
 from sim import transfer_bench
@@ -181,10 +183,12 @@ def _server(cluster: Cluster, replica_id: int, ledger: Ledger) -> Replica:
     execution would take the payments of _busy_ledger through the whole protocol)."""
     replica = cluster.replica(replica_id)
     proof = cluster.checkpoint_proof(SEQ, CHAIN_HASH, ledger.digest(), [0, 1, 2])
-    replica.ledger = ledger
-    replica.last_executed = SEQ
-    replica.chain_hash = CHAIN_HASH
-    replica.stable = StableCheckpoint(SEQ, CHAIN_HASH, ledger.digest(), ledger.snapshot(), proof)
+    replica.ordering.ledger = ledger
+    replica.ordering.last_executed = SEQ
+    replica.ordering.chain_hash = CHAIN_HASH
+    replica.checkpoints.stable = StableCheckpoint(
+        SEQ, CHAIN_HASH, ledger.digest(), ledger.snapshot(), proof
+    )
     cluster.tick(replica, 1000)
     return replica
 
@@ -213,7 +217,7 @@ def _pump(
 
 
 def _target(cluster: Cluster, lagging: Replica, request: StateRequest) -> int:
-    incoming = lagging.incoming
+    incoming = lagging.catchup.incoming
     assert incoming is not None
     return incoming.source
 
@@ -231,7 +235,7 @@ def test_lagging_replica_catches_up_by_chunks() -> None:
     assert lagging.last_executed == SEQ and lagging.stable.seq == SEQ
     assert lagging.ledger.digest() == ledger.digest()
     assert lagging.ledger.snapshot() == ledger.snapshot()
-    assert lagging.incoming is None
+    assert lagging.catchup.incoming is None
     # Many chunks, in order, covering every leaf once; blocks of 32 leaves where they fit
     # in 1024 bytes, halved (down to what fits) where the bigger client leaves are.
     assert len(chunks) > ledger.leaf_count() // 32
@@ -264,8 +268,8 @@ def test_forged_chunk_is_rejected_counted_and_the_rest_comes_from_another_replic
     actions = cluster.deliver(lagging, seal(forged, cluster.replica_keys[2]))
 
     assert lagging.drops["bad_state_chunk"] == 1
-    assert lagging.incoming is not None and lagging.incoming.distrusted == {2}
-    assert lagging.incoming.next_leaf == request.start  # nothing of it was taken
+    assert lagging.catchup.incoming is not None and lagging.catchup.incoming.distrusted == {2}
+    assert lagging.catchup.incoming.next_leaf == request.start  # nothing of it was taken
     # The same leaf is asked of another replica, never the liar again.
     (again,) = sends(actions, ("replica", 0), StateRequest)
     assert again.start == request.start
@@ -288,12 +292,12 @@ def test_chunk_with_a_lying_leaf_count_or_misplaced_start_is_dropped() -> None:
     # Not the leaf it waits for (a late copy): dropped without blame.
     cluster.deliver(lagging, first)
     assert lagging.drops["state_chunk_unexpected"] == 1
-    assert lagging.incoming is not None and not lagging.incoming.distrusted
+    assert lagging.catchup.incoming is not None and not lagging.catchup.incoming.distrusted
     # The right leaf, in a tree of another size than the first chunk said.
     lying = StateChunk(**{**genuine.__dict__, "leaf_count": genuine.leaf_count + 40})
     cluster.deliver(lagging, seal(lying, key))
     assert lagging.drops["bad_state_chunk"] + lagging.drops["state_chunk_conflict"] == 1
-    assert 1 in lagging.incoming.distrusted
+    assert 1 in lagging.catchup.incoming.distrusted
     assert lagging.ledger.digest() == cluster.genesis_ledger_digest
 
 
@@ -316,8 +320,8 @@ def test_transfer_resumes_from_another_replica_after_a_lost_chunk() -> None:
     # That answer is lost too: the next wait is twice as long, then replica 0 is asked.
     assert sends(cluster.tick(lagging, 1000 + 3 * timeout - 1), kind=StateRequest) == []
     (to_zero,) = sends(cluster.tick(lagging, 1000 + 3 * timeout), kind=StateRequest)
-    assert to_zero.start == request.start and lagging.incoming is not None
-    assert lagging.incoming.source == 0
+    assert to_zero.start == request.start and lagging.catchup.incoming is not None
+    assert lagging.catchup.incoming.source == 0
     # Replica 2's answer to the earlier request arrives late after all: it is taken (a
     # chunk proves itself), and the transfer goes on with replica 2.
     again = lost_again
@@ -470,7 +474,7 @@ def test_help_below_the_stable_checkpoint_is_one_signed_checkpoint_that_makes_it
     (hint,) = send_raws(cluster.deliver(server, cluster.prepare_vote(0, 1, 3, b"\x00" * 32)))
     assert isinstance(decode(hint), Checkpoint) and len(hint) < 512
     cluster.deliver(lagging, hint)
-    assert lagging.highest_seen_executed == SEQ
+    assert lagging.catchup.highest_seen_executed == SEQ
     asked = [decode(raw) for raw in send_raws(cluster.tick(lagging, 1000 + 10_000))]
     assert [type(message) for message in asked] == [Fetch]
 

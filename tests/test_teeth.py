@@ -19,14 +19,16 @@ from typing import Any
 
 import pytest
 
-import pbft.replica as replica_module
+import pbft.viewchanges as viewchanges_module
 from pbft.chain import entry_digest
 from pbft.ledger import ExecutionResult, Ledger, Payment
 from pbft.log import Slot
 from pbft.messages import NewView, PrePrepare
-from pbft.replica import Replica
+from pbft.ordering import Ordering
+from pbft.recovery import Recovery
 from pbft.signed import Opened, peek
 from pbft.viewchange import NewViewPlan, PlannedEntry, VerifiedViewChange, plan_new_view
+from pbft.viewchanges import ViewChanges
 from sim.checkers import SAFETY_CHECKS, run_checks
 from sim.fuzz import fuzz, run_case
 from sim.scenario import BEHAVIORS as SCENARIO_BEHAVIORS
@@ -75,7 +77,7 @@ def assert_bug_is_found(
 
 
 def drop_last_planned_entry(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`plan_new_view` (as pbft.replica uses it, for the new primary's NEW-VIEW and for every
+    """`plan_new_view` (as pbft.viewchanges uses it, for the new primary's NEW-VIEW and for every
     backup's check of it) leaves out the last re-proposal: the new primary forgets a
     prepared entry and the backups, recomputing with the same mistake, accept it."""
 
@@ -83,7 +85,7 @@ def drop_last_planned_entry(monkeypatch: pytest.MonkeyPatch) -> None:
         plan = plan_new_view(view, view_changes)
         return dataclasses.replace(plan, entries=plan.entries[:-1])
 
-    monkeypatch.setattr(replica_module, "plan_new_view", lossy_plan)
+    monkeypatch.setattr(viewchanges_module, "plan_new_view", lossy_plan)
 
 
 LAGGING_QUORUM = """
@@ -131,18 +133,16 @@ def test_new_view_that_drops_a_prepared_entry_breaks_agreement(
 
 def trust_the_primarys_new_view(monkeypatch: pytest.MonkeyPatch) -> None:
     """A backup checking a NEW-VIEW no longer recomputes the re-proposals: `plan_new_view`, as
-    Replica._on_new_view calls it, returns the honest plan's checkpoint with the entries the
-    primary sent (so the comparison that follows always agrees). The new primary's own plan
-    is unchanged. Replica._handlers holds the handler functions themselves, so the wrapper
-    that tells the two calls apart is put there."""
+    ViewChanges.on_new_view calls it, returns the honest plan's checkpoint with the entries
+    the primary sent (so the comparison that follows always agrees). The new primary's own
+    plan is unchanged: a wrapper around on_new_view tells the two calls apart."""
     receiving: list[NewView] = []
-    on_new_view = Replica._on_new_view
+    on_new_view = ViewChanges.on_new_view
 
-    def on_new_view_trusting(self: Replica, opened: Opened) -> None:
-        assert isinstance(opened.message, NewView)
-        receiving.append(opened.message)
+    def on_new_view_trusting(self: ViewChanges, message: NewView, opened: Opened) -> None:
+        receiving.append(message)
         try:
-            on_new_view(self, opened)
+            on_new_view(self, message, opened)
         finally:
             receiving.pop()
 
@@ -166,8 +166,8 @@ def trust_the_primarys_new_view(monkeypatch: pytest.MonkeyPatch) -> None:
             )
         return dataclasses.replace(plan, entries=tuple(entries))
 
-    monkeypatch.setitem(Replica._handlers, NewView, on_new_view_trusting)
-    monkeypatch.setattr(replica_module, "plan_new_view", primarys_plan)
+    monkeypatch.setattr(ViewChanges, "on_new_view", on_new_view_trusting)
+    monkeypatch.setattr(viewchanges_module, "plan_new_view", primarys_plan)
 
 
 BAD_NEW_VIEW = """
@@ -238,20 +238,20 @@ class _CommitQuorumOf2f:
 
 
 def commit_with_2f(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Only inside Replica._step_slot, the replica's config says quorum = 2f. The commit rule
+    """Only inside Ordering._step_slot, the replica's config says quorum = 2f. The commit rule
     is the one use of `quorum` there (prepared uses 2f prepares plus the pre-prepare), so
     view changes, checkpoints and certificates elsewhere keep their 2f + 1."""
-    step_slot = Replica._step_slot
+    step_slot = Ordering._step_slot
 
-    def step_slot_with_weak_commit(self: Replica, slot: Slot) -> bool:
-        config = self.config
-        self.config = _CommitQuorumOf2f(config)  # type: ignore[assignment]
+    def step_slot_with_weak_commit(self: Ordering, slot: Slot) -> bool:
+        config = self.ctx.config
+        self.ctx.config = _CommitQuorumOf2f(config)  # type: ignore[assignment]
         try:
             return step_slot(self, slot)
         finally:
-            self.config = config
+            self.ctx.config = config
 
-    monkeypatch.setattr(Replica, "_step_slot", step_slot_with_weak_commit)
+    monkeypatch.setattr(Ordering, "_step_slot", step_slot_with_weak_commit)
 
 
 WEAK_COMMIT = """
@@ -342,10 +342,10 @@ def test_votes_for_another_digest_break_agreement(monkeypatch: pytest.MonkeyPatc
 
 
 def execute_out_of_order(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Replica._execute_ready runs the lowest committed entry above the last executed one,
+    """Ordering.execute_ready runs the lowest committed entry above the last executed one,
     without waiting for a gap below it to commit (and without the chain check)."""
 
-    def execute_ready(self: Replica) -> None:
+    def execute_ready(self: Ordering) -> None:
         executed_before = self.last_executed
         while True:
             ready = [
@@ -359,9 +359,9 @@ def execute_out_of_order(monkeypatch: pytest.MonkeyPatch) -> None:
             assert committed is not None
             self._execute(committed.proposal)
         if self.last_executed > executed_before:
-            self._maybe_propose()
+            self.maybe_propose()
 
-    monkeypatch.setattr(Replica, "_execute_ready", execute_ready)
+    monkeypatch.setattr(Ordering, "execute_ready", execute_ready)
 
 
 REORDERED_COMMITS = """
@@ -506,7 +506,7 @@ def forget_new_view_on_recovery(monkeypatch: pytest.MonkeyPatch) -> None:
     """Recovery keeps the NEW-VIEW only as a message, as the replica once did: its plan is
     not re-installed into the slots, so a restarted backup takes a fresh PRE-PREPARE from the
     primary at a sequence number the NEW-VIEW assigned."""
-    monkeypatch.setattr(Replica, "_recover_new_view", lambda self, raw: None)
+    monkeypatch.setattr(Recovery, "_recover_new_view", lambda self, raw: None)
 
 
 def test_new_view_forgotten_on_restart_is_found() -> None:

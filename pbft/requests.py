@@ -1,0 +1,225 @@
+"""Request intake: client requests known and not executed, their quotas, and batching order.
+
+A request is admitted once (it is then pending until executed), within the table's
+limit and its client's quota; a client over its quota is marked, its backlog arms no
+request timer and gets only a share of each batch. At the primary, a request a backup
+relays may be charged to that backup's share instead (see relayed_per_client). A
+retransmission of a decided request is answered with the reply signed then.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from itertools import islice
+
+from crypto.keys import Principal
+from pbft.budget import TokenBuckets
+from pbft.context import (
+    Context,
+    PendingRequest,
+)
+from pbft.drops import DropReason
+from pbft.messages import (
+    BalanceQuery,
+    BalanceReply,
+    Request,
+)
+from pbft.signed import Opened, Rejected, seal
+from pbft.status import ViewStatus
+
+# Of each batch, at most this fraction goes to clients over their quota (see _next_batch).
+OVER_QUOTA_BATCH_SHARE = 4
+
+
+class Requests:
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        config = ctx.config
+        # Requests this replica knows of and has not executed, in arrival order.
+        self.pending: dict[tuple[int, int], PendingRequest] = {}
+        # How many of `pending` each client holds (its quota: client_pending_limit).
+        self.pending_per_client: Counter[int] = Counter()
+        # Clients that overflowed their quota here: more outstanding requests than a correct
+        # client ever has. Liveness is promised to correct clients only, so their backlog
+        # arms no request timer (it must not depose a correct primary). Cleared once the
+        # client has nothing pending here any more.
+        self.over_quota_clients: dict[int, None] = {}
+        # Primary only: requests admitted on a backup's relay although their client was at
+        # its quota here (or the table full), charged to that backup instead, per (backup,
+        # client) and per backup. A backup times every request it relays, so a correct
+        # primary must take what a correct backup relays, or a client that sends some
+        # requests to the primary and others to the backups gets the primary deposed. Each
+        # backup's share is bounded like a client's: client_pending_limit per client and
+        # pending_request_limit in all.
+        self.relayed_per_client: Counter[tuple[int, int]] = Counter()
+        self.relayed_per_replica: Counter[int] = Counter()
+        self.client_budget = TokenBuckets(
+            config.client_replay_rate_per_s, config.client_replay_burst
+        )
+        # Primary only: pending requests not yet proposed in this view, in arrival order.
+        self.proposal_queue: dict[tuple[int, int], None] = {}
+
+    def refused_for_quota(self, request: Request, link: Principal | None) -> bool:
+        """Whether `_on_request` would refuse this request for its client's quota, decided
+        before its signature is checked. Only for a client already marked over its quota
+        (by a request whose signature was checked: a forgery naming a correct client cannot
+        get it marked), only a new request (a pending or decided one takes its usual path:
+        a relay, a kept reply), and not one a backup relays within its share."""
+        client_id = request.client_id
+        return (
+            client_id in self.over_quota_clients
+            and self.pending_per_client[client_id] >= self.ctx.config.client_pending_limit
+            and (client_id, request.request_id) not in self.pending
+            and self.ctx.ordering.ledger.lookup(client_id, request.request_id) is None
+            and self._relay_share(client_id, link) is None
+        )
+
+    def _relay_share(self, client_id: int, link: Principal | None) -> int | None:
+        """The backup a request of this client that arrived on `link` may be charged to:
+        at the primary only, for a request a backup relayed, within that backup's share
+        (see relayed_per_client). None: the request is charged to its client."""
+        if link is None or link[0] != "replica" or not self.ctx.is_primary:
+            return None
+        relayer = link[1]
+        if relayer == self.ctx.id or not 0 <= relayer < self.ctx.config.replica_count:
+            return None
+        if self.relayed_per_client[(relayer, client_id)] >= self.ctx.config.client_pending_limit:
+            return None
+        if self.relayed_per_replica[relayer] >= self.ctx.config.pending_request_limit:
+            return None
+        return relayer
+
+    def on_balance_query(self, query: BalanceQuery, opened: Opened) -> None:
+        balance = self.ctx.ordering.ledger.balance(query.account)
+        reply = BalanceReply(
+            self.ctx.id,
+            query.client_id,
+            query.query_id,
+            query.account,
+            int(balance is not None),
+            balance or 0,
+            self.ctx.ordering.last_executed,
+            self.ctx.cluster_id,
+        )
+        self.ctx.send(("client", query.client_id), seal(reply, self.ctx.key))
+
+    def on_request(self, request: Request, opened: Opened) -> None:
+        identity = (request.client_id, request.request_id)
+        digest = opened.body_digest
+        decision = self.ctx.ordering.ledger.lookup(request.client_id, request.request_id)
+        if decision is not None and decision.body_digest == digest:
+            # A retransmission of something already decided: answer with the reply we
+            # signed then (a replay costs no signature), within the client's budget.
+            if not self.client_budget.allow(request.client_id, self.ctx.now_ms):
+                raise Rejected(DropReason.REPLAY_RATE_LIMITED, f"client {request.client_id}")
+            signed = self.ctx.ordering.signed_replies.get(
+                request.client_id, request.request_id, digest
+            )
+            if signed is not None:
+                self.ctx.send(("client", request.client_id), signed)
+                return
+            self.ctx.ordering.reply(
+                request, digest, decision.seq, decision.outcome.value, decision.reason.value
+            )
+            return
+        if identity in self.pending:
+            if not self.ctx.is_primary and self.ctx.status is ViewStatus.NORMAL:
+                if not self.client_budget.allow(request.client_id, self.ctx.now_ms):
+                    raise Rejected(DropReason.RELAY_RATE_LIMITED, f"client {request.client_id}")
+                self.ctx.send(("replica", self.ctx.config.primary_of(self.ctx.view)), opened.raw)
+            return
+        client_id = request.client_id
+        relayer = None
+        charged_to_clients = len(self.pending) - self.relayed_per_replica.total()
+        if (
+            charged_to_clients >= self.ctx.config.pending_request_limit
+            or self.pending_per_client[client_id] >= self.ctx.config.client_pending_limit
+        ):
+            relayer = self._relay_share(client_id, opened.link)
+            if relayer is None:
+                if charged_to_clients >= self.ctx.config.pending_request_limit:
+                    raise Rejected(DropReason.REQUEST_QUEUE_FULL)
+                self.over_quota_clients[client_id] = None
+                raise Rejected(DropReason.CLIENT_QUOTA_FULL, f"client {client_id}")
+        self.pending[identity] = PendingRequest(opened, digest, self.ctx.now_ms, relayer)
+        if relayer is None:
+            self.pending_per_client[client_id] += 1
+        else:
+            self.relayed_per_client[(relayer, client_id)] += 1
+            self.relayed_per_replica[relayer] += 1
+        if self.ctx.is_primary:
+            if self.ctx.status is ViewStatus.NORMAL:
+                self.proposal_queue[identity] = None
+                self.ctx.ordering.maybe_propose()
+        elif self.ctx.status is ViewStatus.NORMAL:
+            # The client gave up on the primary and told everyone: relay it and watch.
+            self.ctx.send(("replica", self.ctx.config.primary_of(self.ctx.view)), opened.raw)
+
+    def _is_backlog(self, identity: tuple[int, int]) -> bool:
+        """A request of a client over its quota here, charged to that client: its backlog.
+        One a backup relayed within its share is not: that backup times it."""
+        if identity[0] not in self.over_quota_clients:
+            return False
+        pending = self.pending.get(identity)
+        return pending is None or pending.relayer is None
+
+    def backlog_only(self, identities: list[tuple[int, int]]) -> bool:
+        return bool(self.over_quota_clients) and all(map(self._is_backlog, identities))
+
+    def next_batch(self) -> list[tuple[int, int]]:
+        """The next batch_size requests to propose, in arrival order, but correct clients'
+        first: a client over its quota must not make everyone else's requests wait behind
+        its backlog (long enough, it would look like censorship to the backups). Its
+        backlog also gets at most 1/OVER_QUOTA_BATCH_SHARE of a batch: every request
+        ordered costs each replica a signature check, an execution and a signed reply, so
+        full batches of it would slow the batches in flight that correct clients' requests
+        wait behind."""
+        size = self.ctx.config.batch_size
+        if not self.over_quota_clients:
+            return list(islice(self.proposal_queue, size))
+        first: list[tuple[int, int]] = []
+        later: list[tuple[int, int]] = []
+        later_limit = max(1, size // OVER_QUOTA_BATCH_SHARE)
+        for identity in self.proposal_queue:
+            if not self._is_backlog(identity):
+                first.append(identity)
+                if len(first) == size:
+                    break
+            elif len(later) < later_limit:
+                later.append(identity)
+        return (first + later)[:size]
+
+    def unpend(self, identity: tuple[int, int]) -> None:
+        pending = self.pending.pop(identity)
+        self.proposal_queue.pop(identity, None)
+        client_id = identity[0]
+        if pending.relayer is not None:
+            self.relayed_per_client[(pending.relayer, client_id)] -= 1
+            if self.relayed_per_client[(pending.relayer, client_id)] <= 0:
+                del self.relayed_per_client[(pending.relayer, client_id)]
+            self.relayed_per_replica[pending.relayer] -= 1
+            if self.relayed_per_replica[pending.relayer] <= 0:
+                del self.relayed_per_replica[pending.relayer]
+            return
+        self.pending_per_client[client_id] -= 1
+        if self.pending_per_client[client_id] <= 0:
+            del self.pending_per_client[client_id]
+            self.over_quota_clients.pop(client_id, None)
+
+    def oldest_timed_request(self) -> PendingRequest | None:
+        if not self.over_quota_clients and not self.relayed_per_replica:
+            return next(iter(self.pending.values()), None)
+        # Requests charged to a relaying backup are left out too: this replica took them
+        # as primary, beyond what it may relay to the next one (the backup that relayed
+        # them times them). Bounded: at most client_pending_limit entries per over-quota
+        # client, and pending_request_limit per relaying backup, are skipped.
+        for (client_id, _), pending in self.pending.items():
+            if client_id not in self.over_quota_clients and pending.relayer is None:
+                return pending
+        return None
+
+    def forget_decided_requests(self) -> None:
+        for identity in list(self.pending):
+            decision = self.ctx.ordering.ledger.lookup(*identity)
+            if decision is not None and decision.body_digest == self.pending[identity].body_digest:
+                self.unpend(identity)

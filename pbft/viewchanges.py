@@ -1,0 +1,515 @@
+"""Liveness: heartbeats, suspicion, VIEW-CHANGE and NEW-VIEW.
+
+The primary sends heartbeats when idle (and under load). A backup whose timers expire (no
+word from the primary, a request not ordered in time, work not completed) sends SUSPECT;
+f + 1 suspicions of the same view start a VIEW-CHANGE, so one cut-off replica cannot
+unseat a working primary, and f + 1 replicas in later views make a replica join them.
+The new primary's NEW-VIEW is verified by recomputing its plan from the view changes it
+cites (pbft/viewchange.py). Each view given up on doubles the view timeouts.
+"""
+
+from __future__ import annotations
+
+from pbft.certificates import Proposal
+from pbft.codec import pack
+from pbft.context import (
+    Anchor,
+    Context,
+    ReplicaInvariantError,
+)
+from pbft.drops import DropReason
+from pbft.events import (
+    NoteKind,
+)
+from pbft.messages import (
+    Heartbeat,
+    NewView,
+    PrePrepare,
+    Request,
+    Suspect,
+    ViewChange,
+)
+from pbft.signed import Opened, Rejected, seal
+from pbft.status import ViewStatus
+from pbft.timeout import Timeout
+from pbft.viewchange import NewViewPlan, VerifiedViewChange, plan_new_view, verify_view_change
+
+FORWARD_ON_NEW_VIEW_LIMIT = 256
+OWN_VIEW_CHANGES_KEPT = 4
+# A request may wait this many view-change timeouts while the primary keeps executing
+# (one timeout while it does not): see _watch_primary.
+REQUEST_TIMEOUTS_UNDER_LOAD = 4
+
+
+class ViewChanges:
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        config = ctx.config
+        view_timeout_ms = config.view_change_timeout_ms
+        # Primary: heartbeats, sent when it runs out.
+        self.heartbeat_timeout = Timeout("heartbeat", config.heartbeat_interval_ms, started_ms=0)
+        # Backup: no word from the primary (a PRE-PREPARE, a heartbeat) for this long.
+        self.primary_timeout = Timeout("primary", view_timeout_ms, started_ms=0)
+        # Backup: work it saw proposed (or requests it holds) not executed in time.
+        self.progress_timeout = Timeout("progress", view_timeout_ms)
+        # Between view changes: the new primary did not install its view in time.
+        self.view_change_timeout = Timeout("view_change", view_timeout_ms)
+        # Rate limits: one SUSPECT per view timeout; the backoff comes down one step at
+        # most once per view timeout.
+        self.suspect_timeout = Timeout("suspect", view_timeout_ms)
+        self.backoff_decay_timeout = Timeout("backoff_decay", view_timeout_ms, started_ms=0)
+        self.suspects: dict[int, int] = {}
+        self.failed_views = 0
+        self.view_changes: dict[int, dict[int, VerifiedViewChange]] = {}
+        self.latest_view_claims: dict[int, int] = {}
+        self.view_claim_ms: dict[int, int] = {}
+        self.own_view_change: bytes | None = None
+        # Our view changes for the last few views, to hand to replicas stuck in them.
+        self.own_view_changes: dict[int, bytes] = {}
+        self.new_view_message: bytes | None = None
+        self.view_records: dict[tuple[str | int, ...], None] = {}
+        self.view_changes_started = 0
+        self.new_views_installed = 0
+
+    def retransmit(self) -> None:
+        """Our VIEW-CHANGE again while the view is not installed."""
+        if self.ctx.status is ViewStatus.VIEW_CHANGE and self.own_view_change is not None:
+            self.ctx.broadcast(self.own_view_change)
+
+    def check_view(self, view: int, sender: int) -> None:
+        if view != self.ctx.view or self.ctx.status is ViewStatus.VIEW_CHANGE:
+            if view > self.ctx.view:
+                self._claim_view(sender, view)
+            raise Rejected(DropReason.WRONG_VIEW, f"view {view}, ours {self.ctx.view}")
+
+    def on_heartbeat(self, heartbeat: Heartbeat, opened: Opened) -> None:
+        if heartbeat.replica != self.ctx.config.primary_of(heartbeat.view):
+            raise Rejected(DropReason.NOT_PRIMARY, "heartbeat")
+        # Even from a later view: how far the cluster got is what tells us to catch up. One
+        # heartbeat is a hint (ask its sender, who must then prove it with certificates);
+        # only f + 1 replicas' claims move highest_seen_executed.
+        self.ctx.catchup.claim_executed(heartbeat.replica, heartbeat.last_executed)
+        if heartbeat.view > self.ctx.view or (
+            heartbeat.view == self.ctx.view and self.ctx.status is ViewStatus.VIEW_CHANGE
+        ):
+            # A primary of a later view: we missed its NEW-VIEW (we restarted, or were cut
+            # off while the cluster went idle). Ask it; a FETCH names our view.
+            self.ctx.catchup.fetch_from(heartbeat.replica)
+        elif (
+            heartbeat.last_executed > self.ctx.ordering.last_executed
+            and self.ctx.catchup.incoming is None
+        ):
+            # (A state transfer under way fetches for itself.)
+            self.ctx.catchup.fetch_from(heartbeat.replica)
+        if (
+            heartbeat.last_executed < self.ctx.ordering.last_executed
+            and heartbeat.view <= self.ctx.view
+        ):
+            # The primary itself is behind (it restarted, or lost its disk): with no load
+            # nothing else would ever tell it. Send it what it lacks, on the help budget.
+            helped = self.ctx.catchup.help_served_ms.get(heartbeat.replica)
+            if helped is None or self.ctx.now_ms - helped >= self.ctx.config.retransmit_interval_ms:
+                self.ctx.catchup.help_served_ms[heartbeat.replica] = self.ctx.now_ms
+                self.ctx.catchup.serve_catch_up(
+                    heartbeat.replica, heartbeat.last_executed + 1, heartbeat.last_executed
+                )
+        self.check_view(heartbeat.view, heartbeat.replica)
+        self.primary_timeout.start(self.ctx.now_ms)
+
+    def on_suspect(self, suspect: Suspect, opened: Opened) -> None:
+        if suspect.view != self.ctx.view or self.ctx.status is ViewStatus.VIEW_CHANGE:
+            if suspect.view > self.ctx.view:
+                self._claim_view(suspect.replica, suspect.view)
+            return
+        self.suspects[suspect.replica] = self.ctx.now_ms
+        self._check_suspects()
+
+    def _timeout_ms(self) -> int:
+        doublings = min(self.failed_views, self.ctx.config.max_timeout_doublings)
+        return self.ctx.config.view_change_timeout_ms * (2**doublings)
+
+    def set_failed_views(self, failed_views: int) -> None:
+        """Each view given up on doubles the view timeouts (up to a limit); progress brings
+        them back down. The timeouts measured against the current backoff take it at once;
+        the deadlines (progress, view change) take it when they are next started."""
+        self.failed_views = failed_views
+        doublings = min(failed_views, self.ctx.config.max_timeout_doublings)
+        for timeout in (self.primary_timeout, self.suspect_timeout, self.backoff_decay_timeout):
+            timeout.backoff(doublings)
+
+    def _start_deadline(self, timeout: Timeout) -> None:
+        """Start a deadline at the current backoff, fixed until it is started again."""
+        timeout.backoff(min(self.failed_views, self.ctx.config.max_timeout_doublings))
+        timeout.start(self.ctx.now_ms)
+
+    def on_heartbeat_timeout(self) -> None:
+        # Sent under load too (as Raft's leader does): it tells backups how far the
+        # primary got, which is how a backup that lost a message learns it is behind.
+        self.heartbeat_timeout.start(self.ctx.now_ms)
+        heartbeat = Heartbeat(
+            self.ctx.view,
+            self.ctx.id,
+            self.ctx.ordering.next_seq - 1,
+            self.ctx.ordering.last_executed,
+        )
+        self.ctx.broadcast(seal(heartbeat, self.ctx.key))
+
+    def on_primary_timeout(self) -> None:
+        self._suspect("no heartbeat")
+
+    def request_timer_fired(self) -> bool:
+        """PBFT's request timer: the oldest request we hold must be ordered in time, however
+        busy the primary keeps itself with other clients' payments (no censorship). Only
+        correct clients' requests count (see over_quota_clients). One timeout while
+        nothing executes; while the primary keeps executing, a few: under load a request
+        legitimately waits behind batches in flight and a backlog (a client sending its
+        quota at once, a flood being ordered), and a correct primary must not be deposed
+        for that. Censorship is still caught, REQUEST_TIMEOUTS_UNDER_LOAD times later.
+        Measured from each request's arrival, so it is not a `Timeout` of its own."""
+        oldest = self.ctx.requests.oldest_timed_request()
+        if oldest is None:
+            return False
+        timeout = self._timeout_ms()
+        age = self.ctx.now_ms - oldest.arrived_ms
+        executing = self.ctx.now_ms - self.ctx.ordering.last_execution_ms < timeout
+        return age >= (REQUEST_TIMEOUTS_UNDER_LOAD * timeout if executing else timeout)
+
+    def on_request_timeout(self) -> None:
+        self._suspect("request not ordered")
+
+    def watch_progress(self) -> None:
+        """Run the progress timeout while there is work (requests held, entries proposed
+        and not committed), stop it when there is none."""
+        has_work = self.ctx.requests.oldest_timed_request() is not None or any(
+            slot.proposal is not None and slot.committed is None
+            for seq, slot in self.ctx.ordering.slots.items()
+            if seq > self.ctx.ordering.last_executed
+        )
+        if not has_work:
+            self.progress_timeout.stop()
+        elif not self.progress_timeout.running:
+            self._start_deadline(self.progress_timeout)
+        elif self.progress_timeout.fired(self.ctx.now_ms):
+            self.on_progress_timeout()
+
+    def on_progress_timeout(self) -> None:
+        self._suspect("work not completed")
+
+    def on_view_change_timeout(self) -> None:
+        # The new primary did not install the view in time: try the next one.
+        self._start_view_change(self.ctx.view + 1)
+
+    def _suspect(self, reason: str) -> None:
+        if not self.suspect_timeout.quiet(self.ctx.now_ms):
+            return
+        self.suspect_timeout.start(self.ctx.now_ms)
+        self.suspects[self.ctx.id] = self.ctx.now_ms
+        self.ctx.note(NoteKind.SUSPECT, f"view {self.ctx.view}: {reason}")
+        self.ctx.broadcast(seal(Suspect(self.ctx.view, self.ctx.id), self.ctx.key))
+        self._check_suspects()
+
+    def _check_suspects(self) -> None:
+        # Old suspicions fade, so transient hiccups far apart do not add up to a view change.
+        horizon = self.ctx.now_ms - 4 * self._timeout_ms()
+        self.suspects = {
+            replica: when for replica, when in self.suspects.items() if when >= horizon
+        }
+        # A replica already in a later view has given up on this one: that is suspicion too.
+        # Claims fade like suspicions: one absurd view number sent once must not count
+        # against every later primary forever.
+        suspecting = dict.fromkeys(self.suspects) | {
+            replica: None
+            for replica, view in self.latest_view_claims.items()
+            if view > self.ctx.view and self.view_claim_ms.get(replica, horizon - 1) >= horizon
+        }
+        if len(suspecting) >= self.ctx.config.weak_quorum:
+            self._start_view_change(self.ctx.view + 1)
+
+    def _claim_view(self, sender: int, view: int) -> None:
+        """A peer showed it is in a later view; f + 1 such peers mean we fell behind."""
+        if view > self.ctx.view:
+            self.view_claim_ms[sender] = self.ctx.now_ms
+        previous = self.latest_view_claims.get(sender, -1)
+        if view <= previous:
+            return
+        self.latest_view_claims[sender] = view
+        ahead = sorted(
+            (claimed for claimed in self.latest_view_claims.values() if claimed > self.ctx.view),
+            reverse=True,
+        )
+        weak = self.ctx.config.weak_quorum
+        if len(ahead) >= weak and ahead[weak - 1] > self.ctx.view:
+            # At least one correct replica is in a view >= this one: join it.
+            self._start_view_change(ahead[weak - 1])
+        elif self.ctx.status is ViewStatus.NORMAL:
+            self._check_suspects()
+
+    def _start_view_change(self, new_view: int) -> None:
+        if new_view <= self.ctx.view:
+            return
+        self.ctx.view = new_view
+        self.ctx.status = ViewStatus.VIEW_CHANGE
+        self.view_changes_started += 1
+        # Each view given up on doubles the timeouts, so a slow network still gets a view
+        # that lasts long enough to make progress (PBFT's exponential backoff).
+        self.set_failed_views(self.failed_views + 1)
+        self.backoff_decay_timeout.start(self.ctx.now_ms)
+        self.view_change_timeout.stop()
+        self.suspects = {}
+        self.progress_timeout.stop()
+        self.ctx.requests.proposal_queue = {}
+        self.ctx.ordering.new_view_planned_high = 0
+        for slot in self.ctx.ordering.slots.values():
+            slot.reset_view()
+        # Cite the highest checkpoint we hold a proof for: our stable one, or the anchor a
+        # NEW-VIEW gave us. Entries prepared above the anchor may have committed; citing
+        # the lower checkpoint would leave them out of the window and lose them.
+        cited = (
+            self.ctx.checkpoints.view_anchor
+            if self.ctx.checkpoints.view_anchor is not None
+            else self.ctx.checkpoints.stable
+        )
+        window_high = cited.seq + self.ctx.config.watermark_window
+        prepared = [
+            slot.best_prepared.certificate
+            for seq, slot in sorted(self.ctx.ordering.slots.items())
+            if cited.seq < seq <= window_high and slot.best_prepared is not None
+        ]
+        view_change = ViewChange(
+            new_view,
+            self.ctx.id,
+            cited.seq,
+            cited.chain_hash,
+            cited.ledger_digest,
+            cited.proof,
+            tuple(prepared),
+        )
+        raw = seal(view_change, self.ctx.key)
+        self.own_view_change = raw
+        self.own_view_changes[new_view] = raw
+        for old in [
+            old for old in self.own_view_changes if old <= new_view - OWN_VIEW_CHANGES_KEPT
+        ]:
+            del self.own_view_changes[old]
+        self._record_view(("view",), pack([self.ctx.view, False]))
+        self._record_view(("vote", "view_change", new_view, 0), raw)
+        self.ctx.note(NoteKind.VIEW_CHANGE, f"to view {new_view}")
+        self.ctx.broadcast(raw)
+        try:
+            own = verify_view_change(raw, self.ctx.verifier)
+        except Rejected as rejection:
+            raise ReplicaInvariantError(f"own view change is invalid: {rejection}") from None
+        self.store_view_change(own)
+        self._arm_view_change_timer()
+        self._maybe_send_new_view()
+
+    def _arm_view_change_timer(self) -> None:
+        """PBFT's rule: wait for the new view only once 2f + 1 replicas asked for it.
+
+        A replica alone (cut off, or slow) would otherwise climb views by itself and end
+        up where no quorum ever follows it; with this rule the correct replicas' views
+        stay within one of each other, and the f + 1 join rule pulls laggards up.
+        """
+        if self.ctx.status is ViewStatus.NORMAL or self.view_change_timeout.running:
+            return
+        if len(self.view_changes.get(self.ctx.view, {})) >= self.ctx.config.quorum:
+            self._start_deadline(self.view_change_timeout)
+
+    def _record_view(self, key: tuple[str | int, ...], value: bytes) -> None:
+        self.view_records[key] = None
+        self.ctx.persist(key, value)
+
+    def store_view_change(self, change: VerifiedViewChange) -> None:
+        sender = change.message.replica
+        new_view = change.message.new_view
+        # One view change per sender: the latest. Bounded, whatever a peer sends.
+        for view, changes in list(self.view_changes.items()):
+            if sender in changes and view != new_view:
+                del changes[sender]
+                if not changes:
+                    del self.view_changes[view]
+        self.view_changes.setdefault(new_view, {})[sender] = change
+
+    def on_view_change(self, message: ViewChange, opened: Opened) -> None:
+        if message.new_view < self.ctx.view or (
+            message.new_view == self.ctx.view and self.ctx.status is ViewStatus.NORMAL
+        ):
+            to = ("replica", message.replica)
+            if self.ctx.status is ViewStatus.NORMAL and self.new_view_message is not None:
+                # It missed the NEW-VIEW we installed (or is still trying an older view):
+                # the NEW-VIEW proves itself, it can install it directly.
+                self.ctx.send(to, self.new_view_message)
+            elif message.new_view in self.own_view_changes:
+                # It is stuck short of 2f + 1 view changes for a view we already left: our
+                # own, lost on the way, lets it arm its timer and follow us.
+                self.ctx.send(to, self.own_view_changes[message.new_view])
+            return
+        change = verify_view_change(opened.raw, self.ctx.verifier)
+        for proposal in change.prepared.values():
+            self.ctx.ordering.check_proposal_conflict(proposal)
+        self.store_view_change(change)
+        self._claim_view(message.replica, message.new_view)
+        self._arm_view_change_timer()
+        self._maybe_send_new_view()
+
+    def _maybe_send_new_view(self) -> None:
+        if (
+            self.ctx.status is ViewStatus.NORMAL
+            or not self.ctx.is_primary
+            or self.ctx.silent_through_view is not None
+        ):
+            return
+        changes = self.view_changes.get(self.ctx.view, {})
+        if self.ctx.id not in changes or len(changes) < self.ctx.config.quorum:
+            return
+        others = [change for replica, change in sorted(changes.items()) if replica != self.ctx.id]
+        chosen = [changes[self.ctx.id], *others[: self.ctx.config.quorum - 1]]
+        plan = plan_new_view(self.ctx.view, chosen)
+        pre_prepares = []
+        for entry in plan.entries:
+            pre_prepare = PrePrepare(
+                self.ctx.view,
+                entry.seq,
+                self.ctx.id,
+                entry.prev_hash,
+                entry.batch_digest,
+                entry.requests,
+            )
+            pre_prepares.append(
+                self.ctx.ordering.vote(
+                    self.ctx.ordering.slot(entry.seq), "pre_prepare", pre_prepare
+                )
+            )
+        new_view = NewView(
+            self.ctx.view,
+            self.ctx.id,
+            tuple(change.opened.raw for change in chosen),
+            tuple(pre_prepares),
+        )
+        raw = seal(new_view, self.ctx.key)
+        # Durable before it leaves: after a crash we must re-send this NEW-VIEW, never sign
+        # a different one for the same view.
+        self._record_view(("view",), pack([self.ctx.view, True]))
+        self._record_view(("vote", "new_view", self.ctx.view, 0), raw)
+        self.ctx.broadcast(raw)
+        proposals = [self.ctx.verifier.proposal(pre_prepare) for pre_prepare in pre_prepares]
+        self._install_view(plan, proposals, raw)
+
+    def on_new_view(self, message: NewView, opened: Opened) -> None:
+        if message.view < self.ctx.view or (
+            message.view == self.ctx.view and self.ctx.status is ViewStatus.NORMAL
+        ):
+            return
+        plan, proposals = self.verify_new_view(message)
+        self._install_view(plan, proposals, opened.raw)
+
+    def verify_new_view(self, message: NewView) -> tuple[NewViewPlan, list[Proposal]]:
+        """Check a NEW-VIEW as PBFT asks: recompute its plan from the view changes it cites
+        and require its re-proposals to be exactly that plan."""
+        if message.replica != self.ctx.config.primary_of(message.view):
+            raise Rejected(DropReason.NOT_PRIMARY, "new-view")
+        changes: dict[int, VerifiedViewChange] = {}
+        for raw in message.view_changes:
+            change = verify_view_change(raw, self.ctx.verifier)
+            if change.message.new_view != message.view:
+                raise Rejected(DropReason.BAD_NEW_VIEW, "a view change for another view")
+            if change.message.replica in changes:
+                raise Rejected(DropReason.BAD_NEW_VIEW, "two view changes from one replica")
+            changes[change.message.replica] = change
+        if len(changes) < self.ctx.config.quorum:
+            raise Rejected(DropReason.BAD_NEW_VIEW, f"{len(changes)} view changes, need 2f + 1")
+        plan = plan_new_view(message.view, list(changes.values()))
+        if len(message.pre_prepares) != len(plan.entries):
+            raise Rejected(DropReason.BAD_NEW_VIEW, "re-proposals differ from the recomputed ones")
+        proposals = []
+        for raw, entry in zip(message.pre_prepares, plan.entries, strict=True):
+            proposal = self.ctx.verifier.proposal(raw)
+            if (proposal.view, proposal.seq, proposal.prev_hash, proposal.batch_digest) != (
+                message.view,
+                entry.seq,
+                entry.prev_hash,
+                entry.batch_digest,
+            ):
+                raise Rejected(DropReason.BAD_NEW_VIEW, f"re-proposal for seq {entry.seq} differs")
+            proposals.append(proposal)
+        return plan, proposals
+
+    def _install_view(self, plan: NewViewPlan, proposals: list[Proposal], raw: bytes) -> None:
+        if plan.view != self.ctx.view:
+            self.ctx.view = plan.view
+        silent = self.ctx.silent_through_view
+        if silent is not None and plan.view > silent and not self.ctx.is_primary:
+            self.ctx.silent_through_view = None
+            self.ctx.note(NoteKind.VOTING, f"resumes in view {plan.view} after lost votes")
+        self.ctx.status = ViewStatus.NORMAL
+        self.new_views_installed += 1
+        self.new_view_message = raw
+        self.own_view_change = None
+        for key in list(self.view_records):
+            if key[0] == "vote" and key[2] != plan.view:
+                self.ctx.persist(key, None)
+                del self.view_records[key]
+        self._record_view(("view",), pack([self.ctx.view, True]))
+        self._record_view(("vote", "new_view", self.ctx.view, 0), raw)
+        self.view_change_timeout.stop()
+        self.suspects = {}
+        self.suspect_timeout.stop()
+        self.progress_timeout.stop()
+        self.primary_timeout.start(self.ctx.now_ms)
+        self.heartbeat_timeout.start(self.ctx.now_ms)
+        for view in [view for view in self.view_changes if view <= self.ctx.view]:
+            del self.view_changes[view]
+        checkpoint = plan.checkpoint
+        if checkpoint.seq > self.ctx.checkpoints.stable.seq:
+            self.ctx.checkpoints.set_anchor(
+                Anchor(
+                    checkpoint.seq,
+                    checkpoint.chain_hash,
+                    checkpoint.ledger_digest,
+                    plan.checkpoint_proof,
+                )
+            )
+        for slot in self.ctx.ordering.slots.values():
+            slot.reset_view()
+        proposed: dict[tuple[int, int], None] = {}
+        # Re-proposals at or below our own stable checkpoint are decided already.
+        proposals = [
+            proposal for proposal in proposals if proposal.seq > self.ctx.checkpoints.stable.seq
+        ]
+        for proposal in proposals:
+            slot = self.ctx.ordering.slot(proposal.seq)
+            committed = slot.committed
+            if committed is not None and committed.proposal.entry_digest != proposal.entry_digest:
+                self.ctx.note(
+                    NoteKind.EVIDENCE, f"new view re-proposes seq {proposal.seq} differently"
+                )
+            slot.accept(proposal)
+            for request in proposal.requests:
+                message = request.message
+                if isinstance(message, Request):
+                    proposed[(message.client_id, message.request_id)] = None
+        last_planned = plan.last_seq
+        self.ctx.ordering.next_seq = last_planned + 1
+        self.ctx.ordering.new_view_planned_high = last_planned
+        self.ctx.requests.proposal_queue = {
+            identity: None for identity in self.ctx.requests.pending if identity not in proposed
+        }
+        # A new primary gets a full timeout for every request it inherits.
+        for pending in self.ctx.requests.pending.values():
+            pending.arrived_ms = self.ctx.now_ms
+        self.ctx.note(NoteKind.NEW_VIEW, f"view {self.ctx.view} from checkpoint {checkpoint.seq}")
+        if not self.ctx.is_primary:
+            # Hand the new primary what we were waiting for, rather than wait for clients
+            # to time out and send it again.
+            primary = ("replica", self.ctx.config.primary_of(self.ctx.view))
+            for identity in list(self.ctx.requests.pending)[:FORWARD_ON_NEW_VIEW_LIMIT]:
+                if identity not in proposed:
+                    self.ctx.send(primary, self.ctx.requests.pending[identity].opened.raw)
+        for proposal in proposals:
+            self.ctx.ordering.advance(proposal.seq)
+        if checkpoint.seq > self.ctx.ordering.last_executed:
+            self.ctx.catchup.highest_seen_executed = max(
+                self.ctx.catchup.highest_seen_executed, checkpoint.seq
+            )
+            self.ctx.catchup.fetch()
+        self.ctx.ordering.maybe_propose()
