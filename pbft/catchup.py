@@ -44,7 +44,7 @@ from pbft.status import ViewStatus
 from pbft.timeout import Timeout
 
 # Unsolicited help to a replica stuck on an executed entry: one certificate, enough to
-# show it is behind (it then FETCHes, on its byte budget); see _help_laggard.
+# show it is behind (it then FETCHes, on its byte budget); see help_laggard.
 HELP_CERTIFICATE_LIMIT = 1
 # A state transfer that got no chunk for this many retransmit intervals asks another replica.
 STATE_TRANSFER_TIMEOUT_INTERVALS = 25
@@ -68,6 +68,18 @@ class CatchUp:
         )
         self.chunk_server = ChunkServer(config.state_chunk_leaves, config.state_chunk_bytes)
         self.incoming: IncomingTransfer | None = None
+
+    def saw_executed(self, seq: int) -> None:
+        """Evidence that the cluster executed at least up to `seq`."""
+        self.highest_seen_executed = max(self.highest_seen_executed, seq)
+
+    def help_behind_primary(self, primary: int, last_executed: int) -> None:
+        """The primary's heartbeat says it is behind us: send it what it lacks, at most once
+        an interval, on the help budget."""
+        helped = self.help_served_ms.get(primary)
+        if helped is None or self.ctx.now_ms - helped >= self.ctx.config.retransmit_interval_ms:
+            self.help_served_ms[primary] = self.ctx.now_ms
+            self.serve_catch_up(primary, last_executed + 1, last_executed)
 
     def claim_executed(self, replica: int, last_executed: int) -> None:
         if last_executed <= self.heartbeat_claims.get(replica, -1):
@@ -373,10 +385,7 @@ class CatchUp:
         source: int,
     ) -> None:
         """Replace our state with a proven checkpoint's (verified against its digest)."""
-        self.ctx.ordering.ledger = ledger
-        self.ctx.ordering.last_executed = seq
-        self.ctx.ordering.chain_hash = chain_hash
-        self.ctx.ordering.last_execution_ms = self.ctx.now_ms
+        self.ctx.ordering.install_state(ledger, seq, chain_hash)
         if self.incoming is not None and self.incoming.seq <= seq:
             self.incoming = None
         self.ctx.requests.forget_decided_requests()

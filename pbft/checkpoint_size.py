@@ -1,6 +1,6 @@
 """How large a replica's stable checkpoint can grow, from the cluster's configuration alone.
 
-A replica persists its stable checkpoint as one record (pbft/replica.py, `_make_stable`):
+A replica persists its stable checkpoint as one record (pbft/checkpoints.py, `make_stable`):
 msgpack [seq, chain_hash, ledger_digest, snapshot, proof]. The snapshot (`Ledger.snapshot`)
 holds every genesis account (payments never create one) and, for every client that had a
 request decided, at most `dedup_window` decisions. A request is executed only if a client

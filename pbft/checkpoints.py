@@ -74,9 +74,7 @@ class Checkpoints:
             raise Rejected(DropReason.BAD_CHECKPOINT, f"seq {checkpoint.seq}")
         if checkpoint.seq <= self.stable.seq:
             return
-        self.ctx.catchup.highest_seen_executed = max(
-            self.ctx.catchup.highest_seen_executed, checkpoint.seq
-        )
+        self.ctx.catchup.saw_executed(checkpoint.seq)
         horizon = (
             max(self.stable.seq, self.ctx.ordering.last_executed)
             + 2 * self.ctx.config.watermark_window
@@ -161,11 +159,7 @@ class Checkpoints:
             self.ctx.persist(("anchor",), None)
         # Progress: the timeouts may come back down one step, but at most once per timeout
         # period, or frequent checkpoints would undo the backoff before it can help.
-        if self.ctx.viewchanges.failed_views and self.ctx.viewchanges.backoff_decay_timeout.fired(
-            self.ctx.now_ms
-        ):
-            self.ctx.viewchanges.set_failed_views(self.ctx.viewchanges.failed_views - 1)
-            self.ctx.viewchanges.backoff_decay_timeout.start(self.ctx.now_ms)
+        self.ctx.viewchanges.ease_backoff()
         self.ctx.note(NoteKind.CHECKPOINT_STABLE, f"seq {checkpoint.seq}")
         self.ctx.ordering.maybe_propose()
 

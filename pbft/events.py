@@ -23,7 +23,7 @@ class MessageReceived:
     `link` is the authenticated peer that delivered them, when the driver knows it. It
     never stands in for a signature; it only says whose budget the message is charged to:
     a client's request relayed by a backup is charged to that backup, not to the client
-    (see `Replica._admit_request`)."""
+    (see `Requests._relay_share`, pbft/requests.py)."""
 
     data: bytes
     link: Principal | None = None

@@ -48,7 +48,7 @@ RETRANSMIT_SLOT_LIMIT = 8
 UNSTORED_REASON_CODES = ("id_reused", "request_expired")
 # Of the batches in flight, at most this fraction may hold nothing but requests of clients
 # over their quota, so that a correct client's request finds the pipeline open (see
-# _maybe_propose).
+# maybe_propose).
 OVER_QUOTA_PIPELINE_SHARE = 2
 
 
@@ -108,10 +108,26 @@ class Ordering:
             raise Rejected(DropReason.BELOW_WINDOW, str(seq))
         if seq > low + self.ctx.config.watermark_window:
             # The others are this far ahead: we are behind and should catch up.
-            self.ctx.catchup.highest_seen_executed = max(
-                self.ctx.catchup.highest_seen_executed, seq - self.ctx.config.watermark_window
-            )
+            self.ctx.catchup.saw_executed(seq - self.ctx.config.watermark_window)
             raise Rejected(DropReason.ABOVE_WINDOW, str(seq))
+
+    def install_state(self, ledger: Ledger, seq: int, chain_hash: bytes) -> None:
+        """Continue from a proven checkpoint's state (state transfer) as if executed here."""
+        self.ledger = ledger
+        self.last_executed = seq
+        self.chain_hash = chain_hash
+        self.last_execution_ms = self.ctx.now_ms
+
+    def leave_view(self) -> None:
+        """The view is given up: no slot keeps this view's prepares or commits."""
+        self.new_view_planned_high = 0
+        for slot in self.slots.values():
+            slot.reset_view()
+
+    def enter_view(self, last_planned: int) -> None:
+        """A NEW-VIEW assigned everything up to `last_planned`: propose after it."""
+        self.next_seq = last_planned + 1
+        self.new_view_planned_high = last_planned
 
     def slot(self, seq: int) -> Slot:
         slot = self.slots.get(seq)
@@ -124,7 +140,7 @@ class Ordering:
         self.ctx.viewchanges.check_view(message.view, message.replica)
         self._check_window(message.seq)
         proposal = self.ctx.verifier.proposal(opened.raw)
-        self.ctx.viewchanges.primary_timeout.start(self.ctx.now_ms)
+        self.ctx.viewchanges.heard_from_primary()
         slot = self.slot(proposal.seq)
         if slot.proposal is not None:
             if slot.proposal.entry_digest != proposal.entry_digest:
@@ -173,9 +189,7 @@ class Ordering:
             # f + 1 commits: a correct replica prepared this entry, so the cluster is at
             # least this far along. If we cannot commit it ourselves (we lost the proposal,
             # or the primary hides it from us), catch-up will fetch its certificate.
-            self.ctx.catchup.highest_seen_executed = max(
-                self.ctx.catchup.highest_seen_executed, vote.seq
-            )
+            self.ctx.catchup.saw_executed(vote.seq)
         self.advance(vote.seq)
 
     def _known_entry(self, seq: int) -> bytes | None:
@@ -387,7 +401,7 @@ class Ordering:
         self.last_executed = proposal.seq
         self.chain_hash = proposal.entry_digest
         self.last_execution_ms = self.ctx.now_ms
-        self.ctx.viewchanges.progress_timeout.stop()
+        self.ctx.viewchanges.progress_made()
         self.ctx.outbox.append(
             Executed(
                 proposal.view,

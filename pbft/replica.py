@@ -1,4 +1,4 @@
-"""The replica: one sans-I/O state machine for the whole protocol.
+"""The replica: one sans-I/O state machine for the whole protocol, made of parts.
 
 `Replica.handle(event) -> list[Action]`. Events are bytes from the network and
 clock ticks; actions are sends, durable writes, executions and notes. The replica
@@ -6,23 +6,32 @@ never reads a clock, touches a socket or draws a random number: the simulator an
 the trio runtime drive the same code.
 
 The protocol (any n >= 4, f = (n - 1) // 3, quorum q = ceil((n + f + 1) / 2) from
-pbft/config.py, which is 2f + 1 when n = 3f + 1; primary = view mod n):
-- Normal case (PBFT): the primary batches client requests into a PRE-PREPARE
-  chained to the previous entry's digest; backups PREPARE it; q - 1 matching prepares
-  make a replica prepared and it COMMITs; q matching commits make the entry
-  committed, and committed entries execute strictly in sequence order.
-- Chain rule: a backup prepares entry s only once entry s - 1 is prepared (or
-  committed, or the checkpoint) with the digest s names as its predecessor. So the
-  prepared entries always form one chain, which view change relies on.
-- Liveness (Raft): the primary sends heartbeats when idle. A backup whose timer
-  expires (no heartbeat, or work that does not complete) sends SUSPECT; f + 1
-  suspicions of the same view start a VIEW-CHANGE, so one cut-off replica cannot
+pbft/config.py, which is 2f + 1 when n = 3f + 1; primary = view mod n), by part:
+- pbft/ordering.py, the normal case (PBFT): the primary batches client requests into a
+  PRE-PREPARE chained to the previous entry's digest; backups PREPARE it; q - 1
+  matching prepares make a replica prepared and it COMMITs; q matching commits make the
+  entry committed, and committed entries execute strictly in sequence order. Chain
+  rule: a backup prepares entry s only once entry s - 1 is prepared (or committed, or
+  the checkpoint) with the digest s names as its predecessor, so the prepared entries
+  always form one chain, which view change relies on.
+- pbft/requests.py: which client requests are admitted (quotas) and in what order they
+  are batched.
+- pbft/viewchanges.py, liveness (Raft): the primary sends heartbeats when idle. A backup
+  whose timer expires (no heartbeat, or work that does not complete) sends SUSPECT;
+  f + 1 suspicions of the same view start a VIEW-CHANGE, so one cut-off replica cannot
   unseat a working primary. f + 1 view changes for higher views make a replica join.
-- Checkpoints every K entries; a quorum of matching ones are stable and move the window.
-- Catch-up: a replica that sees the others ahead FETCHes commit certificates, or a
-  stable checkpoint's state with its proof, verifies them and applies them. The state
-  comes in chunks, each proven against the checkpoint's ledger digest (pbft/statetransfer.py);
-  what a replica sends to each catching-up peer is paid from a byte budget.
+- pbft/checkpoints.py: checkpoints every K entries; a quorum of matching ones are stable
+  and move the window.
+- pbft/catchup.py: a replica that sees the others ahead FETCHes commit certificates, or
+  a stable checkpoint's state with its proof, verifies them and applies them. The state
+  comes in chunks, each proven against the checkpoint's ledger digest
+  (pbft/statetransfer.py); what a replica sends to each catching-up peer is paid from a
+  byte budget.
+- pbft/recovery.py: rebuilding the parts from what was persisted.
+
+This module is the facade: the shared context (pbft/context.py) and the router. Every
+message class the replica takes is matched in `_route`, and every timeout that fires is
+named in `_on_tick`: what moves the state machine starts in this file.
 """
 
 from __future__ import annotations

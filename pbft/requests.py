@@ -10,6 +10,7 @@ retransmission of a decided request is answered with the reply signed then.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from itertools import islice
 
 from crypto.keys import Principal
@@ -27,7 +28,7 @@ from pbft.messages import (
 from pbft.signed import Opened, Rejected, seal
 from pbft.status import ViewStatus
 
-# Of each batch, at most this fraction goes to clients over their quota (see _next_batch).
+# Of each batch, at most this fraction goes to clients over their quota (see next_batch).
 OVER_QUOTA_BATCH_SHARE = 4
 
 
@@ -59,8 +60,22 @@ class Requests:
         # Primary only: pending requests not yet proposed in this view, in arrival order.
         self.proposal_queue: dict[tuple[int, int], None] = {}
 
+    def leave_view(self) -> None:
+        """The view is given up: nothing waits to be proposed in it."""
+        self.proposal_queue = {}
+
+    def enter_view(self, proposed: Mapping[tuple[int, int], None]) -> None:
+        """A NEW-VIEW re-proposed `proposed`: the rest of what is pending waits to be
+        proposed in the new view, and a new primary gets a full timeout for every
+        request it inherits."""
+        self.proposal_queue = {
+            identity: None for identity in self.pending if identity not in proposed
+        }
+        for pending in self.pending.values():
+            pending.arrived_ms = self.ctx.now_ms
+
     def refused_for_quota(self, request: Request, link: Principal | None) -> bool:
-        """Whether `_on_request` would refuse this request for its client's quota, decided
+        """Whether `on_request` would refuse this request for its client's quota, decided
         before its signature is checked. Only for a client already marked over its quota
         (by a request whose signature was checked: a forgery naming a correct client cannot
         get it marked), only a new request (a pending or decided one takes its usual path:

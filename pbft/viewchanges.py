@@ -37,7 +37,7 @@ from pbft.viewchange import NewViewPlan, VerifiedViewChange, plan_new_view, veri
 FORWARD_ON_NEW_VIEW_LIMIT = 256
 OWN_VIEW_CHANGES_KEPT = 4
 # A request may wait this many view-change timeouts while the primary keeps executing
-# (one timeout while it does not): see _watch_primary.
+# (one timeout while it does not): see request_timer_fired.
 REQUEST_TIMEOUTS_UNDER_LOAD = 4
 
 
@@ -70,6 +70,21 @@ class ViewChanges:
         self.view_records: dict[tuple[str | int, ...], None] = {}
         self.view_changes_started = 0
         self.new_views_installed = 0
+
+    def heard_from_primary(self) -> None:
+        self.primary_timeout.start(self.ctx.now_ms)
+
+    def progress_made(self) -> None:
+        """An entry executed: the work being watched got done."""
+        self.progress_timeout.stop()
+
+    def ease_backoff(self) -> None:
+        """Progress (a stable checkpoint): the timeouts may come back down one step, but at
+        most once per timeout period, or frequent checkpoints would undo the backoff before
+        it can help."""
+        if self.failed_views and self.backoff_decay_timeout.fired(self.ctx.now_ms):
+            self.set_failed_views(self.failed_views - 1)
+            self.backoff_decay_timeout.start(self.ctx.now_ms)
 
     def retransmit(self) -> None:
         """Our VIEW-CHANGE again while the view is not installed."""
@@ -106,13 +121,8 @@ class ViewChanges:
             and heartbeat.view <= self.ctx.view
         ):
             # The primary itself is behind (it restarted, or lost its disk): with no load
-            # nothing else would ever tell it. Send it what it lacks, on the help budget.
-            helped = self.ctx.catchup.help_served_ms.get(heartbeat.replica)
-            if helped is None or self.ctx.now_ms - helped >= self.ctx.config.retransmit_interval_ms:
-                self.ctx.catchup.help_served_ms[heartbeat.replica] = self.ctx.now_ms
-                self.ctx.catchup.serve_catch_up(
-                    heartbeat.replica, heartbeat.last_executed + 1, heartbeat.last_executed
-                )
+            # nothing else would ever tell it.
+            self.ctx.catchup.help_behind_primary(heartbeat.replica, heartbeat.last_executed)
         self.check_view(heartbeat.view, heartbeat.replica)
         self.primary_timeout.start(self.ctx.now_ms)
 
@@ -257,10 +267,8 @@ class ViewChanges:
         self.view_change_timeout.stop()
         self.suspects = {}
         self.progress_timeout.stop()
-        self.ctx.requests.proposal_queue = {}
-        self.ctx.ordering.new_view_planned_high = 0
-        for slot in self.ctx.ordering.slots.values():
-            slot.reset_view()
+        self.ctx.requests.leave_view()
+        self.ctx.ordering.leave_view()
         # Cite the highest checkpoint we hold a proof for: our stable one, or the anchor a
         # NEW-VIEW gave us. Entries prepared above the anchor may have committed; citing
         # the lower checkpoint would leave them out of the window and lose them.
@@ -488,15 +496,8 @@ class ViewChanges:
                 message = request.message
                 if isinstance(message, Request):
                     proposed[(message.client_id, message.request_id)] = None
-        last_planned = plan.last_seq
-        self.ctx.ordering.next_seq = last_planned + 1
-        self.ctx.ordering.new_view_planned_high = last_planned
-        self.ctx.requests.proposal_queue = {
-            identity: None for identity in self.ctx.requests.pending if identity not in proposed
-        }
-        # A new primary gets a full timeout for every request it inherits.
-        for pending in self.ctx.requests.pending.values():
-            pending.arrived_ms = self.ctx.now_ms
+        self.ctx.ordering.enter_view(plan.last_seq)
+        self.ctx.requests.enter_view(proposed)
         self.ctx.note(NoteKind.NEW_VIEW, f"view {self.ctx.view} from checkpoint {checkpoint.seq}")
         if not self.ctx.is_primary:
             # Hand the new primary what we were waiting for, rather than wait for clients
@@ -508,8 +509,6 @@ class ViewChanges:
         for proposal in proposals:
             self.ctx.ordering.advance(proposal.seq)
         if checkpoint.seq > self.ctx.ordering.last_executed:
-            self.ctx.catchup.highest_seen_executed = max(
-                self.ctx.catchup.highest_seen_executed, checkpoint.seq
-            )
+            self.ctx.catchup.saw_executed(checkpoint.seq)
             self.ctx.catchup.fetch()
         self.ctx.ordering.maybe_propose()
