@@ -11,14 +11,9 @@ from __future__ import annotations
 
 from pbft.budget import TokenBuckets
 from pbft.codec import MAX_FRAME_BYTES, DecodeError
-from pbft.context import (
-    Context,
-    StableCheckpoint,
-)
+from pbft.context import Context, StableCheckpoint
 from pbft.drops import DropReason
-from pbft.events import (
-    NoteKind,
-)
+from pbft.events import NoteKind
 from pbft.ledger import Ledger, LedgerSnapshotError
 from pbft.log import CommittedEntry
 from pbft.messages import (
@@ -51,6 +46,8 @@ STATE_TRANSFER_TIMEOUT_INTERVALS = 25
 
 
 class CatchUp:
+    """How far the cluster got, fetching, serving laggards, and state transfer."""
+
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         config = ctx.config

@@ -10,24 +10,18 @@ there too. State that differs from a quorum's at a checkpoint halts the replica.
 from __future__ import annotations
 
 from pbft.codec import pack
-from pbft.context import (
-    Anchor,
-    Context,
-    StableCheckpoint,
-)
+from pbft.context import Anchor, Context, StableCheckpoint
 from pbft.drops import DropReason
-from pbft.events import (
-    NoteKind,
-)
-from pbft.messages import (
-    Checkpoint,
-)
+from pbft.events import NoteKind
+from pbft.messages import Checkpoint
 from pbft.signed import Opened, Rejected, seal
 
 CHECKPOINT_RETRANSMIT_LIMIT = 2
 
 
 class Checkpoints:
+    """Own and others' checkpoint votes, the stable checkpoint and the anchor."""
+
     def __init__(self, ctx: Context, genesis: StableCheckpoint) -> None:
         self.ctx = ctx
         self.stable = genesis

@@ -19,26 +19,12 @@ import hashlib
 from pbft.certificates import Proposal
 from pbft.chain import batch_digest
 from pbft.codec import pack
-from pbft.context import (
-    Context,
-    ReplicaInvariantError,
-)
+from pbft.context import Context, ReplicaInvariantError
 from pbft.drops import DropReason
-from pbft.events import (
-    Executed,
-    ExecutedRequest,
-)
+from pbft.events import Executed, ExecutedRequest
 from pbft.ledger import Ledger, Payment
 from pbft.log import CommittedEntry, PreparedEntry, Slot
-from pbft.messages import (
-    Commit,
-    Message,
-    Prepare,
-    PreparedCertificate,
-    PrePrepare,
-    Reply,
-    Request,
-)
+from pbft.messages import Commit, Message, Prepare, PreparedCertificate, PrePrepare, Reply, Request
 from pbft.replies import SignedReplies
 from pbft.signed import Opened, Rejected, seal
 from pbft.status import ViewStatus
@@ -53,6 +39,8 @@ OVER_QUOTA_PIPELINE_SHARE = 2
 
 
 class Ordering:
+    """The normal case at one replica; owns the slots and the executed state."""
+
     def __init__(self, ctx: Context, ledger: Ledger) -> None:
         self.ctx = ctx
         self.slots: dict[int, Slot] = {}

@@ -11,28 +11,19 @@ import hashlib
 from collections.abc import Mapping
 
 from pbft.codec import MAX_LOCAL_RECORD_BYTES, DecodeError, unpack
-from pbft.context import (
-    Anchor,
-    Context,
-    ReplicaInvariantError,
-    StableCheckpoint,
-)
+from pbft.context import Anchor, Context, ReplicaInvariantError, StableCheckpoint
 from pbft.drops import DropReason
 from pbft.ledger import Ledger, LedgerSnapshotError
 from pbft.log import CommittedEntry, PreparedEntry
-from pbft.messages import (
-    Commit,
-    NewView,
-    Prepare,
-    PreparedCertificate,
-    PrePrepare,
-)
+from pbft.messages import Commit, NewView, Prepare, PreparedCertificate, PrePrepare
 from pbft.signed import Rejected
 from pbft.status import ViewStatus
 from pbft.viewchange import verify_view_change
 
 
 class Recovery:
+    """Rebuilds the parts of a replica under construction from its records."""
+
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
 

@@ -48,12 +48,7 @@ from pbft.checkpoints import Checkpoints
 from pbft.config import ClusterConfig
 from pbft.context import Context, ReplicaInvariantError, StableCheckpoint
 from pbft.drops import DropReason
-from pbft.events import (
-    Action,
-    Event,
-    MessageReceived,
-    Tick,
-)
+from pbft.events import Action, Event, MessageReceived, Tick
 from pbft.genesis import compute_cluster_id
 from pbft.ledger import Account, Ledger
 from pbft.messages import (

@@ -15,16 +15,9 @@ from itertools import islice
 
 from crypto.keys import Principal
 from pbft.budget import TokenBuckets
-from pbft.context import (
-    Context,
-    PendingRequest,
-)
+from pbft.context import Context, PendingRequest
 from pbft.drops import DropReason
-from pbft.messages import (
-    BalanceQuery,
-    BalanceReply,
-    Request,
-)
+from pbft.messages import BalanceQuery, BalanceReply, Request
 from pbft.signed import Opened, Rejected, seal
 from pbft.status import ViewStatus
 
@@ -33,6 +26,9 @@ OVER_QUOTA_BATCH_SHARE = 4
 
 
 class Requests:
+    """Which client requests a replica holds, whose quota they count against, and the
+    order they are batched in."""
+
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         config = ctx.config

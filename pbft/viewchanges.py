@@ -12,23 +12,10 @@ from __future__ import annotations
 
 from pbft.certificates import Proposal
 from pbft.codec import pack
-from pbft.context import (
-    Anchor,
-    Context,
-    ReplicaInvariantError,
-)
+from pbft.context import Anchor, Context, ReplicaInvariantError
 from pbft.drops import DropReason
-from pbft.events import (
-    NoteKind,
-)
-from pbft.messages import (
-    Heartbeat,
-    NewView,
-    PrePrepare,
-    Request,
-    Suspect,
-    ViewChange,
-)
+from pbft.events import NoteKind
+from pbft.messages import Heartbeat, NewView, PrePrepare, Request, Suspect, ViewChange
 from pbft.signed import Opened, Rejected, seal
 from pbft.status import ViewStatus
 from pbft.timeout import Timeout
@@ -42,6 +29,8 @@ REQUEST_TIMEOUTS_UNDER_LOAD = 4
 
 
 class ViewChanges:
+    """Failure detection and view change; owns the view timeouts and their backoff."""
+
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         config = ctx.config
