@@ -108,6 +108,12 @@ OVER_QUOTA_BATCH_SHARE = 4
 # over their quota, so that a correct client's request finds the pipeline open (see
 # _maybe_propose).
 OVER_QUOTA_PIPELINE_SHARE = 2
+# The primary orders at most this many requests a second of clients over their quota, all
+# such clients together (see _next_batch). Every request ordered costs every replica a
+# signature check, an execution and a signed reply; a client past its quota broke the
+# client contract, and ordering its backlog as fast as the pipeline allows made the
+# client_flood attack cost correct clients several times their latency.
+OVER_QUOTA_ORDER_RATE_PER_S = 50
 
 
 class ReplicaInvariantError(RuntimeError):
@@ -219,6 +225,8 @@ class Replica:
         self.relayed_per_client: Counter[tuple[int, int]] = Counter()
         self.relayed_per_replica: Counter[int] = Counter()
         self.signed_replies = SignedReplies()
+        # Primary only: the pace of ordering over-quota clients' backlog (one bucket, key 0).
+        self.backlog_budget = TokenBuckets(OVER_QUOTA_ORDER_RATE_PER_S, config.batch_size)
         self.client_budget = TokenBuckets(
             config.client_replay_rate_per_s, config.client_replay_burst
         )
@@ -483,7 +491,7 @@ class Replica:
             )
             return
         if identity in self.pending:
-            if not self.is_primary and self.view_active:
+            if self._relays(request.client_id):
                 if not self.client_budget.allow(request.client_id, self.now_ms):
                     raise Rejected("relay_rate_limited", f"client {request.client_id}")
                 self._send(("replica", self.config.primary_of(self.view)), opened.raw)
@@ -511,9 +519,16 @@ class Replica:
             if self.view_active:
                 self.proposal_queue[identity] = None
                 self._maybe_propose()
-        elif self.view_active:
+        elif self._relays(client_id):
             # The client gave up on the primary and told everyone: relay it and watch.
             self._send(("replica", self.config.primary_of(self.view)), opened.raw)
+
+    def _relays(self, client_id: int) -> bool:
+        """Whether a backup relays this client's requests to the primary: exactly those it
+        times (see _oldest_timed_request). The primary takes a relay on the relaying
+        backup's share (see relayed_per_client), so relaying a client over its quota here
+        would hand it that share as well as its own."""
+        return not self.is_primary and self.view_active and client_id not in self.over_quota_clients
 
     def _check_view(self, view: int, sender: int) -> None:
         if view != self.view or not self.view_active:
@@ -768,6 +783,9 @@ class Replica:
                 reserve = max(1, self.config.max_inflight_batches // OVER_QUOTA_PIPELINE_SHARE)
                 if self.next_seq > self.last_executed + reserve:
                     return
+            backlog = sum(map(self._is_backlog, identities)) if self.over_quota_clients else 0
+            if backlog:
+                self.backlog_budget.spend(0, backlog, self.now_ms)
             batch: list[bytes] = []
             for identity in identities:
                 del self.proposal_queue[identity]
@@ -796,13 +814,15 @@ class Replica:
         backlog also gets at most 1/OVER_QUOTA_BATCH_SHARE of a batch: every request
         ordered costs each replica a signature check, an execution and a signed reply, so
         full batches of it would slow the batches in flight that correct clients' requests
-        wait behind."""
+        wait behind; and at most OVER_QUOTA_ORDER_RATE_PER_S of it a second in all."""
         size = self.config.batch_size
         if not self.over_quota_clients:
             return list(islice(self.proposal_queue, size))
         first: list[tuple[int, int]] = []
         later: list[tuple[int, int]] = []
-        later_limit = max(1, size // OVER_QUOTA_BATCH_SHARE)
+        later_limit = min(
+            max(1, size // OVER_QUOTA_BATCH_SHARE), int(self.backlog_budget.tokens(0, self.now_ms))
+        )
         for identity in self.proposal_queue:
             if not self._is_backlog(identity):
                 first.append(identity)
@@ -1403,7 +1423,12 @@ class Replica:
             # Hand the new primary what we were waiting for, rather than wait for clients
             # to time out and send it again.
             primary = ("replica", self.config.primary_of(self.view))
-            for identity in list(self.pending)[:FORWARD_ON_NEW_VIEW_LIMIT]:
+            timed = [
+                identity
+                for identity, pending in self.pending.items()
+                if identity[0] not in self.over_quota_clients and pending.relayer is None
+            ]
+            for identity in timed[:FORWARD_ON_NEW_VIEW_LIMIT]:
                 if identity not in proposed:
                     self._send(primary, self.pending[identity].opened.raw)
         for proposal in proposals:
