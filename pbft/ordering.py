@@ -311,6 +311,7 @@ class Ordering:
                 reserve = max(1, self.ctx.config.max_inflight_batches // OVER_QUOTA_PIPELINE_SHARE)
                 if self.next_seq > self.last_executed + reserve:
                     return
+            self.ctx.requests.charge_backlog(identities)
             batch: list[bytes] = []
             for identity in identities:
                 del self.ctx.requests.proposal_queue[identity]

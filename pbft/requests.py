@@ -23,6 +23,12 @@ from pbft.status import ViewStatus
 
 # Of each batch, at most this fraction goes to clients over their quota (see next_batch).
 OVER_QUOTA_BATCH_SHARE = 4
+# The primary orders at most this many requests a second of clients over their quota, all
+# such clients together (see next_batch). Every request ordered costs every replica a
+# signature check, an execution and a signed reply; a client past its quota broke the
+# client contract, and ordering its backlog as fast as the pipeline allows made the
+# client_flood attack cost correct clients several times their latency.
+OVER_QUOTA_ORDER_RATE_PER_S = 50
 
 
 class Requests:
@@ -50,6 +56,8 @@ class Requests:
         # pending_request_limit in all.
         self.relayed_per_client: Counter[tuple[int, int]] = Counter()
         self.relayed_per_replica: Counter[int] = Counter()
+        # Primary only: the pace of ordering over-quota clients' backlog (one bucket, key 0).
+        self.backlog_budget = TokenBuckets(OVER_QUOTA_ORDER_RATE_PER_S, config.batch_size)
         self.client_budget = TokenBuckets(
             config.client_replay_rate_per_s, config.client_replay_burst
         )
@@ -134,7 +142,7 @@ class Requests:
             )
             return
         if identity in self.pending:
-            if not self.ctx.is_primary and self.ctx.status is ViewStatus.NORMAL:
+            if self._relays(request.client_id):
                 if not self.client_budget.allow(request.client_id, self.ctx.now_ms):
                     raise Rejected(DropReason.RELAY_RATE_LIMITED, f"client {request.client_id}")
                 self.ctx.send(("replica", self.ctx.config.primary_of(self.ctx.view)), opened.raw)
@@ -162,9 +170,36 @@ class Requests:
             if self.ctx.status is ViewStatus.NORMAL:
                 self.proposal_queue[identity] = None
                 self.ctx.ordering.maybe_propose()
-        elif self.ctx.status is ViewStatus.NORMAL:
+        elif self._relays(client_id):
             # The client gave up on the primary and told everyone: relay it and watch.
             self.ctx.send(("replica", self.ctx.config.primary_of(self.ctx.view)), opened.raw)
+
+    def _relays(self, client_id: int) -> bool:
+        """Whether a backup relays this client's requests to the primary: exactly those it
+        times (see oldest_timed_request). The primary takes a relay on the relaying
+        backup's share (see relayed_per_client), so relaying a client over its quota here
+        would hand it that share as well as its own."""
+        return (
+            not self.ctx.is_primary
+            and self.ctx.status is ViewStatus.NORMAL
+            and client_id not in self.over_quota_clients
+        )
+
+    def timed(self) -> list[tuple[int, int]]:
+        """The pending requests this replica times and relays: not those of clients over
+        their quota here, nor those charged to a backup's relay share."""
+        return [
+            identity
+            for identity, pending in self.pending.items()
+            if identity[0] not in self.over_quota_clients and pending.relayer is None
+        ]
+
+    def charge_backlog(self, identities: list[tuple[int, int]]) -> None:
+        """A batch about to be proposed: its over-quota requests are paid from the backlog's
+        pace (see next_batch)."""
+        backlog = sum(map(self._is_backlog, identities)) if self.over_quota_clients else 0
+        if backlog:
+            self.backlog_budget.spend(0, backlog, self.ctx.now_ms)
 
     def _is_backlog(self, identity: tuple[int, int]) -> bool:
         """A request of a client over its quota here, charged to that client: its backlog.
@@ -184,13 +219,16 @@ class Requests:
         backlog also gets at most 1/OVER_QUOTA_BATCH_SHARE of a batch: every request
         ordered costs each replica a signature check, an execution and a signed reply, so
         full batches of it would slow the batches in flight that correct clients' requests
-        wait behind."""
+        wait behind; and at most OVER_QUOTA_ORDER_RATE_PER_S of it a second in all."""
         size = self.ctx.config.batch_size
         if not self.over_quota_clients:
             return list(islice(self.proposal_queue, size))
         first: list[tuple[int, int]] = []
         later: list[tuple[int, int]] = []
-        later_limit = max(1, size // OVER_QUOTA_BATCH_SHARE)
+        later_limit = min(
+            max(1, size // OVER_QUOTA_BATCH_SHARE),
+            int(self.backlog_budget.tokens(0, self.ctx.now_ms)),
+        )
         for identity in self.proposal_queue:
             if not self._is_backlog(identity):
                 first.append(identity)

@@ -492,7 +492,7 @@ class ViewChanges:
             # Hand the new primary what we were waiting for, rather than wait for clients
             # to time out and send it again.
             primary = ("replica", self.ctx.config.primary_of(self.ctx.view))
-            for identity in list(self.ctx.requests.pending)[:FORWARD_ON_NEW_VIEW_LIMIT]:
+            for identity in self.ctx.requests.timed()[:FORWARD_ON_NEW_VIEW_LIMIT]:
                 if identity not in proposed:
                     self.ctx.send(primary, self.ctx.requests.pending[identity].opened.raw)
         for proposal in proposals:

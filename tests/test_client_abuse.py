@@ -71,9 +71,11 @@ def test_a_client_over_its_quota_costs_no_signature_check_for_new_requests() -> 
     cluster.deliver(replica, *(cluster.request(i, amount=1) for i in range(10, 1000)))
     assert replica.verifier.cache.statistics().misses == checked
     assert replica.drops["client_quota_full"] == 1 + 990
-    # A request it already has pending still takes its usual path (checked, relayed).
+    # A request it already has pending still takes its usual path (no refusal for the
+    # quota), but a backup relays only what it times: not a client over its quota.
     relayed = cluster.deliver(replica, cluster.request(1, amount=1))
-    assert send_raws(relayed, ("replica", 0))
+    assert send_raws(relayed, ("replica", 0)) == []
+    assert replica.drops["client_quota_full"] == 1 + 990
 
 
 def test_forged_requests_cannot_mark_a_correct_client_over_its_quota() -> None:
@@ -331,6 +333,28 @@ def test_clients_filling_the_primarys_table_do_not_get_it_deposed() -> None:
     assert replicas[0].drops["request_queue_full"] == 0
     for replica in replicas:
         assert replica.ledger.lookup(2, 1) is not None
+
+
+def test_an_over_quota_clients_backlog_is_ordered_at_a_bounded_pace() -> None:
+    """A client past its quota gets its backlog ordered at most OVER_QUOTA_ORDER_RATE_PER_S
+    a second (plus one batch of burst), however idle the pipeline: each request ordered
+    costs every replica a signature check, an execution and a signed reply. A correct
+    client's payment sent meanwhile is ordered at once."""
+    from pbft.requests import OVER_QUOTA_ORDER_RATE_PER_S
+
+    cluster = Cluster(client_pending_limit=200)
+    replicas = [cluster.replica(i) for i in range(cluster.config.replica_count)]
+    flood = [cluster.request(i, amount=1) for i in range(1, 301)]
+    correct = cluster.request(1, amount=1, client=1)
+    suspects = _run_network(
+        cluster, replicas, 1000, {r: flood for r in range(len(replicas))} | {0: flood + [correct]}
+    )
+    assert suspects == []
+    ordered = sum(replicas[0].ledger.lookup(0, i) is not None for i in range(1, 301))
+    # The batches proposed before its 201st request marked it over its quota count too.
+    before_marked = cluster.config.max_inflight_batches * cluster.config.batch_size
+    assert 0 < ordered <= OVER_QUOTA_ORDER_RATE_PER_S + cluster.config.batch_size + before_marked
+    assert all(replica.ledger.lookup(1, 1) is not None for replica in replicas)
 
 
 def test_a_backups_relays_are_charged_to_its_own_bounded_share() -> None:
