@@ -27,6 +27,7 @@ from pbft.messages import (
     StateChunk,
     StateRequest,
 )
+from pbft.quorum import vouched_by
 from pbft.signed import Envelope, Opened, Rejected, seal, verify_signature
 from pbft.statetransfer import (
     OFFER_BYTES,
@@ -82,10 +83,9 @@ class CatchUp:
         if last_executed <= self.heartbeat_claims.get(replica, -1):
             return
         self.heartbeat_claims[replica] = last_executed
-        claims = sorted(self.heartbeat_claims.values(), reverse=True)
-        weak = self.ctx.config.weak_quorum
-        if len(claims) >= weak:
-            self.highest_seen_executed = max(self.highest_seen_executed, claims[weak - 1])
+        vouched = vouched_by(self.heartbeat_claims.values(), self.ctx.config.weak_quorum)
+        if vouched is not None:
+            self.saw_executed(vouched)
 
     def maybe_fetch(self) -> None:
         if self._resume_transfer():

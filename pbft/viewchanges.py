@@ -16,6 +16,7 @@ from pbft.context import Anchor, Context, ReplicaInvariantError
 from pbft.drops import DropReason
 from pbft.events import NoteKind
 from pbft.messages import Heartbeat, NewView, PrePrepare, Request, Suspect, ViewChange
+from pbft.quorum import vouched_by
 from pbft.signed import Opened, Rejected, seal
 from pbft.status import ViewStatus
 from pbft.timeout import Timeout
@@ -232,14 +233,11 @@ class ViewChanges:
         if view <= previous:
             return
         self.latest_view_claims[sender] = view
-        ahead = sorted(
-            (claimed for claimed in self.latest_view_claims.values() if claimed > self.ctx.view),
-            reverse=True,
-        )
-        weak = self.ctx.config.weak_quorum
-        if len(ahead) >= weak and ahead[weak - 1] > self.ctx.view:
+        ahead = (claimed for claimed in self.latest_view_claims.values() if claimed > self.ctx.view)
+        joined = vouched_by(ahead, self.ctx.config.weak_quorum)
+        if joined is not None and joined > self.ctx.view:
             # At least one correct replica is in a view >= this one: join it.
-            self._start_view_change(ahead[weak - 1])
+            self._start_view_change(joined)
         elif self.ctx.status is ViewStatus.NORMAL:
             self._check_suspects()
 
