@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pbft.cli import EXIT_OK, EXIT_USAGE, EXIT_VIOLATED, main
+from cli.main import EXIT_OK, EXIT_USAGE, EXIT_VIOLATED, main
 from sim.faultbound import faulty_over_time, max_faulty
 from sim.fuzz import (
     FUZZ_BEHAVIORS,
@@ -283,7 +283,7 @@ def test_pbft_fuzz_runs_within_its_budget(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "pbft.cli",
+            "cli",
             "fuzz",
             "--budget",
             "5",
