@@ -21,8 +21,7 @@ from sim.fuzz import (
     generate_document,
     run_case,
 )
-from sim.scenario import FAULT_ACTIONS, load_scenario, parse_scenario
-from sim.scenario_toml import to_toml
+from sim.scenario import FAULT_ACTIONS, load_scenario, parse_scenario, to_toml
 from sim.shrink import _candidates, evaluate, shrink
 
 ROOT = Path(__file__).resolve().parent.parent
