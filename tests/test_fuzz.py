@@ -122,7 +122,7 @@ def test_the_same_seed_gives_the_same_scenario_in_any_process() -> None:
     assert other_process == generate(12345)
 
 
-def test_toml_writer_escapes_strings_and_writes_inline_tables() -> None:
+def test_toml_writer_escapes_strings_and_writes_nested_tables() -> None:
     document = {
         "name": 'a "quoted"\\ name\twith\ncontrol \x7f chars and ünïcode',
         "seed": 3,
