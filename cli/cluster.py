@@ -128,7 +128,7 @@ def _replica_stops() -> tuple[tuple[type[BaseException], int, str], ...]:
             EXIT_STORAGE_FAILED,
             "pbft: replica {replica}: storage failed: {error}",
         ),
-        (OSError, EXIT_USAGE, ""),
+        (OSError, EXIT_USAGE, ""),  # the port or another OS refusal: _port_refused says it
         (
             StorageCorruptError,
             EXIT_STORAGE_CORRUPT,
