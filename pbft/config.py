@@ -14,7 +14,7 @@ class ConfigError(ValueError):
 
 
 # The limits of a cluster, in one place: the wire format (pbft/messages.py), cluster files
-# (runtime/cluster.py), scenarios (sim/scenario.py) and the command line take them from here.
+# (runtime/cluster.py), scenarios (sim/scenario/) and the command line take them from here.
 MIN_REPLICAS = 4  # f >= 1
 MAX_REPLICAS = 256
 MAX_BATCH_SIZE = 1024

@@ -23,7 +23,8 @@ import trio
 
 from runtime.client import PaymentClient
 from runtime.cluster import load_cluster, write_cluster
-from runtime.commands import free_ports, replica_command
+from runtime.ports import free_ports
+from runtime.supervisor import replica_command
 
 
 def _percentile(values: list[float], percent: float) -> float:

@@ -24,7 +24,8 @@ import trio
 
 from runtime.client import PaymentClient
 from runtime.cluster import load_cluster, write_cluster
-from runtime.commands import consecutive_free_ports, replica_command
+from runtime.ports import consecutive_free_ports
+from runtime.supervisor import replica_command
 
 
 async def _first_payment_ms(cluster_path: Path, view: int | None) -> tuple[float, int, int]:

@@ -53,6 +53,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 from crypto.keyfiles import KeyFileError, load_private_key, save_private_key
 from crypto.keys import KeyFormatError, KeyRing, SigningKey, VerifyKey
 from pbft.checkpoint_size import checkpoint_size_problem
@@ -329,6 +331,19 @@ def _parse(document: dict[str, Any], path: Path) -> Cluster:
     return Cluster(path, config, tuple(replicas), client_keys, accounts, pace, burst)
 
 
+def _cluster_toml(document: Mapping[str, Any]) -> str:
+    """The cluster file's text: values rendered by tomli-w, laid out as the module docstring
+    shows, one [table] or [[array-of-tables]] block each (tomli-w alone would write short
+    arrays of tables inline, before the long ones). The tables here are flat."""
+    blocks = [tomli_w.dumps({key: value for key, value in document.items() if key == "f"})]
+    for key, value in document.items():
+        if isinstance(value, Mapping):
+            blocks.append(f"[{key}]\n" + tomli_w.dumps(value))
+        elif isinstance(value, list):
+            blocks.extend(f"[[{key}]]\n" + tomli_w.dumps(table) for table in value)
+    return "\n".join(blocks)
+
+
 def write_cluster(
     directory: str | os.PathLike[str],
     *,
@@ -380,47 +395,41 @@ def write_cluster(
     path = root / CLUSTER_FILE_NAME
     if path.exists():
         raise FileExistsError(f"{path} exists: refusing to replace a cluster's identities")
-    lines = [f"f = {(replicas - 1) // 3}", ""]
+    document: dict[str, Any] = {"f": (replicas - 1) // 3}
     if protocol:
-        lines.append("[protocol]")
-        lines += [f"{key} = {value}" for key, value in sorted(protocol.items())]
-        lines.append("")
+        document["protocol"] = dict(sorted(protocol.items()))
+    document["replicas"] = []
     for replica_id in range(replicas):
         key = SigningKey.generate()
         save_private_key(root / f"replica-{replica_id}.key", key)
-        lines += [
-            "[[replicas]]",
-            f"id = {replica_id}",
-            f'host = "{host}"',
-            f"port = {base_port + replica_id}",
-            f'public_key = "{key.verify_key.hex()}"',
-            "",
-        ]
+        document["replicas"].append(
+            {
+                "id": replica_id,
+                "host": host,
+                "port": base_port + replica_id,
+                "public_key": key.verify_key.hex(),
+            }
+        )
+    document["clients"] = []
     for client_id in range(clients):
         key = SigningKey.generate()
         save_private_key(root / f"client-{client_id}.key", key)
-        lines += ["[[clients]]", f"id = {client_id}", f'public_key = "{key.verify_key.hex()}"', ""]
+        document["clients"].append({"id": client_id, "public_key": key.verify_key.hex()})
     if generated_accounts is not None:
-        lines += [
-            "[genesis]",
-            f"generated_accounts = {generated_accounts}",
-            f"balance = {initial_balance}",
-            "",
-        ]
+        document["genesis"] = {"generated_accounts": generated_accounts, "balance": initial_balance}
         accounts_per_client = 0
-    index = 0
-    for client_id in range(clients):
-        for _ in range(accounts_per_client):
-            lines += [
-                "[[accounts]]",
-                f'name = "acct-{index:05d}"',
-                f"owner = {client_id}",
-                f"balance = {initial_balance}",
-                "",
-            ]
-            index += 1
+    accounts = [
+        {
+            "name": f"acct-{index:05d}",
+            "owner": index // accounts_per_client,
+            "balance": initial_balance,
+        }
+        for index in range(clients * accounts_per_client)
+    ]
+    if accounts:
+        document["accounts"] = accounts
     temporary = path.with_suffix(".tmp")
-    temporary.write_text("\n".join(lines))
+    temporary.write_text(_cluster_toml(document))
     os.replace(temporary, path)
     load_cluster(path)  # what we wrote must read back
     return path

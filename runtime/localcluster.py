@@ -20,8 +20,9 @@ import trio
 
 from pbft.replica import Replica
 from runtime.cluster import Cluster, load_cluster, write_cluster
-from runtime.commands import consecutive_free_ports, replica_command
+from runtime.ports import consecutive_free_ports
 from runtime.storage import DurableStore
+from runtime.supervisor import replica_command
 
 # How long a replica gets to stop on SIGTERM before it is killed.
 STOP_TIMEOUT_S = 15.0

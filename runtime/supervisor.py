@@ -192,3 +192,18 @@ class Supervisor:
     def _say(self, line: str) -> None:
         self.report.write(f"pbft: {line}\n")
         self.report.flush()
+
+
+def replica_command(cluster_path: Path, replica_id: int) -> list[str]:
+    """The command line that runs one replica of a cluster file as its own process
+    (`pbft replica`, through the interpreter running this one)."""
+    return [
+        sys.executable,
+        "-m",
+        "cli",
+        "replica",
+        "--cluster",
+        str(cluster_path),
+        "--id",
+        str(replica_id),
+    ]

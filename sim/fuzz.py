@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from pbft.config import fault_tolerance_of
-from sim import byzantine as byzantine_module
+from sim import adversary
 from sim import scenario as scenario_module
 from sim.faultbound import max_faulty
 from sim.scenario import (
@@ -43,9 +43,9 @@ from sim.scenario import (
     MESSAGE_TYPE_NAMES,
     Scenario,
     parse_scenario,
+    to_toml,
 )
 from sim.scenario import BEHAVIORS as SCENARIO_BEHAVIORS
-from sim.scenario_toml import to_toml
 
 # The message types a generated link fault may filter on: the first fifteen of pbft's
 # MessageType. The state-transfer messages (STATE_CHUNK, STATE_REQUEST) are left out for
@@ -61,7 +61,7 @@ _KNOWN_BEHAVIOR_PARAMETERS = ("delay_ms", "client", "kind")
 # Every behaviour the simulator implements and a scenario file may name.
 FUZZ_BEHAVIORS: tuple[str, ...] = tuple(
     name
-    for name in byzantine_module.BEHAVIORS
+    for name in adversary.BEHAVIORS
     if name in SCENARIO_BEHAVIORS
     and all(
         parameter in _KNOWN_BEHAVIOR_PARAMETERS for parameter in BEHAVIOR_PARAMETERS.get(name, ())
@@ -77,7 +77,7 @@ _CLIENT_BEHAVIOR_KINDS: dict[str, tuple[str, ...]] = getattr(
 CLIENT_FUZZ_BEHAVIORS: tuple[str, ...] = tuple(
     name
     for name in getattr(scenario_module, "CLIENT_BEHAVIORS", ())
-    if name in getattr(byzantine_module, "CLIENT_BEHAVIORS", {})
+    if name in getattr(adversary, "CLIENT_BEHAVIORS", {})
     and all(parameter == "kind" for parameter in _CLIENT_BEHAVIOR_PARAMETERS.get(name, ()))
 )
 # Kinds of fault a case may switch on (swarm testing: each case enables a random subset).

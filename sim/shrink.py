@@ -27,8 +27,7 @@ from typing import Any, TextIO
 
 from sim.checkers import SAFETY_CHECKS
 from sim.faultbound import max_faulty
-from sim.scenario import Scenario, ScenarioError, WorkloadSpec, parse_scenario
-from sim.scenario_toml import to_toml
+from sim.scenario import Scenario, ScenarioError, WorkloadSpec, parse_scenario, to_toml
 from sim.simulator import run_scenario
 
 Document = dict[str, Any]

@@ -35,7 +35,7 @@ from pbft.ledger import Ledger
 from pbft.messages import MessageType, NewView, Prepare, PrePrepare, Reply, Request
 from pbft.replica import Replica
 from pbft.signed import Rejected, peek
-from sim.byzantine import (
+from sim.adversary import (
     Adversary,
     Behavior,
     ClientBehavior,

@@ -1,4 +1,4 @@
-"""Tests for sim.byzantine's replica behaviours: each rewrite on hand-built messages, the
+"""Tests for sim.adversary's replica behaviours: each rewrite on hand-built messages, the
 [at_ms, until_ms) window, the scenario fields that configure them, and that every behaviour
 has a shipped scenario (tests/test_simulator.py runs every shipped scenario)."""
 
@@ -33,8 +33,8 @@ from pbft.replica import Replica
 from pbft.signed import Rejected, open_envelope, seal
 from pbft.status import ViewStatus
 from pbft.viewchange import verify_view_change
-from sim import byzantine
-from sim.byzantine import (
+from sim import adversary as byzantine
+from sim.adversary import (
     Adversary,
     Behavior,
     Garbage,

@@ -1,4 +1,4 @@
-"""Byzantine clients (sim.byzantine's client behaviours): each rewrite of a client core's
+"""Byzantine clients (sim.adversary's client behaviours): each rewrite of a client core's
 actions on hand-made requests, the checkers' rule for a Byzantine client's extra requests,
 and what the correct replicas did with them in the shipped scenarios."""
 
@@ -18,8 +18,8 @@ from pbft.events import ExecutedRequest, Send
 from pbft.ledger import Ledger, Payment
 from pbft.messages import Request
 from pbft.signed import open_envelope
-from sim import byzantine
-from sim.byzantine import ClientBehavior, build_client_behavior
+from sim import adversary as byzantine
+from sim.adversary import ClientBehavior, build_client_behavior
 from sim.checkers import SAFETY_CHECKS, Observations, check_receipts, check_validity
 from sim.scenario import load_scenario
 from sim.simulator import Simulation

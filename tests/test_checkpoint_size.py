@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 from replica_harness import Chain, Cluster, persists
 
+from cli.main import EXIT_USAGE, main
 from pbft.checkpoint_size import (
     checkpoint_record_bound,
     checkpoint_size,
     checkpoint_size_problem,
     snapshot_size_bound,
 )
-from pbft.cli import EXIT_USAGE, main
 from pbft.codec import MAX_LOCAL_RECORD_BYTES, unpack
 from pbft.config import ClusterConfig
 from pbft.ledger import (
@@ -35,7 +35,7 @@ from pbft.ledger import (
 )
 from pbft.replica import Replica
 from runtime.cluster import ClusterFileError, load_cluster, write_cluster
-from runtime.commands import consecutive_free_ports
+from runtime.ports import consecutive_free_ports
 from runtime.storage import CHUNK_BYTES, MAX_VALUE_BYTES, DurableStore
 from sim.scenario import ScenarioError, parse_scenario
 from sim.workload import genesis_accounts

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from pbft.cli import EXIT_OK, EXIT_USAGE, EXIT_VIOLATED, main
+from cli.main import EXIT_OK, EXIT_USAGE, EXIT_VIOLATED, main
 
 ROOT = Path(__file__).resolve().parent.parent
 FAULT_FREE = ROOT / "scenarios" / "fault-free.toml"
@@ -309,7 +309,7 @@ def test_json_to_stdout_pipes_into_json_tool(tmp_path: Path) -> None:
     """`pbft run X --json - | python -m json.tool` works: stdout is the document alone."""
     scenario = _write(tmp_path, "small.toml", SMALL)
     run = subprocess.Popen(
-        [sys.executable, "-m", "pbft.cli", "run", str(scenario), "--json", "-"],
+        [sys.executable, "-m", "cli", "run", str(scenario), "--json", "-"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )

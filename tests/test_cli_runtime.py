@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 import trio
 
-from pbft.cli import EXIT_USAGE, main
+from cli.exits import EXIT_NO_DECISION
+from cli.main import EXIT_USAGE, main
 from pbft.events import Note
 from runtime.client import PaymentClient, PaymentTimeout
 from runtime.cluster import ClusterFileError, load_cluster, write_cluster
-from runtime.commands import EXIT_NO_DECISION, consecutive_free_ports
 from runtime.node import LogSummarizer, ReplicaNode
+from runtime.ports import consecutive_free_ports
 from runtime.supervisor import Supervisor, describe_exit
 
 
@@ -304,7 +305,7 @@ def test_ctrl_c_during_a_payment_exits_130_with_the_request_id_to_retry(
     error_path = tmp_path / "pay.err"
     with open(error_path, "wb") as error_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", "pbft.cli", *_pay(cluster_file, "--timeout", "60")],
+            [sys.executable, "-m", "cli", *_pay(cluster_file, "--timeout", "60")],
             stdout=subprocess.DEVNULL,
             stderr=error_file,
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # noqa: PLW1509
@@ -373,7 +374,7 @@ def test_a_replica_whose_port_is_taken_says_so_in_one_line_and_exits_2(
         taken.bind((address.host, address.port))
         taken.listen()
         completed = subprocess.run(
-            [sys.executable, "-m", "pbft.cli", "replica", "--cluster", str(cluster_file)]
+            [sys.executable, "-m", "cli", "replica", "--cluster", str(cluster_file)]
             + ["--id", "1", "--data", str(cluster_file.parent / "data-port-test")],
             capture_output=True,
             text=True,

@@ -384,7 +384,7 @@ def test_a_payment_client_keeps_at_most_its_quota_in_flight(tmp_path) -> None:  
 
     from runtime.client import PaymentClient, PaymentTimeout
     from runtime.cluster import load_cluster, write_cluster
-    from runtime.commands import consecutive_free_ports
+    from runtime.ports import consecutive_free_ports
 
     path = write_cluster(
         tmp_path,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pbft.cli import main
+from cli.main import main
 from pbft.ledger import Account, Ledger
 from runtime.cluster import ClusterFileError, load_cluster, write_cluster
 

@@ -37,7 +37,7 @@ class Up:
         self.err_path = root.parent / f"{root.name}-up.err"
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "pbft.cli", "cluster", "up", "--dir", str(root), *options],
+                [sys.executable, "-m", "cli", "cluster", "up", "--dir", str(root), *options],
                 stdout=out,
                 stderr=err,
                 start_new_session=new_session,  # its own process group, as at a terminal
@@ -64,7 +64,7 @@ class Up:
             time.sleep(0.05)
 
     def pay(self, *extra: str, amount: int = 7) -> subprocess.CompletedProcess[str]:
-        command = [sys.executable, "-m", "pbft.cli", "pay", "--cluster", str(self.cluster_path)]
+        command = [sys.executable, "-m", "cli", "pay", "--cluster", str(self.cluster_path)]
         command += ["--client", "0", "--from", "acct-00000", "--to", "acct-00002"]
         command += ["--amount", str(amount), *extra]
         return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pbft.cli import EXIT_OK, EXIT_USAGE, EXIT_VIOLATED, main
+from cli.main import EXIT_OK, EXIT_USAGE, EXIT_VIOLATED, main
 from sim.faultbound import faulty_over_time, max_faulty
 from sim.fuzz import (
     FUZZ_BEHAVIORS,
@@ -21,8 +21,7 @@ from sim.fuzz import (
     generate_document,
     run_case,
 )
-from sim.scenario import FAULT_ACTIONS, load_scenario, parse_scenario
-from sim.scenario_toml import to_toml
+from sim.scenario import FAULT_ACTIONS, load_scenario, parse_scenario, to_toml
 from sim.shrink import _candidates, evaluate, shrink
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,7 +122,7 @@ def test_the_same_seed_gives_the_same_scenario_in_any_process() -> None:
     assert other_process == generate(12345)
 
 
-def test_toml_writer_escapes_strings_and_writes_inline_tables() -> None:
+def test_toml_writer_escapes_strings_and_writes_nested_tables() -> None:
     document = {
         "name": 'a "quoted"\\ name\twith\ncontrol \x7f chars and ünïcode',
         "seed": 3,
@@ -283,7 +282,7 @@ def test_pbft_fuzz_runs_within_its_budget(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "pbft.cli",
+            "cli",
             "fuzz",
             "--budget",
             "5",

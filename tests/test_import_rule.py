@@ -1,10 +1,12 @@
-"""The sans-I/O rule of the protocol core, checked statically with `ast`.
+"""The import rules of the repository, checked statically with `ast`.
 
-The core (pbft/ except the command-line shell pbft/cli.py, and every module of this
-repository it imports, transitively) must never import I/O, clocks, randomness or
-concurrency: the simulator replays it deterministically and the trio runtime drives it.
-It must also build no sets: a set of str iterates in hash-randomized order, which would
-make replicas diverge between processes.
+The core (pbft/, and every module of this repository it imports, transitively) must never
+import I/O, clocks, randomness or concurrency: the simulator replays it deterministically
+and the trio runtime drives it. It must also build no sets: a set of str iterates in
+hash-randomized order, which would make replicas diverge between processes.
+
+Between packages, imports run one way: crypto <- pbft <- sim, runtime <- cli (sim and
+runtime never import each other), and no module imports itself through others.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CORE_DIRECTORY = ROOT / "pbft"
-SHELL_MODULES = frozenset({"cli.py"})
 
 FORBIDDEN_MODULES = frozenset(
     {
@@ -124,8 +125,13 @@ def _with_parent_packages(dotted: str) -> list[str]:
     return [".".join(parts[: index + 1]) for index in range(len(parts))]
 
 
+def _python_files(directory: Path) -> list[Path]:
+    """Every module of a package, its subpackages' included."""
+    return sorted(directory.rglob("*.py"))
+
+
 def core_entry_points() -> list[Path]:
-    return sorted(path for path in CORE_DIRECTORY.glob("*.py") if path.name not in SHELL_MODULES)
+    return _python_files(CORE_DIRECTORY)
 
 
 def reachable_modules(entry_points: list[Path]) -> dict[Path, list[str]]:
@@ -172,13 +178,14 @@ def test_core_and_everything_it_imports_never_imports_io_clock_or_randomness() -
 
 
 def test_rule_report_names_the_module_the_import_and_the_chain() -> None:
-    # Starting from the shell instead of the core, the report must point into the simulator.
-    report = rule_report(reachable_modules([CORE_DIRECTORY / "cli.py"]))
-    assert any(line.startswith("pbft/cli.py:") and "imports time" in line for line in report)
+    # Starting from the command line instead of the core, the report must point into the
+    # simulator, through the module of the scenario commands.
+    report = rule_report(reachable_modules([ROOT / "cli" / "main.py"]))
+    assert any(line.startswith("cli/scenarios.py:") and "imports time" in line for line in report)
     assert any(
         line.startswith("sim/")
         and "imports random" in line
-        and "(import chain: pbft.cli -> sim." in line
+        and "(import chain: cli.main -> cli.scenarios -> sim." in line
         for line in report
     ), report
 
@@ -198,17 +205,17 @@ def test_core_closure_covers_the_sans_io_crypto_modules() -> None:
 
 def test_key_files_and_the_shell_are_not_reachable_from_the_core() -> None:
     reached = {_relative(path): chain for path, chain in CORE.items()}
-    for unreachable in ("crypto/keyfiles.py", "pbft/cli.py"):
-        assert unreachable not in reached, f"{unreachable} reached via {reached[unreachable]}"
-    simulator = sorted(name for name in reached if name.startswith("sim/"))
-    assert not simulator, f"the core imports the simulator: {simulator}"
+    assert "crypto/keyfiles.py" not in reached, reached["crypto/keyfiles.py"]
+    for package in ("sim/", "runtime/", "cli/"):
+        above = sorted(name for name in reached if name.startswith(package))
+        assert not above, f"the core imports {package}: {above}"
 
 
 def test_the_checker_finds_the_io_in_key_files_and_the_shell() -> None:
     # The checker works on real files, not only on toy strings.
     keyfiles = find_violations((ROOT / "crypto" / "keyfiles.py").read_text(), "crypto.keyfiles")
     assert {violation.what for violation in keyfiles} >= {"imports os", "imports pathlib"}
-    cli = find_violations((CORE_DIRECTORY / "cli.py").read_text(), "pbft.cli")
+    cli = find_violations((ROOT / "cli" / "scenarios.py").read_text(), "cli.scenarios")
     assert "imports time" in {violation.what for violation in cli}
 
 
@@ -289,7 +296,7 @@ def test_simulator_modules_build_no_mutable_sets() -> None:
     # frozensets of replica ids (ints, whose hash order is fixed) are allowed in sim/.
     problems = [
         f"{_relative(path)}:{line}: {text}"
-        for path in sorted((ROOT / "sim").glob("*.py"))
+        for path in _python_files(ROOT / "sim")
         for line, text in set_constructions(path.read_text())
         if not text.startswith("frozenset(")
     ]
@@ -315,29 +322,126 @@ def test_set_checker_ignores_dicts_and_annotations() -> None:
     assert set_constructions(source) == []
 
 
-# --- no cycles -------------------------------------------------------------------------------
+# --- no cycles, and imports run one way ------------------------------------------------------
 
-PACKAGES = ("crypto", "pbft", "sim", "runtime")
+# Each package and the packages it may import (besides itself): crypto <- pbft <- sim,
+# runtime <- cli. Every import counts, also inside functions and `if TYPE_CHECKING:` blocks.
+ALLOWED_IMPORTS: dict[str, frozenset[str]] = {
+    "crypto": frozenset(),
+    "pbft": frozenset({"crypto"}),
+    "sim": frozenset({"pbft", "crypto"}),
+    "runtime": frozenset({"pbft", "crypto"}),
+    "cli": frozenset({"crypto", "pbft", "sim", "runtime"}),
+}
+PACKAGES = tuple(ALLOWED_IMPORTS)
 
 
-def import_graph() -> dict[str, set[str]]:
-    """Module -> the repository modules it imports, anywhere in its source (also inside
+@dataclass(frozen=True)
+class Edge:
+    module: str
+    target: str
+    line: int
+
+    def __str__(self) -> str:
+        return f"{self.module}:{self.line}: imports {self.target}"
+
+
+def import_edges() -> list[Edge]:
+    """Every import of one repository module by another, anywhere in its source (also inside
     functions and `if TYPE_CHECKING:` blocks: a cycle hidden there is a cycle all the same)."""
-    graph: dict[str, set[str]] = {}
+    edges: list[Edge] = []
     for package in PACKAGES:
-        for path in sorted((ROOT / package).glob("*.py")):
+        for path in _python_files(ROOT / package):
             name = _module_name(path)
-            targets = graph.setdefault(name, set())
             for imported in imported_names(path.read_text(), name, path.name == "__init__.py"):
                 for dotted in [imported.module] + (
                     [imported.submodule] if imported.submodule else []
                 ):
                     local = _local_file(dotted)
                     if local is not None and local != path:
-                        target = _module_name(local)
-                        if target.split(".")[0] in PACKAGES:
-                            targets.add(target)
+                        edges.append(Edge(name, _module_name(local), imported.line))
+    return edges
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the repository modules it imports."""
+    graph: dict[str, set[str]] = {}
+    for package in PACKAGES:
+        for path in _python_files(ROOT / package):
+            graph.setdefault(_module_name(path), set())
+    for edge in import_edges():
+        graph[edge.module].add(edge.target)
     return graph
+
+
+def direction_violations(edges: list[Edge]) -> list[str]:
+    """The imports that run the wrong way between packages, one line each."""
+    problems = []
+    for edge in edges:
+        source, target = edge.module.split(".")[0], edge.target.split(".")[0]
+        allowed = ALLOWED_IMPORTS.get(source)
+        if target == source:
+            continue
+        if allowed is None or target not in allowed:
+            problems.append(f"{edge} ({source} may import only: {sorted(allowed or ())})")
+    return problems
+
+
+def test_imports_run_one_way_between_packages() -> None:
+    problems = direction_violations(import_edges())
+    assert not problems, "imports against crypto <- pbft <- sim, runtime <- cli:\n" + "\n".join(
+        problems
+    )
+
+
+def test_every_package_has_a_direction_rule() -> None:
+    # A new top-level package must be placed in the order, not silently left out of it.
+    packages = sorted(
+        path.parent.name
+        for path in ROOT.glob("*/__init__.py")
+        if path.parent.name not in ("tests", ".venv")
+    )
+    assert packages == sorted(PACKAGES)
+
+
+@pytest.mark.parametrize(
+    ("module", "target"),
+    [
+        ("crypto.keys", "pbft.codec"),
+        ("pbft.replica", "sim.network"),
+        ("pbft.replica", "cli.main"),
+        ("sim.simulator", "runtime.node"),
+        ("runtime.node", "sim.scenario"),
+        ("runtime.node", "cli.exits"),
+        ("sim.fuzz", "cli.scenarios"),
+        ("elsewhere.module", "pbft.codec"),
+    ],
+)
+def test_direction_check_catches_an_upward_import(module: str, target: str) -> None:
+    assert direction_violations([Edge(module, target, 7)]) == [
+        f"{module}:7: imports {target} "
+        f"({module.split('.')[0]} may import only: "
+        f"{sorted(ALLOWED_IMPORTS.get(module.split('.')[0], ()))})"
+    ]
+
+
+def test_direction_check_accepts_downward_and_own_package_imports() -> None:
+    edges = [
+        Edge("crypto.keys", "crypto.signing", 1),
+        Edge("pbft.replica", "crypto.keys", 2),
+        Edge("sim.simulator", "pbft.replica", 3),
+        Edge("runtime.node", "pbft.replica", 4),
+        Edge("cli.main", "sim.simulator", 5),
+        Edge("cli.main", "runtime.node", 6),
+    ]
+    assert direction_violations(edges) == []
+
+
+def test_the_direction_check_sees_lazy_imports() -> None:
+    # cli/scenarios.py imports the simulator only inside its functions.
+    edges = {(edge.module, edge.target) for edge in import_edges()}
+    assert ("cli.scenarios", "sim.simulator") in edges
+    assert ("cli.main", "runtime.cluster") in edges
 
 
 def test_no_module_imports_itself_through_others() -> None:

@@ -20,9 +20,9 @@ from pbft.signed import seal
 from runtime.adversary import authenticate
 from runtime.client import PaymentClient
 from runtime.cluster import Cluster, load_cluster, write_cluster
-from runtime.commands import consecutive_free_ports
 from runtime.inbound import DEFAULT_REPLICA_BURST, InboundScheduler
 from runtime.node import ReplicaNode
+from runtime.ports import consecutive_free_ports
 from runtime.transport import TransportConfig
 
 HONEST: Principal = ("client", 0)

@@ -14,8 +14,8 @@ import trio
 
 from runtime.client import PaymentClient
 from runtime.cluster import load_cluster, write_cluster
-from runtime.commands import free_ports
 from runtime.node import ReplicaNode
+from runtime.ports import free_ports
 from runtime.storage import DurableStore
 
 

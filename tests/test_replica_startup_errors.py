@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from pbft.cli import main
-from runtime.cluster import load_cluster, write_cluster
-from runtime.commands import (
+from cli.exits import (
     EXIT_REPLICA_LOCKED,
     EXIT_STORAGE_CORRUPT,
     EXIT_STORAGE_FAILED,
 )
+from cli.main import main
+from runtime.cluster import load_cluster, write_cluster
 from runtime.node import ReplicaNode
 from runtime.storage import DurableStore
 

@@ -17,8 +17,8 @@ import trio
 
 from pbft.receipt import verify_receipt
 from runtime.client import PaymentClient
-from runtime.commands import replica_command
 from runtime.localcluster import LocalCluster
+from runtime.supervisor import replica_command
 
 REPLICAS = 4
 # Replica processes start slowly on a loaded 2-core machine: generous, and only an upper bound.

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, note, settings
@@ -16,7 +17,7 @@ from hypothesis import strategies as st
 
 from pbft.config import fault_tolerance_of
 from sim.checkers import SAFETY_CHECKS
-from sim.scenario import load_scenario, parse_scenario
+from sim.scenario import load_scenario, parse_scenario, to_toml
 from sim.simulator import SimulationResult, run_scenario
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -212,25 +213,26 @@ def fault_schedules(draw: st.DrawFn, replicas: int) -> str:
     duplicate = draw(st.floats(0.0, 0.1, allow_nan=False))
     latency_min = draw(st.integers(0, 5))
     latency_max = draw(st.integers(latency_min, 20))
-    lines = [
-        'name = "random-faults"',
-        f"seed = {seed}",
-        "",
-        "[cluster]",
-        f"replicas = {replicas}",
-        f"checkpoint_interval = {draw(st.sampled_from([4, 8, 16]))}",
-        "view_change_timeout_ms = 200",
-        "",
-        "[network]",
-        f"latency_ms = {{ dist = 'uniform', min = {latency_min}, max = {latency_max} }}",
-        f"drop = {drop!r}",
-        f"duplicate = {duplicate!r}",
-        "",
-        "[workload]",
-        f"payments = {payments}",
-        f"rate_per_s = {rate}",
-        "",
-    ]
+    faults: list[dict[str, Any]] = []
+    byzantine_entries: list[dict[str, Any]] = []
+    document: dict[str, Any] = {
+        "name": "random-faults",
+        "seed": seed,
+        "cluster": {
+            "replicas": replicas,
+            "checkpoint_interval": draw(st.sampled_from([4, 8, 16])),
+            "view_change_timeout_ms": 200,
+        },
+        "network": {
+            "latency_ms": {"dist": "uniform", "min": latency_min, "max": latency_max},
+            "drop": drop,
+            "duplicate": duplicate,
+        },
+        "workload": {"payments": payments, "rate_per_s": rate},
+        "faults": faults,
+        "byzantine": byzantine_entries,
+        "expect": {"safety": True, "liveness": False},
+    }
     # At most f faulty replicas in all: the Byzantine ones and the crashed ones together.
     faulty = draw(st.lists(st.integers(0, replicas - 1), min_size=0, max_size=f, unique=True))
     byzantine = [replica for replica in faulty if draw(st.booleans())]
@@ -240,18 +242,8 @@ def fault_schedules(draw: st.DrawFn, replicas: int) -> str:
         for _ in range(draw(st.integers(0, 2))):
             crash_at = draw(st.integers(0, 800))
             restart_at = crash_at + draw(st.integers(1, 1200))
-            lines += [
-                "[[faults]]",
-                f"at_ms = {crash_at}",
-                'action = "crash"',
-                f"replica = {crashable}",
-                "",
-                "[[faults]]",
-                f"at_ms = {restart_at}",
-                'action = "restart"',
-                f"replica = {crashable}",
-                "",
-            ]
+            faults.append({"at_ms": crash_at, "action": "crash", "replica": crashable})
+            faults.append({"at_ms": restart_at, "action": "restart", "replica": crashable})
     for _ in range(draw(st.integers(0, 2))):
         labels = draw(st.lists(st.integers(0, 3), min_size=replicas, max_size=replicas))
         groups = [
@@ -266,28 +258,26 @@ def fault_schedules(draw: st.DrawFn, replicas: int) -> str:
             groups = groups[:-1]
         at_ms = draw(st.integers(0, 800))
         until_ms = at_ms + draw(st.integers(1, 1500))
-        lines += [
-            "[[faults]]",
-            f"at_ms = {at_ms}",
-            f"until_ms = {until_ms}",
-            'action = "partition"',
-            f"groups = {groups}",
-        ]
+        fault: dict[str, Any] = {
+            "at_ms": at_ms,
+            "until_ms": until_ms,
+            "action": "partition",
+            "groups": groups,
+        }
         direction = draw(st.sampled_from([None, "both", "one-way"]))
         if direction is not None:
-            lines.append(f'direction = "{direction}"')
-        lines.append("")
+            fault["direction"] = direction
+        faults.append(fault)
     correct = [replica for replica in range(replicas) if replica not in byzantine]
     for replica in byzantine:
         behavior = draw(st.sampled_from(["equivocate", "silent", "twin"]))
-        lines += ["[[byzantine]]", f"replica = {replica}", f'behavior = "{behavior}"']
+        entry: dict[str, Any] = {"replica": replica, "behavior": behavior}
         if behavior == "twin":
             # The two copies each talk with one part of the correct replicas.
             cut = draw(st.integers(1, len(correct) - 1))
-            lines.append(f"groups = {[correct[:cut], correct[cut:]]}")
-        lines.append("")
-    lines += ["[expect]", "safety = true", "liveness = false", ""]
-    return "\n".join(lines)
+            entry["groups"] = [correct[:cut], correct[cut:]]
+        byzantine_entries.append(entry)
+    return to_toml(document)
 
 
 @pytest.mark.parametrize("replicas", range(4, 11))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pbft.cli import main
+from cli.main import main
 from sim.scenario import load_scenario
 from sim.simulator import run_scenario
 from sim.sweep import SeedRangeError, parse_seeds, sweep

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from replica_harness import Network
 
-from pbft.cli import EXIT_OK, EXIT_USAGE, EXIT_VIOLATED, main
+from cli.main import EXIT_OK, EXIT_USAGE, EXIT_VIOLATED, main
 from pbft.client import ClientCore, Decided
 from pbft.codec import pack
 from pbft.messages import Reply

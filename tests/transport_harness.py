@@ -62,7 +62,7 @@ def run(test: Callable[[], Awaitable[None]], deadline_s: float = TEST_DEADLINE_S
 async def close_with_reset(stream: trio.SocketStream) -> None:
     """Close with an RST: no TIME_WAIT left behind. The flood and churn tests open thousands
     of connections; left in TIME_WAIT they crowd the ephemeral ports, and a later test that
-    picks "free" ports for replica processes (runtime.commands.free_ports) loses races."""
+    picks "free" ports for replica processes (runtime.ports.free_ports) loses races."""
     try:
         stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     except OSError:

@@ -1,11 +1,4 @@
-"""The `pbft` command line: a thin shell around the simulator and the runtime.
-
-This is the one module of the pbft package that does I/O; the protocol core never
-imports it. Exit codes: 0 the scenario's expectations hold, 1 one does not,
-2 a bad scenario file or bad arguments (one line, never a traceback), 3 an internal error
-(a bug), 130 interrupted (Ctrl-C). The runtime commands add theirs (runtime.commands:
-4 for no decision within the timeout); each command's --help lists its own.
-"""
+"""`pbft run`, `pbft sweep` and `pbft fuzz`: scenarios in the deterministic simulator."""
 
 from __future__ import annotations
 
@@ -13,26 +6,13 @@ import argparse
 import json
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
-EXIT_OK = 0
-EXIT_VIOLATED = 1
-EXIT_USAGE = 2
-EXIT_INTERNAL = 3
-EXIT_INTERRUPTED = 130  # the shell's convention for SIGINT
+from cli.exits import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, EXIT_VIOLATED
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> Any:  # argparse exits 2 too; keep its message format
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
-
-
-def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="pbft", description="Byzantine fault-tolerant payment confirmation.")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+def add_run(commands: Any) -> None:
     formatter = argparse.RawDescriptionHelpFormatter
     run = commands.add_parser(
         "run",
@@ -49,28 +29,10 @@ def _build_parser() -> argparse.ArgumentParser:
         help="also write the summary as JSON; '-' = stdout, and then the text goes to stderr",
     )
     run.add_argument("--trace", metavar="PATH", help="write every event as JSON lines")
-    from runtime.commands import add_runtime_commands
 
-    add_runtime_commands(commands)
-    keygen = commands.add_parser(
-        "keygen",
-        help="generate keys and DIR/cluster.toml for a local cluster",
-        epilog="exit codes:\n  0  written\n  2  bad arguments, or DIR already holds a cluster",
-        formatter_class=formatter,
-    )
-    keygen.add_argument("--replicas", type=int, default=4)
-    keygen.add_argument("--clients", type=int, default=2)
-    keygen.add_argument("--out", required=True, metavar="DIR")
-    keygen.add_argument("--host", default="127.0.0.1")
-    keygen.add_argument("--base-port", type=int, default=7000)
-    keygen.add_argument("--accounts-per-client", type=int, default=2)
-    keygen.add_argument("--initial-balance", type=int, default=100_000)
-    keygen.add_argument(
-        "--generated-accounts",
-        type=int,
-        metavar="N",
-        help="a [genesis] of N accounts by rule instead of --accounts-per-client listed ones",
-    )
+
+def add_sweep(commands: Any) -> None:
+    formatter = argparse.RawDescriptionHelpFormatter
     sweep = commands.add_parser(
         "sweep",
         help="run one scenario under many seeds, in parallel",
@@ -81,6 +43,10 @@ def _build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("scenario", help="path to a scenario TOML file")
     sweep.add_argument("--seeds", default="0..99", help="e.g. 0..999 or 1,5,10..20")
     sweep.add_argument("--jobs", type=int, help="worker processes (default: one per core)")
+
+
+def add_fuzz(commands: Any) -> None:
+    formatter = argparse.RawDescriptionHelpFormatter
     fuzz = commands.add_parser(
         "fuzz",
         help="run random scenarios within the fault bound; shrink the first failure",
@@ -105,48 +71,9 @@ def _build_parser() -> argparse.ArgumentParser:
         default=200,
         help="most runs spent shrinking a failure (default 200)",
     )
-    return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        return _main(argv)
-    except KeyboardInterrupt:  # also while importing the runtime, which takes a while
-        print("pbft: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except BaseExceptionGroup as group:  # Ctrl-C inside a trio task arrives in a group
-        if group.split(KeyboardInterrupt)[1] is not None:
-            raise
-        print("pbft: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-
-
-def _main(argv: list[str] | None) -> int:
-    arguments = _build_parser().parse_args(argv)
-    try:
-        if arguments.command == "run":
-            return _run(arguments)
-        if arguments.command == "sweep":
-            return _sweep(arguments)
-        if arguments.command == "fuzz":
-            return _fuzz(arguments)
-        if arguments.command == "keygen":
-            return _keygen(arguments)
-        from runtime.commands import RUNTIME_COMMANDS, run_runtime_command
-
-        if arguments.command in RUNTIME_COMMANDS:
-            return run_runtime_command(arguments)
-    except Exception:  # noqa: BLE001 - the last line of defence: report, exit 3
-        traceback.print_exc()
-        print(
-            "pbft: internal error (a bug: please report it with the scenario and seed)",
-            file=sys.stderr,
-        )
-        return EXIT_INTERNAL
-    return EXIT_USAGE
-
-
-def _run(arguments: argparse.Namespace) -> int:
+def run(arguments: argparse.Namespace) -> int:
     from sim.scenario import ScenarioError, load_scenario
     from sim.simulator import run_scenario
 
@@ -204,50 +131,6 @@ def _fault_bound(scenario: Any) -> dict[str, Any]:
     }
 
 
-def _keygen(arguments: argparse.Namespace) -> int:
-    from pbft.config import MAX_REPLICAS, MIN_REPLICAS
-    from runtime.cluster import MAX_ACCOUNTS, MAX_CLIENTS, write_cluster
-
-    problem = None
-    if not MIN_REPLICAS <= arguments.replicas <= MAX_REPLICAS:
-        problem = f"--replicas: {arguments.replicas} is not in {MIN_REPLICAS}..{MAX_REPLICAS}"
-    elif not 1 <= arguments.clients <= MAX_CLIENTS:
-        problem = f"--clients: {arguments.clients} is not in 1..{MAX_CLIENTS}"
-    elif not 0 <= arguments.accounts_per_client <= MAX_ACCOUNTS // arguments.clients:
-        problem = (
-            f"--accounts-per-client: {arguments.accounts_per_client} is not in "
-            f"0..{MAX_ACCOUNTS // arguments.clients} (at most {MAX_ACCOUNTS} accounts in all)"
-        )
-    elif not 1 <= arguments.base_port <= 65536 - arguments.replicas:
-        problem = f"--base-port: {arguments.base_port}: the replicas' ports must be in 1..65535"
-    elif not arguments.host or len(arguments.host) > 255:
-        problem = "--host: expected a host name or address of 1..255 characters"
-    elif Path(arguments.out).exists() and not Path(arguments.out).is_dir():
-        problem = f"--out: {arguments.out} exists and is not a directory"
-    if problem:
-        print(f"pbft: {problem}", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        path = write_cluster(
-            arguments.out,
-            replicas=arguments.replicas,
-            clients=arguments.clients,
-            host=arguments.host,
-            base_port=arguments.base_port,
-            accounts_per_client=arguments.accounts_per_client,
-            initial_balance=arguments.initial_balance,
-            generated_accounts=arguments.generated_accounts,
-        )
-    except (ValueError, FileExistsError) as error:
-        print(f"pbft: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    except OSError as error:
-        print(f"pbft: --out: cannot write in {arguments.out}: {error.strerror}", file=sys.stderr)
-        return EXIT_USAGE
-    print(f"wrote {path} and {arguments.replicas + arguments.clients} private keys (mode 0600)")
-    return EXIT_OK
-
-
 def _jobs(arguments: argparse.Namespace) -> int | None:
     """--jobs for sweep and fuzz: default one worker per core; None (after saying why) if bad."""
     from sim.sweep import default_jobs
@@ -259,10 +142,11 @@ def _jobs(arguments: argparse.Namespace) -> int | None:
     return jobs
 
 
-def _sweep(arguments: argparse.Namespace) -> int:
+def sweep(arguments: argparse.Namespace) -> int:
     from sim.progress import TerminalProgress
     from sim.scenario import ScenarioError, load_scenario
-    from sim.sweep import SeedRangeError, parse_seeds, report, sweep
+    from sim.sweep import SeedRangeError, parse_seeds, report
+    from sim.sweep import sweep as sweep_seeds
 
     try:
         load_scenario(arguments.scenario)
@@ -277,17 +161,18 @@ def _sweep(arguments: argparse.Namespace) -> int:
     if jobs is None:
         return EXIT_USAGE
     with TerminalProgress("sweep", len(seeds)) as progress:
-        outcomes = sweep(arguments.scenario, seeds, jobs, progress.sweep_step)
+        outcomes = sweep_seeds(arguments.scenario, seeds, jobs, progress.sweep_step)
     report(arguments.scenario, outcomes)
     if any(outcome.verdict == "error" for outcome in outcomes):
         return EXIT_INTERNAL
     return EXIT_OK if all(outcome.verdict == "ok" for outcome in outcomes) else EXIT_VIOLATED
 
 
-def _fuzz(arguments: argparse.Namespace) -> int:
+def fuzz(arguments: argparse.Namespace) -> int:
     import random
 
-    from sim.fuzz import MAX_FUZZ_REPLICAS, fuzz, summarize
+    from sim.fuzz import MAX_FUZZ_REPLICAS, summarize
+    from sim.fuzz import fuzz as fuzz_cases
     from sim.progress import TerminalProgress
 
     if not 4 <= arguments.replicas <= MAX_FUZZ_REPLICAS:
@@ -321,7 +206,7 @@ def _fuzz(arguments: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     with TerminalProgress("fuzz", arguments.budget) as progress:
-        report = fuzz(
+        report = fuzz_cases(
             seed,
             arguments.replicas,
             arguments.budget,
@@ -395,7 +280,3 @@ def _format(summary: dict[str, Any]) -> str:
     )
     lines.append(f"verdict       {summary['verdict']}")
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
