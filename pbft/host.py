@@ -104,7 +104,7 @@ def step(core: Core, events: Iterable[Event], peers: tuple[Principal, ...]) -> R
                 outputs.append(Outgoing((action.to,), action.data))
             elif isinstance(action, Broadcast):
                 outputs.append(Outgoing(peers, action.data))
-            elif isinstance(action, Executed | Note):
+            elif isinstance(action, (Executed, Note)):
                 outputs.append(action)
             else:
                 raise TypeError(f"not an action: {action!r}")

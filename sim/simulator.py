@@ -14,7 +14,7 @@ import random
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any, NamedTuple, TextIO
 
 from crypto.keys import KeyRing, Principal, SigningKey
 from crypto.signing import VerificationCache
@@ -28,6 +28,7 @@ from pbft.ledger import Ledger
 from pbft.messages import MessageType, NewView, Prepare, PrePrepare, Reply, Request
 from pbft.replica import Replica
 from pbft.signed import Rejected, peek, type_code_of
+from pbft.stats import nearest_rank
 from sim.byzantine import (
     Adversary,
     Behavior,
@@ -56,10 +57,10 @@ NEW_VIEW_PLANS_KEPT = 8
 
 # --- what the event queue holds -----------------------------------------------------------
 # The queue orders entries by (time, order scheduled); the event itself is never compared.
+# NamedTuples: immutable and as cheap to build as the loose tuples they replace.
 
 
-@dataclass(frozen=True, slots=True)
-class Deliver:
+class Deliver(NamedTuple):
     """A message arrives; `copy` 1 delivers to the second copy of a twinned replica."""
 
     source: Principal
@@ -68,44 +69,36 @@ class Deliver:
     copy: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class TickDue:
+class TickDue(NamedTuple):
     node: Principal
 
 
-@dataclass(frozen=True, slots=True)
-class SubmitPayment:
+class SubmitPayment(NamedTuple):
     payment: PlannedPayment
 
 
-@dataclass(frozen=True, slots=True)
-class StartFault:
+class StartFault(NamedTuple):
     fault: FaultSpec
     index: int  # in the scenario's fault list; names the link rule it adds
 
 
-@dataclass(frozen=True, slots=True)
-class HealPartition:
+class HealPartition(NamedTuple):
     """A partition with an `until_ms` ends."""
 
 
-@dataclass(frozen=True, slots=True)
-class EndLinkRule:
+class EndLinkRule(NamedTuple):
     rule_id: int
 
 
-@dataclass(frozen=True, slots=True)
-class EndPause:
+class EndPause(NamedTuple):
     replica: int
 
 
-@dataclass(frozen=True, slots=True)
-class EndClockSkew:
+class EndClockSkew(NamedTuple):
     replica: int
 
 
-@dataclass(frozen=True, slots=True)
-class HealAll:
+class HealAll(NamedTuple):
     """The liveness phase begins."""
 
 
@@ -140,8 +133,10 @@ class ReplicaNode:
     incarnation: int = 0
     # 0, or 1 for the second copy of a twinned replica (same id, same key, own state).
     copy: int = 0
-    # Where its broadcasts go (pbft.host.peers_of); set when it joins a simulation.
+    # Where its broadcasts go (pbft.host.peers_of), and the simulation as its host; both
+    # set when it joins a simulation.
     peers: tuple[Principal, ...] = ()
+    host: _ReplicaHost | None = None
 
     @property
     def name(self) -> str:
@@ -364,6 +359,7 @@ class Simulation:
             )
             node = ReplicaNode(replica, key, {}, behavior)
             node.peers = peers_of(replica, self.config.replica_ids())
+            node.host = _ReplicaHost(self, node)
             node.core = self._boot(node)
             self.replicas.append(node)
             if entry is not None and entry.behavior == "twin" and entry.groups is not None:
@@ -372,6 +368,7 @@ class Simulation:
         for replica in twin_groups:
             twin = ReplicaNode(replica, replica_keys[replica], {}, None, copy=1)
             twin.peers = peers_of(replica, self.config.replica_ids())
+            twin.host = _ReplicaHost(self, twin)
             twin.core = self._boot(twin)
             self.twin_nodes[replica] = twin
         self.twins = Twins(twin_groups) if twin_groups else None
@@ -388,6 +385,7 @@ class Simulation:
             )
             for client, key in enumerate(client_keys)
         ]
+        self.client_hosts = [_ClientHost(self, client) for client in range(len(self.clients))]
         # Byzantine clients: the same client core, its actions rewritten.
         self.client_behaviors: dict[int, ClientBehavior] = {
             entry.client: build_client_behavior(
@@ -759,8 +757,8 @@ class Simulation:
 
     def _step(self, node: ReplicaNode, event: Event) -> None:
         """One event through the host loop; `node.core` is up (the callers check)."""
-        if node.core is not None:
-            carry_out(step(node.core, (event,), node.peers), _ReplicaHost(self, node))
+        if node.core is not None and node.host is not None:
+            carry_out(step(node.core, (event,), node.peers), node.host)
 
     def _send_from(self, node: ReplicaNode, message: Outgoing) -> None:
         # Only broadcasts carry PREPAREs today; each frame is checked once, not per peer.
@@ -843,7 +841,7 @@ class Simulation:
         behavior = self.client_behaviors.get(client)
         if behavior is not None:
             actions = behavior.actions(actions, self.now_us // 1000)
-        carry_out_client(actions, _ClientHost(self, client))
+        carry_out_client(actions, self.client_hosts[client])
 
     def _decided(self, client: int, decided: Decided) -> None:
         identity = (decided.client_id, decided.request_id)
@@ -962,22 +960,13 @@ class Simulation:
             messages_sent=self.network.sent,
             messages_dropped=dict(sorted(dropped.items())),
             latency_ms={
-                "p50": _percentile_ms(latencies_us, 50),
-                "p95": _percentile_ms(latencies_us, 95),
-                "p99": _percentile_ms(latencies_us, 99),
+                f"p{percent}": nearest_rank(latencies_us, percent) / 1000 if latencies_us else None
+                for percent in (50, 95, 99)
             },
             expectation_failures=failures,
             evidence=dict(sorted(evidence.items())),
             final_states=final_states,
         )
-
-
-def _percentile_ms(sorted_us: list[int], percent: int) -> float | None:
-    """Nearest-rank percentile: an observed value, exact and reproducible."""
-    if not sorted_us:
-        return None
-    rank = max(1, -(-percent * len(sorted_us) // 100))
-    return sorted_us[rank - 1] / 1000
 
 
 def _message_fields(source: Principal, data: bytes) -> dict[str, object]:
