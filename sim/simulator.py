@@ -756,7 +756,7 @@ class Simulation:
         )
 
     def _step(self, node: ReplicaNode, event: Event) -> None:
-        """One event through the host loop; `node.core` is up (the callers check)."""
+        """One event through the host loop (pbft/host.py); a crashed replica takes none."""
         if node.core is not None and node.host is not None:
             carry_out(step(node.core, (event,), node.peers), node.host)
 
