@@ -1,9 +1,9 @@
 """What goes into the replica and client cores (events) and what comes out (actions).
 
-A driver (the simulator or the trio runtime) feeds events to `handle` and carries
-out the returned actions in order. Order matters for durability: a `Persist`
-always precedes the sends that depend on it, so a driver that performs the
-actions in order never speaks before it has written.
+A driver (the simulator or the trio runtime) does not carry out the actions itself:
+pbft/host.py steps the core and hands the driver a `Ready`, writing every `Persist`
+of the step before any message of it leaves (a `Persist` always precedes, in the
+list, the sends that depend on it; the host loop makes the whole step durable first).
 """
 
 from __future__ import annotations

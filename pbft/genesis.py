@@ -24,9 +24,18 @@ from pbft.config import ClusterConfig
 from pbft.ledger import Account
 
 CLUSTER_ID_BYTES = 32
+# The default account names: acct-00000, acct-00001, ... for listed accounts (simulator
+# workloads, `pbft cluster` files); generated genesis accounts take the same prefix and
+# pad to the count's width (pbft.ledger.GeneratedAccounts).
+ACCOUNT_PREFIX = "acct-"
 # Domain separation: this hash can never coincide with a digest the protocol computes
 # for another purpose (entries, batches, ledger states) over the same bytes.
 _DOMAIN = b"pbft/v1/cluster-id\0"
+
+
+def account_name(index: int) -> str:
+    """The name of the index-th default account (five digits, more when needed)."""
+    return f"{ACCOUNT_PREFIX}{index:05d}"
 
 
 class GenesisError(ValueError):

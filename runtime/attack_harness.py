@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from pbft.stats import nearest_rank
 from runtime.client import PaymentClient, PaymentTimeout
 from runtime.localcluster import LocalCluster, cpu_seconds, rss_kib
 
@@ -23,12 +24,6 @@ PROBE_TIMEOUT_S = 5.0
 PAYMENT_TIMEOUT_S = 30.0
 GRACE_S = 5.0  # payments in flight when a phase ends may finish within this long
 SAMPLE_INTERVAL_S = 0.1
-
-
-def percentile(values: list[float], percent: float) -> float:
-    ordered = sorted(values)
-    rank = max(1, -(-int(percent * len(ordered)) // 100))
-    return ordered[min(len(ordered), rank) - 1]
 
 
 @dataclass
@@ -56,11 +51,11 @@ class Phase:
 
     @property
     def p50(self) -> float | None:
-        return percentile(self.latencies_ms, 50) if self.latencies_ms else None
+        return nearest_rank(self.latencies_ms, 50) if self.latencies_ms else None
 
     @property
     def p99(self) -> float | None:
-        return percentile(self.latencies_ms, 99) if self.latencies_ms else None
+        return nearest_rank(self.latencies_ms, 99) if self.latencies_ms else None
 
     def as_json(self) -> dict[str, object]:
         return {

@@ -21,16 +21,12 @@ from pathlib import Path
 
 import trio
 
+from pbft.genesis import account_name
+from pbft.stats import nearest_rank
 from runtime.client import PaymentClient
 from runtime.cluster import load_cluster, write_cluster
 from runtime.ports import free_ports
 from runtime.supervisor import replica_command
-
-
-def _percentile(values: list[float], percent: float) -> float:
-    ordered = sorted(values)
-    rank = max(1, -(-int(percent * len(ordered)) // 100))
-    return ordered[min(len(ordered), rank) - 1]
 
 
 async def _load(cluster_path: Path, clients: int, concurrency: int, seconds: float) -> list[float]:
@@ -49,8 +45,8 @@ async def _load(cluster_path: Path, clients: int, concurrency: int, seconds: flo
             client = PaymentClient(cluster, client_id, timeout_s=30)
             await nursery.start(_serve_client, client)
             for index in range(concurrency):
-                payer = f"acct-{2 * client_id + index % 2:05d}"
-                payee = f"acct-{(2 * client_id + 2) % (2 * clients):05d}"
+                payer = account_name(2 * client_id + index % 2)
+                payee = account_name((2 * client_id + 2) % (2 * clients))
                 nursery.start_soon(worker, client, payer, payee)
         await trio.sleep(seconds)
         # Payments still in flight at the deadline are not counted.
@@ -73,8 +69,8 @@ def _report(label: str, latencies_ms: list[float], seconds: float) -> None:
         return
     print(
         f"{label:<22} {len(latencies_ms) / seconds:8.1f} payments/s   "
-        f"p50 {_percentile(latencies_ms, 50):6.1f} ms   "
-        f"p99 {_percentile(latencies_ms, 99):6.1f} ms   ({len(latencies_ms)} payments)"
+        f"p50 {nearest_rank(latencies_ms, 50):6.1f} ms   "
+        f"p99 {nearest_rank(latencies_ms, 99):6.1f} ms   ({len(latencies_ms)} payments)"
     )
 
 

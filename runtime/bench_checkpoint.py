@@ -31,6 +31,7 @@ from pathlib import Path
 import msgpack
 
 from pbft.codec import pack
+from pbft.genesis import ACCOUNT_PREFIX
 from pbft.ledger import GeneratedAccounts, Ledger
 from runtime.storage import CHUNK_BYTES, DurableStore
 
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     count = arguments.accounts
     width = len(str(count - 1))
     cases = [
-        ("default names", GeneratedAccounts(count, 1000, "acct-", [0, 1])),
+        ("default names", GeneratedAccounts(count, 1000, ACCOUNT_PREFIX, [0, 1])),
         ("64-char names", GeneratedAccounts(count, 1000, "x" * (64 - width), [0, 1])),
     ]
     print(f"chunk size {CHUNK_BYTES:,} bytes; best of {arguments.repeat}; times in seconds")

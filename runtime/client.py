@@ -25,8 +25,9 @@ from types import TracebackType
 import trio
 
 from crypto.keys import SigningKey
-from pbft.client import BalanceRead, ClientCore, Decided
-from pbft.events import MessageReceived, Send, Tick
+from pbft.client import BalanceRead, ClientAction, ClientCore, Decided
+from pbft.events import MessageReceived, Tick
+from pbft.host import Outgoing, carry_out_client
 from runtime.cluster import Cluster, ClusterFileError
 from runtime.transport import Transport, TransportConfig
 
@@ -91,6 +92,7 @@ class PaymentClient:
         self._cancel = trio.CancelScope()
         self._last_request_id = 0
         self._started = 0.0
+        self._host = _Host(self)
 
     async def __aenter__(self) -> PaymentClient:
         self._nursery_context = trio.open_nursery()
@@ -186,20 +188,8 @@ class PaymentClient:
     def statistics(self) -> dict[str, object]:
         return {"client": self.core.statistics(), "transport": self._transport.statistics()}
 
-    def _carry_out(self, actions: list[Send | Decided | BalanceRead]) -> None:
-        for action in actions:
-            if isinstance(action, Send):
-                self._transport.send(action.to, action.data)
-            elif isinstance(action, BalanceRead):
-                self._reads[action.query_id] = action
-                read_waiting = self._waiting_reads.get(action.query_id)
-                if read_waiting is not None:
-                    read_waiting.set()
-            else:
-                self._results[action.request_id] = action
-                waiting = self._waiting.get(action.request_id)
-                if waiting is not None:
-                    waiting.set()
+    def _carry_out(self, actions: list[ClientAction]) -> None:
+        carry_out_client(actions, self._host)
 
     async def _clock(self) -> None:
         while True:
@@ -210,6 +200,30 @@ class PaymentClient:
     async def _receive(self) -> None:
         async for _principal, data in self._transport.inbound:
             self._carry_out(self.core.handle(MessageReceived(data)))
+
+
+class _Host:
+    """A PaymentClient as its core's host (pbft.host.ClientHost): the transport, and the
+    `pay` and `balance` calls waiting for answers."""
+
+    def __init__(self, client: PaymentClient) -> None:
+        self.client = client
+
+    def send(self, message: Outgoing) -> None:
+        for destination in message.to:
+            self.client._transport.send(destination, message.data)
+
+    def decided(self, decided: Decided) -> None:
+        self.client._results[decided.request_id] = decided
+        waiting = self.client._waiting.get(decided.request_id)
+        if waiting is not None:
+            waiting.set()
+
+    def balance_read(self, read: BalanceRead) -> None:
+        self.client._reads[read.query_id] = read
+        waiting = self.client._waiting_reads.get(read.query_id)
+        if waiting is not None:
+            waiting.set()
 
 
 def _only(group: BaseExceptionGroup[BaseException], wanted: BaseException) -> bool:

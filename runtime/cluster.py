@@ -59,7 +59,7 @@ from crypto.keyfiles import KeyFileError, load_private_key, save_private_key
 from crypto.keys import KeyFormatError, KeyRing, SigningKey, VerifyKey
 from pbft.checkpoint_size import checkpoint_size_problem
 from pbft.config import MAX_REPLICAS, MIN_REPLICAS, ClusterConfig, ConfigError
-from pbft.genesis import compute_cluster_id
+from pbft.genesis import ACCOUNT_PREFIX, account_name, compute_cluster_id
 from pbft.ledger import (
     MAX_ACCOUNT_NAME_LENGTH,
     MAX_AMOUNT,
@@ -234,7 +234,7 @@ def _parse(document: dict[str, Any], path: Path) -> Cluster:
             table["generated_accounts"], "genesis.generated_accounts", 1, MAX_GENERATED_ACCOUNTS
         )
         balance = integer(table["balance"], "genesis.balance", 0, MAX_AMOUNT)
-        prefix = table.get("prefix", "acct-")
+        prefix = table.get("prefix", ACCOUNT_PREFIX)
         if (
             not isinstance(prefix, str)
             or len(prefix) + len(str(count - 1)) > MAX_ACCOUNT_NAME_LENGTH
@@ -380,10 +380,10 @@ def write_cluster(
     except (ConfigError, TypeError) as error:
         raise ValueError(f"protocol: {error}") from None
     genesis: Mapping[str, Account] = (
-        GeneratedAccounts(generated_accounts, initial_balance, "acct-", range(clients))
+        GeneratedAccounts(generated_accounts, initial_balance, ACCOUNT_PREFIX, range(clients))
         if generated_accounts is not None
         else {
-            f"acct-{index:05d}": Account(0, initial_balance)
+            account_name(index): Account(0, initial_balance)
             for index in range(clients * accounts_per_client)
         }
     )
@@ -420,7 +420,7 @@ def write_cluster(
         accounts_per_client = 0
     accounts = [
         {
-            "name": f"acct-{index:05d}",
+            "name": account_name(index),
             "owner": index // accounts_per_client,
             "balance": initial_balance,
         }

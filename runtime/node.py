@@ -3,9 +3,9 @@
 One task owns the core. It takes the next event when it is ready for one: a tick when one
 is due (every `tick_ms`, however busy the peers keep it), else the next frame the
 transport's inbound scheduler picks (replicas first, then clients in fair turns, see
-runtime/inbound.py); it hands the event to `Replica.handle` and carries out the actions in
-order. Every `Persist` of an event is written and fsynced (one batch, in a worker thread)
-before any message of that event leaves: persist before you speak.
+runtime/inbound.py); it steps the core through the host loop (pbft/host.py) and carries out
+the `Ready` it returns: every record is written and fsynced (one batch, in a worker thread)
+before any message of that step leaves: persist before you speak.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import json
 import stat
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -21,7 +22,8 @@ from typing import TextIO
 import trio
 
 from crypto.keys import Principal
-from pbft.events import Broadcast, MessageReceived, Note, Persist, Send, Tick
+from pbft.events import Executed, MessageReceived, Note, Persist, Tick
+from pbft.host import Outgoing, carry_out_async, peers_of, records_of, step
 from pbft.replica import Replica
 from pbft.signed import client_may_send
 from runtime.cluster import Cluster
@@ -116,6 +118,32 @@ class LogSummarizer:
         return [record]
 
 
+class _Host:
+    """The process as a replica's host (pbft.host.AsyncHost): the durable store, the
+    transport, the log."""
+
+    def __init__(self, node: ReplicaNode, store: DurableStore, transport: Transport) -> None:
+        self.node = node
+        self.store = store
+        self.transport = transport
+
+    async def persist(self, records: Sequence[Persist]) -> None:
+        await trio.to_thread.run_sync(self.store.apply, records_of(records))
+        # The thread ignores cancellation: if we are stopping, the transport may be gone
+        # already, so stop here rather than send into it.
+        await trio.lowlevel.checkpoint_if_cancelled()
+
+    def send(self, message: Outgoing) -> None:
+        for destination in message.to:
+            self.transport.send(destination, message.data)
+
+    def executed(self, executed: Executed) -> None:
+        self.node.batches_executed += 1
+
+    def note(self, note: Note) -> None:
+        self.node._note(note)
+
+
 class ReplicaHalted(RuntimeError):
     """The core stopped itself (for example, its state diverged from 2f + 1 replicas)."""
 
@@ -151,6 +179,7 @@ class ReplicaNode:
         self.core: Replica | None = None
         self.store: DurableStore | None = None
         self.events_handled = 0
+        self.batches_executed = 0
         self.quiet_drops = 0
         self.log_summary = LogSummarizer()
         self.client_frames_refused = 0
@@ -243,27 +272,12 @@ class ReplicaNode:
             ) from None
 
     async def _drive(self, core: Replica, store: DurableStore, transport: Transport) -> None:
+        host = _Host(self, store, transport)
+        peers = peers_of(self.replica_id, (peer.replica_id for peer in self.cluster.replicas))
         while (event := await self._next_event(transport.inbound)) is not None:
-            actions = core.handle(event)
-            self.events_handled += 1
-            persists = [
-                (action.key, action.value) for action in actions if isinstance(action, Persist)
-            ]
-            if persists:
-                # Durable before any message of this event leaves.
-                await trio.to_thread.run_sync(store.apply, persists)
-                # The thread ignores cancellation: if we are stopping, the transport may
-                # be gone already, so stop here rather than send into it.
-                await trio.lowlevel.checkpoint_if_cancelled()
-            for action in actions:
-                if isinstance(action, Send):
-                    transport.send(action.to, action.data)
-                elif isinstance(action, Broadcast):
-                    for peer in self.cluster.replicas:
-                        if peer.replica_id != self.replica_id:
-                            transport.send(("replica", peer.replica_id), action.data)
-                elif isinstance(action, Note):
-                    self._note(action)
+            ready = step(core, (event,), peers)
+            self.events_handled += ready.events
+            await carry_out_async(ready, host)
             if core.halted is not None:
                 self.log("halted", reason=core.halted)
                 raise ReplicaHalted(core.halted)

@@ -12,29 +12,23 @@ import hashlib
 import heapq
 import random
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any, NamedTuple, TextIO
 
 from crypto.keys import KeyRing, Principal, SigningKey
 from crypto.signing import VerificationCache
 from pbft.chain import entry_digest
-from pbft.client import ClientCore, Decided
+from pbft.client import BalanceRead, ClientAction, ClientCore, Decided
 from pbft.config import ClusterConfig
-from pbft.events import (
-    Action,
-    Broadcast,
-    Executed,
-    MessageReceived,
-    Note,
-    Persist,
-    Send,
-    Tick,
-)
+from pbft.events import Event, Executed, MessageReceived, Note, Persist, Tick
 from pbft.genesis import compute_cluster_id
+from pbft.host import Outgoing, carry_out, carry_out_client, peers_of, step, write_records
 from pbft.ledger import Ledger
 from pbft.messages import MessageType, NewView, Prepare, PrePrepare, Reply, Request
 from pbft.replica import Replica
-from pbft.signed import Rejected, peek
+from pbft.signed import Rejected, peek, type_code_of
+from pbft.stats import nearest_rank
 from sim.adversary import (
     Adversary,
     Behavior,
@@ -54,15 +48,71 @@ SIGNATURE_CACHE_ENTRIES = 1 << 18
 MINIMUM_DRAIN_US = 30_000_000
 CONVERGENCE_CHECK_US = 50_000
 
-_DELIVER, _TICK, _SUBMIT, _FAULT, _HEAL, _END_RULE, _RESUME, _END_SKEW, _HEAL_ALL = range(9)
-# Delivery to the second copy of a twinned replica (Twins).
-_DELIVER_TWIN = 9
 # Messages a paused replica's host buffers for it (as a kernel's socket buffers would).
 PAUSED_INBOX_LIMIT = 100_000
 # Observations of a replica after a wiped restart are kept apart from its earlier life.
 INCARNATION_STRIDE = 1000
 # Views whose NEW-VIEW plan is kept per replica life for check_new_view_kept.
 NEW_VIEW_PLANS_KEPT = 8
+
+# --- what the event queue holds -----------------------------------------------------------
+# The queue orders entries by (time, order scheduled); the event itself is never compared.
+# NamedTuples: immutable and as cheap to build as the loose tuples they replace.
+
+
+class Deliver(NamedTuple):
+    """A message arrives; `copy` 1 delivers to the second copy of a twinned replica."""
+
+    source: Principal
+    destination: Principal
+    data: bytes
+    copy: int = 0
+
+
+class TickDue(NamedTuple):
+    node: Principal
+
+
+class SubmitPayment(NamedTuple):
+    payment: PlannedPayment
+
+
+class StartFault(NamedTuple):
+    fault: FaultSpec
+    index: int  # in the scenario's fault list; names the link rule it adds
+
+
+class HealPartition(NamedTuple):
+    """A partition with an `until_ms` ends."""
+
+
+class EndLinkRule(NamedTuple):
+    rule_id: int
+
+
+class EndPause(NamedTuple):
+    replica: int
+
+
+class EndClockSkew(NamedTuple):
+    replica: int
+
+
+class HealAll(NamedTuple):
+    """The liveness phase begins."""
+
+
+SimEvent = (
+    Deliver
+    | TickDue
+    | SubmitPayment
+    | StartFault
+    | HealPartition
+    | EndLinkRule
+    | EndPause
+    | EndClockSkew
+    | HealAll
+)
 
 
 @dataclass
@@ -83,6 +133,10 @@ class ReplicaNode:
     incarnation: int = 0
     # 0, or 1 for the second copy of a twinned replica (same id, same key, own state).
     copy: int = 0
+    # Where its broadcasts go (pbft.host.peers_of), and the simulation as its host; both
+    # set when it joins a simulation.
+    peers: tuple[Principal, ...] = ()
+    host: _ReplicaHost | None = None
 
     @property
     def name(self) -> str:
@@ -102,6 +156,50 @@ class ReplicaNode:
     @property
     def observer_id(self) -> int:
         return self.replica_id + INCARNATION_STRIDE * self.incarnation
+
+
+class _ReplicaHost:
+    """The simulation as one replica's host: its disk is a dict, its network the simulated
+    one (pbft.host.SyncHost)."""
+
+    __slots__ = ("node", "simulation")
+
+    def __init__(self, simulation: Simulation, node: ReplicaNode) -> None:
+        self.simulation = simulation
+        self.node = node
+
+    def persist(self, records: Sequence[Persist]) -> None:
+        write_records(self.node.storage, records)
+
+    def send(self, message: Outgoing) -> None:
+        self.simulation._send_from(self.node, message)
+
+    def executed(self, executed: Executed) -> None:
+        self.simulation._executed(self.node, executed)
+
+    def note(self, note: Note) -> None:
+        self.simulation._note(self.node, note)
+
+
+class _ClientHost:
+    """The simulation as one client's host (pbft.host.ClientHost)."""
+
+    __slots__ = ("client", "simulation")
+
+    def __init__(self, simulation: Simulation, client: int) -> None:
+        self.simulation = simulation
+        self.client = client
+
+    def send(self, message: Outgoing) -> None:
+        for destination in message.to:
+            self.simulation._transmit(("client", self.client), destination, message.data)
+
+    def decided(self, decided: Decided) -> None:
+        self.simulation._decided(self.client, decided)
+
+    def balance_read(self, read: BalanceRead) -> None:
+        # The simulated workload reads no balances; a read that comes anyway is kept.
+        self.simulation.balance_reads[(self.client, read.query_id)] = read
 
 
 @dataclass
@@ -205,7 +303,7 @@ class Simulation:
         # often the simulator pays for the same check; failures are never cached.
         self.signature_cache = VerificationCache(max_entries=SIGNATURE_CACHE_ENTRIES)
         self.now_us = 0
-        self._queue: list[tuple[int, int, int, Any, Any, Any]] = []
+        self._queue: list[tuple[int, int, SimEvent]] = []
         self._order = 0
         network = scenario.network
         latency = network.latency
@@ -260,6 +358,8 @@ class Simulation:
                 else None
             )
             node = ReplicaNode(replica, key, {}, behavior)
+            node.peers = peers_of(replica, self.config.replica_ids())
+            node.host = _ReplicaHost(self, node)
             node.core = self._boot(node)
             self.replicas.append(node)
             if entry is not None and entry.behavior == "twin" and entry.groups is not None:
@@ -267,6 +367,8 @@ class Simulation:
                 twin_groups[replica] = (frozenset(first), frozenset(second))
         for replica in twin_groups:
             twin = ReplicaNode(replica, replica_keys[replica], {}, None, copy=1)
+            twin.peers = peers_of(replica, self.config.replica_ids())
+            twin.host = _ReplicaHost(self, twin)
             twin.core = self._boot(twin)
             self.twin_nodes[replica] = twin
         self.twins = Twins(twin_groups) if twin_groups else None
@@ -283,6 +385,7 @@ class Simulation:
             )
             for client, key in enumerate(client_keys)
         ]
+        self.client_hosts = [_ClientHost(self, client) for client in range(len(self.clients))]
         # Byzantine clients: the same client core, its actions rewritten.
         self.client_behaviors: dict[int, ClientBehavior] = {
             entry.client: build_client_behavior(
@@ -306,6 +409,8 @@ class Simulation:
             byzantine_clients=frozenset(self.client_behaviors),
         )
         self.decided_at_us: dict[tuple[int, int], int] = {}
+        # (client, query id) -> the balance it read (the workload asks none today)
+        self.balance_reads: dict[tuple[int, int], BalanceRead] = {}
         self.submitted_at_us: dict[tuple[int, int], int] = {}
         self.withheld = 0
         self.retired_view = 0
@@ -332,23 +437,23 @@ class Simulation:
 
     # --- the event loop -----------------------------------------------------------------
 
-    def _schedule(self, at_us: int, kind: int, a: Any = None, b: Any = None, c: Any = None) -> None:
+    def _schedule(self, at_us: int, event: SimEvent) -> None:
         self._order += 1
-        heapq.heappush(self._queue, (at_us, self._order, kind, a, b, c))
+        heapq.heappush(self._queue, (at_us, self._order, event))
 
     def run(self) -> SimulationResult:
         replica_count = self.config.replica_count
         for index in range(replica_count):
-            self._schedule(TICK_US * index // replica_count, _TICK, ("replica", index))
+            self._schedule(TICK_US * index // replica_count, TickDue(("replica", index)))
         for index in range(len(self.clients)):
-            self._schedule(TICK_US * index // max(1, len(self.clients)), _TICK, ("client", index))
+            self._schedule(TICK_US * index // max(1, len(self.clients)), TickDue(("client", index)))
         for payment in self.payments:
-            self._schedule(payment.at_us, _SUBMIT, payment)
+            self._schedule(payment.at_us, SubmitPayment(payment))
         for index, fault in enumerate(self.scenario.faults):
-            self._schedule(fault.at_ms * 1000, _FAULT, fault, index)
+            self._schedule(fault.at_ms * 1000, StartFault(fault, index))
         liveness = self.scenario.liveness
         if liveness is not None:
-            self._schedule(liveness.heal_all_at_ms * 1000, _HEAL_ALL)
+            self._schedule(liveness.heal_all_at_ms * 1000, HealAll())
         last_submit_us = self.payments[-1].at_us if self.payments else 0
         last_fault_us = max(
             (
@@ -374,37 +479,11 @@ class Simulation:
         next_convergence_check_us = 0
         total = len(self.payments)
         while self._queue:
-            at_us, _, kind, a, b, c = heapq.heappop(self._queue)
+            at_us, _, event = heapq.heappop(self._queue)
             if at_us > deadline_us or (stop_us is not None and at_us > stop_us):
                 break
             self.now_us = at_us
-            if kind == _DELIVER:
-                self._deliver(a, b, c)
-            elif kind == _DELIVER_TWIN:
-                self._deliver(a, b, c, copy=1)
-            elif kind == _TICK:
-                self._tick(a)
-            elif kind == _SUBMIT:
-                self._submit(a)
-            elif kind == _FAULT:
-                self._fault(a, b)
-            elif kind == _HEAL:
-                self.network.heal()
-                self.trace.record(self.now_us, "heal", "network")
-            elif kind == _END_RULE:
-                self.network.remove_rule(a)
-                self.trace.record(self.now_us, "fault_end", "network", f"rule {a}")
-            elif kind == _RESUME:
-                self._resume(self.replicas[a])
-                if a in self.twin_nodes:
-                    self._resume(self.twin_nodes[a])
-            elif kind == _END_SKEW:
-                self.replicas[a].set_clock_factor(self.now_us, 1.0)
-                if a in self.twin_nodes:
-                    self.twin_nodes[a].set_clock_factor(self.now_us, 1.0)
-                self.trace.record(self.now_us, "fault_end", f"r{a}", "clock_skew")
-            elif kind == _HEAL_ALL:
-                self._heal_all()
+            self._dispatch(event)
             if (
                 stop_us is None
                 and at_us >= next_convergence_check_us
@@ -417,6 +496,34 @@ class Simulation:
                 if self._converged():
                     stop_us = at_us + settle_us
         return self._result()
+
+    def _dispatch(self, event: SimEvent) -> None:
+        match event:
+            case Deliver(source, destination, data, copy):
+                self._deliver(source, destination, data, copy)
+            case TickDue(node):
+                self._tick(node)
+            case SubmitPayment(payment):
+                self._submit(payment)
+            case StartFault(fault, index):
+                self._fault(fault, index)
+            case HealPartition():
+                self.network.heal()
+                self.trace.record(self.now_us, "heal", "network")
+            case EndLinkRule(rule_id):
+                self.network.remove_rule(rule_id)
+                self.trace.record(self.now_us, "fault_end", "network", f"rule {rule_id}")
+            case EndPause(replica):
+                self._resume(self.replicas[replica])
+                if replica in self.twin_nodes:
+                    self._resume(self.twin_nodes[replica])
+            case EndClockSkew(replica):
+                self.replicas[replica].set_clock_factor(self.now_us, 1.0)
+                if replica in self.twin_nodes:
+                    self.twin_nodes[replica].set_clock_factor(self.now_us, 1.0)
+                self.trace.record(self.now_us, "fault_end", f"r{replica}", "clock_skew")
+            case HealAll():
+                self._heal_all()
 
     def _converged(self) -> bool:
         ends = {
@@ -432,12 +539,11 @@ class Simulation:
         self, source: Principal, destination: Principal, data: bytes, copy: int = 0
     ) -> None:
         role, index = destination
-        message_type = data[2] if len(data) > 2 else -1
         self.trace.record(
             self.now_us,
             "deliver",
             _node_name(destination) + ("'" if copy else ""),
-            f"{_node_name(source)} {_type_name(message_type)} "
+            f"{_node_name(source)} {_message_type_name(data)} "
             f"{hashlib.sha256(data).hexdigest()[:16]}",
             _message_fields(source, data) if self.trace.writing else None,
         )
@@ -454,7 +560,7 @@ class Simulation:
                 else:
                     node.inbox.append((source, data))
                 return
-            self._replica_actions(node, node.core.handle(MessageReceived(data, source)))
+            self._step(node, MessageReceived(data, source))
         else:
             self._client_actions(index, self.clients[index].handle(MessageReceived(data)))
 
@@ -464,15 +570,13 @@ class Simulation:
         if role == "replica":
             replica = self.replicas[index]
             if replica.core is not None and not replica.paused:
-                now_ms = replica.clock_ms(self.now_us)
-                self._replica_actions(replica, replica.core.handle(Tick(now_ms)))
+                self._step(replica, Tick(replica.clock_ms(self.now_us)))
             twin = self.twin_nodes.get(index)
             if twin is not None and twin.core is not None and not twin.paused:
-                now_ms = twin.clock_ms(self.now_us)
-                self._replica_actions(twin, twin.core.handle(Tick(now_ms)))
+                self._step(twin, Tick(twin.clock_ms(self.now_us)))
         else:
             self._client_actions(index, self.clients[index].handle(Tick(now_ms)))
-        self._schedule(self.now_us + TICK_US, _TICK, node)
+        self._schedule(self.now_us + TICK_US, TickDue(node))
 
     def _submit(self, payment: PlannedPayment) -> None:
         client = self.clients[payment.client_id]
@@ -517,7 +621,7 @@ class Simulation:
             self.network.partition(fault.groups, self.config.replica_count, one_way)
             detail = f"partition {[list(group) for group in fault.groups]} {fault.direction}"
             if fault.until_ms is not None:
-                self._schedule(fault.until_ms * 1000, _HEAL)
+                self._schedule(fault.until_ms * 1000, HealPartition())
         elif fault.action == "heal":
             self.network.heal()
         elif fault.action in LINK_FAULTS:
@@ -540,12 +644,12 @@ class Simulation:
             self.network.add_rule(rule)
             detail = f"{fault.action} rule {index}"
             if fault.until_ms is not None:
-                self._schedule(fault.until_ms * 1000, _END_RULE, index)
+                self._schedule(fault.until_ms * 1000, EndLinkRule(index))
         elif fault.action == "pause" and node is not None:
             node.paused = True
             detail = f"pause r{node.replica_id}"
             if fault.until_ms is not None:
-                self._schedule(fault.until_ms * 1000, _RESUME, node.replica_id)
+                self._schedule(fault.until_ms * 1000, EndPause(node.replica_id))
         elif fault.action == "resume" and node is not None:
             self._resume(node)
             return
@@ -553,7 +657,7 @@ class Simulation:
             node.set_clock_factor(self.now_us, fault.factor)
             detail = f"clock_skew r{node.replica_id} x{fault.factor}"
             if fault.until_ms is not None:
-                self._schedule(fault.until_ms * 1000, _END_SKEW, node.replica_id)
+                self._schedule(fault.until_ms * 1000, EndClockSkew(node.replica_id))
         self.trace.record(self.now_us, "fault", "network", detail)
 
     def _twin_fault(self, twin: ReplicaNode, fault: FaultSpec) -> None:
@@ -592,7 +696,7 @@ class Simulation:
         for source, data in inbox:
             if node.core is None or node.paused:
                 break
-            self._replica_actions(node, node.core.handle(MessageReceived(data, source)))
+            self._step(node, MessageReceived(data, source))
 
     def _heal_all(self) -> None:
         """The liveness phase: every fault stops and the network becomes synchronous."""
@@ -625,14 +729,15 @@ class Simulation:
                 self._trace_lost(source, destination, payload, "twin_split")
             return
         for payload in payloads:
-            message_type = _type_name(payload[2] if len(payload) > 2 else -1)
+            message_type = _message_type_name(payload)
             for receiver in receivers:
                 delays_us = self.network.route(source, destination, message_type)
                 if not delays_us:
                     self._trace_lost(source, destination, payload, self.network.last_drop_reason)
-                kind = _DELIVER if receiver == 0 else _DELIVER_TWIN
                 for delay_us in delays_us:
-                    self._schedule(self.now_us + delay_us, kind, source, destination, payload)
+                    self._schedule(
+                        self.now_us + delay_us, Deliver(source, destination, payload, receiver)
+                    )
 
     def _transmit_from(self, node: ReplicaNode, destination: Principal, data: bytes) -> None:
         source: Principal = ("replica", node.replica_id)
@@ -642,52 +747,48 @@ class Simulation:
             self._transmit(source, destination, data)
 
     def _trace_lost(self, source: Principal, destination: Principal, data: bytes, why: str) -> None:
-        message_type = data[2] if len(data) > 2 else -1
         self.trace.record(
             self.now_us,
             "lost",
             _node_name(destination),
-            f"{_node_name(source)} {_type_name(message_type)} {why}",
+            f"{_node_name(source)} {_message_type_name(data)} {why}",
             _message_fields(source, data) if self.trace.writing else None,
         )
 
-    def _replica_actions(self, node: ReplicaNode, actions: list[Action]) -> None:
-        name = node.name
-        for action in actions:
-            if isinstance(action, Persist):
-                if action.value is None:
-                    node.storage.pop(action.key, None)
-                else:
-                    node.storage[action.key] = action.value
-            elif isinstance(action, Send):
-                self._transmit_from(node, action.to, action.data)
-            elif isinstance(action, Broadcast):
-                if len(action.data) > 2 and action.data[2] == MessageType.PREPARE:
-                    self._check_prepare_against_new_view(node, action.data)
-                for replica in self.config.replica_ids():
-                    if replica != node.replica_id:
-                        self._transmit_from(node, ("replica", replica), action.data)
-            elif isinstance(action, Executed):
-                self._record_execution(node.observer_id, action)
-                self.trace.record(
-                    self.now_us,
-                    "execute",
-                    name,
-                    f"{action.seq} {action.entry_digest.hex()[:16]} {len(action.requests)}",
-                    {
-                        "seq": action.seq,
-                        "payments": [
-                            f"{record.client_id}:{record.request_id}:{record.outcome}"
-                            for record in action.requests
-                        ],
-                    }
-                    if self.trace.writing
-                    else None,
-                )
-            elif isinstance(action, Note):
-                if action.kind == "new_view":
-                    self._record_new_view_plan(node)
-                self.trace.record(self.now_us, action.kind, name, action.detail)
+    def _step(self, node: ReplicaNode, event: Event) -> None:
+        """One event through the host loop (pbft/host.py); a crashed replica takes none."""
+        if node.core is not None and node.host is not None:
+            carry_out(step(node.core, (event,), node.peers), node.host)
+
+    def _send_from(self, node: ReplicaNode, message: Outgoing) -> None:
+        # Only broadcasts carry PREPAREs today; each frame is checked once, not per peer.
+        if type_code_of(message.data) == MessageType.PREPARE:
+            self._check_prepare_against_new_view(node, message.data)
+        for destination in message.to:
+            self._transmit_from(node, destination, message.data)
+
+    def _executed(self, node: ReplicaNode, executed: Executed) -> None:
+        self._record_execution(node.observer_id, executed)
+        self.trace.record(
+            self.now_us,
+            "execute",
+            node.name,
+            f"{executed.seq} {executed.entry_digest.hex()[:16]} {len(executed.requests)}",
+            {
+                "seq": executed.seq,
+                "payments": [
+                    f"{record.client_id}:{record.request_id}:{record.outcome}"
+                    for record in executed.requests
+                ],
+            }
+            if self.trace.writing
+            else None,
+        )
+
+    def _note(self, node: ReplicaNode, note: Note) -> None:
+        if note.kind == "new_view":
+            self._record_new_view_plan(node)
+        self.trace.record(self.now_us, note.kind, node.name, note.detail)
 
     def _record_new_view_plan(self, node: ReplicaNode) -> None:
         """What the NEW-VIEW this replica just installed assigned (for check_new_view_kept)."""
@@ -736,25 +837,23 @@ class Simulation:
                 (executed.seq, record)
             )
 
-    def _client_actions(self, client: int, actions: list[Send | Decided]) -> None:
-        source: Principal = ("client", client)
+    def _client_actions(self, client: int, actions: list[ClientAction]) -> None:
         behavior = self.client_behaviors.get(client)
         if behavior is not None:
             actions = behavior.actions(actions, self.now_us // 1000)
-        for action in actions:
-            if isinstance(action, Send):
-                self._transmit(source, action.to, action.data)
-            else:
-                identity = (action.client_id, action.request_id)
-                self.observed.decided[identity] = action
-                self.decided_at_us[identity] = self.now_us
-                self.trace.record(
-                    self.now_us,
-                    "decided",
-                    f"c{client}",
-                    f"{action.request_id} {action.outcome} {action.reason} seq {action.seq}",
-                    {"payment": f"{action.client_id}:{action.request_id}", "seq": action.seq},
-                )
+        carry_out_client(actions, self.client_hosts[client])
+
+    def _decided(self, client: int, decided: Decided) -> None:
+        identity = (decided.client_id, decided.request_id)
+        self.observed.decided[identity] = decided
+        self.decided_at_us[identity] = self.now_us
+        self.trace.record(
+            self.now_us,
+            "decided",
+            f"c{client}",
+            f"{decided.request_id} {decided.outcome} {decided.reason} seq {decided.seq}",
+            {"payment": f"{decided.client_id}:{decided.request_id}", "seq": decided.seq},
+        )
 
     # --- the result ---------------------------------------------------------------------
 
@@ -861,22 +960,13 @@ class Simulation:
             messages_sent=self.network.sent,
             messages_dropped=dict(sorted(dropped.items())),
             latency_ms={
-                "p50": _percentile_ms(latencies_us, 50),
-                "p95": _percentile_ms(latencies_us, 95),
-                "p99": _percentile_ms(latencies_us, 99),
+                f"p{percent}": nearest_rank(latencies_us, percent) / 1000 if latencies_us else None
+                for percent in (50, 95, 99)
             },
             expectation_failures=failures,
             evidence=dict(sorted(evidence.items())),
             final_states=final_states,
         )
-
-
-def _percentile_ms(sorted_us: list[int], percent: int) -> float | None:
-    """Nearest-rank percentile: an observed value, exact and reproducible."""
-    if not sorted_us:
-        return None
-    rank = max(1, -(-percent * len(sorted_us) // 100))
-    return sorted_us[rank - 1] / 1000
 
 
 def _message_fields(source: Principal, data: bytes) -> dict[str, object]:
@@ -898,6 +988,16 @@ def _message_fields(source: Principal, data: bytes) -> dict[str, object]:
 
 def _node_name(node: Principal) -> str:
     return f"{'r' if node[0] == 'replica' else 'c'}{node[1]}"
+
+
+def _message_type_name(data: bytes) -> str:
+    """The name of a frame's message type, as the trace and the link rules see it."""
+    code = type_code_of(data)
+    if code is None:
+        # Not a canonical envelope (a Byzantine replica's garbage). The trace has always
+        # named whatever byte sits where the type would; keeping that keeps trace hashes.
+        code = data[2] if len(data) > 2 else -1
+    return _type_name(code)
 
 
 def _type_name(code: int) -> str:

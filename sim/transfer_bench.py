@@ -22,6 +22,7 @@ from crypto.keys import KeyRing, SigningKey
 from pbft.config import ClusterConfig
 from pbft.context import StableCheckpoint
 from pbft.events import MessageReceived, Send, Tick
+from pbft.genesis import ACCOUNT_PREFIX
 from pbft.ledger import GeneratedAccounts, Ledger, Payment
 from pbft.messages import Checkpoint, Fetch, StateRequest
 from pbft.replica import Replica
@@ -48,7 +49,7 @@ def _replicas(
 
 def run(account_count: int, chunk_leaves: int) -> None:
     config = ClusterConfig(checkpoint_interval=SEQ, state_chunk_leaves=chunk_leaves)
-    accounts = GeneratedAccounts(account_count, 1000, "acct-", [0, 1])
+    accounts = GeneratedAccounts(account_count, 1000, ACCOUNT_PREFIX, [0, 1])
     started = time.perf_counter()
     keys, server, lagging = _replicas(config, accounts)
     built = time.perf_counter() - started

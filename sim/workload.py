@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from pbft.genesis import account_name
 from pbft.ledger import Account
 
 
@@ -16,10 +17,6 @@ class PlannedPayment:
     payer: str
     payee: str
     amount: int
-
-
-def account_name(index: int) -> str:
-    return f"acct-{index:05d}"
 
 
 def genesis_accounts(accounts: int, clients: int, initial_balance: int) -> dict[str, Account]:

@@ -19,11 +19,12 @@ from typing import Any
 from crypto.keys import KeyRing, Principal, SigningKey
 from crypto.signing import VerificationCache
 from pbft.chain import batch_digest, entry_digest, genesis_hash
-from pbft.client import ClientCore, Decided
+from pbft.client import BalanceRead, ClientAction, ClientCore, Decided
 from pbft.config import ClusterConfig
 from pbft.events import (
     Action,
     Broadcast,
+    Event,
     Executed,
     MessageReceived,
     Note,
@@ -32,6 +33,7 @@ from pbft.events import (
     Tick,
 )
 from pbft.genesis import compute_cluster_id
+from pbft.host import Outgoing, carry_out, carry_out_client, peers_of, step, write_records
 from pbft.ledger import Account, Ledger, LedgerSnapshotError, Payment
 from pbft.messages import (
     Checkpoint,
@@ -507,6 +509,7 @@ class Network:
         # (sending replica or None for a client, destination, bytes)
         self.queue: deque[tuple[int | None, Principal, bytes]] = deque()
         self.decided: list[Decided] = []
+        self.reads: list[BalanceRead] = []
         self.executed: dict[int, list[Executed]] = {i: [] for i in self.replicas}
         self.records: dict[int, dict[tuple[str | int, ...], bytes]] = {i: {} for i in self.replicas}
         self.now_ms = 0
@@ -515,25 +518,13 @@ class Network:
     def submit(self, client: int, request_id: int, payer: str, payee: str, amount: int) -> None:
         self._client_actions(self.clients[client].submit(request_id, payer, payee, amount))
 
-    def _client_actions(self, actions: Iterable[Send | Decided]) -> None:
-        for action in actions:
-            if isinstance(action, Decided):
-                self.decided.append(action)
-            else:
-                self.queue.append((None, action.to, action.data))
+    def _client_actions(self, actions: Iterable[ClientAction]) -> None:
+        carry_out_client(actions, _NetworkClientHost(self))
 
-    def _replica_actions(self, replica: int, actions: Iterable[Action]) -> None:
-        for action in actions:
-            if isinstance(action, Broadcast):
-                for other in self.replicas:
-                    if other != replica:
-                        self.queue.append((replica, ("replica", other), action.data))
-            elif isinstance(action, Send):
-                self.queue.append((replica, action.to, action.data))
-            elif isinstance(action, Persist):
-                apply_persists(self.records[replica], [action])
-            elif isinstance(action, Executed):
-                self.executed[replica].append(action)
+    def _step(self, replica: int, event: Event) -> None:
+        """One event through the host loop (pbft/host.py), as the simulator and runtime do."""
+        ready = step(self.replicas[replica], (event,), peers_of(replica, self.replicas))
+        carry_out(ready, _NetworkReplicaHost(self, replica))
 
     def run(self, limit: int = 100_000) -> int:
         """Deliver until nothing is in flight; returns how many messages were delivered."""
@@ -547,7 +538,7 @@ class Network:
                 if number in self.clients:
                     self._client_actions(self.clients[number].handle(MessageReceived(data)))
             elif number not in self.down and (source, number) not in self.cut:
-                self._replica_actions(number, self.replicas[number].handle(MessageReceived(data)))
+                self._step(number, MessageReceived(data))
         self.delivered += count
         return count
 
@@ -556,9 +547,45 @@ class Network:
         network until quiet after each tick."""
         while self.now_ms < until_ms:
             self.now_ms = min(until_ms, self.now_ms + step_ms)
-            for replica, core in self.replicas.items():
+            for replica in self.replicas:
                 if replica not in self.down:
-                    self._replica_actions(replica, core.handle(Tick(self.now_ms)))
+                    self._step(replica, Tick(self.now_ms))
             for client in self.clients.values():
                 self._client_actions(client.handle(Tick(self.now_ms)))
             self.run()
+
+
+class _NetworkReplicaHost:
+    """One replica's disk (`Network.records`) and network (`Network.queue`)."""
+
+    def __init__(self, network: Network, replica: int) -> None:
+        self.network = network
+        self.replica = replica
+
+    def persist(self, records: Sequence[Persist]) -> None:
+        write_records(self.network.records[self.replica], records)
+
+    def send(self, message: Outgoing) -> None:
+        for destination in message.to:
+            self.network.queue.append((self.replica, destination, message.data))
+
+    def executed(self, executed: Executed) -> None:
+        self.network.executed[self.replica].append(executed)
+
+    def note(self, note: Note) -> None:
+        pass  # the in-memory network keeps no log; it never did
+
+
+class _NetworkClientHost:
+    def __init__(self, network: Network) -> None:
+        self.network = network
+
+    def send(self, message: Outgoing) -> None:
+        for destination in message.to:
+            self.network.queue.append((None, destination, message.data))
+
+    def decided(self, decided: Decided) -> None:
+        self.network.decided.append(decided)
+
+    def balance_read(self, read: BalanceRead) -> None:
+        self.network.reads.append(read)
