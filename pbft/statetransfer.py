@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 
 from crypto.merkle import leaf_hash, level_up, merkle_root, node_hash, node_path, verify_node
 from pbft.drops import DropReason
-from pbft.ledger import Ledger, LedgerBuilder, LedgerSnapshotError, SnapshotLeaves
+from pbft.ledger import Ledger, LedgerSnapshotError
+from pbft.ledger_leaves import LedgerBuilder, SnapshotLeaves
 from pbft.messages import MAX_CHUNK_LEVEL, MAX_LEAF_COUNT, StateChunk
 
 # Bytes a chunk message adds around its leaves: the proof, the path, msgpack framing.

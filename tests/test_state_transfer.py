@@ -17,11 +17,10 @@ from pbft.ledger import (
     Account,
     GeneratedAccounts,
     Ledger,
-    LedgerBuilder,
     LedgerSnapshotError,
     Payment,
-    SnapshotLeaves,
 )
+from pbft.ledger_leaves import LedgerBuilder, SnapshotLeaves
 from pbft.messages import Checkpoint, CommitCertificate, Fetch, StateChunk, StateRequest
 from pbft.replica import Replica
 from pbft.signed import seal

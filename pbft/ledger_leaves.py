@@ -1,0 +1,211 @@
+"""A ledger's state as Merkle leaves, for state transfer: the leaves of one of our own
+snapshots cut out on demand (SnapshotLeaves, what a replica serves), and a ledger built
+back leaf by leaf from leaves each proven against a checkpoint's digest (LedgerBuilder,
+what a catching-up replica does). The leaf layout itself is the ledger's (pbft/ledger.py,
+Ledger._leaves); this module only reads and writes it a range at a time.
+
+Part of the sans-I/O protocol core: no I/O, clock or randomness.
+"""
+
+from __future__ import annotations
+
+from array import array
+from typing import Any
+
+import msgpack
+
+from pbft.ledger import (
+    _MAX_SNAPSHOT_STR_SIZE_BYTES,
+    BODY_DIGEST_SIZE_BYTES,
+    MAX_AMOUNT,
+    MAX_ID,
+    MAX_SNAPSHOT_SIZE_BYTES,
+    MAX_TOTAL,
+    SNAPSHOT_FORMAT_VERSION,
+    Ledger,
+    LedgerSnapshotError,
+    _ClientRecord,
+    _is_int,
+    _snapshot_client,
+    _snapshot_int,
+    _validate_account_name,
+)
+
+# Every leaf of the digest's Merkle tree is a msgpack array tagged with its kind (the
+# layout Ledger._leaves writes).
+_LEAF_TAGS = {"header": 5, "account": 4, "client": 4}
+_ACCOUNT_LEAF_PREFIX = msgpack.packb("account", use_bin_type=True)
+_CLIENT_LEAF_PREFIX = msgpack.packb("client", use_bin_type=True)
+# msgpack fixarray headers: a snapshot entry has 3 items, its leaf 4 (the tag in front).
+_FIXARRAY_3 = 0x93
+_FIXARRAY_4 = b"\x94"
+
+
+class SnapshotLeaves:
+    """The digest's leaves of one of our own snapshots, cut out of its bytes on demand.
+
+    State transfer serves a checkpoint's leaves a range at a time; holding them all as
+    separate objects would cost several times the snapshot. This keeps the snapshot and one
+    offset per entry: an account entry [name, owner, balance] becomes the leaf
+    ["account", name, owner, balance] by swapping its array header for a longer one and the
+    tag. Only for snapshots we produced ourselves (trusted, canonical).
+    """
+
+    def __init__(self, snapshot: bytes) -> None:
+        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(len(snapshot), 1), use_list=True)
+        unpacker.feed(snapshot)
+        if unpacker.read_array_header() != 6:
+            raise LedgerSnapshotError("not a snapshot")
+        header = [unpacker.unpack() for _ in range(4)]
+        self._header = msgpack.packb(["header", *header], use_bin_type=True)
+        self._snapshot = snapshot
+        self._offsets = array("Q")
+        self._account_count = unpacker.read_array_header()
+        for _ in range(self._account_count):
+            self._offsets.append(unpacker.tell())
+            unpacker.skip()
+        account_end = unpacker.tell()
+        client_count = unpacker.read_array_header()
+        # The clients' array header sits between the last account and the first client.
+        self._client_start = unpacker.tell()
+        for _ in range(client_count):
+            self._offsets.append(unpacker.tell())
+            unpacker.skip()
+        self._offsets.append(unpacker.tell())
+        self._account_end = account_end
+
+    def __len__(self) -> int:
+        return len(self._offsets)  # the header, the entries (one end offset less)
+
+    def leaf(self, index: int) -> bytes:
+        if index == 0:
+            return self._header
+        if not 0 < index < len(self._offsets):
+            raise IndexError(f"leaf {index} out of range for {len(self)} leaves")
+        entry = index - 1
+        start = self._offsets[entry]
+        if entry < self._account_count:
+            end = self._offsets[entry + 1] if entry + 1 < self._account_count else self._account_end
+            tag = _ACCOUNT_LEAF_PREFIX
+        else:
+            end = self._offsets[entry + 1]
+            tag = _CLIENT_LEAF_PREFIX
+        body = self._snapshot[start:end]
+        if body[0] != _FIXARRAY_3:
+            raise LedgerSnapshotError(f"snapshot entry {entry} is not a 3-item array")
+        return _FIXARRAY_4 + tag + body[1:]
+
+    def leaves(self, start: int, stop: int) -> list[bytes]:
+        return [self.leaf(index) for index in range(start, stop)]
+
+
+class LedgerBuilder:
+    """Rebuilds a ledger from its digest's leaves, fed in order a range at a time.
+
+    The leaves come from peers during state transfer (each range proven against the digest
+    first, but checked here all the same): anything that is not the canonical leaf a valid
+    ledger would have at that place raises LedgerSnapshotError. Holds only the tables being
+    built, never the leaves.
+    """
+
+    def __init__(self) -> None:
+        self.next_index = 0
+        self._header: tuple[int, int, int] | None = None  # dedup_window, initial_total, count
+        self._balances: dict[str, int] = {}
+        self._owners: dict[str, int] = {}
+        self._total = 0
+        self._previous_name: str | None = None
+        self._clients: dict[int, _ClientRecord] = {}
+        self._previous_client_id = -1
+        self._retained = 0
+
+    def add(self, leaf: bytes) -> None:
+        if not isinstance(leaf, bytes) or len(leaf) > MAX_SNAPSHOT_SIZE_BYTES:
+            raise LedgerSnapshotError("a leaf must be bytes within the snapshot size limit")
+        try:
+            fields = msgpack.unpackb(
+                leaf,
+                raw=False,
+                use_list=True,
+                strict_map_key=True,
+                max_str_len=_MAX_SNAPSHOT_STR_SIZE_BYTES,
+                max_bin_len=BODY_DIGEST_SIZE_BYTES,
+                max_array_len=len(leaf),
+                max_map_len=0,
+                max_ext_len=0,
+            )
+        except Exception as error:  # the C decoder's failures on hostile bytes vary
+            raise LedgerSnapshotError(f"undecodable leaf {self.next_index}: {error}") from error
+        if not isinstance(fields, list) or not fields or _LEAF_TAGS.get(fields[0]) != len(fields):
+            raise LedgerSnapshotError(f"leaf {self.next_index} is not a tagged leaf")
+        if msgpack.packb(fields, use_bin_type=True) != leaf:
+            raise LedgerSnapshotError(f"leaf {self.next_index} is not canonically encoded")
+        tag = fields[0]
+        if (tag == "header") != (self.next_index == 0):
+            raise LedgerSnapshotError(f"leaf {self.next_index}: {tag} out of place")
+        if tag == "header":
+            self._add_header(fields[1:])
+        elif tag == "account":
+            self._add_account(fields[1:])
+        else:
+            self._add_client(fields[1:])
+        self.next_index += 1
+
+    def _add_header(self, fields: list[Any]) -> None:
+        version, dedup_window, initial_total, executed_count = fields
+        if version != SNAPSHOT_FORMAT_VERSION or not _is_int(version):
+            raise LedgerSnapshotError(f"unsupported snapshot version {version!r}")
+        self._header = (
+            _snapshot_int(dedup_window, "dedup_window", low=1, high=MAX_ID),
+            _snapshot_int(initial_total, "initial_total", low=0, high=MAX_TOTAL),
+            _snapshot_int(executed_count, "executed_count", low=0, high=MAX_ID),
+        )
+
+    def _add_account(self, fields: list[Any]) -> None:
+        name, owner, balance = fields
+        if self._clients or self._previous_client_id >= 0:
+            raise LedgerSnapshotError(f"account {name!r} after the clients")
+        if not isinstance(name, str):
+            raise LedgerSnapshotError(f"account name must be str, got {name!r}")
+        try:
+            _validate_account_name(name)
+        except ValueError as error:
+            raise LedgerSnapshotError(str(error)) from None
+        if self._previous_name is not None and name <= self._previous_name:
+            raise LedgerSnapshotError(f"accounts unsorted or duplicated at {name!r}")
+        self._previous_name = name
+        self._owners[name] = _snapshot_int(owner, f"owner of {name!r}", low=0, high=MAX_ID)
+        balance = _snapshot_int(balance, f"balance of {name!r}", low=0, high=MAX_AMOUNT)
+        self._total += balance
+        if self._total > MAX_TOTAL:
+            raise LedgerSnapshotError(f"balances sum beyond {MAX_TOTAL}")
+        self._balances[name] = balance
+
+    def _add_client(self, fields: list[Any]) -> None:
+        if self._header is None:
+            raise LedgerSnapshotError("client leaf before the header")
+        client_id, record = _snapshot_client(fields, self._header[0])
+        if client_id <= self._previous_client_id:
+            raise LedgerSnapshotError(f"clients unsorted or duplicated at {client_id}")
+        self._previous_client_id = client_id
+        self._retained += len(record.decisions)
+        self._clients[client_id] = record
+
+    def finish(self) -> Ledger:
+        """The ledger the leaves describe, once all of them have been added."""
+        if self._header is None:
+            raise LedgerSnapshotError("no header leaf")
+        dedup_window, initial_total, executed_count = self._header
+        if self._total != initial_total:
+            raise LedgerSnapshotError(
+                f"balances sum to {self._total}, initial_total says {initial_total}"
+            )
+        if executed_count < self._retained:
+            raise LedgerSnapshotError(
+                f"executed_count {executed_count} < {self._retained} retained decisions"
+            )
+        ledger = Ledger.__new__(Ledger)
+        ledger._assemble(self._balances, self._owners, dedup_window, initial_total)
+        ledger._clients = self._clients
+        ledger._executed_count = executed_count
+        return ledger
