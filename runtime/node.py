@@ -173,9 +173,7 @@ class ReplicaNode:
         self.data_dir = Path(data_dir)
         self.tick_ms = tick_ms
         self.log_stream = log if log is not None else sys.stderr
-        self.transport_config = (
-            transport_config if transport_config is not None else cluster.transport_config()
-        )
+        self._transport_config = transport_config
         self.core: Replica | None = None
         self.store: DurableStore | None = None
         self.events_handled = 0
@@ -186,6 +184,13 @@ class ReplicaNode:
         self.ticks = 0
         self._clock_started: float | None = None
         self._next_tick = 0.0
+
+    @property
+    def transport_config(self) -> TransportConfig:
+        """The limits given, else the cluster file's ([transport])."""
+        if self._transport_config is not None:
+            return self._transport_config
+        return self.cluster.transport_config()
 
     def log(self, event: str, **fields: object) -> None:
         record = {"time": round(time.time(), 6), "replica": self.replica_id, "event": event}
