@@ -161,7 +161,7 @@ def replica(arguments: argparse.Namespace) -> int:
 
     try:
         trio.run(main)
-    except BaseException as raised:  # noqa: BLE001 - unwrapped below, re-raised if unknown
+    except BaseException as raised:  # unwrapped below, re-raised if unknown
         stops = _replica_stops()
         error = leaf(raised, tuple(kind for kind, _, _ in stops))
         for kind, code, template in stops:
@@ -260,7 +260,7 @@ def cluster_up(arguments: argparse.Namespace) -> int:
         cluster = load_cluster(path)
     # One supervisor per cluster directory: a second would fight the first for the ports.
     try:
-        lock = open(root / "cluster-up.lock", "w")  # noqa: SIM115 - held until we return
+        lock = open(root / "cluster-up.lock", "w")  # held until we return
     except OSError as error:
         print(f"pbft: cannot write in {root}: {error.strerror}", file=sys.stderr)
         return EXIT_USAGE

@@ -89,7 +89,7 @@ def _main(argv: list[str] | None) -> int:
     except ClusterFileError as error:  # a bad cluster file, found by any runtime command
         print(f"pbft: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except Exception:  # noqa: BLE001 - the last line of defence: report, exit 3
+    except Exception:  # the last line of defence: report, exit 3
         traceback.print_exc()
         print(
             "pbft: internal error (a bug: please report it with the scenario and seed)",

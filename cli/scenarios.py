@@ -87,9 +87,9 @@ def run(arguments: argparse.Namespace) -> int:
         return EXIT_USAGE
     # Open the outputs before the run, so a bad path fails at once, as a usage error.
     try:
-        trace_file = open(arguments.trace, "w", encoding="utf-8") if arguments.trace else None  # noqa: SIM115
+        trace_file = open(arguments.trace, "w", encoding="utf-8") if arguments.trace else None
         json_file = (
-            open(arguments.json, "w", encoding="utf-8")  # noqa: SIM115
+            open(arguments.json, "w", encoding="utf-8")
             if arguments.json and arguments.json != "-"
             else None
         )

@@ -250,7 +250,7 @@ def unpack(data: bytes, limit_bytes: int = MAX_FRAME_BYTES, max_items: int | Non
             max_map_len=0,
             max_ext_len=0,
         )
-    except Exception as error:  # noqa: BLE001 - the parser's failures on hostile bytes vary
+    except Exception as error:  # the parser's failures on hostile bytes vary
         raise DecodeError("malformed", type(error).__name__) from None
 
 

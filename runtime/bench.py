@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     processes = []
     for replica in range(arguments.replicas):
-        log = open(root / f"replica-{replica}.log", "ab")  # noqa: SIM115
+        log = open(root / f"replica-{replica}.log", "ab")
         processes.append(subprocess.Popen(replica_command(path, replica), stdout=log, stderr=log))
         log.close()
     try:

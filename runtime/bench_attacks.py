@@ -74,7 +74,7 @@ def _outcome(call: Callable[[], object]) -> str:
         call()
     except Rejected as error:
         return f"rejected {error.reason}"
-    except Exception as error:  # noqa: BLE001 - the old parser's failures, reported as such
+    except Exception as error:  # the old parser's failures, reported as such
         return f"failed {type(error).__name__}"
     return "parsed"
 

@@ -48,7 +48,7 @@ def main() -> None:
         path = write_cluster(root, replicas=4, clients=2, base_port=consecutive_free_ports(4)[0])
         processes = []
         for replica in range(4):
-            log = open(root / f"replica-{replica}.log", "ab")  # noqa: SIM115 - child's
+            log = open(root / f"replica-{replica}.log", "ab")  # child's
             processes.append(
                 subprocess.Popen(replica_command(path, replica), stdout=log, stderr=log)
             )

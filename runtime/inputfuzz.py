@@ -533,7 +533,7 @@ async def handshake_as_server(generator: Generator, server: Transport) -> str:
     # A slot of the stranger pool, from an address of its own (so the per-address
     # signature rate limit does not throttle the run).
     slot = _Pending(f"fuzz-{rng.getrandbits(32)}", reserved=False)
-    principal, _session = await server._handshake_as_server(ScriptedStream(rng, respond), slot)  # type: ignore[arg-type]  # noqa: SLF001
+    principal, _session = await server._handshake_as_server(ScriptedStream(rng, respond), slot)  # type: ignore[arg-type]
     if principal != (client_role, client_id):
         raise AssertionError(f"handshake accepted {principal}, the AUTH named another")
     return "ok"
@@ -558,7 +558,7 @@ async def handshake_as_client(generator: Generator, client: Transport) -> str:
 
     stream = ScriptedStream(rng, respond)
     stream.inbox += _framed_or_raw(generator, hello)
-    await client._handshake_as_client(stream, ("replica", server_id))  # type: ignore[arg-type]  # noqa: SLF001
+    await client._handshake_as_client(stream, ("replica", server_id))  # type: ignore[arg-type]
     return "ok"
 
 
@@ -657,7 +657,7 @@ async def _run_fuzz(
                     # The scripted streams never block, so without this trio would never
                     # get to prune the handshakes' expired deadlines, and they pile up.
                     await trio.lowlevel.checkpoint()
-            except Exception as error:  # noqa: BLE001 - every escape is the finding we count
+            except Exception as error:  # every escape is the finding we count
                 outcome = "CRASH"
                 report.crash_count += 1
                 if len(report.crashes) < CRASHES_KEPT:
@@ -716,7 +716,7 @@ def _decode_stream(generator: Generator, data: bytes, payloads: list[bytes], lim
 async def _handshake(attempt: Any) -> str:
     try:
         return await attempt
-    except transport_module._HandshakeFailed as failure:  # noqa: SLF001 - the refusal path
+    except transport_module._HandshakeFailed as failure:  # the refusal path
         return failure.reason
 
 

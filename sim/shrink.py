@@ -49,7 +49,7 @@ def evaluate(scenario: Scenario) -> Evaluation:
     """Run the scenario (its own seed) and say how it fails, comparably between runs."""
     try:
         result = run_scenario(scenario)
-    except Exception as error:  # noqa: BLE001 - a crash of the simulated system is a finding
+    except Exception as error:  # a crash of the simulated system is a finding
         where = traceback.extract_tb(error.__traceback__)[-1]
         problem = f"{type(error).__name__}: {error} ({where.filename}:{where.lineno})"
         return Evaluation((f"exception:{type(error).__name__}",), (problem,))

@@ -65,7 +65,7 @@ def run_one(scenario: Scenario, seed: int) -> SeedOutcome:
     started = time.perf_counter()
     try:
         result = run_scenario(scenario, seed)
-    except Exception as error:  # noqa: BLE001 - a crash is a finding, reported with its seed
+    except Exception as error:  # a crash is a finding, reported with its seed
         return SeedOutcome(
             seed, "error", (f"{type(error).__name__}: {error}",), "", time.perf_counter() - started
         )

@@ -308,7 +308,7 @@ def test_ctrl_c_during_a_payment_exits_130_with_the_request_id_to_retry(
             [sys.executable, "-m", "cli", *_pay(cluster_file, "--timeout", "60")],
             stdout=subprocess.DEVNULL,
             stderr=error_file,
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # noqa: PLW1509
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
     try:
         deadline = time.monotonic() + 60

@@ -69,7 +69,7 @@ def test_a_private_key_of_another_principal_is_refused(tmp_path: Path) -> None:
         (lambda text: text + "\n[[", "file"),
     ],
 )
-def test_a_malformed_cluster_file_names_the_field(tmp_path: Path, edit, field: str) -> None:  # noqa: ANN001
+def test_a_malformed_cluster_file_names_the_field(tmp_path: Path, edit, field: str) -> None:
     path = write_cluster(tmp_path, replicas=4, clients=1)
     path.write_text(edit(path.read_text()))
     with pytest.raises(ClusterFileError) as caught:

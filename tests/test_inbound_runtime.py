@@ -103,7 +103,7 @@ def test_a_flooding_client_does_not_delay_another_clients_requests(
             await trio.aclose_forcefully(link.stream)
 
     async def scenario() -> None:
-        logs = [open(tmp_path / f"replica-{r}.log", "w") for r in range(4)]  # noqa: SIM115
+        logs = [open(tmp_path / f"replica-{r}.log", "w") for r in range(4)]
         try:
             with trio.fail_after(90):
                 async with trio.open_nursery() as nursery:

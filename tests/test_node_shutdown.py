@@ -33,7 +33,7 @@ def test_cancelled_during_a_durable_write_stops_without_sending(
         time.sleep(0.5)  # the node is cancelled meanwhile
 
     monkeypatch.setattr(DurableStore, "apply", slow_apply)
-    log = open(tmp_path / "replica-0.log", "w")  # noqa: SIM115 - closed below
+    log = open(tmp_path / "replica-0.log", "w")  # closed below
 
     async def scenario() -> None:
         node = ReplicaNode(cluster, 0, tmp_path / "data-0", log=log)

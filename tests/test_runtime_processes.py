@@ -47,7 +47,7 @@ def local_cluster(tmp_path: Path) -> Iterator[LocalCluster]:
         _stop(cluster)
 
 
-def _run(coroutine_function, *arguments):  # noqa: ANN001, ANN202 - a test helper
+def _run(coroutine_function, *arguments):  # a test helper
     return trio.run(coroutine_function, *arguments)
 
 

@@ -153,7 +153,7 @@ def test_ledger_builder_rebuilds_the_same_ledger_from_its_leaves() -> None:
         lambda leaves: leaves[:-1],  # balances no longer sum to the total (a client missing)
     ],
 )
-def test_ledger_builder_refuses_leaves_no_valid_ledger_has(mangle) -> None:  # noqa: ANN001
+def test_ledger_builder_refuses_leaves_no_valid_ledger_has(mangle) -> None:
     leaves = mangle(_busy_ledger()._leaves())
     builder = LedgerBuilder()
     with pytest.raises(LedgerSnapshotError):

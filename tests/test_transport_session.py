@@ -455,11 +455,11 @@ def test_a_connection_out_of_nonces_is_closed_and_redialled_never_wrapped() -> N
             await wait_until(lambda: server.is_connected(C0))
             # Both ends of the client -> server direction, one frame before the limit
             # (reached through the internals: 2**64 frames cannot be sent in a test).
-            outbound = client._peers[R0].active  # noqa: SLF001
-            inbound = server._peers[C0].active  # noqa: SLF001
+            outbound = client._peers[R0].active
+            inbound = server._peers[C0].active
             assert outbound is not None and inbound is not None
             outbound.sealer.counter = 2**64 - 1
-            inbound.decoder._cipher.counter = 2**64 - 1  # noqa: SLF001
+            inbound.decoder._cipher.counter = 2**64 - 1
             client.send(R0, b"the last nonce")
             assert await receive(server) == (C0, b"the last nonce")
             client.send(R0, b"one too many")  # lost with its connection, never sealed
