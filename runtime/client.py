@@ -159,7 +159,6 @@ class PaymentClient:
             with trio.move_on_after(self.timeout_s) as scope:
                 await event.wait()
             if scope.cancelled_caught:
-                self.core.outstanding.pop(request_id, None)
                 raise PaymentTimeout(
                     f"no decision for request {request_id} within {self.timeout_s} s; "
                     f"retry with request_id={request_id}",
@@ -168,6 +167,10 @@ class PaymentClient:
             return self._results.pop(request_id)
         finally:
             self._waiting.pop(request_id, None)
+            # Timed out or cancelled: the core forgets it as the slot (self._in_flight) is
+            # given back, so the two never disagree about what is in flight (a cancelled
+            # pay used to leave it in the core: later pays hit "already in flight").
+            self.core.outstanding.pop(request_id, None)
 
     async def balance(self, account: str) -> BalanceRead:
         """An account's balance as f + 1 replicas report it (a read, not ordered)."""

@@ -417,3 +417,43 @@ def test_a_payment_client_keeps_at_most_its_quota_in_flight(tmp_path) -> None:  
     trio.run(main)
     assert in_flight == [2, 2]
     assert len(timed_out) == 5
+
+
+def test_a_cancelled_payment_gives_back_its_slot_in_the_client_core_too(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A pay() cancelled by its caller frees its slot for the next one, and the client
+    core forgets the request at the same time: before, the core kept it, and once
+    client_pending_limit pays had been cancelled every further pay() failed with
+    "already in flight" although no slot was taken."""
+    import trio
+
+    from pbft.client import ClientError
+    from runtime.client import PaymentClient, PaymentTimeout
+    from runtime.cluster import load_cluster, write_cluster
+    from runtime.ports import consecutive_free_ports
+
+    path = write_cluster(
+        tmp_path,
+        replicas=4,
+        clients=1,
+        base_port=consecutive_free_ports(4)[0],
+        protocol={"client_pending_limit": 2},
+    )
+    cluster = load_cluster(path)
+    outcomes: list[str] = []
+
+    async def main() -> None:
+        async with PaymentClient(cluster, 0, timeout_s=0.3) as client:
+            for _ in range(3):
+                with trio.move_on_after(0.05):
+                    await client.pay("acct-00000", "acct-00001", 1)
+            outcomes.append(f"outstanding {len(client.core.outstanding)}")
+            try:
+                await client.pay("acct-00000", "acct-00001", 1)
+            except PaymentTimeout:
+                outcomes.append("timed out")
+            except ClientError as error:
+                outcomes.append(f"client error: {error}")
+
+    trio.run(main)
+    assert outcomes == ["outstanding 0", "timed out"]
+
