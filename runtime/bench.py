@@ -488,11 +488,15 @@ def format_report(result: dict[str, Any]) -> str:
             lines.append(f"n = {run['replicas']}: {', '.join(trouble)}")
         opened = run["open_loop"]
         if opened:
+            latency = (
+                f"from the scheduled send: p50 {opened['p50_ms']:.1f} ms, p99 "
+                f"{opened['p99_ms']:.1f} ms, p99.9 {opened['p999_ms']:.1f} ms"
+                if opened["payments"]
+                else "no payment decided in time"
+            )
             lines.append(
                 f"n = {run['replicas']}: open loop offered {opened['offered_per_s']:g}/s, decided "
-                f"{opened['decided_per_s']:.1f}/s, from the scheduled send: p50 "
-                f"{opened['p50_ms']:.1f} ms, p99 {opened['p99_ms']:.1f} ms, p99.9 "
-                f"{opened['p999_ms']:.1f} ms; {opened['timeouts']} timed out, "
+                f"{opened['decided_per_s']:.1f}/s, {latency}; {opened['timeouts']} timed out, "
                 f"{opened['skipped']} not sent (too far behind), {opened['unfinished']} undecided"
             )
     return "\n".join(lines)
