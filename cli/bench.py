@@ -45,12 +45,17 @@ def add_bench(commands: Any) -> None:
         help="a replica count, may be given several times (default: 4, 7 and 10 in turn)",
     )
     bench.add_argument(
-        "--clients", type=int, default=defaults.clients, help="clients under load (default 4)"
+        "--clients",
+        type=int,
+        default=defaults.clients,
+        metavar="N",
+        help="clients under load (default 4)",
     )
     bench.add_argument(
         "--concurrency",
         type=int,
         default=defaults.concurrency,
+        metavar="N",
         help="closed-loop tasks per client (default 8)",
     )
     bench.add_argument(

@@ -300,9 +300,10 @@ async def _measure(
 
 async def _tick(progress: Progress, label: str, seconds: float) -> None:
     started = trio.current_time()
-    while True:
-        progress(f"{label}: {trio.current_time() - started:4.1f} / {seconds:g} s")
+    while (elapsed := trio.current_time() - started) < seconds:
+        progress(f"{label}: {elapsed:4.1f} / {seconds:g} s")
         await trio.sleep(0.5)
+    progress(f"{label}: waiting for the payments still in flight")
 
 
 async def _bench_cluster(
@@ -386,7 +387,7 @@ def bench_replicas(
         "verify_us": round(ceiling.verify_us, 2),
         "ceiling_per_s": round(ceiling_per_s, 1),
         "throughput_per_s": round(throughput, 1),
-        "ratio_to_ceiling": round(throughput / ceiling_per_s, 4),
+        "ratio_to_ceiling": round(throughput / ceiling_per_s, 6),
         "lone_payments": lone.payments,
         "lone_p50_ms": round(lone.percentile(50), 3),
         "lone_p99_ms": round(lone.percentile(99), 3),
