@@ -28,7 +28,10 @@ from cli.exits import (
     leaf,
 )
 
-REPLICA_EXIT_CODES = """exit codes:
+REPLICA_EXIT_CODES = """SIGUSR1 logs a `statistics` line (events handled, fsyncs, frames in and out
+since start); it is also logged at stop.
+
+exit codes:
   0  stopped by SIGINT or SIGTERM
   2  bad arguments or files: the cluster file, the replica id, the private key (missing,
      not this replica's, readable by group or others), a data directory it cannot
@@ -187,9 +190,13 @@ async def _cancel_on_signal(
     # SIGTERM) cannot cut the clean stop short. SIGKILL still works.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGUSR1) as signals:
         task_status.started()
         async for signum in signals:
+            if signum == signal.SIGUSR1:  # `pbft bench` reads counters between its phases
+                node.log_statistics()
+                continue
             node.log("signal", signal=signal.Signals(signum).name)
             break
     scope.cancel()

@@ -32,7 +32,7 @@ class _Parser(argparse.ArgumentParser):
 def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     """The parser and each command's function. The command modules are imported here, inside
     main's guard: importing the runtime takes a while, and Ctrl-C then must exit 130 too."""
-    from cli import cluster, keys, payments, receipts, scenarios
+    from cli import bench, cluster, keys, payments, receipts, scenarios
 
     parser = _Parser(prog="pbft", description="Byzantine fault-tolerant payment confirmation.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -47,6 +47,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         keys.add_keygen,
         scenarios.add_sweep,
         scenarios.add_fuzz,
+        bench.add_bench,
     ):
         add(commands)
     handlers: dict[str, Command] = {
@@ -59,6 +60,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         "pay": payments.pay,
         "balance": payments.balance,
         "verify-receipt": receipts.verify_receipt,
+        "bench": bench.bench,
     }
     return parser, handlers
 
