@@ -342,3 +342,31 @@ def test_ticks_reach_the_core_on_time_however_many_frames_wait(tmp_path: Path) -
         assert inbound.statistics().queued > 0  # frames waited all along
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_step_takes_every_ready_frame_up_to_its_limit_and_ends_at_a_due_tick(
+    tmp_path: Path,
+) -> None:
+    """Group commit: the node hands the core every frame ready now in one step (their
+    records then share one fsync), in the scheduler's order, at most MAX_EVENTS_PER_STEP,
+    and a tick that falls due ends the step (ticks stay on time)."""
+    from pbft.events import MessageReceived, Tick
+    from runtime.node import MAX_EVENTS_PER_STEP, ReplicaNode
+
+    async def main() -> None:
+        inbound = scheduler()
+        await fill(inbound, R1, [b"one"] * (MAX_EVENTS_PER_STEP + 10))
+        await fill(inbound, R2, [b"two"] * 5)
+        node = ReplicaNode(None, 0, tmp_path, tick_ms=5)  # type: ignore[arg-type]
+        first = await node._next_events(inbound)  # the clock starts: no tick due yet
+        assert len(first) == MAX_EVENTS_PER_STEP
+        assert all(isinstance(event, MessageReceived) for event in first)
+        assert {event.data for event in first[:10]} == {b"one", b"two"}  # round robin
+        await trio.sleep(0.005)  # a tick falls due
+        second = await node._next_events(inbound)
+        assert second == [Tick(5)]
+        third = await node._next_events(inbound)
+        assert len(third) == MAX_EVENTS_PER_STEP + 15 - MAX_EVENTS_PER_STEP  # what is left
+        assert inbound.statistics().queued == 0
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
