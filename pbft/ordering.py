@@ -299,7 +299,11 @@ class Ordering:
         window_high = self.ctx.checkpoints.window_low() + self.ctx.config.watermark_window
         inflight_high = self.last_executed + self.ctx.config.max_inflight_batches
         while self.ctx.requests.proposal_queue and self.next_seq <= min(window_high, inflight_high):
-            if len(self.ctx.requests.proposal_queue) < self.ctx.config.batch_size:
+            # Adaptive batching: with nothing in flight a request is proposed at once (no
+            # tick in its way); while batches are in flight, requests gather into the next
+            # one until it is full or its oldest has waited batch_timeout_ms.
+            in_flight = self.next_seq - 1 > self.last_executed
+            if in_flight and len(self.ctx.requests.proposal_queue) < self.ctx.config.batch_size:
                 oldest = self.ctx.requests.pending[next(iter(self.ctx.requests.proposal_queue))]
                 if self.ctx.now_ms - oldest.arrived_ms < self.ctx.config.batch_timeout_ms:
                     return

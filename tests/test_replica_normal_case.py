@@ -354,24 +354,38 @@ def test_primary_proposes_single_request_at_once_with_zero_batch_timeout(
     )
 
 
-def test_primary_batches_requests_until_batch_size_is_reached() -> None:
+def test_a_lone_request_is_proposed_at_once_when_nothing_is_in_flight() -> None:
+    """Adaptive batching: with no batch in flight the primary does not wait for the batch
+    timeout (no tick in a lone payment's way)."""
     cluster = Cluster(batch_timeout_ms=10)
     primary = cluster.replica(0)
     cluster.tick(primary, 0)
-    first, second, third = (cluster.request(i) for i in (1, 2, 3))
+    first = cluster.request(1)
+    (batch,) = broadcasts(cluster.deliver(primary, first), PrePrepare)
+    assert batch.seq == 1 and batch.requests == (first,)
 
-    assert broadcasts(cluster.deliver(primary, first), PrePrepare) == []
-    actions = cluster.deliver(primary, second)
+
+def test_requests_gather_into_the_next_batch_while_one_is_in_flight() -> None:
+    """While a batch is in flight, requests gather until the batch is full (batch_size) or
+    its oldest has waited batch_timeout_ms."""
+    cluster = Cluster(batch_timeout_ms=10)
+    primary = cluster.replica(0)
+    cluster.tick(primary, 0)
+    first, second, third, fourth = (cluster.request(i) for i in (1, 2, 3, 4))
+    (in_flight,) = broadcasts(cluster.deliver(primary, first), PrePrepare)
+
+    assert broadcasts(cluster.deliver(primary, second), PrePrepare) == []
+    actions = cluster.deliver(primary, third)
     (batch,) = broadcasts(actions, PrePrepare)
-    assert batch.seq == 1 and batch.requests == (first, second)
-    assert batch.batch_digest == batch_digest([first, second])
+    assert batch.seq == 2 and batch.requests == (second, third)
+    assert batch.batch_digest == batch_digest([second, third])
+    assert batch.prev_hash == entry_digest(1, cluster.genesis_chain_hash, in_flight.batch_digest)
 
-    # A lone request waits for the batch timeout, then goes out alone, chained to seq 1.
-    assert broadcasts(cluster.deliver(primary, third), PrePrepare) == []
+    # A lone request behind batches in flight waits for the batch timeout, then goes alone.
+    assert broadcasts(cluster.deliver(primary, fourth), PrePrepare) == []
     assert broadcasts(cluster.tick(primary, 9), PrePrepare) == []
     (alone,) = broadcasts(cluster.tick(primary, 10), PrePrepare)
-    assert alone.seq == 2 and alone.requests == (third,)
-    assert alone.prev_hash == entry_digest(1, cluster.genesis_chain_hash, batch.batch_digest)
+    assert alone.seq == 3 and alone.requests == (fourth,)
 
 
 def test_primary_does_not_propose_the_same_pending_request_twice(cluster: Cluster) -> None:
