@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping
 from itertools import islice
+from typing import TypeVar
 
 from crypto.keys import Principal
 from pbft.budget import TokenBuckets
@@ -29,6 +30,9 @@ OVER_QUOTA_BATCH_SHARE = 4
 # client contract, and ordering its backlog as fast as the pipeline allows made the
 # client_flood attack cost correct clients several times their latency.
 OVER_QUOTA_ORDER_RATE_PER_S = 50
+
+
+K = TypeVar("K")
 
 
 class Requests:
@@ -191,8 +195,11 @@ class Requests:
         return [
             identity
             for identity, pending in self.pending.items()
-            if identity[0] not in self.over_quota_clients and pending.relayer is None
+            if self._is_timed(identity[0], pending)
         ]
+
+    def _is_timed(self, client_id: int, pending: PendingRequest) -> bool:
+        return client_id not in self.over_quota_clients and pending.relayer is None
 
     def charge_backlog(self, identities: list[tuple[int, int]]) -> None:
         """A batch about to be proposed: its over-quota requests are paid from the backlog's
@@ -243,16 +250,10 @@ class Requests:
         self.proposal_queue.pop(identity, None)
         client_id = identity[0]
         if pending.relayer is not None:
-            self.relayed_per_client[(pending.relayer, client_id)] -= 1
-            if self.relayed_per_client[(pending.relayer, client_id)] <= 0:
-                del self.relayed_per_client[(pending.relayer, client_id)]
-            self.relayed_per_replica[pending.relayer] -= 1
-            if self.relayed_per_replica[pending.relayer] <= 0:
-                del self.relayed_per_replica[pending.relayer]
+            _release(self.relayed_per_client, (pending.relayer, client_id))
+            _release(self.relayed_per_replica, pending.relayer)
             return
-        self.pending_per_client[client_id] -= 1
-        if self.pending_per_client[client_id] <= 0:
-            del self.pending_per_client[client_id]
+        if _release(self.pending_per_client, client_id):
             self.over_quota_clients.pop(client_id, None)
 
     def oldest_timed_request(self) -> PendingRequest | None:
@@ -263,7 +264,7 @@ class Requests:
         # them times them). Bounded: at most client_pending_limit entries per over-quota
         # client, and pending_request_limit per relaying backup, are skipped.
         for (client_id, _), pending in self.pending.items():
-            if client_id not in self.over_quota_clients and pending.relayer is None:
+            if self._is_timed(client_id, pending):
                 return pending
         return None
 
@@ -272,3 +273,13 @@ class Requests:
             decision = self.ctx.ordering.ledger.lookup(*identity)
             if decision is not None and decision.body_digest == self.pending[identity].body_digest:
                 self.unpend(identity)
+
+
+def _release(counts: Counter[K], key: K) -> bool:
+    """One fewer under `key`; the entry goes once it reaches zero (True then), so a count
+    table holds only what is pending."""
+    counts[key] -= 1
+    if counts[key] > 0:
+        return False
+    del counts[key]
+    return True
