@@ -1,5 +1,9 @@
 """The client: builds signed payment requests and turns f + 1 matching replies into a receipt.
 
+A reply proves its result with an inclusion proof under a Merkle root its replica signed
+once for the whole batch (pbft/replies.py): checking one is a few hashes, plus one
+signature per distinct (replica, root), through the bounded verification cache.
+
 Sans-I/O like the replica: `submit` and `handle` return actions. The client sends a
 request to the primary it believes in; if no decision comes within the timeout it
 sends it to every replica (backups relay it and start their timers, which is how
@@ -21,6 +25,7 @@ from pbft.genesis import CLUSTER_ID_BYTES
 from pbft.ledger import MAX_ACCOUNT_NAME_LENGTH
 from pbft.messages import BalanceQuery, BalanceReply, Reply, Request
 from pbft.receipt import RECEIPT_VERSION, UNKNOWN_OUTCOME_REASON, Receipt
+from pbft.replies import check_reply
 from pbft.signed import Envelope, Rejected, open_envelope, peek, seal, verify_signature
 
 MAX_BACKOFF_DOUBLINGS = 3
@@ -286,7 +291,9 @@ class ClientCore:
             raise Rejected(DropReason.REPLY_FOR_OTHER_BODY)
         if reply.cluster_id != self.cluster_id:
             raise Rejected(DropReason.OTHER_CLUSTER)
-        verify_signature(envelope, reply, self.keyring, self.cache)
+        # The inclusion proof (a few hashes), then the batch root's signature: once per
+        # (replica, root) while the cache holds it, however many of our replies share it.
+        check_reply(envelope, reply, self.keyring, self.cache)
         if self.learn_view:
             self._claim_view(reply.replica, reply.view)
         decision = (reply.seq, reply.outcome, reply.reason)

@@ -69,3 +69,5 @@ class DropReason(StrEnum):
     CONFLICTING_REPLY = "conflicting_reply"
     REPLY_FOR_OTHER_BODY = "reply_for_other_body"
     OTHER_CLUSTER = "other_cluster"
+    # Its result is not under the root it carries (or the proof is malformed or too long).
+    BAD_REPLY_PROOF = "bad_reply_proof"

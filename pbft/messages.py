@@ -24,6 +24,8 @@ MAX_WINDOW = 8192
 MAX_CHUNK_LEVEL = 16
 MAX_LEAF_COUNT = 2**40
 MAX_PATH = 64
+# A reply's inclusion proof: the height of a tree of MAX_BATCH_SIZE leaves, plus slack.
+MAX_REPLY_PATH = (MAX_BATCH_SIZE - 1).bit_length() + 2
 
 HASH = Bytes(32, 32)
 SIGNATURE = Bytes(64, 64)
@@ -143,8 +145,13 @@ class Commit(Message):
 
 @dataclass(frozen=True)
 class Reply(Message):
-    """A replica's signed word on a request's outcome; f + 1 matching ones make a receipt.
-    `cluster_id` (pbft/genesis.py) is under the signature: the word is bound to one cluster."""
+    """One request's result, proven by a signature a replica made once for its whole batch.
+
+    The result (client, request id, body digest, outcome, reason and the decision's `seq`,
+    with `cluster_id`) is a leaf of the Merkle tree over the batch's results; `index`,
+    `batch_size` and `path` prove it under `root`. The envelope's signature is not over this
+    body: it is the replica's signature over (cluster id, replica, view, batch seq, batch
+    size, root), shared by every reply of the batch (pbft/replies.py checks both)."""
 
     view: int
     seq: int
@@ -155,6 +162,11 @@ class Reply(Message):
     outcome: str
     reason: str
     cluster_id: bytes
+    batch_seq: int
+    batch_size: int
+    index: int
+    path: tuple[bytes, ...]
+    root: bytes
 
     TYPE = MessageType.REPLY
     SCHEMA: ClassVar[dict[str, Spec]] = {
@@ -167,6 +179,13 @@ class Reply(Message):
         "outcome": Text(16, [outcome.value for outcome in Outcome]),
         "reason": Text(32, [reason.value for reason in Reason]),
         "cluster_id": HASH,
+        "batch_seq": SEQ,
+        "batch_size": UInt(MAX_BATCH_SIZE),
+        "index": UInt(MAX_BATCH_SIZE - 1),
+        # Bounded at decode, before any hashing: a tree of MAX_BATCH_SIZE leaves is
+        # (MAX_BATCH_SIZE - 1).bit_length() levels tall.
+        "path": ListOf(HASH, MAX_REPLY_PATH),
+        "root": HASH,
     }
 
 

@@ -9,7 +9,8 @@ strictly in sequence order. Every vote is signed at most once per (kind, view, s
 is durable before it is sent.
 
 Owns the slots, the next sequence number to propose, the executed state (ledger, last
-executed entry and its chain hash) and the signed replies kept for retransmissions.
+executed entry and its chain hash) and the signed replies kept for retransmissions: one
+signature per executed batch covers the Merkle root of its results (pbft/replies.py).
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from pbft.drops import DropReason
 from pbft.events import Executed, ExecutedRequest
 from pbft.ledger import Ledger, Payment
 from pbft.log import CommittedEntry, PreparedEntry, Slot
-from pbft.messages import Commit, Message, Prepare, PreparedCertificate, PrePrepare, Reply, Request
-from pbft.replies import SignedReplies
+from pbft.messages import Commit, Message, Prepare, PreparedCertificate, PrePrepare, Request
+from pbft.replies import ReplyResult, SignedReplies, sign_replies
 from pbft.signed import Opened, Rejected, seal
 from pbft.status import ViewStatus
 
@@ -362,6 +363,7 @@ class Ordering:
 
     def _execute(self, proposal: Proposal) -> None:
         executed = []
+        results: list[ReplyResult] = []
         for opened in proposal.requests:
             request = opened.message
             if not isinstance(request, Request):
@@ -389,8 +391,18 @@ class Ordering:
                     result.fresh,
                 )
             )
-            outcome, reason = decision.outcome.value, decision.reason.value
-            self.reply(request, digest, decision.seq, outcome, reason)
+            results.append(
+                ReplyResult(
+                    request.client_id,
+                    request.request_id,
+                    digest,
+                    decision.seq,
+                    decision.outcome.value,
+                    decision.reason.value,
+                )
+            )
+        if results:
+            self.reply(proposal.seq, results)
         self.last_executed = proposal.seq
         self.chain_hash = proposal.entry_digest
         self.last_execution_ms = self.ctx.now_ms
@@ -406,23 +418,19 @@ class Ordering:
         if proposal.seq % self.ctx.config.checkpoint_interval == 0:
             self.ctx.checkpoints.take_checkpoint()
 
-    def reply(self, request: Request, digest: bytes, seq: int, outcome: str, reason: str) -> None:
-        reply = Reply(
-            self.ctx.view,
-            seq,
-            self.ctx.id,
-            request.client_id,
-            request.request_id,
-            digest,
-            outcome,
-            reason,
-            self.ctx.cluster_id,
+    def reply(self, batch_seq: int, results: list[ReplyResult]) -> None:
+        """Answer each result's client, under one signature for the whole batch (a
+        forgotten reply answered again is a batch of one at its decision's seq)."""
+        frames = sign_replies(
+            self.ctx.key, self.ctx.id, self.ctx.view, batch_seq, self.ctx.cluster_id, results
         )
-        raw = seal(reply, self.ctx.key)
-        if reason not in UNSTORED_REASON_CODES:
-            # Decided for good: the same signed reply answers every retransmission.
-            self.signed_replies.put(request.client_id, request.request_id, digest, raw)
-        self.ctx.send(("client", request.client_id), raw)
+        for result, raw in zip(results, frames, strict=True):
+            if result.reason not in UNSTORED_REASON_CODES:
+                # Decided for good: the same reply answers every retransmission.
+                self.signed_replies.put(
+                    result.client_id, result.request_id, result.request_digest, raw
+                )
+            self.ctx.send(("client", result.client_id), raw)
 
     def retransmit_slots(self) -> None:
         """Send again what we signed for slots that have not moved for an interval, each slot

@@ -3,10 +3,13 @@
 A receipt is the client-signed request plus f + 1 replies from distinct replicas
 that agree on the request digest, the sequence number, the outcome and the
 reason. At most f replicas lie, so f + 1 matching replies include a correct one.
-Every reply names the cluster id (pbft/genesis.py) under its signature, and so does
-the receipt: anyone holding the cluster's public keys and genesis (cluster.toml) can
-check a receipt with `verify_receipt`, with no network and no trust in whoever hands
-it over, and a receipt from another cluster (even one sharing keys) is refused.
+A reply's result (with the cluster id, pbft/genesis.py) is a leaf of the Merkle tree its
+replica signed the root of, once per batch (pbft/replies.py): the reply carries the
+inclusion proof, so the result is under the signature without a signature of its own.
+The receipt names the cluster id too: anyone holding the cluster's public keys and
+genesis (cluster.toml) can check a receipt with `verify_receipt`, with no network and no
+trust in whoever hands it over, and a receipt from another cluster (even one sharing
+keys) is refused.
 """
 
 from __future__ import annotations
@@ -19,13 +22,15 @@ from crypto.keys import KeyRing
 from crypto.signing import VerificationCache
 from pbft.codec import DecodeError, ListOf, Spec, Struct, UInt, unpack
 from pbft.config import MAX_REPLICAS, fault_tolerance_of
+from pbft.drops import DropReason
 from pbft.genesis import CLUSTER_ID_BYTES
 from pbft.messages import ENVELOPE, HASH, Message, Reply, Request
+from pbft.replies import check_reply
 from pbft.signed import Envelope, Rejected, peek, verify_signature
 
-# Version 2: receipts and replies carry the cluster id. Version 1 receipts cannot be
-# checked against a cluster, so they are not accepted.
-RECEIPT_VERSION = 2
+# Version 3: each reply proves its result under a batch root signed once (pbft/replies.py).
+# Version 2 replies were signed one by one, version 1 named no cluster: neither is read.
+RECEIPT_VERSION = 3
 # Far above any real receipt (a request and at most MAX_REPLICAS replies of a few
 # hundred bytes each); anything larger is not a receipt.
 MAX_RECEIPT_BYTES = 1024 * 1024
@@ -38,8 +43,9 @@ UNKNOWN_OUTCOME_REASON = "request_expired"
 class ReceiptError(ValueError):
     """The receipt does not prove what it claims; the message says why in one line.
 
-    `reason` is a short code: other_cluster, unknown_key, outcome_mismatch, too_few,
-    other_request, duplicate_replica, malformed_part, expired, bad_keyring.
+    `reason` is a short code: other_cluster, unknown_key, bad_signature, bad_proof,
+    outcome_mismatch, too_few, other_request, duplicate_replica, malformed_part, expired,
+    bad_keyring.
     """
 
     def __init__(self, reason: str, message: str) -> None:
@@ -147,9 +153,7 @@ def verify_receipt(
     first_replica = -1
     replicas: dict[int, None] = {}
     for index, raw in enumerate(receipt.replies):
-        envelope, reply = _open(f"reply {index}", raw, Reply, keyring, cache, cluster_id)
-        if not isinstance(reply, Reply):
-            raise ReceiptError("malformed_part", f"reply {index}: not a reply")
+        reply = _open_reply(f"reply {index}", raw, keyring, cache, cluster_id)
         if (reply.client_id, reply.request_id, reply.request_digest) != (
             request.client_id,
             request.request_id,
@@ -202,25 +206,52 @@ def _describe(decision: tuple[int, str, str]) -> str:
     return f"{outcome} ({reason}) at seq {seq}" if reason else f"{outcome} at seq {seq}"
 
 
+def _open_reply(
+    label: str, raw: bytes, keyring: KeyRing, cache: VerificationCache, cluster_id: bytes
+) -> Reply:
+    """Form, the cluster its result names, the inclusion proof, then the root's signature."""
+    try:
+        envelope, reply = peek(raw, Reply)
+    except Rejected as error:
+        raise ReceiptError("malformed_part", f"{label}: malformed ({error})") from None
+    if not isinstance(reply, Reply):
+        raise ReceiptError("malformed_part", f"{label}: not a reply")
+    if reply.cluster_id != cluster_id:
+        raise ReceiptError(
+            "other_cluster",
+            f"{label} (replica {reply.replica}) is from another cluster "
+            f"({short_id(reply.cluster_id)}, this cluster is {short_id(cluster_id)})",
+        )
+    try:
+        check_reply(envelope, reply, keyring, cache)
+    except Rejected as error:
+        who = f"replica {reply.replica}"
+        if error.reason == DropReason.BAD_REPLY_PROOF:
+            raise ReceiptError(
+                "bad_proof",
+                f"{label} ({who}): its result is not under the batch root it carries "
+                f"(inclusion proof fails: {error.detail})",
+            ) from None
+        if error.reason == DropReason.UNKNOWN_SENDER:
+            raise ReceiptError(
+                "unknown_key", f"{label}: signed by {who}, who is not in this cluster"
+            ) from None
+        raise ReceiptError(
+            "bad_signature",
+            f"{label}: the batch root's signature is not {who}'s in this cluster "
+            "(other keys, or an altered root, view, seq or batch size)",
+        ) from None
+    return reply
+
+
 def _open(
-    label: str,
-    raw: bytes,
-    expected: type[Message],
-    keyring: KeyRing,
-    cache: VerificationCache,
-    cluster_id: bytes | None = None,
+    label: str, raw: bytes, expected: type[Message], keyring: KeyRing, cache: VerificationCache
 ) -> tuple[Envelope, Message]:
-    """Form, then (for replies) the cluster named under the signature, then the signature."""
+    """Form, then the signature."""
     try:
         envelope, message = peek(raw, expected)
     except Rejected as error:
         raise ReceiptError("malformed_part", f"{label}: malformed ({error})") from None
-    if cluster_id is not None and isinstance(message, Reply) and message.cluster_id != cluster_id:
-        raise ReceiptError(
-            "other_cluster",
-            f"{label} (replica {message.replica}) is from another cluster "
-            f"({short_id(message.cluster_id)}, this cluster is {short_id(cluster_id)})",
-        )
     try:
         verify_signature(envelope, message, keyring, cache)
     except Rejected as error:

@@ -19,6 +19,7 @@ from pbft.budget import TokenBuckets
 from pbft.context import Context, PendingRequest
 from pbft.drops import DropReason
 from pbft.messages import BalanceQuery, BalanceReply, Request
+from pbft.replies import ReplyResult
 from pbft.signed import Opened, Rejected, seal
 from pbft.status import ViewStatus
 
@@ -141,9 +142,15 @@ class Requests:
             if signed is not None:
                 self.ctx.send(("client", request.client_id), signed)
                 return
-            self.ctx.ordering.reply(
-                request, digest, decision.seq, decision.outcome.value, decision.reason.value
+            result = ReplyResult(
+                request.client_id,
+                request.request_id,
+                digest,
+                decision.seq,
+                decision.outcome.value,
+                decision.reason.value,
             )
+            self.ctx.ordering.reply(decision.seq, [result])
             return
         if identity in self.pending:
             if self._relays(request.client_id):

@@ -30,7 +30,8 @@ from pbft.messages import (
     ViewChange,
 )
 from pbft.replica import Replica
-from pbft.signed import Rejected, open_envelope, seal
+from pbft.replies import ReplyResult, check_reply, sign_replies
+from pbft.signed import Rejected, open_envelope, peek, seal
 from pbft.status import ViewStatus
 from pbft.viewchange import verify_view_change
 from sim import adversary as byzantine
@@ -330,10 +331,13 @@ def test_wrong_reply_flips_the_outcome_and_signs_it(
     outcome: str, reason: str, flipped: tuple[str, str]
 ) -> None:
     liar = behavior("wrong_reply", 1)
-    reply = Reply(0, 3, 1, 0, 7, b"\x09" * 32, outcome, reason, b"\x0c" * 32)
-    (sent,) = liar.outgoing(("client", 0), seal(reply, REPLICA_KEYS[1]), 0)
-    message = opened(sent)  # verifies as signed by replica 1
+    result = ReplyResult(0, 7, b"\x09" * 32, 3, outcome, reason)
+    honest = sign_replies(REPLICA_KEYS[1], 1, 0, 3, b"\x0c" * 32, [result, result])[0]
+    (sent,) = liar.outgoing(("client", 0), honest, 0)
+    envelope, message = peek(sent, Reply)
     assert isinstance(message, Reply)
+    # Its proof holds and its root verifies as signed by replica 1: a lie, not garbage.
+    check_reply(envelope, message, KEYRING, VerificationCache())
     assert (message.outcome, message.reason) == flipped
     assert (message.seq, message.client_id, message.request_id) == (3, 0, 7)
     assert message.cluster_id == b"\x0c" * 32  # still names (and signs) its own cluster

@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 from crypto.keys import KeyRing, SigningKey
 from pbft.client import Decided
 from pbft.events import ExecutedRequest
-from pbft.messages import Reply, Request
+from pbft.messages import Request
 from pbft.receipt import RECEIPT_VERSION, Receipt
+from pbft.replies import ReplyResult, sign_replies
 from pbft.signed import seal
 from sim.checkers import (
     SAFETY_CHECKS,
@@ -83,21 +84,9 @@ def _receipt(
     cluster_id: bytes = CLUSTER_ID,
 ) -> Receipt:
     keys = keys if keys is not None else REPLICA_KEYS
+    result = ReplyResult(CLIENT, REQUEST.request_id, REQUEST_DIGEST, seq, outcome, reason)
     replies = tuple(
-        seal(
-            Reply(
-                0,
-                seq,
-                replica,
-                CLIENT,
-                REQUEST.request_id,
-                REQUEST_DIGEST,
-                outcome,
-                reason,
-                cluster_id,
-            ),
-            keys[replica],
-        )
+        sign_replies(keys[replica], replica, 0, seq, cluster_id, [result])[0]
         for replica in replicas
     )
     return Receipt(RECEIPT_VERSION, cluster_id, REQUEST_RAW, replies)

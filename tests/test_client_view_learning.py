@@ -10,8 +10,9 @@ from crypto.signing import VerificationCache
 from pbft.client import ClientCore, ClientError, Decided
 from pbft.config import ClusterConfig
 from pbft.events import MessageReceived, Send
-from pbft.messages import Reply, Request
-from pbft.signed import open_envelope, seal
+from pbft.messages import Request
+from pbft.replies import ReplyResult, sign_replies
+from pbft.signed import open_envelope
 
 SEED = 11
 REPLICA_KEYS = [SigningKey.derive(SEED, f"replica/{i}") for i in range(4)]
@@ -38,18 +39,9 @@ def _reply(request_raw: bytes, replica: int, view: int, seq: int = 7) -> bytes:
     request = open_envelope(request_raw, KEYRING, VerificationCache(), Request)
     message = request.message
     assert isinstance(message, Request)
-    reply = Reply(
-        view,
-        seq,
-        replica,
-        CLIENT_ID,
-        message.request_id,
-        request.body_digest,
-        "confirmed",
-        "",
-        CLUSTER_ID,
-    )
-    return seal(reply, REPLICA_KEYS[replica])
+    result = ReplyResult(CLIENT_ID, message.request_id, request.body_digest, seq, "confirmed", "")
+    (raw,) = sign_replies(REPLICA_KEYS[replica], replica, view, seq, CLUSTER_ID, [result])
+    return raw
 
 
 def _request_raw(actions: list[object]) -> bytes:

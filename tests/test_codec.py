@@ -83,7 +83,9 @@ FACTORIES: dict[type[Struct], Callable[[], Struct]] = {
     ),
     Prepare: lambda: Prepare(3, 17, 1, _h(3)),
     Commit: lambda: Commit(3, 17, 2, _h(3)),
-    Reply: lambda: Reply(3, 17, 1, 7, 42, _h(4), "rejected", "insufficient_funds", _h(21)),
+    Reply: lambda: Reply(
+        3, 17, 1, 7, 42, _h(4), "rejected", "insufficient_funds", _h(21), 17, 3, 1, (_h(6),), _h(7)
+    ),
     Heartbeat: lambda: Heartbeat(5, 1, 300, 290),
     Suspect: lambda: Suspect(5, 2),
     Checkpoint: lambda: Checkpoint(32, 0, _h(5), _h(6)),
@@ -174,7 +176,7 @@ def test_encoding_is_a_msgpack_array_of_fields_in_declaration_order() -> None:
     request = Request(7, 42, "alice", "bob", 1500)
     assert msgpack.unpackb(request.encode()) == [7, 42, "alice", "bob", 1500]
     reply = FACTORIES[Reply]()
-    assert msgpack.unpackb(reply.encode())[-3:] == ["rejected", "insufficient_funds", _h(21)]
+    assert msgpack.unpackb(reply.encode())[6:9] == ["rejected", "insufficient_funds", _h(21)]
 
 
 def test_hashes_travel_as_msgpack_bin_not_str() -> None:
@@ -334,6 +336,10 @@ def test_empty_embedded_envelope_is_rejected() -> None:
     assert _reason(lambda: CommitCertificate(0, b"", ())) == "out_of_range"
 
 
+# batch seq, batch size, index, path, root: a batch of one.
+REPLY_PROOF = (1, 1, 0, (), _h(2))
+
+
 @pytest.mark.parametrize(
     ("outcome", "reason", "expected"),
     [
@@ -349,7 +355,8 @@ def test_empty_embedded_envelope_is_rejected() -> None:
 def test_reply_outcome_and_reason_must_be_known_choices(
     outcome: object, reason: object, expected: str
 ) -> None:
-    assert _reason(lambda: Reply(0, 1, 0, 7, 1, _h(0), outcome, reason, _h(1))) == expected
+    reply = lambda: Reply(0, 1, 0, 7, 1, _h(0), outcome, reason, _h(1), *REPLY_PROOF)  # noqa: E731
+    assert _reason(reply) == expected
 
 
 def test_every_known_outcome_and_reason_is_accepted() -> None:
@@ -360,7 +367,7 @@ def test_every_known_outcome_and_reason_is_accepted() -> None:
     assert spec_reason.choices is not None and "" in spec_reason.choices
     for outcome in spec_outcome.choices:
         for reason in spec_reason.choices:
-            reply = Reply(0, 1, 0, 7, 1, _h(0), outcome, reason, _h(1))
+            reply = Reply(0, 1, 0, 7, 1, _h(0), outcome, reason, _h(1), *REPLY_PROOF)
             assert Reply.decode(reply.encode()) == reply
 
 
@@ -673,7 +680,7 @@ def _valid_envelopes() -> list[bytes]:
         request,
         seal(Prepare(3, 17, 1, _h(3)), REPLICA_KEYS[1]),
         seal(PrePrepare(3, 17, 3, _h(1), _h(2), (request,)), REPLICA_KEYS[3]),
-        seal(Reply(3, 17, 0, 7, 42, _h(4), "confirmed", "", _h(5)), REPLICA_KEYS[0]),
+        seal(BalanceReply(0, 7, 42, "alice", 1, 1500, 17, _h(5)), REPLICA_KEYS[0]),
     ]
 
 

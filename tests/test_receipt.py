@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -14,7 +15,7 @@ from pbft.codec import pack
 from pbft.config import ClusterConfig
 from pbft.genesis import compute_cluster_id
 from pbft.ledger import Account
-from pbft.messages import Reply, Request
+from pbft.messages import MAX_REPLY_PATH, Reply, Request
 from pbft.receipt import (
     RECEIPT_VERSION,
     Receipt,
@@ -23,7 +24,8 @@ from pbft.receipt import (
     VerifiedReceipt,
     verify_receipt,
 )
-from pbft.signed import Envelope, seal
+from pbft.replies import ReplyResult, sign_replies
+from pbft.signed import Envelope, peek, seal
 
 SEED = 31
 REPLICA_KEYS = [SigningKey.derive(SEED, f"replica/{i}") for i in range(4)]
@@ -68,9 +70,28 @@ def _reply(
     digest: bytes = DIGEST,
     key: SigningKey | None = None,
     cluster_id: bytes = CLUSTER_ID,
+    batch: int = 5,
+    index: int = 2,
 ) -> bytes:
-    reply = Reply(view, seq, replica, client_id, request_id, digest, outcome, reason, cluster_id)
-    return seal(reply, key if key is not None else REPLICA_KEYS[replica])
+    """A reply for the result at `index` of a batch of `batch` results (the others are other
+    clients' payments), signed once for the batch as a replica does."""
+    result = ReplyResult(client_id, request_id, digest, seq, outcome, reason)
+    others = [
+        ReplyResult(100 + i, i, hashlib.sha256(bytes([i])).digest(), seq, "confirmed", "")
+        for i in range(batch - 1)
+    ]
+    results = [*others[:index], result, *others[index:]]
+    signer = key if key is not None else REPLICA_KEYS[replica]
+    return sign_replies(signer, replica, view, seq, cluster_id, results)[index]
+
+
+def _tampered(raw: bytes, **changes: object) -> bytes:
+    """The reply with some body fields changed, under the signature it came with."""
+    envelope, reply = peek(raw, Reply)
+    body = replace(reply, **changes).encode()  # type: ignore[arg-type]
+    return Envelope(
+        envelope.version, envelope.type_code, envelope.sender, body, envelope.signature
+    ).encode()
 
 
 def _receipt(
@@ -269,19 +290,23 @@ def test_reply_for_another_request_is_rejected(changes: dict[str, object]) -> No
     assert "answers another request" in _error(_receipt(foreign, _reply(0)))
 
 
+BAD_SIGNATURE = (
+    "the batch root's signature is not replica {}'s in this cluster "
+    "(other keys, or an altered root, view, seq or batch size)"
+)
+
+
 def test_reply_signed_by_a_key_outside_the_ring_is_rejected() -> None:
     forged = _reply(1, key=OUTSIDER_KEY)
-    assert _error(_receipt(_reply(0), forged)) == (
-        "reply 1: signed by unknown keys: not replica 1's key in this cluster"
-    )
-    assert _caught(_receipt(_reply(0), forged)).reason == "unknown_key"
+    assert _error(_receipt(_reply(0), forged)) == "reply 1: " + BAD_SIGNATURE.format(1)
+    assert _caught(_receipt(_reply(0), forged)).reason == "bad_signature"
 
 
 def test_reply_signed_by_a_client_key_is_rejected() -> None:
     # Client 0's key, claiming to be replica 0.
-    assert "signed by unknown keys" in _error(_receipt(_reply(0, key=CLIENT_ZERO_KEY), _reply(1)))
+    assert BAD_SIGNATURE.format(0) in _error(_receipt(_reply(0, key=CLIENT_ZERO_KEY), _reply(1)))
     # The paying client's own key, claiming to be replica 1.
-    assert "signed by unknown keys" in _error(_receipt(_reply(0), _reply(1, key=CLIENT_KEY)))
+    assert BAD_SIGNATURE.format(1) in _error(_receipt(_reply(0), _reply(1, key=CLIENT_KEY)))
 
 
 def test_reply_from_a_replica_missing_from_the_ring_is_rejected() -> None:
@@ -345,11 +370,16 @@ def test_request_with_a_flipped_byte_is_rejected() -> None:
 
 def test_unknown_receipt_version_is_rejected() -> None:
     receipt = Receipt(RECEIPT_VERSION + 1, CLUSTER_ID, REQUEST_RAW, (_reply(0), _reply(1)))
-    assert "unknown receipt version 3" in _error(receipt)
+    assert "unknown receipt version 4" in _error(receipt)
     assert isinstance(_caught(receipt.encode()), UnreadableReceipt)
     # A version 1 receipt (before cluster ids) has one field fewer: the version says why.
     old = pack([1, REQUEST_RAW, [_reply(0), _reply(1)]])
-    assert _error(old) == "unknown receipt version 1 (this verifier reads version 2)"
+    assert _error(old) == "unknown receipt version 1 (this verifier reads version 3)"
+    # Version 2 (a signature per reply) has the same shape as version 3: refused on its
+    # version alone, before its replies are read.
+    two = pack([2, CLUSTER_ID, REQUEST_RAW, [_reply(0), _reply(1)]])
+    assert _error(two) == "unknown receipt version 2 (this verifier reads version 3)"
+    assert _caught(two).reason == "unknown_version"
 
 
 @pytest.mark.parametrize("replicas", [0, 1, 3])
@@ -407,3 +437,117 @@ def test_receipt_with_a_flipped_byte_never_verifies(position: int, mask: int) ->
     data[position % len(data)] ^= mask
     with pytest.raises(ReceiptError):
         verify_receipt(bytes(data), KEYRING, CLUSTER_ID)
+
+
+# --- one signature per batch: tampering with a reply's result or proof ------------------
+
+
+def test_replies_from_batches_of_any_size_and_position_verify() -> None:
+    for batch in (1, 2, 3, 5, 8, 33, 64):
+        for index in sorted({0, batch // 2, batch - 1}):
+            replies = (_reply(0, batch=batch, index=index), _reply(3, batch=batch, index=index))
+            assert verify_receipt(_receipt(*replies), KEYRING, CLUSTER_ID).replicas == (0, 3)
+
+
+OTHER_DIGEST = hashlib.sha256(b"x").digest()
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"outcome": "rejected", "reason": "insufficient_funds"}, "bad_proof"),
+        ({"reason": "unknown_account"}, "bad_proof"),
+        ({"seq": SEQ + 1}, "bad_proof"),
+        ({"index": 1}, "bad_proof"),
+        ({"index": 3}, "bad_proof"),
+        ({"root": OTHER_DIGEST}, "bad_proof"),
+        ({"batch_seq": SEQ + 1}, "bad_signature"),
+        ({"view": 7}, "bad_signature"),
+    ],
+    ids=["outcome", "reason", "seq", "index-1", "index-3", "root", "batch_seq", "view"],
+)
+def test_a_tampered_reply_fails_with_a_named_reason(
+    changes: dict[str, object], reason: str
+) -> None:
+    genuine = _reply(1)
+    if "reason" in changes and "outcome" not in changes:
+        genuine = _reply(1, outcome="rejected", reason="insufficient_funds")
+    tampered = _tampered(genuine, **changes)
+    error = _caught(_receipt(_reply(0), tampered))
+    assert error.reason == reason
+    assert str(error).startswith("reply 1")
+
+
+def test_a_changed_proof_node_fails_as_bad_proof() -> None:
+    genuine = _reply(1)
+    path = peek(genuine, Reply)[1].path  # type: ignore[attr-defined]
+    for position in range(len(path)):
+        nodes = list(path)
+        nodes[position] = bytes([nodes[position][0] ^ 1]) + nodes[position][1:]
+        error = _caught(_receipt(_reply(0), _tampered(genuine, path=tuple(nodes))))
+        assert error.reason == "bad_proof"
+        assert str(error) == (
+            "reply 1 (replica 1): its result is not under the batch root it carries "
+            "(inclusion proof fails: result not under its root)"
+        )
+
+
+def test_a_proof_of_the_wrong_length_is_refused_before_any_hashing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import pbft.replies
+
+    def no_hashing(*_: object) -> bool:
+        raise AssertionError("hashed a proof of the wrong length")
+
+    monkeypatch.setattr(pbft.replies, "verify_inclusion", no_hashing)
+    genuine = _reply(1)
+    path = peek(genuine, Reply)[1].path  # type: ignore[attr-defined]
+    for wrong in (path[:-1], (*path, path[0]), ()):
+        # First in the receipt: nothing before it gets hashed either.
+        error = _caught(_receipt(_tampered(genuine, path=wrong), _reply(0)))
+        assert error.reason == "bad_proof"
+        assert "proof nodes for a tree of 5" in str(error)
+
+
+def test_a_proof_longer_than_any_batch_is_malformed() -> None:
+    genuine = _reply(1)
+    too_long = tuple(OTHER_DIGEST for _ in range(MAX_REPLY_PATH + 1))
+    envelope, reply = peek(genuine, Reply)
+    fields = [getattr(reply, name) for name in Reply.SCHEMA]
+    fields[list(Reply.SCHEMA).index("path")] = list(too_long)
+    raw = Envelope(
+        envelope.version, envelope.type_code, envelope.sender, pack(fields), envelope.signature
+    ).encode()
+    error = _caught(_receipt(_reply(0), raw))
+    assert error.reason == "malformed_part"
+
+
+def test_a_result_relabelled_with_this_cluster_id_fails_its_proof() -> None:
+    # Genuinely signed in another cluster, its cluster id rewritten to this one's.
+    foreign = _reply(1, cluster_id=OTHER_CLUSTER_ID)
+    error = _caught(_receipt(_reply(0), _tampered(foreign, cluster_id=CLUSTER_ID)))
+    assert error.reason == "bad_proof"
+
+
+def test_the_receipt_cluster_id_changed_is_another_cluster() -> None:
+    receipt = _receipt(_reply(0), _reply(1), cluster_id=OTHER_CLUSTER_ID)
+    assert _caught(receipt, KEYRING, CLUSTER_ID).reason == "other_cluster"
+
+
+def test_a_changed_signature_fails_as_bad_signature() -> None:
+    envelope = Envelope.decode(_reply(1))
+    signature = bytes([envelope.signature[0] ^ 1]) + envelope.signature[1:]
+    raw = Envelope(
+        envelope.version, envelope.type_code, envelope.sender, envelope.body, signature
+    ).encode()
+    assert _caught(_receipt(_reply(0), raw)).reason == "bad_signature"
+
+
+def test_a_reply_is_bound_to_its_request() -> None:
+    # Another client's genuine result from the same batch, offered as this payment's.
+    neighbour = ReplyResult(100, 0, hashlib.sha256(bytes([0])).digest(), SEQ, "confirmed", "")
+    mine = ReplyResult(CLIENT_ID, REQUEST.request_id, DIGEST, SEQ, "confirmed", "")
+    frames = sign_replies(REPLICA_KEYS[1], 1, 1, SEQ, CLUSTER_ID, [mine, neighbour])
+    error = _caught(_receipt(_reply(0), frames[1]))
+    assert error.reason == "other_request"

@@ -12,7 +12,8 @@ from pbft.codec import pack
 from pbft.context import EVIDENCE_LIMIT
 from pbft.drops import DropReason
 from pbft.events import MessageReceived, Note, NoteKind, Tick
-from pbft.messages import Commit, Prepare, PrePrepare, Reply
+from pbft.messages import Commit, Prepare, PrePrepare
+from pbft.replies import ReplyResult, sign_replies
 from pbft.signed import PROTOCOL_VERSION, Envelope, seal
 
 
@@ -116,17 +117,22 @@ def test_message_claiming_to_be_from_the_replica_itself_is_dropped(cluster: Clus
     assert replica.drops["from_self"] == 1
 
 
+def _reply(cluster: Cluster) -> bytes:
+    result = ReplyResult(0, 1, b"\x00" * 32, 1, "confirmed", "")
+    (raw,) = sign_replies(cluster.replica_keys[2], 2, 0, 1, cluster.cluster_id, [result])
+    return raw
+
+
 def test_reply_sent_to_replica_is_dropped(cluster: Cluster) -> None:
     replica = cluster.replica(1)
-    reply = Reply(0, 1, 2, 0, 1, b"\x00" * 32, "confirmed", "", cluster.cluster_id)
-    cluster.deliver(replica, seal(reply, cluster.replica_keys[2]))
+    reply = _reply(cluster)
+    cluster.deliver(replica, reply)
     assert replica.drops["unexpected_type"] == 1
 
 
 def test_a_drop_note_carries_its_reason_in_a_field_of_its_own(cluster: Cluster) -> None:
     replica = cluster.replica(1)
-    reply = Reply(0, 1, 2, 0, 1, b"\x00" * 32, "confirmed", "", cluster.cluster_id)
-    actions = cluster.deliver(replica, seal(reply, cluster.replica_keys[2]))
+    actions = cluster.deliver(replica, _reply(cluster))
     drops = [action for action in actions if isinstance(action, Note)]
     assert drops == [Note(NoteKind.DROP, "unexpected_type Reply", DropReason.UNEXPECTED_TYPE)]
     # StrEnums: the same strings as before in traces, counters and logs.

@@ -23,7 +23,8 @@ from pbft.chain import batch_digest, entry_digest
 from pbft.events import Broadcast, Executed, Send
 from pbft.messages import Commit, Heartbeat, Prepare, PrePrepare, Reply
 from pbft.receipt import verify_receipt
-from pbft.signed import open_envelope
+from pbft.replies import check_reply
+from pbft.signed import open_envelope, peek
 from pbft.status import ViewStatus
 
 
@@ -273,7 +274,8 @@ def test_two_f_plus_one_commits_execute_batch_and_reply_to_clients(cluster: Clus
     assert first_index(actions, is_persist_of(("committed", 1))) < first_index(
         actions, lambda a: isinstance(a, Executed)
     )
-    # A signed reply to each client.
+    # A reply to each client, both under one signature over the batch's root.
+    signatures = set()
     for client, raw, outcome, reason in (
         (0, first, "confirmed", ""),
         (1, second, "rejected", "insufficient_funds"),
@@ -281,8 +283,11 @@ def test_two_f_plus_one_commits_execute_batch_and_reply_to_clients(cluster: Clus
         (reply_raw,) = [
             a.data for a in actions if isinstance(a, Send) and a.to == ("client", client)
         ]
-        reply = open_envelope(reply_raw, cluster.keyring, cluster.cache, Reply).message
+        envelope, reply = peek(reply_raw, Reply)
         assert isinstance(reply, Reply)
+        check_reply(envelope, reply, cluster.keyring, cluster.cache)
+        signatures.add(envelope.signature)
+        assert (reply.batch_seq, reply.batch_size, reply.index) == (1, 2, client)
         assert (reply.view, reply.seq, reply.replica, reply.outcome, reply.reason) == (
             0,
             1,
@@ -291,6 +296,7 @@ def test_two_f_plus_one_commits_execute_batch_and_reply_to_clients(cluster: Clus
             reason,
         )
         assert reply.request_digest == body_digest(cluster, raw)
+    assert len(signatures) == 1
     assert replica.last_executed == 1
     assert replica.ledger.balance("alice") == 900
     assert replica.ledger.balance("carol") == 1100

@@ -6,7 +6,7 @@ cores of a cluster written by `write_cluster`, run in memory."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -18,7 +18,8 @@ from pbft.codec import pack
 from pbft.messages import Reply
 from pbft.receipt import RECEIPT_VERSION, Receipt
 from pbft.replica import Replica
-from pbft.signed import peek, seal
+from pbft.replies import result_of, sign_replies
+from pbft.signed import peek
 from runtime.cluster import Cluster, load_cluster, write_cluster
 
 
@@ -144,7 +145,10 @@ def test_a_receipt_signed_by_unknown_keys(setup: Setup, capsys: pytest.CaptureFi
     forged = []
     for raw in setup.confirmed.replies:
         reply = _reply_of(raw)
-        forged.append(seal(reply, stranger.load_private_key("replica", reply.replica)))
+        key = stranger.load_private_key("replica", reply.replica)
+        forged += sign_replies(
+            key, reply.replica, reply.view, reply.batch_seq, reply.cluster_id, [result_of(reply)]
+        )
     receipt = Receipt(
         RECEIPT_VERSION, setup.cluster.cluster_id, setup.confirmed.request, tuple(forged)
     )
@@ -152,8 +156,8 @@ def test_a_receipt_signed_by_unknown_keys(setup: Setup, capsys: pytest.CaptureFi
     assert code == EXIT_VIOLATED
     first = _reply_of(forged[0]).replica
     assert _one_line(out) == (
-        f"invalid receipt: reply 0: signed by unknown keys: not replica {first}'s key "
-        "in this cluster"
+        f"invalid receipt: reply 0: the batch root's signature is not replica {first}'s in "
+        "this cluster (other keys, or an altered root, view, seq or batch size)"
     )
 
 
@@ -163,18 +167,9 @@ def test_signed_replies_with_different_outcomes(
     # A genuine reply, and a lie genuinely signed by another replica of this cluster.
     genuine = _reply_of(setup.confirmed.replies[0])
     liar = next(i for i in range(4) if i != genuine.replica)
-    lie = Reply(
-        genuine.view,
-        genuine.seq,
-        liar,
-        genuine.client_id,
-        genuine.request_id,
-        genuine.request_digest,
-        "rejected",
-        "insufficient_funds",
-        genuine.cluster_id,
-    )
-    raw_lie = seal(lie, setup.cluster.load_private_key("replica", liar))
+    lie = replace(result_of(genuine), outcome="rejected", reason="insufficient_funds")
+    key = setup.cluster.load_private_key("replica", liar)
+    (raw_lie,) = sign_replies(key, liar, genuine.view, genuine.batch_seq, genuine.cluster_id, [lie])
     receipt = Receipt(
         RECEIPT_VERSION,
         setup.cluster.cluster_id,

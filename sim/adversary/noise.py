@@ -10,6 +10,7 @@ from crypto.keys import Principal
 from pbft.codec import MAX_FRAME_BYTES
 from pbft.ledger import Outcome, Reason
 from pbft.messages import Reply
+from pbft.replies import result_of, sign_replies
 from pbft.signed import seal
 from sim.adversary.base import Behavior, decode_own, view_of
 
@@ -28,7 +29,12 @@ class WrongReply(Behavior):
         message = decode_own(data)
         if not isinstance(message, Reply):
             return [data]
-        return [seal(flip_reply(message), self.key)]
+        lie = flip_reply(message)
+        # A batch of one under its own signed root: a lie whose proof and signature hold.
+        (raw,) = sign_replies(
+            self.key, lie.replica, lie.view, lie.batch_seq, lie.cluster_id, [result_of(lie)]
+        )
+        return [raw]
 
 
 def flip_reply(reply: Reply) -> Reply:
