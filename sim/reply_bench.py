@@ -100,7 +100,8 @@ def _production_row(size: int, repeat: int) -> None:
     )
 
 
-def simulated(payments: int, repeat: int) -> None:
+def simulated(payments: int, repeat: int) -> dict[int, float]:
+    """Reply signatures per payment (over all replicas) by batch_size; also printed."""
     scenario = load_scenario("scenarios/fault-free.toml")
     workload = dataclasses.replace(
         scenario.workload, clients=64, accounts=128, payments=payments, rate_per_s=2000
@@ -111,6 +112,7 @@ def simulated(payments: int, repeat: int) -> None:
     )
     print("   batch_size   reply signatures per payment (before: 4)   mean batch   wall s")
     original = pbft.ordering.sign_replies
+    per_payment: dict[int, float] = {}
     for batch_size in (1, 64):
         cluster = dataclasses.replace(scenario.cluster, batch_size=batch_size)
         run = dataclasses.replace(scenario, workload=workload, cluster=cluster)
@@ -136,10 +138,12 @@ def simulated(payments: int, repeat: int) -> None:
             if result.verdict != "ok":
                 print(f"   the run did not meet its expectations: {result.expectation_failures}")
         decided = result.submitted - result.undecided
+        per_payment[batch_size] = roots / decided
         print(
             f"   {batch_size:>10}   {roots / decided:>41.2f}   {replies / roots:>10.1f}"
             f"   {statistics.median(walls):>6.2f}"
         )
+    return per_payment
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import replace
 
+import pytest
 from replica_harness import Cluster, send_raws
 
 from crypto.keys import SigningKey
@@ -208,3 +209,17 @@ def test_check_reply_refuses_an_unknown_replica() -> None:
         assert rejection.reason == "unknown_sender"
     else:
         raise AssertionError("a reply from a replica outside the ring passed")
+
+
+def test_the_reply_benchmark_runs_and_counts_fewer_signatures_with_batches(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from sim import reply_bench
+
+    per_payment = reply_bench.simulated(payments=80, repeat=1)
+    # Batches of one: one reply signature per replica per payment, as before this change.
+    assert per_payment[1] == 4.0
+    assert per_payment[64] < 2.0
+    reply_bench.production(repeat=1)
+    out = capsys.readouterr().out
+    assert "sign each" in out and "reply signatures per payment" in out
