@@ -19,7 +19,7 @@ from pbft.messages import Reply
 from pbft.receipt import RECEIPT_VERSION, Receipt
 from pbft.replica import Replica
 from pbft.replies import result_of, sign_replies
-from pbft.signed import peek
+from pbft.signed import Envelope, peek
 from runtime.cluster import Cluster, load_cluster, write_cluster
 
 
@@ -206,8 +206,14 @@ def test_too_few_signatures(setup: Setup, capsys: pytest.CaptureFixture[str]) ->
         (b"\xc1\x00garbage", "not a receipt: malformed"),
         (pack(["a", "receipt?"]), "not a receipt: "),
         (pack([1, b"request", [b"reply"]]), "unknown receipt version 1"),
+        # Version 2: one signature per reply, before one signature per batch.
+        (
+            pack([2, bytes(32), b"request", [b"reply"]]),
+            "unknown receipt version 2 (this verifier reads version 3)",
+        ),
+        (pack([4, bytes(32), b"request", [b"reply"]]), "unknown receipt version 4"),
     ],
-    ids=["empty", "garbage", "wrong_shape", "old_version"],
+    ids=["empty", "garbage", "wrong_shape", "old_version", "version_2", "future_version"],
 )
 def test_input_that_is_not_a_receipt(
     setup: Setup, capsys: pytest.CaptureFixture[str], data: bytes, expected: str
@@ -237,3 +243,28 @@ def test_an_unusable_cluster_file_is_a_usage_error(
     code, out, err = _verify(setup, setup.confirmed.encode(), capsys, setup.root / "missing.toml")
     assert (code, out) == (EXIT_USAGE, "")
     assert "cannot read" in _one_line(err)
+
+
+def test_a_reply_whose_outcome_was_changed_fails_its_inclusion_proof(
+    setup: Setup, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The rejected payment's first reply, its outcome rewritten under the same signature.
+    raw = setup.rejected.replies[0]
+    envelope = Envelope.decode(raw)
+    reply = _reply_of(raw)
+    lie = replace(reply, outcome="confirmed", reason="")
+    tampered = Envelope(
+        envelope.version, envelope.type_code, envelope.sender, lie.encode(), envelope.signature
+    ).encode()
+    receipt = Receipt(
+        RECEIPT_VERSION,
+        setup.cluster.cluster_id,
+        setup.rejected.request,
+        (tampered, *setup.rejected.replies[1:]),
+    )
+    code, out, _ = _verify(setup, receipt.encode(), capsys)
+    assert code == EXIT_VIOLATED
+    assert _one_line(out) == (
+        f"invalid receipt: reply 0 (replica {reply.replica}): its result is not under the "
+        "batch root it carries (inclusion proof fails: result not under its root)"
+    )
