@@ -104,10 +104,83 @@ class Opened:
         return hashlib.sha256(self.body).digest()
 
 
+class DecodedFrames:
+    """Bounded memo of frames that passed peek's form checks: raw bytes -> (envelope,
+    message). One frame is met many times in a process (the simulator delivers a broadcast
+    to every replica; a request comes alone, then again inside a pre-prepare and a
+    certificate), and its form is a function of its bytes alone, so it is decoded once and
+    the immutable objects are shared. Only successes are kept: a malformed frame pays for
+    its checks every time. Oldest first out, bounded by entries and by bytes; safe without
+    a lock (a lost race costs a decode, never a wrong answer).
+    """
+
+    def __init__(
+        self, max_entries: int = 4096, max_bytes: int = 4 << 20, max_frame_bytes: int = 1 << 16
+    ) -> None:
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.max_frame_bytes = max_frame_bytes
+        self._frames: dict[bytes, tuple[Envelope, Message]] = {}
+        self._bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, raw: bytes) -> tuple[Envelope, Message] | None:
+        # Exact bytes only: a bytearray (mutable) or a subclass is decoded afresh.
+        if type(raw) is not bytes:
+            return None
+        decoded = self._frames.get(raw)
+        if decoded is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return decoded
+
+    def put(self, raw: bytes, decoded: tuple[Envelope, Message]) -> None:
+        if type(raw) is not bytes or len(raw) > self.max_frame_bytes or raw in self._frames:
+            return
+        self._frames[raw] = decoded
+        self._bytes += len(raw)
+        frames = self._frames
+        while len(frames) > self.max_entries or self._bytes > self.max_bytes:
+            try:
+                oldest = next(iter(frames))
+            except (StopIteration, RuntimeError):  # emptied or changed by another thread
+                return
+            if frames.pop(oldest, None) is not None:
+                self._bytes -= len(oldest)
+
+    def clear(self) -> None:
+        self._frames.clear()
+        self._bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+
+# One per process: every replica and client core in it shares what was decoded.
+DECODED = DecodedFrames()
+
+
 def seal(message: Message, key: SigningKey) -> bytes:
     body = message.encode()
     signature = key.sign(_DOMAINS[message.TYPE], body)
-    return Envelope(PROTOCOL_VERSION, int(message.TYPE), message.sender, body, signature).encode()
+    envelope = Envelope(PROTOCOL_VERSION, int(message.TYPE), message.sender, body, signature)
+    raw = envelope.encode()
+    # Receivers in this process (the simulator's other replicas) peek these very bytes: hand
+    # them what peek would build. Both objects passed their schema's checks on construction
+    # and decoding a canonical encoding checks the same schema, so peek would return equal
+    # objects, provided none of its size checks stops it first: the frame is within its
+    # type's limits and the body short enough that no object count is taken.
+    code = envelope.type_code
+    cls = type(message)
+    if (
+        cls is MESSAGE_CLASSES.get(message.TYPE)
+        and len(body) <= min(BODY_LIMITS[code], cls.decode_budget())
+        and len(raw) <= BODY_LIMITS[code] + ENVELOPE_OVERHEAD
+    ):
+        DECODED.put(raw, (envelope, message))
+    return raw
 
 
 def peek(
@@ -120,8 +193,24 @@ def peek(
     Its cost is bounded whatever the bytes: the type code sits at a fixed offset of a
     canonical envelope (95 01 <type> ...), so a frame longer than its type allows is
     dropped unparsed, and decoding builds at most the objects the schema can hold
-    (`Struct.decode_budget`).
+    (`Struct.decode_budget`). Frames that decoded before are answered from `DECODED`
+    (the same immutable objects: the form of bytes is a function of the bytes alone).
     """
+    decoded = DECODED.get(raw)
+    if decoded is None:
+        decoded = _decode(raw, expected)
+        DECODED.put(raw, decoded)
+    if expected is not None:
+        cls = type(decoded[1])
+        if not (cls is expected if isinstance(expected, type) else cls in expected):
+            raise Rejected(DropReason.UNEXPECTED_TYPE, cls.TYPE.name)
+    return decoded
+
+
+def _decode(
+    raw: bytes, expected: type[Message] | tuple[type[Message], ...] | None
+) -> tuple[Envelope, Message]:
+    """peek's checks in their order (so a frame wrong in two ways names the same one)."""
     code = type_code_of(raw)
     if code is not None:
         limit = BODY_LIMITS.get(code)

@@ -877,7 +877,9 @@ class Simulation:
                     ledger.recount_total(),
                     min(balances, default=0),
                 )
-        checks = dict(run_checks(self.observed, self.keyring, self.cluster_id))
+        checks = dict(
+            run_checks(self.observed, self.keyring, self.cluster_id, self.signature_cache)
+        )
         liveness = self.scenario.liveness
         if liveness is not None:
             # After the heal, every payment must be decided within the bound.
