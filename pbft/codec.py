@@ -123,7 +123,12 @@ class ListOf(Spec):
             raise DecodeError("wrong_type", f"{field} must be a list")
         if len(value) > self.maximum_items:
             raise DecodeError("oversize", f"{field} has more than {self.maximum_items} items")
-        return tuple(self.item.check(item, f"{field}[{index}]") for index, item in enumerate(value))
+        check = self.item.check
+        try:
+            # Labelled by the list's name; on a failure, checked again for the item's label.
+            return tuple([check(item, field) for item in value])
+        except DecodeError:
+            return tuple(check(item, f"{field}[{index}]") for index, item in enumerate(value))
 
     def to_wire(self, value: Any) -> Any:
         return [self.item.to_wire(item) for item in value]
@@ -189,8 +194,12 @@ class Struct:
             )
         # Checked field by field here, so build the instance without checking it twice.
         instance = cls.__new__(cls)
-        for (name, spec), item in zip(cls.SCHEMA.items(), value, strict=True):
-            object.__setattr__(instance, name, spec.check(item, f"{label}.{name}"))
+        if field:
+            for (name, spec), item in zip(cls.SCHEMA.items(), value, strict=True):
+                object.__setattr__(instance, name, spec.check(item, f"{label}.{name}"))
+        else:  # labelled "Class.name": built once per class
+            for (name, spec, name_label), item in zip(_fields_of(cls), value, strict=True):
+                object.__setattr__(instance, name, spec.check(item, name_label))
         return instance
 
     @classmethod

@@ -731,6 +731,17 @@ class Simulation:
     def _transmit(
         self, source: Principal, destination: Principal, data: bytes, copy: int = 0
     ) -> None:
+        if self.twins is None and (
+            source[0] != "replica" or self.replicas[source[1]].behavior is None
+        ):
+            # The common case, one payload to one receiver: what the general path below
+            # does then, without its lists and loops.
+            delays_us = self.network.route(source, destination, _message_type_name(data))
+            if not delays_us:
+                self._trace_lost(source, destination, data, self.network.last_drop_reason)
+            for delay_us in delays_us:
+                self._schedule(self.now_us + delay_us, Deliver(source, destination, data, 0))
+            return
         payloads = [data]
         if source[0] == "replica":
             behavior = self.replicas[source[1]].behavior
@@ -1006,8 +1017,18 @@ def _message_fields(source: Principal, data: bytes) -> dict[str, object]:
     return fields
 
 
+_NODE_NAMES: dict[Principal, str] = {}
+
+
 def _node_name(node: Principal) -> str:
-    return f"{'r' if node[0] == 'replica' else 'c'}{node[1]}"
+    name = _NODE_NAMES.get(node)
+    if name is None:
+        name = f"{'r' if node[0] == 'replica' else 'c'}{node[1]}"
+        # Plain ints only (True == 1 would share r1's entry). A run has few principals; the
+        # bound is there all the same.
+        if type(node[1]) is int and len(_NODE_NAMES) < 4096:
+            _NODE_NAMES[node] = name
+    return name
 
 
 def _message_type_name(data: bytes) -> str:
