@@ -21,6 +21,8 @@ class VerifyingKey(Protocol):
 
 
 SIGNATURE_SIZE = 64
+# The longest payload a cache entry keeps as it is (longer ones are kept as a SHA-256).
+SMALL_PAYLOAD = 512
 MAX_DOMAIN_SIZE = 255
 
 # Versioned prefix so a future change of the signing input cannot collide with this one.
@@ -80,8 +82,12 @@ class VerificationCache:
         if max_entries < 1:
             raise ValueError(f"max_entries must be at least 1, got {max_entries}")
         self._max_entries = max_entries
-        # Keys are digests of (key, domain, signature, payload); values are unused.
-        self._verified: OrderedDict[bytes, None] = OrderedDict()
+        # signature -> (public key, domain, payload or its SHA-256, whether hashed). Keyed by
+        # the signature (64 bytes, hashed fast) rather than a digest of everything: a hit
+        # then costs comparisons, not a hash of the payload (the same bytes object, in the
+        # simulator, so `==` is an identity check). Payloads up to SMALL_PAYLOAD bytes are
+        # kept as they are, longer ones as their SHA-256, which bounds what an entry holds.
+        self._verified: OrderedDict[bytes, tuple[bytes, bytes, bytes, bool]] = OrderedDict()
         self._hits = 0
         self._misses = 0
         self._failures = 0
@@ -91,17 +97,22 @@ class VerificationCache:
         _check_domain(domain)
         if not isinstance(payload, bytes):
             raise TypeError(f"payload must be bytes, not {type(payload).__name__}")
-        # The fixed signature size is what keeps the cache key unambiguous: without this
-        # check a 63-byte signature plus a payload shifted by one byte would hash to the
-        # same digest as a cached (64-byte signature, payload) pair and be accepted.
         if not is_well_formed_signature(signature):
             self._failures += 1
             return False
-        digest = hashlib.sha256(
-            key.public_bytes() + bytes((len(domain),)) + domain + bytes(signature) + payload
-        ).digest()
-        if digest in self._verified:
-            self._verified.move_to_end(digest)
+        signature = bytes(signature) if type(signature) is not bytes else signature
+        public = key.public_bytes()
+        hashed = len(payload) > SMALL_PAYLOAD
+        stored = hashlib.sha256(payload).digest() if hashed else payload
+        entry = self._verified.get(signature)
+        if (
+            entry is not None
+            and entry[3] is hashed
+            and entry[2] == stored
+            and entry[1] == domain
+            and entry[0] == public
+        ):
+            self._verified.move_to_end(signature)
             self._hits += 1
             return True
         self._misses += 1
@@ -109,7 +120,8 @@ class VerificationCache:
             # Never cached: a forged signature must cost the full check every time.
             self._failures += 1
             return False
-        self._verified[digest] = None
+        self._verified[signature] = (public, domain, stored, hashed)
+        self._verified.move_to_end(signature)
         if len(self._verified) > self._max_entries:
             self._verified.popitem(last=False)
             self._evictions += 1

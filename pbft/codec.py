@@ -10,7 +10,8 @@ and digests over encoded bytes are stable.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from operator import attrgetter
 from typing import Any, ClassVar, TypeVar
 
 import msgpack
@@ -122,7 +123,12 @@ class ListOf(Spec):
             raise DecodeError("wrong_type", f"{field} must be a list")
         if len(value) > self.maximum_items:
             raise DecodeError("oversize", f"{field} has more than {self.maximum_items} items")
-        return tuple(self.item.check(item, f"{field}[{index}]") for index, item in enumerate(value))
+        check = self.item.check
+        try:
+            # Labelled by the list's name; on a failure, checked again for the item's label.
+            return tuple([check(item, field) for item in value])
+        except DecodeError:
+            return tuple(check(item, f"{field}[{index}]") for index, item in enumerate(value))
 
     def to_wire(self, value: Any) -> Any:
         return [self.item.to_wire(item) for item in value]
@@ -163,12 +169,18 @@ class Struct:
 
     def __post_init__(self) -> None:
         # Validate on construction too, so a locally built invalid message fails loudly.
-        for name, spec in self.SCHEMA.items():
-            checked = spec.check(getattr(self, name), f"{type(self).__name__}.{name}")
-            object.__setattr__(self, name, checked)
+        for name, spec, label in _fields_of(type(self)):
+            value = getattr(self, name)
+            checked = spec.check(value, label)
+            if checked is not value:  # a list became a tuple, a wire array a struct
+                object.__setattr__(self, name, checked)
 
     def to_wire(self) -> list[Any]:
-        return [spec.to_wire(getattr(self, name)) for name, spec in self.SCHEMA.items()]
+        getter, nested = _wire_plan(type(self))
+        values = list(getter(self))
+        for index, spec in nested:
+            values[index] = spec.to_wire(values[index])
+        return values
 
     @classmethod
     def from_wire(cls: type[StructT], value: Any, field: str = "") -> StructT:
@@ -182,8 +194,12 @@ class Struct:
             )
         # Checked field by field here, so build the instance without checking it twice.
         instance = cls.__new__(cls)
-        for (name, spec), item in zip(cls.SCHEMA.items(), value, strict=True):
-            object.__setattr__(instance, name, spec.check(item, f"{label}.{name}"))
+        if field:
+            for (name, spec), item in zip(cls.SCHEMA.items(), value, strict=True):
+                object.__setattr__(instance, name, spec.check(item, f"{label}.{name}"))
+        else:  # labelled "Class.name": built once per class
+            for (name, spec, name_label), item in zip(_fields_of(cls), value, strict=True):
+                object.__setattr__(instance, name, spec.check(item, name_label))
         return instance
 
     @classmethod
@@ -217,6 +233,41 @@ class Struct:
 
 
 _BUDGETS: dict[type[Struct], int] = {}
+_FIELDS: dict[type[Struct], tuple[tuple[str, Spec, str], ...]] = {}
+
+
+WirePlan = tuple[Callable[[Any], tuple[Any, ...]], tuple[tuple[int, Spec], ...]]
+_WIRE_PLANS: dict[type[Struct], WirePlan] = {}
+
+
+def _wire_plan(cls: type[Struct]) -> WirePlan:
+    """How to put a struct on the wire fast: one getter for every field, then the fields
+    whose spec changes their value (lists and nested structs); the rest go as they are."""
+    plan = _WIRE_PLANS.get(cls)
+    if plan is None:
+        names = tuple(cls.SCHEMA)
+        # attrgetter of one name gives the value itself; of two or more, a tuple.
+        getter: Callable[[Any], tuple[Any, ...]] = (
+            attrgetter(*names) if len(names) > 1 else lambda value: (getattr(value, names[0]),)
+        )
+        nested = tuple(
+            (index, spec)
+            for index, spec in enumerate(cls.SCHEMA.values())
+            if type(spec).to_wire is not Spec.to_wire
+        )
+        plan = (getter, nested)
+        _WIRE_PLANS[cls] = plan
+    return plan
+
+
+def _fields_of(cls: type[Struct]) -> tuple[tuple[str, Spec, str], ...]:
+    """(name, spec, "Class.name") per field of a schema, built once per class (not per
+    message: every frame sealed or checked walks its fields)."""
+    fields = _FIELDS.get(cls)
+    if fields is None:
+        fields = tuple((name, spec, f"{cls.__name__}.{name}") for name, spec in cls.SCHEMA.items())
+        _FIELDS[cls] = fields
+    return fields
 
 
 def pack(value: Any) -> bytes:

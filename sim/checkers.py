@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from crypto.keys import KeyRing
+from crypto.signing import VerificationCache
 from pbft.client import Decided
 from pbft.events import ExecutedRequest
 from pbft.receipt import ReceiptError, verify_receipt
@@ -145,9 +146,15 @@ def check_conservation(observed: Observations) -> CheckResult:
     return result
 
 
-def check_receipts(observed: Observations, keyring: KeyRing, cluster_id: bytes) -> CheckResult:
+def check_receipts(
+    observed: Observations,
+    keyring: KeyRing,
+    cluster_id: bytes,
+    cache: VerificationCache | None = None,
+) -> CheckResult:
     """Every receipt a client accepted verifies offline (against this cluster's keys and
-    id) and matches the correct replicas."""
+    id) and matches the correct replicas. `cache`: signatures already verified in this
+    process (verification is a pure function of its inputs, so the verdict is the same)."""
     result = CheckResult("receipts")
     for payment in sorted(observed.decided):
         decided = observed.decided[payment]
@@ -155,7 +162,7 @@ def check_receipts(observed: Observations, keyring: KeyRing, cluster_id: bytes) 
             # Outcome unknown (the cluster forgot the request id): nothing is claimed.
             continue
         try:
-            verified = verify_receipt(decided.receipt, keyring, cluster_id)
+            verified = verify_receipt(decided.receipt, keyring, cluster_id, cache)
         except ReceiptError as error:
             result.fail(f"payment {payment}: receipt does not verify: {error}")
             continue
@@ -208,14 +215,17 @@ def check_new_view_kept(observed: Observations) -> CheckResult:
 
 
 def run_checks(
-    observed: Observations, keyring: KeyRing, cluster_id: bytes
+    observed: Observations,
+    keyring: KeyRing,
+    cluster_id: bytes,
+    cache: VerificationCache | None = None,
 ) -> Mapping[str, CheckResult]:
     results = [
         check_agreement(observed),
         check_validity(observed),
         check_integrity(observed),
         check_conservation(observed),
-        check_receipts(observed, keyring, cluster_id),
+        check_receipts(observed, keyring, cluster_id, cache),
         check_new_view_kept(observed),
         check_liveness(observed),
     ]

@@ -14,7 +14,7 @@ import random
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, TextIO
+from typing import Any, NamedTuple, TextIO, cast
 
 from crypto.keys import KeyRing, Principal, SigningKey
 from crypto.signing import VerificationCache
@@ -47,6 +47,7 @@ TICK_US = 5_000
 SIGNATURE_CACHE_ENTRIES = 1 << 18
 MINIMUM_DRAIN_US = 30_000_000
 CONVERGENCE_CHECK_US = 50_000
+FRAME_LABELS_KEPT = 4096
 
 # Messages a paused replica's host buffers for it (as a kernel's socket buffers would).
 PAUSED_INBOX_LIMIT = 100_000
@@ -303,6 +304,8 @@ class Simulation:
         # often the simulator pays for the same check; failures are never cached.
         self.signature_cache = VerificationCache(max_entries=SIGNATURE_CACHE_ENTRIES)
         self.now_us = 0
+        # frame -> "TYPE hash" as the trace names it in deliveries (bounded: cleared when full)
+        self._frame_labels: dict[bytes, str] = {}
         self._queue: list[tuple[int, int, SimEvent]] = []
         self._order = 0
         network = scenario.network
@@ -498,6 +501,14 @@ class Simulation:
         return self._result()
 
     def _dispatch(self, event: SimEvent) -> None:
+        # The two events nearly every step is (checked by type before the general match).
+        kind = type(event)
+        if kind is Deliver:
+            self._deliver(*cast(Deliver, event))
+            return
+        if kind is TickDue:
+            self._tick(cast(TickDue, event).node)
+            return
         match event:
             case Deliver(source, destination, data, copy):
                 self._deliver(source, destination, data, copy)
@@ -539,12 +550,19 @@ class Simulation:
         self, source: Principal, destination: Principal, data: bytes, copy: int = 0
     ) -> None:
         role, index = destination
+        # A broadcast's frame arrives at every replica: name and hash it once.
+        label = self._frame_labels.get(data) if type(data) is bytes else None
+        if label is None:
+            label = f"{_message_type_name(data)} {hashlib.sha256(data).hexdigest()[:16]}"
+            if type(data) is bytes:
+                if len(self._frame_labels) >= FRAME_LABELS_KEPT:
+                    self._frame_labels.clear()
+                self._frame_labels[data] = label
         self.trace.record(
             self.now_us,
             "deliver",
             _node_name(destination) + ("'" if copy else ""),
-            f"{_node_name(source)} {_message_type_name(data)} "
-            f"{hashlib.sha256(data).hexdigest()[:16]}",
+            f"{_node_name(source)} {label}",
             _message_fields(source, data) if self.trace.writing else None,
         )
         if role == "replica":
@@ -713,6 +731,17 @@ class Simulation:
     def _transmit(
         self, source: Principal, destination: Principal, data: bytes, copy: int = 0
     ) -> None:
+        if self.twins is None and (
+            source[0] != "replica" or self.replicas[source[1]].behavior is None
+        ):
+            # The common case, one payload to one receiver: what the general path below
+            # does then, without its lists and loops.
+            delays_us = self.network.route(source, destination, _message_type_name(data))
+            if not delays_us:
+                self._trace_lost(source, destination, data, self.network.last_drop_reason)
+            for delay_us in delays_us:
+                self._schedule(self.now_us + delay_us, Deliver(source, destination, data, 0))
+            return
         payloads = [data]
         if source[0] == "replica":
             behavior = self.replicas[source[1]].behavior
@@ -877,7 +906,9 @@ class Simulation:
                     ledger.recount_total(),
                     min(balances, default=0),
                 )
-        checks = dict(run_checks(self.observed, self.keyring, self.cluster_id))
+        checks = dict(
+            run_checks(self.observed, self.keyring, self.cluster_id, self.signature_cache)
+        )
         liveness = self.scenario.liveness
         if liveness is not None:
             # After the heal, every payment must be decided within the bound.
@@ -986,8 +1017,18 @@ def _message_fields(source: Principal, data: bytes) -> dict[str, object]:
     return fields
 
 
+_NODE_NAMES: dict[Principal, str] = {}
+
+
 def _node_name(node: Principal) -> str:
-    return f"{'r' if node[0] == 'replica' else 'c'}{node[1]}"
+    name = _NODE_NAMES.get(node)
+    if name is None:
+        name = f"{'r' if node[0] == 'replica' else 'c'}{node[1]}"
+        # Plain ints only (True == 1 would share r1's entry). A run has few principals; the
+        # bound is there all the same.
+        if type(node[1]) is int and len(_NODE_NAMES) < 4096:
+            _NODE_NAMES[node] = name
+    return name
 
 
 def _message_type_name(data: bytes) -> str:
@@ -1000,11 +1041,11 @@ def _message_type_name(data: bytes) -> str:
     return _type_name(code)
 
 
+_TYPE_NAMES: dict[int, str] = {int(message_type): message_type.name for message_type in MessageType}
+
+
 def _type_name(code: int) -> str:
-    try:
-        return MessageType(code).name
-    except ValueError:
-        return "UNKNOWN"
+    return _TYPE_NAMES.get(code, "UNKNOWN")
 
 
 def run_scenario(

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from crypto.keys import SigningKey, VerifyKey
 from crypto.signing import (
     SIGNATURE_SIZE,
+    SMALL_PAYLOAD,
     VerificationCache,
     VerificationCacheStatistics,
     signing_input,
@@ -215,3 +216,16 @@ def test_cache_verify_never_raises_and_never_accepts_forgeries(
     assert cache.verify(SIGNER.verify_key, b"request", b"genuine", genuine)
     result = cache.verify(SIGNER.verify_key, b"request", payload, signature)  # type: ignore[arg-type]
     assert result is (payload == b"genuine" and signature == genuine)
+
+
+def test_cache_keeps_a_long_payload_as_its_digest_and_still_tells_payloads_apart() -> None:
+    cache = VerificationCache()
+    key = _counting_key()
+    long_payload = bytes(SMALL_PAYLOAD) + b"A"
+    signature = SIGNER.sign(b"request", long_payload)
+    assert cache.verify(key, b"request", long_payload, signature)
+    assert cache.verify(key, b"request", bytes(long_payload), signature)  # equal, not same
+    assert key.verifications == 1
+    assert not cache.verify(key, b"request", bytes(SMALL_PAYLOAD) + b"B", signature)
+    assert not cache.verify(key, b"request", long_payload[:SMALL_PAYLOAD], signature)
+    assert _statistics(cache)[:2] == (1, 3)

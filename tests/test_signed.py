@@ -24,7 +24,9 @@ from pbft.messages import (
     Suspect,
 )
 from pbft.signed import (
+    DECODED,
     PROTOCOL_VERSION,
+    DecodedFrames,
     Envelope,
     Opened,
     Rejected,
@@ -353,3 +355,59 @@ def test_every_message_type_seals_and_opens_with_its_signers_key() -> None:
     # (A replica signs a batch's root instead, pbft/replies.py; the envelope still works.)
     reply = Reply(0, 1, 2, CLIENT_ID, 1, DIGEST, "confirmed", "", DIGEST, 1, 1, 0, (), DIGEST)
     assert open_envelope(seal(reply, REPLICA_KEYS[2]), KEYRING, _cache()).message == reply
+
+
+# --- the decode memo (each frame decoded once per process) --------------------------------
+
+
+def test_a_sealed_frame_peeks_as_a_fresh_decode_of_its_bytes() -> None:
+    # seal hands peek the objects it built; they must be what decoding the bytes gives.
+    request = Request(CLIENT_ID, 78, "alice", "bob", 251)
+    raw = seal(request, CLIENT_KEY)
+    assert DECODED.get(raw) is not None
+    envelope, message = peek(raw)
+    assert message is request
+    DECODED.clear()
+    fresh_envelope, fresh_message = peek(raw)
+    assert fresh_message is not request
+    assert (fresh_envelope, fresh_message) == (envelope, message)
+    assert fresh_message.encode() == message.encode() == fresh_envelope.body
+
+
+def test_a_frame_peeked_again_is_the_same_objects_and_unexpected_types_still_fail() -> None:
+    DECODED.clear()
+    raw = seal(_prepare(seq=31), REPLICA_KEYS[1])
+    DECODED.clear()  # decoded from its bytes below, not seeded by seal
+    first = peek(raw)
+    second = peek(raw, Prepare)
+    assert second[0] is first[0] and second[1] is first[1]
+    with pytest.raises(Rejected) as caught:
+        peek(raw, (Commit, Reply))
+    assert caught.value.reason == "unexpected_type"
+    assert caught.value.detail == "PREPARE"
+
+
+def test_frames_that_fail_their_checks_are_not_kept() -> None:
+    raw = seal(_prepare(), REPLICA_KEYS[1])
+    DECODED.clear()
+    garbage_body = _reenvelope(raw, body=b"\xc1")
+    for _ in range(2):
+        assert _rejection(garbage_body) == "malformed_malformed"
+    assert len(DECODED) == 0
+
+
+def test_decoded_frames_are_bounded_by_entries_and_by_bytes() -> None:
+    frames = [seal(_prepare(seq=seq), REPLICA_KEYS[1]) for seq in range(1, 11)]
+    decoded = [peek(raw) for raw in frames]
+    by_entries = DecodedFrames(max_entries=3, max_bytes=1 << 20)
+    for raw, pair in zip(frames, decoded, strict=True):
+        by_entries.put(raw, pair)
+    assert len(by_entries) == 3
+    assert by_entries.get(frames[0]) is None and by_entries.get(frames[-1]) == decoded[-1]
+    by_bytes = DecodedFrames(max_entries=100, max_bytes=2 * len(frames[0]))
+    for raw, pair in zip(frames, decoded, strict=True):
+        by_bytes.put(raw, pair)
+    assert len(by_bytes) == 2
+    too_long = DecodedFrames(max_frame_bytes=len(frames[0]) - 1)
+    too_long.put(frames[0], decoded[0])
+    assert len(too_long) == 0
