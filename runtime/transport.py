@@ -99,6 +99,11 @@ Admission
 ---------
 Anyone can open a TCP connection, so what an unauthenticated one may cost is bounded:
 
+- Rate: at most `accept_rate_per_address` connections a second from one IP address (after
+  a burst of `accept_burst_per_address`) are served; the rest are reset right after
+  accept(), before any task, key or HELLO exists for them (`handshakes_failed
+  ["accept_rate"]`). A replica at the address it is known at is exempt. Correct clients
+  connect once per session, far below it.
 - Slots: at most `max_pending_handshakes` connections in their handshake at a time, and
   `max_pending_per_address` of them from one IP address, so one host cannot take them all.
   Beyond those, `reserved_handshakes` more slots in which only a replica of the key ring may
@@ -111,19 +116,19 @@ Anyone can open a TCP connection, so what an unauthenticated one may cost is bou
 - CPU: three public-key operations per handshake (measured on the 2-core development
   machine under load: X25519 key generation and exchange about 0.1 ms each, an Ed25519
   check about 0.2 ms). Every connection given a slot costs one key generation for its
-  HELLO, bounded by the slots and the accept rate (100 silent connects a second cost a
-  replica about 10 ms of CPU a second). The Ed25519 check of an AUTH is done only for an
-  AUTH of the exact length naming a principal of the key ring allowed in its slot, and
-  at most `verify_rate_per_address` times a second per address and `verify_rate_total`
-  times a second in all (token buckets; beyond them the handshake fails `rate_limited`).
-  That shared budget is the strangers' to spend too, from as many addresses as they have,
-  so an AUTH naming a replica from the address it is known at (the IP address we dial it
-  at, or where it last authenticated from) draws on a bucket of that replica's own
-  instead (`verify_rate_per_address`): a flood cannot keep a replica out, and costs at
-  most that many more checks a second per replica of the ring. The X25519 exchange
-  follows only a signature that verified, so it is bounded by the same buckets (at most
-  one per `handshake_verifications`). After the handshake, opening
-  a frame costs about 1 us plus 0.5 ms per MiB (ChaCha20-Poly1305), paid by the sender too.
+  HELLO, bounded by the slots and the accept rate (per address, see Rate above). The
+  Ed25519 check of an AUTH is done only for an AUTH of the exact length naming a principal
+  of the key ring allowed in its slot, and at most `verify_rate_per_address` times a
+  second per address and `verify_rate_total` times a second in all (token buckets; beyond
+  them the handshake fails `rate_limited`). That shared budget is the strangers' to spend
+  too, from as many addresses as they have, so an AUTH naming a replica from the address
+  it is known at (the IP address we dial it at, or where it last authenticated from) draws
+  on a bucket of that replica's own instead (`verify_rate_per_address`): a flood cannot
+  keep a replica out, and costs at most that many more checks a second per replica of the
+  ring. The X25519 exchange follows only a signature that verified, so it is bounded by
+  the same buckets (at most one per `handshake_verifications`). After the handshake,
+  opening a frame costs about 1 us plus 0.5 ms per MiB (ChaCha20-Poly1305), paid by the
+  sender too.
 
 Guarantees
 ----------
@@ -181,7 +186,7 @@ write timing out.
 
 from __future__ import annotations
 
-import functools
+import errno
 import hashlib
 import ipaddress
 import logging
@@ -265,6 +270,30 @@ _AUTH_SIZE: Final = 1 + PRINCIPAL_SIZE + NONCE_SIZE + EPHEMERAL_SIZE + SIGNATURE
 _ACCEPT_SIZE: Final = 1 + SIGNATURE_SIZE  # 65
 _V1_AUTH_SIZE: Final = 1 + PRINCIPAL_SIZE + NONCE_SIZE + SIGNATURE_SIZE  # 106
 
+_LINGER_RESET: Final = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close sends a reset
+# accept() errors: out of descriptors or memory (wait and retry), or a connection that went
+# before it was accepted (skip it), as trio.serve_listeners and SocketListener treat them.
+_ACCEPT_CAPACITY_ERRNOS: Final = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+)
+_ACCEPT_IGNORED_ERRNOS: Final = frozenset(
+    getattr(errno, name)
+    for name in (
+        "EPERM",
+        "ECONNABORTED",
+        "EPROTO",
+        "ENETDOWN",
+        "ENOPROTOOPT",
+        "EHOSTDOWN",
+        "ENONET",
+        "EHOSTUNREACH",
+        "EOPNOTSUPP",
+        "ENETUNREACH",
+    )
+    if hasattr(errno, name)
+)
+_ACCEPT_RETRY_S: Final = 0.1
+
 # Frames up to this size are written with one send_all (header and payload copied together);
 # bigger ones as two writes, so a 16 MiB payload is never copied just to prepend 4 bytes.
 _COALESCE_LIMIT: Final = 64 * 1024
@@ -306,6 +335,11 @@ class TransportConfig:
     # Handshakes beyond both caps, open to replicas only: a flood of strangers cannot keep
     # a replica of the cluster out (see "Admission" in the module docstring).
     reserved_handshakes: int = 8
+    # TCP connections accepted per second per address (after a burst), checked on accept
+    # before anything else: beyond it a connection is reset without a task, a key or a
+    # HELLO. Replicas at their known addresses are not limited by it.
+    accept_rate_per_address: float = 20.0
+    accept_burst_per_address: int = 40
     verify_rate_per_address: float = 20.0  # AUTH signatures checked per second per address
     verify_burst_per_address: int = 20
     verify_rate_total: float = 500.0  # ... and from all addresses together
@@ -331,6 +365,7 @@ class TransportConfig:
             "client_inbound_burst",
             "max_pending_handshakes",
             "max_pending_per_address",
+            "accept_burst_per_address",
             "verify_burst_per_address",
             "verify_burst_total",
             "receive_chunk_bytes",
@@ -362,6 +397,7 @@ class TransportConfig:
             "frame_timeout",
             "send_timeout",
             "connect_timeout",
+            "accept_rate_per_address",
             "verify_rate_per_address",
             "verify_rate_total",
             "client_inbound_rate",
@@ -807,6 +843,9 @@ class Transport:
         self._pending_general = 0  # slots held in the general pool
         self._pending_by_address: Counter[str] = Counter()  # general pool, by address
         self._reserved: list[_Pending] = []  # the replicas' pool, oldest first
+        self._accept_by_address = _TokenBuckets(
+            self.config.accept_rate_per_address, self.config.accept_burst_per_address
+        )
         self._verify_by_address = _TokenBuckets(
             self.config.verify_rate_per_address, self.config.verify_burst_per_address
         )
@@ -902,16 +941,8 @@ class Transport:
         nursery = self._require_running()
         listeners = await trio.open_tcp_listeners(port, host=host)
         ports = [listener.socket.getsockname()[1] for listener in listeners]
-        try:
-            await nursery.start(
-                functools.partial(
-                    trio.serve_listeners, self._serve_inbound, listeners, handler_nursery=nursery
-                )
-            )
-        except BaseException:
-            for listener in listeners:
-                await trio.aclose_forcefully(listener)
-            raise
+        for listener in listeners:
+            nursery.start_soon(self._accept_loop, listener, nursery)
         self.listen_ports.extend(ports)
         return ports[0]
 
@@ -1102,10 +1133,44 @@ class Transport:
 
     # --- connections --------------------------------------------------------------------------
 
-    async def _serve_inbound(self, stream: trio.SocketStream) -> None:
-        self._accepted += 1
+    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        """Accept connections; each one within its address's accept rate gets a task.
+
+        The rate is checked on the raw socket, with the address accept() returned: a flood
+        of connects beyond it costs the replica an accept and a close each (a reset, so no
+        TIME_WAIT is left behind), no task, no key generation, no HELLO.
+        """
+        async with listener:
+            raw = listener.socket
+            while True:
+                try:
+                    sock, peer_address = await raw.accept()
+                except OSError as error:
+                    if error.errno in _ACCEPT_CAPACITY_ERRNOS:
+                        logger.error("%s: accept failed: %s", self.principal, error)
+                        await trio.sleep(_ACCEPT_RETRY_S)  # out of descriptors: not a payment
+                        continue
+                    if error.errno in _ACCEPT_IGNORED_ERRNOS:
+                        continue
+                    raise
+                self._accepted += 1
+                address = str(peer_address[0]) if peer_address else "?"
+                if address not in self._replica_addresses.values() and not (
+                    self._accept_by_address.take(address, trio.current_time())
+                ):
+                    self._handshakes_failed["accept_rate"] += 1
+                    _reset(sock)
+                    continue
+                try:
+                    stream = trio.SocketStream(sock)
+                except OSError:  # pragma: no cover - gone already: nothing to serve
+                    sock.close()
+                    continue
+                nursery.start_soon(self._serve_inbound, stream, address)
+
+    async def _serve_inbound(self, stream: trio.SocketStream, address: str) -> None:
         try:
-            slot = self._admit(_address_of(stream))
+            slot = self._admit(address)
             if slot is None:
                 self._handshakes_failed["too_many_pending"] += 1
                 return
@@ -1441,12 +1506,14 @@ class Transport:
             decoder.append(data)
 
 
-def _address_of(stream: trio.SocketStream) -> str:
-    """The peer's IP address: the unit of the per-address limits."""
+def _reset(sock: trio.socket.SocketType) -> None:
+    """Close a just-accepted socket with a reset (SO_LINGER 0): no FIN handshake, and no
+    TIME_WAIT entry kept on our side for each connection of a flood."""
     try:
-        return str(stream.socket.getpeername()[0])
-    except (OSError, IndexError):  # pragma: no cover - already gone; the handshake will fail
-        return "?"
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    except OSError:  # pragma: no cover - already gone
+        pass
+    sock.close()
 
 
 def _keepalive(stream: trio.SocketStream) -> None:

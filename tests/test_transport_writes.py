@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 
 import trio
-from transport_harness import C0, FAST, HOST, R0, R1, make, receive, run, wait_until
+from transport_harness import C0, FAST, HOST, R0, R1, make, open_raw, receive, run, wait_until
 
 from runtime.transport import TransportConfig
 
@@ -116,5 +116,69 @@ def test_a_dead_peer_costs_a_bounded_queue_and_every_dropped_frame_is_counted() 
             in_flight = sent - stats.frames_out - stats.queued - sum(stats.drops.values())
             assert 0 <= in_flight <= 1  # at most one write in progress
             assert stats.drops["peer_queue_full"] >= sent - 64 - 1 - stats.frames_out
+
+    run(main)
+
+
+# --- the accept rate (issue 8's handshake_flood) ------------------------------------------------
+
+STRANGER = "127.0.0.2"  # also loopback on Linux: another source address
+
+
+def test_connects_beyond_the_accept_rate_are_reset_before_any_handshake_work() -> None:
+    config = TransportConfig(accept_rate_per_address=1.0, accept_burst_per_address=5)
+
+    async def main() -> None:
+        async with make(R0, config) as replica, make(C0, FAST) as client:
+            port = await replica.listen(HOST, 0)
+            streams: list[trio.SocketStream] = []
+            reset_on_connect = 0  # the reset can come before connect() has returned
+            for _ in range(40):
+                try:
+                    streams.append(await open_raw(port, STRANGER))
+                except OSError:
+                    reset_on_connect += 1
+            await wait_until(lambda: replica.statistics().connections_accepted == 40)
+            stats = replica.statistics()
+            refused = stats.handshakes_failed.get("accept_rate", 0)
+            assert 40 - 5 - 2 <= refused <= 40 - 5  # the burst, and a token a second
+            # Those it served got a HELLO; the refused ones got a reset and not one byte.
+            hellos, resets = 0, reset_on_connect
+            for stream in streams:
+                try:
+                    with trio.fail_after(2.0):
+                        data = await stream.receive_some(4096)
+                except trio.BrokenResourceError:
+                    resets += 1
+                else:
+                    hellos += bool(data)
+            assert (hellos, resets) == (40 - refused, refused)
+            assert stats.pending_handshakes == 40 - refused
+            # Another address is not limited by the stranger's rate.
+            client.connect_to(R0, HOST, port)
+            with trio.fail_after(3.0):
+                await client.wait_connected(R0)
+
+    run(main)
+
+
+def test_a_replica_at_its_known_address_is_not_limited_by_the_accept_rate() -> None:
+    config = TransportConfig(
+        accept_rate_per_address=0.1, accept_burst_per_address=1, backoff_max=0.2
+    )
+
+    async def main() -> None:
+        async with make(R0, config) as replica, make(R1, FAST) as peer:
+            port = await replica.listen(HOST, 0)
+            peer_port = await peer.listen(HOST, 0)
+            replica.connect_to(R1, HOST, peer_port)  # R1 is known at 127.0.0.1
+            for _ in range(5):  # the address's one token, and more, spent by strangers
+                await open_raw(port)
+            await wait_until(lambda: replica.statistics().connections_accepted == 5)
+            assert replica.statistics().handshakes_failed == {}  # exempt: all five served
+            peer.connect_to(R0, HOST, port)
+            with trio.fail_after(3.0):
+                await peer.wait_connected(R0)
+            await wait_until(lambda: len(replica._peers[R1].connections) == 2)  # both ways
 
     run(main)
