@@ -941,8 +941,13 @@ class Transport:
         nursery = self._require_running()
         listeners = await trio.open_tcp_listeners(port, host=host)
         ports = [listener.socket.getsockname()[1] for listener in listeners]
-        for listener in listeners:
-            nursery.start_soon(self._accept_loop, listener, nursery)
+        try:
+            for listener in listeners:
+                nursery.start_soon(self._accept_loop, listener, nursery)
+        except BaseException:  # the transport stopped meanwhile: no loop will close them
+            for listener in listeners:
+                listener.socket.close()
+            raise
         self.listen_ports.extend(ports)
         return ports[0]
 
