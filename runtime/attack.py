@@ -44,7 +44,7 @@ from runtime.attack_harness import (
     measure,
 )
 from runtime.client import PaymentClient
-from runtime.localcluster import ClusterStartError, LocalCluster
+from runtime.localcluster import ClusterStartError, LocalCluster, cpu_seconds
 
 P99_FACTOR = 3.0
 
@@ -59,6 +59,9 @@ class Result:
     byzantine_replica: int | None
     why: list[str]
     after: Phase | None = None  # the attacker gone: does the cluster come back?
+    # CPU seconds the attacker process used during the attack phase: on a shared machine
+    # its cost lands on the replicas' cores too, without being the replicas' work.
+    attacker_cpu_s: float = 0.0
 
     @property
     def verdict(self) -> str:
@@ -83,6 +86,7 @@ class Result:
             "byzantine_replica": self.byzantine_replica,
             "attacker": self.attacker,
             "attacker_exit": self.attacker_exit,
+            "attacker_cpu_s": round(self.attacker_cpu_s, 2),
         }
 
 
@@ -126,11 +130,13 @@ async def run_attack(
     grace_s: float = GRACE_S,
     after_seconds: float = 0.0,
     source: str = ATTACKER_ADDRESS,
+    attacker_prefix: tuple[str, ...] = (),
 ) -> Result:
     """A baseline phase (`baseline_seconds`, default `seconds`), then the attack phase (an
     attacker process) for `seconds`, then, if `after_seconds`, an aftermath phase without
     the attacker, while `client` pays `concurrency` payments at a time. Payments in flight
-    when a phase ends may finish within `grace_s`. The attacker connects from `source`."""
+    when a phase ends may finish within `grace_s`. The attacker connects from `source`;
+    `attacker_prefix` runs it under a wrapper that execs it (nice, taskset)."""
     n = len(local.cluster.replicas)
     primary = local.cluster.config.primary_of(local.current_view())
     # The replica key the attacker holds: a backup's (the highest id that is not primary).
@@ -140,6 +146,7 @@ async def run_attack(
         local.stop(byzantine)
         await trio.sleep(SETTLE_S)
     command = [
+        *attacker_prefix,
         sys.executable,
         "-m",
         "runtime.adversary",
@@ -176,8 +183,10 @@ async def run_attack(
             return Result(name, nothing, nothing, {}, process.returncode, None, why)
         base_s = seconds if baseline_seconds is None else baseline_seconds
         baseline = await measure(local, client, base_s, concurrency, grace_s)
+        attacker_cpu_before = cpu_seconds(process.pid)
         await process.stdin.send_all(b"go\n")
         attacked = await measure(local, client, seconds, concurrency, grace_s)
+        attacker_cpu_s = cpu_seconds(process.pid) - attacker_cpu_before
         with trio.fail_after(60):
             while True:
                 chunk = await process.stdout.receive_some()
@@ -209,6 +218,7 @@ async def run_attack(
         byzantine if stopped else None,
         _failures(baseline, attacked, process.returncode),
         after,
+        attacker_cpu_s,
     )
 
 
@@ -228,9 +238,19 @@ async def _run_one(local: LocalCluster, name: str, arguments: argparse.Namespace
                 arguments.concurrency,
                 after_seconds=arguments.seconds,
                 source=arguments.attacker_address,
+                attacker_prefix=_attacker_prefix(arguments),
             )
     finally:
         local.stop_all()
+
+
+def _attacker_prefix(arguments: argparse.Namespace) -> tuple[str, ...]:
+    prefix: tuple[str, ...] = ()
+    if arguments.attacker_cpus:
+        prefix += ("taskset", "-c", arguments.attacker_cpus)
+    if arguments.attacker_nice:
+        prefix += ("nice", "-n", str(arguments.attacker_nice))
+    return prefix
 
 
 def _with_fresh_cluster(
@@ -261,6 +281,7 @@ def _attacker_summary(result: Result) -> str:
     sent: dict[str, int] = attacker.get("sent", {})
     parts = [f"{key} {value / seconds:.0f}/s" for key, value in sorted(sent.items())]
     parts.append(f"{int(attacker['bytes_out']) / 2**20:.1f} MiB sent")
+    parts.append(f"attacker CPU {result.attacker_cpu_s:.1f} s")
     if result.attack == "catchup_amplification":
         for label in ("old_prepare", "fetch_stable_0", "state_request_0"):
             parts.append(
@@ -331,6 +352,16 @@ def main(argv: list[str] | None = None) -> int:
         help=f"the attacker's source address (default {ATTACKER_ADDRESS}; the honest "
         "clients connect from 127.0.0.1)",
     )
+    parser.add_argument(
+        "--attacker-nice",
+        type=int,
+        default=0,
+        help="run the attacker process at this nice level (0..19): to tell what it costs "
+        "the replicas from what it costs the machine",
+    )
+    parser.add_argument(
+        "--attacker-cpus", metavar="LIST", help="pin the attacker process (taskset -c LIST)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the cluster directory")
     arguments = parser.parse_args(argv)
     if not 0.5 <= arguments.seconds <= 3600:
@@ -341,6 +372,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--concurrency must be in 1..64, got {arguments.concurrency}")
     if not 1 <= arguments.accounts_per_client <= 100_000:
         parser.error("--accounts-per-client must be in 1..100000")
+    if not 0 <= arguments.attacker_nice <= 19:
+        parser.error(f"--attacker-nice must be in 0..19, got {arguments.attacker_nice}")
+    if arguments.attacker_cpus is not None:
+        if shutil.which("taskset") is None:
+            parser.error("--attacker-cpus needs taskset, which is not installed")
+        if not all(part.isdigit() for part in arguments.attacker_cpus.replace("-", ",").split(",")):
+            parser.error(f"--attacker-cpus: not a CPU list: {arguments.attacker_cpus!r}")
     if arguments.json not in (None, "-") and not Path(arguments.json).parent.is_dir():
         parser.error(f"--json: no directory {str(Path(arguments.json).parent)!r}")
     try:

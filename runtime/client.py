@@ -24,7 +24,7 @@ from types import TracebackType
 
 import trio
 
-from crypto.keys import SigningKey
+from crypto.keys import Principal, SigningKey
 from pbft.client import BalanceRead, ClientAction, ClientCore, Decided
 from pbft.events import MessageReceived, Tick
 from pbft.host import Outgoing, carry_out_client
@@ -130,17 +130,27 @@ class PaymentClient:
         return self._last_request_id
 
     async def wait_connected(self, count: int | None = None, timeout_s: float = 10.0) -> None:
-        """Wait until connections to `count` replicas (default: all) are open."""
+        """Wait until connections to `count` replicas (default: all) have opened: each
+        replica's handshake wakes it (no polling), within `timeout_s` (trio.TooSlowError)."""
         wanted = len(self.cluster.replicas) if count is None else count
+        if wanted <= 0:
+            return
+        connected = 0
+        enough = trio.Event()
+
+        async def one(principal: Principal) -> None:
+            nonlocal connected
+            await self._transport.wait_connected(principal)  # woken by the handshake itself
+            connected += 1
+            if connected >= wanted:
+                enough.set()
+
         with trio.fail_after(timeout_s):
-            while (
-                sum(
-                    self._transport.is_connected(("replica", replica.replica_id))
-                    for replica in self.cluster.replicas
-                )
-                < wanted
-            ):
-                await trio.sleep(0.01)
+            async with trio.open_nursery() as nursery:
+                for replica in self.cluster.replicas:
+                    nursery.start_soon(one, ("replica", replica.replica_id))
+                await enough.wait()
+                nursery.cancel_scope.cancel()
 
     async def pay(
         self, payer: str, payee: str, amount: int, request_id: int | None = None

@@ -234,6 +234,7 @@ class ReplicaNode:
                 frames_out=carried.frames_out,
                 bytes_in=carried.bytes_in,
                 bytes_out=carried.bytes_out,
+                writes_out=carried.writes_out,  # frames_out / writes_out: coalescing
             )
         return figures
 

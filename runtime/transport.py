@@ -99,6 +99,11 @@ Admission
 ---------
 Anyone can open a TCP connection, so what an unauthenticated one may cost is bounded:
 
+- Rate: at most `accept_rate_per_address` connections a second from one IP address (after
+  a burst of `accept_burst_per_address`) are served; the rest are reset right after
+  accept(), before any task, key or HELLO exists for them (`handshakes_failed
+  ["accept_rate"]`). A replica at the address it is known at is exempt. Correct clients
+  connect once per session, far below it.
 - Slots: at most `max_pending_handshakes` connections in their handshake at a time, and
   `max_pending_per_address` of them from one IP address, so one host cannot take them all.
   Beyond those, `reserved_handshakes` more slots in which only a replica of the key ring may
@@ -111,19 +116,19 @@ Anyone can open a TCP connection, so what an unauthenticated one may cost is bou
 - CPU: three public-key operations per handshake (measured on the 2-core development
   machine under load: X25519 key generation and exchange about 0.1 ms each, an Ed25519
   check about 0.2 ms). Every connection given a slot costs one key generation for its
-  HELLO, bounded by the slots and the accept rate (100 silent connects a second cost a
-  replica about 10 ms of CPU a second). The Ed25519 check of an AUTH is done only for an
-  AUTH of the exact length naming a principal of the key ring allowed in its slot, and
-  at most `verify_rate_per_address` times a second per address and `verify_rate_total`
-  times a second in all (token buckets; beyond them the handshake fails `rate_limited`).
-  That shared budget is the strangers' to spend too, from as many addresses as they have,
-  so an AUTH naming a replica from the address it is known at (the IP address we dial it
-  at, or where it last authenticated from) draws on a bucket of that replica's own
-  instead (`verify_rate_per_address`): a flood cannot keep a replica out, and costs at
-  most that many more checks a second per replica of the ring. The X25519 exchange
-  follows only a signature that verified, so it is bounded by the same buckets (at most
-  one per `handshake_verifications`). After the handshake, opening
-  a frame costs about 1 us plus 0.5 ms per MiB (ChaCha20-Poly1305), paid by the sender too.
+  HELLO, bounded by the slots and the accept rate (per address, see Rate above). The
+  Ed25519 check of an AUTH is done only for an AUTH of the exact length naming a principal
+  of the key ring allowed in its slot, and at most `verify_rate_per_address` times a
+  second per address and `verify_rate_total` times a second in all (token buckets; beyond
+  them the handshake fails `rate_limited`). That shared budget is the strangers' to spend
+  too, from as many addresses as they have, so an AUTH naming a replica from the address
+  it is known at (the IP address we dial it at, or where it last authenticated from) draws
+  on a bucket of that replica's own instead (`verify_rate_per_address`): a flood cannot
+  keep a replica out, and costs at most that many more checks a second per replica of the
+  ring. The X25519 exchange follows only a signature that verified, so it is bounded by
+  the same buckets (at most one per `handshake_verifications`). After the handshake,
+  opening a frame costs about 1 us plus 0.5 ms per MiB (ChaCha20-Poly1305), paid by the
+  sender too.
 
 Guarantees
 ----------
@@ -135,6 +140,10 @@ Guarantees
 - Per-peer state does not outlive a peer we do not dial (a client): once it has had no
   connection for `idle_peer_timeout`, its entry, queue and writer task are freed (queued
   frames are counted as `drops["peer_gone"]`). Peers we dial keep theirs.
+- Frames queued for a peer while its writer was busy (every message of one core step, for
+  a replica) go out sealed in one socket write, up to 64 KiB of them (`writes_out` counts
+  the writes). Streams have TCP_NODELAY set (trio sets it on every TCP stream), so a small
+  write leaves at once instead of waiting on Nagle's algorithm for the previous ACK.
 - A frame is written at most once. A frame being written when its connection fails is
   lost (`drops["connection_lost"]`), never retried (no duplicates from the transport).
   A write that takes longer than `send_timeout` closes that connection.
@@ -177,7 +186,7 @@ write timing out.
 
 from __future__ import annotations
 
-import functools
+import errno
 import hashlib
 import ipaddress
 import logging
@@ -261,6 +270,30 @@ _AUTH_SIZE: Final = 1 + PRINCIPAL_SIZE + NONCE_SIZE + EPHEMERAL_SIZE + SIGNATURE
 _ACCEPT_SIZE: Final = 1 + SIGNATURE_SIZE  # 65
 _V1_AUTH_SIZE: Final = 1 + PRINCIPAL_SIZE + NONCE_SIZE + SIGNATURE_SIZE  # 106
 
+_LINGER_RESET: Final = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close sends a reset
+# accept() errors: out of descriptors or memory (wait and retry), or a connection that went
+# before it was accepted (skip it), as trio.serve_listeners and SocketListener treat them.
+_ACCEPT_CAPACITY_ERRNOS: Final = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+)
+_ACCEPT_IGNORED_ERRNOS: Final = frozenset(
+    getattr(errno, name)
+    for name in (
+        "EPERM",
+        "ECONNABORTED",
+        "EPROTO",
+        "ENETDOWN",
+        "ENOPROTOOPT",
+        "EHOSTDOWN",
+        "ENONET",
+        "EHOSTUNREACH",
+        "EOPNOTSUPP",
+        "ENETUNREACH",
+    )
+    if hasattr(errno, name)
+)
+_ACCEPT_RETRY_S: Final = 0.1
+
 # Frames up to this size are written with one send_all (header and payload copied together);
 # bigger ones as two writes, so a 16 MiB payload is never copied just to prepend 4 bytes.
 _COALESCE_LIMIT: Final = 64 * 1024
@@ -302,6 +335,11 @@ class TransportConfig:
     # Handshakes beyond both caps, open to replicas only: a flood of strangers cannot keep
     # a replica of the cluster out (see "Admission" in the module docstring).
     reserved_handshakes: int = 8
+    # TCP connections accepted per second per address (after a burst), checked on accept
+    # before anything else: beyond it a connection is reset without a task, a key or a
+    # HELLO. Replicas at their known addresses are not limited by it.
+    accept_rate_per_address: float = 20.0
+    accept_burst_per_address: int = 40
     verify_rate_per_address: float = 20.0  # AUTH signatures checked per second per address
     verify_burst_per_address: int = 20
     verify_rate_total: float = 500.0  # ... and from all addresses together
@@ -327,6 +365,7 @@ class TransportConfig:
             "client_inbound_burst",
             "max_pending_handshakes",
             "max_pending_per_address",
+            "accept_burst_per_address",
             "verify_burst_per_address",
             "verify_burst_total",
             "receive_chunk_bytes",
@@ -358,6 +397,7 @@ class TransportConfig:
             "frame_timeout",
             "send_timeout",
             "connect_timeout",
+            "accept_rate_per_address",
             "verify_rate_per_address",
             "verify_rate_total",
             "client_inbound_rate",
@@ -405,6 +445,7 @@ class TransportStatistics:
     frames_out: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
+    writes_out: int = 0  # socket writes that carried them (frames of a step are coalesced)
     drops: Mapping[str, int] = field(default_factory=dict)  # outgoing frames lost, by reason
     queued: int = 0  # frames waiting in peer queues now
     queued_bytes: int = 0  # their payload bytes
@@ -642,6 +683,21 @@ class _Connection:
             await self.stream.send_all(header)
             await self.stream.send_all(ciphertext)
 
+    def seal_batch(self, payloads: list[bytes]) -> tuple[bytes, int]:
+        """The sealed frames of `payloads` joined for one write, and how many were sealed:
+        fewer than given only if the session ran out of nonces (the connection is then
+        killed; the frame that found no nonce is lost with it)."""
+        sealed: list[bytes] = []
+        for payload in payloads:
+            try:
+                header, ciphertext = self.sealer.seal(payload)
+            except SessionError as error:
+                self.kill(error.reason)
+                break
+            sealed.append(header)
+            sealed.append(ciphertext)
+        return b"".join(sealed), len(sealed) // 2
+
 
 class _Peer:
     """A principal we may send to: its queue, its live connections, its writer task."""
@@ -787,6 +843,9 @@ class Transport:
         self._pending_general = 0  # slots held in the general pool
         self._pending_by_address: Counter[str] = Counter()  # general pool, by address
         self._reserved: list[_Pending] = []  # the replicas' pool, oldest first
+        self._accept_by_address = _TokenBuckets(
+            self.config.accept_rate_per_address, self.config.accept_burst_per_address
+        )
         self._verify_by_address = _TokenBuckets(
             self.config.verify_rate_per_address, self.config.verify_burst_per_address
         )
@@ -812,6 +871,7 @@ class Transport:
         self._closes: Counter[str] = Counter()
         self._drops: Counter[str] = Counter()
         self._frames_in = self._frames_out = self._bytes_in = self._bytes_out = 0
+        self._writes_out = 0
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -882,14 +942,11 @@ class Transport:
         listeners = await trio.open_tcp_listeners(port, host=host)
         ports = [listener.socket.getsockname()[1] for listener in listeners]
         try:
-            await nursery.start(
-                functools.partial(
-                    trio.serve_listeners, self._serve_inbound, listeners, handler_nursery=nursery
-                )
-            )
-        except BaseException:
             for listener in listeners:
-                await trio.aclose_forcefully(listener)
+                nursery.start_soon(self._accept_loop, listener, nursery)
+        except BaseException:  # the transport stopped meanwhile: no loop will close them
+            for listener in listeners:
+                listener.socket.close()
             raise
         self.listen_ports.extend(ports)
         return ports[0]
@@ -972,6 +1029,7 @@ class Transport:
             frames_out=self._frames_out,
             bytes_in=self._bytes_in,
             bytes_out=self._bytes_out,
+            writes_out=self._writes_out,
             drops=dict(sorted(self._drops.items())),
             queued=sum(len(peer.queue) for peer in self._peers.values()),
             queued_bytes=sum(peer.queued_bytes for peer in self._peers.values()),
@@ -1021,20 +1079,36 @@ class Transport:
                         continue
                 await peer.changed.wait()
                 continue
-            frame = peer.pop()
+            # Coalesce: the small frames queued now go out sealed in one write (one
+            # syscall, fewer segments) rather than a write each; a large frame goes alone.
+            frames = [peer.pop()]
+            size = len(frames[0])
+            if size <= _COALESCE_LIMIT:
+                while peer.queue and size + len(peer.queue[0]) <= _COALESCE_LIMIT:
+                    frames.append(peer.pop())
+                    size += len(frames[-1])
+            sent = 0
             try:
                 with trio.fail_after(self.config.send_timeout):
-                    await connection.send_frame(frame)
+                    if size > _COALESCE_LIMIT:
+                        await connection.send_frame(frames[0])
+                        written = 1
+                    else:
+                        data, written = connection.seal_batch(frames)
+                        if data:
+                            await connection.stream.send_all(data)
+                    sent = written  # fewer than frames: out of nonces, the rest is lost
             except trio.TooSlowError:
                 logger.debug("%s: write to %s timed out", self.principal, peer.principal)
                 connection.kill("send_timeout")
-                self._drops["connection_lost"] += 1
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 connection.kill("broken")
-                self._drops["connection_lost"] += 1
-            else:
-                self._frames_out += 1
-                self._bytes_out += len(frame)
+            if len(frames) > sent:
+                self._drops["connection_lost"] += len(frames) - sent
+            if sent:
+                self._writes_out += 1
+            self._frames_out += sent
+            self._bytes_out += sum(len(frame) for frame in frames[:sent])
 
     def _forget(self, peer: _Peer) -> None:
         if self._peers.get(peer.principal) is peer:
@@ -1064,10 +1138,44 @@ class Transport:
 
     # --- connections --------------------------------------------------------------------------
 
-    async def _serve_inbound(self, stream: trio.SocketStream) -> None:
-        self._accepted += 1
+    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        """Accept connections; each one within its address's accept rate gets a task.
+
+        The rate is checked on the raw socket, with the address accept() returned: a flood
+        of connects beyond it costs the replica an accept and a close each (a reset, so no
+        TIME_WAIT is left behind), no task, no key generation, no HELLO.
+        """
+        async with listener:
+            raw = listener.socket
+            while True:
+                try:
+                    sock, peer_address = await raw.accept()
+                except OSError as error:
+                    if error.errno in _ACCEPT_CAPACITY_ERRNOS:
+                        logger.error("%s: accept failed: %s", self.principal, error)
+                        await trio.sleep(_ACCEPT_RETRY_S)  # out of descriptors: not a payment
+                        continue
+                    if error.errno in _ACCEPT_IGNORED_ERRNOS:
+                        continue
+                    raise
+                self._accepted += 1
+                address = str(peer_address[0]) if peer_address else "?"
+                if address not in self._replica_addresses.values() and not (
+                    self._accept_by_address.take(address, trio.current_time())
+                ):
+                    self._handshakes_failed["accept_rate"] += 1
+                    _reset(sock)
+                    continue
+                try:
+                    stream = trio.SocketStream(sock)
+                except OSError:  # pragma: no cover - gone already: nothing to serve
+                    sock.close()
+                    continue
+                nursery.start_soon(self._serve_inbound, stream, address)
+
+    async def _serve_inbound(self, stream: trio.SocketStream, address: str) -> None:
         try:
-            slot = self._admit(_address_of(stream))
+            slot = self._admit(address)
             if slot is None:
                 self._handshakes_failed["too_many_pending"] += 1
                 return
@@ -1403,12 +1511,14 @@ class Transport:
             decoder.append(data)
 
 
-def _address_of(stream: trio.SocketStream) -> str:
-    """The peer's IP address: the unit of the per-address limits."""
+def _reset(sock: trio.socket.SocketType) -> None:
+    """Close a just-accepted socket with a reset (SO_LINGER 0): no FIN handshake, and no
+    TIME_WAIT entry kept on our side for each connection of a flood."""
     try:
-        return str(stream.socket.getpeername()[0])
-    except (OSError, IndexError):  # pragma: no cover - already gone; the handshake will fail
-        return "?"
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    except OSError:  # pragma: no cover - already gone
+        pass
+    sock.close()
 
 
 def _keepalive(stream: trio.SocketStream) -> None:

@@ -13,6 +13,7 @@ alone does not trigger one. No latency is asserted (figures come from the benchm
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,8 @@ import pytest
 import trio
 
 from runtime.adversary import ATTACKS
-from runtime.attack import Result, _failures, print_table, run_attack
+from runtime.attack import Result, _attacker_prefix, _failures, print_table, run_attack
+from runtime.attack import main as attack_main
 from runtime.attack_harness import HONEST_CLIENT, Phase
 from runtime.client import PaymentClient
 from runtime.localcluster import LocalCluster
@@ -108,3 +110,26 @@ def test_verdict_holds_the_attack_to_the_target() -> None:
     assert _failures(Phase(1.0), Phase(1.0, latencies_ms=[10.0]), 0) == [
         "no honest payment completed in the baseline: nothing to compare with"
     ]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "named"),
+    [
+        (["--attacker-nice", "20"], "--attacker-nice"),
+        (["--attacker-nice", "-1"], "--attacker-nice"),
+        (["--attacker-cpus", "0;1"], "--attacker-cpus"),
+    ],
+)
+def test_attacker_placement_options_refuse_bad_values_in_one_line(
+    arguments: list[str], named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        attack_main(arguments)
+    assert exited.value.code == 2
+    assert named in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_the_attacker_runs_under_nice_and_taskset_when_asked() -> None:
+    parsed = argparse.Namespace(attacker_nice=19, attacker_cpus="1")
+    assert _attacker_prefix(parsed) == ("taskset", "-c", "1", "nice", "-n", "19")
+    assert _attacker_prefix(argparse.Namespace(attacker_nice=0, attacker_cpus=None)) == ()

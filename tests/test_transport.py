@@ -676,7 +676,11 @@ def test_strangers_from_one_address_cannot_lock_out_another() -> None:
 
 def test_a_flood_of_auth_frames_costs_a_bounded_number_of_signature_checks() -> None:
     rate, burst = 20.0, 10
-    config = TransportConfig(verify_rate_per_address=rate, verify_burst_per_address=burst)
+    config = TransportConfig(
+        verify_rate_per_address=rate,
+        verify_burst_per_address=burst,
+        accept_burst_per_address=1000,  # connects are not what this test limits
+    )
 
     async def main() -> None:
         async with make(R0, config) as replica, make(C1, FAST) as client:
@@ -791,6 +795,8 @@ def test_clients_that_come_and_go_leave_no_transport_state_behind() -> None:
     )
     config = TransportConfig(
         idle_peer_timeout=0.05,
+        accept_rate_per_address=1e6,
+        accept_burst_per_address=10_000,
         verify_rate_per_address=1e6,
         verify_burst_per_address=10_000,
         verify_rate_total=1e6,
