@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from crypto.keys import KeyRing
 from pbft.codec import pack
 from pbft.config import ClusterConfig
-from pbft.ledger import Account
+from pbft.ledger import Account, GeneratedAccounts
 
 CLUSTER_ID_BYTES = 32
 # The default account names: acct-00000, acct-00001, ... for listed accounts (simulator
@@ -53,9 +53,16 @@ def compute_cluster_id(
             raise GenesisError(f"the key ring holds no key for replica {replica}")
         replica_keys.append(key.public_bytes())
     # Sorted, so the id does not depend on the order accounts were listed or inserted in.
-    account_rows = [
-        [name, accounts[name].owner, accounts[name].balance] for name in sorted(accounts)
-    ]
+    if isinstance(accounts, GeneratedAccounts):
+        # The same rows, without an Account object per generated account.
+        account_rows = [
+            [name, accounts.owner(index), accounts.balance]
+            for index, name in enumerate(accounts.names())
+        ]
+    else:
+        account_rows = [
+            [name, accounts[name].owner, accounts[name].balance] for name in sorted(accounts)
+        ]
     # Effective values (watermark_window 0 means "the default"), keyed by field name.
     parameters = [
         [field.name, getattr(config, field.name)]

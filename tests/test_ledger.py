@@ -522,54 +522,55 @@ def test_restore_of_corrupted_snapshot_raises_or_round_trips(data: st.DataObject
 
 def test_history_snapshot_has_the_shape_tamperings_expect() -> None:
     state = msgpack.unpackb(_ledger_with_history().snapshot(), raw=False)
-    alice_client = state[5][0]
+    alice_client = state[6][0]
     assert alice_client[1] == 1  # eviction floor
     assert [decision[:3] for decision in alice_client[2]] == [
         [2, "rejected", "insufficient_funds"],
         [3, "confirmed", ""],
     ]
-    assert state[5][1][2][0][1:3] == ["rejected", "unknown_account"]
+    assert state[6][1][2][0][1:3] == ["rejected", "unknown_account"]
 
 
 def _set_balance(state: list[Any], index: int, balance: int) -> None:
-    state[4][index][2] = balance
+    state[5][index][2] = balance
 
 
 TAMPERINGS: dict[str, Callable[[list[Any]], None]] = {
     "negative balance (total kept)": lambda state: (
         _set_balance(state, 0, -1),
-        _set_balance(state, 2, state[4][2][2] + state[4][0][2] + 1),
+        _set_balance(state, 2, state[5][2][2] + state[5][0][2] + 1),
     ),
-    "total mismatch": lambda state: _set_balance(state, 1, state[4][1][2] + 1),
+    "total mismatch": lambda state: _set_balance(state, 1, state[5][1][2] + 1),
     "initial total mismatch": lambda state: state.__setitem__(2, state[2] - 1),
     "balance above max": lambda state: _set_balance(state, 1, MAX_AMOUNT + 1),
     "bool balance": lambda state: _set_balance(state, 2, False),
-    "unsorted accounts": lambda state: state[4].reverse(),
-    "duplicate account": lambda state: state[4].insert(1, list(state[4][0])),
-    "empty account name": lambda state: state[4][0].__setitem__(0, ""),
-    "account entry too long": lambda state: state[4][0].append(0),
-    "unsorted clients": lambda state: state[5].reverse(),
-    "duplicate client": lambda state: state[5].append(list(state[5][-1])),
-    "unsorted decisions": lambda state: state[5][0][2].reverse(),
-    "retained id at floor": lambda state: state[5][0][2][0].__setitem__(0, state[5][0][1]),
-    "floor without full window": lambda state: state[5][0][2].pop(),
-    "more decisions than window": lambda state: state[5][0][2].append(
+    "unsorted accounts": lambda state: state[5].reverse(),
+    "duplicate account": lambda state: state[5].insert(1, list(state[5][0])),
+    "empty account name": lambda state: state[5][0].__setitem__(0, ""),
+    "account entry too long": lambda state: state[5][0].append(0),
+    "unsorted clients": lambda state: state[6].reverse(),
+    "duplicate client": lambda state: state[6].append(list(state[6][-1])),
+    "unsorted decisions": lambda state: state[6][0][2].reverse(),
+    "retained id at floor": lambda state: state[6][0][2][0].__setitem__(0, state[6][0][1]),
+    "floor without full window": lambda state: state[6][0][2].pop(),
+    "more decisions than window": lambda state: state[6][0][2].append(
         [99, "confirmed", "", 1, b"\0" * 32]
     ),
-    "client without decisions": lambda state: state[5].append([99, -1, []]),
-    "floor below nothing evicted": lambda state: state[5][1].__setitem__(1, -2),
-    "unknown outcome": lambda state: state[5][0][2][0].__setitem__(1, "maybe"),
-    "confirmed with reason": lambda state: state[5][0][2][1].__setitem__(2, "unauthorized"),
-    "rejected without reason": lambda state: state[5][1][2][0].__setitem__(2, ""),
-    "stored id_reused": lambda state: state[5][1][2][0].__setitem__(2, "id_reused"),
-    "short body digest": lambda state: state[5][0][2][0].__setitem__(4, b"\0" * 31),
-    "str body digest": lambda state: state[5][0][2][0].__setitem__(4, "0" * 32),
-    "negative seq": lambda state: state[5][0][2][0].__setitem__(3, -1),
+    "client without decisions": lambda state: state[6].append([99, -1, []]),
+    "floor below nothing evicted": lambda state: state[6][1].__setitem__(1, -2),
+    "unknown outcome": lambda state: state[6][0][2][0].__setitem__(1, "maybe"),
+    "confirmed with reason": lambda state: state[6][0][2][1].__setitem__(2, "unauthorized"),
+    "rejected without reason": lambda state: state[6][1][2][0].__setitem__(2, ""),
+    "stored id_reused": lambda state: state[6][1][2][0].__setitem__(2, "id_reused"),
+    "short body digest": lambda state: state[6][0][2][0].__setitem__(4, b"\0" * 31),
+    "str body digest": lambda state: state[6][0][2][0].__setitem__(4, "0" * 32),
+    "negative seq": lambda state: state[6][0][2][0].__setitem__(3, -1),
     "executed count below retained": lambda state: state.__setitem__(3, 1),
     "zero dedup window": lambda state: state.__setitem__(1, 0),
-    "unknown version": lambda state: state.__setitem__(0, 2),
+    "unknown version": lambda state: state.__setitem__(0, 1),
+    "genesis rule on listed accounts": lambda state: state.__setitem__(4, [3, 100, "", 0, [0]]),
     "extra top-level field": lambda state: state.append(0),
-    "accounts as map": lambda state: state.__setitem__(4, {"alice": [1, 85]}),
+    "accounts as map": lambda state: state.__setitem__(5, {"alice": [1, 85]}),
 }
 
 
@@ -646,7 +647,7 @@ def test_digest_is_identical_across_processes_with_different_hash_seeds() -> Non
 
 def test_ledger_module_is_sans_io() -> None:
     allowed = {"__future__", "collections", "dataclasses", "enum", "hashlib", "heapq", "typing"}
-    allowed |= {"msgpack", "collections.abc", "crypto.merkle", "array"}
+    allowed |= {"msgpack", "collections.abc", "crypto.merkle", "array", "bisect"}
     source = (REPOSITORY_ROOT / "pbft" / "ledger.py").read_text()
     imported = set()
     for node in ast.walk(ast.parse(source)):

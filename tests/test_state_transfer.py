@@ -96,8 +96,11 @@ def test_generated_accounts_give_the_ledger_of_the_same_accounts_listed() -> Non
     assert generated.name(0) == "user-0000" and generated.name(1199) == "user-1199"
     assert dict(generated) == listed and len(generated) == 1200
     assert "user-0042" in generated and "user-42" not in generated and "user-1200" not in generated
-    assert Ledger(generated).digest() == Ledger(listed).digest()
-    assert Ledger(generated).snapshot() == Ledger(listed).snapshot()
+    assert Ledger(generated).accounts() == Ledger(listed).accounts()
+    # The digest commits to the representation (the header names the rule), and a generated
+    # genesis snapshots as its rule, not as 1,200 accounts.
+    assert Ledger(generated).digest() != Ledger(listed).digest()
+    assert len(Ledger(generated).snapshot()) < 100 < len(Ledger(listed).snapshot())
 
 
 @pytest.mark.parametrize(
