@@ -256,16 +256,25 @@ class MerkleTree:
 
     def proof(self, index: int) -> MerkleProof:
         """The inclusion proof of leaf `index`, the same one `inclusion_proof` gives."""
+        return MerkleProof(index=index, tree_size=len(self), path=tuple(self.node_path(0, index)))
+
+    def level_size(self, level: int) -> int:
+        """Nodes at `level` (0 = the leaves): ceil(n / 2**level)."""
         size = len(self)
-        if not 0 <= index < size:
-            raise IndexError(f"leaf index {index} out of range for {size} leaves")
+        return (size + (1 << level) - 1) >> level
+
+    def node_path(self, level: int, index: int) -> list[bytes]:
+        """Audit path, bottom-up, from node `index` of `level` to the root: what `node_path`
+        gives for that level's nodes, without the level (the root of an aligned block of
+        2**level leaves is proven this way)."""
+        if not 0 <= index < self.level_size(level):
+            raise IndexError(f"node {index} out of range for level {level}")
         path: list[bytes] = []
         position = index
-        level = 0
-        while self._sizes[level] > 1:
+        while level < len(self._sizes) and self._sizes[level] > 1:
             sibling = position ^ 1
             if sibling < self._sizes[level]:
                 path.append(self._node(level, sibling))
             position >>= 1
             level += 1
-        return MerkleProof(index=index, tree_size=size, path=tuple(path))
+        return path

@@ -52,29 +52,41 @@ def compute_cluster_id(
         if key is None:
             raise GenesisError(f"the key ring holds no key for replica {replica}")
         replica_keys.append(key.public_bytes())
-    # Sorted, so the id does not depend on the order accounts were listed or inserted in.
-    if isinstance(accounts, GeneratedAccounts):
-        # The same rows, without an Account object per generated account.
-        account_rows = [
-            [name, accounts.owner(index), accounts.balance]
-            for index, name in enumerate(accounts.names())
-        ]
-    else:
-        account_rows = [
-            [name, accounts[name].owner, accounts[name].balance] for name in sorted(accounts)
-        ]
     # Effective values (watermark_window 0 means "the default"), keyed by field name.
     parameters = [
         [field.name, getattr(config, field.name)]
         for field in sorted(dataclasses.fields(config), key=lambda field: field.name)
     ]
-    encoded = pack(
+    # msgpack of a 5-item array is its fixarray header and the items' encodings in a row,
+    # so the account rows (a million for a large genesis) are encoded on their own, once
+    # per genesis object however many replicas of one process ask.
+    encoded = b"".join(
         [
-            config.replica_count,
-            config.fault_tolerance,
-            replica_keys,
-            account_rows,
-            parameters,
+            b"\x95",
+            pack(config.replica_count),
+            pack(config.fault_tolerance),
+            pack(replica_keys),
+            _packed_account_rows(accounts),
+            pack(parameters),
         ]
     )
     return hashlib.sha256(_DOMAIN + encoded).digest()
+
+
+def _packed_account_rows(accounts: Mapping[str, Account]) -> bytes:
+    """[[name, owner, balance], ...] sorted by name, so the id does not depend on the order
+    accounts were listed or inserted in."""
+    if not isinstance(accounts, GeneratedAccounts):
+        return pack(
+            [[name, accounts[name].owner, accounts[name].balance] for name in sorted(accounts)]
+        )
+    cached = accounts.derived.get("cluster_id_rows")
+    if cached is None:
+        # The same rows, in name (= index) order, without an Account object per account.
+        cached = accounts.derived["cluster_id_rows"] = pack(
+            [
+                [name, accounts.owner(index), accounts.balance]
+                for index, name in enumerate(accounts.names())
+            ]
+        )
+    return cached

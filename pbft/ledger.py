@@ -187,6 +187,9 @@ class GeneratedAccounts(Mapping[str, Account]):
         self.owners = tuple(owners)
         self.min_width = min_width
         self._width = max(min_width, len(str(count - 1)))
+        # Values derived from the rule alone, memoised by whoever derives them (the cluster
+        # id's account rows), so the replicas of one process sharing a genesis pay once.
+        self.derived: dict[str, bytes] = {}
         # Every name has the same length, so the longest is the only one that can be too
         # long or badly encoded.
         _validate_account_name(self.name(count - 1))
@@ -594,6 +597,13 @@ class Ledger:
         if position is None:
             return None
         return self._account_leaf(account), self._current_tree().proof(1 + position)
+
+    def merkle_tree(self) -> MerkleTree:
+        """The digest's tree, up to date (read-only for callers: proofs and block roots)."""
+        return self._current_tree()
+
+    def leaves(self, start: int, stop: int) -> list[bytes]:
+        return [self.leaf(index) for index in range(start, stop)]
 
     def leaf_count(self) -> int:
         """Leaves of the digest's Merkle tree: the header, the accounts, the clients."""

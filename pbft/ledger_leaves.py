@@ -2,7 +2,7 @@
 snapshots cut out on demand (SnapshotLeaves, what a replica serves), and a ledger built
 back leaf by leaf from leaves each proven against a checkpoint's digest (LedgerBuilder,
 what a catching-up replica does). The leaf layout itself is the ledger's (pbft/ledger.py,
-Ledger._leaves); this module only reads and writes it a range at a time.
+Ledger.leaf); this module only reads and writes it a range at a time.
 
 Part of the sans-I/O protocol core: no I/O, clock or randomness.
 """
@@ -57,7 +57,12 @@ class SnapshotLeaves:
         return self._ledger.leaf(index)
 
     def leaves(self, start: int, stop: int) -> list[bytes]:
-        return [self.leaf(index) for index in range(start, stop)]
+        return self._ledger.leaves(start, stop)
+
+    def node_path(self, level: int, index: int) -> list[bytes]:
+        """Audit path of node `index` of tree level `level` to the digest: the tree is
+        built on first use from the genesis tree and what changed, not from every leaf."""
+        return self._ledger.merkle_tree().node_path(level, index)
 
 
 class LedgerBuilder:

@@ -16,12 +16,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from crypto.merkle import merkle_root, verify_inclusion
 from pbft.ledger import (
     MAX_AMOUNT,
     MAX_TOTAL,
     Account,
     Decision,
     ExecutionResult,
+    GeneratedAccounts,
     Ledger,
     LedgerInvariantError,
     LedgerSnapshotError,
@@ -755,3 +757,82 @@ def test_account_proof_proves_a_balance_against_the_state_digest() -> None:
     assert ledger.account_proof("missing") is None
     ledger.execute(Payment(0, 2, "a", "c", 1), b"\x02" * 32, 2)
     assert not verify_inclusion(ledger.digest(), leaf, proof)
+
+
+# -- the incremental digest and a generated genesis ------------------------------------------------
+
+_RULE = GeneratedAccounts(50, 100, "acct-", [0, 1, 2, 3, 4, 5], min_width=5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    generated=st.booleans(),
+    payments=st.lists(
+        st.tuples(st.integers(0, 49), st.integers(0, 49), st.integers(1, 150)), max_size=30
+    ),
+    digest_every=st.integers(1, 5),
+)
+def test_the_incremental_digest_is_the_root_over_every_leaf(
+    generated: bool, payments: list[tuple[int, int, int]], digest_every: int
+) -> None:
+    """Clients appear in any id order (a new one lands among the others), balances return
+    to the rule's, decisions are evicted: the kept tree always has the from-scratch root."""
+    ledger = Ledger(_RULE if generated else dict(_RULE), dedup_window=3)
+    for index, (payer, payee, amount) in enumerate(payments):
+        payment = Payment(payer % 6, index, _RULE.name(payer), _RULE.name(payee), amount)
+        run(ledger, payment, seq=index + 1)
+        if index % digest_every == 0:
+            assert ledger.digest() == merkle_root(ledger._leaves())
+    digest = ledger.digest()
+    assert digest == merkle_root(ledger._leaves())
+    assert ledger.recount_total() == ledger.total_balance() == 5000
+    restored = Ledger.restore(ledger.snapshot())
+    assert restored.digest() == digest and restored.accounts() == ledger.accounts()
+    for name in (_RULE.name(0), _RULE.name(49)):
+        proven = ledger.account_proof(name)
+        assert proven is not None and verify_inclusion(digest, *proven)
+    assert ledger.min_balance() == min(account.balance for account in ledger.accounts().values())
+
+
+def test_a_generated_snapshot_holds_the_rule_and_the_changed_accounts_only() -> None:
+    sizes = []
+    for count in (100, 1_000_000):
+        rule = GeneratedAccounts(count, 1000, "acct-", [0, 1], min_width=7)
+        ledger = Ledger(rule)  # no per-account work: nothing is built until a digest
+        run(ledger, Payment(0, 1, rule.name(0), rule.name(count - 1), 5))
+        snapshot = ledger.snapshot()
+        assert Ledger.restore(snapshot).balance(rule.name(count - 1)) == 1005
+        assert Ledger.restore(snapshot).balance(rule.name(1)) == 1000
+        sizes.append(len(snapshot))
+    assert sizes[1] - sizes[0] <= 8  # the count's encoding, not a million accounts
+
+
+def _generated_history() -> Ledger:
+    ledger = Ledger(_RULE, dedup_window=2)
+    run(ledger, Payment(0, 1, _RULE.name(0), _RULE.name(1), 10))
+    run(ledger, Payment(2, 1, _RULE.name(2), _RULE.name(3), 7))
+    return ledger
+
+
+GENERATED_TAMPERINGS: dict[str, Callable[[list[Any]], None]] = {
+    "owner not the rule's": lambda state: state[5][0].__setitem__(1, 5),
+    "a changed account left out": lambda state: state[5].pop(0),
+    "the rule's balance stored": lambda state: state[5].append(["acct-00049", 1, 100]),
+    "account outside the rule": lambda state: state[5][0].__setitem__(0, "acct-00077"),
+    "money created": lambda state: state[5][0].__setitem__(2, state[5][0][2] + 1),
+    "rule with no accounts": lambda state: state[4].__setitem__(0, 0),
+    "rule without owners": lambda state: state[4].__setitem__(4, []),
+    "rule owners not ints": lambda state: state[4].__setitem__(4, ["x"]),
+    "rule too short": lambda state: state[4].pop(),
+}
+
+
+@pytest.mark.parametrize("name", list(GENERATED_TAMPERINGS))
+def test_restore_rejects_a_tampered_generated_snapshot(name: str) -> None:
+    snapshot = _generated_history().snapshot()
+    assert Ledger.restore(snapshot).digest() == _generated_history().digest()
+    tampered = tamper(snapshot, GENERATED_TAMPERINGS[name])
+    assert tampered != snapshot
+    with pytest.raises(LedgerSnapshotError) as raised:
+        Ledger.restore(tampered)
+    assert "canonical" not in str(raised.value)
