@@ -422,6 +422,10 @@ class Ledger:
             raise KeyError(account)
         return genesis.owner(index)
 
+    def genesis_rule(self) -> list[Any] | None:
+        """The generated genesis's rule (GeneratedAccounts.rule), None for listed accounts."""
+        return self._genesis.rule() if self._genesis is not None else None
+
     def account_count(self) -> int:
         return self._genesis.count if self._genesis is not None else len(self._balances)
 
