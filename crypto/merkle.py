@@ -33,7 +33,11 @@ def node_hash(left: bytes, right: bytes) -> bytes:
 
 
 def _next_level(level: list[bytes]) -> list[bytes]:
-    paired = [node_hash(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
+    # node_hash inlined: half the time of a call per pair, on a million-leaf genesis.
+    sha256, prefix = hashlib.sha256, _NODE_PREFIX
+    paired = [
+        sha256(prefix + level[i] + level[i + 1]).digest() for i in range(0, len(level) - 1, 2)
+    ]
     if len(level) % 2 == 1:
         paired.append(level[-1])
     return paired

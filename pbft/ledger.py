@@ -271,22 +271,26 @@ def _generated_tree(genesis: GeneratedAccounts, header_leaf: bytes) -> tuple[byt
     if levels is not None:
         return levels
     # Every leaf is ["account", name, owner, balance]; all names have one length, so the
-    # encoding is a fixed head, the name's bytes and one of len(owners) tails.
-    names = genesis.names()
-    first = names[0].encode("utf-8")
-    head = b"\x00" + _FIXARRAY_4 + _ACCOUNT_TAG + _packb(names[0])[: -len(first)]
+    # encoding is a fixed head, the name (prefix and zero-padded index, formatted straight
+    # into bytes) and one of len(owners) tails.
+    first = genesis.name(0).encode("utf-8")
+    head = b"\x00" + _FIXARRAY_4 + _ACCOUNT_TAG + _packb(genesis.name(0))[: -len(first)]
+    head += genesis.prefix.encode("utf-8")
+    width = len(first) - len(genesis.prefix.encode("utf-8"))
     tails = [_packb(owner) + _packb(genesis.balance) for owner in genesis.owners]
     sha256 = hashlib.sha256
     if len(tails) == 1:
         tail = tails[0]
-        hashes = [sha256(head + name.encode("utf-8") + tail).digest() for name in names]
+        hashes = [
+            sha256(b"%b%0*d%b" % (head, width, index, tail)).digest()
+            for index in range(genesis.count)
+        ]
     else:
         period = len(tails)
         hashes = [
-            sha256(head + name.encode("utf-8") + tails[index % period]).digest()
-            for index, name in enumerate(names)
+            sha256(b"%b%0*d%b" % (head, width, index, tails[index % period])).digest()
+            for index in range(genesis.count)
         ]
-    del names
     levels = tuple(tree_levels([leaf_hash(header_leaf), *hashes]))
     while len(_GENESIS_TREES) >= _GENESIS_TREE_CACHE_SIZE:
         del _GENESIS_TREES[next(iter(_GENESIS_TREES))]

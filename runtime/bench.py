@@ -342,7 +342,9 @@ async def _bench_cluster(
 ) -> tuple[Phase, Phase, Phase | None, float]:
     if progress is not None:
         progress(f"{label}: starting the replicas")
-    await cluster.wait_listening()
+    # Each replica builds a generated genesis's Merkle tree before it listens (a few
+    # seconds a million accounts, longer with every replica on the same two cores).
+    await cluster.wait_listening(timeout_s=30.0 + (settings.accounts or 0) / 10_000)
     replicas = _Replicas(cluster)
     loaded = cluster.cluster
     async with trio.open_nursery() as nursery:

@@ -836,3 +836,17 @@ def test_restore_rejects_a_tampered_generated_snapshot(name: str) -> None:
     with pytest.raises(LedgerSnapshotError) as raised:
         Ledger.restore(tampered)
     assert "canonical" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("prefix", "owners", "min_width"), [("acct-", [7], 0), ("ü-", [0, 1, 2], 4), ("", [3, 1], 9)]
+)
+def test_the_shared_genesis_tree_is_the_tree_of_the_generated_leaves(
+    prefix: str, owners: list[int], min_width: int
+) -> None:
+    rule = GeneratedAccounts(37, 12, prefix, owners, min_width)
+    ledger = Ledger(rule, dedup_window=5)
+    assert ledger.digest() == merkle_root(ledger._leaves())
+    assert ledger._leaves()[1:] == [
+        msgpack.packb(["account", name, account.owner, 12]) for name, account in rule.items()
+    ]
