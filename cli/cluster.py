@@ -85,9 +85,10 @@ def add_cluster(commands: Any) -> None:
         "--clients", type=int, help="for a new cluster (default 2); must match an existing one"
     )
     up.add_argument(
-        "--accounts",
+        "--generated-accounts",
         type=int,
-        help="for a new cluster: this many generated genesis accounts, written as a count "
+        metavar="N",
+        help="for a new cluster: N genesis accounts written as a count, a [genesis] rule "
         "(default: 2 listed accounts per client); must match an existing one",
     )
     up.add_argument("--dir", required=True, help="keys, cluster.toml, data and logs go here")
@@ -227,8 +228,13 @@ def cluster_up(arguments: argparse.Namespace) -> int:
         )
     elif arguments.clients is not None and not 1 <= arguments.clients <= MAX_CLIENTS:
         problem = f"--clients: {arguments.clients} is not in 1..{MAX_CLIENTS}"
-    elif arguments.accounts is not None and not 1 <= arguments.accounts <= MAX_GENERATED_ACCOUNTS:
-        problem = f"--accounts: {arguments.accounts} is not in 1..{MAX_GENERATED_ACCOUNTS:,}"
+    elif arguments.generated_accounts is not None and not (
+        1 <= arguments.generated_accounts <= MAX_GENERATED_ACCOUNTS
+    ):
+        problem = (
+            f"--generated-accounts: {arguments.generated_accounts} is not in "
+            f"1..{MAX_GENERATED_ACCOUNTS:,}"
+        )
     elif not 0 <= arguments.max_restarts <= 1000:
         problem = f"--max-restarts: {arguments.max_restarts} is not in 0..1000"
     elif root.exists() and not root.is_dir():
@@ -243,7 +249,7 @@ def cluster_up(arguments: argparse.Namespace) -> int:
             for option, wanted, held in (
                 ("replicas", arguments.replicas, len(cluster.replicas)),
                 ("clients", arguments.clients, len(cluster.client_keys)),
-                ("accounts", arguments.accounts, len(cluster.accounts)),
+                ("generated-accounts", arguments.generated_accounts, len(cluster.accounts)),
             )
             if wanted is not None and wanted != held
         ]
@@ -266,7 +272,7 @@ def cluster_up(arguments: argparse.Namespace) -> int:
                 replicas=replicas,
                 clients=2 if arguments.clients is None else arguments.clients,
                 base_port=ports[0],
-                generated_accounts=arguments.accounts,
+                generated_accounts=arguments.generated_accounts,
             )
         except ValueError as error:
             print(f"pbft: cannot create a cluster in {root}: {error}", file=sys.stderr)

@@ -14,15 +14,20 @@ hashes are kept, so that costs O(clients) node hashes once per client, never a r
 of their decisions (id order keeps the digest independent of which client came first).
 
 A generated genesis (GeneratedAccounts, a count and a rule) is never materialised per
-account: the ledger stores only the balances that differ from the rule's,
-and its tree is copy-on-write over the genesis tree, built once per process and shared by
-every ledger of that genesis (all replicas of a simulation). We chose a shared,
-once-built genesis tree over a sparse Merkle tree with cheap default leaves because the
-generated leaves are not equal (each names its account and owner), the flat RFC 6962
-layout is what state transfer's block proofs and balance proofs already speak, and the
-build (about a second per million accounts) is paid once. For the same reason a snapshot
-of a generated ledger holds the rule and the changed balances, not a million accounts: its
-size grows with the accounts payments touched and the dedup table, not with the genesis.
+account: the ledger stores only the balances that differ from the rule's, and its tree is
+copy-on-write over the genesis tree, built once per process and shared by every ledger of
+that genesis (all replicas of a simulation). We chose a shared, once-built genesis tree over
+a sparse Merkle tree with cheap default leaves because the generated leaves are not equal
+(each names its account and owner), the flat RFC 6962 layout is what state transfer's block
+proofs and balance proofs already speak, and the build (a few seconds per million accounts)
+is paid once. For the same reason a snapshot of a generated ledger holds the rule and the
+changed balances, not a million accounts: its size grows with the accounts payments touched
+and the dedup table, not with the genesis.
+
+What still grows: a touched client's leaf is re-encoded whole (up to dedup_window
+decisions) at the next digest; a checkpoint still serialises its snapshot when it is taken
+(O(changed accounts + retained decisions)); a replica catching up by state transfer still
+receives every leaf, a million for a million accounts.
 """
 
 from __future__ import annotations
