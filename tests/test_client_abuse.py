@@ -456,3 +456,4 @@ def test_a_cancelled_payment_gives_back_its_slot_in_the_client_core_too(tmp_path
 
     trio.run(main)
     assert outcomes == ["outstanding 0", "timed out"]
+
