@@ -106,19 +106,26 @@ class ChunkServer:
         count = len(served.leaves)
         if not 0 <= start < count:
             return None
-        block = start >> self.block_level
-        block_start = block << self.block_level
-        block_leaves = served.leaves.leaves(
-            block_start, min(block_start + (1 << self.block_level), count)
-        )
-        offset = start - block_start
+        # The largest aligned block at `start`, halved while its leaves are more bytes than
+        # the limit. Leaves are encoded only until they pass the limit, not the whole block:
+        # the small chunk answering a FETCH costs a few leaves, not state_chunk_leaves.
         level = self.block_level
-        while level > 0 and (
-            offset % (1 << level) != 0
-            or sum(map(len, block_leaves[offset : offset + (1 << level)])) > limit
-        ):
+        while level > 0 and start % (1 << level) != 0:
             level -= 1
-        leaves = block_leaves[offset : offset + (1 << level)]
+        encoded: list[bytes] = []
+        total = 0
+        for index in range(start, start + min(1 << level, count - start)):
+            leaf = served.leaves.leaf(index)
+            total += len(leaf)
+            if encoded and total > limit:
+                break  # every larger block holds these leaves too: none of them fits
+            encoded.append(leaf)
+        while level > 0:
+            size = min(1 << level, count - start)
+            if size <= len(encoded) and sum(map(len, encoded[:size])) <= limit:
+                break
+            level -= 1
+        leaves = encoded[: min(1 << level, count - start)]
         if sum(map(len, leaves)) + CHUNK_OVERHEAD_BYTES > frame_bytes:
             raise StateTooLarge(f"leaf {start} alone exceeds a frame")
         path = served.leaves.node_path(level, start >> level)
