@@ -353,7 +353,8 @@ class Ledger:
     ) -> None:
         """Take over already validated tables: for listed accounts (genesis None) every
         balance in name order and every owner; for a generated genesis only the balances
-        that differ from the rule's, and no owners (the rule has them)."""
+        that differ from the rule's, and no owners (the rule has them; touched accounts'
+        owners are cached there as they are looked up)."""
         self._genesis = genesis
         self._balances = balances
         self._owners = owners
@@ -426,10 +427,18 @@ class Ledger:
         genesis = self._genesis
         if genesis is None:
             return self._owners[account]
+        # A generated ledger's _owners caches the owners of accounts payments touched (an
+        # owner never changes): each checkpoint's snapshot names them all.
+        owner = self._owners.get(account)
+        if owner is not None:
+            return owner
         index = genesis.index(account)
         if index is None:
             raise KeyError(account)
-        return genesis.owner(index)
+        owner = genesis.owner(index)
+        if account in self._balances:
+            self._owners[account] = owner
+        return owner
 
     def genesis_rule(self) -> list[Any] | None:
         """The generated genesis's rule (GeneratedAccounts.rule), None for listed accounts."""
