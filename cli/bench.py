@@ -68,6 +68,12 @@ def add_bench(commands: Any) -> None:
         metavar="S",
         help="length of each phase (default 5)",
     )
+    bench.add_argument(
+        "--accounts",
+        type=int,
+        metavar="N",
+        help="genesis accounts, given to the cluster file as a count (default: 2 per client)",
+    )
     bench.add_argument("--json", metavar="PATH", help="write the figures as JSON ('-': stdout)")
 
 
@@ -82,6 +88,7 @@ def bench(arguments: argparse.Namespace) -> int:
         concurrency=arguments.concurrency,
         rate=arguments.rate,
         seconds=arguments.seconds,
+        accounts=arguments.accounts,
     )
     problem = settings_problem(settings)
     if problem is None and arguments.json not in (None, "-"):

@@ -84,6 +84,13 @@ def add_cluster(commands: Any) -> None:
     up.add_argument(
         "--clients", type=int, help="for a new cluster (default 2); must match an existing one"
     )
+    up.add_argument(
+        "--generated-accounts",
+        type=int,
+        metavar="N",
+        help="for a new cluster: N genesis accounts written as a count, a [genesis] rule "
+        "(default: 2 listed accounts per client); must match an existing one",
+    )
     up.add_argument("--dir", required=True, help="keys, cluster.toml, data and logs go here")
     up.add_argument(
         "--restart",
@@ -206,6 +213,7 @@ def cluster_up(arguments: argparse.Namespace) -> int:
     import fcntl
 
     from pbft.config import MAX_REPLICAS, MIN_REPLICAS
+    from pbft.ledger import MAX_GENERATED_ACCOUNTS
     from runtime.cluster import CLUSTER_FILE_NAME, MAX_CLIENTS, load_cluster, write_cluster
     from runtime.ports import consecutive_free_ports
     from runtime.supervisor import Supervisor, replica_command
@@ -220,6 +228,13 @@ def cluster_up(arguments: argparse.Namespace) -> int:
         )
     elif arguments.clients is not None and not 1 <= arguments.clients <= MAX_CLIENTS:
         problem = f"--clients: {arguments.clients} is not in 1..{MAX_CLIENTS}"
+    elif arguments.generated_accounts is not None and not (
+        1 <= arguments.generated_accounts <= MAX_GENERATED_ACCOUNTS
+    ):
+        problem = (
+            f"--generated-accounts: {arguments.generated_accounts} is not in "
+            f"1..{MAX_GENERATED_ACCOUNTS:,}"
+        )
     elif not 0 <= arguments.max_restarts <= 1000:
         problem = f"--max-restarts: {arguments.max_restarts} is not in 0..1000"
     elif root.exists() and not root.is_dir():
@@ -234,6 +249,7 @@ def cluster_up(arguments: argparse.Namespace) -> int:
             for option, wanted, held in (
                 ("replicas", arguments.replicas, len(cluster.replicas)),
                 ("clients", arguments.clients, len(cluster.client_keys)),
+                ("generated-accounts", arguments.generated_accounts, len(cluster.accounts)),
             )
             if wanted is not None and wanted != held
         ]
@@ -256,6 +272,7 @@ def cluster_up(arguments: argparse.Namespace) -> int:
                 replicas=replicas,
                 clients=2 if arguments.clients is None else arguments.clients,
                 base_port=ports[0],
+                generated_accounts=arguments.generated_accounts,
             )
         except ValueError as error:
             print(f"pbft: cannot create a cluster in {root}: {error}", file=sys.stderr)

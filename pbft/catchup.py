@@ -359,6 +359,10 @@ class CatchUp:
             ledger = Ledger.restore(state.ledger_snapshot)
         except LedgerSnapshotError as error:
             raise Rejected(DropReason.BAD_SNAPSHOT, str(error)) from None
+        # Before the digest: a few bytes naming another (say, ten million account) genesis
+        # must not make us build its Merkle tree only to find the digest differs.
+        if ledger.genesis_rule() != self.ctx.ordering.ledger.genesis_rule():
+            raise Rejected(DropReason.BAD_SNAPSHOT, "the snapshot names another genesis")
         if ledger.digest() != ledger_digest:
             raise Rejected(DropReason.BAD_SNAPSHOT, "the snapshot is not the state the proof names")
         self._install_state(

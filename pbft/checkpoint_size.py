@@ -2,11 +2,13 @@
 
 A replica persists its stable checkpoint as one record (pbft/checkpoints.py, `make_stable`):
 msgpack [seq, chain_hash, ledger_digest, snapshot, proof]. The snapshot (`Ledger.snapshot`)
-holds every genesis account (payments never create one) and, for every client that had a
-request decided, at most `dedup_window` decisions. A request is executed only if a client
-key of the cluster signed it, so there are at most as many client records as client keys.
-The largest snapshot therefore follows from the genesis accounts, the number of clients
-and dedup_window; any client can fill its own window, so the bound is reachable.
+holds every listed genesis account, or for a generated genesis its rule and the accounts
+whose balance payments changed (at worst all of them; payments never create an account),
+and, for every client that had a request decided, at most `dedup_window` decisions. A
+request is executed only if a client key of the cluster signed it, so there are at most as
+many client records as client keys. The largest snapshot therefore follows from the
+genesis accounts, the number of clients and dedup_window; any client can fill its own
+window and payments can change every balance, so the bound is reachable.
 
 A configuration whose largest checkpoint a replica could not store or read back is refused
 before any replica starts (`checkpoint_size_problem`): otherwise every replica would die at
@@ -106,6 +108,14 @@ def _names_and_owners_bytes(accounts: Mapping[str, Account]) -> int:
     )
 
 
+def _genesis_rule_bytes(accounts: Mapping[str, Account]) -> int:
+    """The snapshot's genesis field: nil, or [count, balance, prefix, min_width, [owners]]."""
+    if not isinstance(accounts, GeneratedAccounts):
+        return 1
+    owners = _array_header(len(accounts.owners)) + sum(map(_uint_bytes, accounts.owners))
+    return 1 + 3 * _UINT + _str_bytes(len(accounts.prefix.encode())) + owners
+
+
 def snapshot_size_bound(
     accounts: Mapping[str, Account], client_count: int, dedup_window: int
 ) -> int:
@@ -113,6 +123,7 @@ def snapshot_size_bound(
     clients and this dedup window (tests/test_checkpoint_size.py checks it against a
     ledger filled to the brim)."""
     header = 1 + 1 + 3 * _UINT  # [version, dedup_window, initial_total, executed_count, ...
+    header += _genesis_rule_bytes(accounts)
     accounts_bytes = (
         _array_header(len(accounts))
         + len(accounts) * _ACCOUNT_FIXED_BYTES

@@ -18,10 +18,12 @@ import dataclasses
 import hashlib
 from collections.abc import Mapping
 
+import msgpack
+
 from crypto.keys import KeyRing
 from pbft.codec import pack
 from pbft.config import ClusterConfig
-from pbft.ledger import Account
+from pbft.ledger import Account, GeneratedAccounts
 
 CLUSTER_ID_BYTES = 32
 # The default account names: acct-00000, acct-00001, ... for listed accounts (simulator
@@ -52,22 +54,51 @@ def compute_cluster_id(
         if key is None:
             raise GenesisError(f"the key ring holds no key for replica {replica}")
         replica_keys.append(key.public_bytes())
-    # Sorted, so the id does not depend on the order accounts were listed or inserted in.
-    account_rows = [
-        [name, accounts[name].owner, accounts[name].balance] for name in sorted(accounts)
-    ]
     # Effective values (watermark_window 0 means "the default"), keyed by field name.
     parameters = [
         [field.name, getattr(config, field.name)]
         for field in sorted(dataclasses.fields(config), key=lambda field: field.name)
     ]
-    encoded = pack(
+    # msgpack of a 5-item array is its fixarray header and the items' encodings in a row,
+    # so the account rows (a million for a large genesis) are encoded on their own, once
+    # per genesis object however many replicas of one process ask.
+    encoded = b"".join(
         [
-            config.replica_count,
-            config.fault_tolerance,
-            replica_keys,
-            account_rows,
-            parameters,
+            b"\x95",
+            pack(config.replica_count),
+            pack(config.fault_tolerance),
+            pack(replica_keys),
+            _packed_account_rows(accounts),
+            pack(parameters),
         ]
     )
     return hashlib.sha256(_DOMAIN + encoded).digest()
+
+
+def _packed_account_rows(accounts: Mapping[str, Account]) -> bytes:
+    """[[name, owner, balance], ...] sorted by name, so the id does not depend on the order
+    accounts were listed or inserted in."""
+    if not isinstance(accounts, GeneratedAccounts):
+        return pack(
+            [[name, accounts[name].owner, accounts[name].balance] for name in sorted(accounts)]
+        )
+    cached = accounts.derived.get("cluster_id_rows")
+    if cached is None:
+        # The same bytes as pack() of the rows in name (= index) order: each row is a
+        # 3-item array header, the name (its str header, the prefix, the zero-padded index)
+        # and the owner's and balance's encodings; formatted straight into bytes, since a
+        # row list and an Account per account would take seconds for a million.
+        name = accounts.name(0).encode("utf-8")
+        prefix = accounts.prefix.encode("utf-8")
+        head = b"\x93" + pack(accounts.name(0))[: -len(name)] + prefix
+        width = len(name) - len(prefix)
+        balance = pack(accounts.balance)
+        tails = [pack(owner) + balance for owner in accounts.owners]
+        period = len(tails)
+        rows = [
+            b"%b%0*d%b" % (head, width, index, tails[index % period])
+            for index in range(accounts.count)
+        ]
+        cached = msgpack.Packer().pack_array_header(accounts.count) + b"".join(rows)
+        accounts.derived["cluster_id_rows"] = cached
+    return cached

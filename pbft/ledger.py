@@ -4,11 +4,37 @@ Part of the sans-I/O protocol core. Every replica must reach byte-identical stat
 from the same ordered requests, so this module does no I/O, reads no clock or
 randomness, never uses floats for money and never iterates a set (str hash order
 differs between processes).
+
+Cost that does not grow with the ledger. The state digest is an RFC 6962 Merkle root over
+the leaves [header, accounts in name order, clients in id order]. The tree keeps its inner
+nodes (crypto.merkle.MerkleTree): a digest rehashes only the header and the leaves the
+requests since the last digest touched, each in O(log n). A client's first decision
+inserts its leaf among the clients and moves the later client leaves one place up: their
+hashes are kept, so that costs O(clients) node hashes once per client, never a re-encoding
+of their decisions (id order keeps the digest independent of which client came first).
+
+A generated genesis (GeneratedAccounts, a count and a rule) is never materialised per
+account: the ledger stores only the balances that differ from the rule's, and its tree is
+copy-on-write over the genesis tree, built once per process and shared by every ledger of
+that genesis (all replicas of a simulation). We chose a shared, once-built genesis tree over
+a sparse Merkle tree with cheap default leaves because the generated leaves are not equal
+(each names its account and owner), the flat RFC 6962 layout is what state transfer's block
+proofs and balance proofs already speak, and the build (a few seconds per million accounts)
+is paid once. For the same reason a snapshot of a generated ledger holds the rule and the
+changed balances, not a million accounts: its size grows with the accounts payments touched
+and the dedup table, not with the genesis.
+
+What still grows: a touched client's leaf is re-encoded whole (up to dedup_window
+decisions) at the next digest; a checkpoint still serialises its snapshot when it is taken
+(O(changed accounts + retained decisions)); a replica catching up by state transfer still
+receives every leaf, a million for a million accounts.
 """
 
 from __future__ import annotations
 
+import bisect
 import enum
+import hashlib
 import heapq
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -16,7 +42,7 @@ from typing import Any, TypeGuard
 
 import msgpack
 
-from crypto.merkle import MerkleProof, inclusion_proof, merkle_root
+from crypto.merkle import MerkleProof, MerkleTree, leaf_hash, tree_levels
 
 MAX_AMOUNT = 2**63 - 1
 # Identifiers and counters travel as msgpack unsigned integers.
@@ -27,7 +53,7 @@ MAX_ACCOUNT_NAME_LENGTH = 64
 BODY_DIGEST_SIZE_BYTES = 32
 # Eviction floor of a client that has not forgotten anything yet (-1 in snapshots).
 NOTHING_EVICTED = -1
-SNAPSHOT_FORMAT_VERSION = 1
+SNAPSHOT_FORMAT_VERSION = 2
 # Snapshots arrive from other replicas during state transfer and are untrusted;
 # this bounds the memory a malicious snapshot can make us allocate.
 MAX_SNAPSHOT_SIZE_BYTES = 256 * 1024 * 1024
@@ -136,13 +162,16 @@ def _validate_account_name(name: object) -> None:
 class GeneratedAccounts(Mapping[str, Account]):
     """A genesis of `count` accounts described by a rule rather than listed one by one.
 
-    Account i is named prefix + i zero-padded to the width of count - 1 (so name order is
-    index order), holds `balance` and is owned by owners[i % len(owners)]. The same rule
-    gives the same ledger in every process; the Ledger builds it without an Account object
-    per entry, which keeps a million-account genesis quick.
+    Account i is named prefix + i zero-padded to the width of count - 1 or `min_width`,
+    whichever is wider (so name order is index order), holds `balance` and is owned by
+    owners[i % len(owners)]. The same rule gives the same ledger in every process; the
+    Ledger never builds an Account object per entry, which keeps a million-account genesis
+    quick.
     """
 
-    def __init__(self, count: int, balance: int, prefix: str, owners: Sequence[int]) -> None:
+    def __init__(
+        self, count: int, balance: int, prefix: str, owners: Sequence[int], min_width: int = 0
+    ) -> None:
         if not _is_int(count) or not 1 <= count <= MAX_GENERATED_ACCOUNTS:
             raise ValueError(f"generated account count must be in 1..{MAX_GENERATED_ACCOUNTS}")
         if not _is_int(balance) or not 0 <= balance <= MAX_AMOUNT:
@@ -151,6 +180,8 @@ class GeneratedAccounts(Mapping[str, Account]):
             raise ValueError(f"total balance {balance * count} exceeds {MAX_TOTAL}")
         if not isinstance(prefix, str):
             raise ValueError(f"generated account prefix must be a str, got {prefix!r}")
+        if not _is_int(min_width) or not 0 <= min_width <= MAX_ACCOUNT_NAME_LENGTH:
+            raise ValueError(f"min_width must be an int in [0, {MAX_ACCOUNT_NAME_LENGTH}]")
         if not owners:
             raise ValueError("generated accounts need at least one owner")
         for owner in owners:
@@ -159,9 +190,21 @@ class GeneratedAccounts(Mapping[str, Account]):
         self.balance = balance
         self.prefix = prefix
         self.owners = tuple(owners)
-        self._width = len(str(count - 1))
-        # The longest name is the only one that can be too long or badly encoded.
+        self.min_width = min_width
+        self._width = max(min_width, len(str(count - 1)))
+        # Values derived from the rule alone, memoised by whoever derives them (the cluster
+        # id's account rows), so the replicas of one process sharing a genesis pay once.
+        self.derived: dict[str, bytes] = {}
+        # Every name has the same length, so the longest is the only one that can be too
+        # long or badly encoded.
         _validate_account_name(self.name(count - 1))
+
+    def rule(self) -> list[Any]:
+        """The rule as snapshots and the digest's header leaf carry it."""
+        return [self.count, self.balance, self.prefix, self.min_width, list(self.owners)]
+
+    def total(self) -> int:
+        return self.balance * self.count
 
     def name(self, index: int) -> str:
         return f"{self.prefix}{index:0{self._width}d}"
@@ -173,7 +216,8 @@ class GeneratedAccounts(Mapping[str, Account]):
     def owner(self, index: int) -> int:
         return self.owners[index % len(self.owners)]
 
-    def _index(self, name: object) -> int | None:
+    def index(self, name: object) -> int | None:
+        """The account's index, None if the rule has no account of that name."""
         if not isinstance(name, str) or not name.startswith(self.prefix):
             return None
         digits = name[len(self.prefix) :]
@@ -183,19 +227,88 @@ class GeneratedAccounts(Mapping[str, Account]):
         return index if index < self.count else None
 
     def __getitem__(self, name: str) -> Account:
-        index = self._index(name)
+        index = self.index(name)
         if index is None:
             raise KeyError(name)
         return Account(owner=self.owner(index), balance=self.balance)
 
     def __contains__(self, name: object) -> bool:
-        return self._index(name) is not None
+        return self.index(name) is not None
 
     def __iter__(self) -> Iterator[str]:
         return (self.name(index) for index in range(self.count))
 
     def __len__(self) -> int:
         return self.count
+
+
+def genesis_total(accounts: Mapping[str, Account]) -> int:
+    """The money in a genesis, without an Account object per generated account."""
+    if isinstance(accounts, GeneratedAccounts):
+        return accounts.total()
+    return sum(account.balance for account in accounts.values())
+
+
+def _genesis_from_rule(rule: object) -> GeneratedAccounts | None:
+    """The inverse of GeneratedAccounts.rule() for untrusted input (None: listed accounts)."""
+    if rule is None:
+        return None
+    if not isinstance(rule, list) or len(rule) != 5:
+        raise LedgerSnapshotError(f"genesis rule must be nil or a 5-item array, got {rule!r}")
+    count, balance, prefix, min_width, owners = rule
+    if not isinstance(owners, list) or not all(_is_int(owner) for owner in owners):
+        raise LedgerSnapshotError("genesis rule owners must be an array of ints")
+    try:
+        return GeneratedAccounts(count, balance, prefix, owners, min_width)
+    except ValueError as error:
+        raise LedgerSnapshotError(f"genesis rule: {error}") from None
+
+
+# The leaf hashes of generated genesis trees, keyed by the genesis header leaf (which holds
+# the whole rule). A pure function of the key, so sharing it across ledgers of one process
+# cannot make two replicas differ; bounded, since each holds about 64 bytes per account.
+_GENESIS_TREES: dict[bytes, tuple[bytes, ...]] = {}
+_GENESIS_TREE_CACHE_SIZE = 2
+
+
+def _generated_tree(genesis: GeneratedAccounts, header_leaf: bytes) -> tuple[bytes, ...]:
+    levels = _GENESIS_TREES.get(header_leaf)
+    if levels is not None:
+        return levels
+    # Every leaf is ["account", name, owner, balance]; all names have one length, so the
+    # encoding is a fixed head, the name (prefix and zero-padded index, formatted straight
+    # into bytes) and one of len(owners) tails.
+    first = genesis.name(0).encode("utf-8")
+    head = b"\x00" + _FIXARRAY_4 + _ACCOUNT_TAG + _packb(genesis.name(0))[: -len(first)]
+    head += genesis.prefix.encode("utf-8")
+    width = len(first) - len(genesis.prefix.encode("utf-8"))
+    tails = [_packb(owner) + _packb(genesis.balance) for owner in genesis.owners]
+    sha256 = hashlib.sha256
+    if len(tails) == 1:
+        tail = tails[0]
+        hashes = [
+            sha256(b"%b%0*d%b" % (head, width, index, tail)).digest()
+            for index in range(genesis.count)
+        ]
+    else:
+        period = len(tails)
+        hashes = [
+            sha256(b"%b%0*d%b" % (head, width, index, tails[index % period])).digest()
+            for index in range(genesis.count)
+        ]
+    levels = tuple(tree_levels([leaf_hash(header_leaf), *hashes]))
+    while len(_GENESIS_TREES) >= _GENESIS_TREE_CACHE_SIZE:
+        del _GENESIS_TREES[next(iter(_GENESIS_TREES))]
+    _GENESIS_TREES[header_leaf] = levels
+    return levels
+
+
+def _packb(value: object) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)
+
+
+_FIXARRAY_4 = b"\x94"
+_ACCOUNT_TAG = _packb("account")
 
 
 class Ledger:
@@ -205,15 +318,8 @@ class Ledger:
         if not _is_int(dedup_window) or not 1 <= dedup_window <= MAX_ID:
             raise ValueError(f"dedup_window must be an int in [1, {MAX_ID}], got {dedup_window!r}")
         if isinstance(accounts, GeneratedAccounts):
-            # Validated once as a rule; names come out already in sorted order.
-            names = accounts.names()
-            owners = accounts.owners
-            self._assemble(
-                dict.fromkeys(names, accounts.balance),
-                {name: owners[index % len(owners)] for index, name in enumerate(names)},
-                dedup_window,
-                accounts.balance * accounts.count,
-            )
+            # Validated once as a rule; no account is stored until a payment changes it.
+            self._assemble(accounts, {}, {}, dedup_window, accounts.total())
             return
         for name in accounts:
             _validate_account_name(name)
@@ -235,20 +341,45 @@ class Ledger:
         total = sum(balances.values())
         if total > MAX_TOTAL:
             raise ValueError(f"total balance {total} exceeds {MAX_TOTAL}")
-        self._assemble(balances, owners, dedup_window, total)
+        self._assemble(None, balances, owners, dedup_window, total)
 
     def _assemble(
-        self, balances: dict[str, int], owners: dict[str, int], dedup_window: int, total: int
+        self,
+        genesis: GeneratedAccounts | None,
+        balances: dict[str, int],
+        owners: dict[str, int],
+        dedup_window: int,
+        total: int,
     ) -> None:
-        """Take over already validated tables, `balances` in name order."""
+        """Take over already validated tables: for listed accounts (genesis None) every
+        balance in name order and every owner; for a generated genesis only the balances
+        that differ from the rule's, and no owners (the rule has them; touched accounts'
+        owners are cached there as they are looked up)."""
+        self._genesis = genesis
         self._balances = balances
         self._owners = owners
+        # Listed accounts: name -> position among the account leaves (names never change).
+        self._positions: dict[str, int] = (
+            {name: index for index, name in enumerate(balances)} if genesis is None else {}
+        )
+        self._names: list[str] = list(balances) if genesis is None else []
         self._dedup_window = dedup_window
         self._initial_total = total
         # Tracked incrementally so the conservation check after each payment is O(1).
         self._total = total
         self._executed_count = 0
         self._clients: dict[int, _ClientRecord] = {}
+        # Client ids in id order: position i is client leaf i.
+        self._client_order: list[int] = []
+        # Each client's leaf hash as of the last digest, so a shifted leaf is not rehashed.
+        self._client_hashes: dict[int, bytes] = {}
+        # The lowest client position whose leaf moved since the last digest, if any.
+        self._shifted_from: int | None = None
+        # The digest's tree, built on the first digest; then only the leaves changed since
+        # (dicts, not sets: their order is the same in every process) are rehashed.
+        self._tree: MerkleTree | None = None
+        self._dirty_accounts: dict[str, None] = {}
+        self._dirty_clients: dict[int, None] = {}
 
     # -- queries ---------------------------------------------------------------
 
@@ -277,25 +408,81 @@ class Ledger:
             return None
         return record.eviction_floor
 
+    def _position(self, account: str) -> int | None:
+        """The account's place among the account leaves, None if there is no such account."""
+        genesis = self._genesis
+        if genesis is None:
+            return self._positions.get(account)
+        return genesis.index(account)
+
     def balance(self, account: str) -> int | None:
         if not isinstance(account, str):
             return None
-        return self._balances.get(account)
+        balance = self._balances.get(account)
+        if balance is not None or self._genesis is None:
+            return balance
+        return self._genesis.balance if self._genesis.index(account) is not None else None
+
+    def _owner(self, account: str) -> int:
+        genesis = self._genesis
+        if genesis is None:
+            return self._owners[account]
+        # A generated ledger's _owners caches the owners of accounts payments touched (an
+        # owner never changes): each checkpoint's snapshot names them all.
+        owner = self._owners.get(account)
+        if owner is not None:
+            return owner
+        index = genesis.index(account)
+        if index is None:
+            raise KeyError(account)
+        owner = genesis.owner(index)
+        if account in self._balances:
+            self._owners[account] = owner
+        return owner
+
+    def genesis_rule(self) -> list[Any] | None:
+        """The generated genesis's rule (GeneratedAccounts.rule), None for listed accounts."""
+        return self._genesis.rule() if self._genesis is not None else None
+
+    def account_count(self) -> int:
+        return self._genesis.count if self._genesis is not None else len(self._balances)
 
     def accounts(self) -> dict[str, Account]:
-        # _balances is kept in name order since construction; names are never added.
+        """Every account, in name order: O(accounts), for tests, audits and tools."""
+        genesis = self._genesis
+        if genesis is None:
+            return {
+                name: Account(owner=self._owners[name], balance=balance)
+                for name, balance in self._balances.items()
+            }
+        changed, default = self._balances, genesis.balance
         return {
-            name: Account(owner=self._owners[name], balance=balance)
-            for name, balance in self._balances.items()
+            name: Account(owner=genesis.owner(index), balance=changed.get(name, default))
+            for index, name in enumerate(genesis.names())
         }
+
+    def min_balance(self) -> int:
+        """The smallest balance of any account, without visiting untouched generated ones."""
+        genesis = self._genesis
+        if genesis is None:
+            return min(self._balances.values(), default=0)
+        smallest = min(self._balances.values(), default=genesis.balance)
+        if len(self._balances) < genesis.count:
+            smallest = min(smallest, genesis.balance)
+        return smallest
 
     def total_balance(self) -> int:
         """The incrementally tracked sum of all balances, O(1)."""
         return self._total
 
     def recount_total(self) -> int:
-        """Sum of all balances recomputed from scratch, O(accounts); for tests and audits."""
-        return sum(self._balances.values())
+        """Sum of all stored balances recomputed from scratch, O(stored accounts); for tests
+        and audits."""
+        genesis = self._genesis
+        if genesis is None:
+            return sum(self._balances.values())
+        untouched = genesis.count - len(self._balances)
+        return genesis.balance * untouched + sum(self._balances.values())
 
     # -- execution -------------------------------------------------------------
 
@@ -346,33 +533,55 @@ class Ledger:
         payer, payee = payment.payer, payment.payee
         if payer == payee:
             return Reason.SAME_ACCOUNT
-        # isinstance first: an unhashable payer must not raise on dict lookup.
-        if not isinstance(payer, str) or payer not in self._balances:
+        # isinstance first (in balance()): an unhashable payer must not raise on lookup.
+        payer_balance = self.balance(payer)
+        if payer_balance is None:
             return Reason.UNKNOWN_ACCOUNT
-        if not isinstance(payee, str) or payee not in self._balances:
+        payee_balance = self.balance(payee)
+        if payee_balance is None:
             return Reason.UNKNOWN_ACCOUNT
-        if self._owners[payer] != payment.client_id:
+        if self._owner(payer) != payment.client_id:
             return Reason.UNAUTHORIZED
-        if self._balances[payer] < amount:
+        if payer_balance < amount:
             return Reason.INSUFFICIENT_FUNDS
-        if self._balances[payee] + amount > MAX_AMOUNT:
+        if payee_balance + amount > MAX_AMOUNT:
             return Reason.INVALID_AMOUNT
         return Reason.NONE
 
     def _transfer(self, payer: str, payee: str, amount: int) -> None:
-        payer_balance = self._balances[payer] - amount
-        payee_balance = self._balances[payee] + amount
+        payer_balance = self._stored_balance(payer) - amount
+        payee_balance = self._stored_balance(payee) + amount
         if payer_balance < 0 or payee_balance > MAX_AMOUNT:
             raise LedgerInvariantError(f"transfer of {amount} from {payer!r} to {payee!r}")
-        self._balances[payer] = payer_balance
+        self._set_balance(payer, payer_balance)
         self._total -= amount
-        self._balances[payee] = payee_balance
+        self._set_balance(payee, payee_balance)
         self._total += amount
+
+    def _stored_balance(self, account: str) -> int:
+        balance = self._balances.get(account)
+        if balance is not None:
+            return balance
+        if self._genesis is None:
+            raise KeyError(account)
+        return self._genesis.balance
+
+    def _set_balance(self, account: str, balance: int) -> None:
+        genesis = self._genesis
+        # A generated ledger keeps only balances that differ from the rule's, so equal
+        # states store equal tables (and snapshot to equal bytes).
+        if genesis is not None and balance == genesis.balance:
+            self._balances.pop(account, None)
+        else:
+            self._balances[account] = balance
+        self._dirty_accounts[account] = None
 
     def _store(self, client_id: int, request_id: int, decision: Decision) -> None:
         record = self._clients.get(client_id)
         if record is None:
             record = self._clients[client_id] = _ClientRecord()
+            self._add_client_position(client_id)
+        self._dirty_clients[client_id] = None
         record.decisions[request_id] = decision
         heapq.heappush(record.request_id_heap, request_id)
         # Add before evicting: if the new id is the smallest it is the one forgotten,
@@ -386,87 +595,183 @@ class Ledger:
                 )
             record.eviction_floor = evicted
 
-    # -- snapshots -------------------------------------------------------------
+    def _add_client_position(self, client_id: int) -> None:
+        position = bisect.bisect_left(self._client_order, client_id)
+        self._client_order.insert(position, client_id)
+        if self._shifted_from is None or position < self._shifted_from:
+            self._shifted_from = position
+
+    # -- the digest and its leaves ------------------------------------------------
 
     def digest(self) -> bytes:
         """Canonical hash of the whole state: equal states give equal digests.
 
-        A Merkle root over the state's leaves (a header, then one leaf per account, then one
-        per client), so a checkpoint's digest can later prove one account's balance with an
-        inclusion proof instead of the whole state.
+        A Merkle root over the state's leaves (a header, then one leaf per account in name
+        order, then one per client in the order of its first decision), so a checkpoint's
+        digest can later prove one account's balance with an inclusion proof instead of the
+        whole state. Costs O(log n) per leaf changed since the last digest.
         """
-        return merkle_root(self._leaves())
+        return self._current_tree().root()
 
     def account_proof(self, account: str) -> tuple[bytes, MerkleProof] | None:
         """The account's leaf and its inclusion proof against `digest()`."""
-        if account not in self._balances:
+        position = self._position(account) if isinstance(account, str) else None
+        if position is None:
             return None
-        leaves = self._leaves()
-        index = 1 + sorted(self._balances).index(account)
-        return leaves[index], inclusion_proof(leaves, index)
+        return self._account_leaf(account), self._current_tree().proof(1 + position)
+
+    def merkle_tree(self) -> MerkleTree:
+        """The digest's tree, up to date (read-only for callers: proofs and block roots)."""
+        return self._current_tree()
+
+    def leaves(self, start: int, stop: int) -> list[bytes]:
+        return [self.leaf(index) for index in range(start, stop)]
 
     def leaf_count(self) -> int:
         """Leaves of the digest's Merkle tree: the header, the accounts, the clients."""
-        return 1 + len(self._balances) + len(self._clients)
+        return 1 + self.account_count() + len(self._clients)
+
+    def leaf(self, index: int) -> bytes:
+        """The digest's leaf `index` (what state transfer serves), encoded on demand."""
+        if not 0 <= index < self.leaf_count():
+            raise IndexError(f"leaf {index} out of range for {self.leaf_count()} leaves")
+        if index == 0:
+            return self._header_leaf()
+        position = index - 1
+        accounts = self.account_count()
+        if position < accounts:
+            genesis = self._genesis
+            name = self._names[position] if genesis is None else genesis.name(position)
+            return self._account_leaf(name)
+        return self._client_leaf(self._client_order[position - accounts])
 
     def _leaves(self) -> list[bytes]:
-        header = [
-            SNAPSHOT_FORMAT_VERSION,
-            self._dedup_window,
-            self._initial_total,
-            self._executed_count,
-        ]
-        leaves = [msgpack.packb(["header", *header], use_bin_type=True)]
-        for name in sorted(self._balances):
-            account = ["account", name, self._owners[name], self._balances[name]]
-            leaves.append(msgpack.packb(account, use_bin_type=True))
-        for client_id in sorted(self._clients):
-            record = self._clients[client_id]
-            decisions = [
-                [request_id, decision.outcome, decision.reason, decision.seq, decision.body_digest]
-                for request_id, decision in sorted(record.decisions.items())
+        return [self.leaf(index) for index in range(self.leaf_count())]
+
+    def _header_leaf(self) -> bytes:
+        rule = self._genesis.rule() if self._genesis is not None else None
+        return _packb(
+            [
+                "header",
+                SNAPSHOT_FORMAT_VERSION,
+                self._dedup_window,
+                self._initial_total,
+                self._executed_count,
+                rule,
             ]
-            client = ["client", client_id, record.eviction_floor, decisions]
-            leaves.append(msgpack.packb(client, use_bin_type=True))
-        return leaves
+        )
+
+    def _account_leaf(self, name: str) -> bytes:
+        return _packb(["account", name, self._owner(name), self._stored_balance(name)])
+
+    def _client_leaf(self, client_id: int) -> bytes:
+        record = self._clients[client_id]
+        return _packb(["client", client_id, record.eviction_floor, _decision_rows(record)])
+
+    def _current_tree(self) -> MerkleTree:
+        """The digest's tree, brought up to date with the leaves changed since last time."""
+        tree = self._tree
+        if tree is None:
+            return self._build_tree()
+        accounts = self.account_count()
+        changed = {0: leaf_hash(self._header_leaf())}
+        for name in self._dirty_accounts:
+            position = self._position(name)
+            if position is None:
+                raise LedgerInvariantError(f"changed account {name!r} is not in the ledger")
+            changed[1 + position] = leaf_hash(self._account_leaf(name))
+        hashes, order, first = self._client_hashes, self._client_order, 1 + accounts
+        for client_id in self._dirty_clients:
+            hashes[client_id] = leaf_hash(self._client_leaf(client_id))
+            changed[first + bisect.bisect_left(order, client_id)] = hashes[client_id]
+        if self._shifted_from is not None:
+            for position in range(self._shifted_from, len(order)):
+                changed[first + position] = hashes[order[position]]
+        self._dirty_accounts.clear()
+        self._dirty_clients.clear()
+        self._shifted_from = None
+        tree.update(changed)
+        return tree
+
+    def _build_tree(self) -> MerkleTree:
+        genesis = self._genesis
+        self._client_hashes = {
+            client_id: leaf_hash(self._client_leaf(client_id)) for client_id in self._client_order
+        }
+        if genesis is None:
+            hashes = [leaf_hash(self.leaf(index)) for index in range(1 + len(self._names))]
+            hashes.extend(self._client_hashes[client_id] for client_id in self._client_order)
+            tree = MerkleTree(tree_levels(hashes))
+        else:
+            # Copy-on-write over the shared genesis tree: only what differs is hashed.
+            genesis_header = _packb(
+                [
+                    "header",
+                    SNAPSHOT_FORMAT_VERSION,
+                    self._dedup_window,
+                    genesis.total(),
+                    0,
+                    genesis.rule(),
+                ]
+            )
+            tree = MerkleTree(_generated_tree(genesis, genesis_header))
+            changed = {0: leaf_hash(self._header_leaf())}
+            for name in self._balances:
+                index = genesis.index(name)
+                if index is None:
+                    raise LedgerInvariantError(f"changed account {name!r} is not in the ledger")
+                changed[1 + index] = leaf_hash(self._account_leaf(name))
+            for position, client_id in enumerate(self._client_order):
+                changed[1 + genesis.count + position] = self._client_hashes[client_id]
+            tree.update(changed)
+        self._tree = tree
+        self._dirty_accounts.clear()
+        self._dirty_clients.clear()
+        self._shifted_from = None
+        return tree
+
+    # -- snapshots -------------------------------------------------------------
 
     def snapshot(self) -> bytes:
         """Canonical msgpack encoding; the same state always gives the same bytes.
 
         Layout (arrays only, no maps, so there is no key order to get wrong):
         [version, dedup_window, initial_total, executed_count,
-         [[name, owner, balance], ...] sorted by name,
+         genesis rule (nil for listed accounts, else [count, balance, prefix, min_width,
+         [owner, ...]]),
+         [[name, owner, balance], ...] sorted by name: every listed account, or the
+         generated accounts whose balance differs from the rule's,
          [[client_id, eviction_floor,
            [[request_id, outcome, reason, seq, body_digest], ...] sorted by request id],
           ...] sorted by client id]
         """
-        accounts = [
-            [name, self._owners[name], self._balances[name]] for name in sorted(self._balances)
-        ]
-        clients = []
-        for client_id in sorted(self._clients):
-            record = self._clients[client_id]
-            decisions = [
-                [
-                    request_id,
-                    # StrEnum members are str: msgpack packs them as the code itself.
-                    decision.outcome,
-                    decision.reason,
-                    decision.seq,
-                    decision.body_digest,
-                ]
-                for request_id, decision in sorted(record.decisions.items())
+        genesis = self._genesis
+        if genesis is None:
+            accounts = [
+                [name, self._owners[name], balance] for name, balance in self._balances.items()
             ]
-            clients.append([client_id, record.eviction_floor, decisions])
+        else:
+            accounts = [
+                [name, self._owner(name), self._balances[name]] for name in sorted(self._balances)
+            ]
+        clients = [
+            [
+                client_id,
+                self._clients[client_id].eviction_floor,
+                _decision_rows(self._clients[client_id]),
+            ]
+            for client_id in self._client_order
+        ]
         state = [
             SNAPSHOT_FORMAT_VERSION,
             self._dedup_window,
             self._initial_total,
             self._executed_count,
+            genesis.rule() if genesis is not None else None,
             accounts,
             clients,
         ]
-        return msgpack.packb(state, use_bin_type=True)
+        return _packb(state)
 
     @classmethod
     def restore(cls, snapshot: bytes) -> Ledger:
@@ -502,13 +807,14 @@ class Ledger:
 
     @classmethod
     def _from_state(cls, state: Any) -> Ledger:
-        fields = _snapshot_array(state, "state", length=6)
-        version, dedup_window, initial_total, executed_count, accounts, clients = fields
+        fields = _snapshot_array(state, "state", length=7)
+        version, dedup_window, initial_total, executed_count, rule, accounts, clients = fields
         if version != SNAPSHOT_FORMAT_VERSION or not _is_int(version):
             raise LedgerSnapshotError(f"unsupported snapshot version {version!r}")
         dedup_window = _snapshot_int(dedup_window, "dedup_window", low=1, high=MAX_ID)
         initial_total = _snapshot_int(initial_total, "initial_total", low=0, high=MAX_TOTAL)
         executed_count = _snapshot_int(executed_count, "executed_count", low=0, high=MAX_ID)
+        genesis = _genesis_from_rule(rule)
 
         account_map: dict[str, Account] = {}
         previous_name: str | None = None
@@ -523,13 +829,29 @@ class Ledger:
             owner = _snapshot_int(owner, f"owner of {name!r}", low=0, high=MAX_ID)
             balance = _snapshot_int(balance, f"balance of {name!r}", low=0, high=MAX_AMOUNT)
             account_map[name] = Account(owner=owner, balance=balance)
-        try:
-            ledger = cls(account_map, dedup_window=dedup_window)
-        except ValueError as error:
-            raise LedgerSnapshotError(str(error)) from error
-        if ledger._initial_total != initial_total:
+        if genesis is None:
+            try:
+                ledger = cls(account_map, dedup_window=dedup_window)
+            except ValueError as error:
+                raise LedgerSnapshotError(str(error)) from error
+            total = ledger._initial_total
+        else:
+            ledger = cls(genesis, dedup_window=dedup_window)
+            total = genesis.total()
+            for name, account in account_map.items():
+                index = genesis.index(name)
+                if index is None or genesis.owner(index) != account.owner:
+                    raise LedgerSnapshotError(f"account {name!r} is not the rule's")
+                if account.balance == genesis.balance:
+                    raise LedgerSnapshotError(f"account {name!r} holds the rule's balance")
+                total += account.balance - genesis.balance
+                ledger._balances[name] = account.balance
+            if not 0 <= total <= MAX_TOTAL:
+                raise LedgerSnapshotError(f"balances sum to {total}")
+            ledger._initial_total = ledger._total = total
+        if total != initial_total:
             raise LedgerSnapshotError(
-                f"balances sum to {ledger._initial_total}, initial_total says {initial_total}"
+                f"balances sum to {total}, initial_total says {initial_total}"
             )
 
         retained_count = 0
@@ -541,12 +863,21 @@ class Ledger:
             previous_client_id = client_id
             retained_count += len(record.decisions)
             ledger._clients[client_id] = record
+            ledger._client_order.append(client_id)
         if executed_count < retained_count:
             raise LedgerSnapshotError(
                 f"executed_count {executed_count} < {retained_count} retained decisions"
             )
         ledger._executed_count = executed_count
         return ledger
+
+
+def _decision_rows(record: _ClientRecord) -> list[list[Any]]:
+    # StrEnum members are str: msgpack packs them as the code itself.
+    return [
+        [request_id, decision.outcome, decision.reason, decision.seq, decision.body_digest]
+        for request_id, decision in sorted(record.decisions.items())
+    ]
 
 
 def _snapshot_array(value: object, what: str, length: int | None = None) -> list[Any]:

@@ -2,14 +2,13 @@
 snapshots cut out on demand (SnapshotLeaves, what a replica serves), and a ledger built
 back leaf by leaf from leaves each proven against a checkpoint's digest (LedgerBuilder,
 what a catching-up replica does). The leaf layout itself is the ledger's (pbft/ledger.py,
-Ledger._leaves); this module only reads and writes it a range at a time.
+Ledger.leaf); this module only reads and writes it a range at a time.
 
 Part of the sans-I/O protocol core: no I/O, clock or randomness.
 """
 
 from __future__ import annotations
 
-from array import array
 from typing import Any
 
 import msgpack
@@ -22,9 +21,11 @@ from pbft.ledger import (
     MAX_SNAPSHOT_SIZE_BYTES,
     MAX_TOTAL,
     SNAPSHOT_FORMAT_VERSION,
+    GeneratedAccounts,
     Ledger,
     LedgerSnapshotError,
     _ClientRecord,
+    _genesis_from_rule,
     _is_int,
     _snapshot_client,
     _snapshot_int,
@@ -32,71 +33,36 @@ from pbft.ledger import (
 )
 
 # Every leaf of the digest's Merkle tree is a msgpack array tagged with its kind (the
-# layout Ledger._leaves writes).
-_LEAF_TAGS = {"header": 5, "account": 4, "client": 4}
-_ACCOUNT_LEAF_PREFIX = msgpack.packb("account", use_bin_type=True)
-_CLIENT_LEAF_PREFIX = msgpack.packb("client", use_bin_type=True)
-# msgpack fixarray headers: a snapshot entry has 3 items, its leaf 4 (the tag in front).
-_FIXARRAY_3 = 0x93
-_FIXARRAY_4 = b"\x94"
+# layout Ledger.leaf writes).
+_LEAF_TAGS = {"header": 6, "account": 4, "client": 4}
 
 
 class SnapshotLeaves:
-    """The digest's leaves of one of our own snapshots, cut out of its bytes on demand.
+    """The digest's leaves of one of our own snapshots, encoded on demand.
 
     State transfer serves a checkpoint's leaves a range at a time; holding them all as
-    separate objects would cost several times the snapshot. This keeps the snapshot and one
-    offset per entry: an account entry [name, owner, balance] becomes the leaf
-    ["account", name, owner, balance] by swapping its array header for a longer one and the
-    tag. Only for snapshots we produced ourselves (trusted, canonical).
+    separate objects would cost several times the snapshot. This restores the snapshot to a
+    ledger (without its Merkle tree: a generated genesis stays a rule and the balances that
+    changed) and encodes each leaf when it is asked for. Only for snapshots we produced
+    ourselves, though they are checked all the same.
     """
 
     def __init__(self, snapshot: bytes) -> None:
-        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(len(snapshot), 1), use_list=True)
-        unpacker.feed(snapshot)
-        if unpacker.read_array_header() != 6:
-            raise LedgerSnapshotError("not a snapshot")
-        header = [unpacker.unpack() for _ in range(4)]
-        self._header = msgpack.packb(["header", *header], use_bin_type=True)
-        self._snapshot = snapshot
-        self._offsets = array("Q")
-        self._account_count = unpacker.read_array_header()
-        for _ in range(self._account_count):
-            self._offsets.append(unpacker.tell())
-            unpacker.skip()
-        account_end = unpacker.tell()
-        client_count = unpacker.read_array_header()
-        # The clients' array header sits between the last account and the first client.
-        self._client_start = unpacker.tell()
-        for _ in range(client_count):
-            self._offsets.append(unpacker.tell())
-            unpacker.skip()
-        self._offsets.append(unpacker.tell())
-        self._account_end = account_end
+        self._ledger = Ledger.restore(snapshot)
 
     def __len__(self) -> int:
-        return len(self._offsets)  # the header, the entries (one end offset less)
+        return self._ledger.leaf_count()
 
     def leaf(self, index: int) -> bytes:
-        if index == 0:
-            return self._header
-        if not 0 < index < len(self._offsets):
-            raise IndexError(f"leaf {index} out of range for {len(self)} leaves")
-        entry = index - 1
-        start = self._offsets[entry]
-        if entry < self._account_count:
-            end = self._offsets[entry + 1] if entry + 1 < self._account_count else self._account_end
-            tag = _ACCOUNT_LEAF_PREFIX
-        else:
-            end = self._offsets[entry + 1]
-            tag = _CLIENT_LEAF_PREFIX
-        body = self._snapshot[start:end]
-        if body[0] != _FIXARRAY_3:
-            raise LedgerSnapshotError(f"snapshot entry {entry} is not a 3-item array")
-        return _FIXARRAY_4 + tag + body[1:]
+        return self._ledger.leaf(index)
 
     def leaves(self, start: int, stop: int) -> list[bytes]:
-        return [self.leaf(index) for index in range(start, stop)]
+        return self._ledger.leaves(start, stop)
+
+    def node_path(self, level: int, index: int) -> list[bytes]:
+        """Audit path of node `index` of tree level `level` to the digest: the tree is
+        built on first use from the genesis tree and what changed, not from every leaf."""
+        return self._ledger.merkle_tree().node_path(level, index)
 
 
 class LedgerBuilder:
@@ -111,6 +77,8 @@ class LedgerBuilder:
     def __init__(self) -> None:
         self.next_index = 0
         self._header: tuple[int, int, int] | None = None  # dedup_window, initial_total, count
+        self._genesis: GeneratedAccounts | None = None
+        self._account_count = 0
         self._balances: dict[str, int] = {}
         self._owners: dict[str, int] = {}
         self._total = 0
@@ -152,7 +120,7 @@ class LedgerBuilder:
         self.next_index += 1
 
     def _add_header(self, fields: list[Any]) -> None:
-        version, dedup_window, initial_total, executed_count = fields
+        version, dedup_window, initial_total, executed_count, rule = fields
         if version != SNAPSHOT_FORMAT_VERSION or not _is_int(version):
             raise LedgerSnapshotError(f"unsupported snapshot version {version!r}")
         self._header = (
@@ -160,6 +128,7 @@ class LedgerBuilder:
             _snapshot_int(initial_total, "initial_total", low=0, high=MAX_TOTAL),
             _snapshot_int(executed_count, "executed_count", low=0, high=MAX_ID),
         )
+        self._genesis = _genesis_from_rule(rule)
 
     def _add_account(self, fields: list[Any]) -> None:
         name, owner, balance = fields
@@ -167,23 +136,37 @@ class LedgerBuilder:
             raise LedgerSnapshotError(f"account {name!r} after the clients")
         if not isinstance(name, str):
             raise LedgerSnapshotError(f"account name must be str, got {name!r}")
-        try:
-            _validate_account_name(name)
-        except ValueError as error:
-            raise LedgerSnapshotError(str(error)) from None
-        if self._previous_name is not None and name <= self._previous_name:
-            raise LedgerSnapshotError(f"accounts unsorted or duplicated at {name!r}")
-        self._previous_name = name
-        self._owners[name] = _snapshot_int(owner, f"owner of {name!r}", low=0, high=MAX_ID)
+        owner = _snapshot_int(owner, f"owner of {name!r}", low=0, high=MAX_ID)
         balance = _snapshot_int(balance, f"balance of {name!r}", low=0, high=MAX_AMOUNT)
+        genesis = self._genesis
+        if genesis is not None:
+            # The rule fixes every account's name and owner at its place.
+            index = self._account_count
+            if index >= genesis.count:
+                raise LedgerSnapshotError(f"more than the rule's {genesis.count} accounts")
+            if name != genesis.name(index) or owner != genesis.owner(index):
+                raise LedgerSnapshotError(f"account {name!r} is not the rule's account {index}")
+            if balance != genesis.balance:
+                self._balances[name] = balance
+        else:
+            try:
+                _validate_account_name(name)
+            except ValueError as error:
+                raise LedgerSnapshotError(str(error)) from None
+            if self._previous_name is not None and name <= self._previous_name:
+                raise LedgerSnapshotError(f"accounts unsorted or duplicated at {name!r}")
+            self._previous_name = name
+            self._owners[name] = owner
+            self._balances[name] = balance
+        self._account_count += 1
         self._total += balance
         if self._total > MAX_TOTAL:
             raise LedgerSnapshotError(f"balances sum beyond {MAX_TOTAL}")
-        self._balances[name] = balance
 
     def _add_client(self, fields: list[Any]) -> None:
         if self._header is None:
             raise LedgerSnapshotError("client leaf before the header")
+        self._check_account_count()
         client_id, record = _snapshot_client(fields, self._header[0])
         if client_id <= self._previous_client_id:
             raise LedgerSnapshotError(f"clients unsorted or duplicated at {client_id}")
@@ -191,11 +174,18 @@ class LedgerBuilder:
         self._retained += len(record.decisions)
         self._clients[client_id] = record
 
+    def _check_account_count(self) -> None:
+        if self._genesis is not None and self._account_count != self._genesis.count:
+            raise LedgerSnapshotError(
+                f"{self._account_count} accounts, the rule has {self._genesis.count}"
+            )
+
     def finish(self) -> Ledger:
         """The ledger the leaves describe, once all of them have been added."""
         if self._header is None:
             raise LedgerSnapshotError("no header leaf")
         dedup_window, initial_total, executed_count = self._header
+        self._check_account_count()
         if self._total != initial_total:
             raise LedgerSnapshotError(
                 f"balances sum to {self._total}, initial_total says {initial_total}"
@@ -205,7 +195,8 @@ class LedgerBuilder:
                 f"executed_count {executed_count} < {self._retained} retained decisions"
             )
         ledger = Ledger.__new__(Ledger)
-        ledger._assemble(self._balances, self._owners, dedup_window, initial_total)
+        ledger._assemble(self._genesis, self._balances, self._owners, dedup_window, initial_total)
         ledger._clients = self._clients
+        ledger._client_order = list(self._clients)  # added in id order
         ledger._executed_count = executed_count
         return ledger

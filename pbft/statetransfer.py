@@ -12,8 +12,10 @@ the audit path of its root at level h. The server cuts the leaves into blocks of
 the checkpoint's 2f + 1 proof, so any chunk from any replica can be checked on arrival;
 the receiver asks for the next leaf it lacks, of whichever replica it trusts next.
 
-Memory: the server keeps its snapshot (which it holds anyway), one offset per leaf and
-one hash per block, and builds one chunk at a time; the receiver keeps the ledger tables
+Memory and time: the server restores its stable snapshot once (a generated genesis's
+snapshot holds only the changed accounts), proves a chunk from that ledger's Merkle tree
+(copy-on-write over the shared genesis tree, so nothing is O(accounts) but the leaves it
+sends), and builds one chunk at a time; the receiver keeps the ledger tables
 it is rebuilding, O(log n) subtree roots, and the one chunk in hand (besides the ledger it
 runs on until the new one is complete).
 """
@@ -23,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from crypto.merkle import leaf_hash, level_up, merkle_root, node_hash, node_path, verify_node
+from crypto.merkle import merkle_root, node_hash, verify_node
 from pbft.drops import DropReason
 from pbft.ledger import Ledger, LedgerSnapshotError
 from pbft.ledger_leaves import LedgerBuilder, SnapshotLeaves
@@ -65,7 +67,6 @@ class ChunkData:
 class _ServedCheckpoint:
     seq: int
     leaves: SnapshotLeaves
-    block_roots: list[bytes]
 
 
 class ChunkServer:
@@ -84,15 +85,10 @@ class ChunkServer:
     def _checkpoint(self, seq: int, snapshot: bytes) -> _ServedCheckpoint:
         served = self._served
         if served is None or served.seq != seq:
-            # Once per stable checkpoint: the offsets and one hash per block, O(leaves).
+            # Once per stable checkpoint: the snapshot restored (its size, not the genesis's);
+            # its tree, copy-on-write over the genesis tree, is built when first needed.
             self._served = None  # drop the old one before building the new
-            leaves = SnapshotLeaves(snapshot)
-            size = 1 << self.block_level
-            roots = [
-                merkle_root(leaves.leaves(start, min(start + size, len(leaves))))
-                for start in range(0, len(leaves), size)
-            ]
-            served = self._served = _ServedCheckpoint(seq, leaves, roots)
+            served = self._served = _ServedCheckpoint(seq, SnapshotLeaves(snapshot))
         return served
 
     def chunk(
@@ -110,23 +106,29 @@ class ChunkServer:
         count = len(served.leaves)
         if not 0 <= start < count:
             return None
-        block = start >> self.block_level
-        block_start = block << self.block_level
-        block_leaves = served.leaves.leaves(
-            block_start, min(block_start + (1 << self.block_level), count)
-        )
-        offset = start - block_start
+        # The largest aligned block at `start`, halved while its leaves are more bytes than
+        # the limit. Leaves are encoded only until they pass the limit, not the whole block:
+        # the small chunk answering a FETCH costs a few leaves, not state_chunk_leaves.
         level = self.block_level
-        while level > 0 and (
-            offset % (1 << level) != 0
-            or sum(map(len, block_leaves[offset : offset + (1 << level)])) > limit
-        ):
+        while level > 0 and start % (1 << level) != 0:
             level -= 1
-        leaves = block_leaves[offset : offset + (1 << level)]
+        encoded: list[bytes] = []
+        total = 0
+        for index in range(start, start + min(1 << level, count - start)):
+            leaf = served.leaves.leaf(index)
+            total += len(leaf)
+            if encoded and total > limit:
+                break  # every larger block holds these leaves too: none of them fits
+            encoded.append(leaf)
+        while level > 0:
+            size = min(1 << level, count - start)
+            if size <= len(encoded) and sum(map(len, encoded[:size])) <= limit:
+                break
+            level -= 1
+        leaves = encoded[: min(1 << level, count - start)]
         if sum(map(len, leaves)) + CHUNK_OVERHEAD_BYTES > frame_bytes:
             raise StateTooLarge(f"leaf {start} alone exceeds a frame")
-        nodes = level_up([leaf_hash(leaf) for leaf in block_leaves], level)
-        path = node_path(nodes, offset >> level) + node_path(served.block_roots, block)
+        path = served.leaves.node_path(level, start >> level)
         data = ChunkData(count, start, level, tuple(leaves), tuple(path))
         self._last = (key, data)
         return data

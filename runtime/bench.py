@@ -40,6 +40,7 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from pbft.genesis import account_name
+from pbft.ledger import MAX_GENERATED_ACCOUNTS, MAX_TOTAL, GeneratedAccounts
 from pbft.stats import nearest_rank
 from runtime.client import PaymentClient, PaymentTimeout
 from runtime.localcluster import LocalCluster, cpu_seconds
@@ -47,6 +48,7 @@ from runtime.localcluster import LocalCluster, cpu_seconds
 DEFAULT_REPLICAS = (4, 7, 10)
 MAX_BENCH_REPLICAS = 64  # every replica is a process on this machine
 MAX_BENCH_CLIENTS = 256
+BENCH_BALANCE = 100_000  # each genesis account's balance
 MAX_CONCURRENCY = 1024
 MAX_RATE_PER_S = 100_000.0
 MAX_SECONDS = 3600.0
@@ -70,6 +72,9 @@ class BenchSettings:
     concurrency: int = 8
     rate: float | None = None
     seconds: float = 5.0
+    # The genesis as a count (a [genesis] rule in the cluster file, pbft.ledger.
+    # GeneratedAccounts); None: two listed accounts per client.
+    accounts: int | None = None
 
 
 def settings_problem(settings: BenchSettings) -> str | None:
@@ -88,6 +93,16 @@ def settings_problem(settings: BenchSettings) -> str | None:
         return f"--seconds: {settings.seconds:g} is not in (0, {MAX_SECONDS:g}]"
     if settings.rate is not None and not 0 < settings.rate <= MAX_RATE_PER_S:
         return f"--rate: {settings.rate:g} payments/s is not in (0, {MAX_RATE_PER_S:g}]"
+    if settings.accounts is not None:
+        # Each client pays from accounts of its own: at least two each.
+        least = 2 * settings.clients
+        if not least <= settings.accounts <= MAX_GENERATED_ACCOUNTS:
+            return (
+                f"--accounts: {settings.accounts} is not in {least}..{MAX_GENERATED_ACCOUNTS:,} "
+                "(at least two for each client)"
+            )
+        if settings.accounts * BENCH_BALANCE > MAX_TOTAL:
+            return f"--accounts: {settings.accounts} accounts hold more than {MAX_TOTAL} in all"
     return None
 
 
@@ -162,11 +177,23 @@ class Phase:
 
 
 def _pair(client: PaymentClient, index: int) -> tuple[str, str]:
-    """A payer the client owns (write_cluster gives client c accounts 2c and 2c + 1) and a
-    payee of the next client."""
+    """A payer the client owns and a payee of the next client. Listed genesis: write_cluster
+    gives client c accounts 2c and 2c + 1. Generated: account i belongs to client
+    i mod clients, and the task's accounts are spread over the whole ledger."""
     clients = len(client.cluster.client_keys)
+    genesis = client.cluster.accounts
+    if isinstance(genesis, GeneratedAccounts):
+        rounds = genesis.count // clients  # accounts each client owns, at least 2
+        spread = (index * _SPREAD_STEP) % rounds
+        payer = genesis.name(client.client_id + clients * spread)
+        payee = (client.client_id + 1) % clients + clients * ((spread + rounds // 2) % rounds)
+        return payer, genesis.name(payee)
     payer = account_name(2 * client.client_id + index % 2)
     return payer, account_name((2 * client.client_id + 2) % (2 * clients))
+
+
+# A large prime: tasks' accounts land far apart in a large generated ledger.
+_SPREAD_STEP = 1_000_003
 
 
 async def _pay(
@@ -307,11 +334,17 @@ async def _tick(progress: Progress, label: str, seconds: float) -> None:
 
 
 async def _bench_cluster(
-    cluster: LocalCluster, settings: BenchSettings, progress: Progress | None, label: str
-) -> tuple[Phase, Phase, Phase | None]:
+    cluster: LocalCluster,
+    settings: BenchSettings,
+    progress: Progress | None,
+    label: str,
+    started: float,
+) -> tuple[Phase, Phase, Phase | None, float]:
     if progress is not None:
         progress(f"{label}: starting the replicas")
-    await cluster.wait_listening()
+    # Each replica builds a generated genesis's Merkle tree before it listens (a few
+    # seconds a million accounts, longer with every replica on the same two cores).
+    await cluster.wait_listening(timeout_s=30.0 + (settings.accounts or 0) / 10_000)
     replicas = _Replicas(cluster)
     loaded = cluster.cluster
     async with trio.open_nursery() as nursery:
@@ -322,6 +355,9 @@ async def _bench_cluster(
             clients.append(client)
         # A first payment warms every connection and the replicas' caches; not counted.
         await _pay(clients[0], *_pair(clients[0], 0), trio.current_time(), Phase(0))
+        # From process start to that first decision: every replica has built its genesis
+        # (a generated genesis's Merkle tree included).
+        start_s = time.perf_counter() - started
         lone = await _measure(
             replicas,
             Phase(settings.seconds),
@@ -347,7 +383,7 @@ async def _bench_cluster(
                 f"{label}: open loop at {rate:g}/s",
             )
         nursery.cancel_scope.cancel()
-    return lone, closed, opened
+    return lone, closed, opened, start_s
 
 
 async def _serve_client(
@@ -367,10 +403,19 @@ def bench_replicas(
     if progress is not None:
         progress(f"{label}: timing Ed25519")
     ceiling = measure_ceiling()
-    cluster = LocalCluster.create(root, replicas=replicas, clients=settings.clients)
+    cluster = LocalCluster.create(
+        root,
+        replicas=replicas,
+        clients=settings.clients,
+        initial_balance=BENCH_BALANCE,
+        generated_accounts=settings.accounts,
+    )
+    started = time.perf_counter()
     cluster.start_all()
     try:
-        lone, closed, opened = trio.run(_bench_cluster, cluster, settings, progress, label)
+        lone, closed, opened, start_s = trio.run(
+            _bench_cluster, cluster, settings, progress, label, started
+        )
         # Views installed while measuring: a cluster that falls behind may take its slow
         # primary for a faulty one, and every view change costs throughput.
         view = cluster.current_view()
@@ -382,6 +427,8 @@ def bench_replicas(
     ceiling_per_s = ceiling.per_s(replicas)
     figures: dict[str, object] = {
         "replicas": replicas,
+        "accounts": len(cluster.cluster.accounts),
+        "start_s": round(start_s, 3),
         "cores": ceiling.cores,
         "sign_us": round(ceiling.sign_us, 2),
         "verify_us": round(ceiling.verify_us, 2),
@@ -456,6 +503,12 @@ def format_report(result: dict[str, Any]) -> str:
         "replica verifies it once (Ed25519, timed now)",
         f"lone: 1 client, 1 payment outstanding; load: closed loop, {settings['clients']} "
         f"clients x {settings['concurrency']} tasks; {settings['seconds']:g} s each",
+        *(
+            f"n = {run['replicas']}: {run['accounts']:,} genesis accounts; replicas started and "
+            f"the first payment decided in {run['start_s']:.1f} s (genesis built once, not timed "
+            "below)"
+            for run in runs
+        ),
         "",
         f"{'n':>3} {'ceiling/s':>10} {'payments/s':>11} {'ratio':>6} {'lone p50':>9} "
         f"{'lone p99':>9} {'p50':>7} {'p99':>7} {'p99.9':>7} {'cpu ms/pay':>10} "

@@ -24,7 +24,7 @@ from pbft.config import ClusterConfig
 from pbft.events import Event, Executed, MessageReceived, Note, Persist, Tick
 from pbft.genesis import compute_cluster_id
 from pbft.host import Outgoing, carry_out, carry_out_client, peers_of, step, write_records
-from pbft.ledger import Ledger
+from pbft.ledger import Ledger, genesis_total
 from pbft.messages import MessageType, NewView, Prepare, PrePrepare, Reply, Request
 from pbft.replica import Replica
 from pbft.signed import Rejected, peek, type_code_of
@@ -408,7 +408,7 @@ class Simulation:
             correct=frozenset(
                 replica for replica in self.config.replica_ids() if replica not in byzantine
             ),
-            initial_total=sum(account.balance for account in self.accounts.values()),
+            initial_total=genesis_total(self.accounts),
             byzantine_clients=frozenset(self.client_behaviors),
         )
         self.decided_at_us: dict[tuple[int, int], int] = {}
@@ -900,11 +900,10 @@ class Simulation:
         for node in self.replicas:
             if node.core is not None and node.replica_id not in byzantine:
                 ledger = node.core.ledger
-                balances = [account.balance for account in ledger.accounts().values()]
                 self.observed.final_ledgers[node.observer_id] = (
                     ledger.total_balance(),
                     ledger.recount_total(),
-                    min(balances, default=0),
+                    ledger.min_balance(),
                 )
         checks = dict(
             run_checks(self.observed, self.keyring, self.cluster_id, self.signature_cache)

@@ -72,6 +72,22 @@ def test_bench_json_has_every_figure(capsys: pytest.CaptureFixture[str]) -> None
     assert opened["p99_ms"] >= opened["p50_ms"] > 0
 
 
+def test_bench_takes_the_genesis_as_a_count(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """--accounts N: the cluster file holds a rule, not N accounts; payments still decide."""
+    code = main(
+        ["bench", "--replicas", "4", "--clients", "2", "--concurrency", "2", "--seconds", "1"]
+        + ["--accounts", "50000", "--json", str(tmp_path / "out.json")]
+    )
+    captured = capsys.readouterr()
+    assert code == EXIT_OK, captured.err
+    (run,) = json.loads((tmp_path / "out.json").read_text())["runs"]
+    assert run["accounts"] == 50_000 and run["start_s"] > 0
+    assert run["load_payments"] > 0 and run["load_timeouts"] == 0 and run["load_rejected"] == 0
+    assert "50,000 genesis accounts" in captured.out
+
+
 def test_ceiling_formula() -> None:
     # cores / (sign + n x verify): 2 cores, 40 us + 4 x 100 us = 440 us a payment.
     assert Ceiling(sign_us=40.0, verify_us=100.0, cores=2).per_s(4) == pytest.approx(4545.45, 1e-4)
@@ -89,6 +105,9 @@ def test_ceiling_formula() -> None:
         (["--clients", "0"], "--clients: 0"),
         (["--concurrency", "0"], "--concurrency: 0"),
         (["--json", "/nonexistent-dir/out.json"], "--json"),
+        (["--accounts", "1"], "--accounts: 1"),
+        (["--clients", "4", "--accounts", "7"], "--accounts: 7"),
+        (["--accounts", "10000001"], "--accounts: 10000001"),
     ],
 )
 def test_bench_mistakes(

@@ -130,6 +130,13 @@ def test_cluster_up_refuses_3_replicas_and_a_size_that_is_not_the_clusters(
     assert "holds a cluster of 4 replicas and 2 clients, not --replicas 7" in line
     assert main(["cluster", "up", "--clients", "3", "--dir", directory]) == EXIT_USAGE
     assert "not --clients 3" in _one_clean_line(capsys.readouterr().err)
+    assert main(["cluster", "up", "--generated-accounts", "5", "--dir", directory]) == 2
+    assert "not --generated-accounts 5" in _one_clean_line(capsys.readouterr().err)
+    new = str(tmp_path / "new")
+    assert main(["cluster", "up", "--generated-accounts", "0", "--dir", new]) == EXIT_USAGE
+    line = _one_clean_line(capsys.readouterr().err)
+    assert "--generated-accounts: 0 is not in 1..10,000,000" in line
+    assert not (tmp_path / "new").exists()
     assert not list(cluster_file.parent.glob("replica-*.log"))  # nothing was started
 
 

@@ -11,9 +11,13 @@ from hypothesis import strategies as st
 
 from crypto.merkle import (
     MerkleProof,
+    MerkleTree,
     inclusion_proof,
     leaf_hash,
+    level_up,
     merkle_root,
+    node_path,
+    tree_levels,
     verify_inclusion,
 )
 
@@ -311,3 +315,53 @@ def test_verify_inclusion_never_raises_on_malformed_proofs(
 @given(proof=_ANYTHING)
 def test_verify_inclusion_returns_false_for_non_proof_objects(proof: object) -> None:
     assert verify_inclusion(merkle_root([b"a"]), b"a", proof) is False  # type: ignore[arg-type]
+
+
+# --- the incremental tree -----------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    initial=st.lists(st.binary(max_size=4), max_size=40),
+    steps=st.lists(
+        st.tuples(
+            st.lists(st.tuples(st.integers(0, 60), st.binary(max_size=4)), max_size=4),
+            st.lists(st.binary(max_size=4), max_size=3),
+        ),
+        max_size=6,
+    ),
+)
+def test_an_incremental_tree_keeps_the_root_and_proofs_of_its_leaves(
+    initial: list[bytes], steps: list[tuple[list[tuple[int, bytes]], list[bytes]]]
+) -> None:
+    leaves = list(initial)
+    shared = tree_levels([leaf_hash(leaf) for leaf in leaves])
+    tree, twin = MerkleTree(shared), MerkleTree(shared)
+    for changes, appended in steps:
+        update: dict[int, bytes] = {}
+        for index, leaf in changes:
+            if leaves:
+                leaves[index % len(leaves)] = leaf
+                update[index % len(leaves)] = leaf_hash(leaf)
+        for leaf in appended:
+            leaves.append(leaf)
+            update[len(leaves) - 1] = leaf_hash(leaf)
+        tree.update(update)
+        assert tree.root() == merkle_root(leaves)
+        assert len(tree) == len(leaves)
+        for index in range(len(leaves)):
+            assert tree.proof(index) == inclusion_proof(leaves, index)
+        for level in range(1, 4):
+            nodes = level_up([leaf_hash(leaf) for leaf in leaves], level)
+            for index in range(tree.level_size(level)):
+                assert tree.node_path(level, index) == node_path(nodes, index)
+    # Copy-on-write: a tree over the same base is untouched by another's updates.
+    assert twin.root() == merkle_root(initial)
+
+
+def test_an_incremental_tree_refuses_a_leaf_beyond_its_end() -> None:
+    tree = MerkleTree(tree_levels([leaf_hash(b"a")]))
+    with pytest.raises(IndexError):
+        tree.update({2: leaf_hash(b"c")})
+    with pytest.raises(IndexError):
+        tree.node_path(0, 1)

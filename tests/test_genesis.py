@@ -13,7 +13,7 @@ from crypto.keys import KeyRing, SigningKey
 from pbft.codec import pack
 from pbft.config import ClusterConfig
 from pbft.genesis import CLUSTER_ID_BYTES, GenesisError, compute_cluster_id
-from pbft.ledger import Account
+from pbft.ledger import Account, GeneratedAccounts
 from runtime.cluster import load_cluster, write_cluster
 
 SEED = 5
@@ -69,6 +69,22 @@ def test_every_part_of_the_genesis_changes_the_id(change: str) -> None:
     elif change == "protocol parameter":
         config = dataclasses.replace(CONFIG, dedup_window=CONFIG.dedup_window + 1)
     assert compute_cluster_id(config, ring, accounts) != BASE
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        GeneratedAccounts(1000, 5, "acct-", [0, 1, 2]),
+        GeneratedAccounts(17, 2**40, "ü", [2**33], min_width=3),
+        GeneratedAccounts(70_000, 0, "", [1, 300]),
+    ],
+)
+def test_a_generated_genesis_has_the_id_of_the_same_accounts_listed(
+    rule: GeneratedAccounts,
+) -> None:
+    listed = compute_cluster_id(ClusterConfig(), _ring(), dict(rule))
+    assert compute_cluster_id(ClusterConfig(), _ring(), rule) == listed
+    assert compute_cluster_id(ClusterConfig(), _ring(), rule) == listed  # memoised rows
 
 
 def test_client_keys_are_not_part_of_the_genesis() -> None:

@@ -16,12 +16,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from crypto.merkle import merkle_root, verify_inclusion
 from pbft.ledger import (
     MAX_AMOUNT,
     MAX_TOTAL,
     Account,
     Decision,
     ExecutionResult,
+    GeneratedAccounts,
     Ledger,
     LedgerInvariantError,
     LedgerSnapshotError,
@@ -522,54 +524,55 @@ def test_restore_of_corrupted_snapshot_raises_or_round_trips(data: st.DataObject
 
 def test_history_snapshot_has_the_shape_tamperings_expect() -> None:
     state = msgpack.unpackb(_ledger_with_history().snapshot(), raw=False)
-    alice_client = state[5][0]
+    alice_client = state[6][0]
     assert alice_client[1] == 1  # eviction floor
     assert [decision[:3] for decision in alice_client[2]] == [
         [2, "rejected", "insufficient_funds"],
         [3, "confirmed", ""],
     ]
-    assert state[5][1][2][0][1:3] == ["rejected", "unknown_account"]
+    assert state[6][1][2][0][1:3] == ["rejected", "unknown_account"]
 
 
 def _set_balance(state: list[Any], index: int, balance: int) -> None:
-    state[4][index][2] = balance
+    state[5][index][2] = balance
 
 
 TAMPERINGS: dict[str, Callable[[list[Any]], None]] = {
     "negative balance (total kept)": lambda state: (
         _set_balance(state, 0, -1),
-        _set_balance(state, 2, state[4][2][2] + state[4][0][2] + 1),
+        _set_balance(state, 2, state[5][2][2] + state[5][0][2] + 1),
     ),
-    "total mismatch": lambda state: _set_balance(state, 1, state[4][1][2] + 1),
+    "total mismatch": lambda state: _set_balance(state, 1, state[5][1][2] + 1),
     "initial total mismatch": lambda state: state.__setitem__(2, state[2] - 1),
     "balance above max": lambda state: _set_balance(state, 1, MAX_AMOUNT + 1),
     "bool balance": lambda state: _set_balance(state, 2, False),
-    "unsorted accounts": lambda state: state[4].reverse(),
-    "duplicate account": lambda state: state[4].insert(1, list(state[4][0])),
-    "empty account name": lambda state: state[4][0].__setitem__(0, ""),
-    "account entry too long": lambda state: state[4][0].append(0),
-    "unsorted clients": lambda state: state[5].reverse(),
-    "duplicate client": lambda state: state[5].append(list(state[5][-1])),
-    "unsorted decisions": lambda state: state[5][0][2].reverse(),
-    "retained id at floor": lambda state: state[5][0][2][0].__setitem__(0, state[5][0][1]),
-    "floor without full window": lambda state: state[5][0][2].pop(),
-    "more decisions than window": lambda state: state[5][0][2].append(
+    "unsorted accounts": lambda state: state[5].reverse(),
+    "duplicate account": lambda state: state[5].insert(1, list(state[5][0])),
+    "empty account name": lambda state: state[5][0].__setitem__(0, ""),
+    "account entry too long": lambda state: state[5][0].append(0),
+    "unsorted clients": lambda state: state[6].reverse(),
+    "duplicate client": lambda state: state[6].append(list(state[6][-1])),
+    "unsorted decisions": lambda state: state[6][0][2].reverse(),
+    "retained id at floor": lambda state: state[6][0][2][0].__setitem__(0, state[6][0][1]),
+    "floor without full window": lambda state: state[6][0][2].pop(),
+    "more decisions than window": lambda state: state[6][0][2].append(
         [99, "confirmed", "", 1, b"\0" * 32]
     ),
-    "client without decisions": lambda state: state[5].append([99, -1, []]),
-    "floor below nothing evicted": lambda state: state[5][1].__setitem__(1, -2),
-    "unknown outcome": lambda state: state[5][0][2][0].__setitem__(1, "maybe"),
-    "confirmed with reason": lambda state: state[5][0][2][1].__setitem__(2, "unauthorized"),
-    "rejected without reason": lambda state: state[5][1][2][0].__setitem__(2, ""),
-    "stored id_reused": lambda state: state[5][1][2][0].__setitem__(2, "id_reused"),
-    "short body digest": lambda state: state[5][0][2][0].__setitem__(4, b"\0" * 31),
-    "str body digest": lambda state: state[5][0][2][0].__setitem__(4, "0" * 32),
-    "negative seq": lambda state: state[5][0][2][0].__setitem__(3, -1),
+    "client without decisions": lambda state: state[6].append([99, -1, []]),
+    "floor below nothing evicted": lambda state: state[6][1].__setitem__(1, -2),
+    "unknown outcome": lambda state: state[6][0][2][0].__setitem__(1, "maybe"),
+    "confirmed with reason": lambda state: state[6][0][2][1].__setitem__(2, "unauthorized"),
+    "rejected without reason": lambda state: state[6][1][2][0].__setitem__(2, ""),
+    "stored id_reused": lambda state: state[6][1][2][0].__setitem__(2, "id_reused"),
+    "short body digest": lambda state: state[6][0][2][0].__setitem__(4, b"\0" * 31),
+    "str body digest": lambda state: state[6][0][2][0].__setitem__(4, "0" * 32),
+    "negative seq": lambda state: state[6][0][2][0].__setitem__(3, -1),
     "executed count below retained": lambda state: state.__setitem__(3, 1),
     "zero dedup window": lambda state: state.__setitem__(1, 0),
-    "unknown version": lambda state: state.__setitem__(0, 2),
+    "unknown version": lambda state: state.__setitem__(0, 1),
+    "genesis rule on listed accounts": lambda state: state.__setitem__(4, [3, 100, "", 0, [0]]),
     "extra top-level field": lambda state: state.append(0),
-    "accounts as map": lambda state: state.__setitem__(4, {"alice": [1, 85]}),
+    "accounts as map": lambda state: state.__setitem__(5, {"alice": [1, 85]}),
 }
 
 
@@ -646,7 +649,7 @@ def test_digest_is_identical_across_processes_with_different_hash_seeds() -> Non
 
 def test_ledger_module_is_sans_io() -> None:
     allowed = {"__future__", "collections", "dataclasses", "enum", "hashlib", "heapq", "typing"}
-    allowed |= {"msgpack", "collections.abc", "crypto.merkle", "array"}
+    allowed |= {"msgpack", "collections.abc", "crypto.merkle", "array", "bisect"}
     source = (REPOSITORY_ROOT / "pbft" / "ledger.py").read_text()
     imported = set()
     for node in ast.walk(ast.parse(source)):
@@ -754,3 +757,96 @@ def test_account_proof_proves_a_balance_against_the_state_digest() -> None:
     assert ledger.account_proof("missing") is None
     ledger.execute(Payment(0, 2, "a", "c", 1), b"\x02" * 32, 2)
     assert not verify_inclusion(ledger.digest(), leaf, proof)
+
+
+# -- the incremental digest and a generated genesis ------------------------------------------------
+
+_RULE = GeneratedAccounts(50, 100, "acct-", [0, 1, 2, 3, 4, 5], min_width=5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    generated=st.booleans(),
+    payments=st.lists(
+        st.tuples(st.integers(0, 49), st.integers(0, 49), st.integers(1, 150)), max_size=30
+    ),
+    digest_every=st.integers(1, 5),
+)
+def test_the_incremental_digest_is_the_root_over_every_leaf(
+    generated: bool, payments: list[tuple[int, int, int]], digest_every: int
+) -> None:
+    """Clients appear in any id order (a new one lands among the others), balances return
+    to the rule's, decisions are evicted: the kept tree always has the from-scratch root."""
+    ledger = Ledger(_RULE if generated else dict(_RULE), dedup_window=3)
+    for index, (payer, payee, amount) in enumerate(payments):
+        payment = Payment(payer % 6, index, _RULE.name(payer), _RULE.name(payee), amount)
+        run(ledger, payment, seq=index + 1)
+        if index % digest_every == 0:
+            assert ledger.digest() == merkle_root(ledger._leaves())
+    digest = ledger.digest()
+    assert digest == merkle_root(ledger._leaves())
+    assert ledger.recount_total() == ledger.total_balance() == 5000
+    restored = Ledger.restore(ledger.snapshot())
+    assert restored.digest() == digest and restored.accounts() == ledger.accounts()
+    for name in (_RULE.name(0), _RULE.name(49)):
+        proven = ledger.account_proof(name)
+        assert proven is not None and verify_inclusion(digest, *proven)
+    assert ledger.min_balance() == min(account.balance for account in ledger.accounts().values())
+
+
+def test_a_generated_snapshot_holds_the_rule_and_the_changed_accounts_only() -> None:
+    sizes = []
+    for count in (100, 1_000_000):
+        rule = GeneratedAccounts(count, 1000, "acct-", [0, 1], min_width=7)
+        ledger = Ledger(rule)  # no per-account work: nothing is built until a digest
+        run(ledger, Payment(0, 1, rule.name(0), rule.name(count - 1), 5))
+        snapshot = ledger.snapshot()
+        assert Ledger.restore(snapshot).balance(rule.name(count - 1)) == 1005
+        assert Ledger.restore(snapshot).balance(rule.name(1)) == 1000
+        sizes.append(len(snapshot))
+    assert sizes[1] - sizes[0] <= 8  # the count's encoding, not a million accounts
+
+
+def _generated_history() -> Ledger:
+    ledger = Ledger(_RULE, dedup_window=2)
+    run(ledger, Payment(0, 1, _RULE.name(0), _RULE.name(1), 10))
+    run(ledger, Payment(2, 1, _RULE.name(2), _RULE.name(3), 7))
+    return ledger
+
+
+GENERATED_TAMPERINGS: dict[str, Callable[[list[Any]], None]] = {
+    "owner not the rule's": lambda state: state[5][0].__setitem__(1, 5),
+    "a changed account left out": lambda state: state[5].pop(0),
+    "the rule's balance stored": lambda state: state[5].append(["acct-00049", 1, 100]),
+    "account outside the rule": lambda state: state[5][0].__setitem__(0, "acct-00077"),
+    "money created": lambda state: state[5][0].__setitem__(2, state[5][0][2] + 1),
+    "rule with no accounts": lambda state: state[4].__setitem__(0, 0),
+    "rule without owners": lambda state: state[4].__setitem__(4, []),
+    "rule owners not ints": lambda state: state[4].__setitem__(4, ["x"]),
+    "rule too short": lambda state: state[4].pop(),
+}
+
+
+@pytest.mark.parametrize("name", list(GENERATED_TAMPERINGS))
+def test_restore_rejects_a_tampered_generated_snapshot(name: str) -> None:
+    snapshot = _generated_history().snapshot()
+    assert Ledger.restore(snapshot).digest() == _generated_history().digest()
+    tampered = tamper(snapshot, GENERATED_TAMPERINGS[name])
+    assert tampered != snapshot
+    with pytest.raises(LedgerSnapshotError) as raised:
+        Ledger.restore(tampered)
+    assert "canonical" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("prefix", "owners", "min_width"), [("acct-", [7], 0), ("ü-", [0, 1, 2], 4), ("", [3, 1], 9)]
+)
+def test_the_shared_genesis_tree_is_the_tree_of_the_generated_leaves(
+    prefix: str, owners: list[int], min_width: int
+) -> None:
+    rule = GeneratedAccounts(37, 12, prefix, owners, min_width)
+    ledger = Ledger(rule, dedup_window=5)
+    assert ledger.digest() == merkle_root(ledger._leaves())
+    assert ledger._leaves()[1:] == [
+        msgpack.packb(["account", name, account.owner, 12]) for name, account in rule.items()
+    ]

@@ -17,9 +17,10 @@ from replica_harness import (
     sends,
 )
 
+import pbft.ledger
 from pbft.codec import unpack
 from pbft.events import Send, Tick
-from pbft.ledger import Ledger
+from pbft.ledger import MAX_GENERATED_ACCOUNTS, GeneratedAccounts, Ledger
 from pbft.messages import (
     Checkpoint,
     CheckpointState,
@@ -332,6 +333,32 @@ def test_checkpoint_state_whose_snapshot_is_not_the_proven_state_is_rejected(
     actions = cluster.deliver(replica, message)
     assert replica.last_executed == 0
     assert replica.ledger.digest() == cluster.genesis_ledger_digest
+    assert replica.drops["bad_snapshot"] == 1
+    assert notes(actions, "state_transfer") == []
+
+
+def test_checkpoint_state_naming_another_genesis_is_rejected_before_its_tree_is_built(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A few bytes of snapshot can name a ten-million-account generated genesis: refused for
+    not being ours, before the digest (which would build that genesis's Merkle tree)."""
+    replica = cluster.replica(3)
+    chain = build_chain(cluster, 4)
+    model = cluster.model_ledger(chain[s] for s in range(1, 5))
+    proof = cluster.checkpoint_proof(4, chain[4].digest, model.digest(), [0, 1, 2])
+    huge = Ledger(GeneratedAccounts(MAX_GENERATED_ACCOUNTS, 1, "a", [0]), 4096).snapshot()
+    message = cluster.checkpoint_state(
+        4, chain[4].digest, huge, proof, ledger_digest=model.digest()
+    )
+    build = pbft.ledger._generated_tree
+
+    def only_ours(genesis: GeneratedAccounts, header: bytes) -> tuple[bytes, ...]:
+        assert genesis.count != MAX_GENERATED_ACCOUNTS, "built the tree of another genesis"
+        return build(genesis, header)
+
+    monkeypatch.setattr(pbft.ledger, "_generated_tree", only_ours)
+    actions = cluster.deliver(replica, message)
+    assert replica.last_executed == 0
     assert replica.drops["bad_snapshot"] == 1
     assert notes(actions, "state_transfer") == []
 

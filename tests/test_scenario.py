@@ -414,7 +414,7 @@ def test_parse_errors_carry_the_given_source() -> None:
         (with_section("workload", "clients = 0"), "workload.clients"),
         (with_section("workload", "clients = 1001"), "workload.clients"),
         (with_section("workload", "accounts = 1"), "workload.accounts"),
-        (with_section("workload", "accounts = 100001"), "workload.accounts"),
+        (with_section("workload", "accounts = 1000001"), "workload.accounts"),
         (with_section("workload", "initial_balance = -1"), "workload.initial_balance"),
         (
             with_section("workload", "initial_balance = 1000000000000001"),
