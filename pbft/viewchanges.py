@@ -27,6 +27,12 @@ OWN_VIEW_CHANGES_KEPT = 4
 # A request that other requests overtake (beyond what overload explains) may still wait this
 # many view-change timeouts before its primary is suspected: see request_timer_fired.
 REQUEST_TIMEOUTS_UNDER_LOAD = 4
+# Requests that reached the primary but not this backup (a client's retransmission lost on
+# the way here) are ordered past the oldest request it holds although they were ahead of
+# it: a correct primary may pass it by this many beyond the batches in flight. A run this
+# long of lost retransmissions between two requests is vanishingly rare at any loss rate
+# short of a fault, and a censor is caught this many requests later.
+OVERTAKE_SLACK = 16
 
 
 class ViewChanges:
@@ -195,9 +201,11 @@ class ViewChanges:
         """How many requests a correct primary may order past the oldest request a backup
         holds: those in the batches already in flight when it became the oldest (at most
         max_inflight_batches, never beyond the window), which this backup may never have
-        held. Requests that merely raced it on the network do not count (count_ordered)."""
+        held, and OVERTAKE_SLACK it missed. Requests that merely raced it on the network
+        do not count (Requests.count_ordered)."""
         config = self.ctx.config
-        return min(config.max_inflight_batches, config.watermark_window) * config.batch_size
+        in_flight = min(config.max_inflight_batches, config.watermark_window) * config.batch_size
+        return in_flight + OVERTAKE_SLACK
 
     def on_request_timeout(self) -> None:
         self._suspect("request not ordered")
