@@ -209,3 +209,47 @@ def test_the_fuzzers_liveness_bound_accounts_for_an_overloaded_configuration() -
     # A configuration that orders its load keeps the bound it had.
     roomy = {**cluster, "batch_size": 128}
     assert backlog_drain_ms(roomy, network, workload) == 0
+
+
+# Found by `pbft fuzz --seed 2371077295` (case seed 2371077413), shrunk: the only client is
+# Byzantine and keeps its requests coming after every payment is decided, a view change
+# follows late, and the run used to stop while one replica was executing the last entry.
+LATE_WORK_AT_THE_STOP = """
+name = "fuzz-2371077413"
+seed = 1218305412
+byzantine = [
+    { client = 0, behavior = "reuse_request_id", kind = "after_decision" },
+]
+
+[cluster]
+replicas = 4
+batch_size = 1
+checkpoint_interval = 1
+heartbeat_interval_ms = 60
+client_timeout_ms = 498
+
+[network.latency_ms]
+dist = "exponential"
+mean = 16
+min = 3
+
+[workload]
+clients = 1
+accounts = 3
+payments = 22
+rate_per_s = 400
+
+[liveness]
+heal_all_at_ms = 1
+within_ms = 19136
+
+[expect]
+safety = true
+liveness = true
+"""
+
+
+def test_a_run_does_not_stop_while_a_replica_is_executing_the_last_entry() -> None:
+    result = run_scenario(parse_scenario(LATE_WORK_AT_THE_STOP))
+    assert result.converged, result.final_states
+    assert result.verdict == "ok", result.expectation_failures
