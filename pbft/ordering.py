@@ -406,6 +406,7 @@ class Ordering:
         self.last_executed = proposal.seq
         self.chain_hash = proposal.entry_digest
         self.last_execution_ms = self.ctx.now_ms
+        self.ctx.requests.count_ordered(len(proposal.requests))
         self.ctx.viewchanges.progress_made()
         self.ctx.outbox.append(
             Executed(

@@ -68,6 +68,14 @@ class Requests:
         )
         # Primary only: pending requests not yet proposed in this view, in arrival order.
         self.proposal_queue: dict[tuple[int, int], None] = {}
+        # How a backup judges the primary's progress (see oldest_timed): when a request was
+        # last executed here, the oldest timed request then, and how many requests were
+        # executed past it since it became the oldest.
+        self.last_ordered_ms = 0
+        self.watched: tuple[int, int] | None = None
+        self.overtaken = 0
+        # The arrival times of the pending requests the batch being executed took.
+        self._executed_arrivals: list[int] = []
 
     def leave_view(self) -> None:
         """The view is given up: nothing waits to be proposed in it."""
@@ -82,6 +90,8 @@ class Requests:
         }
         for pending in self.pending.values():
             pending.arrived_ms = self.ctx.now_ms
+        self.watched = None
+        self.overtaken = 0
 
     def refused_for_quota(self, request: Request, link: Principal | None) -> bool:
         """Whether `on_request` would refuse this request for its client's quota, decided
@@ -255,6 +265,7 @@ class Requests:
     def unpend(self, identity: tuple[int, int]) -> None:
         pending = self.pending.pop(identity)
         self.proposal_queue.pop(identity, None)
+        self._executed_arrivals.append(pending.arrived_ms)
         client_id = identity[0]
         if pending.relayer is not None:
             _release(self.relayed_per_client, (pending.relayer, client_id))
@@ -275,11 +286,56 @@ class Requests:
                 return pending
         return None
 
+    def oldest_timed(self) -> tuple[PendingRequest, int] | None:
+        """The oldest request this replica times, and how many requests the primary had
+        executed past it: see count_ordered. (The requests skipped are bounded as in
+        oldest_timed_request.)"""
+        for identity, pending in self.pending.items():
+            if self._is_timed(identity[0], pending):
+                return pending, self.overtaken if identity == self.watched else 0
+        return None
+
+    def count_ordered(self, count: int) -> None:
+        """A batch of `count` requests was executed here (a null batch orders none): progress,
+        and maybe overtaking. Of the batch, the requests that overtook the oldest request this
+        replica times are those it never held (they reached the primary alone, or not yet
+        here), and those that arrived here more than a view-change timeout after it: a
+        correct primary orders in its own arrival order, which differs from ours by the
+        network's skew, not by more. Counted for the oldest request only, from when it
+        became the oldest (its successor starts from zero: an undercount, never a false
+        suspicion), so it costs a look at one request per batch."""
+        arrivals, self._executed_arrivals = self._executed_arrivals, []
+        if not count:
+            return
+        self.last_ordered_ms = self.ctx.now_ms
+        oldest = next(
+            (
+                (identity, pending)
+                for identity, pending in self.pending.items()
+                if self._is_timed(identity[0], pending)
+            ),
+            None,
+        )
+        if oldest is None:
+            self.watched = None
+            self.overtaken = 0
+            return
+        identity, pending = oldest
+        if identity != self.watched:
+            self.watched = identity
+            self.overtaken = 0
+        raced_until_ms = pending.arrived_ms + self.ctx.config.view_change_timeout_ms
+        never_held = max(0, count - len(arrivals))
+        self.overtaken += never_held + sum(arrived > raced_until_ms for arrived in arrivals)
+
     def forget_decided_requests(self) -> None:
         for identity in list(self.pending):
             decision = self.ctx.ordering.ledger.lookup(*identity)
             if decision is not None and decision.body_digest == self.pending[identity].body_digest:
                 self.unpend(identity)
+        # A state transfer: what the cluster ordered meanwhile is progress too.
+        self._executed_arrivals = []
+        self.last_ordered_ms = self.ctx.now_ms
 
 
 def _release(counts: Counter[K], key: K) -> bool:

@@ -24,9 +24,15 @@ from pbft.viewchange import NewViewPlan, VerifiedViewChange, plan_new_view, veri
 
 FORWARD_ON_NEW_VIEW_LIMIT = 256
 OWN_VIEW_CHANGES_KEPT = 4
-# A request may wait this many view-change timeouts while the primary keeps executing
-# (one timeout while it does not): see request_timer_fired.
+# A request that other requests overtake (beyond what overload explains) may still wait this
+# many view-change timeouts before its primary is suspected: see request_timer_fired.
 REQUEST_TIMEOUTS_UNDER_LOAD = 4
+# Requests that reached the primary but not this backup (a client's retransmission lost on
+# the way here) are ordered past the oldest request it holds although they were ahead of
+# it: a correct primary may pass it by this many beyond the batches in flight. A run this
+# long of lost retransmissions between two requests is vanishingly rare at any loss rate
+# short of a fault, and a censor is caught this many requests later.
+OVERTAKE_SLACK = 16
 
 
 class ViewChanges:
@@ -158,21 +164,48 @@ class ViewChanges:
         self._suspect("no heartbeat")
 
     def request_timer_fired(self) -> bool:
-        """PBFT's request timer: the oldest request we hold must be ordered in time, however
-        busy the primary keeps itself with other clients' payments (no censorship). Only
-        correct clients' requests count (see over_quota_clients). One timeout while
-        nothing executes; while the primary keeps executing, a few: under load a request
-        legitimately waits behind batches in flight and a backlog (a client sending its
-        quota at once, a flood being ordered), and a correct primary must not be deposed
-        for that. Censorship is still caught, REQUEST_TIMEOUTS_UNDER_LOAD times later.
+        """PBFT's request timer, judging progress rather than age alone (as Aardvark and
+        BFT-SMaRt do). Only correct clients' requests count (see over_quota_clients), and
+        only the oldest this replica holds: the one at the head of its queue.
+
+        - The primary orders no request for a timeout while one waits (silent, stalled, or
+          proposing only null batches): suspect it after one timeout.
+        - The primary keeps ordering, and the waiting request moves towards the head: the
+          requests ordered past it are within what a correct primary may order first
+          (overtake_limit; see Requests.count_ordered for what counts). That is a backlog,
+          however long it takes to drain at the rate the window allows: no suspicion (a
+          correct primary under overload must not be deposed; it would only lose the
+          batches in flight and double the timeouts).
+        - The primary keeps ordering, but others' requests past this one, beyond that
+          limit: censorship. Suspect it once the request has also waited
+          REQUEST_TIMEOUTS_UNDER_LOAD timeouts (a request legitimately waits behind the
+          batches in flight). So a censored request deposes the primary within
+          max(REQUEST_TIMEOUTS_UNDER_LOAD timeouts, the time to order overtake_limit + 1
+          other requests), and one delayed behind a trickle within a timeout per request
+          ahead of it.
         Measured from each request's arrival, so it is not a `Timeout` of its own."""
-        oldest = self.ctx.requests.oldest_timed_request()
+        oldest = self.ctx.requests.oldest_timed()
         if oldest is None:
             return False
+        pending, overtaken = oldest
         timeout = self._timeout_ms()
-        age = self.ctx.now_ms - oldest.arrived_ms
-        executing = self.ctx.now_ms - self.ctx.ordering.last_execution_ms < timeout
-        return age >= (REQUEST_TIMEOUTS_UNDER_LOAD * timeout if executing else timeout)
+        now = self.ctx.now_ms
+        age = now - pending.arrived_ms
+        if age < timeout:
+            return False
+        if now - max(pending.arrived_ms, self.ctx.requests.last_ordered_ms) >= timeout:
+            return True
+        return overtaken > self.overtake_limit() and age >= REQUEST_TIMEOUTS_UNDER_LOAD * timeout
+
+    def overtake_limit(self) -> int:
+        """How many requests a correct primary may order past the oldest request a backup
+        holds: those in the batches already in flight when it became the oldest (at most
+        max_inflight_batches, never beyond the window), which this backup may never have
+        held, and OVERTAKE_SLACK it missed. Requests that merely raced it on the network
+        do not count (Requests.count_ordered)."""
+        config = self.ctx.config
+        in_flight = min(config.max_inflight_batches, config.watermark_window) * config.batch_size
+        return in_flight + OVERTAKE_SLACK
 
     def on_request_timeout(self) -> None:
         self._suspect("request not ordered")

@@ -483,8 +483,15 @@ class Simulation:
         total = len(self.payments)
         while self._queue:
             at_us, _, event = heapq.heappop(self._queue)
-            if at_us > deadline_us or (stop_us is not None and at_us > stop_us):
+            if at_us > deadline_us:
                 break
+            if stop_us is not None and at_us > stop_us:
+                if self._converged():
+                    break
+                # Work still in flight at the stop (a late view change, a Byzantine client's
+                # requests): a replica caught mid-execution is not left behind. Run on in
+                # small steps until they agree; one that never catches up meets the deadline.
+                stop_us = at_us + CONVERGENCE_CHECK_US
             self.now_us = at_us
             self._dispatch(event)
             if (
