@@ -165,11 +165,15 @@ def test_a_flooding_client_does_not_delay_another_clients_requests(
     # every honest request when it arrived.
     assert scheduler.statistics().backpressure.get("client", 0) >= 1
     assert all(flood_queued > 0 for _, _, flood_queued in honest)
-    # Each honest request was served within two client turns (the flooder's, its own),
-    # each after at most a full burst of replica frames: bounded steps, whatever the flood.
-    bound = 2 * (DEFAULT_REPLICA_BURST + 1)
+    # Each honest request waited for at most the flooder's turn per honest turn, not for
+    # the flood queued ahead of it. A flooder's turn is one frame, or two when the deficit
+    # it carried over covers a second (deficit round robin); how many replica frames came
+    # between depends on the machine's load, and the replica-first rule below bounds them.
     for queued_at, frame, _ in honest:
-        assert served_at[frame] - queued_at < bound, (served_at[frame], queued_at)
+        between = picks[queued_at : served_at[frame]]
+        flood_frames = sum(1 for principal, _, _ in between if principal == FLOODER)
+        honest_ahead = sum(1 for principal, _, _ in between if principal == HONEST)
+        assert flood_frames <= 2 * (1 + honest_ahead), (flood_frames, honest_ahead)
     # Replicas first: a client frame taken while a replica frame waited came only after
     # a full burst of replica frames.
     for index, (principal, replica_waiting, _) in enumerate(picks):
