@@ -307,7 +307,6 @@ class Requests:
         arrivals, self._executed_arrivals = self._executed_arrivals, []
         if not count:
             return
-        self.last_ordered_ms = self.ctx.now_ms
         oldest = next(
             (
                 (identity, pending)
@@ -316,6 +315,18 @@ class Requests:
             ),
             None,
         )
+        # Progress at the rate the batches allow, not any batch at all: a full batch, or one
+        # that left behind nothing this replica held for a timeout. A correct primary had
+        # every such request when it proposed (the network's skew is far less than a
+        # timeout) and takes all it has, up to a full batch; a primary trickling part-full
+        # batches past requests it was given is slowing them down, and the timer runs on.
+        timeout_ms = self.ctx.config.view_change_timeout_ms
+        if (
+            count >= self.ctx.config.batch_size
+            or oldest is None
+            or oldest[1].arrived_ms > self.ctx.now_ms - timeout_ms
+        ):
+            self.last_ordered_ms = self.ctx.now_ms
         if oldest is None:
             self.watched = None
             self.overtaken = 0

@@ -169,7 +169,9 @@ class ViewChanges:
         only the oldest this replica holds: the one at the head of its queue.
 
         - The primary orders no request for a timeout while one waits (silent, stalled, or
-          proposing only null batches): suspect it after one timeout.
+          proposing only null batches), or only part-full batches that leave behind
+          requests this replica held for a timeout (a slow primary trickling its queue;
+          Requests.count_ordered): suspect it after one timeout.
         - The primary keeps ordering, and the waiting request moves towards the head: the
           requests ordered past it are within what a correct primary may order first
           (overtake_limit; see Requests.count_ordered for what counts). That is a backlog,

@@ -109,6 +109,46 @@ def test_a_censoring_primary_that_orders_others_is_deposed_within_the_bound() ->
     assert bound <= suspected_at < bound + 20
 
 
+def test_a_primary_trickling_part_full_batches_past_held_requests_is_suspected() -> None:
+    """A slow primary: batches of 32 allowed, it orders a backlog the backup holds in
+    arrival order, but one request at a time, each just under a timeout apart. A part-full
+    batch that leaves behind requests held for a timeout is not progress (a correct primary
+    would have taken them), so the backup suspects it within two timeouts, long before the
+    request at the end of the queue is reached."""
+    cluster = Cluster(checkpoint_interval=64, watermark_window=128)
+    assert cluster.config.batch_size > 1
+    replica = cluster.replica(1)
+    cluster.tick(replica, 1)
+    backlog = [cluster.request(100 + i, amount=1) for i in range(60)]
+    cluster.deliver(replica, *backlog)
+    timeout = cluster.config.view_change_timeout_ms
+    step = timeout - 10
+    order = {step * (i + 1): [raw] for i, raw in enumerate(backlog)}
+    suspected_at, _ = _run(cluster, replica, step * 61, order)
+    assert suspected_at is not None
+    assert suspected_at <= 2 * timeout + 10, (suspected_at, timeout)
+
+
+def test_requests_raced_past_a_held_one_in_part_full_batches_do_not_hide_it() -> None:
+    """The victim reaches the backup first; another client's 60 requests a moment later
+    (they raced it, so they never count as overtaking). The primary orders only those, one
+    a batch: the victim, held for a timeout and left behind by part-full batches, makes the
+    backup suspect within two timeouts (before, it waited on behind all 60)."""
+    cluster = Cluster(checkpoint_interval=64, watermark_window=128)
+    replica = cluster.replica(1)
+    cluster.tick(replica, 1)
+    cluster.deliver(replica, cluster.request(1, client=1))
+    cluster.tick(replica, 2)
+    others = [cluster.request(100 + i, amount=1) for i in range(60)]
+    cluster.deliver(replica, *others)
+    timeout = cluster.config.view_change_timeout_ms
+    order = {250 * (i + 1): [raw] for i, raw in enumerate(others)}
+    suspected_at, _ = _run(cluster, replica, 250 * 61, order)
+    assert (1, 1) in replica.requests.pending
+    assert suspected_at is not None
+    assert suspected_at <= 2 * timeout + 10, (suspected_at, timeout)
+
+
 def test_a_primary_ordering_only_null_batches_is_suspected_after_one_timeout() -> None:
     """Batches that order nothing are no progress for a waiting request."""
     cluster = Cluster(checkpoint_interval=64, watermark_window=128)
