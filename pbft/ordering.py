@@ -391,16 +391,7 @@ class Ordering:
                     result.fresh,
                 )
             )
-            results.append(
-                ReplyResult(
-                    request.client_id,
-                    request.request_id,
-                    digest,
-                    decision.seq,
-                    decision.outcome.value,
-                    decision.reason.value,
-                )
-            )
+            results.append(ReplyResult.of(request.client_id, request.request_id, digest, decision))
         if results:
             self.reply(proposal.seq, results)
         self.last_executed = proposal.seq

@@ -27,6 +27,7 @@ from crypto.signing import VerificationCache
 from pbft.codec import pack
 from pbft.config import MAX_BATCH_SIZE
 from pbft.drops import DropReason
+from pbft.ledger import Decision
 from pbft.messages import MAX_REPLY_PATH, MessageType, Reply
 from pbft.signed import PROTOCOL_VERSION, Envelope, Rejected
 
@@ -51,6 +52,20 @@ class ReplyResult:
     seq: int
     outcome: str
     reason: str
+
+    @classmethod
+    def of(
+        cls, client_id: int, request_id: int, request_digest: bytes, decision: Decision
+    ) -> ReplyResult:
+        """The result a reply carries for a request the ledger decided."""
+        return cls(
+            client_id,
+            request_id,
+            request_digest,
+            decision.seq,
+            decision.outcome.value,
+            decision.reason.value,
+        )
 
 
 def reply_leaf(cluster_id: bytes, result: ReplyResult) -> bytes:

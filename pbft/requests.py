@@ -152,14 +152,7 @@ class Requests:
             if signed is not None:
                 self.ctx.send(("client", request.client_id), signed)
                 return
-            result = ReplyResult(
-                request.client_id,
-                request.request_id,
-                digest,
-                decision.seq,
-                decision.outcome.value,
-                decision.reason.value,
-            )
+            result = ReplyResult.of(request.client_id, request.request_id, digest, decision)
             self.ctx.ordering.reply(decision.seq, [result])
             return
         if identity in self.pending:
