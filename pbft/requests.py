@@ -267,26 +267,31 @@ class Requests:
         if _release(self.pending_per_client, client_id):
             self.over_quota_clients.pop(client_id, None)
 
-    def oldest_timed_request(self) -> PendingRequest | None:
+    def _oldest_timed_entry(self) -> tuple[tuple[int, int], PendingRequest] | None:
+        """The oldest request this replica times, with its identity."""
         if not self.over_quota_clients and not self.relayed_per_replica:
-            return next(iter(self.pending.values()), None)
+            return next(iter(self.pending.items()), None)
         # Requests charged to a relaying backup are left out too: this replica took them
         # as primary, beyond what it may relay to the next one (the backup that relayed
         # them times them). Bounded: at most client_pending_limit entries per over-quota
         # client, and pending_request_limit per relaying backup, are skipped.
-        for (client_id, _), pending in self.pending.items():
-            if self._is_timed(client_id, pending):
-                return pending
+        for identity, pending in self.pending.items():
+            if self._is_timed(identity[0], pending):
+                return identity, pending
         return None
+
+    def oldest_timed_request(self) -> PendingRequest | None:
+        entry = self._oldest_timed_entry()
+        return None if entry is None else entry[1]
 
     def oldest_timed(self) -> tuple[PendingRequest, int] | None:
         """The oldest request this replica times, and how many requests the primary had
-        executed past it: see count_ordered. (The requests skipped are bounded as in
-        oldest_timed_request.)"""
-        for identity, pending in self.pending.items():
-            if self._is_timed(identity[0], pending):
-                return pending, self.overtaken if identity == self.watched else 0
-        return None
+        executed past it: see count_ordered."""
+        entry = self._oldest_timed_entry()
+        if entry is None:
+            return None
+        identity, pending = entry
+        return pending, self.overtaken if identity == self.watched else 0
 
     def count_ordered(self, count: int) -> None:
         """A batch of `count` requests was executed here (a null batch orders none): progress,
@@ -300,14 +305,7 @@ class Requests:
         arrivals, self._executed_arrivals = self._executed_arrivals, []
         if not count:
             return
-        oldest = next(
-            (
-                (identity, pending)
-                for identity, pending in self.pending.items()
-                if self._is_timed(identity[0], pending)
-            ),
-            None,
-        )
+        oldest = self._oldest_timed_entry()
         # Progress at the rate the batches allow, not any batch at all: a full batch, or one
         # that left behind nothing this replica held for a timeout. A correct primary had
         # every such request when it proposed (the network's skew is far less than a
@@ -328,7 +326,7 @@ class Requests:
         if identity != self.watched:
             self.watched = identity
             self.overtaken = 0
-        raced_until_ms = pending.arrived_ms + self.ctx.config.view_change_timeout_ms
+        raced_until_ms = pending.arrived_ms + timeout_ms
         never_held = max(0, count - len(arrivals))
         self.overtaken += never_held + sum(arrived > raced_until_ms for arrived in arrivals)
 
