@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from cli.exits import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE
+from cli.outputs import output_file_problem
 
 BENCH_EPILOG = """Each replica count runs on a fresh cluster of `pbft replica` processes on
 127.0.0.1, one after another. Every replica and the clients (in this process) share this
@@ -91,10 +92,8 @@ def bench(arguments: argparse.Namespace) -> int:
         accounts=arguments.accounts,
     )
     problem = settings_problem(settings)
-    if problem is None and arguments.json not in (None, "-"):
-        parent = Path(arguments.json).parent
-        if not parent.is_dir():
-            problem = f"--json: directory {parent} does not exist"
+    if problem is None and arguments.json != "-":
+        problem = output_file_problem("--json", arguments.json)
     if problem is not None:
         print(f"pbft: {problem}", file=sys.stderr)
         return EXIT_USAGE

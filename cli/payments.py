@@ -17,6 +17,7 @@ from typing import Any
 import trio
 
 from cli.exits import EXIT_INTERRUPTED, EXIT_NO, EXIT_NO_DECISION, EXIT_OK, EXIT_USAGE, leaf
+from cli.outputs import output_file_problem
 
 PAY_EXIT_CODES = """exit codes:
   0  confirmed (the JSON line on stdout; the receipt in --receipt)
@@ -76,7 +77,7 @@ def pay(arguments: argparse.Namespace) -> int:
         or _check_account("--from", arguments.payer)
         or _check_account("--to", arguments.payee)
         or _check_client(cluster, arguments.client)
-        or _check_output_file("--receipt", arguments.receipt)
+        or output_file_problem("--receipt", arguments.receipt)
     )
     if problem:
         print(f"pbft: {problem}", file=sys.stderr)
@@ -227,24 +228,6 @@ def _check_client(cluster: Any, client_id: int) -> str | None:
             f"--client: client {client_id} is unknown to the cluster {cluster.path} "
             f"(its clients: {listed}{more})"
         )
-    return None
-
-
-def _check_output_file(option: str, name: str | None) -> str | None:
-    """A file we will write after the fact: fail now, before anything is sent."""
-    if name is None:
-        return None
-    if not name:
-        return f"{option}: an empty file name"
-    path = Path(name)
-    parent = path.parent
-    if path.is_dir():
-        return f"{option}: {name} is a directory, not a file"
-    if not parent.is_dir():
-        return f"{option}: the directory {parent} does not exist"
-    writable = os.access(parent, os.W_OK | os.X_OK)
-    if not writable or (path.exists() and not os.access(path, os.W_OK)):
-        return f"{option}: {name} is not writable"
     return None
 
 
