@@ -341,14 +341,8 @@ def test_a_backups_relays_are_charged_to_its_own_bounded_share() -> None:
     assert len(primary.requests.pending) == 8
 
 
-def test_a_payment_client_keeps_at_most_its_quota_in_flight(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """The client's side of the quota: beyond client_pending_limit payments in flight, a
-    PaymentClient's further `pay` calls wait for a slot instead of sending requests the
-    replicas would refuse (and would not time for it). No replica runs here: nothing is
-    decided, so the first two time out and the waiting ones then get their turn."""
-    import trio
-
-    from runtime.client import PaymentClient, PaymentTimeout
+def _cluster_of_one_client_with_two_slots(tmp_path):  # type: ignore[no-untyped-def]
+    """A 4-replica cluster file on free 127.0.0.1 ports, one client, client_pending_limit 2."""
     from runtime.cluster import load_cluster, write_cluster
     from runtime.ports import consecutive_free_ports
 
@@ -359,7 +353,19 @@ def test_a_payment_client_keeps_at_most_its_quota_in_flight(tmp_path) -> None:  
         base_port=consecutive_free_ports(4)[0],
         protocol={"client_pending_limit": 2},
     )
-    cluster = load_cluster(path)
+    return load_cluster(path)
+
+
+def test_a_payment_client_keeps_at_most_its_quota_in_flight(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The client's side of the quota: beyond client_pending_limit payments in flight, a
+    PaymentClient's further `pay` calls wait for a slot instead of sending requests the
+    replicas would refuse (and would not time for it). No replica runs here: nothing is
+    decided, so the first two time out and the waiting ones then get their turn."""
+    import trio
+
+    from runtime.client import PaymentClient, PaymentTimeout
+
+    cluster = _cluster_of_one_client_with_two_slots(tmp_path)
     in_flight: list[int] = []
     timed_out: list[int] = []
 
@@ -394,17 +400,8 @@ def test_a_cancelled_payment_gives_back_its_slot_in_the_client_core_too(tmp_path
 
     from pbft.client import ClientError
     from runtime.client import PaymentClient, PaymentTimeout
-    from runtime.cluster import load_cluster, write_cluster
-    from runtime.ports import consecutive_free_ports
 
-    path = write_cluster(
-        tmp_path,
-        replicas=4,
-        clients=1,
-        base_port=consecutive_free_ports(4)[0],
-        protocol={"client_pending_limit": 2},
-    )
-    cluster = load_cluster(path)
+    cluster = _cluster_of_one_client_with_two_slots(tmp_path)
     outcomes: list[str] = []
 
     async def main() -> None:
@@ -422,4 +419,3 @@ def test_a_cancelled_payment_gives_back_its_slot_in_the_client_core_too(tmp_path
 
     trio.run(main)
     assert outcomes == ["outstanding 0", "timed out"]
-

@@ -6,7 +6,19 @@ from __future__ import annotations
 import socket
 
 import trio
-from transport_harness import C0, FAST, HOST, R0, R1, make, open_raw, receive, run, wait_until
+from transport_harness import (
+    C0,
+    FAST,
+    HOST,
+    R0,
+    R1,
+    connected,
+    make,
+    open_raw,
+    receive,
+    run,
+    wait_until,
+)
 
 from runtime.transport import TransportConfig
 
@@ -14,10 +26,7 @@ from runtime.transport import TransportConfig
 def test_frames_queued_in_one_step_leave_in_one_write_in_order() -> None:
     async def main() -> None:
         async with make(R0) as replica, make(C0) as client:
-            port = await replica.listen(HOST, 0)
-            client.connect_to(R0, HOST, port)
-            await client.wait_connected(R0)
-            await replica.wait_connected(C0)
+            await connected(replica, R0, client)
             before = replica.statistics()
             # No checkpoint between the sends: the writer finds all 50 queued when it runs.
             for index in range(50):
@@ -39,10 +48,7 @@ def test_frames_queued_in_one_step_leave_in_one_write_in_order() -> None:
 def test_a_write_holds_at_most_64_kib_of_small_frames_and_large_ones_alone() -> None:
     async def main() -> None:
         async with make(R0) as replica, make(R1) as peer:
-            port = await replica.listen(HOST, 0)
-            peer.connect_to(R0, HOST, port)
-            await peer.wait_connected(R0)
-            await replica.wait_connected(R1)
+            await connected(replica, R0, peer)
             before = replica.statistics().writes_out
             small = [bytes([index]) * 20_000 for index in range(7)]  # 140 KB: three writes
             large = b"L" * 200_000  # over the coalescing limit: a write of its own
@@ -62,10 +68,7 @@ def test_a_write_holds_at_most_64_kib_of_small_frames_and_large_ones_alone() -> 
 def test_every_connection_has_tcp_nodelay_both_ways() -> None:
     async def main() -> None:
         async with make(R0) as replica, make(C0) as client:
-            port = await replica.listen(HOST, 0)
-            client.connect_to(R0, HOST, port)
-            await client.wait_connected(R0)
-            await replica.wait_connected(C0)
+            await connected(replica, R0, client)
             for transport, peer in ((replica, C0), (client, R0)):
                 connection = transport._peers[peer].active
                 assert connection is not None
@@ -99,10 +102,7 @@ def test_a_dead_peer_costs_a_bounded_queue_and_every_dropped_frame_is_counted() 
 
     async def main() -> None:
         async with make(R0, config) as replica, make(R1, small_inbound) as sleeper:
-            port = await replica.listen(HOST, 0)
-            sleeper.connect_to(R0, HOST, port)
-            await sleeper.wait_connected(R0)
-            await replica.wait_connected(R1)
+            await connected(replica, R0, sleeper)
             # The sleeper's owner never takes a frame: its reader stops once its inbound
             # queue is full, then TCP fills up and the replica's writer blocks.
             chunk = b"z" * 60_000

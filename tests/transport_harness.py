@@ -41,6 +41,15 @@ def make(principal: tuple[str, int], config: TransportConfig = FAST) -> Transpor
 _RAW_STREAMS: list[trio.SocketStream] = []
 
 
+async def connected(server: Transport, server_principal: tuple[str, int], peer: Transport) -> None:
+    """`peer` dials `server` on a fresh 127.0.0.1 port; returns once both ends have the
+    connection."""
+    port = await server.listen(HOST, 0)
+    peer.connect_to(server_principal, HOST, port)
+    await peer.wait_connected(server_principal)
+    await server.wait_connected(peer.principal)
+
+
 async def open_raw(port: int, local_address: str | None = None) -> trio.SocketStream:
     stream = await trio.open_tcp_stream(HOST, port, local_address=local_address)
     _RAW_STREAMS.append(stream)
