@@ -650,16 +650,7 @@ class Ledger:
 
     def _header_leaf(self) -> bytes:
         rule = self._genesis.rule() if self._genesis is not None else None
-        return _packb(
-            [
-                "header",
-                SNAPSHOT_FORMAT_VERSION,
-                self._dedup_window,
-                self._initial_total,
-                self._executed_count,
-                rule,
-            ]
-        )
+        return _header_leaf(self._dedup_window, self._initial_total, self._executed_count, rule)
 
     def _account_leaf(self, name: str) -> bytes:
         return _packb(["account", name, self._owner(name), self._stored_balance(name)])
@@ -704,16 +695,7 @@ class Ledger:
             tree = MerkleTree(tree_levels(hashes))
         else:
             # Copy-on-write over the shared genesis tree: only what differs is hashed.
-            genesis_header = _packb(
-                [
-                    "header",
-                    SNAPSHOT_FORMAT_VERSION,
-                    self._dedup_window,
-                    genesis.total(),
-                    0,
-                    genesis.rule(),
-                ]
-            )
+            genesis_header = _header_leaf(self._dedup_window, genesis.total(), 0, genesis.rule())
             tree = MerkleTree(_generated_tree(genesis, genesis_header))
             changed = {0: leaf_hash(self._header_leaf())}
             for name in self._balances:
@@ -870,6 +852,11 @@ class Ledger:
             )
         ledger._executed_count = executed_count
         return ledger
+
+
+def _header_leaf(dedup_window: int, total: int, executed_count: int, rule: Any) -> bytes:
+    """The digest's first leaf: the state's header (a genesis tree's too, executed 0)."""
+    return _packb(["header", SNAPSHOT_FORMAT_VERSION, dedup_window, total, executed_count, rule])
 
 
 def _decision_rows(record: _ClientRecord) -> list[list[Any]]:
