@@ -21,6 +21,8 @@ HASH_SIZE: Final = 32
 # an inner node is passed off as a leaf.
 _LEAF_PREFIX: Final = b"\x00"
 _NODE_PREFIX: Final = b"\x01"
+# RFC 6962: the root of a tree with no leaves.
+EMPTY_ROOT: Final = hashlib.sha256(b"").digest()
 
 
 def leaf_hash(leaf: bytes) -> bytes:
@@ -45,7 +47,7 @@ def _next_level(level: list[bytes]) -> list[bytes]:
 
 def merkle_root(leaves: Sequence[bytes]) -> bytes:
     if len(leaves) == 0:
-        return hashlib.sha256(b"").digest()
+        return EMPTY_ROOT
     level = [leaf_hash(leaf) for leaf in leaves]
     while len(level) > 1:
         level = _next_level(level)
@@ -255,7 +257,7 @@ class MerkleTree:
 
     def root(self) -> bytes:
         if not self._sizes or self._sizes[0] == 0:
-            return hashlib.sha256(b"").digest()
+            return EMPTY_ROOT
         return self._node(len(self._sizes) - 1, 0)
 
     def proof(self, index: int) -> MerkleProof:
