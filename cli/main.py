@@ -32,7 +32,7 @@ class _Parser(argparse.ArgumentParser):
 def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     """The parser and each command's function. The command modules are imported here, inside
     main's guard: importing the runtime takes a while, and Ctrl-C then must exit 130 too."""
-    from cli import bench, cluster, keys, payments, receipts, scenarios
+    from cli import bench, cluster, keys, operations, payments, receipts, scenarios
 
     parser = _Parser(prog="pbft", description="Byzantine fault-tolerant payment confirmation.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -41,6 +41,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         scenarios.add_run,
         cluster.add_replica,
         payments.add_pay,
+        operations.add_operations,
         payments.add_balance,
         receipts.add_verify_receipt,
         cluster.add_cluster,
@@ -58,6 +59,11 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         "replica": cluster.replica,
         "cluster": cluster.cluster_up,
         "pay": payments.pay,
+        "authorize": operations.authorize,
+        "capture": operations.capture,
+        "void": operations.void,
+        "refund": operations.refund,
+        "open-account": operations.open_account,
         "balance": payments.balance,
         "verify-receipt": receipts.verify_receipt,
         "bench": bench.bench,

@@ -17,6 +17,7 @@ from typing import Any
 import trio
 
 from cli.exits import EXIT_INTERRUPTED, EXIT_NO, EXIT_NO_DECISION, EXIT_OK, EXIT_USAGE, leaf
+from cli.ids import named_ids
 from cli.outputs import output_file_problem
 
 PAY_EXIT_CODES = """exit codes:
@@ -41,14 +42,10 @@ def add_pay(commands: Any) -> None:
         epilog=PAY_EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    pay.add_argument("--cluster", required=True)
-    pay.add_argument("--client", type=int, required=True, help="the paying client's id")
+    add_submission_options(pay, "the paying client's id")
     pay.add_argument("--from", dest="payer", required=True, help="payer account")
     pay.add_argument("--to", dest="payee", required=True, help="payee account")
     pay.add_argument("--amount", type=int, required=True, help="integer minor units")
-    pay.add_argument("--request-id", type=int, help="to retry a payment safely, reuse its id")
-    pay.add_argument("--receipt", help="write the receipt to this file")
-    pay.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
 
 
 def add_balance(commands: Any) -> None:
@@ -65,23 +62,55 @@ def add_balance(commands: Any) -> None:
 
 
 def pay(arguments: argparse.Namespace) -> int:
-    from pbft.client import ClientError
-    from runtime.client import PaymentClient, PaymentTimeout
+    from pbft.operations import Operation
     from runtime.cluster import load_cluster
 
     cluster = load_cluster(arguments.cluster)
     problem = (
-        _check_timeout(arguments.timeout)
-        or _check_uint64("--amount", arguments.amount)
-        or _check_uint64("--request-id", arguments.request_id)
-        or _check_account("--from", arguments.payer)
-        or _check_account("--to", arguments.payee)
-        or _check_client(cluster, arguments.client)
-        or output_file_problem("--receipt", arguments.receipt)
+        check_submission(cluster, arguments)
+        or check_uint64("--amount", arguments.amount)
+        or check_account("--from", arguments.payer)
+        or check_account("--to", arguments.payee)
     )
     if problem:
         print(f"pbft: {problem}", file=sys.stderr)
         return EXIT_USAGE
+    operation = Operation.transfer(arguments.payer, arguments.payee, arguments.amount)
+    return submit_and_report(arguments, cluster, operation, "payment")
+
+
+def add_submission_options(parser: Any, client_help: str) -> None:
+    """The options every command that submits one ledger operation shares with `pay`."""
+    parser.add_argument("--cluster", required=True)
+    parser.add_argument("--client", type=int, required=True, help=client_help)
+    parser.add_argument("--request-id", type=int, help="to retry a request safely, reuse its id")
+    parser.add_argument("--receipt", help="write the receipt to this file")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+
+
+def check_submission(cluster: Any, arguments: argparse.Namespace) -> str | None:
+    """What is wrong with the options add_submission_options added, as one line; None if
+    nothing."""
+    return (
+        _check_timeout(arguments.timeout)
+        or check_uint64("--request-id", arguments.request_id)
+        or _check_client(cluster, arguments.client)
+        or output_file_problem("--receipt", arguments.receipt)
+    )
+
+
+def submit_and_report(
+    arguments: argparse.Namespace,
+    cluster: Any,
+    operation: Any,
+    noun: str,
+) -> int:
+    """Submit `operation` (checked already), print its decision as one JSON line, write its
+    receipt, and return the exit code: 0 confirmed, 1 rejected, 4 no decision. `noun` names
+    the operation in messages ("payment", "capture", ...). The JSON line names the hold,
+    payment or account the request makes or refers to (cli/ids.py)."""
+    from pbft.client import ClientError
+    from runtime.client import PaymentClient, PaymentTimeout
 
     sent: list[int] = []
 
@@ -93,13 +122,13 @@ def pay(arguments: argparse.Namespace) -> int:
             # Said before sending: whatever happens next, the user can retry with it.
             print(f"pbft: request id {request_id}", file=sys.stderr, flush=True)
             sent.append(request_id)
-            return await client.pay(arguments.payer, arguments.payee, arguments.amount, request_id)
+            return await client.submit(operation, request_id)
 
     try:
         decided = trio.run(main)
     except PaymentTimeout as error:
         print(
-            f"pbft: no decision within {arguments.timeout:g} s; the payment may still go "
+            f"pbft: no decision within {arguments.timeout:g} s; the {noun} may still go "
             f"through: retry with --request-id {error.request_id} (never with a new id)",
             file=sys.stderr,
         )
@@ -110,19 +139,29 @@ def pay(arguments: argparse.Namespace) -> int:
     except BaseException as raised:
         if sent and leaf(raised, (KeyboardInterrupt,)) is not None:
             print(
-                f"pbft: interrupted; the payment may still go through: retry with "
+                f"pbft: interrupted; the {noun} may still go through: retry with "
                 f"--request-id {sent[0]} to learn its outcome",
                 file=sys.stderr,
             )
             return EXIT_INTERRUPTED
         raise
+    names = named_ids(
+        operation.op,
+        decided.client_id,
+        decided.request_id,
+        operation.payer,
+        operation.ref_client,
+        operation.ref_request,
+    )
     print(
         json.dumps(
             {
                 "request_id": decided.request_id,
+                "op": operation.op,
                 "outcome": decided.outcome,
                 "reason": decided.reason,
                 "seq": decided.seq,
+                **names,
             }
         ),
         flush=True,
@@ -133,7 +172,7 @@ def pay(arguments: argparse.Namespace) -> int:
         except OSError as error:
             print(
                 f"pbft: --receipt: cannot write {arguments.receipt}: {error.strerror}; the "
-                f"payment was decided: pay again with --request-id {decided.request_id} "
+                f"{noun} was decided: send it again with --request-id {decided.request_id} "
                 "to get its receipt",
                 file=sys.stderr,
             )
@@ -141,7 +180,7 @@ def pay(arguments: argparse.Namespace) -> int:
     if decided.outcome == "confirmed":
         return EXIT_OK
     if decided.outcome == "rejected":
-        print(f"pbft: payment rejected: {decided.reason}", file=sys.stderr)
+        print(f"pbft: {noun} rejected: {decided.reason}", file=sys.stderr)
         return EXIT_NO
     print(
         f"pbft: the outcome of request {decided.request_id} is unknown: the replicas no "
@@ -159,7 +198,7 @@ def balance(arguments: argparse.Namespace) -> int:
     cluster = load_cluster(arguments.cluster)
     problem = (
         _check_timeout(arguments.timeout)
-        or _check_account("--account", arguments.account)
+        or check_account("--account", arguments.account)
         or _check_client(cluster, arguments.client)
     )
     if problem:
@@ -202,13 +241,13 @@ def _check_timeout(timeout: float) -> str | None:
     return None
 
 
-def _check_uint64(option: str, value: int | None) -> str | None:
+def check_uint64(option: str, value: int | None) -> str | None:
     if value is not None and not 0 <= value < 2**64:
         return f"{option}: {value} is not in 0..2**64-1"
     return None
 
 
-def _check_account(option: str, name: str) -> str | None:
+def check_account(option: str, name: str) -> str | None:
     from pbft.ledger import MAX_ACCOUNT_NAME_LENGTH
 
     if not 0 < len(name) <= MAX_ACCOUNT_NAME_LENGTH:

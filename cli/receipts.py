@@ -9,11 +9,15 @@ from pathlib import Path
 from typing import Any
 
 from cli.exits import EXIT_NO, EXIT_OK, EXIT_USAGE
+from cli.ids import named_ids
 
 
 def add_verify_receipt(commands: Any) -> None:
     verify = commands.add_parser("verify-receipt", help="check a receipt offline")
-    verify.add_argument("receipt", help="a receipt file written by pbft pay")
+    verify.add_argument(
+        "receipt",
+        help="a receipt file written by pbft pay, authorize, capture, void, refund or open-account",
+    )
     verify.add_argument("--cluster", required=True)
 
 
@@ -44,5 +48,15 @@ def verify_receipt(arguments: argparse.Namespace) -> int:
         print(f"invalid receipt: {error}")
         return EXIT_NO
     fields = {**verified.__dict__, "cluster_id": verified.cluster_id.hex()}
-    print(json.dumps({"valid": True, **fields}, default=list))
+    # The op's fields are under the client's signature and the replies' request digest, so
+    # the ids shown (the hold or payment it makes or names) are proven with the outcome.
+    names = named_ids(
+        verified.op,
+        verified.client_id,
+        verified.request_id,
+        verified.payer,
+        verified.ref_client,
+        verified.ref_request,
+    )
+    print(json.dumps({"valid": True, **fields, **names}, default=list))
     return EXIT_OK

@@ -4,6 +4,11 @@
         decided = await client.pay("acct-00000", "acct-00002", 250)
         decided.outcome, decided.reason, decided.receipt
 
+Every ledger operation (pbft/operations.py) goes the same way, through `submit`, and is
+decided the same way, with a receipt: `authorize`, `capture`, `void`, `refund`,
+`open_account`. Holds and payments are named by (client id, request id) of the request that
+made them: a transfer's own, an authorize's for its hold, and for a captured hold the hold's.
+
 The sans-I/O `ClientCore` decides (f + 1 matching signed replies) and says when to
 retransmit; this module only carries its messages and its clock. Retrying with the same
 request id is always safe: the cluster executes a request id at most once and answers a
@@ -159,6 +164,44 @@ class PaymentClient:
         """Submit a payment and wait for its decision (at most `timeout_s` once it is
         sent; before that, for a free slot if `client_pending_limit` are in flight)."""
         return await self.submit(Operation.transfer(payer, payee, amount), request_id)
+
+    async def authorize(
+        self,
+        payer: str,
+        payee: str,
+        amount: int,
+        expires_in_ms: int,
+        request_id: int | None = None,
+    ) -> Decided:
+        """Hold `amount` of `payer`'s available balance for `payee` until it is captured,
+        voided, or `expires_in_ms` after its batch's time. The hold's id is
+        (client_id, request_id) of this request: `decided.client_id, decided.request_id`."""
+        return await self.submit(
+            Operation.authorize(payer, payee, amount, expires_in_ms), request_id
+        )
+
+    async def capture(
+        self, hold: tuple[int, int], amount: int, request_id: int | None = None
+    ) -> Decided:
+        """Take `amount` (at most what is held) of hold `hold` = (client, request id) for
+        its payee; the rest goes back to the payer. Asked by the payee's owner."""
+        return await self.submit(Operation.capture(hold, amount), request_id)
+
+    async def void(self, hold: tuple[int, int], request_id: int | None = None) -> Decided:
+        """Release hold `hold` = (client, request id) to its payer, by the payer's owner or
+        the payee's owner."""
+        return await self.submit(Operation.void(hold), request_id)
+
+    async def refund(
+        self, payment: tuple[int, int], amount: int, request_id: int | None = None
+    ) -> Decided:
+        """Move `amount` back from the payee to the payer of `payment` = (client, request
+        id) of a transfer, or of a captured hold (the hold's id). Asked by the payee's owner."""
+        return await self.submit(Operation.refund(payment, amount), request_id)
+
+    async def open_account(self, name: str, request_id: int | None = None) -> Decided:
+        """Open account `name` with balance 0, owned by this client."""
+        return await self.submit(Operation.open_account(name), request_id)
 
     async def submit(self, operation: Operation, request_id: int | None = None) -> Decided:
         """Submit any ledger operation (pbft/operations.py) and wait for its decision, like
