@@ -92,9 +92,9 @@ def check_submission(cluster: Any, arguments: argparse.Namespace) -> str | None:
     """What is wrong with the options add_submission_options added, as one line; None if
     nothing."""
     return (
-        _check_timeout(arguments.timeout)
+        check_timeout(arguments.timeout)
         or check_uint64("--request-id", arguments.request_id)
-        or _check_client(cluster, arguments.client)
+        or check_client(cluster, arguments.client)
         or output_file_problem("--receipt", arguments.receipt)
     )
 
@@ -168,7 +168,7 @@ def submit_and_report(
     )
     if arguments.receipt and decided.receipt is not None:
         try:
-            _write_atomically(Path(arguments.receipt), decided.receipt.encode())
+            write_atomically(Path(arguments.receipt), decided.receipt.encode())
         except OSError as error:
             print(
                 f"pbft: --receipt: cannot write {arguments.receipt}: {error.strerror}; the "
@@ -197,9 +197,9 @@ def balance(arguments: argparse.Namespace) -> int:
 
     cluster = load_cluster(arguments.cluster)
     problem = (
-        _check_timeout(arguments.timeout)
+        check_timeout(arguments.timeout)
         or check_account("--account", arguments.account)
-        or _check_client(cluster, arguments.client)
+        or check_client(cluster, arguments.client)
     )
     if problem:
         print(f"pbft: {problem}", file=sys.stderr)
@@ -233,7 +233,7 @@ def balance(arguments: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _check_timeout(timeout: float) -> str | None:
+def check_timeout(timeout: float) -> str | None:
     from runtime.client import MAX_TIMEOUT_S
 
     if not math.isfinite(timeout) or not 0 < timeout <= MAX_TIMEOUT_S:
@@ -258,7 +258,7 @@ def check_account(option: str, name: str) -> str | None:
     return None
 
 
-def _check_client(cluster: Any, client_id: int) -> str | None:
+def check_client(cluster: Any, client_id: int) -> str | None:
     if client_id not in cluster.client_keys:
         known = sorted(cluster.client_keys)
         listed = ", ".join(str(client) for client in known[:10])
@@ -270,7 +270,7 @@ def _check_client(cluster: Any, client_id: int) -> str | None:
     return None
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes) -> None:
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         temporary.write_bytes(data)
