@@ -20,6 +20,8 @@ from pbft.ledger import Outcome, Reason
 MAX_VIEW = 2**62
 MAX_SEQ = 2**62
 MAX_WINDOW = 8192
+# Batch timestamps: milliseconds of the proposing primary's clock (Unix time in the runtime).
+MAX_TIMESTAMP_MS = 2**62
 # State transfer: a chunk is an aligned block of at most 2**MAX_CHUNK_LEVEL ledger leaves.
 MAX_CHUNK_LEVEL = 16
 MAX_LEAF_COUNT = 2**40
@@ -96,7 +98,9 @@ class Request(Message):
 
 @dataclass(frozen=True)
 class PrePrepare(Message):
-    """The primary's proposal: batch `requests` at `seq` in `view`, chained to `prev_hash`."""
+    """The primary's proposal: batch `requests` at `seq` in `view`, chained to `prev_hash`,
+    at `timestamp_ms` (the batch time the ledger decides expiry against; pbft/ordering.py
+    says when a backup accepts it)."""
 
     view: int
     seq: int
@@ -104,6 +108,7 @@ class PrePrepare(Message):
     prev_hash: bytes
     batch_digest: bytes
     requests: tuple[bytes, ...]
+    timestamp_ms: int
 
     TYPE = MessageType.PRE_PREPARE
     SCHEMA: ClassVar[dict[str, Spec]] = {
@@ -113,6 +118,7 @@ class PrePrepare(Message):
         "prev_hash": HASH,
         "batch_digest": HASH,
         "requests": ListOf(ENVELOPE, MAX_BATCH_SIZE),
+        "timestamp_ms": UInt(MAX_TIMESTAMP_MS),
     }
 
 
