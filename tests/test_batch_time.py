@@ -14,6 +14,7 @@ from pbft.events import Tick
 from pbft.messages import NewView, Prepare, PrePrepare, ViewChange
 from pbft.replica import Replica
 from pbft.status import ViewStatus
+from sim.adversary import Adversary, build_behavior
 from sim.scenario import load_scenario
 from sim.simulator import run_scenario
 
@@ -202,6 +203,25 @@ def test_new_view_keeps_stamps_and_a_null_takes_the_next_one_above(cluster: Clus
     assert (fresh.seq, fresh.timestamp_ms) == (4, 300)
 
 
+def test_a_leading_null_takes_the_stamp_of_the_first_reproposal_above_it(
+    cluster: Cluster,
+) -> None:
+    replica = backup_at(cluster, 50)
+    chain = cluster.chain()
+    chain.append([cluster.request(1)], timestamp_ms=100)
+    second = chain.append([cluster.request(2)], timestamp_ms=200)
+    changes = [
+        cluster.view_change(1, 2, [cluster.prepared_certificate(second)]),
+        cluster.view_change(1, 3),
+    ]
+    (new_view,) = broadcasts(cluster.deliver(replica, *changes), NewView)
+    proposals = [replica.verifier.proposal(raw) for raw in new_view.pre_prepares]
+    assert [(p.seq, p.is_null, p.timestamp_ms) for p in proposals] == [
+        (1, True, 200),
+        (2, False, 200),
+    ]
+
+
 def test_new_view_reproposals_are_old_so_the_skew_bound_does_not_apply(cluster: Cluster) -> None:
     """A backup whose clock is far past the re-proposed stamps still installs the view."""
     primary, proposals = _reproposals(cluster, clock_ms=50)
@@ -245,6 +265,38 @@ def test_view_change_carries_the_stamps_of_prepared_batches(cluster: Cluster) ->
     (change,) = broadcasts(actions, ViewChange)
     (certificate,) = change.prepared
     assert replica.verifier.prepared_certificate(certificate).timestamp_ms == 5_100
+
+
+# --- the lying primary (sim/adversary) ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "seq", "expected"),
+    [
+        ("future", 1, 5_000 + 10 * SKEW),
+        ("past", 1, 0),
+        ("backwards", 1, 5_000 + SKEW // 2),
+        ("backwards", 2, 5_000),
+    ],
+)
+def test_bad_timestamp_rewrites_the_stamp_only(
+    cluster: Cluster, kind: str, seq: int, expected: int
+) -> None:
+    liar = build_behavior(
+        "bad_timestamp",
+        0,
+        cluster.replica_keys[0],
+        Adversary.for_cluster(4, frozenset({0})),
+        config=cluster.config,
+        params={"kind": kind},
+    )
+    original = cluster.pre_prepare(seq, [cluster.request(1)], timestamp_ms=5_000)
+    (sent,) = liar.outgoing(("replica", 1), original.raw, 0)
+    replica = backup_at(cluster, 0)
+    proposal = replica.verifier.proposal(sent)
+    assert proposal.timestamp_ms == expected
+    assert (proposal.seq, proposal.batch_digest) == (seq, original.batch_digest)
+    assert (sent == original.raw) == (expected == 5_000)
 
 
 # --- configuration ------------------------------------------------------------------------
