@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from replica_harness import Cluster, broadcasts
+from replica_harness import Cluster, broadcasts, executed
 
 from pbft.chain import entry_digest
 from pbft.config import ClusterConfig, ConfigError
@@ -163,7 +163,8 @@ def test_executed_batch_time_is_the_agreed_stamp(cluster: Cluster) -> None:
     first = chain.append([cluster.request(1)], timestamp_ms=5_400)
     for clock in (4_500, 6_300):
         replica = backup_at(cluster, clock)
-        cluster.drive_commit(replica, first)
+        (record,) = executed(cluster.drive_commit(replica, first))
+        assert record.timestamp_ms == 5_400
         assert replica.last_executed == 1
         assert replica.ordering.last_executed_timestamp_ms == 5_400
         assert replica.ordering._batch_time_ms(replica.ordering.slots[1].committed.proposal) == (
