@@ -195,7 +195,7 @@ import random
 import secrets
 import socket
 import struct
-from collections import Counter, OrderedDict, deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
@@ -211,6 +211,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from crypto.keys import KeyRing, Principal, SigningKey, check_principal
+from runtime.buckets import TokenBuckets
 from runtime.framing import (
     FRAME_HEADER_SIZE,
     MAX_FRAME_BYTES,
@@ -741,46 +742,6 @@ class _Peer:
         return frame
 
 
-class _TokenBuckets:
-    """Token buckets by key (an IP address): `take` is True while the key has a token left.
-
-    Full buckets carry no information, so they are dropped: the buckets are kept in the
-    order they were last touched, and each `take` drops the full ones from the old end,
-    and beyond MAX_KEYS the least recently seen (its address starts again from a full
-    burst, which a flood from that many addresses gets anyway). Amortised O(1) a take
-    whatever the number of addresses (a scan of the whole table on each take cost a flood
-    from 32,000 addresses a minute of CPU on the event loop), and memory bounded.
-    """
-
-    MAX_KEYS = 65_536
-
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate = rate
-        self.burst = float(burst)
-        # key -> (tokens, at), least recently touched first.
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
-
-    def take(self, key: str, now: float) -> bool:
-        tokens, at = self._buckets.pop(key, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - at) * self.rate)
-        allowed = tokens >= 1.0
-        self._buckets[key] = (tokens - 1.0 if allowed else tokens, now)
-        self._prune(now)
-        return allowed
-
-    def _prune(self, now: float) -> None:
-        full_after = self.burst / self.rate
-        buckets = self._buckets
-        while buckets:
-            _, (_, at) = next(iter(buckets.items()))
-            if now - at < full_after and len(buckets) <= self.MAX_KEYS:
-                return
-            buckets.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._buckets)
-
-
 class _Pending:
     """An inbound connection in its handshake: which pool it holds a slot in."""
 
@@ -848,13 +809,13 @@ class Transport:
         self._pending_general = 0  # slots held in the general pool
         self._pending_by_address: Counter[str] = Counter()  # general pool, by address
         self._reserved: list[_Pending] = []  # the replicas' pool, oldest first
-        self._accept_by_address = _TokenBuckets(
+        self._accept_by_address = TokenBuckets[str](
             self.config.accept_rate_per_address, self.config.accept_burst_per_address
         )
-        self._verify_by_address = _TokenBuckets(
+        self._verify_by_address = TokenBuckets[str](
             self.config.verify_rate_per_address, self.config.verify_burst_per_address
         )
-        self._verify_total = _TokenBuckets(
+        self._verify_total = TokenBuckets[str](
             self.config.verify_rate_total, self.config.verify_burst_total
         )
         self._verifications = 0
@@ -862,7 +823,7 @@ class Transport:
         # budget per replica for AUTHs naming it from exactly there: strangers spending the
         # shared budget cannot keep a replica out that comes back from its own address.
         self._replica_addresses: dict[Principal, str] = {}
-        self._verify_known = _TokenBuckets(
+        self._verify_known = TokenBuckets[str](
             self.config.verify_rate_per_address, self.config.verify_burst_per_address
         )
         self._context: AbstractAsyncContextManager[Transport] | None = None
