@@ -102,8 +102,11 @@ Anyone can open a TCP connection, so what an unauthenticated one may cost is bou
 - Rate: at most `accept_rate_per_address` connections a second from one IP address (after
   a burst of `accept_burst_per_address`) are served; the rest are reset right after
   accept(), before any task, key or HELLO exists for them (`handshakes_failed
-  ["accept_rate"]`). A replica at the address it is known at is exempt. Correct clients
-  connect once per session, far below it.
+  ["accept_rate"]`). An address a replica is known at draws on a bucket of its own
+  instead, `accept_rate_replica_address` (ten times larger by default): a replica
+  redialling after a flood of strangers from elsewhere is not kept out, and whatever else
+  runs on a replica's address, or a Byzantine replica making an address its own, is still
+  limited. Correct clients connect once per session, far below it.
 - Slots: at most `max_pending_handshakes` connections in their handshake at a time, and
   `max_pending_per_address` of them from one IP address, so one host cannot take them all.
   Beyond those, `reserved_handshakes` more slots in which only a replica of the key ring may
@@ -338,9 +341,11 @@ class TransportConfig:
     reserved_handshakes: int = 8
     # TCP connections accepted per second per address (after a burst), checked on accept
     # before anything else: beyond it a connection is reset without a task, a key or a
-    # HELLO. Replicas at their known addresses are not limited by it.
+    # HELLO. An address a replica is known at has a larger bucket of its own (the next two).
     accept_rate_per_address: float = 20.0
     accept_burst_per_address: int = 40
+    accept_rate_replica_address: float = 200.0
+    accept_burst_replica_address: int = 400
     verify_rate_per_address: float = 20.0  # AUTH signatures checked per second per address
     verify_burst_per_address: int = 20
     verify_rate_total: float = 500.0  # ... and from all addresses together
@@ -367,6 +372,7 @@ class TransportConfig:
             "max_pending_handshakes",
             "max_pending_per_address",
             "accept_burst_per_address",
+            "accept_burst_replica_address",
             "verify_burst_per_address",
             "verify_burst_total",
             "receive_chunk_bytes",
@@ -399,6 +405,7 @@ class TransportConfig:
             "send_timeout",
             "connect_timeout",
             "accept_rate_per_address",
+            "accept_rate_replica_address",
             "verify_rate_per_address",
             "verify_rate_total",
             "client_inbound_rate",
@@ -812,6 +819,9 @@ class Transport:
         self._accept_by_address = TokenBuckets[str](
             self.config.accept_rate_per_address, self.config.accept_burst_per_address
         )
+        self._accept_by_replica_address = TokenBuckets[str](
+            self.config.accept_rate_replica_address, self.config.accept_burst_replica_address
+        )
         self._verify_by_address = TokenBuckets[str](
             self.config.verify_rate_per_address, self.config.verify_burst_per_address
         )
@@ -1126,9 +1136,14 @@ class Transport:
                     raise
                 self._accepted += 1
                 address = str(peer_address[0]) if peer_address else "?"
-                if address not in self._replica_addresses.values() and not (
-                    self._accept_by_address.take(address, trio.current_time())
-                ):
+                # An address a replica is known at has a bucket of its own: strangers
+                # elsewhere cannot spend it, and it is bounded too (review finding F4).
+                buckets = (
+                    self._accept_by_replica_address
+                    if address in self._replica_addresses.values()
+                    else self._accept_by_address
+                )
+                if not buckets.take(address, trio.current_time()):
                     self._handshakes_failed["accept_rate"] += 1
                     _reset(sock)
                     continue
