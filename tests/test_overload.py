@@ -361,3 +361,27 @@ def test_a_run_does_not_stop_while_a_replica_is_executing_the_last_entry() -> No
     result = run_scenario(parse_scenario(LATE_WORK_AT_THE_STOP))
     assert result.converged, result.final_states
     assert result.verdict == "ok", result.expectation_failures
+
+
+def test_the_fuzzers_backlog_allowance_is_not_given_with_a_byzantine_replica() -> None:
+    """Review finding F5: the allowance is for a backlog behind a correct primary. A
+    Byzantine replica may be the primary, and the allowance would let it slow the backlog
+    unnoticed, so a case with one offers only what its configuration orders (the rate is
+    lowered to the capacity it is estimated at with a Byzantine party) and gets the plain
+    liveness bound. A case whose only Byzantine party is a client keeps the allowance."""
+    capped = client_only_allowances = 0
+    for seed in range(200):
+        document = generate_document(seed)
+        cluster, network = document["cluster"], document["network"]
+        workload = document["workload"]
+        byzantine = document.get("byzantine", [])
+        plain = liveness_within_ms(cluster["view_change_timeout_ms"])
+        if any("replica" in entry for entry in byzantine):
+            assert backlog_drain_ms(cluster, network, workload, byzantine=True) == 0, seed
+            assert document["liveness"]["within_ms"] == plain, seed
+            assert workload["rate_per_s"] <= capacity_per_s(cluster, network) / 2, seed
+            capped += workload["rate_per_s"] not in (20, 50, 100, 200, 400)
+        elif byzantine and document["liveness"]["within_ms"] > plain:
+            client_only_allowances += 1
+    assert capped > 10  # the rule was exercised: cases that drew more than they order
+    assert client_only_allowances > 0
