@@ -260,3 +260,57 @@ def test_a_client_submit_goes_out_through_the_client_host() -> None:
     assert [call[0] for call in host.calls] == ["send"]
     message = host.calls[0][1]
     assert isinstance(message, Outgoing) and message.to == (("replica", 0),)
+
+
+def _deferred_script() -> list[list[Action]]:
+    """A step whose records may all follow its messages (a commit certificate, a stable
+    checkpoint's deletes), with a reply made before them."""
+    return [
+        [Send(("client", 5), b"reply-1"), Persist(("committed", 1), b"c1", deferrable=True)],
+        [Broadcast(b"checkpoint-4"), Persist(("committed", 1), None, deferrable=True)],
+    ]
+
+
+def test_a_step_of_deferrable_records_only_sends_first_then_writes_them_all() -> None:
+    ready = step(ScriptedCore(_deferred_script()), [Tick(1), Tick(2)], PEERS)
+    assert ready.sends_first and not ready.must_sync
+    host = RecordingHost()
+    carry_out(ready, host)
+    assert [kind for kind, _ in host.calls] == ["send", "send", "persist"]
+    assert host.durable_at_send == [{}, {}]
+    # One write, in the order the core made the records: the delete stays last.
+    assert host.calls[-1] == ("persist", ready.records) and host.durable == {}
+
+
+def test_one_record_that_is_not_deferrable_makes_the_whole_step_write_first() -> None:
+    script = _deferred_script()
+    script[1].append(Persist(("vote", 2), b"v2"))
+    ready = step(ScriptedCore(script), [Tick(1), Tick(2)], PEERS)
+    assert ready.must_sync and not ready.sends_first
+    host = RecordingHost()
+    carry_out(ready, host)
+    assert [kind for kind, _ in host.calls] == ["persist", "send", "send"]
+    assert host.durable_at_send == [{("vote", 2): b"v2"}] * 2
+
+
+def test_awaited_deferrable_records_are_written_before_the_host_goes_on() -> None:
+    ready = step(ScriptedCore(_deferred_script()), [Tick(1), Tick(2)], PEERS)
+    host = AwaitedDiskHost()
+    finished = trio.Event()
+
+    async def carry() -> None:
+        await carry_out_async(ready, host)
+        finished.set()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(carry)
+            await trio.testing.wait_all_tasks_blocked()
+            # The frames left without waiting for the disk; the step is not done until it
+            # answers (the runtime takes its next step only then).
+            assert [kind for kind, _ in host.calls] == ["send", "send"]
+            assert not finished.is_set()
+            host.disk_done.set()
+        assert [kind for kind, _ in host.calls][-1] == "persist" and finished.is_set()
+
+    trio.run(main)
