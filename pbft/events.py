@@ -60,7 +60,7 @@ class Persist:
     """Write `value` under `key` durably before carrying out any later action; None deletes.
 
     `deferrable` records may become durable after the messages of their own step have left
-    (still before the host takes the next step): nothing this replica says depends on
+    (still in step order, ahead of any later record): nothing this replica says depends on
     them, because they only hold what others already made durable (a commit certificate:
     2f + 1 replicas' COMMITs, each written before it was sent; a stable checkpoint: 2f + 1
     CHECKPOINTs over a state re-execution rebuilds). See pbft/host.py for the whole rule.

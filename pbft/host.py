@@ -31,9 +31,13 @@ What a message depends on, and so what must be durable before it leaves:
   the log as it was before, a prefix.
 Those records are marked `Persist.deferrable`. A step whose records are all deferrable
 sends first and writes after; one with any record that is not writes all of them first
-(one write, in order: deferring part of a step would reorder its writes). Either way the
-host writes every record of a step before it takes the next step, so the log on disk is
-always a prefix of the steps, at most the last step's deferred records short of memory.
+(one write, in order: deferring part of a step would reorder its writes). Records reach
+the disk in the order of their steps, and a step that is not `sends_first` releases
+nothing until its records and every earlier step's are durable. So the log on disk is
+always a prefix of the steps, and what it may lack is deferrable records only. A
+synchronous host writes a deferred step right after its sends; an awaited one may queue
+it (`AsyncHost.defer`) to share the next step's write, so a lone payment's replica does
+not wait out that fsync before it handles the next request.
 
 Clients have no disk; `carry_out_client` hands a client core's actions to its host.
 
@@ -66,11 +70,12 @@ class Ready(NamedTuple):
 
     The rule: every record in `records` is durable before any message in `outputs` leaves
     (persist before send), unless every one of them is deferrable (`sends_first`): then
-    the messages leave first and the records are durable before the next step. A replica
-    that votes, crashes and forgets its vote could vote otherwise after a restart; with
-    the rule, what it said is what it wrote (a vote's record is never deferrable; the
-    module docstring says which are and why). `carry_out` and `carry_out_async` honour
-    it; a host never sends from a Ready any other way.
+    the messages leave first and the records are written ahead of the next step's (before
+    any message that waits for a write leaves). A replica that votes, crashes and forgets
+    its vote could vote otherwise after a restart; with the rule, what it said is what it
+    wrote (a vote's record is never deferrable; the module docstring says which are and
+    why). `carry_out` and `carry_out_async` honour it; a host never sends from a Ready
+    any other way.
 
     `outputs` keep the order the core produced them in, across every event of the step:
     observers (the simulator's trace) see executions and notes where they happened
@@ -171,7 +176,14 @@ class SyncHost(Host, Protocol):
 class AsyncHost(Host, Protocol):
     """A host whose disk write is awaited (the runtime fsyncs in a worker thread)."""
 
-    async def persist(self, records: Sequence[Persist]) -> None: ...
+    async def persist(self, records: Sequence[Persist]) -> None:
+        """Returns once `records`, and all records deferred before them, are durable."""
+        ...
+
+    async def defer(self, records: Sequence[Persist]) -> None:
+        """Queue deferrable records to be written, in order, before anything persisted or
+        deferred later; returns once queued (waiting only while the queue is full)."""
+        ...
 
 
 def release(ready: Ready, host: Host) -> None:
@@ -201,11 +213,11 @@ def carry_out(ready: Ready, host: SyncHost) -> None:
 async def carry_out_async(ready: Ready, host: AsyncHost) -> None:
     """Persist before send, for a host whose `persist` is awaited: nothing is released
     until the write has returned (if it raises or is cancelled, nothing is sent). A step
-    whose records are all deferrable is released first; this returns once they are
-    written, so the host's next step finds them durable."""
+    whose records are all deferrable is released first and its records queued, to be
+    written ahead of the next step's."""
     if ready.sends_first:
         release(ready, host)
-        await host.persist(ready.records)
+        await host.defer(ready.records)
         return
     if ready.records:
         await host.persist(ready.records)

@@ -85,11 +85,18 @@ class AwaitedDiskHost(RecordingHost):
         self.disk_done = trio.Event()
         self.fail: BaseException | None = None
 
+        self.queued: list[Persist] = []  # deferred, to be written ahead of the next persist
+
     async def persist(self, records: Sequence[Persist]) -> None:  # type: ignore[override]
         await self.disk_done.wait()
         if self.fail is not None:
             raise self.fail
-        super().persist(records)
+        queued, self.queued = self.queued, []
+        super().persist([*queued, *records])
+
+    async def defer(self, records: Sequence[Persist]) -> None:
+        self.calls.append(("defer", tuple(records)))
+        self.queued.extend(records)
 
 
 def _executed(seq: int) -> Executed:
@@ -293,24 +300,25 @@ def test_one_record_that_is_not_deferrable_makes_the_whole_step_write_first() ->
     assert host.durable_at_send == [{("vote", 2): b"v2"}] * 2
 
 
-def test_awaited_deferrable_records_are_written_before_the_host_goes_on() -> None:
-    ready = step(ScriptedCore(_deferred_script()), [Tick(1), Tick(2)], PEERS)
+def test_awaited_deferrable_records_are_queued_ahead_of_the_next_write() -> None:
+    first = step(ScriptedCore(_deferred_script()), [Tick(1), Tick(2)], PEERS)
+    second = step(
+        ScriptedCore([[Persist(("vote", 2), b"v2"), Broadcast(b"prepare-2")]]), [Tick(3)], PEERS
+    )
     host = AwaitedDiskHost()
-    finished = trio.Event()
-
-    async def carry() -> None:
-        await carry_out_async(ready, host)
-        finished.set()
 
     async def main() -> None:
+        # The deferred step's frames leave without the disk; its records are only queued.
+        await carry_out_async(first, host)
+        assert [kind for kind, _ in host.calls] == ["send", "send", "defer"]
+        assert host.durable_at_send == [{}, {}]
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(carry)
+            nursery.start_soon(carry_out_async, second, host)
             await trio.testing.wait_all_tasks_blocked()
-            # The frames left without waiting for the disk; the step is not done until it
-            # answers (the runtime takes its next step only then).
-            assert [kind for kind, _ in host.calls] == ["send", "send"]
-            assert not finished.is_set()
+            assert host.calls[-1][0] == "defer"  # the next vote waits for the disk
             host.disk_done.set()
-        assert [kind for kind, _ in host.calls][-1] == "persist" and finished.is_set()
+        # One write: the queued records first, in their order, then the step's own.
+        assert host.calls[-2] == ("persist", (*first.records, *second.records))
+        assert host.durable_at_send[-1] == {("vote", 2): b"v2"}
 
     trio.run(main)
