@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from replica_harness import Cluster, Entry
+from replica_harness import Cluster, Entry, Network
 
 from crypto.keys import Principal
 from pbft.events import Executed, MessageReceived, Note, Persist
@@ -132,3 +132,31 @@ def test_a_crash_between_reply_and_write_re_executes_the_same_decision() -> None
     decided = restarted.ledger.lookup(0, 1)
     assert decided is not None and decided == replica.ledger.lookup(0, 1)
     assert COMMITTED in again.durable
+
+
+def test_a_whole_cluster_that_loses_every_certificate_record_keeps_the_decision() -> None:
+    """The worst case of the deferral: every replica replied, then all crashed before any
+    of them wrote the commit certificate. Their prepared certificates and COMMITs survive,
+    so the entry commits again at its seq with the same result (a view change would have
+    to re-propose it there too): the client's receipt stays true."""
+    cluster = Cluster()
+    network = Network(cluster, client_ids=(0,))
+    network.submit(0, 1, "alice", "carol", 10)
+    network.run()
+    (first,) = network.decided
+    assert first.outcome == "confirmed" and first.seq == 1
+    for replica in range(cluster.n):
+        records = network.records[replica]
+        assert COMMITTED in records  # a synchronous host writes the deferred step at once
+        del records[COMMITTED]
+        network.replicas[replica] = cluster.replica(replica, records)
+        assert network.replicas[replica].last_executed == 0
+    network.submit(0, 2, "alice", "carol", 10)
+    network.advance(20_000)
+    assert [decided.request_id for decided in network.decided] == [1, 2]
+    for replica in network.replicas.values():
+        decision = replica.ledger.lookup(0, 1)
+        assert decision is not None
+        assert (decision.outcome.value, decision.seq) == (first.outcome, first.seq)
+    digests = {replica.ledger.digest() for replica in network.replicas.values()}
+    assert len(digests) == 1
