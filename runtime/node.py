@@ -397,6 +397,19 @@ class ReplicaNode:
                         self.log("halted", reason=core.halted)
                         raise ReplicaHalted(core.halted)
                 nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # The nursery wraps what ends it (a halt, a failed write, from either task); a
+            # lone exception is raised unwrapped, as it was before the writer had a task.
+            if len(group.exceptions) != 1:
+                raise
+            error = group.exceptions[0]
+            cause, context = error.__cause__, error.__context__
+            suppress = error.__suppress_context__
+            try:
+                raise error  # its cause and context are restored below
+            finally:
+                error.__cause__, error.__context__ = cause, context
+                error.__suppress_context__ = suppress
         finally:
             if not store.failed:
                 # A stop keeps what a crash could lose (deferred records): less to catch up.

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import trio
 import trio.testing
 
 from pbft.events import Persist
-from runtime.node import MAX_DEFERRED_BATCHES, _Writer
-from runtime.storage import DurableStore
+from runtime.client import PaymentClient
+from runtime.cluster import load_cluster, write_cluster
+from runtime.node import MAX_DEFERRED_BATCHES, ReplicaNode, _Writer
+from runtime.ports import free_ports
+from runtime.storage import DurableStore, StorageFailedError
 
 DELAY_S = 0.05
 
@@ -102,3 +106,38 @@ def test_a_full_queue_of_deferred_batches_makes_the_next_one_wait(tmp_path: Path
 
         trio.run(main)
         assert len(store.records()) == MAX_DEFERRED_BATCHES
+
+
+def test_a_failed_write_stops_the_replica_with_the_storage_error_unwrapped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The writer has a task of its own; what it raises still leaves ReplicaNode.run as
+    # itself, not in an exception group (cli/cluster.py maps it to its exit code).
+    base = min(free_ports(1)[0], 60000)
+    cluster = load_cluster(write_cluster(tmp_path, replicas=4, clients=1, base_port=base))
+
+    def failing_apply(self: DurableStore, records: object) -> None:
+        self._poison("test")
+        raise StorageFailedError("disk gone")
+
+    monkeypatch.setattr(DurableStore, "apply", failing_apply)
+    log = open(tmp_path / "replica-0.log", "w")  # closed below
+
+    async def scenario() -> None:
+        node = ReplicaNode(cluster, 0, tmp_path / "data-0", log=log)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_pay_once, PaymentClient(cluster, 0, timeout_s=30))
+            with trio.fail_after(20), pytest.raises(StorageFailedError, match="disk gone"):
+                await node.run()  # the primary persists its PRE-PREPARE: the write fails
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(scenario)
+    finally:
+        log.close()
+
+
+async def _pay_once(client: PaymentClient) -> None:
+    async with client:
+        await client.wait_connected(count=1)
+        await client.pay("acct-00000", "acct-00001", 1)
