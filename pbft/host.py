@@ -36,8 +36,8 @@ the disk in the order of their steps, and a step that is not `sends_first` relea
 nothing until its records and every earlier step's are durable. So the log on disk is
 always a prefix of the steps, and what it may lack is deferrable records only. A
 synchronous host writes a deferred step right after its sends; an awaited one may queue
-it (`AsyncHost.defer`) and write it while the core takes its next step, so a lone
-payment's replica does not wait out that fsync before it handles the next request.
+it (`AsyncHost.defer`) to share the next step's write, so a lone payment's replica does
+not wait out that fsync before it handles the next request.
 
 Clients have no disk; `carry_out_client` hands a client core's actions to its host.
 

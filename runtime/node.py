@@ -9,10 +9,11 @@ before any message of that step leaves: persist before you speak.
 
 The one exception is pbft/host.py's: a step whose records are all deferrable (a commit
 certificate, a stable checkpoint; nothing it says depends on them) sends first, and its
-records go to the writer's task, which writes them while the core takes its next step;
-what queues meanwhile shares the next write. A lone payment's reply waited for four fsyncs
-in a row (the primary's PRE-PREPARE, the backups' PREPARE, everyone's COMMIT, then the
-committed entry); now for three, and the replica's next step does not wait for the fourth.
+records wait in the writer's queue for the next write, at most one tick: the next step's
+PRE-PREPARE or PREPARE then carries them in its own fsync. A lone payment's reply waited
+for four fsyncs in a row (the primary's PRE-PREPARE, the backups' PREPARE, everyone's
+COMMIT, then the committed entry); now for three, and the replica's next step does not
+wait for the fourth.
 """
 
 from __future__ import annotations
@@ -131,17 +132,17 @@ class LogSummarizer:
 
 
 class _Writer:
-    """The one task that writes the store: batches in the order they were queued, and all
-    of those queued while a write was in flight in the next `apply` (one fsync). `persist`
-    waits for its batch; `defer` does not (pbft/host.py: nothing sent depends on those
-    records), so the replica's next step runs while they are written. A deferred batch is
-    written at once, never held back for company: a vote queued behind it then starts its
-    fsync no later than it would have if the deferred records had preceded the sends."""
+    """The one task that writes the store: batches in the order they were queued, all of
+    those queued meanwhile in one `apply` (one fsync). A batch someone waits for
+    (`persist`) is written at once; deferred batches alone wait up to `delay_s` for one to
+    share a write with (pbft/host.py: nothing sent depends on them)."""
 
-    def __init__(self, store: DurableStore) -> None:
+    def __init__(self, store: DurableStore, delay_s: float) -> None:
         self.store = store
+        self.delay_s = delay_s
         self.queue: list[tuple[Sequence[Persist], trio.Event | None]] = []
         self.work = trio.Event()  # something is queued
+        self.urgent = trio.Event()  # a waited-for batch is queued
         self.written = trio.Event()  # set after each write (then replaced)
         self.deferred = 0  # deferred batches queued, not yet written
 
@@ -149,6 +150,7 @@ class _Writer:
         done = trio.Event()
         self.queue.append((records, done))
         self.work.set()
+        self.urgent.set()
         await done.wait()
 
     async def defer(self, records: Sequence[Persist]) -> None:
@@ -162,8 +164,11 @@ class _Writer:
     async def run(self) -> None:
         while True:
             await self.work.wait()
+            if not self.urgent.is_set():
+                with trio.move_on_after(self.delay_s):
+                    await self.urgent.wait()
             # No checkpoint between here and the thread: what is taken is what is written.
-            self.work = trio.Event()
+            self.work, self.urgent = trio.Event(), trio.Event()
             batch, self.queue = self.queue, []
             records = [record for records, _ in batch for record in records]
             await trio.to_thread.run_sync(self.store.apply, records_of(records))
@@ -375,7 +380,7 @@ class ReplicaNode:
             ) from None
 
     async def _drive(self, core: Replica, store: DurableStore, transport: Transport) -> None:
-        writer = _Writer(store)
+        writer = _Writer(store, self.tick_ms / 1000)
         host = _Host(self, writer, transport)
         peers = peers_of(self.replica_id, (peer.replica_id for peer in self.cluster.replicas))
         try:

@@ -1,11 +1,8 @@
-"""runtime/node.py's writer: one task writes the store, in queue order, whatever queued
-during a write in the next one; deferred batches (pbft/host.py) are written at once,
-without the step waiting for them."""
+"""runtime/node.py's writer: one task writes the store, in queue order; deferred batches
+(pbft/host.py) wait for a waited-for batch to share its fsync, or at most the delay."""
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -17,82 +14,65 @@ from runtime.client import PaymentClient
 from runtime.cluster import load_cluster, write_cluster
 from runtime.node import MAX_DEFERRED_BATCHES, ReplicaNode, _Writer
 from runtime.ports import free_ports
-from runtime.storage import DurableStore, Key, StorageFailedError
+from runtime.storage import DurableStore, StorageFailedError
+
+DELAY_S = 0.05
 
 
 def _deferred(key: str, value: bytes | None) -> list[Persist]:
     return [Persist((key,), value, deferrable=True)]
 
 
-def _gate(store: DurableStore) -> tuple[threading.Event, list[int]]:
-    """Hold the store's next write in its thread until the returned event is set; the
-    sizes of the batches written are listed."""
-    opened = threading.Event()
-    sizes: list[int] = []
-    apply = store.apply
-
-    def gated(records: Iterable[tuple[Key, bytes | None]]) -> None:
-        opened.wait(10)
-        batch = list(records)
-        sizes.append(len(batch))
-        apply(batch)
-
-    store.apply = gated  # type: ignore[method-assign]
-    return opened, sizes
-
-
-def test_a_deferred_batch_is_written_at_once_and_the_step_does_not_wait(tmp_path: Path) -> None:
+def test_a_vote_carries_the_deferred_records_queued_before_it_in_one_fsync(
+    tmp_path: Path,
+) -> None:
     with DurableStore.open(tmp_path / "log") as store:
-        opened, sizes = _gate(store)
-        writer = _Writer(store)
-
-        async def main() -> None:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(writer.run)
-                with trio.fail_after(5):
-                    await writer.defer(_deferred("committed", b"c1"))  # returns, disk held
-                    await trio.testing.wait_all_tasks_blocked()
-                    assert writer.queue == []  # taken: the write is under way
-                    opened.set()
-                    await writer.written.wait()
-                nursery.cancel_scope.cancel()
-
-        trio.run(main)
-        assert sizes == [1] and store.records() == {("committed",): b"c1"}
-
-
-def test_what_queues_during_a_write_shares_the_next_one_in_order(tmp_path: Path) -> None:
-    with DurableStore.open(tmp_path / "log") as store:
-        opened, sizes = _gate(store)
-        writer = _Writer(store)
+        writer = _Writer(store, delay_s=60.0)  # never by the delay: only with the vote
         before = store.statistics().fsyncs
 
         async def main() -> None:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(writer.run)
-                with trio.fail_after(5):
-                    await writer.defer(_deferred("committed", b"c1"))
-                    await trio.testing.wait_all_tasks_blocked()  # in its thread, held
-                    await writer.defer(_deferred("committed", None))  # its order is kept
-                    await writer.defer(_deferred("checkpoint", b"s"))
-                    opened.set()
-                    await writer.persist([Persist(("vote",), b"v")])
+                await writer.defer(_deferred("committed", b"c1"))
+                await writer.defer(_deferred("committed", None))  # its order is kept
+                await writer.defer(_deferred("checkpoint", b"s"))
+                await trio.testing.wait_all_tasks_blocked()
+                assert store.records() == {}  # queued, not written: nothing waits for them
+                await writer.persist([Persist(("vote",), b"v")])
                 nursery.cancel_scope.cancel()
 
         trio.run(main)
-        assert sizes == [1, 3]  # the vote carried the two deferred batches queued before it
         assert store.records() == {("checkpoint",): b"s", ("vote",): b"v"}
-        assert store.statistics().fsyncs - before == 2
+        assert store.statistics().fsyncs - before == 1
         assert writer.deferred == 0
+
+
+def test_deferred_records_alone_are_written_after_the_delay(tmp_path: Path) -> None:
+    with DurableStore.open(tmp_path / "log") as store:
+        writer = _Writer(store, delay_s=DELAY_S)
+
+        async def main() -> None:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(writer.run)
+                await writer.defer(_deferred("committed", b"c1"))
+                with trio.fail_after(5):
+                    await writer.written.wait()
+                nursery.cancel_scope.cancel()
+
+        trio.run(main)
+        assert store.records() == {("committed",): b"c1"}
 
 
 def test_a_stop_flushes_what_is_still_queued(tmp_path: Path) -> None:
     path = tmp_path / "log"
     with DurableStore.open(path) as store:
-        writer = _Writer(store)  # its task never ran: everything is still queued
+        writer = _Writer(store, delay_s=60.0)
 
         async def main() -> None:
-            await writer.defer(_deferred("committed", b"c1"))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(writer.run)
+                await writer.defer(_deferred("committed", b"c1"))
+                nursery.cancel_scope.cancel()
 
         trio.run(main)
         assert store.records() == {}
@@ -103,7 +83,7 @@ def test_a_stop_flushes_what_is_still_queued(tmp_path: Path) -> None:
 
 def test_a_full_queue_of_deferred_batches_makes_the_next_one_wait(tmp_path: Path) -> None:
     with DurableStore.open(tmp_path / "log") as store:
-        writer = _Writer(store)
+        writer = _Writer(store, delay_s=60.0)
 
         async def main() -> None:
             for index in range(MAX_DEFERRED_BATCHES):
@@ -119,9 +99,8 @@ def test_a_full_queue_of_deferred_batches_makes_the_next_one_wait(tmp_path: Path
                 nursery.start_soon(one_more)
                 await trio.testing.wait_all_tasks_blocked()
                 assert blocked and store.records() == {}
-                nursery.start_soon(writer.run)  # the disk catches up: the queue drains
-                with trio.fail_after(5):
-                    await writer.written.wait()
+                nursery.start_soon(writer.run)
+                await writer.persist([])  # a waited-for write lets the queue drain
                 nursery.cancel_scope.cancel()
             assert not blocked
 
