@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
-from pbft.codec import Bytes, DecodeError, ListOf, Nested, Spec, Struct, Text, UInt
+from pbft.codec import Bytes, ListOf, Nested, SignedInt, Spec, Struct, Text, UInt
 from pbft.events import Executed, ExecutedRequest
 from pbft.operations import Release
 
@@ -60,27 +60,9 @@ OPEN, CAPTURED, VOIDED, EXPIRED = "open", "captured", "voided", "expired"
 HOLD_FATES = (OPEN, CAPTURED, VOIDED, EXPIRED)
 
 _ACCOUNT = Text(64)
-_OPTIONAL_ACCOUNT = Text(64)
 _DIGEST = Bytes(32, 32)
 _SEQ = UInt(2**62)
 _CLIENT = UInt(2**32 - 1)
-
-
-class SignedInt(Spec):
-    """An integer in -bound..bound: a posting's delta (codec.UInt has no sign)."""
-
-    def __init__(self, bound: int = MAX_DELTA) -> None:
-        self.bound = bound
-
-    def check(self, value: Any, field: str) -> int:
-        if type(value) is not int:
-            raise DecodeError("wrong_type", f"{field} must be an integer")
-        if not -self.bound <= value <= self.bound:
-            raise DecodeError("out_of_range", f"{field}={value} out of range")
-        return value
-
-    def max_bytes(self) -> int:
-        return 9
 
 
 @dataclass(frozen=True)
@@ -93,8 +75,8 @@ class PostingRecord(Struct):
 
     SCHEMA: ClassVar[dict[str, Spec]] = {
         "account": _ACCOUNT,
-        "available_delta": SignedInt(),
-        "held_delta": SignedInt(),
+        "available_delta": SignedInt(MAX_DELTA),
+        "held_delta": SignedInt(MAX_DELTA),
     }
 
 
@@ -137,8 +119,9 @@ class RequestRecord(Struct):
         "request_id": UInt(),
         "request_digest": _DIGEST,
         "op": Text(16),
-        "payer": _OPTIONAL_ACCOUNT,
-        "payee": _OPTIONAL_ACCOUNT,
+        # Empty where the op names none (capture, void, refund; open_account's payee).
+        "payer": _ACCOUNT,
+        "payee": _ACCOUNT,
         "amount": UInt(),
         "ref_client": _CLIENT,
         "ref_request": UInt(),
@@ -244,8 +227,8 @@ class AccountEntry(Struct):
         "kind": Text(16),
         "client_id": _CLIENT,
         "request_id": UInt(),
-        "available_delta": SignedInt(),
-        "held_delta": SignedInt(),
+        "available_delta": SignedInt(MAX_DELTA),
+        "held_delta": SignedInt(MAX_DELTA),
     }
 
 
