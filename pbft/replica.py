@@ -118,7 +118,7 @@ class Replica(Context):
             raise ValueError(f"replica id {replica_id} not in 0..{config.replica_count - 1}")
         if keyring.get(("replica", replica_id)) != signing_key.verify_key:
             raise ValueError(f"the key ring holds another key for replica {replica_id}")
-        ledger = Ledger(genesis_accounts, config.dedup_window)
+        ledger = Ledger(genesis_accounts, config.dedup_window, config.ledger_limits())
         genesis_snapshot = ledger.snapshot()
         genesis_digest = ledger.digest()
         verifier = Verifier(config, keyring, genesis_digest, cache)
@@ -183,7 +183,7 @@ class Replica(Context):
         if self.halted is not None:
             self.count_drop(DropReason.HALTED)
         elif isinstance(event, Tick):
-            self._on_tick(event.now_ms)
+            self._on_tick(event.now_ms, event.wall_ms)
         elif isinstance(event, MessageReceived):
             self._on_bytes(event.data, event.link)
         else:
@@ -280,11 +280,13 @@ class Replica(Context):
             return message.seq <= self.checkpoints.stable.seq
         return False
 
-    def _on_tick(self, now_ms: int) -> None:
+    def _on_tick(self, now_ms: int, wall_ms: int | None) -> None:
         """Tick each named timeout; the ones that fired call on_<name>_timeout."""
         if now_ms < self.now_ms:
             raise ReplicaInvariantError(f"clock went back from {self.now_ms} to {now_ms}")
         self.now_ms = now_ms
+        # A wall clock may step back (NTP); batch timestamps stay monotonic regardless.
+        self.wall_ms = now_ms if wall_ms is None else max(0, wall_ms)
         if self.fresh_start:
             self._on_start()
         if self.status is ViewStatus.NORMAL:

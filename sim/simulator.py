@@ -299,6 +299,7 @@ def cluster_config(scenario: Scenario) -> ClusterConfig:
         heartbeat_interval_ms=cluster.heartbeat_interval_ms,
         retransmit_interval_ms=cluster.retransmit_interval_ms,
         client_timeout_ms=cluster.client_timeout_ms,
+        max_clock_skew_ms=cluster.max_clock_skew_ms,
     )
 
 
@@ -349,7 +350,9 @@ class Simulation:
         }
         self.adversary = Adversary.for_cluster(self.config.replica_count, frozenset(byzantine))
         # Every replica knows the genesis ledger; a Byzantine one may cite it (view changes).
-        genesis_ledger_digest = Ledger(self.accounts, self.config.dedup_window).digest()
+        genesis_ledger_digest = Ledger(
+            self.accounts, self.config.dedup_window, self.config.ledger_limits()
+        ).digest()
         self.replicas: list[ReplicaNode] = []
         # Twins: a second copy of a replica (same key) in another part of the network.
         self.twin_nodes: dict[int, ReplicaNode] = {}
@@ -859,7 +862,7 @@ class Simulation:
             proposal = peek(raw)[1]
             if isinstance(proposal, PrePrepare):
                 plan[proposal.seq] = entry_digest(
-                    proposal.seq, proposal.prev_hash, proposal.batch_digest
+                    proposal.seq, proposal.prev_hash, proposal.batch_digest, proposal.timestamp_ms
                 )
         plans = self.observed.new_view_plans.setdefault(node.observer_id, {})
         plans[message.view] = plan

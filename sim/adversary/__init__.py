@@ -30,7 +30,15 @@ forged senders), twins, clients (Byzantine clients), registry (every behaviour b
 from sim.adversary.base import Adversary, Behavior, Silent
 from sim.adversary.clients import ClientBehavior, ClientReplay, ReuseRequestId, Steal
 from sim.adversary.noise import Forge, Garbage, Replay, WrongReply, flip_reply
-from sim.adversary.proposals import BadChain, BadSequence, Censor, Equivocate, InvalidBatch, Slow
+from sim.adversary.proposals import (
+    BadChain,
+    BadSequence,
+    BadTimestamp,
+    Censor,
+    Equivocate,
+    InvalidBatch,
+    Slow,
+)
 from sim.adversary.registry import (
     BEHAVIORS,
     CLIENT_BEHAVIORS,
@@ -49,6 +57,7 @@ __all__ = [
     "BadCheckpoint",
     "BadNewView",
     "BadSequence",
+    "BadTimestamp",
     "Behavior",
     "Censor",
     "ClientBehavior",

@@ -12,7 +12,15 @@ from pbft.ledger import Account
 from sim.adversary.base import Adversary, Behavior, Silent
 from sim.adversary.clients import ClientBehavior, ClientReplay, ReuseRequestId, Steal
 from sim.adversary.noise import Forge, Garbage, Replay, WrongReply
-from sim.adversary.proposals import BadChain, BadSequence, Censor, Equivocate, InvalidBatch, Slow
+from sim.adversary.proposals import (
+    BadChain,
+    BadSequence,
+    BadTimestamp,
+    Censor,
+    Equivocate,
+    InvalidBatch,
+    Slow,
+)
 from sim.adversary.twins import Twin
 from sim.adversary.viewchange import BadCheckpoint, BadNewView, LieInViewChange, ViewChangeSpam
 from sim.adversary.votes import DoubleVote, VoteWithoutProposal, WithholdVotes
@@ -27,6 +35,7 @@ BEHAVIORS: dict[str, type[Behavior]] = {
         InvalidBatch,
         BadSequence,
         BadChain,
+        BadTimestamp,
         DoubleVote,
         VoteWithoutProposal,
         WithholdVotes,
