@@ -8,10 +8,10 @@ from dataclasses import replace
 import pytest
 from replica_harness import Cluster, Network, decode, send_raws
 
-from pbft.client import ClientError, LookupResult
+from pbft.client import ClientCore, ClientError, LookupResult
 from pbft.drops import DropReason
 from pbft.events import Executed, ExecutedRequest, MessageReceived
-from pbft.history import CAPTURED, MAX_PAGE, OPEN, MemoryHistoryStore
+from pbft.history import CAPTURED, EXPIRED, MAX_PAGE, OPEN, VOIDED, MemoryHistoryStore
 from pbft.lookups import query_digest
 from pbft.messages import (
     BEHIND,
@@ -22,7 +22,7 @@ from pbft.messages import (
     LookupQuery,
     Request,
 )
-from pbft.operations import Posting
+from pbft.operations import Operation, Posting
 from pbft.receipt import verify_receipt
 from pbft.signed import body_limit, seal
 from runtime.transport import TransportConfig
@@ -347,3 +347,37 @@ def test_every_simulated_replica_keeps_what_it_executed(name: str) -> None:
             )
             held += 1
         assert held > 0
+
+
+def test_holds_through_the_cluster_captured_voided_and_expired() -> None:
+    network = Network(Cluster())
+    payer, shop = network.clients[0], network.clients[1]
+
+    def submit(client: ClientCore, request_id: int, operation: Operation) -> None:
+        network._client_actions(client.submit_operation(request_id, operation))
+        network.run()
+
+    submit(payer, 1, Operation.authorize("alice", "carol", 40, 60_000))
+    submit(payer, 2, Operation.authorize("alice", "carol", 30, 60_000))
+    submit(payer, 3, Operation.authorize("alice", "carol", 20, 100))
+    submit(shop, 1, Operation.capture((0, 1), 25))
+    submit(payer, 4, Operation.void((0, 2)))
+    network.advance(1_000)
+    submit(payer, 5, Operation.transfer("alice", "bob", 1))  # a batch after the expiry
+    assert [d.outcome for d in network.decided] == ["confirmed"] * 6
+    fates = []
+    for query_id, hold in enumerate((1, 2, 3), start=1):
+        result = looked_up(network, payer.lookups.hold(query_id, 0, hold))
+        assert result.state == FOUND and result.hold is not None
+        fates.append((result.hold.fate, result.hold.amount, result.hold.captured))
+    assert fates == [(CAPTURED, 40, 25), (VOIDED, 30, 0), (EXPIRED, 20, 0)]
+    page = looked_up(network, payer.lookups.history(9, "alice"))
+    assert [(e.kind, e.available_delta, e.held_delta) for e in page.entries] == [
+        ("authorize", -40, 40),
+        ("authorize", -30, 30),
+        ("authorize", -20, 20),
+        ("capture", 15, -40),
+        ("void", 30, -30),
+        ("expire", 20, -20),
+        ("transfer", -1, 0),
+    ]
