@@ -178,6 +178,11 @@ class ClusterConfig:
             _require(0 <= getattr(self, name) <= MAX_PER_CLIENT, name, f"0..{MAX_PER_CLIENT}")
         for name in ("closed_hold_retention_ms", "refund_window_ms"):
             _require(0 <= getattr(self, name) <= MAX_DURATION_MS, name, f"0..{MAX_DURATION_MS}")
+        _require(
+            1 <= self.max_clock_skew_ms <= MAX_CLOCK_SKEW_MS,
+            "max_clock_skew_ms",
+            f"must be in 1..{MAX_CLOCK_SKEW_MS}",
+        )
 
     def ledger_limits(self) -> LedgerLimits:
         """The bounds the ledger's records keep to (part of every replica's genesis)."""
@@ -187,12 +192,6 @@ class ClusterConfig:
             self.max_accounts_per_client,
             self.closed_hold_retention_ms,
             self.refund_window_ms,
-        )
-
-        _require(
-            1 <= self.max_clock_skew_ms <= MAX_CLOCK_SKEW_MS,
-            "max_clock_skew_ms",
-            f"must be in 1..{MAX_CLOCK_SKEW_MS}",
         )
 
     # Every threshold the protocol uses comes from the four properties below, and they hold

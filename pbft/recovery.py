@@ -3,6 +3,11 @@
 Committed entries, prepared certificates and own votes are verified again as if they came
 from the network; the active view's NEW-VIEW plan is re-installed, so a restarted backup
 never takes a fresh PRE-PREPARE where the NEW-VIEW assigned one. Nothing is re-sent.
+
+A commit certificate's record ("committed") is deferrable (pbft/host.py): a crash may
+leave the last ones out while the replies they led to were sent. Such a slot comes back
+with its prepared certificate and own COMMIT only; execution stops before it, and the
+entry runs again, to the same result, once catch-up fetches the others' certificate.
 """
 
 from __future__ import annotations
