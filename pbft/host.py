@@ -51,7 +51,7 @@ from collections.abc import Iterable, Sequence
 from typing import NamedTuple, Protocol
 
 from crypto.keys import Principal
-from pbft.client import BalanceRead, ClientAction, Decided
+from pbft.client import BalanceRead, ClientAction, Decided, LookupResult
 from pbft.events import Action, Broadcast, Event, Executed, Note, Persist, Send
 
 
@@ -250,6 +250,8 @@ class ClientHost(Protocol):
 
     def balance_read(self, read: BalanceRead) -> None: ...
 
+    def looked_up(self, result: LookupResult) -> None: ...
+
 
 def carry_out_client(actions: Iterable[ClientAction], host: ClientHost) -> None:
     """Hand a client core's actions to its host, in order (a client persists nothing)."""
@@ -260,5 +262,7 @@ def carry_out_client(actions: Iterable[ClientAction], host: ClientHost) -> None:
             host.decided(action)
         elif isinstance(action, BalanceRead):
             host.balance_read(action)
+        elif isinstance(action, LookupResult):
+            host.looked_up(action)
         else:
             raise TypeError(f"not a client action: {action!r}")

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from pbft.codec import MAX_LOCAL_RECORD_BYTES, DecodeError, unpack
 from pbft.context import Anchor, Context, ReplicaInvariantError, StableCheckpoint
 from pbft.drops import DropReason
+from pbft.events import Executed
 from pbft.ledger import Ledger, LedgerSnapshotError
 from pbft.log import CommittedEntry, PreparedEntry
 from pbft.messages import Commit, NewView, Prepare, PreparedCertificate, PrePrepare
@@ -32,15 +33,19 @@ class Recovery:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
 
-    def recover(self, records: Mapping[tuple[str | int, ...], bytes]) -> None:
-        """Rebuild from what was persisted; outputs are discarded (nothing is re-sent)."""
+    def recover(self, records: Mapping[tuple[str | int, ...], bytes]) -> tuple[Executed, ...]:
+        """Rebuild from what was persisted; outputs are discarded (nothing is re-sent)
+        but for the batches re-executed from the checkpoint, returned for the driver's
+        history store (pbft/history.py), which rewrites their rows idempotently."""
         try:
             self._recover_records(records)
         except (DecodeError, Rejected, LedgerSnapshotError, ValueError, TypeError) as error:
             raise ReplicaInvariantError(
                 f"replica {self.ctx.id}: unreadable storage: {error}"
             ) from None
+        executed = tuple(action for action in self.ctx.outbox if isinstance(action, Executed))
         self.ctx.outbox = []
+        return executed
 
     def _recover_records(self, records: Mapping[tuple[str | int, ...], bytes]) -> None:
         checkpoint = records.get(("checkpoint",))

@@ -31,10 +31,12 @@ import trio
 
 from crypto.keys import Principal
 from pbft.events import Executed, MessageReceived, Note, Persist, Tick
+from pbft.history import DEFAULT_RETENTION_SEQS
 from pbft.host import Outgoing, carry_out_async, peers_of, records_of, step
 from pbft.replica import Replica
 from pbft.signed import client_may_send
 from runtime.cluster import Cluster
+from runtime.history_store import SqliteHistoryStore
 from runtime.inbound import InboundScheduler
 from runtime.storage import DurableStore
 from runtime.transport import Transport, TransportConfig
@@ -243,8 +245,12 @@ class ReplicaNode:
         tick_ms: int = 5,
         log: TextIO | None = None,
         transport_config: TransportConfig | None = None,
+        history_retention_seqs: int = DEFAULT_RETENTION_SEQS,
     ) -> None:
         self.cluster = cluster
+        # What lookups read (runtime/history_store.py), kept in the data directory.
+        self.history_retention_seqs = history_retention_seqs
+        self.history: SqliteHistoryStore | None = None
         self.replica_id = replica_id
         self.data_dir = Path(data_dir)
         self.tick_ms = tick_ms
@@ -311,6 +317,13 @@ class ReplicaNode:
             )
         return figures
 
+    def record_history(self, executed: Sequence[Executed]) -> None:
+        """A step's executed batches into history, in one transaction (no fsync). Before
+        the step's records are durable: history never lags the stable checkpoint a restart
+        resumes from (runtime/history_store.py)."""
+        if self.history is not None and executed:
+            self.history.record_all(executed)
+
     def log_statistics(self) -> None:
         self.log("statistics", **self.statistics())
 
@@ -323,6 +336,9 @@ class ReplicaNode:
         store = DurableStore.open(self.data_dir / f"replica-{self.replica_id}.log")
         self.store = store
         try:
+            self.history = SqliteHistoryStore(
+                self.data_dir / f"history-{self.replica_id}.sqlite", self.history_retention_seqs
+            )
             records = store.records()
             repaired = store.recovery_report.repaired
             core = Replica(
@@ -333,8 +349,11 @@ class ReplicaNode:
                 self.cluster.accounts,
                 records=records or None,
                 lost_votes=repaired,
+                history=self.history,
             )
             self.core = core
+            # Recovery re-executed from the checkpoint: those rows again (idempotent).
+            self.record_history(core.recovered_executions)
             self.log(
                 "start",
                 recovered_records=len(records),
@@ -358,6 +377,8 @@ class ReplicaNode:
         finally:
             self.log_statistics()
             store.close()
+            if self.history is not None:
+                self.history.close()
             self._log_records(self.log_summary.flush(time.monotonic(), everything=True))
             self.log("stopped")
 
@@ -395,6 +416,7 @@ class ReplicaNode:
                     ready = step(core, events, peers)
                     self.events_handled += ready.events
                     self.steps += 1
+                    self.record_history(ready.executed)
                     await carry_out_async(ready, host)
                     if core.halted is not None:
                         self.log("halted", reason=core.halted)

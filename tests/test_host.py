@@ -14,7 +14,7 @@ import trio.testing
 from replica_harness import Cluster
 
 from crypto.keys import Principal
-from pbft.client import BalanceRead, ClientAction, Decided
+from pbft.client import BalanceRead, ClientAction, Decided, LookupResult
 from pbft.events import (
     Action,
     Broadcast,
@@ -247,16 +247,21 @@ class RecordingClientHost:
     def balance_read(self, read: BalanceRead) -> None:
         self.calls.append(("read", read))
 
+    def looked_up(self, result: LookupResult) -> None:
+        self.calls.append(("lookup", result))
+
 
 def test_client_actions_reach_their_host_in_order() -> None:
     decided = Decided(0, 7, "confirmed", "", 3, None)
     read = BalanceRead(1, "a", True, 10, (0, 1), 3)
-    actions: list[ClientAction] = [Send(("replica", 0), b"req"), decided, read]
+    lookup = LookupResult(2, "status", "not_found", 3, (0, 1))
+    actions: list[ClientAction] = [Send(("replica", 0), b"req"), decided, lookup, read]
     host = RecordingClientHost()
     carry_out_client(actions, host)
     assert host.calls == [
         ("send", Outgoing((("replica", 0),), b"req")),
         ("decided", decided),
+        ("lookup", lookup),
         ("read", read),
     ]
 
