@@ -32,7 +32,7 @@ class _Parser(argparse.ArgumentParser):
 def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     """The parser and each command's function. The command modules are imported here, inside
     main's guard: importing the runtime takes a while, and Ctrl-C then must exit 130 too."""
-    from cli import bench, cluster, keys, operations, payments, receipts, scenarios
+    from cli import bench, cluster, keys, lookups, operations, payments, receipts, scenarios
 
     parser = _Parser(prog="pbft", description="Byzantine fault-tolerant payment confirmation.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -43,6 +43,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         payments.add_pay,
         operations.add_operations,
         payments.add_balance,
+        lookups.add_lookups,
         receipts.add_verify_receipt,
         cluster.add_cluster,
         keys.add_keygen,
@@ -65,6 +66,9 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         "refund": operations.refund,
         "open-account": operations.open_account,
         "balance": payments.balance,
+        "status": lookups.status,
+        "history": lookups.history,
+        "hold": lookups.hold,
         "verify-receipt": receipts.verify_receipt,
         "bench": bench.bench,
     }

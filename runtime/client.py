@@ -8,6 +8,9 @@ Every ledger operation (pbft/operations.py) goes the same way, through `submit`,
 decided the same way, with a receipt: `authorize`, `capture`, `void`, `refund`,
 `open_account`. Holds and payments are named by (client id, request id) of the request that
 made them: a transfer's own, an authorize's for its hold, and for a captured hold the hold's.
+Lookups of history, answered by f + 1 matching replicas, go through `lookup`: `status` (a
+request's record, and a receipt for this client's own), `history` (an account's entries, a
+page at a time) and `hold` (a hold's fate).
 
 The sans-I/O `ClientCore` decides (f + 1 matching signed replies) and says when to
 retransmit; this module only carries its messages and its clock. Retrying with the same
@@ -33,6 +36,7 @@ import trio
 from crypto.keys import Principal, SigningKey
 from pbft.client import BalanceRead, ClientAction, ClientCore, Decided, LookupResult
 from pbft.events import MessageReceived, Tick
+from pbft.history import MAX_PAGE
 from pbft.host import Outgoing, carry_out_client
 from pbft.operations import Operation
 from runtime.cluster import Cluster, ClusterFileError
@@ -268,6 +272,33 @@ class PaymentClient:
             return self._lookups.pop(query_id)
         finally:
             self._waiting_lookups.pop(query_id, None)
+
+    async def status(self, client_id: int, request_id: int) -> LookupResult:
+        """What became of request (client_id, request_id), even one too old for the replicas'
+        dedup window: its attributed record and, for this client's own request, a receipt."""
+        return await self.lookup(
+            lambda query_id: self.core.lookups.status(query_id, client_id, request_id)
+        )
+
+    async def history(
+        self,
+        account: str,
+        *,
+        after: tuple[int, int] = (0, 0),
+        limit: int = MAX_PAGE,
+        through_seq: int = 0,
+    ) -> LookupResult:
+        """`account`'s entries after the cursor `after` = (seq, position), at most `limit`:
+        pass the last entry's (seq, position) for the next page."""
+        return await self.lookup(
+            lambda query_id: self.core.lookups.history(
+                query_id, account, after=after, limit=limit, through_seq=through_seq
+            )
+        )
+
+    async def hold(self, hold: tuple[int, int]) -> LookupResult:
+        """The fate of hold `hold` = (client, request id) of its authorize."""
+        return await self.lookup(lambda query_id: self.core.lookups.hold(query_id, *hold))
 
     def statistics(self) -> dict[str, object]:
         return {"client": self.core.statistics(), "transport": self._transport.statistics()}

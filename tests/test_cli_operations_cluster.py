@@ -98,6 +98,12 @@ class Cli:
         assert (ran.out["outcome"], ran.out["reason"]) == ("rejected", reason)
         assert ran.err.strip().splitlines()[-1] == f"pbft: {noun} rejected: {reason}"
 
+    def ok_lookup(self, command: str, client: int, *options: str) -> dict[str, Any]:
+        ran = self(command, client, *options)
+        assert ran.code == EXIT_OK, ran.err
+        assert ran.out is not None
+        return ran.out
+
     def balance(self, account: str) -> int:
         ran = self("balance", 0, "--account", account)
         assert ran.code == EXIT_OK, ran.err
@@ -298,3 +304,58 @@ def test_a_hold_past_its_expiry_is_released_and_cannot_be_taken(cli: Cli) -> Non
     cli.refused("hold_expired", "capture", "capture", 1, "--hold", hold, "--amount", "60")
     cli.refused("hold_expired", "void", "void", 0, "--hold", hold)
     assert cli.balance(PAYER) == payer
+
+
+def test_status_history_and_hold_lookups(cli: Cli, tmp_path: Path) -> None:
+    """A hold's fate, a request's status (with a receipt for the asker's own request) and an
+    account's history a page at a time, each as f + 1 replicas agree."""
+    authorize = ["--from", PAYER, "--to", PAYEE, "--amount", "120", "--expires-in-ms", HOUR_MS]
+    held = cli.ok("authorize", 0, *authorize)
+    hold = held["hold"]
+    shown = cli.ok_lookup("hold", 1, hold)
+    assert (shown["hold"], shown["fate"], shown["amount"]) == (hold, "open", 120)
+    assert (shown["payer"], shown["payee"]) == (PAYER, PAYEE)
+    captured = cli.ok("capture", 1, "--hold", hold, "--amount", "90")
+    shown = cli.ok_lookup("hold", 0, hold)
+    assert (shown["fate"], shown["captured"], shown["closed_seq"]) == (
+        "captured", 90, captured["seq"]
+    )  # fmt: skip
+    assert shown["as_of_seq"] >= captured["seq"]
+
+    # The asker's own request: its record and a receipt that verifies offline.
+    receipt = tmp_path / "status.bin"
+    status = cli.ok_lookup(
+        "status", 0, "--request-id", str(held["request_id"]), "--receipt", str(receipt)
+    )
+    assert (status["op"], status["outcome"], status["seq"], status["hold"]) == (
+        "authorize", "confirmed", held["seq"], hold
+    )  # fmt: skip
+    assert {"account": PAYER, "available_delta": -120, "held_delta": 120} in status["postings"]
+    verified = cli.verified(receipt)
+    assert (verified["op"], verified["hold"], verified["seq"]) == ("authorize", hold, held["seq"])
+    # Another client's request: the record, no receipt.
+    status = cli.ok_lookup(
+        "status", 0, "--client-id", "1", "--request-id", str(captured["request_id"])
+    )
+    assert (status["op"], status["client_id"], status["amount"]) == ("capture", 1, 90)
+
+    # The payer's history: the authorize's posting, then the capture's (the remainder back),
+    # one entry a page, each page going on from the "next" of the one before.
+    entries: list[dict[str, Any]] = []
+    after = "0:0"
+    for _ in range(1000):
+        page = cli.ok_lookup("history", 0, "--account", PAYER, "--after", after, "--limit", "1")
+        entries += page["entries"]
+        if page["next"] is None:
+            break
+        after = page["next"]
+    mine = [(e["kind"], e["available_delta"], e["held_delta"]) for e in entries[-2:]]
+    assert mine == [("authorize", -120, 120), ("capture", 30, -120)]
+
+    for command, options, says in (
+        ("status", ["--request-id", "1"], "pbft: no request 0:1 (as of seq "),
+        ("hold", ["0:1"], "pbft: no hold 0:1 (as of seq "),
+    ):
+        ran = cli(command, 0, *options)
+        assert ran.code == EXIT_NO and ran.stdout == "", ran.err
+        assert ran.err.strip().startswith(says), ran.err
