@@ -1,4 +1,6 @@
-"""`pbft pay` and `pbft balance`: one payment with its receipt, one balance read.
+"""`pbft pay` and `pbft balance`: one payment with its receipt, one balance read; and the
+path every command that submits one ledger operation shares with pay (its options, checks,
+output and exit codes: add_submission_options, check_submission, submit_and_report).
 
 The work is in runtime.client (PaymentClient); here every argument is checked before
 anything is sent, and each outcome gets its exit code and its one line.
@@ -19,6 +21,7 @@ import trio
 from cli.exits import EXIT_INTERRUPTED, EXIT_NO, EXIT_NO_DECISION, EXIT_OK, EXIT_USAGE, leaf
 from cli.ids import named_ids
 from cli.outputs import output_file_problem
+from pbft.operations import Operation
 
 PAY_EXIT_CODES = """exit codes:
   0  confirmed (the JSON line on stdout; the receipt in --receipt)
@@ -62,7 +65,6 @@ def add_balance(commands: Any) -> None:
 
 
 def pay(arguments: argparse.Namespace) -> int:
-    from pbft.operations import Operation
     from runtime.cluster import load_cluster
 
     cluster = load_cluster(arguments.cluster)
@@ -102,7 +104,7 @@ def check_submission(cluster: Any, arguments: argparse.Namespace) -> str | None:
 def submit_and_report(
     arguments: argparse.Namespace,
     cluster: Any,
-    operation: Any,
+    operation: Operation,
     noun: str,
 ) -> int:
     """Submit `operation` (checked already), print its decision as one JSON line, write its
