@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,12 @@ TIMEOUT = "30"
 # client 0 owns acct-00000 and acct-00001, client 1 acct-00002 and acct-00003 (write_cluster).
 PAYER, PAYEE = "acct-00000", "acct-00002"
 HOUR_MS = "3600000"
+# The highest seq any request of this module was decided at (balances are read as of it).
+_LAST_SEQ = [0]
+
+
+def _decided(seq: int) -> None:
+    _LAST_SEQ[0] = max(_LAST_SEQ[0], seq)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +89,10 @@ class Cli:
         code = main([*argv, *options])
         out, err = self.capsys.readouterr()
         assert "Traceback" not in err and "internal error" not in err, err
-        return Ran(code, out, err)
+        ran = Ran(code, out, err)
+        if command != "verify-receipt" and out.startswith("{"):
+            _decided(ran.out.get("seq", 0) if ran.out else 0)
+        return ran
 
     def ok(self, command: str, client: int, *options: str) -> dict[str, Any]:
         ran = self(command, client, *options)
@@ -105,10 +115,16 @@ class Cli:
         return ran.out
 
     def balance(self, account: str) -> int:
-        ran = self("balance", 0, "--account", account)
-        assert ran.code == EXIT_OK, ran.err
-        assert ran.out is not None
-        return int(ran.out["balance"])
+        """The balance once f + 1 agreeing replicas have executed every request decided so
+        far: two replicas a step behind the two that decided could agree on an older one."""
+        for _ in range(100):
+            ran = self("balance", 0, "--account", account)
+            assert ran.code == EXIT_OK, ran.err
+            assert ran.out is not None
+            if ran.out["as_of_seq"] >= _LAST_SEQ[0]:
+                return int(ran.out["balance"])
+            time.sleep(0.05)
+        raise AssertionError(f"no balance of {account} as of seq {_LAST_SEQ[0]}: {ran.out}")
 
     def verified(self, receipt: Path) -> dict[str, Any]:
         ran = self("verify-receipt", None, str(receipt))
@@ -254,6 +270,7 @@ def test_the_library_calls_and_an_altered_op_fails_offline(local: LocalCluster, 
 
     decided = trio.run(scenario)
     assert [d.outcome for d in decided] == ["confirmed"] * 5, decided
+    _decided(max(d.seq for d in decided))
     keyring, cluster_id = local.cluster.keyring(), local.cluster.cluster_id
     ops = [verify_receipt(d.receipt, keyring, cluster_id).op for d in decided]
     assert ops == ["authorize", "capture", "refund", "void", "open_account"]
