@@ -412,7 +412,7 @@ class Records:
         self._free = [slot for slot, record in enumerate(self.slots) if record is None]
         self.open_total = sum(self.open_holds.values())
         limits = self.limits
-        for client_id in sorted({*self.open_holds, *self.closed_by}):
+        for client_id in sorted(dict.fromkeys([*self.open_holds, *self.closed_by])):
             count = self.holds_of(client_id)
             if count > limits.max_holds_per_client:
                 raise RecordError(f"client {client_id} has {count} holds")
