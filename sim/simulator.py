@@ -425,6 +425,9 @@ class Simulation:
             accounts=workload.accounts,
             initial_balance=workload.initial_balance,
             overdraw=workload.overdraw,
+            mix=workload.mix,
+            expires_in_ms=workload.expires_in_ms,
+            wrong_ref=workload.wrong_ref,
         )
 
     def _boot(self, node: ReplicaNode) -> Replica:
