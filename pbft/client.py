@@ -24,6 +24,7 @@ from pbft.events import Event, MessageReceived, Send, Tick
 from pbft.genesis import CLUSTER_ID_BYTES
 from pbft.ledger import MAX_ACCOUNT_NAME_LENGTH
 from pbft.messages import BalanceQuery, BalanceReply, Reply, Request
+from pbft.operations import OP_CODES, Op, Operation
 from pbft.receipt import RECEIPT_VERSION, UNKNOWN_OUTCOME_REASON, Receipt
 from pbft.replies import check_reply
 from pbft.signed import Envelope, Rejected, open_envelope, peek, seal, verify_signature
@@ -50,6 +51,48 @@ def check_uint64(value: object, what: str) -> int:
     if type(value) is not int or not 0 <= value <= MAX_UINT64:
         raise ClientError(f"{what} must be an integer in 0..2**64-1, got {value!r}")
     return value
+
+
+def _request_of(client_id: int, request_id: int, operation: Operation) -> Request:
+    """The request for `operation`, every field checked against the wire's limits first (a
+    ClientError naming the field, not a DecodeError). Fields the op does not use are put on
+    the wire as given: the ledger, not the client, decides they are invalid_request."""
+    if operation.op not in OP_CODES:
+        raise ClientError(f"unknown operation {operation.op!r} (one of {', '.join(OP_CODES)})")
+    if operation.op in _NAMED_PAYER:
+        check_account_name(operation.payer, "payer account")
+    elif operation.payer:
+        check_account_name(operation.payer, "payer account")
+    if operation.op in _NAMED_PAYEE:
+        check_account_name(operation.payee, "payee account")
+    elif operation.payee:
+        check_account_name(operation.payee, "payee account")
+    check_uint64(operation.amount, "amount")
+    if type(operation.ref_client) is not int or not 0 <= operation.ref_client <= MAX_CLIENT_ID:
+        raise ClientError(
+            f"referenced client id must be an integer in 0..{MAX_CLIENT_ID}, "
+            f"got {operation.ref_client!r}"
+        )
+    check_uint64(operation.ref_request, "referenced request id")
+    check_uint64(operation.expires_in_ms, "expiry")
+    return Request(
+        client_id,
+        request_id,
+        # The plain str: the wire's check wants a str, not the StrEnum member.
+        str(operation.op),
+        operation.payer,
+        operation.payee,
+        operation.amount,
+        operation.ref_client,
+        operation.ref_request,
+        operation.expires_in_ms,
+    )
+
+
+# Ops whose payer (the new account's name, for open_account) / payee must be named.
+_NAMED_PAYER = (Op.TRANSFER, Op.AUTHORIZE, Op.OPEN_ACCOUNT)
+_NAMED_PAYEE = (Op.TRANSFER, Op.AUTHORIZE)
+MAX_CLIENT_ID = 2**32 - 1
 
 
 @dataclass(frozen=True)
@@ -154,10 +197,13 @@ class ClientCore:
         self.drops: Counter[str] = Counter()
 
     def submit(self, request_id: int, payer: str, payee: str, amount: int) -> list[ClientAction]:
+        """Submit a transfer of `amount` from `payer` to `payee`."""
+        return self.submit_operation(request_id, Operation.transfer(payer, payee, amount))
+
+    def submit_operation(self, request_id: int, operation: Operation) -> list[ClientAction]:
+        """Submit any operation (pbft/operations.py); a Decided follows once f + 1 agree."""
         check_uint64(request_id, "request id")
-        check_account_name(payer, "payer account")
-        check_account_name(payee, "payee account")
-        check_uint64(amount, "amount")
+        request = _request_of(self.client_id, request_id, operation)
         if request_id in self.outstanding:
             raise ClientError(f"request {request_id} is already in flight")
         if len(self.outstanding) >= self.max_outstanding:
@@ -172,7 +218,6 @@ class ClientCore:
                     f"request {oldest.request.request_id} is unanswered and "
                     f"{self.config.dedup_window - 1} newer ones were sent since"
                 )
-        request = Request(self.client_id, request_id, payer, payee, amount)
         raw = seal(request, self.key)
         opened = open_envelope(raw, self.keyring, self.cache, Request)
         self.outstanding[request_id] = _Outstanding(

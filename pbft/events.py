@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from crypto.keys import Principal
+from pbft.operations import Posting, Release
 
 # --- events -----------------------------------------------------------------------------
 
@@ -74,16 +75,30 @@ class ExecutedRequest:
     reason: str
     # False when the ledger already held a decision for this request (a re-proposal).
     fresh: bool
+    op: str
+    ref_client: int
+    ref_request: int
+    expires_in_ms: int
+    # What it did to each account, in a fixed order; empty unless confirmed and fresh.
+    postings: tuple[Posting, ...]
 
 
 @dataclass(frozen=True)
 class Executed:
-    """A committed batch was applied to the ledger (for observers: checkers, metrics, apps)."""
+    """A committed batch was applied to the ledger (for observers: checkers, metrics, apps,
+    history)."""
 
     view: int
     seq: int
     entry_digest: bytes
     requests: tuple[ExecutedRequest, ...]
+    # The batch's agreed timestamp, the only time the ledger decides expiry against.
+    timestamp_ms: int
+    # The replica that proposed the batch (the primary of `view`).
+    primary: int
+    batch_digest: bytes
+    # Holds that expired by `timestamp_ms`, released before the batch's first request.
+    released: tuple[Release, ...]
 
 
 class NoteKind(StrEnum):

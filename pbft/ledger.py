@@ -43,6 +43,7 @@ from typing import Any, TypeGuard
 import msgpack
 
 from crypto.merkle import MerkleProof, MerkleTree, leaf_hash, tree_levels
+from pbft.operations import Op, Posting, Release
 
 MAX_AMOUNT = 2**63 - 1
 # Identifiers and counters travel as msgpack unsigned integers.
@@ -78,6 +79,20 @@ class Reason(enum.StrEnum):
     UNKNOWN_ACCOUNT = "unknown_account"
     UNAUTHORIZED = "unauthorized"  # the signing client does not own the payer account
     INSUFFICIENT_FUNDS = "insufficient_funds"
+    # Issue 11's operations (pbft/operations.py), in this fixed order after the above.
+    INVALID_REQUEST = "invalid_request"  # a field the op does not use is not empty
+    INVALID_EXPIRY = "invalid_expiry"  # authorize: expires_in_ms not in 1..max hold duration
+    INVALID_ACCOUNT_NAME = "invalid_account_name"
+    ACCOUNT_EXISTS = "account_exists"
+    TOO_MANY_ACCOUNTS = "too_many_accounts"  # the client's cap on opened accounts
+    HOLD_NOT_FOUND = "hold_not_found"
+    HOLD_ALREADY_CAPTURED = "hold_already_captured"
+    HOLD_ALREADY_VOIDED = "hold_already_voided"
+    HOLD_EXPIRED = "hold_expired"
+    EXCEEDS_HOLD = "exceeds_hold"
+    TOO_MANY_HOLDS = "too_many_holds"  # the client's cap on open holds
+    PAYMENT_NOT_FOUND = "payment_not_found"
+    EXCEEDS_REFUNDABLE = "exceeds_refundable"
 
 
 # Rejections answered without being stored: storing them would overwrite or
@@ -89,11 +104,18 @@ _REASONS_BY_CODE: dict[str, Reason] = {reason.value: reason for reason in Reason
 
 @dataclass(frozen=True)
 class Payment:
+    """One ordered request as the ledger executes it: who asks and the operation's fields
+    (pbft/operations.py); the defaults are a plain transfer's."""
+
     client_id: int
     request_id: int
     payer: str
     payee: str
     amount: int
+    op: str = Op.TRANSFER.value
+    ref_client: int = 0
+    ref_request: int = 0
+    expires_in_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -114,6 +136,9 @@ class Account:
 class ExecutionResult:
     decision: Decision
     fresh: bool  # False for a retransmission: the stored decision, nothing changed
+    # What this execution did to each account, in a fixed order; empty unless confirmed
+    # and fresh.
+    postings: tuple[Posting, ...] = ()
 
 
 class LedgerSnapshotError(ValueError):
@@ -368,6 +393,7 @@ class Ledger:
         # Tracked incrementally so the conservation check after each payment is O(1).
         self._total = total
         self._executed_count = 0
+        self._batch_time_ms = 0
         self._clients: dict[int, _ClientRecord] = {}
         # Client ids in id order: position i is client leaf i.
         self._client_order: list[int] = []
@@ -386,6 +412,11 @@ class Ledger:
     @property
     def initial_total(self) -> int:
         return self._initial_total
+
+    @property
+    def batch_time_ms(self) -> int:
+        """The time of the batch being (or last) executed: the largest batch timestamp seen."""
+        return self._batch_time_ms
 
     @property
     def executed_count(self) -> int:
@@ -486,6 +517,15 @@ class Ledger:
 
     # -- execution -------------------------------------------------------------
 
+    def begin_batch(self, seq: int, timestamp_ms: int) -> tuple[Release, ...]:
+        """Start executing batch `seq`, proposed at `timestamp_ms`: releases the holds that
+        expired by then (none yet: holds come with the operations)."""
+        _require_identifier(seq, "seq")
+        _require_identifier(timestamp_ms, "timestamp_ms")
+        # Time never goes backwards in execution, whatever a proposal says.
+        self._batch_time_ms = max(self._batch_time_ms, timestamp_ms)
+        return ()
+
     def execute(self, payment: Payment, body_digest: bytes, seq: int) -> ExecutionResult:
         """Apply one ordered request; same inputs in the same order give the same state."""
         # Precondition violations are caller bugs (identifiers are validated when the
@@ -506,9 +546,14 @@ class Ledger:
             if payment.request_id <= record.eviction_floor:
                 return self._reject_unstored(Reason.REQUEST_EXPIRED, body_digest, seq)
 
+        postings: tuple[Posting, ...] = ()
         reason = self._check(payment)
         if reason is Reason.NONE:
             self._transfer(payment.payer, payment.payee, payment.amount)
+            postings = (
+                Posting(payment.payer, -payment.amount, 0),
+                Posting(payment.payee, payment.amount, 0),
+            )
             decision = Decision(Outcome.CONFIRMED, Reason.NONE, seq, body_digest)
         else:
             decision = Decision(Outcome.REJECTED, reason, seq, body_digest)
@@ -518,7 +563,7 @@ class Ledger:
             raise LedgerInvariantError(
                 f"money not conserved: total {self._total} != initial {self._initial_total}"
             )
-        return ExecutionResult(decision=decision, fresh=True)
+        return ExecutionResult(decision=decision, fresh=True, postings=postings)
 
     def _reject_unstored(self, reason: Reason, body_digest: bytes, seq: int) -> ExecutionResult:
         self._executed_count += 1
@@ -527,6 +572,10 @@ class Ledger:
 
     def _check(self, payment: Payment) -> Reason:
         """The first failing rule, in a fixed order so a retry gets the same answer."""
+        if payment.op != Op.TRANSFER or payment.ref_client or payment.ref_request:
+            return Reason.INVALID_REQUEST
+        if payment.expires_in_ms:
+            return Reason.INVALID_REQUEST
         amount = payment.amount
         if not _is_int(amount) or not 0 < amount <= MAX_AMOUNT:
             return Reason.INVALID_AMOUNT

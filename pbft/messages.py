@@ -15,6 +15,7 @@ from typing import ClassVar
 from pbft.codec import MAX_FRAME_BYTES, Bytes, ListOf, Nested, Spec, Struct, Text, UInt
 from pbft.config import MAX_BATCH_SIZE, MAX_REPLICAS
 from pbft.ledger import Outcome, Reason
+from pbft.operations import MAX_OP_LENGTH, OP_CODES, Operation
 
 # Views and sequence numbers stay far below 2**64 so `+ 1` never leaves the wire range.
 MAX_VIEW = 2**62
@@ -72,13 +73,19 @@ class Message(Struct):
 
 @dataclass(frozen=True)
 class Request(Message):
-    """A client's payment: move `amount` minor units from `payer` to `payee`."""
+    """A client's signed operation on the ledger. pbft/operations.py says which fields each
+    op uses; the others must be empty, else the ledger rejects it as invalid_request. The
+    reference and expiry default to empty, which is what a transfer has."""
 
     client_id: int
     request_id: int
+    op: str
     payer: str
     payee: str
     amount: int
+    ref_client: int = 0
+    ref_request: int = 0
+    expires_in_ms: int = 0
 
     TYPE = MessageType.REQUEST
     SIGNER = "client"
@@ -86,12 +93,31 @@ class Request(Message):
     SCHEMA: ClassVar[dict[str, Spec]] = {
         "client_id": CLIENT,
         "request_id": UInt(),
+        # An unknown op is malformed: dropped and counted at decode, never ordered.
+        "op": Text(MAX_OP_LENGTH, OP_CODES),
+        # Empty where the op names no account (capture, void, refund).
         "payer": ACCOUNT,
         "payee": ACCOUNT,
         # Any integer on the wire: a zero or absurd amount is a payment the ledger rejects
         # with a reason (invalid_amount), not a message we drop silently.
         "amount": UInt(),
+        # The hold (capture, void) or payment (refund) referred to: (client id, request id).
+        "ref_client": CLIENT,
+        "ref_request": UInt(),
+        # authorize only; the ledger bounds it (invalid_expiry).
+        "expires_in_ms": UInt(),
     }
+
+    def operation(self) -> Operation:
+        return Operation(
+            self.op,
+            self.payer,
+            self.payee,
+            self.amount,
+            self.ref_client,
+            self.ref_request,
+            self.expires_in_ms,
+        )
 
 
 @dataclass(frozen=True)

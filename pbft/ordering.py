@@ -364,13 +364,22 @@ class Ordering:
     def _execute(self, proposal: Proposal) -> None:
         executed = []
         results: list[ReplyResult] = []
+        released = self.ledger.begin_batch(proposal.seq, self._batch_time_ms(proposal))
         for opened in proposal.requests:
             request = opened.message
             if not isinstance(request, Request):
                 raise ReplicaInvariantError("a verified proposal holds a non-request")
             digest = opened.body_digest
             payment = Payment(
-                request.client_id, request.request_id, request.payer, request.payee, request.amount
+                request.client_id,
+                request.request_id,
+                request.payer,
+                request.payee,
+                request.amount,
+                request.op,
+                request.ref_client,
+                request.ref_request,
+                request.expires_in_ms,
             )
             result = self.ledger.execute(payment, digest, proposal.seq)
             decision = result.decision
@@ -389,6 +398,11 @@ class Ordering:
                     decision.outcome.value,
                     decision.reason.value,
                     result.fresh,
+                    request.op,
+                    request.ref_client,
+                    request.ref_request,
+                    request.expires_in_ms,
+                    result.postings,
                 )
             )
             results.append(ReplyResult.of(request.client_id, request.request_id, digest, decision))
@@ -405,10 +419,20 @@ class Ordering:
                 proposal.seq,
                 proposal.entry_digest,
                 tuple(executed),
+                self.ledger.batch_time_ms,
+                self.ctx.config.primary_of(proposal.view),
+                proposal.batch_digest,
+                released,
             )
         )
         if proposal.seq % self.ctx.config.checkpoint_interval == 0:
             self.ctx.checkpoints.take_checkpoint()
+
+    def _batch_time_ms(self, proposal: Proposal) -> int:
+        """The batch's agreed timestamp, which expiry is decided against. 0 until the
+        proposal carries one (batch-time work makes this `proposal.timestamp_ms`)."""
+        del proposal
+        return 0
 
     def reply(self, batch_seq: int, results: list[ReplyResult]) -> None:
         """Answer each result's client, under one signature for the whole batch (a

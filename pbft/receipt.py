@@ -85,6 +85,11 @@ class VerifiedReceipt:
     seq: int
     replicas: tuple[int, ...]
     cluster_id: bytes
+    # The operation's own fields (pbft/operations.py); a transfer's are "transfer", 0, 0, 0.
+    op: str
+    ref_client: int
+    ref_request: int
+    expires_in_ms: int
 
 
 def short_id(cluster_id: bytes) -> str:
@@ -198,6 +203,10 @@ def verify_receipt(
         seq,
         tuple(replicas),
         cluster_id,
+        request.op,
+        request.ref_client,
+        request.ref_request,
+        request.expires_in_ms,
     )
 
 

@@ -427,7 +427,7 @@ def _own_accounts(ctx: Context) -> tuple[str, str]:
 def signed_requests(ctx: Context, count: int, first_id: int) -> list[bytes]:
     payer, payee = _own_accounts(ctx)
     return [
-        seal(Request(ctx.client_id, first_id + i, payer, payee, 1), ctx.client_key)
+        seal(Request(ctx.client_id, first_id + i, "transfer", payer, payee, 1), ctx.client_key)
         for i in range(count)
     ]
 

@@ -28,6 +28,7 @@ from crypto.keys import Principal, SigningKey
 from pbft.client import BalanceRead, ClientAction, ClientCore, Decided
 from pbft.events import MessageReceived, Tick
 from pbft.host import Outgoing, carry_out_client
+from pbft.operations import Operation
 from runtime.cluster import Cluster, ClusterFileError
 from runtime.transport import Transport, TransportConfig
 
@@ -157,15 +158,20 @@ class PaymentClient:
     ) -> Decided:
         """Submit a payment and wait for its decision (at most `timeout_s` once it is
         sent; before that, for a free slot if `client_pending_limit` are in flight)."""
-        async with self._in_flight:
-            return await self._pay(payer, payee, amount, request_id)
+        return await self.submit(Operation.transfer(payer, payee, amount), request_id)
 
-    async def _pay(self, payer: str, payee: str, amount: int, request_id: int | None) -> Decided:
+    async def submit(self, operation: Operation, request_id: int | None = None) -> Decided:
+        """Submit any ledger operation (pbft/operations.py) and wait for its decision, like
+        `pay`."""
+        async with self._in_flight:
+            return await self._submit(operation, request_id)
+
+    async def _submit(self, operation: Operation, request_id: int | None) -> Decided:
         request_id = self.new_request_id() if request_id is None else request_id
         event = trio.Event()
         self._waiting[request_id] = event
         try:
-            self._carry_out(self.core.submit(request_id, payer, payee, amount))
+            self._carry_out(self.core.submit_operation(request_id, operation))
             with trio.move_on_after(self.timeout_s) as scope:
                 await event.wait()
             if scope.cancelled_caught:

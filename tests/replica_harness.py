@@ -170,7 +170,7 @@ class Cluster:
             payer = "alice" if client != 1 else "carol"
         if payee is None:
             payee = "carol" if client != 1 else "alice"
-        message = Request(client, request_id, payer, payee, amount)
+        message = Request(client, request_id, "transfer", payer, payee, amount)
         return seal(message, key if key is not None else self.client_keys[client])
 
     # --- normal case ------------------------------------------------------------------

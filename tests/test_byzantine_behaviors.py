@@ -88,7 +88,7 @@ def behavior(name: str, replica: int = 0, **kwargs: object) -> Behavior:
 
 
 def request(client: int, request_id: int) -> bytes:
-    payment = Request(client, request_id, f"acct-{client}", "acct-9", 10 + request_id)
+    payment = Request(client, request_id, "transfer", f"acct-{client}", "acct-9", 10 + request_id)
     return seal(payment, CLIENT_KEYS[client])
 
 

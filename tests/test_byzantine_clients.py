@@ -86,7 +86,7 @@ def test_reuse_request_id_after_decision_sends_two_other_bodies_to_the_two_halve
     assert [replica for replica, _ in sent] == [0, 1, 2, 3]
     first, second = sent[0][1], sent[2][1]
     assert sent[1][1] == first and sent[3][1] == second and first != second
-    original = Request(0, 5, "acct-00000", "acct-00001", 10)
+    original = Request(0, 5, "transfer", "acct-00000", "acct-00001", 10)
     for other in (first, second):
         assert (other.client_id, other.request_id, other.payer) == (0, 5, "acct-00000")
         assert other != original and other.amount <= 12
@@ -163,7 +163,9 @@ def test_steal_signs_payments_out_of_accounts_the_client_does_not_own() -> None:
 
 
 def record(request_id: int, digest: bytes, outcome: str, reason: str) -> ExecutedRequest:
-    return ExecutedRequest(0, request_id, digest, "a", "b", 1, outcome, reason, True)
+    return ExecutedRequest(
+        0, request_id, digest, "a", "b", 1, outcome, reason, True, "transfer", 0, 0, 0, ()
+    )
 
 
 @pytest.mark.parametrize(

@@ -47,7 +47,7 @@ ENTRY_A = hashlib.sha256(b"entry a").digest()
 ENTRY_B = hashlib.sha256(b"entry b").digest()
 
 PAYMENT: PaymentId = (CLIENT, 1)
-REQUEST = Request(CLIENT, 1, "acct-00002", "acct-00003", 50)
+REQUEST = Request(CLIENT, 1, "transfer", "acct-00002", "acct-00003", 50)
 REQUEST_RAW = seal(REQUEST, CLIENT_KEY)
 REQUEST_DIGEST = hashlib.sha256(REQUEST.encode()).digest()
 SEQ = 3
@@ -71,6 +71,11 @@ def _record(
         outcome=outcome,
         reason=reason,
         fresh=fresh,
+        op="transfer",
+        ref_client=0,
+        ref_request=0,
+        expires_in_ms=0,
+        postings=(),
     )
 
 

@@ -95,7 +95,7 @@ def test_submit_sends_a_signed_request_to_the_primary_of_its_view() -> None:
     (send,) = _sends(list(client.submit(1, "alice", "bob", 300)))
     assert send.to == ("replica", 0)
     opened = open_envelope(send.data, KEYRING, VerificationCache(), Request)
-    assert opened.message == Request(CLIENT_ID, 1, "alice", "bob", 300)
+    assert opened.message == Request(CLIENT_ID, 1, "transfer", "alice", "bob", 300)
 
 
 def test_submit_follows_the_clients_view_to_its_primary() -> None:

@@ -77,7 +77,7 @@ def _envelope_bytes(tag: int) -> bytes:
 # --- one valid instance per class -------------------------------------------------------
 
 FACTORIES: dict[type[Struct], Callable[[], Struct]] = {
-    Request: lambda: Request(7, 42, "alice", "bob", 1500),
+    Request: lambda: Request(7, 42, "transfer", "alice", "bob", 1500),
     PrePrepare: lambda: PrePrepare(
         3, 17, 3, _h(1), _h(2), (_envelope_bytes(1), _envelope_bytes(2))
     ),
@@ -173,8 +173,8 @@ def _as_list(value: Any) -> Any:
 
 
 def test_encoding_is_a_msgpack_array_of_fields_in_declaration_order() -> None:
-    request = Request(7, 42, "alice", "bob", 1500)
-    assert msgpack.unpackb(request.encode()) == [7, 42, "alice", "bob", 1500]
+    request = Request(7, 42, "transfer", "alice", "bob", 1500)
+    assert msgpack.unpackb(request.encode()) == [7, 42, "transfer", "alice", "bob", 1500, 0, 0, 0]
     reply = FACTORIES[Reply]()
     assert msgpack.unpackb(reply.encode())[6:9] == ["rejected", "insufficient_funds", _h(21)]
 
@@ -247,9 +247,9 @@ def _reason(call: Callable[[], object]) -> str:
         lambda: Prepare(0, MAX_SEQ + 1, 0, _h(0)),
         lambda: Prepare(0, 0, MAX_REPLICAS, _h(0)),
         lambda: Prepare(-1, 0, 0, _h(0)),
-        lambda: Request(2**32, 0, "a", "b", 1),
-        lambda: Request(0, MAX_UINT64 + 1, "a", "b", 1),
-        lambda: Request(0, 0, "a", "b", -5),
+        lambda: Request(2**32, 0, "transfer", "a", "b", 1),
+        lambda: Request(0, MAX_UINT64 + 1, "transfer", "a", "b", 1),
+        lambda: Request(0, 0, "transfer", "a", "b", -5),
         lambda: Envelope(256, 3, 0, b"x", b"\x00" * 64),
     ],
     ids=[
@@ -269,7 +269,7 @@ def test_out_of_range_integer_is_rejected_on_construction(build: Callable[[], ob
 
 def test_largest_allowed_integers_are_accepted_on_construction() -> None:
     assert Prepare(MAX_VIEW, MAX_SEQ, MAX_REPLICAS - 1, _h(0)).view == MAX_VIEW
-    assert Request(2**32 - 1, MAX_UINT64, "a", "b", MAX_UINT64).amount == MAX_UINT64
+    assert Request(2**32 - 1, MAX_UINT64, "transfer", "a", "b", MAX_UINT64).amount == MAX_UINT64
 
 
 @pytest.mark.parametrize(
@@ -277,7 +277,7 @@ def test_largest_allowed_integers_are_accepted_on_construction() -> None:
     [
         lambda: Suspect(True, 0),
         lambda: Suspect(0, False),
-        lambda: Request(7, 1, "a", "b", True),
+        lambda: Request(7, 1, "transfer", "a", "b", True),
         lambda: Prepare(1.0, 0, 0, _h(0)),
         lambda: Prepare("1", 0, 0, _h(0)),
         lambda: Prepare(None, 0, 0, _h(0)),
@@ -300,7 +300,7 @@ def test_hash_of_wrong_length_is_rejected(length: int) -> None:
     [
         lambda: Prepare(0, 0, 0, "x" * 32),
         lambda: Prepare(0, 0, 0, bytearray(32)),
-        lambda: Request(7, 1, b"alice", "bob", 1),
+        lambda: Request(7, 1, "transfer", b"alice", "bob", 1),
         lambda: PrePrepare(0, 0, 0, _h(0), _h(0), b"not a list"),
         lambda: PrePrepare(0, 0, 0, _h(0), _h(0), ("text",)),
         lambda: ViewChange(1, 0, 0, _h(0), _h(0), (), ("not a certificate",)),
@@ -372,8 +372,8 @@ def test_every_known_outcome_and_reason_is_accepted() -> None:
 
 
 def test_account_name_longer_than_64_characters_is_rejected() -> None:
-    assert Request(7, 1, "a" * 64, "b", 1).payer == "a" * 64
-    assert _reason(lambda: Request(7, 1, "a" * 65, "b", 1)) == "oversize"
+    assert Request(7, 1, "transfer", "a" * 64, "b", 1).payer == "a" * 64
+    assert _reason(lambda: Request(7, 1, "transfer", "a" * 65, "b", 1)) == "oversize"
 
 
 def test_messages_are_frozen() -> None:
@@ -433,7 +433,7 @@ def test_decoding_a_str_where_bin_belongs_is_rejected() -> None:
 
 
 def test_decoding_a_bin_where_str_belongs_is_rejected() -> None:
-    fields = Request(7, 1, "alice", "bob", 1).to_wire()
+    fields = Request(7, 1, "transfer", "alice", "bob", 1).to_wire()
     fields[2] = b"alice"
     assert _decode_reason(Request, pack(fields)) == "wrong_type"
 
@@ -518,11 +518,13 @@ def test_bin_and_str_in_a_wider_format_than_necessary_are_non_canonical() -> Non
     assert _decode_reason(Prepare, bin16) == "non_canonical"
     assert _decode_reason(Prepare, bin32) == "non_canonical"
 
-    request = Request(7, 1, "al", "bob", 1)
-    assert request.encode() == b"\x95\x07\x01\xa2al\xa3bob\x01"
-    str8 = b"\x95\x07\x01\xd9\x02al\xa3bob\x01"
-    str16 = b"\x95\x07\x01\xda\x00\x02al\xa3bob\x01"
-    assert msgpack.unpackb(str8) == msgpack.unpackb(str16) == [7, 1, "al", "bob", 1]
+    request = Request(7, 1, "transfer", "al", "bob", 1)
+    head, tail = b"\x99\x07\x01\xa8transfer", b"\xa3bob\x01\x00\x00\x00"
+    assert request.encode() == head + b"\xa2al" + tail
+    str8 = head + b"\xd9\x02al" + tail
+    str16 = head + b"\xda\x00\x02al" + tail
+    fields = [7, 1, "transfer", "al", "bob", 1, 0, 0, 0]
+    assert msgpack.unpackb(str8) == msgpack.unpackb(str16) == fields
     assert _decode_reason(Request, str8) == "non_canonical"
     assert _decode_reason(Request, str16) == "non_canonical"
 
@@ -675,7 +677,7 @@ def test_structured_hostile_envelopes_raise_only_rejected(
 
 
 def _valid_envelopes() -> list[bytes]:
-    request = seal(Request(7, 42, "alice", "bob", 1500), CLIENT_KEY)
+    request = seal(Request(7, 42, "transfer", "alice", "bob", 1500), CLIENT_KEY)
     return [
         request,
         seal(Prepare(3, 17, 1, _h(3)), REPLICA_KEYS[1]),

@@ -121,7 +121,7 @@ def test_a_small_type_is_dropped_on_its_length_before_parsing() -> None:
 
 
 def test_every_legitimate_message_fits_its_type_limit_and_budget() -> None:
-    request = Request(7, 1, "a" * 64, "b" * 64, 2**64 - 1)
+    request = Request(7, 1, "transfer", "a" * 64, "b" * 64, 2**64 - 1)
     raw = seal(request, _KEY)
     assert len(Request.encode(request)) <= BODY_LIMITS[int(MessageType.REQUEST)]
     assert len(raw) <= BODY_LIMITS[int(MessageType.REQUEST)] + ENVELOPE_OVERHEAD

@@ -93,8 +93,10 @@ class AwaitedDiskHost(RecordingHost):
 
 
 def _executed(seq: int) -> Executed:
-    request = ExecutedRequest(0, seq, b"d" * 32, "a", "b", 1, "confirmed", "", True)
-    return Executed(0, seq, bytes([seq]) * 32, (request,))
+    request = ExecutedRequest(
+        0, seq, b"d" * 32, "a", "b", 1, "confirmed", "", True, "transfer", 0, 0, 0, ()
+    )
+    return Executed(0, seq, bytes([seq]) * 32, (request,), 0, 0, b"b" * 32, ())
 
 
 def _mixed_script() -> list[list[Action]]:

@@ -82,7 +82,8 @@ def _flood_payloads(cluster: Cluster) -> list[bytes]:
     owned = sorted(name for name, a in cluster.accounts.items() if a.owner == FLOODER[1])
     other = sorted(name for name, a in cluster.accounts.items() if a.owner != FLOODER[1])
     return [
-        seal(Request(FLOODER[1], 1 + i, owned[0], other[0], 1), key) for i in range(FLOOD_REQUESTS)
+        seal(Request(FLOODER[1], 1 + i, "transfer", owned[0], other[0], 1), key)
+        for i in range(FLOOD_REQUESTS)
     ]
 
 

@@ -52,7 +52,7 @@ GENESIS = {"alice": Account(CLIENT_ID, 10_000), "bob": Account(4, 0)}
 CLUSTER_ID = compute_cluster_id(ClusterConfig(), KEYRING, GENESIS)
 # The same keys with another genesis: another cluster.
 OTHER_CLUSTER_ID = compute_cluster_id(ClusterConfig(), KEYRING, {**GENESIS, "bob": Account(4, 1)})
-REQUEST = Request(CLIENT_ID, 9, "alice", "bob", 700)
+REQUEST = Request(CLIENT_ID, 9, "transfer", "alice", "bob", 700)
 REQUEST_RAW = seal(REQUEST, CLIENT_KEY)
 DIGEST = hashlib.sha256(REQUEST.encode()).digest()
 SEQ = 12
@@ -132,6 +132,10 @@ def test_f_plus_one_matching_replies_make_a_valid_receipt() -> None:
         seq=SEQ,
         replicas=(0, 2),
         cluster_id=CLUSTER_ID,
+        op="transfer",
+        ref_client=0,
+        ref_request=0,
+        expires_in_ms=0,
     )
 
 
@@ -338,7 +342,7 @@ def test_reply_in_the_request_slot_is_rejected() -> None:
 
 def test_tampered_request_is_rejected() -> None:
     envelope = Envelope.decode(REQUEST_RAW)
-    richer = Request(CLIENT_ID, 9, "alice", "bob", 7_000_000)
+    richer = Request(CLIENT_ID, 9, "transfer", "alice", "bob", 7_000_000)
     tampered = Envelope(
         envelope.version, envelope.type_code, envelope.sender, richer.encode(), envelope.signature
     ).encode()
@@ -348,7 +352,7 @@ def test_tampered_request_is_rejected() -> None:
 
 def test_request_re_signed_by_its_client_with_another_body_is_rejected() -> None:
     # The client itself swaps in a different payment under the same request id.
-    other_body = seal(Request(CLIENT_ID, 9, "alice", "bob", 1), CLIENT_KEY)
+    other_body = seal(Request(CLIENT_ID, 9, "transfer", "alice", "bob", 1), CLIENT_KEY)
     assert "answers another request" in _error(_receipt(_reply(0), _reply(1), request=other_body))
 
 

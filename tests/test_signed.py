@@ -89,7 +89,7 @@ def test_sealed_replica_message_opens_to_the_same_message() -> None:
 
 
 def test_sealed_client_message_opens_to_the_same_message() -> None:
-    request = Request(CLIENT_ID, 77, "alice", "bob", 250)
+    request = Request(CLIENT_ID, 77, "transfer", "alice", "bob", 250)
     raw = seal(request, CLIENT_KEY)
     opened = open_envelope(raw, KEYRING, _cache(), Request)
     assert opened.message == request
@@ -211,9 +211,12 @@ def test_replica_message_signed_by_a_client_key_is_rejected() -> None:
 
 
 def test_client_message_signed_by_a_replica_key_is_rejected() -> None:
-    request = Request(0, 1, "alice", "bob", 1)
+    request = Request(0, 1, "transfer", "alice", "bob", 1)
     assert _rejection(seal(request, REPLICA_KEYS[0])) == "bad_signature"
-    assert _rejection(seal(Request(3, 1, "a", "b", 1), REPLICA_KEYS[3])) == "unknown_sender"
+    assert (
+        _rejection(seal(Request(3, 1, "transfer", "a", "b", 1), REPLICA_KEYS[3]))
+        == "unknown_sender"
+    )
 
 
 def test_message_from_an_unknown_replica_is_rejected() -> None:
@@ -350,7 +353,7 @@ def test_every_message_type_seals_and_opens_with_its_signers_key() -> None:
     for cls in MESSAGE_CLASSES.values():
         assert cls.SIGNER in ("replica", "client")
         assert cls.SENDER_FIELD in cls.SCHEMA
-    request = Request(CLIENT_ID, 1, "a", "b", 1)
+    request = Request(CLIENT_ID, 1, "transfer", "a", "b", 1)
     assert open_envelope(seal(request, CLIENT_KEY), KEYRING, _cache()).message == request
     # (A replica signs a batch's root instead, pbft/replies.py; the envelope still works.)
     reply = Reply(0, 1, 2, CLIENT_ID, 1, DIGEST, "confirmed", "", DIGEST, 1, 1, 0, (), DIGEST)
@@ -362,7 +365,7 @@ def test_every_message_type_seals_and_opens_with_its_signers_key() -> None:
 
 def test_a_sealed_frame_peeks_as_a_fresh_decode_of_its_bytes() -> None:
     # seal hands peek the objects it built; they must be what decoding the bytes gives.
-    request = Request(CLIENT_ID, 78, "alice", "bob", 251)
+    request = Request(CLIENT_ID, 78, "transfer", "alice", "bob", 251)
     raw = seal(request, CLIENT_KEY)
     assert DECODED.get(raw) is not None
     envelope, message = peek(raw)

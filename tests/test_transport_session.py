@@ -289,7 +289,9 @@ def test_a_validly_signed_message_injected_as_a_raw_frame_is_refused() -> None:
             assert await receive(server) == (C0, b"pay 1")
             # A real client's signed payment (the key is the client's own): before sessions
             # the replica would have taken it as the client's next frame.
-            signed = seal(Request(0, 99, "acct-00000", "acct-00001", 1_000_000), KEYS[C0])
+            signed = seal(
+                Request(0, 99, "transfer", "acct-00000", "acct-00001", 1_000_000), KEYS[C0]
+            )
             await proxy.inject(0, "c2s", frame(signed))
             await wait_until(lambda: server.statistics().closes.get("session_auth_failed") == 1)
             assert await nothing_more(server)

@@ -194,6 +194,8 @@ class Steal(ClientBehavior):
             return []
         payee = payees[self.stolen % len(payees)]
         amount = 1 + self.stolen % 10
-        theft = Request(self.client_id, self.OWN_ID_BASE + self.stolen, payer, payee, amount)
+        theft = Request(
+            self.client_id, self.OWN_ID_BASE + self.stolen, "transfer", payer, payee, amount
+        )
         self.stolen += 1
         return self.to_replicas(self.sealed(theft))
