@@ -7,6 +7,7 @@ from collections import Counter
 
 import pytest
 
+from sim import ops_cost
 from sim.scenario import ScenarioError, parse_scenario
 from sim.workload import (
     OPENED_PREFIX,
@@ -237,3 +238,21 @@ def test_a_bad_mix_or_expiry_is_one_error_naming_the_field(
     assert raised.value.field == field
     assert problem in raised.value.problem
     assert "\n" not in str(raised.value)
+
+
+def test_ops_cost_prints_both_runs_and_their_ratio(capsys: pytest.CaptureFixture[str]) -> None:
+    assert ops_cost.main(["scenarios/ops-mix.toml", "--payments", "40", "--repeat", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("scenario   ops-mix (40 requests")
+    assert [line.split()[0] for line in lines[2:]] == ["transfers", "mixed", "ratio"]
+    assert all("us per request" in line for line in lines[2:4])
+
+
+@pytest.mark.parametrize("mix", ["transfer=1,pay=2", "transfer=x", "transfer=inf", "void=0"])
+def test_ops_cost_refuses_a_bad_mix_in_one_line(
+    mix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert ops_cost.main(["--mix", mix, "--payments", "10"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("ops_cost: --mix: ")
+    assert error.count("\n") == 1
