@@ -345,9 +345,10 @@ def check_holds_and_refunds(observed: Observations) -> tuple[CheckResult, CheckR
 
 
 def _effects(executed: Executed) -> tuple[object, ...]:
-    """What a batch did to the ledger, as every correct replica must have done it."""
+    """What a batch did to the ledger, as every correct replica must have done it: the holds
+    released and each request's outcome and postings. (Not the batch time itself: two
+    replicas that read different times but release the same holds agree on every fate.)"""
     return (
-        executed.timestamp_ms,
         executed.released,
         tuple(
             (record.client_id, record.request_id, record.outcome, record.reason, record.postings)

@@ -266,3 +266,10 @@ def test_byzantine_replicas_may_do_anything() -> None:
     assert check_effects_agree(observations).ok
     holds, refunds = check_holds_and_refunds(observations)
     assert holds.ok and refunds.ok
+
+
+def test_replicas_that_read_other_times_but_release_the_same_holds_agree() -> None:
+    observations = observed(*GOOD)
+    later = dataclasses.replace(GOOD[4], timestamp_ms=1700)
+    observations.executed_batches[3] = {**observations.executed_batches[3], 5: later}
+    assert check_effects_agree(observations).ok
