@@ -202,12 +202,26 @@ class ViewChanges:
     def overtake_limit(self) -> int:
         """How many requests a correct primary may order past the oldest request a backup
         holds: those in the batches already in flight when it became the oldest (at most
-        max_inflight_batches, never beyond the window), which this backup may never have
-        held, and OVERTAKE_SLACK it missed. Requests that merely raced it on the network
-        do not count (Requests.count_ordered)."""
+        max_inflight_batches, never beyond the window), those queued ahead of it at the
+        primary (at most its table of pending requests, pending_request_limit), which this
+        backup may never have held, and OVERTAKE_SLACK it missed. Requests that merely
+        raced it on the network do not count (Requests.count_ordered).
+
+        The queue ahead: clients send to the primary first and to everyone only when it
+        is slow, so the backlog a first-come-first-served primary orders ahead of a
+        request is one the backups never saw, and it may take any number of timeouts to
+        drain (review finding F2: the limit without it deposed a correct primary under
+        load). The backup cannot tell that backlog from requests a censor orders past the
+        victim, and a count the primary announced could not be checked either, so the
+        limit is the most a correct primary can have queued. A Byzantine primary gains
+        at most that: past the limit it is suspected, and before it every batch it orders
+        must be full, one per timeout at least, or the no-progress rule suspects it within
+        a timeout (count_ordered). So it delays the request at most
+        max(REQUEST_TIMEOUTS_UNDER_LOAD, (limit + 1) / batch_size + 1) timeouts, a bound
+        of the configuration, whatever clients it colludes with."""
         config = self.ctx.config
         in_flight = min(config.max_inflight_batches, config.watermark_window) * config.batch_size
-        return in_flight + OVERTAKE_SLACK
+        return in_flight + config.pending_request_limit + OVERTAKE_SLACK
 
     def on_request_timeout(self) -> None:
         self._suspect("request not ordered")

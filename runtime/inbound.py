@@ -54,6 +54,7 @@ from typing import Final
 import trio
 
 from crypto.keys import Principal
+from runtime.buckets import TokenBuckets
 
 __all__ = [
     "DEFAULT_FRAME_COST",
@@ -99,31 +100,6 @@ class _PeerQueue:
         self.bytes = 0
         self.deficit = 0
         self.space: trio.Event | None = None  # set when room frees up, if a reader waits
-
-
-class _Pace:
-    """Token buckets by client, in quanta: `delay` is how long a frame must wait before it
-    may be queued (0: at once). Tokens may go negative (the frame has reserved them), so
-    two readers of one principal cannot both pass on the same token. Full buckets carry no
-    information and are dropped once there are many: memory follows the active clients."""
-
-    PRUNE_AT = 4096
-
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate = rate
-        self.burst = float(burst)
-        self._buckets: dict[Principal, tuple[float, float]] = {}  # tokens, at
-
-    def delay(self, principal: Principal, units: float, now: float) -> float:
-        tokens, at = self._buckets.get(principal, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - at) * self.rate) - units
-        self._buckets[principal] = (tokens, now)
-        if len(self._buckets) > self.PRUNE_AT:
-            full_after = self.burst / self.rate
-            for key, (_, seen) in list(self._buckets.items()):
-                if now - seen >= full_after:
-                    del self._buckets[key]
-        return 0.0 if tokens >= 0 else -tokens / self.rate
 
 
 class _Round:
@@ -206,7 +182,9 @@ class InboundScheduler:
         quantum = frame_cost + QUANTUM_FRAME_BYTES
         self._frame_cost = frame_cost
         self._quantum = quantum
-        self._pace = _Pace(float(client_rate), client_burst)
+        # Token buckets by client, in quanta (runtime/buckets.py): memory follows the
+        # active clients.
+        self._pace: TokenBuckets[Principal] = TokenBuckets(float(client_rate), client_burst)
         self._paced = 0
         self._rounds = {REPLICA: _Round(frame_cost, quantum), CLIENT: _Round(frame_cost, quantum)}
         self._queues: dict[Principal, _PeerQueue] = {}
@@ -247,7 +225,7 @@ class InboundScheduler:
             raise trio.ClosedResourceError("the inbound scheduler is closed")
         if principal[0] != REPLICA:
             units = (self._frame_cost + len(frame)) / self._quantum
-            delay = self._pace.delay(principal, units, trio.current_time())
+            delay = self._pace.reserve(principal, units, trio.current_time())
             if delay > 0:
                 self._paced += 1
                 await trio.sleep(delay)

@@ -102,8 +102,11 @@ Anyone can open a TCP connection, so what an unauthenticated one may cost is bou
 - Rate: at most `accept_rate_per_address` connections a second from one IP address (after
   a burst of `accept_burst_per_address`) are served; the rest are reset right after
   accept(), before any task, key or HELLO exists for them (`handshakes_failed
-  ["accept_rate"]`). A replica at the address it is known at is exempt. Correct clients
-  connect once per session, far below it.
+  ["accept_rate"]`). An address a replica is known at draws on a bucket of its own
+  instead, `accept_rate_replica_address` (ten times larger by default): a replica
+  redialling after a flood of strangers from elsewhere is not kept out, and whatever else
+  runs on a replica's address, or a Byzantine replica making an address its own, is still
+  limited. Correct clients connect once per session, far below it.
 - Slots: at most `max_pending_handshakes` connections in their handshake at a time, and
   `max_pending_per_address` of them from one IP address, so one host cannot take them all.
   Beyond those, `reserved_handshakes` more slots in which only a replica of the key ring may
@@ -195,7 +198,7 @@ import random
 import secrets
 import socket
 import struct
-from collections import Counter, OrderedDict, deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
@@ -211,6 +214,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from crypto.keys import KeyRing, Principal, SigningKey, check_principal
+from runtime.buckets import TokenBuckets
 from runtime.framing import (
     FRAME_HEADER_SIZE,
     MAX_FRAME_BYTES,
@@ -337,9 +341,11 @@ class TransportConfig:
     reserved_handshakes: int = 8
     # TCP connections accepted per second per address (after a burst), checked on accept
     # before anything else: beyond it a connection is reset without a task, a key or a
-    # HELLO. Replicas at their known addresses are not limited by it.
+    # HELLO. An address a replica is known at has a larger bucket of its own (the next two).
     accept_rate_per_address: float = 20.0
     accept_burst_per_address: int = 40
+    accept_rate_replica_address: float = 200.0
+    accept_burst_replica_address: int = 400
     verify_rate_per_address: float = 20.0  # AUTH signatures checked per second per address
     verify_burst_per_address: int = 20
     verify_rate_total: float = 500.0  # ... and from all addresses together
@@ -366,6 +372,7 @@ class TransportConfig:
             "max_pending_handshakes",
             "max_pending_per_address",
             "accept_burst_per_address",
+            "accept_burst_replica_address",
             "verify_burst_per_address",
             "verify_burst_total",
             "receive_chunk_bytes",
@@ -398,6 +405,7 @@ class TransportConfig:
             "send_timeout",
             "connect_timeout",
             "accept_rate_per_address",
+            "accept_rate_replica_address",
             "verify_rate_per_address",
             "verify_rate_total",
             "client_inbound_rate",
@@ -741,46 +749,6 @@ class _Peer:
         return frame
 
 
-class _TokenBuckets:
-    """Token buckets by key (an IP address): `take` is True while the key has a token left.
-
-    Full buckets carry no information, so they are dropped: the buckets are kept in the
-    order they were last touched, and each `take` drops the full ones from the old end,
-    and beyond MAX_KEYS the least recently seen (its address starts again from a full
-    burst, which a flood from that many addresses gets anyway). Amortised O(1) a take
-    whatever the number of addresses (a scan of the whole table on each take cost a flood
-    from 32,000 addresses a minute of CPU on the event loop), and memory bounded.
-    """
-
-    MAX_KEYS = 65_536
-
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate = rate
-        self.burst = float(burst)
-        # key -> (tokens, at), least recently touched first.
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
-
-    def take(self, key: str, now: float) -> bool:
-        tokens, at = self._buckets.pop(key, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - at) * self.rate)
-        allowed = tokens >= 1.0
-        self._buckets[key] = (tokens - 1.0 if allowed else tokens, now)
-        self._prune(now)
-        return allowed
-
-    def _prune(self, now: float) -> None:
-        full_after = self.burst / self.rate
-        buckets = self._buckets
-        while buckets:
-            _, (_, at) = next(iter(buckets.items()))
-            if now - at < full_after and len(buckets) <= self.MAX_KEYS:
-                return
-            buckets.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._buckets)
-
-
 class _Pending:
     """An inbound connection in its handshake: which pool it holds a slot in."""
 
@@ -848,13 +816,16 @@ class Transport:
         self._pending_general = 0  # slots held in the general pool
         self._pending_by_address: Counter[str] = Counter()  # general pool, by address
         self._reserved: list[_Pending] = []  # the replicas' pool, oldest first
-        self._accept_by_address = _TokenBuckets(
+        self._accept_by_address = TokenBuckets[str](
             self.config.accept_rate_per_address, self.config.accept_burst_per_address
         )
-        self._verify_by_address = _TokenBuckets(
+        self._accept_by_replica_address = TokenBuckets[str](
+            self.config.accept_rate_replica_address, self.config.accept_burst_replica_address
+        )
+        self._verify_by_address = TokenBuckets[str](
             self.config.verify_rate_per_address, self.config.verify_burst_per_address
         )
-        self._verify_total = _TokenBuckets(
+        self._verify_total = TokenBuckets[str](
             self.config.verify_rate_total, self.config.verify_burst_total
         )
         self._verifications = 0
@@ -862,7 +833,7 @@ class Transport:
         # budget per replica for AUTHs naming it from exactly there: strangers spending the
         # shared budget cannot keep a replica out that comes back from its own address.
         self._replica_addresses: dict[Principal, str] = {}
-        self._verify_known = _TokenBuckets(
+        self._verify_known = TokenBuckets[str](
             self.config.verify_rate_per_address, self.config.verify_burst_per_address
         )
         self._context: AbstractAsyncContextManager[Transport] | None = None
@@ -1165,9 +1136,14 @@ class Transport:
                     raise
                 self._accepted += 1
                 address = str(peer_address[0]) if peer_address else "?"
-                if address not in self._replica_addresses.values() and not (
-                    self._accept_by_address.take(address, trio.current_time())
-                ):
+                # An address a replica is known at has a bucket of its own: strangers
+                # elsewhere cannot spend it, and it is bounded too (review finding F4).
+                buckets = (
+                    self._accept_by_replica_address
+                    if address in self._replica_addresses.values()
+                    else self._accept_by_address
+                )
+                if not buckets.take(address, trio.current_time()):
                     self._handshakes_failed["accept_rate"] += 1
                     _reset(sock)
                     continue

@@ -254,6 +254,12 @@ def generate_document(seed: int, replicas: int = 4) -> dict[str, Any]:
             entry["kind"] = rng.choice(_CLIENT_BEHAVIOR_KINDS[behavior])
         byzantine.append(entry)
 
+    if any("replica" in entry for entry in byzantine):
+        # A Byzantine replica may be the primary (of view 0 or 1 when _pick_replica chose
+        # it, of a later view after faults): no backlog allowance (see backlog_drain_ms),
+        # so the case offers only what its configuration can order. Drawn from nothing.
+        workload["rate_per_s"] = rate_within_capacity(cluster, network, workload)
+
     faults: list[dict[str, Any]] = []
     for _ in range(rng.randint(1, 4) if node_kinds else 0):
         kind = rng.choice(node_kinds)
@@ -495,11 +501,34 @@ def backlog_drain_ms(
     requests are ordered too (a reuse_request_id client sends two bodies per id), and with a
     Byzantine replica every quorum waits for the slowest correct replica (case seed
     2371077635: a double-voting replica, a client reusing ids and a lagging replica ordered
-    about 30 batches a second where 41 were estimated)."""
-    capacity = capacity_per_s(cluster, network) / (2 if byzantine else 1)
+    about 30 batches a second where 41 were estimated).
+
+    The allowance is for a backlog behind a correct primary. When a Byzantine replica is in
+    the case it may be the primary, and then the allowance would let it delay payments by
+    as much unnoticed (review finding F5): generate_document lowers such a case's offered
+    rate to its capacity (rate_within_capacity) instead, so no allowance is added, and a
+    Byzantine primary slowing the backlog fails the plain liveness bound."""
+    capacity = _capacity(cluster, network, byzantine)
     if workload["rate_per_s"] <= capacity:
         return 0
     return math.ceil(workload["payments"] * 1000 / capacity)
+
+
+def _capacity(cluster: dict[str, Any], network: dict[str, Any], byzantine: bool) -> float:
+    return capacity_per_s(cluster, network) / (2 if byzantine else 1)
+
+
+def rate_within_capacity(
+    cluster: dict[str, Any], network: dict[str, Any], workload: dict[str, Any]
+) -> float | int:
+    """The offered rate of a case with a Byzantine replica: the drawn one, or, if the
+    configuration cannot order it (with a Byzantine party's halved capacity), the capacity
+    rounded down to a hundredth (at least 0.01 a second)."""
+    rate: float | int = workload["rate_per_s"]
+    capacity = _capacity(cluster, network, True)
+    if rate <= capacity:
+        return rate
+    return max(0.01, math.floor(capacity * 100) / 100)
 
 
 def generate(seed: int, replicas: int = 4) -> str:

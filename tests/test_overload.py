@@ -67,27 +67,42 @@ def test_a_backlog_behind_a_progressing_primary_causes_no_suspicion() -> None:
 def test_a_backlog_reordered_by_the_network_causes_no_suspicion() -> None:
     """Requests reach the backup in another order than the primary's (they raced on the
     network): here in reverse, so the oldest the backup holds is ordered last and 39 others
-    pass it, more than overtake_limit (20); but they all arrived here within a timeout of it,
-    so the backup still sees a backlog draining."""
-    cluster = Cluster(batch_size=1, checkpoint_interval=64, watermark_window=128)
+    pass it. Behind 30 the backup never held (they count), that is 69, more than
+    overtake_limit (60); but the 39 all arrived here within a timeout of it, so they do not
+    count, and the backup still sees a backlog draining."""
+    cluster = Cluster(
+        batch_size=1,
+        checkpoint_interval=64,
+        watermark_window=128,
+        pending_request_limit=40,
+        client_pending_limit=40,
+    )
     replica = cluster.replica(1)
-    assert replica.viewchanges.overtake_limit() == 4 + OVERTAKE_SLACK < 39
+    assert replica.viewchanges.overtake_limit() == 4 + 40 + OVERTAKE_SLACK < 30 + 39
     cluster.tick(replica, 1)
     backlog = [cluster.request(i, amount=1) for i in range(1, 41)]
     cluster.deliver(replica, *reversed(backlog))
-    order = {100 * (i + 1): [raw] for i, raw in enumerate(backlog)}
-    suspected_at, last = _run(cluster, replica, 100 * 42, order)
-    assert suspected_at is None and replica.last_executed == last == 40
+    never_held = [cluster.request(i, amount=1, client=1) for i in range(1, 31)]
+    order = {100 * (i + 1): [raw] for i, raw in enumerate(never_held + backlog)}
+    suspected_at, last = _run(cluster, replica, 100 * 72, order)
+    assert suspected_at is None and replica.last_executed == last == 70
 
 
 def test_a_censoring_primary_that_orders_others_is_deposed_within_the_bound() -> None:
     """The primary keeps ordering client 0's payments, never client 1's request: once more
     than overtake_limit requests overtook it, and it waited REQUEST_TIMEOUTS_UNDER_LOAD
     timeouts, the backup suspects the primary (at its next tick)."""
-    cluster = Cluster(batch_size=1, checkpoint_interval=64, watermark_window=128)
+    cluster = Cluster(
+        batch_size=1,
+        checkpoint_interval=64,
+        watermark_window=128,
+        pending_request_limit=8,
+        client_pending_limit=8,
+    )
     replica = cluster.replica(1)
     limit = replica.viewchanges.overtake_limit()
-    assert limit == 4 * 1 + OVERTAKE_SLACK  # four batches of one in flight, and the slack
+    # Four batches of one in flight, the primary's table of 8, and the slack.
+    assert limit == 4 * 1 + 8 + OVERTAKE_SLACK
     cluster.tick(replica, 1)
     cluster.deliver(replica, cluster.request(1, client=1))  # never ordered
     timeout = cluster.config.view_change_timeout_ms
@@ -107,6 +122,59 @@ def test_a_censoring_primary_that_orders_others_is_deposed_within_the_bound() ->
     assert suspected_at is not None
     bound = REQUEST_TIMEOUTS_UNDER_LOAD * timeout
     assert bound <= suspected_at < bound + 20
+
+
+def test_a_backlog_sent_to_the_primary_alone_causes_no_suspicion() -> None:
+    """Review finding F2: the primary's clients sent it 200 requests the backup never saw
+    (clients go to the primary first); one more request the backup holds arrives behind
+    them. The primary orders first come, first served, in full batches of 4, one every
+    50 ms: the held request waits 2.5 s, more than REQUEST_TIMEOUTS_UNDER_LOAD timeouts,
+    while 200 requests pass it, more than the batches in flight and the slack (32). That is
+    the primary's queue, not censorship: no suspicion."""
+    cluster = Cluster(batch_size=4, checkpoint_interval=64, watermark_window=128)
+    replica = cluster.replica(1)
+    in_flight_and_slack = 4 * 4 + OVERTAKE_SLACK
+    cluster.tick(replica, 1)
+    cluster.deliver(replica, cluster.request(1, client=1))
+    backlog = [cluster.request(100 + i, amount=1) for i in range(200)]
+    batches = [backlog[i : i + 4] for i in range(0, 200, 4)]
+    order = {50 * (i + 1): batch for i, batch in enumerate(batches)}
+    timeout = cluster.config.view_change_timeout_ms
+    assert 50 * len(batches) > REQUEST_TIMEOUTS_UNDER_LOAD * timeout
+    assert len(backlog) > in_flight_and_slack
+    order[50 * (len(batches) + 1)] = [cluster.request(1, client=1)]
+    suspected_at, last = _run(cluster, replica, 50 * (len(batches) + 3), order)
+    assert suspected_at is None
+    assert last == 51 and not replica.requests.pending
+
+
+def test_a_primary_ordering_full_batches_past_a_request_is_deposed_past_its_table() -> None:
+    """The other side of F2: a primary ordering full batches of others' requests (from
+    clients it colludes with) past a held request, one batch just under a timeout apart,
+    forever. Past overtake_limit (the batches in flight, the primary's table of 64 and the
+    slack: 96) the backup suspects it: the delay is bounded by the configuration."""
+    cluster = Cluster(
+        batch_size=4,
+        checkpoint_interval=64,
+        watermark_window=128,
+        pending_request_limit=64,
+        client_pending_limit=64,
+    )
+    replica = cluster.replica(1)
+    limit = replica.viewchanges.overtake_limit()
+    assert limit == 4 * 4 + 64 + OVERTAKE_SLACK
+    cluster.tick(replica, 1)
+    cluster.deliver(replica, cluster.request(1, client=1))  # never ordered
+    timeout = cluster.config.view_change_timeout_ms
+    step = timeout - 50
+    order = {
+        step * (i + 1): [cluster.request(100 + 4 * i + j, amount=1) for j in range(4)]
+        for i in range(40)
+    }
+    passed_at = step * (limit // 4 + 1)  # the batch that takes the count past the limit
+    suspected_at, _ = _run(cluster, replica, step * 41, order)
+    assert suspected_at is not None and passed_at <= suspected_at <= passed_at + 10
+    assert suspected_at <= ((limit + 1) / 4 + 1) * timeout
 
 
 def test_a_primary_trickling_part_full_batches_past_held_requests_is_suspected() -> None:
@@ -293,3 +361,27 @@ def test_a_run_does_not_stop_while_a_replica_is_executing_the_last_entry() -> No
     result = run_scenario(parse_scenario(LATE_WORK_AT_THE_STOP))
     assert result.converged, result.final_states
     assert result.verdict == "ok", result.expectation_failures
+
+
+def test_the_fuzzers_backlog_allowance_is_not_given_with_a_byzantine_replica() -> None:
+    """Review finding F5: the allowance is for a backlog behind a correct primary. A
+    Byzantine replica may be the primary, and the allowance would let it slow the backlog
+    unnoticed, so a case with one offers only what its configuration orders (the rate is
+    lowered to the capacity it is estimated at with a Byzantine party) and gets the plain
+    liveness bound. A case whose only Byzantine party is a client keeps the allowance."""
+    capped = client_only_allowances = 0
+    for seed in range(200):
+        document = generate_document(seed)
+        cluster, network = document["cluster"], document["network"]
+        workload = document["workload"]
+        byzantine = document.get("byzantine", [])
+        plain = liveness_within_ms(cluster["view_change_timeout_ms"])
+        if any("replica" in entry for entry in byzantine):
+            assert backlog_drain_ms(cluster, network, workload, byzantine=True) == 0, seed
+            assert document["liveness"]["within_ms"] == plain, seed
+            assert workload["rate_per_s"] <= capacity_per_s(cluster, network) / 2, seed
+            capped += workload["rate_per_s"] not in (20, 50, 100, 200, 400)
+        elif byzantine and document["liveness"]["within_ms"] > plain:
+            client_only_allowances += 1
+    assert capped > 10  # the rule was exercised: cases that drew more than they order
+    assert client_only_allowances > 0

@@ -162,9 +162,26 @@ def test_connects_beyond_the_accept_rate_are_reset_before_any_handshake_work() -
     run(main)
 
 
-def test_a_replica_at_its_known_address_is_not_limited_by_the_accept_rate() -> None:
+async def _connect_raw(port: int, address: str, count: int) -> None:
+    """`count` raw TCP connects from `address` (a reset can come before connect() returns)."""
+    for _ in range(count):
+        try:
+            await open_raw(port, address)
+        except OSError:
+            pass
+
+
+def test_a_replica_address_has_a_larger_accept_bucket_of_its_own() -> None:
+    """Review finding F4: an address a replica is known at is not exempt from the accept
+    rate (anything else on that host, or a Byzantine replica making an address its own,
+    would connect without limit) but has a bucket of its own: strangers elsewhere spending
+    theirs do not keep the replica out, and the replica's address is limited too."""
     config = TransportConfig(
-        accept_rate_per_address=0.1, accept_burst_per_address=1, backoff_max=0.2
+        accept_rate_per_address=0.01,
+        accept_burst_per_address=1,
+        accept_rate_replica_address=0.01,
+        accept_burst_replica_address=5,
+        backoff_max=0.2,
     )
 
     async def main() -> None:
@@ -172,13 +189,18 @@ def test_a_replica_at_its_known_address_is_not_limited_by_the_accept_rate() -> N
             port = await replica.listen(HOST, 0)
             peer_port = await peer.listen(HOST, 0)
             replica.connect_to(R1, HOST, peer_port)  # R1 is known at 127.0.0.1
-            for _ in range(5):  # the address's one token, and more, spent by strangers
-                await open_raw(port)
+            await _connect_raw(port, STRANGER, 5)  # the stranger's one token, and more
             await wait_until(lambda: replica.statistics().connections_accepted == 5)
-            assert replica.statistics().handshakes_failed == {}  # exempt: all five served
-            peer.connect_to(R0, HOST, port)
+            assert replica.statistics().handshakes_failed == {"accept_rate": 4}
+            peer.connect_to(R0, HOST, port)  # from the replica's address: its own bucket
             with trio.fail_after(3.0):
                 await peer.wait_connected(R0)
             await wait_until(lambda: len(replica._peers[R1].connections) == 2)  # both ways
+            accepted = replica.statistics().connections_accepted
+            # The replica's address took one of its five; ten more connects from it: four
+            # are served, six refused (not exempt).
+            await _connect_raw(port, HOST, 10)
+            await wait_until(lambda: replica.statistics().connections_accepted == accepted + 10)
+            assert replica.statistics().handshakes_failed.get("accept_rate") == 4 + 6
 
     run(main)
