@@ -134,6 +134,9 @@ def check_integrity(observed: Observations) -> CheckResult:
 
 
 def check_conservation(observed: Observations) -> CheckResult:
+    """Money only moves: every correct replica's ledger ends with the genesis total of
+    available + held balances (tracked and recounted) and no negative balance, and every
+    operation it executed posted changes that sum to zero."""
     result = CheckResult("conservation")
     for replica in sorted(observed.correct):
         ledger = observed.final_ledgers.get(replica)
