@@ -36,6 +36,7 @@ class Proposal:
     seq: int
     prev_hash: bytes
     batch_digest: bytes
+    timestamp_ms: int
     entry_digest: bytes
     raw: bytes
     requests: tuple[Opened, ...]
@@ -106,8 +107,12 @@ class Verifier:
             seq=pre_prepare.seq,
             prev_hash=pre_prepare.prev_hash,
             batch_digest=pre_prepare.batch_digest,
+            timestamp_ms=pre_prepare.timestamp_ms,
             entry_digest=entry_digest(
-                pre_prepare.seq, pre_prepare.prev_hash, pre_prepare.batch_digest
+                pre_prepare.seq,
+                pre_prepare.prev_hash,
+                pre_prepare.batch_digest,
+                pre_prepare.timestamp_ms,
             ),
             raw=raw,
             requests=tuple(requests),

@@ -21,6 +21,7 @@ MAX_BATCH_SIZE = 1024
 MAX_BATCH_TIMEOUT_MS = 60_000
 MAX_CHECKPOINT_INTERVAL = 4096
 MAX_WATERMARK_WINDOW = 8192
+MAX_CLOCK_SKEW_MS = 24 * 3600 * 1000
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,12 @@ class ClusterConfig:
     # bucket of bytes, so a replica that keeps asking cannot make us stream without end.
     catch_up_bytes_per_second: int = 8 * 1024 * 1024
     catch_up_burst_bytes: int = 2 * 1024 * 1024
+    # Batch timestamps: a backup accepts a fresh batch only if its timestamp is within this
+    # of its own clock (pbft/ordering.py). Synced clocks differ by milliseconds; 30 s still
+    # takes a badly synced replica or a paused VM, and is far below any sensible hold
+    # lifetime (minutes to days): a lying primary moves an expiry by at most this much. A
+    # replica whose clock is off by more refuses every fresh batch: it counts against f.
+    max_clock_skew_ms: int = 30_000
 
     def __post_init__(self) -> None:
         if self.watermark_window == 0:
@@ -149,6 +156,12 @@ class ClusterConfig:
             1024 <= self.catch_up_burst_bytes <= 2**30,
             "catch_up_burst_bytes",
             "must be in 1024..2**30",
+        )
+
+        _require(
+            1 <= self.max_clock_skew_ms <= MAX_CLOCK_SKEW_MS,
+            "max_clock_skew_ms",
+            f"must be in 1..{MAX_CLOCK_SKEW_MS}",
         )
 
     # Every threshold the protocol uses comes from the four properties below, and they hold

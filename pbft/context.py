@@ -199,6 +199,8 @@ class Context:
         # Named in every reply we sign, so clients and receipts cannot mix clusters up.
         self.cluster_id = cluster_id
         self.now_ms = 0
+        # The clock batch timestamps are proposed and checked against (see Tick).
+        self.wall_ms = 0
         self.view = 0
         self.status = ViewStatus.NORMAL
         # See Replica.__init__'s `lost_votes`: no signing through this view.

@@ -43,6 +43,8 @@ class DropReason(StrEnum):
     CONFLICTS_WITH_COMMITTED = "conflicts_with_committed"
     CONFLICTS_WITH_OWN_VOTE = "conflicts_with_own_vote"
     BAD_CHAIN = "bad_chain"
+    # A batch timestamp out of order with its neighbours or too far from our clock.
+    BAD_TIMESTAMP = "bad_timestamp"
     PRIMARY_PREPARE = "primary_prepare"
     CONFLICTING_VOTE = "conflicting_vote"
     # Certificates and batches (pbft/certificates.py).

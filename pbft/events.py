@@ -32,9 +32,15 @@ class MessageReceived:
 
 @dataclass(frozen=True)
 class Tick:
-    """The driver's clock, in ms. The only notion of time the cores have."""
+    """The driver's clock, in ms. The only notion of time the cores have.
+
+    `now_ms` runs the timers and must never go back. `wall_ms`, if the driver has one, is
+    the clock batch timestamps are compared against: it must agree across replicas (Unix
+    time in the runtime, whose `now_ms` counts from each process's start). Without it the
+    core takes `now_ms` (the simulator, where every replica's clock counts from one zero)."""
 
     now_ms: int
+    wall_ms: int | None = None
 
 
 Event = MessageReceived | Tick

@@ -21,6 +21,8 @@ from pbft.operations import MAX_OP_LENGTH, OP_CODES, Operation
 MAX_VIEW = 2**62
 MAX_SEQ = 2**62
 MAX_WINDOW = 8192
+# Batch timestamps: milliseconds of the proposing primary's clock (Unix time in the runtime).
+MAX_TIMESTAMP_MS = 2**62
 # State transfer: a chunk is an aligned block of at most 2**MAX_CHUNK_LEVEL ledger leaves.
 MAX_CHUNK_LEVEL = 16
 MAX_LEAF_COUNT = 2**40
@@ -122,7 +124,9 @@ class Request(Message):
 
 @dataclass(frozen=True)
 class PrePrepare(Message):
-    """The primary's proposal: batch `requests` at `seq` in `view`, chained to `prev_hash`."""
+    """The primary's proposal: batch `requests` at `seq` in `view`, chained to `prev_hash`,
+    at `timestamp_ms` (the batch time the ledger decides expiry against; pbft/ordering.py
+    says when a backup accepts it)."""
 
     view: int
     seq: int
@@ -130,6 +134,7 @@ class PrePrepare(Message):
     prev_hash: bytes
     batch_digest: bytes
     requests: tuple[bytes, ...]
+    timestamp_ms: int
 
     TYPE = MessageType.PRE_PREPARE
     SCHEMA: ClassVar[dict[str, Spec]] = {
@@ -139,6 +144,7 @@ class PrePrepare(Message):
         "prev_hash": HASH,
         "batch_digest": HASH,
         "requests": ListOf(ENVELOPE, MAX_BATCH_SIZE),
+        "timestamp_ms": UInt(MAX_TIMESTAMP_MS),
     }
 
 

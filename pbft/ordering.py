@@ -8,6 +8,17 @@ COMMITs; a quorum of matching commits make it committed; committed entries execu
 strictly in sequence order. Every vote is signed at most once per (kind, view, seq) and
 is durable before it is sent.
 
+Batch time: the ledger decides expiry against a timestamp agreed with the batch, never
+against a replica's clock. The primary stamps each batch with max(its clock, the stamp of
+the batch before it), so stamps never go back. A backup accepts a fresh PRE-PREPARE only if
+its stamp lies between those of the batches it accepted at lower and higher sequence
+numbers, and within config.max_clock_skew_ms of its own clock; a stamp that only repeats
+the one before it may be ahead of the backup's clock (a primary whose clock is behind keeps
+the time still, it cannot push it on). Anything else is dropped as `bad_timestamp`, like
+any invalid proposal: the batch never prepares here and the backup's timers depose the
+primary. NEW-VIEW re-proposals keep their batches' stamps (the entry digest binds them);
+they are old, so only the plan decides them (pbft/viewchange.py), not the skew bound.
+
 Owns the slots, the next sequence number to propose, the executed state (ledger, last
 executed entry and its chain hash) and the signed replies kept for retransmissions: one
 signature per executed batch covers the Merkle root of its results (pbft/replies.py).
@@ -55,6 +66,9 @@ class Ordering:
         self.last_executed = 0
         self.chain_hash = ctx.verifier.genesis_chain_hash
         self.last_execution_ms = 0
+        # The agreed timestamp of the last executed batch: where the next stamps start. (After
+        # a state transfer it is the one from before, still a lower bound.)
+        self.last_executed_timestamp_ms = 0
         self.signed_replies = SignedReplies()
 
     def vote(self, slot: Slot, kind: str, message: Prepare | Commit | PrePrepare) -> bytes:
@@ -151,8 +165,43 @@ class Ordering:
         predecessor = self._known_entry(proposal.seq - 1)
         if predecessor is not None and predecessor != proposal.prev_hash:
             raise Rejected(DropReason.BAD_CHAIN, f"seq {proposal.seq}")
+        self._check_timestamp(proposal)
         slot.accept(proposal)
         self.advance(proposal.seq)
+
+    def timestamp_bounds(self, seq: int) -> tuple[int, int | None]:
+        """The stamps a batch at `seq` must lie between: the highest of the batches this
+        replica executed, accepted (in this view) or knows committed below `seq`, and the
+        lowest of those above it (None when there is none)."""
+        low = self.last_executed_timestamp_ms if seq > self.last_executed else 0
+        high: int | None = None
+        for other, slot in self.slots.items():
+            if other == seq or other <= self.last_executed:
+                continue
+            known = slot.committed.proposal if slot.committed is not None else slot.proposal
+            if known is None:
+                continue
+            if other < seq:
+                low = max(low, known.timestamp_ms)
+            elif high is None or known.timestamp_ms < high:
+                high = known.timestamp_ms
+        return low, high
+
+    def _check_timestamp(self, proposal: Proposal) -> None:
+        """A fresh proposal's stamp: in order with its neighbours and near our clock."""
+        stamp = proposal.timestamp_ms
+        low, high = self.timestamp_bounds(proposal.seq)
+        where = f"seq {proposal.seq} stamped {stamp}"
+        if stamp < low:
+            raise Rejected(DropReason.BAD_TIMESTAMP, f"{where}, before {low} at a lower seq")
+        if high is not None and stamp > high:
+            raise Rejected(DropReason.BAD_TIMESTAMP, f"{where}, after {high} at a higher seq")
+        clock = self.ctx.wall_ms
+        bound = self.ctx.config.max_clock_skew_ms
+        if clock - stamp > bound:
+            raise Rejected(DropReason.BAD_TIMESTAMP, f"{where}, our clock {clock}")
+        if stamp - clock > bound and stamp != low:
+            raise Rejected(DropReason.BAD_TIMESTAMP, f"{where}, our clock {clock}")
 
     def on_vote(self, vote: Prepare | Commit, opened: Opened) -> None:
         self.ctx.viewchanges.check_view(vote.view, vote.replica)
@@ -335,8 +384,14 @@ class Ordering:
         prev_hash = self._known_entry(seq - 1)
         if prev_hash is None:
             raise ReplicaInvariantError(f"primary {self.ctx.id} lost the chain before seq {seq}")
+        # Never before a batch accepted below (monotonic), nor after one above (there is
+        # none from a correct primary; the clamp keeps our proposal acceptable regardless).
+        low, high = self.timestamp_bounds(seq)
+        stamp = max(self.ctx.wall_ms, low)
+        if high is not None:
+            stamp = min(stamp, high)
         pre_prepare = PrePrepare(
-            self.ctx.view, seq, self.ctx.id, prev_hash, batch_digest(requests), requests
+            self.ctx.view, seq, self.ctx.id, prev_hash, batch_digest(requests), requests, stamp
         )
         slot = self.slot(seq)
         raw = self.vote(slot, "pre_prepare", pre_prepare)
@@ -360,6 +415,10 @@ class Ordering:
         if self.last_executed > executed_before:
             # Room in the pipeline again: propose what gathered meanwhile.
             self.maybe_propose()
+
+    def _batch_time_ms(self, proposal: Proposal) -> int:
+        """The time the ledger decides expiry against: the batch's agreed timestamp."""
+        return proposal.timestamp_ms
 
     def _execute(self, proposal: Proposal) -> None:
         executed = []
@@ -410,6 +469,7 @@ class Ordering:
             self.reply(proposal.seq, results)
         self.last_executed = proposal.seq
         self.chain_hash = proposal.entry_digest
+        self.last_executed_timestamp_ms = proposal.timestamp_ms
         self.last_execution_ms = self.ctx.now_ms
         self.ctx.requests.count_ordered(len(proposal.requests))
         self.ctx.viewchanges.progress_made()
@@ -427,12 +487,6 @@ class Ordering:
         )
         if proposal.seq % self.ctx.config.checkpoint_interval == 0:
             self.ctx.checkpoints.take_checkpoint()
-
-    def _batch_time_ms(self, proposal: Proposal) -> int:
-        """The batch's agreed timestamp, which expiry is decided against. 0 until the
-        proposal carries one (batch-time work makes this `proposal.timestamp_ms`)."""
-        del proposal
-        return 0
 
     def reply(self, batch_seq: int, results: list[ReplyResult]) -> None:
         """Answer each result's client, under one signature for the whole batch (a

@@ -173,7 +173,7 @@ class Replica(Context):
         if self.halted is not None:
             self.count_drop(DropReason.HALTED)
         elif isinstance(event, Tick):
-            self._on_tick(event.now_ms)
+            self._on_tick(event.now_ms, event.wall_ms)
         elif isinstance(event, MessageReceived):
             self._on_bytes(event.data, event.link)
         else:
@@ -267,11 +267,13 @@ class Replica(Context):
             return message.seq <= self.checkpoints.stable.seq
         return False
 
-    def _on_tick(self, now_ms: int) -> None:
+    def _on_tick(self, now_ms: int, wall_ms: int | None) -> None:
         """Tick each named timeout; the ones that fired call on_<name>_timeout."""
         if now_ms < self.now_ms:
             raise ReplicaInvariantError(f"clock went back from {self.now_ms} to {now_ms}")
         self.now_ms = now_ms
+        # A wall clock may step back (NTP); batch timestamps stay monotonic regardless.
+        self.wall_ms = now_ms if wall_ms is None else max(0, wall_ms)
         if self.fresh_start:
             self._on_start()
         if self.status is ViewStatus.NORMAL:

@@ -12,6 +12,11 @@ The plan (PBFT section 4.4, with a hash chain):
 - chain the entries again from the checkpoint's chain hash. A correct replica only
   prepares an entry once its predecessor is prepared with the matching hash, so the
   prepared entries form an unbroken chain and re-chaining them keeps their digests.
+- timestamps: a re-proposed batch keeps its own (the entry digest binds it); a null batch
+  takes the timestamp of the nearest re-proposed batch above it (there always is one: the
+  plan ends at a prepared entry). So the plan's stamps are in order wherever the prepared
+  ones are, which the backups that prepared them checked, and a null batch never moves
+  time past what a correct replica already accepted.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ class PlannedEntry:
     seq: int
     prev_hash: bytes
     batch_digest: bytes
+    timestamp_ms: int
     entry_digest: bytes
     requests: tuple[bytes, ...]
 
@@ -101,13 +107,21 @@ def plan_new_view(view: int, view_changes: Sequence[VerifiedViewChange]) -> NewV
             if current is None or proposal.view > current.view:
                 best[seq] = proposal
     high = max(best, default=low)
+    # Each null batch's timestamp: the nearest re-proposed batch's above it.
+    stamps: dict[int, int] = {}
+    stamp = 0
+    for seq in range(high, low, -1):
+        chosen = best.get(seq)
+        if chosen is not None:
+            stamp = chosen.timestamp_ms
+        stamps[seq] = stamp
     entries = []
     prev_hash = anchor.checkpoint.chain_hash
     for seq in range(low + 1, high + 1):
         chosen = best.get(seq)
         requests = tuple(request.raw for request in chosen.requests) if chosen else ()
         batch = batch_digest(requests)
-        digest = entry_digest(seq, prev_hash, batch)
-        entries.append(PlannedEntry(seq, prev_hash, batch, digest, requests))
+        digest = entry_digest(seq, prev_hash, batch, stamps[seq])
+        entries.append(PlannedEntry(seq, prev_hash, batch, stamps[seq], digest, requests))
         prev_hash = digest
     return NewViewPlan(view, anchor.checkpoint, anchor.message.checkpoint_proof, tuple(entries))

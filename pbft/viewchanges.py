@@ -418,6 +418,7 @@ class ViewChanges:
                 entry.prev_hash,
                 entry.batch_digest,
                 entry.requests,
+                entry.timestamp_ms,
             )
             pre_prepares.append(
                 self.ctx.ordering.vote(
@@ -468,12 +469,13 @@ class ViewChanges:
         proposals = []
         for raw, entry in zip(message.pre_prepares, plan.entries, strict=True):
             proposal = self.ctx.verifier.proposal(raw)
-            if (proposal.view, proposal.seq, proposal.prev_hash, proposal.batch_digest) != (
-                message.view,
-                entry.seq,
-                entry.prev_hash,
-                entry.batch_digest,
-            ):
+            if (
+                proposal.view,
+                proposal.seq,
+                proposal.prev_hash,
+                proposal.batch_digest,
+                proposal.timestamp_ms,
+            ) != (message.view, entry.seq, entry.prev_hash, entry.batch_digest, entry.timestamp_ms):
                 raise Rejected(DropReason.BAD_NEW_VIEW, f"re-proposal for seq {entry.seq} differs")
             proposals.append(proposal)
         return plan, proposals

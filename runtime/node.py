@@ -373,7 +373,9 @@ class ReplicaNode:
         self.ticks += 1
         if self.log_summary.windows:
             self._log_records(self.log_summary.flush(time.monotonic()))
-        return Tick(int((now - self._clock_started) * 1000))
+        # Timers run on this process's monotonic clock; batch timestamps on Unix time, the
+        # one clock replicas on different machines (and restarted ones) share.
+        return Tick(int((now - self._clock_started) * 1000), time.time_ns() // 1_000_000)
 
     def _admit(self, principal: Principal, data: bytes) -> MessageReceived | None:
         if principal[0] == "client" and not client_may_send(data):

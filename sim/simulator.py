@@ -288,6 +288,7 @@ def cluster_config(scenario: Scenario) -> ClusterConfig:
         heartbeat_interval_ms=cluster.heartbeat_interval_ms,
         retransmit_interval_ms=cluster.retransmit_interval_ms,
         client_timeout_ms=cluster.client_timeout_ms,
+        max_clock_skew_ms=cluster.max_clock_skew_ms,
     )
 
 
@@ -858,7 +859,7 @@ class Simulation:
             proposal = peek(raw)[1]
             if isinstance(proposal, PrePrepare):
                 plan[proposal.seq] = entry_digest(
-                    proposal.seq, proposal.prev_hash, proposal.batch_digest
+                    proposal.seq, proposal.prev_hash, proposal.batch_digest, proposal.timestamp_ms
                 )
         plans = self.observed.new_view_plans.setdefault(node.observer_id, {})
         plans[message.view] = plan

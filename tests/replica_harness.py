@@ -88,6 +88,7 @@ class Entry:
     digest: bytes  # the entry digest prepares and commits vote on
     requests: tuple[bytes, ...]
     raw: bytes
+    timestamp_ms: int = 0
 
 
 class Cluster:
@@ -184,13 +185,14 @@ class Cluster:
         prev_hash: bytes | None = None,
         replica: int | None = None,
         batch: bytes | None = None,
+        timestamp_ms: int = 0,
     ) -> Entry:
         """A signed PRE-PREPARE; by default from the view's primary, chained to genesis."""
         requests = tuple(requests)
         prev = prev_hash if prev_hash is not None else self.genesis_chain_hash
         sender = replica if replica is not None else self.primary(view)
         digest_of_batch = batch if batch is not None else batch_digest(requests)
-        message = PrePrepare(view, seq, sender, prev, digest_of_batch, requests)
+        message = PrePrepare(view, seq, sender, prev, digest_of_batch, requests, timestamp_ms)
         raw = seal(message, self.replica_keys[sender])
         return Entry(
             view,
@@ -198,9 +200,10 @@ class Cluster:
             sender,
             prev,
             digest_of_batch,
-            entry_digest(seq, prev, digest_of_batch),
+            entry_digest(seq, prev, digest_of_batch, timestamp_ms),
             requests,
             raw,
+            timestamp_ms,
         )
 
     def prepare(self, replica: int, entry: Entry, *, view: int | None = None) -> bytes:
@@ -388,8 +391,12 @@ class Chain:
         self.seq = 0
         self.head = cluster.genesis_chain_hash
 
-    def append(self, requests: Sequence[bytes] = (), *, view: int = 0) -> Entry:
-        entry = self.cluster.pre_prepare(self.seq + 1, requests, view=view, prev_hash=self.head)
+    def append(
+        self, requests: Sequence[bytes] = (), *, view: int = 0, timestamp_ms: int = 0
+    ) -> Entry:
+        entry = self.cluster.pre_prepare(
+            self.seq + 1, requests, view=view, prev_hash=self.head, timestamp_ms=timestamp_ms
+        )
         self.entries[entry.seq] = entry
         self.seq = entry.seq
         self.head = entry.digest

@@ -94,7 +94,7 @@ def request(client: int, request_id: int) -> bytes:
 
 def pre_prepare(seq: int, prev_hash: bytes, requests: tuple[bytes, ...], view: int = 0) -> bytes:
     primary = CONFIG.primary_of(view)
-    message = PrePrepare(view, seq, primary, prev_hash, batch_digest(requests), requests)
+    message = PrePrepare(view, seq, primary, prev_hash, batch_digest(requests), requests, 0)
     return seal(message, REPLICA_KEYS[primary])
 
 
@@ -106,7 +106,7 @@ def opened(raw: bytes) -> Message:
 def entry_of(raw: bytes) -> bytes:
     message = opened(raw)
     assert isinstance(message, PrePrepare)
-    return entry_digest(message.seq, message.prev_hash, message.batch_digest)
+    return entry_digest(message.seq, message.prev_hash, message.batch_digest, message.timestamp_ms)
 
 
 def vote(kind: type[Prepare] | type[Commit], replica: int, seq: int, digest: bytes) -> bytes:

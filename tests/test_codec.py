@@ -79,7 +79,7 @@ def _envelope_bytes(tag: int) -> bytes:
 FACTORIES: dict[type[Struct], Callable[[], Struct]] = {
     Request: lambda: Request(7, 42, "transfer", "alice", "bob", 1500),
     PrePrepare: lambda: PrePrepare(
-        3, 17, 3, _h(1), _h(2), (_envelope_bytes(1), _envelope_bytes(2))
+        3, 17, 3, _h(1), _h(2), (_envelope_bytes(1), _envelope_bytes(2)), 1_700_000_000_000
     ),
     Prepare: lambda: Prepare(3, 17, 1, _h(3)),
     Commit: lambda: Commit(3, 17, 2, _h(3)),
@@ -301,8 +301,8 @@ def test_hash_of_wrong_length_is_rejected(length: int) -> None:
         lambda: Prepare(0, 0, 0, "x" * 32),
         lambda: Prepare(0, 0, 0, bytearray(32)),
         lambda: Request(7, 1, "transfer", b"alice", "bob", 1),
-        lambda: PrePrepare(0, 0, 0, _h(0), _h(0), b"not a list"),
-        lambda: PrePrepare(0, 0, 0, _h(0), _h(0), ("text",)),
+        lambda: PrePrepare(0, 0, 0, _h(0), _h(0), b"not a list", 0),
+        lambda: PrePrepare(0, 0, 0, _h(0), _h(0), ("text",), 0),
         lambda: ViewChange(1, 0, 0, _h(0), _h(0), (), ("not a certificate",)),
     ],
     ids=["str_hash", "bytearray_hash", "bytes_account", "bytes_list", "str_item", "nested"],
@@ -314,7 +314,7 @@ def test_wrong_type_is_rejected_on_construction(build: Callable[[], object]) -> 
 @pytest.mark.parametrize(
     "build",
     [
-        lambda: PrePrepare(0, 0, 0, _h(0), _h(0), (b"r",) * (MAX_BATCH_SIZE + 1)),
+        lambda: PrePrepare(0, 0, 0, _h(0), _h(0), (b"r",) * (MAX_BATCH_SIZE + 1), 0),
         lambda: NewView(1, 1, (b"v",) * (MAX_REPLICAS + 1), ()),
         lambda: NewView(1, 1, (), (b"p",) * (MAX_WINDOW + 1)),
         lambda: CommitCertificate(0, b"p", (b"c",) * (MAX_REPLICAS + 1)),
@@ -327,12 +327,12 @@ def test_oversize_list_is_rejected_on_construction(build: Callable[[], object]) 
 
 
 def test_lists_at_their_limit_are_accepted() -> None:
-    pre_prepare = PrePrepare(0, 0, 0, _h(0), _h(0), (b"r",) * MAX_BATCH_SIZE)
+    pre_prepare = PrePrepare(0, 0, 0, _h(0), _h(0), (b"r",) * MAX_BATCH_SIZE, 0)
     assert PrePrepare.decode(pre_prepare.encode()) == pre_prepare
 
 
 def test_empty_embedded_envelope_is_rejected() -> None:
-    assert _reason(lambda: PrePrepare(0, 0, 0, _h(0), _h(0), (b"",))) == "out_of_range"
+    assert _reason(lambda: PrePrepare(0, 0, 0, _h(0), _h(0), (b"",), 0)) == "out_of_range"
     assert _reason(lambda: CommitCertificate(0, b"", ())) == "out_of_range"
 
 
@@ -530,11 +530,12 @@ def test_bin_and_str_in_a_wider_format_than_necessary_are_non_canonical() -> Non
 
 
 def test_a_nested_list_in_a_wider_format_than_necessary_is_non_canonical() -> None:
-    pre_prepare = PrePrepare(0, 0, 0, _h(0), _h(0), (b"r",))
+    pre_prepare = PrePrepare(0, 0, 0, _h(0), _h(0), (b"r",), 0)
     data = pre_prepare.encode()
-    fixarray_of_one = b"\x91\xc4\x01r"
+    # The requests list, then the timestamp (a positive fixint 0).
+    fixarray_of_one = b"\x91\xc4\x01r\x00"
     assert data.endswith(fixarray_of_one)
-    widened = data[: -len(fixarray_of_one)] + b"\xdc\x00\x01\xc4\x01r"
+    widened = data[: -len(fixarray_of_one)] + b"\xdc\x00\x01\xc4\x01r\x00"
     assert _decode_reason(PrePrepare, widened) == "non_canonical"
 
 
@@ -681,7 +682,7 @@ def _valid_envelopes() -> list[bytes]:
     return [
         request,
         seal(Prepare(3, 17, 1, _h(3)), REPLICA_KEYS[1]),
-        seal(PrePrepare(3, 17, 3, _h(1), _h(2), (request,)), REPLICA_KEYS[3]),
+        seal(PrePrepare(3, 17, 3, _h(1), _h(2), (request,), 0), REPLICA_KEYS[3]),
         seal(BalanceReply(0, 7, 42, "alice", 1, 1500, 17, _h(5)), REPLICA_KEYS[0]),
     ]
 

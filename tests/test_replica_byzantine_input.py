@@ -79,7 +79,7 @@ def test_message_signed_with_wrong_key_is_dropped(cluster: Cluster) -> None:
 def test_pre_prepare_signed_with_wrong_key_is_dropped(cluster: Cluster) -> None:
     replica = cluster.replica(1)
     message = PrePrepare(
-        0, 1, 0, cluster.genesis_chain_hash, cluster.pre_prepare(1).batch_digest, ()
+        0, 1, 0, cluster.genesis_chain_hash, cluster.pre_prepare(1).batch_digest, (), 0
     )
     forged = seal(message, cluster.replica_keys[2])
     assert broadcasts(cluster.deliver(replica, forged), Prepare) == []

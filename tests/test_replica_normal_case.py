@@ -50,7 +50,7 @@ def test_backup_prepares_valid_pre_prepare_from_primary(cluster: Cluster) -> Non
     prepares = broadcasts(actions, Prepare)
     assert len(prepares) == 1
     prepare = prepares[0]
-    expected = entry_digest(1, cluster.genesis_chain_hash, batch_digest([request]))
+    expected = entry_digest(1, cluster.genesis_chain_hash, batch_digest([request]), 0)
     assert (prepare.view, prepare.seq, prepare.replica, prepare.entry_digest) == (
         0,
         1,
@@ -385,7 +385,9 @@ def test_requests_gather_into_the_next_batch_while_one_is_in_flight() -> None:
     (batch,) = broadcasts(actions, PrePrepare)
     assert batch.seq == 2 and batch.requests == (second, third)
     assert batch.batch_digest == batch_digest([second, third])
-    assert batch.prev_hash == entry_digest(1, cluster.genesis_chain_hash, in_flight.batch_digest)
+    assert batch.prev_hash == entry_digest(
+        1, cluster.genesis_chain_hash, in_flight.batch_digest, in_flight.timestamp_ms
+    )
 
     # A lone request behind batches in flight waits for the batch timeout, then goes alone.
     assert broadcasts(cluster.deliver(primary, fourth), PrePrepare) == []

@@ -238,7 +238,7 @@ def test_new_primary_with_quorum_of_view_changes_reproposes_prepared_batches_and
     assert proposals[1].prev_hash == first.digest
     assert proposals[2].prev_hash == proposals[1].entry_digest
     assert proposals[2].entry_digest == entry_digest(
-        3, proposals[1].entry_digest, third.batch_digest
+        3, proposals[1].entry_digest, third.batch_digest, third.timestamp_ms
     )
     # Its re-proposals are persisted before the NEW-VIEW goes out.
     for seq in (1, 2, 3):

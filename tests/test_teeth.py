@@ -154,12 +154,15 @@ def trust_the_primarys_new_view(monkeypatch: pytest.MonkeyPatch) -> None:
         for raw in receiving[-1].pre_prepares:
             _, proposal = peek(raw, PrePrepare)
             assert isinstance(proposal, PrePrepare)
-            digest = entry_digest(proposal.seq, proposal.prev_hash, proposal.batch_digest)
+            digest = entry_digest(
+                proposal.seq, proposal.prev_hash, proposal.batch_digest, proposal.timestamp_ms
+            )
             entries.append(
                 PlannedEntry(
                     proposal.seq,
                     proposal.prev_hash,
                     proposal.batch_digest,
+                    proposal.timestamp_ms,
                     digest,
                     tuple(proposal.requests),
                 )

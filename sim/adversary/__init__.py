@@ -36,7 +36,15 @@ from sim.adversary.clients import (
     Steal,
 )
 from sim.adversary.noise import Forge, Garbage, Replay, WrongReply, flip_reply
-from sim.adversary.proposals import BadChain, BadSequence, Censor, Equivocate, InvalidBatch, Slow
+from sim.adversary.proposals import (
+    BadChain,
+    BadSequence,
+    BadTimestamp,
+    Censor,
+    Equivocate,
+    InvalidBatch,
+    Slow,
+)
 from sim.adversary.registry import (
     BEHAVIORS,
     CLIENT_BEHAVIORS,
@@ -56,6 +64,7 @@ __all__ = [
     "BadCheckpoint",
     "BadNewView",
     "BadSequence",
+    "BadTimestamp",
     "Behavior",
     "Censor",
     "ClientBehavior",

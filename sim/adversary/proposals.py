@@ -52,12 +52,10 @@ class Equivocate(Behavior):
             prev_hash,
             batch_digest(requests),
             requests,
+            original.timestamp_ms,
         )
         raw = seal(forked, self.key)
-        original_entry = entry_digest(original.seq, original.prev_hash, original.batch_digest)
-        self.adversary.forked_entries[original_entry] = entry_digest(
-            forked.seq, forked.prev_hash, forked.batch_digest
-        )
+        self.adversary.forked_entries[_entry_of(original)] = _entry_of(forked)
         self.adversary.forked_pre_prepares[slot] = raw
         return raw
 
@@ -171,15 +169,14 @@ class _ProposalRewriter(Behavior):
         if result is None:
             return data
         if self.rechain:
-            original = entry_digest(message.seq, message.prev_hash, message.batch_digest)
-            remember(
-                self.entries,
-                original,
-                entry_digest(result.seq, result.prev_hash, result.batch_digest),
-            )
+            remember(self.entries, _entry_of(message), _entry_of(result))
         raw = seal(result, self.key)
         remember(self.rewritten, digest, raw)
         return raw
+
+
+def _entry_of(message: PrePrepare) -> bytes:
+    return entry_digest(message.seq, message.prev_hash, message.batch_digest, message.timestamp_ms)
 
 
 def _with_requests(message: PrePrepare, requests: tuple[bytes, ...]) -> PrePrepare:
@@ -308,3 +305,42 @@ class BadChain(_ProposalRewriter):
 
     def rewrite(self, message: PrePrepare) -> PrePrepare | None:
         return replace(message, prev_hash=made_up(b"bad-chain", message.prev_hash))
+
+
+class BadTimestamp(_ProposalRewriter):
+    """As primary, lies about time in the PRE-PREPAREs it sends. `kind`:
+    - "future": stamps ten times cluster.max_clock_skew_ms ahead of the truth;
+    - "past": stamps as far behind it (at least 0: a lie only once the clocks have run longer
+      than the bound);
+    - "backwards": stamps each odd sequence number half the bound ahead of the truth and
+      leaves the even ones true, so every even batch is stamped before the batch below it
+      (each stamp within the bound of the backups' clocks: only the order gives it away).
+    The batches are re-chained onto the rewritten entries (like the censor's), so the stamp
+    is the only lie. The backups refuse each rewritten batch they can tell is wrong
+    (`bad_timestamp`); a stamp the bound allows is accepted ("past" early in a run, the odd
+    batches of "backwards"). Once one is refused, nothing is decided until the backups'
+    timers depose the primary."""
+
+    name = "bad_timestamp"
+    PARAMETERS: ClassVar[tuple[str, ...]] = ("kind",)
+    KINDS: ClassVar[tuple[str, ...]] = ("future", "past", "backwards")
+
+    def setup(self) -> None:
+        super().setup()
+        self.kind = str(self.params.get("kind", "future"))
+        if self.kind not in self.KINDS:
+            raise ValueError(f"bad_timestamp kind must be one of {self.KINDS}, got {self.kind!r}")
+        self.offset_ms = 10 * self.config.max_clock_skew_ms
+
+    def rewrite(self, message: PrePrepare) -> PrePrepare | None:
+        if self.kind == "future":
+            stamp = message.timestamp_ms + self.offset_ms
+        elif self.kind == "past":
+            stamp = max(0, message.timestamp_ms - self.offset_ms)
+        elif message.seq % 2 == 1:
+            stamp = message.timestamp_ms + self.config.max_clock_skew_ms // 2
+        else:
+            return None
+        if stamp == message.timestamp_ms:
+            return None
+        return replace(message, timestamp_ms=stamp)

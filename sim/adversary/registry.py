@@ -18,7 +18,15 @@ from sim.adversary.clients import (
     Steal,
 )
 from sim.adversary.noise import Forge, Garbage, Replay, WrongReply
-from sim.adversary.proposals import BadChain, BadSequence, Censor, Equivocate, InvalidBatch, Slow
+from sim.adversary.proposals import (
+    BadChain,
+    BadSequence,
+    BadTimestamp,
+    Censor,
+    Equivocate,
+    InvalidBatch,
+    Slow,
+)
 from sim.adversary.twins import Twin
 from sim.adversary.viewchange import BadCheckpoint, BadNewView, LieInViewChange, ViewChangeSpam
 from sim.adversary.votes import DoubleVote, VoteWithoutProposal, WithholdVotes
@@ -33,6 +41,7 @@ BEHAVIORS: dict[str, type[Behavior]] = {
         InvalidBatch,
         BadSequence,
         BadChain,
+        BadTimestamp,
         DoubleVote,
         VoteWithoutProposal,
         WithholdVotes,

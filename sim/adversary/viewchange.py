@@ -203,8 +203,8 @@ class LieInViewChange(_RewriteOnce):
         view = max(0, message.new_view - 1)
         primary = self.config.primary_of(view)
         prev_hash = made_up(b"forged-certificate", message.new_view, seq)
-        pre_prepare = PrePrepare(view, seq, primary, prev_hash, batch_digest(()), ())
-        digest = entry_digest(seq, prev_hash, pre_prepare.batch_digest)
+        pre_prepare = PrePrepare(view, seq, primary, prev_hash, batch_digest(()), (), 0)
+        digest = entry_digest(seq, prev_hash, pre_prepare.batch_digest, pre_prepare.timestamp_ms)
         backups = [replica for replica in self.replica_ids if replica != primary]
         prepares = tuple(
             seal(Prepare(view, seq, backup, digest), self.key)
@@ -315,7 +315,7 @@ class BadNewView(Behavior):
                     )
                     self.reforks.append((forked.seq, seal(forked, self.key)))
                     self.refork_digests[forked.seq] = entry_digest(
-                        forked.seq, forked.prev_hash, forked.batch_digest
+                        forked.seq, forked.prev_hash, forked.batch_digest, forked.timestamp_ms
                     )
             return [data]
         if code == MessageType.COMMIT and destination[0] == "replica":
@@ -353,21 +353,23 @@ class BadNewView(Behavior):
         low_hash, proposals = self._planned(message)
         if low_hash is None:
             return None
-        entries = [(proposal.seq, proposal.requests) for proposal in proposals]
+        entries = [
+            (proposal.seq, proposal.requests, proposal.timestamp_ms) for proposal in proposals
+        ]
         if self.kind == "omit_prepared":
-            index = next((i for i, (_, requests) in enumerate(entries) if requests), None)
+            index = next((i for i, (_, requests, _) in enumerate(entries) if requests), None)
             if index is None:
                 return None
-            entries[index] = (entries[index][0], ())
+            entries[index] = (entries[index][0], (), entries[index][2])
         else:  # invent
             invented = self._invented_batch()
-            index = next((i for i, (_, requests) in enumerate(entries) if not requests), None)
+            index = next((i for i, (_, requests, _) in enumerate(entries) if not requests), None)
             if index is not None and invented:
-                entries[index] = (entries[index][0], invented)
+                entries[index] = (entries[index][0], invented, entries[index][2])
             else:
                 low_seq = self._low_seq(message)
-                last = entries[-1][0] if entries else low_seq
-                entries.append((last + 1, invented))
+                last, stamp = (entries[-1][0], entries[-1][2]) if entries else (low_seq, 0)
+                entries.append((last + 1, invented, stamp))
         return replace(message, pre_prepares=self._chain(message.view, low_hash, entries))
 
     def _invented_batch(self) -> tuple[bytes, ...]:
@@ -399,14 +401,15 @@ class BadNewView(Behavior):
         ]
 
     def _chain(
-        self, view: int, prev_hash: bytes, entries: list[tuple[int, tuple[bytes, ...]]]
+        self, view: int, prev_hash: bytes, entries: list[tuple[int, tuple[bytes, ...], int]]
     ) -> tuple[bytes, ...]:
+        """Signed re-proposals of (seq, requests, timestamp) entries, chained from prev_hash."""
         out = []
-        for seq, requests in entries:
+        for seq, requests, stamp in entries:
             digest = batch_digest(requests)
-            proposal = PrePrepare(view, seq, self.replica_id, prev_hash, digest, requests)
+            proposal = PrePrepare(view, seq, self.replica_id, prev_hash, digest, requests, stamp)
             out.append(seal(proposal, self.key))
-            prev_hash = entry_digest(seq, prev_hash, digest)
+            prev_hash = entry_digest(seq, prev_hash, digest, stamp)
         return tuple(out)
 
     def _claim_less(self, change: ViewChange) -> ViewChange:
@@ -439,7 +442,7 @@ class BadNewView(Behavior):
         except Rejected:
             return None
         plan = plan_new_view(message.view, changes)
-        entries = [(entry.seq, entry.requests) for entry in plan.entries]
+        entries = [(entry.seq, entry.requests, entry.timestamp_ms) for entry in plan.entries]
         pre_prepares = self._chain(message.view, plan.checkpoint.chain_hash, entries)
         if pre_prepares != message.pre_prepares:
             self.split_plans_differ += 1

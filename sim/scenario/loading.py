@@ -16,6 +16,7 @@ from pbft.config import (
     MAX_BATCH_SIZE,
     MAX_BATCH_TIMEOUT_MS,
     MAX_CHECKPOINT_INTERVAL,
+    MAX_CLOCK_SKEW_MS,
     MAX_REPLICAS,
     MAX_WATERMARK_WINDOW,
     MIN_REPLICAS,
@@ -73,6 +74,7 @@ _CLUSTER_KEYS: Final = (
     "retransmit_interval_ms",
     "client_timeout_ms",
     "watermark_window",
+    "max_clock_skew_ms",
 )
 _NETWORK_KEYS: Final = ("latency_ms", "drop", "duplicate")
 _LATENCY_KEYS: Final = ("dist", "min", "max", "mean")
@@ -252,6 +254,7 @@ class _Reader(AdversaryReader):
             retransmit_interval_ms=integer("retransmit_interval_ms", 1, MAX_DURATION_MS),
             client_timeout_ms=integer("client_timeout_ms", 10, MAX_DURATION_MS),
             watermark_window=watermark_window,
+            max_clock_skew_ms=integer("max_clock_skew_ms", 1, MAX_CLOCK_SKEW_MS),
         )
 
     def network(self, table: dict[str, Any]) -> NetworkSpec:

@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Final
 
-from pbft.config import fault_tolerance_of
+from pbft.config import ClusterConfig, fault_tolerance_of
 from pbft.messages import MessageType
 from sim.adversary import registry
 from sim.scenario.values import ValueReader
@@ -91,6 +91,7 @@ class ClusterSpec:
     client_timeout_ms: int = 400
     # 0 means two checkpoint intervals, as in pbft.config.ClusterConfig.
     watermark_window: int = 0
+    max_clock_skew_ms: int = ClusterConfig.max_clock_skew_ms
 
 
 @dataclass(frozen=True)
@@ -174,7 +175,8 @@ class ByzantineSpec:
 
     Parameters, each for its behaviour only: ``delay_ms`` (slow; None means 0.8 x
     cluster.view_change_timeout_ms), ``client`` (censor, required), ``kind``
-    (invalid_batch, bad_sequence, lie_in_view_change, bad_new_view; see BEHAVIOR_KINDS) and
+    (invalid_batch, bad_sequence, bad_timestamp, lie_in_view_change, bad_new_view; see
+    BEHAVIOR_KINDS) and
     ``groups`` (twin, required: the two parts of the network its two copies talk with).
 
     With ``replica`` None the entry is a Byzantine client: ``client`` is then the client's id
