@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pbft.holds import MAX_DURATION_MS, MAX_PER_CLIENT, LedgerLimits
+
 
 class ConfigError(ValueError):
     """A cluster parameter is out of range; the message names the field."""
@@ -72,6 +74,16 @@ class ClusterConfig:
     # lifetime (minutes to days): a lying primary moves an expiry by at most this much. A
     # replica whose clock is off by more refuses every fresh batch: it counts against f.
     max_clock_skew_ms: int = 30_000
+
+    # Issue 11's ledger records (pbft/holds.py says what they bound). Durations are batch
+    # time, the only time execution knows.
+    max_hold_duration_ms: int = 3_600_000
+    max_open_holds_per_client: int = 1024
+    max_accounts_per_client: int = 16
+    # A captured, voided or expired hold's fate is kept this long (then hold_not_found).
+    closed_hold_retention_ms: int = 3_600_000
+    # A confirmed transfer or capture is refundable this long (0: no refunds).
+    refund_window_ms: int = 3_600_000
 
     def __post_init__(self) -> None:
         if self.watermark_window == 0:
@@ -157,11 +169,29 @@ class ClusterConfig:
             "catch_up_burst_bytes",
             "must be in 1024..2**30",
         )
-
+        _require(
+            1 <= self.max_hold_duration_ms <= MAX_DURATION_MS,
+            "max_hold_duration_ms",
+            f"must be in 1..{MAX_DURATION_MS}",
+        )
+        for name in ("max_open_holds_per_client", "max_accounts_per_client"):
+            _require(0 <= getattr(self, name) <= MAX_PER_CLIENT, name, f"0..{MAX_PER_CLIENT}")
+        for name in ("closed_hold_retention_ms", "refund_window_ms"):
+            _require(0 <= getattr(self, name) <= MAX_DURATION_MS, name, f"0..{MAX_DURATION_MS}")
         _require(
             1 <= self.max_clock_skew_ms <= MAX_CLOCK_SKEW_MS,
             "max_clock_skew_ms",
             f"must be in 1..{MAX_CLOCK_SKEW_MS}",
+        )
+
+    def ledger_limits(self) -> LedgerLimits:
+        """The bounds the ledger's records keep to (part of every replica's genesis)."""
+        return LedgerLimits(
+            self.max_hold_duration_ms,
+            self.max_open_holds_per_client,
+            self.max_accounts_per_client,
+            self.closed_hold_retention_ms,
+            self.refund_window_ms,
         )
 
     # Every threshold the protocol uses comes from the four properties below, and they hold

@@ -5,13 +5,20 @@ from the same ordered requests, so this module does no I/O, reads no clock or
 randomness, never uses floats for money and never iterates a set (str hash order
 differs between processes).
 
+Every account has an available and a held balance; money is conserved over both (checked
+after every request and every batch's expiries). The operations' rules are in
+pbft/ledger_ops.py, their records (holds, refundable payments, opened accounts, and what
+bounds them) in pbft/holds.py.
+
 Cost that does not grow with the ledger. The state digest is an RFC 6962 Merkle root over
-the leaves [header, accounts in name order, clients in id order]. The tree keeps its inner
-nodes (crypto.merkle.MerkleTree): a digest rehashes only the header and the leaves the
-requests since the last digest touched, each in O(log n). A client's first decision
-inserts its leaf among the clients and moves the later client leaves one place up: their
-hashes are kept, so that costs O(clients) node hashes once per client, never a re-encoding
-of their decisions (id order keeps the digest independent of which client came first).
+the leaves [header, accounts in name order (["account", name, owner, available, held]),
+clients in id order, record slots (pbft/holds.py)]. The tree keeps its inner nodes
+(crypto.merkle.MerkleTree): a digest rehashes only the header and the leaves the requests
+since the last digest touched, each in O(log n). A client's first decision inserts its
+leaf among the clients and moves the later client leaves and every record leaf one place
+up: their hashes are kept, so that costs O(clients + records) node hashes once per client,
+never a re-encoding of their decisions (id order keeps the digest independent of which
+client came first).
 
 A generated genesis (GeneratedAccounts, a count and a rule) is never materialised per
 account: the ledger stores only the balances that differ from the rule's, and its tree is
@@ -43,7 +50,9 @@ from typing import Any, TypeGuard
 import msgpack
 
 from crypto.merkle import MerkleProof, MerkleTree, leaf_hash, tree_levels
-from pbft.operations import Op, Posting, Release
+from pbft.holds import MAX_TIME_MS, HoldState, LedgerLimits, RecordError, Records
+from pbft.ledger_ops import OperationRules
+from pbft.operations import Payment, Posting, Reason, Release
 
 MAX_AMOUNT = 2**63 - 1
 # Identifiers and counters travel as msgpack unsigned integers.
@@ -54,7 +63,7 @@ MAX_ACCOUNT_NAME_LENGTH = 64
 BODY_DIGEST_SIZE_BYTES = 32
 # Eviction floor of a client that has not forgotten anything yet (-1 in snapshots).
 NOTHING_EVICTED = -1
-SNAPSHOT_FORMAT_VERSION = 2
+SNAPSHOT_FORMAT_VERSION = 3
 # Snapshots arrive from other replicas during state transfer and are untrusted;
 # this bounds the memory a malicious snapshot can make us allocate.
 MAX_SNAPSHOT_SIZE_BYTES = 256 * 1024 * 1024
@@ -68,54 +77,11 @@ class Outcome(enum.StrEnum):
     REJECTED = "rejected"
 
 
-class Reason(enum.StrEnum):
-    """Why a payment was rejected; the value is the wire/JSON code."""
-
-    NONE = ""  # only with CONFIRMED
-    ID_REUSED = "id_reused"  # same (client, request id) seen with a different body
-    REQUEST_EXPIRED = "request_expired"  # older than the retained dedup window
-    INVALID_AMOUNT = "invalid_amount"  # amount <= 0, > MAX_AMOUNT, or payee overflow
-    SAME_ACCOUNT = "same_account"
-    UNKNOWN_ACCOUNT = "unknown_account"
-    UNAUTHORIZED = "unauthorized"  # the signing client does not own the payer account
-    INSUFFICIENT_FUNDS = "insufficient_funds"
-    # Issue 11's operations (pbft/operations.py), in this fixed order after the above.
-    INVALID_REQUEST = "invalid_request"  # a field the op does not use is not empty
-    INVALID_EXPIRY = "invalid_expiry"  # authorize: expires_in_ms not in 1..max hold duration
-    INVALID_ACCOUNT_NAME = "invalid_account_name"
-    ACCOUNT_EXISTS = "account_exists"
-    TOO_MANY_ACCOUNTS = "too_many_accounts"  # the client's cap on opened accounts
-    HOLD_NOT_FOUND = "hold_not_found"
-    HOLD_ALREADY_CAPTURED = "hold_already_captured"
-    HOLD_ALREADY_VOIDED = "hold_already_voided"
-    HOLD_EXPIRED = "hold_expired"
-    EXCEEDS_HOLD = "exceeds_hold"
-    TOO_MANY_HOLDS = "too_many_holds"  # the client's cap on open holds
-    PAYMENT_NOT_FOUND = "payment_not_found"
-    EXCEEDS_REFUNDABLE = "exceeds_refundable"
-
-
 # Rejections answered without being stored: storing them would overwrite or
 # resurrect the decision the id really belongs to.
 _UNSTORED_REASONS = (Reason.ID_REUSED, Reason.REQUEST_EXPIRED)
 _OUTCOMES_BY_CODE: dict[str, Outcome] = {outcome.value: outcome for outcome in Outcome}
 _REASONS_BY_CODE: dict[str, Reason] = {reason.value: reason for reason in Reason}
-
-
-@dataclass(frozen=True)
-class Payment:
-    """One ordered request as the ledger executes it: who asks and the operation's fields
-    (pbft/operations.py); the defaults are a plain transfer's."""
-
-    client_id: int
-    request_id: int
-    payer: str
-    payee: str
-    amount: int
-    op: str = Op.TRANSFER.value
-    ref_client: int = 0
-    ref_request: int = 0
-    expires_in_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -300,14 +266,15 @@ def _generated_tree(genesis: GeneratedAccounts, header_leaf: bytes) -> tuple[byt
     levels = _GENESIS_TREES.get(header_leaf)
     if levels is not None:
         return levels
-    # Every leaf is ["account", name, owner, balance]; all names have one length, so the
+    # Every leaf is ["account", name, owner, available, held]; all names have one length, so the
     # encoding is a fixed head, the name (prefix and zero-padded index, formatted straight
     # into bytes) and one of len(owners) tails.
     first = genesis.name(0).encode("utf-8")
-    head = b"\x00" + _FIXARRAY_4 + _ACCOUNT_TAG + _packb(genesis.name(0))[: -len(first)]
+    head = b"\x00" + _FIXARRAY_5 + _ACCOUNT_TAG + _packb(genesis.name(0))[: -len(first)]
     head += genesis.prefix.encode("utf-8")
     width = len(first) - len(genesis.prefix.encode("utf-8"))
-    tails = [_packb(owner) + _packb(genesis.balance) for owner in genesis.owners]
+    # Every generated account starts with nothing held.
+    tails = [_packb(owner) + _packb(genesis.balance) + _packb(0) for owner in genesis.owners]
     sha256 = hashlib.sha256
     if len(tails) == 1:
         tail = tails[0]
@@ -332,19 +299,29 @@ def _packb(value: object) -> bytes:
     return msgpack.packb(value, use_bin_type=True)
 
 
-_FIXARRAY_4 = b"\x94"
+_FIXARRAY_5 = b"\x95"
 _ACCOUNT_TAG = _packb("account")
 
 
-class Ledger:
-    """Balances plus per-client decisions, executed in the replicated order."""
+class Ledger(OperationRules):
+    """Balances (available and held), per-client decisions and the records of holds,
+    refundable payments and opened accounts (pbft/holds.py), executed in the replicated
+    order. The rules of each operation are OperationRules' (pbft/ledger_ops.py)."""
 
-    def __init__(self, accounts: Mapping[str, Account], dedup_window: int = 4096) -> None:
+    def __init__(
+        self,
+        accounts: Mapping[str, Account],
+        dedup_window: int = 4096,
+        limits: LedgerLimits | None = None,
+    ) -> None:
         if not _is_int(dedup_window) or not 1 <= dedup_window <= MAX_ID:
             raise ValueError(f"dedup_window must be an int in [1, {MAX_ID}], got {dedup_window!r}")
+        limits = limits if limits is not None else LedgerLimits()
+        if not isinstance(limits, LedgerLimits):
+            raise ValueError(f"limits must be LedgerLimits, got {limits!r}")
         if isinstance(accounts, GeneratedAccounts):
             # Validated once as a rule; no account is stored until a payment changes it.
-            self._assemble(accounts, {}, {}, dedup_window, accounts.total())
+            self._assemble(accounts, {}, {}, dedup_window, accounts.total(), limits)
             return
         for name in accounts:
             _validate_account_name(name)
@@ -366,7 +343,7 @@ class Ledger:
         total = sum(balances.values())
         if total > MAX_TOTAL:
             raise ValueError(f"total balance {total} exceeds {MAX_TOTAL}")
-        self._assemble(None, balances, owners, dedup_window, total)
+        self._assemble(None, balances, owners, dedup_window, total, limits)
 
     def _assemble(
         self,
@@ -375,14 +352,20 @@ class Ledger:
         owners: dict[str, int],
         dedup_window: int,
         total: int,
+        limits: LedgerLimits,
     ) -> None:
         """Take over already validated tables: for listed accounts (genesis None) every
         balance in name order and every owner; for a generated genesis only the balances
         that differ from the rule's, and no owners (the rule has them; touched accounts'
         owners are cached there as they are looked up)."""
         self._genesis = genesis
+        # Available balances (of a generated genesis: those that differ from the rule's).
         self._balances = balances
+        # Held balances of genesis accounts, only where not 0 (opened accounts hold theirs).
+        self._held: dict[str, int] = {}
         self._owners = owners
+        self._limits = limits
+        self._records = Records(limits)
         # Listed accounts: name -> position among the account leaves (names never change).
         self._positions: dict[str, int] = (
             {name: index for index, name in enumerate(balances)} if genesis is None else {}
@@ -390,7 +373,8 @@ class Ledger:
         self._names: list[str] = list(balances) if genesis is None else []
         self._dedup_window = dedup_window
         self._initial_total = total
-        # Tracked incrementally so the conservation check after each payment is O(1).
+        # Available plus held, tracked incrementally so the conservation check after each
+        # payment is O(1).
         self._total = total
         self._executed_count = 0
         self._batch_time_ms = 0
@@ -406,6 +390,8 @@ class Ledger:
         self._tree: MerkleTree | None = None
         self._dirty_accounts: dict[str, None] = {}
         self._dirty_clients: dict[int, None] = {}
+        # Each record slot's leaf hash as of the last digest (rehashed only when dirty).
+        self._record_hashes: list[bytes] = []
 
     # -- queries ---------------------------------------------------------------
 
@@ -446,15 +432,52 @@ class Ledger:
             return self._positions.get(account)
         return genesis.index(account)
 
+    @property
+    def limits(self) -> LedgerLimits:
+        return self._limits
+
+    @property
+    def records(self) -> Records:
+        """Holds, refundable payments and opened accounts (read-only for callers)."""
+        return self._records
+
     def balance(self, account: str) -> int | None:
+        """The account's available balance, None if there is no such account."""
         if not isinstance(account, str):
             return None
+        opened = self._records.opened.get(account)
+        if opened is not None:
+            return opened.available
         balance = self._balances.get(account)
         if balance is not None or self._genesis is None:
             return balance
         return self._genesis.balance if self._genesis.index(account) is not None else None
 
+    def held(self, account: str) -> int | None:
+        """The account's held balance (money authorized, not yet captured or released)."""
+        if not isinstance(account, str):
+            return None
+        opened = self._records.opened.get(account)
+        if opened is not None:
+            return opened.held
+        if self._position(account) is None:
+            return None
+        return self._held.get(account, 0)
+
+    def _account_exists(self, account: str) -> bool:
+        return account in self._records.opened or self._position(account) is not None
+
+    def _valid_account_name(self, name: str) -> bool:
+        try:
+            _validate_account_name(name)
+        except ValueError:
+            return False
+        return True
+
     def _owner(self, account: str) -> int:
+        opened = self._records.opened.get(account)
+        if opened is not None:
+            return opened.owner
         genesis = self._genesis
         if genesis is None:
             return self._owners[account]
@@ -479,7 +502,8 @@ class Ledger:
         return self._genesis.count if self._genesis is not None else len(self._balances)
 
     def accounts(self) -> dict[str, Account]:
-        """Every account, in name order: O(accounts), for tests, audits and tools."""
+        """Every genesis account with its available balance, in name order: O(accounts),
+        for tests, audits and tools (opened accounts: `records.opened`)."""
         genesis = self._genesis
         if genesis is None:
             return {
@@ -503,28 +527,42 @@ class Ledger:
         return smallest
 
     def total_balance(self) -> int:
-        """The incrementally tracked sum of all balances, O(1)."""
+        """The incrementally tracked sum of all available and held balances, O(1)."""
         return self._total
 
     def recount_total(self) -> int:
-        """Sum of all stored balances recomputed from scratch, O(stored accounts); for tests
-        and audits."""
+        """Sum of all available and held balances recomputed from scratch, O(stored
+        accounts); for tests and audits."""
         genesis = self._genesis
+        opened = self._records.opened.values()
+        extra = sum(self._held.values()) + sum(
+            account.available + account.held for account in opened
+        )
         if genesis is None:
-            return sum(self._balances.values())
+            return sum(self._balances.values()) + extra
         untouched = genesis.count - len(self._balances)
-        return genesis.balance * untouched + sum(self._balances.values())
+        return genesis.balance * untouched + sum(self._balances.values()) + extra
 
     # -- execution -------------------------------------------------------------
 
     def begin_batch(self, seq: int, timestamp_ms: int) -> tuple[Release, ...]:
-        """Start executing batch `seq`, proposed at `timestamp_ms`: releases the holds that
-        expired by then (none yet: holds come with the operations)."""
+        """Start executing batch `seq`, proposed at `timestamp_ms`: every open hold with
+        expires_at <= the batch time is released, in (expires_at, hold id) order, and
+        returned; closed holds and payments past their retention are forgotten."""
         _require_identifier(seq, "seq")
         _require_identifier(timestamp_ms, "timestamp_ms")
-        # Time never goes backwards in execution, whatever a proposal says.
-        self._batch_time_ms = max(self._batch_time_ms, timestamp_ms)
-        return ()
+        # Time never goes backwards in execution, whatever a proposal says, and stays where
+        # a deadline (time + a bounded duration) fits the wire.
+        now = self._batch_time_ms = max(self._batch_time_ms, min(timestamp_ms, MAX_TIME_MS))
+        records = self._records
+        released = []
+        for hold in records.due_expiries(now):
+            self._release(hold)
+            records.close_hold(hold, HoldState.EXPIRED, now)
+            released.append(Release(hold.client_id, hold.request_id, hold.payer, hold.amount))
+        records.forget(now)
+        self._check_conservation()
+        return tuple(released)
 
     def execute(self, payment: Payment, body_digest: bytes, seq: int) -> ExecutionResult:
         """Apply one ordered request; same inputs in the same order give the same state."""
@@ -546,68 +584,29 @@ class Ledger:
             if payment.request_id <= record.eviction_floor:
                 return self._reject_unstored(Reason.REQUEST_EXPIRED, body_digest, seq)
 
-        postings: tuple[Posting, ...] = ()
-        reason = self._check(payment)
+        reason, postings = self._apply_operation(payment)
         if reason is Reason.NONE:
-            self._transfer(payment.payer, payment.payee, payment.amount)
-            postings = (
-                Posting(payment.payer, -payment.amount, 0),
-                Posting(payment.payee, payment.amount, 0),
-            )
             decision = Decision(Outcome.CONFIRMED, Reason.NONE, seq, body_digest)
         else:
             decision = Decision(Outcome.REJECTED, reason, seq, body_digest)
         self._store(payment.client_id, payment.request_id, decision)
         self._executed_count += 1
+        self._check_conservation()
+        return ExecutionResult(decision=decision, fresh=True, postings=postings)
+
+    def _check_conservation(self) -> None:
         if self._total != self._initial_total:
             raise LedgerInvariantError(
                 f"money not conserved: total {self._total} != initial {self._initial_total}"
             )
-        return ExecutionResult(decision=decision, fresh=True, postings=postings)
 
     def _reject_unstored(self, reason: Reason, body_digest: bytes, seq: int) -> ExecutionResult:
         self._executed_count += 1
         decision = Decision(Outcome.REJECTED, reason, seq, body_digest)
         return ExecutionResult(decision=decision, fresh=True)
 
-    def _check(self, payment: Payment) -> Reason:
-        """The first failing rule, in a fixed order so a retry gets the same answer."""
-        if payment.op != Op.TRANSFER or payment.ref_client or payment.ref_request:
-            return Reason.INVALID_REQUEST
-        if payment.expires_in_ms:
-            return Reason.INVALID_REQUEST
-        amount = payment.amount
-        if not _is_int(amount) or not 0 < amount <= MAX_AMOUNT:
-            return Reason.INVALID_AMOUNT
-        payer, payee = payment.payer, payment.payee
-        if payer == payee:
-            return Reason.SAME_ACCOUNT
-        # isinstance first (in balance()): an unhashable payer must not raise on lookup.
-        payer_balance = self.balance(payer)
-        if payer_balance is None:
-            return Reason.UNKNOWN_ACCOUNT
-        payee_balance = self.balance(payee)
-        if payee_balance is None:
-            return Reason.UNKNOWN_ACCOUNT
-        if self._owner(payer) != payment.client_id:
-            return Reason.UNAUTHORIZED
-        if payer_balance < amount:
-            return Reason.INSUFFICIENT_FUNDS
-        if payee_balance + amount > MAX_AMOUNT:
-            return Reason.INVALID_AMOUNT
-        return Reason.NONE
-
-    def _transfer(self, payer: str, payee: str, amount: int) -> None:
-        payer_balance = self._stored_balance(payer) - amount
-        payee_balance = self._stored_balance(payee) + amount
-        if payer_balance < 0 or payee_balance > MAX_AMOUNT:
-            raise LedgerInvariantError(f"transfer of {amount} from {payer!r} to {payee!r}")
-        self._set_balance(payer, payer_balance)
-        self._total -= amount
-        self._set_balance(payee, payee_balance)
-        self._total += amount
-
     def _stored_balance(self, account: str) -> int:
+        """A genesis account's available balance (KeyError if there is no such account)."""
         balance = self._balances.get(account)
         if balance is not None:
             return balance
@@ -616,6 +615,16 @@ class Ledger:
         return self._genesis.balance
 
     def _set_balance(self, account: str, balance: int) -> None:
+        """Set an account's available balance, keeping the total in step."""
+        if not 0 <= balance <= MAX_AMOUNT:
+            raise LedgerInvariantError(f"available balance {balance} of {account!r}")
+        opened = self._records.opened.get(account)
+        if opened is not None:
+            self._total += balance - opened.available
+            opened.available = balance
+            self._records.touch(opened)
+            return
+        self._total += balance - self._stored_balance(account)
         genesis = self._genesis
         # A generated ledger keeps only balances that differ from the rule's, so equal
         # states store equal tables (and snapshot to equal bytes).
@@ -623,6 +632,25 @@ class Ledger:
             self._balances.pop(account, None)
         else:
             self._balances[account] = balance
+        self._dirty_accounts[account] = None
+
+    def _set_held(self, account: str, held: int) -> None:
+        """Set an account's held balance, keeping the total in step."""
+        if not 0 <= held <= MAX_AMOUNT:
+            raise LedgerInvariantError(f"held balance {held} of {account!r}")
+        opened = self._records.opened.get(account)
+        if opened is not None:
+            self._total += held - opened.held
+            opened.held = held
+            self._records.touch(opened)
+            return
+        if self._position(account) is None:
+            raise KeyError(account)
+        self._total += held - self._held.get(account, 0)
+        if held:
+            self._held[account] = held
+        else:
+            self._held.pop(account, None)
         self._dirty_accounts[account] = None
 
     def _store(self, client_id: int, request_id: int, decision: Decision) -> None:
@@ -663,11 +691,22 @@ class Ledger:
         return self._current_tree().root()
 
     def account_proof(self, account: str) -> tuple[bytes, MerkleProof] | None:
-        """The account's leaf and its inclusion proof against `digest()`."""
-        position = self._position(account) if isinstance(account, str) else None
+        """The account's leaf and its inclusion proof against `digest()`; an opened
+        account's leaf is its record's (["opened", name, owner, available, held])."""
+        if not isinstance(account, str):
+            return None
+        opened = self._records.opened.get(account)
+        if opened is not None:
+            tree = self._current_tree()
+            return self._records.leaf(opened.slot), tree.proof(self._first_record() + opened.slot)
+        position = self._position(account)
         if position is None:
             return None
         return self._account_leaf(account), self._current_tree().proof(1 + position)
+
+    def _first_record(self) -> int:
+        """The leaf index of record slot 0."""
+        return 1 + self.account_count() + len(self._clients)
 
     def merkle_tree(self) -> MerkleTree:
         """The digest's tree, up to date (read-only for callers: proofs and block roots)."""
@@ -677,8 +716,9 @@ class Ledger:
         return [self.leaf(index) for index in range(start, stop)]
 
     def leaf_count(self) -> int:
-        """Leaves of the digest's Merkle tree: the header, the accounts, the clients."""
-        return 1 + self.account_count() + len(self._clients)
+        """Leaves of the digest's Merkle tree: the header, the accounts, the clients, the
+        record slots."""
+        return self._first_record() + len(self._records)
 
     def leaf(self, index: int) -> bytes:
         """The digest's leaf `index` (what state transfer serves), encoded on demand."""
@@ -692,17 +732,28 @@ class Ledger:
             genesis = self._genesis
             name = self._names[position] if genesis is None else genesis.name(position)
             return self._account_leaf(name)
-        return self._client_leaf(self._client_order[position - accounts])
+        position -= accounts
+        if position < len(self._client_order):
+            return self._client_leaf(self._client_order[position])
+        return self._records.leaf(position - len(self._client_order))
 
     def _leaves(self) -> list[bytes]:
         return [self.leaf(index) for index in range(self.leaf_count())]
 
     def _header_leaf(self) -> bytes:
         rule = self._genesis.rule() if self._genesis is not None else None
-        return _header_leaf(self._dedup_window, self._initial_total, self._executed_count, rule)
+        return _header_leaf(
+            self._dedup_window,
+            self._initial_total,
+            self._executed_count,
+            rule,
+            self._limits,
+            self._batch_time_ms,
+        )
 
     def _account_leaf(self, name: str) -> bytes:
-        return _packb(["account", name, self._owner(name), self._stored_balance(name)])
+        available = self._stored_balance(name)
+        return _packb(["account", name, self._owner(name), available, self._held.get(name, 0)])
 
     def _client_leaf(self, client_id: int) -> bytes:
         record = self._clients[client_id]
@@ -727,6 +778,23 @@ class Ledger:
         if self._shifted_from is not None:
             for position in range(self._shifted_from, len(order)):
                 changed[first + position] = hashes[order[position]]
+        records, record_hashes, first_record = (
+            self._records,
+            self._record_hashes,
+            first + len(order),
+        )
+        for slot in sorted(records.dirty):
+            leaf = leaf_hash(records.leaf(slot))
+            if slot < len(record_hashes):
+                record_hashes[slot] = leaf
+            else:  # new slots are only ever added at the end
+                record_hashes.append(leaf)
+            changed[first_record + slot] = leaf
+        if self._shifted_from is not None:
+            # A new client moved every record leaf one place up (their hashes are kept).
+            for slot, leaf in enumerate(record_hashes):
+                changed[first_record + slot] = leaf
+        records.dirty.clear()
         self._dirty_accounts.clear()
         self._dirty_clients.clear()
         self._shifted_from = None
@@ -738,22 +806,33 @@ class Ledger:
         self._client_hashes = {
             client_id: leaf_hash(self._client_leaf(client_id)) for client_id in self._client_order
         }
+        records = self._records
+        self._record_hashes = [leaf_hash(records.leaf(slot)) for slot in range(len(records))]
+        records.dirty.clear()
         if genesis is None:
             hashes = [leaf_hash(self.leaf(index)) for index in range(1 + len(self._names))]
             hashes.extend(self._client_hashes[client_id] for client_id in self._client_order)
+            hashes.extend(self._record_hashes)
             tree = MerkleTree(tree_levels(hashes))
         else:
             # Copy-on-write over the shared genesis tree: only what differs is hashed.
-            genesis_header = _header_leaf(self._dedup_window, genesis.total(), 0, genesis.rule())
+            genesis_header = _header_leaf(
+                self._dedup_window, genesis.total(), 0, genesis.rule(), self._limits, 0
+            )
             tree = MerkleTree(_generated_tree(genesis, genesis_header))
             changed = {0: leaf_hash(self._header_leaf())}
-            for name in self._balances:
+            # Sorted: the two tables' union, in one order in every process.
+            for name in sorted(self._balances.keys() | self._held.keys()):
                 index = genesis.index(name)
                 if index is None:
                     raise LedgerInvariantError(f"changed account {name!r} is not in the ledger")
                 changed[1 + index] = leaf_hash(self._account_leaf(name))
+            first = 1 + genesis.count
             for position, client_id in enumerate(self._client_order):
-                changed[1 + genesis.count + position] = self._client_hashes[client_id]
+                changed[first + position] = self._client_hashes[client_id]
+            first += len(self._client_order)
+            for slot, leaf in enumerate(self._record_hashes):
+                changed[first + slot] = leaf
             tree.update(changed)
         self._tree = tree
         self._dirty_accounts.clear()
@@ -770,20 +849,24 @@ class Ledger:
         [version, dedup_window, initial_total, executed_count,
          genesis rule (nil for listed accounts, else [count, balance, prefix, min_width,
          [owner, ...]]),
-         [[name, owner, balance], ...] sorted by name: every listed account, or the
-         generated accounts whose balance differs from the rule's,
+         [[name, owner, available, held], ...] sorted by name: every listed account, or the
+         generated accounts whose available differs from the rule's or that hold money,
          [[client_id, eviction_floor,
            [[request_id, outcome, reason, seq, body_digest], ...] sorted by request id],
-          ...] sorted by client id]
+          ...] sorted by client id,
+         limits (LedgerLimits.row()), batch_time_ms, record slot count,
+         [[slot, *record leaf fields], ...] sorted by slot (pbft/holds.py)]
         """
-        genesis = self._genesis
+        genesis, held = self._genesis, self._held
         if genesis is None:
             accounts = [
-                [name, self._owners[name], balance] for name, balance in self._balances.items()
+                [name, self._owners[name], balance, held.get(name, 0)]
+                for name, balance in self._balances.items()
             ]
         else:
             accounts = [
-                [name, self._owner(name), self._balances[name]] for name in sorted(self._balances)
+                [name, self._owner(name), self._stored_balance(name), held.get(name, 0)]
+                for name in sorted(self._balances.keys() | held.keys())
             ]
         clients = [
             [
@@ -801,6 +884,10 @@ class Ledger:
             genesis.rule() if genesis is not None else None,
             accounts,
             clients,
+            self._limits.row(),
+            self._batch_time_ms,
+            len(self._records),
+            self._records.rows(),
         ]
         return _packb(state)
 
@@ -838,19 +925,27 @@ class Ledger:
 
     @classmethod
     def _from_state(cls, state: Any) -> Ledger:
-        fields = _snapshot_array(state, "state", length=7)
-        version, dedup_window, initial_total, executed_count, rule, accounts, clients = fields
+        fields = _snapshot_array(state, "state", length=11)
+        version, dedup_window, initial_total, executed_count, rule, accounts, clients = fields[:7]
+        limits_row, batch_time_ms, slot_count, record_rows = fields[7:]
         if version != SNAPSHOT_FORMAT_VERSION or not _is_int(version):
             raise LedgerSnapshotError(f"unsupported snapshot version {version!r}")
         dedup_window = _snapshot_int(dedup_window, "dedup_window", low=1, high=MAX_ID)
         initial_total = _snapshot_int(initial_total, "initial_total", low=0, high=MAX_TOTAL)
         executed_count = _snapshot_int(executed_count, "executed_count", low=0, high=MAX_ID)
+        batch_time_ms = _snapshot_int(batch_time_ms, "batch_time_ms", low=0, high=MAX_TIME_MS)
+        try:
+            limits = LedgerLimits.from_row(limits_row)
+            records = Records.from_rows(limits, slot_count, record_rows, batch_time_ms)
+        except RecordError as error:
+            raise LedgerSnapshotError(str(error)) from None
         genesis = _genesis_from_rule(rule)
 
         account_map: dict[str, Account] = {}
+        held: dict[str, int] = {}
         previous_name: str | None = None
         for entry in _snapshot_array(accounts, "accounts"):
-            name, owner, balance = _snapshot_array(entry, "account", length=3)
+            name, owner, balance, held_balance = _snapshot_array(entry, "account", length=4)
             if not isinstance(name, str):
                 raise LedgerSnapshotError(f"account name must be str, got {name!r}")
             # str comparison is code-point order, identical in every process.
@@ -859,31 +954,39 @@ class Ledger:
             previous_name = name
             owner = _snapshot_int(owner, f"owner of {name!r}", low=0, high=MAX_ID)
             balance = _snapshot_int(balance, f"balance of {name!r}", low=0, high=MAX_AMOUNT)
+            held_balance = _snapshot_int(held_balance, f"held of {name!r}", low=0, high=MAX_AMOUNT)
             account_map[name] = Account(owner=owner, balance=balance)
+            if held_balance:
+                held[name] = held_balance
         if genesis is None:
             try:
-                ledger = cls(account_map, dedup_window=dedup_window)
+                ledger = cls(account_map, dedup_window=dedup_window, limits=limits)
             except ValueError as error:
                 raise LedgerSnapshotError(str(error)) from error
             total = ledger._initial_total
         else:
-            ledger = cls(genesis, dedup_window=dedup_window)
+            ledger = cls(genesis, dedup_window=dedup_window, limits=limits)
             total = genesis.total()
             for name, account in account_map.items():
                 index = genesis.index(name)
                 if index is None or genesis.owner(index) != account.owner:
                     raise LedgerSnapshotError(f"account {name!r} is not the rule's")
-                if account.balance == genesis.balance:
+                if account.balance == genesis.balance and name not in held:
                     raise LedgerSnapshotError(f"account {name!r} holds the rule's balance")
                 total += account.balance - genesis.balance
-                ledger._balances[name] = account.balance
-            if not 0 <= total <= MAX_TOTAL:
-                raise LedgerSnapshotError(f"balances sum to {total}")
-            ledger._initial_total = ledger._total = total
+                if account.balance != genesis.balance:
+                    ledger._balances[name] = account.balance
+        ledger._held = held
+        ledger._records = records
+        ledger._batch_time_ms = batch_time_ms
+        total += sum(held.values())
+        total += sum(account.available + account.held for account in records.opened.values())
         if total != initial_total:
             raise LedgerSnapshotError(
                 f"balances sum to {total}, initial_total says {initial_total}"
             )
+        ledger._initial_total = ledger._total = total
+        ledger._check_records()
 
         retained_count = 0
         previous_client_id = -1
@@ -902,10 +1005,54 @@ class Ledger:
         ledger._executed_count = executed_count
         return ledger
 
+    def _check_records(self) -> None:
+        """Untrusted records against the balances: every account a record names exists, no
+        opened account shadows a genesis one, and each account holds exactly what its
+        open holds add up to (LedgerSnapshotError otherwise)."""
+        records = self._records
+        for name in records.opened:
+            if self._position(name) is not None:
+                raise LedgerSnapshotError(f"opened account {name!r} is a genesis account")
+        expected: dict[str, int] = {}
+        for hold_id, hold in records.holds.items():
+            for name in (hold.payer, hold.payee):
+                if not self._account_exists(name):
+                    raise LedgerSnapshotError(f"hold {hold_id} names no account {name!r}")
+            if hold.state is HoldState.OPEN:
+                expected[hold.payer] = expected.get(hold.payer, 0) + hold.amount
+        for payment_id, paid in records.payments.items():
+            for name in (paid.payer, paid.payee):
+                if not self._account_exists(name):
+                    raise LedgerSnapshotError(f"payment {payment_id} names no account {name!r}")
+        actual = dict(self._held)
+        actual.update(
+            (name, account.held) for name, account in records.opened.items() if account.held
+        )
+        if sorted(actual.items()) != sorted(expected.items()):
+            raise LedgerSnapshotError("held balances differ from the open holds")
 
-def _header_leaf(dedup_window: int, total: int, executed_count: int, rule: Any) -> bytes:
+
+def _header_leaf(
+    dedup_window: int,
+    total: int,
+    executed_count: int,
+    rule: Any,
+    limits: LedgerLimits,
+    batch_time_ms: int,
+) -> bytes:
     """The digest's first leaf: the state's header (a genesis tree's too, executed 0)."""
-    return _packb(["header", SNAPSHOT_FORMAT_VERSION, dedup_window, total, executed_count, rule])
+    return _packb(
+        [
+            "header",
+            SNAPSHOT_FORMAT_VERSION,
+            dedup_window,
+            total,
+            executed_count,
+            rule,
+            limits.row(),
+            batch_time_ms,
+        ]
+    )
 
 
 def _decision_rows(record: _ClientRecord) -> list[list[Any]]:

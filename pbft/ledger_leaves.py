@@ -13,6 +13,7 @@ from typing import Any
 
 import msgpack
 
+from pbft.holds import MAX_TIME_MS, RECORD_TAGS, LedgerLimits, RecordError, Records
 from pbft.ledger import (
     _MAX_SNAPSHOT_STR_SIZE_BYTES,
     BODY_DIGEST_SIZE_BYTES,
@@ -34,7 +35,7 @@ from pbft.ledger import (
 
 # Every leaf of the digest's Merkle tree is a msgpack array tagged with its kind (the
 # layout Ledger.leaf writes).
-_LEAF_TAGS = {"header": 6, "account": 4, "client": 4}
+_LEAF_TAGS = {"header": 8, "account": 5, "client": 4, **RECORD_TAGS}
 
 
 class SnapshotLeaves:
@@ -78,8 +79,12 @@ class LedgerBuilder:
         self.next_index = 0
         self._header: tuple[int, int, int] | None = None  # dedup_window, initial_total, count
         self._genesis: GeneratedAccounts | None = None
+        self._limits = LedgerLimits()
+        self._batch_time_ms = 0
+        self._records: Records | None = None  # from the first record leaf on
         self._account_count = 0
         self._balances: dict[str, int] = {}
+        self._held: dict[str, int] = {}
         self._owners: dict[str, int] = {}
         self._total = 0
         self._previous_name: str | None = None
@@ -115,12 +120,14 @@ class LedgerBuilder:
             self._add_header(fields[1:])
         elif tag == "account":
             self._add_account(fields[1:])
-        else:
+        elif tag == "client":
             self._add_client(fields[1:])
+        else:
+            self._add_record(fields)
         self.next_index += 1
 
     def _add_header(self, fields: list[Any]) -> None:
-        version, dedup_window, initial_total, executed_count, rule = fields
+        version, dedup_window, initial_total, executed_count, rule, limits, batch_time = fields
         if version != SNAPSHOT_FORMAT_VERSION or not _is_int(version):
             raise LedgerSnapshotError(f"unsupported snapshot version {version!r}")
         self._header = (
@@ -129,15 +136,23 @@ class LedgerBuilder:
             _snapshot_int(executed_count, "executed_count", low=0, high=MAX_ID),
         )
         self._genesis = _genesis_from_rule(rule)
+        try:
+            self._limits = LedgerLimits.from_row(limits)
+        except RecordError as error:
+            raise LedgerSnapshotError(str(error)) from None
+        self._batch_time_ms = _snapshot_int(batch_time, "batch_time_ms", low=0, high=MAX_TIME_MS)
 
     def _add_account(self, fields: list[Any]) -> None:
-        name, owner, balance = fields
-        if self._clients or self._previous_client_id >= 0:
+        name, owner, balance, held = fields
+        if self._clients or self._previous_client_id >= 0 or self._records is not None:
             raise LedgerSnapshotError(f"account {name!r} after the clients")
         if not isinstance(name, str):
             raise LedgerSnapshotError(f"account name must be str, got {name!r}")
         owner = _snapshot_int(owner, f"owner of {name!r}", low=0, high=MAX_ID)
         balance = _snapshot_int(balance, f"balance of {name!r}", low=0, high=MAX_AMOUNT)
+        held = _snapshot_int(held, f"held of {name!r}", low=0, high=MAX_AMOUNT)
+        if held:
+            self._held[name] = held
         genesis = self._genesis
         if genesis is not None:
             # The rule fixes every account's name and owner at its place.
@@ -159,13 +174,15 @@ class LedgerBuilder:
             self._owners[name] = owner
             self._balances[name] = balance
         self._account_count += 1
-        self._total += balance
+        self._total += balance + held
         if self._total > MAX_TOTAL:
             raise LedgerSnapshotError(f"balances sum beyond {MAX_TOTAL}")
 
     def _add_client(self, fields: list[Any]) -> None:
         if self._header is None:
             raise LedgerSnapshotError("client leaf before the header")
+        if self._records is not None:
+            raise LedgerSnapshotError("client leaf after the records")
         self._check_account_count()
         client_id, record = _snapshot_client(fields, self._header[0])
         if client_id <= self._previous_client_id:
@@ -173,6 +190,17 @@ class LedgerBuilder:
         self._previous_client_id = client_id
         self._retained += len(record.decisions)
         self._clients[client_id] = record
+
+    def _add_record(self, fields: list[Any]) -> None:
+        if self._header is None:
+            raise LedgerSnapshotError("record leaf before the header")
+        self._check_account_count()
+        if self._records is None:
+            self._records = Records(self._limits)
+        try:
+            self._records.load_leaf(len(self._records), fields, self._batch_time_ms)
+        except RecordError as error:
+            raise LedgerSnapshotError(f"leaf {self.next_index}: {error}") from None
 
     def _check_account_count(self) -> None:
         if self._genesis is not None and self._account_count != self._genesis.count:
@@ -186,16 +214,29 @@ class LedgerBuilder:
             raise LedgerSnapshotError("no header leaf")
         dedup_window, initial_total, executed_count = self._header
         self._check_account_count()
-        if self._total != initial_total:
+        records = self._records if self._records is not None else Records(self._limits)
+        try:
+            records.finish_loading()
+        except RecordError as error:
+            raise LedgerSnapshotError(str(error)) from None
+        opened = records.opened.values()
+        total = self._total + sum(account.available + account.held for account in opened)
+        if total != initial_total:
             raise LedgerSnapshotError(
-                f"balances sum to {self._total}, initial_total says {initial_total}"
+                f"balances sum to {total}, initial_total says {initial_total}"
             )
         if executed_count < self._retained:
             raise LedgerSnapshotError(
                 f"executed_count {executed_count} < {self._retained} retained decisions"
             )
         ledger = Ledger.__new__(Ledger)
-        ledger._assemble(self._genesis, self._balances, self._owners, dedup_window, initial_total)
+        ledger._assemble(
+            self._genesis, self._balances, self._owners, dedup_window, initial_total, self._limits
+        )
+        ledger._held = self._held
+        ledger._records = records
+        ledger._batch_time_ms = self._batch_time_ms
+        ledger._check_records()
         ledger._clients = self._clients
         ledger._client_order = list(self._clients)  # added in id order
         ledger._executed_count = executed_count

@@ -31,6 +31,34 @@ class Op(enum.StrEnum):
     OPEN_ACCOUNT = "open_account"
 
 
+class Reason(enum.StrEnum):
+    """Why a request was rejected; the value is the wire/JSON code (the ledger says in
+    which order each op checks them: pbft/ledger_ops.py)."""
+
+    NONE = ""  # only with CONFIRMED
+    ID_REUSED = "id_reused"  # same (client, request id) seen with a different body
+    REQUEST_EXPIRED = "request_expired"  # older than the retained dedup window
+    INVALID_AMOUNT = "invalid_amount"  # amount <= 0, > MAX_AMOUNT, or payee overflow
+    SAME_ACCOUNT = "same_account"
+    UNKNOWN_ACCOUNT = "unknown_account"
+    UNAUTHORIZED = "unauthorized"  # the signing client may not ask for this (see Op)
+    INSUFFICIENT_FUNDS = "insufficient_funds"
+    # Issue 11's operations, in this fixed order after the above.
+    INVALID_REQUEST = "invalid_request"  # a field the op does not use is not empty
+    INVALID_EXPIRY = "invalid_expiry"  # authorize: expires_in_ms not in 1..max hold duration
+    INVALID_ACCOUNT_NAME = "invalid_account_name"
+    ACCOUNT_EXISTS = "account_exists"
+    TOO_MANY_ACCOUNTS = "too_many_accounts"  # the client's cap on opened accounts
+    HOLD_NOT_FOUND = "hold_not_found"
+    HOLD_ALREADY_CAPTURED = "hold_already_captured"
+    HOLD_ALREADY_VOIDED = "hold_already_voided"
+    HOLD_EXPIRED = "hold_expired"
+    EXCEEDS_HOLD = "exceeds_hold"
+    TOO_MANY_HOLDS = "too_many_holds"  # the client's cap on open holds
+    PAYMENT_NOT_FOUND = "payment_not_found"
+    EXCEEDS_REFUNDABLE = "exceeds_refundable"
+
+
 OP_CODES: tuple[str, ...] = tuple(op.value for op in Op)
 # The longest op code: the wire's bound on the field.
 MAX_OP_LENGTH = max(len(code) for code in OP_CODES)
@@ -73,6 +101,22 @@ class Operation:
     @classmethod
     def open_account(cls, name: str) -> Operation:
         return cls(Op.OPEN_ACCOUNT.value, payer=name)
+
+
+@dataclass(frozen=True)
+class Payment:
+    """One ordered request as the ledger executes it: who asks and the operation's fields
+    (pbft/operations.py); the defaults are a plain transfer's."""
+
+    client_id: int
+    request_id: int
+    payer: str
+    payee: str
+    amount: int
+    op: str = Op.TRANSFER.value
+    ref_client: int = 0
+    ref_request: int = 0
+    expires_in_ms: int = 0
 
 
 @dataclass(frozen=True)

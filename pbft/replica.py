@@ -114,7 +114,7 @@ class Replica(Context):
             raise ValueError(f"replica id {replica_id} not in 0..{config.replica_count - 1}")
         if keyring.get(("replica", replica_id)) != signing_key.verify_key:
             raise ValueError(f"the key ring holds another key for replica {replica_id}")
-        ledger = Ledger(genesis_accounts, config.dedup_window)
+        ledger = Ledger(genesis_accounts, config.dedup_window, config.ledger_limits())
         genesis_snapshot = ledger.snapshot()
         genesis_digest = ledger.digest()
         verifier = Verifier(config, keyring, genesis_digest, cache)

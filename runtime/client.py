@@ -166,6 +166,40 @@ class PaymentClient:
         async with self._in_flight:
             return await self._submit(operation, request_id)
 
+    async def authorize(
+        self,
+        payer: str,
+        payee: str,
+        amount: int,
+        expires_in_ms: int,
+        request_id: int | None = None,
+    ) -> Decided:
+        """Hold `amount` of `payer`'s money for `payee`; the hold's id is (this client's
+        id, the decision's request_id)."""
+        return await self.submit(
+            Operation.authorize(payer, payee, amount, expires_in_ms), request_id
+        )
+
+    async def capture(
+        self, hold: tuple[int, int], amount: int, request_id: int | None = None
+    ) -> Decided:
+        """Take `amount` (at most what is held) of hold (client id, request id)."""
+        return await self.submit(Operation.capture(hold, amount), request_id)
+
+    async def void(self, hold: tuple[int, int], request_id: int | None = None) -> Decided:
+        """Release a hold back to its payer."""
+        return await self.submit(Operation.void(hold), request_id)
+
+    async def refund(
+        self, payment: tuple[int, int], amount: int, request_id: int | None = None
+    ) -> Decided:
+        """Give back `amount` of a payment (a transfer's id, or a capture's hold id)."""
+        return await self.submit(Operation.refund(payment, amount), request_id)
+
+    async def open_account(self, name: str, request_id: int | None = None) -> Decided:
+        """Open an empty account this client owns."""
+        return await self.submit(Operation.open_account(name), request_id)
+
     async def _submit(self, operation: Operation, request_id: int | None) -> Decided:
         request_id = self.new_request_id() if request_id is None else request_id
         event = trio.Event()

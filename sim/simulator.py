@@ -339,7 +339,9 @@ class Simulation:
         }
         self.adversary = Adversary.for_cluster(self.config.replica_count, frozenset(byzantine))
         # Every replica knows the genesis ledger; a Byzantine one may cite it (view changes).
-        genesis_ledger_digest = Ledger(self.accounts, self.config.dedup_window).digest()
+        genesis_ledger_digest = Ledger(
+            self.accounts, self.config.dedup_window, self.config.ledger_limits()
+        ).digest()
         self.replicas: list[ReplicaNode] = []
         # Twins: a second copy of a replica (same key) in another part of the network.
         self.twin_nodes: dict[int, ReplicaNode] = {}

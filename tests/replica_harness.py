@@ -148,7 +148,7 @@ class Cluster:
         return [i for i in range(self.n) if i not in skip]
 
     def genesis_ledger(self) -> Ledger:
-        return Ledger(self.accounts, self.config.dedup_window)
+        return Ledger(self.accounts, self.config.dedup_window, self.config.ledger_limits())
 
     def chain(self) -> Chain:
         return Chain(self)

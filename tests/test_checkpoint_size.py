@@ -24,6 +24,7 @@ from pbft.checkpoint_size import (
 )
 from pbft.codec import MAX_LOCAL_RECORD_BYTES, unpack
 from pbft.config import ClusterConfig
+from pbft.holds import LedgerLimits
 from pbft.ledger import (
     MAX_AMOUNT,
     MAX_ID,
@@ -75,7 +76,9 @@ def test_the_snapshot_bound_holds_for_a_brim_full_ledger_and_is_tight(
     actual = len(ledger.snapshot())
     bound = snapshot_size_bound(accounts, clients, dedup_window)
     assert actual <= bound
-    assert bound - actual <= 40 + 12 * len(accounts) + 4 * clients * dedup_window
+    # Slack: nothing is held here (8 bytes an account), no records (the fixed part), and
+    # no decision carries the longest reason.
+    assert bound - actual <= 100 + 20 * len(accounts) + 8 * clients * dedup_window
 
 
 def test_the_bound_for_generated_accounts_is_the_bound_for_the_same_accounts_listed() -> None:
@@ -86,7 +89,8 @@ def test_the_bound_for_generated_accounts_is_the_bound_for_the_same_accounts_lis
     extra = snapshot_size_bound(generated, 2, 16) - snapshot_size_bound(listed, 2, 16)
     assert len(msgpack.packb(generated.rule())) <= extra <= rule
     assert len(Ledger(generated, 16).snapshot()) <= snapshot_size_bound(generated, 0, 16)
-    everything_changed = Ledger(generated, 16)
+    # Refundable payments are records, which the bound leaves out (pbft/checkpoint_size.py).
+    everything_changed = Ledger(generated, 16, LedgerLimits(refund_window_ms=0))
     for index in range(0, 1200, 2):  # each pair trades 7 for 8 and 6
         payment = Payment(
             generated.owner(index), index, generated.name(index), generated.name(index + 1), 1

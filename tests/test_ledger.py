@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from crypto.merkle import merkle_root, verify_inclusion
+from pbft.holds import LedgerLimits
 from pbft.ledger import (
     MAX_AMOUNT,
     MAX_TOTAL,
@@ -393,8 +394,11 @@ def test_accounts_returns_sorted_copy() -> None:
 
 def test_digest_equal_for_same_state_reached_in_different_insertion_orders() -> None:
     names = {"alice": Account(1, 100), "bob": Account(2, 50), "carol": Account(3, 0)}
-    forward = Ledger(names, dedup_window=2)
-    backward = Ledger(dict(reversed(list(names.items()))), dedup_window=2)
+    # Refundable payments take record slots in execution order: keep none, so that the
+    # state of commuting payments is order-free.
+    no_refunds = LedgerLimits(refund_window_ms=0)
+    forward = Ledger(names, dedup_window=2, limits=no_refunds)
+    backward = Ledger(dict(reversed(list(names.items()))), dedup_window=2, limits=no_refunds)
     payments = [
         Payment(1, 3, "alice", "carol", 10),
         Payment(2, 8, "bob", "carol", 5),
@@ -621,11 +625,14 @@ def test_restore_rejects_deep_nesting() -> None:
 
 _CROSS_PROCESS_SCRIPT = """
 import hashlib
+from pbft.holds import LedgerLimits
 from pbft.ledger import Account, Ledger, Payment
 names = {f"account-{index}" for index in range(40)}
 owner = {name: int(name.split("-")[1]) for name in sorted(names)}
-# Set iteration order depends on PYTHONHASHSEED; the ledger must not.
-ledger = Ledger({name: Account(owner=owner[name], balance=1000) for name in names})
+# Set iteration order depends on PYTHONHASHSEED; the ledger must not. (Refundable payments
+# take record slots in execution order, so this order-free comparison keeps none.)
+accounts = {name: Account(owner=owner[name], balance=1000) for name in names}
+ledger = Ledger(accounts, limits=LedgerLimits(refund_window_ms=0))
 for name in names:
     payment = Payment(owner[name], 1, name, "account-0", 7)
     ledger.execute(payment, hashlib.sha256(name.encode()).digest(), 1)
@@ -653,7 +660,7 @@ def test_digest_is_identical_across_processes_with_different_hash_seeds() -> Non
 def test_ledger_module_is_sans_io() -> None:
     allowed = {"__future__", "collections", "dataclasses", "enum", "hashlib", "heapq", "typing"}
     allowed |= {"msgpack", "collections.abc", "crypto.merkle", "array", "bisect"}
-    allowed |= {"pbft.operations"}
+    allowed |= {"pbft.operations", "pbft.holds", "pbft.ledger_ops"}
     source = (REPOSITORY_ROOT / "pbft" / "ledger.py").read_text()
     imported = set()
     for node in ast.walk(ast.parse(source)):
@@ -754,7 +761,7 @@ def test_account_proof_proves_a_balance_against_the_state_digest() -> None:
     assert proven is not None
     leaf, proof = proven
     assert verify_inclusion(digest, leaf, proof)
-    assert msgpack.unpackb(leaf) == ["account", "c", 1, 4]
+    assert msgpack.unpackb(leaf) == ["account", "c", 1, 4, 0]
     other = ledger.account_proof("b")
     assert other is not None
     assert not verify_inclusion(digest, other[0], proof)
@@ -852,5 +859,5 @@ def test_the_shared_genesis_tree_is_the_tree_of_the_generated_leaves(
     ledger = Ledger(rule, dedup_window=5)
     assert ledger.digest() == merkle_root(ledger._leaves())
     assert ledger._leaves()[1:] == [
-        msgpack.packb(["account", name, account.owner, 12]) for name, account in rule.items()
+        msgpack.packb(["account", name, account.owner, 12, 0]) for name, account in rule.items()
     ]
