@@ -5,6 +5,7 @@ its reason in the shipped scenarios."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,8 @@ from pbft.messages import Request
 from pbft.operations import Operation
 from pbft.signed import open_envelope
 from sim.adversary import AbuseHolds, build_client_behavior
+from sim.scenario import load_scenario
+from sim.simulator import Simulation
 from sim.workload import genesis_accounts
 
 SEED = 5
@@ -27,6 +30,7 @@ ACCOUNTS = genesis_accounts(8, CLIENTS, 1000)
 KEYS = [SigningKey.derive(SEED, f"client/{client}") for client in range(CLIENTS)]
 KEYRING = KeyRing({("client", client): key.verify_key for client, key in enumerate(KEYS)})
 HOLD = (2, 7)
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def abuser(kind: str) -> AbuseHolds:
@@ -103,3 +107,29 @@ def test_nothing_follows_a_refusal_or_an_operation_it_does_not_abuse(kind: str) 
 def test_an_unknown_kind_is_refused() -> None:
     with pytest.raises(ValueError, match="abuse_holds kind must be one of"):
         abuser("steal_everything")
+
+
+# --- what the replicas did with the abuses --------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", AbuseHolds.KINDS)
+def test_every_abuse_is_refused_with_its_reason_by_every_correct_replica(kind: str) -> None:
+    path = ROOT / "scenarios" / f"ops-byzantine-client-{kind.replace('_', '-')}.toml"
+    scenario = load_scenario(path)
+    simulation = Simulation(scenario)
+    result = simulation.run()
+    assert result.verdict == "ok", result.summary()["check_details"]
+    behavior = simulation.client_behaviors[0]
+    assert isinstance(behavior, AbuseHolds) and behavior.kind == kind
+    assert behavior.abuses >= 3, "the workload gave the abuser too few chances"
+    decided: dict[int, set[tuple[str, str]]] = {}
+    for replica in sorted(simulation.observed.correct):
+        executions = simulation.observed.executed_requests.get(replica, {})
+        for (client, request_id), records in executions.items():
+            if client == 0 and request_id >= AbuseHolds.OWN_ID_BASE:
+                for _, record in records:
+                    decided.setdefault(request_id, set()).add((record.outcome, record.reason))
+    # The abuses were ordered (one sent as the run ends may not be) and refused alike.
+    assert 3 <= len(decided) <= behavior.abuses
+    expected = ("rejected", AbuseHolds.EXPECTED_REASONS[kind])
+    assert all(outcomes == {expected} for outcomes in decided.values()), decided
