@@ -245,7 +245,7 @@ def test_ops_cost_prints_both_runs_and_their_ratio(capsys: pytest.CaptureFixture
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("scenario   ops-mix (40 requests")
     assert [line.split()[0] for line in lines[2:]] == ["transfers", "mixed", "ratio"]
-    assert all("us per request" in line for line in lines[2:4])
+    assert all("us CPU per request" in line for line in lines[2:4])
 
 
 @pytest.mark.parametrize("mix", ["transfer=1,pay=2", "transfer=x", "transfer=inf", "void=0"])
