@@ -210,12 +210,13 @@ class _Replay:
     def batch(self, executed: Executed) -> None:
         seq = executed.seq
         self.now_ms = max(self.now_ms, executed.timestamp_ms)
-        touched: set[str] = set()
-        released: set[PaymentId] = set()
+        # dicts, not sets: the simulator iterates nothing in hash order
+        touched: dict[str, None] = {}
+        released: dict[PaymentId, None] = {}
         for release in executed.released:
             ident = (release.hold_client, release.hold_request)
-            released.add(ident)
-            touched.add(release.payer)
+            released[ident] = None
+            touched[release.payer] = None
             self.held[release.payer] -= release.amount
             hold = self.holds.get(ident)
             if hold is None:
@@ -252,7 +253,7 @@ class _Replay:
                 del self.open_by_expiry[ident]
         for record in executed.requests:
             for posting in record.postings:
-                touched.add(posting.account)
+                touched[posting.account] = None
                 self.held[posting.account] += posting.held_delta
             if record.fresh and record.outcome == _CONFIRMED:
                 self.request(seq, record)

@@ -27,6 +27,9 @@ class ClientBehavior:
     PARAMETERS: ClassVar[tuple[str, ...]] = ()  # as Behavior's
     # Request ids the client core never uses (the workload numbers from 1 up).
     OWN_ID_BASE = 1 << 40
+    # True: it acts only on the ledger's operations other than transfer, so a transfer-only
+    # workload (the fuzzer's) gives it nothing to do.
+    OPERATIONS_ONLY: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -213,6 +216,7 @@ class AbuseHolds(ClientBehavior):
     see it confirmed)."""
 
     name = "abuse_holds"
+    OPERATIONS_ONLY = True
     PARAMETERS: ClassVar[tuple[str, ...]] = ("kind",)
     KINDS: ClassVar[tuple[str, ...]] = (
         "capture_twice",
