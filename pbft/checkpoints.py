@@ -129,6 +129,8 @@ class Checkpoints:
 
     def make_stable(self, checkpoint: StableCheckpoint) -> None:
         self.stable = checkpoint
+        # Deferrable, with the deletes below: 2f + 1 replicas signed this state and the
+        # log rebuilds it; nothing sent in this step depends on our copy (pbft/host.py).
         # pbft/checkpoint_size.py bounds this record from the configuration: keep them in step.
         self.ctx.persist(
             ("checkpoint",),
@@ -141,16 +143,17 @@ class Checkpoints:
                     list(checkpoint.proof),
                 ]
             ),
+            deferrable=True,
         )
         for seq in [seq for seq in self.ctx.ordering.slots if seq <= checkpoint.seq]:
             for key in self.ctx.ordering.slots.pop(seq).persisted_keys:
-                self.ctx.persist(key, None)
+                self.ctx.persist(key, None, deferrable=True)
         for table in (self.checkpoint_votes, self.own_snapshots):
             for seq in [seq for seq in table if seq <= checkpoint.seq]:
                 del table[seq]
         if self.view_anchor is not None and self.view_anchor.seq <= checkpoint.seq:
             self.view_anchor = None
-            self.ctx.persist(("anchor",), None)
+            self.ctx.persist(("anchor",), None, deferrable=True)
         # Progress: the timeouts may come back down one step, but at most once per timeout
         # period, or frequent checkpoints would undo the backoff before it can help.
         self.ctx.viewchanges.ease_backoff()

@@ -8,28 +8,47 @@ Sans-I/O like the replica: `submit` and `handle` return actions. The client send
 request to the primary it believes in; if no decision comes within the timeout it
 sends it to every replica (backups relay it and start their timers, which is how
 a client forces a leader change), then keeps retransmitting with backoff.
+
+Reads are not ordered: `query_balance` and the lookups of history (`core.lookups`: a
+request's status with receipt material, an account's history a page at a time, a hold's
+fate; see the section at the end of this file) ask every replica and return an answer
+once f + 1 of them agree.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
 
 from crypto.keys import KeyRing, SigningKey
 from crypto.signing import VerificationCache
-from pbft.codec import MAX_UINT64
+from pbft.codec import MAX_UINT64, DecodeError
 from pbft.config import ClusterConfig
 from pbft.drops import DropReason
 from pbft.events import Event, MessageReceived, Send, Tick
 from pbft.genesis import CLUSTER_ID_BYTES
+from pbft.history import MAX_PAGE, AccountEntry, HoldView, RequestRecord
 from pbft.ledger import MAX_ACCOUNT_NAME_LENGTH
-from pbft.messages import BalanceQuery, BalanceReply, Reply, Request
+from pbft.messages import (
+    BEHIND,
+    FOUND,
+    MAX_SEQ,
+    BalanceQuery,
+    BalanceReply,
+    LookupAnswer,
+    LookupQuery,
+    Reply,
+    Request,
+)
 from pbft.operations import OP_CODES, Op, Operation
 from pbft.receipt import RECEIPT_VERSION, UNKNOWN_OUTCOME_REASON, Receipt
-from pbft.replies import check_reply
+from pbft.replies import ReplyResult, check_reply, result_of
 from pbft.signed import Envelope, Rejected, open_envelope, peek, seal, verify_signature
 
 MAX_BACKOFF_DOUBLINGS = 3
+# A cursor's position within a batch (LookupQuery.after_position's bound).
+MAX_POSITION = 2**20
 
 
 class ClientError(ValueError):
@@ -128,7 +147,27 @@ class BalanceRead:
     seq: int
 
 
-ClientAction = Send | Decided | BalanceRead
+@dataclass(frozen=True)
+class LookupResult:
+    """f + 1 replicas agree. `state`: found, not_found (as of `as_of_seq`) or not_held
+    (f + 1 replicas no longer hold that part of history, or never executed it: retention,
+    state transfer). For a found status: `record`, the f + 1 matching signed `replies`,
+    and a `receipt` when the request is this client's own. A page: `entries` (fewer than
+    the limit: nothing more as of `as_of_seq`). A hold: `hold`."""
+
+    query_id: int
+    kind: str
+    state: str
+    as_of_seq: int
+    replicas: tuple[int, ...]
+    record: RequestRecord | None = None
+    replies: tuple[bytes, ...] = ()
+    receipt: Receipt | None = None
+    entries: tuple[AccountEntry, ...] = ()
+    hold: HoldView | None = None
+
+
+ClientAction = Send | Decided | BalanceRead | LookupResult
 
 
 @dataclass
@@ -195,6 +234,7 @@ class ClientCore:
         self.submitted = 0
         self.retransmissions = 0
         self.drops: Counter[str] = Counter()
+        self.lookups = Lookups(self)
 
     def submit(self, request_id: int, payer: str, payee: str, amount: int) -> list[ClientAction]:
         """Submit a transfer of `amount` from `payer` to `payee`."""
@@ -270,7 +310,7 @@ class ClientCore:
 
     def _on_tick(self, now_ms: int) -> list[ClientAction]:
         self.now_ms = now_ms
-        actions: list[ClientAction] = []
+        actions: list[ClientAction] = self.lookups.on_tick(now_ms)
         for query_id, (account, next_retry_ms, _answers) in list(self.queries.items()):
             if now_ms >= next_retry_ms:
                 # Replicas answer from where they are; ask again until f + 1 agree.
@@ -321,9 +361,11 @@ class ClientCore:
         ]
 
     def _on_reply(self, data: bytes) -> list[ClientAction]:
-        envelope, reply = peek(data, (Reply, BalanceReply))
+        envelope, reply = peek(data, (Reply, BalanceReply, LookupAnswer))
         if isinstance(reply, BalanceReply):
             return self._on_balance_reply(envelope, reply)
+        if isinstance(reply, LookupAnswer):
+            return self.lookups.on_answer(envelope, reply)
         if not isinstance(reply, Reply):
             raise Rejected(DropReason.UNEXPECTED_TYPE)
         if reply.client_id != self.client_id:
@@ -377,3 +419,284 @@ class ClientCore:
         learned = sorted(self.view_claims.values(), reverse=True)[self.config.weak_quorum - 1]
         self.view = max(self.view, learned)
         self.view_known = True
+
+
+# --- lookups: request status, account history, holds ----------------------------------
+#
+# The client core's API for reading history, on which the runtime's PaymentClient.lookup
+# (and its status, history and hold) build: `core.lookups.status(query_id, client_id,
+# request_id)`, `core.lookups.history(query_id, account, after=(seq, position),
+# limit=MAX_PAGE, through_seq=0)` and `core.lookups.hold(query_id, client_id, request_id)`
+# return the sends (to every replica); `core.handle` later returns a `LookupResult` once
+# f + 1 replicas agree. Unanswered lookups are sent again every client_timeout_ms (answers
+# already in are kept: a replica's newer answer replaces its older one); a caller that
+# gives up pops its query id from `core.lookups.pending`. pbft/lookups.py says what
+# replicas answer.
+#
+# Matching when replicas are at different heights: answers match on content only, never
+# on `as_of_seq`; a "found" status or hold, or a page, is the same at every height that
+# holds it, and the result's `as_of_seq` is the (f + 1)-th highest the agreeing replicas
+# claim (at most f of them lie, so a correct replica had executed that far). A hold's
+# fate or a page near the tip may differ between heights until the laggards catch up,
+# which the retries wait out. To read several pages as of one seq, pass the first
+# page's `as_of_seq` as `through_seq`: replicas not yet there answer "behind", which is
+# no vote. A status answer carries the request's signed REPLY; a client checks it (proof
+# and signature) before counting the answer, and for its own request it rebuilds and
+# re-signs the request body to make a receipt that `verify_receipt` accepts.
+
+
+@dataclass
+class _Lookup:
+    query: LookupQuery
+    raw: bytes
+    digest: bytes
+    next_retry_ms: int
+    # replica -> (what it answered, as of which seq, its answer frame)
+    answers: dict[int, tuple[tuple[object, ...], int, LookupAnswer]] = field(default_factory=dict)
+
+
+class Lookups:
+    """The client core's lookups (ClientCore.lookups): queries in flight and their answers."""
+
+    def __init__(self, core: ClientCore) -> None:
+        self.core = core
+        self.pending: dict[int, _Lookup] = {}
+
+    def status(self, query_id: int, client_id: int, request_id: int) -> list[ClientAction]:
+        """Ask for the status of request (client_id, request_id)."""
+        return self._ask(query_id, "status", target=(client_id, request_id))
+
+    def hold(self, query_id: int, client_id: int, request_id: int) -> list[ClientAction]:
+        """Ask for the hold authorized by request (client_id, request_id)."""
+        return self._ask(query_id, "hold", target=(client_id, request_id))
+
+    def history(
+        self,
+        query_id: int,
+        account: str,
+        *,
+        after: tuple[int, int] = (0, 0),
+        limit: int = MAX_PAGE,
+        through_seq: int = 0,
+    ) -> list[ClientAction]:
+        """Ask for `account`'s entries after the cursor `after` = (seq, position) (the
+        last entry of the page before; (0, 0) for the first page), at most `limit`."""
+        check_account_name(account)
+        if type(limit) is not int or not 1 <= limit <= MAX_PAGE:
+            raise ClientError(f"page size must be 1..{MAX_PAGE}, got {limit!r}")
+        seq, position = after
+        if type(seq) is not int or not 0 <= seq <= MAX_SEQ:
+            raise ClientError(f"cursor seq must be in 0..{MAX_SEQ}, got {seq!r}")
+        if type(position) is not int or not 0 <= position <= MAX_POSITION:
+            raise ClientError(f"cursor position must be in 0..{MAX_POSITION}, got {position!r}")
+        if type(through_seq) is not int or not 0 <= through_seq <= MAX_SEQ:
+            raise ClientError(f"through seq must be in 0..{MAX_SEQ}, got {through_seq!r}")
+        return self._ask(
+            query_id,
+            "history",
+            account=account,
+            after=after,
+            limit=limit,
+            through_seq=through_seq,
+        )
+
+    def _ask(
+        self,
+        query_id: int,
+        kind: str,
+        *,
+        target: tuple[int, int] = (0, 0),
+        account: str = "",
+        after: tuple[int, int] = (0, 0),
+        limit: int = 0,
+        through_seq: int = 0,
+    ) -> list[ClientAction]:
+        check_uint64(query_id, "query id")
+        if type(target[0]) is not int or not 0 <= target[0] < 2**32:
+            raise ClientError(f"client id must be in 0..2**32-1, got {target[0]!r}")
+        check_uint64(target[1], "request id")
+        query = LookupQuery(
+            self.core.client_id,
+            query_id,
+            kind,
+            target[0],
+            target[1],
+            account,
+            after[0],
+            after[1],
+            limit,
+            through_seq,
+        )
+        return self.ask(query)
+
+    def ask(self, query: LookupQuery) -> list[ClientAction]:
+        core = self.core
+        if query.query_id in self.pending:
+            raise ClientError(f"query {query.query_id} is already in flight")
+        if len(self.pending) >= core.max_outstanding:
+            raise ClientError(f"{core.max_outstanding} lookups already in flight")
+        raw = seal(query, core.key)
+        digest = hashlib.sha256(query.encode()).digest()
+        self.pending[query.query_id] = _Lookup(
+            query, raw, digest, core.now_ms + core.config.client_timeout_ms
+        )
+        return [Send(("replica", replica), raw) for replica in core.config.replica_ids()]
+
+    def on_tick(self, now_ms: int) -> list[ClientAction]:
+        actions: list[ClientAction] = []
+        for lookup in self.pending.values():
+            if now_ms >= lookup.next_retry_ms:
+                lookup.next_retry_ms = now_ms + self.core.config.client_timeout_ms
+                actions += [
+                    Send(("replica", replica), lookup.raw)
+                    for replica in self.core.config.replica_ids()
+                ]
+        return actions
+
+    def on_answer(self, envelope: Envelope, answer: LookupAnswer) -> list[ClientAction]:
+        core = self.core
+        lookup = self.pending.get(answer.query_id)
+        if lookup is None or answer.client_id != core.client_id:
+            raise Rejected(DropReason.LATE_REPLY)
+        if answer.query_digest != lookup.digest:
+            raise Rejected(DropReason.REPLY_FOR_OTHER_BODY)
+        if answer.cluster_id != core.cluster_id:
+            raise Rejected(DropReason.OTHER_CLUSTER)
+        previous = lookup.answers.get(answer.replica)
+        if previous is not None and previous[1] > answer.as_of_seq:
+            raise Rejected(DropReason.LATE_REPLY)
+        verify_signature(envelope, answer, core.keyring, core.cache)
+        key = self._content(lookup.query, answer)
+        if key is None:
+            lookup.answers.pop(answer.replica, None)
+            return []
+        lookup.answers[answer.replica] = (key, answer.as_of_seq, answer)
+        voters = [
+            (replica, as_of, agreeing)
+            for replica, (other, as_of, agreeing) in sorted(lookup.answers.items())
+            if other == key
+        ]
+        quorum = core.config.weak_quorum
+        if len(voters) < quorum:
+            return []
+        del self.pending[answer.query_id]
+        # At most f lie: the (f + 1)-th highest claim is one a correct replica reached.
+        as_of = sorted((as_of for _, as_of, _ in voters), reverse=True)[quorum - 1]
+        chosen = voters[:quorum]
+        replicas = tuple(replica for replica, _, _ in chosen)
+        kind = lookup.query.kind
+        if answer.state != FOUND:
+            return [LookupResult(answer.query_id, kind, answer.state, as_of, replicas)]
+        if kind == "history":
+            return [
+                LookupResult(answer.query_id, kind, FOUND, as_of, replicas, entries=answer.entries)
+            ]
+        if kind == "hold":
+            return [
+                LookupResult(answer.query_id, kind, FOUND, as_of, replicas, hold=answer.hold[0])
+            ]
+        record = answer.record[0]
+        replies = tuple(agreeing.reply for _, _, agreeing in chosen)
+        return [
+            LookupResult(
+                answer.query_id,
+                kind,
+                FOUND,
+                as_of,
+                replicas,
+                record=record,
+                replies=replies,
+                receipt=self._receipt(record, replies),
+            )
+        ]
+
+    def _content(self, query: LookupQuery, answer: LookupAnswer) -> tuple[object, ...] | None:
+        """What an answer says, to match on; None for no vote ("behind"). An answer that
+        does not fit its query is a lie: dropped."""
+        state = answer.state
+        if state == BEHIND:
+            return None
+        found = state == FOUND
+        has = (bool(answer.record), bool(answer.reply), bool(answer.entries), bool(answer.hold))
+        if not found:
+            fits = not any(has)
+        elif query.kind == "status":
+            fits = has == (True, True, False, False)
+        elif query.kind == "hold":
+            fits = has == (False, False, False, True)
+        else:
+            fits = not (has[0] or has[1] or has[3])
+        if not fits:
+            raise Rejected(DropReason.CONFLICTING_REPLY, f"a {query.kind} answer of another shape")
+        if not found:
+            return (state,)
+        if query.kind == "history":
+            return self._page(query, answer.entries)
+        if query.kind == "hold":
+            hold = answer.hold[0]
+            if (hold.hold_client, hold.hold_request) != (query.target_client, query.target_request):
+                raise Rejected(DropReason.REPLY_FOR_OTHER_BODY, "another hold")
+            return (FOUND, hold)
+        record = answer.record[0]
+        if (record.client_id, record.request_id) != (query.target_client, query.target_request):
+            raise Rejected(DropReason.REPLY_FOR_OTHER_BODY, "another request")
+        self._check_reply(answer, record)
+        return (FOUND, record.agreed())
+
+    def _page(self, query: LookupQuery, entries: tuple[AccountEntry, ...]) -> tuple[object, ...]:
+        cursor = (query.after_seq, query.after_position)
+        through = query.through_seq
+        for entry in entries:
+            position = (entry.seq, entry.position)
+            if position <= cursor or (through and entry.seq > through):
+                raise Rejected(DropReason.CONFLICTING_REPLY, "a page out of order or range")
+            cursor = position
+        if len(entries) > query.limit:
+            raise Rejected(DropReason.CONFLICTING_REPLY, "a page over its limit")
+        return (FOUND, entries)
+
+    def _check_reply(self, answer: LookupAnswer, record: RequestRecord) -> None:
+        """The status answer's REPLY must be its replica's, proven, and say what the record
+        says: it is what a receipt is made of."""
+        core = self.core
+        envelope, reply = peek(answer.reply, Reply)
+        if not isinstance(reply, Reply) or reply.replica != answer.replica:
+            raise Rejected(DropReason.CONFLICTING_REPLY, "a status reply from another replica")
+        if (
+            result_of(reply)
+            != ReplyResult(
+                record.client_id,
+                record.request_id,
+                record.request_digest,
+                record.seq,
+                record.outcome,
+                record.reason,
+            )
+            or reply.cluster_id != core.cluster_id
+        ):
+            raise Rejected(DropReason.CONFLICTING_REPLY, "a status reply for another result")
+        check_reply(envelope, reply, core.keyring, core.cache)
+
+    def _receipt(self, record: RequestRecord, replies: tuple[bytes, ...]) -> Receipt | None:
+        """For this client's own request: the request rebuilt from the record and signed
+        again (the replies bind its body's digest, not the signature), with the replies."""
+        core = self.core
+        if record.client_id != core.client_id or record.reason == UNKNOWN_OUTCOME_REASON:
+            return None
+        try:
+            request = Request(
+                client_id=record.client_id,
+                request_id=record.request_id,
+                op=record.op,
+                payer=record.payer,
+                payee=record.payee,
+                amount=record.amount,
+                ref_client=record.ref_client,
+                ref_request=record.ref_request,
+                expires_in_ms=record.expires_in_ms,
+            )
+        except DecodeError:
+            return None
+        if hashlib.sha256(request.encode()).digest() != record.request_digest:
+            return None
+        return Receipt(RECEIPT_VERSION, core.cluster_id, seal(request, core.key), replies)

@@ -76,6 +76,23 @@ class UInt(Spec):
         return 9  # uint64: marker and 8 bytes
 
 
+class SignedInt(Spec):
+    """An integer in -bound..bound (a balance's change); bound <= 2**63 - 1, msgpack's int64."""
+
+    def __init__(self, bound: int) -> None:
+        self.bound = bound
+
+    def check(self, value: Any, field: str) -> int:
+        if type(value) is not int:
+            raise DecodeError("wrong_type", f"{field} must be an integer")
+        if not -self.bound <= value <= self.bound:
+            raise DecodeError("out_of_range", f"{field}={value} not in -{self.bound}..{self.bound}")
+        return value
+
+    def max_bytes(self) -> int:
+        return 9  # int64: marker and 8 bytes
+
+
 class Bytes(Spec):
     def __init__(self, minimum_length: int = 0, maximum_length: int = MAX_FRAME_BYTES) -> None:
         self.minimum_length = minimum_length

@@ -225,8 +225,10 @@ class Context:
         self.messages_sent += 1
         self.outbox.append(Send(to, raw))
 
-    def persist(self, key: tuple[str | int, ...], value: bytes | None) -> None:
-        self.outbox.append(Persist(key, value))
+    def persist(
+        self, key: tuple[str | int, ...], value: bytes | None, *, deferrable: bool = False
+    ) -> None:
+        self.outbox.append(Persist(key, value, deferrable))
 
     def note(self, kind: NoteKind, detail: str) -> None:
         self.outbox.append(Note(kind, detail))

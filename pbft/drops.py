@@ -33,6 +33,9 @@ class DropReason(StrEnum):
     REQUEST_QUEUE_FULL = "request_queue_full"
     REPLAY_RATE_LIMITED = "replay_rate_limited"
     RELAY_RATE_LIMITED = "relay_rate_limited"
+    # Lookups of history (pbft/lookups.py).
+    LOOKUP_RATE_LIMITED = "lookup_rate_limited"
+    BAD_LOOKUP = "bad_lookup"
     # Ordering: views, the window, proposals and votes.
     WRONG_VIEW = "wrong_view"
     NOT_PRIMARY = "not_primary"

@@ -3,7 +3,8 @@
 A driver (the simulator or the trio runtime) does not carry out the actions itself:
 pbft/host.py steps the core and hands the driver a `Ready`, writing every `Persist`
 of the step before any message of it leaves (a `Persist` always precedes, in the
-list, the sends that depend on it; the host loop makes the whole step durable first).
+list, the sends that depend on it; the host loop makes the whole step durable first),
+unless all of the step's records are deferrable (see `Persist`).
 """
 
 from __future__ import annotations
@@ -63,10 +64,18 @@ class Broadcast:
 
 @dataclass(frozen=True)
 class Persist:
-    """Write `value` under `key` durably before carrying out any later action; None deletes."""
+    """Write `value` under `key` durably before carrying out any later action; None deletes.
+
+    `deferrable` records may become durable after the messages of their own step have left
+    (still in step order, ahead of any later record): nothing this replica says depends on
+    them, because they only hold what others already made durable (a commit certificate:
+    2f + 1 replicas' COMMITs, each written before it was sent; a stable checkpoint: 2f + 1
+    CHECKPOINTs over a state re-execution rebuilds). See pbft/host.py for the whole rule.
+    """
 
     key: tuple[str | int, ...]
     value: bytes | None
+    deferrable: bool = False
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from typing import ClassVar
 
 from pbft.codec import MAX_FRAME_BYTES, Bytes, ListOf, Nested, Spec, Struct, Text, UInt
 from pbft.config import MAX_BATCH_SIZE, MAX_REPLICAS
+from pbft.history import MAX_PAGE, AccountEntry, HoldView, RequestRecord
 from pbft.ledger import Outcome, Reason
 from pbft.operations import MAX_OP_LENGTH, OP_CODES, Operation
 
@@ -58,6 +59,8 @@ class MessageType(enum.IntEnum):
     BALANCE_REPLY = 15
     STATE_CHUNK = 16
     STATE_REQUEST = 17
+    LOOKUP = 18
+    LOOKUP_ANSWER = 19
 
 
 class Message(Struct):
@@ -475,6 +478,90 @@ class BalanceReply(Message):
     }
 
 
+# What a lookup asks (LookupQuery.kind) and how a replica answers (LookupAnswer.state).
+LOOKUP_KINDS = ("status", "history", "hold")
+FOUND, NOT_FOUND, NOT_HELD, BEHIND = "found", "not_found", "not_held", "behind"
+LOOKUP_STATES = (FOUND, NOT_FOUND, NOT_HELD, BEHIND)
+
+
+@dataclass(frozen=True)
+class LookupQuery(Message):
+    """A client asks every replica about history (a read: not ordered), pbft/lookups.py:
+    - "status": the request (target_client, target_request): its outcome, seq and what a
+      receipt needs, also once it fell out of the dedup window;
+    - "history": `account`'s entries after the cursor (after_seq, after_position), at
+      most `limit`, none past `through_seq` (0: as far as the replica has executed);
+    - "hold": the hold authorized by request (target_client, target_request).
+    Fields a kind does not use are empty (0 or ""); otherwise the query is dropped."""
+
+    client_id: int
+    query_id: int
+    kind: str
+    target_client: int
+    target_request: int
+    account: str
+    after_seq: int
+    after_position: int
+    limit: int
+    through_seq: int
+
+    TYPE = MessageType.LOOKUP
+    SIGNER = "client"
+    SENDER_FIELD = "client_id"
+    SCHEMA: ClassVar[dict[str, Spec]] = {
+        "client_id": CLIENT,
+        "query_id": UInt(),
+        "kind": Text(8, LOOKUP_KINDS),
+        "target_client": CLIENT,
+        "target_request": UInt(),
+        "account": ACCOUNT,
+        "after_seq": SEQ,
+        "after_position": UInt(2**20),
+        "limit": UInt(MAX_PAGE),
+        "through_seq": SEQ,
+    }
+
+
+@dataclass(frozen=True)
+class LookupAnswer(Message):
+    """One replica's signed answer to the query whose body digest is `query_digest`, in
+    cluster `cluster_id`, from the history it holds: seqs `held_from`..`as_of_seq`.
+    `state`: found (then `record` for a status, with `reply`: the request's REPLY signed
+    as a batch of one, for a receipt; `entries` for a history page; `hold` for a hold),
+    not_found (as of `as_of_seq`), not_held (the answer may lie before `held_from`) or
+    behind (the query's through_seq is past `as_of_seq`)."""
+
+    replica: int
+    client_id: int
+    query_id: int
+    query_digest: bytes
+    cluster_id: bytes
+    state: str
+    as_of_seq: int
+    held_from: int
+    record: tuple[RequestRecord, ...]
+    reply: bytes
+    entries: tuple[AccountEntry, ...]
+    hold: tuple[HoldView, ...]
+
+    TYPE = MessageType.LOOKUP_ANSWER
+    SCHEMA: ClassVar[dict[str, Spec]] = {
+        "replica": REPLICA,
+        "client_id": CLIENT,
+        "query_id": UInt(),
+        "query_digest": HASH,
+        "cluster_id": HASH,
+        "state": Text(16, LOOKUP_STATES),
+        "as_of_seq": SEQ,
+        "held_from": SEQ,
+        "record": ListOf(Nested(RequestRecord), 1),
+        # A REPLY envelope: a few hundred bytes (its proof is one batch of one: no path).
+        "reply": Bytes(0, 4096),
+        "entries": ListOf(Nested(AccountEntry), MAX_PAGE),
+        "hold": ListOf(Nested(HoldView), 1),
+    }
+
+
 MESSAGE_CLASSES: dict[MessageType, type[Message]] = {
     cls.TYPE: cls
     for cls in (
@@ -495,5 +582,7 @@ MESSAGE_CLASSES: dict[MessageType, type[Message]] = {
         BalanceReply,
         StateChunk,
         StateRequest,
+        LookupQuery,
+        LookupAnswer,
     )
 }

@@ -338,7 +338,8 @@ class Ordering:
         slot.last_progress_ms = self.ctx.now_ms
         key = ("committed", slot.seq)
         slot.persisted_keys[key] = None
-        self.ctx.persist(key, entry.encode())
+        # Others' durable COMMITs fix the decision; the replies may precede this record.
+        self.ctx.persist(key, entry.encode(), deferrable=True)
 
     def maybe_propose(self) -> None:
         if (

@@ -3,6 +3,11 @@
 Committed entries, prepared certificates and own votes are verified again as if they came
 from the network; the active view's NEW-VIEW plan is re-installed, so a restarted backup
 never takes a fresh PRE-PREPARE where the NEW-VIEW assigned one. Nothing is re-sent.
+
+A commit certificate's record ("committed") is deferrable (pbft/host.py): a crash may
+leave the last ones out while the replies they led to were sent. Such a slot comes back
+with its prepared certificate and own COMMIT only; execution stops before it, and the
+entry runs again, to the same result, once catch-up fetches the others' certificate.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from collections.abc import Mapping
 from pbft.codec import MAX_LOCAL_RECORD_BYTES, DecodeError, unpack
 from pbft.context import Anchor, Context, ReplicaInvariantError, StableCheckpoint
 from pbft.drops import DropReason
+from pbft.events import Executed
 from pbft.ledger import Ledger, LedgerSnapshotError
 from pbft.log import CommittedEntry, PreparedEntry
 from pbft.messages import Commit, NewView, Prepare, PreparedCertificate, PrePrepare
@@ -27,15 +33,19 @@ class Recovery:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
 
-    def recover(self, records: Mapping[tuple[str | int, ...], bytes]) -> None:
-        """Rebuild from what was persisted; outputs are discarded (nothing is re-sent)."""
+    def recover(self, records: Mapping[tuple[str | int, ...], bytes]) -> tuple[Executed, ...]:
+        """Rebuild from what was persisted; outputs are discarded (nothing is re-sent)
+        but for the batches re-executed from the checkpoint, returned for the driver's
+        history store (pbft/history.py), which rewrites their rows idempotently."""
         try:
             self._recover_records(records)
         except (DecodeError, Rejected, LedgerSnapshotError, ValueError, TypeError) as error:
             raise ReplicaInvariantError(
                 f"replica {self.ctx.id}: unreadable storage: {error}"
             ) from None
+        executed = tuple(action for action in self.ctx.outbox if isinstance(action, Executed))
         self.ctx.outbox = []
+        return executed
 
     def _recover_records(self, records: Mapping[tuple[str | int, ...], bytes]) -> None:
         checkpoint = records.get(("checkpoint",))

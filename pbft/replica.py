@@ -48,9 +48,11 @@ from pbft.checkpoints import Checkpoints
 from pbft.config import ClusterConfig
 from pbft.context import Context, ReplicaInvariantError, StableCheckpoint
 from pbft.drops import DropReason
-from pbft.events import Action, Event, MessageReceived, Tick
+from pbft.events import Action, Event, Executed, MessageReceived, Tick
 from pbft.genesis import compute_cluster_id
+from pbft.history import HistoryReader
 from pbft.ledger import Account, Ledger
+from pbft.lookups import Lookups
 from pbft.messages import (
     BalanceQuery,
     Checkpoint,
@@ -59,6 +61,7 @@ from pbft.messages import (
     CommitCertificate,
     Fetch,
     Heartbeat,
+    LookupQuery,
     Message,
     NewView,
     Prepare,
@@ -109,6 +112,7 @@ class Replica(Context):
         records: Mapping[tuple[str | int, ...], bytes] | None = None,
         cache: VerificationCache | None = None,
         lost_votes: bool = False,
+        history: HistoryReader | None = None,
     ) -> None:
         if replica_id not in config.replica_ids():
             raise ValueError(f"replica id {replica_id} not in 0..{config.replica_count - 1}")
@@ -128,11 +132,17 @@ class Replica(Context):
         self.checkpoints: Checkpoints = Checkpoints(self, genesis)
         self.viewchanges: ViewChanges = ViewChanges(self)
         self.catchup: CatchUp = CatchUp(self)
+        # `history`: what lookups read (pbft/history.py); the driver writes it from the
+        # Executed outputs. None: this replica keeps none and answers every lookup not_held.
+        self.lookups = Lookups(self, history)
         # Send again what is not yet stable or installed (checkpoints, our VIEW-CHANGE).
         self.retransmit_timeout = Timeout("retransmit", config.retransmit_interval_ms, started_ms=0)
         self.fresh_start = True
+        # What recovery re-executed from the checkpoint: the driver feeds it to its history
+        # store before the first event (pbft.history.HistoryStore.record is idempotent).
+        self.recovered_executions: tuple[Executed, ...] = ()
         if records:
-            Recovery(self).recover(records)
+            self.recovered_executions = Recovery(self).recover(records)
         # `lost_votes`: storage repaired a torn last batch, whose votes may have been sent
         # (a disk that lied about the fsync, a file cut at its last boundary). Signing
         # again in that view could contradict them, so sign no PRE-PREPARE, PREPARE, COMMIT
@@ -253,8 +263,11 @@ class Replica(Context):
                 return partial(self.catchup.on_commit_certificate, message)
             case BalanceQuery():
                 return partial(self.requests.on_balance_query, message)
+            case LookupQuery():
+                return partial(self.lookups.on_query, message)
             case _:
-                # Replies and balance replies are for clients; a replica never takes them.
+                # Replies, balance replies and lookup answers are for clients; a replica
+                # never takes them.
                 raise Rejected(DropReason.UNEXPECTED_TYPE, type(message).__name__)
 
     def _is_stale(self, message: Message) -> bool:

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from types import TracebackType
 
 import trio
 
 from crypto.keys import Principal, SigningKey
-from pbft.client import BalanceRead, ClientAction, ClientCore, Decided
+from pbft.client import BalanceRead, ClientAction, ClientCore, Decided, LookupResult
 from pbft.events import MessageReceived, Tick
 from pbft.host import Outgoing, carry_out_client
 from pbft.operations import Operation
@@ -89,6 +90,8 @@ class PaymentClient:
         self._results: dict[int, Decided] = {}
         self._waiting_reads: dict[int, trio.Event] = {}
         self._reads: dict[int, BalanceRead] = {}
+        self._waiting_lookups: dict[int, trio.Event] = {}
+        self._lookups: dict[int, LookupResult] = {}
         self._nursery_manager: trio.Nursery | None = None
         self._cancel = trio.CancelScope()
         self._last_request_id = 0
@@ -238,6 +241,25 @@ class PaymentClient:
         finally:
             self._waiting_reads.pop(query_id, None)
 
+    async def lookup(self, ask: Callable[[int], list[ClientAction]]) -> LookupResult:
+        """A lookup of history, answered by f + 1 matching replicas (pbft/client.py's lookups
+        section): `ask(query_id)` builds it, for example
+        `lambda query_id: client.core.lookups.status(query_id, client_id, request_id)`.
+        PaymentTimeout if no f + 1 replicas agree within `timeout_s`."""
+        query_id = self.new_request_id()
+        event = trio.Event()
+        self._waiting_lookups[query_id] = event
+        try:
+            self._carry_out(ask(query_id))
+            with trio.move_on_after(self.timeout_s) as scope:
+                await event.wait()
+            if scope.cancelled_caught:
+                self.core.lookups.pending.pop(query_id, None)
+                raise PaymentTimeout(f"no f + 1 matching answers to lookup {query_id}")
+            return self._lookups.pop(query_id)
+        finally:
+            self._waiting_lookups.pop(query_id, None)
+
     def statistics(self) -> dict[str, object]:
         return {"client": self.core.statistics(), "transport": self._transport.statistics()}
 
@@ -276,6 +298,12 @@ class _Host:
         self.client._reads[read.query_id] = read
         waiting = self.client._waiting_reads.get(read.query_id)
         if waiting is not None:
+            waiting.set()
+
+    def looked_up(self, result: LookupResult) -> None:
+        waiting = self.client._waiting_lookups.get(result.query_id)
+        if waiting is not None:  # else its lookup gave up: nobody to hand it to
+            self.client._lookups[result.query_id] = result
             waiting.set()
 
 

@@ -55,7 +55,18 @@ import trio
 import runtime.transport as transport_module
 from crypto.keys import KeyRing, SigningKey
 from pbft.client import ClientCore
-from pbft.codec import MAX_FRAME_BYTES, Bytes, ListOf, Nested, Spec, Struct, Text, UInt, pack
+from pbft.codec import (
+    MAX_FRAME_BYTES,
+    Bytes,
+    ListOf,
+    Nested,
+    SignedInt,
+    Spec,
+    Struct,
+    Text,
+    UInt,
+    pack,
+)
 from pbft.config import ClusterConfig
 from pbft.context import EVIDENCE_LIMIT
 from pbft.events import Broadcast, MessageReceived, Send, Tick
@@ -298,6 +309,8 @@ class Generator:
         rng = self.rng
         if isinstance(spec, UInt):
             return self.integer(spec.maximum)
+        if isinstance(spec, SignedInt):
+            return self.integer(spec.bound) * rng.choice((1, -1))
         if isinstance(spec, Bytes):
             if spec.minimum_length == spec.maximum_length == 32:
                 return self.digest()

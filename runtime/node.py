@@ -6,6 +6,14 @@ transport's inbound scheduler picks (replicas first, then clients in fair turns,
 runtime/inbound.py); it steps the core through the host loop (pbft/host.py) and carries out
 the `Ready` it returns: every record is written and fsynced (one batch, in a worker thread)
 before any message of that step leaves: persist before you speak.
+
+The one exception is pbft/host.py's: a step whose records are all deferrable (a commit
+certificate, a stable checkpoint; nothing it says depends on them) sends first, and its
+records wait in the writer's queue for the next write, at most one tick: the next step's
+PRE-PREPARE or PREPARE then carries them in its own fsync. A lone payment's reply waited
+for four fsyncs in a row (the primary's PRE-PREPARE, the backups' PREPARE, everyone's
+COMMIT, then the committed entry); now for three, and the replica's next step does not
+wait for the fourth.
 """
 
 from __future__ import annotations
@@ -23,10 +31,12 @@ import trio
 
 from crypto.keys import Principal
 from pbft.events import Executed, MessageReceived, Note, Persist, Tick
+from pbft.history import DEFAULT_RETENTION_SEQS
 from pbft.host import Outgoing, carry_out_async, peers_of, records_of, step
 from pbft.replica import Replica
 from pbft.signed import client_may_send
 from runtime.cluster import Cluster
+from runtime.history_store import SqliteHistoryStore
 from runtime.inbound import InboundScheduler
 from runtime.storage import DurableStore
 from runtime.transport import Transport, TransportConfig
@@ -35,6 +45,8 @@ DATA_DIR_MODE = 0o700
 # Events handled in one core step, their records written with one fsync (group commit).
 # Bounded so that a step's output (and the wait before its first message goes out) is too.
 MAX_EVENTS_PER_STEP = 256
+# Deferred batches (pbft/host.py) queued and not yet written; past this, steps wait.
+MAX_DEFERRED_BATCHES = 64
 # Identical notes (a peer in another view can cause `drop wrong_view` hundreds of times a
 # second) are logged once, then summed: one line per kind and reason per interval.
 LOG_SUMMARY_INTERVAL_S = 1.0
@@ -121,20 +133,83 @@ class LogSummarizer:
         return [record]
 
 
-class _Host:
-    """The process as a replica's host (pbft.host.AsyncHost): the durable store, the
-    transport, the log."""
+class _Writer:
+    """The one task that writes the store: batches in the order they were queued, all of
+    those queued meanwhile in one `apply` (one fsync). A batch someone waits for
+    (`persist`) is written at once; deferred batches alone wait up to `delay_s` for one to
+    share a write with (pbft/host.py: nothing sent depends on them). The price: a vote
+    that comes just after the delay ran out waits for that write to finish. Measured
+    against writing them at once (four replicas sharing one disk, interleaved): the same
+    lone latency within the noise, and about 10.3 fsyncs a lone payment instead of 12."""
 
-    def __init__(self, node: ReplicaNode, store: DurableStore, transport: Transport) -> None:
-        self.node = node
+    def __init__(self, store: DurableStore, delay_s: float) -> None:
         self.store = store
+        self.delay_s = delay_s
+        self.queue: list[tuple[Sequence[Persist], trio.Event | None]] = []
+        self.work = trio.Event()  # something is queued
+        self.urgent = trio.Event()  # a waited-for batch is queued
+        self.written = trio.Event()  # set after each write (then replaced)
+        self.deferred = 0  # deferred batches queued, not yet written
+
+    async def persist(self, records: Sequence[Persist]) -> None:
+        done = trio.Event()
+        self.queue.append((records, done))
+        self.work.set()
+        self.urgent.set()
+        await done.wait()
+
+    async def defer(self, records: Sequence[Persist]) -> None:
+        # Bounded: a disk that falls behind makes the steps wait, as persist would.
+        while self.deferred >= MAX_DEFERRED_BATCHES:
+            await self.written.wait()
+        self.queue.append((records, None))
+        self.deferred += 1
+        self.work.set()
+
+    async def run(self) -> None:
+        while True:
+            await self.work.wait()
+            if not self.urgent.is_set():
+                with trio.move_on_after(self.delay_s):
+                    await self.urgent.wait()
+            # No checkpoint between here and the thread: what is taken is what is written.
+            self.work, self.urgent = trio.Event(), trio.Event()
+            batch, self.queue = self.queue, []
+            records = [record for records, _ in batch for record in records]
+            await trio.to_thread.run_sync(self.store.apply, records_of(records))
+            self.deferred -= sum(1 for _, done in batch if done is None)
+            for _, done in batch:
+                if done is not None:
+                    done.set()
+            written, self.written = self.written, trio.Event()
+            written.set()
+
+    def flush(self) -> None:
+        """Write what is still queued, here and now (at a stop: the task is gone; a write in
+        its thread has finished, as trio waits for the thread)."""
+        batch, self.queue = self.queue, []
+        records = [record for records, _ in batch for record in records]
+        if records:
+            self.store.apply(records_of(records))
+
+
+class _Host:
+    """The process as a replica's host (pbft.host.AsyncHost): the durable store (through
+    its writer), the transport, the log."""
+
+    def __init__(self, node: ReplicaNode, writer: _Writer, transport: Transport) -> None:
+        self.node = node
+        self.writer = writer
         self.transport = transport
 
     async def persist(self, records: Sequence[Persist]) -> None:
-        await trio.to_thread.run_sync(self.store.apply, records_of(records))
+        await self.writer.persist(records)
         # The thread ignores cancellation: if we are stopping, the transport may be gone
         # already, so stop here rather than send into it.
         await trio.lowlevel.checkpoint_if_cancelled()
+
+    async def defer(self, records: Sequence[Persist]) -> None:
+        await self.writer.defer(records)
 
     def send(self, message: Outgoing) -> None:
         for destination in message.to:
@@ -170,8 +245,12 @@ class ReplicaNode:
         tick_ms: int = 5,
         log: TextIO | None = None,
         transport_config: TransportConfig | None = None,
+        history_retention_seqs: int = DEFAULT_RETENTION_SEQS,
     ) -> None:
         self.cluster = cluster
+        # What lookups read (runtime/history_store.py), kept in the data directory.
+        self.history_retention_seqs = history_retention_seqs
+        self.history: SqliteHistoryStore | None = None
         self.replica_id = replica_id
         self.data_dir = Path(data_dir)
         self.tick_ms = tick_ms
@@ -238,6 +317,13 @@ class ReplicaNode:
             )
         return figures
 
+    def record_history(self, executed: Sequence[Executed]) -> None:
+        """A step's executed batches into history, in one transaction (no fsync). Before
+        the step's records are durable: history never lags the stable checkpoint a restart
+        resumes from (runtime/history_store.py)."""
+        if self.history is not None and executed:
+            self.history.record_all(executed)
+
     def log_statistics(self) -> None:
         self.log("statistics", **self.statistics())
 
@@ -250,6 +336,9 @@ class ReplicaNode:
         store = DurableStore.open(self.data_dir / f"replica-{self.replica_id}.log")
         self.store = store
         try:
+            self.history = SqliteHistoryStore(
+                self.data_dir / f"history-{self.replica_id}.sqlite", self.history_retention_seqs
+            )
             records = store.records()
             repaired = store.recovery_report.repaired
             core = Replica(
@@ -260,8 +349,11 @@ class ReplicaNode:
                 self.cluster.accounts,
                 records=records or None,
                 lost_votes=repaired,
+                history=self.history,
             )
             self.core = core
+            # Recovery re-executed from the checkpoint: those rows again (idempotent).
+            self.record_history(core.recovered_executions)
             self.log(
                 "start",
                 recovered_records=len(records),
@@ -285,6 +377,8 @@ class ReplicaNode:
         finally:
             self.log_statistics()
             store.close()
+            if self.history is not None:
+                self.history.close()
             self._log_records(self.log_summary.flush(time.monotonic(), everything=True))
             self.log("stopped")
 
@@ -310,18 +404,41 @@ class ReplicaNode:
             ) from None
 
     async def _drive(self, core: Replica, store: DurableStore, transport: Transport) -> None:
-        host = _Host(self, store, transport)
+        writer = _Writer(store, self.tick_ms / 1000)
+        host = _Host(self, writer, transport)
         peers = peers_of(self.replica_id, (peer.replica_id for peer in self.cluster.replicas))
-        while events := await self._next_events(transport.inbound):
-            # Group commit: every event ready now goes into one step, so their records
-            # share one write and one fsync, and then their messages go out.
-            ready = step(core, events, peers)
-            self.events_handled += ready.events
-            self.steps += 1
-            await carry_out_async(ready, host)
-            if core.halted is not None:
-                self.log("halted", reason=core.halted)
-                raise ReplicaHalted(core.halted)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(writer.run)
+                while events := await self._next_events(transport.inbound):
+                    # Group commit: every event ready now goes into one step, so their
+                    # records share one write and one fsync, and then their messages go out.
+                    ready = step(core, events, peers)
+                    self.events_handled += ready.events
+                    self.steps += 1
+                    self.record_history(ready.executed)
+                    await carry_out_async(ready, host)
+                    if core.halted is not None:
+                        self.log("halted", reason=core.halted)
+                        raise ReplicaHalted(core.halted)
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # The nursery wraps what ends it (a halt, a failed write, from either task); a
+            # lone exception is raised unwrapped, as it was before the writer had a task.
+            if len(group.exceptions) != 1:
+                raise
+            error = group.exceptions[0]
+            cause, context = error.__cause__, error.__context__
+            suppress = error.__suppress_context__
+            try:
+                raise error  # its cause and context are restored below
+            finally:
+                error.__cause__, error.__context__ = cause, context
+                error.__suppress_context__ = suppress
+        finally:
+            if not store.failed:
+                # A stop keeps what a crash could lose (deferred records): less to catch up.
+                writer.flush()
 
     async def _next_events(self, inbound: InboundScheduler) -> list[Tick | MessageReceived]:
         """The next event (waiting for it), then every further one ready without waiting,

@@ -851,6 +851,11 @@ class DurableStore:
             file_size_bytes=self._file_size,
         )
 
+    @property
+    def failed(self) -> bool:
+        """Whether a write failed: every later one raises `StorageFailedError`."""
+        return self._failed is not None
+
     # --- writing --------------------------------------------------------------------------
 
     def apply(self, records: Iterable[tuple[Key, bytes | None]]) -> None:

@@ -19,10 +19,11 @@ from typing import Any, NamedTuple, TextIO, cast
 from crypto.keys import KeyRing, Principal, SigningKey
 from crypto.signing import VerificationCache
 from pbft.chain import entry_digest
-from pbft.client import BalanceRead, ClientAction, ClientCore, Decided
+from pbft.client import BalanceRead, ClientAction, ClientCore, Decided, LookupResult
 from pbft.config import ClusterConfig
 from pbft.events import Event, Executed, MessageReceived, Note, Persist, Tick
 from pbft.genesis import compute_cluster_id
+from pbft.history import MemoryHistoryStore
 from pbft.host import Outgoing, carry_out, carry_out_client, peers_of, step, write_records
 from pbft.ledger import Ledger, genesis_total
 from pbft.messages import MessageType, NewView, Prepare, PrePrepare, Reply, Request
@@ -56,6 +57,8 @@ PAUSED_INBOX_LIMIT = 100_000
 INCARNATION_STRIDE = 1000
 # Views whose NEW-VIEW plan is kept per replica life for check_new_view_kept.
 NEW_VIEW_PLANS_KEPT = 8
+# Each replica's history keeps this many seqs (far more than a shipped scenario executes).
+SIM_HISTORY_RETENTION_SEQS = 100_000
 
 # --- what the event queue holds -----------------------------------------------------------
 # The queue orders entries by (time, order scheduled); the event itself is never compared.
@@ -139,6 +142,11 @@ class ReplicaNode:
     # set when it joins a simulation.
     peers: tuple[Principal, ...] = ()
     host: _ReplicaHost | None = None
+    # What lookups read: in memory, kept across a crash like `storage` (the runtime's is
+    # a file), fed from every Executed (pbft/history.py).
+    history: MemoryHistoryStore = field(
+        default_factory=lambda: MemoryHistoryStore(SIM_HISTORY_RETENTION_SEQS)
+    )
 
     @property
     def name(self) -> str:
@@ -202,6 +210,10 @@ class _ClientHost:
     def balance_read(self, read: BalanceRead) -> None:
         # The simulated workload reads no balances; a read that comes anyway is kept.
         self.simulation.balance_reads[(self.client, read.query_id)] = read
+
+    def looked_up(self, result: LookupResult) -> None:
+        # Kept like balance reads: the shipped workloads issue no lookups.
+        self.simulation.lookups[(self.client, result.query_id)] = result
 
 
 @dataclass
@@ -418,6 +430,7 @@ class Simulation:
         self.decided_at_us: dict[tuple[int, int], int] = {}
         # (client, query id) -> the balance it read (the workload asks none today)
         self.balance_reads: dict[tuple[int, int], BalanceRead] = {}
+        self.lookups: dict[tuple[int, int], LookupResult] = {}
         self.submitted_at_us: dict[tuple[int, int], int] = {}
         self.withheld = 0
         self.retired_view = 0
@@ -435,7 +448,7 @@ class Simulation:
         )
 
     def _boot(self, node: ReplicaNode) -> Replica:
-        return Replica(
+        replica = Replica(
             node.replica_id,
             self.config,
             node.key,
@@ -443,7 +456,12 @@ class Simulation:
             self.accounts,
             records=dict(node.storage) if node.storage else None,
             cache=self.signature_cache,
+            history=node.history,
         )
+        # Recovery re-executed from the checkpoint: those rows again (idempotent).
+        for executed in replica.recovered_executions:
+            node.history.record(executed)
+        return replica
 
     # --- the event loop -----------------------------------------------------------------
 
@@ -660,6 +678,7 @@ class Simulation:
                 # Lost disk: it comes back with nothing and must rejoin by catch-up alone.
                 self._crash(node)
                 node.storage.clear()
+                node.history = MemoryHistoryStore(SIM_HISTORY_RETENTION_SEQS)
                 node.incarnation += 1
             if node.core is None:
                 node.core = self._boot(node)
@@ -716,6 +735,7 @@ class Simulation:
             if fault.wipe:
                 self._crash(twin)
                 twin.storage.clear()
+                twin.history = MemoryHistoryStore(SIM_HISTORY_RETENTION_SEQS)
                 twin.incarnation += 1
             if twin.core is None:
                 twin.core = self._boot(twin)
@@ -828,6 +848,7 @@ class Simulation:
 
     def _executed(self, node: ReplicaNode, executed: Executed) -> None:
         self._record_execution(node.observer_id, executed)
+        node.history.record(executed)
         self.trace.record(
             self.now_us,
             "execute",

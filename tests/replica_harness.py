@@ -19,7 +19,7 @@ from typing import Any
 from crypto.keys import KeyRing, Principal, SigningKey
 from crypto.signing import VerificationCache
 from pbft.chain import batch_digest, entry_digest, genesis_hash
-from pbft.client import BalanceRead, ClientAction, ClientCore, Decided
+from pbft.client import BalanceRead, ClientAction, ClientCore, Decided, LookupResult
 from pbft.config import ClusterConfig
 from pbft.events import (
     Action,
@@ -33,6 +33,7 @@ from pbft.events import (
     Tick,
 )
 from pbft.genesis import compute_cluster_id
+from pbft.history import HistoryReader, MemoryHistoryStore
 from pbft.host import Outgoing, carry_out, carry_out_client, peers_of, step, write_records
 from pbft.ledger import Account, Ledger, LedgerSnapshotError, Payment
 from pbft.messages import (
@@ -120,7 +121,10 @@ class Cluster:
     # --- principals -------------------------------------------------------------------
 
     def replica(
-        self, replica_id: int, records: dict[tuple[str | int, ...], bytes] | None = None
+        self,
+        replica_id: int,
+        records: dict[tuple[str | int, ...], bytes] | None = None,
+        history: HistoryReader | None = None,
     ) -> Replica:
         return Replica(
             replica_id,
@@ -129,6 +133,7 @@ class Cluster:
             self.keyring,
             self.accounts,
             records=records,
+            history=history,
         )
 
     def client(self, client_id: int) -> ClientCore:
@@ -511,12 +516,17 @@ class Network:
     cut: set[tuple[int, int]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
-        self.replicas = {i: self.cluster.replica(i) for i in range(self.cluster.n)}
+        # Each replica's history, fed from its Executed outputs (as the runtime's node does).
+        self.histories = {i: MemoryHistoryStore() for i in range(self.cluster.n)}
+        self.replicas = {
+            i: self.cluster.replica(i, history=self.histories[i]) for i in range(self.cluster.n)
+        }
         self.clients = {j: self.cluster.client(j) for j in self.client_ids}
         # (sending replica or None for a client, destination, bytes)
         self.queue: deque[tuple[int | None, Principal, bytes]] = deque()
         self.decided: list[Decided] = []
         self.reads: list[BalanceRead] = []
+        self.lookups: list[LookupResult] = []
         self.executed: dict[int, list[Executed]] = {i: [] for i in self.replicas}
         self.records: dict[int, dict[tuple[str | int, ...], bytes]] = {i: {} for i in self.replicas}
         self.now_ms = 0
@@ -578,6 +588,7 @@ class _NetworkReplicaHost:
 
     def executed(self, executed: Executed) -> None:
         self.network.executed[self.replica].append(executed)
+        self.network.histories[self.replica].record(executed)
 
     def note(self, note: Note) -> None:
         pass  # the in-memory network keeps no log; it never did
@@ -596,3 +607,6 @@ class _NetworkClientHost:
 
     def balance_read(self, read: BalanceRead) -> None:
         self.network.reads.append(read)
+
+    def looked_up(self, result: LookupResult) -> None:
+        self.network.lookups.append(result)

@@ -19,6 +19,7 @@ from pbft.codec import (
     DecodeError,
     ListOf,
     Nested,
+    SignedInt,
     Spec,
     Struct,
     Text,
@@ -27,6 +28,7 @@ from pbft.codec import (
     unpack,
 )
 from pbft.config import MAX_BATCH_SIZE, MAX_REPLICAS
+from pbft.history import AccountEntry, HoldView
 from pbft.messages import (
     MAX_SEQ,
     MAX_VIEW,
@@ -40,6 +42,8 @@ from pbft.messages import (
     CommitCertificate,
     Fetch,
     Heartbeat,
+    LookupAnswer,
+    LookupQuery,
     Message,
     MessageType,
     NewView,
@@ -124,6 +128,21 @@ FACTORIES: dict[type[Struct], Callable[[], Struct]] = {
     StateRequest: lambda: StateRequest(3, 64, 16384),
     BalanceQuery: lambda: BalanceQuery(2, 77, "acct-00003"),
     BalanceReply: lambda: BalanceReply(1, 2, 77, "acct-00003", 1, 12_345, 40, _h(22)),
+    LookupQuery: lambda: LookupQuery(2, 78, "history", 0, 0, "acct-00003", 40, 2, 50, 41),
+    LookupAnswer: lambda: LookupAnswer(
+        1,
+        2,
+        78,
+        _h(24),
+        _h(22),
+        "found",
+        41,
+        1,
+        (),
+        b"",
+        (AccountEntry(40, 3, 1_700_000, "refund", 5, 2**64 - 1, -(2**63 - 1), 0),),
+        (HoldView(5, 9, "acct-00001", "acct-00002", 70, 1_234, 12, "captured", 14, 55),),
+    ),
     # Not messages, but Structs with the same codec: checked alongside.
     PreparedCertificate: lambda: PreparedCertificate(_envelope_bytes(17), (_envelope_bytes(18),)),
     Envelope: lambda: Envelope(1, 3, 1, b"\x94\x01\x02\x03", b"\x00" * 64),
@@ -211,6 +230,8 @@ def _strategy_for_spec(spec: Spec) -> st.SearchStrategy[Any]:
         return st.lists(_strategy_for_spec(spec.item), max_size=min(spec.maximum_items, 3))
     if isinstance(spec, Nested):
         return _strategy_for_struct(spec.cls)
+    if isinstance(spec, SignedInt):
+        return st.one_of(st.integers(-300, 300), st.integers(-spec.bound, spec.bound))
     raise AssertionError(f"no strategy for {spec!r}")
 
 

@@ -14,7 +14,7 @@ import trio.testing
 from replica_harness import Cluster
 
 from crypto.keys import Principal
-from pbft.client import BalanceRead, ClientAction, Decided
+from pbft.client import BalanceRead, ClientAction, Decided, LookupResult
 from pbft.events import (
     Action,
     Broadcast,
@@ -85,11 +85,18 @@ class AwaitedDiskHost(RecordingHost):
         self.disk_done = trio.Event()
         self.fail: BaseException | None = None
 
+        self.queued: list[Persist] = []  # deferred, to be written ahead of the next persist
+
     async def persist(self, records: Sequence[Persist]) -> None:  # type: ignore[override]
         await self.disk_done.wait()
         if self.fail is not None:
             raise self.fail
-        super().persist(records)
+        queued, self.queued = self.queued, []
+        super().persist([*queued, *records])
+
+    async def defer(self, records: Sequence[Persist]) -> None:
+        self.calls.append(("defer", tuple(records)))
+        self.queued.extend(records)
 
 
 def _executed(seq: int) -> Executed:
@@ -240,16 +247,21 @@ class RecordingClientHost:
     def balance_read(self, read: BalanceRead) -> None:
         self.calls.append(("read", read))
 
+    def looked_up(self, result: LookupResult) -> None:
+        self.calls.append(("lookup", result))
+
 
 def test_client_actions_reach_their_host_in_order() -> None:
     decided = Decided(0, 7, "confirmed", "", 3, None)
     read = BalanceRead(1, "a", True, 10, (0, 1), 3)
-    actions: list[ClientAction] = [Send(("replica", 0), b"req"), decided, read]
+    lookup = LookupResult(2, "status", "not_found", 3, (0, 1))
+    actions: list[ClientAction] = [Send(("replica", 0), b"req"), decided, lookup, read]
     host = RecordingClientHost()
     carry_out_client(actions, host)
     assert host.calls == [
         ("send", Outgoing((("replica", 0),), b"req")),
         ("decided", decided),
+        ("lookup", lookup),
         ("read", read),
     ]
 
@@ -262,3 +274,58 @@ def test_a_client_submit_goes_out_through_the_client_host() -> None:
     assert [call[0] for call in host.calls] == ["send"]
     message = host.calls[0][1]
     assert isinstance(message, Outgoing) and message.to == (("replica", 0),)
+
+
+def _deferred_script() -> list[list[Action]]:
+    """A step whose records may all follow its messages (a commit certificate, a stable
+    checkpoint's deletes), with a reply made before them."""
+    return [
+        [Send(("client", 5), b"reply-1"), Persist(("committed", 1), b"c1", deferrable=True)],
+        [Broadcast(b"checkpoint-4"), Persist(("committed", 1), None, deferrable=True)],
+    ]
+
+
+def test_a_step_of_deferrable_records_only_sends_first_then_writes_them_all() -> None:
+    ready = step(ScriptedCore(_deferred_script()), [Tick(1), Tick(2)], PEERS)
+    assert ready.sends_first and not ready.must_sync
+    host = RecordingHost()
+    carry_out(ready, host)
+    assert [kind for kind, _ in host.calls] == ["send", "send", "persist"]
+    assert host.durable_at_send == [{}, {}]
+    # One write, in the order the core made the records: the delete stays last.
+    assert host.calls[-1] == ("persist", ready.records) and host.durable == {}
+
+
+def test_one_record_that_is_not_deferrable_makes_the_whole_step_write_first() -> None:
+    script = _deferred_script()
+    script[1].append(Persist(("vote", 2), b"v2"))
+    ready = step(ScriptedCore(script), [Tick(1), Tick(2)], PEERS)
+    assert ready.must_sync and not ready.sends_first
+    host = RecordingHost()
+    carry_out(ready, host)
+    assert [kind for kind, _ in host.calls] == ["persist", "send", "send"]
+    assert host.durable_at_send == [{("vote", 2): b"v2"}] * 2
+
+
+def test_awaited_deferrable_records_are_queued_ahead_of_the_next_write() -> None:
+    first = step(ScriptedCore(_deferred_script()), [Tick(1), Tick(2)], PEERS)
+    second = step(
+        ScriptedCore([[Persist(("vote", 2), b"v2"), Broadcast(b"prepare-2")]]), [Tick(3)], PEERS
+    )
+    host = AwaitedDiskHost()
+
+    async def main() -> None:
+        # The deferred step's frames leave without the disk; its records are only queued.
+        await carry_out_async(first, host)
+        assert [kind for kind, _ in host.calls] == ["send", "send", "defer"]
+        assert host.durable_at_send == [{}, {}]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(carry_out_async, second, host)
+            await trio.testing.wait_all_tasks_blocked()
+            assert host.calls[-1][0] == "defer"  # the next vote waits for the disk
+            host.disk_done.set()
+        # One write: the queued records first, in their order, then the step's own.
+        assert host.calls[-2] == ("persist", (*first.records, *second.records))
+        assert host.durable_at_send[-1] == {("vote", 2): b"v2"}
+
+    trio.run(main)

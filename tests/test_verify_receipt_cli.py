@@ -15,6 +15,7 @@ from replica_harness import Network
 from cli.main import EXIT_OK, EXIT_USAGE, EXIT_VIOLATED, main
 from pbft.client import ClientCore, Decided
 from pbft.codec import pack
+from pbft.history import HistoryReader
 from pbft.messages import Reply
 from pbft.receipt import RECEIPT_VERSION, Receipt
 from pbft.replica import Replica
@@ -33,13 +34,14 @@ class _InMemory:
     def n(self) -> int:
         return self.cluster.config.replica_count
 
-    def replica(self, replica_id: int) -> Replica:
+    def replica(self, replica_id: int, history: HistoryReader | None = None) -> Replica:
         return Replica(
             replica_id,
             self.cluster.config,
             self.cluster.load_private_key("replica", replica_id),
             self.cluster.keyring(),
             self.cluster.accounts,
+            history=history,
         )
 
     def client(self, client_id: int) -> ClientCore:

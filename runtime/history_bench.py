@@ -1,0 +1,90 @@
+"""What keeping history costs a replica per executed batch: `python -m runtime.history_bench`.
+
+Records batches of `--batch` transfers into the SQLite store (runtime/history_store.py,
+in a temporary directory, WAL, no fsync per batch) and the in-memory one (pbft/history.py,
+the simulator's), and, as the baseline measured in the same run, the one Ed25519
+signature a replica makes per executed batch anyway (over its replies' Merkle root).
+Also one status lookup and one page of account history read back from SQLite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from crypto.keys import SigningKey
+from pbft.events import Executed, ExecutedRequest
+from pbft.history import MemoryHistoryStore
+from pbft.operations import Posting
+from runtime.history_store import SqliteHistoryStore
+
+
+def batch(seq: int, size: int, accounts: int) -> Executed:
+    requests = []
+    for index in range(size):
+        number = seq * size + index
+        payer = f"acct-{number % accounts:05d}"
+        payee = f"acct-{(number + 1) % accounts:05d}"
+        requests.append(
+            ExecutedRequest(
+                number % 100,
+                number,
+                number.to_bytes(32, "big"),
+                payer,
+                payee,
+                7,
+                "confirmed",
+                "",
+                True,
+                "transfer",
+                0,
+                0,
+                0,
+                (Posting(payer, -7, 0), Posting(payee, 7, 0)),
+            )
+        )
+    return Executed(0, seq, seq.to_bytes(32, "big"), tuple(requests), seq, 0, bytes(32), ())
+
+
+def per_call_us(calls: int, run: Callable[[int], object]) -> float:
+    started = time.perf_counter()
+    for call in range(calls):
+        run(call)
+    return (time.perf_counter() - started) / calls * 1e6
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, default=2000)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--accounts", type=int, default=1000)
+    parser.add_argument("--retention", type=int, default=1000)
+    args = parser.parse_args(argv)
+    batches = [batch(seq, args.batch, args.accounts) for seq in range(1, args.batches + 1)]
+    key = SigningKey.derive(1, "bench")
+    root = bytes(32)
+    signature_us = per_call_us(args.batches, lambda _: key.sign(b"pbft/v1/reply-root", root))
+    memory = MemoryHistoryStore(args.retention)
+    memory_us = per_call_us(args.batches, lambda i: memory.record(batches[i]))
+    with tempfile.TemporaryDirectory() as directory:
+        sqlite = SqliteHistoryStore(Path(directory) / "history.sqlite", args.retention)
+        sqlite_us = per_call_us(args.batches, lambda i: sqlite.record(batches[i]))
+        last = args.batches * args.batch - 1
+        status_us = per_call_us(1000, lambda i: sqlite.request(last % 100, last - i % 50))
+        page_us = per_call_us(
+            1000, lambda i: sqlite.account(f"acct-{i % args.accounts:05d}", (0, 0), 2**62, 256)
+        )
+        sqlite.close()
+    print(f"{args.batches} batches of {args.batch} transfers, retention {args.retention} seqs")
+    print(f"baseline: one Ed25519 signature (one per batch already): {signature_us:8.1f} us")
+    print(f"history, in memory (simulator):                          {memory_us:8.1f} us/batch")
+    print(f"history, SQLite (runtime):                               {sqlite_us:8.1f} us/batch")
+    print(f"SQLite read: one status                                  {status_us:8.1f} us")
+    print(f"SQLite read: one page of up to 256 account entries       {page_us:8.1f} us")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""The replica's history on disk: pbft.history.HistoryStore in SQLite (stdlib sqlite3).
+
+The node (runtime/node.py) feeds it every batch its core executed (`record_all`: a step's
+Executed outputs in one transaction, before the step's records are made durable) and
+the core reads it to answer lookups
+(pbft/lookups.py). One row per executed request, indexed by (client_id, request_id) for
+status and by its reference (the hold or payment it names) for holds; one row per hold
+released at expiry, indexed by the hold; one row per account entry, keyed by (account,
+seq, position) for paged account history. Retention prunes old seqs (pbft/history.py
+says how many are kept), so the file stays bounded.
+
+No fsync per batch: the file is in WAL mode with synchronous=NORMAL, which syncs only when
+SQLite checkpoints its WAL (every 1000 pages by default): durable across a crash of the
+process, consistent after a power loss, which may lose the last writes. Cost (python -m
+runtime.history_bench): a few ms per batch of 64 transfers, most of it SQLite's inserts;
+writing it in a thread beside the log's fsync is the next step if that shows in throughput.
+That is enough because history is derived state, and only of committed batches, which
+execute alike wherever and whenever they execute: after a restart the replica re-executes
+from its stable checkpoint (pbft/recovery.py) and the node records those batches again,
+which rewrites their rows idempotently (recording seq s drops s and everything after it
+first). The node commits a step's history before the step's own records are durable, so
+history never lags the stable checkpoint a restart resumes from (it may run ahead of the
+log: those batches are rewritten as they execute again). What a store lacks, it says: if
+its last write is older than the checkpoint (a power loss took the last WAL writes), or
+the replica caught up by state transfer, the seqs it never recorded fall before
+`held_from`, and lookups about them are answered "not held", never "not found"; the
+client's f + 1 matching gets the answer from replicas that hold it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable
+from pathlib import Path
+
+from pbft.codec import pack
+from pbft.events import Executed
+from pbft.history import (
+    CONFIRMED,
+    DEFAULT_RETENTION_SEQS,
+    AccountEntry,
+    HoldView,
+    ReleaseRecord,
+    RequestRecord,
+    check_retention,
+    closes_hold,
+    decides,
+    entry_fields,
+    hold_view,
+    next_held_range,
+    wire_record,
+)
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS requests (
+    seq INTEGER NOT NULL, idx INTEGER NOT NULL,
+    client_id INTEGER NOT NULL, request_id INTEGER NOT NULL,
+    ref_client INTEGER NOT NULL, ref_request INTEGER NOT NULL,
+    closes_hold INTEGER NOT NULL, decides INTEGER NOT NULL,
+    record BLOB NOT NULL,
+    PRIMARY KEY (seq, idx)
+);
+CREATE INDEX IF NOT EXISTS requests_by_id ON requests (client_id, request_id);
+CREATE INDEX IF NOT EXISTS requests_by_ref ON requests (ref_client, ref_request);
+CREATE TABLE IF NOT EXISTS releases (
+    seq INTEGER NOT NULL, hold_client INTEGER NOT NULL, hold_request INTEGER NOT NULL,
+    payer TEXT NOT NULL, amount TEXT NOT NULL,
+    PRIMARY KEY (seq, hold_client, hold_request)
+);
+CREATE INDEX IF NOT EXISTS releases_by_hold ON releases (hold_client, hold_request);
+CREATE TABLE IF NOT EXISTS entries (
+    account TEXT NOT NULL, seq INTEGER NOT NULL, position INTEGER NOT NULL,
+    entry BLOB NOT NULL,
+    PRIMARY KEY (account, seq, position)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS entries_by_seq ON entries (seq);
+"""
+_TABLES = ("requests", "releases", "entries")
+
+
+class HistoryStoreError(RuntimeError):
+    """The history file cannot be used (another schema version, not a database)."""
+
+
+def _sql_int(value: int) -> int:
+    """A uint64 id as SQLite's signed 64-bit INTEGER (a bijection: only compared for
+    equality, never ordered)."""
+    return value - 2**64 if value >= 2**63 else value
+
+
+class SqliteHistoryStore:
+    """pbft.history.HistoryStore in one SQLite file (":memory:" for a private one)."""
+
+    def __init__(self, path: str | Path, retention_seqs: int = DEFAULT_RETENTION_SEQS) -> None:
+        self.retention_seqs = check_retention(retention_seqs)
+        try:
+            self._db = sqlite3.connect(str(path), isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+            version = self._meta("schema_version", SCHEMA_VERSION)
+        except sqlite3.DatabaseError as error:
+            raise HistoryStoreError(f"history file {path}: {error}") from None
+        if version != SCHEMA_VERSION:
+            raise HistoryStoreError(
+                f"history file {path} has schema version {version}, expected {SCHEMA_VERSION}"
+            )
+        self._from = self._meta("held_from", 0)
+        self._through = self._meta("held_through", 0)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _meta(self, key: str, default: int) -> int:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            self._db.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, default))
+            return default
+        return int(row[0])
+
+    def held_from(self) -> int:
+        return self._from
+
+    def held_through(self) -> int:
+        return self._through
+
+    def record(self, executed: Executed) -> None:
+        self.record_all((executed,))
+
+    def record_all(self, batches: Iterable[Executed]) -> None:
+        """Record batches in one transaction (the node records a step's at once)."""
+        db = self._db
+        held_from, held_through = self._from, self._through
+        db.execute("BEGIN")
+        try:
+            for executed in batches:
+                seq = executed.seq
+                low, high, rewrite = next_held_range(
+                    held_from, held_through, seq, self.retention_seqs
+                )
+                if rewrite:
+                    for table in _TABLES:
+                        db.execute(f"DELETE FROM {table} WHERE seq >= ?", (seq,))
+                if low > held_from or rewrite:
+                    for table in _TABLES:
+                        db.execute(f"DELETE FROM {table} WHERE seq < ?", (low,))
+                self._insert(executed)
+                held_from, held_through = low, high
+            db.executemany(
+                "UPDATE meta SET value = ? WHERE key = ?",
+                ((held_from, "held_from"), (held_through, "held_through")),
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self._from, self._through = held_from, held_through
+
+    def _insert(self, executed: Executed) -> None:
+        db = self._db
+        seq = executed.seq
+        db.executemany(
+            "INSERT INTO requests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    seq,
+                    index,
+                    request.client_id,
+                    _sql_int(request.request_id),
+                    request.ref_client,
+                    _sql_int(request.ref_request),
+                    int(closes_hold(request)),
+                    int(decides(request)),
+                    pack(wire_record(executed, index, request)),
+                )
+                for index, request in enumerate(executed.requests)
+            ],
+        )
+        if executed.released:
+            db.executemany(
+                "INSERT INTO releases VALUES (?, ?, ?, ?, ?)",
+                [
+                    (
+                        seq,
+                        release.hold_client,
+                        _sql_int(release.hold_request),
+                        release.payer,
+                        # Amounts may reach 2**64 - 1: kept as text, read back exactly.
+                        str(release.amount),
+                    )
+                    for release in executed.released
+                ],
+            )
+        db.executemany(
+            "INSERT INTO entries VALUES (?, ?, ?, ?)",
+            [
+                (account, fields[0], fields[1], pack(list(fields)))
+                for account, fields in entry_fields(
+                    seq, executed.timestamp_ms, executed.requests, executed.released
+                )
+            ],
+        )
+
+    def request(self, client_id: int, request_id: int) -> RequestRecord | None:
+        row = self._db.execute(
+            "SELECT record FROM requests WHERE client_id = ? AND request_id = ? AND decides = 1 "
+            "ORDER BY seq LIMIT 1",
+            (client_id, _sql_int(request_id)),
+        ).fetchone()
+        return None if row is None else RequestRecord.decode(row[0])
+
+    def account(
+        self, account: str, after: tuple[int, int], through_seq: int, limit: int
+    ) -> list[AccountEntry]:
+        rows = self._db.execute(
+            "SELECT entry FROM entries WHERE account = ? AND (seq, position) > (?, ?) "
+            "AND seq <= ? ORDER BY seq, position LIMIT ?",
+            (account, after[0], after[1], through_seq, limit),
+        ).fetchall()
+        return [AccountEntry.decode(row[0]) for row in rows]
+
+    def hold(self, client_id: int, request_id: int) -> HoldView | None:
+        authorize = self.request(client_id, request_id)
+        if authorize is None or authorize.op != "authorize" or authorize.outcome != CONFIRMED:
+            return None
+        closing = [
+            RequestRecord.decode(row[0])
+            for row in self._db.execute(
+                "SELECT record FROM requests WHERE ref_client = ? AND ref_request = ? "
+                "AND closes_hold = 1 ORDER BY seq, idx",
+                (client_id, _sql_int(request_id)),
+            )
+        ]
+        row = self._db.execute(
+            "SELECT seq, payer, amount FROM releases WHERE hold_client = ? AND hold_request = ? "
+            "ORDER BY seq LIMIT 1",
+            (client_id, _sql_int(request_id)),
+        ).fetchone()
+        release = (
+            None
+            if row is None
+            else ReleaseRecord(int(row[0]), client_id, request_id, str(row[1]), int(row[2]))
+        )
+        return hold_view(authorize, closing, release)
