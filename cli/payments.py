@@ -226,7 +226,8 @@ def balance(arguments: argparse.Namespace) -> int:
         json.dumps(
             {
                 "account": read.account,
-                "balance": read.balance,
+                "balance": read.balance,  # available
+                "held": read.held,
                 "as_of_seq": read.seq,
                 "replicas": list(read.replicas),
             }

@@ -10,10 +10,11 @@ many client records as client keys. The largest snapshot therefore follows from 
 genesis accounts, the number of clients and dedup_window; any client can fill its own
 window and payments can change every balance, so the bound is reachable.
 
-Not bounded here yet: issue 11's records (holds, refundable payments, opened accounts:
-pbft/holds.py). Open holds and opened accounts are capped per client, but closed holds and
-refundable payments are kept for a time (closed_hold_retention_ms, refund_window_ms), so
-their number follows the request rate, not the configuration alone.
+Issue 11's records (pbft/holds.py) each count against one client with a key: at most
+max_holds_per_client holds, max_refundable_per_client refundable payments and
+max_accounts_per_client opened accounts per client, each row counted at its widest (names
+as long as a genesis name, or as MAX_ACCOUNT_NAME_LENGTH four-byte characters when
+accounts may be opened). Their retention times only make them go sooner.
 
 A configuration whose largest checkpoint a replica could not store or read back is refused
 before any replica starts (`checkpoint_size_problem`): otherwise every replica would die at
@@ -29,8 +30,10 @@ from dataclasses import dataclass
 
 from pbft.codec import MAX_LOCAL_RECORD_BYTES
 from pbft.config import ClusterConfig
+from pbft.holds import LIMITS_ROW_LENGTH, MAX_CLIENT_ID, HoldState, LedgerLimits
 from pbft.ledger import (
     BODY_DIGEST_SIZE_BYTES,
+    MAX_ACCOUNT_NAME_LENGTH,
     MAX_SNAPSHOT_SIZE_BYTES,
     Account,
     GeneratedAccounts,
@@ -45,6 +48,7 @@ __all__ = [
     "checkpoint_record_bound",
     "checkpoint_size",
     "checkpoint_size_problem",
+    "records_size_bound",
     "snapshot_size_bound",
 ]
 
@@ -94,8 +98,50 @@ DECISION_BYTES = (
 # One account, [name, owner, available, held], without name and owner (both fixed at
 # genesis); balances change, so the widest.
 _ACCOUNT_FIXED_BYTES = 1 + 2 * _UINT
-# After the clients: [limits (5 ints), batch time, record slot count, records].
-_RECORDS_FIXED_BYTES = 1 + 5 * _UINT + 2 * _UINT + 5
+# After the clients: [limits, batch time, record slot count, records header].
+_RECORDS_FIXED_BYTES = 1 + LIMITS_ROW_LENGTH * _UINT + 2 * _UINT + 5
+# The longest name an opened account can have: UTF-8 takes up to 4 bytes a character.
+_OPENED_NAME_BYTES = _str_bytes(4 * MAX_ACCOUNT_NAME_LENGTH)
+_CLIENT = _uint_bytes(MAX_CLIENT_ID)
+
+
+def _record_row_bytes(slot: int, name: int) -> tuple[int, int, int]:
+    """The widest snapshot rows [slot, tag, ...] of a hold, a payment and an opened account,
+    with slots below `slot` and encoded names of at most `name` bytes (pbft/holds.py's
+    fields())."""
+    slot_bytes = _uint_bytes(slot)
+    state = max(_str_bytes(len(state.value)) for state in HoldState)
+    # [slot, "hold", client, request, payer, payee, amount, expires_at, state, closed_at]
+    hold = 1 + slot_bytes + _str_bytes(4) + _CLIENT + 4 * _UINT + 2 * name + state
+    # [slot, "payment", client, request, payer, payee, amount, refunded, refundable_until]
+    payment = 1 + slot_bytes + _str_bytes(7) + _CLIENT + 4 * _UINT + 2 * name
+    # [slot, "opened", name, owner, available, held]
+    opened = 1 + slot_bytes + _str_bytes(6) + _OPENED_NAME_BYTES + 3 * _UINT
+    return hold, payment, opened
+
+
+def _longest_name_bytes(accounts: Mapping[str, Account], limits: LedgerLimits) -> int:
+    """The encoded size of the longest name a record can carry."""
+    if limits.max_accounts_per_client:
+        return _OPENED_NAME_BYTES
+    if isinstance(accounts, GeneratedAccounts):
+        return _str_bytes(len(accounts.name(accounts.count - 1).encode())) if accounts else 0
+    return max((_str_bytes(len(name.encode())) for name in accounts), default=0)
+
+
+def records_size_bound(
+    accounts: Mapping[str, Account], client_count: int, limits: LedgerLimits
+) -> int:
+    """The most bytes issue 11's record rows can take in a snapshot (header included in
+    `snapshot_size_bound`): every client at every cap, every row at its widest."""
+    per_client = (
+        limits.max_holds_per_client,
+        limits.max_refundable_per_client if limits.refund_window_ms else 0,
+        limits.max_accounts_per_client,
+    )
+    slots = client_count * sum(per_client)
+    rows = _record_row_bytes(slots, _longest_name_bytes(accounts, limits))
+    return client_count * sum(count * row for count, row in zip(per_client, rows, strict=True))
 
 
 def _names_and_owners_bytes(accounts: Mapping[str, Account]) -> int:
@@ -124,11 +170,15 @@ def _genesis_rule_bytes(accounts: Mapping[str, Account]) -> int:
 
 
 def snapshot_size_bound(
-    accounts: Mapping[str, Account], client_count: int, dedup_window: int
+    accounts: Mapping[str, Account],
+    client_count: int,
+    dedup_window: int,
+    limits: LedgerLimits | None = None,
 ) -> int:
     """The most bytes `Ledger.snapshot()` can take for this genesis, at most `client_count`
-    clients and this dedup window (tests/test_checkpoint_size.py checks it against a
-    ledger filled to the brim)."""
+    clients, this dedup window and these record limits (None: no records at all; they are
+    counted by `records_size_bound`). tests/test_checkpoint_size.py checks it against a
+    ledger filled to the brim."""
     header = 1 + 1 + 3 * _UINT  # [version, dedup_window, initial_total, executed_count, ...
     header += _genesis_rule_bytes(accounts)
     accounts_bytes = (
@@ -138,7 +188,8 @@ def snapshot_size_bound(
     )
     per_client = 1 + _UINT + _UINT + _array_header(dedup_window) + dedup_window * DECISION_BYTES
     clients = _array_header(client_count) + client_count * per_client
-    return header + accounts_bytes + clients + _RECORDS_FIXED_BYTES
+    records = 0 if limits is None else records_size_bound(accounts, client_count, limits)
+    return header + accounts_bytes + clients + _RECORDS_FIXED_BYTES + records
 
 
 def checkpoint_record_bound(config: ClusterConfig, snapshot_bytes: int) -> int:
@@ -160,7 +211,9 @@ class CheckpointSize:
 def checkpoint_size(
     config: ClusterConfig, accounts: Mapping[str, Account], client_count: int
 ) -> CheckpointSize:
-    snapshot = snapshot_size_bound(accounts, client_count, config.dedup_window)
+    snapshot = snapshot_size_bound(
+        accounts, client_count, config.dedup_window, config.ledger_limits()
+    )
     return CheckpointSize(snapshot, checkpoint_record_bound(config, snapshot))
 
 
@@ -169,12 +222,16 @@ def checkpoint_size_problem(
     accounts: Mapping[str, Account],
     client_count: int,
     store_limit: int | None = None,
-    remedy: str = "use fewer accounts or clients, or a smaller protocol.dedup_window",
+    remedy: str = (
+        "use fewer accounts or clients, or a smaller protocol.dedup_window, "
+        "max_holds_per_client or max_refundable_per_client"
+    ),
 ) -> str | None:
     """Why a replica of this cluster could not store or restore its largest checkpoint, in
     one line ending in `remedy`, or None. `store_limit` is the driver's largest storable
     value, if it has one."""
     size = checkpoint_size(config, accounts, client_count)
+    records = records_size_bound(accounts, client_count, config.ledger_limits())
     limits = [
         (size.snapshot_bytes, MAX_SNAPSHOT_SIZE_BYTES, "ledger snapshot", "a replica restores"),
         (size.record_bytes, MAX_LOCAL_RECORD_BYTES, "checkpoint record", "a replica reads back"),
@@ -186,6 +243,7 @@ def checkpoint_size_problem(
             return (
                 f"the {what} can reach {needed:,} bytes ({len(accounts):,} accounts, "
                 f"{client_count:,} clients x dedup_window {config.dedup_window:,} decisions of "
-                f"up to {DECISION_BYTES} bytes), more than the {limit:,} bytes {who}; {remedy}"
+                f"up to {DECISION_BYTES} bytes, {records:,} bytes of holds, refundable "
+                f"payments and opened accounts), more than the {limit:,} bytes {who}; {remedy}"
             )
     return None

@@ -142,9 +142,10 @@ class BalanceRead:
     query_id: int
     account: str
     exists: bool
-    balance: int
+    balance: int  # available
     replicas: tuple[int, ...]
     seq: int
+    held: int = 0  # kept by open holds (issue 11); the f + 1 agree on both
 
 
 @dataclass(frozen=True)
@@ -229,7 +230,7 @@ class ClientCore:
         self.view_claims: dict[int, int] = {}
         self.outstanding: dict[int, _Outstanding] = {}
         # query id -> (account, next retry ms, (exists, balance) -> replica -> seq)
-        self.queries: dict[int, tuple[str, int, dict[tuple[int, int], dict[int, int]]]] = {}
+        self.queries: dict[int, tuple[str, int, dict[tuple[int, int, int], dict[int, int]]]] = {}
         self.decided = 0
         self.submitted = 0
         self.retransmissions = 0
@@ -338,10 +339,11 @@ class ClientCore:
         if reply.cluster_id != self.cluster_id:
             raise Rejected(DropReason.OTHER_CLUSTER)
         verify_signature(envelope, reply, self.keyring, self.cache)
-        for answer, voters in answers.items():
-            if answer != (reply.exists, reply.balance) and reply.replica in voters:
+        answer = (reply.exists, reply.balance, reply.held)
+        for other, voters in answers.items():
+            if other != answer and reply.replica in voters:
                 raise Rejected(DropReason.CONFLICTING_REPLY)
-        voters = answers.setdefault((reply.exists, reply.balance), {})
+        voters = answers.setdefault(answer, {})
         voters[reply.replica] = reply.seq
         if len(voters) < self.config.weak_quorum:
             return []
@@ -357,6 +359,7 @@ class ClientCore:
                 reply.balance,
                 tuple(sorted(voters)),
                 seq,
+                reply.held,
             )
         ]
 

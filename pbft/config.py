@@ -78,12 +78,24 @@ class ClusterConfig:
     # Issue 11's ledger records (pbft/holds.py says what they bound). Durations are batch
     # time, the only time execution knows.
     max_hold_duration_ms: int = 3_600_000
-    max_open_holds_per_client: int = 1024
+    # Every record counts against one client, so a checkpoint holds at most clients x these
+    # caps (pbft/checkpoint_size.py). With the defaults a client's records take at most
+    # 300 KB (a hold or payment row with the longest names is under 580 bytes) next to its
+    # 4096 decisions' 348 KB, so the 256 MiB a replica restores still takes about 400 clients
+    # with full windows, twice the largest shipped scenario (200).
+    # Holds, open or closed; at the cap the oldest closed one is forgotten early. 256 open
+    # holds is far more than one buyer has pending; a shop's are counted on its customers.
+    max_holds_per_client: int = 256
+    # 16 accounts a client may open: enough for a shop's tills, small in every checkpoint.
     max_accounts_per_client: int = 16
     # A captured, voided or expired hold's fate is kept this long (then hold_not_found).
     closed_hold_retention_ms: int = 3_600_000
-    # A confirmed transfer or capture is refundable this long (0: no refunds).
+    # A confirmed transfer or capture is refundable this long (0: no refunds)...
     refund_window_ms: int = 3_600_000
+    # ... and only the client's latest this many (0: no refunds): at 500 payments/s the
+    # window alone would keep 1.8 M. 256 covers a payer's payments of the last hour at
+    # several a minute.
+    max_refundable_per_client: int = 256
 
     def __post_init__(self) -> None:
         if self.watermark_window == 0:
@@ -174,7 +186,11 @@ class ClusterConfig:
             "max_hold_duration_ms",
             f"must be in 1..{MAX_DURATION_MS}",
         )
-        for name in ("max_open_holds_per_client", "max_accounts_per_client"):
+        for name in (
+            "max_holds_per_client",
+            "max_accounts_per_client",
+            "max_refundable_per_client",
+        ):
             _require(0 <= getattr(self, name) <= MAX_PER_CLIENT, name, f"0..{MAX_PER_CLIENT}")
         for name in ("closed_hold_retention_ms", "refund_window_ms"):
             _require(0 <= getattr(self, name) <= MAX_DURATION_MS, name, f"0..{MAX_DURATION_MS}")
@@ -188,10 +204,11 @@ class ClusterConfig:
         """The bounds the ledger's records keep to (part of every replica's genesis)."""
         return LedgerLimits(
             self.max_hold_duration_ms,
-            self.max_open_holds_per_client,
+            self.max_holds_per_client,
             self.max_accounts_per_client,
             self.closed_hold_retention_ms,
             self.refund_window_ms,
+            self.max_refundable_per_client,
         )
 
     # Every threshold the protocol uses comes from the four properties below, and they hold

@@ -10,18 +10,31 @@ leaves in the digest's tree. A new record takes the smallest free slot (a min-he
 removed record's slot becomes an empty ["free"] leaf, so a change rehashes O(log n) nodes
 and the tree only ever grows at its end (to the most records ever held at once).
 
-What bounds memory (all limits come from LedgerLimits, from the cluster config):
-- open holds: at most max_open_holds_per_client per client;
-- closed holds (captured, voided, expired): each is kept closed_hold_retention_ms of batch
-  time after it closed (so a second capture answers hold_already_captured, not
-  hold_not_found), then forgotten;
-- refundable payments (every confirmed transfer and capture): kept refund_window_ms of
-  batch time after they were paid, then forgotten (a refund then is payment_not_found);
-  a refund window of 0 keeps none;
+What bounds memory (all limits come from LedgerLimits, from the cluster config). Every
+record counts against one client: a hold against the client that authorized it, a payment
+against the client whose id it carries (the transfer's sender, or for a capture the hold's
+authorizer; both are the payer's owner), an opened account against its owner. So no client
+can push out another's records, and what is kept is bounded by the number of clients times
+the per-client caps, whatever the request rate (pbft/checkpoint_size.py counts it):
+- holds, open or closed: at most max_holds_per_client per client. An authorize beyond that
+  many open holds is rejected with too_many_holds; otherwise, at the cap, the client's
+  oldest closed hold (earliest closed, then lowest request id) is forgotten early to make
+  room, and a capture or void naming it is then answered hold_not_found;
+- closed holds (captured, voided, expired) are also forgotten closed_hold_retention_ms of
+  batch time after they closed (until then a second capture answers
+  hold_already_captured, not hold_not_found);
+- refundable payments (every confirmed transfer and capture): at most
+  max_refundable_per_client per client, the oldest (earliest paid, then lowest request id)
+  forgotten first to make room, and each forgotten refund_window_ms of batch time after it
+  was paid; a refund of a forgotten payment is answered payment_not_found. A refund window
+  or cap of 0 keeps none;
 - opened accounts: at most max_accounts_per_client per client, for good (accounts are
-  never closed);
-- the expiry heap holds one entry per hold authorized within the last max_hold_duration_ms.
-So what is kept grows with the request rate times those durations, never with history.
+  never closed; too_many_accounts beyond);
+- the time-ordered heaps drop entries of records forgotten early lazily and are rebuilt
+  once they hold more than twice the live entries, so they stay within a constant factor
+  of the records.
+Eviction and forgetting depend only on the records and the batch time, so every replica
+forgets the same records in the same batch.
 """
 
 from __future__ import annotations
@@ -44,6 +57,10 @@ MAX_ID = 2**64 - 1
 MAX_CLIENT_ID = 2**32 - 1
 MAX_ACCOUNT_NAME_LENGTH = 64
 FREE_LEAF = msgpack.packb(["free"], use_bin_type=True)
+LIMITS_ROW_LENGTH = 6
+# A time-ordered heap is rebuilt from the live records once its stale entries (of records
+# forgotten early) outnumber them by this slack.
+_HEAP_SLACK = 64
 
 
 class HoldState(enum.StrEnum):
@@ -65,18 +82,20 @@ class LedgerLimits:
     """The bounds of issue 11's records (see the module docstring)."""
 
     max_hold_duration_ms: int = 3_600_000
-    max_open_holds_per_client: int = 1024
+    max_holds_per_client: int = 256
     max_accounts_per_client: int = 16
     closed_hold_retention_ms: int = 3_600_000
     refund_window_ms: int = 3_600_000
+    max_refundable_per_client: int = 256
 
     def __post_init__(self) -> None:
         for name, low, high in (
             ("max_hold_duration_ms", 1, MAX_DURATION_MS),
-            ("max_open_holds_per_client", 0, MAX_PER_CLIENT),
+            ("max_holds_per_client", 0, MAX_PER_CLIENT),
             ("max_accounts_per_client", 0, MAX_PER_CLIENT),
             ("closed_hold_retention_ms", 0, MAX_DURATION_MS),
             ("refund_window_ms", 0, MAX_DURATION_MS),
+            ("max_refundable_per_client", 0, MAX_PER_CLIENT),
         ):
             value = getattr(self, name)
             if type(value) is not int or not low <= value <= high:
@@ -86,16 +105,17 @@ class LedgerLimits:
         """As snapshots and the digest's header leaf carry it."""
         return [
             self.max_hold_duration_ms,
-            self.max_open_holds_per_client,
+            self.max_holds_per_client,
             self.max_accounts_per_client,
             self.closed_hold_retention_ms,
             self.refund_window_ms,
+            self.max_refundable_per_client,
         ]
 
     @classmethod
     def from_row(cls, row: object) -> LedgerLimits:
-        if not isinstance(row, list) or len(row) != 5:
-            raise RecordError(f"limits must be a 5-item array, got {row!r}")
+        if not isinstance(row, list) or len(row) != LIMITS_ROW_LENGTH:
+            raise RecordError(f"limits must be a {LIMITS_ROW_LENGTH}-item array, got {row!r}")
         try:
             return cls(*row)
         except ValueError as error:
@@ -192,10 +212,16 @@ class Records:
         # (expires_at, client, request) per hold authorized: an entry whose hold has closed
         # since is skipped when it comes due (cheaper than removing it from the heap).
         self._expiry: list[tuple[int, int, int]] = []
-        # (forget at, client, request) of closed holds and of refundable payments.
+        # (forget at, client, request) of closed holds and of refundable payments, in time
+        # order; an entry whose record was forgotten early (evicted) is skipped.
         self._closed: list[tuple[int, int, int]] = []
         self._refundable: list[tuple[int, int, int]] = []
+        # Per client, (forget at, request) of its closed holds and of its refundable
+        # payments: min-heaps holding only live records, whose top is the one to evict.
+        self.closed_by: dict[int, list[tuple[int, int]]] = {}
+        self.paid_by: dict[int, list[tuple[int, int]]] = {}
         self.open_holds: dict[int, int] = {}
+        self.open_total = 0
         self.opened_by: dict[int, int] = {}
         # Slots changed since the last digest (a dict: the same order in every process).
         self.dirty: dict[int, None] = {}
@@ -231,15 +257,34 @@ class Records:
 
     # -- holds -------------------------------------------------------------------------
 
+    def holds_of(self, client_id: int) -> int:
+        """How many holds, open or closed, count against `client_id`'s cap."""
+        return self.open_holds.get(client_id, 0) + len(self.closed_by.get(client_id, ()))
+
     def add_hold(
         self, hold_id: tuple[int, int], payer: str, payee: str, amount: int, expires_at: int
     ) -> Hold:
+        """Open a hold. The caller has checked the client's open holds are below the cap;
+        at the cap its oldest closed hold is forgotten to make room."""
         client_id, request_id = hold_id
+        if self.open_holds.get(client_id, 0) >= self.limits.max_holds_per_client:
+            raise ValueError(f"client {client_id} is at its cap of open holds")
+        if self.holds_of(client_id) >= self.limits.max_holds_per_client:
+            _, oldest = _pop_own(self.closed_by, client_id)
+            self._release_slot(self.holds.pop((client_id, oldest)).slot)
         hold = Hold(client_id, request_id, payer, payee, amount, expires_at, HoldState.OPEN, 0, 0)
         hold.slot = self._allocate(hold)
         self.holds[hold_id] = hold
         self.open_holds[client_id] = self.open_holds.get(client_id, 0) + 1
+        self.open_total += 1
         heapq.heappush(self._expiry, (expires_at, client_id, request_id))
+        if len(self._expiry) > 2 * self.open_total + _HEAP_SLACK:
+            self._expiry = [
+                (kept.expires_at, *kept.hold_id)
+                for kept in self.holds.values()
+                if kept.state is HoldState.OPEN
+            ]
+            heapq.heapify(self._expiry)
         return hold
 
     def close_hold(self, hold: Hold, state: HoldState, now_ms: int) -> None:
@@ -251,8 +296,12 @@ class Records:
             self.open_holds[hold.client_id] = left
         else:
             del self.open_holds[hold.client_id]
+        self.open_total -= 1
         forget_at = now_ms + self.limits.closed_hold_retention_ms
+        heapq.heappush(self.closed_by.setdefault(hold.client_id, []), (forget_at, hold.request_id))
         heapq.heappush(self._closed, (forget_at, hold.client_id, hold.request_id))
+        if len(self._closed) > 2 * (len(self.holds) - self.open_total) + _HEAP_SLACK:
+            self._closed = _time_heap(self.closed_by)
 
     def due_expiries(self, now_ms: int) -> list[Hold]:
         """The open holds whose time is up at `now_ms`, in (expires_at, hold id) order."""
@@ -270,14 +319,22 @@ class Records:
     def add_payment(
         self, payment_id: tuple[int, int], payer: str, payee: str, amount: int, now_ms: int
     ) -> None:
-        window = self.limits.refund_window_ms
-        if window == 0:
+        """Keep a confirmed payment refundable; at the client's cap its oldest refundable
+        payment is forgotten to make room."""
+        window, cap = self.limits.refund_window_ms, self.limits.max_refundable_per_client
+        if window == 0 or cap == 0:
             return
         client_id, request_id = payment_id
+        if len(self.paid_by.get(client_id, ())) >= cap:
+            _, oldest = _pop_own(self.paid_by, client_id)
+            self._release_slot(self.payments.pop((client_id, oldest)).slot)
         paid = Paid(client_id, request_id, payer, payee, amount, 0, now_ms + window, 0)
         paid.slot = self._allocate(paid)
         self.payments[payment_id] = paid
+        heapq.heappush(self.paid_by.setdefault(client_id, []), (paid.refundable_until, request_id))
         heapq.heappush(self._refundable, (paid.refundable_until, client_id, request_id))
+        if len(self._refundable) > 2 * len(self.payments) + _HEAP_SLACK:
+            self._refundable = _time_heap(self.paid_by)
 
     # -- accounts ----------------------------------------------------------------------
 
@@ -294,13 +351,20 @@ class Records:
         """Drop closed holds past their retention and payments past their refund window."""
         closed = self._closed
         while closed and closed[0][0] <= now_ms:
-            _, client_id, request_id = heapq.heappop(closed)
-            hold = self.holds.pop((client_id, request_id))
+            forget_at, client_id, request_id = heapq.heappop(closed)
+            hold = self.holds.get((client_id, request_id))
+            if hold is None:
+                continue  # evicted for a newer hold of its client
+            _drop_own(self.closed_by, client_id, (forget_at, request_id))
+            del self.holds[(client_id, request_id)]
             self._release_slot(hold.slot)
         refundable = self._refundable
         while refundable and refundable[0][0] <= now_ms:
-            _, client_id, request_id = heapq.heappop(refundable)
-            paid = self.payments.pop((client_id, request_id))
+            forget_at, client_id, request_id = heapq.heappop(refundable)
+            paid = self.payments.pop((client_id, request_id), None)
+            if paid is None:
+                continue  # evicted for a newer payment of its client
+            _drop_own(self.paid_by, client_id, (forget_at, request_id))
             self._release_slot(paid.slot)
 
     # -- snapshots ---------------------------------------------------------------------
@@ -346,9 +410,15 @@ class Records:
     def finish_loading(self) -> None:
         """After load_leaf of every slot: the free list and the per-client caps."""
         self._free = [slot for slot, record in enumerate(self.slots) if record is None]
-        for client_id, count in self.open_holds.items():
-            if count > self.limits.max_open_holds_per_client:
-                raise RecordError(f"client {client_id} has {count} open holds")
+        self.open_total = sum(self.open_holds.values())
+        limits = self.limits
+        for client_id in sorted(dict.fromkeys([*self.open_holds, *self.closed_by])):
+            count = self.holds_of(client_id)
+            if count > limits.max_holds_per_client:
+                raise RecordError(f"client {client_id} has {count} holds")
+        for client_id, own in self.paid_by.items():
+            if len(own) > limits.max_refundable_per_client:
+                raise RecordError(f"client {client_id} has {len(own)} refundable payments")
         for client_id, count in self.opened_by.items():
             if count > self.limits.max_accounts_per_client:
                 raise RecordError(f"client {client_id} opened {count} accounts")
@@ -394,6 +464,7 @@ class Records:
                 if hold.closed_at > now_ms or not kept:
                     raise RecordError(f"slot {slot}: closed hold {hold_id} out of its time")
                 heapq.heappush(self._closed, (forget_at, *hold_id))
+                heapq.heappush(self.closed_by.setdefault(hold_id[0], []), (forget_at, hold_id[1]))
             self.holds[hold_id] = hold
             record = hold
         elif tag == "payment":
@@ -416,6 +487,9 @@ class Records:
                 raise RecordError(f"slot {slot}: payment {payment_id} out of its window")
             self.payments[payment_id] = paid
             heapq.heappush(self._refundable, (paid.refundable_until, *payment_id))
+            heapq.heappush(
+                self.paid_by.setdefault(payment_id[0], []), (paid.refundable_until, payment_id[1])
+            )
             record = paid
         else:
             name, owner, available, held = fields[1:]
@@ -432,6 +506,38 @@ class Records:
             self.opened_by[account.owner] = self.opened_by.get(account.owner, 0) + 1
             record = account
         self.slots[slot] = record
+
+
+def _pop_own(by_client: dict[int, list[tuple[int, int]]], client_id: int) -> tuple[int, int]:
+    """Pop a client's oldest (forget at, request) entry."""
+    own = by_client[client_id]
+    entry = heapq.heappop(own)
+    if not own:
+        del by_client[client_id]
+    return entry
+
+
+def _drop_own(
+    by_client: dict[int, list[tuple[int, int]]], client_id: int, entry: tuple[int, int]
+) -> None:
+    """Remove a record forgotten by time from its client's heap: the time heap forgets in
+    (time, client, request) order and evictions take each client's oldest, so the record
+    is that heap's top; anything else is searched for rather than trusted."""
+    own = by_client[client_id]
+    if own[0] == entry:
+        heapq.heappop(own)
+    else:
+        own.remove(entry)
+        heapq.heapify(own)
+    if not own:
+        del by_client[client_id]
+
+
+def _time_heap(by_client: dict[int, list[tuple[int, int]]]) -> list[tuple[int, int, int]]:
+    """The (time, client, request) heap of every live entry of the per-client heaps."""
+    heap = [(at, client_id, request) for client_id, own in by_client.items() for at, request in own]
+    heapq.heapify(heap)
+    return heap
 
 
 def _int(value: object, high: int, low: int = 0) -> int:

@@ -63,7 +63,7 @@ MAX_ACCOUNT_NAME_LENGTH = 64
 BODY_DIGEST_SIZE_BYTES = 32
 # Eviction floor of a client that has not forgotten anything yet (-1 in snapshots).
 NOTHING_EVICTED = -1
-SNAPSHOT_FORMAT_VERSION = 3
+SNAPSHOT_FORMAT_VERSION = 4
 # Snapshots arrive from other replicas during state transfer and are untrusted;
 # this bounds the memory a malicious snapshot can make us allocate.
 MAX_SNAPSHOT_SIZE_BYTES = 256 * 1024 * 1024

@@ -9,7 +9,7 @@ the first failing rule is the answer, so a retry gets the same one:
 - transfer: invalid_amount, same_account, unknown_account (payer, then payee), unauthorized
   (payer's owner), insufficient_funds, invalid_amount (payee would overflow).
 - authorize: invalid_amount, invalid_expiry (not in 1..max_hold_duration_ms),
-  same_account, unknown_account, unauthorized (payer's owner), too_many_holds,
+  same_account, unknown_account, unauthorized (payer's owner), too_many_holds (open ones),
   insufficient_funds.
 - capture: invalid_amount, hold_not_found, unauthorized (payee's owner),
   hold_already_captured / hold_already_voided / hold_expired, exceeds_hold,
@@ -132,8 +132,9 @@ class OperationRules:
             return Reason.UNKNOWN_ACCOUNT, ()
         if self._owner(payer) != payment.client_id:
             return Reason.UNAUTHORIZED, ()
+        # Only open holds are refused: closed ones make room (pbft/holds.py).
         open_holds = records.open_holds.get(payment.client_id, 0)
-        if open_holds >= records.limits.max_open_holds_per_client:
+        if open_holds >= records.limits.max_holds_per_client:
             return Reason.TOO_MANY_HOLDS, ()
         if payer_balance < amount:
             return Reason.INSUFFICIENT_FUNDS, ()

@@ -453,8 +453,9 @@ class BalanceQuery(Message):
 
 @dataclass(frozen=True)
 class BalanceReply(Message):
-    """One replica's signed answer: the balance after executing up to `seq`, in the
-    cluster `cluster_id`. `exists` is 0 when there is no such account (then `balance` is 0)."""
+    """One replica's signed answer: the balances after executing up to `seq`, in the
+    cluster `cluster_id`: `balance` is what is available, `held` what open holds keep
+    (issue 11). `exists` is 0 when there is no such account (then both are 0)."""
 
     replica: int
     client_id: int
@@ -464,6 +465,7 @@ class BalanceReply(Message):
     balance: int
     seq: int
     cluster_id: bytes
+    held: int
 
     TYPE = MessageType.BALANCE_REPLY
     SCHEMA: ClassVar[dict[str, Spec]] = {
@@ -475,6 +477,7 @@ class BalanceReply(Message):
         "balance": UInt(),
         "seq": SEQ,
         "cluster_id": HASH,
+        "held": UInt(),
     }
 
 

@@ -66,10 +66,14 @@ class Ordering:
         self.last_executed = 0
         self.chain_hash = ctx.verifier.genesis_chain_hash
         self.last_execution_ms = 0
-        # The agreed timestamp of the last executed batch: where the next stamps start. (After
-        # a state transfer it is the one from before, still a lower bound.)
-        self.last_executed_timestamp_ms = 0
         self.signed_replies = SignedReplies()
+
+    @property
+    def last_executed_timestamp_ms(self) -> int:
+        """The agreed timestamp of the last executed batch: where the next stamps start. The
+        ledger keeps it (in its snapshots and digest too), so it is right after a state
+        transfer or a restart from a checkpoint, not only after executing here."""
+        return self.ledger.batch_time_ms
 
     def vote(self, slot: Slot, kind: str, message: Prepare | Commit | PrePrepare) -> bytes:
         """Sign a vote, after checking we never signed a different one at (kind, view, seq)."""
@@ -470,7 +474,6 @@ class Ordering:
             self.reply(proposal.seq, results)
         self.last_executed = proposal.seq
         self.chain_hash = proposal.entry_digest
-        self.last_executed_timestamp_ms = proposal.timestamp_ms
         self.last_execution_ms = self.ctx.now_ms
         self.ctx.requests.count_ordered(len(proposal.requests))
         self.ctx.viewchanges.progress_made()

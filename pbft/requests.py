@@ -124,7 +124,8 @@ class Requests:
         return relayer
 
     def on_balance_query(self, query: BalanceQuery, opened: Opened) -> None:
-        balance = self.ctx.ordering.ledger.balance(query.account)
+        ledger = self.ctx.ordering.ledger
+        balance = ledger.balance(query.account)
         reply = BalanceReply(
             self.ctx.id,
             query.client_id,
@@ -134,6 +135,7 @@ class Requests:
             balance or 0,
             self.ctx.ordering.last_executed,
             self.ctx.cluster_id,
+            ledger.held(query.account) or 0,
         )
         self.ctx.send(("client", query.client_id), seal(reply, self.ctx.key))
 

@@ -80,6 +80,8 @@ CLIENT_FUZZ_BEHAVIORS: tuple[str, ...] = tuple(
     for name in getattr(scenario_module, "CLIENT_BEHAVIORS", ())
     if name in getattr(adversary, "CLIENT_BEHAVIORS", {})
     and all(parameter == "kind" for parameter in _CLIENT_BEHAVIOR_PARAMETERS.get(name, ()))
+    # The generated workloads are transfers only: such a client would do nothing there.
+    and not getattr(adversary.CLIENT_BEHAVIORS[name], "OPERATIONS_ONLY", False)
 )
 # Kinds of fault a case may switch on (swarm testing: each case enables a random subset).
 NODE_FAULT_KINDS = ("crash", "crash_restart", "crash_wipe", "wipe", "pause")

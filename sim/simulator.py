@@ -27,6 +27,7 @@ from pbft.history import MemoryHistoryStore
 from pbft.host import Outgoing, carry_out, carry_out_client, peers_of, step, write_records
 from pbft.ledger import Ledger, genesis_total
 from pbft.messages import MessageType, NewView, Prepare, PrePrepare, Reply, Request
+from pbft.operations import Operation
 from pbft.replica import Replica
 from pbft.signed import Rejected, peek, type_code_of
 from pbft.stats import nearest_rank
@@ -441,6 +442,9 @@ class Simulation:
             accounts=workload.accounts,
             initial_balance=workload.initial_balance,
             overdraw=workload.overdraw,
+            mix=workload.mix,
+            expires_in_ms=workload.expires_in_ms,
+            wrong_ref=workload.wrong_ref,
         )
 
     def _boot(self, node: ReplicaNode) -> Replica:
@@ -627,14 +631,30 @@ class Simulation:
     def _submit(self, payment: PlannedPayment) -> None:
         client = self.clients[payment.client_id]
         identity = (payment.client_id, payment.request_id)
-        actions = client.submit(payment.request_id, payment.payer, payment.payee, payment.amount)
+        operation = Operation(
+            payment.op,
+            payment.payer,
+            payment.payee,
+            payment.amount,
+            payment.ref_client,
+            payment.ref_request,
+            payment.expires_in_ms,
+        )
+        actions = client.submit_operation(payment.request_id, operation)
         self.observed.submitted[identity] = client.outstanding[payment.request_id].digest
         self.submitted_at_us[identity] = self.now_us
+        detail = f"{payment.request_id} {payment.payer}>{payment.payee} {payment.amount}"
+        if payment.op != "transfer":
+            # A transfer's line is as it always was (the trace hashes of transfer-only runs).
+            detail = (
+                f"{detail} {payment.op} ref {payment.ref_client}:{payment.ref_request} "
+                f"expires {payment.expires_in_ms}"
+            )
         self.trace.record(
             self.now_us,
             "submit",
             f"c{payment.client_id}",
-            f"{payment.request_id} {payment.payer}>{payment.payee} {payment.amount}",
+            detail,
             {"payment": f"{payment.client_id}:{payment.request_id}"},
         )
         self._client_actions(payment.client_id, actions)
@@ -891,6 +911,7 @@ class Simulation:
                 (replica, executed.seq, earlier, executed.entry_digest)
             )
         entries[executed.seq] = executed.entry_digest
+        self.observed.executed_batches.setdefault(replica, {}).setdefault(executed.seq, executed)
         requests = self.observed.executed_requests.setdefault(replica, {})
         for record in executed.requests:
             requests.setdefault((record.client_id, record.request_id), []).append(

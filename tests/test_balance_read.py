@@ -9,7 +9,7 @@ from pbft.client import BalanceRead, ClientCore
 from pbft.events import MessageReceived, Send
 from pbft.genesis import compute_cluster_id
 from pbft.ledger import Account
-from pbft.messages import BalanceQuery, BalanceReply
+from pbft.messages import BalanceQuery, BalanceReply, Request
 from pbft.signed import open_envelope, seal
 
 
@@ -28,13 +28,48 @@ def test_replica_answers_a_signed_balance_query_from_its_ledger() -> None:
 
 
 def _reply(
-    cluster: Cluster, replica: int, balance: int, seq: int = 4, cluster_id: bytes | None = None
+    cluster: Cluster,
+    replica: int,
+    balance: int,
+    seq: int = 4,
+    cluster_id: bytes | None = None,
+    held: int = 0,
 ) -> bytes:
     named = cluster.cluster_id if cluster_id is None else cluster_id
     return seal(
-        BalanceReply(replica, 0, 9, "alice", 1, balance, seq, named),
+        BalanceReply(replica, 0, 9, "alice", 1, balance, seq, named, held),
         cluster.replica_keys[replica],
     )
+
+
+def test_a_replica_reports_the_available_and_the_held_balance() -> None:
+    cluster = Cluster(max_clock_skew_ms=1_000)
+    replica = cluster.replica(2)
+    cluster.tick(replica, 5_000)
+    hold = seal(
+        Request(0, 1, "authorize", "alice", "carol", 30, expires_in_ms=60_000),
+        cluster.client_keys[0],
+    )
+    cluster.drive_commit(replica, cluster.chain().append([hold], timestamp_ms=5_000))
+    assert replica.ledger.held("alice") == 30
+    query = seal(BalanceQuery(0, 7, "alice"), cluster.client_keys[0])
+    (raw,) = send_raws(cluster.deliver(replica, query), ("client", 0))
+    reply = open_envelope(raw, cluster.keyring, cluster.cache, BalanceReply).message
+    assert isinstance(reply, BalanceReply)
+    assert (reply.balance, reply.held) == (replica.ledger.balance("alice"), 30)
+    assert reply.seq == 1
+
+
+def test_f_plus_one_replicas_must_agree_on_the_held_balance_too() -> None:
+    cluster = Cluster()
+    client = cluster.client(0)
+    client.query_balance(9, "alice")
+    # Replica 0 lies about what is held only: its answer is a different one.
+    assert client.handle(MessageReceived(_reply(cluster, 0, 100, held=999))) == []
+    assert client.handle(MessageReceived(_reply(cluster, 1, 100, held=30))) == []
+    (read,) = client.handle(MessageReceived(_reply(cluster, 2, 100, held=30)))
+    assert isinstance(read, BalanceRead)
+    assert (read.balance, read.held, read.replicas) == (100, 30, (1, 2))
 
 
 def test_balance_read_needs_f_plus_one_matching_replies() -> None:

@@ -127,7 +127,7 @@ FACTORIES: dict[type[Struct], Callable[[], Struct]] = {
     ),
     StateRequest: lambda: StateRequest(3, 64, 16384),
     BalanceQuery: lambda: BalanceQuery(2, 77, "acct-00003"),
-    BalanceReply: lambda: BalanceReply(1, 2, 77, "acct-00003", 1, 12_345, 40, _h(22)),
+    BalanceReply: lambda: BalanceReply(1, 2, 77, "acct-00003", 1, 12_345, 40, _h(22), 6_789),
     LookupQuery: lambda: LookupQuery(2, 78, "history", 0, 0, "acct-00003", 40, 2, 50, 41),
     LookupAnswer: lambda: LookupAnswer(
         1,
@@ -704,7 +704,7 @@ def _valid_envelopes() -> list[bytes]:
         request,
         seal(Prepare(3, 17, 1, _h(3)), REPLICA_KEYS[1]),
         seal(PrePrepare(3, 17, 3, _h(1), _h(2), (request,), 0), REPLICA_KEYS[3]),
-        seal(BalanceReply(0, 7, 42, "alice", 1, 1500, 17, _h(5)), REPLICA_KEYS[0]),
+        seal(BalanceReply(0, 7, 42, "alice", 1, 1500, 17, _h(5), 250), REPLICA_KEYS[0]),
     ]
 
 

@@ -136,7 +136,7 @@ def _body(raw: bytes) -> bytes:
 SHOP, ALICE, BOB = 1, 2, 3  # client ids
 LIMITS = LedgerLimits(
     max_hold_duration_ms=1000,
-    max_open_holds_per_client=2,
+    max_holds_per_client=2,
     max_accounts_per_client=2,
     closed_hold_retention_ms=500,
     refund_window_ms=2000,
@@ -501,10 +501,11 @@ def test_money_is_conserved_over_available_and_held_or_the_ledger_stops() -> Non
     ("field", "value"),
     [
         ("max_hold_duration_ms", 0),
-        ("max_open_holds_per_client", -1),
+        ("max_holds_per_client", -1),
         ("max_accounts_per_client", 10**7),
         ("closed_hold_retention_ms", -1),
         ("refund_window_ms", 2**41),
+        ("max_refundable_per_client", -1),
     ],
 )
 def test_the_record_limits_are_validated_in_the_config(field: str, value: int) -> None:

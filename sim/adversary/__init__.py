@@ -28,7 +28,13 @@ forged senders), twins, clients (Byzantine clients), registry (every behaviour b
 """
 
 from sim.adversary.base import Adversary, Behavior, Silent
-from sim.adversary.clients import ClientBehavior, ClientReplay, ReuseRequestId, Steal
+from sim.adversary.clients import (
+    AbuseHolds,
+    ClientBehavior,
+    ClientReplay,
+    ReuseRequestId,
+    Steal,
+)
 from sim.adversary.noise import Forge, Garbage, Replay, WrongReply, flip_reply
 from sim.adversary.proposals import (
     BadChain,
@@ -52,6 +58,7 @@ from sim.adversary.votes import DoubleVote, VoteWithoutProposal, WithholdVotes
 __all__ = [
     "BEHAVIORS",
     "CLIENT_BEHAVIORS",
+    "AbuseHolds",
     "Adversary",
     "BadChain",
     "BadCheckpoint",

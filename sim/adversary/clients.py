@@ -27,6 +27,9 @@ class ClientBehavior:
     PARAMETERS: ClassVar[tuple[str, ...]] = ()  # as Behavior's
     # Request ids the client core never uses (the workload numbers from 1 up).
     OWN_ID_BASE = 1 << 40
+    # True: it acts only on the ledger's operations other than transfer, so a transfer-only
+    # workload (the fuzzer's) gives it nothing to do.
+    OPERATIONS_ONLY: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -199,3 +202,67 @@ class Steal(ClientBehavior):
         )
         self.stolen += 1
         return self.to_replicas(self.sealed(theft))
+
+
+class AbuseHolds(ClientBehavior):
+    """Tries the obvious abuses of holds and payments, each once its own request has been
+    confirmed, under request ids of its own, signed as itself (`kind`):
+    - "capture_twice": captures a hold again after its capture: hold_already_captured;
+    - "void_after_capture": voids a hold it captured: hold_already_captured;
+    - "refund_more": refunds one more than a capture it made paid: exceeds_refundable;
+    - "capture_others_hold": captures a hold it placed as the payer whose payee another
+      client owns (only the payee's owner captures): unauthorized.
+    Each must be refused by every correct replica (the checks of holds and refunds would
+    see it confirmed)."""
+
+    name = "abuse_holds"
+    OPERATIONS_ONLY = True
+    PARAMETERS: ClassVar[tuple[str, ...]] = ("kind",)
+    KINDS: ClassVar[tuple[str, ...]] = (
+        "capture_twice",
+        "void_after_capture",
+        "refund_more",
+        "capture_others_hold",
+    )
+    # The refusals each abuse is owed (tests check them against what the replicas decided).
+    EXPECTED_REASONS: ClassVar[dict[str, str]] = {
+        "capture_twice": "hold_already_captured",
+        "void_after_capture": "hold_already_captured",
+        "refund_more": "exceeds_refundable",
+        "capture_others_hold": "unauthorized",
+    }
+
+    def setup(self) -> None:
+        self.kind = str(self.params.get("kind", self.KINDS[0]))
+        if self.kind not in self.KINDS:
+            raise ValueError(f"abuse_holds kind must be one of {self.KINDS}, got {self.kind!r}")
+        self.abuses = 0
+
+    def _abuse(self, original: Request) -> Request | None:
+        hold = (original.ref_client, original.ref_request)
+        request_id = self.OWN_ID_BASE + self.abuses
+        if original.op == "capture":
+            if self.kind == "capture_twice":
+                return replace(original, request_id=request_id)
+            if self.kind == "void_after_capture":
+                return Request(self.client_id, request_id, "void", "", "", 0, *hold, 0)
+            if self.kind == "refund_more":
+                amount = original.amount + 1
+                return Request(self.client_id, request_id, "refund", "", "", amount, *hold, 0)
+        if original.op == "authorize" and self.kind == "capture_others_hold":
+            payee = self.accounts.get(original.payee)
+            if payee is not None and payee.owner != self.client_id:
+                own_hold = (self.client_id, original.request_id)
+                amount = original.amount
+                return Request(self.client_id, request_id, "capture", "", "", amount, *own_hold, 0)
+        return None
+
+    def on_decided(self, decided: Decided) -> list[ClientAction]:
+        original = self.originals.get(decided.request_id)
+        if original is None or decided.outcome != "confirmed":
+            return []
+        abuse = self._abuse(original)
+        if abuse is None:
+            return []
+        self.abuses += 1
+        return self.to_replicas(self.sealed(abuse))

@@ -10,7 +10,13 @@ from crypto.keys import KeyRing, SigningKey
 from pbft.config import ClusterConfig
 from pbft.ledger import Account
 from sim.adversary.base import Adversary, Behavior, Silent
-from sim.adversary.clients import ClientBehavior, ClientReplay, ReuseRequestId, Steal
+from sim.adversary.clients import (
+    AbuseHolds,
+    ClientBehavior,
+    ClientReplay,
+    ReuseRequestId,
+    Steal,
+)
 from sim.adversary.noise import Forge, Garbage, Replay, WrongReply
 from sim.adversary.proposals import (
     BadChain,
@@ -52,7 +58,7 @@ BEHAVIORS: dict[str, type[Behavior]] = {
 }
 
 CLIENT_BEHAVIORS: dict[str, type[ClientBehavior]] = {
-    behavior.name: behavior for behavior in (ReuseRequestId, ClientReplay, Steal)
+    behavior.name: behavior for behavior in (ReuseRequestId, ClientReplay, Steal, AbuseHolds)
 }
 
 

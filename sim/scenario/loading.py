@@ -45,8 +45,8 @@ from sim.scenario.spec import (
     Scenario,
     WorkloadSpec,
 )
-from sim.scenario.values import ScenarioError, describe, is_integer, show
-from sim.workload import genesis_accounts
+from sim.scenario.values import ScenarioError, describe, is_integer, key_path, show
+from sim.workload import OPERATIONS, genesis_accounts
 
 # Genesis is a rule (sim.workload.genesis_accounts): the ledger stores only the accounts
 # payments touch, so a million accounts cost a scenario one genesis build, not per payment.
@@ -85,7 +85,11 @@ _WORKLOAD_KEYS: Final = (
     "payments",
     "rate_per_s",
     "overdraw",
+    "mix",
+    "expires_in_ms",
+    "wrong_ref",
 )
+_EXPIRES_KEYS: Final = ("min", "max")
 _FAULT_KEYS: Final = (
     "at_ms",
     "action",
@@ -318,6 +322,16 @@ class _Reader(AdversaryReader):
         )
         overdraw = self.number(table.get("overdraw", defaults.overdraw), "workload.overdraw")
         self.check(0 <= overdraw <= 1, "workload.overdraw", f"must be in [0, 1], got {overdraw}")
+        wrong_ref = self.number(table.get("wrong_ref", defaults.wrong_ref), "workload.wrong_ref")
+        self.check(0 <= wrong_ref <= 1, "workload.wrong_ref", f"must be in [0, 1], got {wrong_ref}")
+        mix = defaults.mix
+        if "mix" in table:
+            mix = self.mix(self.table(table["mix"], "workload.mix"))
+        expires_in_ms = defaults.expires_in_ms
+        if "expires_in_ms" in table:
+            expires_in_ms = self.expires(
+                self.table(table["expires_in_ms"], "workload.expires_in_ms")
+            )
         return WorkloadSpec(
             clients=integer("clients", 1, 1000),
             accounts=accounts,
@@ -325,7 +339,35 @@ class _Reader(AdversaryReader):
             payments=integer("payments", 0, 1_000_000),
             rate_per_s=rate_per_s,
             overdraw=overdraw,
+            mix=mix,
+            expires_in_ms=expires_in_ms,
+            wrong_ref=wrong_ref,
         )
+
+    def mix(self, table: dict[str, Any]) -> tuple[tuple[str, float], ...]:
+        """Operation -> weight: known operations, weights >= 0, some weight > 0. Kept in
+        OPERATIONS order (not the file's), without the zero weights."""
+        weights: dict[str, float] = {}
+        for op, value in table.items():
+            path = key_path("workload.mix", op)
+            self.check(
+                op in OPERATIONS, path, f"unknown operation; expected {', '.join(OPERATIONS)}"
+            )
+            weight = self.number(value, path)
+            self.check(weight >= 0, path, f"weight must be at least 0, got {weight}")
+            weights[op] = weight
+        self.check(
+            sum(weights.values()) > 0, "workload.mix", "needs some operation with a weight above 0"
+        )
+        return tuple((op, weights[op]) for op in OPERATIONS if weights.get(op, 0) > 0)
+
+    def expires(self, table: dict[str, Any]) -> tuple[int, int]:
+        path = "workload.expires_in_ms"
+        self.known_keys(table, _EXPIRES_KEYS, path)
+        low = self.integer(self.required(table, "min", path), f"{path}.min", 1, MAX_DURATION_MS)
+        high = self.integer(self.required(table, "max", path), f"{path}.max", 1, MAX_DURATION_MS)
+        self.check(low <= high, f"{path}.max", f"must be at least min ({low}), got {high}")
+        return low, high
 
     def fault(self, table: dict[str, Any], path: str, replicas: int) -> FaultSpec:
         self.known_keys(table, _FAULT_KEYS, path)

@@ -13,6 +13,7 @@ from pbft.config import ClusterConfig, fault_tolerance_of
 from pbft.messages import MessageType
 from sim.adversary import registry
 from sim.scenario.values import ValueReader
+from sim.workload import TRANSFER_ONLY
 
 # Byzantine behaviours, their parameters (besides replica or client, behavior, at_ms and
 # until_ms) and the values of `kind` (the first the default), as the adversary's
@@ -112,6 +113,14 @@ class WorkloadSpec:
     rate_per_s: float = 100.0
     # Share of payments that ask for more than the payer holds, to exercise rejections.
     overdraw: float = 0.1
+    # Operation -> weight (sim.workload.OPERATIONS order, weights > 0 only). Transfers only
+    # by default.
+    mix: tuple[tuple[str, float], ...] = TRANSFER_ONLY
+    # An authorize's hold expires in [min, max] ms, drawn per hold.
+    expires_in_ms: tuple[int, int] = (500, 5000)
+    # Share of captures, voids and refunds that name a wrong hold or payment (one already
+    # closed, or an id nobody used), to exercise their refusals.
+    wrong_ref: float = 0.1
 
 
 @dataclass(frozen=True)
