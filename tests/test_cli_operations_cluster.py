@@ -114,17 +114,21 @@ class Cli:
         assert ran.out is not None
         return ran.out
 
-    def balance(self, account: str) -> int:
-        """The balance once f + 1 agreeing replicas have executed every request decided so
-        far: two replicas a step behind the two that decided could agree on an older one."""
+    def read(self, account: str) -> dict[str, Any]:
+        """`pbft balance` once f + 1 agreeing replicas have executed every request decided
+        so far: two replicas a step behind the two that decided could agree on an older one."""
         for _ in range(100):
             ran = self("balance", 0, "--account", account)
             assert ran.code == EXIT_OK, ran.err
             assert ran.out is not None
             if ran.out["as_of_seq"] >= _LAST_SEQ[0]:
-                return int(ran.out["balance"])
+                return ran.out
             time.sleep(0.05)
         raise AssertionError(f"no balance of {account} as of seq {_LAST_SEQ[0]}: {ran.out}")
+
+    def balance(self, account: str) -> int:
+        """The available balance (what a hold keeps is apart, in "held")."""
+        return int(self.read(account)["balance"])
 
     def verified(self, receipt: Path) -> dict[str, Any]:
         ran = self("verify-receipt", None, str(receipt))
@@ -147,6 +151,8 @@ def test_a_hold_captured_with_a_remainder_then_refunded_in_parts(cli: Cli, tmp_p
     hold = held["hold"]
     assert hold == f"0:{held['request_id']}" and held["op"] == "authorize"
     assert (cli.balance(PAYER), cli.balance(PAYEE)) == (payer - 300, payee)  # available
+    held_before = cli.read(PAYER)["held"]
+    assert held_before >= 300
 
     # Only the payee's owner captures, at most what is held.
     cli.refused("unauthorized", "capture", "capture", 0, "--hold", hold, "--amount", "10")
@@ -158,6 +164,7 @@ def test_a_hold_captured_with_a_remainder_then_refunded_in_parts(cli: Cli, tmp_p
     assert (captured["hold"], captured["payment"]) == (hold, hold)
     # The payee got 200; the remainder, 100, went back to the payer.
     assert (cli.balance(PAYER), cli.balance(PAYEE)) == (payer - 200, payee + 200)
+    assert cli.read(PAYER)["held"] == held_before - 300
     cli.refused("hold_already_captured", "capture", "capture", 1, "--hold", hold, "--amount", "1")
     cli.refused("hold_already_captured", "void", "void", 0, "--hold", hold)
 
