@@ -31,7 +31,6 @@ import trio
 
 from crypto.keys import Principal
 from pbft.events import Executed, MessageReceived, Note, Persist, Tick
-from pbft.history import DEFAULT_RETENTION_SEQS
 from pbft.host import Outgoing, carry_out_async, peers_of, records_of, step
 from pbft.replica import Replica
 from pbft.signed import client_may_send
@@ -260,10 +259,11 @@ class ReplicaNode:
         tick_ms: int = 5,
         log: TextIO | None = None,
         transport_config: TransportConfig | None = None,
-        history_retention_seqs: int = DEFAULT_RETENTION_SEQS,
+        history_retention_seqs: int | None = None,
     ) -> None:
         self.cluster = cluster
         # What lookups read (runtime/history_store.py), kept in the data directory.
+        # None: the cluster file's ([history] retention_seqs).
         self.history_retention_seqs = history_retention_seqs
         self.history: ThreadedHistoryStore | None = None
         self.replica_id = replica_id
@@ -290,6 +290,13 @@ class ReplicaNode:
         if self._transport_config is not None:
             return self._transport_config
         return self.cluster.transport_config()
+
+    @property
+    def history_retention(self) -> int:
+        """The seqs of history kept: the one given, else the cluster file's ([history])."""
+        if self.history_retention_seqs is not None:
+            return self.history_retention_seqs
+        return self.cluster.history_retention_seqs
 
     def log(self, event: str, **fields: object) -> None:
         record = {"time": round(time.time(), 6), "replica": self.replica_id, "event": event}
@@ -366,7 +373,7 @@ class ReplicaNode:
             self.history = ThreadedHistoryStore(
                 SqliteHistoryStore(
                     self.data_dir / f"history-{self.replica_id}.sqlite",
-                    self.history_retention_seqs,
+                    self.history_retention,
                 )
             )
             records = store.records()
