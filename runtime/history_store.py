@@ -1,8 +1,8 @@
 """The replica's history on disk: pbft.history.HistoryStore in SQLite (stdlib sqlite3).
 
-The node (runtime/node.py) feeds it every batch its core executed (`record_all`: a step's
-Executed outputs in one transaction, before the step's records are made durable) and
-the core reads it to answer lookups
+The node (runtime/node.py) feeds it every batch its core executed through
+ThreadedHistoryStore (below): a thread of its own writes what is queued in one
+transaction, off the node's step loop; and the core reads it to answer lookups
 (pbft/lookups.py). One row per executed request, indexed by (client_id, request_id) for
 status and by its reference (the hold or payment it names) for holds; one row per hold
 released at expiry, indexed by the hold; one row per account entry, keyed by (account,
@@ -12,17 +12,17 @@ says how many are kept), so the file stays bounded.
 No fsync per batch: the file is in WAL mode with synchronous=NORMAL, which syncs only when
 SQLite checkpoints its WAL (every 1000 pages by default): durable across a crash of the
 process, consistent after a power loss, which may lose the last writes. Cost (python -m
-runtime.history_bench): a few ms per batch of 64 transfers, most of it SQLite's inserts;
-writing it in a thread beside the log's fsync is the next step if that shows in throughput.
+runtime.history_bench): a few ms per batch of 64 transfers, most of it SQLite's inserts,
+paid by the history thread; the step loop pays about a microsecond to queue a batch.
 That is enough because history is derived state, and only of committed batches, which
 execute alike wherever and whenever they execute: after a restart the replica re-executes
 from its stable checkpoint (pbft/recovery.py) and the node records those batches again,
 which rewrites their rows idempotently (recording seq s drops s and everything after it
-first). The node commits a step's history before the step's own records are durable, so
-history never lags the stable checkpoint a restart resumes from (it may run ahead of the
-log: those batches are rewritten as they execute again). What a store lacks, it says: if
-its last write is older than the checkpoint (a power loss took the last WAL writes), or
-the replica caught up by state transfer, the seqs it never recorded fall before
+first). The node's durable writer flushes history before it writes a new stable
+checkpoint, so history never lags the checkpoint a restart resumes from (it may run ahead
+of the log: those batches are rewritten as they execute again). What a store lacks, it
+says: if its last write is older than the checkpoint (a power loss took the last WAL
+writes), or the replica caught up by state transfer, the seqs it never recorded fall before
 `held_from`, and lookups about them are answered "not held", never "not found"; the
 client's f + 1 matching gets the answer from replicas that hold it.
 """
