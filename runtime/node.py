@@ -157,6 +157,9 @@ class _Writer:
         self.urgent = trio.Event()  # a waited-for batch is queued
         self.written = trio.Event()  # set after each write (then replaced)
         self.deferred = 0  # deferred batches queued, not yet written
+        # A write raised (even one that left the store usable, as a ValueError from its
+        # checks does): its batch is gone, so nothing queued after it may be written.
+        self.failed = False
 
     async def persist(self, records: Sequence[Persist]) -> None:
         done = trio.Event()
@@ -183,7 +186,11 @@ class _Writer:
             self.work, self.urgent = trio.Event(), trio.Event()
             batch, self.queue = self.queue, []
             records = [record for records, _ in batch for record in records]
-            await trio.to_thread.run_sync(self._write, records)
+            try:
+                await trio.to_thread.run_sync(self._write, records)
+            except BaseException:
+                self.failed = True
+                raise
             self.deferred -= sum(1 for _, done in batch if done is None)
             for _, done in batch:
                 if done is not None:
@@ -193,7 +200,10 @@ class _Writer:
 
     def flush(self) -> None:
         """Write what is still queued, here and now (at a stop: the task is gone; a write in
-        its thread has finished, as trio waits for the thread)."""
+        its thread has finished, as trio waits for the thread); nothing after a failed
+        write, so the log stays a prefix of the steps."""
+        if self.failed:
+            return
         batch, self.queue = self.queue, []
         records = [record for records, _ in batch for record in records]
         if records:
