@@ -356,7 +356,7 @@ class CatchUp:
             )
             return
         try:
-            ledger = Ledger.restore(state.ledger_snapshot)
+            ledger = Ledger.restore(state.ledger_snapshot, self.ctx.config.ledger_limits())
         except LedgerSnapshotError as error:
             raise Rejected(DropReason.BAD_SNAPSHOT, str(error)) from None
         # Before the digest: a few bytes naming another (say, ten million account) genesis

@@ -51,7 +51,12 @@ import msgpack
 MAX_TIME_MS = 2**62
 MAX_DURATION_MS = 2**40
 MAX_PER_CLIENT = 1_000_000
-MAX_SLOTS = 2**32
+# No valid ledger has more record slots than this many of the smallest record row
+# ([slot, "opened", name, owner, available, held]: 1 + 1 + 7 + 2 + 3 bytes) fit in a
+# snapshot (pbft/ledger.py's MAX_SNAPSHOT_SIZE_BYTES, 256 MiB; a test checks they agree):
+# a cluster's config must fit every client at every cap in one (pbft/checkpoint_size.py).
+MIN_RECORD_ROW_BYTES = 14
+MAX_SLOTS = 256 * 1024 * 1024 // MIN_RECORD_ROW_BYTES
 MAX_AMOUNT = 2**63 - 1
 MAX_ID = 2**64 - 1
 MAX_CLIENT_ID = 2**32 - 1
@@ -375,13 +380,22 @@ class Records:
 
     @classmethod
     def from_rows(
-        cls, limits: LedgerLimits, slot_count: object, rows: object, now_ms: int
+        cls,
+        limits: LedgerLimits,
+        slot_count: object,
+        rows: object,
+        now_ms: int,
+        client_count: int,
     ) -> Records:
         """The inverse of rows() for untrusted input: RecordError unless every record is
-        one a ledger at batch time `now_ms` with these limits could hold. (Whether the
-        accounts named exist and the held balances match is the ledger's check.)"""
-        if type(slot_count) is not int or not 0 <= slot_count <= MAX_SLOTS:
-            raise RecordError(f"slot count must be an int in [0, {MAX_SLOTS}], got {slot_count!r}")
+        one a ledger at batch time `now_ms` with these limits and `client_count` clients
+        could hold. (Whether the accounts named exist and the held balances match is the
+        ledger's check.)"""
+        # Checked before anything is allocated from it: a few bytes of snapshot must not
+        # make us build billions of free slots.
+        high = slot_bound(limits, client_count)
+        if type(slot_count) is not int or not 0 <= slot_count <= high:
+            raise RecordError(f"slot count must be an int in [0, {high}], got {slot_count!r}")
         if not isinstance(rows, list) or len(rows) > slot_count:
             raise RecordError("records must be an array of at most slot count rows")
         records = cls(limits)
@@ -398,11 +412,14 @@ class Records:
         records.finish_loading()
         return records
 
-    def load_leaf(self, slot: int, fields: list[Any], now_ms: int) -> None:
+    def load_leaf(self, slot: int, fields: list[Any], now_ms: int, client_count: int) -> None:
         """Put a record leaf's fields (tag first) at `slot` (state transfer: leaves arrive
-        in slot order, each checked as from_rows checks a row)."""
+        in slot order after every client leaf, each checked as from_rows checks a row)."""
         if slot != len(self.slots):
             raise RecordError(f"record leaf for slot {slot} out of order")
+        high = slot_bound(self.limits, client_count)
+        if slot >= high:
+            raise RecordError(f"more than {high} record slots for {client_count} clients")
         self.slots.append(None)
         if fields != ["free"]:
             self._load(slot, fields, now_ms)
@@ -506,6 +523,19 @@ class Records:
             self.opened_by[account.owner] = self.opened_by.get(account.owner, 0) + 1
             record = account
         self.slots[slot] = record
+
+
+def slot_bound(limits: LedgerLimits, client_count: int) -> int:
+    """The most record slots a valid ledger with `client_count` clients can have. Every
+    record counts against a client of the dedup table (which never forgets a client), and
+    the slots grow only to the most records held at once, so at most every client at every
+    cap, and never more than MAX_SLOTS."""
+    per_client = (
+        limits.max_holds_per_client
+        + (limits.max_refundable_per_client if limits.refund_window_ms else 0)
+        + limits.max_accounts_per_client
+    )
+    return min(MAX_SLOTS, client_count * per_client)
 
 
 def _pop_own(by_client: dict[int, list[tuple[int, int]]], client_id: int) -> tuple[int, int]:

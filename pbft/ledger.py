@@ -892,9 +892,10 @@ class Ledger(OperationRules):
         return _packb(state)
 
     @classmethod
-    def restore(cls, snapshot: bytes) -> Ledger:
+    def restore(cls, snapshot: bytes, limits: LedgerLimits | None = None) -> Ledger:
         """Inverse of snapshot(); anything but a canonical valid snapshot raises
-        LedgerSnapshotError."""
+        LedgerSnapshotError. With `limits` (the cluster's), a snapshot with other record
+        limits is refused before anything is sized by them."""
         if not isinstance(snapshot, bytes | bytearray | memoryview):
             raise LedgerSnapshotError(f"snapshot must be bytes, got {type(snapshot).__name__}")
         snapshot = bytes(snapshot)
@@ -917,14 +918,17 @@ class Ledger(OperationRules):
         except Exception as error:
             raise LedgerSnapshotError(f"undecodable snapshot: {error}") from error
 
-        ledger = cls._from_state(state)
+        try:
+            ledger = cls._from_state(state, limits)
+        except MemoryError:  # a backstop: every count is bounded before it is allocated
+            raise LedgerSnapshotError("snapshot too large to restore") from None
         # Rejects every non-canonical encoding (wider int formats, etc.) at once.
         if ledger.snapshot() != snapshot:
             raise LedgerSnapshotError("snapshot is not canonically encoded")
         return ledger
 
     @classmethod
-    def _from_state(cls, state: Any) -> Ledger:
+    def _from_state(cls, state: Any, expected_limits: LedgerLimits | None) -> Ledger:
         fields = _snapshot_array(state, "state", length=11)
         version, dedup_window, initial_total, executed_count, rule, accounts, clients = fields[:7]
         limits_row, batch_time_ms, slot_count, record_rows = fields[7:]
@@ -936,7 +940,12 @@ class Ledger(OperationRules):
         batch_time_ms = _snapshot_int(batch_time_ms, "batch_time_ms", low=0, high=MAX_TIME_MS)
         try:
             limits = LedgerLimits.from_row(limits_row)
-            records = Records.from_rows(limits, slot_count, record_rows, batch_time_ms)
+            if expected_limits is not None and limits != expected_limits:
+                raise RecordError(f"record limits {limits_row!r} are not the cluster's")
+            client_count = len(_snapshot_array(clients, "clients"))
+            records = Records.from_rows(
+                limits, slot_count, record_rows, batch_time_ms, client_count
+            )
         except RecordError as error:
             raise LedgerSnapshotError(str(error)) from None
         genesis = _genesis_from_rule(rule)

@@ -198,7 +198,9 @@ class LedgerBuilder:
         if self._records is None:
             self._records = Records(self._limits)
         try:
-            self._records.load_leaf(len(self._records), fields, self._batch_time_ms)
+            self._records.load_leaf(
+                len(self._records), fields, self._batch_time_ms, len(self._clients)
+            )
         except RecordError as error:
             raise LedgerSnapshotError(f"leaf {self.next_index}: {error}") from None
 

@@ -11,17 +11,22 @@ the first failing rule is the answer, so a retry gets the same one:
 - authorize: invalid_amount, invalid_expiry (not in 1..max_hold_duration_ms),
   same_account, unknown_account, unauthorized (payer's owner), too_many_holds (open ones),
   insufficient_funds.
-- capture: invalid_amount, hold_not_found, unauthorized (payee's owner),
+- capture: invalid_amount, hold_not_found (also to a client who is neither the payer's
+  nor the payee's owner), unauthorized (the payer's owner: only the payee's may capture),
   hold_already_captured / hold_already_voided / hold_expired, exceeds_hold,
   invalid_amount (payee would overflow).
-- void: hold_not_found, unauthorized (neither the payer's nor the payee's owner),
-  hold_already_captured / hold_already_voided / hold_expired.
-- refund: invalid_amount, payment_not_found, unauthorized (payee's owner),
+- void: hold_not_found (also to a client who is neither the payer's nor the payee's
+  owner, the only ones who may void), hold_already_captured / hold_already_voided /
+  hold_expired.
+- refund: invalid_amount, payment_not_found (also to a client who is neither the payer's
+  nor the payee's owner), unauthorized (the payer's owner: only the payee's may refund),
   exceeds_refundable, insufficient_funds (payee's available), invalid_amount (payer would
   overflow).
 - open_account: invalid_account_name, account_exists, too_many_accounts.
-Authority comes before a hold's or payment's state, so nobody learns the fate of a hold that
-is not theirs. Postings list the account money leaves first, then the one it reaches.
+To a stranger (not a party to it) a hold or payment is answered as absent, so nobody probes
+which request ids of other clients exist; authority comes before a hold's or payment's
+state, so nobody learns the fate of a hold that is not theirs. Postings list the account
+money leaves first, then the one it reaches.
 """
 
 from __future__ import annotations
@@ -61,6 +66,10 @@ class OperationRules:
 
     def _set_held(self, account: str, held: int) -> None:
         raise NotImplementedError
+
+    def _party(self, payer: str, payee: str, client_id: int) -> bool:
+        """Whether the client owns either account of a hold or payment."""
+        return client_id in (self._owner(payer), self._owner(payee))
 
     def _account_exists(self, account: str) -> bool:
         raise NotImplementedError
@@ -151,7 +160,7 @@ class OperationRules:
         if not _valid_amount(amount):
             return Reason.INVALID_AMOUNT, ()
         hold = self._records.holds.get((payment.ref_client, payment.ref_request))
-        if hold is None:
+        if hold is None or not self._party(hold.payer, hold.payee, payment.client_id):
             return Reason.HOLD_NOT_FOUND, ()
         if self._owner(hold.payee) != payment.client_id:
             return Reason.UNAUTHORIZED, ()
@@ -178,11 +187,9 @@ class OperationRules:
         if payment.payer or payment.payee or payment.amount or payment.expires_in_ms:
             return Reason.INVALID_REQUEST, ()
         hold = self._records.holds.get((payment.ref_client, payment.ref_request))
-        if hold is None:
+        # Either party may void, so to anyone else the hold is absent.
+        if hold is None or not self._party(hold.payer, hold.payee, payment.client_id):
             return Reason.HOLD_NOT_FOUND, ()
-        client_id = payment.client_id
-        if client_id not in (self._owner(hold.payer), self._owner(hold.payee)):
-            return Reason.UNAUTHORIZED, ()
         if hold.state is not HoldState.OPEN:
             return _STATE_REASONS[hold.state], ()
         self._release(hold)
@@ -196,7 +203,7 @@ class OperationRules:
         if not _valid_amount(amount):
             return Reason.INVALID_AMOUNT, ()
         paid = self._records.payments.get((payment.ref_client, payment.ref_request))
-        if paid is None:
+        if paid is None or not self._party(paid.payer, paid.payee, payment.client_id):
             return Reason.PAYMENT_NOT_FOUND, ()
         if self._owner(paid.payee) != payment.client_id:
             return Reason.UNAUTHORIZED, ()

@@ -12,6 +12,10 @@ batch_size = 32
 client_frames_per_s = 400      # beyond a burst, a client's frames wait (runtime/inbound.py)
 client_frame_burst = 400
 
+[history]                      # optional: each replica's lookup history (local, not protocol)
+retention_seqs = 100000        # newest seqs kept in history-<id>.sqlite: >= 100000 requests,
+                               # <= about 1.2 GB at batch_size 32 (~380 bytes a transfer)
+
 [[replicas]]
 id = 0
 host = "127.0.0.1"
@@ -60,6 +64,7 @@ from crypto.keys import KeyFormatError, KeyRing, SigningKey, VerifyKey
 from pbft.checkpoint_size import checkpoint_size_problem
 from pbft.config import MAX_REPLICAS, MIN_REPLICAS, ClusterConfig, ConfigError
 from pbft.genesis import ACCOUNT_PREFIX, account_name, compute_cluster_id
+from pbft.history import DEFAULT_RETENTION_SEQS
 from pbft.ledger import (
     MAX_ACCOUNT_NAME_LENGTH,
     MAX_AMOUNT,
@@ -74,7 +79,19 @@ CLUSTER_FILE_NAME = "cluster.toml"
 MAX_CLIENTS = 100_000
 MAX_ACCOUNTS = 1_000_000
 MAX_GENERATED_ACCOUNTS = 10_000_000
-_TOP_KEYS = ("f", "protocol", "transport", "replicas", "clients", "accounts", "genesis")
+_TOP_KEYS = (
+    "f",
+    "protocol",
+    "transport",
+    "history",
+    "replicas",
+    "clients",
+    "accounts",
+    "genesis",
+)
+_HISTORY_KEYS = ("retention_seqs",)
+# A billion seqs: years of batches at any rate this runtime reaches; beyond it is a typo.
+MAX_HISTORY_RETENTION_SEQS = 1_000_000_000
 _TRANSPORT_KEYS = ("client_frames_per_s", "client_frame_burst")
 # A ceiling that still bounds what one client can cost a replica (about a core's worth of
 # signature checks): a pace above it is a typo, not a policy.
@@ -116,6 +133,9 @@ class Cluster:
     # [transport]: one client's pace at each replica (TransportConfig.client_inbound_*).
     client_frames_per_s: int = int(TransportConfig.client_inbound_rate)
     client_frame_burst: int = TransportConfig.client_inbound_burst
+    # [history]: how many of the newest seqs each replica keeps for lookups
+    # (runtime/history_store.py). Local policy, not part of the cluster id.
+    history_retention_seqs: int = DEFAULT_RETENTION_SEQS
 
     def transport_config(self) -> TransportConfig:
         """The transport limits a replica of this cluster runs with."""
@@ -328,7 +348,14 @@ def _parse(document: dict[str, Any], path: Path) -> Cluster:
         1,
         MAX_CLIENT_FRAMES_PER_S,
     )
-    return Cluster(path, config, tuple(replicas), client_keys, accounts, pace, burst)
+    history = known(document.get("history", {}), _HISTORY_KEYS, "history")
+    retention = integer(
+        history.get("retention_seqs", DEFAULT_RETENTION_SEQS),
+        "history.retention_seqs",
+        1,
+        MAX_HISTORY_RETENTION_SEQS,
+    )
+    return Cluster(path, config, tuple(replicas), client_keys, accounts, pace, burst, retention)
 
 
 def _cluster_toml(document: Mapping[str, Any]) -> str:

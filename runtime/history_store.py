@@ -1,8 +1,8 @@
 """The replica's history on disk: pbft.history.HistoryStore in SQLite (stdlib sqlite3).
 
-The node (runtime/node.py) feeds it every batch its core executed (`record_all`: a step's
-Executed outputs in one transaction, before the step's records are made durable) and
-the core reads it to answer lookups
+The node (runtime/node.py) feeds it every batch its core executed through
+ThreadedHistoryStore (below): a thread of its own writes what is queued in one
+transaction, off the node's step loop; and the core reads it to answer lookups
 (pbft/lookups.py). One row per executed request, indexed by (client_id, request_id) for
 status and by its reference (the hold or payment it names) for holds; one row per hold
 released at expiry, indexed by the hold; one row per account entry, keyed by (account,
@@ -12,17 +12,17 @@ says how many are kept), so the file stays bounded.
 No fsync per batch: the file is in WAL mode with synchronous=NORMAL, which syncs only when
 SQLite checkpoints its WAL (every 1000 pages by default): durable across a crash of the
 process, consistent after a power loss, which may lose the last writes. Cost (python -m
-runtime.history_bench): a few ms per batch of 64 transfers, most of it SQLite's inserts;
-writing it in a thread beside the log's fsync is the next step if that shows in throughput.
+runtime.history_bench): a few ms per batch of 64 transfers, most of it SQLite's inserts,
+paid by the history thread; the step loop pays about a microsecond to queue a batch.
 That is enough because history is derived state, and only of committed batches, which
 execute alike wherever and whenever they execute: after a restart the replica re-executes
 from its stable checkpoint (pbft/recovery.py) and the node records those batches again,
 which rewrites their rows idempotently (recording seq s drops s and everything after it
-first). The node commits a step's history before the step's own records are durable, so
-history never lags the stable checkpoint a restart resumes from (it may run ahead of the
-log: those batches are rewritten as they execute again). What a store lacks, it says: if
-its last write is older than the checkpoint (a power loss took the last WAL writes), or
-the replica caught up by state transfer, the seqs it never recorded fall before
+first). The node's durable writer flushes history before it writes a new stable
+checkpoint, so history never lags the checkpoint a restart resumes from (it may run ahead
+of the log: those batches are rewritten as they execute again). What a store lacks, it
+says: if its last write is older than the checkpoint (a power loss took the last WAL
+writes), or the replica caught up by state transfer, the seqs it never recorded fall before
 `held_from`, and lookups about them are answered "not held", never "not found"; the
 client's f + 1 matching gets the answer from replicas that hold it.
 """
@@ -30,6 +30,7 @@ client's f + 1 matching gets the answer from replicas that hold it.
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -96,7 +97,9 @@ class SqliteHistoryStore:
     def __init__(self, path: str | Path, retention_seqs: int = DEFAULT_RETENTION_SEQS) -> None:
         self.retention_seqs = check_retention(retention_seqs)
         try:
-            self._db = sqlite3.connect(str(path), isolation_level=None)
+            # Used by one thread at a time, not always the one that opened it
+            # (ThreadedHistoryStore serialises its use).
+            self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
@@ -244,3 +247,135 @@ class SqliteHistoryStore:
             else ReleaseRecord(int(row[0]), client_id, request_id, str(row[1]), int(row[2]))
         )
         return hold_view(authorize, closing, release)
+
+
+# Executed batches queued for the history thread before the node stops stepping and waits
+# for it (ThreadedHistoryStore.wait_for_room): a disk that falls behind slows the replica
+# down instead of growing the queue. 256 batches of up to 64 requests: a few MB at most,
+# and about a second of SQLite work at the ~4.5 ms a batch that runtime.history_bench shows.
+MAX_PENDING_BATCHES = 256
+
+
+class ThreadedHistoryStore:
+    """A SqliteHistoryStore written by a thread of its own, off the node's step path.
+
+    `record_all` only queues (the node's trio loop goes on reading the network and
+    stepping the core); the thread writes whatever is queued in one transaction. Reads
+    (the core's lookups) first wait until everything queued is written, so the replica
+    answers from all it has executed (read-your-writes): "not found" stays true. A lookup
+    that comes while a write is under way waits for it in the loop, a few ms, instead of
+    every batch waiting.
+
+    Recovery resumes from the stable checkpoint and re-executes only what follows it, so
+    history must hold every batch up to a checkpoint before that checkpoint is durable:
+    the node's durable writer calls `flush` before it writes a ("checkpoint",) record
+    (runtime/node.py). Batches after it are re-executed and rewritten after a crash, as
+    before. A failed write is raised by the next call into the store, like the log's.
+    """
+
+    def __init__(self, store: SqliteHistoryStore, max_pending: int = MAX_PENDING_BATCHES) -> None:
+        self._store = store
+        self.retention_seqs = store.retention_seqs
+        self.max_pending = max_pending
+        self._changed = threading.Condition()  # guards everything below
+        self._queue: list[Executed] = []
+        self._writing = False
+        self._closing = False
+        self._error: BaseException | None = None
+        self.batches_written = 0
+        self.transactions = 0
+        self._thread = threading.Thread(target=self._run, name="history-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        changed = self._changed
+        while True:
+            with changed:
+                while not self._queue and not self._closing:
+                    changed.wait()
+                if not self._queue:
+                    return
+                batches, self._queue = self._queue, []
+                self._writing = True
+            try:
+                self._store.record_all(batches)
+            except BaseException as error:  # kept for the caller, who raises it
+                with changed:
+                    self._error = error
+                    self._writing = False
+                    changed.notify_all()
+                return
+            with changed:
+                self._writing = False
+                self.batches_written += len(batches)
+                self.transactions += 1
+                changed.notify_all()
+
+    def _raise_failure(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def pending(self) -> int:
+        with self._changed:
+            return len(self._queue) + self._writing
+
+    def record(self, executed: Executed) -> None:
+        self.record_all((executed,))
+
+    def record_all(self, batches: Iterable[Executed]) -> None:
+        """Queue a step's batches, never waiting (the bound is the caller's: see
+        `wait_for_room`)."""
+        with self._changed:
+            self._raise_failure()
+            if self._closing:
+                raise HistoryStoreError("history store is closed")
+            self._queue.extend(batches)
+            self._changed.notify_all()
+
+    def wait_for_room(self) -> None:
+        """Block until fewer than `max_pending` batches are queued (in a worker thread)."""
+        with self._changed:
+            while len(self._queue) >= self.max_pending and self._error is None:
+                self._changed.wait()
+            self._raise_failure()
+
+    def flush(self) -> None:
+        """Block until everything queued so far is written."""
+        with self._changed:
+            while (self._queue or self._writing) and self._error is None:
+                self._changed.wait()
+            self._raise_failure()
+
+    def close(self) -> None:
+        """Write what is queued, stop the thread, close the file. A failed last write is
+        not raised here (at a stop, after whatever ended the node): recovery rewrites
+        every batch after the stable checkpoint, and those before it were flushed."""
+        with self._changed:
+            self._closing = True
+            self._changed.notify_all()
+        self._thread.join()
+        self._store.close()
+
+    # Reads: after everything queued is written, so that the thread is idle meanwhile
+    # (only the node's loop queues, and it is the one reading).
+    def held_from(self) -> int:
+        self.flush()
+        return self._store.held_from()
+
+    def held_through(self) -> int:
+        self.flush()
+        return self._store.held_through()
+
+    def request(self, client_id: int, request_id: int) -> RequestRecord | None:
+        self.flush()
+        return self._store.request(client_id, request_id)
+
+    def account(
+        self, account: str, after: tuple[int, int], through_seq: int, limit: int
+    ) -> list[AccountEntry]:
+        self.flush()
+        return self._store.account(account, after, through_seq, limit)
+
+    def hold(self, client_id: int, request_id: int) -> HoldView | None:
+        self.flush()
+        return self._store.hold(client_id, request_id)

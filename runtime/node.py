@@ -22,7 +22,7 @@ import json
 import stat
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -31,12 +31,11 @@ import trio
 
 from crypto.keys import Principal
 from pbft.events import Executed, MessageReceived, Note, Persist, Tick
-from pbft.history import DEFAULT_RETENTION_SEQS
 from pbft.host import Outgoing, carry_out_async, peers_of, records_of, step
 from pbft.replica import Replica
 from pbft.signed import client_may_send
 from runtime.cluster import Cluster
-from runtime.history_store import SqliteHistoryStore
+from runtime.history_store import SqliteHistoryStore, ThreadedHistoryStore
 from runtime.inbound import InboundScheduler
 from runtime.storage import DurableStore
 from runtime.transport import Transport, TransportConfig
@@ -142,14 +141,25 @@ class _Writer:
     against writing them at once (four replicas sharing one disk, interleaved): the same
     lone latency within the noise, and about 10.3 fsyncs a lone payment instead of 12."""
 
-    def __init__(self, store: DurableStore, delay_s: float) -> None:
+    def __init__(
+        self,
+        store: DurableStore,
+        delay_s: float,
+        before_checkpoint: Callable[[], None] | None = None,
+    ) -> None:
         self.store = store
         self.delay_s = delay_s
+        # Called (in the thread) before a write that holds a new stable checkpoint:
+        # history must hold every batch that recovery will not re-execute.
+        self.before_checkpoint = before_checkpoint
         self.queue: list[tuple[Sequence[Persist], trio.Event | None]] = []
         self.work = trio.Event()  # something is queued
         self.urgent = trio.Event()  # a waited-for batch is queued
         self.written = trio.Event()  # set after each write (then replaced)
         self.deferred = 0  # deferred batches queued, not yet written
+        # A write raised (even one that left the store usable, as a ValueError from its
+        # checks does): its batch is gone, so nothing queued after it may be written.
+        self.failed = False
 
     async def persist(self, records: Sequence[Persist]) -> None:
         done = trio.Event()
@@ -176,7 +186,11 @@ class _Writer:
             self.work, self.urgent = trio.Event(), trio.Event()
             batch, self.queue = self.queue, []
             records = [record for records, _ in batch for record in records]
-            await trio.to_thread.run_sync(self.store.apply, records_of(records))
+            try:
+                await trio.to_thread.run_sync(self._write, records)
+            except BaseException:
+                self.failed = True
+                raise
             self.deferred -= sum(1 for _, done in batch if done is None)
             for _, done in batch:
                 if done is not None:
@@ -186,11 +200,21 @@ class _Writer:
 
     def flush(self) -> None:
         """Write what is still queued, here and now (at a stop: the task is gone; a write in
-        its thread has finished, as trio waits for the thread)."""
+        its thread has finished, as trio waits for the thread); nothing after a failed
+        write, so the log stays a prefix of the steps."""
+        if self.failed:
+            return
         batch, self.queue = self.queue, []
         records = [record for records, _ in batch for record in records]
         if records:
-            self.store.apply(records_of(records))
+            self._write(records)
+
+    def _write(self, records: Sequence[Persist]) -> None:
+        if self.before_checkpoint is not None and any(
+            record.key == ("checkpoint",) for record in records
+        ):
+            self.before_checkpoint()
+        self.store.apply(records_of(records))
 
 
 class _Host:
@@ -245,12 +269,13 @@ class ReplicaNode:
         tick_ms: int = 5,
         log: TextIO | None = None,
         transport_config: TransportConfig | None = None,
-        history_retention_seqs: int = DEFAULT_RETENTION_SEQS,
+        history_retention_seqs: int | None = None,
     ) -> None:
         self.cluster = cluster
         # What lookups read (runtime/history_store.py), kept in the data directory.
+        # None: the cluster file's ([history] retention_seqs).
         self.history_retention_seqs = history_retention_seqs
-        self.history: SqliteHistoryStore | None = None
+        self.history: ThreadedHistoryStore | None = None
         self.replica_id = replica_id
         self.data_dir = Path(data_dir)
         self.tick_ms = tick_ms
@@ -275,6 +300,13 @@ class ReplicaNode:
         if self._transport_config is not None:
             return self._transport_config
         return self.cluster.transport_config()
+
+    @property
+    def history_retention(self) -> int:
+        """The seqs of history kept: the one given, else the cluster file's ([history])."""
+        if self.history_retention_seqs is not None:
+            return self.history_retention_seqs
+        return self.cluster.history_retention_seqs
 
     def log(self, event: str, **fields: object) -> None:
         record = {"time": round(time.time(), 6), "replica": self.replica_id, "event": event}
@@ -306,6 +338,12 @@ class ReplicaNode:
         if self.store is not None:
             stored = self.store.statistics()
             figures.update(fsyncs=stored.fsyncs, records_written=stored.records_written)
+        if self.history is not None:
+            # history_batches / history_transactions: batches per SQLite transaction.
+            figures.update(
+                history_batches=self.history.batches_written,
+                history_transactions=self.history.transactions,
+            )
         if self.transport is not None:
             carried = self.transport.statistics()
             figures.update(
@@ -318,11 +356,17 @@ class ReplicaNode:
         return figures
 
     def record_history(self, executed: Sequence[Executed]) -> None:
-        """A step's executed batches into history, in one transaction (no fsync). Before
-        the step's records are durable: history never lags the stable checkpoint a restart
-        resumes from (runtime/history_store.py)."""
+        """Queue a step's executed batches for the history thread
+        (runtime/history_store.py's ThreadedHistoryStore). History never lags the stable
+        checkpoint a restart resumes from: the writer flushes it before writing one."""
         if self.history is not None and executed:
             self.history.record_all(executed)
+
+    async def _history_room(self) -> None:
+        """Past the bound, stop stepping until the history thread catches up."""
+        history = self.history
+        if history is not None and history.pending() >= history.max_pending:
+            await trio.to_thread.run_sync(history.wait_for_room)
 
     def log_statistics(self) -> None:
         self.log("statistics", **self.statistics())
@@ -336,8 +380,11 @@ class ReplicaNode:
         store = DurableStore.open(self.data_dir / f"replica-{self.replica_id}.log")
         self.store = store
         try:
-            self.history = SqliteHistoryStore(
-                self.data_dir / f"history-{self.replica_id}.sqlite", self.history_retention_seqs
+            self.history = ThreadedHistoryStore(
+                SqliteHistoryStore(
+                    self.data_dir / f"history-{self.replica_id}.sqlite",
+                    self.history_retention,
+                )
             )
             records = store.records()
             repaired = store.recovery_report.repaired
@@ -404,7 +451,8 @@ class ReplicaNode:
             ) from None
 
     async def _drive(self, core: Replica, store: DurableStore, transport: Transport) -> None:
-        writer = _Writer(store, self.tick_ms / 1000)
+        history = self.history
+        writer = _Writer(store, self.tick_ms / 1000, history.flush if history is not None else None)
         host = _Host(self, writer, transport)
         peers = peers_of(self.replica_id, (peer.replica_id for peer in self.cluster.replicas))
         try:
@@ -418,6 +466,7 @@ class ReplicaNode:
                     self.steps += 1
                     self.record_history(ready.executed)
                     await carry_out_async(ready, host)
+                    await self._history_room()
                     if core.halted is not None:
                         self.log("halted", reason=core.halted)
                         raise ReplicaHalted(core.halted)

@@ -63,6 +63,16 @@ def test_a_private_key_of_another_principal_is_refused(tmp_path: Path) -> None:
         ),
         (lambda text: text + "\n[transport]\npace = 4\n", "transport.pace"),
         (
+            lambda text: text + "\n[history]\nretention_seqs = 0\n",
+            "history.retention_seqs",
+        ),
+        (
+            lambda text: text + '\n[history]\nretention_seqs = "1d"\n',
+            "history.retention_seqs",
+        ),
+        (lambda text: text + "\n[history]\nretention = 5\n", "history.retention"),
+        (lambda text: "history = 5\n" + text, "history"),
+        (
             lambda text: text.replace('public_key = "', 'public_key = "zz', 1),
             "replicas[0].public_key",
         ),
@@ -95,6 +105,24 @@ def test_a_clients_pace_comes_from_the_cluster_file(tmp_path: Path) -> None:
     assert node.transport_config.client_inbound_rate == 5000
     assert node.transport_config.client_inbound_burst == 64
     assert cluster.cluster_id == default.cluster_id  # a local policy, not the cluster's identity
+
+
+def test_history_retention_comes_from_the_cluster_file(tmp_path: Path) -> None:
+    """[history] retention_seqs sets how many seqs each replica keeps for lookups; without
+    it, pbft/history.py's default. Each replica's own policy: not the cluster's identity."""
+    from pbft.history import DEFAULT_RETENTION_SEQS
+    from runtime.node import ReplicaNode
+
+    path = write_cluster(tmp_path, replicas=4, clients=1)
+    default = load_cluster(path)
+    assert ReplicaNode(default, 0, tmp_path / "data").history_retention == DEFAULT_RETENTION_SEQS
+    path.write_text(path.read_text() + "\n[history]\nretention_seqs = 500\n")
+    cluster = load_cluster(path)
+    assert ReplicaNode(cluster, 0, tmp_path / "data").history_retention == 500
+    assert (
+        ReplicaNode(cluster, 0, tmp_path / "data", history_retention_seqs=7).history_retention == 7
+    )
+    assert cluster.cluster_id == default.cluster_id
 
 
 def test_a_missing_cluster_file_is_a_clear_error(tmp_path: Path) -> None:

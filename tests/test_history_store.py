@@ -20,7 +20,7 @@ from pbft.history import (
     prune_chunk,
 )
 from pbft.operations import Posting, Release
-from runtime.history_store import HistoryStoreError, SqliteHistoryStore
+from runtime.history_store import HistoryStoreError, SqliteHistoryStore, ThreadedHistoryStore
 
 DIGEST = bytes(32)
 
@@ -83,16 +83,20 @@ def batch(
     )
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "threaded"])
 def make_store(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> Iterator[Callable[..., HistoryStore]]:
-    opened: list[SqliteHistoryStore] = []
+    opened: list[SqliteHistoryStore | ThreadedHistoryStore] = []
 
     def make(retention_seqs: int = 1000) -> HistoryStore:
         if request.param == "memory":
             return MemoryHistoryStore(retention_seqs)
         store = SqliteHistoryStore(tmp_path / f"history-{len(opened)}.sqlite", retention_seqs)
+        if request.param == "threaded":  # the node's: written by its own thread
+            threaded = ThreadedHistoryStore(store)
+            opened.append(threaded)
+            return threaded
         opened.append(store)
         return store
 

@@ -141,3 +141,29 @@ async def _pay_once(client: PaymentClient) -> None:
     async with client:
         await client.wait_connected(count=1)
         await client.pay("acct-00000", "acct-00001", 1)
+
+
+def test_after_a_write_that_raised_the_stop_flush_writes_nothing_queued_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A value over MAX_VALUE_BYTES fails apply's checks (ValueError) before anything is
+    # written, so the store is not marked failed; its batch is gone all the same, and a
+    # flush of what was queued after it would leave a log that is not a prefix of the steps.
+    monkeypatch.setattr("runtime.storage.MAX_VALUE_BYTES", 1000)
+    with DurableStore.open(tmp_path / "log") as store:
+        writer = _Writer(store, delay_s=60.0)
+
+        async def main() -> None:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(writer.run)
+                await writer.defer(_deferred("checkpoint", b"x" * 1001))
+                await writer.persist([Persist(("vote",), b"v")])
+
+        with pytest.raises(ExceptionGroup) as raised:
+            trio.run(main)
+        assert raised.group_contains(ValueError, match="exceeds 1000")
+        # What the core queued while that write was in its thread:
+        writer.queue.append((_deferred("committed", b"c17"), None))
+        assert not store.failed
+        writer.flush()  # as ReplicaNode._drive's finally does when the store is not failed
+        assert store.records() == {}

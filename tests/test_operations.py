@@ -227,7 +227,8 @@ def test_either_party_may_void_and_nobody_else() -> None:
     driver = _driver()
     driver.run(ALICE, 1, Operation.authorize("alice", "shop", 5, 1000))
     driver.run(ALICE, 2, Operation.authorize("alice", "shop", 5, 1000))
-    assert driver.reason(BOB, 1, Operation.void((ALICE, 1))) == "unauthorized"
+    # To a stranger the hold is absent (no probing of other clients' request ids).
+    assert driver.reason(BOB, 1, Operation.void((ALICE, 1))) == "hold_not_found"
     assert driver.reason(SHOP, 2, Operation.void((ALICE, 1))) == ""
     assert driver.reason(ALICE, 3, Operation.void((ALICE, 2))) == ""
     assert _balances(driver.ledger, "alice") == (100, 0)
@@ -288,6 +289,31 @@ def test_refunds_never_exceed_the_payment_and_end_with_the_window() -> None:
     assert driver.reason(SHOP, 6, Operation.refund((ALICE, 3), 10)) == ""
     driver.at(100 + 2000)
     assert driver.reason(SHOP, 7, Operation.refund((ALICE, 3), 10)) == "payment_not_found"
+
+
+def test_a_stranger_cannot_tell_a_hold_or_payment_of_others_from_an_absent_one() -> None:
+    driver = _driver()
+    driver.run(ALICE, 1, Operation.authorize("alice", "shop", 5, 1000))
+    driver.run(ALICE, 2, Operation.transfer("alice", "shop", 5))
+    driver.run(ALICE, 3, Operation.authorize("alice", "shop", 5, 1000))
+    driver.run(ALICE, 4, Operation.void((ALICE, 3)))  # a closed hold: its fate is not told
+    stranger = {
+        "capture": [driver.reason(BOB, r, Operation.capture((ALICE, h), 1)) for r, h in
+                    ((1, 1), (2, 3), (3, 99))],
+        "void": [driver.reason(BOB, r, Operation.void((ALICE, h))) for r, h in
+                 ((4, 1), (5, 3), (6, 99))],
+        "refund": [driver.reason(BOB, r, Operation.refund((ALICE, p), 1)) for r, p in
+                   ((7, 2), (8, 99))],
+    }  # fmt: skip
+    assert stranger == {
+        "capture": ["hold_not_found"] * 3,
+        "void": ["hold_not_found"] * 3,
+        "refund": ["payment_not_found"] * 2,
+    }
+    # A party without the right is told so: the payer may neither capture nor refund.
+    assert driver.reason(ALICE, 5, Operation.capture((ALICE, 1), 1)) == "unauthorized"
+    assert driver.reason(ALICE, 6, Operation.refund((ALICE, 2), 1)) == "unauthorized"
+    assert _balances(driver.ledger, "alice") == (90, 5)
 
 
 def test_a_refund_needs_the_payee_to_have_the_money() -> None:
