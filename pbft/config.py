@@ -70,9 +70,12 @@ class ClusterConfig:
     catch_up_burst_bytes: int = 2 * 1024 * 1024
     # Batch timestamps: a backup accepts a fresh batch only if its timestamp is within this
     # of its own clock (pbft/ordering.py). Synced clocks differ by milliseconds; 30 s still
-    # takes a badly synced replica or a paused VM, and is far below any sensible hold
-    # lifetime (minutes to days): a lying primary moves an expiry by at most this much. A
-    # replica whose clock is off by more refuses every fresh batch: it counts against f.
+    # takes a badly synced replica or a paused VM. A lying primary moves an expiry by up to
+    # twice this (review finding T2: it stamps one batch a bound behind the backups' clocks,
+    # a later one a bound ahead), so 60 s with the default, still far below any sensible
+    # hold lifetime (minutes to days). Not 15 s: the fuzzer's clock skews (sim/fuzz.py)
+    # assume 30 s and lose liveness under 15 s. A replica whose clock is off by more
+    # refuses every fresh batch: it counts against f.
     max_clock_skew_ms: int = 30_000
 
     # Issue 11's ledger records (pbft/holds.py says what they bound). Durations are batch

@@ -9,6 +9,7 @@ retransmission of a decided request is answered with the reply signed then.
 
 from __future__ import annotations
 
+from bisect import bisect_right, insort
 from collections import Counter
 from collections.abc import Mapping
 from itertools import islice
@@ -68,12 +69,14 @@ class Requests:
         )
         # Primary only: pending requests not yet proposed in this view, in arrival order.
         self.proposal_queue: dict[tuple[int, int], None] = {}
-        # How a backup judges the primary's progress (see oldest_timed): when a request was
-        # last executed here, the oldest timed request then, and how many requests were
-        # executed past it since it became the oldest.
+        # How a backup judges the primary's progress (see count_ordered): when a request was
+        # last executed here; how many requests it never held were executed in all (each
+        # pending request keeps the figure at its arrival: the difference is what overtook
+        # it); and the arrival times, ascending, of executed requests that may have arrived
+        # here more than a timeout after the oldest pending one (late_arrivals_kept at most).
         self.last_ordered_ms = 0
-        self.watched: tuple[int, int] | None = None
-        self.overtaken = 0
+        self.never_held_ordered = 0
+        self.late_arrivals: list[int] = []
         # The arrival times of the pending requests the batch being executed took.
         self._executed_arrivals: list[int] = []
 
@@ -90,8 +93,8 @@ class Requests:
         }
         for pending in self.pending.values():
             pending.arrived_ms = self.ctx.now_ms
-        self.watched = None
-        self.overtaken = 0
+            pending.never_held_mark = self.never_held_ordered
+        self.late_arrivals = []
 
     def refused_for_quota(self, request: Request, link: Principal | None) -> bool:
         """Whether `on_request` would refuse this request for its client's quota, decided
@@ -176,7 +179,9 @@ class Requests:
                     raise Rejected(DropReason.REQUEST_QUEUE_FULL)
                 self.over_quota_clients[client_id] = None
                 raise Rejected(DropReason.CLIENT_QUOTA_FULL, f"client {client_id}")
-        self.pending[identity] = PendingRequest(opened, digest, self.ctx.now_ms, relayer)
+        self.pending[identity] = PendingRequest(
+            opened, digest, self.ctx.now_ms, relayer, self.never_held_ordered
+        )
         if relayer is None:
             self.pending_per_client[client_id] += 1
         else:
@@ -292,18 +297,32 @@ class Requests:
         entry = self._oldest_timed_entry()
         if entry is None:
             return None
-        identity, pending = entry
-        return pending, self.overtaken if identity == self.watched else 0
+        pending = entry[1]
+        return pending, self._overtaken(pending)
+
+    def _overtaken(self, pending: PendingRequest) -> int:
+        never_held = self.never_held_ordered - pending.never_held_mark
+        raced_until_ms = pending.arrived_ms + self.ctx.config.view_change_timeout_ms
+        late = len(self.late_arrivals) - bisect_right(self.late_arrivals, raced_until_ms)
+        return never_held + late
+
+    def late_arrivals_kept(self) -> int:
+        """Enough late arrivals to tell whether a request's count passes the overtake
+        limit (the latest are kept: any later oldest request counts a subset of them)."""
+        return self.ctx.viewchanges.overtake_limit() + 1
 
     def count_ordered(self, count: int) -> None:
         """A batch of `count` requests was executed here (a null batch orders none): progress,
-        and maybe overtaking. Of the batch, the requests that overtook the oldest request this
+        and maybe overtaking. Of the batch, the requests that overtook a request this
         replica times are those it never held (they reached the primary alone, or not yet
         here), and those that arrived here more than a view-change timeout after it: a
         correct primary orders in its own arrival order, which differs from ours by the
-        network's skew, not by more. Counted for the oldest request only, from when it
-        became the oldest (its successor starts from zero: an undercount, never a false
-        suspicion), so it costs a look at one request per batch."""
+        network's skew, not by more. Both are counted for every pending request from its
+        own arrival, whichever request was the oldest then (review finding O1: a count kept
+        for the oldest only and restarted for its successor let a primary delay the k-th
+        held request k times the bound): a running count of never-held requests, which
+        each request marks on arrival, and the arrival times of the late ones, bounded by
+        late_arrivals_kept. It costs a look at one request, and a binary search, a batch."""
         arrivals, self._executed_arrivals = self._executed_arrivals, []
         if not count:
             return
@@ -320,17 +339,22 @@ class Requests:
             or oldest[1].arrived_ms > self.ctx.now_ms - timeout_ms
         ):
             self.last_ordered_ms = self.ctx.now_ms
+        self.never_held_ordered += max(0, count - len(arrivals))
         if oldest is None:
-            self.watched = None
-            self.overtaken = 0
+            # Whatever arrives from now on arrives after every request executed so far.
+            self.late_arrivals = []
             return
-        identity, pending = oldest
-        if identity != self.watched:
-            self.watched = identity
-            self.overtaken = 0
-        raced_until_ms = pending.arrived_ms + timeout_ms
-        never_held = max(0, count - len(arrivals))
-        self.overtaken += never_held + sum(arrived > raced_until_ms for arrived in arrivals)
+        # Only arrivals past the oldest's race window can count for it or any later request
+        # (a later one arrived later still).
+        raced_until_ms = oldest[1].arrived_ms + timeout_ms
+        late = self.late_arrivals
+        del late[: bisect_right(late, raced_until_ms)]
+        for arrived in arrivals:
+            if arrived > raced_until_ms:
+                insort(late, arrived)
+        kept = self.late_arrivals_kept()
+        if len(late) > kept:
+            del late[: len(late) - kept]
 
     def forget_decided_requests(self) -> None:
         for identity in list(self.pending):

@@ -11,7 +11,9 @@ from replica_harness import Cluster, broadcasts, executed
 from pbft.chain import entry_digest
 from pbft.config import ClusterConfig, ConfigError
 from pbft.events import Tick
+from pbft.ledger import Account, Ledger
 from pbft.messages import NewView, Prepare, PrePrepare, ViewChange
+from pbft.operations import Payment
 from pbft.replica import Replica
 from pbft.status import ViewStatus
 from sim.adversary import Adversary, build_behavior
@@ -73,6 +75,28 @@ def test_backup_accepts_a_stamp_within_the_bound_of_its_clock(cluster: Cluster) 
         entry = cluster.pre_prepare(1, [cluster.request(1)], timestamp_ms=stamp)
         assert prepared(cluster.deliver(replica, entry.raw)) == [1]
         assert replica.drops["bad_timestamp"] == 0
+
+
+def test_a_lying_primary_moves_a_hold_by_up_to_twice_the_bound(cluster: Cluster) -> None:
+    """Review finding T2: one backup clock (5,000) accepts a batch stamped a bound behind it
+    and a later one a bound ahead: a hold authorized in the first for 2 x the bound is
+    released by the second at the same real time. So the bound on what a lie costs a hold
+    is twice max_clock_skew_ms (a stamp a step further either way is refused:
+    test_backup_refuses_a_stamp_too_far_from_its_clock): 60 s with the default."""
+    replica = backup_at(cluster, 5_000)
+    chain = cluster.chain()
+    first = chain.append([cluster.request(1)], timestamp_ms=5_000 - SKEW)
+    second = chain.append([cluster.request(2)], timestamp_ms=5_000 + SKEW)
+    cluster.drive_commit(replica, first)
+    cluster.drive_commit(replica, second)
+    assert replica.last_executed == 2 and replica.drops["bad_timestamp"] == 0
+    ledger = Ledger({"p": Account(owner=7, balance=100), "q": Account(owner=8, balance=0)})
+    ledger.begin_batch(1, first.timestamp_ms)
+    hold = Payment(7, 1, "p", "q", 50, "authorize", 0, 0, 2 * SKEW)
+    assert ledger.execute(hold, bytes(32), 1).postings
+    (release,) = ledger.begin_batch(2, second.timestamp_ms)
+    assert (release.hold_client, release.hold_request, release.amount) == (7, 1, 50)
+    assert 2 * ClusterConfig().max_clock_skew_ms == 60_000
 
 
 @pytest.mark.parametrize("stamp", [5_000 + SKEW + 1, 5_000 - SKEW - 1, 0, 10**12])

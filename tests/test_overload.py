@@ -177,6 +177,97 @@ def test_a_primary_ordering_full_batches_past_a_request_is_deposed_past_its_tabl
     assert suspected_at <= ((limit + 1) / 4 + 1) * timeout
 
 
+def test_each_held_request_is_deposed_within_the_bound_not_only_the_first() -> None:
+    """Review finding O1: the overtake count was kept for the oldest held request only and
+    restarted at 0 for its successor. A primary ordering full batches of a colluder's
+    requests (never held here) one just under a timeout apart, slipping each held request
+    in just before its count passed the limit, delayed the k-th by about k times the
+    bound, unsuspected. Counted from each request's own arrival, the second held request
+    (waiting as long as the first) deposes it within the bound."""
+    cluster = Cluster(
+        batch_size=4,
+        checkpoint_interval=256,
+        watermark_window=512,
+        pending_request_limit=64,
+        client_pending_limit=64,
+        max_clock_skew_ms=86_400_000,  # the harness stamps batches 0: no clock in play
+    )
+    replica = cluster.replica(1)
+    limit = replica.viewchanges.overtake_limit()
+    assert limit == 96
+    cluster.tick(replica, 1)
+    victims = [cluster.request(r, amount=1, client=c) for c in (1, 2) for r in (1, 2, 3)]
+    cluster.deliver(replica, *victims)
+    timeout = cluster.config.view_change_timeout_ms
+    step = timeout - 50
+    per_victim = limit // 4  # 24 batches: a victim's own count reaches 95, not past 96
+    order: dict[int, list[bytes]] = {}
+    rid = 1000
+    for victim in victims:
+        for i in range(per_victim):
+            fill = 3 if i == per_victim - 1 else 4
+            batch = [cluster.request(rid + j, amount=1, client=0) for j in range(fill)]
+            rid += fill
+            order[step * (len(order) + 1)] = batch + ([victim] if fill == 3 else [])
+    suspected_at, _ = _run(cluster, replica, step * (len(order) + 2), order)
+    bound = ((limit + 1) / 4 + 1) * timeout
+    first_slipped_in = step * per_victim
+    assert suspected_at is not None
+    assert first_slipped_in < suspected_at <= first_slipped_in + 2 * step
+    assert suspected_at <= bound
+
+
+def test_requests_arriving_late_count_for_every_held_request_not_only_the_oldest() -> None:
+    """O1 with a colluder that sends to everyone: its requests are held here, but arrive
+    more than a timeout after the held ones, and a primary slipping each held request in
+    before its count passed the limit still had the next one start from zero."""
+    cluster = Cluster(
+        batch_size=4,
+        checkpoint_interval=256,
+        watermark_window=512,
+        pending_request_limit=256,
+        client_pending_limit=256,
+        max_clock_skew_ms=86_400_000,  # the harness stamps batches 0: no clock in play
+    )
+    replica = cluster.replica(1)
+    limit = replica.viewchanges.overtake_limit()
+    assert limit == 4 * 4 + 256 + OVERTAKE_SLACK
+    cluster.tick(replica, 1)
+    victims = [cluster.request(r, amount=1, client=1) for r in (1, 2, 3)]
+    cluster.deliver(replica, *victims)
+    timeout = cluster.config.view_change_timeout_ms
+    step = timeout - 50
+    per_victim = limit // 4
+    batches: list[list[bytes]] = []
+    rid = 1000
+    for victim in victims:
+        for i in range(per_victim):
+            fill = 3 if i == per_victim - 1 else 4
+            batch = [cluster.request(rid + j, amount=1, client=0) for j in range(fill)]
+            rid += fill
+            batches.append(batch + ([victim] if fill == 3 else []))
+    chain = cluster.chain()
+    suspected_at = None
+    now = 10
+    for n, batch in enumerate(batches, start=1):
+        # The colluder's requests reach this backup a moment before the primary orders them.
+        while now < step * n:
+            actions = cluster.tick(replica, now) + cluster.deliver(replica, cluster.heartbeat(0))
+            if broadcasts(actions, Suspect) and suspected_at is None:
+                suspected_at = now
+            now += 10
+        cluster.deliver(replica, *[raw for raw in batch if raw not in victims])
+        actions = cluster.drive_commit(replica, chain.append(batch))
+        if broadcasts(actions, Suspect) and suspected_at is None:
+            suspected_at = now
+        if suspected_at is not None:
+            break
+    first_slipped_in = step * per_victim
+    assert suspected_at is not None
+    assert first_slipped_in < suspected_at <= first_slipped_in + 2 * step
+    assert suspected_at <= ((limit + 1) / 4 + 1) * timeout
+
+
 def test_a_primary_trickling_part_full_batches_past_held_requests_is_suspected() -> None:
     """A slow primary: batches of 32 allowed, it orders a backlog the backup holds in
     arrival order, but one request at a time, each just under a timeout apart. A part-full
