@@ -15,6 +15,7 @@ from typing import Any
 from cli.exits import EXIT_USAGE
 from cli.ids import parse_id
 from cli.payments import (
+    PAY_EXIT_CODES,
     add_submission_options,
     check_account,
     check_submission,
@@ -23,13 +24,6 @@ from cli.payments import (
 )
 from pbft.operations import Operation
 
-EXIT_CODES = """exit codes:
-  0  confirmed (the JSON line on stdout; the receipt in --receipt)
-  1  rejected: the reason is printed (a receipt proves the rejection too)
-  2  bad arguments or files, found before anything is sent
-  3  an internal error (a bug)
-  4  no decision within --timeout: retry with the printed --request-id, never a new one
-     (also: the replicas no longer remember that request id's outcome)"""
 ID_FORMAT = "CLIENT:REQUEST, the client and request id of the {what} (e.g. 0:1764475200000000)"
 
 
@@ -38,7 +32,7 @@ def _parser(commands: Any, name: str, summary: str, description: str, client: st
         name,
         help=summary,
         description=textwrap.fill(description, 78),
-        epilog=EXIT_CODES,
+        epilog=PAY_EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_submission_options(parser, client)
