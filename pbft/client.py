@@ -665,18 +665,7 @@ class Lookups:
         envelope, reply = peek(answer.reply, Reply)
         if not isinstance(reply, Reply) or reply.replica != answer.replica:
             raise Rejected(DropReason.CONFLICTING_REPLY, "a status reply from another replica")
-        if (
-            result_of(reply)
-            != ReplyResult(
-                record.client_id,
-                record.request_id,
-                record.request_digest,
-                record.seq,
-                record.outcome,
-                record.reason,
-            )
-            or reply.cluster_id != core.cluster_id
-        ):
+        if result_of(reply) != ReplyResult.of_record(record) or reply.cluster_id != core.cluster_id:
             raise Rejected(DropReason.CONFLICTING_REPLY, "a status reply for another result")
         check_reply(envelope, reply, core.keyring, core.cache)
 

@@ -138,16 +138,13 @@ class Lookups:
         )
         if kept is not None:
             return kept
-        result = ReplyResult(
-            record.client_id,
-            record.request_id,
-            record.request_digest,
-            record.seq,
-            record.outcome,
-            record.reason,
-        )
         return sign_replies(
-            self.ctx.key, self.ctx.id, self.ctx.view, record.seq, self.ctx.cluster_id, [result]
+            self.ctx.key,
+            self.ctx.id,
+            self.ctx.view,
+            record.seq,
+            self.ctx.cluster_id,
+            [ReplyResult.of_record(record)],
         )[0]
 
 

@@ -27,6 +27,7 @@ from crypto.signing import VerificationCache
 from pbft.codec import pack
 from pbft.config import MAX_BATCH_SIZE
 from pbft.drops import DropReason
+from pbft.history import RequestRecord
 from pbft.ledger import Decision
 from pbft.messages import MAX_REPLY_PATH, MessageType, Reply
 from pbft.signed import PROTOCOL_VERSION, Envelope, Rejected
@@ -65,6 +66,18 @@ class ReplyResult:
             decision.seq,
             decision.outcome.value,
             decision.reason.value,
+        )
+
+    @classmethod
+    def of_record(cls, record: RequestRecord) -> ReplyResult:
+        """The result a reply carries for a request as its history record keeps it."""
+        return cls(
+            record.client_id,
+            record.request_id,
+            record.request_digest,
+            record.seq,
+            record.outcome,
+            record.reason,
         )
 
 
