@@ -37,6 +37,7 @@ from pbft.signed import client_may_send
 from runtime.cluster import Cluster
 from runtime.history_store import SqliteHistoryStore, ThreadedHistoryStore
 from runtime.inbound import InboundScheduler
+from runtime.nurseries import raise_lone
 from runtime.storage import DurableStore
 from runtime.transport import Transport, TransportConfig
 
@@ -472,18 +473,9 @@ class ReplicaNode:
                         raise ReplicaHalted(core.halted)
                 nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
-            # The nursery wraps what ends it (a halt, a failed write, from either task); a
-            # lone exception is raised unwrapped, as it was before the writer had a task.
-            if len(group.exceptions) != 1:
-                raise
-            error = group.exceptions[0]
-            cause, context = error.__cause__, error.__context__
-            suppress = error.__suppress_context__
-            try:
-                raise error  # its cause and context are restored below
-            finally:
-                error.__cause__, error.__context__ = cause, context
-                error.__suppress_context__ = suppress
+            # The nursery wraps what ends it (a halt, a failed write, from either task):
+            # raised unwrapped, as it was before the writer had a task.
+            raise_lone(group)
         finally:
             if not store.failed:
                 # A stop keeps what a crash could lose (deferred records): less to catch up.

@@ -224,6 +224,7 @@ from runtime.framing import (
     frame_header,
 )
 from runtime.inbound import InboundScheduler
+from runtime.nurseries import raise_lone
 
 __all__ = [
     "EPHEMERAL_SIZE",
@@ -875,19 +876,9 @@ class Transport:
                 finally:
                     nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
-            # The nursery wraps whatever ends it (the owner's own exception, usually). A lone
-            # exception is handed back unwrapped, as if there were no nursery, with its own
-            # cause and context (re-raising it here would otherwise overwrite them).
-            if len(group.exceptions) != 1:
-                raise
-            error = group.exceptions[0]
-            cause, context = error.__cause__, error.__context__
-            suppress = error.__suppress_context__
-            try:
-                raise error  # its cause and context are restored below
-            finally:
-                error.__cause__, error.__context__ = cause, context
-                error.__suppress_context__ = suppress
+            # The nursery wraps whatever ends it (the owner's own exception, usually):
+            # handed back unwrapped, as if there were no nursery.
+            raise_lone(group)
 
     async def __aenter__(self) -> Transport:
         if self._context is not None:
