@@ -25,6 +25,9 @@ MAX_CHECKPOINT_INTERVAL = 4096
 MAX_WATERMARK_WINDOW = 8192
 MAX_CLOCK_SKEW_MS = 24 * 3600 * 1000
 
+# The ledger's record limits have their defaults in one place, pbft/holds.py.
+_LEDGER_DEFAULTS = LedgerLimits()
+
 
 @dataclass(frozen=True)
 class ClusterConfig:
@@ -80,7 +83,7 @@ class ClusterConfig:
 
     # Issue 11's ledger records (pbft/holds.py says what they bound). Durations are batch
     # time, the only time execution knows.
-    max_hold_duration_ms: int = 3_600_000
+    max_hold_duration_ms: int = _LEDGER_DEFAULTS.max_hold_duration_ms
     # Every record counts against one client, so a checkpoint holds at most clients x these
     # caps (pbft/checkpoint_size.py). With the defaults a client's records take at most
     # 300 KB (a hold or payment row with the longest names is under 580 bytes) next to its
@@ -88,17 +91,17 @@ class ClusterConfig:
     # with full windows, twice the largest shipped scenario (200).
     # Holds, open or closed; at the cap the oldest closed one is forgotten early. 256 open
     # holds is far more than one buyer has pending; a shop's are counted on its customers.
-    max_holds_per_client: int = 256
+    max_holds_per_client: int = _LEDGER_DEFAULTS.max_holds_per_client
     # 16 accounts a client may open: enough for a shop's tills, small in every checkpoint.
-    max_accounts_per_client: int = 16
+    max_accounts_per_client: int = _LEDGER_DEFAULTS.max_accounts_per_client
     # A captured, voided or expired hold's fate is kept this long (then hold_not_found).
-    closed_hold_retention_ms: int = 3_600_000
+    closed_hold_retention_ms: int = _LEDGER_DEFAULTS.closed_hold_retention_ms
     # A confirmed transfer or capture is refundable this long (0: no refunds)...
-    refund_window_ms: int = 3_600_000
+    refund_window_ms: int = _LEDGER_DEFAULTS.refund_window_ms
     # ... and only the client's latest this many (0: no refunds): at 500 payments/s the
     # window alone would keep 1.8 M. 256 covers a payer's payments of the last hour at
     # several a minute.
-    max_refundable_per_client: int = 256
+    max_refundable_per_client: int = _LEDGER_DEFAULTS.max_refundable_per_client
 
     def __post_init__(self) -> None:
         if self.watermark_window == 0:
