@@ -6,6 +6,7 @@ The measuring is in sim.calibrate; here are the arguments and the file written.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from typing import Any
@@ -16,6 +17,7 @@ from cli.exits import EXIT_OK, EXIT_USAGE
 from cli.outputs import output_file_problem
 
 MAX_SECONDS = 60.0
+MAX_BENCH_FILE_BYTES = 16 * 1024 * 1024
 
 CALIBRATE_EPILOG = """Writes a TOML file with a [cpu] table (sign_us, verify_us,
 per_message_us) that a scenario uses as `[cluster] cpu = "FILE"` (a path relative to the
@@ -38,6 +40,12 @@ def add_calibrate(commands: Any) -> None:
         "--out", metavar="FILE", help="write the figures here as TOML (default: stdout)"
     )
     calibrate.add_argument(
+        "--bench",
+        metavar="FILE",
+        help="fit per_message_us to the replicas' CPU per payment in this pbft bench --json "
+        "file (default: time the simulated core)",
+    )
+    calibrate.add_argument(
         "--seconds",
         type=float,
         default=1.0,
@@ -58,9 +66,37 @@ def calibrate(arguments: argparse.Namespace) -> int:
     if problem is not None:
         print(f"pbft: calibrate: {problem}", file=sys.stderr)
         return EXIT_USAGE
+    bench = None
+    if arguments.bench is not None:
+        try:
+            with open(arguments.bench, encoding="utf-8") as file:
+                bench = json.loads(file.read(MAX_BENCH_FILE_BYTES))
+        except OSError as error:
+            print(
+                f"pbft: calibrate: --bench: cannot read {arguments.bench}: {error.strerror}",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+        except (ValueError, RecursionError) as error:
+            print(
+                f"pbft: calibrate: --bench: {arguments.bench} is not JSON: {error}", file=sys.stderr
+            )
+            return EXIT_USAGE
+        if not isinstance(bench, dict):
+            print(
+                f"pbft: calibrate: --bench: {arguments.bench} is not a pbft bench --json file",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+    from sim.calibrate import CalibrationError
     from sim.calibrate import calibrate as measure
 
-    text = tomli_w.dumps(measure(seconds).document())
+    try:
+        calibration = measure(seconds, bench)
+    except CalibrationError as error:
+        print(f"pbft: calibrate: --bench: {arguments.bench}: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    text = tomli_w.dumps(calibration.document())
     if arguments.out is None:
         sys.stdout.write(text)
         return EXIT_OK

@@ -9,6 +9,10 @@
   divided by the messages handled. The simulator's own bookkeeping (its event queue, the
   trace hash) is in that figure, as a real host's framing and scheduling would be.
 
+With `--bench FILE` (the JSON of `pbft bench --json`), per_message_us is fitted instead to
+the real replicas' CPU per payment measured there (sim.calibrate.fit_to_bench), so the
+model carries the runtime's own costs as well as the core's.
+
 Figures only, measured now: a busy machine gives larger ones. The file written is what a
 scenario's `[cluster] cpu = "FILE"` reads: a [cpu] table and, for the reader, [machine].
 """
@@ -38,9 +42,13 @@ replicas = {replicas}
 cpu = {{ sign_us = 0, verify_us = 0, per_message_us = 0 }}
 [workload]
 payments = {payments}
-rate_per_s = 1000
+rate_per_s = {rate}
 overdraw = 0.0
 """
+
+
+class CalibrationError(ValueError):
+    """A bench file that cannot be used; the message says what is wrong with it."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,8 @@ class Calibration:
     per_message_us: float
     messages: int  # handled in the per-message run
     run_cpu_s: float
+    # Where per_message_us comes from: the simulated core timed here, or a bench file.
+    per_message_from: str = "simulated core"
 
     def document(self) -> dict[str, Any]:
         return {
@@ -63,7 +73,8 @@ class Calibration:
                 "processor": platform.machine(),
                 "cores": len(os.sched_getaffinity(0)),
                 "load_average": [round(value, 2) for value in os.getloadavg()],
-                "messages_timed": self.messages,
+                "per_message_from": self.per_message_from,
+                "messages_counted": self.messages,
                 "run_cpu_s": round(self.run_cpu_s, 3),
             },
         }
@@ -98,7 +109,7 @@ def measure_per_message(
     sign_us: float, verify_us: float, replicas: int = 4, payments: int = CALIBRATION_PAYMENTS
 ) -> tuple[float, int, float]:
     """(per_message_us, messages handled, CPU seconds of the run)."""
-    scenario = parse_scenario(_SCENARIO.format(replicas=replicas, payments=payments))
+    scenario = parse_scenario(_SCENARIO.format(replicas=replicas, payments=payments, rate=1000))
     simulation = Simulation(scenario)
     started = time.process_time()
     simulation.run()
@@ -112,7 +123,51 @@ def measure_per_message(
     return per_message_us, messages, cpu_s
 
 
-def calibrate(seconds: float = 1.0) -> Calibration:
+def fit_to_bench(
+    bench: dict[str, Any], sign_us: float, verify_us: float
+) -> tuple[float, int, float]:
+    """per_message_us that makes the model's replica CPU per payment what `pbft bench`
+    measured (its first run): the real replicas' CPU per payment (/proc), less the
+    signatures and checks the model counts for a payment, over the messages a replica
+    handles for one. That puts the runtime's own costs (framing, msgpack, trio, syscalls,
+    the durable store) into the figure, which the simulated core alone lacks."""
+    runs = bench.get("runs")
+    if not isinstance(runs, list) or not runs or not isinstance(runs[0], dict):
+        raise CalibrationError("no runs in it (is it the JSON of pbft bench --json?)")
+    run = runs[0]
+    replicas = run.get("replicas")
+    cpu_s = run.get("cpu_s_per_payment")
+    rate = run.get("throughput_per_s")
+    for name, value in (("replicas", replicas), ("cpu_s_per_payment", cpu_s)):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise CalibrationError(f"runs[0].{name} is not a positive number: {value!r}")
+    assert isinstance(replicas, int | float) and isinstance(cpu_s, int | float)
+    if not isinstance(rate, int | float) or not 0 < rate <= 100_000:
+        rate = 100.0
+    if not 4 <= int(replicas) <= 64:
+        raise CalibrationError(f"runs[0].replicas is not in 4..64: {replicas!r}")
+    scenario = parse_scenario(
+        _SCENARIO.format(replicas=int(replicas), payments=CALIBRATION_PAYMENTS, rate=rate)
+    )
+    simulation = Simulation(scenario)
+    simulation.run()
+    assert simulation.cores is not None
+    decided = max(1, len(simulation.decided_at_us))
+    replica_cores = [core for name, core in simulation.cores.items() if name[0] == "replica"]
+    messages = sum(core.messages for core in replica_cores)
+    crypto_us = sum(
+        core.key.signs * sign_us + core.cache.verifies * verify_us for core in replica_cores
+    )
+    spare_us = max(0.0, cpu_s * 1e6 * decided - crypto_us)
+    return spare_us / max(1, messages), messages, float(cpu_s)
+
+
+def calibrate(seconds: float = 1.0, bench: dict[str, Any] | None = None) -> Calibration:
     sign_us, verify_us = measure_crypto(seconds)
-    per_message_us, messages, cpu_s = measure_per_message(sign_us, verify_us)
-    return Calibration(sign_us, verify_us, per_message_us, messages, cpu_s)
+    if bench is not None:
+        per_message_us, messages, cpu_s = fit_to_bench(bench, sign_us, verify_us)
+        source = "pbft bench (replica CPU per payment)"
+    else:
+        per_message_us, messages, cpu_s = measure_per_message(sign_us, verify_us)
+        source = "simulated core"
+    return Calibration(sign_us, verify_us, per_message_us, messages, cpu_s, source)

@@ -76,6 +76,7 @@ class Core:
     """One node's CPU: when it is next free, what waits for it, and its meters."""
 
     __slots__ = (
+        "busy_us",
         "charged_us",
         "free_at_us",
         "key",
@@ -111,6 +112,8 @@ class Core:
         self.queue: deque[Any] = deque()
         self.serving = False
         self.messages = 0
+        # All the time this core has been busy (for CPU per payment, as /proc counts it).
+        self.busy_us = 0
 
     def work_us(self) -> float:
         return self.key.signs * self.sign_us + self.cache.verifies * self.verify_us
@@ -128,6 +131,7 @@ class Core:
     def occupy(self, now_us: int, busy_us: int) -> None:
         """Run `busy_us` of work as soon as this node (and, on a shared machine, a core) is
         free: one thread per node, so a node's work never overlaps itself."""
+        self.busy_us += busy_us
         start_us = max(self.free_at_us, now_us)
         if self.machine is not None:
             start_us = max(start_us, heapq.heappop(self.machine))

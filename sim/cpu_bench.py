@@ -54,6 +54,10 @@ class LoadPoint:
     p50_ms: float
     p99_ms: float
     decided: int
+    # CPU time per decided payment, replicas and clients apart (as pbft bench's cpu ms/pay
+    # counts the replica processes from /proc).
+    replica_cpu_ms: float = 0.0
+    client_cpu_ms: float = 0.0
 
 
 def run_load(
@@ -85,6 +89,9 @@ def run_load(
     latencies = sorted(decided[identity] - submitted[identity] for identity in decided)
     if not latencies:
         return LoadPoint(rate, 0.0, 0.0, 0.0, 0)
+    cores = simulation.cores or {}
+    replica_us = sum(core.busy_us for name, core in cores.items() if name[0] == "replica")
+    client_us = sum(core.busy_us for name, core in cores.items() if name[0] == "client")
     # Decisions while load is offered, over that time: past saturation the backlog left at
     # the end (and any request a full queue refused, decided only after a retry) does not
     # count, so this is what the cluster sustains, not the offered rate.
@@ -101,6 +108,8 @@ def run_load(
         p50_ms=nearest_rank(latencies, 50) / 1000,
         p99_ms=nearest_rank(latencies, 99) / 1000,
         decided=len(latencies),
+        replica_cpu_ms=replica_us / len(latencies) / 1000,
+        client_cpu_ms=client_us / len(latencies) / 1000,
     )
 
 
@@ -147,12 +156,16 @@ def main(argv: list[str] | None = None) -> int:
         f"per message {cpu.per_message_us} us, {cores}; n = {arguments.replicas}"
     )
     print(f"lone payment p50 {lone_latency_ms(cpu, arguments.replicas):.2f} ms")
-    print(f"{'offered/s':>10} {'payments/s':>11} {'p50 ms':>8} {'p99 ms':>8}")
+    print(
+        f"{'offered/s':>10} {'payments/s':>11} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'replica cpu ms/pay':>19} {'client cpu ms/pay':>18}"
+    )
     rates = tuple(arguments.rate) if arguments.rate else DEFAULT_RATES
     for point in load_curve(cpu, rates, replicas=arguments.replicas, seconds=arguments.seconds):
         print(
             f"{point.offered_per_s:>10.0f} {point.throughput_per_s:>11.1f} "
-            f"{point.p50_ms:>8.2f} {point.p99_ms:>8.2f}"
+            f"{point.p50_ms:>8.2f} {point.p99_ms:>8.2f} "
+            f"{point.replica_cpu_ms:>19.3f} {point.client_cpu_ms:>18.3f}"
         )
     return 0
 

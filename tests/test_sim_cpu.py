@@ -4,6 +4,7 @@ same seed gives the same run, and a wrong key is one line naming it (exit 2)."""
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 
@@ -167,7 +168,7 @@ def test_calibrate_writes_a_file_a_scenario_can_use(
     document = tomllib.loads(out.read_text())
     cpu = document["cpu"]
     assert cpu["sign_us"] > 0 and cpu["verify_us"] > 0 and cpu["per_message_us"] >= 0
-    assert document["machine"]["messages_timed"] > 0
+    assert document["machine"]["messages_counted"] > 0
     scenario = tmp_path / "s.toml"
     scenario.write_text(_scenario('cpu = "calibration.toml"'))
     from sim.scenario import load_scenario
@@ -188,6 +189,44 @@ def test_calibrate_argument_errors_are_one_line(
     argv: list[str], words: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(argv) == EXIT_USAGE
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert len(captured.err.strip().splitlines()) == 1
+    assert words in captured.err
+
+
+def test_calibrate_fits_the_per_message_cost_to_a_bench_file(tmp_path: Path) -> None:
+    bench = tmp_path / "bench.json"
+    figures = {"replicas": 4, "cpu_s_per_payment": 0.004, "throughput_per_s": 100.0}
+    bench.write_text(json.dumps({"runs": [figures]}))
+    out = tmp_path / "fitted.toml"
+    args = ["calibrate", "--seconds", "0.05", "--bench", str(bench), "--out", str(out)]
+    assert main(args) == EXIT_OK
+    document = tomllib.loads(out.read_text())
+    assert document["machine"]["per_message_from"].startswith("pbft bench")
+    cpu = CpuSpec(**document["cpu"])
+    # The fitted model spends about what the bench measured per payment on the replicas
+    # (the fit's own load differs a little from this one's: batches, hence messages).
+    point = run_load(cpu, rate=100, payments=40, clients=4)
+    assert 2.8 < point.replica_cpu_ms < 5.2
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        ("{", "not JSON"),
+        ("[]", "not a pbft bench"),
+        ('{"runs": []}', "no runs"),
+        ('{"runs": [{"replicas": 4, "cpu_s_per_payment": -1}]}', "cpu_s_per_payment"),
+        ('{"runs": [{"replicas": 2, "cpu_s_per_payment": 0.01}]}', "replicas"),
+    ],
+)
+def test_calibrate_refuses_a_bad_bench_file_in_one_line(
+    tmp_path: Path, content: str, words: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bench = tmp_path / "bench.json"
+    bench.write_text(content)
+    assert main(["calibrate", "--seconds", "0.01", "--bench", str(bench)]) == EXIT_USAGE
     captured = capsys.readouterr()
     assert captured.out == ""
     assert len(captured.err.strip().splitlines()) == 1
