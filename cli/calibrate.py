@@ -20,8 +20,9 @@ MAX_SECONDS = 60.0
 MAX_BENCH_FILE_BYTES = 16 * 1024 * 1024
 
 CALIBRATE_EPILOG = """Writes a TOML file with a [cpu] table (sign_us, verify_us,
-per_message_us) that a scenario uses as `[cluster] cpu = "FILE"` (a path relative to the
-scenario file), and a [machine] table saying where and under what load it was measured.
+per_message_us, per_request_us, fsync_us) that a scenario uses as `[cluster] cpu = "FILE"`
+(a path relative to the scenario file), and a [machine] table saying where and under what
+load it was measured.
 Figures only: a busy machine measures slower.
 
 exit codes:
@@ -42,8 +43,8 @@ def add_calibrate(commands: Any) -> None:
     calibrate.add_argument(
         "--bench",
         metavar="FILE",
-        help="fit per_message_us to the replicas' CPU per payment in this pbft bench --json "
-        "file (default: time the simulated core)",
+        help="also fit per_request_us to the replicas' CPU per payment in this pbft bench "
+        "--json file (the runtime's costs beyond the simulated core's)",
     )
     calibrate.add_argument(
         "--seconds",

@@ -2,6 +2,9 @@
 
 - sign_us, verify_us: Ed25519 through `cryptography` (crypto.keys), one core, timed on a
   message the size of a payment request (median of several rounds).
+- fsync_us: a 4 KiB append and fsync in the temporary directory, wall time, four files at
+  once as four replicas share a disk (a durable write's wait: a replica's votes wait for
+  it before they are sent).
 - per_message_us: what the real replica and client cores cost per message beyond their
   signatures. A fault-free run of the simulator with the model switched on at zero cost
   counts every message each node handles; the CPU time of the run, less the Ed25519 work
@@ -9,9 +12,9 @@
   divided by the messages handled. The simulator's own bookkeeping (its event queue, the
   trace hash) is in that figure, as a real host's framing and scheduling would be.
 
-With `--bench FILE` (the JSON of `pbft bench --json`), per_message_us is fitted instead to
+With `--bench FILE` (the JSON of `pbft bench --json`), per_request_us is fitted as well, to
 the real replicas' CPU per payment measured there (sim.calibrate.fit_to_bench), so the
-model carries the runtime's own costs as well as the core's.
+model carries the runtime's own costs as well as the core's; without it per_request_us = 0.
 
 Figures only, measured now: a busy machine gives larger ones. The file written is what a
 scenario's `[cluster] cpu = "FILE"` reads: a [cpu] table and, for the reader, [machine].
@@ -22,6 +25,8 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,9 +61,11 @@ class Calibration:
     sign_us: float
     verify_us: float
     per_message_us: float
+    per_request_us: float
+    fsync_us: float
     messages: int  # handled in the per-message run
     run_cpu_s: float
-    # Where per_message_us comes from: the simulated core timed here, or a bench file.
+    # Where the runtime's costs come from: the simulated core alone, or a bench file.
     per_message_from: str = "simulated core"
 
     def document(self) -> dict[str, Any]:
@@ -67,6 +74,8 @@ class Calibration:
                 "sign_us": round(self.sign_us, 2),
                 "verify_us": round(self.verify_us, 2),
                 "per_message_us": round(self.per_message_us, 2),
+                "per_request_us": round(self.per_request_us, 2),
+                "fsync_us": round(self.fsync_us, 2),
             },
             "machine": {
                 "python": platform.python_version(),
@@ -99,6 +108,38 @@ def _per_call_us(call: Callable[[], object], seconds: float) -> float:
     return statistics.median(rounds)
 
 
+def measure_fsync(writes: int = 30, writers: int = 4) -> float:
+    """Median wall time of a 4 KiB append plus fsync in the temporary directory (where
+    `pbft bench` puts its replicas' stores), in microseconds, with `writers` files synced
+    at once from as many threads: a bench's replicas share one disk."""
+    timings: list[float] = []
+    lock = threading.Lock()
+
+    def write(path: str) -> None:
+        mine = []
+        with open(path, "ab") as file:
+            block = bytes(4096)
+            for _ in range(writes):
+                started = time.perf_counter()
+                file.write(block)
+                file.flush()
+                os.fsync(file.fileno())
+                mine.append((time.perf_counter() - started) * 1e6)
+        with lock:
+            timings.extend(mine)
+
+    with tempfile.TemporaryDirectory(prefix="pbft-calibrate-") as root:
+        threads = [
+            threading.Thread(target=write, args=(os.path.join(root, f"fsync-{index}"),))
+            for index in range(writers)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    return statistics.median(timings)
+
+
 def measure_crypto(seconds: float = 1.0) -> tuple[float, float]:
     """(sign_us, verify_us) of Ed25519 on this machine now."""
     key = SigningKey.derive(0, "calibrate")
@@ -129,13 +170,15 @@ def measure_per_message(
 
 
 def fit_to_bench(
-    bench: dict[str, Any], sign_us: float, verify_us: float
+    bench: dict[str, Any], sign_us: float, verify_us: float, per_message_us: float
 ) -> tuple[float, int, float]:
-    """per_message_us that makes the model's replica CPU per payment what `pbft bench`
-    measured (its first run): the real replicas' CPU per payment (/proc), less the
-    signatures and checks the model counts for a payment, over the messages a replica
-    handles for one. That puts the runtime's own costs (framing, msgpack, trio, syscalls,
-    the durable store) into the figure, which the simulated core alone lacks."""
+    """per_request_us that makes the model's replica CPU per payment what `pbft bench`
+    measured (its first run): the real replicas' CPU per payment (/proc), less what the
+    model counts for a payment (signatures, checks, messages at the simulated core's
+    per_message_us), over the requests the replicas execute. That puts the runtime's own
+    costs (framing, msgpack, trio, syscalls, the durable store's CPU) into the model; per
+    request, not per message, because the runtime's CPU per payment hardly falls with
+    load while batching makes messages per payment fall."""
     runs = bench.get("runs")
     if not isinstance(runs, list) or not runs or not isinstance(runs[0], dict):
         raise CalibrationError("no runs in it (is it the JSON of pbft bench --json?)")
@@ -163,16 +206,20 @@ def fit_to_bench(
     crypto_us = sum(
         core.key.signs * sign_us + core.cache.verifies * verify_us for core in replica_cores
     )
-    spare_us = max(0.0, cpu_s * 1e6 * decided - crypto_us)
-    return spare_us / max(1, messages), messages, float(cpu_s)
+    requests = sum(core.requests for core in replica_cores)
+    spare_us = max(0.0, cpu_s * 1e6 * decided - crypto_us - messages * per_message_us)
+    return spare_us / max(1, requests), messages, float(cpu_s)
 
 
 def calibrate(seconds: float = 1.0, bench: dict[str, Any] | None = None) -> Calibration:
     sign_us, verify_us = measure_crypto(seconds)
+    per_message_us, messages, cpu_s = measure_per_message(sign_us, verify_us)
+    per_request_us = 0.0
+    source = "simulated core"
     if bench is not None:
-        per_message_us, messages, cpu_s = fit_to_bench(bench, sign_us, verify_us)
+        per_request_us, messages, cpu_s = fit_to_bench(bench, sign_us, verify_us, per_message_us)
         source = "pbft bench (replica CPU per payment)"
-    else:
-        per_message_us, messages, cpu_s = measure_per_message(sign_us, verify_us)
-        source = "simulated core"
-    return Calibration(sign_us, verify_us, per_message_us, messages, cpu_s, source)
+    fsync_us = measure_fsync()
+    return Calibration(
+        sign_us, verify_us, per_message_us, per_request_us, fsync_us, messages, cpu_s, source
+    )

@@ -1,10 +1,12 @@
 """The simulator's CPU cost model: every replica and client is one core.
 
 With `[cluster] cpu = { sign_us, verify_us, per_message_us }` each simulated node is busy for
-`per_message_us` per message it handles, `sign_us` per signature it makes and `verify_us`
-per signature it checks. Messages that arrive while it is busy wait in its queue (first
-come, first served), and what it sends leaves only when the work that produced it is done,
-so latency grows with load and throughput stops growing at the busiest node's capacity.
+`per_message_us` per message it handles, `sign_us` per signature it makes, `verify_us`
+per signature it checks, and optionally `per_request_us` per request a replica executes
+and `fsync_us` per durable write. Messages that arrive
+while it is busy wait in its queue (first come, first served), and what it sends leaves
+only when the work that produced it is done, so latency grows with load and throughput
+stops growing at the busiest node's capacity.
 
 Counting is exact, not estimated: each node's core signs with a `MeteredKey` and checks
 signatures through a `MeteredCache`, which count the calls the real core makes. The
@@ -82,7 +84,11 @@ class Core:
         "key",
         "cache",
         "machine",
+        "fsync_us",
         "messages",
+        "persists",
+        "per_request_us",
+        "requests",
         "queue",
         "serving",
         "sign_us",
@@ -96,7 +102,13 @@ class Core:
         sign_us: float,
         verify_us: float,
         machine: list[int] | None = None,
+        fsync_us: float = 0.0,
+        per_request_us: float = 0.0,
     ) -> None:
+        self.per_request_us = per_request_us
+        self.requests = 0
+        self.fsync_us = fsync_us
+        self.persists = 0
         self.key = key
         # `cores = N` in the model: the free times of the N cores every node shares (a heap,
         # one list for all nodes); None: this node has a core of its own.
@@ -116,7 +128,12 @@ class Core:
         self.busy_us = 0
 
     def work_us(self) -> float:
-        return self.key.signs * self.sign_us + self.cache.verifies * self.verify_us
+        return (
+            self.key.signs * self.sign_us
+            + self.cache.verifies * self.verify_us
+            + self.persists * self.fsync_us
+            + self.requests * self.per_request_us
+        )
 
     def charge(self, now_us: int) -> int:
         """Turn the crypto done since the last charge into busy time; when the core is free

@@ -36,6 +36,8 @@ client_timeout_ms = 2000
 sign_us = {sign_us}
 verify_us = {verify_us}
 per_message_us = {per_message_us}
+fsync_us = {fsync_us}
+per_request_us = {per_request_us}
 cores = {cores}
 [network]
 latency_ms = {{ dist = "uniform", min = 0.05, max = 0.2 }}
@@ -54,8 +56,8 @@ class LoadPoint:
     p50_ms: float
     p99_ms: float
     decided: int
-    # CPU time per decided payment, replicas and clients apart (as pbft bench's cpu ms/pay
-    # counts the replica processes from /proc).
+    # Busy time per decided payment, replicas and clients apart (as pbft bench's cpu ms/pay
+    # counts the replica processes from /proc; with fsync_us, storage waits are in it too).
     replica_cpu_ms: float = 0.0
     client_cpu_ms: float = 0.0
 
@@ -76,6 +78,8 @@ def run_load(
             sign_us=cpu.sign_us,
             verify_us=cpu.verify_us,
             per_message_us=cpu.per_message_us,
+            fsync_us=cpu.fsync_us,
+            per_request_us=cpu.per_request_us,
             cores=cpu.cores,
             clients=clients,
             payments=payments,
@@ -153,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     cores = f"{cpu.cores} shared cores" if cpu.cores else "a core per node"
     print(
         f"model: sign {cpu.sign_us} us, verify {cpu.verify_us} us, "
-        f"per message {cpu.per_message_us} us, {cores}; n = {arguments.replicas}"
+        f"per message {cpu.per_message_us} us, per request {cpu.per_request_us} us, "
+        f"fsync {cpu.fsync_us} us, {cores}; "
+        f"n = {arguments.replicas}"
     )
     print(f"lone payment p50 {lone_latency_ms(cpu, arguments.replicas):.2f} ms")
     print(

@@ -199,6 +199,10 @@ class _ReplicaHost:
 
     def persist(self, records: Sequence[Persist]) -> None:
         write_records(self.node.storage, records)
+        cores = self.simulation.cores
+        if cores is not None:
+            # One durable write per step, as the runtime's store commits them (one fsync).
+            cores[("replica", self.node.replica_id, self.node.copy)].persists += 1
 
     def send(self, message: Outgoing) -> None:
         self.simulation._send_from(self.node, message)
@@ -491,6 +495,8 @@ class Simulation:
             self.cpu.sign_us,
             self.cpu.verify_us,
             self.machine,
+            self.cpu.fsync_us,
+            self.cpu.per_request_us,
         )
         return metered
 
@@ -967,6 +973,8 @@ class Simulation:
             self._transmit_from(node, destination, message.data)
 
     def _executed(self, node: ReplicaNode, executed: Executed) -> None:
+        if self.cores is not None:
+            self.cores[("replica", node.replica_id, node.copy)].requests += len(executed.requests)
         self._record_execution(node.observer_id, executed)
         node.history.record(executed)
         self.trace.record(

@@ -90,6 +90,13 @@ def test_throughput_saturates_and_latency_grows_with_load() -> None:
     assert light.p50_ms < heavy.p50_ms < heavier.p50_ms
 
 
+def test_durable_writes_cost_time_when_the_model_says_so() -> None:
+    without = lone_latency_ms(SLOW, payments=5)
+    with_fsync = lone_latency_ms(CpuSpec(500, 1500, 300, fsync_us=5000), payments=5)
+    # At least the primary's proposal and each phase's vote wait for a write.
+    assert with_fsync > without + 10
+
+
 def test_a_shared_machine_is_slower_than_a_core_per_node() -> None:
     own = lone_latency_ms(SLOW, payments=5)
     shared = lone_latency_ms(CpuSpec(500, 1500, 300, cores=1), payments=5)
@@ -174,7 +181,9 @@ def test_calibrate_writes_a_file_a_scenario_can_use(
     from sim.scenario import load_scenario
 
     loaded = load_scenario(scenario)
-    assert loaded.cluster.cpu == CpuSpec(cpu["sign_us"], cpu["verify_us"], cpu["per_message_us"])
+    assert loaded.cluster.cpu == CpuSpec(**cpu)
+    assert cpu["per_request_us"] == 0
+    assert cpu["fsync_us"] > 0
 
 
 @pytest.mark.parametrize(
@@ -195,20 +204,22 @@ def test_calibrate_argument_errors_are_one_line(
     assert words in captured.err
 
 
-def test_calibrate_fits_the_per_message_cost_to_a_bench_file(tmp_path: Path) -> None:
+def test_calibrate_fits_the_per_request_cost_to_a_bench_file(tmp_path: Path) -> None:
     bench = tmp_path / "bench.json"
-    figures = {"replicas": 4, "cpu_s_per_payment": 0.004, "throughput_per_s": 100.0}
+    figures = {"replicas": 4, "cpu_s_per_payment": 0.012, "throughput_per_s": 100.0}
     bench.write_text(json.dumps({"runs": [figures]}))
     out = tmp_path / "fitted.toml"
     args = ["calibrate", "--seconds", "0.05", "--bench", str(bench), "--out", str(out)]
     assert main(args) == EXIT_OK
     document = tomllib.loads(out.read_text())
     assert document["machine"]["per_message_from"].startswith("pbft bench")
-    cpu = CpuSpec(**document["cpu"])
-    # The fitted model spends about what the bench measured per payment on the replicas
-    # (the fit's own load differs a little from this one's: batches, hence messages).
+    assert document["cpu"]["per_request_us"] > 0
+    # Storage waits apart (the bench's figure is CPU time only), the fitted model spends
+    # about what the bench measured per payment on the replicas (the fit's own load differs
+    # a little from this one's: batches, hence messages).
+    cpu = CpuSpec(**{**document["cpu"], "fsync_us": 0.0})
     point = run_load(cpu, rate=100, payments=40, clients=4)
-    assert 2.8 < point.replica_cpu_ms < 5.2
+    assert 8.4 < point.replica_cpu_ms < 15.6
 
 
 @pytest.mark.parametrize(

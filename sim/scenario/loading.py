@@ -84,7 +84,14 @@ _CLUSTER_KEYS: Final = (
     "max_clock_skew_ms",
     "cpu",
 )
-_CPU_KEYS: Final = ("sign_us", "verify_us", "per_message_us", "cores")
+_CPU_KEYS: Final = (
+    "sign_us",
+    "verify_us",
+    "per_message_us",
+    "per_request_us",
+    "fsync_us",
+    "cores",
+)
 # A calibration file (`pbft calibrate`): the model in [cpu], what was measured in [machine].
 _CALIBRATION_KEYS: Final = ("cpu", "machine")
 MAX_CALIBRATION_FILE_BYTES: Final = 64 * 1024
@@ -298,6 +305,8 @@ class _Reader(AdversaryReader):
             sign_us=cost("sign_us"),
             verify_us=cost("verify_us"),
             per_message_us=cost("per_message_us"),
+            per_request_us=cost("per_request_us") if "per_request_us" in table else 0.0,
+            fsync_us=cost("fsync_us") if "fsync_us" in table else 0.0,
             cores=self.integer(table.get("cores", 0), f"{path}.cores", 0, MAX_CPU_CORES),
         )
 

@@ -89,6 +89,12 @@ class CpuSpec:
     sign_us: float
     verify_us: float
     per_message_us: float
+    # Per request a replica executes (ledger, history row, its reply), beyond the messages
+    # that carried it: a batch's requests cost each replica this much each.
+    per_request_us: float = 0.0
+    # Each durable write (one per step that persists: the runtime's group commit) keeps the
+    # replica busy this long; 0: storage is free, as without the model.
+    fsync_us: float = 0.0
     # 0: every node has a core of its own. N: the nodes share N cores (one machine, as in
     # `pbft bench`, where every replica and the clients run on this host's cores).
     cores: int = 0
