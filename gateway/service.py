@@ -168,6 +168,7 @@ class PaymentService:
         self._active: set[tuple[int, str]] = set()
         self.counts: Counter[str] = Counter()
         self.on_decision: DecisionHook | None = None
+        self._expiry_cursor = 0
 
     @property
     def store(self) -> GatewayStore:
@@ -460,7 +461,10 @@ class PaymentService:
         record the fate of each closed one (expired; or captured/voided by a request made
         elsewhere); the number changed. A hold still open past its expiry (the cluster
         releases holds when it next executes a batch) is asked again next pass."""
-        due = await self.store.holds_due(now_ms(), batch)
+        due = await self.store.holds_due(now_ms(), batch, self._expiry_cursor)
+        # Round robin: the next pass goes on after these, so holds the cluster keeps open
+        # past their expiry (it releases them with its next batch) cannot starve the rest.
+        self._expiry_cursor = due[-1].row if len(due) == batch else 0
         changed = 0
         for payment in due:
             client = self.gateway.clients.get(payment.client_id) or next(
@@ -787,6 +791,18 @@ class PaymentService:
             action, side = what
             raise errors.forbidden(
                 f"only the owner of the payment's {side!r} account may {action} it", "id"
+            )
+        if payment.status == PENDING:
+            # Its own decision is not known yet: an operation on it now could be decided
+            # before it and then be overwritten by it here.
+            raise errors.Problem(
+                409,
+                "payment-pending",
+                "The payment is not decided yet",
+                f"payment {payment.id} is still pending: retry its creation with the same "
+                "Idempotency-Key, or GET it until it is decided",
+                "id",
+                payment_id=payment.id,
             )
         return payment
 

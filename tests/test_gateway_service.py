@@ -262,6 +262,9 @@ def test_a_cluster_timeout_is_504_then_the_retry_resubmits_the_same_request(
         pending = await service.get_payment(BOB, pid)
         assert pending["status"] == "pending" and pending["receipt"] is None
         assert pending["operations"][0]["outcome"] == "pending"
+        # Nothing is done to a payment before its own decision is known.
+        early = await problem(service.refund(ALICE, "early", pid, 1))
+        assert (early.status, early.type_slug) == (409, "payment-pending")
         service.timeout_s = TIMEOUT_S
         payment = ok(await service.create_payment(BOB, "slow", request), "confirmed")
         assert payment["id"] == pid
