@@ -204,6 +204,11 @@ class PaymentService:
                 f"account {payer!r} is not owned by client {caller.client_id}", "from"
             )
         to_owner = await self.gateway.owner(payee)
+        # An account neither the genesis nor this gateway knows: ask the cluster whether it
+        # exists, so a typo is a 422 naming the field rather than a receipted rejection.
+        for field, name, owner in (("from", payer, from_owner), ("to", payee, to_owner)):
+            if owner is None and not await self._exists(caller, name):
+                raise errors.unknown_account(name, field)
         canonical = {
             "from": payer,
             "to": payee,
@@ -346,8 +351,17 @@ class PaymentService:
             self.counts["timeouts"] += 1
             raise errors.cluster_timeout(None, self.timeout_s, account=name) from None
         if not read.exists:
-            raise errors.not_found(f"no account {name!r} in this cluster", "name")
+            raise errors.unknown_account(name, "name", status=404)
         return {"name": name, "available": read.balance, "held": read.held, "seq": read.seq}
+
+    async def _exists(self, caller: Caller, name: str) -> bool:
+        try:
+            with trio.fail_after(self.timeout_s):
+                read = await self.gateway.client_for(caller).balance(name)
+        except (PaymentTimeout, trio.TooSlowError):
+            self.counts["timeouts"] += 1
+            raise errors.cluster_timeout(None, self.timeout_s, account=name) from None
+        return read.exists
 
     def verify_receipt(self, receipt_b64: str) -> dict[str, Any]:
         """A receipt checked offline against this cluster's keys and id: a verdict ("valid",

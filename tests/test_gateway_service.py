@@ -429,7 +429,20 @@ def test_other_clients_accounts_are_403_and_bad_keys_401(
         refused = await problem(service.account(BOB, alices[0]))
         assert (refused.status, refused.field) == (403, "name")
         missing = await problem(service.account(BOB, "no-such-account"))
-        assert missing.status == 404
+        assert (missing.status, missing.type_slug, missing.field) == (
+            404,
+            "unknown-account",
+            "name",
+        )
+        for field in ("from", "to"):
+            typo = {"from": bobs[0], "to": bobs[1], "amount": 1, field: "no-such-account"}
+            missing = await problem(service.create_payment(BOB, f"typo-{field}", typo))
+            assert (missing.status, missing.type_slug, missing.field) == (
+                422,
+                "unknown-account",
+                field,
+            )
+            assert Database(db).idempotency(1, f"typo-{field}") is None
 
         held = ok(
             await service.create_payment(
