@@ -372,14 +372,31 @@ def test_refunds_in_parts_then_in_full_then_refused(local: LocalCluster, tmp_pat
         with pytest.raises(Problem) as unknown:
             await service.refund(ALICE, "r5", "pay_0_1", 1)
         assert unknown.value.status == 404
+        # Two refunds of one payment decided at once: neither change is lost.
+        second = ok(
+            await service.create_payment(
+                ALICE, "p2", {"from": payer, "to": payee, "amount": 10, "capture": True}
+            ),
+            "confirmed",
+        )
+        async with trio.open_nursery() as nursery:
+            for index, amount in enumerate((4, 6)):
+                nursery.start_soon(service.refund, ALICE, f"both-{index}", second["id"], amount)
+        both = await service.get_payment(ALICE, second["id"])
+        assert (both["status"], both["refunded_amount"]) == ("refunded", 10)
+        assert [o["outcome"] for o in both["operations"]] == ["confirmed"] * 3
 
     with_gateway(local, db, body)
     assert [event["type"] for event in events(db)] == [
         "payment.confirmed",
         "payment.refunded",
         "payment.refunded",
+        "payment.confirmed",
+        "payment.refunded",
+        "payment.refunded",
     ]
-    assert events(db)[-1]["data"]["status"] == "refunded"
+    assert events(db)[2]["data"]["status"] == "refunded"
+    assert events(db)[-1]["data"]["refunded_amount"] == 10
 
 
 def test_a_rejected_payment_is_answered_with_its_receipt(
