@@ -222,7 +222,7 @@ class PaymentService:
             "metadata": metadata,
         }
 
-        async def prepare(request_id: int) -> _Prepared:
+        def prepare(request_id: int) -> _Prepared:
             pid = payment_id(caller.client_id, request_id)
             created = now_ms()
             operation = (
@@ -307,7 +307,7 @@ class PaymentService:
     async def open_account(self, caller: Caller, key: str, name: str) -> Stored:
         name = _account_field(name, "name")
 
-        async def prepare(request_id: int) -> _Prepared:
+        def prepare(request_id: int) -> _Prepared:
             return _Prepared(name, Operation.open_account(name), None, None)
 
         return await self._mutate(caller, key, ROUTE_ACCOUNTS, {"name": name}, prepare)
@@ -502,7 +502,7 @@ class PaymentService:
         key: str,
         route: str,
         body: dict[str, Any],
-        prepare: Callable[[int], Any],
+        prepare: Callable[[int], _Prepared],
     ) -> Stored:
         if not isinstance(key, str) or not 0 < len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH:
             raise errors.invalid(
@@ -515,33 +515,35 @@ class PaymentService:
             self.counts["idempotency_in_flight"] += 1
             raise errors.key_in_flight(key)
         digest = body_digest(route, body)
+        candidate = client.new_request_id()
+
+        def build(
+            request_id: int,
+        ) -> tuple[IdempotencyRecord, PaymentRow | None, OperationRow | None]:
+            prepared = prepare(request_id)
+            record = IdempotencyRecord(
+                client_id=caller.client_id,
+                key=key,
+                route=route,
+                body_sha256=digest,
+                request_id=request_id,
+                target=prepared.target,
+                operation=_operation_fields(prepared.operation),
+                state="in_flight",
+                status_code=None,
+                response=None,
+                created_ms=now_ms(),
+            )
+            return record, prepared.payment, prepared.op_row
+
         self._active.add(slot)
         try:
-            record = await self.store.idempotency(*slot)
-            if record is None:
-                request_id = await self.store.next_request_id(
-                    caller.client_id, client.new_request_id()
-                )
-                prepared: _Prepared = await prepare(request_id)
-                record = IdempotencyRecord(
-                    client_id=caller.client_id,
-                    key=key,
-                    route=route,
-                    body_sha256=digest,
-                    request_id=request_id,
-                    target=prepared.target,
-                    operation=_operation_fields(prepared.operation),
-                    state="in_flight",
-                    status_code=None,
-                    response=None,
-                    created_ms=now_ms(),
-                )
-                existing = await self.store.begin(record, prepared.payment, prepared.op_row)
-                if existing is not None:  # another process with the same DB got there first
-                    record = existing
-                    if record.state == DONE or record.body_sha256 != digest:
-                        return self._replay(record, route, digest)
-            else:
+            # The key, its request id and the pending payment are committed before the
+            # request is sent (one transaction); a known key is answered or resubmitted.
+            record, fresh = await self.store.run(
+                lambda db: db.claim(caller.client_id, key, candidate, build)
+            )
+            if not fresh:
                 stored = self._replay(record, route, digest)
                 if record.state == DONE:
                     return stored
@@ -790,8 +792,10 @@ class PaymentService:
             )
         return payment
 
-    def _operation_on(self, caller: Caller, pid: str, operation: Operation) -> Callable[[int], Any]:
-        async def prepare(request_id: int) -> _Prepared:
+    def _operation_on(
+        self, caller: Caller, pid: str, operation: Operation
+    ) -> Callable[[int], _Prepared]:
+        def prepare(request_id: int) -> _Prepared:
             return _Prepared(pid, operation, None, _pending_op(pid, caller, request_id, operation))
 
         return prepare
