@@ -16,6 +16,8 @@ Every mutating call goes the same way (`PaymentService._mutate`):
 
 A payment's status moves only as TRANSITIONS says; a rejected operation on a payment
 leaves its status (except a capture or void refused because the hold expired: expired).
+Each change of status writes one event payment.<new status>; every confirmed refund, partial
+or not, writes payment.refunded (its data shows refunded_amount and the status).
 """
 
 from __future__ import annotations
@@ -196,8 +198,13 @@ class PaymentService:
             hold_ms = (
                 self.gateway.cluster.config.max_hold_duration_ms if expires is None else expires
             )
-            if type(hold_ms) is not int or hold_ms <= 0:
-                raise errors.invalid("expires_in_ms must be a positive integer", "expires_in_ms")
+            longest = self.gateway.cluster.config.max_hold_duration_ms
+            if type(hold_ms) is not int or not 0 < hold_ms <= longest:
+                raise errors.invalid(
+                    f"expires_in_ms must be an integer in 1..{longest} (the cluster's longest "
+                    "hold)",
+                    "expires_in_ms",
+                )
         try:
             metadata = check_metadata(body.get("metadata"))
         except ValueError as error:

@@ -310,6 +310,8 @@ def test_holds_captured_voided_and_expired(local: LocalCluster, tmp_path: Path) 
         )
         assert (await service.get_payment(ALICE, held["id"]))["status"] == "captured"
 
+        too_long = await problem(service.create_payment(ALICE, "h0", hold(5, HOUR_MS + 1)))
+        assert (too_long.status, too_long.field) == (400, "expires_in_ms")
         other = ok(await service.create_payment(ALICE, "h2", hold(20)), "held")
         ok(await service.void(ALICE, "h2-void", other["id"]), "voided")
 
