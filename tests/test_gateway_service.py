@@ -311,7 +311,11 @@ def test_holds_captured_voided_and_expired(local: LocalCluster, tmp_path: Path) 
         assert (await service.get_payment(ALICE, held["id"]))["status"] == "captured"
 
         too_long = await problem(service.create_payment(ALICE, "h0", hold(5, HOUR_MS + 1)))
-        assert (too_long.status, too_long.field) == (400, "expires_in_ms")
+        assert (too_long.status, too_long.type_slug, too_long.field) == (
+            422,
+            "invalid-field",
+            "expires_in_ms",
+        )
         other = ok(await service.create_payment(ALICE, "h2", hold(20)), "held")
         ok(await service.void(ALICE, "h2-void", other["id"]), "voided")
 
@@ -370,7 +374,11 @@ def test_refunds_in_parts_then_in_full_then_refused(local: LocalCluster, tmp_pat
         assert more.status_code == 409 and more.json()["reason"] == "exceeds_refundable"
         assert (await service.refund(ALICE, "r3", paid["id"], 1)) == more  # replayed too
         bad = await problem(service.refund(ALICE, "r4", paid["id"], 0))
-        assert (bad.status, bad.field) == (400, "amount")
+        assert (bad.status, bad.type_slug, bad.field) == (422, "invalid-field", "amount")
+        not_a_hold = await problem(service.capture(ALICE, "c", paid["id"], None))
+        assert (not_a_hold.status, not_a_hold.type_slug) == (409, "not-a-hold")
+        malformed = await problem(service.void(ALICE, "v", "pay_zero"))
+        assert (malformed.status, malformed.field) == (400, "payment_id")
         with pytest.raises(Problem) as unknown:
             await service.refund(ALICE, "r5", "pay_0_1", 1)
         assert unknown.value.status == 404
@@ -517,7 +525,7 @@ def test_listing_pages_newest_first(local: LocalCluster, tmp_path: Path) -> None
         assert [payment["id"] for payment in bobs["data"]] == [made[3], made[1]]
         for limit in (0, 101):
             bad = await problem(service.list_payments(ALICE, None, limit, None))
-            assert (bad.status, bad.field) == (400, "limit")
+            assert (bad.status, bad.type_slug, bad.field) == (400, "invalid-parameter", "limit")
         bad = await problem(service.list_payments(ALICE, None, 10, "pay_9_9"))
         assert (bad.status, bad.field) == (404, "starting_after")
         bad = await problem(service.list_payments(BOB, None, 10, made[0]))
