@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Awaitable, Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -583,3 +584,32 @@ def test_receipt_verification_never_fails_on_garbage(local: LocalCluster, tmp_pa
             assert verdict["valid"] is False and verdict["verdict"] == "unreadable", verdict
 
     with_gateway(local, tmp_path / "g.db", body)
+
+
+def test_the_background_task_marks_an_expired_hold(local: LocalCluster, tmp_path: Path) -> None:
+    db = tmp_path / "g.db"
+    payer, payee = owned(local, 0)
+
+    async def body(gateway: Gateway) -> None:
+        service = gateway.service
+        request = {"from": payer, "to": payee, "amount": 4, "capture": False}
+        held = ok(await service.create_payment(ALICE, "short", {**request, "expires_in_ms": 200}))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(run, gateway, expiry_interval_s=0.05))
+            await trio.sleep(0.4)
+            # A batch after the expiry: the cluster releases the hold at its start.
+            ok(await service.create_payment(ALICE, "tick", {**request, "capture": True}))
+            for _ in range(200):
+                if (await service.get_payment(ALICE, held["id"]))["status"] == "expired":
+                    break
+                await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+        assert (await service.get_payment(ALICE, held["id"]))["status"] == "expired"
+        assert service.counts["expired"] == 1
+
+    with_gateway(local, db, body)
+    assert [event["type"] for event in events(db)] == [
+        "payment.held",
+        "payment.confirmed",
+        "payment.expired",
+    ]
