@@ -106,7 +106,7 @@ TRANSITIONS: dict[tuple[str, str], str] = {
 }
 # The operations that create a payment (its id is theirs).
 FIRST_OPS = (Op.TRANSFER, Op.AUTHORIZE)
-# Statuses that are the payment's first decision: their event is payment.<status>.
+# The event each status change writes (and every confirmed refund: payment.refunded).
 EVENT_TYPES = {status: f"payment.{status}" for status in STATUSES if status != PENDING}
 
 DEFAULT_TIMEOUT_S = 10.0
