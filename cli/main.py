@@ -36,6 +36,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         bench,
         calibrate,
         cluster,
+        gateway_keys,
         keys,
         lookups,
         operations,
@@ -57,6 +58,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         receipts.add_verify_receipt,
         cluster.add_cluster,
         keys.add_keygen,
+        gateway_keys.add_gateway_key,
         scenarios.add_sweep,
         scenarios.add_fuzz,
         bench.add_bench,
@@ -83,6 +85,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         "verify-receipt": receipts.verify_receipt,
         "bench": bench.bench,
         "calibrate": calibrate.calibrate,
+        "gateway-key": gateway_keys.gateway_key,
     }
     return parser, handlers
 
