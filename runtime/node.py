@@ -379,7 +379,8 @@ class ReplicaNode:
     def record_history(self, executed: Sequence[Executed]) -> None:
         """Queue a step's executed batches for the history thread
         (runtime/history_store.py's ThreadedHistoryStore). History never lags the stable
-        checkpoint a restart resumes from: the writer flushes it before writing one."""
+        checkpoint a restart resumes from: the writer has it synced through the checkpoint
+        before writing one."""
         if self.history is not None and executed:
             self.history.record_all(executed)
 
