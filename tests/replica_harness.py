@@ -95,14 +95,21 @@ class Entry:
 class Cluster:
     """Configuration, keys and signed-message builders for a 4-replica test cluster."""
 
-    def __init__(self, *, accounts: Mapping[str, Account] | None = None, **overrides: int) -> None:
+    def __init__(
+        self,
+        *,
+        accounts: Mapping[str, Account] | None = None,
+        clients: int = CLIENT_COUNT,
+        **overrides: int,
+    ) -> None:
         settings = {**DEFAULT_SETTINGS, **overrides}
         self.config = ClusterConfig(**settings)
         self.n = self.config.replica_count
         self.f = self.config.fault_tolerance
         self.quorum = self.config.quorum
         self.replica_keys = [SigningKey.derive(SEED, f"replica/{i}") for i in range(self.n)]
-        self.client_keys = [SigningKey.derive(SEED, f"client/{j}") for j in range(CLIENT_COUNT)]
+        # Restoring a snapshot refuses more clients than the cluster has keys.
+        self.client_keys = [SigningKey.derive(SEED, f"client/{j}") for j in range(clients)]
         self.keyring = KeyRing()
         for i, key in enumerate(self.replica_keys):
             self.keyring.add(("replica", i), key.verify_key)
