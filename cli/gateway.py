@@ -13,6 +13,7 @@ import errno
 import logging
 import math
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -142,11 +143,9 @@ def _data_path(arguments: argparse.Namespace, cluster: Any) -> Path:
 
 
 def gateway(arguments: argparse.Namespace) -> int:
-    from gateway.service import open_gateway
-    from gateway.store import StoreError
-
     from cli.cluster import _replica_stops
-    from gateway.server import parse_listen, serve
+    from gateway.server import parse_listen, run_gateway
+    from gateway.store import GatewayStore, StoreError
     from runtime.cluster import load_cluster
     from runtime.node import ReplicaNode
 
@@ -158,19 +157,26 @@ def gateway(arguments: argparse.Namespace) -> int:
     listen = parse_listen(arguments.listen)
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(name)s: %(message)s")
     try:
-        opened = open_gateway(
-            cluster,
-            arguments.client,
-            _db_path(arguments, cluster),
-            timeout_s=arguments.cluster_timeout_s,
-        )
+        store = GatewayStore(_db_path(arguments, cluster))
     except StoreError as error:
         print(f"pbft: --db: {error}", file=sys.stderr)
         return EXIT_USAGE
+    node = None
     if arguments.replica is not None:
-        opened.node = ReplicaNode(cluster, arguments.replica, _data_path(arguments, cluster))
+        node = ReplicaNode(cluster, arguments.replica, _data_path(arguments, cluster))
     try:
-        trio.run(lambda: serve(opened, listen, graceful_timeout_s=arguments.graceful_timeout_s))
+        trio.run(
+            partial(
+                run_gateway,
+                cluster,
+                arguments.client,
+                store,
+                listen,
+                timeout_s=arguments.cluster_timeout_s,
+                node=node,
+                graceful_timeout_s=arguments.graceful_timeout_s,
+            )
+        )
     except BaseException as raised:
         if leaf(raised, (KeyboardInterrupt,)) is not None:
             print("pbft: gateway interrupted", file=sys.stderr)
@@ -179,18 +185,19 @@ def gateway(arguments: argparse.Namespace) -> int:
         if isinstance(refused, OSError) and refused.errno == errno.EADDRINUSE:
             print(
                 f"pbft: --listen {arguments.listen}: address in use (another process "
-                "listens there, or the embedded replica's port is taken)",
+                "listens there, or on the embedded replica's port)",
                 file=sys.stderr,
             )
             return EXIT_USAGE
-        if arguments.replica is not None:
+        if node is not None:
             stops = _replica_stops()
             error = leaf(raised, tuple(kind for kind, _, _ in stops))
             for kind, code, template in stops:
                 if isinstance(error, kind) and template:
-                    print(template.format(replica=arguments.replica, error=error), file=sys.stderr)
+                    line = template.format(replica=arguments.replica, error=error)
+                    print(line, file=sys.stderr)
                     return code
         raise
     finally:
-        opened.close()
+        store.close()
     return EXIT_OK

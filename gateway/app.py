@@ -498,11 +498,11 @@ def create_app(gateway: Any) -> FastAPI:
     async def verify_receipt(request: Request, who: CallerDep, body: ReceiptVerify) -> Any:
         """Check a receipt (base64) against this cluster's keys: the verdict and its fields.
         Nothing changes, so no Idempotency-Key."""
-        return await _service(request).verify_receipt(body.receipt)
+        return _service(request).verify_receipt(body.receipt)
 
     @app.get("/healthz", tags=["operations"])
     async def healthz(request: Request) -> Response:
-        """200 when every client of the gateway is connected to at least 2f + 1 replicas
+        """200 when every client of the gateway is connected to a quorum of replicas
         (enough for the cluster to decide), else 503; the embedded replica's status."""
         body = health(request.app.state.gateway)
         return JSONResponse(body, 200 if body["status"] == "ok" else 503)
@@ -519,7 +519,7 @@ def create_app(gateway: Any) -> FastAPI:
 
 def health(gateway: Any) -> dict[str, Any]:
     cluster = gateway.cluster
-    needed = 2 * cluster.config.f + 1
+    needed = cluster.config.quorum  # what the cluster needs to decide anything
     clients = {}
     healthy = True
     for client_id, client in sorted(gateway.clients.items()):

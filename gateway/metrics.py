@@ -9,7 +9,8 @@ the cluster's reasons, not free text), so the number of series is bounded.
 - `payment_decisions`: decisions the cluster gave the gateway's clients, by operation,
   outcome and reason.
 - `cluster_round_trip`: seconds from submitting a request (or a lookup) to its f + 1
-  matching answers, by kind ("submit", "lookup", "balance") and result.
+  matching answers, by kind ("submit", "lookup", "balance") and result ("decided",
+  "answered", "timeout").
 - `webhook_deliveries`: webhook delivery attempts by result (gateway/webhooks.py
   increments it: `metrics.webhook_deliveries.labels(result="delivered").inc()`).
 """
@@ -24,7 +25,7 @@ from typing import Any, TypeVar
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from runtime.client import PaymentClient, PaymentTimeout
+from runtime.client import PaymentTimeout
 
 registry = CollectorRegistry(auto_describe=True)
 
@@ -76,7 +77,7 @@ def _label(value: object) -> str:
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
-def _timed(kind: str, call: F, on_result: Callable[[Any, tuple[Any, ...]], None] | None) -> F:
+def _timed(kind: str, call: F) -> F:
     @wraps(call)
     async def timed(*args: Any, **kwargs: Any) -> Any:
         started = time.perf_counter()
@@ -90,31 +91,28 @@ def _timed(kind: str, call: F, on_result: Callable[[Any, tuple[Any, ...]], None]
         cluster_round_trip.labels(kind=kind, result="answered").observe(
             time.perf_counter() - started
         )
-        if on_result is not None:
-            on_result(result, args)
         return result
 
     return timed  # type: ignore[return-value]
 
 
-def _count_decision(decided: Any, args: tuple[Any, ...]) -> None:
-    operation = args[0] if args else None
-    payment_decisions.labels(
-        op=_label(getattr(operation, "op", "other")),
-        outcome=_label(decided.outcome),
-        reason=_label(decided.reason),
-    ).inc()
+def on_decision(op: str, outcome: str, reason: str, seconds: float) -> None:
+    """The payment service's decision hook (PaymentService.on_decision): every decision,
+    also those of requests resumed after a restart."""
+    reason = reason or "none"  # a confirmation has no reason; the payment object says "none"
+    payment_decisions.labels(op=_label(op), outcome=_label(outcome), reason=_label(reason)).inc()
+    cluster_round_trip.labels(kind="submit", result="decided").observe(seconds)
 
 
-def instrument(client: PaymentClient) -> PaymentClient:
-    """Time `client`'s round trips and count its decisions. Every ledger operation goes
-    through `submit` (pay, authorize, capture, ... call it), every lookup through `lookup`:
-    wrapping those two (and `balance`) on the instance sees all of them, without the
-    runtime knowing about metrics. Idempotent: a client is wrapped once."""
-    if getattr(client, "_gateway_metrics", False):
-        return client
-    client.submit = _timed("submit", client.submit, _count_decision)  # type: ignore[method-assign]
-    client.lookup = _timed("lookup", client.lookup, None)  # type: ignore[method-assign]
-    client.balance = _timed("balance", client.balance, None)  # type: ignore[method-assign]
-    client._gateway_metrics = True  # type: ignore[attr-defined]
-    return client
+def instrument_gateway(gateway: Any) -> None:
+    """Count `gateway`'s decisions (through the service's hook) and time its clients'
+    lookups and balance reads. Wrapping `lookup` and `balance` on each client instance sees
+    every one (status, history, hold go through `lookup`) without the runtime knowing about
+    metrics. Idempotent."""
+    gateway.service.on_decision = on_decision
+    for client in gateway.clients.values():
+        if getattr(client, "_gateway_metrics", False):
+            continue
+        client.lookup = _timed("lookup", client.lookup)
+        client.balance = _timed("balance", client.balance)
+        client._gateway_metrics = True

@@ -20,7 +20,6 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from contextlib import AsyncExitStack
 from typing import Any, TextIO
 
 import trio
@@ -91,6 +90,34 @@ def _background_tasks() -> list[Callable[..., Awaitable[None]]]:
     return tasks
 
 
+async def run_gateway(
+    cluster: Any,
+    client_ids: list[int],
+    store: Any,
+    listen: tuple[str, int],
+    *,
+    timeout_s: float,
+    node: Any = None,
+    shutdown: trio.Event | None = None,
+    graceful_timeout_s: float = DEFAULT_GRACEFUL_TIMEOUT_S,
+    log: TextIO | None = None,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """`pbft gateway`: open the Gateway (its PaymentClients) on `store` and serve it."""
+    from gateway.service import Gateway
+
+    async with Gateway.open(cluster, client_ids, store, timeout_s=timeout_s) as gateway:
+        gateway.node = node
+        await serve(
+            gateway,
+            listen,
+            shutdown=shutdown,
+            graceful_timeout_s=graceful_timeout_s,
+            log=log,
+            task_status=task_status,
+        )
+
+
 async def serve(
     gateway: Any,
     listen: tuple[str, int],
@@ -100,11 +127,14 @@ async def serve(
     log: TextIO | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve `gateway` on `listen` until `shutdown` is set (or SIGTERM/SIGINT arrive, when
-    `shutdown` is None), then drain and stop. `task_status.started` gets the base URL."""
+    """Serve an open `gateway` (its clients running) on `listen` until `shutdown` is set
+    (or SIGTERM/SIGINT arrive, when `shutdown` is None), then drain and stop. Runs
+    `gateway.node`, the embedded replica, if there is one. `task_status.started` gets the
+    base URL."""
     stream = log if log is not None else sys.stderr
     host, port = listen
     stop = shutdown if shutdown is not None else trio.Event()
+    metrics.instrument_gateway(gateway)
     app = create_app(gateway)
     async with trio.open_nursery() as nursery:
         if shutdown is None:
@@ -112,24 +142,21 @@ async def serve(
         node = getattr(gateway, "node", None)
         if node is not None:
             await nursery.start(node.run)
-        async with AsyncExitStack() as clients:
-            for client in gateway.clients.values():
-                await clients.enter_async_context(metrics.instrument(client))
-            async with trio.open_nursery() as background:
-                for run in _background_tasks():
-                    await background.start(run, gateway)
-                config = hypercorn_config(host, port, graceful_timeout_s)
-                http_done = trio.Event()
-                binds = await background.start(_serve_http, app, config, stop, http_done)
-                url = binds[0] if binds else f"http://{host}:{port}"
-                log_line(stream, "listening", url=url, clients=sorted(gateway.clients))
-                task_status.started(url)
-                await stop.wait()
-                log_line(stream, "draining", graceful_timeout_s=graceful_timeout_s)
-                # hypercorn returns once the requests in flight are answered (or the
-                # graceful timeout passed); only then may the background tasks go.
-                await http_done.wait()
-                background.cancel_scope.cancel()
+        async with trio.open_nursery() as background:
+            for run in _background_tasks():
+                await background.start(run, gateway)
+            config = hypercorn_config(host, port, graceful_timeout_s)
+            http_done = trio.Event()
+            binds = await background.start(_serve_http, app, config, stop, http_done)
+            url = binds[0] if binds else f"http://{host}:{port}"
+            log_line(stream, "listening", url=url, clients=sorted(gateway.clients))
+            task_status.started(url)
+            await stop.wait()
+            log_line(stream, "draining", graceful_timeout_s=graceful_timeout_s)
+            # hypercorn returns once the requests in flight are answered (or the graceful
+            # timeout passed); only then may the background tasks and the clients go.
+            await http_done.wait()
+            background.cancel_scope.cancel()
         nursery.cancel_scope.cancel()
     log_line(stream, "stopped")
 

@@ -215,11 +215,15 @@ class GatewayHarness:
         raise RuntimeError(f"the gateway is not healthy after {timeout_s:g} s")
 
     def create_key(self, client: int, db: Path | None = None) -> str:
-        """A new API key for `client`, made by `pbft gateway-key create`."""
-        ran = run_cli("gateway-key", "create", "--db", str(db or self.gateway.db), "--client", str(client))
-        if ran.returncode != 0:
-            raise RuntimeError(f"gateway-key create failed ({ran.returncode}): {ran.stderr}")
-        return token_of(ran.stdout)
+        """A new API key for `client` in the gateway's database."""
+        from gateway.keys import create_key
+        from gateway.store import connect
+
+        connection = connect(db or self.gateway.db)
+        try:
+            return create_key(connection, client)[1]
+        finally:
+            connection.close()
 
     def http(self, token: str | None = None, **options: Any) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
@@ -235,9 +239,7 @@ class GatewayHarness:
 
         async def read() -> dict[str, int]:
             async with PaymentClient(self.local.cluster, client, timeout_s=30.0) as payments:
-                return {
-                    account: (await payments.balance(account)).balance for account in accounts
-                }
+                return {account: (await payments.balance(account)).balance for account in accounts}
 
         return trio.run(read)
 
