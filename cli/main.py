@@ -84,11 +84,8 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         "hold": lookups.hold,
         "verify-receipt": receipts.verify_receipt,
         "bench": bench.bench,
-<<<<<<< HEAD
         "gateway": gateway.gateway,
-=======
         "gateway-key": gateway_keys.gateway_key,
->>>>>>> gwcore
     }
     return parser, handlers
 
