@@ -10,8 +10,11 @@ The HTTP path does more than carry bytes: per payment the gateway checks the API
 (a SQLite read), writes the Idempotency-Key and request id before sending (an fsync) and
 the decision, the payment and its event after (another), then answers JSON. So the ratio
 is the gateway's whole price, not the price of HTTP alone. The gateway runs as its own
-process (as in production), the HTTP client here; the direct client runs here too. Figures
-only: nothing asserts a speed (target: HTTP at most 1.5x the direct latency).
+process (as in production), the HTTP client here; the direct client runs here too. Each
+phase also reports the CPU milliseconds per payment of this process (the client side), the
+gateway process and the replicas (/proc): on a machine busy with other work, latencies say
+more about the neighbours than about the gateway, CPU per payment does not. Figures only:
+nothing asserts a speed (target: HTTP at most 1.5x the direct latency).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import trio
 from gateway.store import Database
 from pbft.stats import nearest_rank
 from runtime.client import PaymentClient
-from runtime.localcluster import LocalCluster
+from runtime.localcluster import LocalCluster, cpu_seconds
 
 PAYER, PAYEE = "acct-00000", "acct-00002"  # client 0 pays client 1 (write_cluster's layout)
 STARTUP_S = 60.0
@@ -50,11 +53,22 @@ class Phase:
     payments: int = 0
     seconds: float = 0.0
     latencies_ms: list[float] | None = None
+    # CPU seconds spent meanwhile: this process (the client side), the gateway process
+    # (HTTP only), the replicas. Per payment, they show what each path costs the machine,
+    # which a busy machine's latencies hide.
+    client_cpu_s: float = 0.0
+    gateway_cpu_s: float = 0.0
+    replicas_cpu_s: float = 0.0
 
     def add(self, seconds: float, latencies_ms: list[float]) -> None:
         self.payments += len(latencies_ms)
         self.seconds += seconds
         self.latencies_ms = (self.latencies_ms or []) + latencies_ms
+
+    def add_cpu(self, client_s: float, gateway_s: float, replicas_s: float) -> None:
+        self.client_cpu_s += client_s
+        self.gateway_cpu_s += gateway_s
+        self.replicas_cpu_s += replicas_s
 
     def figures(self) -> dict[str, float]:
         latencies = sorted(self.latencies_ms or [0.0])
@@ -64,7 +78,14 @@ class Phase:
             "per_s": round(self.payments / self.seconds, 1) if self.seconds else 0.0,
             "p50_ms": round(nearest_rank(latencies, 50), 2),
             "p99_ms": round(nearest_rank(latencies, 99), 2),
+            "client_cpu_ms_per_payment": _per(self.client_cpu_s, self.payments),
+            "gateway_cpu_ms_per_payment": _per(self.gateway_cpu_s, self.payments),
+            "replicas_cpu_ms_per_payment": _per(self.replicas_cpu_s, self.payments),
         }
+
+
+def _per(cpu_s: float, payments: int) -> float:
+    return round(cpu_s * 1000 / payments, 2) if payments else 0.0
 
 
 async def closed_loop(
@@ -145,6 +166,11 @@ def run(payments: int, concurrency: int, rounds: int, root: Path) -> dict[str, A
         finally:
             database.close()
         direct, http = Phase("direct"), Phase("http")
+        gateway_pid = gateway.pid
+
+        def cpu_now() -> tuple[float, float, float]:
+            replicas = sum(cpu_seconds(local.pid(replica)) for replica in local.replica_ids)
+            return time.process_time(), cpu_seconds(gateway_pid), replicas
 
         async def measure() -> None:
             async with (
@@ -162,8 +188,15 @@ def run(payments: int, concurrency: int, rounds: int, root: Path) -> dict[str, A
                 await direct_round(client, concurrency, concurrency)
                 await http_round(session, concurrency, concurrency)
                 for _ in range(rounds):
-                    direct.add(*await direct_round(client, payments, concurrency))
-                    http.add(*await http_round(session, payments, concurrency))
+                    for phase, one_round in (
+                        (direct, lambda: direct_round(client, payments, concurrency)),
+                        (http, lambda: http_round(session, payments, concurrency)),
+                    ):
+                        before = cpu_now()
+                        phase.add(*await one_round())
+                        phase.add_cpu(
+                            *(after - first for after, first in zip(cpu_now(), before, strict=True))
+                        )
 
         trio.run(measure)
     finally:
@@ -203,12 +236,16 @@ def report(result: dict[str, Any]) -> str:
     lines = [
         f"{result['rounds']} round(s) of {result['payments_per_round']} payments each way, "
         f"{result['concurrency']} at a time, 4 replicas on this machine",
-        f"{'':24} {'payments/s':>11} {'p50 ms':>9} {'p99 ms':>9}",
+        f"{'':24} {'payments/s':>11} {'p50 ms':>9} {'p99 ms':>9}   CPU ms per payment: "
+        "client, gateway, replicas",
     ]
     for name, label in (("direct", "PaymentClient (direct)"), ("http", "HTTP (pbft gateway)")):
         figures = result[name]
         lines.append(
             f"{label:24} {figures['per_s']:>11} {figures['p50_ms']:>9} {figures['p99_ms']:>9}"
+            f"   {figures['client_cpu_ms_per_payment']:>6} "
+            f"{figures['gateway_cpu_ms_per_payment']:>7} "
+            f"{figures['replicas_cpu_ms_per_payment']:>8}"
         )
     ratio = result["ratio"]
     lines.append(
