@@ -106,7 +106,7 @@ TRANSITIONS: dict[tuple[str, str], str] = {
 }
 # The operations that create a payment (its id is theirs).
 FIRST_OPS = (Op.TRANSFER, Op.AUTHORIZE)
-# Statuses that are the payment's first decision: their event is payment.<status>.
+# The event each status change writes (and every confirmed refund: payment.refunded).
 EVENT_TYPES = {status: f"payment.{status}" for status in STATUSES if status != PENDING}
 
 DEFAULT_TIMEOUT_S = 10.0
@@ -595,12 +595,11 @@ class PaymentService:
             self.counts["timeouts"] += 1
             raise errors.cluster_timeout(target, self.timeout_s) from None
         except ClientError as error:
-            # The service checks every field first; this is a field the wire still refuses.
-            stored = Stored(400, errors.invalid_request(str(error)).to_bytes())
-            await self.store.decide(
-                Decision(answer=(record.client_id, record.key, stored.status_code, stored.body))
-            )
-            return stored
+            # Not expected: the service checks every field first, and one request id is
+            # never sent twice at once. Not recorded as the key's answer: if it was sent
+            # after all, its decision is still owed (a retry or the resume task gets it).
+            self.counts["client_errors"] += 1
+            raise errors.invalid_request(str(error)) from None
         if self.on_decision is not None:
             self.on_decision(operation.op, outcome[0], outcome[1], trio.current_time() - started)
         self.counts[f"decided_{outcome[0]}"] += 1
