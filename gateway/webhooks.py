@@ -38,9 +38,12 @@ import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
+from weakref import WeakKeyDictionary
 
 import httpx
 import trio
+
+from gateway.store import connect
 
 SIGNATURE_HEADER = "Pbft-Signature"
 EVENT_ID_HEADER = "Pbft-Event-Id"
@@ -553,11 +556,12 @@ class WebhookStore:
         return None if row is None or row[0] is None else int(row[0])
 
     def prune(self, now_ms: int, retention_ms: int) -> int:
-        """Drops finished deliveries older than the retention, so the table stays bounded."""
+        """Drops deliveries older than the retention (long past their last attempt, whatever
+        their state; their events may be gone too), so the table stays bounded."""
         with self._write() as conn:
             cursor = conn.execute(
-                "DELETE FROM webhook_deliveries WHERE state IN (?, ?) AND created_ms < ?",
-                (DELIVERED, FAILED, now_ms - retention_ms),
+                "DELETE FROM webhook_deliveries WHERE created_ms < ? AND state != ?",
+                (now_ms - retention_ms, SENDING),
             )
             conn.execute(
                 "DELETE FROM webhook_idempotency WHERE created_ms < ?",
@@ -794,3 +798,32 @@ class Webhooks:
                 return False, status, f"{type(error).__name__}: {error}"
         assert scope.cancelled_caught
         return False, status, f"no answer within {self.config.timeout_s:g} s"
+
+
+# --- the gateway's webhooks --------------------------------------------------------------------
+
+# One Webhooks per Gateway object (the routes and the dispatcher share it), made on first use.
+_of_gateway: WeakKeyDictionary[Any, Webhooks] = WeakKeyDictionary()
+_making = trio.Lock()
+
+
+async def webhooks_of(gateway: Any, config: WebhookConfig | None = None) -> Webhooks:
+    """The Webhooks of `gateway` (gateway/service.py's Gateway), on a connection of its own
+    to the gateway's database; `config` applies only to the first call."""
+    async with _making:
+        hooks = _of_gateway.get(gateway)
+        if hooks is None:
+            path = gateway.store.path
+            conn = await trio.to_thread.run_sync(connect, path)
+            hooks = await trio.to_thread.run_sync(Webhooks, conn, config)
+            _of_gateway[gateway] = hooks
+        return hooks
+
+
+async def run(
+    gateway: Any, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """The dispatcher of `gateway`'s webhooks, until cancelled (gateway/server.py starts it
+    beside the HTTP server)."""
+    hooks = await webhooks_of(gateway)
+    await hooks.dispatch(task_status=task_status)

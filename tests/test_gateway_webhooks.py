@@ -15,6 +15,7 @@ import pytest
 import trio
 from webhook_receiver import Received, Receiver, always, fail_first
 
+from gateway.store import connect
 from gateway.webhooks import (
     DELIVERED,
     FAILED,
@@ -42,19 +43,6 @@ FAST = WebhookConfig(
     seed=7,
 )
 
-EVENTS_SCHEMA = """
-CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY AUTOINCREMENT, type TEXT,
-    payment_id TEXT, client_id INTEGER, created_ms INTEGER, body TEXT)
-"""
-
-
-def connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
-    conn.execute(EVENTS_SCHEMA)
-    return conn
-
 
 @pytest.fixture
 def db(tmp_path: Path) -> Path:
@@ -64,28 +52,32 @@ def db(tmp_path: Path) -> Path:
 
 
 def add_event(conn: sqlite3.Connection, client_id: int, kind: str = "payment.confirmed") -> int:
-    """One event row as the payment service writes it (its id is known only once inserted)."""
+    """One event row as the payment service writes it, in one transaction (gateway/store.py's
+    Database._put_event: its id is known only once inserted)."""
     created = int(time.time() * 1000)
     payment_id = f"pay_{client_id}_{created}"
-    cursor = conn.execute(
-        "INSERT INTO events (type, payment_id, client_id, created_ms, body) VALUES (?,?,?,?,?)",
-        (kind, payment_id, client_id, created, ""),
-    )
-    event_id = cursor.lastrowid
-    assert event_id is not None
-    body = {
-        "object": "event",
-        "id": f"evt_{event_id}",
-        "type": kind,
-        "created_ms": created,
-        "data": {"object": "payment", "id": payment_id, "status": kind.split(".")[1]},
-    }
-    conn.execute("UPDATE events SET body = ? WHERE id = ?", (json.dumps(body), event_id))
+    with conn:
+        cursor = conn.execute(
+            "INSERT INTO events (type, payment_id, client_id, created_ms, body)"
+            " VALUES (?, ?, ?, ?, '')",
+            (kind, payment_id, client_id, created),
+        )
+        event_id = cursor.lastrowid
+        assert event_id is not None
+        body = {
+            "object": "event",
+            "id": f"evt_{event_id}",
+            "type": kind,
+            "created_ms": created,
+            "data": {"object": "payment", "id": payment_id, "status": kind.split(".")[1]},
+        }
+        conn.execute("UPDATE events SET body = ? WHERE id = ?", (json.dumps(body), event_id))
     return event_id
 
 
 def states(conn: sqlite3.Connection) -> dict[int, tuple[str, int]]:
     rows = conn.execute("SELECT event_id, state, attempts FROM webhook_deliveries").fetchall()
+    conn.commit()
     return {event_id: (state, attempts) for event_id, state, attempts in rows}
 
 
