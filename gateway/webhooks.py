@@ -8,7 +8,7 @@ the webhook tables below and reads `events` by id after a cursor of its own, kep
   client that existed when the event was written (an endpoint records the last event id at
   its creation), and the cursor moves, all in ONE transaction: every event is fanned out
   exactly once, also across restarts.
-- delivery: a due row is claimed (state `sending`, attempts + 1) before the POST is sent;
+- delivery: a due row is claimed (state `sending`, attempts + 1, a lease) before the POST;
   2xx marks it `delivered`; anything else (another status, a redirect, a timeout, a refused
   connection) schedules the next attempt after an exponential backoff with jitter, until
   `max_attempts`, then `failed`. A process killed mid-POST leaves rows in `sending`: the next
@@ -35,6 +35,7 @@ import secrets
 import sqlite3
 import time
 import urllib.parse
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -67,6 +68,7 @@ MAX_IDEMPOTENCY_KEY_CHARS = 255
 MAX_LIST_LIMIT = 100
 ERROR_TEXT_CHARS = 200  # what is kept of a failed attempt's reason (receiver text included)
 RESPONSE_READ_LIMIT = 1024  # bytes of a receiver's answer ever read
+PRUNE_INTERVAL_S = 3600.0
 
 # Delivery states. `sending`: claimed by a dispatcher, POST under way.
 PENDING, SENDING, DELIVERED, FAILED = "pending", "sending", "delivered", "failed"
@@ -424,7 +426,8 @@ class WebhookStore:
 
     def delete_endpoint(self, client_id: int, endpoint: str, now_ms: int | None = None) -> dict:
         """Deletes one of `client_id`'s endpoints (another client's is not found: no leak of
-        which ids exist). Its pending deliveries fail now; one being sent finishes its try."""
+        which ids exist). Its deliveries not made yet fail now (one being sent finishes its
+        try, and records its result)."""
         endpoint_id = parse_prefixed_id(endpoint, "we_", "id")
         now = _now_ms() if now_ms is None else now_ms
         with self._write() as conn:
@@ -440,8 +443,8 @@ class WebhookStore:
             )
             conn.execute(
                 "UPDATE webhook_deliveries SET state = ?, last_error = ?"
-                " WHERE endpoint_id = ? AND state = ?",
-                (FAILED, "endpoint deleted", endpoint_id, PENDING),
+                " WHERE endpoint_id = ? AND state IN (?, ?)",
+                (FAILED, "endpoint deleted", endpoint_id, PENDING, SENDING),
             )
         return {"object": "webhook_endpoint", "id": f"we_{endpoint_id}", "deleted": True}
 
@@ -482,9 +485,14 @@ class WebhookStore:
             )
             return len(events)
 
-    def claim_due(self, now_ms: int, limit: int) -> list[Due]:
+    def claim_due(
+        self, now_ms: int, limit: int, lease_ms: int, busy: frozenset[int] = frozenset()
+    ) -> list[Due]:
         """Up to `limit` due deliveries, earliest first, marked `sending` with one more
-        attempt counted: a crash from here on leaves them for recover()."""
+        attempt counted and a lease of `lease_ms`: a crash from here on leaves them for
+        recover() at the next start, and one whose result could not be recorded (the
+        database failed) is due again when its lease ends. `busy`: ids this dispatcher is
+        sending right now, never claimed twice."""
         if limit <= 0:
             return []
         with self._write() as conn:
@@ -493,16 +501,18 @@ class WebhookStore:
                 " FROM webhook_deliveries d"
                 " JOIN webhook_endpoints e ON e.id = d.endpoint_id"
                 " JOIN events ev ON ev.id = d.event_id"
-                " WHERE d.state = ? AND d.next_attempt_ms <= ?"
+                " WHERE d.state IN (?, ?) AND d.next_attempt_ms <= ? AND e.deleted_ms IS NULL"
                 " ORDER BY d.next_attempt_ms, d.id LIMIT ?",
-                (PENDING, now_ms, limit),
+                (PENDING, SENDING, now_ms, limit + len(busy)),
             ).fetchall()
-            claimed = []
+            claimed: list[Due] = []
             for delivery_id, event_id, endpoint_id, url, secret, attempts, body in rows:
+                if delivery_id in busy or len(claimed) == limit:
+                    continue
                 conn.execute(
-                    "UPDATE webhook_deliveries SET state = ?, attempts = ?, last_attempt_ms = ?"
-                    " WHERE id = ?",
-                    (SENDING, attempts + 1, now_ms, delivery_id),
+                    "UPDATE webhook_deliveries SET state = ?, attempts = ?, last_attempt_ms = ?,"
+                    " next_attempt_ms = ? WHERE id = ?",
+                    (SENDING, attempts + 1, now_ms, now_ms + lease_ms, delivery_id),
                 )
                 raw = body.encode() if isinstance(body, str) else bytes(body)
                 claimed.append(
@@ -678,6 +688,12 @@ class Webhooks:
             random.SystemRandom() if self.config.seed is None else random.Random(self.config.seed)
         )
         self._wakeup = trio.Event()
+        self._sending: set[int] = set()  # delivery ids being sent by this dispatcher
+        self.counts: Counter[str] = Counter()
+
+    def statistics(self) -> dict[str, int]:
+        """Attempts by result since this process started, and store errors."""
+        return dict(self.counts)
 
     async def call(self, method: Callable[..., T], *args: Any) -> T:
         """Runs a WebhookStore method off the trio loop; never two at once (one connection)."""
@@ -717,10 +733,12 @@ class Webhooks:
         config = self.config
         await self.call(self.store.recover, _now_ms())
         slots = trio.Semaphore(config.max_concurrency)
-        transport = self._transport
+        # The lease outlasts an attempt's hard deadline: only a result that could not be
+        # recorded lets it run out.
+        lease_ms = int(config.timeout_s * 1000) + 5000
         async with (
             httpx.AsyncClient(
-                transport=transport,
+                transport=self._transport,
                 follow_redirects=False,
                 timeout=httpx.Timeout(config.timeout_s),
                 limits=httpx.Limits(
@@ -732,38 +750,55 @@ class Webhooks:
             trio.open_nursery() as nursery,
         ):
             task_status.started()
-            last_prune = 0.0
+            last_prune = float("-inf")
             while True:
                 self._wakeup = trio.Event()
-                now = _now_ms()
-                while await self.call(self.store.fan_out, now, config.batch) == config.batch:
-                    await trio.sleep(0)  # a backlog: keep reading, but let others run
-                free = slots.value
-                for due in await self.call(self.store.claim_due, now, min(free, config.batch)):
-                    await slots.acquire()
-                    nursery.start_soon(self._deliver, http, due, slots)
-                if trio.current_time() - last_prune > 3600:
-                    last_prune = trio.current_time()
-                    await self.call(self.store.prune, now, config.retention_ms)
+                try:
+                    now = _now_ms()
+                    while await self.call(self.store.fan_out, now, config.batch) == config.batch:
+                        await trio.sleep(0)  # a backlog: keep reading, but let others run
+                    limit = min(slots.value, config.batch)
+                    busy = frozenset(self._sending)
+                    for due in await self.call(self.store.claim_due, now, limit, lease_ms, busy):
+                        await slots.acquire()
+                        self._sending.add(due.delivery_id)
+                        nursery.start_soon(self._deliver, http, due, slots)
+                    if trio.current_time() - last_prune > PRUNE_INTERVAL_S:
+                        last_prune = trio.current_time()
+                        await self.call(self.store.prune, now, config.retention_ms)
+                except sqlite3.Error:
+                    # The database busy past its timeout, or the disk full: try again at
+                    # the next round; what is not recorded is not lost (the cursor and the
+                    # rows did not move).
+                    self.counts["store_error"] += 1
                 with trio.move_on_after(config.poll_interval_s):
                     await self._wakeup.wait()
 
     async def _deliver(self, http: httpx.AsyncClient, due: Due, slots: trio.Semaphore) -> None:
         try:
             ok, status, error = await self._post(http, due)
-            result = await self.call(
-                self.store.finish,
-                due,
-                ok,
-                status,
-                error,
-                _now_ms(),
-                int(backoff_s(due.attempt, self.config, self._rng) * 1000),
-                self.config.max_attempts,
-            )
+            retry_after_ms = int(backoff_s(due.attempt, self.config, self._rng) * 1000)
+            try:
+                result = await self.call(
+                    self.store.finish,
+                    due,
+                    ok,
+                    status,
+                    error,
+                    _now_ms(),
+                    retry_after_ms,
+                    self.config.max_attempts,
+                )
+            except sqlite3.Error:
+                # Not recorded: the row stays `sending` and is sent again when its lease
+                # ends (at least once).
+                self.counts["store_error"] += 1
+                return
+            self.counts[result] += 1
             if self.on_result is not None:
                 self.on_result(result)
         finally:
+            self._sending.discard(due.delivery_id)
             slots.release()
             self._wakeup.set()  # a slot is free: claim more without waiting for the poll
 

@@ -475,7 +475,26 @@ def test_deleting_an_endpoint_fails_its_pending_deliveries(db: Path) -> None:
     store.fan_out(int(time.time() * 1000), 100)
     store.delete_endpoint(1, endpoint)
     assert states(conn)[event_id] == (FAILED, 0)
-    assert store.claim_due(int(time.time() * 1000) + 10**9, 10) == []
+    assert store.claim_due(int(time.time() * 1000) + 10**9, 10, 1000) == []
+
+
+def test_a_claim_is_a_lease_that_runs_out_if_no_result_is_recorded(db: Path) -> None:
+    conn = connect(db)
+    store = WebhookStore(conn)
+    new_endpoint(store, 1, "http://127.0.0.1:9/never")
+    first, second = add_event(conn, 1), add_event(conn, 1)
+    now = int(time.time() * 1000)
+    store.fan_out(now, 100)
+    claimed = store.claim_due(now, 1, 1000)
+    assert [(d.event_id, d.attempt) for d in claimed] == [(first, 1)]
+    assert states(conn)[first] == (SENDING, 1)
+    # Still leased: only the other one is due.
+    assert [d.event_id for d in store.claim_due(now + 999, 10, 1000)] == [second]
+    # Lease over, but this dispatcher is still sending it: not claimed twice.
+    busy = frozenset(d.delivery_id for d in claimed)
+    assert store.claim_due(now + 1000, 10, 1000, busy) == []
+    again = store.claim_due(now + 1000, 10, 1000)
+    assert [(d.event_id, d.attempt) for d in again] == [(first, 2)]
 
 
 def test_a_refused_connection_is_a_failed_attempt_not_a_crash(db: Path) -> None:
