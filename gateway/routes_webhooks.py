@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from gateway import errors
 from gateway.auth_http import caller
 from gateway.errors import Problem
 from gateway.keys import Caller
@@ -22,6 +23,10 @@ from gateway.webhooks import (
     MAX_IDEMPOTENCY_KEY_CHARS,
     MAX_LIST_LIMIT,
     MAX_URL_CHARS,
+    EndpointNotFound,
+    IdempotencyMismatch,
+    InvalidInput,
+    TooManyEndpoints,
     WebhookError,
     webhooks_of,
 )
@@ -48,22 +53,26 @@ class EndpointCreate(BaseModel):
     description: Annotated[str, Field(strict=True, max_length=MAX_DESCRIPTION_CHARS)] | None = None
 
 
-_TITLES = {
-    400: "Invalid request",
-    404: "No such object",
-    409: "Too many webhook endpoints",
-    422: "Idempotency-Key reused with a different request",
-}
-
-
-def _problem(error: WebhookError) -> Problem:
-    return Problem(
-        error.status,
-        error.slug,
-        _TITLES.get(error.status, "Invalid request"),
-        error.detail,
-        error.field,
-    )
+def _problem(error: WebhookError, where: str) -> Problem:
+    """The Problem gateway/app.py would give for the same kind of mistake: a bad body field
+    is 422 invalid-field, a bad query or path parameter 400 invalid-parameter."""
+    if isinstance(error, InvalidInput):
+        if where == "body":
+            return Problem(422, "invalid-field", "Invalid field", error.detail, error.field)
+        return Problem(400, "invalid-parameter", "Invalid parameter", error.detail, error.field)
+    if isinstance(error, EndpointNotFound):
+        return errors.not_found(error.detail, error.field)
+    if isinstance(error, IdempotencyMismatch):
+        return Problem(
+            422,
+            error.slug,
+            "Idempotency-Key reused with a different request",
+            error.detail,
+            error.field,
+        )
+    if isinstance(error, TooManyEndpoints):
+        return Problem(409, error.slug, "Too many webhook endpoints", error.detail, error.field)
+    return Problem(error.status, error.slug, "Invalid request", error.detail, error.field)
 
 
 async def _hooks(request: Request) -> Any:
@@ -82,7 +91,7 @@ async def create_endpoint(
     try:
         status, data = await hooks.create_endpoint(who.client_id, body.url, body.description, key)
     except WebhookError as error:
-        raise _problem(error) from None
+        raise _problem(error, "body") from None
     return Response(data, status, media_type="application/json")
 
 
@@ -102,7 +111,7 @@ async def delete_endpoint(
     try:
         return await (await _hooks(request)).delete_endpoint(who.client_id, endpoint_id)
     except WebhookError as error:
-        raise _problem(error) from None
+        raise _problem(error, "path") from None
 
 
 @router.get("/v1/events")
@@ -130,4 +139,4 @@ async def list_events(
             who.client_id, event_type, limit, starting_after
         )
     except WebhookError as error:
-        raise _problem(error) from None
+        raise _problem(error, "query") from None
