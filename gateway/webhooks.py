@@ -44,6 +44,7 @@ from weakref import WeakKeyDictionary
 import httpx
 import trio
 
+from gateway import metrics
 from gateway.store import connect
 
 SIGNATURE_HEADER = "Pbft-Signature"
@@ -850,9 +851,13 @@ async def webhooks_of(gateway: Any, config: WebhookConfig | None = None) -> Webh
         if hooks is None:
             path = gateway.store.path
             conn = await trio.to_thread.run_sync(connect, path)
-            hooks = await trio.to_thread.run_sync(Webhooks, conn, config)
+            hooks = await trio.to_thread.run_sync(Webhooks, conn, config, _count)
             _of_gateway[gateway] = hooks
         return hooks
+
+
+def _count(result: str) -> None:
+    metrics.webhook_deliveries.labels(result=result).inc()
 
 
 async def run(
