@@ -157,9 +157,12 @@ class IdempotencyMismatch(WebhookError):
 @dataclass(frozen=True)
 class WebhookConfig:
     timeout_s: float = 10.0  # hard deadline of one POST, connect to last byte read
-    max_attempts: int = 8  # 1 s, 2 s, ... 64 s apart: about two minutes, then `failed`
+    # 1 s, 2 s, 4 s, ... 2048 s, then hourly: 16 attempts over about four hours, so a
+    # receiver down for a deploy or an afternoon misses nothing; then `failed` (still listed
+    # by GET /v1/events).
+    max_attempts: int = 16
     backoff_base_s: float = 1.0
-    backoff_cap_s: float = 600.0
+    backoff_cap_s: float = 3600.0
     jitter: float = 0.2  # each delay is stretched by a random factor in [1, 1 + jitter)
     max_concurrency: int = 16
     poll_interval_s: float = 0.25  # how often `events` is read for new rows
