@@ -518,3 +518,26 @@ def test_a_refused_connection_is_a_failed_attempt_not_a_crash(db: Path) -> None:
     trio.run(main)
     (error,) = conn.execute("SELECT last_error FROM webhook_deliveries").fetchone()
     assert error.startswith("ConnectError")
+
+
+def test_no_more_than_max_concurrency_posts_are_in_flight(db: Path) -> None:
+    conn = connect(db)
+    narrow = WebhookConfig(**{**FAST.__dict__, "timeout_s": 60.0, "max_concurrency": 2})
+
+    async def main() -> None:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                stuck = Receiver(answer=lambda _r, _n: None)
+                await nursery.start(stuck.serve)
+                hooks = Webhooks(connect(db), narrow)
+                await hooks.create_endpoint(1, stuck.url, None, None)
+                for _ in range(5):
+                    add_event(conn, 1)
+                await nursery.start(hooks.dispatch)
+                await stuck.wait_for(lambda requests: len(requests) == 2)
+                await trio.sleep(20 * narrow.poll_interval_s)  # rounds that could send more
+                assert len(stuck.requests) == 2
+                assert sorted(s for s, _ in states(conn).values()) == [PENDING] * 3 + [SENDING] * 2
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)

@@ -230,3 +230,15 @@ def test_events_are_listed_per_client_with_their_delivery_state(tmp_path: Path) 
 async def until_async(predicate: Callable[[], Awaitable[bool]]) -> None:
     while not await predicate():
         await trio.sleep(0.02)
+
+
+def test_the_openapi_document_describes_the_webhook_routes(tmp_path: Path) -> None:
+    async def session(http: Http) -> None:
+        document = (await http.anonymous.get("/openapi.json")).json()
+        paths = document["paths"]
+        assert set(paths["/v1/webhook_endpoints"]) == {"get", "post"}
+        assert set(paths["/v1/webhook_endpoints/{endpoint_id}"]) == {"delete"}
+        parameters = {p["name"] for p in paths["/v1/events"]["get"]["parameters"]}
+        assert {"type", "limit", "starting_after"} <= parameters
+
+    run_app(tmp_path, session)
