@@ -466,6 +466,13 @@ class WebhookStore:
     def fan_out(self, now_ms: int, batch: int) -> int:
         """Reads up to `batch` events after the cursor, makes their delivery rows, and moves
         the cursor past them, in one transaction. Returns how many events it read."""
+        # A read first: an idle gateway never takes the write lock (fetchall: a statement
+        # left unfinished would pin an old snapshot).
+        [(cursor,)] = self.conn.execute(
+            "SELECT last_event_id FROM webhook_cursor WHERE id = 1"
+        ).fetchall()
+        if not self.conn.execute("SELECT 1 FROM events WHERE id > ? LIMIT 1", (cursor,)).fetchall():
+            return 0
         with self._write() as conn:
             (cursor,) = conn.execute(
                 "SELECT last_event_id FROM webhook_cursor WHERE id = 1"
@@ -499,6 +506,13 @@ class WebhookStore:
         sending right now, never claimed twice."""
         if limit <= 0:
             return []
+        due = self.conn.execute(
+            "SELECT 1 FROM webhook_deliveries WHERE state IN (?, ?) AND next_attempt_ms <= ?"
+            " LIMIT 1",
+            (PENDING, SENDING, now_ms),
+        ).fetchall()
+        if not due:
+            return []  # nothing due: no write lock taken
         with self._write() as conn:
             rows = conn.execute(
                 "SELECT d.id, d.event_id, d.endpoint_id, e.url, e.secret, d.attempts, ev.body"
