@@ -14,8 +14,9 @@ the webhook tables below and reads `events` by id after a cursor of its own, kep
   `max_attempts`, then `failed`. A process killed mid-POST leaves rows in `sending`: the next
   dispatcher puts them back to `pending` at start, so delivery is at least once (a receiver
   may see an event twice; it deduplicates by the event id, which the body and a header
-  carry). Deliveries run concurrently (bounded); each POST has a hard deadline, so a hanging
-  receiver holds one slot for at most `timeout_s` and never blocks the others. No order is
+  carry). Deliveries run concurrently (bounded overall and per endpoint); each POST has a
+  hard deadline, so a receiver that hangs holds at most its endpoint's share of the slots,
+  each for at most `timeout_s`, and never blocks the others. No order is
   promised between events (a retried event arrives after later ones).
 - signature: `Pbft-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`,
   signed afresh at each attempt; `verify_signature` is the receiver's check.
@@ -36,7 +37,7 @@ import sqlite3
 import time
 import urllib.parse
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from weakref import WeakKeyDictionary
@@ -165,6 +166,9 @@ class WebhookConfig:
     backoff_cap_s: float = 3600.0
     jitter: float = 0.2  # each delay is stretched by a random factor in [1, 1 + jitter)
     max_concurrency: int = 16
+    # In flight to one endpoint at most: a receiver that hangs holds this many slots (each
+    # for timeout_s at most), never all of them.
+    max_per_endpoint: int = 4
     poll_interval_s: float = 0.25  # how often `events` is read for new rows
     batch: int = 100  # events fanned out / deliveries claimed per round
     retention_ms: int = 7 * 24 * 3600 * 1000  # finished deliveries and replay records kept
@@ -174,8 +178,10 @@ class WebhookConfig:
     def __post_init__(self) -> None:
         if not self.timeout_s > 0 or not self.poll_interval_s > 0:
             raise ValueError("webhook timeout and poll interval must be positive")
-        if self.max_attempts < 1 or self.max_concurrency < 1 or self.batch < 1:
-            raise ValueError("webhook max_attempts, max_concurrency and batch must be >= 1")
+        if min(self.max_attempts, self.max_concurrency, self.max_per_endpoint, self.batch) < 1:
+            raise ValueError(
+                "webhook max_attempts, max_concurrency, max_per_endpoint and batch must be >= 1"
+            )
         if not 0 < self.backoff_base_s <= self.backoff_cap_s or self.jitter < 0:
             raise ValueError("webhook backoff needs 0 < base <= cap and jitter >= 0")
 
@@ -497,13 +503,20 @@ class WebhookStore:
             return len(events)
 
     def claim_due(
-        self, now_ms: int, limit: int, lease_ms: int, busy: frozenset[int] = frozenset()
+        self,
+        now_ms: int,
+        limit: int,
+        lease_ms: int,
+        per_endpoint: int,
+        sending: Mapping[int, int] | None = None,
     ) -> list[Due]:
-        """Up to `limit` due deliveries, earliest first, marked `sending` with one more
-        attempt counted and a lease of `lease_ms`: a crash from here on leaves them for
-        recover() at the next start, and one whose result could not be recorded (the
-        database failed) is due again when its lease ends. `busy`: ids this dispatcher is
-        sending right now, never claimed twice."""
+        """Up to `limit` due deliveries, earliest first but at most `per_endpoint` in flight
+        per endpoint (so one that hangs cannot take every slot), marked `sending` with one
+        more attempt counted and a lease of `lease_ms`: a crash from here on leaves them
+        for recover() at the next start, and one whose result could not be recorded (the
+        database failed) is due again when its lease ends. `sending`: delivery id ->
+        endpoint id of what this dispatcher is sending now (never claimed twice)."""
+        sending = sending or {}
         if limit <= 0:
             return []
         due = self.conn.execute(
@@ -513,25 +526,40 @@ class WebhookStore:
         ).fetchall()
         if not due:
             return []  # nothing due: no write lock taken
+        in_flight = Counter(sending.values())
+        full = [endpoint for endpoint, count in in_flight.items() if count >= per_endpoint]
+        busy = list(sending)
         with self._write() as conn:
+            # The `per_endpoint` earliest due rows of each endpoint that is not full; of
+            # those, an endpoint with some in flight takes only what it has room for, which
+            # skips at most len(sending) rows: hence the LIMIT.
             rows = conn.execute(
-                "SELECT d.id, d.event_id, d.endpoint_id, e.url, e.secret, d.attempts, ev.body"
-                " FROM webhook_deliveries d"
-                " JOIN webhook_endpoints e ON e.id = d.endpoint_id"
-                " JOIN events ev ON ev.id = d.event_id"
+                "SELECT id, endpoint_id, attempts FROM ("
+                " SELECT d.id, d.endpoint_id, d.attempts, d.next_attempt_ms, ROW_NUMBER()"
+                " OVER (PARTITION BY d.endpoint_id ORDER BY d.next_attempt_ms, d.id) AS rank"
+                " FROM webhook_deliveries d JOIN webhook_endpoints e ON e.id = d.endpoint_id"
                 " WHERE d.state IN (?, ?) AND d.next_attempt_ms <= ? AND e.deleted_ms IS NULL"
-                " ORDER BY d.next_attempt_ms, d.id LIMIT ?",
-                (PENDING, SENDING, now_ms, limit + len(busy)),
+                f" AND d.id NOT IN ({','.join('?' * len(busy))})"
+                f" AND d.endpoint_id NOT IN ({','.join('?' * len(full))})"
+                ") WHERE rank <= ? ORDER BY next_attempt_ms, id LIMIT ?",
+                (PENDING, SENDING, now_ms, *busy, *full, per_endpoint, limit + len(sending)),
             ).fetchall()
             claimed: list[Due] = []
-            for delivery_id, event_id, endpoint_id, url, secret, attempts, body in rows:
-                if delivery_id in busy or len(claimed) == limit:
+            for delivery_id, endpoint_id, attempts in rows:
+                if len(claimed) == limit or in_flight[endpoint_id] >= per_endpoint:
                     continue
+                in_flight[endpoint_id] += 1
                 conn.execute(
                     "UPDATE webhook_deliveries SET state = ?, attempts = ?, last_attempt_ms = ?,"
                     " next_attempt_ms = ? WHERE id = ?",
                     (SENDING, attempts + 1, now_ms, now_ms + lease_ms, delivery_id),
                 )
+                event_id, url, secret, body = conn.execute(
+                    "SELECT d.event_id, e.url, e.secret, ev.body FROM webhook_deliveries d"
+                    " JOIN webhook_endpoints e ON e.id = d.endpoint_id"
+                    " JOIN events ev ON ev.id = d.event_id WHERE d.id = ?",
+                    (delivery_id,),
+                ).fetchall()[0]
                 raw = body.encode() if isinstance(body, str) else bytes(body)
                 claimed.append(
                     Due(delivery_id, event_id, endpoint_id, url, secret, attempts + 1, raw)
@@ -706,7 +734,8 @@ class Webhooks:
             random.SystemRandom() if self.config.seed is None else random.Random(self.config.seed)
         )
         self._wakeup = trio.Event()
-        self._sending: set[int] = set()  # delivery ids being sent by this dispatcher
+        # What this dispatcher is sending now: delivery id -> endpoint id.
+        self._sending: dict[int, int] = {}
         self.counts: Counter[str] = Counter()
 
     def statistics(self) -> dict[str, int]:
@@ -776,10 +805,17 @@ class Webhooks:
                     while await self.call(self.store.fan_out, now, config.batch) == config.batch:
                         await trio.sleep(0)  # a backlog: keep reading, but let others run
                     limit = min(slots.value, config.batch)
-                    busy = frozenset(self._sending)
-                    for due in await self.call(self.store.claim_due, now, limit, lease_ms, busy):
+                    claimed = await self.call(
+                        self.store.claim_due,
+                        now,
+                        limit,
+                        lease_ms,
+                        config.max_per_endpoint,
+                        dict(self._sending),
+                    )
+                    for due in claimed:
                         await slots.acquire()
-                        self._sending.add(due.delivery_id)
+                        self._sending[due.delivery_id] = due.endpoint_id
                         nursery.start_soon(self._deliver, http, due, slots)
                     if trio.current_time() - last_prune > PRUNE_INTERVAL_S:
                         last_prune = trio.current_time()
@@ -816,7 +852,7 @@ class Webhooks:
             if self.on_result is not None:
                 self.on_result(result)
         finally:
-            self._sending.discard(due.delivery_id)
+            self._sending.pop(due.delivery_id, None)
             slots.release()
             self._wakeup.set()  # a slot is free: claim more without waiting for the poll
 

@@ -475,7 +475,7 @@ def test_deleting_an_endpoint_fails_its_pending_deliveries(db: Path) -> None:
     store.fan_out(int(time.time() * 1000), 100)
     store.delete_endpoint(1, endpoint)
     assert states(conn)[event_id] == (FAILED, 0)
-    assert store.claim_due(int(time.time() * 1000) + 10**9, 10, 1000) == []
+    assert store.claim_due(int(time.time() * 1000) + 10**9, 10, 1000, 4) == []
 
 
 def test_a_claim_is_a_lease_that_runs_out_if_no_result_is_recorded(db: Path) -> None:
@@ -485,15 +485,15 @@ def test_a_claim_is_a_lease_that_runs_out_if_no_result_is_recorded(db: Path) -> 
     first, second = add_event(conn, 1), add_event(conn, 1)
     now = int(time.time() * 1000)
     store.fan_out(now, 100)
-    claimed = store.claim_due(now, 1, 1000)
+    claimed = store.claim_due(now, 1, 1000, 4)
     assert [(d.event_id, d.attempt) for d in claimed] == [(first, 1)]
     assert states(conn)[first] == (SENDING, 1)
     # Still leased: only the other one is due.
-    assert [d.event_id for d in store.claim_due(now + 999, 10, 1000)] == [second]
+    assert [d.event_id for d in store.claim_due(now + 999, 10, 1000, 4)] == [second]
     # Lease over, but this dispatcher is still sending it: not claimed twice.
-    busy = frozenset(d.delivery_id for d in claimed)
-    assert store.claim_due(now + 1000, 10, 1000, busy) == []
-    again = store.claim_due(now + 1000, 10, 1000)
+    sending = {d.delivery_id: d.endpoint_id for d in claimed}
+    assert store.claim_due(now + 1000, 10, 1000, 4, sending) == []
+    again = store.claim_due(now + 1000, 10, 1000, 4)
     assert [(d.event_id, d.attempt) for d in again] == [(first, 2)]
 
 
@@ -538,6 +538,54 @@ def test_no_more_than_max_concurrency_posts_are_in_flight(db: Path) -> None:
                 await trio.sleep(20 * narrow.poll_interval_s)  # rounds that could send more
                 assert len(stuck.requests) == 2
                 assert sorted(s for s, _ in states(conn).values()) == [PENDING] * 3 + [SENDING] * 2
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_claims_leave_room_for_other_endpoints(db: Path) -> None:
+    conn = connect(db)
+    store = WebhookStore(conn)
+    crowded, _ = new_endpoint(store, 1, "https://a.example/")
+    quiet, _ = new_endpoint(store, 2, "https://b.example/")
+    for _ in range(6):
+        add_event(conn, 1)
+    add_event(conn, 2)
+    now = int(time.time() * 1000)
+    store.fan_out(now, 100)
+    first = store.claim_due(now, 10, 60_000, 2)
+    assert sorted(f"we_{d.endpoint_id}" for d in first) == sorted([crowded, crowded, quiet])
+    # Two of the crowded endpoint's in flight: it is full, whatever is due.
+    sending = {d.delivery_id: d.endpoint_id for d in first if f"we_{d.endpoint_id}" == crowded}
+    assert store.claim_due(now + 1, 10, 60_000, 2, sending) == []
+    # One of them done: room for one more.
+    sending.pop(next(iter(sending)))
+    assert len(store.claim_due(now + 1, 10, 60_000, 2, sending)) == 1
+
+
+def test_a_receiver_that_hangs_on_many_events_holds_only_its_share_of_slots(db: Path) -> None:
+    conn = connect(db)
+    config = WebhookConfig(
+        **{**FAST.__dict__, "timeout_s": 60.0, "max_concurrency": 4, "max_per_endpoint": 2}
+    )
+
+    async def main() -> None:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                stuck = Receiver(answer=lambda _r, _n: None)
+                good = Receiver()
+                await nursery.start(stuck.serve)
+                await nursery.start(good.serve)
+                hooks = Webhooks(connect(db), config)
+                await hooks.create_endpoint(1, stuck.url, None, None)
+                await hooks.create_endpoint(2, good.url, None, None)
+                for _ in range(8):
+                    add_event(conn, 1)  # all due at once, ahead of client 2's
+                for _ in range(5):
+                    add_event(conn, 2)
+                await nursery.start(hooks.dispatch)
+                await good.wait_for(lambda requests: len(requests) == 5)
+                assert len(stuck.requests) == 2
                 nursery.cancel_scope.cancel()
 
     trio.run(main)
