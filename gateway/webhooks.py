@@ -37,7 +37,7 @@ import sqlite3
 import time
 import urllib.parse
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from weakref import WeakKeyDictionary
@@ -319,6 +319,18 @@ class Due:
     body: bytes
 
 
+@dataclass(frozen=True)
+class Attempt:
+    """One POST's result, to be recorded."""
+
+    due: Due
+    ok: bool  # a 2xx answer
+    status: int | None  # the HTTP status, None if there was no answer
+    error: str  # why it failed ("" if ok)
+    at_ms: int
+    retry_after_ms: int  # the backoff before the next attempt, if one follows
+
+
 def _endpoint_json(row: sqlite3.Row | tuple[Any, ...], secret: str | None = None) -> dict:
     endpoint_id, url, description, created_ms = row[0], row[1], row[2], row[3]
     out: dict[str, Any] = {
@@ -566,50 +578,40 @@ class WebhookStore:
                 )
             return claimed
 
-    def finish(
-        self,
-        due: Due,
-        ok: bool,
-        status: int | None,
-        error: str | None,
-        now_ms: int,
-        retry_after_ms: int,
-        max_attempts: int,
-    ) -> str:
-        """Records one attempt's result: delivered, pending again (after `retry_after_ms`) or
-        failed (attempts used up, or the endpoint was deleted meanwhile). Returns the result."""
+    def finish(self, attempts: Sequence[Attempt], max_attempts: int) -> list[str]:
+        """Records attempts' results, all in one transaction (one fsync for a round of
+        deliveries, not one each): delivered, pending again (after its backoff) or failed
+        (attempts used up, or the endpoint was deleted meanwhile). Returns the results."""
+        results: list[str] = []
         with self._write() as conn:
-            if ok:
+            for attempt in attempts:
+                due = attempt.due
+                if attempt.ok:
+                    conn.execute(
+                        "UPDATE webhook_deliveries SET state = ?, last_status = ?,"
+                        " last_error = NULL, delivered_ms = ? WHERE id = ?",
+                        (DELIVERED, attempt.status, attempt.at_ms, due.delivery_id),
+                    )
+                    results.append(RESULT_DELIVERED)
+                    continue
+                [(deleted,)] = conn.execute(
+                    "SELECT deleted_ms IS NOT NULL FROM webhook_endpoints WHERE id = ?",
+                    (due.endpoint_id,),
+                ).fetchall()
+                give_up = bool(deleted) or due.attempt >= max_attempts
                 conn.execute(
-                    "UPDATE webhook_deliveries SET state = ?, last_status = ?, last_error = NULL,"
-                    " delivered_ms = ? WHERE id = ?",
-                    (DELIVERED, status, now_ms, due.delivery_id),
+                    "UPDATE webhook_deliveries SET state = ?, last_status = ?, last_error = ?,"
+                    " next_attempt_ms = ? WHERE id = ?",
+                    (
+                        FAILED if give_up else PENDING,
+                        attempt.status,
+                        _clip(attempt.error),
+                        attempt.at_ms + attempt.retry_after_ms,
+                        due.delivery_id,
+                    ),
                 )
-                return RESULT_DELIVERED
-            (deleted,) = conn.execute(
-                "SELECT deleted_ms IS NOT NULL FROM webhook_endpoints WHERE id = ?",
-                (due.endpoint_id,),
-            ).fetchone()
-            give_up = bool(deleted) or due.attempt >= max_attempts
-            conn.execute(
-                "UPDATE webhook_deliveries SET state = ?, last_status = ?, last_error = ?,"
-                " next_attempt_ms = ? WHERE id = ?",
-                (
-                    FAILED if give_up else PENDING,
-                    status,
-                    _clip(error or ""),
-                    now_ms + retry_after_ms,
-                    due.delivery_id,
-                ),
-            )
-            return RESULT_FAILED if give_up else RESULT_RETRY
-
-    def next_due_ms(self) -> int | None:
-        row = self.conn.execute(
-            "SELECT MIN(next_attempt_ms) FROM webhook_deliveries WHERE state = ?", (PENDING,)
-        ).fetchone()
-        self.conn.commit()
-        return None if row is None or row[0] is None else int(row[0])
+                results.append(RESULT_FAILED if give_up else RESULT_RETRY)
+        return results
 
     def prune(self, now_ms: int, retention_ms: int) -> int:
         """Drops deliveries older than the retention (long past their last attempt, whatever
@@ -796,6 +798,9 @@ class Webhooks:
             ) as http,
             trio.open_nursery() as nursery,
         ):
+            # Each delivery in flight sends one result: room for all of them.
+            results_in, results_out = trio.open_memory_channel[Attempt](config.max_concurrency)
+            nursery.start_soon(self._record, results_out, slots)
             task_status.started()
             last_prune = float("-inf")
             while True:
@@ -816,7 +821,7 @@ class Webhooks:
                     for due in claimed:
                         await slots.acquire()
                         self._sending[due.delivery_id] = due.endpoint_id
-                        nursery.start_soon(self._deliver, http, due, slots)
+                        nursery.start_soon(self._deliver, http, due, results_in)
                     if trio.current_time() - last_prune > PRUNE_INTERVAL_S:
                         last_prune = trio.current_time()
                         await self.call(self.store.prune, now, config.retention_ms)
@@ -828,33 +833,40 @@ class Webhooks:
                 with trio.move_on_after(config.poll_interval_s):
                     await self._wakeup.wait()
 
-    async def _deliver(self, http: httpx.AsyncClient, due: Due, slots: trio.Semaphore) -> None:
-        try:
-            ok, status, error = await self._post(http, due)
-            retry_after_ms = int(backoff_s(due.attempt, self.config, self._rng) * 1000)
+    async def _deliver(
+        self, http: httpx.AsyncClient, due: Due, results: trio.MemorySendChannel[Attempt]
+    ) -> None:
+        ok, status, error = await self._post(http, due)
+        retry_after_ms = int(backoff_s(due.attempt, self.config, self._rng) * 1000)
+        await results.send(Attempt(due, ok, status, error, _now_ms(), retry_after_ms))
+
+    async def _record(
+        self, results: trio.MemoryReceiveChannel[Attempt], slots: trio.Semaphore
+    ) -> None:
+        """Writes results as they come, all those waiting in one transaction; a slot is
+        free again once its result is recorded (or could not be)."""
+        async for first in results:
+            batch = [first]
+            while True:
+                try:
+                    batch.append(results.receive_nowait())
+                except trio.WouldBlock:
+                    break
             try:
-                result = await self.call(
-                    self.store.finish,
-                    due,
-                    ok,
-                    status,
-                    error,
-                    _now_ms(),
-                    retry_after_ms,
-                    self.config.max_attempts,
-                )
+                recorded = await self.call(self.store.finish, batch, self.config.max_attempts)
             except sqlite3.Error:
-                # Not recorded: the row stays `sending` and is sent again when its lease
-                # ends (at least once).
+                # Not recorded: the rows stay `sending` and are sent again when their
+                # leases end (at least once).
                 self.counts["store_error"] += 1
-                return
-            self.counts[result] += 1
-            if self.on_result is not None:
-                self.on_result(result)
-        finally:
-            self._sending.pop(due.delivery_id, None)
-            slots.release()
-            self._wakeup.set()  # a slot is free: claim more without waiting for the poll
+                recorded = []
+            for result in recorded:
+                self.counts[result] += 1
+                if self.on_result is not None:
+                    self.on_result(result)
+            for attempt in batch:
+                self._sending.pop(attempt.due.delivery_id, None)
+                slots.release()
+            self._wakeup.set()  # slots are free: claim more without waiting for the poll
 
     async def _post(self, http: httpx.AsyncClient, due: Due) -> tuple[bool, int | None, str]:
         """One attempt: (2xx?, HTTP status or None, why it failed). Never raises for what the

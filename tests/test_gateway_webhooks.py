@@ -15,6 +15,7 @@ import pytest
 import trio
 from webhook_receiver import Received, Receiver, always, fail_first
 
+from gateway import webhooks_bench
 from gateway.store import connect
 from gateway.webhooks import (
     DELIVERED,
@@ -589,3 +590,11 @@ def test_a_receiver_that_hangs_on_many_events_holds_only_its_share_of_slots(db: 
                 nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_the_webhook_benchmark_runs_tiny(capsys: pytest.CaptureFixture[str]) -> None:
+    assert webhooks_bench.main(["--events", "20", "--concurrency", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "baseline (httpx POSTs" in out and "dispatcher / baseline time:" in out
+    assert webhooks_bench.main(["--events", "0"]) == 2
+    assert "--events must be" in capsys.readouterr().err
