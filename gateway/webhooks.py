@@ -725,12 +725,10 @@ class Webhooks:
         conn: sqlite3.Connection,
         config: WebhookConfig | None = None,
         on_result: Callable[[str], None] | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.config = config or WebhookConfig()
         self.store = WebhookStore(conn, self.config.idempotency_retention_ms)
         self.on_result = on_result
-        self._transport = transport
         self._limiter = trio.CapacityLimiter(1)
         self._rng: random.Random = (
             random.SystemRandom() if self.config.seed is None else random.Random(self.config.seed)
@@ -747,10 +745,6 @@ class Webhooks:
     async def call(self, method: Callable[..., T], *args: Any) -> T:
         """Runs a WebhookStore method off the trio loop; never two at once (one connection)."""
         return await trio.to_thread.run_sync(lambda: method(*args), limiter=self._limiter)
-
-    def wake(self) -> None:
-        """Asks the dispatcher to look at `events` now instead of at its next poll."""
-        self._wakeup.set()
 
     # the API's side
 
@@ -787,7 +781,6 @@ class Webhooks:
         lease_ms = int(config.timeout_s * 1000) + 5000
         async with (
             httpx.AsyncClient(
-                transport=self._transport,
                 follow_redirects=False,
                 timeout=httpx.Timeout(config.timeout_s),
                 limits=httpx.Limits(
