@@ -107,6 +107,8 @@ CREATE TABLE IF NOT EXISTS webhook_deliveries (
     UNIQUE (event_id, endpoint_id)
 );
 CREATE INDEX IF NOT EXISTS webhook_deliveries_due ON webhook_deliveries (state, next_attempt_ms);
+CREATE INDEX IF NOT EXISTS webhook_deliveries_by_endpoint
+    ON webhook_deliveries (endpoint_id, state);
 CREATE TABLE IF NOT EXISTS webhook_cursor (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     last_event_id INTEGER NOT NULL
@@ -461,7 +463,9 @@ class WebhookStore:
             if found is None:
                 raise EndpointNotFound(f"no webhook endpoint {endpoint}", "id")
             conn.execute(
-                "UPDATE webhook_endpoints SET deleted_ms = ? WHERE id = ?", (now, endpoint_id)
+                # The secret is no longer needed (nothing more is signed with it): forgotten.
+                "UPDATE webhook_endpoints SET deleted_ms = ?, secret = '' WHERE id = ?",
+                (now, endpoint_id),
             )
             conn.execute(
                 "UPDATE webhook_deliveries SET state = ?, last_error = ?"
@@ -615,7 +619,8 @@ class WebhookStore:
 
     def prune(self, now_ms: int, retention_ms: int) -> int:
         """Drops deliveries older than the retention (long past their last attempt, whatever
-        their state; their events may be gone too), so the table stays bounded."""
+        their state; their events may be gone too), replay records older than theirs, and
+        deleted endpoints without deliveries, so the tables stay bounded."""
         with self._write() as conn:
             cursor = conn.execute(
                 "DELETE FROM webhook_deliveries WHERE created_ms < ? AND state != ?",
@@ -624,6 +629,13 @@ class WebhookStore:
             conn.execute(
                 "DELETE FROM webhook_idempotency WHERE created_ms < ?",
                 (now_ms - self.idempotency_retention_ms,),
+            )
+            # Deleted endpoints go once their last delivery has: creating and deleting
+            # endpoints in a loop cannot grow the table without bound.
+            conn.execute(
+                "DELETE FROM webhook_endpoints WHERE deleted_ms < ? AND NOT EXISTS"
+                " (SELECT 1 FROM webhook_deliveries d WHERE d.endpoint_id = webhook_endpoints.id)",
+                (now_ms - retention_ms,),
             )
             return cursor.rowcount
 

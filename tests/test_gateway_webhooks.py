@@ -598,3 +598,22 @@ def test_the_webhook_benchmark_runs_tiny(capsys: pytest.CaptureFixture[str]) -> 
     assert "baseline (httpx POSTs" in out and "dispatcher / baseline time:" in out
     assert webhooks_bench.main(["--events", "0"]) == 2
     assert "--events must be" in capsys.readouterr().err
+
+
+def test_prune_bounds_deliveries_replay_records_and_deleted_endpoints(db: Path) -> None:
+    conn = connect(db)
+    store = WebhookStore(conn)
+    now = int(time.time() * 1000)
+    day = 24 * 3600 * 1000
+    endpoint, _ = new_endpoint(store, 1, "https://a.example/")
+    store.create_endpoint(1, "https://b.example/", None, "key", now_ms=now - 2 * day)
+    add_event(conn, 1)
+    store.fan_out(now - 8 * day, 100)  # a delivery made eight days ago
+    store.delete_endpoint(1, endpoint, now_ms=now - 8 * day)
+    [(secret,)] = conn.execute("SELECT secret FROM webhook_endpoints WHERE id = 1").fetchall()
+    assert secret == ""  # forgotten at deletion
+    assert store.prune(now, 7 * day) == 2  # one per endpoint
+    remaining = conn.execute("SELECT COUNT(*) FROM webhook_deliveries").fetchall()
+    assert remaining == [(0,)]
+    assert conn.execute("SELECT id FROM webhook_endpoints").fetchall() == [(2,)]
+    assert conn.execute("SELECT COUNT(*) FROM webhook_idempotency").fetchall() == [(0,)]
