@@ -36,6 +36,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         bench,
         cluster,
         gateway,
+        gateway_keys,
         keys,
         lookups,
         operations,
@@ -58,6 +59,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         cluster.add_cluster,
         gateway.add_gateway,
         keys.add_keygen,
+        gateway_keys.add_gateway_key,
         scenarios.add_sweep,
         scenarios.add_fuzz,
         bench.add_bench,
@@ -83,6 +85,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         "verify-receipt": receipts.verify_receipt,
         "bench": bench.bench,
         "gateway": gateway.gateway,
+        "gateway-key": gateway_keys.gateway_key,
     }
     return parser, handlers
 
