@@ -28,6 +28,7 @@ from gateway.webhooks import (
     InvalidInput,
     TooManyEndpoints,
     WebhookError,
+    Webhooks,
     webhooks_of,
 )
 
@@ -61,7 +62,7 @@ def _problem(error: WebhookError, where: str) -> Problem:
             return Problem(422, "invalid-field", "Invalid field", error.detail, error.field)
         return Problem(400, "invalid-parameter", "Invalid parameter", error.detail, error.field)
     if isinstance(error, EndpointNotFound):
-        return errors.not_found(error.detail, error.field)
+        return errors.not_found(error.detail, "endpoint_id")  # the path parameter's name
     if isinstance(error, IdempotencyMismatch):
         return Problem(
             422,
@@ -75,7 +76,7 @@ def _problem(error: WebhookError, where: str) -> Problem:
     return Problem(error.status, error.slug, "Invalid request", error.detail, error.field)
 
 
-async def _hooks(request: Request) -> Any:
+async def _hooks(request: Request) -> Webhooks:
     return await webhooks_of(request.app.state.gateway)
 
 

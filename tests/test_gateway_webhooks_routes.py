@@ -94,7 +94,7 @@ def test_endpoints_are_per_client_and_the_secret_is_shown_once(tmp_path: Path) -
         assert [e["id"] for e in listed["data"]] == [endpoint["id"]]
         assert "secret" not in listed["data"][0]
         assert (await theirs.get("/v1/webhook_endpoints")).json()["data"] == []
-        problem(await theirs.delete(f"/v1/webhook_endpoints/{endpoint['id']}"), 404, "id")
+        problem(await theirs.delete(f"/v1/webhook_endpoints/{endpoint['id']}"), 404, "endpoint_id")
         problem(await http.unserved.get("/v1/webhook_endpoints"), 403, "Authorization")
         problem(await http.anonymous.get("/v1/events"), 401, "Authorization")
         anonymous_post = await http.anonymous.post(
@@ -107,7 +107,7 @@ def test_endpoints_are_per_client_and_the_secret_is_shown_once(tmp_path: Path) -
             "id": endpoint["id"],
             "deleted": True,
         }
-        problem(await mine.delete(f"/v1/webhook_endpoints/{endpoint['id']}"), 404, "id")
+        problem(await mine.delete(f"/v1/webhook_endpoints/{endpoint['id']}"), 404, "endpoint_id")
 
     run_app(tmp_path, session)
 
