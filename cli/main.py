@@ -32,7 +32,17 @@ class _Parser(argparse.ArgumentParser):
 def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     """The parser and each command's function. The command modules are imported here, inside
     main's guard: importing the runtime takes a while, and Ctrl-C then must exit 130 too."""
-    from cli import bench, cluster, keys, lookups, operations, payments, receipts, scenarios
+    from cli import (
+        bench,
+        cluster,
+        gateway_keys,
+        keys,
+        lookups,
+        operations,
+        payments,
+        receipts,
+        scenarios,
+    )
 
     parser = _Parser(prog="pbft", description="Byzantine fault-tolerant payment confirmation.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -47,6 +57,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         receipts.add_verify_receipt,
         cluster.add_cluster,
         keys.add_keygen,
+        gateway_keys.add_gateway_key,
         scenarios.add_sweep,
         scenarios.add_fuzz,
         bench.add_bench,
@@ -71,6 +82,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         "hold": lookups.hold,
         "verify-receipt": receipts.verify_receipt,
         "bench": bench.bench,
+        "gateway-key": gateway_keys.gateway_key,
     }
     return parser, handlers
 
