@@ -175,6 +175,10 @@ class PaymentClient:
                 await enough.wait()
                 nursery.cancel_scope.cancel()
 
+    def is_connected(self, replica_id: int) -> bool:
+        """Whether this client's transport has a live connection to replica `replica_id`."""
+        return self._transport.is_connected(("replica", replica_id))
+
     async def pay(
         self, payer: str, payee: str, amount: int, request_id: int | None = None
     ) -> Decided:
