@@ -35,6 +35,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     from cli import (
         bench,
         cluster,
+        gateway,
         gateway_keys,
         keys,
         lookups,
@@ -56,6 +57,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         lookups.add_lookups,
         receipts.add_verify_receipt,
         cluster.add_cluster,
+        gateway.add_gateway,
         keys.add_keygen,
         gateway_keys.add_gateway_key,
         scenarios.add_sweep,
@@ -82,6 +84,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         "hold": lookups.hold,
         "verify-receipt": receipts.verify_receipt,
         "bench": bench.bench,
+        "gateway": gateway.gateway,
         "gateway-key": gateway_keys.gateway_key,
     }
     return parser, handlers
