@@ -25,9 +25,10 @@ from pbft.messages import (
     ReplicaStatusAnswer,
     StatusQuery,
 )
-from pbft.signed import peek, seal
+from pbft.signed import ENVELOPE_OVERHEAD, peek, seal
 from runtime.client import PaymentClient
 from runtime.localcluster import LocalCluster
+from runtime.transport import TransportConfig
 
 
 def run_payments(network: Network, count: int) -> None:
@@ -123,6 +124,9 @@ def test_many_drop_reasons_are_cut_to_the_most_frequent() -> None:
 
 
 def test_decode_limits_of_a_status_answer() -> None:
+    # The largest answer still fits a frame to a client, sealed.
+    largest = ReplicaStatusAnswer.max_bytes() + ENVELOPE_OVERHEAD
+    assert largest <= TransportConfig().client_max_frame_bytes
     cluster = Cluster()
     answer = cluster.replica(0).lookups.status(StatusQuery(0, 1))
     with pytest.raises(DecodeError):
