@@ -16,10 +16,11 @@ are open (each replica pays for an answer from that client's lookup budget).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated
 
 import trio
 from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, Field
 
 from gateway.auth_http import caller
 from gateway.keys import Caller
@@ -31,6 +32,25 @@ STATUS_TIMEOUT_S = 1.0
 CACHE_S = 1.0
 
 router = APIRouter(tags=["cluster"])
+
+
+class ReplicaView(BaseModel):
+    id: int
+    address: str = Field(description="host:port from the cluster file")
+    connected: bool = Field(description="this gateway's connection to it is up")
+    answered: bool = Field(description=f"it answered the status query within {STATUS_TIMEOUT_S} s")
+    view: int | None
+    view_status: str | None = Field(description="normal or view_change; null if no answer")
+    last_executed: int | None
+    stable_checkpoint: int | None
+
+
+class ClusterView(BaseModel):
+    cluster: str = Field(description="the cluster id's first 16 hex digits")
+    n: int
+    f: int
+    replicas: list[ReplicaView]
+    embedded_replica: int | None = Field(description="the replica this process hosts")
 
 
 @dataclass
@@ -66,36 +86,35 @@ def _cluster_status(request: Request) -> ClusterStatus:
     return found
 
 
-@router.get("/v1/cluster")
-async def cluster(request: Request, who: Annotated[Caller, Depends(caller)]) -> dict[str, Any]:
+@router.get("/v1/cluster", response_model=ClusterView)
+async def cluster(request: Request, who: Annotated[Caller, Depends(caller)]) -> ClusterView:
     """The replicas, each with its own signed word on its view, view status, last executed
     and stable checkpoint (not agreed by f + 1), and whether this gateway is connected to
     it; `embedded_replica`: the replica this gateway process hosts, if any."""
     gateway = request.app.state.gateway
-    client: PaymentClient = gateway.clients[who.client_id]
+    client: PaymentClient = gateway.client_for(who)
     statuses = await _cluster_status(request).statuses(client)
     cluster_file = gateway.cluster
-    config = cluster_file.config
     replicas = []
     for address in cluster_file.replicas:
         status = statuses.get(address.replica_id)
         replicas.append(
-            {
-                "id": address.replica_id,
-                "address": f"{address.host}:{address.port}",
-                "connected": client.is_connected(address.replica_id),
-                "answered": status is not None,
-                "view": status.view if status else None,
-                "view_status": status.view_status if status else None,
-                "last_executed": status.last_executed if status else None,
-                "stable_checkpoint": status.stable_checkpoint if status else None,
-            }
+            ReplicaView(
+                id=address.replica_id,
+                address=f"{address.host}:{address.port}",
+                connected=client.is_connected(address.replica_id),
+                answered=status is not None,
+                view=status.view if status else None,
+                view_status=status.view_status if status else None,
+                last_executed=status.last_executed if status else None,
+                stable_checkpoint=status.stable_checkpoint if status else None,
+            )
         )
     node = gateway.node
-    return {
-        "cluster": short_id(client.core.cluster_id),
-        "n": config.replica_count,
-        "f": config.fault_tolerance,
-        "replicas": replicas,
-        "embedded_replica": node.replica_id if node is not None else None,
-    }
+    return ClusterView(
+        cluster=short_id(client.core.cluster_id),
+        n=cluster_file.config.replica_count,
+        f=cluster_file.config.fault_tolerance,
+        replicas=replicas,
+        embedded_replica=node.replica_id if node is not None else None,
+    )

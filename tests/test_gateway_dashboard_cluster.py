@@ -116,3 +116,13 @@ def test_the_page_and_its_files_are_served(harness: GatewayHarness) -> None:
     for sink in (".innerHTML", ".outerHTML", "insertAdjacentHTML", "document.write", "eval("):
         assert sink not in script.text, sink
     assert style.status_code == 200 and style.headers["content-type"].startswith("text/css")
+
+
+def test_the_openapi_document_describes_the_cluster_route(harness: GatewayHarness) -> None:
+    with harness.http() as http:
+        document = http.get("/openapi.json").json()
+    operation = document["paths"]["/v1/cluster"]["get"]
+    schema_ref = operation["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
+    assert schema_ref.endswith("/ClusterView")
+    replica = document["components"]["schemas"]["ReplicaView"]["properties"]
+    assert {"connected", "answered", "view", "last_executed", "stable_checkpoint"} <= set(replica)
