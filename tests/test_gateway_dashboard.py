@@ -172,6 +172,16 @@ def test_the_page_asks_for_a_key_and_refuses_a_wrong_one(
     assert "refused" in status
     assert not browser.find_element(By.ID, "dashboard").is_displayed()
     assert browser.execute_script("return sessionStorage.length") == 0
+    # A real key, for a client this gateway does not serve (403): refused as well.
+    browser.find_element(By.ID, "api-key").send_keys(harness.create_key(7))
+    browser.find_element(By.ID, "key-save").click()
+    status = wait_for(
+        browser,
+        lambda d: "client 7" in (text := d.find_element(By.ID, "key-status").text) and text,
+        "a refusal naming client 7",
+    )
+    assert "refused" in status
+    assert not browser.find_element(By.ID, "dashboard").is_displayed()
 
 
 def test_the_page_shows_four_replicas_with_their_status(

@@ -64,6 +64,11 @@ function yesNo(row, value, name) {
   return td;
 }
 
+// 401: no such key (or revoked); 403: a key for a client this gateway does not serve.
+function keyRefused(error) {
+  return error instanceof ApiError && (error.status === 401 || error.status === 403);
+}
+
 function showError(message) {
   const error = $("error");
   error.textContent = message;
@@ -171,7 +176,7 @@ async function refresh() {
     $("updated").textContent = new Date().toLocaleTimeString();
     showError("");
   } catch (error) {
-    if (error instanceof ApiError && error.status === 401) {
+    if (keyRefused(error)) {
       signOut("The gateway refused this API key: " + error.message);
       return;
     }
@@ -220,7 +225,7 @@ async function checkReceipt() {
       }
     }
   } catch (error) {
-    if (error instanceof ApiError && error.status === 401) {
+    if (keyRefused(error)) {
       signOut("The gateway refused this API key: " + error.message);
       return;
     }
