@@ -22,7 +22,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import httpx
@@ -84,7 +83,7 @@ class GatewayProcess:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             for record in self.records():
-                if record.get("event") == "listening" and "url" in record:
+                if record.get("gateway") and record.get("event") == "listening":
                     self.url = str(record["url"])
                     return self.url
             code = self.process.poll()
@@ -215,18 +214,26 @@ class GatewayHarness:
         raise RuntimeError(f"the gateway is not healthy after {timeout_s:g} s")
 
     def create_key(self, client: int, db: Path | None = None) -> str:
-        """A new API key for `client` in the gateway's database."""
-        from gateway.keys import create_key
-        from gateway.store import connect
+        """A new API key for `client`, made as an operator makes it:
+        `pbft gateway-key create --db PATH --client I` (the token alone on stdout)."""
+        database = str(db or self.gateway.db)
+        ran = run_cli("gateway-key", "create", "--db", database, "--client", str(client))
+        if ran.returncode != 0:
+            raise RuntimeError(f"gateway-key create failed ({ran.returncode}): {ran.stderr}")
+        return token_of(ran.stdout)
 
-        connection = connect(db or self.gateway.db)
-        try:
-            return create_key(connection, client)[1]
-        finally:
-            connection.close()
+    def revoke_key(self, key_id: int) -> None:
+        ran = run_cli("gateway-key", "revoke", "--db", str(self.gateway.db), "--id", str(key_id))
+        if ran.returncode != 0:
+            raise RuntimeError(f"gateway-key revoke failed ({ran.returncode}): {ran.stderr}")
+
+    def key_ids(self) -> list[int]:
+        ran = run_cli("gateway-key", "list", "--db", str(self.gateway.db))
+        return [int(json.loads(line)["id"]) for line in ran.stdout.splitlines()]
 
     def http(self, token: str | None = None, **options: Any) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+        headers.update(options.pop("headers", {}))
         return httpx.Client(
             base_url=self.gateway.url,
             headers=headers,
@@ -243,21 +250,10 @@ class GatewayHarness:
 
         return trio.run(read)
 
-    def __enter__(self) -> GatewayHarness:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        return None
-
 
 def token_of(stdout: str) -> str:
-    """The token in `pbft gateway-key create`'s output (a line or a JSON object with it)."""
-    for word in stdout.replace('"', " ").replace(",", " ").split():
-        if word.startswith("gk_"):
-            return word
-    raise RuntimeError(f"no token in {stdout!r}")
+    """The token `pbft gateway-key create` prints, alone on stdout."""
+    token = stdout.strip()
+    if not token.startswith("gk_") or len(token.split()) != 1:
+        raise RuntimeError(f"no token in {stdout!r}")
+    return token
