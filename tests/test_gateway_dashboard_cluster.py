@@ -55,8 +55,10 @@ def test_the_cluster_with_an_embedded_replica(harness: GatewayHarness) -> None:
         }
         assert replica["address"] == f"{address.host}:{address.port}"
         assert replica["connected"] is True and replica["answered"] is True, replica
-        assert (replica["view"], replica["view_status"]) == (0, "normal")
+        assert replica["view"] >= 0 and replica["view_status"] == "normal"
         assert replica["stable_checkpoint"] <= replica["last_executed"]
+    # One view (it was decided in it; a slow start may have cost a view change).
+    assert len({replica["view"] for replica in replicas}) == 1
     # f + 1 replicas at least had executed the payment when it was decided.
     assert sum(replica["last_executed"] >= seq for replica in replicas) >= 2
 

@@ -219,10 +219,12 @@ def test_replica_status_through_a_real_cluster(tmp_path_factory: pytest.TempPath
                 for replica_id, status in statuses.items():
                     assert status is not None, f"replica {replica_id} did not answer"
                     assert status.replica == replica_id
-                    assert (status.view, status.view_status) == (0, "normal")
+                    assert status.view_status == "normal"
                     # Every replica executed the payment (a backup maybe a moment later).
                     assert status.last_executed <= decided.seq + 1
                 assert sum(s.last_executed >= decided.seq for s in statuses.values() if s) >= 2
+                # One view (a slow start may have cost a view change, never a split).
+                assert len({s.view for s in statuses.values() if s}) == 1
                 local.kill(3)
                 statuses = await client.replica_status(timeout_s=2)
                 assert statuses[3] is None
