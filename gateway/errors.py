@@ -80,9 +80,31 @@ def not_found(detail: str, field: str | None = None) -> Problem:
     return Problem(404, "not-found", "No such object", detail, field)
 
 
-def invalid(detail: str, field: str | None = None, **extra: Any) -> Problem:
-    """Input the service itself refuses (after the HTTP layer's shape checks)."""
-    return Problem(400, "invalid-request", "Invalid request", detail, field, **extra)
+def unknown_account(name: str, field: str, status: int = 422) -> Problem:
+    """An account the cluster does not have: 422 in a request body, 404 as the path's
+    subject (GET /v1/accounts/{name})."""
+    return Problem(
+        status, "unknown-account", "Unknown account", f"no account {name!r} in this cluster", field
+    )
+
+
+def invalid_field(detail: str, field: str, **extra: Any) -> Problem:
+    """A body field the service itself refuses (after the HTTP layer's shape checks)."""
+    return Problem(422, "invalid-field", "Invalid field", detail, field, **extra)
+
+
+def invalid_parameter(detail: str, field: str) -> Problem:
+    """A path or query parameter the service refuses."""
+    return Problem(400, "invalid-parameter", "Invalid parameter", detail, field)
+
+
+def invalid_header(detail: str, field: str) -> Problem:
+    return Problem(400, "invalid-header", "Invalid header", detail, field)
+
+
+def invalid_request(detail: str) -> Problem:
+    """A request the cluster's wire format cannot carry, found only when sending it."""
+    return Problem(400, "invalid-request", "Invalid request", detail)
 
 
 def key_in_flight(key: str) -> Problem:

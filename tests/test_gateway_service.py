@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Awaitable, Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -262,6 +263,9 @@ def test_a_cluster_timeout_is_504_then_the_retry_resubmits_the_same_request(
         pending = await service.get_payment(BOB, pid)
         assert pending["status"] == "pending" and pending["receipt"] is None
         assert pending["operations"][0]["outcome"] == "pending"
+        # Nothing is done to a payment before its own decision is known.
+        early = await problem(service.refund(ALICE, "early", pid, 1))
+        assert (early.status, early.type_slug) == (409, "payment-pending")
         service.timeout_s = TIMEOUT_S
         payment = ok(await service.create_payment(BOB, "slow", request), "confirmed")
         assert payment["id"] == pid
@@ -307,6 +311,12 @@ def test_holds_captured_voided_and_expired(local: LocalCluster, tmp_path: Path) 
         )
         assert (await service.get_payment(ALICE, held["id"]))["status"] == "captured"
 
+        too_long = await problem(service.create_payment(ALICE, "h0", hold(5, HOUR_MS + 1)))
+        assert (too_long.status, too_long.type_slug, too_long.field) == (
+            422,
+            "invalid-field",
+            "expires_in_ms",
+        )
         other = ok(await service.create_payment(ALICE, "h2", hold(20)), "held")
         ok(await service.void(ALICE, "h2-void", other["id"]), "voided")
 
@@ -365,18 +375,39 @@ def test_refunds_in_parts_then_in_full_then_refused(local: LocalCluster, tmp_pat
         assert more.status_code == 409 and more.json()["reason"] == "exceeds_refundable"
         assert (await service.refund(ALICE, "r3", paid["id"], 1)) == more  # replayed too
         bad = await problem(service.refund(ALICE, "r4", paid["id"], 0))
-        assert (bad.status, bad.field) == (400, "amount")
+        assert (bad.status, bad.type_slug, bad.field) == (422, "invalid-field", "amount")
+        not_a_hold = await problem(service.capture(ALICE, "c", paid["id"], None))
+        assert (not_a_hold.status, not_a_hold.type_slug) == (409, "not-a-hold")
+        malformed = await problem(service.void(ALICE, "v", "pay_zero"))
+        assert (malformed.status, malformed.field) == (400, "payment_id")
         with pytest.raises(Problem) as unknown:
             await service.refund(ALICE, "r5", "pay_0_1", 1)
         assert unknown.value.status == 404
+        # Two refunds of one payment decided at once: neither change is lost.
+        second = ok(
+            await service.create_payment(
+                ALICE, "p2", {"from": payer, "to": payee, "amount": 10, "capture": True}
+            ),
+            "confirmed",
+        )
+        async with trio.open_nursery() as nursery:
+            for index, amount in enumerate((4, 6)):
+                nursery.start_soon(service.refund, ALICE, f"both-{index}", second["id"], amount)
+        both = await service.get_payment(ALICE, second["id"])
+        assert (both["status"], both["refunded_amount"]) == ("refunded", 10)
+        assert [o["outcome"] for o in both["operations"]] == ["confirmed"] * 3
 
     with_gateway(local, db, body)
     assert [event["type"] for event in events(db)] == [
         "payment.confirmed",
         "payment.refunded",
         "payment.refunded",
+        "payment.confirmed",
+        "payment.refunded",
+        "payment.refunded",
     ]
-    assert events(db)[-1]["data"]["status"] == "refunded"
+    assert events(db)[2]["data"]["status"] == "refunded"
+    assert events(db)[-1]["data"]["refunded_amount"] == 10
 
 
 def test_a_rejected_payment_is_answered_with_its_receipt(
@@ -426,7 +457,20 @@ def test_other_clients_accounts_are_403_and_bad_keys_401(
         refused = await problem(service.account(BOB, alices[0]))
         assert (refused.status, refused.field) == (403, "name")
         missing = await problem(service.account(BOB, "no-such-account"))
-        assert missing.status == 404
+        assert (missing.status, missing.type_slug, missing.field) == (
+            404,
+            "unknown-account",
+            "name",
+        )
+        for field in ("from", "to"):
+            typo = {"from": bobs[0], "to": bobs[1], "amount": 1, field: "no-such-account"}
+            missing = await problem(service.create_payment(BOB, f"typo-{field}", typo))
+            assert (missing.status, missing.type_slug, missing.field) == (
+                422,
+                "unknown-account",
+                field,
+            )
+            assert Database(db).idempotency(1, f"typo-{field}") is None
 
         held = ok(
             await service.create_payment(
@@ -482,7 +526,7 @@ def test_listing_pages_newest_first(local: LocalCluster, tmp_path: Path) -> None
         assert [payment["id"] for payment in bobs["data"]] == [made[3], made[1]]
         for limit in (0, 101):
             bad = await problem(service.list_payments(ALICE, None, limit, None))
-            assert (bad.status, bad.field) == (400, "limit")
+            assert (bad.status, bad.type_slug, bad.field) == (400, "invalid-parameter", "limit")
         bad = await problem(service.list_payments(ALICE, None, 10, "pay_9_9"))
         assert (bad.status, bad.field) == (404, "starting_after")
         bad = await problem(service.list_payments(BOB, None, 10, made[0]))
@@ -540,3 +584,32 @@ def test_receipt_verification_never_fails_on_garbage(local: LocalCluster, tmp_pa
             assert verdict["valid"] is False and verdict["verdict"] == "unreadable", verdict
 
     with_gateway(local, tmp_path / "g.db", body)
+
+
+def test_the_background_task_marks_an_expired_hold(local: LocalCluster, tmp_path: Path) -> None:
+    db = tmp_path / "g.db"
+    payer, payee = owned(local, 0)
+
+    async def body(gateway: Gateway) -> None:
+        service = gateway.service
+        request = {"from": payer, "to": payee, "amount": 4, "capture": False}
+        held = ok(await service.create_payment(ALICE, "short", {**request, "expires_in_ms": 200}))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(run, gateway, expiry_interval_s=0.05))
+            await trio.sleep(0.4)
+            # A batch after the expiry: the cluster releases the hold at its start.
+            ok(await service.create_payment(ALICE, "tick", {**request, "capture": True}))
+            for _ in range(200):
+                if (await service.get_payment(ALICE, held["id"]))["status"] == "expired":
+                    break
+                await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+        assert (await service.get_payment(ALICE, held["id"]))["status"] == "expired"
+        assert service.counts["expired"] == 1
+
+    with_gateway(local, db, body)
+    assert [event["type"] for event in events(db)] == [
+        "payment.held",
+        "payment.confirmed",
+        "payment.expired",
+    ]
