@@ -19,7 +19,14 @@ from typing import Any
 from crypto.keys import KeyRing, Principal, SigningKey
 from crypto.signing import VerificationCache
 from pbft.chain import batch_digest, entry_digest, genesis_hash
-from pbft.client import BalanceRead, ClientAction, ClientCore, Decided, LookupResult
+from pbft.client import (
+    BalanceRead,
+    ClientAction,
+    ClientCore,
+    Decided,
+    LookupResult,
+    ReplicaStatus,
+)
 from pbft.config import ClusterConfig
 from pbft.events import (
     Action,
@@ -534,6 +541,7 @@ class Network:
         self.decided: list[Decided] = []
         self.reads: list[BalanceRead] = []
         self.lookups: list[LookupResult] = []
+        self.statuses: list[ReplicaStatus] = []
         self.executed: dict[int, list[Executed]] = {i: [] for i in self.replicas}
         self.records: dict[int, dict[tuple[str | int, ...], bytes]] = {i: {} for i in self.replicas}
         self.now_ms = 0
@@ -617,3 +625,6 @@ class _NetworkClientHost:
 
     def looked_up(self, result: LookupResult) -> None:
         self.network.lookups.append(result)
+
+    def replica_status(self, status: ReplicaStatus) -> None:
+        self.network.statuses.append(status)
