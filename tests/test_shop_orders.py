@@ -153,11 +153,11 @@ def store(tmp_path: Path) -> ShopStore:
 
 
 def test_start_journals_the_keys_and_is_idempotent(store: ShopStore) -> None:
-    order = store.start("o-1", "mug", "acct-00002", 1)
+    order = store.start("o-1", "mug", "acct-00002", 1, 60_000)
     assert (order.stage, order.amount, order.outcome) == (Stage.STARTED, 700, None)
     assert order.key(Call.AUTHORIZE) == "shop:o-1:authorize"
     [(entry, detail)] = store.journal("o-1")
-    assert entry == "started" and detail["amount"] == 700
+    assert (entry, detail["amount"], detail["expires_in_ms"]) == ("started", 700, 60_000)
     assert detail["keys"] == {
         "authorize": "shop:o-1:authorize",
         "capture": "shop:o-1:capture",
@@ -165,27 +165,28 @@ def test_start_journals_the_keys_and_is_idempotent(store: ShopStore) -> None:
     }
     # A price change after the order started does not change what the order authorizes.
     store.put_item("mug", 900, 1)
-    assert store.start("o-1", "mug", "acct-00002", 1) == order
+    assert store.start("o-1", "mug", "acct-00002", 1, 60_000) == order
     assert len(store.journal("o-1")) == 1
     with pytest.raises(ShopError) as conflict:
-        store.start("o-1", "mug", "acct-00003", 1)
+        store.start("o-1", "mug", "acct-00003", 1, 60_000)
     assert conflict.value.field == "order_id"
 
 
 @pytest.mark.parametrize(
     ("arguments", "field"),
     [
-        (("o 1", "mug", "acct-00002", 1), "order_id"),
-        (("", "mug", "acct-00002", 1), "order_id"),
-        (("o-2", "tea", "acct-00002", 1), "sku"),
-        (("o-2", "mug", "", 1), "buyer_account"),
-        (("o-2", "mug", "acct-00002", -1), "buyer_client"),
-        (("o-2", "mug", "acct-00002", True), "buyer_client"),
-        (("o" * 65, "mug", "acct-00002", 1), "order_id"),
+        (("o 1", "mug", "acct-00002", 1, 60_000), "order_id"),
+        (("", "mug", "acct-00002", 1, 60_000), "order_id"),
+        (("o-2", "tea", "acct-00002", 1, 60_000), "sku"),
+        (("o-2", "mug", "", 1, 60_000), "buyer_account"),
+        (("o-2", "mug", "acct-00002", -1, 60_000), "buyer_client"),
+        (("o-2", "mug", "acct-00002", True, 60_000), "buyer_client"),
+        (("o-2", "mug", "acct-00002", 1, 0), "expires_in_ms"),
+        (("o" * 65, "mug", "acct-00002", 1, 60_000), "order_id"),
     ],
 )
 def test_start_refuses_bad_orders(
-    store: ShopStore, arguments: tuple[str, str, str, int], field: str
+    store: ShopStore, arguments: tuple[str, str, str, int, int], field: str
 ) -> None:
     with pytest.raises(ShopError) as refused:
         store.start(*arguments)
@@ -194,8 +195,8 @@ def test_start_refuses_bad_orders(
 
 
 def test_reserve_takes_the_last_item_once(store: ShopStore) -> None:
-    store.start("o-1", "mug", "acct-00002", 1)
-    store.start("o-2", "mug", "acct-00003", 1)
+    store.start("o-1", "mug", "acct-00002", 1, 60_000)
+    store.start("o-2", "mug", "acct-00003", 1, 60_000)
     assert store.reserve("o-1").stage is Stage.RESERVED
     assert store.reserve("o-1").stage is Stage.RESERVED  # a repeat takes nothing more
     assert store.reserve("o-2").stage is Stage.OUT_OF_STOCK
@@ -204,7 +205,7 @@ def test_reserve_takes_the_last_item_once(store: ShopStore) -> None:
 
 
 def test_release_puts_the_item_back_once(store: ShopStore) -> None:
-    store.start("o-1", "mug", "acct-00002", 1)
+    store.start("o-1", "mug", "acct-00002", 1, 60_000)
     store.reserve("o-1")
     released = store.release("o-1", "hold_expired")
     assert (released.stage, released.note) == (Stage.RELEASED, "hold_expired")
@@ -224,10 +225,10 @@ def test_release_puts_the_item_back_once(store: ShopStore) -> None:
 def test_the_books_survive_a_reopen(tmp_path: Path) -> None:
     first = ShopStore(tmp_path / "shop.db", "shop")
     first.put_item("mug", 700, 2)
-    first.start("o-1", "mug", "acct-00002", 1)
+    first.start("o-1", "mug", "acct-00002", 1, 60_000)
     first.reserve("o-1")
     first.note_payment("o-1", "pay_1_5")
-    first.start("o-2", "mug", "acct-00002", 1)
+    first.start("o-2", "mug", "acct-00002", 1, 60_000)
     # No close: as after kill -9, only what was committed counts.
     again = ShopStore(tmp_path / "shop.db", "shop")
     unfinished = again.unfinished()
@@ -273,7 +274,7 @@ def _is_shop_consistent(answers: tuple[Answer, ...], stock: int) -> None:
     was captured."""
     store = ShopStore(Path(":memory:"), "shop")
     store.put_item("mug", 700, stock)
-    order = store.start("o", "mug", "acct-00002", 1)
+    order = store.start("o", "mug", "acct-00002", 1, 60_000)
     charged = False
     step = first_step(order.stage)
     for answer in answers:

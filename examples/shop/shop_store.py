@@ -41,6 +41,7 @@ CREATE TABLE IF NOT EXISTS orders (
     buyer_account TEXT NOT NULL,
     buyer_client INTEGER NOT NULL,
     amount INTEGER NOT NULL,
+    expires_in_ms INTEGER NOT NULL,
     stage TEXT NOT NULL,
     outcome TEXT,
     payment_id TEXT,
@@ -81,6 +82,7 @@ class Order:
     buyer_account: str
     buyer_client: int
     amount: int
+    expires_in_ms: int
     stage: Stage
     outcome: Outcome | None
     payment_id: str | None
@@ -111,19 +113,23 @@ class Order:
 
 
 _ORDER_COLUMNS = (
-    "order_id, sku, buyer_account, buyer_client, amount, stage, outcome, payment_id, "
+    "order_id, sku, buyer_account, buyer_client, amount, expires_in_ms, stage, outcome, "
+    "payment_id, "
     "authorize_key, capture_key, void_key, note"
 )
 
 
 def _order(row: tuple[object, ...]) -> Order:
-    (order_id, sku, account, client, amount, stage, outcome, payment_id, a, c, v, note) = row
+    (order_id, sku, account, client, amount, hold_ms, stage, outcome, payment_id, a, c, v, note) = (
+        row
+    )
     return Order(
         str(order_id),
         str(sku),
         str(account),
         int(client),  # type: ignore[call-overload]
         int(amount),  # type: ignore[call-overload]
+        int(hold_ms),  # type: ignore[call-overload]
         Stage(stage),
         None if outcome is None else Outcome(outcome),
         None if payment_id is None else str(payment_id),
@@ -197,9 +203,13 @@ class ShopStore:
 
     # --- orders ---------------------------------------------------------------------------
 
-    def start(self, order_id: str, sku: str, buyer_account: str, buyer_client: int) -> Order:
-        """Journal `started` with the three idempotency keys the order will ever use; the
-        existing order if this one was started before with the same fields."""
+    def start(
+        self, order_id: str, sku: str, buyer_account: str, buyer_client: int, expires_in_ms: int
+    ) -> Order:
+        """Journal `started` with the three idempotency keys the order will ever use and
+        everything its authorize's body is made of (so a retry sends the same body after a
+        price or configuration change); the existing order if this one was started before
+        with the same fields."""
         check_name("order_id", order_id)
         check_name("sku", sku)
         if not isinstance(buyer_account, str) or not (
@@ -208,6 +218,8 @@ class ShopStore:
             raise ShopError("buyer_account", "buyer_account must be an account name")
         if type(buyer_client) is not int or not 0 <= buyer_client <= MAX_CLIENT_ID:
             raise ShopError("buyer_client", "buyer_client must be a client id")
+        if type(expires_in_ms) is not int or expires_in_ms <= 0:
+            raise ShopError("expires_in_ms", "expires_in_ms must be a positive integer")
         self._begin()
         try:
             existing = self.order(order_id)
@@ -227,13 +239,14 @@ class ShopStore:
             now = _now_ms()
             self.db.execute(
                 f"INSERT INTO orders ({_ORDER_COLUMNS}, created_ms, updated_ms) "
-                "VALUES (?, ?, ?, ?, ?, ?, NULL, NULL, ?, ?, ?, '', ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, NULL, NULL, ?, ?, ?, '', ?, ?)",
                 (
                     order_id,
                     sku,
                     buyer_account,
                     buyer_client,
                     item[0],
+                    expires_in_ms,
                     Stage.STARTED.value,
                     keys[Call.AUTHORIZE],
                     keys[Call.CAPTURE],
@@ -245,7 +258,11 @@ class ShopStore:
             self._journal(
                 order_id,
                 Stage.STARTED.value,
-                {"amount": item[0], "keys": {str(call): key for call, key in keys.items()}},
+                {
+                    "amount": item[0],
+                    "expires_in_ms": expires_in_ms,
+                    "keys": {str(call): key for call, key in keys.items()},
+                },
             )
             self.db.execute("COMMIT")
         except BaseException:
