@@ -121,7 +121,7 @@ def test_classify_http_answers() -> None:
     assert classify(200, {"object": "payment"}).kind is Kind.RETRY
     timeout = classify(504, problem("cluster-timeout", payment_id="pay_0_9"))
     assert (timeout.kind, timeout.payment_id) == (Kind.RETRY, "pay_0_9")
-    assert classify(409, problem("idempotency-in-flight")).kind is Kind.RETRY
+    assert classify(409, problem("idempotency-key-in-flight")).kind is Kind.RETRY
     refused = classify(409, problem("operation-rejected", reason="hold_expired"))
     assert (refused.kind, refused.reason) == (Kind.REJECTED, "hold_expired")
     assert classify(500, "oops").kind is Kind.RETRY
@@ -129,6 +129,9 @@ def test_classify_http_answers() -> None:
     assert classify(429, None).kind is Kind.RETRY
     assert classify(401, problem("unauthenticated")).kind is Kind.DENIED
     assert classify(403, problem("forbidden")).kind is Kind.DENIED
+    assert classify(403, problem("forbidden", field="Authorization")).kind is Kind.DENIED
+    # Someone else's account in the order: refused before anything is recorded.
+    assert classify(403, problem("forbidden", field="from")).kind is Kind.REFUSED
     assert classify(422, problem("idempotency-key-reused")).kind is Kind.KEY_REUSED
     assert classify(422, problem("validation", field="amount")).kind is Kind.REFUSED
     assert classify(404, problem("not-found")).kind is Kind.REFUSED

@@ -27,13 +27,13 @@ from typing import Any
 PROBLEM_PREFIX = "https://pbft-payments.dev/problems/"
 # The problem types that mean "the same request may still succeed: ask again, same key".
 # cluster-timeout: the cluster did not answer in time (504; the payment is pending).
-# idempotency-in-flight: the key's first request is still running in the gateway (409).
-RETRYABLE_PROBLEMS = frozenset({"cluster-timeout", "idempotency-in-flight", "in-flight"})
+# idempotency-key-in-flight: the key's first request is still running in the gateway (409).
+RETRYABLE_PROBLEMS = frozenset({"cluster-timeout", "idempotency-key-in-flight"})
 # The problem type of a decided rejection of capture/void/refund (409 with "reason").
 REJECTED_PROBLEM = "operation-rejected"
 # The same key was used with another body: never by this shop (the body comes from the
 # journal), so it means a hold may exist that the shop cannot see. Needs a person.
-KEY_REUSED_PROBLEMS = frozenset({"idempotency-key-reused", "idempotency-mismatch"})
+KEY_REUSED_PROBLEMS = frozenset({"idempotency-key-reused"})
 
 
 class Stage(enum.StrEnum):
@@ -205,6 +205,10 @@ def classify(status_code: int | None, body: Any) -> Answer:
         return Answer(Kind.RETRY, reason=detail)
     if slug in KEY_REUSED_PROBLEMS:
         return Answer(Kind.KEY_REUSED, reason=detail)
+    if status_code == 403 and fields.get("field") in ("from", "to"):
+        # The order names an account its client does not own: the service refuses that
+        # before it records anything, on every attempt alike (owners never change).
+        return Answer(Kind.REFUSED, reason=detail)
     if status_code in (401, 403):
         return Answer(Kind.DENIED, reason=detail)
     return Answer(Kind.REFUSED, reason=detail)
