@@ -32,7 +32,18 @@ class _Parser(argparse.ArgumentParser):
 def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     """The parser and each command's function. The command modules are imported here, inside
     main's guard: importing the runtime takes a while, and Ctrl-C then must exit 130 too."""
-    from cli import bench, cluster, keys, lookups, operations, payments, receipts, scenarios
+    from cli import (
+        bench,
+        cluster,
+        gateway,
+        gateway_keys,
+        keys,
+        lookups,
+        operations,
+        payments,
+        receipts,
+        scenarios,
+    )
 
     parser = _Parser(prog="pbft", description="Byzantine fault-tolerant payment confirmation.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -46,7 +57,9 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         lookups.add_lookups,
         receipts.add_verify_receipt,
         cluster.add_cluster,
+        gateway.add_gateway,
         keys.add_keygen,
+        gateway_keys.add_gateway_key,
         scenarios.add_sweep,
         scenarios.add_fuzz,
         bench.add_bench,
@@ -71,6 +84,8 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         "hold": lookups.hold,
         "verify-receipt": receipts.verify_receipt,
         "bench": bench.bench,
+        "gateway": gateway.gateway,
+        "gateway-key": gateway_keys.gateway_key,
     }
     return parser, handlers
 
