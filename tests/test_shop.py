@@ -26,10 +26,13 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import trio
 from gateway_harness import STARTUP_S, GatewayHarness
 
@@ -124,15 +127,24 @@ class ShopProcess:
             self.process = None
 
 
-def write_config(path: Path, gateway_url: str, tokens: dict[int, str]) -> None:
+def write_config(
+    path: Path,
+    gateway_url: str,
+    tokens: dict[int, str],
+    *,
+    name: str = "shop",
+    merchant: str = MERCHANT,
+    hold_ms: int = 900_000,
+    items: dict[str, tuple[int, int]] = ITEMS,
+) -> None:
     keys = "\n".join(f'"{client}" = "{token}"' for client, token in sorted(tokens.items()))
-    items = "\n".join(
-        f"{sku} = {{ price = {price}, stock = {stock} }}" for sku, (price, stock) in ITEMS.items()
+    shelf = "\n".join(
+        f"{sku} = {{ price = {price}, stock = {stock} }}" for sku, (price, stock) in items.items()
     )
     path.write_text(
-        f'name = "shop"\ngateway = "{gateway_url}"\nmerchant_account = "{MERCHANT}"\n'
-        f"merchant_client = {MERCHANT_CLIENT}\nhold_expires_in_ms = 900000\n"
-        f"[api_keys]\n{keys}\n[items]\n{items}\n"
+        f'name = "{name}"\ngateway = "{gateway_url}"\nmerchant_account = "{merchant}"\n'
+        f"merchant_client = {MERCHANT_CLIENT}\nhold_expires_in_ms = {hold_ms}\n"
+        f"[api_keys]\n{keys}\n[items]\n{shelf}\n"
     )
     path.chmod(0o600)
 
@@ -224,12 +236,14 @@ def all_pages(http: httpx.Client, account: str) -> list[dict[str, Any]]:
 
 
 def wait_for_balances(
-    harness: GatewayHarness, tokens: dict[int, str], expected: dict[str, int]
+    harness: GatewayHarness,
+    tokens: dict[int, str],
+    owners: dict[str, int],
+    expected: dict[str, int],
 ) -> dict[str, dict[str, Any]]:
     """GET /v1/accounts for each account (with its owner's key) until it shows `expected`
     (a read may lag the last decision by a moment); bounded."""
     deadline = time.monotonic() + 60.0
-    owners = {MERCHANT: MERCHANT_CLIENT, **BUYER_ACCOUNTS}
     while True:
         seen = {}
         for account, owner in owners.items():
@@ -244,96 +258,204 @@ def wait_for_balances(
         time.sleep(0.5)
 
 
-def test_killed_shop_and_gateway_never_charge_for_missing_stock(tmp_path: Path) -> None:
-    rng = random.Random(SEED)
-    [gateway_port, shop_port] = consecutive_free_ports(2)
+@dataclass
+class Env:
+    root: Path
+    harness: GatewayHarness
+    tokens: dict[int, str]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    """One cluster and gateway (clients 0-3) for the module: the kill test uses clients 1-2's
+    accounts, the other test client 3's, so neither sees the other's payments."""
+    root = tmp_path_factory.mktemp("shop")
+    [gateway_port] = consecutive_free_ports(1)
     listen = ("--listen", f"127.0.0.1:{gateway_port}")  # fixed: the shop comes back to it
-    with GatewayHarness.start(tmp_path, clients=3, extra=listen) as harness:
-        tokens = {client: harness.create_key(client) for client in (0, 1, 2)}
-        accounts = [MERCHANT, *BUYER_ACCOUNTS]
-        before = harness.balances(accounts)
-        config = tmp_path / "shop.toml"
-        write_config(config, harness.gateway.url, tokens)
-        shop = ShopProcess(tmp_path, config, tmp_path / "shop.sqlite", shop_port)
-        shop.start()
-        orders = {}
-        for index in range(BUYERS):
-            account = list(BUYER_ACCOUNTS)[index % len(BUYER_ACCOUNTS)]
-            orders[index] = {
-                "order_id": f"order-{index:02d}",
-                "sku": rng.choice(sorted(ITEMS)),
-                "buyer_account": account,
-                "buyer_client": BUYER_ACCOUNTS[account],
-            }
-        arrivals = {index: rng.uniform(0.0, ARRIVALS_S) for index in orders}
-        results: dict[int, Any] = {}
-        kills: list[str] = []
+    with GatewayHarness.start(root, clients=4, extra=listen) as harness:
+        tokens = {client: harness.create_key(client) for client in range(4)}
+        yield Env(root, harness, tokens)
 
-        async def scenario() -> None:
-            async with trio.open_nursery() as nursery:
-                for index, order in orders.items():
-                    nursery.start_soon(buyer, index, order, arrivals[index], shop.url, results)
-                nursery.start_soon(chaos, rng, harness, shop, kills)
 
-        try:
-            trio.run(scenario)
-        finally:
-            shop.stop()
-        print(f"seed {SEED}: kills {kills}; shop starts {[s['resumed'] for s in shop.starts]}")
+def post(url: str, body: object, **options: Any) -> httpx.Response:
+    with httpx.Client(base_url=url, timeout=60.0) as http:
+        return http.post("/orders", json=body, **options)
 
-        # --- the shop's books ----------------------------------------------------------------
-        books = ShopStore(shop.db, "shop")
-        try:
-            done = {order.order_id: order for order in books.orders()}
-            reserved = books.reserved_orders()
-            stock = books.items()
-        finally:
-            books.close()
-        assert len(done) == BUYERS
-        assert all(order.stage is Stage.DONE for order in done.values()), done
-        assert not [order for order in done.values() if order.note.startswith("stuck")]
-        fulfilled = {oid for oid, order in done.items() if order.outcome is Outcome.FULFILLED}
-        assert fulfilled == set(reserved)
-        assert {order.outcome for order in done.values()} <= {
-            Outcome.FULFILLED,
-            Outcome.OUT_OF_STOCK,
+
+def test_shop_declines_releases_and_refuses(env: Env) -> None:
+    """What the kill test does not reach: a hold that expires before its capture (the item
+    goes back on the shelf and the hold is voided or expired: nobody charged), a buyer
+    without the money (declined, stock untouched), an account the buyer's client does not
+    own (declined by the gateway's 403), and the shop's own 4xx for bad orders."""
+    harness, tokens = env.harness, env.tokens
+    root = env.root / "declines"
+    root.mkdir()
+    buyers = {"acct-00006": 3, "acct-00007": 3}
+    merchant = "acct-00001"  # client 0's other account: the kill test's merchant is apart
+    owners = {merchant: MERCHANT_CLIENT, **buyers}
+    before = harness.balances(list(owners))
+    config = root / "shop.toml"
+    # A hold of 1 ms has expired by the time its capture is decided (a later batch).
+    items = {"mug": (300, 2), "yacht": (before["acct-00007"] + 1, 1)}
+    write_config(
+        config,
+        harness.gateway.url,
+        {0: tokens[0], 3: tokens[3]},
+        name="shop2",
+        merchant=merchant,
+        hold_ms=1,
+        items=items,
+    )
+    [port] = consecutive_free_ports(1)
+    shop = ShopProcess(root, config, root / "shop.sqlite", port)
+    shop.start()
+    try:
+        expired = post(shop.url, order("late", "mug", "acct-00006", 3))
+        poor = post(shop.url, order("poor", "yacht", "acct-00007", 3))
+        theirs = post(shop.url, order("theirs", "mug", "acct-00002", 3))
+        assert [answer.status_code for answer in (expired, poor, theirs)] == [200, 200, 200]
+        assert expired.json()["outcome"] == "cancelled"
+        assert poor.json()["outcome"] == "declined"
+        assert poor.json()["note"] == "insufficient_funds"
+        assert theirs.json()["outcome"] == "declined"
+        assert "403" in theirs.json()["note"] and theirs.json()["payment_id"] is None
+        # The shop's own refusals, each naming the field.
+        refusals = [
+            (order("late", "yacht", "acct-00006", 3), 409, "order_id"),
+            (order("x", "mug", "acct-00006", 1), 422, "buyer_client"),
+            (order("x", "tea", "acct-00006", 3), 422, "sku"),
+            (order("x y", "mug", "acct-00006", 3), 422, "order_id"),
+            ({**order("x", "mug", "acct-00006", 3), "buyer_client": 3.0}, 422, "buyer_client"),
+            ({**order("x", "mug", "acct-00006", 3), "buyer_client": "3"}, 422, "buyer_client"),
+            ({**order("x", "mug", "acct-00006", 3), "price": 1}, 422, "price"),
+            ({"sku": "mug", "buyer_account": "acct-00006", "buyer_client": 3}, 422, "order_id"),
+        ]
+        for body, status, field in refusals:
+            answer = post(shop.url, body)
+            assert (answer.status_code, answer.json().get("field")) == (status, field), body
+            assert answer.headers["content-type"] == "application/problem+json"
+        too_big = post(shop.url, {**order("x", "mug", "acct-00006", 3), "pad": "x" * 20_000})
+        assert too_big.status_code == 413
+        with httpx.Client(base_url=shop.url, timeout=60.0) as http:
+            items_left = http.get("/items").json()
+            assert http.get("/orders/nobody").status_code == 404
+    finally:
+        shop.stop()
+    assert items_left == {
+        "mug": {"price": 300, "stock": 2},
+        "yacht": {"price": items["yacht"][0], "stock": 1},
+    }
+    books = ShopStore(shop.db, "shop2")
+    try:
+        journal = books.journal("late")
+        late = books.order("late")
+        assert books.reserved_orders() == {}
+    finally:
+        books.close()
+    assert [entry for entry, _ in journal] == ["started", "reserved", "released", "done"]
+    assert journal[2][1] == {"reason": "hold_expired"}
+    assert late is not None and late.payment_id is not None
+    with harness.http(tokens[3]) as http:
+        payment = http.get(f"/v1/payments/{late.payment_id}").json()
+    assert (payment["status"], payment["captured_amount"]) == ("expired", 0)
+    seen = wait_for_balances(harness, tokens, owners, before)
+    assert {name: seen[name]["available"] for name in owners} == before
+    assert all(seen[name]["held"] == 0 for name in owners), seen
+
+
+def order(order_id: str, sku: str, account: str, client: int) -> dict[str, object]:
+    return {"order_id": order_id, "sku": sku, "buyer_account": account, "buyer_client": client}
+
+
+def test_killed_shop_and_gateway_never_charge_for_missing_stock(env: Env) -> None:
+    rng = random.Random(SEED)
+    harness, tokens = env.harness, env.tokens
+    accounts = [MERCHANT, *BUYER_ACCOUNTS]
+    before = harness.balances(accounts)
+    config = env.root / "shop.toml"
+    write_config(config, harness.gateway.url, {c: tokens[c] for c in (0, 1, 2)})
+    [shop_port] = consecutive_free_ports(1)
+    shop = ShopProcess(env.root, config, env.root / "shop.sqlite", shop_port)
+    shop.start()
+    orders = {}
+    for index in range(BUYERS):
+        account = list(BUYER_ACCOUNTS)[index % len(BUYER_ACCOUNTS)]
+        orders[index] = {
+            "order_id": f"order-{index:02d}",
+            "sku": rng.choice(sorted(ITEMS)),
+            "buyer_account": account,
+            "buyer_client": BUYER_ACCOUNTS[account],
         }
-        demand = Counter(order["sku"] for order in orders.values())
-        sold = Counter(reserved.values())
-        for sku, (price, initial) in ITEMS.items():
-            assert sold[sku] == min(initial, demand[sku]), (sku, sold, demand)
-            assert stock[sku] == (price, initial - sold[sku])
-        for index, order in orders.items():
-            assert results[index]["outcome"] == done[order["order_id"]].outcome.value
-        # The shop killed with requests in flight resumed them from its journal.
-        assert any(start["resumed"] > 0 for start in shop.starts[1:]), shop.starts
+    arrivals = {index: rng.uniform(0.0, ARRIVALS_S) for index in orders}
+    results: dict[int, Any] = {}
+    kills: list[str] = []
 
-        # --- the gateway's payments: one per order ------------------------------------------
-        with harness.http(tokens[MERCHANT_CLIENT]) as http:
-            payments = [
-                payment
-                for payment in all_pages(http, MERCHANT)
-                if payment["metadata"].get("shop") == "shop"
-            ]
-        by_order = Counter(payment["metadata"]["order_id"] for payment in payments)
-        assert by_order == Counter(list(done)), "a hold placed twice, or an order without one"
-        for payment in payments:
-            order = done[payment["metadata"]["order_id"]]
-            assert payment["id"] == order.payment_id
-            assert payment["from"] == order.buyer_account
-            assert payment["amount"] == order.amount
-            if order.outcome is Outcome.FULFILLED:
-                assert (payment["status"], payment["captured_amount"]) == ("captured", order.amount)
-            else:
-                assert (payment["status"], payment["captured_amount"]) == ("voided", 0)
+    async def scenario() -> None:
+        async with trio.open_nursery() as nursery:
+            for index, order in orders.items():
+                nursery.start_soon(buyer, index, order, arrivals[index], shop.url, results)
+            nursery.start_soon(chaos, rng, harness, shop, kills)
 
-        # --- the ledger agrees with the books ---------------------------------------------------
-        paid = Counter[str]()
-        for order_id in fulfilled:
-            paid[done[order_id].buyer_account] += done[order_id].amount
-        expected = {account: before[account] - paid[account] for account in BUYER_ACCOUNTS}
-        expected[MERCHANT] = before[MERCHANT] + sum(paid.values())
-        seen = wait_for_balances(harness, tokens, expected)
-        assert {name: seen[name]["available"] for name in expected} == expected
-        assert all(seen[name]["held"] == 0 for name in seen), seen
-        assert harness.balances(accounts) == expected
+    try:
+        trio.run(scenario)
+    finally:
+        shop.stop()
+    print(f"seed {SEED}: kills {kills}; shop starts {[s['resumed'] for s in shop.starts]}")
+
+    # --- the shop's books ----------------------------------------------------------------
+    books = ShopStore(shop.db, "shop")
+    try:
+        done = {order.order_id: order for order in books.orders()}
+        reserved = books.reserved_orders()
+        stock = books.items()
+    finally:
+        books.close()
+    assert len(done) == BUYERS
+    assert all(order.stage is Stage.DONE for order in done.values()), done
+    assert not [order for order in done.values() if order.note.startswith("stuck")]
+    fulfilled = {oid for oid, order in done.items() if order.outcome is Outcome.FULFILLED}
+    assert fulfilled == set(reserved)
+    assert {order.outcome for order in done.values()} <= {
+        Outcome.FULFILLED,
+        Outcome.OUT_OF_STOCK,
+    }
+    demand = Counter(order["sku"] for order in orders.values())
+    sold = Counter(reserved.values())
+    for sku, (price, initial) in ITEMS.items():
+        assert sold[sku] == min(initial, demand[sku]), (sku, sold, demand)
+        assert stock[sku] == (price, initial - sold[sku])
+    for index, order in orders.items():
+        assert results[index]["outcome"] == done[order["order_id"]].outcome.value
+    # The shop killed with requests in flight resumed them from its journal.
+    assert any(start["resumed"] > 0 for start in shop.starts[1:]), shop.starts
+
+    # --- the gateway's payments: one per order ------------------------------------------
+    with harness.http(tokens[MERCHANT_CLIENT]) as http:
+        payments = [
+            payment
+            for payment in all_pages(http, MERCHANT)
+            if payment["metadata"].get("shop") == "shop"
+        ]
+    by_order = Counter(payment["metadata"]["order_id"] for payment in payments)
+    assert by_order == Counter(list(done)), "a hold placed twice, or an order without one"
+    for payment in payments:
+        order = done[payment["metadata"]["order_id"]]
+        assert payment["id"] == order.payment_id
+        assert payment["from"] == order.buyer_account
+        assert payment["amount"] == order.amount
+        if order.outcome is Outcome.FULFILLED:
+            assert (payment["status"], payment["captured_amount"]) == ("captured", order.amount)
+        else:
+            assert (payment["status"], payment["captured_amount"]) == ("voided", 0)
+
+    # --- the ledger agrees with the books ---------------------------------------------------
+    paid = Counter[str]()
+    for order_id in fulfilled:
+        paid[done[order_id].buyer_account] += done[order_id].amount
+    expected = {account: before[account] - paid[account] for account in BUYER_ACCOUNTS}
+    expected[MERCHANT] = before[MERCHANT] + sum(paid.values())
+    owners = {MERCHANT: MERCHANT_CLIENT, **BUYER_ACCOUNTS}
+    seen = wait_for_balances(harness, tokens, owners, expected)
+    assert {name: seen[name]["available"] for name in expected} == expected
+    assert all(seen[name]["held"] == 0 for name in seen), seen
+    assert harness.balances(accounts) == expected

@@ -32,7 +32,7 @@ from shop_orders import (
     first_step,
     idempotency_key,
 )
-from shop_store import ShopError, ShopStore
+from shop_store import OrderConflict, ShopError, ShopStore
 
 
 def payment(status: str, reason: str = "none") -> Answer:
@@ -170,7 +170,7 @@ def test_start_journals_the_keys_and_is_idempotent(store: ShopStore) -> None:
     store.put_item("mug", 900, 1)
     assert store.start("o-1", "mug", "acct-00002", 1, 60_000) == order
     assert len(store.journal("o-1")) == 1
-    with pytest.raises(ShopError) as conflict:
+    with pytest.raises(OrderConflict) as conflict:
         store.start("o-1", "mug", "acct-00003", 1, 60_000)
     assert conflict.value.field == "order_id"
 

@@ -52,7 +52,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 from pydantic import BaseModel, ConfigDict, Field
 from shop_orders import Answer, Call, Do, Kind, Stage, Step, after, classify, first_step
-from shop_store import MAX_CLIENT_ID, Order, ShopError, ShopStore, check_name
+from shop_store import MAX_CLIENT_ID, Order, OrderConflict, ShopError, ShopStore, check_name
 
 EXIT_USAGE = 2
 PROBLEM_PREFIX = "https://pbft-payments.dev/problems/shop/"
@@ -308,8 +308,9 @@ def create_app(shop: Shop) -> FastAPI:
                 shop.config.hold_expires_in_ms,
             )
         except ShopError as error:
-            status = 409 if error.field == "order_id" else 422
-            return problem(status, "order-refused", str(error), error.field)
+            if isinstance(error, OrderConflict):
+                return problem(409, "order-conflict", str(error), error.field)
+            return problem(422, "order-refused", str(error), error.field)
         if order.stage is not Stage.DONE:
             if order.order_id not in shop.running and len(shop.running) >= MAX_RUNNING_ORDERS:
                 return problem(503, "busy", "too many unfinished orders; try again")

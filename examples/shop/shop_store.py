@@ -75,6 +75,10 @@ class ShopError(ValueError):
         self.field = field
 
 
+class OrderConflict(ShopError):
+    """The order id exists with other fields."""
+
+
 @dataclass(frozen=True)
 class Order:
     order_id: str
@@ -229,7 +233,7 @@ class ShopStore:
                     buyer_account,
                     buyer_client,
                 ):
-                    raise ShopError("order_id", f"order {order_id} exists with other fields")
+                    raise OrderConflict("order_id", f"order {order_id} exists with other fields")
                 self.db.execute("ROLLBACK")
                 return existing
             item = self.db.execute("SELECT price FROM items WHERE sku = ?", (sku,)).fetchone()
