@@ -116,12 +116,14 @@ def test_classify_http_answers() -> None:
         200, {"object": "payment", "id": "pay_0_9", "status": "held", "reason": "none"}
     )
     assert answer == Answer(Kind.PAYMENT, "held", "none", "pay_0_9")
-    assert classify(None, None).kind is Kind.RETRY
+    assert classify(None, None) == Answer(Kind.RETRY, reason="no answer: unknown")
+    assert classify(None, "ConnectError: refused").reason == "no answer: ConnectError: refused"
     assert classify(200, ["not", "a", "payment"]).kind is Kind.RETRY
     assert classify(200, {"object": "payment"}).kind is Kind.RETRY
     timeout = classify(504, problem("cluster-timeout", payment_id="pay_0_9"))
     assert (timeout.kind, timeout.payment_id) == (Kind.RETRY, "pay_0_9")
     assert classify(409, problem("idempotency-key-in-flight")).kind is Kind.RETRY
+    assert classify(409, problem("payment-pending")).kind is Kind.RETRY
     refused = classify(409, problem("operation-rejected", reason="hold_expired"))
     assert (refused.kind, refused.reason) == (Kind.REJECTED, "hold_expired")
     assert classify(500, "oops").kind is Kind.RETRY

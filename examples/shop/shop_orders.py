@@ -28,7 +28,8 @@ PROBLEM_PREFIX = "https://pbft-payments.dev/problems/"
 # The problem types that mean "the same request may still succeed: ask again, same key".
 # cluster-timeout: the cluster did not answer in time (504; the payment is pending).
 # idempotency-key-in-flight: the key's first request is still running in the gateway (409).
-RETRYABLE_PROBLEMS = frozenset({"cluster-timeout", "idempotency-key-in-flight"})
+# payment-pending: the payment operated on is not decided yet (409).
+RETRYABLE_PROBLEMS = frozenset({"cluster-timeout", "idempotency-key-in-flight", "payment-pending"})
 # The problem type of a decided rejection of capture/void/refund (409 with "reason").
 REJECTED_PROBLEM = "operation-rejected"
 # The same key was used with another body: never by this shop (the body comes from the
@@ -184,9 +185,10 @@ def _after_void(stage: Stage, answer: Answer) -> Step:
 def classify(status_code: int | None, body: Any) -> Answer:
     """Reduce the gateway's HTTP answer (None: no answer at all) to an Answer.
 
-    `body` is the decoded JSON (anything: the gateway is outside this process)."""
+    `body` is the decoded JSON (anything: the gateway is outside this process); with no
+    answer, what went wrong (a str)."""
     if status_code is None:
-        return Answer(Kind.RETRY, reason="no answer")
+        return Answer(Kind.RETRY, reason=f"no answer: {_text(body) or 'unknown'}")
     fields = body if isinstance(body, dict) else {}
     payment_id = _text(fields.get("id" if status_code == 200 else "payment_id"))
     if status_code == 200:
