@@ -34,8 +34,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import signal
+import sqlite3
 import sys
 import time
 import tomllib
@@ -52,7 +54,16 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 from pydantic import BaseModel, ConfigDict, Field
 from shop_orders import Answer, Call, Do, Kind, Stage, Step, after, classify, first_step
-from shop_store import MAX_CLIENT_ID, Order, OrderConflict, ShopError, ShopStore, check_name
+from shop_store import (
+    MAX_ACCOUNT_NAME_LENGTH,
+    MAX_CLIENT_ID,
+    Order,
+    OrderConflict,
+    ShopError,
+    ShopStore,
+    check_item,
+    check_name,
+)
 
 EXIT_USAGE = 2
 PROBLEM_PREFIX = "https://pbft-payments.dev/problems/shop/"
@@ -108,6 +119,9 @@ def load_config(path: Path) -> ShopConfig:
     gateway = setting("gateway", str)
     if not gateway.startswith(("http://", "https://")):
         raise ConfigError(f"{path}: gateway must be an http:// or https:// URL")
+    merchant_account = setting("merchant_account", str)
+    if not 0 < len(merchant_account) <= MAX_ACCOUNT_NAME_LENGTH:
+        raise ConfigError(f"{path}: merchant_account must be an account name")
     merchant_client = setting("merchant_client", int)
     hold_ms = setting("hold_expires_in_ms", int)
     if not 1 <= hold_ms <= MAX_HOLD_MS:
@@ -120,13 +134,20 @@ def load_config(path: Path) -> ShopConfig:
     if merchant_client not in keys:
         raise ConfigError(f"{path}: api_keys has no key for merchant_client {merchant_client}")
     items: dict[str, tuple[int, int]] = {}
-    for sku, item in document.get("items", {}).items():
+    shelf = document.get("items", {})
+    if not isinstance(shelf, dict):
+        raise ConfigError(f"{path}: items must be a table")
+    for sku, item in shelf.items():
         if not isinstance(item, dict) or set(item) != {"price", "stock"}:
             raise ConfigError(f"{path}: items.{sku} must be {{price = N, stock = N}}")
-        items[sku] = (item["price"], item["stock"])
-    return ShopConfig(
-        name, gateway, setting("merchant_account", str), merchant_client, hold_ms, keys, items
-    )
+        price, stock = item["price"], item["stock"]
+        try:
+            check_name("sku", sku)
+            check_item(price, stock)
+        except ShopError as error:
+            raise ConfigError(f"{path}: items.{sku}: {error}") from None
+        items[sku] = (price, stock)
+    return ShopConfig(name, gateway, merchant_account, merchant_client, hold_ms, keys, items)
 
 
 class OrderBody(BaseModel):
@@ -401,12 +422,28 @@ def main(argv: list[str] | None = None) -> int:
         if not arguments.db.parent.is_dir():
             raise ConfigError(f"--db: no directory {arguments.db.parent}")
         trio.run(run, config, arguments.db, arguments.listen)
-    except (ConfigError, ShopError) as error:
-        print(f"shop.py: {error}", file=sys.stderr)
+    except BaseException as raised:
+        error = _lone(raised)
+        if isinstance(error, KeyboardInterrupt):
+            return 0
+        if isinstance(error, ConfigError | ShopError):
+            message = str(error)
+        elif isinstance(error, sqlite3.Error):
+            message = f"--db {arguments.db}: {error}"
+        elif isinstance(error, OSError) and error.errno == errno.EADDRINUSE:
+            message = f"--listen {arguments.listen}: the address is in use"
+        else:
+            raise
+        print(f"shop.py: {message}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        pass
     return 0
+
+
+def _lone(error: BaseException) -> BaseException:
+    """The one exception inside (nested) one-member groups, as trio's nurseries wrap it."""
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
 
 
 if __name__ == "__main__":

@@ -150,6 +150,13 @@ def check_name(field: str, value: object) -> str:
     return value
 
 
+def check_item(price: object, stock: object) -> None:
+    if type(price) is not int or not 0 < price <= MAX_AMOUNT:
+        raise ShopError("price", f"price must be an integer in 1..{MAX_AMOUNT}")
+    if type(stock) is not int or not 0 <= stock <= MAX_STOCK:
+        raise ShopError("stock", f"stock must be an integer in 0..{MAX_STOCK}")
+
+
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -190,10 +197,7 @@ class ShopStore:
     def put_item(self, sku: str, price: int, stock: int) -> None:
         """Create an item or set its price and stock (stock-taking, not an order)."""
         check_name("sku", sku)
-        if type(price) is not int or not 0 < price <= MAX_AMOUNT:
-            raise ShopError("price", f"price must be an integer in 1..{MAX_AMOUNT}")
-        if type(stock) is not int or not 0 <= stock <= MAX_STOCK:
-            raise ShopError("stock", f"stock must be an integer in 0..{MAX_STOCK}")
+        check_item(price, stock)
         self.db.execute(
             "INSERT INTO items (sku, price, stock) VALUES (?, ?, ?) "
             "ON CONFLICT (sku) DO UPDATE SET price = excluded.price, stock = excluded.stock",
