@@ -115,16 +115,19 @@ class ShopProcess:
             self.process.wait(timeout=STOP_S)
             self.process = None
 
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=STOP_S)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=STOP_S)
-                raise RuntimeError(f"the shop ignored SIGTERM:\n{self.tail()}") from None
-            self.process = None
+    def stop(self) -> int | None:
+        """SIGTERM and its exit status (None if it was not running)."""
+        if self.process is None:
+            return None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout=STOP_S)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=STOP_S)
+            raise RuntimeError(f"the shop ignored SIGTERM:\n{self.tail()}") from None
+        self.process = None
+        return code
 
 
 def write_config(
@@ -338,6 +341,7 @@ def test_shop_declines_releases_and_refuses(env: Env) -> None:
         with httpx.Client(base_url=shop.url, timeout=60.0) as http:
             items_left = http.get("/items").json()
             assert http.get("/orders/nobody").status_code == 404
+        assert shop.stop() == 0  # SIGTERM: a clean stop
     finally:
         shop.stop()
     assert items_left == {
@@ -397,6 +401,7 @@ def test_killed_shop_and_gateway_never_charge_for_missing_stock(env: Env) -> Non
 
     try:
         trio.run(scenario)
+        assert shop.stop() == 0
     finally:
         shop.stop()
     print(f"seed {SEED}: kills {kills}; shop starts {[s['resumed'] for s in shop.starts]}")
