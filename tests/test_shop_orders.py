@@ -66,6 +66,9 @@ def test_authorize_answers() -> None:
     refused = after(Stage.STARTED, Answer(Kind.REFUSED, reason="422 validation"))
     assert (refused.do, refused.outcome) == (Do.FINISH, Outcome.DECLINED)
     assert after(Stage.STARTED, payment("expired")).outcome is Outcome.DECLINED
+    unauthorized = after(Stage.STARTED, rejected("unauthorized"))
+    assert (unauthorized.do, unauthorized.outcome) == (Do.FINISH, Outcome.DECLINED)
+    assert after(Stage.STARTED, rejected("hold_expired")).do is Do.STUCK
     assert after(Stage.STARTED, payment("pending")).do is Do.RETRY
     assert after(Stage.STARTED, RETRY) == after(Stage.STARTED, RETRY)
     assert after(Stage.STARTED, RETRY).call is Call.AUTHORIZE
@@ -105,6 +108,7 @@ def test_a_denied_key_or_a_reused_key_is_never_guessed_around() -> None:
     for stage in (Stage.STARTED, Stage.RESERVED, Stage.OUT_OF_STOCK, Stage.RELEASED):
         assert after(stage, Answer(Kind.DENIED, reason="401")).do is Do.STUCK
         assert after(stage, Answer(Kind.KEY_REUSED, reason="422")).do is Do.STUCK
+        assert after(stage, Answer(Kind.UNKNOWN, reason="409 not-a-hold")).do is Do.STUCK
 
 
 def problem(slug: str, **extra: object) -> dict[str, object]:
@@ -126,6 +130,10 @@ def test_classify_http_answers() -> None:
     assert classify(409, problem("payment-pending")).kind is Kind.RETRY
     refused = classify(409, problem("operation-rejected", reason="hold_expired"))
     assert (refused.kind, refused.reason) == (Kind.REJECTED, "hold_expired")
+    decided = classify(403, problem("forbidden", reason="unauthorized", operation={}))
+    assert (decided.kind, decided.reason) == (Kind.REJECTED, "unauthorized")
+    assert classify(409, problem("not-a-hold")).kind is Kind.UNKNOWN
+    assert classify(409, None).kind is Kind.UNKNOWN
     assert classify(500, "oops").kind is Kind.RETRY
     assert classify(503, None).kind is Kind.RETRY
     assert classify(429, None).kind is Kind.RETRY
@@ -268,7 +276,9 @@ ANSWERS = [
     rejected("hold_expired"),
     rejected("hold_already_captured"),
     rejected("hold_already_voided"),
+    rejected("unauthorized"),
     Answer(Kind.REFUSED, reason="422"),
+    Answer(Kind.UNKNOWN, reason="409"),
     RETRY,
 ]
 

@@ -69,6 +69,7 @@ class Kind(enum.StrEnum):
     REFUSED = "refused"  # 400/404/413/422 input problem: the gateway sent nothing
     DENIED = "denied"  # 401/403: the shop's key does not (or no longer) allow it
     KEY_REUSED = "key_reused"  # 422 for the same key with another body
+    UNKNOWN = "unknown"  # a conflict (409) of a type the shop does not know
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ def after(stage: Stage, answer: Answer) -> Step:
     call = STAGE_CALL[stage]
     if answer.kind is Kind.RETRY:
         return Step(Do.RETRY, call, note=answer.reason)
-    if answer.kind in (Kind.DENIED, Kind.KEY_REUSED):
+    if answer.kind in (Kind.DENIED, Kind.KEY_REUSED, Kind.UNKNOWN):
         # A hold may exist that this key cannot see or touch: nothing is safe to assume.
         return Step(Do.STUCK, note=f"{call} {answer.kind}: {answer.reason}")
     if stage is Stage.STARTED:
@@ -136,8 +137,11 @@ def _after_authorize(answer: Answer) -> Step:
         # Refused before anything was sent (the same body is refused on every attempt).
         return Step(Do.FINISH, outcome=Outcome.DECLINED, note=answer.reason)
     if answer.kind is Kind.REJECTED:
-        # POST /v1/payments answers a rejection as a payment (200): this is not that.
-        return Step(Do.STUCK, note=f"authorize answered 409 {answer.reason}")
+        # POST /v1/payments answers a rejection as a payment (200), except the cluster's
+        # `unauthorized` (403): the buyer's client may not spend from that account.
+        if answer.reason == "unauthorized":
+            return Step(Do.FINISH, outcome=Outcome.DECLINED, note=answer.reason)
+        return Step(Do.STUCK, note=f"authorize answered rejected {answer.reason}")
     status = answer.status
     if status == "held":
         return Step(Do.RESERVE)
@@ -198,13 +202,19 @@ def classify(status_code: int | None, body: Any) -> Answer:
         return Answer(Kind.PAYMENT, status, _text(fields.get("reason")), payment_id)
     slug = _text(fields.get("type")).removeprefix(PROBLEM_PREFIX)
     detail = f"{status_code} {slug or 'no problem type'}: {_text(fields.get('detail'))}"
+    reason = _text(fields.get("reason"))
     if status_code == 409 and slug == REJECTED_PROBLEM:
-        reason = _text(fields.get("reason"))
         return Answer(Kind.REJECTED, reason=reason or detail, payment_id=payment_id)
-    if slug in RETRYABLE_PROBLEMS or status_code in (408, 409, 429, 502, 503, 504):
+    if status_code == 403 and reason == "unauthorized" and "operation" in fields:
+        # The cluster itself refused the operation to this client: decided, receipted.
+        return Answer(Kind.REJECTED, reason=reason, payment_id=payment_id)
+    if slug in RETRYABLE_PROBLEMS or status_code in (408, 429, 502, 503, 504):
         return Answer(Kind.RETRY, reason=detail, payment_id=payment_id)
     if status_code >= 500:
         return Answer(Kind.RETRY, reason=detail)
+    if status_code == 409:
+        # A conflict the shop does not know (not-a-hold, ...): nothing is safe to assume.
+        return Answer(Kind.UNKNOWN, reason=detail)
     if slug in KEY_REUSED_PROBLEMS:
         return Answer(Kind.KEY_REUSED, reason=detail)
     if status_code == 403 and fields.get("field") in ("from", "to"):
