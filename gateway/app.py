@@ -27,18 +27,20 @@ from gateway import metrics
 from gateway.auth_http import caller
 from gateway.errors import PROBLEM_MEDIA_TYPE, Problem
 from gateway.keys import Caller
-from pbft.ledger import MAX_ACCOUNT_NAME_LENGTH
+from gateway.payments_json import (
+    MAX_METADATA_KEY_LENGTH,
+    MAX_METADATA_KEYS,
+    MAX_METADATA_VALUE_LENGTH,
+)
+from gateway.service import MAX_LIST_LIMIT, MAX_RECEIPT_B64
+from gateway.store import MAX_IDEMPOTENCY_KEY_LENGTH
+from pbft.ledger import MAX_ACCOUNT_NAME_LENGTH, MAX_AMOUNT
 
 log = logging.getLogger("gateway.app")
 
+# The limits are the service's and the ledger's own (checked again there): the HTTP layer
+# only refuses earlier, naming the field, what would be refused anyway.
 MAX_BODY_BYTES = 64 * 1024
-MAX_AMOUNT = 2**63 - 1
-MAX_IDEMPOTENCY_KEY_LENGTH = 255
-MAX_METADATA_KEYS = 20
-MAX_METADATA_KEY_LENGTH = 40
-MAX_METADATA_VALUE_LENGTH = 500
-MAX_RECEIPT_CHARS = 16 * 1024
-MAX_PAGE_LIMIT = 100
 # pay_<client>_<request id>: a client id < 2**32, a request id < 2**64.
 PAYMENT_ID_PATTERN = r"^pay_[0-9]{1,10}_[0-9]{1,20}$"
 PAYMENT_ID_MAX_LENGTH = 36
@@ -106,7 +108,7 @@ class AccountCreate(_Body):
 
 
 class ReceiptVerify(_Body):
-    receipt: Annotated[str, Field(strict=True, min_length=1, max_length=MAX_RECEIPT_CHARS)]
+    receipt: Annotated[str, Field(strict=True, min_length=1, max_length=MAX_RECEIPT_B64)]
 
 
 # --- problems ---------------------------------------------------------------------------------
@@ -467,7 +469,7 @@ def create_app(gateway: Any) -> FastAPI:
         account: Annotated[
             str | None, Query(min_length=1, max_length=MAX_ACCOUNT_NAME_LENGTH)
         ] = None,
-        limit: Annotated[int, Query(ge=1, le=MAX_PAGE_LIMIT)] = 10,
+        limit: Annotated[int, Query(ge=1, le=MAX_LIST_LIMIT)] = 10,
         starting_after: Annotated[
             str | None, Query(pattern=PAYMENT_ID_PATTERN, max_length=PAYMENT_ID_MAX_LENGTH)
         ] = None,

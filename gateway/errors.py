@@ -80,6 +80,14 @@ def not_found(detail: str, field: str | None = None) -> Problem:
     return Problem(404, "not-found", "No such object", detail, field)
 
 
+def unknown_account(name: str, field: str, status: int = 422) -> Problem:
+    """An account the cluster does not have: 422 in a request body, 404 as the path's
+    subject (GET /v1/accounts/{name})."""
+    return Problem(
+        status, "unknown-account", "Unknown account", f"no account {name!r} in this cluster", field
+    )
+
+
 def invalid(detail: str, field: str | None = None, **extra: Any) -> Problem:
     """Input the service itself refuses (after the HTTP layer's shape checks)."""
     return Problem(400, "invalid-request", "Invalid request", detail, field, **extra)

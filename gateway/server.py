@@ -15,7 +15,6 @@ import importlib
 import importlib.util
 import ipaddress
 import json
-import logging
 import signal
 import sys
 import time
@@ -76,6 +75,7 @@ def hypercorn_config(host: str, port: int, graceful_timeout_s: float) -> Config:
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.graceful_timeout = graceful_timeout_s
     config.accesslog = None  # requests are counted in /metrics, not logged one by one
+    config.loglevel = "WARNING"  # "Running on ...": our own `listening` line says it
     config.include_server_header = False
     return config
 
@@ -192,6 +192,3 @@ async def _stop_on_signal(
             stop.set()
             break
         await trio.sleep_forever()  # keep the receiver (and the ignoring) until the end
-
-
-logging.getLogger("hypercorn.error").setLevel(logging.WARNING)

@@ -50,6 +50,7 @@ from gateway.store import (
     DONE,
     MAX_IDEMPOTENCY_KEY_LENGTH,
     AccountRow,
+    Database,
     Decision,
     EventRow,
     GatewayStore,
@@ -58,7 +59,7 @@ from gateway.store import (
     PaymentRow,
     now_ms,
 )
-from pbft.client import ClientError, check_account_name
+from pbft.client import BalanceRead, ClientError, check_account_name
 from pbft.ledger import MAX_AMOUNT
 from pbft.operations import Op, Operation, Reason
 from pbft.receipt import (
@@ -101,6 +102,8 @@ TRANSITIONS: dict[tuple[str, str], str] = {
     (CONFIRMED, "refund_all:confirmed"): REFUNDED,
     (CAPTURED, "refund_all:confirmed"): REFUNDED,
 }
+# The operations that create a payment (its id is theirs).
+FIRST_OPS = (Op.TRANSFER, Op.AUTHORIZE)
 # Statuses that are the payment's first decision: their event is payment.<status>.
 EVENT_TYPES = {status: f"payment.{status}" for status in STATUSES if status != PENDING}
 
@@ -168,6 +171,7 @@ class PaymentService:
         self._active: set[tuple[int, str]] = set()
         self.counts: Counter[str] = Counter()
         self.on_decision: DecisionHook | None = None
+        self._expiry_cursor = 0
 
     @property
     def store(self) -> GatewayStore:
@@ -187,11 +191,12 @@ class PaymentService:
             raise errors.invalid(
                 "expires_in_ms is for holds (capture: false) only", "expires_in_ms"
             )
+        hold_ms = 0
         if not capture:
-            expires = (
+            hold_ms = (
                 self.gateway.cluster.config.max_hold_duration_ms if expires is None else expires
             )
-            if type(expires) is not int or expires <= 0:
+            if type(hold_ms) is not int or hold_ms <= 0:
                 raise errors.invalid("expires_in_ms must be a positive integer", "expires_in_ms")
         try:
             metadata = check_metadata(body.get("metadata"))
@@ -203,22 +208,27 @@ class PaymentService:
                 f"account {payer!r} is not owned by client {caller.client_id}", "from"
             )
         to_owner = await self.gateway.owner(payee)
+        # An account neither the genesis nor this gateway knows: ask the cluster whether it
+        # exists, so a typo is a 422 naming the field rather than a receipted rejection.
+        for field, name, owner in (("from", payer, from_owner), ("to", payee, to_owner)):
+            if owner is None and not await self._exists(caller, name):
+                raise errors.unknown_account(name, field)
         canonical = {
             "from": payer,
             "to": payee,
             "amount": amount,
             "capture": capture,
-            "expires_in_ms": expires if not capture else None,
+            "expires_in_ms": None if capture else hold_ms,
             "metadata": metadata,
         }
 
-        async def prepare(request_id: int) -> _Prepared:
+        def prepare(request_id: int) -> _Prepared:
             pid = payment_id(caller.client_id, request_id)
             created = now_ms()
             operation = (
                 Operation.transfer(payer, payee, amount)
                 if capture
-                else Operation.authorize(payer, payee, amount, int(expires))  # type: ignore[arg-type]
+                else Operation.authorize(payer, payee, amount, hold_ms)
             )
             payment = PaymentRow(
                 id=pid,
@@ -234,7 +244,7 @@ class PaymentService:
                 reason="",
                 captured_amount=0,
                 refunded_amount=0,
-                expires_in_ms=None if capture else int(expires),  # type: ignore[arg-type]
+                expires_in_ms=None if capture else hold_ms,
                 expires_at_ms=None,
                 metadata=metadata,
                 seq=0,
@@ -297,7 +307,7 @@ class PaymentService:
     async def open_account(self, caller: Caller, key: str, name: str) -> Stored:
         name = _account_field(name, "name")
 
-        async def prepare(request_id: int) -> _Prepared:
+        def prepare(request_id: int) -> _Prepared:
             return _Prepared(name, Operation.open_account(name), None, None)
 
         return await self._mutate(caller, key, ROUTE_ACCOUNTS, {"name": name}, prepare)
@@ -337,16 +347,21 @@ class PaymentService:
             raise errors.forbidden(
                 f"account {name!r} is not owned by client {caller.client_id}", "name"
             )
-        client = self.gateway.client_for(caller)
+        read = await self._read(caller, name)
+        if not read.exists:
+            raise errors.unknown_account(name, "name", status=404)
+        return {"name": name, "available": read.balance, "held": read.held, "seq": read.seq}
+
+    async def _exists(self, caller: Caller, name: str) -> bool:
+        return (await self._read(caller, name)).exists
+
+    async def _read(self, caller: Caller, name: str) -> BalanceRead:
         try:
             with trio.fail_after(self.timeout_s):
-                read = await client.balance(name)
+                return await self.gateway.client_for(caller).balance(name)
         except (PaymentTimeout, trio.TooSlowError):
             self.counts["timeouts"] += 1
             raise errors.cluster_timeout(None, self.timeout_s, account=name) from None
-        if not read.exists:
-            raise errors.not_found(f"no account {name!r} in this cluster", "name")
-        return {"name": name, "available": read.balance, "held": read.held, "seq": read.seq}
 
     def verify_receipt(self, receipt_b64: str) -> dict[str, Any]:
         """A receipt checked offline against this cluster's keys and id: a verdict ("valid",
@@ -357,42 +372,22 @@ class PaymentService:
             "object": "receipt_verification",
             "cluster": short_id(cluster.cluster_id),
         }
+
+        def refused(verdict: str, reason: str, detail: str) -> dict[str, Any]:
+            return {**base, "valid": False, "verdict": verdict, "reason": reason, "detail": detail}
+
         if not isinstance(receipt_b64, str) or len(receipt_b64) > MAX_RECEIPT_B64:
-            return {
-                **base,
-                "valid": False,
-                "verdict": "unreadable",
-                "reason": "unreadable",
-                "detail": "not a receipt: not base64 of a receipt's size",
-            }
+            return refused("unreadable", "unreadable", "not a receipt: too long for one")
         try:
             data = base64.b64decode(receipt_b64.strip(), validate=True)
         except (binascii.Error, ValueError):
-            return {
-                **base,
-                "valid": False,
-                "verdict": "unreadable",
-                "reason": "unreadable",
-                "detail": "not a receipt: not valid base64",
-            }
+            return refused("unreadable", "unreadable", "not a receipt: not valid base64")
         try:
             verified = verify_receipt(data, self.gateway.keyring, cluster.cluster_id)
         except UnreadableReceipt as error:
-            return {
-                **base,
-                "valid": False,
-                "verdict": "unreadable",
-                "reason": error.reason,
-                "detail": str(error),
-            }
+            return refused("unreadable", error.reason, str(error))
         except ReceiptError as error:
-            return {
-                **base,
-                "valid": False,
-                "verdict": "invalid",
-                "reason": error.reason,
-                "detail": str(error),
-            }
+            return refused("invalid", error.reason, str(error))
         return {
             **base,
             "valid": True,
@@ -438,10 +433,13 @@ class PaymentService:
                     return
                 self._active.add(slot)
                 try:
-                    await self._execute(record)
+                    current = await self.store.idempotency(*slot)
+                    if current is None or current.state == DONE:
+                        return  # answered since it was listed (by a retry through a route)
+                    await self._execute(current)
                     answered += 1
                     self.counts["resumed"] += 1
-                except Problem:
+                except (Problem, sqlite3.Error):
                     self.counts["resume_failed"] += 1  # a timeout: the next pass tries again
                 finally:
                     self._active.discard(slot)
@@ -460,7 +458,10 @@ class PaymentService:
         record the fate of each closed one (expired; or captured/voided by a request made
         elsewhere); the number changed. A hold still open past its expiry (the cluster
         releases holds when it next executes a batch) is asked again next pass."""
-        due = await self.store.holds_due(now_ms(), batch)
+        due = await self.store.holds_due(now_ms(), batch, self._expiry_cursor)
+        # Round robin: the next pass goes on after these, so holds the cluster keeps open
+        # past their expiry (it releases them with its next batch) cannot starve the rest.
+        self._expiry_cursor = due[-1].row if len(due) == batch else 0
         changed = 0
         for payment in due:
             client = self.gateway.clients.get(payment.client_id) or next(
@@ -485,26 +486,10 @@ class PaymentService:
         return changed
 
     async def _hold_closed(self, pid: str, after: str, seq: int, captured: int) -> bool:
-        found = await self.store.payment(pid)
-        if found is None or found[0].status != HELD:
-            return False  # decided meanwhile by a request through this gateway
-        payment, operations = found
-        payment.status = after
-        payment.seq = max(payment.seq, seq)
-        payment.updated_ms = now_ms()
-        if after == EXPIRED:
-            payment.reason = Reason.HOLD_EXPIRED.value
+        closed = await self.store.run(lambda db: _close_hold(db, pid, after, seq, captured))
+        if closed and after == EXPIRED:
             self.counts["expired"] += 1
-        elif after == CAPTURED:
-            payment.captured_amount = captured
-        rendered = payment_json(payment, operations)
-        await self.store.decide(
-            Decision(
-                payment=payment,
-                events=[EventRow(EVENT_TYPES[after], payment.id, payment.client_id, rendered)],
-            )
-        )
-        return True
+        return closed
 
     async def prune_pass(self) -> tuple[int, int]:
         return await self.store.prune()
@@ -517,7 +502,7 @@ class PaymentService:
         key: str,
         route: str,
         body: dict[str, Any],
-        prepare: Callable[[int], Any],
+        prepare: Callable[[int], _Prepared],
     ) -> Stored:
         if not isinstance(key, str) or not 0 < len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH:
             raise errors.invalid(
@@ -530,33 +515,35 @@ class PaymentService:
             self.counts["idempotency_in_flight"] += 1
             raise errors.key_in_flight(key)
         digest = body_digest(route, body)
+        candidate = client.new_request_id()
+
+        def build(
+            request_id: int,
+        ) -> tuple[IdempotencyRecord, PaymentRow | None, OperationRow | None]:
+            prepared = prepare(request_id)
+            record = IdempotencyRecord(
+                client_id=caller.client_id,
+                key=key,
+                route=route,
+                body_sha256=digest,
+                request_id=request_id,
+                target=prepared.target,
+                operation=_operation_fields(prepared.operation),
+                state="in_flight",
+                status_code=None,
+                response=None,
+                created_ms=now_ms(),
+            )
+            return record, prepared.payment, prepared.op_row
+
         self._active.add(slot)
         try:
-            record = await self.store.idempotency(*slot)
-            if record is None:
-                request_id = await self.store.next_request_id(
-                    caller.client_id, client.new_request_id()
-                )
-                prepared: _Prepared = await prepare(request_id)
-                record = IdempotencyRecord(
-                    client_id=caller.client_id,
-                    key=key,
-                    route=route,
-                    body_sha256=digest,
-                    request_id=request_id,
-                    target=prepared.target,
-                    operation=_operation_fields(prepared.operation),
-                    state="in_flight",
-                    status_code=None,
-                    response=None,
-                    created_ms=now_ms(),
-                )
-                existing = await self.store.begin(record, prepared.payment, prepared.op_row)
-                if existing is not None:  # another process with the same DB got there first
-                    record = existing
-                    if record.state == DONE or record.body_sha256 != digest:
-                        return self._replay(record, route, digest)
-            else:
+            # The key, its request id and the pending payment are committed before the
+            # request is sent (one transaction); a known key is answered or resubmitted.
+            record, fresh = await self.store.run(
+                lambda db: db.claim(caller.client_id, key, candidate, build)
+            )
+            if not fresh:
                 stored = self._replay(record, route, digest)
                 if record.state == DONE:
                     return stored
@@ -629,53 +616,56 @@ class PaymentService:
     async def _apply(
         self, record: IdempotencyRecord, operation: Operation, outcome: Outcome
     ) -> Stored:
+        if operation.op == Op.OPEN_ACCOUNT:
+            return await self._apply_account(record, outcome, now_ms())
+        return await self.store.run(lambda db: self._apply_in(db, record, operation, outcome))
+
+    def _apply_in(
+        self, db: Database, record: IdempotencyRecord, operation: Operation, outcome: Outcome
+    ) -> Stored:
+        """Apply a decision to its payment: read, change and write in one call on the
+        store's worker (under its lock), so two operations on one payment decided at once
+        cannot lose either's change. A decision already applied (a resubmission racing
+        another) changes nothing again; its answer is still recorded."""
         status_word, reason, seq, receipt = outcome
         now = now_ms()
-        if operation.op == Op.OPEN_ACCOUNT:
-            return await self._apply_account(record, outcome, now)
-        found = await self.store.payment(record.target)
-        if found is None:  # its row is written with the record, in one transaction
+        payment = db.payment(record.target)
+        if payment is None:  # written with the record, in one transaction
             raise RuntimeError(f"payment {record.target} of a recorded request is missing")
-        payment, operations = found
-        op_row = next(
-            (
-                o
-                for o in operations
-                if (o.client_id, o.request_id) == (record.client_id, record.request_id)
-            ),
-            None,
-        ) or _pending_op(payment.id, Caller(record.client_id, 0), record.request_id, operation)
-        op_row = replace(op_row, outcome=status_word, reason=reason, seq=seq, receipt=receipt)
-        operations = [
-            op_row if (o.client_id, o.request_id) == (op_row.client_id, op_row.request_id) else o
-            for o in operations
-        ] or [op_row]
-        before = payment.status
-        after = self._transition(payment, operation, status_word, reason)
-        if operation.op in (Op.TRANSFER, Op.AUTHORIZE):
-            payment.receipt = receipt
-            if after == HELD:
-                payment.expires_at_ms = now + operation.expires_in_ms
-        if (
-            status_word == "confirmed"
-            or after != before
-            or operation.op in (Op.TRANSFER, Op.AUTHORIZE)
-        ):
-            payment.reason = reason
-            payment.seq = max(payment.seq, seq)
-        payment.status = after
-        payment.updated_ms = now
-        rendered = payment_json(payment, operations)
+        operations = db.operations(payment.id)
+        mine = (record.client_id, record.request_id)
+        index = next(
+            (i for i, o in enumerate(operations) if (o.client_id, o.request_id) == mine), None
+        )
+        if index is None:  # written with the record, in one transaction
+            raise RuntimeError(f"operation {mine} of payment {payment.id} is missing")
+        applied = operations[index].outcome != PENDING
+        op_row = operations[index] = replace(
+            operations[index], outcome=status_word, reason=reason, seq=seq, receipt=receipt
+        )
         events: list[EventRow] = []
+        before = payment.status
+        if not applied:
+            after = self._transition(payment, operation, status_word, reason)
+            if operation.op in (Op.TRANSFER, Op.AUTHORIZE):
+                payment.receipt = receipt
+                if after == HELD:
+                    payment.expires_at_ms = now + operation.expires_in_ms
+            if status_word == "confirmed" or after != before or operation.op in FIRST_OPS:
+                payment.reason = reason
+                payment.seq = max(payment.seq, seq)
+            payment.status = after
+            payment.updated_ms = now
+        rendered = payment_json(payment, operations)
         refunded = operation.op == Op.REFUND and status_word == "confirmed"
-        if after != before or refunded:
-            kind = EVENT_TYPES[REFUNDED] if refunded else EVENT_TYPES[after]
+        if not applied and (payment.status != before or refunded):
+            kind = EVENT_TYPES[REFUNDED] if refunded else EVENT_TYPES[payment.status]
             events.append(EventRow(kind, payment.id, payment.client_id, rendered))
         stored = self._answer(operation, payment.id, status_word, reason, rendered, op_row)
-        await self.store.decide(
+        db.decide(
             Decision(
-                payment=payment,
-                operation=op_row,
+                payment=None if applied else payment,
+                operation=None if applied else op_row,
                 events=events,
                 answer=(record.client_id, record.key, stored.status_code, stored.body),
             )
@@ -788,10 +778,24 @@ class PaymentService:
             raise errors.forbidden(
                 f"only the owner of the payment's {side!r} account may {action} it", "id"
             )
+        if payment.status == PENDING:
+            # Its own decision is not known yet: an operation on it now could be decided
+            # before it and then be overwritten by it here.
+            raise errors.Problem(
+                409,
+                "payment-pending",
+                "The payment is not decided yet",
+                f"payment {payment.id} is still pending: retry its creation with the same "
+                "Idempotency-Key, or GET it until it is decided",
+                "id",
+                payment_id=payment.id,
+            )
         return payment
 
-    def _operation_on(self, caller: Caller, pid: str, operation: Operation) -> Callable[[int], Any]:
-        async def prepare(request_id: int) -> _Prepared:
+    def _operation_on(
+        self, caller: Caller, pid: str, operation: Operation
+    ) -> Callable[[int], _Prepared]:
+        def prepare(request_id: int) -> _Prepared:
             return _Prepared(pid, operation, None, _pending_op(pid, caller, request_id, operation))
 
         return prepare
@@ -818,6 +822,29 @@ def _pending_op(pid: str, caller: Caller, request_id: int, operation: Operation)
         receipt=None,
         created_ms=now_ms(),
     )
+
+
+def _close_hold(db: Database, pid: str, after: str, seq: int, captured: int) -> bool:
+    """Record a held payment's fate learnt from the cluster (in the store's worker, read and
+    write in one step); False if it is no longer held here (decided meanwhile)."""
+    payment = db.payment(pid)
+    if payment is None or payment.status != HELD:
+        return False
+    payment.status = after
+    payment.seq = max(payment.seq, seq)
+    payment.updated_ms = now_ms()
+    if after == EXPIRED:
+        payment.reason = Reason.HOLD_EXPIRED.value
+    elif after == CAPTURED:
+        payment.captured_amount = captured
+    rendered = payment_json(payment, db.operations(pid))
+    db.decide(
+        Decision(
+            payment=payment,
+            events=[EventRow(EVENT_TYPES[after], payment.id, payment.client_id, rendered)],
+        )
+    )
+    return True
 
 
 def _op_json(op_row: OperationRow) -> dict[str, Any]:

@@ -332,15 +332,19 @@ class Database:
         database handed out for `client_id` if that is higher: monotonic across restarts
         and clock steps back, so a restarted gateway never reuses an id."""
         with self.db:
-            row = self.db.execute(
-                "SELECT last FROM request_ids WHERE client_id = ?", (client_id,)
-            ).fetchone()
-            chosen = candidate if row is None else max(candidate, row[0] + 1)
-            self.db.execute(
-                "INSERT INTO request_ids (client_id, last) VALUES (?, ?) "
-                "ON CONFLICT (client_id) DO UPDATE SET last = excluded.last",
-                (client_id, chosen),
-            )
+            return self._choose_request_id(client_id, candidate)
+
+    def _choose_request_id(self, client_id: int, candidate: int) -> int:
+        """next_request_id inside the caller's transaction."""
+        row = self.db.execute(
+            "SELECT last FROM request_ids WHERE client_id = ?", (client_id,)
+        ).fetchone()
+        chosen = candidate if row is None else max(candidate, row[0] + 1)
+        self.db.execute(
+            "INSERT INTO request_ids (client_id, last) VALUES (?, ?) "
+            "ON CONFLICT (client_id) DO UPDATE SET last = excluded.last",
+            (client_id, chosen),
+        )
         return chosen
 
     # -- idempotency --
@@ -362,31 +366,62 @@ class Database:
         payment and/or operation rows, in one transaction. If the key is already recorded
         nothing is written and the existing record is returned."""
         with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
             existing = self.idempotency(record.client_id, record.key)
             if existing is not None:
                 return existing
-            self.db.execute(
-                f"INSERT INTO idempotency ({_IDEMPOTENCY_COLUMNS}) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    record.client_id,
-                    record.key,
-                    record.route,
-                    record.body_sha256,
-                    record.request_id,
-                    record.target,
-                    json.dumps(record.operation, sort_keys=True),
-                    IN_FLIGHT,
-                    None,
-                    None,
-                    record.created_ms,
-                ),
-            )
-            if payment is not None:
-                self._put_payment(payment)
-            if operation is not None:
-                self._put_operation(operation)
+            self._insert(record, payment, operation)
         return None
+
+    def claim(
+        self,
+        client_id: int,
+        key: str,
+        candidate: int,
+        build: Callable[[int], tuple[IdempotencyRecord, PaymentRow | None, OperationRow | None]],
+    ) -> tuple[IdempotencyRecord, bool]:
+        """The record of (client_id, key) and False if there is one; else, in ONE
+        transaction, a new request id (next_request_id of `candidate`), the record and rows
+        `build(request_id)` makes, written before anything is sent, and True. One commit
+        (one fsync) for the id, the key and the pending payment together."""
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            existing = self.idempotency(client_id, key)
+            if existing is not None:
+                return existing, False
+            record, payment, operation = build(self._choose_request_id(client_id, candidate))
+            if (record.client_id, record.key) != (client_id, key):
+                raise ValueError("claim: the record built is for another key")
+            self._insert(record, payment, operation)
+        return record, True
+
+    def _insert(
+        self,
+        record: IdempotencyRecord,
+        payment: PaymentRow | None,
+        operation: OperationRow | None,
+    ) -> None:
+        self.db.execute(
+            f"INSERT INTO idempotency ({_IDEMPOTENCY_COLUMNS}) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                record.client_id,
+                record.key,
+                record.route,
+                record.body_sha256,
+                record.request_id,
+                record.target,
+                json.dumps(record.operation, sort_keys=True),
+                IN_FLIGHT,
+                None,
+                None,
+                record.created_ms,
+            ),
+        )
+        if payment is not None:
+            self._put_payment(payment)
+        if operation is not None:
+            self._put_operation(operation)
 
     def in_flight(self, limit: int, after: tuple[int, str] = (-1, "")) -> list[IdempotencyRecord]:
         """Up to `limit` unanswered records in (client, key) order after `after`."""

@@ -83,7 +83,7 @@ class GatewayProcess:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             for record in self.records():
-                if record.get("event") == "listening":
+                if record.get("gateway") and record.get("event") == "listening":
                     self.url = str(record["url"])
                     return self.url
             code = self.process.poll()

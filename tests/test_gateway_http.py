@@ -451,6 +451,16 @@ def test_unknown_payments_routes_and_methods(alice: httpx.Client) -> None:
     assert_problem(alice.delete("/v1/payments"), 405, "method-not-allowed", None)
 
 
+def test_an_unknown_account_is_a_4xx_naming_the_field(alice: httpx.Client) -> None:
+    for body, field in (
+        ({"from": A0, "to": "nobody-here", "amount": 1}, "to"),
+        ({"from": "nobody-here", "to": B0, "amount": 1}, "from"),
+    ):
+        response = post(alice, "/v1/payments", body)
+        assert_problem(response, 422, "unknown-account", field)
+    assert_problem(alice.get("/v1/accounts/nobody-here"), 404, "unknown-account", "name")
+
+
 def test_nothing_was_ever_answered_500(alice: httpx.Client) -> None:
     text = alice.get("/metrics").text
     server_errors = [

@@ -262,6 +262,9 @@ def test_a_cluster_timeout_is_504_then_the_retry_resubmits_the_same_request(
         pending = await service.get_payment(BOB, pid)
         assert pending["status"] == "pending" and pending["receipt"] is None
         assert pending["operations"][0]["outcome"] == "pending"
+        # Nothing is done to a payment before its own decision is known.
+        early = await problem(service.refund(ALICE, "early", pid, 1))
+        assert (early.status, early.type_slug) == (409, "payment-pending")
         service.timeout_s = TIMEOUT_S
         payment = ok(await service.create_payment(BOB, "slow", request), "confirmed")
         assert payment["id"] == pid
@@ -369,14 +372,31 @@ def test_refunds_in_parts_then_in_full_then_refused(local: LocalCluster, tmp_pat
         with pytest.raises(Problem) as unknown:
             await service.refund(ALICE, "r5", "pay_0_1", 1)
         assert unknown.value.status == 404
+        # Two refunds of one payment decided at once: neither change is lost.
+        second = ok(
+            await service.create_payment(
+                ALICE, "p2", {"from": payer, "to": payee, "amount": 10, "capture": True}
+            ),
+            "confirmed",
+        )
+        async with trio.open_nursery() as nursery:
+            for index, amount in enumerate((4, 6)):
+                nursery.start_soon(service.refund, ALICE, f"both-{index}", second["id"], amount)
+        both = await service.get_payment(ALICE, second["id"])
+        assert (both["status"], both["refunded_amount"]) == ("refunded", 10)
+        assert [o["outcome"] for o in both["operations"]] == ["confirmed"] * 3
 
     with_gateway(local, db, body)
     assert [event["type"] for event in events(db)] == [
         "payment.confirmed",
         "payment.refunded",
         "payment.refunded",
+        "payment.confirmed",
+        "payment.refunded",
+        "payment.refunded",
     ]
-    assert events(db)[-1]["data"]["status"] == "refunded"
+    assert events(db)[2]["data"]["status"] == "refunded"
+    assert events(db)[-1]["data"]["refunded_amount"] == 10
 
 
 def test_a_rejected_payment_is_answered_with_its_receipt(
@@ -426,7 +446,20 @@ def test_other_clients_accounts_are_403_and_bad_keys_401(
         refused = await problem(service.account(BOB, alices[0]))
         assert (refused.status, refused.field) == (403, "name")
         missing = await problem(service.account(BOB, "no-such-account"))
-        assert missing.status == 404
+        assert (missing.status, missing.type_slug, missing.field) == (
+            404,
+            "unknown-account",
+            "name",
+        )
+        for field in ("from", "to"):
+            typo = {"from": bobs[0], "to": bobs[1], "amount": 1, field: "no-such-account"}
+            missing = await problem(service.create_payment(BOB, f"typo-{field}", typo))
+            assert (missing.status, missing.type_slug, missing.field) == (
+                422,
+                "unknown-account",
+                field,
+            )
+            assert Database(db).idempotency(1, f"typo-{field}") is None
 
         held = ok(
             await service.create_payment(

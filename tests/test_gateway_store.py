@@ -243,3 +243,28 @@ def test_gateway_key_command(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         assert out == "" and len(err.strip().splitlines()) == 1, err
         assert err.startswith("pbft: ") and problem in err, err
     assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM api_keys").fetchone() == (1,)
+
+
+def test_claim_writes_the_id_key_and_payment_in_one_step(tmp_path: Path) -> None:
+    database = Database(tmp_path / "g.db")
+    database.next_request_id(0, 500)
+    built: list[int] = []
+
+    def build(request_id: int) -> tuple[IdempotencyRecord, PaymentRow, None]:
+        built.append(request_id)
+        pid = f"pay_0_{request_id}"
+        return _record("k", request_id, pid), _payment(pid, request_id), None
+
+    record, fresh = database.claim(0, "k", 100, build)
+    assert fresh and record.request_id == 501 and built == [501]  # past the stored id
+    assert database.payment("pay_0_501") is not None
+    again, fresh = database.claim(0, "k", 100, build)
+    assert not fresh and again.request_id == 501 and built == [501]  # not built again
+    assert database.next_request_id(0, 1) == 502
+
+    def wrong(request_id: int) -> tuple[IdempotencyRecord, None, None]:
+        return _record("other", request_id), None, None
+
+    with pytest.raises(ValueError, match="another key"):
+        database.claim(0, "k2", 1, wrong)
+    assert database.idempotency(0, "other") is None and database.next_request_id(0, 1) == 503
