@@ -88,9 +88,23 @@ def unknown_account(name: str, field: str, status: int = 422) -> Problem:
     )
 
 
-def invalid(detail: str, field: str | None = None, **extra: Any) -> Problem:
-    """Input the service itself refuses (after the HTTP layer's shape checks)."""
-    return Problem(400, "invalid-request", "Invalid request", detail, field, **extra)
+def invalid_field(detail: str, field: str, **extra: Any) -> Problem:
+    """A body field the service itself refuses (after the HTTP layer's shape checks)."""
+    return Problem(422, "invalid-field", "Invalid field", detail, field, **extra)
+
+
+def invalid_parameter(detail: str, field: str) -> Problem:
+    """A path or query parameter the service refuses."""
+    return Problem(400, "invalid-parameter", "Invalid parameter", detail, field)
+
+
+def invalid_header(detail: str, field: str) -> Problem:
+    return Problem(400, "invalid-header", "Invalid header", detail, field)
+
+
+def invalid_request(detail: str) -> Problem:
+    """A request the cluster's wire format cannot carry, found only when sending it."""
+    return Problem(400, "invalid-request", "Invalid request", detail)
 
 
 def key_in_flight(key: str) -> Problem:

@@ -16,6 +16,8 @@ Every mutating call goes the same way (`PaymentService._mutate`):
 
 A payment's status moves only as TRANSITIONS says; a rejected operation on a payment
 leaves its status (except a capture or void refused because the hold expired: expired).
+Each change of status writes one event payment.<new status>; every confirmed refund, partial
+or not, writes payment.refunded (its data shows refunded_amount and the status).
 """
 
 from __future__ import annotations
@@ -120,6 +122,8 @@ MAX_LIST_LIMIT = 100
 # Base64 of the largest receipt, and a little slack for padding and whitespace.
 MAX_RECEIPT_B64 = (MAX_RECEIPT_BYTES * 4) // 3 + 8
 
+# The path parameter naming a payment (problems about it name this field).
+PAYMENT_ID = "payment_id"
 ROUTE_PAYMENTS = "POST /v1/payments"
 ROUTE_CAPTURE = "POST /v1/payments/{id}/capture"
 ROUTE_VOID = "POST /v1/payments/{id}/void"
@@ -185,10 +189,10 @@ class PaymentService:
         amount = _amount_field(body.get("amount"), "amount")
         capture = body.get("capture", True)
         if type(capture) is not bool:
-            raise errors.invalid("capture must be true or false", "capture")
+            raise errors.invalid_field("capture must be true or false", "capture")
         expires = body.get("expires_in_ms")
         if capture and expires is not None:
-            raise errors.invalid(
+            raise errors.invalid_field(
                 "expires_in_ms is for holds (capture: false) only", "expires_in_ms"
             )
         hold_ms = 0
@@ -196,12 +200,17 @@ class PaymentService:
             hold_ms = (
                 self.gateway.cluster.config.max_hold_duration_ms if expires is None else expires
             )
-            if type(hold_ms) is not int or hold_ms <= 0:
-                raise errors.invalid("expires_in_ms must be a positive integer", "expires_in_ms")
+            longest = self.gateway.cluster.config.max_hold_duration_ms
+            if type(hold_ms) is not int or not 0 < hold_ms <= longest:
+                raise errors.invalid_field(
+                    f"expires_in_ms must be an integer in 1..{longest} (the cluster's longest "
+                    "hold)",
+                    "expires_in_ms",
+                )
         try:
             metadata = check_metadata(body.get("metadata"))
         except ValueError as error:
-            raise errors.invalid(str(error), "metadata") from None
+            raise errors.invalid_field(str(error), "metadata") from None
         from_owner = await self.gateway.owner(payer)
         if from_owner is not None and from_owner != caller.client_id:
             raise errors.forbidden(
@@ -265,9 +274,7 @@ class PaymentService:
             amount = _amount_field(amount, "amount")
         payment = await self._payment_for(caller, payment_id_, "payee", ("capture", "to"))
         if payment.capture:
-            raise errors.invalid(
-                f"payment {payment.id} was not a hold (capture: true): nothing to capture", "id"
-            )
+            raise _not_a_hold(payment.id, "capture")
         hold = (payment.client_id, payment.request_id)
         value = payment.amount if amount is None else amount
         route = ROUTE_CAPTURE.replace("{id}", payment.id)
@@ -282,9 +289,7 @@ class PaymentService:
     async def void(self, caller: Caller, key: str, payment_id_: str) -> Stored:
         payment = await self._payment_for(caller, payment_id_, "either", ("void", "from"))
         if payment.capture:
-            raise errors.invalid(
-                f"payment {payment.id} was not a hold (capture: true): nothing to void", "id"
-            )
+            raise _not_a_hold(payment.id, "void")
         hold = (payment.client_id, payment.request_id)
         route = ROUTE_VOID.replace("{id}", payment.id)
         return await self._mutate(
@@ -315,7 +320,7 @@ class PaymentService:
     # -- reads --
 
     async def get_payment(self, caller: Caller, payment_id_: str) -> dict[str, Any]:
-        found = await self._visible(caller, payment_id_, "id")
+        found = await self._visible(caller, payment_id_, PAYMENT_ID)
         return payment_json(*found)
 
     async def list_payments(
@@ -325,9 +330,11 @@ class PaymentService:
         first, `limit` (1..100) at a time; `starting_after` is the last id of the previous
         page."""
         if type(limit) is not int or not 1 <= limit <= MAX_LIST_LIMIT:
-            raise errors.invalid(f"limit must be an integer in 1..{MAX_LIST_LIMIT}", "limit")
+            raise errors.invalid_parameter(
+                f"limit must be an integer in 1..{MAX_LIST_LIMIT}", "limit"
+            )
         if account is not None:
-            account = _account_field(account, "account")
+            account = _account_field(account, "account", parameter=True)
         before: int | None = None
         if starting_after is not None:
             row, _operations = await self._visible(caller, starting_after, "starting_after")
@@ -341,7 +348,7 @@ class PaymentService:
 
     async def account(self, caller: Caller, name: str) -> dict[str, Any]:
         """An account's balance read: available, held, and the seq the answer holds at."""
-        name = _account_field(name, "name")
+        name = _account_field(name, "name", parameter=True)
         owner = await self.gateway.owner(name)
         if owner is not None and owner != caller.client_id:
             raise errors.forbidden(
@@ -505,7 +512,7 @@ class PaymentService:
         prepare: Callable[[int], _Prepared],
     ) -> Stored:
         if not isinstance(key, str) or not 0 < len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH:
-            raise errors.invalid(
+            raise errors.invalid_header(
                 f"Idempotency-Key must be 1..{MAX_IDEMPOTENCY_KEY_LENGTH} characters",
                 "Idempotency-Key",
             )
@@ -589,7 +596,7 @@ class PaymentService:
             raise errors.cluster_timeout(target, self.timeout_s) from None
         except ClientError as error:
             # The service checks every field first; this is a field the wire still refuses.
-            stored = Stored(400, errors.invalid(str(error)).to_bytes())
+            stored = Stored(400, errors.invalid_request(str(error)).to_bytes())
             await self.store.decide(
                 Decision(answer=(record.client_id, record.key, stored.status_code, stored.body))
             )
@@ -760,7 +767,9 @@ class PaymentService:
         """A payment the caller may see (its client made it, or owns one of its accounts);
         404 otherwise, so ids of others' payments are not confirmed to exist."""
         if parse_payment_id(pid) is None:
-            raise errors.not_found(f"{pid!r} is not a payment id (pay_<client>_<request>)", field)
+            raise errors.invalid_parameter(
+                f"{pid!r} is not a payment id (pay_<client>_<request>)", field
+            )
         found = await self.store.payment(pid)
         if found is None or caller.client_id not in _parties(found[0]):
             raise errors.not_found(f"no payment {pid}", field)
@@ -771,12 +780,12 @@ class PaymentService:
     ) -> PaymentRow:
         """The payment an operation acts on, 403 if its account's known owner is another
         client (capture and refund: the payee's owner; void: the payer's or payee's)."""
-        payment, _operations = await self._visible(caller, pid, "id")
+        payment, _operations = await self._visible(caller, pid, PAYMENT_ID)
         owners = (payment.to_owner,) if who == "payee" else (payment.from_owner, payment.to_owner)
         if all(owner is not None for owner in owners) and caller.client_id not in owners:
             action, side = what
             raise errors.forbidden(
-                f"only the owner of the payment's {side!r} account may {action} it", "id"
+                f"only the owner of the payment's {side!r} account may {action} it", PAYMENT_ID
             )
         if payment.status == PENDING:
             # Its own decision is not known yet: an operation on it now could be decided
@@ -787,7 +796,7 @@ class PaymentService:
                 "The payment is not decided yet",
                 f"payment {payment.id} is still pending: retry its creation with the same "
                 "Idempotency-Key, or GET it until it is decided",
-                "id",
+                PAYMENT_ID,
                 payment_id=payment.id,
             )
         return payment
@@ -873,17 +882,31 @@ def _parties(payment: PaymentRow) -> set[int]:
     }
 
 
-def _account_field(value: object, field: str) -> str:
+def _account_field(value: object, field: str, parameter: bool = False) -> str:
+    """An account name from the body (422) or the path or query (`parameter`: 400)."""
     try:
         return check_account_name(value, field)
     except ClientError as error:
-        raise errors.invalid(str(error), field) from None
+        if parameter:
+            raise errors.invalid_parameter(str(error), field) from None
+        raise errors.invalid_field(str(error), field) from None
 
 
 def _amount_field(value: object, field: str) -> int:
     if type(value) is not int or not 0 < value <= MAX_AMOUNT:
-        raise errors.invalid(f"{field} must be an integer in 1..{MAX_AMOUNT}", field)
+        raise errors.invalid_field(f"{field} must be an integer in 1..{MAX_AMOUNT}", field)
     return value
+
+
+def _not_a_hold(pid: str, action: str) -> Problem:
+    return Problem(
+        409,
+        "not-a-hold",
+        "The payment is not a hold",
+        f"payment {pid} was made with capture: true: there is no hold to {action}",
+        PAYMENT_ID,
+        payment_id=pid,
+    )
 
 
 class Gateway:

@@ -165,6 +165,9 @@ def connect(path: str | os.PathLike[str]) -> sqlite3.Connection:
         db.execute("PRAGMA synchronous = FULL")
         with db:
             db.executescript(SCHEMA)
+    except sqlite3.OperationalError as error:  # read-only, locked, no room for the WAL
+        db.close()
+        raise StoreError(f"{where}: cannot use: {error}") from None
     except sqlite3.DatabaseError as error:
         db.close()
         raise StoreError(f"{where}: not a gateway database: {error}") from None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Awaitable, Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -310,6 +311,12 @@ def test_holds_captured_voided_and_expired(local: LocalCluster, tmp_path: Path) 
         )
         assert (await service.get_payment(ALICE, held["id"]))["status"] == "captured"
 
+        too_long = await problem(service.create_payment(ALICE, "h0", hold(5, HOUR_MS + 1)))
+        assert (too_long.status, too_long.type_slug, too_long.field) == (
+            422,
+            "invalid-field",
+            "expires_in_ms",
+        )
         other = ok(await service.create_payment(ALICE, "h2", hold(20)), "held")
         ok(await service.void(ALICE, "h2-void", other["id"]), "voided")
 
@@ -368,7 +375,11 @@ def test_refunds_in_parts_then_in_full_then_refused(local: LocalCluster, tmp_pat
         assert more.status_code == 409 and more.json()["reason"] == "exceeds_refundable"
         assert (await service.refund(ALICE, "r3", paid["id"], 1)) == more  # replayed too
         bad = await problem(service.refund(ALICE, "r4", paid["id"], 0))
-        assert (bad.status, bad.field) == (400, "amount")
+        assert (bad.status, bad.type_slug, bad.field) == (422, "invalid-field", "amount")
+        not_a_hold = await problem(service.capture(ALICE, "c", paid["id"], None))
+        assert (not_a_hold.status, not_a_hold.type_slug) == (409, "not-a-hold")
+        malformed = await problem(service.void(ALICE, "v", "pay_zero"))
+        assert (malformed.status, malformed.field) == (400, "payment_id")
         with pytest.raises(Problem) as unknown:
             await service.refund(ALICE, "r5", "pay_0_1", 1)
         assert unknown.value.status == 404
@@ -515,7 +526,7 @@ def test_listing_pages_newest_first(local: LocalCluster, tmp_path: Path) -> None
         assert [payment["id"] for payment in bobs["data"]] == [made[3], made[1]]
         for limit in (0, 101):
             bad = await problem(service.list_payments(ALICE, None, limit, None))
-            assert (bad.status, bad.field) == (400, "limit")
+            assert (bad.status, bad.type_slug, bad.field) == (400, "invalid-parameter", "limit")
         bad = await problem(service.list_payments(ALICE, None, 10, "pay_9_9"))
         assert (bad.status, bad.field) == (404, "starting_after")
         bad = await problem(service.list_payments(BOB, None, 10, made[0]))
@@ -573,3 +584,32 @@ def test_receipt_verification_never_fails_on_garbage(local: LocalCluster, tmp_pa
             assert verdict["valid"] is False and verdict["verdict"] == "unreadable", verdict
 
     with_gateway(local, tmp_path / "g.db", body)
+
+
+def test_the_background_task_marks_an_expired_hold(local: LocalCluster, tmp_path: Path) -> None:
+    db = tmp_path / "g.db"
+    payer, payee = owned(local, 0)
+
+    async def body(gateway: Gateway) -> None:
+        service = gateway.service
+        request = {"from": payer, "to": payee, "amount": 4, "capture": False}
+        held = ok(await service.create_payment(ALICE, "short", {**request, "expires_in_ms": 200}))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(run, gateway, expiry_interval_s=0.05))
+            await trio.sleep(0.4)
+            # A batch after the expiry: the cluster releases the hold at its start.
+            ok(await service.create_payment(ALICE, "tick", {**request, "capture": True}))
+            for _ in range(200):
+                if (await service.get_payment(ALICE, held["id"]))["status"] == "expired":
+                    break
+                await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+        assert (await service.get_payment(ALICE, held["id"]))["status"] == "expired"
+        assert service.counts["expired"] == 1
+
+    with_gateway(local, db, body)
+    assert [event["type"] for event in events(db)] == [
+        "payment.held",
+        "payment.confirmed",
+        "payment.expired",
+    ]
