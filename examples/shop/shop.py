@@ -319,6 +319,11 @@ def create_app(shop: Shop) -> FastAPI:
         if body.buyer_client not in shop.config.api_keys:
             detail = f"the shop takes no payments from client {body.buyer_client}"
             return problem(422, "unknown-client", detail, "buyer_client")
+        busy = len(shop.running) >= MAX_RUNNING_ORDERS
+        if busy and await shop.db(shop.store.order, body.order_id) is None:
+            # Refused before it is journalled: a new order waits for room, an old one is
+            # looked at below (it may be done, or already being driven).
+            return problem(503, "busy", "too many unfinished orders; try again")
         try:
             order = await shop.db(
                 shop.store.start,
@@ -333,7 +338,7 @@ def create_app(shop: Shop) -> FastAPI:
                 return problem(409, "order-conflict", str(error), error.field)
             return problem(422, "order-refused", str(error), error.field)
         if order.stage is not Stage.DONE:
-            if order.order_id not in shop.running and len(shop.running) >= MAX_RUNNING_ORDERS:
+            if order.order_id not in shop.running and busy:
                 return problem(503, "busy", "too many unfinished orders; try again")
             with trio.move_on_after(ORDER_WAIT_S):
                 await shop.drive(order).wait()
