@@ -354,8 +354,10 @@ class Guard:
                 )
                 await _send_problem(watch, problem)
         finally:
+            # The route's template, never the path itself (ids would make a series each);
+            # the dashboard's static mount has an empty path and goes by its name.
             route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
+            template = getattr(route, "path", None) or getattr(route, "name", None) or "unmatched"
             metrics.http_requests.labels(
                 method=str(scope.get("method", "")),
                 route=template,

@@ -445,8 +445,8 @@ def test_bad_query_and_path_parameters_are_400(alice: httpx.Client) -> None:
 
 
 def test_unknown_payments_routes_and_methods(alice: httpx.Client) -> None:
-    assert_problem(alice.get("/v1/payments/pay_0_1"), 404, "not-found", "id")
-    assert_problem(post(alice, "/v1/payments/pay_0_1/void"), 404, "not-found", "id")
+    assert_problem(alice.get("/v1/payments/pay_0_1"), 404, "not-found", "payment_id")
+    assert_problem(post(alice, "/v1/payments/pay_0_1/void"), 404, "not-found", "payment_id")
     assert_problem(alice.get("/v1/nothing"), 404, "not-found", None)
     assert_problem(alice.delete("/v1/payments"), 405, "method-not-allowed", None)
 

@@ -10,11 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import trio
 
-from cli.exits import EXIT_USAGE
+from cli.exits import EXIT_REPLICA_LOCKED, EXIT_USAGE
 from cli.main import main
 from gateway.server import ListenAddressError, parse_listen
 from runtime.cluster import write_cluster
+from runtime.localcluster import LocalCluster
 from runtime.ports import consecutive_free_ports
 
 
@@ -121,3 +123,23 @@ def test_loopback_addresses_are_accepted(text: str, expected: tuple[str, int]) -
 def test_an_empty_host_is_refused() -> None:
     with pytest.raises(ListenAddressError):
         parse_listen(":8080")
+
+
+def test_a_replica_that_already_runs_elsewhere_is_exit_4(tmp_path: Path) -> None:
+    local = LocalCluster.create(tmp_path, replicas=4, clients=1)
+    local.start(0)
+    try:
+        trio.run(local.wait_listening, 60.0)
+        ran = subprocess.run(
+            [sys.executable, "-m", "cli", "gateway", "--cluster", str(local.path)]
+            + ["--client", "0", "--listen", "127.0.0.1:0", "--replica", "0"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        local.stop_all()
+    assert ran.returncode == EXIT_REPLICA_LOCKED, ran.stderr
+    problems = [line for line in ran.stderr.splitlines() if line.startswith("pbft: ")]
+    assert len(problems) == 1 and "replica 0 is already running" in problems[0], ran.stderr
+    assert "Traceback" not in ran.stderr
