@@ -121,6 +121,8 @@ def test_classify_http_answers() -> None:
     )
     assert answer == Answer(Kind.PAYMENT, "held", "none", "pay_0_9")
     assert classify(None, None) == Answer(Kind.RETRY, reason="no answer: unknown")
+    odd = {"object": "payment", "id": "../v1/accounts/x", "status": "held"}
+    assert classify(200, odd) == Answer(Kind.PAYMENT, "held", "", "")
     assert classify(None, "ConnectError: refused").reason == "no answer: ConnectError: refused"
     assert classify(200, ["not", "a", "payment"]).kind is Kind.RETRY
     assert classify(200, {"object": "payment"}).kind is Kind.RETRY

@@ -21,6 +21,7 @@ only when the capture can no longer happen (the hold is voided, expired or refus
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -195,6 +196,9 @@ def classify(status_code: int | None, body: Any) -> Answer:
         return Answer(Kind.RETRY, reason=f"no answer: {_text(body) or 'unknown'}")
     fields = body if isinstance(body, dict) else {}
     payment_id = _text(fields.get("id" if status_code == 200 else "payment_id"))
+    if not _PAYMENT_ID.fullmatch(payment_id):
+        payment_id = ""  # it goes into a URL path: only the gateway's own id shape
+
     if status_code == 200:
         status = _text(fields.get("status"))
         if fields.get("object") != "payment" or not status:
@@ -224,6 +228,9 @@ def classify(status_code: int | None, body: Any) -> Answer:
     if status_code in (401, 403):
         return Answer(Kind.DENIED, reason=detail)
     return Answer(Kind.REFUSED, reason=detail)
+
+
+_PAYMENT_ID = re.compile(r"pay_[0-9]{1,10}_[0-9]{1,20}")
 
 
 def _text(value: object) -> str:
