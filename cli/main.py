@@ -32,7 +32,17 @@ class _Parser(argparse.ArgumentParser):
 def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     """The parser and each command's function. The command modules are imported here, inside
     main's guard: importing the runtime takes a while, and Ctrl-C then must exit 130 too."""
-    from cli import bench, cluster, keys, lookups, operations, payments, receipts, scenarios
+    from cli import (
+        bench,
+        cluster,
+        explain,
+        keys,
+        lookups,
+        operations,
+        payments,
+        receipts,
+        scenarios,
+    )
 
     parser = _Parser(prog="pbft", description="Byzantine fault-tolerant payment confirmation.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -49,6 +59,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         keys.add_keygen,
         scenarios.add_sweep,
         scenarios.add_fuzz,
+        explain.add_explain,
         bench.add_bench,
     ):
         add(commands)
@@ -70,6 +81,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         "history": lookups.history,
         "hold": lookups.hold,
         "verify-receipt": receipts.verify_receipt,
+        "explain": explain.explain,
         "bench": bench.bench,
     }
     return parser, handlers

@@ -20,13 +20,24 @@ from crypto.keys import KeyRing, Principal, SigningKey
 from crypto.signing import VerificationCache
 from pbft.chain import entry_digest
 from pbft.client import BalanceRead, ClientAction, ClientCore, Decided, LookupResult
+from pbft.codec import DecodeError, unpack
 from pbft.config import ClusterConfig
 from pbft.events import Event, Executed, MessageReceived, Note, Persist, Tick
 from pbft.genesis import compute_cluster_id
 from pbft.history import MemoryHistoryStore
 from pbft.host import Outgoing, carry_out, carry_out_client, peers_of, step, write_records
 from pbft.ledger import Ledger, genesis_total
-from pbft.messages import MessageType, NewView, Prepare, PrePrepare, Reply, Request
+from pbft.messages import (
+    Commit,
+    MessageType,
+    NewView,
+    Prepare,
+    PreparedCertificate,
+    PrePrepare,
+    Reply,
+    Request,
+    ViewChange,
+)
 from pbft.operations import Operation
 from pbft.replica import Replica
 from pbft.signed import Rejected, peek, type_code_of
@@ -180,6 +191,8 @@ class _ReplicaHost:
 
     def persist(self, records: Sequence[Persist]) -> None:
         write_records(self.node.storage, records)
+        if self.simulation.trace.writing:
+            self.simulation._annotate_records(self.node, records)
 
     def send(self, message: Outgoing) -> None:
         self.simulation._send_from(self.node, message)
@@ -428,6 +441,8 @@ class Simulation:
             byzantine_clients=frozenset(self.client_behaviors),
         )
         self.decided_at_us: dict[tuple[int, int], int] = {}
+        # The message a replica is handling, so a drop it notes can say which (trace file).
+        self._handling: tuple[Principal, bytes] | None = None
         # (client, query id) -> the balance it read (the workload asks none today)
         self.balance_reads: dict[tuple[int, int], BalanceRead] = {}
         self.lookups: dict[tuple[int, int], LookupResult] = {}
@@ -483,6 +498,8 @@ class Simulation:
         if liveness is not None:
             self._schedule(liveness.heal_all_at_ms * 1000, HealAll())
         last_submit_us = self.payments[-1].at_us if self.payments else 0
+        if self.trace.writing:
+            self._annotate_settings()
         last_fault_us = max(
             (
                 max(fault.at_ms, fault.until_ms or 0) * 1000
@@ -610,7 +627,7 @@ class Simulation:
                 else:
                     node.inbox.append((source, data))
                 return
-            self._step(node, MessageReceived(data, source))
+            self._step_message(node, source, data)
         else:
             self._client_actions(index, self.clients[index].handle(MessageReceived(data)))
 
@@ -764,7 +781,7 @@ class Simulation:
         for source, data in inbox:
             if node.core is None or node.paused:
                 break
-            self._step(node, MessageReceived(data, source))
+            self._step_message(node, source, data)
 
     def _heal_all(self) -> None:
         """The liveness phase: every fault stops and the network becomes synchronous."""
@@ -831,7 +848,7 @@ class Simulation:
             "lost",
             _node_name(destination),
             f"{_node_name(source)} {_message_type_name(data)} {why}",
-            _message_fields(source, data) if self.trace.writing else None,
+            {**_message_fields(source, data), "reason": why} if self.trace.writing else None,
         )
 
     def _step(self, node: ReplicaNode, event: Event) -> None:
@@ -839,10 +856,23 @@ class Simulation:
         if node.core is not None and node.host is not None:
             carry_out(step(node.core, (event,), node.peers), node.host)
 
+    def _step_message(self, node: ReplicaNode, source: Principal, data: bytes) -> None:
+        if not self.trace.writing:
+            self._step(node, MessageReceived(data, source))
+            return
+        self._handling = (source, data)
+        try:
+            self._step(node, MessageReceived(data, source))
+        finally:
+            self._handling = None
+
     def _send_from(self, node: ReplicaNode, message: Outgoing) -> None:
         # Only broadcasts carry PREPAREs today; each frame is checked once, not per peer.
-        if type_code_of(message.data) == MessageType.PREPARE:
+        code = type_code_of(message.data)
+        if code == MessageType.PREPARE:
             self._check_prepare_against_new_view(node, message.data)
+        elif code == MessageType.PRE_PREPARE and self.trace.writing:
+            self._annotate_proposal(node, message.data)
         for destination in message.to:
             self._transmit_from(node, destination, message.data)
 
@@ -856,8 +886,20 @@ class Simulation:
             f"{executed.seq} {executed.entry_digest.hex()[:16]} {len(executed.requests)}",
             {
                 "seq": executed.seq,
+                "view": executed.view,
+                "primary": executed.primary,
                 "payments": [
                     f"{record.client_id}:{record.request_id}:{record.outcome}"
+                    for record in executed.requests
+                ],
+                "results": [
+                    {
+                        "payment": f"{record.client_id}:{record.request_id}",
+                        "op": record.op,
+                        "outcome": record.outcome,
+                        "reason": record.reason,
+                        "fresh": record.fresh,
+                    }
                     for record in executed.requests
                 ],
             }
@@ -868,7 +910,116 @@ class Simulation:
     def _note(self, node: ReplicaNode, note: Note) -> None:
         if note.kind == "new_view":
             self._record_new_view_plan(node)
-        self.trace.record(self.now_us, note.kind, node.name, note.detail)
+        self.trace.record(
+            self.now_us,
+            note.kind,
+            node.name,
+            note.detail,
+            self._note_fields(node, note) if self.trace.writing else None,
+        )
+
+    # --- what only the trace file shows (for `pbft explain`; never hashed) ---------------
+
+    def _note_fields(self, node: ReplicaNode, note: Note) -> dict[str, object]:
+        fields: dict[str, object] = {}
+        core = node.core
+        if core is not None:
+            fields["view_now"] = core.view
+            fields["primary_now"] = self.config.primary_of(core.view)
+        if note.reason:
+            fields["reason"] = note.reason
+        if note.kind == "drop" and self._handling is not None:
+            source, data = self._handling
+            fields["message"] = _message_fields(source, data)
+        elif note.kind == "new_view" and core is not None and core.new_view_message is not None:
+            fields.update(_new_view_fields(core.new_view_message))
+        return fields
+
+    def _annotate_settings(self) -> None:
+        config = self.config
+        self.trace.annotate(
+            0,
+            "settings",
+            "sim",
+            self.scenario.name,
+            {
+                "scenario": self.scenario.name,
+                "seed": self.seed,
+                "replicas": config.replica_count,
+                "quorum": config.quorum,
+                "prepare_quorum": config.prepare_quorum,
+                "batch_size": config.batch_size,
+                "batch_timeout_ms": config.batch_timeout_ms,
+                "max_inflight_batches": config.max_inflight_batches,
+                "watermark_window": config.watermark_window,
+                "checkpoint_interval": config.checkpoint_interval,
+                "view_change_timeout_ms": config.view_change_timeout_ms,
+                "client_timeout_ms": config.client_timeout_ms,
+                "byzantine": sorted(
+                    f"r{entry.replica}" if entry.replica is not None else f"c{entry.client}"
+                    for entry in self.scenario.byzantine
+                ),
+            },
+        )
+
+    def _annotate_proposal(self, node: ReplicaNode, data: bytes) -> None:
+        try:
+            proposal = peek(data, PrePrepare)[1]
+        except Rejected:
+            return
+        if not isinstance(proposal, PrePrepare):
+            return
+        self.trace.annotate(
+            self.now_us,
+            "propose",
+            node.name,
+            f"view {proposal.view} seq {proposal.seq}",
+            {
+                "view": proposal.view,
+                "seq": proposal.seq,
+                "payments": _request_ids(proposal.requests),
+            },
+        )
+
+    def _annotate_records(self, node: ReplicaNode, records: Sequence[Persist]) -> None:
+        """A prepared or commit certificate the replica just wrote: when, and who signed."""
+        for record in records:
+            kind = record.key[0]
+            if record.value is None or kind not in ("prepared", "committed"):
+                continue
+            try:
+                if kind == "prepared":
+                    view, wire = unpack(record.value)
+                    certificate = PreparedCertificate.from_wire(wire)
+                    pre_prepare, votes = certificate.pre_prepare, certificate.prepares
+                else:
+                    pre_prepare, votes = unpack(record.value)
+                    view = None
+                proposal = peek(pre_prepare, PrePrepare)[1]
+                signers = [peek(vote, (Prepare, Commit))[1] for vote in votes]
+            except (Rejected, DecodeError, ValueError, TypeError):
+                continue
+            if not isinstance(proposal, PrePrepare):
+                continue
+            replicas = sorted(
+                {signer.replica for signer in signers if isinstance(signer, Prepare | Commit)}
+            )
+            if kind == "prepared":
+                # The primary's PRE-PREPARE stands for its prepare.
+                replicas = sorted({proposal.replica, *replicas})
+            seen_view = view if isinstance(view, int) else proposal.view
+            self.trace.annotate(
+                self.now_us,
+                kind,
+                node.name,
+                f"seq {proposal.seq} view {seen_view} signers {replicas}",
+                {
+                    "seq": proposal.seq,
+                    "view": seen_view,
+                    "signers": replicas,
+                    "payments": _request_ids(proposal.requests),
+                },
+            )
 
     def _record_new_view_plan(self, node: ReplicaNode) -> None:
         """What the NEW-VIEW this replica just installed assigned (for check_new_view_kept)."""
@@ -933,7 +1084,12 @@ class Simulation:
             "decided",
             f"c{client}",
             f"{decided.request_id} {decided.outcome} {decided.reason} seq {decided.seq}",
-            {"payment": f"{decided.client_id}:{decided.request_id}", "seq": decided.seq},
+            {
+                "payment": f"{decided.client_id}:{decided.request_id}",
+                "seq": decided.seq,
+                "outcome": decided.outcome,
+                "reason": decided.reason,
+            },
         )
 
     # --- the result ---------------------------------------------------------------------
@@ -1065,7 +1221,80 @@ def _message_fields(source: Principal, data: bytes) -> dict[str, object]:
     for name in ("view", "seq"):
         if hasattr(message, name):
             fields[name] = getattr(message, name)
+    if isinstance(message, ViewChange):
+        fields["view"] = message.new_view
     return fields
+
+
+def _request_ids(requests: Sequence[bytes]) -> list[str]:
+    """Each request of a batch as "CLIENT:REQUEST", for the trace file."""
+    ids = []
+    for raw in requests:
+        try:
+            request = peek(raw)[1]
+        except Rejected:
+            continue
+        if isinstance(request, Request):
+            ids.append(f"{request.client_id}:{request.request_id}")
+    return ids
+
+
+def _new_view_fields(raw: bytes) -> dict[str, object]:
+    """A NEW-VIEW's plan for the trace file: the VIEW-CHANGEs it rests on, and for each
+    re-proposed seq the replicas whose VIEW-CHANGE carried it prepared (none: a filler)."""
+    try:
+        message = peek(raw, NewView)[1]
+    except Rejected:
+        return {}
+    if not isinstance(message, NewView):
+        return {}
+    carried: dict[tuple[int, bytes], list[int]] = {}
+    senders = []
+    checkpoints = {}
+    for view_change_raw in message.view_changes:
+        try:
+            view_change = peek(view_change_raw, ViewChange)[1]
+        except Rejected:
+            continue
+        if not isinstance(view_change, ViewChange):
+            continue
+        senders.append(view_change.replica)
+        checkpoints[str(view_change.replica)] = view_change.checkpoint_seq
+        for certificate in view_change.prepared:
+            try:
+                prepared = peek(certificate.pre_prepare, PrePrepare)[1]
+            except Rejected:
+                continue
+            if isinstance(prepared, PrePrepare):
+                key = (prepared.seq, _entry_of(prepared))
+                carried.setdefault(key, []).append(view_change.replica)
+    plan = []
+    for pre_prepare_raw in message.pre_prepares:
+        try:
+            proposal = peek(pre_prepare_raw, PrePrepare)[1]
+        except Rejected:
+            continue
+        if isinstance(proposal, PrePrepare):
+            plan.append(
+                {
+                    "seq": proposal.seq,
+                    "payments": _request_ids(proposal.requests),
+                    "carried_from": sorted(carried.get((proposal.seq, _entry_of(proposal)), [])),
+                }
+            )
+    return {
+        "view": message.view,
+        "new_primary": message.replica,
+        "view_changes_from": sorted(senders),
+        "checkpoints": checkpoints,
+        "plan": plan,
+    }
+
+
+def _entry_of(proposal: PrePrepare) -> bytes:
+    return entry_digest(
+        proposal.seq, proposal.prev_hash, proposal.batch_digest, proposal.timestamp_ms
+    )
 
 
 _NODE_NAMES: dict[Principal, str] = {}
