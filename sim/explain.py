@@ -185,8 +185,8 @@ def explain_payment(paths: Sequence[str], payment: str) -> dict[str, Any]:
                 proposals.append(event)
     if submitted is None and decided is None and not proposals:
         raise ExplainError(f"payment {payment} does not appear in the trace")
-    slots = {(event.get("view"), event.get("seq")) for event in proposals}
-    seqs = {seq for _, seq in slots if isinstance(seq, int)}
+    slots = dict.fromkeys((event.get("view"), event.get("seq")) for event in proposals)
+    seqs = dict.fromkeys(seq for _, seq in slots if isinstance(seq, int))
     start = submitted["time_ms"] if submitted else min(event["time_ms"] for event in proposals)
     end = decided["time_ms"] if decided else None
 
@@ -199,10 +199,10 @@ def explain_payment(paths: Sequence[str], payment: str) -> dict[str, Any]:
     views: list[dict[str, Any]] = []
     proposer_inflight: dict[str, dict[str, Any]] = {}
     # The proposers' pipelines, to see a full window: node -> proposed and executed seqs.
-    proposed_by: dict[str, set[int]] = {}
+    proposed_by: dict[str, dict[int, None]] = {}
     executed_at: dict[str, int] = {}
     first_proposer = proposals[0]["node"] if proposals else None
-    told: set[tuple[str, object, object]] = set()
+    told: dict[tuple[str, object, object], None] = {}
     limit = settings.get("max_inflight_batches")
 
     def about_us(event: Event) -> bool:
@@ -224,11 +224,11 @@ def explain_payment(paths: Sequence[str], payment: str) -> dict[str, Any]:
         if kind == "propose":
             seq = event.get("seq")
             if isinstance(seq, int):
-                proposed_by.setdefault(node, set()).add(seq)
+                proposed_by.setdefault(node, {})[seq] = None
             if payment in _strings(event.get("payments")):
                 batch = (node, event.get("view"), seq)
                 again = batch in told
-                told.add(batch)
+                told[batch] = None
                 detail = (
                     f"re-sent its PRE-PREPARE for seq {seq}"
                     if again
@@ -463,9 +463,9 @@ def render_payment(story: dict[str, Any]) -> str:
         lines.append(f"  {item['time_ms']:10.3f} ms  {item['node']:<4} {item['detail']}")
     if story["replies"]:
         replies = story["replies"]
+        senders = ", ".join(sorted(dict.fromkeys(str(reply["from"]) for reply in replies)))
         lines.append(
-            f"replies: {len(replies)} from {', '.join(sorted({str(r['from']) for r in replies}))}"
-            f", first at {replies[0]['time_ms']:.3f} ms"
+            f"replies: {len(replies)} from {senders}, first at {replies[0]['time_ms']:.3f} ms"
         )
     lost = story["lost"]
     if lost["items"]:
@@ -495,14 +495,14 @@ def explain_view(paths: Sequence[str], view: int) -> dict[str, Any]:
     # Pass 1: when the first replica moved to this view, and when the previous one began.
     first_change: float | None = None
     previous_start = 0.0
-    views_seen: set[int] = {0}
+    views_seen: dict[int, None] = {0: None}
     for event in iter_events(paths):
         if event["kind"] not in ("view_change", "new_view"):
             continue
         seen = _view_of(event)
         if seen is None:
             continue
-        views_seen.add(seen)
+        views_seen[seen] = None
         if event["kind"] == "view_change" and seen == view and first_change is None:
             first_change = event["time_ms"]
         if event["kind"] == "new_view" and seen < view and first_change is None:
@@ -581,7 +581,7 @@ def explain_view(paths: Sequence[str], view: int) -> dict[str, Any]:
                     "by": "network" if kind == "lost" else "replica",
                 },
             )
-    suspected = sorted({item["suspected"] for item in suspicions if item["suspected"]})
+    suspected = sorted(dict.fromkeys(item["suspected"] for item in suspicions if item["suspected"]))
     return {
         "view": view,
         "since_ms": previous_start,
@@ -634,7 +634,7 @@ def render_view(story: dict[str, Any]) -> str:
         lines.append("  no replica suspected on its own timer: it followed f + 1 others' view")
     messages = story["suspect_messages"]
     if messages["items"]:
-        senders = sorted({str(item["from"]) for item in messages["items"]})
+        senders = sorted(dict.fromkeys(str(item["from"]) for item in messages["items"]))
         lines.append(
             f"  SUSPECT messages from {', '.join(senders)} "
             f"({len(messages['items']) + messages['more']} delivered)"
@@ -677,7 +677,7 @@ def render_view(story: dict[str, Any]) -> str:
 
 def explain_replica(paths: Sequence[str], replica: int) -> dict[str, Any]:
     """One replica's run: views, checkpoints, catch-ups, executions, drops by reason."""
-    names = {f"r{replica}", f"r{replica}'"}
+    names = (f"r{replica}", f"r{replica}'")
     replicas_in_run: int | None = None
     seen = False
     views: list[dict[str, Any]] = []

@@ -1002,11 +1002,13 @@ class Simulation:
             if not isinstance(proposal, PrePrepare):
                 continue
             replicas = sorted(
-                {signer.replica for signer in signers if isinstance(signer, Prepare | Commit)}
+                dict.fromkeys(
+                    signer.replica for signer in signers if isinstance(signer, Prepare | Commit)
+                )
             )
             if kind == "prepared":
                 # The primary's PRE-PREPARE stands for its prepare.
-                replicas = sorted({proposal.replica, *replicas})
+                replicas = sorted(dict.fromkeys([proposal.replica, *replicas]))
             seen_view = view if isinstance(view, int) else proposal.view
             self.trace.annotate(
                 self.now_us,
