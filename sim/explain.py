@@ -187,7 +187,12 @@ def explain_payment(paths: Sequence[str], payment: str) -> dict[str, Any]:
         raise ExplainError(f"payment {payment} does not appear in the trace")
     slots = dict.fromkeys((event.get("view"), event.get("seq")) for event in proposals)
     seqs = dict.fromkeys(seq for _, seq in slots if isinstance(seq, int))
-    start = submitted["time_ms"] if submitted else min(event["time_ms"] for event in proposals)
+    if submitted is not None:
+        start = submitted["time_ms"]
+    elif proposals:
+        start = proposals[0]["time_ms"]
+    else:
+        start = decided["time_ms"] if decided is not None else 0.0
     end = decided["time_ms"] if decided else None
 
     timeline: list[dict[str, Any]] = []
@@ -334,9 +339,15 @@ def explain_payment(paths: Sequence[str], payment: str) -> dict[str, Any]:
     timeline.sort(key=lambda item: (item["time_ms"], _RANK.get(item["kind"], 9)))
     latency = (end - start) if end is not None else None
     typical = median(latencies) if latencies else None
-    slow = latency is None or (
-        typical is not None and latency >= 2 * typical and latency - typical >= 20
-    )
+    # Replicas' own logs hold no client events: the outcome is the replicas' execution,
+    # and whether it was slow cannot be told.
+    executions = [entry["executed"] for entry in replicas.values() if "executed" in entry]
+    if submitted is None:
+        slow = False
+    else:
+        slow = latency is None or (
+            typical is not None and latency >= 2 * typical and latency - typical >= 20
+        )
     waited = (
         _waited_on(
             views, lost, lost_reasons, arrivals, proposer_inflight, limit, settings, submitted
@@ -351,8 +362,13 @@ def explain_payment(paths: Sequence[str], payment: str) -> dict[str, Any]:
         "latency_ms": round(latency, 3) if latency is not None else None,
         "typical_latency_ms": round(typical, 3) if typical is not None else None,
         "slow": slow,
-        "outcome": decided.get("outcome") if decided else None,
-        "reason": (decided.get("reason") or "none") if decided else None,
+        "outcome": decided.get("outcome")
+        if decided
+        else (executions[0]["outcome"] if executions else None),
+        "reason": (decided.get("reason") or "none")
+        if decided
+        else (executions[0]["reason"] if executions else None),
+        "client_events": submitted is not None,
         "batches": [
             {
                 "view": event.get("view"),
@@ -449,7 +465,12 @@ def _waited_on(
 
 def render_payment(story: dict[str, Any]) -> str:
     lines = [f"payment {story['payment']}"]
-    if story["decided_ms"] is None:
+    if not story["client_events"]:
+        lines.append(
+            f"  executed: {story['outcome']} (reason {story['reason']}); no client events in "
+            "these files (replicas' logs), so no submission, receipt or latency"
+        )
+    elif story["decided_ms"] is None:
         lines.append("  never decided in this trace")
     else:
         lines.append(

@@ -20,7 +20,6 @@ from crypto.keys import KeyRing, Principal, SigningKey
 from crypto.signing import VerificationCache
 from pbft.chain import entry_digest
 from pbft.client import BalanceRead, ClientAction, ClientCore, Decided, LookupResult
-from pbft.codec import DecodeError, unpack
 from pbft.config import ClusterConfig
 from pbft.events import Event, Executed, MessageReceived, Note, Persist, Tick
 from pbft.genesis import compute_cluster_id
@@ -28,20 +27,22 @@ from pbft.history import MemoryHistoryStore
 from pbft.host import Outgoing, carry_out, carry_out_client, peers_of, step, write_records
 from pbft.ledger import Ledger, genesis_total
 from pbft.messages import (
-    Commit,
     MessageType,
     NewView,
     Prepare,
-    PreparedCertificate,
     PrePrepare,
-    Reply,
-    Request,
-    ViewChange,
 )
 from pbft.operations import Operation
 from pbft.replica import Replica
-from pbft.signed import Rejected, peek, type_code_of
+from pbft.signed import peek, type_code_of
 from pbft.stats import nearest_rank
+from pbft.trace_events import (
+    certificate_events,
+    execute_fields,
+    message_fields,
+    new_view_fields,
+    proposal_event,
+)
 from sim.adversary import (
     Adversary,
     Behavior,
@@ -884,27 +885,7 @@ class Simulation:
             "execute",
             node.name,
             f"{executed.seq} {executed.entry_digest.hex()[:16]} {len(executed.requests)}",
-            {
-                "seq": executed.seq,
-                "view": executed.view,
-                "primary": executed.primary,
-                "payments": [
-                    f"{record.client_id}:{record.request_id}:{record.outcome}"
-                    for record in executed.requests
-                ],
-                "results": [
-                    {
-                        "payment": f"{record.client_id}:{record.request_id}",
-                        "op": record.op,
-                        "outcome": record.outcome,
-                        "reason": record.reason,
-                        "fresh": record.fresh,
-                    }
-                    for record in executed.requests
-                ],
-            }
-            if self.trace.writing
-            else None,
+            execute_fields(executed) if self.trace.writing else None,
         )
 
     def _note(self, node: ReplicaNode, note: Note) -> None:
@@ -932,7 +913,7 @@ class Simulation:
             source, data = self._handling
             fields["message"] = _message_fields(source, data)
         elif note.kind == "new_view" and core is not None and core.new_view_message is not None:
-            fields.update(_new_view_fields(core.new_view_message))
+            fields.update(new_view_fields(core.new_view_message))
         return fields
 
     def _annotate_settings(self) -> None:
@@ -963,65 +944,13 @@ class Simulation:
         )
 
     def _annotate_proposal(self, node: ReplicaNode, data: bytes) -> None:
-        try:
-            proposal = peek(data, PrePrepare)[1]
-        except Rejected:
-            return
-        if not isinstance(proposal, PrePrepare):
-            return
-        self.trace.annotate(
-            self.now_us,
-            "propose",
-            node.name,
-            f"view {proposal.view} seq {proposal.seq}",
-            {
-                "view": proposal.view,
-                "seq": proposal.seq,
-                "payments": _request_ids(proposal.requests),
-            },
-        )
+        event = proposal_event(data)
+        if event is not None:
+            self.trace.annotate(self.now_us, "propose", node.name, *event)
 
     def _annotate_records(self, node: ReplicaNode, records: Sequence[Persist]) -> None:
-        """A prepared or commit certificate the replica just wrote: when, and who signed."""
-        for record in records:
-            kind = record.key[0]
-            if record.value is None or kind not in ("prepared", "committed"):
-                continue
-            try:
-                if kind == "prepared":
-                    view, wire = unpack(record.value)
-                    certificate = PreparedCertificate.from_wire(wire)
-                    pre_prepare, votes = certificate.pre_prepare, certificate.prepares
-                else:
-                    pre_prepare, votes = unpack(record.value)
-                    view = None
-                proposal = peek(pre_prepare, PrePrepare)[1]
-                signers = [peek(vote, (Prepare, Commit))[1] for vote in votes]
-            except (Rejected, DecodeError, ValueError, TypeError):
-                continue
-            if not isinstance(proposal, PrePrepare):
-                continue
-            replicas = sorted(
-                dict.fromkeys(
-                    signer.replica for signer in signers if isinstance(signer, Prepare | Commit)
-                )
-            )
-            if kind == "prepared":
-                # The primary's PRE-PREPARE stands for its prepare.
-                replicas = sorted(dict.fromkeys([proposal.replica, *replicas]))
-            seen_view = view if isinstance(view, int) else proposal.view
-            self.trace.annotate(
-                self.now_us,
-                kind,
-                node.name,
-                f"seq {proposal.seq} view {seen_view} signers {replicas}",
-                {
-                    "seq": proposal.seq,
-                    "view": seen_view,
-                    "signers": replicas,
-                    "payments": _request_ids(proposal.requests),
-                },
-            )
+        for kind, detail, fields in certificate_events(records):
+            self.trace.annotate(self.now_us, kind, node.name, detail, fields)
 
     def _record_new_view_plan(self, node: ReplicaNode) -> None:
         """What the NEW-VIEW this replica just installed assigned (for check_new_view_kept)."""
@@ -1210,93 +1139,7 @@ class Simulation:
 
 
 def _message_fields(source: Principal, data: bytes) -> dict[str, object]:
-    """For the trace file: who sent what, and which payment it is about, where it says."""
-    fields: dict[str, object] = {"from": _node_name(source)}
-    try:
-        _, message = peek(data)
-    except Rejected:
-        fields["message_type"] = "MALFORMED"
-        return fields
-    fields["message_type"] = message.TYPE.name
-    if isinstance(message, Request | Reply):
-        fields["payment"] = f"{message.client_id}:{message.request_id}"
-    for name in ("view", "seq"):
-        if hasattr(message, name):
-            fields[name] = getattr(message, name)
-    if isinstance(message, ViewChange):
-        fields["view"] = message.new_view
-    return fields
-
-
-def _request_ids(requests: Sequence[bytes]) -> list[str]:
-    """Each request of a batch as "CLIENT:REQUEST", for the trace file."""
-    ids = []
-    for raw in requests:
-        try:
-            request = peek(raw)[1]
-        except Rejected:
-            continue
-        if isinstance(request, Request):
-            ids.append(f"{request.client_id}:{request.request_id}")
-    return ids
-
-
-def _new_view_fields(raw: bytes) -> dict[str, object]:
-    """A NEW-VIEW's plan for the trace file: the VIEW-CHANGEs it rests on, and for each
-    re-proposed seq the replicas whose VIEW-CHANGE carried it prepared (none: a filler)."""
-    try:
-        message = peek(raw, NewView)[1]
-    except Rejected:
-        return {}
-    if not isinstance(message, NewView):
-        return {}
-    carried: dict[tuple[int, bytes], list[int]] = {}
-    senders = []
-    checkpoints = {}
-    for view_change_raw in message.view_changes:
-        try:
-            view_change = peek(view_change_raw, ViewChange)[1]
-        except Rejected:
-            continue
-        if not isinstance(view_change, ViewChange):
-            continue
-        senders.append(view_change.replica)
-        checkpoints[str(view_change.replica)] = view_change.checkpoint_seq
-        for certificate in view_change.prepared:
-            try:
-                prepared = peek(certificate.pre_prepare, PrePrepare)[1]
-            except Rejected:
-                continue
-            if isinstance(prepared, PrePrepare):
-                key = (prepared.seq, _entry_of(prepared))
-                carried.setdefault(key, []).append(view_change.replica)
-    plan = []
-    for pre_prepare_raw in message.pre_prepares:
-        try:
-            proposal = peek(pre_prepare_raw, PrePrepare)[1]
-        except Rejected:
-            continue
-        if isinstance(proposal, PrePrepare):
-            plan.append(
-                {
-                    "seq": proposal.seq,
-                    "payments": _request_ids(proposal.requests),
-                    "carried_from": sorted(carried.get((proposal.seq, _entry_of(proposal)), [])),
-                }
-            )
-    return {
-        "view": message.view,
-        "new_primary": message.replica,
-        "view_changes_from": sorted(senders),
-        "checkpoints": checkpoints,
-        "plan": plan,
-    }
-
-
-def _entry_of(proposal: PrePrepare) -> bytes:
-    return entry_digest(
-        proposal.seq, proposal.prev_hash, proposal.batch_digest, proposal.timestamp_ms
-    )
+    return message_fields(_node_name(source), data)
 
 
 _NODE_NAMES: dict[Principal, str] = {}
