@@ -36,6 +36,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         bench,
         cluster,
         explain,
+        gateway_keys,
         keys,
         lookups,
         operations,
@@ -57,6 +58,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         receipts.add_verify_receipt,
         cluster.add_cluster,
         keys.add_keygen,
+        gateway_keys.add_gateway_key,
         scenarios.add_sweep,
         scenarios.add_fuzz,
         explain.add_explain,
@@ -83,6 +85,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         "verify-receipt": receipts.verify_receipt,
         "explain": explain.explain,
         "bench": bench.bench,
+        "gateway-key": gateway_keys.gateway_key,
     }
     return parser, handlers
 

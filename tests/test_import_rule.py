@@ -325,13 +325,15 @@ def test_set_checker_ignores_dicts_and_annotations() -> None:
 # --- no cycles, and imports run one way ------------------------------------------------------
 
 # Each package and the packages it may import (besides itself): crypto <- pbft <- sim,
-# runtime <- cli. Every import counts, also inside functions and `if TYPE_CHECKING:` blocks.
+# runtime <- gateway <- cli. Every import counts, also inside functions and
+# `if TYPE_CHECKING:` blocks.
 ALLOWED_IMPORTS: dict[str, frozenset[str]] = {
     "crypto": frozenset(),
     "pbft": frozenset({"crypto"}),
     "sim": frozenset({"pbft", "crypto"}),
     "runtime": frozenset({"pbft", "crypto"}),
-    "cli": frozenset({"crypto", "pbft", "sim", "runtime"}),
+    "gateway": frozenset({"runtime", "pbft", "crypto"}),
+    "cli": frozenset({"crypto", "pbft", "sim", "runtime", "gateway"}),
 }
 PACKAGES = tuple(ALLOWED_IMPORTS)
 
@@ -389,8 +391,8 @@ def direction_violations(edges: list[Edge]) -> list[str]:
 
 def test_imports_run_one_way_between_packages() -> None:
     problems = direction_violations(import_edges())
-    assert not problems, "imports against crypto <- pbft <- sim, runtime <- cli:\n" + "\n".join(
-        problems
+    assert not problems, (
+        "imports against crypto <- pbft <- sim, runtime <- gateway <- cli:\n" + "\n".join(problems)
     )
 
 
@@ -414,6 +416,9 @@ def test_every_package_has_a_direction_rule() -> None:
         ("runtime.node", "sim.scenario"),
         ("runtime.node", "cli.exits"),
         ("sim.fuzz", "cli.scenarios"),
+        ("gateway.server", "cli.exits"),
+        ("gateway.app", "sim.simulator"),
+        ("runtime.node", "gateway.app"),
         ("elsewhere.module", "pbft.codec"),
     ],
 )
@@ -433,6 +438,8 @@ def test_direction_check_accepts_downward_and_own_package_imports() -> None:
         Edge("runtime.node", "pbft.replica", 4),
         Edge("cli.main", "sim.simulator", 5),
         Edge("cli.main", "runtime.node", 6),
+        Edge("gateway.server", "runtime.node", 7),
+        Edge("cli.gateway", "gateway.server", 8),
     ]
     assert direction_violations(edges) == []
 
