@@ -36,6 +36,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         bench,
         cluster,
         explain,
+        gateway,
         gateway_keys,
         keys,
         lookups,
@@ -57,6 +58,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         lookups.add_lookups,
         receipts.add_verify_receipt,
         cluster.add_cluster,
+        gateway.add_gateway,
         keys.add_keygen,
         gateway_keys.add_gateway_key,
         scenarios.add_sweep,
@@ -85,6 +87,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         "verify-receipt": receipts.verify_receipt,
         "explain": explain.explain,
         "bench": bench.bench,
+        "gateway": gateway.gateway,
         "gateway-key": gateway_keys.gateway_key,
     }
     return parser, handlers

@@ -356,7 +356,11 @@ class CatchUp:
             )
             return
         try:
-            ledger = Ledger.restore(state.ledger_snapshot, self.ctx.config.ledger_limits())
+            ledger = Ledger.restore(
+                state.ledger_snapshot,
+                self.ctx.config.ledger_limits(),
+                max_clients=len(self.ctx.verifier.keyring.client_ids()),
+            )
         except LedgerSnapshotError as error:
             raise Rejected(DropReason.BAD_SNAPSHOT, str(error)) from None
         # Before the digest: a few bytes naming another (say, ten million account) genesis

@@ -11,8 +11,10 @@ a client forces a leader change), then keeps retransmitting with backoff.
 
 Reads are not ordered: `query_balance` and the lookups of history (`core.lookups`: a
 request's status with receipt material, an account's history a page at a time, a hold's
-fate; see the section at the end of this file) ask every replica and return an answer
-once f + 1 of them agree.
+fate; see the section near the end of this file) ask every replica and return an answer
+once f + 1 of them agree. A replica status query (`core.statuses`, the last section) asks
+every replica where it stands and hands back each one's signed answer as it comes: no
+agreement, each replica's own word.
 """
 
 from __future__ import annotations
@@ -38,8 +40,10 @@ from pbft.messages import (
     BalanceReply,
     LookupAnswer,
     LookupQuery,
+    ReplicaStatusAnswer,
     Reply,
     Request,
+    StatusQuery,
 )
 from pbft.operations import OP_CODES, Op, Operation
 from pbft.receipt import RECEIPT_VERSION, UNKNOWN_OUTCOME_REASON, Receipt
@@ -168,7 +172,25 @@ class LookupResult:
     hold: HoldView | None = None
 
 
-ClientAction = Send | Decided | BalanceRead | LookupResult
+@dataclass(frozen=True)
+class ReplicaStatus:
+    """One replica's signed answer to our status query (ReplicaStatusAnswer), checked for
+    its signature, cluster and query, and nothing more: it is that replica's word alone.
+    `drops`: (reason, count), its most frequent drop reasons. `answer`: the signed frame."""
+
+    query_id: int
+    replica: int
+    view: int
+    view_status: str
+    last_executed: int
+    stable_checkpoint: int
+    low_watermark: int
+    high_watermark: int
+    drops: tuple[tuple[str, int], ...]
+    answer: bytes
+
+
+ClientAction = Send | Decided | BalanceRead | LookupResult | ReplicaStatus
 
 
 @dataclass
@@ -236,6 +258,7 @@ class ClientCore:
         self.retransmissions = 0
         self.drops: Counter[str] = Counter()
         self.lookups = Lookups(self)
+        self.statuses = StatusQueries(self)
 
     def submit(self, request_id: int, payer: str, payee: str, amount: int) -> list[ClientAction]:
         """Submit a transfer of `amount` from `payer` to `payee`."""
@@ -364,11 +387,13 @@ class ClientCore:
         ]
 
     def _on_reply(self, data: bytes) -> list[ClientAction]:
-        envelope, reply = peek(data, (Reply, BalanceReply, LookupAnswer))
+        envelope, reply = peek(data, (Reply, BalanceReply, LookupAnswer, ReplicaStatusAnswer))
         if isinstance(reply, BalanceReply):
             return self._on_balance_reply(envelope, reply)
         if isinstance(reply, LookupAnswer):
             return self.lookups.on_answer(envelope, reply)
+        if isinstance(reply, ReplicaStatusAnswer):
+            return self.statuses.on_answer(envelope, reply, data)
         if not isinstance(reply, Reply):
             raise Rejected(DropReason.UNEXPECTED_TYPE)
         if reply.client_id != self.client_id:
@@ -692,3 +717,66 @@ class Lookups:
         if hashlib.sha256(request.encode()).digest() != record.request_digest:
             return None
         return Receipt(RECEIPT_VERSION, core.cluster_id, seal(request, core.key), replies)
+
+
+# --- replica status: each replica's own word on where it stands ------------------------
+#
+# `core.statuses.ask(query_id)` returns the sends (one signed StatusQuery to every
+# replica); `core.handle` then returns a `ReplicaStatus` for each replica's first valid
+# answer, as it comes. Nothing is retransmitted: a caller asks again with a new query id
+# (a dashboard polls), and one that gives up pops its query id from
+# `core.statuses.pending`. A replica pays for answering from its lookup budget
+# (pbft/lookups.py), so a client polling too fast sees some replicas not answer.
+
+
+class StatusQueries:
+    """The client core's replica status queries (ClientCore.statuses)."""
+
+    def __init__(self, core: ClientCore) -> None:
+        self.core = core
+        # query id -> the replicas that answered it (a dict: no sets in the core)
+        self.pending: dict[int, dict[int, None]] = {}
+
+    def ask(self, query_id: int) -> list[ClientAction]:
+        core = self.core
+        check_uint64(query_id, "query id")
+        if query_id in self.pending:
+            raise ClientError(f"status query {query_id} is already in flight")
+        if len(self.pending) >= core.max_outstanding:
+            raise ClientError(f"{core.max_outstanding} status queries already in flight")
+        raw = seal(StatusQuery(core.client_id, query_id), core.key)
+        self.pending[query_id] = {}
+        return [Send(("replica", replica), raw) for replica in core.config.replica_ids()]
+
+    def on_answer(
+        self, envelope: Envelope, answer: ReplicaStatusAnswer, data: bytes
+    ) -> list[ClientAction]:
+        core = self.core
+        answered = self.pending.get(answer.query_id)
+        if answered is None or answer.client_id != core.client_id:
+            raise Rejected(DropReason.LATE_REPLY)
+        if answer.replica in answered:
+            raise Rejected(DropReason.LATE_REPLY, f"replica {answer.replica} answered already")
+        if answer.cluster_id != core.cluster_id:
+            raise Rejected(DropReason.OTHER_CLUSTER)
+        verify_signature(envelope, answer, core.keyring, core.cache)
+        # Only what no correct replica could say is refused; the rest is its word.
+        if not answer.stable_checkpoint <= answer.low_watermark <= answer.high_watermark:
+            raise Rejected(DropReason.CONFLICTING_REPLY, "a status that contradicts itself")
+        answered[answer.replica] = None
+        if len(answered) >= core.config.replica_count:
+            del self.pending[answer.query_id]
+        return [
+            ReplicaStatus(
+                answer.query_id,
+                answer.replica,
+                answer.view,
+                answer.view_status,
+                answer.last_executed,
+                answer.stable_checkpoint,
+                answer.low_watermark,
+                answer.high_watermark,
+                tuple((drop.reason, drop.count) for drop in answer.drops),
+                data,
+            )
+        ]

@@ -51,7 +51,7 @@ from collections.abc import Iterable, Sequence
 from typing import NamedTuple, Protocol
 
 from crypto.keys import Principal
-from pbft.client import BalanceRead, ClientAction, Decided, LookupResult
+from pbft.client import BalanceRead, ClientAction, Decided, LookupResult, ReplicaStatus
 from pbft.events import Action, Broadcast, Event, Executed, Note, Persist, Send
 
 
@@ -252,6 +252,8 @@ class ClientHost(Protocol):
 
     def looked_up(self, result: LookupResult) -> None: ...
 
+    def replica_status(self, status: ReplicaStatus) -> None: ...
+
 
 def carry_out_client(actions: Iterable[ClientAction], host: ClientHost) -> None:
     """Hand a client core's actions to its host, in order (a client persists nothing)."""
@@ -264,5 +266,7 @@ def carry_out_client(actions: Iterable[ClientAction], host: ClientHost) -> None:
             host.balance_read(action)
         elif isinstance(action, LookupResult):
             host.looked_up(action)
+        elif isinstance(action, ReplicaStatus):
+            host.replica_status(action)
         else:
             raise TypeError(f"not a client action: {action!r}")

@@ -892,10 +892,19 @@ class Ledger(OperationRules):
         return _packb(state)
 
     @classmethod
-    def restore(cls, snapshot: bytes, limits: LedgerLimits | None = None) -> Ledger:
+    def restore(
+        cls,
+        snapshot: bytes,
+        limits: LedgerLimits | None = None,
+        *,
+        max_clients: int | None = None,
+    ) -> Ledger:
         """Inverse of snapshot(); anything but a canonical valid snapshot raises
         LedgerSnapshotError. With `limits` (the cluster's), a snapshot with other record
-        limits is refused before anything is sized by them."""
+        limits is refused before anything is sized by them. With `max_clients` (the
+        cluster's client keys: only their requests execute, so only they have dedup
+        entries), a snapshot listing more clients is refused before the record slots are
+        sized by its count (each client may own up to its caps in slots)."""
         if not isinstance(snapshot, bytes | bytearray | memoryview):
             raise LedgerSnapshotError(f"snapshot must be bytes, got {type(snapshot).__name__}")
         snapshot = bytes(snapshot)
@@ -919,7 +928,7 @@ class Ledger(OperationRules):
             raise LedgerSnapshotError(f"undecodable snapshot: {error}") from error
 
         try:
-            ledger = cls._from_state(state, limits)
+            ledger = cls._from_state(state, limits, max_clients)
         except MemoryError:  # a backstop: every count is bounded before it is allocated
             raise LedgerSnapshotError("snapshot too large to restore") from None
         # Rejects every non-canonical encoding (wider int formats, etc.) at once.
@@ -928,7 +937,9 @@ class Ledger(OperationRules):
         return ledger
 
     @classmethod
-    def _from_state(cls, state: Any, expected_limits: LedgerLimits | None) -> Ledger:
+    def _from_state(
+        cls, state: Any, expected_limits: LedgerLimits | None, max_clients: int | None
+    ) -> Ledger:
         fields = _snapshot_array(state, "state", length=11)
         version, dedup_window, initial_total, executed_count, rule, accounts, clients = fields[:7]
         limits_row, batch_time_ms, slot_count, record_rows = fields[7:]
@@ -943,6 +954,10 @@ class Ledger(OperationRules):
             if expected_limits is not None and limits != expected_limits:
                 raise RecordError(f"record limits {limits_row!r} are not the cluster's")
             client_count = len(_snapshot_array(clients, "clients"))
+            if max_clients is not None and client_count > max_clients:
+                raise RecordError(
+                    f"{client_count} clients, more than the cluster's {max_clients} client keys"
+                )
             records = Records.from_rows(
                 limits, slot_count, record_rows, batch_time_ms, client_count
             )

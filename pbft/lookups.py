@@ -16,12 +16,17 @@ f + 1 replicas agree on it (pbft/client.py, the lookups section). What each kind
 - history (account, cursor): a page of the account's entries, oldest first, optionally
   only through a given seq, so later pages can be read as of the first page's seq.
 - hold (hold id): its fate (open, captured, voided, expired), amounts and expiry.
+A StatusQuery is answered here too, from the replica's own state rather than history: its
+view and the view's status, last executed, stable checkpoint, watermark window and drop
+counters, signed (ReplicaStatusAnswer). Each replica speaks for itself; no client waits
+for f + 1 of these to agree (a dashboard, `pbft status`).
 Where the history a replica holds cannot tell (retention pruned it; a state transfer
 skipped it), the answer is "not held", never a false "not found".
 
 Bounded: the query's page limit is bounded at decode (MAX_PAGE), an answer is well within
 a frame, and each client's lookups are paid from a token bucket (the replay budget's rate
-and burst, a bucket of its own) before anything is read or signed. Like balance reads,
+and burst, a bucket of its own, shared by status queries) before anything is read or
+signed. Like balance reads,
 lookups are not access-controlled: any client of the cluster may read any history.
 """
 
@@ -36,10 +41,15 @@ from pbft.history import AccountEntry, HistoryReader, HoldView, RequestRecord
 from pbft.messages import (
     BEHIND,
     FOUND,
+    MAX_DROP_REASON_LENGTH,
+    MAX_STATUS_DROPS,
     NOT_FOUND,
     NOT_HELD,
+    DropCount,
     LookupAnswer,
     LookupQuery,
+    ReplicaStatusAnswer,
+    StatusQuery,
 )
 from pbft.replies import ReplyResult, sign_replies
 from pbft.signed import Opened, Rejected, seal
@@ -75,6 +85,36 @@ class Lookups:
             raise Rejected(DropReason.LOOKUP_RATE_LIMITED, f"client {query.client_id}")
         answer = self.answer(query, opened.body_digest)
         self.ctx.send(("client", query.client_id), seal(answer, self.ctx.key))
+
+    def on_status_query(self, query: StatusQuery, opened: Opened) -> None:
+        # The same bucket as lookups: a status answer costs a signature like one.
+        if not self.budget.allow(query.client_id, self.ctx.now_ms):
+            raise Rejected(DropReason.LOOKUP_RATE_LIMITED, f"client {query.client_id}")
+        self.ctx.send(("client", query.client_id), seal(self.status(query), self.ctx.key))
+
+    def status(self, query: StatusQuery) -> ReplicaStatusAnswer:
+        """Where this replica stands, as it sees itself."""
+        ctx = self.ctx
+        low = ctx.checkpoints.window_low()
+        # The most frequent reasons if there are too many to send; sorted by name.
+        counted = sorted(ctx.drops.items(), key=lambda item: (-item[1], item[0]))
+        drops = tuple(
+            DropCount(reason[:MAX_DROP_REASON_LENGTH], count)
+            for reason, count in sorted(counted[:MAX_STATUS_DROPS])
+        )
+        return ReplicaStatusAnswer(
+            ctx.id,
+            query.client_id,
+            query.query_id,
+            ctx.cluster_id,
+            ctx.view,
+            str(ctx.status),
+            ctx.ordering.last_executed,
+            ctx.checkpoints.stable.seq,
+            low,
+            low + ctx.config.watermark_window,
+            drops,
+        )
 
     def answer(self, query: LookupQuery, query_digest: bytes) -> LookupAnswer:
         history = self.history

@@ -17,6 +17,7 @@ from pbft.config import MAX_BATCH_SIZE, MAX_REPLICAS
 from pbft.history import MAX_PAGE, AccountEntry, HoldView, RequestRecord
 from pbft.ledger import Outcome, Reason
 from pbft.operations import MAX_OP_LENGTH, OP_CODES, Operation
+from pbft.status import ViewStatus
 
 # Views and sequence numbers stay far below 2**64 so `+ 1` never leaves the wire range.
 MAX_VIEW = 2**62
@@ -61,6 +62,8 @@ class MessageType(enum.IntEnum):
     STATE_REQUEST = 17
     LOOKUP = 18
     LOOKUP_ANSWER = 19
+    STATUS_QUERY = 20
+    STATUS_ANSWER = 21
 
 
 class Message(Struct):
@@ -565,6 +568,78 @@ class LookupAnswer(Message):
     }
 
 
+# --- a replica's own status (pbft/lookups.py, replica status) ------------------------------
+# At most this many drop counters in one answer (the most frequent): the reasons are an
+# open set (malformed_<codec reason>, batch_request_<reason>), the answer stays small.
+MAX_STATUS_DROPS = 128
+MAX_DROP_REASON_LENGTH = 64
+
+
+@dataclass(frozen=True)
+class StatusQuery(Message):
+    """A client asks every replica where it stands (a read: not ordered, not agreed)."""
+
+    client_id: int
+    query_id: int
+
+    TYPE = MessageType.STATUS_QUERY
+    SIGNER = "client"
+    SENDER_FIELD = "client_id"
+    SCHEMA: ClassVar[dict[str, Spec]] = {
+        "client_id": CLIENT,
+        "query_id": UInt(),
+    }
+
+
+@dataclass(frozen=True)
+class DropCount(Struct):
+    """How many inputs a replica dropped for one reason (pbft/drops.py)."""
+
+    reason: str
+    count: int
+
+    SCHEMA: ClassVar[dict[str, Spec]] = {
+        "reason": Text(MAX_DROP_REASON_LENGTH),
+        "count": UInt(),
+    }
+
+
+@dataclass(frozen=True)
+class ReplicaStatusAnswer(Message):
+    """One replica's signed word on its own state, for client `client_id`'s query
+    `query_id`, in cluster `cluster_id`: its view and the view's status, the last seq it
+    executed, its stable checkpoint, its watermark window (low, high] and its drop counters
+    (the most frequent MAX_STATUS_DROPS, by reason). No f + 1 agreement stands behind it:
+    a dashboard shows each replica's word as that replica's."""
+
+    replica: int
+    client_id: int
+    query_id: int
+    cluster_id: bytes
+    view: int
+    view_status: str
+    last_executed: int
+    stable_checkpoint: int
+    low_watermark: int
+    high_watermark: int
+    drops: tuple[DropCount, ...]
+
+    TYPE = MessageType.STATUS_ANSWER
+    SCHEMA: ClassVar[dict[str, Spec]] = {
+        "replica": REPLICA,
+        "client_id": CLIENT,
+        "query_id": UInt(),
+        "cluster_id": HASH,
+        "view": VIEW,
+        "view_status": Text(16, tuple(status.value for status in ViewStatus)),
+        "last_executed": SEQ,
+        "stable_checkpoint": SEQ,
+        "low_watermark": SEQ,
+        "high_watermark": SEQ,
+        "drops": ListOf(Nested(DropCount), MAX_STATUS_DROPS),
+    }
+
+
 MESSAGE_CLASSES: dict[MessageType, type[Message]] = {
     cls.TYPE: cls
     for cls in (
@@ -587,5 +662,7 @@ MESSAGE_CLASSES: dict[MessageType, type[Message]] = {
         StateRequest,
         LookupQuery,
         LookupAnswer,
+        StatusQuery,
+        ReplicaStatusAnswer,
     )
 }

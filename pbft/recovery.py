@@ -53,7 +53,9 @@ class Recovery:
             seq, chain_hash, ledger_digest, snapshot, proof = unpack(
                 checkpoint, MAX_LOCAL_RECORD_BYTES
             )
-            self.ctx.ordering.ledger = Ledger.restore(snapshot)
+            self.ctx.ordering.ledger = Ledger.restore(
+                snapshot, max_clients=len(self.ctx.verifier.keyring.client_ids())
+            )
             self.ctx.checkpoints.stable = StableCheckpoint(
                 seq, chain_hash, ledger_digest, snapshot, tuple(proof)
             )

@@ -69,6 +69,7 @@ from pbft.messages import (
     Request,
     StateChunk,
     StateRequest,
+    StatusQuery,
     Suspect,
     ViewChange,
 )
@@ -265,9 +266,11 @@ class Replica(Context):
                 return partial(self.requests.on_balance_query, message)
             case LookupQuery():
                 return partial(self.lookups.on_query, message)
+            case StatusQuery():
+                return partial(self.lookups.on_status_query, message)
             case _:
-                # Replies, balance replies and lookup answers are for clients; a replica
-                # never takes them.
+                # Replies, balance replies, lookup and status answers are for clients; a
+                # replica never takes them.
                 raise Rejected(DropReason.UNEXPECTED_TYPE, type(message).__name__)
 
     def _is_stale(self, message: Message) -> bool:

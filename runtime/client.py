@@ -10,7 +10,8 @@ decided the same way, with a receipt: `authorize`, `capture`, `void`, `refund`,
 made them: a transfer's own, an authorize's for its hold, and for a captured hold the hold's.
 Lookups of history, answered by f + 1 matching replicas, go through `lookup`: `status` (a
 request's record, and a receipt for this client's own), `history` (an account's entries, a
-page at a time) and `hold` (a hold's fate).
+page at a time) and `hold` (a hold's fate). `replica_status` asks every replica where it
+stands and gives each one's own signed word (no agreement), for dashboards.
 
 The sans-I/O `ClientCore` decides (f + 1 matching signed replies) and says when to
 retransmit; this module only carries its messages and its clock. Retrying with the same
@@ -34,7 +35,14 @@ from types import TracebackType
 import trio
 
 from crypto.keys import Principal, SigningKey
-from pbft.client import BalanceRead, ClientAction, ClientCore, Decided, LookupResult
+from pbft.client import (
+    BalanceRead,
+    ClientAction,
+    ClientCore,
+    Decided,
+    LookupResult,
+    ReplicaStatus,
+)
 from pbft.events import MessageReceived, Tick
 from pbft.history import MAX_PAGE
 from pbft.host import Outgoing, carry_out_client
@@ -101,6 +109,8 @@ class PaymentClient:
         self._reads: dict[int, BalanceRead] = {}
         self._waiting_lookups: dict[int, trio.Event] = {}
         self._lookups: dict[int, LookupResult] = {}
+        # status query id -> (replica -> its answer, set once every replica answered)
+        self._statuses: dict[int, tuple[dict[int, ReplicaStatus], trio.Event]] = {}
         self._nursery_manager: trio.Nursery | None = None
         self._cancel = trio.CancelScope()
         self._last_request_id = 0
@@ -164,6 +174,10 @@ class PaymentClient:
                     nursery.start_soon(one, ("replica", replica.replica_id))
                 await enough.wait()
                 nursery.cancel_scope.cancel()
+
+    def is_connected(self, replica_id: int) -> bool:
+        """Whether this client's transport has a live connection to replica `replica_id`."""
+        return self._transport.is_connected(("replica", replica_id))
 
     async def pay(
         self, payer: str, payee: str, amount: int, request_id: int | None = None
@@ -300,6 +314,30 @@ class PaymentClient:
         """The fate of hold `hold` = (client, request id) of its authorize."""
         return await self.lookup(lambda query_id: self.core.lookups.hold(query_id, *hold))
 
+    async def replica_status(self, timeout_s: float = 1.0) -> dict[int, ReplicaStatus | None]:
+        """Every replica's own signed word on where it stands (view, last executed, stable
+        checkpoint...), waiting at most `timeout_s` for all of them: None for a replica that
+        did not answer in time (down, cut off, or out of lookup budget for this client).
+        Not agreed by f + 1: a faulty replica's answer says what it likes."""
+        if not (isinstance(timeout_s, int | float) and math.isfinite(timeout_s)) or not (
+            0 < timeout_s <= MAX_TIMEOUT_S
+        ):
+            raise ValueError(f"timeout must be in (0, {MAX_TIMEOUT_S:g}] seconds, got {timeout_s}")
+        query_id = self.new_request_id()
+        answers: dict[int, ReplicaStatus] = {}
+        everyone = trio.Event()
+        self._statuses[query_id] = (answers, everyone)
+        try:
+            self._carry_out(self.core.statuses.ask(query_id))
+            with trio.move_on_after(timeout_s):
+                await everyone.wait()
+        finally:
+            self._statuses.pop(query_id, None)
+            self.core.statuses.pending.pop(query_id, None)
+        return {
+            replica.replica_id: answers.get(replica.replica_id) for replica in self.cluster.replicas
+        }
+
     def statistics(self) -> dict[str, object]:
         return {"client": self.core.statistics(), "transport": self._transport.statistics()}
 
@@ -345,6 +383,14 @@ class _Host:
         if waiting is not None:  # else its lookup gave up: nobody to hand it to
             self.client._lookups[result.query_id] = result
             waiting.set()
+
+    def replica_status(self, status: ReplicaStatus) -> None:
+        waiting = self.client._statuses.get(status.query_id)
+        if waiting is not None:  # else its query gave up
+            answers, everyone = waiting
+            answers[status.replica] = status
+            if len(answers) >= len(self.client.cluster.replicas):
+                everyone.set()
 
 
 def _only(group: BaseExceptionGroup[BaseException], wanted: BaseException) -> bool:

@@ -6,6 +6,11 @@ the simulator's), and, as the baseline measured in the same run, the one Ed25519
 signature a replica makes per executed batch anyway (over its replies' Merkle root).
 The node records through a thread of its own (ThreadedHistoryStore): what its step loop
 pays per batch is the queueing, shown next to the time until everything is written.
+That thread shares the machine's cores (and the GIL, for its Python part) with the
+replica, so what history costs a replica is CPU time (the process's, every thread): shown
+for one transaction a batch (what the thread did under a steady load before it grouped
+batches) and for the node's grouping now (a transaction per checkpoint interval, that one
+synced: its wall time includes the fsyncs), from the same batches in the same run.
 Also one status lookup and one page of account history read back from SQLite.
 """
 
@@ -51,6 +56,16 @@ def batch(seq: int, size: int, accounts: int) -> Executed:
     return Executed(0, seq, seq.to_bytes(32, "big"), tuple(requests), seq, 0, bytes(32), ())
 
 
+def cpu_and_wall_us(calls: int, run: Callable[[], object]) -> tuple[float, float]:
+    """CPU (this process, every thread) and wall time of `run`, per call, in us."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    run()
+    return (
+        (time.process_time() - cpu) / calls * 1e6,
+        (time.perf_counter() - wall) / calls * 1e6,
+    )
+
+
 def per_call_us(calls: int, run: Callable[[int], object]) -> float:
     started = time.perf_counter()
     for call in range(calls):
@@ -64,6 +79,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--accounts", type=int, default=1000)
     parser.add_argument("--retention", type=int, default=1000)
+    parser.add_argument(
+        "--checkpoint-interval", type=int, default=16, help="the cluster's (default 16)"
+    )
     args = parser.parse_args(argv)
     batches = [batch(seq, args.batch, args.accounts) for seq in range(1, args.batches + 1)]
     key = SigningKey.derive(1, "bench")
@@ -73,7 +91,11 @@ def main(argv: list[str] | None = None) -> None:
     memory_us = per_call_us(args.batches, lambda i: memory.record(batches[i]))
     with tempfile.TemporaryDirectory() as directory:
         sqlite = SqliteHistoryStore(Path(directory) / "history.sqlite", args.retention)
-        sqlite_us = per_call_us(args.batches, lambda i: sqlite.record(batches[i]))
+        # One transaction a batch: what the history thread did under a steady load before
+        # it grouped batches (woken per step, it found one batch queued).
+        single_cpu, single_wall = cpu_and_wall_us(
+            args.batches, lambda: [sqlite.record(executed) for executed in batches]
+        )
         last = args.batches * args.batch - 1
         status_us = per_call_us(1000, lambda i: sqlite.request(last % 100, last - i % 50))
         page_us = per_call_us(
@@ -90,14 +112,40 @@ def main(argv: list[str] | None = None) -> None:
         threaded_us = (time.perf_counter() - started) / args.batches * 1e6
         transactions = threaded.transactions
         threaded.close()
+        # The node's now: grouped by the thread, one durable write per checkpoint interval.
+        grouped = ThreadedHistoryStore(
+            SqliteHistoryStore(Path(directory) / "grouped.sqlite", args.retention),
+            checkpoint_interval=args.checkpoint_interval,
+        )
+
+        def feed() -> None:
+            for executed in batches:
+                grouped.record(executed)
+                if executed.seq % args.checkpoint_interval == 0:
+                    # As the node's writer before each stable checkpoint (the thread has
+                    # begun that group's write already: a checkpoint's batch ends one).
+                    grouped.sync_through(executed.seq)
+            grouped.flush()
+
+        grouped_cpu, grouped_wall = cpu_and_wall_us(args.batches, feed)
+        group_size = grouped.batches_written / max(grouped.transactions, 1)
+        syncs = grouped.syncs
+        grouped.close()
     print(f"{args.batches} batches of {args.batch} transfers, retention {args.retention} seqs")
     print(f"baseline: one Ed25519 signature (one per batch already): {signature_us:8.1f} us")
     print(f"history, in memory (simulator):                          {memory_us:8.1f} us/batch")
-    print(f"history, SQLite (runtime):                               {sqlite_us:8.1f} us/batch")
     print(f"history, SQLite in its thread: the step loop's share     {queue_us:8.1f} us/batch")
     print(
         f"history, SQLite in its thread: until all written          {threaded_us:8.1f} us/batch"
         f" ({args.batches / max(transactions, 1):.1f} batches a transaction)"
+    )
+    print(
+        f"history, SQLite, one transaction a batch:  CPU {single_cpu:8.1f} us/batch,"
+        f" wall {single_wall:8.1f}"
+    )
+    print(
+        f"history, SQLite, the node's groups:        CPU {grouped_cpu:8.1f} us/batch,"
+        f" wall {grouped_wall:8.1f} ({group_size:.1f} batches a transaction, {syncs} synced)"
     )
     print(f"SQLite read: one status                                  {status_us:8.1f} us")
     print(f"SQLite read: one page of up to 256 account entries       {page_us:8.1f} us")

@@ -11,26 +11,29 @@ says how many are kept), so the file stays bounded.
 
 No fsync per batch: the file is in WAL mode with synchronous=NORMAL, which syncs only when
 SQLite checkpoints its WAL (every 1000 pages by default): durable across a crash of the
-process, consistent after a power loss, which may lose the last writes. Cost (python -m
-runtime.history_bench): a few ms per batch of 64 transfers, most of it SQLite's inserts,
-paid by the history thread; the step loop pays about a microsecond to queue a batch.
+process, consistent after a power loss, which may lose the last writes. The node's thread
+(ThreadedHistoryStore) groups many batches into one transaction (a transaction rewrites
+every page it touches into the WAL, so one per batch cost about twice as much per batch as
+one per 16, see runtime/history_bench.py), and makes a write durable (synchronous=FULL for
+that transaction) where recovery needs it: through each stable checkpoint.
 That is enough because history is derived state, and only of committed batches, which
 execute alike wherever and whenever they execute: after a restart the replica re-executes
 from its stable checkpoint (pbft/recovery.py) and the node records those batches again,
 which rewrites their rows idempotently (recording seq s drops s and everything after it
-first). The node's durable writer flushes history before it writes a new stable
-checkpoint, so history never lags the checkpoint a restart resumes from (it may run ahead
-of the log: those batches are rewritten as they execute again). What a store lacks, it
-says: if its last write is older than the checkpoint (a power loss took the last WAL
-writes), or the replica caught up by state transfer, the seqs it never recorded fall before
-`held_from`, and lookups about them are answered "not held", never "not found"; the
-client's f + 1 matching gets the answer from replicas that hold it.
+first). The node's durable writer makes history durable through a checkpoint's seq before
+it writes that stable checkpoint (`sync_through`), so history never lags the checkpoint a
+restart resumes from, even after a power loss (it may run ahead of the log: those batches
+are rewritten as they execute again). What a store lacks, it says: if the replica caught
+up by state transfer, the seqs it never recorded fall before `held_from`, and lookups
+about them are answered "not held", never "not found"; the client's f + 1 matching gets
+the answer from replicas that hold it.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -52,7 +55,10 @@ from pbft.history import (
     wire_record,
 )
 
-SCHEMA_VERSION = 1
+# Version 2 (from 1, migrated on open): each table is appended in seq order and has only
+# the indexes its reads and pruning use, and an account entry is stored as columns
+# instead of a packed blob (runtime/history_bench.py: about a third less CPU a batch).
+SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS requests (
@@ -60,11 +66,12 @@ CREATE TABLE IF NOT EXISTS requests (
     client_id INTEGER NOT NULL, request_id INTEGER NOT NULL,
     ref_client INTEGER NOT NULL, ref_request INTEGER NOT NULL,
     closes_hold INTEGER NOT NULL, decides INTEGER NOT NULL,
-    record BLOB NOT NULL,
-    PRIMARY KEY (seq, idx)
+    record BLOB NOT NULL
 );
+CREATE INDEX IF NOT EXISTS requests_by_seq ON requests (seq);
 CREATE INDEX IF NOT EXISTS requests_by_id ON requests (client_id, request_id);
-CREATE INDEX IF NOT EXISTS requests_by_ref ON requests (ref_client, ref_request);
+CREATE INDEX IF NOT EXISTS requests_by_ref ON requests (ref_client, ref_request)
+    WHERE closes_hold = 1;
 CREATE TABLE IF NOT EXISTS releases (
     seq INTEGER NOT NULL, hold_client INTEGER NOT NULL, hold_request INTEGER NOT NULL,
     payer TEXT NOT NULL, amount TEXT NOT NULL,
@@ -72,12 +79,24 @@ CREATE TABLE IF NOT EXISTS releases (
 );
 CREATE INDEX IF NOT EXISTS releases_by_hold ON releases (hold_client, hold_request);
 CREATE TABLE IF NOT EXISTS entries (
-    account TEXT NOT NULL, seq INTEGER NOT NULL, position INTEGER NOT NULL,
-    entry BLOB NOT NULL,
-    PRIMARY KEY (account, seq, position)
+    seq INTEGER NOT NULL, position INTEGER NOT NULL, account TEXT NOT NULL,
+    timestamp_ms INTEGER NOT NULL, kind TEXT NOT NULL,
+    client_id INTEGER NOT NULL, request_id INTEGER NOT NULL,
+    available_delta INTEGER NOT NULL, held_delta INTEGER NOT NULL,
+    PRIMARY KEY (seq, position)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS entries_by_seq ON entries (seq);
+CREATE INDEX IF NOT EXISTS entries_by_account ON entries (account, seq, position);
 """
+# Version 1's requests kept its rows under a (seq, idx) key of their own and indexed every
+# row by its reference; its entries were keyed by account (each insert landing anywhere in
+# the table) and packed. Rows move over as they are; entries are unpacked into columns.
+_MIGRATE_FROM_1 = (
+    "ALTER TABLE requests RENAME TO requests_v1",
+    "ALTER TABLE entries RENAME TO entries_v1",
+    "DROP INDEX requests_by_id",
+    "DROP INDEX requests_by_ref",
+    "DROP INDEX entries_by_seq",
+)
 _TABLES = ("requests", "releases", "entries")
 
 
@@ -91,6 +110,26 @@ def _sql_int(value: int) -> int:
     return value - 2**64 if value >= 2**63 else value
 
 
+def _uint(value: int) -> int:
+    """The inverse of _sql_int."""
+    return value + 2**64 if value < 0 else value
+
+
+def _entry_row(account: str, entry: AccountEntry) -> tuple[object, ...]:
+    """An entries row (version 2's columns) of a decoded entry (a version 1 file's)."""
+    return (
+        entry.seq,
+        entry.position,
+        account,
+        entry.timestamp_ms,
+        entry.kind,
+        entry.client_id,
+        _sql_int(entry.request_id),
+        entry.available_delta,
+        entry.held_delta,
+    )
+
+
 class SqliteHistoryStore:
     """pbft.history.HistoryStore in one SQLite file (":memory:" for a private one)."""
 
@@ -102,11 +141,18 @@ class SqliteHistoryStore:
             self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
-            version = self._meta("schema_version", SCHEMA_VERSION)
+            has_meta = self._db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+            ).fetchone()
+            version = self._meta("schema_version", 0) if has_meta else SCHEMA_VERSION
+            if version == 1:
+                self._migrate_from_1()
+            elif version == SCHEMA_VERSION:
+                self._db.executescript(_SCHEMA)
+                self._meta("schema_version", SCHEMA_VERSION)
         except sqlite3.DatabaseError as error:
             raise HistoryStoreError(f"history file {path}: {error}") from None
-        if version != SCHEMA_VERSION:
+        if version not in (1, SCHEMA_VERSION):
             raise HistoryStoreError(
                 f"history file {path} has schema version {version}, expected {SCHEMA_VERSION}"
             )
@@ -115,6 +161,37 @@ class SqliteHistoryStore:
 
     def close(self) -> None:
         self._db.close()
+
+    def _migrate_from_1(self) -> None:
+        """Version 1's file to version 2, in one transaction (a crash leaves version 1)."""
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            for statement in _MIGRATE_FROM_1:
+                db.execute(statement)
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute(
+                "INSERT INTO requests SELECT seq, idx, client_id, request_id, ref_client, "
+                "ref_request, closes_hold, decides, record FROM requests_v1 ORDER BY seq, idx"
+            )
+            db.executemany(
+                "INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    _entry_row(account, AccountEntry.decode(entry))
+                    for account, entry in db.execute(
+                        "SELECT account, entry FROM entries_v1 ORDER BY seq, position"
+                    )
+                ),
+            )
+            db.execute("DROP TABLE requests_v1")
+            db.execute("DROP TABLE entries_v1")
+            db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (SCHEMA_VERSION,))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
     def _meta(self, key: str, default: int) -> int:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -132,10 +209,14 @@ class SqliteHistoryStore:
     def record(self, executed: Executed) -> None:
         self.record_all((executed,))
 
-    def record_all(self, batches: Iterable[Executed]) -> None:
-        """Record batches in one transaction (the node records a step's at once)."""
+    def record_all(self, batches: Iterable[Executed], *, durable: bool = False) -> None:
+        """Record batches in one transaction (the node's thread records many at once).
+        `durable`: the commit syncs the WAL (synchronous=FULL), so it and every earlier
+        commit survive a power loss; with no batches, only that sync."""
         db = self._db
         held_from, held_through = self._from, self._through
+        if durable:
+            db.execute("PRAGMA synchronous=FULL")
         db.execute("BEGIN")
         try:
             for executed in batches:
@@ -159,6 +240,9 @@ class SqliteHistoryStore:
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        finally:
+            if durable:
+                db.execute("PRAGMA synchronous=NORMAL")
         self._from, self._through = held_from, held_through
 
     def _insert(self, executed: Executed) -> None:
@@ -197,14 +281,15 @@ class SqliteHistoryStore:
                 ],
             )
         db.executemany(
-            "INSERT INTO entries VALUES (?, ?, ?, ?)",
+            "INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
-                (account, fields[0], fields[1], pack(list(fields)))
+                (seq, fields[1], account, fields[2], fields[3], fields[4], _sql_int(fields[5]),
+                 fields[6], fields[7])
                 for account, fields in entry_fields(
                     seq, executed.timestamp_ms, executed.requests, executed.released
                 )
             ],
-        )
+        )  # fmt: skip
 
     def request(self, client_id: int, request_id: int) -> RequestRecord | None:
         row = self._db.execute(
@@ -218,11 +303,15 @@ class SqliteHistoryStore:
         self, account: str, after: tuple[int, int], through_seq: int, limit: int
     ) -> list[AccountEntry]:
         rows = self._db.execute(
-            "SELECT entry FROM entries WHERE account = ? AND (seq, position) > (?, ?) "
+            "SELECT seq, position, timestamp_ms, kind, client_id, request_id, available_delta, "
+            "held_delta FROM entries WHERE account = ? AND (seq, position) > (?, ?) "
             "AND seq <= ? ORDER BY seq, position LIMIT ?",
             (account, after[0], after[1], through_seq, limit),
         ).fetchall()
-        return [AccountEntry.decode(row[0]) for row in rows]
+        return [
+            AccountEntry(seq, position, time_ms, kind, client, _uint(request), available, held)
+            for seq, position, time_ms, kind, client, request, available, held in rows
+        ]
 
     def hold(self, client_id: int, request_id: int) -> HoldView | None:
         authorize = self.request(client_id, request_id)
@@ -252,61 +341,112 @@ class SqliteHistoryStore:
 # Executed batches queued for the history thread before the node stops stepping and waits
 # for it (ThreadedHistoryStore.wait_for_room): a disk that falls behind slows the replica
 # down instead of growing the queue. 256 batches of up to 64 requests: a few MB at most,
-# and about a second of SQLite work at the ~4.5 ms a batch that runtime.history_bench shows.
+# and well under a second of SQLite work (runtime.history_bench).
 MAX_PENDING_BATCHES = 256
+# The thread writes a group of batches in one transaction once any of these holds: this
+# many are queued, the oldest has waited GROUP_DELAY_S, a batch at a checkpoint seq is
+# queued (written durably, so the stable checkpoint that follows finds it synced), or
+# someone waits (a read, sync_through, close). Nothing on the replica's path waits for the
+# delay: only how far the file lags behind what was executed, which recovery rewrites. A
+# checkpoint interval's batches usually end a group first; the delay only matters below
+# 16 batches a second (at 0.25 s, pbft bench under load made groups of about 3 batches).
+GROUP_BATCHES = 64
+GROUP_DELAY_S = 1.0
 
 
 class ThreadedHistoryStore:
     """A SqliteHistoryStore written by a thread of its own, off the node's step path.
 
     `record_all` only queues (the node's trio loop goes on reading the network and
-    stepping the core); the thread writes whatever is queued in one transaction. Reads
-    (the core's lookups) first wait until everything queued is written, so the replica
-    answers from all it has executed (read-your-writes): "not found" stays true. A lookup
-    that comes while a write is under way waits for it in the loop, a few ms, instead of
-    every batch waiting.
+    stepping the core); the thread writes a group of queued batches in one transaction
+    (GROUP_BATCHES above says when). Reads (the core's lookups) first have everything
+    queued written, so the replica answers from all it has executed (read-your-writes):
+    "not found" stays true. A lookup waits for that write in the loop, a few ms, instead
+    of every batch paying for a transaction of its own.
 
     Recovery resumes from the stable checkpoint and re-executes only what follows it, so
-    history must hold every batch up to a checkpoint before that checkpoint is durable:
-    the node's durable writer calls `flush` before it writes a ("checkpoint",) record
-    (runtime/node.py). Batches after it are re-executed and rewritten after a crash, as
-    before. A failed write is raised by the next call into the store, like the log's.
+    history must hold every batch up to a checkpoint, durably, before that checkpoint is:
+    the node's durable writer calls `sync_through(seq)` before it writes a ("checkpoint",)
+    record (runtime/node.py). Given `checkpoint_interval`, the thread already wrote each
+    checkpoint's batch durably when it was queued, so that call usually returns at once.
+    Batches after it are re-executed and rewritten after a crash, as before. A failed
+    write is raised by the next call into the store, like the log's.
     """
 
-    def __init__(self, store: SqliteHistoryStore, max_pending: int = MAX_PENDING_BATCHES) -> None:
+    def __init__(
+        self,
+        store: SqliteHistoryStore,
+        max_pending: int = MAX_PENDING_BATCHES,
+        *,
+        checkpoint_interval: int | None = None,
+        group_batches: int = GROUP_BATCHES,
+        group_delay_s: float = GROUP_DELAY_S,
+    ) -> None:
         self._store = store
         self.retention_seqs = store.retention_seqs
         self.max_pending = max_pending
+        self.checkpoint_interval = checkpoint_interval
+        self.group_batches = group_batches
+        self.group_delay_s = group_delay_s
         self._changed = threading.Condition()  # guards everything below
         self._queue: list[Executed] = []
-        self._writing = False
+        self._queued_at = 0.0  # when the oldest queued batch was queued (monotonic)
+        self._boundary = False  # a batch at a checkpoint seq is queued
+        self._hurry = 0  # callers waiting for the queue to be written
+        self._sync = False  # the next write must be durable (sync_through waits for it)
+        self._writing: list[Executed] | None = None  # the group being written
+        self._writing_durable = False
+        self._unsynced_low: int | None = None  # lowest seq written since the last sync
         self._closing = False
         self._error: BaseException | None = None
         self.batches_written = 0
         self.transactions = 0
+        self.syncs = 0  # durable transactions
         self._thread = threading.Thread(target=self._run, name="history-writer", daemon=True)
         self._thread.start()
+
+    def _due(self) -> bool:
+        return (
+            self._closing
+            or self._hurry > 0
+            or self._sync
+            or self._boundary
+            or len(self._queue) >= self.group_batches
+            or time.monotonic() >= self._queued_at + self.group_delay_s
+        )
 
     def _run(self) -> None:
         changed = self._changed
         while True:
             with changed:
-                while not self._queue and not self._closing:
-                    changed.wait()
-                if not self._queue:
-                    return
+                while not ((self._queue or self._sync or self._closing) and self._due()):
+                    if self._queue:
+                        changed.wait(self._queued_at + self.group_delay_s - time.monotonic())
+                    else:
+                        changed.wait()
+                if not self._queue and not self._sync:
+                    return  # closing, nothing left to write
                 batches, self._queue = self._queue, []
-                self._writing = True
+                durable = self._sync or self._boundary or self._closing
+                self._sync = self._boundary = False
+                self._writing, self._writing_durable = batches, durable
             try:
-                self._store.record_all(batches)
+                self._store.record_all(batches, durable=durable)
             except BaseException as error:  # kept for the caller, who raises it
                 with changed:
                     self._error = error
-                    self._writing = False
+                    self._writing = None
                     changed.notify_all()
                 return
             with changed:
-                self._writing = False
+                self._writing = None
+                if durable:
+                    self._unsynced_low = None
+                    self.syncs += 1
+                elif batches:
+                    low = min(executed.seq for executed in batches)
+                    if self._unsynced_low is None or low < self._unsynced_low:
+                        self._unsynced_low = low
                 self.batches_written += len(batches)
                 self.transactions += 1
                 changed.notify_all()
@@ -317,7 +457,7 @@ class ThreadedHistoryStore:
 
     def pending(self) -> int:
         with self._changed:
-            return len(self._queue) + self._writing
+            return len(self._queue) + (self._writing is not None)
 
     def record(self, executed: Executed) -> None:
         self.record_all((executed,))
@@ -329,27 +469,73 @@ class ThreadedHistoryStore:
             self._raise_failure()
             if self._closing:
                 raise HistoryStoreError("history store is closed")
-            self._queue.extend(batches)
-            self._changed.notify_all()
+            was_empty = not self._queue
+            interval = self.checkpoint_interval
+            for executed in batches:
+                self._queue.append(executed)
+                if interval is not None and executed.seq % interval == 0:
+                    self._boundary = True
+            if self._queue:
+                if was_empty:
+                    self._queued_at = time.monotonic()
+                self._changed.notify_all()
 
     def wait_for_room(self) -> None:
         """Block until fewer than `max_pending` batches are queued (in a worker thread)."""
         with self._changed:
-            while len(self._queue) >= self.max_pending and self._error is None:
-                self._changed.wait()
+            self._hurry += 1
+            self._changed.notify_all()
+            try:
+                while len(self._queue) >= self.max_pending and self._error is None:
+                    self._changed.wait()
+            finally:
+                self._hurry -= 1
             self._raise_failure()
 
     def flush(self) -> None:
-        """Block until everything queued so far is written."""
+        """Block until everything queued so far is written (not necessarily synced)."""
         with self._changed:
-            while (self._queue or self._writing) and self._error is None:
+            self._hurry += 1
+            self._changed.notify_all()
+            try:
+                while (self._queue or self._writing is not None) and self._error is None:
+                    self._changed.wait()
+            finally:
+                self._hurry -= 1
+            self._raise_failure()
+
+    def _needs_sync(self, seq: int) -> bool | None:
+        """For sync_through(seq): False if every batch queued so far with a seq <= `seq`
+        is written durably; None if the write under way (durable) will make it so; True
+        if a durable write must be asked for."""
+        if any(executed.seq <= seq for executed in self._queue):
+            return True
+        writing = self._writing
+        if writing is not None and self._writing_durable:
+            return None  # its sync covers every write before it too
+        if writing is not None and any(executed.seq <= seq for executed in writing):
+            return True
+        return self._unsynced_low is not None and self._unsynced_low <= seq
+
+    def sync_through(self, seq: int) -> None:
+        """Block until every batch queued with a seq <= `seq` is written and synced (the
+        node's writer, before a stable checkpoint at `seq`). Seqs never queued (skipped by
+        a state transfer) need nothing."""
+        with self._changed:
+            while self._error is None:
+                needed = self._needs_sync(seq)
+                if needed is False:
+                    break
+                if needed:
+                    self._sync = True
+                    self._changed.notify_all()
                 self._changed.wait()
             self._raise_failure()
 
     def close(self) -> None:
-        """Write what is queued, stop the thread, close the file. A failed last write is
-        not raised here (at a stop, after whatever ended the node): recovery rewrites
-        every batch after the stable checkpoint, and those before it were flushed."""
+        """Write what is queued (durably), stop the thread, close the file. A failed last
+        write is not raised here (at a stop, after whatever ended the node): recovery
+        rewrites every batch after the stable checkpoint, and those before it were synced."""
         with self._changed:
             self._closing = True
             self._changed.notify_all()

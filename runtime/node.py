@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+import msgpack
 import trio
 
 from crypto.keys import Principal
@@ -154,12 +155,12 @@ class _Writer:
         self,
         store: DurableStore,
         delay_s: float,
-        before_checkpoint: Callable[[], None] | None = None,
+        before_checkpoint: Callable[[int], None] | None = None,
     ) -> None:
         self.store = store
         self.delay_s = delay_s
-        # Called (in the thread) before a write that holds a new stable checkpoint:
-        # history must hold every batch that recovery will not re-execute.
+        # Called (in the thread) with its seq before a write that holds a new stable
+        # checkpoint: history must hold, durably, every batch recovery will not re-execute.
         self.before_checkpoint = before_checkpoint
         self.queue: list[tuple[Sequence[Persist], trio.Event | None]] = []
         self.work = trio.Event()  # something is queued
@@ -219,11 +220,28 @@ class _Writer:
             self._write(records)
 
     def _write(self, records: Sequence[Persist]) -> None:
-        if self.before_checkpoint is not None and any(
-            record.key == ("checkpoint",) for record in records
-        ):
-            self.before_checkpoint()
+        if self.before_checkpoint is not None:
+            seqs = [
+                checkpoint_seq(record.value)
+                for record in records
+                if record.key == ("checkpoint",) and record.value is not None
+            ]
+            if seqs:
+                self.before_checkpoint(max(seqs))
         self.store.apply(records_of(records))
+
+
+def checkpoint_seq(value: bytes) -> int:
+    """The seq of this replica's own ("checkpoint",) record ([seq, chain hash, digest,
+    snapshot, proof]: pbft/checkpoints.py make_stable), read without unpacking the
+    snapshot behind it."""
+    unpacker = msgpack.Unpacker()
+    unpacker.feed(value[:16])  # an array header and an int take at most 10 bytes
+    unpacker.read_array_header()
+    seq = unpacker.unpack()
+    if type(seq) is not int:
+        raise ValueError(f"checkpoint record starts with {seq!r}, not a seq")
+    return seq
 
 
 class _Host:
@@ -363,10 +381,12 @@ class ReplicaNode:
             stored = self.store.statistics()
             figures.update(fsyncs=stored.fsyncs, records_written=stored.records_written)
         if self.history is not None:
-            # history_batches / history_transactions: batches per SQLite transaction.
+            # history_batches / history_transactions: batches per SQLite transaction;
+            # history_syncs: those made durable (one per checkpoint, about).
             figures.update(
                 history_batches=self.history.batches_written,
                 history_transactions=self.history.transactions,
+                history_syncs=self.history.syncs,
             )
         if self.transport is not None:
             carried = self.transport.statistics()
@@ -382,7 +402,8 @@ class ReplicaNode:
     def record_history(self, executed: Sequence[Executed]) -> None:
         """Queue a step's executed batches for the history thread
         (runtime/history_store.py's ThreadedHistoryStore). History never lags the stable
-        checkpoint a restart resumes from: the writer flushes it before writing one."""
+        checkpoint a restart resumes from: the writer has it synced through the checkpoint
+        before writing one."""
         if self.history is not None and executed:
             self.history.record_all(executed)
 
@@ -409,7 +430,8 @@ class ReplicaNode:
                 SqliteHistoryStore(
                     self.data_dir / f"history-{self.replica_id}.sqlite",
                     self.history_retention,
-                )
+                ),
+                checkpoint_interval=self.cluster.config.checkpoint_interval,
             )
             records = store.records()
             repaired = store.recovery_report.repaired
@@ -479,7 +501,9 @@ class ReplicaNode:
 
     async def _drive(self, core: Replica, store: DurableStore, transport: Transport) -> None:
         history = self.history
-        writer = _Writer(store, self.tick_ms / 1000, history.flush if history is not None else None)
+        writer = _Writer(
+            store, self.tick_ms / 1000, history.sync_through if history is not None else None
+        )
         host = _Host(self, writer, transport)
         peers = peers_of(self.replica_id, (peer.replica_id for peer in self.cluster.replicas))
         try:

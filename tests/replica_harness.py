@@ -19,7 +19,14 @@ from typing import Any
 from crypto.keys import KeyRing, Principal, SigningKey
 from crypto.signing import VerificationCache
 from pbft.chain import batch_digest, entry_digest, genesis_hash
-from pbft.client import BalanceRead, ClientAction, ClientCore, Decided, LookupResult
+from pbft.client import (
+    BalanceRead,
+    ClientAction,
+    ClientCore,
+    Decided,
+    LookupResult,
+    ReplicaStatus,
+)
 from pbft.config import ClusterConfig
 from pbft.events import (
     Action,
@@ -95,14 +102,21 @@ class Entry:
 class Cluster:
     """Configuration, keys and signed-message builders for a 4-replica test cluster."""
 
-    def __init__(self, *, accounts: Mapping[str, Account] | None = None, **overrides: int) -> None:
+    def __init__(
+        self,
+        *,
+        accounts: Mapping[str, Account] | None = None,
+        clients: int = CLIENT_COUNT,
+        **overrides: int,
+    ) -> None:
         settings = {**DEFAULT_SETTINGS, **overrides}
         self.config = ClusterConfig(**settings)
         self.n = self.config.replica_count
         self.f = self.config.fault_tolerance
         self.quorum = self.config.quorum
         self.replica_keys = [SigningKey.derive(SEED, f"replica/{i}") for i in range(self.n)]
-        self.client_keys = [SigningKey.derive(SEED, f"client/{j}") for j in range(CLIENT_COUNT)]
+        # Restoring a snapshot refuses more clients than the cluster has keys.
+        self.client_keys = [SigningKey.derive(SEED, f"client/{j}") for j in range(clients)]
         self.keyring = KeyRing()
         for i, key in enumerate(self.replica_keys):
             self.keyring.add(("replica", i), key.verify_key)
@@ -527,6 +541,7 @@ class Network:
         self.decided: list[Decided] = []
         self.reads: list[BalanceRead] = []
         self.lookups: list[LookupResult] = []
+        self.statuses: list[ReplicaStatus] = []
         self.executed: dict[int, list[Executed]] = {i: [] for i in self.replicas}
         self.records: dict[int, dict[tuple[str | int, ...], bytes]] = {i: {} for i in self.replicas}
         self.now_ms = 0
@@ -610,3 +625,6 @@ class _NetworkClientHost:
 
     def looked_up(self, result: LookupResult) -> None:
         self.network.lookups.append(result)
+
+    def replica_status(self, status: ReplicaStatus) -> None:
+        self.network.statuses.append(status)

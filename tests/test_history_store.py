@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import random
+import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from pbft.codec import pack
 from pbft.events import Executed, ExecutedRequest
 from pbft.history import (
     CAPTURED,
@@ -340,3 +342,98 @@ def test_sqlite_refuses_a_file_that_is_not_history(tmp_path: Path) -> None:
 def test_retention_must_be_positive() -> None:
     with pytest.raises(ValueError, match="retention"):
         MemoryHistoryStore(0)
+
+
+# Version 1's tables (runtime/history_store.py before version 2), as files of the previous
+# release have them.
+_SCHEMA_V1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE requests (
+    seq INTEGER NOT NULL, idx INTEGER NOT NULL,
+    client_id INTEGER NOT NULL, request_id INTEGER NOT NULL,
+    ref_client INTEGER NOT NULL, ref_request INTEGER NOT NULL,
+    closes_hold INTEGER NOT NULL, decides INTEGER NOT NULL,
+    record BLOB NOT NULL,
+    PRIMARY KEY (seq, idx)
+);
+CREATE INDEX requests_by_id ON requests (client_id, request_id);
+CREATE INDEX requests_by_ref ON requests (ref_client, ref_request);
+CREATE TABLE releases (
+    seq INTEGER NOT NULL, hold_client INTEGER NOT NULL, hold_request INTEGER NOT NULL,
+    payer TEXT NOT NULL, amount TEXT NOT NULL,
+    PRIMARY KEY (seq, hold_client, hold_request)
+);
+CREATE INDEX releases_by_hold ON releases (hold_client, hold_request);
+CREATE TABLE entries (
+    account TEXT NOT NULL, seq INTEGER NOT NULL, position INTEGER NOT NULL,
+    entry BLOB NOT NULL,
+    PRIMARY KEY (account, seq, position)
+) WITHOUT ROWID;
+CREATE INDEX entries_by_seq ON entries (seq);
+"""
+
+
+def _as_version_1(source: Path, target: Path) -> None:
+    """Write `source`'s history (version 2) into a version 1 file at `target`."""
+    old = sqlite3.connect(str(target))
+    old.executescript(_SCHEMA_V1)
+    new = sqlite3.connect(str(source))
+    old.executemany("INSERT INTO meta VALUES (?, ?)", new.execute("SELECT key, value FROM meta"))
+    old.execute("UPDATE meta SET value = 1 WHERE key = 'schema_version'")
+    old.executemany(
+        "INSERT INTO requests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        new.execute("SELECT * FROM requests"),
+    )
+    old.executemany(
+        "INSERT INTO releases VALUES (?, ?, ?, ?, ?)", new.execute("SELECT * FROM releases")
+    )
+    rows = new.execute("SELECT * FROM entries").fetchall()
+    old.executemany(
+        "INSERT INTO entries VALUES (?, ?, ?, ?)",
+        [
+            (row[2], row[0], row[1], pack([*row[:2], *row[3:6], row[6] % 2**64, *row[7:]]))
+            for row in rows
+        ],
+    )
+    old.commit()
+    old.close()
+    new.close()
+
+
+def test_a_version_1_file_is_migrated_with_everything_it_held(tmp_path: Path) -> None:
+    current = SqliteHistoryStore(tmp_path / "v2.sqlite", 50)
+    current.record(batch(1, request(0, 1, "authorize", amount=30, expires_in_ms=10)))
+    current.record(batch(2, request(0, 2**64 - 1, amount=2**63 - 1)))
+    current.record(batch(3, request(1, 1, "capture", payer="", amount=20, ref=(0, 1))))
+    current.record(batch(4, request(0, 3), released=(Release(0, 9, "alice", 7),)))
+    current.close()
+    _as_version_1(tmp_path / "v2.sqlite", tmp_path / "v1.sqlite")
+    current = SqliteHistoryStore(tmp_path / "v2.sqlite", 50)
+    migrated = SqliteHistoryStore(tmp_path / "v1.sqlite", 50)
+    assert (migrated.held_from(), migrated.held_through()) == (1, 4)
+    for client, request_id in ((0, 1), (0, 2**64 - 1), (1, 1), (0, 3), (5, 5)):
+        assert migrated.request(client, request_id) == current.request(client, request_id)
+    assert migrated.hold(0, 1) == current.hold(0, 1) is not None
+    for account in ("alice", "bob", ""):
+        assert migrated.account(account, (0, 0), 4, 100) == current.account(account, (0, 0), 4, 100)
+    assert len(migrated.account("alice", (0, 0), 4, 100)) == 3
+    migrated.record(batch(5, request(0, 4)))  # and goes on as version 2
+    migrated.close()
+    again = SqliteHistoryStore(tmp_path / "v1.sqlite", 50)
+    assert again.request(0, 4) is not None and again.held_through() == 5
+    assert sqlite3.connect(str(tmp_path / "v1.sqlite")).execute(
+        "SELECT value FROM meta WHERE key = 'schema_version'"
+    ).fetchone() == (2,)
+    again.close()
+    current.close()
+
+
+def test_sqlite_refuses_an_unknown_schema_version(tmp_path: Path) -> None:
+    path = tmp_path / "future.sqlite"
+    SqliteHistoryStore(path).close()
+    db = sqlite3.connect(str(path))
+    db.execute("UPDATE meta SET value = 9 WHERE key = 'schema_version'")
+    db.commit()
+    db.close()
+    with pytest.raises(HistoryStoreError, match="schema version 9, expected 2"):
+        SqliteHistoryStore(path)

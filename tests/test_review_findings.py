@@ -339,8 +339,9 @@ def test_receipt_never_says_rejected_for_a_payment_that_was_confirmed() -> None:
 @functools.cache
 def _large_checkpoint() -> tuple[Cluster, Ledger, bytes, tuple[bytes, ...]]:
     """A stable checkpoint at seq 4 whose ledger holds 100 clients x a full dedup window of
-    decisions (reachable by 409,600 payments): a ~20 MB snapshot."""
-    cluster = Cluster()
+    decisions (reachable by 409,600 payments): a ~20 MB snapshot, in a cluster of 100 client
+    keys (restore refuses a snapshot with more clients than keys)."""
+    cluster = Cluster(clients=100)
     ledger = cluster.genesis_ledger()
     body = b"\x01" * 32
     for client in range(100):
