@@ -36,6 +36,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         bench,
         calibrate,
         cluster,
+        explain,
         gateway,
         gateway_keys,
         keys,
@@ -63,6 +64,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         gateway_keys.add_gateway_key,
         scenarios.add_sweep,
         scenarios.add_fuzz,
+        explain.add_explain,
         bench.add_bench,
         calibrate.add_calibrate,
     ):
@@ -85,6 +87,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         "history": lookups.history,
         "hold": lookups.hold,
         "verify-receipt": receipts.verify_receipt,
+        "explain": explain.explain,
         "bench": bench.bench,
         "calibrate": calibrate.calibrate,
         "gateway": gateway.gateway,

@@ -33,13 +33,21 @@ import trio
 from crypto.keys import Principal
 from pbft.events import Executed, MessageReceived, Note, Persist, Tick
 from pbft.host import Outgoing, carry_out_async, peers_of, records_of, step
+from pbft.messages import MessageType
 from pbft.replica import Replica
-from pbft.signed import client_may_send
+from pbft.signed import client_may_send, type_code_of
+from pbft.trace_events import (
+    certificate_events,
+    execute_fields,
+    new_view_fields,
+    proposal_event,
+)
 from runtime.cluster import Cluster
 from runtime.history_store import SqliteHistoryStore, ThreadedHistoryStore
 from runtime.inbound import InboundScheduler
 from runtime.nurseries import raise_lone
 from runtime.storage import DurableStore
+from runtime.trace_log import TraceLog
 from runtime.transport import Transport, TransportConfig
 
 DATA_DIR_MODE = 0o700
@@ -246,20 +254,33 @@ class _Host:
         self.transport = transport
 
     async def persist(self, records: Sequence[Persist]) -> None:
+        self.node.trace_certificates(records)
         await self.writer.persist(records)
         # The thread ignores cancellation: if we are stopping, the transport may be gone
         # already, so stop here rather than send into it.
         await trio.lowlevel.checkpoint_if_cancelled()
 
     async def defer(self, records: Sequence[Persist]) -> None:
+        self.node.trace_certificates(records)
         await self.writer.defer(records)
 
     def send(self, message: Outgoing) -> None:
+        trace = self.node.trace
+        if trace is not None and type_code_of(message.data) == MessageType.PRE_PREPARE:
+            event = proposal_event(message.data)
+            if event is not None:
+                trace.write("propose", *event)
         for destination in message.to:
             self.transport.send(destination, message.data)
 
     def executed(self, executed: Executed) -> None:
         self.node.batches_executed += 1
+        if self.node.trace is not None:
+            self.node.trace.write(
+                "execute",
+                f"{executed.seq} {executed.entry_digest.hex()[:16]} {len(executed.requests)}",
+                execute_fields(executed),
+            )
 
     def note(self, note: Note) -> None:
         self.node._note(note)
@@ -310,6 +331,8 @@ class ReplicaNode:
         self.log_summary = LogSummarizer()
         self.client_frames_refused = 0
         self.ticks = 0
+        # DATA/trace-<id>.jsonl (runtime/trace_log.py), for `pbft explain`; open while running.
+        self.trace: TraceLog | None = None
         self._clock_started: float | None = None
         self._next_tick = 0.0
 
@@ -402,6 +425,7 @@ class ReplicaNode:
         store = DurableStore.open(self.data_dir / f"replica-{self.replica_id}.log")
         self.store = store
         try:
+            self._open_trace()
             self.history = ThreadedHistoryStore(
                 SqliteHistoryStore(
                     self.data_dir / f"history-{self.replica_id}.sqlite",
@@ -450,6 +474,8 @@ class ReplicaNode:
             if self.history is not None:
                 self.history.close()
             self._log_records(self.log_summary.flush(time.monotonic(), everything=True))
+            if self.trace is not None:
+                self.trace.close()
             self.log("stopped")
 
     def _prepare_data_dir(self) -> None:
@@ -555,6 +581,8 @@ class ReplicaNode:
         self.ticks += 1
         if self.log_summary.windows:
             self._log_records(self.log_summary.flush(time.monotonic()))
+        if self.trace is not None:
+            self.trace.maybe_flush()
         # Timers run on this process's monotonic clock; batch timestamps on Unix time, the
         # one clock replicas on different machines (and restarted ones) share.
         return Tick(int((now - self._clock_started) * 1000), time.time_ns() // 1_000_000)
@@ -565,7 +593,55 @@ class ReplicaNode:
             return None
         return MessageReceived(data, principal)
 
+    def _open_trace(self) -> None:
+        path = self.data_dir / f"trace-{self.replica_id}.jsonl"
+        try:
+            self.trace = TraceLog(path, f"r{self.replica_id}")
+        except OSError as error:
+            # The trace explains; the replica runs without it rather than not at all.
+            self.log("trace_unavailable", path=str(path), error=str(error.strerror or error))
+            return
+        config = self.cluster.config
+        self.trace.write(
+            "settings",
+            f"replica {self.replica_id}",
+            {
+                "replicas": config.replica_count,
+                "quorum": config.quorum,
+                "prepare_quorum": config.prepare_quorum,
+                "batch_size": config.batch_size,
+                "batch_timeout_ms": config.batch_timeout_ms,
+                "max_inflight_batches": config.max_inflight_batches,
+                "watermark_window": config.watermark_window,
+                "checkpoint_interval": config.checkpoint_interval,
+                "view_change_timeout_ms": config.view_change_timeout_ms,
+                "client_timeout_ms": config.client_timeout_ms,
+            },
+        )
+
+    def trace_certificates(self, records: Sequence[Persist]) -> None:
+        if self.trace is not None:
+            for kind, detail, fields in certificate_events(records):
+                self.trace.write(kind, detail, fields)
+
+    def _trace_note(self, note: Note) -> None:
+        """Every note but the drops a healthy cluster makes all the time (counted only)."""
+        trace = self.trace
+        if trace is None or (note.kind == "drop" and note.reason in QUIET_DROPS):
+            return
+        fields: dict[str, object] = {}
+        core = self.core
+        if core is not None:
+            fields["view_now"] = core.view
+            fields["primary_now"] = self.cluster.config.primary_of(core.view)
+            if note.kind == "new_view" and core.new_view_message is not None:
+                fields.update(new_view_fields(core.new_view_message))
+        if note.reason:
+            fields["reason"] = note.reason
+        trace.write(str(note.kind), note.detail, fields)
+
     def _note(self, note: Note) -> None:
+        self._trace_note(note)
         if note.kind not in NOTABLE_NOTES:
             return
         if note.kind == "drop" and note.reason in QUIET_DROPS:

@@ -33,11 +33,23 @@ from pbft.genesis import compute_cluster_id
 from pbft.history import MemoryHistoryStore
 from pbft.host import Outgoing, carry_out, carry_out_client, peers_of, step, write_records
 from pbft.ledger import Ledger, genesis_total
-from pbft.messages import MessageType, NewView, Prepare, PrePrepare, Reply, Request
+from pbft.messages import (
+    MessageType,
+    NewView,
+    Prepare,
+    PrePrepare,
+)
 from pbft.operations import Operation
 from pbft.replica import Replica
-from pbft.signed import Rejected, peek, type_code_of
+from pbft.signed import peek, type_code_of
 from pbft.stats import nearest_rank
+from pbft.trace_events import (
+    certificate_events,
+    execute_fields,
+    message_fields,
+    new_view_fields,
+    proposal_event,
+)
 from sim.adversary import (
     Adversary,
     Behavior,
@@ -210,6 +222,8 @@ class _ReplicaHost:
         if cores is not None:
             # One durable write per step, as the runtime's store commits them (one fsync).
             cores[("replica", self.node.replica_id, self.node.copy)].persists += 1
+        if self.simulation.trace.writing:
+            self.simulation._annotate_records(self.node, records)
 
     def send(self, message: Outgoing) -> None:
         self.simulation._send_from(self.node, message)
@@ -475,6 +489,8 @@ class Simulation:
             byzantine_clients=frozenset(self.client_behaviors),
         )
         self.decided_at_us: dict[tuple[int, int], int] = {}
+        # The message a replica is handling, so a drop it notes can say which (trace file).
+        self._handling: tuple[Principal, bytes] | None = None
         # (client, query id) -> the balance it read (the workload asks none today)
         self.balance_reads: dict[tuple[int, int], BalanceRead] = {}
         self.lookups: dict[tuple[int, int], LookupResult] = {}
@@ -551,6 +567,8 @@ class Simulation:
         if liveness is not None:
             self._schedule(liveness.heal_all_at_ms * 1000, HealAll())
         last_submit_us = self.payments[-1].at_us if self.payments else 0
+        if self.trace.writing:
+            self._annotate_settings()
         last_fault_us = max(
             (
                 max(fault.at_ms, fault.until_ms or 0) * 1000
@@ -728,7 +746,7 @@ class Simulation:
                 else:
                     node.inbox.append((source, data))
                 return
-            self._step(node, MessageReceived(data, source))
+            self._step_message(node, source, data)
         else:
             self._client_actions(index, self.clients[index].handle(MessageReceived(data)))
 
@@ -897,7 +915,7 @@ class Simulation:
         for source, data in inbox:
             if node.core is None or node.paused:
                 break
-            self._step(node, MessageReceived(data, source))
+            self._step_message(node, source, data)
 
     def _heal_all(self) -> None:
         """The liveness phase: every fault stops and the network becomes synchronous."""
@@ -967,7 +985,7 @@ class Simulation:
             "lost",
             _node_name(destination),
             f"{_node_name(source)} {_message_type_name(data)} {why}",
-            _message_fields(source, data) if self.trace.writing else None,
+            {**_message_fields(source, data), "reason": why} if self.trace.writing else None,
         )
 
     def _step(self, node: ReplicaNode, event: Event) -> None:
@@ -975,10 +993,23 @@ class Simulation:
         if node.core is not None and node.host is not None:
             carry_out(step(node.core, (event,), node.peers), node.host)
 
+    def _step_message(self, node: ReplicaNode, source: Principal, data: bytes) -> None:
+        if not self.trace.writing:
+            self._step(node, MessageReceived(data, source))
+            return
+        self._handling = (source, data)
+        try:
+            self._step(node, MessageReceived(data, source))
+        finally:
+            self._handling = None
+
     def _send_from(self, node: ReplicaNode, message: Outgoing) -> None:
         # Only broadcasts carry PREPAREs today; each frame is checked once, not per peer.
-        if type_code_of(message.data) == MessageType.PREPARE:
+        code = type_code_of(message.data)
+        if code == MessageType.PREPARE:
             self._check_prepare_against_new_view(node, message.data)
+        elif code == MessageType.PRE_PREPARE and self.trace.writing:
+            self._annotate_proposal(node, message.data)
         for destination in message.to:
             self._transmit_from(node, destination, message.data)
 
@@ -992,21 +1023,72 @@ class Simulation:
             "execute",
             node.name,
             f"{executed.seq} {executed.entry_digest.hex()[:16]} {len(executed.requests)}",
-            {
-                "seq": executed.seq,
-                "payments": [
-                    f"{record.client_id}:{record.request_id}:{record.outcome}"
-                    for record in executed.requests
-                ],
-            }
-            if self.trace.writing
-            else None,
+            execute_fields(executed) if self.trace.writing else None,
         )
 
     def _note(self, node: ReplicaNode, note: Note) -> None:
         if note.kind == "new_view":
             self._record_new_view_plan(node)
-        self.trace.record(self.now_us, note.kind, node.name, note.detail)
+        self.trace.record(
+            self.now_us,
+            note.kind,
+            node.name,
+            note.detail,
+            self._note_fields(node, note) if self.trace.writing else None,
+        )
+
+    # --- what only the trace file shows (for `pbft explain`; never hashed) ---------------
+
+    def _note_fields(self, node: ReplicaNode, note: Note) -> dict[str, object]:
+        fields: dict[str, object] = {}
+        core = node.core
+        if core is not None:
+            fields["view_now"] = core.view
+            fields["primary_now"] = self.config.primary_of(core.view)
+        if note.reason:
+            fields["reason"] = note.reason
+        if note.kind == "drop" and self._handling is not None:
+            source, data = self._handling
+            fields["message"] = _message_fields(source, data)
+        elif note.kind == "new_view" and core is not None and core.new_view_message is not None:
+            fields.update(new_view_fields(core.new_view_message))
+        return fields
+
+    def _annotate_settings(self) -> None:
+        config = self.config
+        self.trace.annotate(
+            0,
+            "settings",
+            "sim",
+            self.scenario.name,
+            {
+                "scenario": self.scenario.name,
+                "seed": self.seed,
+                "replicas": config.replica_count,
+                "quorum": config.quorum,
+                "prepare_quorum": config.prepare_quorum,
+                "batch_size": config.batch_size,
+                "batch_timeout_ms": config.batch_timeout_ms,
+                "max_inflight_batches": config.max_inflight_batches,
+                "watermark_window": config.watermark_window,
+                "checkpoint_interval": config.checkpoint_interval,
+                "view_change_timeout_ms": config.view_change_timeout_ms,
+                "client_timeout_ms": config.client_timeout_ms,
+                "byzantine": sorted(
+                    f"r{entry.replica}" if entry.replica is not None else f"c{entry.client}"
+                    for entry in self.scenario.byzantine
+                ),
+            },
+        )
+
+    def _annotate_proposal(self, node: ReplicaNode, data: bytes) -> None:
+        event = proposal_event(data)
+        if event is not None:
+            self.trace.annotate(self.now_us, "propose", node.name, *event)
+
+    def _annotate_records(self, node: ReplicaNode, records: Sequence[Persist]) -> None:
+        for kind, detail, fields in certificate_events(records):
+            self.trace.annotate(self.now_us, kind, node.name, detail, fields)
 
     def _record_new_view_plan(self, node: ReplicaNode) -> None:
         """What the NEW-VIEW this replica just installed assigned (for check_new_view_kept)."""
@@ -1071,7 +1153,12 @@ class Simulation:
             "decided",
             f"c{client}",
             f"{decided.request_id} {decided.outcome} {decided.reason} seq {decided.seq}",
-            {"payment": f"{decided.client_id}:{decided.request_id}", "seq": decided.seq},
+            {
+                "payment": f"{decided.client_id}:{decided.request_id}",
+                "seq": decided.seq,
+                "outcome": decided.outcome,
+                "reason": decided.reason,
+            },
         )
 
     # --- the result ---------------------------------------------------------------------
@@ -1190,20 +1277,7 @@ class Simulation:
 
 
 def _message_fields(source: Principal, data: bytes) -> dict[str, object]:
-    """For the trace file: who sent what, and which payment it is about, where it says."""
-    fields: dict[str, object] = {"from": _node_name(source)}
-    try:
-        _, message = peek(data)
-    except Rejected:
-        fields["message_type"] = "MALFORMED"
-        return fields
-    fields["message_type"] = message.TYPE.name
-    if isinstance(message, Request | Reply):
-        fields["payment"] = f"{message.client_id}:{message.request_id}"
-    for name in ("view", "seq"):
-        if hasattr(message, name):
-            fields[name] = getattr(message, name)
-    return fields
+    return message_fields(_node_name(source), data)
 
 
 _NODE_NAMES: dict[Principal, str] = {}

@@ -46,5 +46,30 @@ class Trace:
                 event.update(fields)
             self._sink.write(json.dumps(event) + "\n")
 
+    def annotate(
+        self,
+        time_us: int,
+        kind: str,
+        node: str,
+        detail: str = "",
+        fields: dict[str, object] | None = None,
+    ) -> None:
+        """An event for the trace file alone (what `pbft explain` reads: proposals,
+        certificates, the run's settings), outside the hash and the event count and marked
+        `"hashed": false`: a run's fingerprint stays the same whether anyone asks for the
+        story or not."""
+        if self._sink is None:
+            return
+        event: dict[str, object] = {
+            "time_ms": time_us / 1000,
+            "kind": kind,
+            "node": node,
+            "detail": detail,
+            "hashed": False,
+        }
+        if fields:
+            event.update(fields)
+        self._sink.write(json.dumps(event) + "\n")
+
     def hexdigest(self) -> str:
         return self._hash.hexdigest()
