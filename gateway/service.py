@@ -110,6 +110,10 @@ FIRST_OPS = (Op.TRANSFER, Op.AUTHORIZE)
 EVENT_TYPES = {status: f"payment.{status}" for status in STATUSES if status != PENDING}
 
 DEFAULT_TIMEOUT_S = 10.0
+# _execute's outer deadline, in client timeouts: a slot wait, the decision, a status lookup.
+EXECUTE_BACKSTOP = 3
+# A failing background pass waits twice as long each time, up to this (or its interval).
+BACKGROUND_BACKOFF_MAX_S = 60.0
 # The resume task: at most this many unanswered records per pass, this many at once.
 RESUME_BATCH = 32
 RESUME_CONCURRENCY = 8
@@ -401,12 +405,16 @@ class PaymentService:
         return (await self._read(caller, name)).exists
 
     async def _read(self, caller: Caller, name: str) -> BalanceRead:
+        # The client owns the timeout (and waits for a free read slot within it): an outer
+        # deadline of the same length would fire first and skip the client's own handling.
         try:
-            with trio.fail_after(self.timeout_s):
-                return await self.gateway.client_for(caller).balance(name)
-        except (PaymentTimeout, trio.TooSlowError):
+            return await self.gateway.client_for(caller).balance(name)
+        except PaymentTimeout:
             self.counts["timeouts"] += 1
             raise errors.cluster_timeout(None, self.timeout_s, account=name) from None
+        except ClientError as error:
+            self.counts["client_errors"] += 1
+            raise errors.cluster_unavailable(str(error)) from None
 
     def verify_receipt(self, receipt_b64: str) -> dict[str, Any]:
         """A receipt checked offline against this cluster's keys and id: a verdict ("valid",
@@ -517,10 +525,12 @@ class PaymentService:
                 iter(self.gateway.clients.values())
             )
             try:
-                with trio.fail_after(self.timeout_s):
-                    result = await client.hold((payment.client_id, payment.request_id))
-            except (PaymentTimeout, trio.TooSlowError):
+                result = await client.hold((payment.client_id, payment.request_id))
+            except PaymentTimeout:
                 self.counts["expiry_lookup_timeouts"] += 1
+                continue
+            except ClientError:
+                self.counts["expiry_lookup_errors"] += 1
                 continue
             if result.state != "found" or result.hold is None:
                 continue
@@ -664,7 +674,10 @@ class PaymentService:
         target = record.target if operation.op != Op.OPEN_ACCOUNT else None
         started = trio.current_time()
         try:
-            with trio.fail_after(self.timeout_s):
+            # A backstop only, never the same length as the client's own timeouts (which
+            # must fire first to clean up): the decision and a status lookup each time out
+            # in the client; this bounds the whole, a wait for a free slot included.
+            with trio.fail_after(EXECUTE_BACKSTOP * self.timeout_s):
                 decided = await client.submit(operation, record.request_id)
                 outcome: Outcome = (
                     decided.outcome,
@@ -1047,6 +1060,10 @@ class Gateway:
     ) -> AsyncIterator[Gateway]:
         """A Gateway with one running PaymentClient per client id (keys from the cluster
         directory), closed with it. ClusterFileError for a client id the cluster lacks."""
+        client_ids = list(client_ids)
+        # StoreError if the database is another cluster's (before any client is running).
+        cluster_id = short_id(cluster.cluster_id)
+        await store.run(lambda db: db.bind_cluster(cluster_id, client_ids))
         async with AsyncExitStack() as stack:
             clients: dict[int, PaymentClient] = {}
             for client_id in client_ids:
@@ -1126,9 +1143,14 @@ async def _every(
 ) -> None:
     """`work` now and then every `interval_s`; a pass that fails (the cluster away, the
     database busy) is counted and tried again next time, never fatal."""
+    failures = 0
     while True:
         try:
             await work()
-        except (sqlite3.Error, PaymentTimeout, trio.TooSlowError, Problem):
+        except (sqlite3.Error, PaymentTimeout, trio.TooSlowError, Problem, ClientError):
             counts["background_pass_failed"] += 1
-        await trio.sleep(interval_s)
+            failures = min(failures + 1, 16)
+        else:
+            failures = 0
+        # Back off while passes fail (the cluster away), never slower than a minute.
+        await trio.sleep(min(interval_s * 2**failures, max(interval_s, BACKGROUND_BACKOFF_MAX_S)))

@@ -27,7 +27,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -138,7 +138,13 @@ CREATE TABLE IF NOT EXISTS request_ids (
     client_id INTEGER PRIMARY KEY,
     last INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 """
+# meta: the cluster (short id) the database belongs to, the clients it served, the schema.
+SCHEMA_VERSION = 1
 
 
 class StoreError(Exception):
@@ -333,6 +339,35 @@ class Database:
 
     def close(self) -> None:
         self.db.close()
+
+    def bind_cluster(self, cluster_id: str, clients: Iterable[int]) -> bool:
+        """Bind the database to cluster `cluster_id` (short id): its requests, request ids
+        and receipts mean nothing on another cluster, where resuming them would move money
+        on a ledger that never received them. StoreError if it belongs to another cluster.
+        True if it held data but no cluster yet (written before the binding): adopted."""
+        with self.db:
+            row = self.db.execute("SELECT value FROM meta WHERE key = 'cluster_id'").fetchone()
+            if row is not None and row[0] != cluster_id:
+                raise StoreError(
+                    f"{self.path} belongs to cluster {row[0]}, not to this cluster {cluster_id}"
+                )
+            adopted = False
+            if row is None:
+                adopted = any(
+                    self.db.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone() is not None
+                    for table in ("api_keys", "idempotency", "payments", "request_ids")
+                )
+                self.db.execute(
+                    "INSERT INTO meta (key, value) VALUES ('cluster_id', ?), ('schema', ?)",
+                    (cluster_id, str(SCHEMA_VERSION)),
+                )
+            served = self.db.execute("SELECT value FROM meta WHERE key = 'clients'").fetchone()
+            known = {int(client) for client in served[0].split(",") if client} if served else set()
+            self.db.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('clients', ?)",
+                (",".join(str(client) for client in sorted(known | set(clients))),),
+            )
+        return adopted
 
     # -- API keys (gateway/keys.py) --
 
