@@ -194,8 +194,12 @@ def _private(where: Path) -> None:
     secrets), or take group/other bits off an existing one and its -wal/-shm (SQLite gives
     new -wal/-shm files the database file's mode)."""
     try:
-        descriptor = os.open(where, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
-        os.close(descriptor)
+        # Only a new file is opened here: closing a descriptor of a file this process has
+        # open in SQLite would drop that connection's POSIX locks on it.
+        try:
+            os.close(os.open(where, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE))
+        except FileExistsError:
+            pass
         for path in (where, Path(f"{where}-wal"), Path(f"{where}-shm")):
             if path.exists() and path.stat().st_mode & 0o077:
                 os.chmod(path, path.stat().st_mode & 0o700)
