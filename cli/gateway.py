@@ -12,6 +12,7 @@ import argparse
 import errno
 import logging
 import math
+import sqlite3
 import sys
 from functools import partial
 from pathlib import Path
@@ -144,8 +145,9 @@ def _data_path(arguments: argparse.Namespace, cluster: Any) -> Path:
 
 def gateway(arguments: argparse.Namespace) -> int:
     from cli.cluster import _replica_stops
-    from gateway.server import parse_listen, run_gateway
+    from gateway.server import log_line, parse_listen, run_gateway
     from gateway.store import GatewayStore, StoreError
+    from pbft.receipt import short_id
     from runtime.cluster import load_cluster
     from runtime.node import ReplicaNode
 
@@ -156,11 +158,20 @@ def gateway(arguments: argparse.Namespace) -> int:
         return EXIT_USAGE
     listen = parse_listen(arguments.listen)
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(name)s: %(message)s")
+    cluster_id = short_id(cluster.cluster_id)
     try:
         store = GatewayStore(_db_path(arguments, cluster))
     except StoreError as error:
         print(f"pbft: --db: {error}", file=sys.stderr)
         return EXIT_USAGE
+    try:
+        adopted = store.database.bind_cluster(cluster_id, arguments.client)
+    except (StoreError, sqlite3.Error) as error:
+        store.close()
+        print(f"pbft: --db: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    if adopted:  # written before databases recorded their cluster
+        log_line(sys.stderr, "db_adopted", db=str(store.path), cluster=cluster_id)
     node = None
     if arguments.replica is not None:
         node = ReplicaNode(cluster, arguments.replica, _data_path(arguments, cluster))

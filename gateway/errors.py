@@ -141,6 +141,10 @@ def cluster_timeout(payment_id: str | None, seconds: float, **extra: Any) -> Pro
     )
 
 
+def cluster_unavailable(detail: str) -> Problem:
+    return Problem(503, "cluster-unavailable", "The cluster cannot take the request now", detail)
+
+
 def operation_rejected(reason: str, operation: dict[str, Any], payment_id: str) -> Problem:
     return Problem(
         409,

@@ -18,7 +18,13 @@ from pbft.signed import Rejected, peek
 MAX_METADATA_KEYS = 20
 MAX_METADATA_KEY_LENGTH = 40
 MAX_METADATA_VALUE_LENGTH = 500
+# A payment shows at most its last this many operations ("operations_has_more" says whether
+# there are older ones), so a payment, a list page and an event stay small however many
+# operations it had (the service also caps them: MAX_OPERATIONS in gateway/service.py).
+MAX_RENDERED_OPERATIONS = 20
 PENDING = "pending"
+REJECTED = "rejected"
+FIRST_OPS = ("transfer", "authorize")
 
 
 def payment_id(client_id: int, request_id: int) -> str:
@@ -84,8 +90,26 @@ def operation_json(operation: OperationRow) -> dict[str, Any]:
     }
 
 
-def payment_json(payment: PaymentRow, operations: list[OperationRow]) -> dict[str, Any]:
+def shown_operations(operations: list[OperationRow]) -> list[OperationRow]:
+    """The operations a payment lists: its own first one and every one not rejected. A
+    rejected capture/void/refund changed nothing; its answer (with its receipt) is the
+    Idempotency-Key's stored response, so retries with fresh keys cannot grow the payment."""
+    return [o for o in operations if o.op in FIRST_OPS or o.outcome != REJECTED]
+
+
+def payment_json(
+    payment: PaymentRow,
+    operations: list[OperationRow],
+    viewer: int | None = None,
+    recent: int | None = None,
+) -> dict[str, Any]:
+    """The payment as `viewer` (a client id) sees it: metadata is the creating client's own
+    and is shown only to it (None: the creator's view, as events and stored answers are).
+    At most the last `recent` operations are listed (events list only the latest one)."""
     first_op = "transfer" if payment.capture else "authorize"
+    shown = shown_operations(operations)
+    listed = shown[-(MAX_RENDERED_OPERATIONS if recent is None else recent) :]
+    mine = viewer is None or viewer == payment.client_id
     return {
         "object": "payment",
         "id": payment.id,
@@ -98,12 +122,13 @@ def payment_json(payment: PaymentRow, operations: list[OperationRow]) -> dict[st
         "captured_amount": payment.captured_amount,
         "refunded_amount": payment.refunded_amount,
         "expires_in_ms": payment.expires_in_ms,
-        "metadata": payment.metadata,
+        "metadata": payment.metadata if mine else {},
         "seq": payment.seq,
         "created_ms": payment.created_ms,
         "updated_ms": payment.updated_ms,
         "receipt": receipt_json(payment.receipt, first_op),
-        "operations": [operation_json(operation) for operation in operations],
+        "operations": [operation_json(operation) for operation in listed],
+        "operations_has_more": len(shown) > len(listed),
     }
 
 

@@ -110,6 +110,10 @@ FIRST_OPS = (Op.TRANSFER, Op.AUTHORIZE)
 EVENT_TYPES = {status: f"payment.{status}" for status in STATUSES if status != PENDING}
 
 DEFAULT_TIMEOUT_S = 10.0
+# _execute's outer deadline, in client timeouts: a slot wait, the decision, a status lookup.
+EXECUTE_BACKSTOP = 3
+# A failing background pass waits twice as long each time, up to this (or its interval).
+BACKGROUND_BACKOFF_MAX_S = 60.0
 # The resume task: at most this many unanswered records per pass, this many at once.
 RESUME_BATCH = 32
 RESUME_CONCURRENCY = 8
@@ -117,8 +121,18 @@ RESUME_INTERVAL_S = 5.0
 # The hold watch: at most this many due holds per pass, one pass per interval.
 EXPIRY_BATCH = 64
 EXPIRY_INTERVAL_S = 1.0
+# A hold the cluster keeps open past its expiry is asked about again after 1 s, 2 s, ...
+# up to a minute (per hold; at most this many holds remembered).
+EXPIRY_BACKOFF_MIN_MS = 1_000
+EXPIRY_BACKOFF_MAX_MS = 60_000
+MAX_EXPIRY_BACKOFFS = 10_000
+# The Idempotency-Key (of the hold's creator) of the void that makes an idle cluster
+# release an expired hold (see PaymentService._nudge).
+EXPIRY_VOID_KEY = "gateway-expiry-void:"
 PRUNE_INTERVAL_S = 600.0
 MAX_LIST_LIMIT = 100
+# Operations (captures, voids, refunds, rejected or not, and the first one) per payment.
+MAX_OPERATIONS = 100
 # Base64 of the largest receipt, and a little slack for padding and whitespace.
 MAX_RECEIPT_B64 = (MAX_RECEIPT_BYTES * 4) // 3 + 8
 
@@ -176,6 +190,8 @@ class PaymentService:
         self.counts: Counter[str] = Counter()
         self.on_decision: DecisionHook | None = None
         self._expiry_cursor = 0
+        # Held payment id -> (when to ask again, ms; the last wait, ms): see _nudge.
+        self._backoff: dict[str, tuple[int, int]] = {}
 
     @property
     def store(self) -> GatewayStore:
@@ -211,6 +227,18 @@ class PaymentService:
             metadata = check_metadata(body.get("metadata"))
         except ValueError as error:
             raise errors.invalid_field(str(error), "metadata") from None
+        canonical = {
+            "from": payer,
+            "to": payee,
+            "amount": amount,
+            "capture": capture,
+            "expires_in_ms": None if capture else hold_ms,
+            "metadata": metadata,
+        }
+        # An answered key replays its stored bytes before any check or cluster contact.
+        replayed = await self._replayed(caller, key, ROUTE_PAYMENTS, canonical)
+        if replayed is not None:
+            return replayed
         from_owner = await self.gateway.owner(payer)
         if from_owner is not None and from_owner != caller.client_id:
             raise errors.forbidden(
@@ -222,14 +250,6 @@ class PaymentService:
         for field, name, owner in (("from", payer, from_owner), ("to", payee, to_owner)):
             if owner is None and not await self._exists(caller, name):
                 raise errors.unknown_account(name, field)
-        canonical = {
-            "from": payer,
-            "to": payee,
-            "amount": amount,
-            "capture": capture,
-            "expires_in_ms": None if capture else hold_ms,
-            "metadata": metadata,
-        }
 
         def prepare(request_id: int) -> _Prepared:
             pid = payment_id(caller.client_id, request_id)
@@ -272,12 +292,15 @@ class PaymentService:
     ) -> Stored:
         if amount is not None:
             amount = _amount_field(amount, "amount")
+        route = ROUTE_CAPTURE.replace("{id}", str(payment_id_))
+        replayed = await self._replayed(caller, key, route, {"amount": amount})
+        if replayed is not None:
+            return replayed
         payment = await self._payment_for(caller, payment_id_, "payee", ("capture", "to"))
         if payment.capture:
             raise _not_a_hold(payment.id, "capture")
         hold = (payment.client_id, payment.request_id)
         value = payment.amount if amount is None else amount
-        route = ROUTE_CAPTURE.replace("{id}", payment.id)
         return await self._mutate(
             caller,
             key,
@@ -287,19 +310,25 @@ class PaymentService:
         )
 
     async def void(self, caller: Caller, key: str, payment_id_: str) -> Stored:
+        route = ROUTE_VOID.replace("{id}", str(payment_id_))
+        replayed = await self._replayed(caller, key, route, {})
+        if replayed is not None:
+            return replayed
         payment = await self._payment_for(caller, payment_id_, "either", ("void", "from"))
         if payment.capture:
             raise _not_a_hold(payment.id, "void")
         hold = (payment.client_id, payment.request_id)
-        route = ROUTE_VOID.replace("{id}", payment.id)
         return await self._mutate(
             caller, key, route, {}, self._operation_on(caller, payment.id, Operation.void(hold))
         )
 
     async def refund(self, caller: Caller, key: str, payment_id_: str, amount: int) -> Stored:
         amount = _amount_field(amount, "amount")
+        route = ROUTE_REFUND.replace("{id}", str(payment_id_))
+        replayed = await self._replayed(caller, key, route, {"amount": amount})
+        if replayed is not None:
+            return replayed
         payment = await self._payment_for(caller, payment_id_, "payee", ("refund", "to"))
-        route = ROUTE_REFUND.replace("{id}", payment.id)
         operation = Operation.refund((payment.client_id, payment.request_id), amount)
         return await self._mutate(
             caller,
@@ -320,8 +349,8 @@ class PaymentService:
     # -- reads --
 
     async def get_payment(self, caller: Caller, payment_id_: str) -> dict[str, Any]:
-        found = await self._visible(caller, payment_id_, PAYMENT_ID)
-        return payment_json(*found)
+        row, operations = await self._visible(caller, payment_id_, PAYMENT_ID)
+        return payment_json(row, operations, caller.client_id)
 
     async def list_payments(
         self, caller: Caller, account: str | None, limit: int, starting_after: str | None
@@ -342,7 +371,9 @@ class PaymentService:
         rows = await self.store.payments_of(caller.client_id, account, limit + 1, before)
         return {
             "object": "list",
-            "data": [payment_json(row, operations) for row, operations in rows[:limit]],
+            "data": [
+                payment_json(row, operations, caller.client_id) for row, operations in rows[:limit]
+            ],
             "has_more": len(rows) > limit,
         }
 
@@ -354,6 +385,17 @@ class PaymentService:
             raise errors.forbidden(
                 f"account {name!r} is not owned by client {caller.client_id}", "name"
             )
+        if owner is None:
+            # The cluster's balance read checks no owner: an account this gateway does not
+            # know to be the caller's (opened elsewhere, or none) is not confirmed to exist.
+            raise Problem(
+                404,
+                "unknown-account",
+                "Unknown account",
+                f"no account {name!r} of client {caller.client_id} is known to this gateway "
+                "(accounts are known from the genesis or when opened through it)",
+                "name",
+            )
         read = await self._read(caller, name)
         if not read.exists:
             raise errors.unknown_account(name, "name", status=404)
@@ -363,12 +405,16 @@ class PaymentService:
         return (await self._read(caller, name)).exists
 
     async def _read(self, caller: Caller, name: str) -> BalanceRead:
+        # The client owns the timeout (and waits for a free read slot within it): an outer
+        # deadline of the same length would fire first and skip the client's own handling.
         try:
-            with trio.fail_after(self.timeout_s):
-                return await self.gateway.client_for(caller).balance(name)
-        except (PaymentTimeout, trio.TooSlowError):
+            return await self.gateway.client_for(caller).balance(name)
+        except PaymentTimeout:
             self.counts["timeouts"] += 1
             raise errors.cluster_timeout(None, self.timeout_s, account=name) from None
+        except ClientError as error:
+            self.counts["client_errors"] += 1
+            raise errors.cluster_unavailable(str(error)) from None
 
     def verify_receipt(self, receipt_b64: str) -> dict[str, Any]:
         """A receipt checked offline against this cluster's keys and id: a verdict ("valid",
@@ -470,27 +516,66 @@ class PaymentService:
         # past their expiry (it releases them with its next batch) cannot starve the rest.
         self._expiry_cursor = due[-1].row if len(due) == batch else 0
         changed = 0
+        now = now_ms()
         for payment in due:
+            retry = self._backoff.get(payment.id)
+            if retry is not None and now < retry[0]:
+                continue
             client = self.gateway.clients.get(payment.client_id) or next(
                 iter(self.gateway.clients.values())
             )
             try:
-                with trio.fail_after(self.timeout_s):
-                    result = await client.hold((payment.client_id, payment.request_id))
-            except (PaymentTimeout, trio.TooSlowError):
+                result = await client.hold((payment.client_id, payment.request_id))
+            except PaymentTimeout:
                 self.counts["expiry_lookup_timeouts"] += 1
+                continue
+            except ClientError:
+                self.counts["expiry_lookup_errors"] += 1
                 continue
             if result.state != "found" or result.hold is None:
                 continue
             fate = result.hold.fate
             after = {"expired": EXPIRED, "captured": CAPTURED, "voided": VOIDED}.get(fate)
             if after is None:
+                if fate == "open" and await self._nudge(payment, result.hold.expires_at_ms):
+                    changed += 1
                 continue
+            self._backoff.pop(payment.id, None)
             if await self._hold_closed(
                 payment.id, after, result.hold.closed_seq, result.hold.captured
             ):
                 changed += 1
         return changed
+
+    async def _nudge(self, payment: PaymentRow, expires_at_ms: int) -> bool:
+        """A hold the cluster still has open past its expiry: it releases expired holds only
+        when it executes a batch, and an idle cluster executes none. Once the expiry plus
+        the cluster's clock skew margin has passed by this clock, the creator's client
+        voids the hold through the service (an idempotent request like any other): that
+        batch first releases the hold, so the void is rejected hold_expired (-> expired);
+        confirmed, the hold had not expired by the cluster's time (-> voided). Until then,
+        and after a void that decided nothing, the hold is asked about again later, each
+        time waiting twice as long (per hold)."""
+        now = now_ms()
+        _due, delay = self._backoff.get(payment.id, (0, EXPIRY_BACKOFF_MIN_MS // 2))
+        delay = min(delay * 2, EXPIRY_BACKOFF_MAX_MS)
+        if len(self._backoff) < MAX_EXPIRY_BACKOFFS or payment.id in self._backoff:
+            self._backoff[payment.id] = (now + delay, delay)
+        margin = self.gateway.cluster.config.max_clock_skew_ms
+        if now <= expires_at_ms + margin or payment.client_id not in self.gateway.clients:
+            return False
+        creator = Caller(client_id=payment.client_id, key_id=0)
+        try:
+            stored = await self.void(creator, f"{EXPIRY_VOID_KEY}{payment.id}", payment.id)
+        except (Problem, ClientError):
+            self.counts["expiry_void_failed"] += 1
+            return False
+        self.counts[f"expiry_void_{stored.status_code}"] += 1
+        found = await self.store.payment(payment.id)
+        if found is not None and found[0].status != HELD:
+            self._backoff.pop(payment.id, None)
+            return True
+        return False
 
     async def _hold_closed(self, pid: str, after: str, seq: int, captured: int) -> bool:
         closed = await self.store.run(lambda db: _close_hold(db, pid, after, seq, captured))
@@ -511,11 +596,7 @@ class PaymentService:
         body: dict[str, Any],
         prepare: Callable[[int], _Prepared],
     ) -> Stored:
-        if not isinstance(key, str) or not 0 < len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH:
-            raise errors.invalid_header(
-                f"Idempotency-Key must be 1..{MAX_IDEMPOTENCY_KEY_LENGTH} characters",
-                "Idempotency-Key",
-            )
+        _check_key(key)
         client = self.gateway.client_for(caller)
         slot = (caller.client_id, key)
         if slot in self._active:
@@ -559,6 +640,18 @@ class PaymentService:
         finally:
             self._active.discard(slot)
 
+    async def _replayed(
+        self, caller: Caller, key: str, route: str, body: dict[str, Any]
+    ) -> Stored | None:
+        """The stored answer of an answered key (422 if it was used for another request),
+        found before any check or cluster contact: the answer is what was decided then,
+        whatever the cluster or the payment looks like now. None for a key not answered."""
+        _check_key(key)
+        record = await self.store.idempotency(caller.client_id, key)
+        if record is None or record.state != DONE:
+            return None
+        return self._replay(record, route, body_digest(route, body))
+
     def _replay(self, record: IdempotencyRecord, route: str, digest: bytes) -> Stored:
         """The stored answer of `record`, or 422 if the key was first used for another
         request. (An unanswered record gives an empty Stored; the caller resubmits it.)"""
@@ -581,7 +674,10 @@ class PaymentService:
         target = record.target if operation.op != Op.OPEN_ACCOUNT else None
         started = trio.current_time()
         try:
-            with trio.fail_after(self.timeout_s):
+            # A backstop only, never the same length as the client's own timeouts (which
+            # must fire first to clean up): the decision and a status lookup each time out
+            # in the client; this bounds the whole, a wait for a free slot included.
+            with trio.fail_after(EXECUTE_BACKSTOP * self.timeout_s):
                 decided = await client.submit(operation, record.request_id)
                 outcome: Outcome = (
                     decided.outcome,
@@ -662,11 +758,14 @@ class PaymentService:
                 payment.seq = max(payment.seq, seq)
             payment.status = after
             payment.updated_ms = now
-        rendered = payment_json(payment, operations)
+        # The answer goes to the caller that made this operation (metadata: its creator's).
+        rendered = payment_json(payment, operations, record.client_id)
         refunded = operation.op == Op.REFUND and status_word == "confirmed"
         if not applied and (payment.status != before or refunded):
             kind = EVENT_TYPES[REFUNDED] if refunded else EVENT_TYPES[payment.status]
-            events.append(EventRow(kind, payment.id, payment.client_id, rendered))
+            # An event carries the payment with its latest operation only, not its history.
+            data = payment_json(payment, operations, recent=1)
+            events.append(EventRow(kind, payment.id, payment.client_id, data))
         stored = self._answer(operation, payment.id, status_word, reason, rendered, op_row)
         db.decide(
             Decision(
@@ -779,7 +878,7 @@ class PaymentService:
     ) -> PaymentRow:
         """The payment an operation acts on, 403 if its account's known owner is another
         client (capture and refund: the payee's owner; void: the payer's or payee's)."""
-        payment, _operations = await self._visible(caller, pid, PAYMENT_ID)
+        payment, operations = await self._visible(caller, pid, PAYMENT_ID)
         owners = (payment.to_owner,) if who == "payee" else (payment.from_owner, payment.to_owner)
         if all(owner is not None for owner in owners) and caller.client_id not in owners:
             action, side = what
@@ -795,6 +894,17 @@ class PaymentService:
                 "The payment is not decided yet",
                 f"payment {payment.id} is still pending: retry its creation with the same "
                 "Idempotency-Key, or GET it until it is decided",
+                PAYMENT_ID,
+                payment_id=payment.id,
+            )
+        if len(operations) >= MAX_OPERATIONS:
+            # Each operation (rejected ones too) is a stored row with its receipt: bounded.
+            raise errors.Problem(
+                409,
+                "too-many-operations",
+                "The payment has too many operations",
+                f"payment {payment.id} already has {len(operations)} operations, at most "
+                f"{MAX_OPERATIONS}",
                 PAYMENT_ID,
                 payment_id=payment.id,
             )
@@ -815,6 +925,14 @@ class _Prepared:
     operation: Operation
     payment: PaymentRow | None
     op_row: OperationRow | None
+
+
+def _check_key(key: object) -> None:
+    if not isinstance(key, str) or not 0 < len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH:
+        raise errors.invalid_header(
+            f"Idempotency-Key must be 1..{MAX_IDEMPOTENCY_KEY_LENGTH} characters",
+            "Idempotency-Key",
+        )
 
 
 def _pending_op(pid: str, caller: Caller, request_id: int, operation: Operation) -> OperationRow:
@@ -845,7 +963,7 @@ def _close_hold(db: Database, pid: str, after: str, seq: int, captured: int) -> 
         payment.reason = Reason.HOLD_EXPIRED.value
     elif after == CAPTURED:
         payment.captured_amount = captured
-    rendered = payment_json(payment, db.operations(pid))
+    rendered = payment_json(payment, db.operations(pid), recent=1)
     db.decide(
         Decision(
             payment=payment,
@@ -942,6 +1060,10 @@ class Gateway:
     ) -> AsyncIterator[Gateway]:
         """A Gateway with one running PaymentClient per client id (keys from the cluster
         directory), closed with it. ClusterFileError for a client id the cluster lacks."""
+        client_ids = list(client_ids)
+        # StoreError if the database is another cluster's (before any client is running).
+        cluster_id = short_id(cluster.cluster_id)
+        await store.run(lambda db: db.bind_cluster(cluster_id, client_ids))
         async with AsyncExitStack() as stack:
             clients: dict[int, PaymentClient] = {}
             for client_id in client_ids:
@@ -1021,9 +1143,14 @@ async def _every(
 ) -> None:
     """`work` now and then every `interval_s`; a pass that fails (the cluster away, the
     database busy) is counted and tried again next time, never fatal."""
+    failures = 0
     while True:
         try:
             await work()
-        except (sqlite3.Error, PaymentTimeout, trio.TooSlowError, Problem):
+        except (sqlite3.Error, PaymentTimeout, trio.TooSlowError, Problem, ClientError):
             counts["background_pass_failed"] += 1
-        await trio.sleep(interval_s)
+            failures = min(failures + 1, 16)
+        else:
+            failures = 0
+        # Back off while passes fail (the cluster away), never slower than a minute.
+        await trio.sleep(min(interval_s * 2**failures, max(interval_s, BACKGROUND_BACKOFF_MAX_S)))

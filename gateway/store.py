@@ -27,7 +27,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -45,6 +45,8 @@ DEFAULT_EVENT_RETENTION_MS = 30 * 24 * 3600 * 1000
 BUSY_TIMEOUT_MS = 10_000
 # Idempotency keys: at most this many characters (the issue's limit).
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
+# The database file and its -wal/-shm: the owner's only.
+FILE_MODE = 0o600
 IN_FLIGHT = "in_flight"
 DONE = "done"
 
@@ -98,6 +100,9 @@ CREATE TABLE IF NOT EXISTS payments (
 CREATE INDEX IF NOT EXISTS payments_from ON payments (from_account, row);
 CREATE INDEX IF NOT EXISTS payments_to ON payments (to_account, row);
 CREATE INDEX IF NOT EXISTS payments_held ON payments (status, expires_at_ms);
+CREATE INDEX IF NOT EXISTS payments_client ON payments (client_id, row);
+CREATE INDEX IF NOT EXISTS payments_from_owner ON payments (from_owner, row);
+CREATE INDEX IF NOT EXISTS payments_to_owner ON payments (to_owner, row);
 CREATE TABLE IF NOT EXISTS payment_operations (
     payment_id TEXT NOT NULL,
     client_id INTEGER NOT NULL,
@@ -133,7 +138,13 @@ CREATE TABLE IF NOT EXISTS request_ids (
     client_id INTEGER PRIMARY KEY,
     last INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 """
+# meta: the cluster (short id) the database belongs to, the clients it served, the schema.
+SCHEMA_VERSION = 1
 
 
 class StoreError(Exception):
@@ -153,6 +164,7 @@ def connect(path: str | os.PathLike[str]) -> sqlite3.Connection:
         raise StoreError(f"{where}: is a directory, not a database file")
     if not where.parent.is_dir():
         raise StoreError(f"{where}: directory {where.parent} does not exist")
+    _private(where)
     try:
         db = sqlite3.connect(where, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
     except sqlite3.Error as error:
@@ -175,6 +187,24 @@ def connect(path: str | os.PathLike[str]) -> sqlite3.Connection:
         db.close()
         raise
     return db
+
+
+def _private(where: Path) -> None:
+    """Create the database file 0600 (it holds payments, receipts, key hashes and webhook
+    secrets), or take group/other bits off an existing one and its -wal/-shm (SQLite gives
+    new -wal/-shm files the database file's mode)."""
+    try:
+        # Only a new file is opened here: closing a descriptor of a file this process has
+        # open in SQLite would drop that connection's POSIX locks on it.
+        try:
+            os.close(os.open(where, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE))
+        except FileExistsError:
+            pass
+        for path in (where, Path(f"{where}-wal"), Path(f"{where}-shm")):
+            if path.exists() and path.stat().st_mode & 0o077:
+                os.chmod(path, path.stat().st_mode & 0o700)
+    except OSError as error:
+        raise StoreError(f"{where}: cannot open: {error.strerror or error}") from None
 
 
 @dataclass(frozen=True)
@@ -313,6 +343,35 @@ class Database:
 
     def close(self) -> None:
         self.db.close()
+
+    def bind_cluster(self, cluster_id: str, clients: Iterable[int]) -> bool:
+        """Bind the database to cluster `cluster_id` (short id): its requests, request ids
+        and receipts mean nothing on another cluster, where resuming them would move money
+        on a ledger that never received them. StoreError if it belongs to another cluster.
+        True if it held data but no cluster yet (written before the binding): adopted."""
+        with self.db:
+            row = self.db.execute("SELECT value FROM meta WHERE key = 'cluster_id'").fetchone()
+            if row is not None and row[0] != cluster_id:
+                raise StoreError(
+                    f"{self.path} belongs to cluster {row[0]}, not to this cluster {cluster_id}"
+                )
+            adopted = False
+            if row is None:
+                adopted = any(
+                    self.db.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone() is not None
+                    for table in ("api_keys", "idempotency", "payments", "request_ids")
+                )
+                self.db.execute(
+                    "INSERT INTO meta (key, value) VALUES ('cluster_id', ?), ('schema', ?)",
+                    (cluster_id, str(SCHEMA_VERSION)),
+                )
+            served = self.db.execute("SELECT value FROM meta WHERE key = 'clients'").fetchone()
+            known = {int(client) for client in served[0].split(",") if client} if served else set()
+            self.db.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('clients', ?)",
+                (",".join(str(client) for client in sorted(known | set(clients))),),
+            )
+        return adopted
 
     # -- API keys (gateway/keys.py) --
 
@@ -581,16 +640,32 @@ class Database:
     ) -> list[PaymentRow]:
         """Newest first: payments `client_id` made or whose account it owns (optionally
         only those naming `account`), older than row `before_row`, at most `limit`."""
-        clauses = ["(client_id = ? OR from_owner = ? OR to_owner = ?)"]
-        values: list[Any] = [client_id, client_id, client_id]
-        if account is not None:
-            clauses.append("(from_account = ? OR to_account = ?)")
-            values += [account, account]
-        if before_row is not None:
-            clauses.append("row < ?")
-            values.append(before_row)
+        # One ordered index walk per way of being a party (or per side of `account`), each
+        # stopping after `limit` rows, merged: never a scan of the table nor a sort of all
+        # of an account's payments (the store's one lock is held meanwhile).
+        bound = "" if before_row is None else " AND row < ?"
+        tail = () if before_row is None else (before_row,)
+        parties = "(client_id = ? OR from_owner = ? OR to_owner = ?)"
+        walks: list[tuple[str, tuple[Any, ...]]]
+        if account is None:
+            walks = [
+                (f"{column} = ?{bound}", (client_id, *tail))
+                for column in ("client_id", "from_owner", "to_owner")
+            ]
+        else:
+            walks = [
+                (f"{column} = ? AND {parties}{bound}", (account, *[client_id] * 3, *tail))
+                for column in ("from_account", "to_account")
+            ]
+        union = " UNION ".join(
+            f"SELECT * FROM (SELECT row FROM payments WHERE {where} ORDER BY row DESC LIMIT ?)"
+            for where, _values in walks
+        )
+        values: list[Any] = []
+        for _where, walk_values in walks:
+            values += [*walk_values, limit]
         rows = self.db.execute(
-            f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE {' AND '.join(clauses)} "
+            f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE row IN ({union}) "
             "ORDER BY row DESC LIMIT ?",
             (*values, limit),
         ).fetchall()

@@ -102,6 +102,9 @@ class PaymentClient:
             view=view,
         )
         self._in_flight = trio.Semaphore(cluster.config.client_pending_limit)
+        # The core refuses more than this many reads (or lookups) at once: wait instead.
+        self._read_slots = trio.Semaphore(cluster.config.client_pending_limit)
+        self._lookup_slots = trio.Semaphore(cluster.config.client_pending_limit)
         self._transport = Transport(("client", client_id), self.key, self.keyring, transport_config)
         self._waiting: dict[int, trio.Event] = {}
         self._results: dict[int, Decided] = {}
@@ -253,39 +256,53 @@ class PaymentClient:
             self.core.outstanding.pop(request_id, None)
 
     async def balance(self, account: str) -> BalanceRead:
-        """An account's balance as f + 1 replicas report it (a read, not ordered)."""
+        """An account's balance as f + 1 replicas report it (a read, not ordered). Waits for
+        a free slot if `client_pending_limit` reads are in flight; PaymentTimeout if the slot
+        and the answer together take longer than `timeout_s`."""
+        with trio.move_on_after(self.timeout_s):
+            async with self._read_slots:
+                return await self._balance(account)
+        raise PaymentTimeout(f"no f + 1 matching balances for {account!r}")
+
+    async def _balance(self, account: str) -> BalanceRead:
         query_id = self.new_request_id()
         event = trio.Event()
         self._waiting_reads[query_id] = event
         try:
             self._carry_out(self.core.query_balance(query_id, account))
-            with trio.move_on_after(self.timeout_s) as scope:
-                await event.wait()
-            if scope.cancelled_caught:
-                self.core.queries.pop(query_id, None)
-                raise PaymentTimeout(f"no f + 1 matching balances for {account!r}")
+            await event.wait()
             return self._reads.pop(query_id)
         finally:
+            # Answered, timed out or cancelled by any outer scope: the core forgets the query
+            # (else it is retransmitted forever and fills the core's query table).
             self._waiting_reads.pop(query_id, None)
+            self._reads.pop(query_id, None)
+            self.core.queries.pop(query_id, None)
 
     async def lookup(self, ask: Callable[[int], list[ClientAction]]) -> LookupResult:
         """A lookup of history, answered by f + 1 matching replicas (pbft/client.py's lookups
         section): `ask(query_id)` builds it, for example
         `lambda query_id: client.core.lookups.status(query_id, client_id, request_id)`.
-        PaymentTimeout if no f + 1 replicas agree within `timeout_s`."""
+        Waits for a free slot if `client_pending_limit` lookups are in flight; PaymentTimeout
+        if no f + 1 replicas agree within `timeout_s` (the wait for a slot included)."""
+        with trio.move_on_after(self.timeout_s):
+            async with self._lookup_slots:
+                return await self._lookup(ask)
+        raise PaymentTimeout(f"no f + 1 matching answers to a lookup within {self.timeout_s} s")
+
+    async def _lookup(self, ask: Callable[[int], list[ClientAction]]) -> LookupResult:
         query_id = self.new_request_id()
         event = trio.Event()
         self._waiting_lookups[query_id] = event
         try:
             self._carry_out(ask(query_id))
-            with trio.move_on_after(self.timeout_s) as scope:
-                await event.wait()
-            if scope.cancelled_caught:
-                self.core.lookups.pending.pop(query_id, None)
-                raise PaymentTimeout(f"no f + 1 matching answers to lookup {query_id}")
+            await event.wait()
             return self._lookups.pop(query_id)
         finally:
+            # As in _balance: whatever ended the wait, the core must not keep the lookup.
             self._waiting_lookups.pop(query_id, None)
+            self._lookups.pop(query_id, None)
+            self.core.lookups.pending.pop(query_id, None)
 
     async def status(self, client_id: int, request_id: int) -> LookupResult:
         """What became of request (client_id, request_id), even one too old for the replicas'
@@ -373,9 +390,9 @@ class _Host:
             waiting.set()
 
     def balance_read(self, read: BalanceRead) -> None:
-        self.client._reads[read.query_id] = read
         waiting = self.client._waiting_reads.get(read.query_id)
-        if waiting is not None:
+        if waiting is not None:  # else its read gave up: nobody to hand it to
+            self.client._reads[read.query_id] = read
             waiting.set()
 
     def looked_up(self, result: LookupResult) -> None:

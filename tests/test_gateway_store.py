@@ -268,3 +268,97 @@ def test_claim_writes_the_id_key_and_payment_in_one_step(tmp_path: Path) -> None
     with pytest.raises(ValueError, match="another key"):
         database.claim(0, "k2", 1, wrong)
     assert database.idempotency(0, "other") is None and database.next_request_id(0, 1) == 503
+
+
+def test_the_database_and_its_wal_are_private_to_the_owner(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        fresh = tmp_path / "fresh.db"
+        database = Database(fresh)
+        database.create_key(0)
+        for path in (fresh, tmp_path / "fresh.db-wal"):
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+        database.close()
+        # A database left world-readable (before this fix) loses its group/other bits.
+        existing = tmp_path / "old.db"
+        Database(existing).close()
+        existing.chmod(0o644)
+        Database(existing).close()
+        assert stat.S_IMODE(existing.stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_listing_walks_indexes_and_pages_every_partys_payments(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    database = Database(tmp_path / "g.db")
+    rows = [
+        # made by client 0 / paid from client 2's account / paid to client 2's account
+        replace(
+            _payment(f"pay_{i % 3}_{i}", i),
+            client_id=i % 3,
+            from_owner=[0, 2, 1][i % 3],
+            to_owner=[1, 0, 2][i % 3],
+            from_account=f"a{i % 2}",
+            to_account="m",
+        )
+        for i in range(1, 31)
+    ]
+    with database.db:
+        for row in rows:
+            database._put_payment(row)
+    for client in (0, 1, 2):
+        for account in (None, "a1", "m"):
+            expected = [
+                row.id
+                for row in reversed(rows)
+                if client in (row.client_id, row.from_owner, row.to_owner)
+                and account in (None, row.from_account, row.to_account)
+            ]
+            seen: list[str] = []
+            before = None
+            while True:
+                page = database.payments_of(client, account, 4, before)
+                seen += [row.id for row in page]
+                if len(page) < 4:
+                    break
+                before = page[-1].row
+            assert seen == expected, (client, account)
+    # No walk over the whole table: each party (or side of the account) is an index search.
+    for account in (None, "m"):
+        statements: list[str] = []
+        database.db.set_trace_callback(statements.append)  # the SQL with its values
+        database.payments_of(0, account, 10, 20)
+        database.db.set_trace_callback(None)
+        (query,) = [sql for sql in statements if "UNION" in sql]
+        plans = [p[3] for p in database.db.execute("EXPLAIN QUERY PLAN " + query)]
+        assert plans and not any(plan.startswith("SCAN payments") for plan in plans), plans
+        assert sum("USING COVERING INDEX" in p or "USING INDEX" in p for p in plans) >= 2
+
+
+def test_a_payment_shows_metadata_to_its_creator_and_only_recent_operations() -> None:
+    from gateway.payments_json import MAX_RENDERED_OPERATIONS, payment_json
+
+    def op(request_id: int, op: str, outcome: str) -> OperationRow:
+        return OperationRow("pay_0_1", 0, request_id, op, 1, outcome, "", request_id, None, 1)
+
+    payment = _payment("pay_0_1", 1, "confirmed")
+    operations = [op(1, "transfer", "confirmed")]
+    operations += [op(i, "refund", "rejected") for i in range(2, 40)]
+    assert payment_json(payment, operations, 0)["metadata"] == {"order": "42"}
+    assert payment_json(payment, operations)["metadata"] == {"order": "42"}
+    assert payment_json(payment, operations, 1)["metadata"] == {}
+    # Rejected attempts are not the payment's operations (their answer is the key's).
+    shown = payment_json(payment, operations)
+    assert [o["op"] for o in shown["operations"]] == ["transfer"]
+    assert shown["operations_has_more"] is False
+    operations += [op(i, "refund", "confirmed") for i in range(40, 70)]
+    shown = payment_json(payment, operations)
+    assert len(shown["operations"]) == MAX_RENDERED_OPERATIONS
+    assert shown["operations"][-1]["request_id"] == 69 and shown["operations_has_more"]
+    latest = payment_json(payment, operations, recent=1)
+    assert [o["request_id"] for o in latest["operations"]] == [69]
