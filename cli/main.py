@@ -34,6 +34,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     main's guard: importing the runtime takes a while, and Ctrl-C then must exit 130 too."""
     from cli import (
         bench,
+        calibrate,
         cluster,
         gateway,
         gateway_keys,
@@ -63,6 +64,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         scenarios.add_sweep,
         scenarios.add_fuzz,
         bench.add_bench,
+        calibrate.add_calibrate,
     ):
         add(commands)
     handlers: dict[str, Command] = {
@@ -84,6 +86,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         "hold": lookups.hold,
         "verify-receipt": receipts.verify_receipt,
         "bench": bench.bench,
+        "calibrate": calibrate.calibrate,
         "gateway": gateway.gateway,
         "gateway-key": gateway_keys.gateway_key,
     }

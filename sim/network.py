@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from crypto.keys import Principal
+from sim.topology import Topology
 
 MAX_LATENCY_US = 600_000_000
 
@@ -67,7 +68,14 @@ def _endpoint_matches(endpoints: tuple[int | str, ...] | None, node: Principal) 
 
 
 class Network:
-    def __init__(self, rng: random.Random, latency: Latency, drop: float, duplicate: float) -> None:
+    def __init__(
+        self,
+        rng: random.Random,
+        latency: Latency,
+        drop: float,
+        duplicate: float,
+        topology: Topology | None = None,
+    ) -> None:
         if not (0.0 <= drop < 1.0 and 0.0 <= duplicate < 1.0):
             raise ValueError("drop and duplicate are probabilities in [0, 1)")
         self.rng = rng
@@ -84,6 +92,8 @@ class Network:
         self.last_drop_reason = ""
         # Installed link faults, in installation order (the order their dice are rolled).
         self.rules: dict[int, LinkRule] = {}
+        # Regions and links: a path's latency comes on top of `latency` (sim/topology.py).
+        self.topology = topology
 
     def add_rule(self, rule: LinkRule) -> None:
         self.rules[rule.rule_id] = rule
@@ -95,6 +105,8 @@ class Network:
         """The liveness phase: no partition, no fault, no loss, no duplication."""
         self.heal()
         self.rules.clear()
+        if self.topology is not None:
+            self.topology.restore_all()
         self.drop = 0.0
         self.duplicate = 0.0
 
@@ -136,14 +148,33 @@ class Network:
             self.dropped["loss"] += 1
             self.last_drop_reason = "loss"
             return []
+        path_us = 0
+        if self.topology is not None:
+            path = self.topology.between(source, destination)
+            if path is None:
+                self.dropped["cut"] += 1
+                self.last_drop_reason = "cut"
+                return []
+            path_us, loss = path
+            if loss and self.rng.random() < loss:
+                self.dropped["link_loss"] += 1
+                self.last_drop_reason = "link_loss"
+                return []
         copies = 2 if self.duplicate and self.rng.random() < self.duplicate else 1
         delays = [self.latency.sample_us(self.rng) for _ in range(copies)]
+        if path_us:
+            delays = [min(MAX_LATENCY_US, delay + path_us) for delay in delays]
         if self.rules:
-            return self._apply_rules(source, destination, message_type, delays)
+            return self._apply_rules(source, destination, message_type, delays, path_us)
         return delays
 
     def _apply_rules(
-        self, source: Principal, destination: Principal, message_type: str, delays: list[int]
+        self,
+        source: Principal,
+        destination: Principal,
+        message_type: str,
+        delays: list[int],
+        path_us: int = 0,
     ) -> list[int]:
         extra_us = 0
         for rule in self.rules.values():
@@ -156,7 +187,7 @@ class Network:
                     return []
             elif rule.action == "duplicate":
                 if self.rng.random() < rule.probability:
-                    delays.append(self.latency.sample_us(self.rng))
+                    delays.append(path_us + self.latency.sample_us(self.rng))
             elif rule.action == "delay":
                 if rule.latency is not None:
                     extra_us += rule.latency.sample_us(self.rng)

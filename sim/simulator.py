@@ -47,8 +47,10 @@ from sim.adversary import (
     build_client_behavior,
 )
 from sim.checkers import SAFETY_CHECKS, CheckResult, Observations, run_checks
+from sim.cpu import Core, MeteredCache, MeteredKey
 from sim.network import Latency, LinkRule, Network
 from sim.scenario import LINK_FAULTS, FaultSpec, Scenario
+from sim.topology import Topology
 from sim.trace import Trace
 from sim.workload import PlannedPayment, genesis_accounts, plan_payments
 
@@ -66,6 +68,9 @@ INCARNATION_STRIDE = 1000
 NEW_VIEW_PLANS_KEPT = 8
 # Each replica's history keeps this many seqs (far more than a shipped scenario executes).
 SIM_HISTORY_RETENTION_SEQS = 100_000
+# CPU model: messages waiting for one node's core; beyond it they are dropped and counted
+# (as a full socket buffer would drop them).
+CORE_QUEUE_LIMIT = 100_000
 
 # --- what the event queue holds -----------------------------------------------------------
 # The queue orders entries by (time, order scheduled); the event itself is never compared.
@@ -114,9 +119,23 @@ class HealAll(NamedTuple):
     """The liveness phase begins."""
 
 
+class CoreDone(NamedTuple):
+    """CPU model: the message at the head of a node's queue has been handled."""
+
+    core: tuple[str, int, int]  # role, id, copy
+
+
+class EndCut(NamedTuple):
+    """A cut with an `until_ms` ends: its links carry messages again."""
+
+    index: int
+
+
 SimEvent = (
     Deliver
     | TickDue
+    | CoreDone
+    | EndCut
     | SubmitPayment
     | StartFault
     | HealPartition
@@ -187,6 +206,10 @@ class _ReplicaHost:
 
     def persist(self, records: Sequence[Persist]) -> None:
         write_records(self.node.storage, records)
+        cores = self.simulation.cores
+        if cores is not None:
+            # One durable write per step, as the runtime's store commits them (one fsync).
+            cores[("replica", self.node.replica_id, self.node.copy)].persists += 1
 
     def send(self, message: Outgoing) -> None:
         self.simulation._send_from(self.node, message)
@@ -339,6 +362,14 @@ class Simulation:
             Latency(latency.distribution, latency.min_ms, latency.max_ms, latency.mean_ms),
             network.drop,
             network.duplicate,
+            Topology(network.topology) if network.topology is not None else None,
+        )
+        # CPU model: (role, id, copy) -> that node's core; None without the model.
+        self.cpu = scenario.cluster.cpu
+        self.cores: dict[tuple[str, int, int], Core] | None = {} if self.cpu is not None else None
+        self.per_message_us = int(round(self.cpu.per_message_us)) if self.cpu else 0
+        self.machine: list[int] | None = (
+            [0] * self.cpu.cores if self.cpu is not None and self.cpu.cores else None
         )
         workload = scenario.workload
         self.keyring = KeyRing()
@@ -386,7 +417,7 @@ class Simulation:
                 if entry is not None and entry.behavior != "twin"
                 else None
             )
-            node = ReplicaNode(replica, key, {}, behavior)
+            node = ReplicaNode(replica, self._metered(("replica", replica, 0), key), {}, behavior)
             node.peers = peers_of(replica, self.config.replica_ids())
             node.host = _ReplicaHost(self, node)
             node.core = self._boot(node)
@@ -395,7 +426,13 @@ class Simulation:
                 first, second = entry.groups
                 twin_groups[replica] = (frozenset(first), frozenset(second))
         for replica in twin_groups:
-            twin = ReplicaNode(replica, replica_keys[replica], {}, None, copy=1)
+            twin = ReplicaNode(
+                replica,
+                self._metered(("replica", replica, 1), replica_keys[replica]),
+                {},
+                None,
+                copy=1,
+            )
             twin.peers = peers_of(replica, self.config.replica_ids())
             twin.host = _ReplicaHost(self, twin)
             twin.core = self._boot(twin)
@@ -407,9 +444,9 @@ class Simulation:
             ClientCore(
                 client,
                 self.config,
-                key,
+                self._metered(("client", client, 0), key),
                 self.keyring,
-                cache=self.signature_cache,
+                cache=self._cache_of(("client", client, 0)),
                 cluster_id=self.cluster_id,
             )
             for client, key in enumerate(client_keys)
@@ -457,6 +494,27 @@ class Simulation:
             wrong_ref=workload.wrong_ref,
         )
 
+    def _metered(self, name: tuple[str, int, int], key: SigningKey) -> SigningKey:
+        """With the CPU model: the node's core, and the key that counts its signatures."""
+        if self.cores is None or self.cpu is None:
+            return key
+        metered = MeteredKey(key)
+        self.cores[name] = Core(
+            metered,
+            MeteredCache(self.signature_cache),
+            self.cpu.sign_us,
+            self.cpu.verify_us,
+            self.machine,
+            self.cpu.fsync_us,
+            self.cpu.per_request_us,
+        )
+        return metered
+
+    def _cache_of(self, name: tuple[str, int, int]) -> VerificationCache:
+        if self.cores is None:
+            return self.signature_cache
+        return self.cores[name].cache
+
     def _boot(self, node: ReplicaNode) -> Replica:
         replica = Replica(
             node.replica_id,
@@ -465,7 +523,7 @@ class Simulation:
             self.keyring,
             self.accounts,
             records=dict(node.storage) if node.storage else None,
-            cache=self.signature_cache,
+            cache=self._cache_of(("replica", node.replica_id, node.copy)),
             history=node.history,
         )
         # Recovery re-executed from the checkpoint: those rows again (idempotent).
@@ -546,10 +604,16 @@ class Simulation:
         # The two events nearly every step is (checked by type before the general match).
         kind = type(event)
         if kind is Deliver:
-            self._deliver(*cast(Deliver, event))
+            if self.cores is None:
+                self._deliver(*cast(Deliver, event))
+            else:
+                self._arrive(cast(Deliver, event))
             return
         if kind is TickDue:
             self._tick(cast(TickDue, event).node)
+            return
+        if kind is CoreDone:
+            self._core_done(cast(CoreDone, event).core)
             return
         match event:
             case Deliver(source, destination, data, copy):
@@ -577,6 +641,50 @@ class Simulation:
                 self.trace.record(self.now_us, "fault_end", f"r{replica}", "clock_skew")
             case HealAll():
                 self._heal_all()
+            case EndCut(index):
+                links = self.scenario.faults[index].links
+                if self.network.topology is not None and links is not None:
+                    self.network.topology.restore(links)
+                self.trace.record(self.now_us, "fault_end", "network", f"cut {index}")
+
+    # --- the CPU model (sim/cpu.py) -----------------------------------------------------
+
+    def _arrive(self, event: Deliver) -> None:
+        """A message reaches a node's host: it waits for the node's core."""
+        source, destination, data, copy = event
+        name = (destination[0], destination[1], copy)
+        assert self.cores is not None
+        core = self.cores[name]
+        if len(core.queue) >= CORE_QUEUE_LIMIT:
+            self.network.dropped["core_queue_overflow"] += 1
+            self._trace_lost(source, destination, data, "core_queue_overflow")
+            return
+        core.queue.append(event)
+        if not core.serving:
+            core.serving = True
+            self._serve_next(name, core)
+
+    def _serve_next(self, name: tuple[str, int, int], core: Core) -> None:
+        core.charge(self.now_us)
+        core.occupy(self.now_us, self.per_message_us)
+        self._schedule(core.free_at_us, CoreDone(name))
+
+    def _core_done(self, name: tuple[str, int, int]) -> None:
+        assert self.cores is not None
+        core = self.cores[name]
+        if core.queue:
+            core.messages += 1
+            self._deliver(*core.queue.popleft())
+            core.charge(self.now_us)
+        if core.queue:
+            self._serve_next(name, core)
+        else:
+            core.serving = False
+
+    def _charge(self, name: tuple[str, int, int]) -> int:
+        """When what the node sends now can leave: after the work it has done so far."""
+        assert self.cores is not None
+        return self.cores[name].charge(self.now_us)
 
     def _converged(self) -> bool:
         ends = {
@@ -634,8 +742,13 @@ class Simulation:
             twin = self.twin_nodes.get(index)
             if twin is not None and twin.core is not None and not twin.paused:
                 self._step(twin, Tick(twin.clock_ms(self.now_us)))
+                if self.cores is not None:
+                    self._charge((role, index, 1))
         else:
             self._client_actions(index, self.clients[index].handle(Tick(now_ms)))
+        if self.cores is not None:
+            # A timer's work (retransmissions, a proposal) keeps the core busy too.
+            self._charge((role, index, 0))
         self._schedule(self.now_us + TICK_US, TickDue(node))
 
     def _submit(self, payment: PlannedPayment) -> None:
@@ -668,6 +781,8 @@ class Simulation:
             {"payment": f"{payment.client_id}:{payment.request_id}"},
         )
         self._client_actions(payment.client_id, actions)
+        if self.cores is not None:
+            self._charge(("client", payment.client_id, 0))
 
     def _fault(self, fault: FaultSpec, index: int) -> None:
         liveness = self.scenario.liveness
@@ -730,6 +845,12 @@ class Simulation:
         elif fault.action == "resume" and node is not None:
             self._resume(node)
             return
+        elif fault.action == "cut" and fault.links is not None:
+            if self.network.topology is not None:
+                self.network.topology.cut(fault.links)
+            detail = f"cut {index} {' '.join(f'{a}-{b}' for a, b in fault.links)}"
+            if fault.until_ms is not None:
+                self._schedule(fault.until_ms * 1000, EndCut(index))
         elif fault.action == "clock_skew" and node is not None and fault.factor is not None:
             node.set_clock_factor(self.now_us, fault.factor)
             detail = f"clock_skew r{node.replica_id} x{fault.factor}"
@@ -764,6 +885,8 @@ class Simulation:
         # What its host had buffered dies with it.
         node.inbox.clear()
         node.paused = False
+        if self.cores is not None:
+            self.cores[("replica", node.replica_id, node.copy)].queue.clear()
 
     def _resume(self, node: ReplicaNode) -> None:
         if not node.paused:
@@ -799,8 +922,10 @@ class Simulation:
             delays_us = self.network.route(source, destination, _message_type_name(data))
             if not delays_us:
                 self._trace_lost(source, destination, data, self.network.last_drop_reason)
+            # With the CPU model a message leaves when the work that made it is done.
+            sent_us = self.now_us if self.cores is None else self._charge((*source, copy))
             for delay_us in delays_us:
-                self._schedule(self.now_us + delay_us, Deliver(source, destination, data, 0))
+                self._schedule(sent_us + delay_us, Deliver(source, destination, data, 0))
             return
         payloads = [data]
         if source[0] == "replica":
@@ -817,6 +942,7 @@ class Simulation:
             for payload in payloads:
                 self._trace_lost(source, destination, payload, "twin_split")
             return
+        sent_us = self.now_us if self.cores is None else self._charge((*source, copy))
         for payload in payloads:
             message_type = _message_type_name(payload)
             for receiver in receivers:
@@ -825,7 +951,7 @@ class Simulation:
                     self._trace_lost(source, destination, payload, self.network.last_drop_reason)
                 for delay_us in delays_us:
                     self._schedule(
-                        self.now_us + delay_us, Deliver(source, destination, payload, receiver)
+                        sent_us + delay_us, Deliver(source, destination, payload, receiver)
                     )
 
     def _transmit_from(self, node: ReplicaNode, destination: Principal, data: bytes) -> None:
@@ -857,6 +983,8 @@ class Simulation:
             self._transmit_from(node, destination, message.data)
 
     def _executed(self, node: ReplicaNode, executed: Executed) -> None:
+        if self.cores is not None:
+            self.cores[("replica", node.replica_id, node.copy)].requests += len(executed.requests)
         self._record_execution(node.observer_id, executed)
         node.history.record(executed)
         self.trace.record(

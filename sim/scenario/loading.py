@@ -30,19 +30,26 @@ from sim.scenario.spec import (
     LATENCY_DISTRIBUTIONS,
     LINK_FAULTS,
     MAX_CLOCK_SKEW_FACTOR,
+    MAX_CPU_CORES,
+    MAX_CPU_COST_US,
     MAX_DURATION_MS,
     MAX_NAME_LENGTH,
+    MAX_REGIONS,
     MAX_SEED,
     MAX_TOTAL_BALANCE,
     MESSAGE_TYPE_NAMES,
     PARTITION_DIRECTIONS,
+    TOPOLOGY_FAULT_ACTIONS,
     ClusterSpec,
+    CpuSpec,
     ExpectSpec,
     FaultSpec,
     LatencySpec,
+    LinkSpec,
     LivenessSpec,
     NetworkSpec,
     Scenario,
+    TopologySpec,
     WorkloadSpec,
 )
 from sim.scenario.values import ScenarioError, describe, is_integer, key_path, show
@@ -75,8 +82,22 @@ _CLUSTER_KEYS: Final = (
     "client_timeout_ms",
     "watermark_window",
     "max_clock_skew_ms",
+    "cpu",
 )
-_NETWORK_KEYS: Final = ("latency_ms", "drop", "duplicate")
+_CPU_KEYS: Final = (
+    "sign_us",
+    "verify_us",
+    "per_message_us",
+    "per_request_us",
+    "fsync_us",
+    "cores",
+)
+# A calibration file (`pbft calibrate`): the model in [cpu], what was measured in [machine].
+_CALIBRATION_KEYS: Final = ("cpu", "machine")
+MAX_CALIBRATION_FILE_BYTES: Final = 64 * 1024
+_NETWORK_KEYS: Final = ("latency_ms", "drop", "duplicate", "topology")
+_TOPOLOGY_KEYS: Final = ("regions", "latency_ms", "links", "replicas", "clients")
+_LINK_KEYS: Final = ("a", "b", "latency_ms", "loss")
 _LATENCY_KEYS: Final = ("dist", "min", "max", "mean")
 _WORKLOAD_KEYS: Final = (
     "clients",
@@ -106,6 +127,7 @@ _FAULT_KEYS: Final = (
     "latency_ms",
     "window_ms",
     "factor",
+    "links",
 )
 _LIVENESS_KEYS: Final = ("heal_all_at_ms", "within_ms")
 # Which optional keys each fault action takes; anything else in its table is an error.
@@ -121,6 +143,7 @@ _FAULT_ACTION_KEYS: Final = {
     "pause": ("replica", "until_ms"),
     "resume": ("replica",),
     "clock_skew": ("replica", "factor", "until_ms"),
+    "cut": ("links", "until_ms"),
 }
 
 _EXPECT_KEYS: Final = ("safety", "liveness", "deadline_ms")
@@ -186,12 +209,14 @@ class _Reader(AdversaryReader):
         seed = self.integer(document.get("seed", 0), "seed", 0, MAX_SEED)
         # The cluster comes first: replica ids elsewhere are checked against its size.
         cluster = self.cluster(self.table(document.get("cluster", {}), "cluster"))
-        network = self.network(self.table(document.get("network", {}), "network"))
         workload = self.workload(self.table(document.get("workload", {}), "workload"))
+        network = self.network(
+            self.table(document.get("network", {}), "network"), cluster.replicas, workload.clients
+        )
         self.storable(cluster.replicas, workload)
         fault_tables = self.array_of_tables(document.get("faults", []), "faults")
         faults = [
-            self.fault(table, f"faults[{index}]", cluster.replicas)
+            self.fault(table, f"faults[{index}]", cluster.replicas, network.topology)
             for index, table in enumerate(fault_tables)
         ]
         byzantine = self.byzantine(
@@ -255,9 +280,72 @@ class _Reader(AdversaryReader):
             client_timeout_ms=integer("client_timeout_ms", 10, MAX_DURATION_MS),
             watermark_window=watermark_window,
             max_clock_skew_ms=integer("max_clock_skew_ms", 1, MAX_CLOCK_SKEW_MS),
+            cpu=self.cpu(table["cpu"]) if "cpu" in table else None,
         )
 
-    def network(self, table: dict[str, Any]) -> NetworkSpec:
+    def cpu(self, value: object) -> CpuSpec:
+        """Inline `{ sign_us, verify_us, per_message_us }`, or the path of a calibration
+        file (`pbft calibrate`), relative to the scenario file's directory."""
+        path = "cluster.cpu"
+        if isinstance(value, str):
+            return self.cpu_file(value)
+        table = self.table(value, path)
+        self.known_keys(table, _CPU_KEYS, path)
+
+        def cost(key: str) -> float:
+            cost_us = self.number(self.required(table, key, path), f"{path}.{key}")
+            self.check(
+                0 <= cost_us <= MAX_CPU_COST_US,
+                f"{path}.{key}",
+                f"must be in 0..{MAX_CPU_COST_US:g} microseconds, got {cost_us}",
+            )
+            return cost_us
+
+        return CpuSpec(
+            sign_us=cost("sign_us"),
+            verify_us=cost("verify_us"),
+            per_message_us=cost("per_message_us"),
+            per_request_us=cost("per_request_us") if "per_request_us" in table else 0.0,
+            fsync_us=cost("fsync_us") if "fsync_us" in table else 0.0,
+            cores=self.integer(table.get("cores", 0), f"{path}.cores", 0, MAX_CPU_CORES),
+        )
+
+    def cpu_file(self, name: str) -> CpuSpec:
+        path = "cluster.cpu"
+        self.check(bool(name.strip()), path, "expected a table or a calibration file's path")
+        base = os.path.dirname(self.source) if self.source != "<string>" else ""
+        file_path = os.path.join(base, name)
+        try:
+            with open(file_path, "rb") as file:
+                raw = file.read(MAX_CALIBRATION_FILE_BYTES + 1)
+        except OSError as error:
+            raise self.error(
+                path, f"cannot read calibration file {file_path}: {error.strerror or error}"
+            ) from error
+        self.check(
+            len(raw) <= MAX_CALIBRATION_FILE_BYTES,
+            path,
+            f"calibration file {file_path} is larger than {MAX_CALIBRATION_FILE_BYTES} bytes",
+        )
+        try:
+            document = tomllib.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as error:
+            raise self.error(path, f"calibration file {file_path} is not TOML: {error}") from error
+        unknown = [key for key in document if key not in _CALIBRATION_KEYS]
+        self.check(
+            not unknown,
+            path,
+            f"calibration file {file_path}: unknown key {unknown[0] if unknown else ''!r}; "
+            f"expected {', '.join(_CALIBRATION_KEYS)}",
+        )
+        self.check("cpu" in document, path, f"calibration file {file_path} has no [cpu] table")
+        # A table only: a calibration file naming another file could go round in a circle.
+        try:
+            return self.cpu(self.table(document["cpu"], path))
+        except ScenarioError as error:
+            raise self.error(error.field, f"{error.problem} (in {file_path})") from None
+
+    def network(self, table: dict[str, Any], replicas: int = 4, clients: int = 4) -> NetworkSpec:
         self.known_keys(table, _NETWORK_KEYS, "network")
         latency = (
             self.latency(self.table(table["latency_ms"], "network.latency_ms"))
@@ -268,6 +356,111 @@ class _Reader(AdversaryReader):
             latency=latency,
             drop=self.probability(table.get("drop", 0.0), "network.drop"),
             duplicate=self.probability(table.get("duplicate", 0.0), "network.duplicate"),
+            topology=(
+                self.topology(self.table(table["topology"], "network.topology"), replicas, clients)
+                if "topology" in table
+                else None
+            ),
+        )
+
+    def topology(self, table: dict[str, Any], replicas: int, clients: int) -> TopologySpec:
+        path = "network.topology"
+        self.known_keys(table, _TOPOLOGY_KEYS, path)
+        region_list = self.required(table, "regions", path)
+        if not isinstance(region_list, list) or not region_list:
+            raise self.error(f"{path}.regions", "expected a non-empty list of region names")
+        self.check(
+            len(region_list) <= MAX_REGIONS,
+            f"{path}.regions",
+            f"at most {MAX_REGIONS} regions, got {len(region_list)}",
+        )
+        regions: dict[str, None] = {}
+        for index, region in enumerate(region_list):
+            name = self.string(region, f"{path}.regions[{index}]")
+            self.check(
+                bool(name.strip()) and len(name) <= MAX_NAME_LENGTH,
+                f"{path}.regions[{index}]",
+                f"a region name is 1..{MAX_NAME_LENGTH} characters",
+            )
+            self.check(name not in regions, f"{path}.regions[{index}]", f"{name!r} twice")
+            regions[name] = None
+        names = tuple(regions)
+        self.check(
+            ("latency_ms" in table) != ("links" in table),
+            path,
+            "takes exactly one of latency_ms (a matrix) and links (a list of links)",
+        )
+        if "latency_ms" in table:
+            links = self.latency_matrix(table["latency_ms"], f"{path}.latency_ms", names)
+        else:
+            links = self.links(table["links"], f"{path}.links", names)
+        return TopologySpec(
+            regions=names,
+            links=links,
+            replicas=self.placement(
+                self.required(table, "replicas", path), f"{path}.replicas", names, replicas
+            ),
+            clients=self.placement(
+                self.required(table, "clients", path), f"{path}.clients", names, clients
+            ),
+        )
+
+    def latency_matrix(
+        self, value: object, path: str, regions: tuple[str, ...]
+    ) -> tuple[LinkSpec, ...]:
+        """Row i, column j: latency from region i to j; symmetric, 0 on the diagonal, and a
+        link wherever it is above 0 (0 off the diagonal: no direct link)."""
+        size = len(regions)
+        if not isinstance(value, list) or len(value) != size:
+            raise self.error(path, f"expected {size} rows (one per region), got {describe(value)}")
+        rows: list[list[float]] = []
+        for i, row in enumerate(value):
+            if not isinstance(row, list) or len(row) != size:
+                raise self.error(f"{path}[{i}]", f"expected {size} numbers, got {describe(row)}")
+            rows.append([self.duration(cell, f"{path}[{i}][{j}]") for j, cell in enumerate(row)])
+        links = []
+        for i in range(size):
+            self.check(rows[i][i] == 0, f"{path}[{i}][{i}]", "a region's latency to itself is 0")
+            for j in range(i + 1, size):
+                self.check(
+                    rows[i][j] == rows[j][i],
+                    f"{path}[{j}][{i}]",
+                    f"must equal {path}[{i}][{j}] ({rows[i][j]}): links are symmetric",
+                )
+                if rows[i][j] > 0:
+                    links.append(LinkSpec(regions[i], regions[j], rows[i][j]))
+        return tuple(links)
+
+    def links(self, value: object, path: str, regions: tuple[str, ...]) -> tuple[LinkSpec, ...]:
+        tables = self.array_of_tables(value, path)
+        links: dict[frozenset[str], LinkSpec] = {}
+        for index, table in enumerate(tables):
+            link_path = f"{path}[{index}]"
+            self.known_keys(table, _LINK_KEYS, link_path)
+            a = self.choice(self.required(table, "a", link_path), f"{link_path}.a", regions)
+            b = self.choice(self.required(table, "b", link_path), f"{link_path}.b", regions)
+            self.check(a != b, f"{link_path}.b", f"a link joins two regions, got {a!r} twice")
+            self.check(frozenset((a, b)) not in links, link_path, f"a second link {a!r}-{b!r}")
+            latency_ms = self.duration(
+                self.required(table, "latency_ms", link_path), f"{link_path}.latency_ms"
+            )
+            loss = self.probability(table.get("loss", 0.0), f"{link_path}.loss")
+            links[frozenset((a, b))] = LinkSpec(a, b, latency_ms, loss)
+        return tuple(links.values())
+
+    def placement(
+        self, value: object, path: str, regions: tuple[str, ...], count: int
+    ) -> tuple[str, ...]:
+        """A region name for all, or a list with one region per replica (or client)."""
+        if isinstance(value, str):
+            return (self.choice(value, path, regions),) * count
+        if not isinstance(value, list) or len(value) != count:
+            raise self.error(
+                path,
+                f"expected a region name or a list of {count} region names, got {describe(value)}",
+            )
+        return tuple(
+            self.choice(item, f"{path}[{index}]", regions) for index, item in enumerate(value)
         )
 
     def latency(self, table: dict[str, Any], path: str = "network.latency_ms") -> LatencySpec:
@@ -369,10 +562,20 @@ class _Reader(AdversaryReader):
         self.check(low <= high, f"{path}.max", f"must be at least min ({low}), got {high}")
         return low, high
 
-    def fault(self, table: dict[str, Any], path: str, replicas: int) -> FaultSpec:
+    def fault(
+        self,
+        table: dict[str, Any],
+        path: str,
+        replicas: int,
+        topology: TopologySpec | None = None,
+    ) -> FaultSpec:
         self.known_keys(table, _FAULT_KEYS, path)
         at_ms = self.integer(self.required(table, "at_ms", path), f"{path}.at_ms", 0, None)
-        action = self.choice(self.required(table, "action", path), f"{path}.action", FAULT_ACTIONS)
+        action = self.choice(
+            self.required(table, "action", path),
+            f"{path}.action",
+            (*FAULT_ACTIONS, *TOPOLOGY_FAULT_ACTIONS),
+        )
         # Each action takes exactly its own fields; a stray one is most likely a mistake.
         takes = _FAULT_ACTION_KEYS[action]
         for key in table:
@@ -435,6 +638,11 @@ class _Reader(AdversaryReader):
                 f"{path}.factor",
                 f"must be in {1 / MAX_CLOCK_SKEW_FACTOR}..{MAX_CLOCK_SKEW_FACTOR}, got {factor}",
             )
+        links = None
+        if action == "cut":
+            if topology is None:
+                raise self.error(f"{path}.action", "cut needs a [network.topology]")
+            links = self.cut_links(self.required(table, "links", path), f"{path}.links", topology)
         return FaultSpec(
             at_ms=at_ms,
             action=action,
@@ -451,7 +659,28 @@ class _Reader(AdversaryReader):
             latency=latency,
             window_ms=window_ms,
             factor=factor,
+            links=links,
         )
+
+    def cut_links(
+        self, value: object, path: str, topology: TopologySpec
+    ) -> tuple[tuple[str, str], ...]:
+        """Pairs of regions, each joined by a link of the topology."""
+        if not isinstance(value, list) or not value:
+            raise self.error(
+                path, f"expected a list of [region, region] pairs, got {describe(value)}"
+            )
+        known = frozenset(frozenset((link.a, link.b)) for link in topology.links)
+        pairs = []
+        for index, pair in enumerate(value):
+            pair_path = f"{path}[{index}]"
+            if not isinstance(pair, list) or len(pair) != 2:
+                raise self.error(pair_path, f"expected [region, region], got {describe(pair)}")
+            a = self.choice(pair[0], f"{pair_path}[0]", topology.regions)
+            b = self.choice(pair[1], f"{pair_path}[1]", topology.regions)
+            self.check(frozenset((a, b)) in known, pair_path, f"no link joins {a!r} and {b!r}")
+            pairs.append((a, b))
+        return tuple(pairs)
 
     def endpoints(self, value: object, path: str, replicas: int) -> tuple[int | str, ...] | None:
         """`"*"` (anything), `"clients"`, `"replicas"`, a replica id, or a list of those."""

@@ -46,6 +46,8 @@ FAULT_ACTIONS: Final = (
     "resume",
     "clock_skew",
 )
+# Faults that need a [network.topology] (the fuzzer writes none: it draws no topologies).
+TOPOLOGY_FAULT_ACTIONS: Final = ("cut",)
 # Network faults: they act on the messages that match their from/to/messages filters.
 LINK_FAULTS: Final = ("delay", "drop", "duplicate", "reorder")
 # Every message type, by the name pbft.messages gives it (one source).
@@ -80,6 +82,30 @@ DEFAULT_LATENCY: Final = LatencySpec(distribution="uniform", min_ms=1.0, max_ms=
 
 
 @dataclass(frozen=True)
+class CpuSpec:
+    """The CPU cost model (sim/cpu.py): every simulated replica and client is one core, busy
+    this long per signature made, per signature checked and per message handled."""
+
+    sign_us: float
+    verify_us: float
+    per_message_us: float
+    # Per request a replica executes (ledger, history row, its reply), beyond the messages
+    # that carried it: a batch's requests cost each replica this much each.
+    per_request_us: float = 0.0
+    # Each durable write (one per step that persists: the runtime's group commit) keeps the
+    # replica busy this long; 0: storage is free, as without the model.
+    fsync_us: float = 0.0
+    # 0: every node has a core of its own. N: the nodes share N cores (one machine, as in
+    # `pbft bench`, where every replica and the clients run on this host's cores).
+    cores: int = 0
+
+
+# Above any real machine's figure by far; keeps a typo from stalling a run for hours.
+MAX_CPU_COST_US: Final = 1_000_000.0
+MAX_CPU_CORES: Final = 1024
+
+
+@dataclass(frozen=True)
 class ClusterSpec:
     replicas: int = 4
     batch_size: int = 32
@@ -92,6 +118,34 @@ class ClusterSpec:
     # 0 means two checkpoint intervals, as in pbft.config.ClusterConfig.
     watermark_window: int = 0
     max_clock_skew_ms: int = ClusterConfig.max_clock_skew_ms
+    # None: messages cost no time to handle (the simulator as it always was).
+    cpu: CpuSpec | None = None
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """A link between two regions: one-way latency and the chance it loses a message."""
+
+    a: str
+    b: str
+    latency_ms: float
+    loss: float = 0.0
+
+
+@dataclass(frozen=True)
+class TopologySpec:
+    """Regions joined by links (sim/topology.py). A message takes the lowest-latency path
+    between its sender's and its receiver's regions; `network.latency_ms` is drawn on top
+    (the time inside a region). `replicas[i]` is replica i's region, `clients[c]` client
+    c's."""
+
+    regions: tuple[str, ...]
+    links: tuple[LinkSpec, ...]
+    replicas: tuple[str, ...]
+    clients: tuple[str, ...]
+
+
+MAX_REGIONS: Final = 64
 
 
 @dataclass(frozen=True)
@@ -100,6 +154,7 @@ class NetworkSpec:
     # Per-message probabilities, applied independently to every send.
     drop: float = 0.0
     duplicate: float = 0.0
+    topology: TopologySpec | None = None
 
 
 @dataclass(frozen=True)
@@ -157,6 +212,8 @@ class FaultSpec:
     window_ms: float | None = None
     # clock_skew: the replica's clock runs this many times as fast as real time.
     factor: float | None = None
+    # cut: the topology's links (pairs of regions) that carry nothing until until_ms.
+    links: tuple[tuple[str, str], ...] | None = None
 
 
 @dataclass(frozen=True)
