@@ -13,10 +13,12 @@ Idempotency-Key must be byte for byte the first answer, and re-encoding a dict c
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Annotated, Any
 
+import trio
 from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -24,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway import metrics
-from gateway.auth_http import caller
+from gateway.auth_http import TokenGuard, caller
 from gateway.errors import PROBLEM_MEDIA_TYPE, Problem
 from gateway.keys import Caller
 from gateway.payments_json import (
@@ -41,6 +43,21 @@ log = logging.getLogger("gateway.app")
 # The limits are the service's and the ledger's own (checked again there): the HTTP layer
 # only refuses earlier, naming the field, what would be refused anyway.
 MAX_BODY_BYTES = 64 * 1024
+# A body must arrive whole within this long after its headers (408 otherwise): the body is
+# read before authentication, so a peer that promises bytes and sends none must not hold
+# its connection (and its task and buffer) for ever.
+BODY_TIMEOUT_S = 10.0
+# Requests in flight at once; past it a 503 at once, before the body is read or the key
+# looked up. A request waiting for the cluster holds its place up to --cluster-timeout-s.
+MAX_CONCURRENT_REQUESTS = 256
+# Amounts (and expiries) in the API are at most JavaScript's Number.MAX_SAFE_INTEGER: JSON
+# numbers past it read back rounded in JSON.parse (the dashboard's) and in every JSON
+# library that parses to a double, another amount than the one decided. The ledger's own
+# bound (MAX_AMOUNT, 2**63 - 1) is larger; the CLI and PaymentClient still reach it.
+MAX_API_AMOUNT = min(2**53 - 1, MAX_AMOUNT)
+# The method label of the requests counter: these, anything else is "other" (any token is
+# a valid HTTP method, and each label value is a series kept for the life of the process).
+METRIC_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # pay_<client>_<request id>: a client id < 2**32, a request id < 2**64.
 PAYMENT_ID_PATTERN = r"^pay_[0-9]{1,10}_[0-9]{1,20}$"
 PAYMENT_ID_MAX_LENGTH = 36
@@ -55,7 +72,15 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 # strict: 1.0, "1" and true are not amounts, 1 is not a name. (Per field: a strict model
 # would also refuse the dict FastAPI hands it.)
-Amount = Annotated[int, Field(strict=True, ge=1, le=MAX_AMOUNT)]
+Amount = Annotated[
+    int,
+    Field(
+        strict=True,
+        ge=1,
+        le=MAX_API_AMOUNT,
+        description="Integer minor units, 1..2**53 - 1 (JavaScript's safe integers).",
+    ),
+]
 AccountName = Annotated[str, Field(strict=True, min_length=1, max_length=MAX_ACCOUNT_NAME_LENGTH)]
 MetadataKey = Annotated[str, Field(strict=True, min_length=1, max_length=MAX_METADATA_KEY_LENGTH)]
 MetadataValue = Annotated[str, Field(strict=True, max_length=MAX_METADATA_VALUE_LENGTH)]
@@ -85,7 +110,7 @@ class PaymentCreate(_Body):
     to: AccountName
     amount: Amount
     capture: Annotated[bool, Field(strict=True)] = True
-    expires_in_ms: Annotated[int, Field(strict=True, ge=1, le=MAX_AMOUNT)] | None = None
+    expires_in_ms: Annotated[int, Field(strict=True, ge=1, le=MAX_API_AMOUNT)] | None = None
     metadata: Annotated[dict[MetadataKey, MetadataValue], Field(max_length=MAX_METADATA_KEYS)] = (
         Field(default_factory=dict)
     )
@@ -240,7 +265,9 @@ async def _on_problem(request: Request, error: Exception) -> Response:
 # --- ASGI layers ------------------------------------------------------------------------------
 
 
-async def _send_problem(send: Send, problem: Problem) -> None:
+async def _send_problem(
+    send: Send, problem: Problem, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
     body = problem.to_bytes()
     await send(
         {
@@ -249,20 +276,87 @@ async def _send_problem(send: Send, problem: Problem) -> None:
             "headers": [
                 (b"content-type", PROBLEM_MEDIA_TYPE.encode()),
                 (b"content-length", str(len(body)).encode()),
+                *(headers or []),
             ],
         }
     )
     await send({"type": "http.response.body", "body": body})
 
 
-class BodyLimit:
-    """Refuse a body over `limit` bytes with 413 before anything parses it: a declared
-    Content-Length at once, a chunked body as soon as it has passed the limit. The body
-    (at most `limit` bytes) is then handed on in one piece."""
+class DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
 
-    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
+
+def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
+def duplicate_key(body: bytes) -> str | None:
+    """The first key a JSON object in `body` repeats, None if none does (or if the body is
+    no JSON at all: FastAPI's parser then says what is wrong with it). json.loads keeps the
+    last of two equal keys, a proxy or log reader may keep the first: they would see
+    another payment than the one made."""
+    try:
+        json.loads(body, object_pairs_hook=_refuse_duplicates)
+    except DuplicateKey as duplicate:
+        return duplicate.key
+    except (ValueError, RecursionError):
+        return None
+    return None
+
+
+class RequestLimit:
+    """At most `limit` requests in flight; past it 503 with Retry-After at once, before
+    the body is read or the key looked up, so a flood (of stalled bodies, of bad tokens)
+    holds a bounded number of tasks and buffers."""
+
+    def __init__(self, app: ASGIApp, limit: int = MAX_CONCURRENT_REQUESTS) -> None:
         self.app = app
         self.limit = limit
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.limit:
+            await _send_problem(
+                send,
+                Problem(
+                    503,
+                    "overloaded",
+                    "Too many requests in flight",
+                    f"the gateway is answering {self.limit} requests already; retry shortly",
+                ),
+                [(b"retry-after", b"1")],
+            )
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
+class BodyLimit:
+    """Refuse a body over `limit` bytes with 413 before anything parses it: a declared
+    Content-Length at once, a chunked body as soon as it has passed the limit; one that
+    has not arrived whole `timeout_s` after the headers with 408; a JSON body that repeats
+    a key with 400. The body (at most `limit` bytes) is then handed on in one piece."""
+
+    def __init__(
+        self, app: ASGIApp, limit: int = MAX_BODY_BYTES, timeout_s: float = BODY_TIMEOUT_S
+    ) -> None:
+        self.app = app
+        self.limit = limit
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -287,19 +381,48 @@ class BodyLimit:
                     return
         chunks: list[bytes] = []
         size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # the client went away
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.limit:
-                await _send_problem(send, self._too_large())
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
+        with trio.move_on_after(self.timeout_s) as deadline:
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":  # the client went away
+                    return
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self.limit:
+                    await _send_problem(send, self._too_large())
+                    return
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+        if deadline.cancelled_caught:
+            # Connection: close, so the server drops the rest of the body with the peer.
+            await _send_problem(
+                send,
+                Problem(
+                    408,
+                    "body-timeout",
+                    "Request body too slow",
+                    f"the body did not arrive whole within {self.timeout_s:g} s",
+                    "body",
+                ),
+                [(b"connection", b"close")],
+            )
+            return
         body = b"".join(chunks)
+        duplicate = duplicate_key(body) if body else None
+        if duplicate is not None:
+            await _send_problem(
+                send,
+                Problem(
+                    400,
+                    "malformed-json",
+                    "Malformed JSON body",
+                    f"the body repeats the key {duplicate[:64]!r}; each key may appear once",
+                    "body",
+                    key=duplicate[:64],
+                ),
+            )
+            return
         replayed = False
 
         async def replay() -> Message:
@@ -358,8 +481,9 @@ class Guard:
             # the dashboard's static mount has an empty path and goes by its name.
             route = scope.get("route")
             template = getattr(route, "path", None) or getattr(route, "name", None) or "unmatched"
+            method = str(scope.get("method", ""))
             metrics.http_requests.labels(
-                method=str(scope.get("method", "")),
+                method=method if method in METRIC_METHODS else "other",
                 route=template,
                 status=str(status[0]) if status else "none",
             ).inc()
@@ -395,7 +519,12 @@ def _service(request: Request) -> Any:
 CallerDep = Annotated[Caller, Depends(caller)]
 
 
-def create_app(gateway: Any) -> FastAPI:
+def create_app(
+    gateway: Any,
+    *,
+    body_timeout_s: float = BODY_TIMEOUT_S,
+    max_requests: int = MAX_CONCURRENT_REQUESTS,
+) -> FastAPI:
     """The API over `gateway` (gateway/service.py's Gateway), at request.app.state.gateway."""
     app = FastAPI(
         title="pbft-payments gateway",
@@ -409,6 +538,7 @@ def create_app(gateway: Any) -> FastAPI:
         redoc_url=None,
     )
     app.state.gateway = gateway
+    app.state.token_guard = TokenGuard()
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_exception)
     app.add_exception_handler(Problem, _on_problem)
@@ -516,7 +646,9 @@ def create_app(gateway: Any) -> FastAPI:
         return Response(metrics.exposition(), media_type=metrics.CONTENT_TYPE)
 
     _include_optional_routers(app)
-    app.add_middleware(BodyLimit)
+    # The last added is the outermost: Guard counts every answer, the 503s too.
+    app.add_middleware(BodyLimit, timeout_s=body_timeout_s)
+    app.add_middleware(RequestLimit, limit=max_requests)
     app.add_middleware(Guard)
     return app
 

@@ -5,7 +5,8 @@ collects the process and the Python runtime, and which a test process would shar
 every library it imports). Label values come from closed sets (route templates, not paths;
 the cluster's reasons, not free text), so the number of series is bounded.
 
-- `http_requests`: requests by method, route template and status code.
+- `http_requests`: requests by method (GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS or
+  "other": any token is a method to HTTP), route template and status code.
 - `payment_decisions`: decisions the cluster gave the gateway's clients, by operation,
   outcome and reason.
 - `cluster_round_trip`: seconds from submitting a request (or a lookup) to its f + 1

@@ -15,6 +15,7 @@ import importlib
 import importlib.util
 import ipaddress
 import json
+import math
 import signal
 import sys
 import time
@@ -29,6 +30,11 @@ from gateway import metrics
 from gateway.app import create_app
 
 DEFAULT_GRACEFUL_TIMEOUT_S = 15.0
+# hypercorn closes a connection whose peer sent nothing for this long while a read was due
+# (its default: never). The backstop behind the app's own body deadline (408, BodyLimit)
+# and keep_alive_timeout (idle between requests): a request silently waiting for its
+# answer must not be cut, so it is well above the cluster timeout (10 s by default).
+DEFAULT_READ_TIMEOUT_S = 60
 # Modules with background work, each `async def run(gateway, *, task_status)`; started when
 # the module exists (gateway/webhooks.py arrives with its own branch).
 BACKGROUND_MODULES = ("gateway.service", "gateway.webhooks")
@@ -70,14 +76,27 @@ def log_line(stream: TextIO, event: str, **fields: object) -> None:
     stream.flush()
 
 
-def hypercorn_config(host: str, port: int, graceful_timeout_s: float) -> Config:
+def hypercorn_config(
+    host: str,
+    port: int,
+    graceful_timeout_s: float,
+    read_timeout_s: int = DEFAULT_READ_TIMEOUT_S,
+) -> Config:
     config = Config()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.graceful_timeout = graceful_timeout_s
+    config.read_timeout = read_timeout_s
     config.accesslog = None  # requests are counted in /metrics, not logged one by one
     config.loglevel = "WARNING"  # "Running on ...": our own `listening` line says it
     config.include_server_header = False
     return config
+
+
+def read_timeout_for(cluster_timeout_s: float) -> int:
+    """hypercorn's read timeout for a gateway whose cluster calls take up to
+    `cluster_timeout_s`: a request may make a few of them (a balance read, its submit, a
+    status lookup) while its peer rightly sends nothing."""
+    return max(DEFAULT_READ_TIMEOUT_S, math.ceil(3 * cluster_timeout_s) + 10)
 
 
 def _background_tasks() -> list[Callable[..., Awaitable[None]]]:
@@ -145,7 +164,9 @@ async def serve(
         async with trio.open_nursery() as background:
             for run in _background_tasks():
                 await background.start(run, gateway)
-            config = hypercorn_config(host, port, graceful_timeout_s)
+            config = hypercorn_config(
+                host, port, graceful_timeout_s, read_timeout_for(gateway.service.timeout_s)
+            )
             http_done = trio.Event()
             binds = await background.start(_serve_http, app, config, stop, http_done)
             url = binds[0] if binds else f"http://{host}:{port}"

@@ -131,6 +131,12 @@ function renderCluster(cluster) {
 
 // --- recent payments ----------------------------------------------------------------------
 
+// The gateway refuses amounts past Number.MAX_SAFE_INTEGER (2**53 - 1); a number past it
+// (a payment made outside the gateway) was rounded by JSON.parse already: say so.
+function amountText(value) {
+  return typeof value === "number" && !Number.isSafeInteger(value) ? "unsafe (> 2^53 - 1)" : value;
+}
+
 function renderPayments(list) {
   const rows = list.data.map((payment) => {
     const row = document.createElement("tr");
@@ -140,7 +146,7 @@ function renderPayments(list) {
     cell(row, payment.reason, "reason");
     cell(row, payment.from, "from");
     cell(row, payment.to, "to");
-    cell(row, payment.amount, "amount");
+    cell(row, amountText(payment.amount), "amount");
     cell(row, payment.seq, "seq");
     const receiptCell = cell(row, payment.receipt ? "" : null, "receipt");
     if (payment.receipt) {
