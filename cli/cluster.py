@@ -67,6 +67,11 @@ def add_replica(commands: Any) -> None:
     replica.add_argument("--cluster", required=True, help="DIR/cluster.toml")
     replica.add_argument("--id", type=int, required=True, help="the replica's id")
     replica.add_argument("--data", help="data directory (default: DIR/data-ID)")
+    replica.add_argument(
+        "--metrics",
+        metavar="127.0.0.1:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (loopback addresses only)",
+    )
 
 
 def add_cluster(commands: Any) -> None:
@@ -121,6 +126,7 @@ def _replica_stops() -> tuple[tuple[type[BaseException], int, str], ...]:
     and {error} (an OSError other than the storage's: _port_refused). Anything else is
     re-raised: a bug, exit 3."""
     from runtime.cluster import ClusterFileError
+    from runtime.metrics import MetricsAddressError
     from runtime.node import DataDirError, ReplicaHalted
     from runtime.storage import StorageCorruptError, StorageFailedError, StorageLockedError
 
@@ -128,6 +134,7 @@ def _replica_stops() -> tuple[tuple[type[BaseException], int, str], ...]:
         (KeyboardInterrupt, EXIT_INTERRUPTED, "pbft: replica {replica} interrupted"),
         (ClusterFileError, EXIT_USAGE, "pbft: {error}"),
         (DataDirError, EXIT_USAGE, "pbft: {error}"),
+        (MetricsAddressError, EXIT_USAGE, "pbft: {error}"),
         (
             StorageLockedError,
             EXIT_REPLICA_LOCKED,
@@ -160,6 +167,15 @@ def replica(arguments: argparse.Namespace) -> int:
     if data.exists() and not data.is_dir():
         print(f"pbft: --data: {data} is not a directory", file=sys.stderr)
         return EXIT_USAGE
+    metrics_address = None
+    if arguments.metrics is not None:
+        from runtime.metrics import MetricsAddressError, parse_address
+
+        try:
+            metrics_address = parse_address(arguments.metrics)
+        except MetricsAddressError as error:
+            print(f"pbft: {error}", file=sys.stderr)
+            return EXIT_USAGE
     node = ReplicaNode(cluster, arguments.id, data)
 
     async def main() -> None:
@@ -167,6 +183,11 @@ def replica(arguments: argparse.Namespace) -> int:
             # Listening for signals before the store's recovery, which blocks: a Ctrl-C
             # then waits for it and stops cleanly.
             await nursery.start(_cancel_on_signal, nursery.cancel_scope, node)
+            if metrics_address is not None:
+                from runtime.metrics import MetricsServer, open_metrics_listener, registry_for
+
+                listener = await open_metrics_listener(*metrics_address)
+                nursery.start_soon(MetricsServer(registry_for(node)).serve, listener)
             await node.run()
 
     try:

@@ -262,6 +262,8 @@ class _Host:
         self.node.batches_executed += 1
 
     def note(self, note: Note) -> None:
+        if note.kind == "checkpoint_stable":
+            self.node.checkpoints_stable += 1  # for metrics (runtime/metrics.py)
         self.node._note(note)
 
 
@@ -310,6 +312,8 @@ class ReplicaNode:
         self.log_summary = LogSummarizer()
         self.client_frames_refused = 0
         self.ticks = 0
+        self.checkpoints_stable = 0
+        self.writer: _Writer | None = None  # while running; its queue depth is a metric
         self._clock_started: float | None = None
         self._next_tick = 0.0
 
@@ -478,6 +482,7 @@ class ReplicaNode:
         writer = _Writer(
             store, self.tick_ms / 1000, history.sync_through if history is not None else None
         )
+        self.writer = writer
         host = _Host(self, writer, transport)
         peers = peers_of(self.replica_id, (peer.replica_id for peer in self.cluster.replicas))
         try:
