@@ -108,6 +108,12 @@ def add_cluster(commands: Any) -> None:
         default=5,
         help="give up on a replica after this many quick deaths in a row (default 5)",
     )
+    up.add_argument(
+        "--metrics-base-port",
+        type=int,
+        metavar="PORT",
+        help="replica I serves Prometheus metrics on 127.0.0.1:PORT+I (pbft replica --metrics)",
+    )
 
 
 def _port_refused(error: OSError, replica_id: int, cluster: Any) -> str:
@@ -260,6 +266,8 @@ def cluster_up(arguments: argparse.Namespace) -> int:
         problem = f"--max-restarts: {arguments.max_restarts} is not in 0..1000"
     elif root.exists() and not root.is_dir():
         problem = f"--dir: {root} is not a directory"
+    elif arguments.metrics_base_port is not None and not 1 <= arguments.metrics_base_port <= 65535:
+        problem = f"--metrics-base-port: {arguments.metrics_base_port} is not in 1..65535"
     if problem:
         print(f"pbft: {problem}", file=sys.stderr)
         return EXIT_USAGE
@@ -303,6 +311,11 @@ def cluster_up(arguments: argparse.Namespace) -> int:
             print(f"pbft: cannot create a cluster in {root}: {reason}", file=sys.stderr)
             return EXIT_USAGE
         cluster = load_cluster(path)
+    base = arguments.metrics_base_port
+    if base is not None and base + len(cluster.replicas) - 1 > 65535:
+        last = base + len(cluster.replicas) - 1
+        print(f"pbft: --metrics-base-port: {base}: replica ports run to {last}", file=sys.stderr)
+        return EXIT_USAGE
     # One supervisor per cluster directory: a second would fight the first for the ports.
     try:
         lock = open(root / "cluster-up.lock", "w")  # held until we return
@@ -319,6 +332,11 @@ def cluster_up(arguments: argparse.Namespace) -> int:
             Supervisor(
                 {
                     replica.replica_id: replica_command(path, replica.replica_id)
+                    + (
+                        []
+                        if base is None
+                        else ["--metrics", f"127.0.0.1:{base + replica.replica_id}"]
+                    )
                     for replica in cluster.replicas
                 },
                 root,
@@ -327,10 +345,17 @@ def cluster_up(arguments: argparse.Namespace) -> int:
             ),
             cluster,
             path,
+            base,
         )
 
 
-def _supervise(supervisor: Any, cluster: Any, path: Path) -> int:
+def _metrics_url(base: int | None, replica_id: int) -> str:
+    return "" if base is None else f"  metrics http://127.0.0.1:{base + replica_id}/metrics"
+
+
+def _supervise(
+    supervisor: Any, cluster: Any, path: Path, metrics_base_port: int | None = None
+) -> int:
     stopping: list[int] = []
 
     def stop(signum: int, frame: object) -> None:
@@ -344,7 +369,8 @@ def _supervise(supervisor: Any, cluster: Any, path: Path) -> int:
             print(
                 f"replica {replica.replica_id}: {replica.host}:{replica.port}  "
                 f"pid {supervisor.pid(replica.replica_id)}  "
-                f"log {path.parent / f'replica-{replica.replica_id}.log'}",
+                f"log {path.parent / f'replica-{replica.replica_id}.log'}"
+                + _metrics_url(metrics_base_port, replica.replica_id),
                 flush=True,
             )
         restarting = "restarts a replica that dies" if supervisor.restart else "does not restart"

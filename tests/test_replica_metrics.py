@@ -5,6 +5,7 @@ Every server here is started by the test, on 127.0.0.1 only, and stopped by it.
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
@@ -215,3 +216,54 @@ def test_taken_metrics_port_is_one_line_exit_2(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "--metrics: cannot listen on 127.0.0.1:" in done.stderr, done.stderr
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+def test_cluster_up_serves_each_replicas_metrics_on_consecutive_ports(tmp_path: Path) -> None:
+    base = consecutive_free_ports(4)[0]
+    root = tmp_path / "cluster"
+    out_path = tmp_path / "up.out"
+    with out_path.open("wb") as out:
+        up = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cli",
+                "cluster",
+                "up",
+                "--dir",
+                str(root),
+                "--metrics-base-port",
+                str(base),
+            ],
+            stdout=out,
+            stderr=subprocess.DEVNULL,
+        )
+    try:
+        for replica in range(4):
+            scraped = _wait_for_metrics(base + replica, up)
+            assert "pbft_replica_view" in scraped
+        assert f"metrics http://127.0.0.1:{base}/metrics" in out_path.read_text()
+    finally:
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(timeout=STARTUP_S) == 0
+
+
+def test_cluster_up_refuses_a_metrics_base_port_out_of_range(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cli",
+            "cluster",
+            "up",
+            "--dir",
+            str(tmp_path / "c"),
+            "--metrics-base-port",
+            "70000",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=STARTUP_S,
+    )
+    assert done.returncode == 2
+    assert done.stderr == "pbft: --metrics-base-port: 70000 is not in 1..65535\n"
