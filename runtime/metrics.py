@@ -246,6 +246,7 @@ class MetricsServer:
         self.active = 0
         self.served = 0
         self.refused = 0
+        self.errors = 0
 
     async def serve(self, listener: trio.SocketListener) -> None:
         await trio.serve_listeners(self._handle, [listener])
@@ -277,6 +278,11 @@ class MetricsServer:
         if request_line[1].split(b"?", 1)[0] not in (b"/metrics", b"/"):
             await stream.send_all(_response("404 Not Found", b"try /metrics\n"))
             return
+        try:
+            body = generate_latest(self.registry)
+        except Exception:  # a collector bug must not stop the replica
+            self.errors += 1
+            await stream.send_all(_response("500 Internal Server Error", b"collector failed\n"))
+            return
         self.served += 1
-        body = generate_latest(self.registry)
         await stream.send_all(_response("200 OK", body, CONTENT_TYPE_LATEST))

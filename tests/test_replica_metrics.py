@@ -16,14 +16,19 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
 
 from runtime.client import PaymentClient
 from runtime.localcluster import LocalCluster
 from runtime.metrics import (
     MAX_CONNECTIONS,
     MetricsAddressError,
+    MetricsServer,
     drop_reason_label,
+    open_metrics_listener,
     parse_address,
 )
 from runtime.ports import consecutive_free_ports
@@ -267,3 +272,47 @@ def test_cluster_up_refuses_a_metrics_base_port_out_of_range(tmp_path: Path) -> 
     )
     assert done.returncode == 2
     assert done.stderr == "pbft: --metrics-base-port: 70000 is not in 1..65535\n"
+
+
+class _Broken(Collector):
+    def collect(self) -> Iterator[Metric]:
+        raise RuntimeError("a bug in a collector")
+
+
+def test_server_answers_only_get_metrics_and_survives_a_failing_collector() -> None:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Broken())
+    server = MetricsServer(registry)
+
+    async def ask(port: int, request: bytes) -> bytes:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(request)
+            answer = b""
+            with trio.fail_after(5):
+                while chunk := await stream.receive_some(65536):
+                    answer += chunk
+            return answer
+
+    async def scenario() -> list[bytes]:
+        listener = await open_metrics_listener("127.0.0.1", 0)
+        port = listener.socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.serve, listener)
+            answers = [
+                await ask(port, b"POST /metrics HTTP/1.1\r\n\r\n"),
+                await ask(port, b"GET /secrets HTTP/1.1\r\n\r\n"),
+                await ask(port, b"GET /metrics HTTP/1.1\r\n\r\n"),
+                await ask(port, b"nonsense\r\n\r\n"),
+            ]
+            nursery.cancel_scope.cancel()
+        return answers
+
+    answers = trio.run(scenario)
+    assert [answer.split(b"\r\n", 1)[0] for answer in answers] == [
+        b"HTTP/1.1 405 Method Not Allowed",
+        b"HTTP/1.1 404 Not Found",
+        b"HTTP/1.1 500 Internal Server Error",
+        b"HTTP/1.1 405 Method Not Allowed",
+    ]
+    assert server.errors == 1 and server.served == 0
