@@ -67,6 +67,11 @@ def add_replica(commands: Any) -> None:
     replica.add_argument("--cluster", required=True, help="DIR/cluster.toml")
     replica.add_argument("--id", type=int, required=True, help="the replica's id")
     replica.add_argument("--data", help="data directory (default: DIR/data-ID)")
+    replica.add_argument(
+        "--metrics",
+        metavar="127.0.0.1:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (loopback addresses only)",
+    )
 
 
 def add_cluster(commands: Any) -> None:
@@ -103,6 +108,12 @@ def add_cluster(commands: Any) -> None:
         default=5,
         help="give up on a replica after this many quick deaths in a row (default 5)",
     )
+    up.add_argument(
+        "--metrics-base-port",
+        type=int,
+        metavar="PORT",
+        help="replica I serves Prometheus metrics on 127.0.0.1:PORT+I (pbft replica --metrics)",
+    )
 
 
 def _port_refused(error: OSError, replica_id: int, cluster: Any) -> str:
@@ -121,6 +132,7 @@ def _replica_stops() -> tuple[tuple[type[BaseException], int, str], ...]:
     and {error} (an OSError other than the storage's: _port_refused). Anything else is
     re-raised: a bug, exit 3."""
     from runtime.cluster import ClusterFileError
+    from runtime.metrics import MetricsAddressError
     from runtime.node import DataDirError, ReplicaHalted
     from runtime.storage import StorageCorruptError, StorageFailedError, StorageLockedError
 
@@ -128,6 +140,7 @@ def _replica_stops() -> tuple[tuple[type[BaseException], int, str], ...]:
         (KeyboardInterrupt, EXIT_INTERRUPTED, "pbft: replica {replica} interrupted"),
         (ClusterFileError, EXIT_USAGE, "pbft: {error}"),
         (DataDirError, EXIT_USAGE, "pbft: {error}"),
+        (MetricsAddressError, EXIT_USAGE, "pbft: {error}"),
         (
             StorageLockedError,
             EXIT_REPLICA_LOCKED,
@@ -160,6 +173,15 @@ def replica(arguments: argparse.Namespace) -> int:
     if data.exists() and not data.is_dir():
         print(f"pbft: --data: {data} is not a directory", file=sys.stderr)
         return EXIT_USAGE
+    metrics_address = None
+    if arguments.metrics is not None:
+        from runtime.metrics import MetricsAddressError, parse_address
+
+        try:
+            metrics_address = parse_address(arguments.metrics)
+        except MetricsAddressError as error:
+            print(f"pbft: {error}", file=sys.stderr)
+            return EXIT_USAGE
     node = ReplicaNode(cluster, arguments.id, data)
 
     async def main() -> None:
@@ -167,6 +189,11 @@ def replica(arguments: argparse.Namespace) -> int:
             # Listening for signals before the store's recovery, which blocks: a Ctrl-C
             # then waits for it and stops cleanly.
             await nursery.start(_cancel_on_signal, nursery.cancel_scope, node)
+            if metrics_address is not None:
+                from runtime.metrics import MetricsServer, open_metrics_listener, registry_for
+
+                listener = await open_metrics_listener(*metrics_address)
+                nursery.start_soon(MetricsServer(registry_for(node)).serve, listener)
             await node.run()
 
     try:
@@ -239,6 +266,8 @@ def cluster_up(arguments: argparse.Namespace) -> int:
         problem = f"--max-restarts: {arguments.max_restarts} is not in 0..1000"
     elif root.exists() and not root.is_dir():
         problem = f"--dir: {root} is not a directory"
+    elif arguments.metrics_base_port is not None and not 1 <= arguments.metrics_base_port <= 65535:
+        problem = f"--metrics-base-port: {arguments.metrics_base_port} is not in 1..65535"
     if problem:
         print(f"pbft: {problem}", file=sys.stderr)
         return EXIT_USAGE
@@ -282,6 +311,11 @@ def cluster_up(arguments: argparse.Namespace) -> int:
             print(f"pbft: cannot create a cluster in {root}: {reason}", file=sys.stderr)
             return EXIT_USAGE
         cluster = load_cluster(path)
+    base = arguments.metrics_base_port
+    if base is not None and base + len(cluster.replicas) - 1 > 65535:
+        last = base + len(cluster.replicas) - 1
+        print(f"pbft: --metrics-base-port: {base}: replica ports run to {last}", file=sys.stderr)
+        return EXIT_USAGE
     # One supervisor per cluster directory: a second would fight the first for the ports.
     try:
         lock = open(root / "cluster-up.lock", "w")  # held until we return
@@ -298,6 +332,11 @@ def cluster_up(arguments: argparse.Namespace) -> int:
             Supervisor(
                 {
                     replica.replica_id: replica_command(path, replica.replica_id)
+                    + (
+                        []
+                        if base is None
+                        else ["--metrics", f"127.0.0.1:{base + replica.replica_id}"]
+                    )
                     for replica in cluster.replicas
                 },
                 root,
@@ -306,10 +345,17 @@ def cluster_up(arguments: argparse.Namespace) -> int:
             ),
             cluster,
             path,
+            base,
         )
 
 
-def _supervise(supervisor: Any, cluster: Any, path: Path) -> int:
+def _metrics_url(base: int | None, replica_id: int) -> str:
+    return "" if base is None else f"  metrics http://127.0.0.1:{base + replica_id}/metrics"
+
+
+def _supervise(
+    supervisor: Any, cluster: Any, path: Path, metrics_base_port: int | None = None
+) -> int:
     stopping: list[int] = []
 
     def stop(signum: int, frame: object) -> None:
@@ -323,7 +369,8 @@ def _supervise(supervisor: Any, cluster: Any, path: Path) -> int:
             print(
                 f"replica {replica.replica_id}: {replica.host}:{replica.port}  "
                 f"pid {supervisor.pid(replica.replica_id)}  "
-                f"log {path.parent / f'replica-{replica.replica_id}.log'}",
+                f"log {path.parent / f'replica-{replica.replica_id}.log'}"
+                + _metrics_url(metrics_base_port, replica.replica_id),
                 flush=True,
             )
         restarting = "restarts a replica that dies" if supervisor.restart else "does not restart"

@@ -283,6 +283,8 @@ class _Host:
             )
 
     def note(self, note: Note) -> None:
+        if note.kind == "checkpoint_stable":
+            self.node.checkpoints_stable += 1  # for metrics (runtime/metrics.py)
         self.node._note(note)
 
 
@@ -333,6 +335,8 @@ class ReplicaNode:
         self.ticks = 0
         # DATA/trace-<id>.jsonl (runtime/trace_log.py), for `pbft explain`; open while running.
         self.trace: TraceLog | None = None
+        self.checkpoints_stable = 0
+        self.writer: _Writer | None = None  # while running; its queue depth is a metric
         self._clock_started: float | None = None
         self._next_tick = 0.0
 
@@ -504,6 +508,7 @@ class ReplicaNode:
         writer = _Writer(
             store, self.tick_ms / 1000, history.sync_through if history is not None else None
         )
+        self.writer = writer
         host = _Host(self, writer, transport)
         peers = peers_of(self.replica_id, (peer.replica_id for peer in self.cluster.replicas))
         try:

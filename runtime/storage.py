@@ -187,12 +187,14 @@ MAX_RECORD_BYTES (a chunk and its key).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import fcntl
 import logging
 import os
 import stat
 import struct
+import time
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -339,6 +341,14 @@ class StoreStatistics:
     compactions: int
     live_keys: int
     file_size_bytes: int
+    # fsync latency, for metrics: counts per FSYNC_BUCKETS_S upper bound (not cumulative;
+    # the last counts those above every bound) and the seconds summed.
+    fsync_buckets: tuple[int, ...] = ()
+    fsync_seconds: float = 0.0
+
+
+# Upper bounds (seconds) of the fsync latency histogram: tmpfs to a slow disk.
+FSYNC_BUCKETS_S = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
 # --- encoding -----------------------------------------------------------------------------
@@ -782,6 +792,8 @@ class DurableStore:
         self._records_written = 0
         self._bytes_written = 0
         self._fsyncs = 0
+        self._fsync_buckets = [0] * (len(FSYNC_BUCKETS_S) + 1)
+        self._fsync_seconds = 0.0
         self._compactions = 0
         self.recovery_report: RecoveryReport
 
@@ -849,6 +861,8 @@ class DurableStore:
             compactions=self._compactions,
             live_keys=len(self._state),
             file_size_bytes=self._file_size,
+            fsync_buckets=tuple(self._fsync_buckets),
+            fsync_seconds=self._fsync_seconds,
         )
 
     @property
@@ -1074,7 +1088,11 @@ class DurableStore:
 
     def _fsync(self, descriptor: int) -> None:
         self._fsyncs += 1
+        started = time.perf_counter()
         os.fsync(descriptor)
+        took = time.perf_counter() - started
+        self._fsync_seconds += took
+        self._fsync_buckets[bisect.bisect_left(FSYNC_BUCKETS_S, took)] += 1
 
     def _fsync_directory(self) -> None:
         directory = os.path.dirname(self._path)
