@@ -109,6 +109,9 @@ CREATE TABLE IF NOT EXISTS webhook_deliveries (
 CREATE INDEX IF NOT EXISTS webhook_deliveries_due ON webhook_deliveries (state, next_attempt_ms);
 CREATE INDEX IF NOT EXISTS webhook_deliveries_by_endpoint
     ON webhook_deliveries (endpoint_id, state);
+-- claim_due walks this per endpoint, earliest due first, with a LIMIT.
+CREATE INDEX IF NOT EXISTS webhook_deliveries_claim
+    ON webhook_deliveries (endpoint_id, state, next_attempt_ms, id);
 CREATE TABLE IF NOT EXISTS webhook_cursor (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     last_event_id INTEGER NOT NULL
@@ -171,6 +174,9 @@ class WebhookConfig:
     # In flight to one endpoint at most: a receiver that hangs holds this many slots (each
     # for timeout_s at most), never all of them.
     max_per_endpoint: int = 4
+    # In flight for one client at most (all its endpoints): one client's backlog or tarpits
+    # leave the rest of the pool to the others, who are served in turn.
+    max_per_client: int = 8
     poll_interval_s: float = 0.25  # how often `events` is read for new rows
     batch: int = 100  # events fanned out / deliveries claimed per round
     retention_ms: int = 7 * 24 * 3600 * 1000  # finished deliveries and replay records kept
@@ -184,9 +190,19 @@ class WebhookConfig:
     def __post_init__(self) -> None:
         if not self.timeout_s > 0 or not self.poll_interval_s > 0:
             raise ValueError("webhook timeout and poll interval must be positive")
-        if min(self.max_attempts, self.max_concurrency, self.max_per_endpoint, self.batch) < 1:
+        if (
+            min(
+                self.max_attempts,
+                self.max_concurrency,
+                self.max_per_endpoint,
+                self.max_per_client,
+                self.batch,
+            )
+            < 1
+        ):
             raise ValueError(
-                "webhook max_attempts, max_concurrency, max_per_endpoint and batch must be >= 1"
+                "webhook max_attempts, max_concurrency, max_per_endpoint, max_per_client and"
+                " batch must be >= 1"
             )
         if not 0 < self.backoff_base_s <= self.backoff_cap_s or self.jitter < 0:
             raise ValueError("webhook backoff needs 0 < base <= cap and jitter >= 0")
@@ -584,56 +600,80 @@ class WebhookStore:
         per_endpoint: int,
         sending: Mapping[int, int] | None = None,
         max_attempts: int = WebhookConfig.max_attempts,
+        per_client: int = WebhookConfig.max_per_client,
     ) -> list[Due]:
-        """Up to `limit` due deliveries, earliest first but at most `per_endpoint` in flight
-        per endpoint (so one that hangs cannot take every slot), marked `sending` with one
-        more attempt counted and a lease of `lease_ms`: a crash from here on leaves them
-        for recover() at the next start, and one whose result could not be recorded (the
-        database failed) is due again when its lease ends. `sending`: delivery id ->
-        endpoint id of what this dispatcher is sending now (never claimed twice).
+        """Up to `limit` due deliveries, at most `per_endpoint` in flight per endpoint and
+        `per_client` per client (so neither a receiver that hangs nor one client's backlog
+        can take every slot), clients taken in turn, each one's earliest first; marked
+        `sending` with one more attempt counted and a lease of `lease_ms`: a crash from here
+        on leaves them for recover() at the next start, and one whose result could not be
+        recorded (the database failed) is due again when its lease ends. `sending`: delivery
+        id -> endpoint id of what this dispatcher is sending now (never claimed twice).
         A row whose attempts are used up (a delivery that crashed the process each time)
-        or whose event is gone (pruned) is marked failed instead of claimed."""
+        or whose event is gone (pruned) is marked failed instead of claimed.
+
+        Cost: candidates are read outside the write transaction, per live endpoint, by a
+        walk of the (endpoint_id, state, next_attempt_ms) index with a LIMIT, so a backlog
+        of any size costs about `limit` rows; the write lock is held only to claim those."""
         sending = sending or {}
         if limit <= 0:
             return []
-        due = self.conn.execute(
-            "SELECT 1 FROM webhook_deliveries WHERE state IN (?, ?) AND next_attempt_ms <= ?"
-            " LIMIT 1",
-            (PENDING, SENDING, now_ms),
+        endpoints = self.conn.execute(
+            "SELECT id, client_id FROM webhook_endpoints WHERE deleted_ms IS NULL"
         ).fetchall()
-        if not due:
+        client_of = dict(endpoints)
+        by_endpoint = Counter(sending.values())
+        by_client = Counter(client_of.get(e, -1) for e in sending.values())
+        candidates: dict[int, list[tuple[int, int, int, int]]] = {}
+        for endpoint_id, client_id in endpoints:
+            room = min(
+                per_endpoint - by_endpoint[endpoint_id], per_client - by_client[client_id]
+            )
+            if room <= 0:
+                continue
+            rows: list[tuple[int, int, int, int]] = []
+            # One index walk per state: each in next_attempt_ms order, so LIMIT stops early.
+            for state in (PENDING, SENDING):
+                rows += self.conn.execute(
+                    "SELECT next_attempt_ms, id, endpoint_id, attempts FROM webhook_deliveries"
+                    " WHERE endpoint_id = ? AND state = ? AND next_attempt_ms <= ?"
+                    " ORDER BY next_attempt_ms, id LIMIT ?",
+                    (endpoint_id, state, now_ms, room + len(sending)),
+                ).fetchall()
+            rows = sorted(r for r in rows if r[1] not in sending)[:room]
+            if rows:
+                candidates.setdefault(client_id, []).extend(rows)
+        if not candidates:
             return []  # nothing due: no write lock taken
-        in_flight = Counter(sending.values())
-        full = [endpoint for endpoint, count in in_flight.items() if count >= per_endpoint]
-        busy = list(sending)
+        # Clients in turn (the one with the earliest due row first), each its earliest first.
+        queues = sorted(sorted(rows) for rows in candidates.values())
+        order: list[tuple[int, int, int, int]] = []
+        while queues:
+            order += [queue.pop(0) for queue in queues]
+            queues = [queue for queue in queues if queue]
+        claimed: list[Due] = []
         with self._write() as conn:
-            # The `per_endpoint` earliest due rows of each endpoint that is not full; of
-            # those, an endpoint with some in flight takes only what it has room for, which
-            # skips at most len(sending) rows: hence the LIMIT.
-            rows = conn.execute(
-                "SELECT id, endpoint_id, attempts FROM ("
-                " SELECT d.id, d.endpoint_id, d.attempts, d.next_attempt_ms, ROW_NUMBER()"
-                " OVER (PARTITION BY d.endpoint_id ORDER BY d.next_attempt_ms, d.id) AS rank"
-                " FROM webhook_deliveries d JOIN webhook_endpoints e ON e.id = d.endpoint_id"
-                " WHERE d.state IN (?, ?) AND d.next_attempt_ms <= ? AND e.deleted_ms IS NULL"
-                f" AND d.id NOT IN ({','.join('?' * len(busy))})"
-                f" AND d.endpoint_id NOT IN ({','.join('?' * len(full))})"
-                ") WHERE rank <= ? ORDER BY next_attempt_ms, id LIMIT ?",
-                (PENDING, SENDING, now_ms, *busy, *full, per_endpoint, limit + len(sending)),
-            ).fetchall()
-            claimed: list[Due] = []
-            for delivery_id, endpoint_id, attempts in rows:
-                if len(claimed) == limit or in_flight[endpoint_id] >= per_endpoint:
+            for _, delivery_id, endpoint_id, attempts in order:
+                if len(claimed) == limit:
+                    break
+                client_id = client_of[endpoint_id]
+                if by_endpoint[endpoint_id] >= per_endpoint or by_client[client_id] >= per_client:
                     continue
                 found = conn.execute(
-                    "SELECT d.event_id, e.url, e.secret, ev.body FROM webhook_deliveries d"
+                    "SELECT d.event_id, e.url, e.secret, ev.body, d.attempts"
+                    " FROM webhook_deliveries d"
                     " JOIN webhook_endpoints e ON e.id = d.endpoint_id"
-                    " JOIN events ev ON ev.id = d.event_id WHERE d.id = ?",
-                    (delivery_id,),
+                    " LEFT JOIN events ev ON ev.id = d.event_id"
+                    " WHERE d.id = ? AND d.state IN (?, ?) AND d.next_attempt_ms <= ?"
+                    " AND e.deleted_ms IS NULL",
+                    (delivery_id, PENDING, SENDING, now_ms),
                 ).fetchall()
+                if not found:
+                    continue  # changed since the read (deleted endpoint, recorded result)
+                event_id, url, secret, body, attempts = found[0]
                 reason = (
                     "event pruned"
-                    if not found
+                    if body is None
                     else "attempts used up"
                     if attempts >= max_attempts
                     else None
@@ -644,18 +684,18 @@ class WebhookStore:
                         (FAILED, reason, delivery_id),
                     )
                     continue
-                in_flight[endpoint_id] += 1
+                by_endpoint[endpoint_id] += 1
+                by_client[client_id] += 1
                 conn.execute(
                     "UPDATE webhook_deliveries SET state = ?, attempts = ?, last_attempt_ms = ?,"
                     " next_attempt_ms = ? WHERE id = ?",
                     (SENDING, attempts + 1, now_ms, now_ms + lease_ms, delivery_id),
                 )
-                event_id, url, secret, body = found[0]
                 raw = body.encode() if isinstance(body, str) else bytes(body)
                 claimed.append(
                     Due(delivery_id, event_id, endpoint_id, url, secret, attempts + 1, raw)
                 )
-            return claimed
+        return claimed
 
     def finish(self, attempts: Sequence[Attempt], max_attempts: int) -> list[str]:
         """Records attempts' results, all in one transaction (one fsync for a round of
@@ -692,14 +732,30 @@ class WebhookStore:
                 results.append(RESULT_FAILED if give_up else RESULT_RETRY)
         return results
 
-    def prune(self, now_ms: int, retention_ms: int) -> int:
-        """Drops deliveries older than the retention (long past their last attempt, whatever
-        their state; their events may be gone too), replay records older than theirs, and
-        deleted endpoints without deliveries, so the tables stay bounded."""
+    def expire(self, now_ms: int, retention_ms: int) -> int:
+        """Marks deliveries still pending after the retention (a gateway down longer than
+        that) failed with `expired`, never deleting them silently; their count. They stay
+        listed, as failed, for another retention period."""
         with self._write() as conn:
             cursor = conn.execute(
-                "DELETE FROM webhook_deliveries WHERE created_ms < ? AND state != ?",
-                (now_ms - retention_ms, SENDING),
+                "UPDATE webhook_deliveries SET state = ?, last_error = ?, next_attempt_ms = ?"
+                " WHERE state = ? AND created_ms < ?",
+                (FAILED, "expired", now_ms, PENDING, now_ms - retention_ms),
+            )
+            return cursor.rowcount
+
+    def prune(self, now_ms: int, retention_ms: int) -> int:
+        """Drops finished (delivered or failed) deliveries whose last activity is older than
+        the retention (their events may be gone too), replay records older than theirs, and
+        deleted endpoints without deliveries, so the tables stay bounded. Undelivered rows
+        are never dropped: expire() marks old ones failed first."""
+        self.expire(now_ms, retention_ms)
+        cutoff = now_ms - retention_ms
+        with self._write() as conn:
+            cursor = conn.execute(
+                "DELETE FROM webhook_deliveries WHERE state IN (?, ?) AND created_ms < ?"
+                " AND next_attempt_ms < ?",
+                (DELIVERED, FAILED, cutoff, cutoff),
             )
             conn.execute(
                 "DELETE FROM webhook_idempotency WHERE created_ms < ?",
@@ -900,6 +956,7 @@ class Webhooks:
                         config.max_per_endpoint,
                         dict(self._sending),
                         config.max_attempts,
+                        config.max_per_client,
                     )
                     for due in claimed:
                         await slots.acquire()
@@ -907,6 +964,8 @@ class Webhooks:
                         nursery.start_soon(self._deliver, http, due, results_in)
                     if trio.current_time() - last_prune > PRUNE_INTERVAL_S:
                         last_prune = trio.current_time()
+                        expired = await self.call(self.store.expire, now, config.retention_ms)
+                        self.counts["expired"] += expired
                         await self.call(self.store.prune, now, config.retention_ms)
                 except sqlite3.Error:
                     # The database busy past its timeout, or the disk full: try again at

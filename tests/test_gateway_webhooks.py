@@ -615,8 +615,11 @@ def test_prune_bounds_deliveries_replay_records_and_deleted_endpoints(db: Path) 
     store.delete_endpoint(1, endpoint, now_ms=now - 8 * day)
     [(secret,)] = conn.execute("SELECT secret FROM webhook_endpoints WHERE id = 1").fetchall()
     assert secret == ""  # forgotten at deletion
-    assert store.prune(now, 7 * day) == 2  # one per endpoint
-    remaining = conn.execute("SELECT COUNT(*) FROM webhook_deliveries").fetchall()
-    assert remaining == [(0,)]
+    # The deleted endpoint's (failed) delivery goes; the other one, never made, is marked
+    # failed (`expired`), not dropped, and goes one retention later.
+    assert store.prune(now, 7 * day) == 1
+    remaining = conn.execute("SELECT state, last_error FROM webhook_deliveries").fetchall()
+    assert remaining == [("failed", "expired")]
     assert conn.execute("SELECT id FROM webhook_endpoints").fetchall() == [(2,)]
+    assert store.prune(now + 7 * day + 1, 7 * day) == 1
     assert conn.execute("SELECT COUNT(*) FROM webhook_idempotency").fetchall() == [(0,)]

@@ -199,3 +199,41 @@ def test_w1_a_name_is_pinned_to_its_resolved_address_with_its_host_header(tmp_pa
     assert last_error == "None"  # delivered
     (request,) = receiver.requests
     assert f"\r\nhost: localhost:{receiver.port}\r\n" in request.decode().lower()
+
+
+def test_w2_one_client_cannot_take_all_slots(tmp_path: Path) -> None:
+    """Client 1's four tarpits and 50 events, then one event of client 2: client 2 is
+    served in the same round, and client 1 holds at most max_per_client slots."""
+    conn = connect(tmp_path / "gw.db")
+    store = WebhookStore(conn)
+    for i in range(4):
+        store.create_endpoint(1, f"http://tarpit{i}.example/", None)
+    store.create_endpoint(2, "http://victim.example/", None)
+    for _ in range(50):
+        _event(conn, 1)
+    _event(conn, 2)
+    store.fan_out(2_000, 1000)
+    config = WebhookConfig()
+    claimed = store.claim_due(2_000, config.max_concurrency, 15_000, config.max_per_endpoint)
+    urls = [d.url for d in claimed]
+    assert "http://victim.example/" in urls
+    assert len(urls) - 1 == config.max_per_client
+    # Still in flight: client 1 gets nothing more, whatever its backlog.
+    sending = {d.delivery_id: d.endpoint_id for d in claimed}
+    assert store.claim_due(2_001, 16, 15_000, 4, sending) == []
+
+
+def test_w7_prune_fails_undelivered_rows_instead_of_dropping_them(tmp_path: Path) -> None:
+    conn = connect(tmp_path / "gw.db")
+    store = WebhookStore(conn)
+    store.create_endpoint(1, "http://receiver.example/", None)
+    _event(conn, 1)
+    store.fan_out(1_000, 100)  # pending since t=1 s; the gateway then stays down 8 days
+    week = 7 * 24 * 3600 * 1000
+    later = 1_000 + week + 24 * 3600 * 1000
+    assert store.prune(later, week) == 0
+    assert conn.execute("SELECT state, last_error FROM webhook_deliveries").fetchall() == [
+        ("failed", "expired")
+    ]
+    listed = store.list_events(1, None, 10, None)["data"][0]["deliveries"]
+    assert [(d["state"], d["last_error"]) for d in listed] == [("failed", "expired")]
