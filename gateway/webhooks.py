@@ -67,6 +67,10 @@ EVENT_TYPES = (
 MAX_URL_CHARS = 2048
 MAX_DESCRIPTION_CHARS = 500
 MAX_ENDPOINTS_PER_CLIENT = 16
+# Endpoints one client may create in 24 h, deleted ones included: bounds create/delete churn
+# (each leaves an endpoint row and a replay record for their retention).
+MAX_ENDPOINTS_CREATED_PER_DAY = 64
+DAY_MS = 24 * 3600 * 1000
 MAX_IDEMPOTENCY_KEY_CHARS = 255
 MAX_LIST_LIMIT = 100
 ERROR_TEXT_CHARS = 200  # what is kept of a failed attempt's reason (never receiver text)
@@ -92,6 +96,14 @@ CREATE TABLE IF NOT EXISTS webhook_endpoints (
     deleted_ms INTEGER
 );
 CREATE INDEX IF NOT EXISTS webhook_endpoints_by_client ON webhook_endpoints (client_id);
+CREATE INDEX IF NOT EXISTS webhook_endpoints_by_client_live
+    ON webhook_endpoints (client_id, deleted_ms, created_ms);
+-- On gwcore's events table (connect() made it): GET /v1/events walks one client's events
+-- newest first with a LIMIT (optionally of one type), never the whole table; the retention
+-- DELETE by created_ms walks the old rows only.
+CREATE INDEX IF NOT EXISTS events_by_client ON events (client_id, id);
+CREATE INDEX IF NOT EXISTS events_by_client_type ON events (client_id, type, id);
+CREATE INDEX IF NOT EXISTS events_by_created ON events (created_ms);
 CREATE TABLE IF NOT EXISTS webhook_deliveries (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     event_id INTEGER NOT NULL,
@@ -493,6 +505,15 @@ class WebhookStore:
                 raise TooManyEndpoints(
                     f"client {client_id} already has {MAX_ENDPOINTS_PER_CLIENT} webhook"
                     " endpoints; delete one first"
+                )
+            (recent,) = conn.execute(
+                "SELECT COUNT(*) FROM webhook_endpoints WHERE client_id = ? AND created_ms > ?",
+                (client_id, now - DAY_MS),
+            ).fetchone()
+            if recent >= MAX_ENDPOINTS_CREATED_PER_DAY:
+                raise TooManyEndpoints(
+                    f"client {client_id} created {MAX_ENDPOINTS_CREATED_PER_DAY} webhook"
+                    " endpoints in the last 24 hours; try again later"
                 )
             (last_event,) = conn.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()
             secret = "whsec_" + secrets.token_urlsafe(32)

@@ -237,3 +237,38 @@ def test_w7_prune_fails_undelivered_rows_instead_of_dropping_them(tmp_path: Path
     ]
     listed = store.list_events(1, None, 10, None)["data"][0]["deliveries"]
     assert [(d["state"], d["last_error"]) for d in listed] == [("failed", "expired")]
+
+
+def test_w8_endpoint_churn_is_bounded(tmp_path: Path) -> None:
+    from gateway.webhooks import MAX_ENDPOINTS_CREATED_PER_DAY, TooManyEndpoints
+
+    conn = connect(tmp_path / "gw.db")
+    store = WebhookStore(conn)
+    refused = 0
+    for i in range(200):
+        try:
+            _, raw = store.create_endpoint(1, "http://receiver.example/", None, f"key-{i}")
+        except TooManyEndpoints:
+            refused += 1
+            continue
+        store.delete_endpoint(1, json.loads(raw)["id"])
+    (endpoints,) = conn.execute("SELECT COUNT(*) FROM webhook_endpoints").fetchone()
+    (replays,) = conn.execute("SELECT COUNT(*) FROM webhook_idempotency").fetchone()
+    assert endpoints == replays == MAX_ENDPOINTS_CREATED_PER_DAY
+    assert refused == 200 - MAX_ENDPOINTS_CREATED_PER_DAY
+    # Another client is not affected.
+    assert store.create_endpoint(2, "http://receiver.example/", None)[0] == 200
+
+
+@pytest.mark.parametrize("event_type", [None, "payment.confirmed"])
+def test_w9_listing_events_walks_the_client_index(tmp_path: Path, event_type: str | None) -> None:
+    conn = connect(tmp_path / "gw.db")
+    store = WebhookStore(conn)
+    statements: list[str] = []
+    conn.set_trace_callback(statements.append)
+    store.list_events(1, event_type, 10, "evt_5")
+    conn.set_trace_callback(None)
+    (query,) = [q for q in statements if q.startswith("SELECT id, body FROM events")]
+    plan = " ".join(str(row[-1]) for row in conn.execute("EXPLAIN QUERY PLAN " + query))
+    assert "USING" in plan and "INDEX events_by_client" in plan, plan
+    assert "TEMP B-TREE" not in plan, plan  # no sort: the index gives the order
