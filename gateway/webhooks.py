@@ -889,6 +889,7 @@ class Webhooks:
         conn: sqlite3.Connection,
         config: WebhookConfig | None = None,
         on_result: Callable[[str], None] | None = None,
+        read_conn: sqlite3.Connection | None = None,
     ) -> None:
         self.config = config or WebhookConfig()
         self.store = WebhookStore(
@@ -896,6 +897,14 @@ class Webhooks:
         )
         self.on_result = on_result
         self._limiter = trio.CapacityLimiter(1)
+        # The API's reads (GET /v1/events, endpoint lists) on a connection and limiter of
+        # their own, if given: a reader never makes the dispatcher wait (WAL: no lock).
+        self._reader = (
+            self.store
+            if read_conn is None
+            else WebhookStore(read_conn, self.config.idempotency_retention_ms)
+        )
+        self._read_limiter = self._limiter if read_conn is None else trio.CapacityLimiter(1)
         self._rng: random.Random = (
             random.SystemRandom() if self.config.seed is None else random.Random(self.config.seed)
         )
@@ -921,8 +930,11 @@ class Webhooks:
             self.store.create_endpoint, client_id, url, description, idempotency_key
         )
 
+    async def _read(self, method: Callable[..., T], *args: Any) -> T:
+        return await trio.to_thread.run_sync(lambda: method(*args), limiter=self._read_limiter)
+
     async def list_endpoints(self, client_id: int) -> dict:
-        return await self.call(self.store.list_endpoints, client_id)
+        return await self._read(self._reader.list_endpoints, client_id)
 
     async def delete_endpoint(self, client_id: int, endpoint: str) -> dict:
         return await self.call(self.store.delete_endpoint, client_id, endpoint)
@@ -930,7 +942,9 @@ class Webhooks:
     async def list_events(
         self, client_id: int, event_type: str | None, limit: int, starting_after: str | None
     ) -> dict:
-        return await self.call(self.store.list_events, client_id, event_type, limit, starting_after)
+        return await self._read(
+            self._reader.list_events, client_id, event_type, limit, starting_after
+        )
 
     # the dispatcher
 
@@ -1132,7 +1146,8 @@ async def webhooks_of(gateway: Any, config: WebhookConfig | None = None) -> Webh
         if hooks is None:
             path = gateway.store.path
             conn = await trio.to_thread.run_sync(connect, path)
-            hooks = await trio.to_thread.run_sync(Webhooks, conn, config, _count)
+            reader = await trio.to_thread.run_sync(connect, path)
+            hooks = await trio.to_thread.run_sync(Webhooks, conn, config, _count, reader)
             _of_gateway[gateway] = hooks
         return hooks
 

@@ -272,3 +272,18 @@ def test_w9_listing_events_walks_the_client_index(tmp_path: Path, event_type: st
     plan = " ".join(str(row[-1]) for row in conn.execute("EXPLAIN QUERY PLAN " + query))
     assert "USING" in plan and "INDEX events_by_client" in plan, plan
     assert "TEMP B-TREE" not in plan, plan  # no sort: the index gives the order
+
+
+def test_w9_api_reads_do_not_wait_for_the_dispatcher(tmp_path: Path) -> None:
+    """With a read connection, GET /v1/events does not queue behind the dispatcher's store
+    calls (here: its one-at-a-time limiter held throughout)."""
+    conn = connect(tmp_path / "gw.db")
+    hooks = Webhooks(conn, WebhookConfig(), read_conn=connect(tmp_path / "gw.db"))
+    _event(conn, 1)
+
+    async def main() -> dict:
+        async with hooks._limiter:  # the dispatcher busy on a long store call
+            with trio.fail_after(5):
+                return await hooks.list_events(1, None, 10, None)
+
+    assert [e["type"] for e in trio.run(main)["data"]] == ["payment.confirmed"]
