@@ -562,6 +562,13 @@ class WebhookStore:
                 "UPDATE webhook_endpoints SET deleted_ms = ?, secret = '' WHERE id = ?",
                 (now, endpoint_id),
             )
+            # The replay record of its creation holds the secret too: forgotten with it (a
+            # retry of that Idempotency-Key then makes a new endpoint, never the dead one).
+            conn.execute(
+                "DELETE FROM webhook_idempotency WHERE client_id = ?"
+                " AND json_extract(CAST(response AS TEXT), '$.id') = ?",
+                (client_id, f"we_{endpoint_id}"),
+            )
             conn.execute(
                 "UPDATE webhook_deliveries SET state = ?, last_error = ?"
                 " WHERE endpoint_id = ? AND state IN (?, ?)",

@@ -254,7 +254,8 @@ def test_w8_endpoint_churn_is_bounded(tmp_path: Path) -> None:
         store.delete_endpoint(1, json.loads(raw)["id"])
     (endpoints,) = conn.execute("SELECT COUNT(*) FROM webhook_endpoints").fetchone()
     (replays,) = conn.execute("SELECT COUNT(*) FROM webhook_idempotency").fetchone()
-    assert endpoints == replays == MAX_ENDPOINTS_CREATED_PER_DAY
+    assert endpoints == MAX_ENDPOINTS_CREATED_PER_DAY
+    assert replays == 0  # a deleted endpoint's replay record goes with it (W6)
     assert refused == 200 - MAX_ENDPOINTS_CREATED_PER_DAY
     # Another client is not affected.
     assert store.create_endpoint(2, "http://receiver.example/", None)[0] == 200
@@ -287,3 +288,17 @@ def test_w9_api_reads_do_not_wait_for_the_dispatcher(tmp_path: Path) -> None:
                 return await hooks.list_events(1, None, 10, None)
 
     assert [e["type"] for e in trio.run(main)["data"]] == ["payment.confirmed"]
+
+
+def test_w6_replay_after_delete_does_not_return_the_secret(tmp_path: Path) -> None:
+    conn = connect(tmp_path / "gw.db")
+    store = WebhookStore(conn)
+    _, raw = store.create_endpoint(1, "http://receiver.example/", None, "k1")
+    _, other = store.create_endpoint(1, "http://receiver.example/", None, "k2")
+    first = json.loads(raw)
+    store.delete_endpoint(1, first["id"])
+    _, again = store.create_endpoint(1, "http://receiver.example/", None, "k1")
+    assert first["secret"] not in again.decode()
+    assert json.loads(again)["id"] != first["id"]
+    # The other endpoint's replay record is untouched.
+    assert store.create_endpoint(1, "http://receiver.example/", None, "k2")[1] == other
