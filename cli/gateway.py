@@ -72,6 +72,11 @@ def add_gateway(commands: Any) -> None:
         help="seconds to wait for the cluster's decision before answering 504 (default 10)",
     )
     parser.add_argument(
+        "--webhook-allow-private",
+        action="store_true",
+        help="let webhook endpoints point at loopback/private addresses (tests, local setups)",
+    )
+    parser.add_argument(
         "--graceful-timeout-s",
         type=float,
         default=15.0,
@@ -184,6 +189,7 @@ def gateway(arguments: argparse.Namespace) -> int:
                 store,
                 listen,
                 timeout_s=arguments.cluster_timeout_s,
+                webhook_allow_private=arguments.webhook_allow_private,
                 node=node,
                 graceful_timeout_s=arguments.graceful_timeout_s,
             )

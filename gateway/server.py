@@ -120,13 +120,20 @@ async def run_gateway(
     shutdown: trio.Event | None = None,
     graceful_timeout_s: float = DEFAULT_GRACEFUL_TIMEOUT_S,
     log: TextIO | None = None,
+    webhook_allow_private: bool = False,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """`pbft gateway`: open the Gateway (its PaymentClients) on `store` and serve it."""
+    """`pbft gateway`: open the Gateway (its PaymentClients) on `store` and serve it.
+    `webhook_allow_private`: the operator's opt-in to webhooks on loopback/private addresses."""
     from gateway.service import Gateway
 
     async with Gateway.open(cluster, client_ids, store, timeout_s=timeout_s) as gateway:
         gateway.node = node
+        if webhook_allow_private:
+            from gateway.webhooks import WebhookConfig, webhooks_of
+
+            # The first call fixes the gateway's webhook config (routes and dispatcher).
+            await webhooks_of(gateway, WebhookConfig(allow_private=True))
         await serve(
             gateway,
             listen,

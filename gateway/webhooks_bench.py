@@ -110,7 +110,8 @@ async def baseline(sink: Sink, events: int, concurrency: int) -> float:
 async def dispatcher(sink: Sink, events: int, concurrency: int, directory: Path) -> float:
     conn = connect(directory / "bench.sqlite")
     config = WebhookConfig(
-        max_concurrency=concurrency, max_per_endpoint=concurrency, poll_interval_s=0.01
+        max_concurrency=concurrency, max_per_endpoint=concurrency, poll_interval_s=0.01,
+        allow_private=True,  # the sink listens on 127.0.0.1
     )
     hooks = Webhooks(connect(directory / "bench.sqlite"), config)
     await hooks.create_endpoint(0, f"http://127.0.0.1:{sink.port}/hooks", None, None)

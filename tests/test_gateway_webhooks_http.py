@@ -21,7 +21,10 @@ from gateway.webhooks import DELIVERED, verify_signature
 def test_payments_reach_a_receiver_as_signed_events_also_across_a_gateway_kill(
     tmp_path: Path,
 ) -> None:
-    with GatewayHarness.start(tmp_path, clients=2) as harness:
+    # The test receiver listens on 127.0.0.1: the operator's opt-in.
+    with GatewayHarness.start(
+        tmp_path, clients=2, extra=("--webhook-allow-private",)
+    ) as harness:
         tokens = [harness.create_key(0), harness.create_key(1)]
         accounts = harness.local.cluster.accounts
         mine = sorted(name for name, account in accounts.items() if account.owner == 0)
