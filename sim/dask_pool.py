@@ -22,7 +22,9 @@ class SchedulerError(RuntimeError):
 def connect(address: str, timeout_s: float | None = None) -> Any:
     """A `distributed.Client` connected to `address` (e.g. tcp://10.0.0.5:8786)."""
     timeout_s = CONNECT_TIMEOUT_S if timeout_s is None else timeout_s
-    if "://" not in address or not address.split("://", 1)[1]:
+    # Only plain tcp: tls would need certificates this command has no options for.
+    host, _, port = address.removeprefix("tcp://").rpartition(":")
+    if not address.startswith("tcp://") or not host or not port.isdigit():
         raise SchedulerError(f"{address!r} is not an address like tcp://HOST:8786")
     from distributed import Client
 

@@ -117,6 +117,7 @@ def test_an_unreachable_scheduler_is_one_line_and_exit_2(
         ["sweep", scenario_path, "--seeds", "0", "--scheduler", "tcp://127.0.0.1:9"],
         ["fuzz", "--budget", "1", "--scheduler", "tcp://127.0.0.1:9"],
         ["sweep", scenario_path, "--scheduler", "localhost"],
+        ["sweep", scenario_path, "--scheduler", "tls://127.0.0.1:9"],
     ):
         assert main(command) == 2
         captured = capsys.readouterr()
