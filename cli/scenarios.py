@@ -43,6 +43,21 @@ def add_sweep(commands: Any) -> None:
     sweep.add_argument("scenario", help="path to a scenario TOML file")
     sweep.add_argument("--seeds", default="0..99", help="e.g. 0..999 or 1,5,10..20")
     sweep.add_argument("--jobs", type=int, help="worker processes (default: one per core)")
+    sweep.add_argument(
+        "--json",
+        metavar="PATH",
+        help="also write per-seed results and their spread as JSON; '-' = stdout (JSON only)",
+    )
+    _add_scheduler(sweep)
+
+
+def _add_scheduler(parser: Any) -> None:
+    parser.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="run on an existing dask.distributed cluster, e.g. tcp://HOST:8786 "
+        "(--jobs then = tasks in flight, default: the cluster's threads)",
+    )
 
 
 def add_fuzz(commands: Any) -> None:
@@ -71,6 +86,7 @@ def add_fuzz(commands: Any) -> None:
         default=200,
         help="most runs spent shrinking a failure (default 200)",
     )
+    _add_scheduler(fuzz)
 
 
 def run(arguments: argparse.Namespace) -> int:
@@ -142,10 +158,30 @@ def _jobs(arguments: argparse.Namespace) -> int | None:
     return jobs
 
 
+def _connect(arguments: argparse.Namespace) -> tuple[Any, int] | None:
+    """(dask client or None, tasks in flight); None (after saying why) if
+    the scheduler cannot be reached or --jobs is bad."""
+    from sim.dask_pool import SchedulerError, connect, worker_threads
+
+    if arguments.scheduler is None:
+        jobs = _jobs(arguments)
+        return None if jobs is None else (None, jobs)
+    if arguments.jobs is not None and not 1 <= arguments.jobs <= 4096:
+        print(f"pbft: --jobs: {arguments.jobs} is not in 1..4096", file=sys.stderr)
+        return None
+    try:
+        client = connect(arguments.scheduler)
+    except SchedulerError as error:
+        print(f"pbft: --scheduler: {error}", file=sys.stderr)
+        return None
+    return client, arguments.jobs if arguments.jobs is not None else worker_threads(client)
+
+
 def sweep(arguments: argparse.Namespace) -> int:
+    from sim.dask_pool import executor
     from sim.progress import TerminalProgress
     from sim.scenario import ScenarioError, load_scenario
-    from sim.sweep import SeedRangeError, parse_seeds, report
+    from sim.sweep import SeedRangeError, document, parse_seeds, report
     from sim.sweep import sweep as sweep_seeds
 
     try:
@@ -157,12 +193,42 @@ def sweep(arguments: argparse.Namespace) -> int:
     except SeedRangeError as error:
         print(f"pbft: --seeds: {error}", file=sys.stderr)
         return EXIT_USAGE
-    jobs = _jobs(arguments)
-    if jobs is None:
+    try:
+        json_file = (
+            open(arguments.json, "w", encoding="utf-8")
+            if arguments.json and arguments.json != "-"
+            else None
+        )
+    except OSError as error:
+        print(f"pbft: cannot write {error.filename}: {error.strerror}", file=sys.stderr)
         return EXIT_USAGE
-    with TerminalProgress("sweep", len(seeds)) as progress:
-        outcomes = sweep_seeds(arguments.scenario, seeds, jobs, progress.sweep_step)
-    report(arguments.scenario, outcomes)
+    connected = _connect(arguments)
+    if connected is None:
+        if json_file is not None:
+            json_file.close()
+        return EXIT_USAGE
+    client, jobs = connected
+    try:
+        with TerminalProgress("sweep", len(seeds)) as progress:
+            outcomes = sweep_seeds(
+                arguments.scenario,
+                seeds,
+                jobs,
+                progress.sweep_step,
+                executor(client) if client is not None else None,
+            )
+    finally:
+        if client is not None:
+            client.close()
+    # With `--json -` stdout carries the JSON document alone, so it can be piped.
+    report(arguments.scenario, outcomes, sys.stderr if arguments.json == "-" else sys.stdout)
+    if arguments.json:
+        text = json.dumps(document(arguments.scenario, outcomes), indent=2)
+        if json_file is None:
+            print(text)
+        else:
+            with json_file:
+                json_file.write(text + "\n")
     if any(outcome.verdict == "error" for outcome in outcomes):
         return EXIT_INTERNAL
     return EXIT_OK if all(outcome.verdict == "ok" for outcome in outcomes) else EXIT_VIOLATED
@@ -171,6 +237,7 @@ def sweep(arguments: argparse.Namespace) -> int:
 def fuzz(arguments: argparse.Namespace) -> int:
     import random
 
+    from sim.dask_pool import executor
     from sim.fuzz import MAX_FUZZ_REPLICAS, summarize
     from sim.fuzz import fuzz as fuzz_cases
     from sim.progress import TerminalProgress
@@ -188,9 +255,6 @@ def fuzz(arguments: argparse.Namespace) -> int:
     if not 0 <= seed < 2**62:
         print(f"pbft: --seed: {seed} is not in 0..2**62-1", file=sys.stderr)
         return EXIT_USAGE
-    jobs = _jobs(arguments)
-    if jobs is None:
-        return EXIT_USAGE
     if not 0 <= arguments.shrink_runs <= 100_000:
         print(f"pbft: --shrink-runs: {arguments.shrink_runs} is not in 0..100000", file=sys.stderr)
         return EXIT_USAGE
@@ -200,24 +264,34 @@ def fuzz(arguments: argparse.Namespace) -> int:
     except OSError as error:
         print(f"pbft: --out: cannot create {arguments.out}: {error.strerror}", file=sys.stderr)
         return EXIT_USAGE
+    connected = _connect(arguments)
+    if connected is None:
+        return EXIT_USAGE
+    client, jobs = connected
+    where = f" on {arguments.scheduler}" if client is not None else ""
     print(
         f"pbft fuzz --seed {seed} --replicas {arguments.replicas}: "
-        f"{arguments.budget:g} s on {jobs} job(s)",
+        f"{arguments.budget:g} s on {jobs} job(s){where}",
         file=sys.stderr,
     )
-    with TerminalProgress("fuzz", arguments.budget) as progress:
-        report = fuzz_cases(
-            seed,
-            arguments.replicas,
-            arguments.budget,
-            jobs,
-            arguments.out,
-            progress=progress.fuzz_step,
-            log=sys.stderr,
-            # Shrinking logs its own lines: the bar stops first.
-            on_failure=progress.stop,
-            shrink_runs=arguments.shrink_runs,
-        )
+    try:
+        with TerminalProgress("fuzz", arguments.budget) as progress:
+            report = fuzz_cases(
+                seed,
+                arguments.replicas,
+                arguments.budget,
+                jobs,
+                arguments.out,
+                progress=progress.fuzz_step,
+                log=sys.stderr,
+                # Shrinking logs its own lines: the bar stops first.
+                on_failure=progress.stop,
+                shrink_runs=arguments.shrink_runs,
+                executor=executor(client) if client is not None else None,
+            )
+    finally:
+        if client is not None:
+            client.close()
     summarize(report)
     return EXIT_VIOLATED if report.failures else EXIT_OK
 

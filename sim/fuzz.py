@@ -29,7 +29,7 @@ import sys
 import time
 import tomllib
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -608,10 +608,12 @@ def fuzz(
     shrink_runs: int = 200,
     log: TextIO | None = None,
     on_failure: Callable[[], None] | None = None,
+    executor: Executor | None = None,
 ) -> FuzzReport:
     """Run case seeds seed, seed + 1, ... until `budget_s` is spent (or `max_runs` ran) or
     a case fails; shrink the failing case with the lowest seed among those that finished
-    and write it to out_dir/fuzz-<case seed>.toml."""
+    and write it to out_dir/fuzz-<case seed>.toml. With `executor` (e.g. a dask cluster's)
+    cases run there, `jobs` at a time; shrinking stays on this machine."""
     report = FuzzReport(seed, replicas)
     started = time.perf_counter()
     outcomes: dict[int, CaseOutcome] = {}
@@ -632,7 +634,7 @@ def fuzz(
         return time.perf_counter() - started < budget_s
 
     seeds: Iterator[int] = iter(range(seed, 2**63))
-    if jobs <= 1:
+    if executor is None and jobs <= 1:
 
         def in_flight() -> int:
             return 0
@@ -640,7 +642,8 @@ def fuzz(
         while more():
             record(run_case(next(seeds), replicas))
     else:
-        with ProcessPoolExecutor(max_workers=jobs) as pool:
+        pool = executor if executor is not None else ProcessPoolExecutor(max_workers=jobs)
+        with pool:
             pending: dict[Future[CaseOutcome], int] = {}
 
             def in_flight() -> int:
@@ -661,7 +664,9 @@ def fuzz(
         report.failures.sort(key=lambda outcome: outcome.seed)
         if on_failure is not None:
             on_failure()
-        _shrink_and_write(report, report.failures[0], out_dir, shrink_runs, jobs, log)
+        # Shrinking runs here: no more local processes than cores, whatever the cluster.
+        local_jobs = jobs if executor is None else min(jobs, os.cpu_count() or 1)
+        _shrink_and_write(report, report.failures[0], out_dir, shrink_runs, local_jobs, log)
     return report
 
 

@@ -12,11 +12,13 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
-from typing import TextIO
+from typing import Any, TextIO
 
-from sim.scenario import Scenario, load_scenario
+import numpy as np
+
+from sim.scenario import Scenario, load_scenario, parse_scenario
 from sim.simulator import run_scenario
 
 MAX_SEEDS = 1_000_000
@@ -33,6 +35,10 @@ class SeedOutcome:
     problems: tuple[str, ...]
     trace_hash: str
     wall_s: float
+    # Simulated confirmation latency and the highest view reached; None/0 for an error.
+    latency_p50_ms: float | None = None
+    latency_p99_ms: float | None = None
+    view_changes: int = 0
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -75,6 +81,9 @@ def run_one(scenario: Scenario, seed: int) -> SeedOutcome:
         tuple(result.expectation_failures),
         result.trace_hash,
         time.perf_counter() - started,
+        result.latency_ms["p50"],
+        result.latency_ms["p99"],
+        result.view_changes,
     )
 
 
@@ -82,16 +91,25 @@ def _run_from_file(path: str, seed: int) -> SeedOutcome:
     return run_one(load_scenario(path), seed)
 
 
+def _run_from_text(text: str, source: str, seed: int) -> SeedOutcome:
+    # For remote workers: they get the scenario itself, not a path on this machine.
+    return run_one(parse_scenario(text, source), seed)
+
+
 def sweep(
     path: str,
     seeds: Sequence[int],
     jobs: int,
     progress: Callable[[int, int, int], None] | None = None,
+    executor: Executor | None = None,
 ) -> list[SeedOutcome]:
-    """Every seed's outcome, in the order of `seeds`."""
+    """Every seed's outcome, in the order of `seeds`.
+
+    With `executor` (e.g. a dask cluster's), seeds run there, `jobs` tasks at a time;
+    otherwise in `jobs` local processes (in this process if jobs <= 1)."""
     outcomes: dict[int, SeedOutcome] = {}
     failures = 0
-    if jobs <= 1:
+    if executor is None and jobs <= 1:
         scenario = load_scenario(path)
         for seed in seeds:
             outcome = run_one(scenario, seed)
@@ -100,12 +118,23 @@ def sweep(
             if progress:
                 progress(len(outcomes), len(seeds), failures)
         return [outcomes[seed] for seed in seeds]
-    with ProcessPoolExecutor(max_workers=jobs) as pool:
+    text = ""
+    if executor is not None:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    pool = executor if executor is not None else ProcessPoolExecutor(max_workers=jobs)
+
+    def submit(seed: int) -> Future[SeedOutcome]:
+        if executor is not None:
+            return pool.submit(_run_from_text, text, path, seed)
+        return pool.submit(_run_from_file, path, seed)
+
+    with pool:
         pending: dict[Future[SeedOutcome], int] = {}
         queue: Iterator[int] = iter(seeds)
         # Keep a bounded number of tasks in flight: a million seeds never sit in memory at once.
-        for seed in _take(queue, 4 * jobs):
-            pending[pool.submit(_run_from_file, path, seed)] = seed
+        for seed in _take(queue, 4 * max(1, jobs)):
+            pending[submit(seed)] = seed
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
@@ -116,7 +145,7 @@ def sweep(
                 if progress:
                     progress(len(outcomes), len(seeds), failures)
                 for next_seed in _take(queue, 1):
-                    pending[pool.submit(_run_from_file, path, next_seed)] = next_seed
+                    pending[submit(next_seed)] = next_seed
     return [outcomes[seed] for seed in seeds]
 
 
@@ -152,3 +181,47 @@ def report(path: str, outcomes: Sequence[SeedOutcome], stream: TextIO | None = N
             problems = "; ".join(outcome.problems)
             print(f"  seed {outcome.seed}: {outcome.verdict}: {problems}", file=stream)
             print(f"    pbft run {path} --seed {outcome.seed}", file=stream)
+
+
+def _spread(values: Sequence[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    array = np.asarray(values, dtype=float)
+    return {
+        "min": round(float(array.min()), 3),
+        "median": round(float(np.median(array)), 3),
+        "max": round(float(array.max()), 3),
+    }
+
+
+def document(path: str, outcomes: Sequence[SeedOutcome]) -> dict[str, Any]:
+    """The sweep as one JSON-ready document: every seed, and the spread across seeds."""
+    counts: dict[str, int] = {"ok": 0, "violated": 0, "error": 0}
+    for outcome in outcomes:
+        counts[outcome.verdict] += 1
+    ran = [outcome for outcome in outcomes if outcome.verdict != "error"]
+    p50 = [o.latency_p50_ms for o in ran if o.latency_p50_ms is not None]
+    p99 = [o.latency_p99_ms for o in ran if o.latency_p99_ms is not None]
+    return {
+        "scenario": path,
+        "seeds": len(outcomes),
+        "verdicts": counts,
+        "spread": {
+            "latency_p50_ms": _spread(p50),
+            "latency_p99_ms": _spread(p99),
+            "view_changes": _spread([o.view_changes for o in ran]),
+        },
+        "per_seed": [
+            {
+                "seed": o.seed,
+                "verdict": o.verdict,
+                "problems": list(o.problems),
+                "trace_hash": o.trace_hash,
+                "latency_p50_ms": o.latency_p50_ms,
+                "latency_p99_ms": o.latency_p99_ms,
+                "view_changes": o.view_changes,
+                "wall_s": round(o.wall_s, 3),
+            }
+            for o in outcomes
+        ],
+    }
