@@ -74,7 +74,9 @@ def test_a_busy_shop_refuses_new_orders_before_journalling_them(
     async def scenario() -> None:
         async with running_shop(tmp_path) as (shop, http):
             # A finished order, as if from an earlier run.
-            await shop.db(shop.store.start, "done-1", "mug", "acct-00002", 1, 60_000)
+            await shop.db(
+                shop.store.start, "done-1", "mug", "acct-00002", 1, 60_000, "acct-00000", 0
+            )
             await shop.db(shop.store.finish, "done-1", Outcome.OUT_OF_STOCK)
             assert (await http.post("/orders", json=ORDER)).status_code == 202
             refused = await http.post("/orders", json={**ORDER, "order_id": "o-2"})

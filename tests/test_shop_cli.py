@@ -4,6 +4,7 @@ on stderr naming what is wrong and exit 2, never a traceback (in-process: main(a
 from __future__ import annotations
 
 import socket
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -103,3 +104,17 @@ def test_a_taken_port_is_one_line_and_exit_2(
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("shop.py")]
     assert code == EXIT_USAGE
     assert lines == [f"shop.py: --listen 127.0.0.1:{port}: the address is in use"]
+
+
+def test_a_database_from_an_older_shop_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "shop.toml"
+    config.write_text(GOOD)
+    old = sqlite3.connect(tmp_path / "old.db")
+    old.execute("CREATE TABLE orders (order_id TEXT PRIMARY KEY, stage TEXT)")
+    old.commit()
+    old.close()
+    code, lines = run_main(capsys, "--config", str(config), "--db", str(tmp_path / "old.db"))
+    assert (code, len(lines)) == (EXIT_USAGE, 1), lines
+    assert "made by an older shop.py" in lines[0], lines

@@ -10,6 +10,7 @@ charged if and only if it holds an item.
 from __future__ import annotations
 
 import itertools
+import re
 import sqlite3
 import sys
 from pathlib import Path
@@ -150,11 +151,12 @@ def test_classify_http_answers() -> None:
     assert classify(400, {"type": 7}).kind is Kind.REFUSED
 
 
-def test_idempotency_keys_are_fixed_by_shop_order_and_call() -> None:
-    keys = {idempotency_key("shop", "o-1", call) for call in Call}
+def test_idempotency_keys_are_fixed_by_shop_instance_order_and_call() -> None:
+    keys = {idempotency_key("shop", "1a2b", "o-1", "9f", call) for call in Call}
     assert len(keys) == 3
-    assert idempotency_key("shop", "o-1", Call.CAPTURE) == "shop:o-1:capture"
-    assert all(len(idempotency_key("s" * 64, "o" * 64, call)) <= 255 for call in Call)
+    assert idempotency_key("shop", "1a2b", "o-1", "9f", Call.CAPTURE) == "shop:1a2b:o-1:9f:capture"
+    longest = [idempotency_key("s" * 64, "i" * 16, "o" * 64, "n" * 16, call) for call in Call]
+    assert all(len(key) <= 255 for key in longest)
 
 
 # --- books -----------------------------------------------------------------------------------
@@ -168,22 +170,30 @@ def store(tmp_path: Path) -> ShopStore:
 
 
 def test_start_journals_the_keys_and_is_idempotent(store: ShopStore) -> None:
-    order = store.start("o-1", "mug", "acct-00002", 1, 60_000)
+    order = store.start("o-1", "mug", "acct-00002", 1, 60_000, "acct-00000", 0)
     assert (order.stage, order.amount, order.outcome) == (Stage.STARTED, 700, None)
-    assert order.key(Call.AUTHORIZE) == "shop:o-1:authorize"
+    assert re.fullmatch(
+        rf"shop:{store.instance}:o-1:[0-9a-f]{{16}}:authorize", order.key(Call.AUTHORIZE)
+    )
     [(entry, detail)] = store.journal("o-1")
     assert (entry, detail["amount"], detail["expires_in_ms"]) == ("started", 700, 60_000)
-    assert detail["keys"] == {
-        "authorize": "shop:o-1:authorize",
-        "capture": "shop:o-1:capture",
-        "void": "shop:o-1:void",
+    assert (detail["shop_name"], detail["merchant_account"], detail["merchant_client"]) == (
+        "shop",
+        "acct-00000",
+        0,
+    )
+    assert detail["keys"] == {str(call): order.key(call) for call in Call}
+    assert {key.rsplit(":", 1)[1] for key in detail["keys"].values()} == {
+        "authorize",
+        "capture",
+        "void",
     }
     # A price change after the order started does not change what the order authorizes.
     store.put_item("mug", 900, 1)
-    assert store.start("o-1", "mug", "acct-00002", 1, 60_000) == order
+    assert store.start("o-1", "mug", "acct-00002", 1, 60_000, "acct-00000", 0) == order
     assert len(store.journal("o-1")) == 1
     with pytest.raises(OrderConflict) as conflict:
-        store.start("o-1", "mug", "acct-00003", 1, 60_000)
+        store.start("o-1", "mug", "acct-00003", 1, 60_000, "acct-00000", 0)
     assert conflict.value.field == "order_id"
 
 
@@ -198,20 +208,23 @@ def test_start_journals_the_keys_and_is_idempotent(store: ShopStore) -> None:
         (("o-2", "mug", "acct-00002", True, 60_000), "buyer_client"),
         (("o-2", "mug", "acct-00002", 1, 0), "expires_in_ms"),
         (("o" * 65, "mug", "acct-00002", 1, 60_000), "order_id"),
+        (("o-2", "mug", "acct-00002", 1, 60_000, ""), "merchant_account"),
+        (("o-2", "mug", "acct-00002", 1, 60_000, "acct-00000", -1), "merchant_client"),
     ],
 )
 def test_start_refuses_bad_orders(
-    store: ShopStore, arguments: tuple[str, str, str, int, int], field: str
+    store: ShopStore, arguments: tuple[str | int, ...], field: str
 ) -> None:
+    merchant = ("acct-00000", 0)[len(arguments) - 5 :]
     with pytest.raises(ShopError) as refused:
-        store.start(*arguments)
+        store.start(*arguments, *merchant)  # type: ignore[arg-type]
     assert refused.value.field == field
     assert store.orders() == []
 
 
 def test_reserve_takes_the_last_item_once(store: ShopStore) -> None:
-    store.start("o-1", "mug", "acct-00002", 1, 60_000)
-    store.start("o-2", "mug", "acct-00003", 1, 60_000)
+    store.start("o-1", "mug", "acct-00002", 1, 60_000, "acct-00000", 0)
+    store.start("o-2", "mug", "acct-00003", 1, 60_000, "acct-00000", 0)
     assert store.reserve("o-1").stage is Stage.RESERVED
     assert store.reserve("o-1").stage is Stage.RESERVED  # a repeat takes nothing more
     assert store.reserve("o-2").stage is Stage.OUT_OF_STOCK
@@ -220,7 +233,7 @@ def test_reserve_takes_the_last_item_once(store: ShopStore) -> None:
 
 
 def test_release_puts_the_item_back_once(store: ShopStore) -> None:
-    store.start("o-1", "mug", "acct-00002", 1, 60_000)
+    store.start("o-1", "mug", "acct-00002", 1, 60_000, "acct-00000", 0)
     store.reserve("o-1")
     released = store.release("o-1", "hold_expired")
     assert (released.stage, released.note) == (Stage.RELEASED, "hold_expired")
@@ -240,18 +253,20 @@ def test_release_puts_the_item_back_once(store: ShopStore) -> None:
 def test_the_books_survive_a_reopen(tmp_path: Path) -> None:
     first = ShopStore(tmp_path / "shop.db", "shop")
     first.put_item("mug", 700, 2)
-    first.start("o-1", "mug", "acct-00002", 1, 60_000)
+    first.start("o-1", "mug", "acct-00002", 1, 60_000, "acct-00000", 0)
     first.reserve("o-1")
     first.note_payment("o-1", "pay_1_5")
-    first.start("o-2", "mug", "acct-00002", 1, 60_000)
+    first.start("o-2", "mug", "acct-00002", 1, 60_000, "acct-00000", 0)
     # No close: as after kill -9, only what was committed counts.
     again = ShopStore(tmp_path / "shop.db", "shop")
-    unfinished = again.unfinished()
-    assert [(order.order_id, order.stage) for order in unfinished] == [
+    assert again.unfinished() == ["o-1", "o-2"]
+    unfinished = [again.order(order_id) for order_id in again.unfinished()]
+    assert [(order.order_id, order.stage) for order in unfinished if order] == [
         ("o-1", Stage.RESERVED),
         ("o-2", Stage.STARTED),
     ]
-    assert unfinished[0].payment_id == "pay_1_5"
+    assert again.instance == first.instance
+    assert unfinished[0] is not None and unfinished[0].payment_id == "pay_1_5"
     assert again.items() == {"mug": (700, 1)}
     first.close()
     again.close()
@@ -291,7 +306,7 @@ def _is_shop_consistent(answers: tuple[Answer, ...], stock: int) -> None:
     was captured."""
     store = ShopStore(Path(":memory:"), "shop")
     store.put_item("mug", 700, stock)
-    order = store.start("o", "mug", "acct-00002", 1, 60_000)
+    order = store.start("o", "mug", "acct-00002", 1, 60_000, "acct-00000", 0)
     charged = False
     step = first_step(order.stage)
     for answer in answers:

@@ -6,8 +6,8 @@ Its own HTTP server (FastAPI on hypercorn's trio worker, like the gateway): buye
 order, and each order is driven by the journal of examples/shop/shop_orders.py: authorize
 (a hold), reserve an item in the shop's SQLite, capture if reserved, void otherwise. A server
 rather than a command per order: one long-lived process owns the stock and its journal, and
-at start it resumes every unfinished order of the journal before it is killed again; this is
-the process the kill test kills.
+at start it resumes every unfinished order of the journal (RESUME_WORKERS at a time) before
+it is killed again; this is the process the kill test kills.
 
 HTTP API (JSON; errors are application/problem+json naming the field):
 - POST /orders {"order_id", "sku", "buyer_account", "buyer_client"} -> 200 with the finished
@@ -16,9 +16,9 @@ HTTP API (JSON; errors are application/problem+json naming the field):
 - GET /orders/{order_id}, GET /items (price and stock left), GET /healthz.
 
 Configuration (TOML; it holds API keys: keep it private):
-    name = "shop"                        # prefix of every Idempotency-Key the shop uses
+    name = "shop"                        # first part of every Idempotency-Key the shop uses
     gateway = "http://127.0.0.1:8080"
-    merchant_account = "acct-00000"      # receives the captures
+    merchant_account = "acct-00000"      # receives the captures (of orders started after)
     merchant_client = 0                  # owns merchant_account: captures and voids
     hold_expires_in_ms = 900000          # how long a hold lasts if the shop stays down
     [api_keys]                           # cluster client id -> the gateway's API key for it
@@ -77,6 +77,8 @@ GATEWAY_TIMEOUT_S = 30.0
 ORDER_WAIT_S = 20.0
 MAX_RUNNING_ORDERS = 1000
 MAX_CONCURRENT_CALLS = 32
+# Orders resumed at start are driven by this many workers, however long the journal.
+RESUME_WORKERS = 32
 MAX_HOLD_MS = 3_600_000
 MAX_BODY_BYTES = 16 * 1024
 
@@ -202,12 +204,30 @@ class Shop:
         return event
 
     async def resume(self) -> int:
-        """Drive every order the journal says is unfinished (after a crash, a kill -9)."""
+        """Drive every order the journal says is unfinished (after a crash, a kill -9), at
+        most RESUME_WORKERS at a time; how many there are."""
+        assert self.nursery is not None, "resume() before run() started"
         unfinished = await self.db(self.store.unfinished)
-        for order in unfinished:
-            log("resume", order_id=order.order_id, stage=order.stage.value)
-            self.drive(order)
+        send, receive = trio.open_memory_channel[str](0)
+        self.nursery.start_soon(self._feed, send, unfinished)
+        async with receive:
+            for _ in range(min(RESUME_WORKERS, len(unfinished))):
+                self.nursery.start_soon(self._resume_worker, receive.clone())
         return len(unfinished)
+
+    async def _feed(self, send: trio.MemorySendChannel[str], order_ids: list[str]) -> None:
+        async with send:
+            for order_id in order_ids:
+                await send.send(order_id)
+
+    async def _resume_worker(self, receive: trio.MemoryReceiveChannel[str]) -> None:
+        async with receive:
+            async for order_id in receive:
+                if order_id in self.running:
+                    continue  # a buyer's POST drives it already
+                log("resume", order_id=order_id)
+                event = self.running[order_id] = trio.Event()
+                await self._drive(order_id, event)
 
     async def _drive(self, order_id: str, done: trio.Event) -> None:
         try:
@@ -257,26 +277,27 @@ class Shop:
     async def _call(self, order: Order, step: Step) -> Answer:
         call = step.call
         assert call is not None
-        config = self.config
+        # Every field of a body comes from the order's journal row, never from the current
+        # configuration: a retry after an edit sends the same body under the same key.
         if call is Call.AUTHORIZE:
             path = "/v1/payments"
             client = order.buyer_client
             body: dict[str, object] = {
                 "from": order.buyer_account,
-                "to": config.merchant_account,
+                "to": order.merchant_account,
                 "amount": order.amount,
                 "capture": False,
                 "expires_in_ms": order.expires_in_ms,
-                "metadata": {"shop": config.name, "order_id": order.order_id, "sku": order.sku},
+                "metadata": {"shop": order.shop_name, "order_id": order.order_id, "sku": order.sku},
             }
         else:
             if order.payment_id is None:
                 # The authorize's answer was lost before it was noted: its replay names it.
                 return await self._call(order, Step(Do.CALL, Call.AUTHORIZE))
-            client = config.merchant_client
+            client = order.merchant_client
             path = f"/v1/payments/{order.payment_id}/{call}"
             body = {"amount": order.amount} if call is Call.CAPTURE else {}
-        token = config.api_keys.get(client)
+        token = self.config.api_keys.get(client)
         if token is None:
             return Answer(Kind.DENIED, reason=f"no API key for client {client}")
         headers = {"Authorization": f"Bearer {token}", "Idempotency-Key": order.key(call)}
@@ -332,6 +353,8 @@ def create_app(shop: Shop) -> FastAPI:
                 body.buyer_account,
                 body.buyer_client,
                 shop.config.hold_expires_in_ms,
+                shop.config.merchant_account,
+                shop.config.merchant_client,
             )
         except ShopError as error:
             if isinstance(error, OrderConflict):

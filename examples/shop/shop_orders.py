@@ -237,6 +237,10 @@ def _text(value: object) -> str:
     return value if isinstance(value, str) else ""
 
 
-def idempotency_key(shop: str, order_id: str, call: Call) -> str:
-    """The key of one call of one order: the same on every attempt, in every process."""
-    return f"{shop}:{order_id}:{call}"
+def idempotency_key(shop: str, instance: str, order_id: str, nonce: str, call: Call) -> str:
+    """The key of one call of one order: the same on every attempt, in every process.
+
+    `instance` is the database's random id and `nonce` the order's, drawn when it was first
+    journalled: a lost or restored database, or another one under the same shop name,
+    makes other keys for a re-posted order id instead of replaying holds it never made."""
+    return f"{shop}:{instance}:{order_id}:{nonce}:{call}"

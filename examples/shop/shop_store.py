@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -42,6 +43,9 @@ CREATE TABLE IF NOT EXISTS orders (
     buyer_client INTEGER NOT NULL,
     amount INTEGER NOT NULL,
     expires_in_ms INTEGER NOT NULL,
+    shop_name TEXT NOT NULL,
+    merchant_account TEXT NOT NULL,
+    merchant_client INTEGER NOT NULL,
     stage TEXT NOT NULL,
     outcome TEXT,
     payment_id TEXT,
@@ -56,6 +60,10 @@ CREATE INDEX IF NOT EXISTS orders_unfinished ON orders (stage) WHERE stage != 'd
 CREATE TABLE IF NOT EXISTS reservations (
     order_id TEXT PRIMARY KEY REFERENCES orders (order_id),
     sku TEXT NOT NULL REFERENCES items (sku)
+);
+CREATE TABLE IF NOT EXISTS instance (
+    only INTEGER PRIMARY KEY CHECK (only = 0),
+    id TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS journal (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -87,6 +95,9 @@ class Order:
     buyer_client: int
     amount: int
     expires_in_ms: int
+    shop_name: str
+    merchant_account: str
+    merchant_client: int
     stage: Stage
     outcome: Outcome | None
     payment_id: str | None
@@ -117,16 +128,15 @@ class Order:
 
 
 _ORDER_COLUMNS = (
-    "order_id, sku, buyer_account, buyer_client, amount, expires_in_ms, stage, outcome, "
-    "payment_id, "
+    "order_id, sku, buyer_account, buyer_client, amount, expires_in_ms, "
+    "shop_name, merchant_account, merchant_client, stage, outcome, payment_id, "
     "authorize_key, capture_key, void_key, note"
 )
 
 
 def _order(row: tuple[object, ...]) -> Order:
-    (order_id, sku, account, client, amount, hold_ms, stage, outcome, payment_id, a, c, v, note) = (
-        row
-    )
+    (order_id, sku, account, client, amount, hold_ms, shop, merchant, merchant_client) = row[:9]
+    (stage, outcome, payment_id, a, c, v, note) = row[9:]
     return Order(
         str(order_id),
         str(sku),
@@ -134,6 +144,9 @@ def _order(row: tuple[object, ...]) -> Order:
         int(client),  # type: ignore[call-overload]
         int(amount),  # type: ignore[call-overload]
         int(hold_ms),  # type: ignore[call-overload]
+        str(shop),
+        str(merchant),
+        int(merchant_client),  # type: ignore[call-overload]
         Stage(stage),
         None if outcome is None else Outcome(outcome),
         None if payment_id is None else str(payment_id),
@@ -172,7 +185,16 @@ class ShopStore:
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.execute("PRAGMA busy_timeout=5000")
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(orders)")}
+        if columns and "merchant_account" not in columns:
+            self.db.close()
+            raise ShopError("db", f"{path}: made by an older shop.py (no merchant columns)")
         self.db.executescript(SCHEMA)
+        # Drawn once, when the database is made: it goes into every Idempotency-Key.
+        self.db.execute(
+            "INSERT OR IGNORE INTO instance (only, id) VALUES (0, ?)", (secrets.token_hex(8),)
+        )
+        self.instance = str(self.db.execute("SELECT id FROM instance").fetchone()[0])
 
     def close(self) -> None:
         self.db.close()
@@ -212,12 +234,20 @@ class ShopStore:
     # --- orders ---------------------------------------------------------------------------
 
     def start(
-        self, order_id: str, sku: str, buyer_account: str, buyer_client: int, expires_in_ms: int
+        self,
+        order_id: str,
+        sku: str,
+        buyer_account: str,
+        buyer_client: int,
+        expires_in_ms: int,
+        merchant_account: str,
+        merchant_client: int,
     ) -> Order:
         """Journal `started` with the three idempotency keys the order will ever use and
-        everything its authorize's body is made of (so a retry sends the same body after a
-        price or configuration change); the existing order if this one was started before
-        with the same fields."""
+        everything its calls are made of (amount, expiry, shop name, merchant account and
+        client: a retry sends the same body after a price or configuration change); the
+        existing order if this one was started before with the same fields. An order id
+        this database does not know is a new order, with new keys (a fresh nonce)."""
         check_name("order_id", order_id)
         check_name("sku", sku)
         if not isinstance(buyer_account, str) or not (
@@ -228,6 +258,12 @@ class ShopStore:
             raise ShopError("buyer_client", "buyer_client must be a client id")
         if type(expires_in_ms) is not int or expires_in_ms <= 0:
             raise ShopError("expires_in_ms", "expires_in_ms must be a positive integer")
+        if not isinstance(merchant_account, str) or not (
+            0 < len(merchant_account) <= MAX_ACCOUNT_NAME_LENGTH and merchant_account.isprintable()
+        ):
+            raise ShopError("merchant_account", "merchant_account must be an account name")
+        if type(merchant_client) is not int or not 0 <= merchant_client <= MAX_CLIENT_ID:
+            raise ShopError("merchant_client", "merchant_client must be a client id")
         self._begin()
         try:
             existing = self.order(order_id)
@@ -243,11 +279,15 @@ class ShopStore:
             item = self.db.execute("SELECT price FROM items WHERE sku = ?", (sku,)).fetchone()
             if item is None:
                 raise ShopError("sku", f"no item {sku!r}")
-            keys = {call: idempotency_key(self.shop_name, order_id, call) for call in Call}
+            nonce = secrets.token_hex(8)
+            keys = {
+                call: idempotency_key(self.shop_name, self.instance, order_id, nonce, call)
+                for call in Call
+            }
             now = _now_ms()
             self.db.execute(
                 f"INSERT INTO orders ({_ORDER_COLUMNS}, created_ms, updated_ms) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, NULL, NULL, ?, ?, ?, '', ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, ?, ?, ?, '', ?, ?)",
                 (
                     order_id,
                     sku,
@@ -255,6 +295,9 @@ class ShopStore:
                     buyer_client,
                     item[0],
                     expires_in_ms,
+                    self.shop_name,
+                    merchant_account,
+                    merchant_client,
                     Stage.STARTED.value,
                     keys[Call.AUTHORIZE],
                     keys[Call.CAPTURE],
@@ -269,6 +312,9 @@ class ShopStore:
                 {
                     "amount": item[0],
                     "expires_in_ms": expires_in_ms,
+                    "shop_name": self.shop_name,
+                    "merchant_account": merchant_account,
+                    "merchant_client": merchant_client,
                     "keys": {str(call): key for call, key in keys.items()},
                 },
             )
@@ -287,11 +333,12 @@ class ShopStore:
         ).fetchone()
         return None if row is None else _order(row)
 
-    def unfinished(self) -> list[Order]:
+    def unfinished(self) -> list[str]:
+        """The ids of the orders not done, oldest first."""
         rows = self.db.execute(
-            f"SELECT {_ORDER_COLUMNS} FROM orders WHERE stage != 'done' ORDER BY created_ms"
+            "SELECT order_id FROM orders WHERE stage != 'done' ORDER BY created_ms, order_id"
         )
-        return [_order(row) for row in rows]
+        return [str(order_id) for (order_id,) in rows]
 
     def orders(self) -> list[Order]:
         rows = self.db.execute(f"SELECT {_ORDER_COLUMNS} FROM orders ORDER BY order_id")
@@ -369,12 +416,25 @@ class ShopStore:
         return done
 
     def stuck(self, order_id: str, note: str) -> None:
-        """Keep the stage (so a restart tries again) but say why it stopped."""
-        self.db.execute(
-            "UPDATE orders SET note = ?, updated_ms = ? WHERE order_id = ?",
-            (f"stuck: {note}", _now_ms(), order_id),
-        )
-        self._journal(order_id, "stuck", {"note": note})
+        """Keep the stage (so a restart tries again) but say why it stopped; journalled
+        once per reason, not again at each restart that finds it stuck the same way."""
+        self._begin()
+        try:
+            last = self.db.execute(
+                "SELECT entry, detail FROM journal WHERE order_id = ? ORDER BY id DESC LIMIT 1",
+                (order_id,),
+            ).fetchone()
+            if last != ("stuck", json.dumps({"note": note}, sort_keys=True)):
+                self.db.execute(
+                    "UPDATE orders SET note = ?, updated_ms = ? WHERE order_id = ?",
+                    (f"stuck: {note}", _now_ms(), order_id),
+                )
+                self._journal(order_id, "stuck", {"note": note})
+            self.db.execute("COMMIT")
+        except BaseException:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
 
     def _unfinished_order(self, order_id: str) -> Order:
         order = self.order(order_id)
