@@ -434,12 +434,15 @@ def test_killed_shop_and_gateway_never_charge_for_missing_stock(env: Env) -> Non
     assert shop.starts[1]["resumed"] > 0, shop.starts
 
     # --- the gateway's payments: one per order ------------------------------------------
-    with harness.http(tokens[MERCHANT_CLIENT]) as http:
-        payments = [
-            payment
-            for payment in all_pages(http, MERCHANT)
-            if payment["metadata"].get("shop") == "shop"
-        ]
+    # Metadata is shown to the payment's creator only: the buyers' clients (1, 2) list them.
+    payments = []
+    for buyer_client in (1, 2):
+        with harness.http(tokens[buyer_client]) as http:
+            payments += [
+                payment
+                for payment in all_pages(http, MERCHANT)
+                if payment["metadata"].get("shop") == "shop"
+            ]
     by_order = Counter(payment["metadata"]["order_id"] for payment in payments)
     assert by_order == Counter(list(done)), "a hold placed twice, or an order without one"
     for payment in payments:
