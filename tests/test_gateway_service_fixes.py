@@ -14,27 +14,28 @@ expired hold is nudged within seconds):
 
 from __future__ import annotations
 
-import json
-import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import trio
+from gateway_service_harness import (
+    events,
+    ok,
+    owned,
+    problem,
+    running_cluster,
+    with_gateway,
+)
 
 from gateway import service as service_module
-from gateway.errors import Problem
 from gateway.keys import Caller
 from gateway.service import Gateway, Stored, run
-from gateway.store import Database, GatewayStore
 from runtime.client import PaymentClient
 from runtime.localcluster import LocalCluster
 
-T = TypeVar("T")
-STARTUP_S = 60.0
-TIMEOUT_S = 30.0
 SKEW_MS = 200
 ALICE = Caller(client_id=0, key_id=1)
 BOB = Caller(client_id=1, key_id=2)
@@ -42,59 +43,9 @@ BOB = Caller(client_id=1, key_id=2)
 
 @pytest.fixture(scope="module")
 def local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    cluster = LocalCluster.create(
-        tmp_path_factory.mktemp("gwfix"),
-        replicas=4,
-        clients=2,
-        protocol={"max_clock_skew_ms": SKEW_MS},
+    yield from running_cluster(
+        tmp_path_factory.mktemp("gwfix"), clients=2, protocol={"max_clock_skew_ms": SKEW_MS}
     )
-    cluster.start_all()
-    try:
-
-        async def connected() -> None:
-            async with PaymentClient(cluster.cluster, 0) as client:
-                await client.wait_connected(timeout_s=STARTUP_S)
-
-        trio.run(connected)
-        yield cluster
-    finally:
-        for replica, code in sorted(cluster.exited().items()):
-            print(cluster.exit_report(replica, code), file=sys.stderr)
-        cluster.stop_all()
-
-
-def owned(local: LocalCluster, client: int) -> list[str]:
-    return sorted(name for name, acct in local.cluster.accounts.items() if acct.owner == client)
-
-
-def with_gateway(local: LocalCluster, db: Path, body: Callable[[Gateway], Awaitable[T]]) -> T:
-    async def main() -> T:
-        store = GatewayStore(db)
-        try:
-            async with Gateway.open(local.cluster, (0, 1), store, timeout_s=TIMEOUT_S) as gateway:
-                return await body(gateway)
-        finally:
-            store.close()
-
-    return trio.run(main)
-
-
-async def problem(call: Awaitable[object]) -> Problem:
-    with pytest.raises(Problem) as raised:
-        await call
-    return raised.value
-
-
-def ok(stored: Stored, status: str | None = None) -> dict[str, Any]:
-    assert stored.status_code == 200, stored.body
-    payment = stored.json()
-    if status is not None:
-        assert payment["status"] == status, payment
-    return payment
-
-
-def events(db: Path) -> list[dict[str, Any]]:
-    return [json.loads(body) for _id, body in Database(db).events_after(0, 1000)]
 
 
 async def open_elsewhere(local: LocalCluster, client_id: int, name: str) -> None:
