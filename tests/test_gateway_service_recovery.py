@@ -7,13 +7,13 @@ longer be executed, so that is final)."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from gateway_service_harness import running_cluster
 
 from gateway.keys import Caller
 from gateway.service import Gateway
@@ -22,28 +22,14 @@ from pbft.operations import Operation
 from runtime.client import PaymentClient
 from runtime.localcluster import LocalCluster
 
-STARTUP_S = 60.0
 ALICE = Caller(client_id=0, key_id=1)
 
 
 @pytest.fixture(scope="module")
 def local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    cluster = LocalCluster.create(
-        tmp_path_factory.mktemp("gw-dedup"), replicas=4, clients=2, protocol={"dedup_window": 2}
+    yield from running_cluster(
+        tmp_path_factory.mktemp("gw-dedup"), clients=2, protocol={"dedup_window": 2}
     )
-    cluster.start_all()
-    try:
-
-        async def connected() -> None:
-            async with PaymentClient(cluster.cluster, 0) as client:
-                await client.wait_connected(timeout_s=STARTUP_S)
-
-        trio.run(connected)
-        yield cluster
-    finally:
-        for replica, code in sorted(cluster.exited().items()):
-            print(cluster.exit_report(replica, code), file=sys.stderr)
-        cluster.stop_all()
 
 
 def accounts(local: LocalCluster) -> tuple[str, str]:
