@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from pbft.chain import entry_digest
 from pbft.codec import DecodeError, unpack
+from pbft.config import ClusterConfig
 from pbft.events import Executed, Persist
 from pbft.messages import (
     Commit,
@@ -20,6 +21,23 @@ from pbft.messages import (
     ViewChange,
 )
 from pbft.signed import Rejected, peek
+
+
+def settings_fields(config: ClusterConfig) -> dict[str, object]:
+    """The protocol settings a `settings` event carries (`pbft explain` reads its timers and
+    quorums from them), the same from the simulator and from a replica process."""
+    return {
+        "replicas": config.replica_count,
+        "quorum": config.quorum,
+        "prepare_quorum": config.prepare_quorum,
+        "batch_size": config.batch_size,
+        "batch_timeout_ms": config.batch_timeout_ms,
+        "max_inflight_batches": config.max_inflight_batches,
+        "watermark_window": config.watermark_window,
+        "checkpoint_interval": config.checkpoint_interval,
+        "view_change_timeout_ms": config.view_change_timeout_ms,
+        "client_timeout_ms": config.client_timeout_ms,
+    }
 
 
 def message_fields(sender: str, data: bytes) -> dict[str, object]:

@@ -41,6 +41,7 @@ from pbft.trace_events import (
     execute_fields,
     new_view_fields,
     proposal_event,
+    settings_fields,
 )
 from runtime.cluster import Cluster
 from runtime.history_store import SqliteHistoryStore, ThreadedHistoryStore
@@ -606,22 +607,8 @@ class ReplicaNode:
             # The trace explains; the replica runs without it rather than not at all.
             self.log("trace_unavailable", path=str(path), error=str(error.strerror or error))
             return
-        config = self.cluster.config
         self.trace.write(
-            "settings",
-            f"replica {self.replica_id}",
-            {
-                "replicas": config.replica_count,
-                "quorum": config.quorum,
-                "prepare_quorum": config.prepare_quorum,
-                "batch_size": config.batch_size,
-                "batch_timeout_ms": config.batch_timeout_ms,
-                "max_inflight_batches": config.max_inflight_batches,
-                "watermark_window": config.watermark_window,
-                "checkpoint_interval": config.checkpoint_interval,
-                "view_change_timeout_ms": config.view_change_timeout_ms,
-                "client_timeout_ms": config.client_timeout_ms,
-            },
+            "settings", f"replica {self.replica_id}", settings_fields(self.cluster.config)
         )
 
     def trace_certificates(self, records: Sequence[Persist]) -> None:

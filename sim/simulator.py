@@ -49,6 +49,7 @@ from pbft.trace_events import (
     message_fields,
     new_view_fields,
     proposal_event,
+    settings_fields,
 )
 from sim.adversary import (
     Adversary,
@@ -1055,7 +1056,6 @@ class Simulation:
         return fields
 
     def _annotate_settings(self) -> None:
-        config = self.config
         self.trace.annotate(
             0,
             "settings",
@@ -1064,16 +1064,7 @@ class Simulation:
             {
                 "scenario": self.scenario.name,
                 "seed": self.seed,
-                "replicas": config.replica_count,
-                "quorum": config.quorum,
-                "prepare_quorum": config.prepare_quorum,
-                "batch_size": config.batch_size,
-                "batch_timeout_ms": config.batch_timeout_ms,
-                "max_inflight_batches": config.max_inflight_batches,
-                "watermark_window": config.watermark_window,
-                "checkpoint_interval": config.checkpoint_interval,
-                "view_change_timeout_ms": config.view_change_timeout_ms,
-                "client_timeout_ms": config.client_timeout_ms,
+                **settings_fields(self.config),
                 "byzantine": sorted(
                     f"r{entry.replica}" if entry.replica is not None else f"c{entry.client}"
                     for entry in self.scenario.byzantine
